@@ -1,0 +1,815 @@
+//! MLS channels over openmls.
+//!
+//! A channel is one MLS group (ciphersuite [`CIPHERSUITE`]). This module adds what ChitChat
+//! needs on top of openmls:
+//!
+//! - the channel's [`ChannelConfig`] (MIME type, name, relay set, admin policy) in a group-context
+//!   extension, so every member agrees on it;
+//! - a [`CredentialCheck`] of every new member's device identity record and sponsorship, called
+//!   by the caller-provided trait before anyone is added, joined or accepted;
+//! - commits go **stage → order → merge**: [`Channel::stage`] leaves the group unchanged,
+//!   [`Channel::accept_own`] merges only with an [`EpochCert`] from the channel's orderers, and a
+//!   member applies others' commits only with such a certificate;
+//! - application messages carry a unique [`MessageId`] and a hybrid logical clock in their
+//!   authenticated data; a replay is reported once as [`ChannelEvent::Duplicate`], messages of a
+//!   future epoch are buffered until that epoch is reached;
+//! - commits travel as MLS PublicMessage (so relays can check them), application messages as
+//!   PrivateMessage.
+//!
+//! [`Channel`] is generic over the caller's `OpenMlsProvider`, so its storage is whatever
+//! `StorageProvider` the caller plugs in (in memory in tests, redb in the node).
+
+mod check;
+mod seen;
+
+pub use check::{CredentialCheck, KnownDirs};
+
+use std::collections::{BTreeSet, VecDeque};
+
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{Canonical, decode, encode};
+use crate::hlc::{Hlc, HlcClock};
+use crate::identity::{DeviceId, RelayId};
+use crate::keys::{PublicKey, SecretKey};
+use crate::ordering::{CertError, ChannelId, CommitHash, EpochCert, EpochCertBody};
+use crate::wire::commit_hash;
+use crate::Timestamp;
+use seen::SeenIds;
+
+/// The MLS ciphersuite of every channel.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// Group-context extension type carrying the [`ChannelConfig`] (private-use range).
+pub const CONFIG_EXTENSION_TYPE: u16 = 0xF0C7;
+/// Messages of future epochs held per channel.
+pub const MAX_BUFFERED: usize = 256;
+/// Past epochs whose application messages can still be decrypted.
+pub const MAX_PAST_EPOCHS: usize = 4;
+/// Largest MLS message accepted, in bytes.
+pub const MAX_MESSAGE_LEN: usize = crate::wire::MAX_MLS_MESSAGE_LEN;
+
+/// A message's unique id: its sender device and that device's sequence number for the channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MessageId {
+    /// The sending device.
+    pub sender: DeviceId,
+    /// The sender's sequence number in this channel, from 0.
+    pub seq: u64,
+}
+
+/// Who may add and remove members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminPolicy {
+    /// Every member.
+    AnyMember,
+    /// Only these devices. Anyone may still update their own leaf.
+    Admins(BTreeSet<DeviceId>),
+}
+
+/// A channel's settings, agreed by all members through the MLS group context.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelConfig {
+    /// How payloads are to be read, like a MIME type (`text/chitchat` for chat).
+    pub mime: String,
+    /// Display name.
+    pub name: String,
+    /// The relays that order the channel's epochs. Empty for a relay-less channel, which its
+    /// creator's device orders.
+    pub relays: Vec<RelayId>,
+    /// Who may change the membership.
+    pub admins: AdminPolicy,
+    /// The device that created the channel.
+    pub creator: DeviceId,
+}
+
+impl Canonical for ChannelConfig {
+    const MAX_LEN: usize = 8 * 1024;
+}
+
+impl ChannelConfig {
+    /// The keys whose majority certifies commits: the relay set, or the creator's device.
+    pub fn orderers(&self) -> Vec<PublicKey> {
+        if self.relays.is_empty() {
+            vec![self.creator.0]
+        } else {
+            self.relays.iter().map(|r| r.key).collect()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ChannelError> {
+        if self.mime.is_empty() || self.mime.len() > 255 || self.name.len() > 255 {
+            return Err(ChannelError::BadConfig("mime type or name length"));
+        }
+        if self.relays.len() > 16 {
+            return Err(ChannelError::BadConfig("more than 16 relays"));
+        }
+        Ok(())
+    }
+}
+
+/// What a channel carries: a certified commit or an application message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelMessage {
+    /// A commit (MLS PublicMessage) and its certificate.
+    Commit {
+        /// The MLS message.
+        #[serde(with = "serde_bytes")]
+        commit: Vec<u8>,
+        /// The orderers' certificate.
+        cert: EpochCert,
+    },
+    /// An application message (MLS PrivateMessage).
+    Application {
+        /// The MLS message.
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+    },
+}
+
+impl Canonical for ChannelMessage {
+    const MAX_LEN: usize = MAX_MESSAGE_LEN + EpochCert::MAX_LEN + 16;
+}
+
+/// Authenticated data of every application message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct AppAad {
+    id: MessageId,
+    hlc: Hlc,
+}
+
+/// A membership change to stage.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// KeyPackages (TLS encoding) of devices to add.
+    pub add: Vec<serde_bytes::ByteBuf>,
+    /// Devices to remove.
+    pub remove: Vec<DeviceId>,
+    /// Whether to refresh the committer's own leaf key even without other changes.
+    pub update: bool,
+}
+
+/// A staged commit: the group is unchanged until [`Channel::accept_own`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedCommit {
+    /// The epoch it is built on.
+    pub epoch: u64,
+    /// Its hash, as ordered.
+    pub hash: CommitHash,
+    /// The commit (MLS PublicMessage).
+    pub commit: Vec<u8>,
+    /// The Welcome for added devices, if any.
+    pub welcome: Option<Vec<u8>>,
+    /// The devices it adds.
+    pub added: Vec<DeviceId>,
+    /// The devices it removes.
+    pub removed: Vec<DeviceId>,
+}
+
+/// What processing a message did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelEvent {
+    /// A new application message.
+    Message {
+        /// Its id.
+        id: MessageId,
+        /// The sender's clock.
+        hlc: Hlc,
+        /// The epoch it was sent in.
+        epoch: u64,
+        /// The plaintext payload.
+        payload: Vec<u8>,
+    },
+    /// An application message seen before; not shown again.
+    Duplicate(MessageId),
+    /// A message of a future epoch, held until the channel gets there.
+    Buffered {
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// A certified commit was applied; the channel is now at `epoch`.
+    CommitApplied {
+        /// The new epoch.
+        epoch: u64,
+        /// Devices added.
+        added: Vec<DeviceId>,
+        /// Devices removed.
+        removed: Vec<DeviceId>,
+        /// Whether this device was removed (the channel is then inactive).
+        self_removed: bool,
+    },
+    /// A commit of an epoch already past (a loser's, or a duplicate); ignored.
+    StaleCommit {
+        /// Its epoch.
+        epoch: u64,
+    },
+}
+
+/// Why a channel operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    /// Bytes that are not a valid MLS message, KeyPackage or Welcome.
+    #[error("malformed MLS data: {0}")]
+    Malformed(String),
+    /// A commit not sent as PublicMessage, or an application message not as PrivateMessage.
+    #[error("wrong wire format for the content")]
+    WrongWireFormat,
+    /// A message of another channel.
+    #[error("message is for another channel")]
+    WrongChannel,
+    /// The commit's certificate does not hold.
+    #[error("certificate: {0}")]
+    Cert(#[from] CertError),
+    /// A device's identity record or sponsorship did not check out.
+    #[error("credential of {device:?} rejected: {reason}")]
+    Credential {
+        /// The device, when its credential could be read.
+        device: Option<DeviceId>,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A membership change by a device the admin policy does not allow.
+    #[error("committer is not an admin")]
+    NotAdmin,
+    /// The id in an application message names another sender than the one that signed it.
+    #[error("message id names another sender")]
+    ForgedId,
+    /// The authenticated data of an application message is malformed.
+    #[error("bad authenticated data")]
+    BadAad,
+    /// The channel config extension is missing or malformed.
+    #[error("bad channel config: {0}")]
+    BadConfig(&'static str),
+    /// A commit is already staged; accept or discard it first (caller error).
+    #[error("a commit is already pending")]
+    PendingCommit,
+    /// No commit is staged (caller error).
+    #[error("no commit is pending")]
+    NoPendingCommit,
+    /// The device to remove is not a member.
+    #[error("{0:?} is not a member")]
+    NotMember(DeviceId),
+    /// The device to add is already a member.
+    #[error("{0:?} is already a member")]
+    AlreadyMember(DeviceId),
+    /// The change changes nothing.
+    #[error("empty change")]
+    EmptyChange,
+    /// The future-epoch buffer is full; the message was dropped.
+    #[error("buffer full")]
+    BufferFull,
+    /// This device is no longer a member.
+    #[error("channel is inactive: this device was removed")]
+    Inactive,
+    /// openmls rejected the operation or message.
+    #[error("MLS: {0}")]
+    Mls(String),
+}
+
+fn mls_err(e: impl std::fmt::Display) -> ChannelError {
+    ChannelError::Mls(e.to_string())
+}
+
+/// A device's MLS identity: its Ed25519 device key as an MLS signer, and its BasicCredential
+/// (whose identity is the 32-byte [`DeviceId`]).
+#[derive(Debug)]
+pub struct Identity {
+    device: DeviceId,
+    signer: SignatureKeyPair,
+}
+
+impl Identity {
+    /// The MLS identity of a device key.
+    pub fn new(key: &SecretKey) -> Self {
+        let public = key.public();
+        let signer = SignatureKeyPair::from_raw(
+            CIPHERSUITE.signature_algorithm(),
+            key.seed().to_vec(),
+            public.0.to_vec(),
+        );
+        Self { device: DeviceId(public), signer }
+    }
+
+    /// The device.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// The openmls signer (for benchmarks and tests that drive openmls directly).
+    pub fn signer(&self) -> &SignatureKeyPair {
+        &self.signer
+    }
+
+    fn credential(&self) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(self.device.as_bytes().to_vec()).into(),
+            signature_key: self.signer.to_public_vec().into(),
+        }
+    }
+
+    /// A fresh KeyPackage (TLS encoding) to upload to a relay. Its private keys go into the
+    /// provider's storage, where the Welcome that uses it will find them.
+    pub fn key_package<P: OpenMlsProvider>(
+        &self,
+        provider: &P,
+        last_resort: bool,
+    ) -> Result<Vec<u8>, ChannelError> {
+        let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
+        if last_resort {
+            builder = builder.mark_as_last_resort();
+        }
+        let bundle =
+            builder.build(CIPHERSUITE, provider, &self.signer, self.credential()).map_err(mls_err)?;
+        bundle.key_package().tls_serialize_detached().map_err(mls_err)
+    }
+}
+
+/// The device a credential names.
+pub fn credential_device(credential: &Credential) -> Option<DeviceId> {
+    let basic = BasicCredential::try_from(credential.clone()).ok()?;
+    DeviceId::from_slice(basic.identity())
+}
+
+fn capabilities() -> Capabilities {
+    Capabilities::builder()
+        .extensions(vec![ExtensionType::Unknown(CONFIG_EXTENSION_TYPE)])
+        .build()
+}
+
+/// Durable state of a [`Channel`] beyond what openmls stores: the caller persists it next to
+/// the provider's storage, and passes it back to [`Channel::load`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelState {
+    /// The channel.
+    pub id: ChannelId,
+    /// Next sequence number of this device's messages.
+    pub next_seq: u64,
+    /// This device's clock.
+    pub clock: HlcClock,
+    seen: SeenIds,
+    pending: Option<(u64, CommitHash)>,
+}
+
+/// One MLS channel, as seen by one member device.
+#[derive(Debug)]
+pub struct Channel {
+    group: MlsGroup,
+    config: ChannelConfig,
+    state: ChannelState,
+    buffered: VecDeque<(u64, ChannelMessage)>,
+}
+
+impl Channel {
+    /// Creates a channel with this device as its only member, at epoch 0.
+    pub fn create<P: OpenMlsProvider>(
+        provider: &P,
+        me: &Identity,
+        id: ChannelId,
+        config: ChannelConfig,
+    ) -> Result<Self, ChannelError> {
+        config.validate()?;
+        if config.creator != me.device {
+            return Err(ChannelError::BadConfig("creator must be this device"));
+        }
+        let required = Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+            &[ExtensionType::Unknown(CONFIG_EXTENSION_TYPE)],
+            &[],
+            &[],
+        ));
+        let config_ext =
+            Extension::Unknown(CONFIG_EXTENSION_TYPE, UnknownExtension(encode(&config)));
+        let extensions = Extensions::from_vec(vec![required, config_ext]).map_err(mls_err)?;
+        let group = MlsGroup::builder()
+            .with_group_id(GroupId::from_slice(&id.0))
+            .ciphersuite(CIPHERSUITE)
+            .use_ratchet_tree_extension(true)
+            .with_wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .with_capabilities(capabilities())
+            .with_group_context_extensions(extensions)
+            .build(provider, &me.signer, me.credential())
+            .map_err(mls_err)?;
+        Ok(Self::from_group(group, config, id))
+    }
+
+    /// Joins a channel from a Welcome (TLS-encoded MLS message), after checking every member's
+    /// credential.
+    pub fn join<P: OpenMlsProvider>(
+        provider: &P,
+        welcome: &[u8],
+        check: &impl CredentialCheck,
+    ) -> Result<Self, ChannelError> {
+        let msg = decode_mls(welcome)?;
+        let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
+            return Err(ChannelError::Malformed("not a Welcome".into()));
+        };
+        let join_config = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .build();
+        let staged = StagedWelcome::new_from_welcome(provider, &join_config, welcome, None)
+            .map_err(mls_err)?;
+        for member in staged.members() {
+            check_credential(check, &member.credential)?;
+        }
+        let config = read_config(staged.group_context().extensions())?;
+        let group = staged.into_group(provider).map_err(mls_err)?;
+        let id = channel_id(group.group_id())?;
+        Ok(Self::from_group(group, config, id))
+    }
+
+    /// Loads a channel from the provider's storage and the caller's [`ChannelState`].
+    pub fn load<P: OpenMlsProvider>(provider: &P, state: ChannelState) -> Result<Self, ChannelError> {
+        let group = MlsGroup::load(provider.storage(), &GroupId::from_slice(&state.id.0))
+            .map_err(mls_err)?
+            .ok_or_else(|| ChannelError::Mls("group not in storage".into()))?;
+        let config = read_config(group.extensions())?;
+        Ok(Self { group, config, state, buffered: VecDeque::new() })
+    }
+
+    fn from_group(group: MlsGroup, config: ChannelConfig, id: ChannelId) -> Self {
+        let state = ChannelState {
+            id,
+            next_seq: 0,
+            clock: HlcClock::default(),
+            seen: SeenIds::default(),
+            pending: None,
+        };
+        Self { group, config, state, buffered: VecDeque::new() }
+    }
+
+    /// The channel's id.
+    pub fn id(&self) -> ChannelId {
+        self.state.id
+    }
+
+    /// The channel's config.
+    pub fn config(&self) -> &ChannelConfig {
+        &self.config
+    }
+
+    /// The state to persist after every operation.
+    pub fn state(&self) -> &ChannelState {
+        &self.state
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.group.epoch().as_u64()
+    }
+
+    /// Whether this device is still a member.
+    pub fn is_active(&self) -> bool {
+        self.group.is_active()
+    }
+
+    /// The member devices, in leaf order.
+    pub fn members(&self) -> Vec<DeviceId> {
+        self.group.members().filter_map(|m| credential_device(&m.credential)).collect()
+    }
+
+    /// The epoch authenticator of the current epoch. Members gossip it, so a fork is detected.
+    pub fn epoch_authenticator(&self) -> Vec<u8> {
+        self.group.epoch_authenticator().as_slice().to_vec()
+    }
+
+    /// The staged commit waiting for ordering, as `(epoch, hash)`.
+    pub fn pending(&self) -> Option<(u64, CommitHash)> {
+        self.state.pending
+    }
+
+    /// Stages a commit making `change`. The group does not change until the orderers accept
+    /// it ([`Channel::accept_own`]).
+    pub fn stage<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        me: &Identity,
+        change: &Change,
+        check: &impl CredentialCheck,
+    ) -> Result<StagedCommit, ChannelError> {
+        self.ensure_active()?;
+        if self.state.pending.is_some() || self.group.pending_commit().is_some() {
+            return Err(ChannelError::PendingCommit);
+        }
+        if change.add.is_empty() && change.remove.is_empty() && !change.update {
+            return Err(ChannelError::EmptyChange);
+        }
+        if (!change.add.is_empty() || !change.remove.is_empty()) && !self.is_admin(me.device) {
+            return Err(ChannelError::NotAdmin);
+        }
+        let members = self.members();
+        let mut key_packages = Vec::with_capacity(change.add.len());
+        let mut added = Vec::with_capacity(change.add.len());
+        for bytes in &change.add {
+            let kp = KeyPackageIn::tls_deserialize_exact(bytes.as_slice())
+                .map_err(|e| ChannelError::Malformed(e.to_string()))?
+                .validate(provider.crypto(), ProtocolVersion::Mls10)
+                .map_err(mls_err)?;
+            let device = check_credential(check, kp.leaf_node().credential())?;
+            if members.contains(&device) || added.contains(&device) {
+                return Err(ChannelError::AlreadyMember(device));
+            }
+            added.push(device);
+            key_packages.push(kp);
+        }
+        let mut leaves = Vec::with_capacity(change.remove.len());
+        for device in &change.remove {
+            let leaf = self
+                .group
+                .members()
+                .find(|m| credential_device(&m.credential) == Some(*device))
+                .ok_or(ChannelError::NotMember(*device))?;
+            leaves.push(leaf.index);
+        }
+        let bundle = self
+            .group
+            .commit_builder()
+            .propose_adds(key_packages)
+            .propose_removals(leaves)
+            .force_self_update(change.update)
+            .load_psks(provider.storage())
+            .map_err(mls_err)?
+            .build(provider.rand(), provider.crypto(), &me.signer, |_| true)
+            .map_err(mls_err)?
+            .stage_commit(provider)
+            .map_err(mls_err)?;
+        let welcome = match bundle.to_welcome_msg() {
+            Some(w) => Some(w.tls_serialize_detached().map_err(mls_err)?),
+            None => None,
+        };
+        let (commit, _, _) = bundle.into_contents();
+        let commit = commit.tls_serialize_detached().map_err(mls_err)?;
+        let epoch = self.epoch();
+        let hash = commit_hash(&commit);
+        self.state.pending = Some((epoch, hash));
+        Ok(StagedCommit { epoch, hash, commit, welcome, added, removed: change.remove.clone() })
+    }
+
+    /// Merges this device's staged commit, now that the orderers certified it.
+    pub fn accept_own<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        cert: &EpochCert,
+        check: &impl CredentialCheck,
+    ) -> Result<Vec<ChannelEvent>, ChannelError> {
+        let (epoch, hash) = self.state.pending.ok_or(ChannelError::NoPendingCommit)?;
+        let body = EpochCertBody { channel: self.state.id, epoch, hash };
+        cert.verify_for(&body, &self.config.orderers())?;
+        let before = self.members();
+        self.group.merge_pending_commit(provider).map_err(mls_err)?;
+        self.state.pending = None;
+        self.after_merge(provider, before, check)
+    }
+
+    /// Drops this device's staged commit (another commit won its epoch). Call before processing
+    /// the winner, then rebuild the change on the new epoch.
+    pub fn discard_own<P: OpenMlsProvider>(&mut self, provider: &P) -> Result<(), ChannelError> {
+        self.group.clear_pending_commit(provider.storage()).map_err(mls_err)?;
+        self.state.pending = None;
+        Ok(())
+    }
+
+    /// Encrypts an application payload. The message is durable only once the caller stored the
+    /// new [`Channel::state`].
+    pub fn send<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        me: &Identity,
+        now: Timestamp,
+        payload: &[u8],
+    ) -> Result<(MessageId, ChannelMessage), ChannelError> {
+        self.ensure_active()?;
+        let id = MessageId { sender: me.device, seq: self.state.next_seq };
+        let hlc = self.state.clock.tick(now);
+        self.group.set_aad(encode(&AppAad { id, hlc }));
+        let out = self.group.create_message(provider, &me.signer, payload).map_err(mls_err)?;
+        self.state.next_seq += 1;
+        self.state.seen.insert(id);
+        let message = out.tls_serialize_detached().map_err(mls_err)?;
+        Ok((id, ChannelMessage::Application { message }))
+    }
+
+    /// Processes a message from the channel: a certified commit or an application message.
+    /// Returns what happened, including messages released from the future-epoch buffer.
+    pub fn process<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        now: Timestamp,
+        message: ChannelMessage,
+        check: &impl CredentialCheck,
+    ) -> Result<Vec<ChannelEvent>, ChannelError> {
+        let mut events = Vec::new();
+        self.process_one(provider, now, message, check, &mut events)?;
+        Ok(events)
+    }
+
+    fn process_one<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        now: Timestamp,
+        message: ChannelMessage,
+        check: &impl CredentialCheck,
+        events: &mut Vec<ChannelEvent>,
+    ) -> Result<(), ChannelError> {
+        let bytes = match &message {
+            ChannelMessage::Commit { commit, .. } => commit,
+            ChannelMessage::Application { message } => message,
+        };
+        let protocol = decode_mls(bytes)?
+            .try_into_protocol_message()
+            .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+        if protocol.group_id().as_slice() != self.state.id.0 {
+            return Err(ChannelError::WrongChannel);
+        }
+        let epoch = protocol.epoch().as_u64();
+        let is_commit = matches!(message, ChannelMessage::Commit { .. });
+        if is_commit && epoch < self.epoch() {
+            events.push(ChannelEvent::StaleCommit { epoch });
+            return Ok(());
+        }
+        if epoch > self.epoch() {
+            if self.buffered.len() >= MAX_BUFFERED {
+                return Err(ChannelError::BufferFull);
+            }
+            self.buffered.push_back((epoch, message));
+            events.push(ChannelEvent::Buffered { epoch });
+            return Ok(());
+        }
+        match message {
+            ChannelMessage::Commit { commit, cert } => {
+                let applied = self.process_commit(provider, protocol, &commit, &cert, check)?;
+                events.extend(applied);
+                self.release_buffered(provider, now, check, events);
+                Ok(())
+            }
+            ChannelMessage::Application { .. } => {
+                events.push(self.process_application(provider, now, protocol)?);
+                Ok(())
+            }
+        }
+    }
+
+    fn process_commit<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        protocol: ProtocolMessage,
+        commit: &[u8],
+        cert: &EpochCert,
+        check: &impl CredentialCheck,
+    ) -> Result<Vec<ChannelEvent>, ChannelError> {
+        if !matches!(protocol, ProtocolMessage::PublicMessage(_))
+            || protocol.content_type() != ContentType::Commit
+        {
+            return Err(ChannelError::WrongWireFormat);
+        }
+        let epoch = self.epoch();
+        let hash = commit_hash(commit);
+        let body = EpochCertBody { channel: self.state.id, epoch, hash };
+        cert.verify_for(&body, &self.config.orderers())?;
+        if self.state.pending == Some((epoch, hash)) {
+            return self.accept_own(provider, cert, check);
+        }
+        if self.state.pending.is_some() || self.group.pending_commit().is_some() {
+            self.discard_own(provider)?;
+        }
+        let before = self.members();
+        let processed = self.group.process_message(provider, protocol).map_err(mls_err)?;
+        let committer = credential_device(processed.credential());
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            return Err(ChannelError::WrongWireFormat);
+        };
+        for credential in staged.credentials_to_verify() {
+            check_credential(check, credential)?;
+        }
+        let changes_membership =
+            staged.add_proposals().next().is_some() || staged.remove_proposals().next().is_some();
+        if changes_membership && !committer.is_some_and(|c| self.is_admin(c)) {
+            return Err(ChannelError::NotAdmin);
+        }
+        self.group.merge_staged_commit(provider, *staged).map_err(mls_err)?;
+        self.after_merge(provider, before, check)
+    }
+
+    fn after_merge<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        before: Vec<DeviceId>,
+        _check: &impl CredentialCheck,
+    ) -> Result<Vec<ChannelEvent>, ChannelError> {
+        let _ = provider;
+        self.config = read_config(self.group.extensions())?;
+        let after = self.members();
+        let added = after.iter().filter(|d| !before.contains(d)).copied().collect();
+        let removed = before.iter().filter(|d| !after.contains(d)).copied().collect();
+        Ok(vec![ChannelEvent::CommitApplied {
+            epoch: self.epoch(),
+            added,
+            removed,
+            self_removed: !self.group.is_active(),
+        }])
+    }
+
+    fn process_application<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        now: Timestamp,
+        protocol: ProtocolMessage,
+    ) -> Result<ChannelEvent, ChannelError> {
+        let ProtocolMessage::PrivateMessage(private) = &protocol else {
+            return Err(ChannelError::WrongWireFormat);
+        };
+        if protocol.content_type() != ContentType::Application {
+            return Err(ChannelError::WrongWireFormat);
+        }
+        // The authenticated data is readable before decryption; a replay is dropped here,
+        // before openmls sees it again. A forged AAD fails decryption below.
+        let aad: AppAad = decode(private.aad(), 256).map_err(|_| ChannelError::BadAad)?;
+        if self.state.seen.contains(&aad.id) {
+            return Ok(ChannelEvent::Duplicate(aad.id));
+        }
+        let epoch = protocol.epoch().as_u64();
+        let processed = self.group.process_message(provider, protocol).map_err(mls_err)?;
+        if credential_device(processed.credential()) != Some(aad.id.sender) {
+            return Err(ChannelError::ForgedId);
+        }
+        let ProcessedMessageContent::ApplicationMessage(app) = processed.into_content() else {
+            return Err(ChannelError::WrongWireFormat);
+        };
+        self.state.seen.insert(aad.id);
+        self.state.clock.observe(aad.hlc, now);
+        Ok(ChannelEvent::Message { id: aad.id, hlc: aad.hlc, epoch, payload: app.into_bytes() })
+    }
+
+    fn release_buffered<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        now: Timestamp,
+        check: &impl CredentialCheck,
+        events: &mut Vec<ChannelEvent>,
+    ) {
+        let current = self.epoch();
+        let (ready, later): (VecDeque<_>, VecDeque<_>) =
+            std::mem::take(&mut self.buffered).into_iter().partition(|(e, _)| *e <= current);
+        self.buffered = later;
+        for (_, message) in ready {
+            // A buffered message that now fails is dropped, as it would have been on arrival.
+            let _ = self.process_one(provider, now, message, check, events);
+        }
+    }
+
+    fn is_admin(&self, device: DeviceId) -> bool {
+        match &self.config.admins {
+            AdminPolicy::AnyMember => true,
+            AdminPolicy::Admins(admins) => admins.contains(&device),
+        }
+    }
+
+    fn ensure_active(&self) -> Result<(), ChannelError> {
+        if self.group.is_active() { Ok(()) } else { Err(ChannelError::Inactive) }
+    }
+}
+
+fn decode_mls(bytes: &[u8]) -> Result<MlsMessageIn, ChannelError> {
+    if bytes.len() > MAX_MESSAGE_LEN {
+        return Err(ChannelError::Malformed("message too long".into()));
+    }
+    MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| ChannelError::Malformed(e.to_string()))
+}
+
+fn read_config(extensions: &Extensions<GroupContext>) -> Result<ChannelConfig, ChannelError> {
+    let ext = extensions
+        .unknown(CONFIG_EXTENSION_TYPE)
+        .ok_or(ChannelError::BadConfig("config extension missing"))?;
+    let config = ChannelConfig::from_bytes(&ext.0)
+        .map_err(|_| ChannelError::BadConfig("config extension malformed"))?;
+    config.validate()?;
+    Ok(config)
+}
+
+fn channel_id(group_id: &GroupId) -> Result<ChannelId, ChannelError> {
+    let bytes: [u8; 32] = group_id
+        .as_slice()
+        .try_into()
+        .map_err(|_| ChannelError::Malformed("group id is not 32 bytes".into()))?;
+    Ok(ChannelId(bytes))
+}
+
+fn check_credential(
+    check: &impl CredentialCheck,
+    credential: &Credential,
+) -> Result<DeviceId, ChannelError> {
+    let device = credential_device(credential).ok_or_else(|| ChannelError::Credential {
+        device: None,
+        reason: "not a BasicCredential holding a device id".into(),
+    })?;
+    check
+        .check(device)
+        .map_err(|reason| ChannelError::Credential { device: Some(device), reason })?;
+    Ok(device)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,348 @@
+//! Versioned frames and the request/response types of the relay protocol.
+//!
+//! A frame is `varint(version) || postcard(body)`, at most [`MAX_FRAME_LEN`] bytes. The node and
+//! the relay both speak these types, so they live here. Decoding checks the size before anything
+//! else, then the version, then the body (canonically, see [`crate::codec`]), then the body's own
+//! limits ([`Validate`]).
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::codec::{DecodeError, decode, encode};
+use crate::identity::{DeviceId, Dir, Sponsorship};
+use crate::inbox::SealedEnvelope;
+use crate::keys::Signature;
+use crate::ordering::{ChannelId, CommitHash, CommitRef, EpochCert};
+
+/// The protocol version this implementation speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The largest frame accepted, in bytes.
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+/// The largest sealed inbox payload, in bytes.
+pub const MAX_INBOX_PAYLOAD_LEN: usize = 256 * 1024;
+/// The most KeyPackages in one upload.
+pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
+/// The largest KeyPackage, in bytes.
+pub const MAX_KEY_PACKAGE_LEN: usize = 4 * 1024;
+/// The most ids in one ack.
+pub const MAX_ACK_IDS: usize = 1024;
+/// The most inbox items in one fetch.
+pub const MAX_FETCH_ITEMS: u32 = 1024;
+/// The most devices one accepted commit may fan out to.
+pub const MAX_FANOUT: usize = 4096;
+/// The largest MLS message (commit or Welcome) carried in a request, in bytes.
+pub const MAX_MLS_MESSAGE_LEN: usize = 512 * 1024;
+
+/// Body limits beyond what the encoding itself enforces.
+pub trait Validate {
+    /// Checks counts and lengths. `Err` names the broken limit.
+    fn validate(&self) -> Result<(), &'static str>;
+}
+
+/// Encodes a body into a frame of the current version.
+pub fn encode_frame<T: Serialize>(body: &T) -> Result<Vec<u8>, DecodeError> {
+    let mut out = encode(&PROTOCOL_VERSION);
+    out.extend_from_slice(&encode(body));
+    if out.len() > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLarge { len: out.len(), max: MAX_FRAME_LEN });
+    }
+    Ok(out)
+}
+
+/// Decodes a frame: size, then version, then a canonical body, then the body's limits.
+pub fn decode_frame<T>(bytes: &[u8]) -> Result<T, DecodeError>
+where
+    T: Serialize + DeserializeOwned + Validate,
+{
+    if bytes.len() > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_FRAME_LEN });
+    }
+    let (version, rest) = postcard::take_from_bytes::<u16>(bytes)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion { got: version, supported: PROTOCOL_VERSION });
+    }
+    if encode(&version).len() != bytes.len() - rest.len() {
+        return Err(DecodeError::NonCanonical);
+    }
+    let body: T = decode(rest, MAX_FRAME_LEN)?;
+    body.validate().map_err(DecodeError::Invalid)?;
+    Ok(body)
+}
+
+/// A request from a device to its relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Ask for a challenge to prove control of `device`.
+    Challenge {
+        /// The device that will sign.
+        device: DeviceId,
+    },
+    /// Answer the challenge: the device's signature over [`AuthProof`] under
+    /// [`crate::Label::AuthChallenge`].
+    Authenticate {
+        /// The device that signs.
+        device: DeviceId,
+        /// The signature.
+        signature: Signature,
+    },
+    /// Register with an invite token (or none, on a relay with open registration), claiming
+    /// `local_name`. The DIR is the device's current record.
+    Register {
+        /// The invite token, if any.
+        token: Option<String>,
+        /// The name asked for.
+        local_name: String,
+        /// The device's record.
+        dir: Dir,
+    },
+    /// Publish a newer record of the authenticated device.
+    PublishDir {
+        /// The record; its sequence number must exceed the stored one.
+        dir: Dir,
+    },
+    /// Look up the current records of a user's devices, by local name.
+    Lookup {
+        /// `alice` of `alice@relay`.
+        local_name: String,
+    },
+    /// Upload KeyPackages (TLS-encoded MLS KeyPackages) of the authenticated device.
+    UploadKeyPackages {
+        /// Packages, each claimed at most once.
+        packages: Vec<serde_bytes::ByteBuf>,
+        /// A package served when the others are used up, kept after being claimed.
+        last_resort: Option<serde_bytes::ByteBuf>,
+    },
+    /// Claim one KeyPackage of a device, to add it to a channel.
+    ClaimKeyPackage {
+        /// The device to add.
+        device: DeviceId,
+    },
+    /// Put a sealed payload into a device's inbox.
+    Enqueue {
+        /// The sealed payload; it names its recipient.
+        envelope: SealedEnvelope,
+    },
+    /// Fetch inbox items of the authenticated device after a cursor.
+    Fetch {
+        /// Items with ids greater than this; `None` from the start.
+        after: Option<u64>,
+        /// At most this many items, capped at [`MAX_FETCH_ITEMS`].
+        max: u32,
+    },
+    /// Acknowledge inbox items; the relay deletes them.
+    Ack {
+        /// The ids of the items.
+        ids: Vec<u64>,
+    },
+    /// Submit a staged commit for ordering.
+    SubmitCommit(CommitSubmission),
+}
+
+/// Everything a relay needs to order a commit and deliver it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitSubmission {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The epoch the commit was built on.
+    pub epoch: u64,
+    /// The commit, an MLS PublicMessage (its BLAKE3 hash is what gets ordered).
+    #[serde(with = "serde_bytes")]
+    pub commit: Vec<u8>,
+    /// The Welcome for added devices, delivered only once the commit is accepted.
+    pub welcome: Option<SealedWelcomes>,
+    /// The devices that receive the commit once it is accepted.
+    pub fanout: Vec<DeviceId>,
+}
+
+/// A Welcome sealed once for each new device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedWelcomes {
+    /// One sealed Welcome per added device.
+    pub envelopes: Vec<SealedEnvelope>,
+}
+
+/// The bytes a device signs to authenticate: the relay's challenge bound to both parties.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthProof {
+    /// The relay's host name.
+    pub relay_host: String,
+    /// The device that proves itself.
+    pub device: DeviceId,
+    /// The relay's random challenge.
+    pub nonce: [u8; 32],
+}
+
+/// A relay's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// A challenge to sign.
+    Challenge {
+        /// Random bytes chosen by the relay.
+        nonce: [u8; 32],
+    },
+    /// The device is authenticated on this connection.
+    Authenticated,
+    /// Registration succeeded.
+    Registered {
+        /// The relay's sponsorship, to put into the device's next record.
+        sponsorship: Sponsorship,
+    },
+    /// The record was stored.
+    DirPublished,
+    /// The records of a user's devices.
+    Dirs(Vec<Dir>),
+    /// KeyPackages were stored.
+    KeyPackagesStored {
+        /// How many unclaimed packages the device now has.
+        available: u32,
+    },
+    /// A claimed KeyPackage.
+    KeyPackage(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The payload is durable in the inbox.
+    Enqueued {
+        /// Its id in the inbox.
+        id: u64,
+    },
+    /// Inbox items.
+    Items {
+        /// Items in id order.
+        items: Vec<InboxItem>,
+        /// Whether more items follow the last one.
+        more: bool,
+    },
+    /// The items were deleted.
+    Acked,
+    /// The commit won its epoch.
+    CommitAccepted {
+        /// The relays' signatures on it.
+        cert: EpochCert,
+    },
+    /// Another commit already won the epoch.
+    CommitConflict {
+        /// The winner, to fetch and process before rebuilding.
+        winner: CommitRef,
+    },
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// A human-readable explanation.
+        message: String,
+    },
+}
+
+/// One stored inbox item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxItem {
+    /// Its id, increasing per inbox.
+    pub id: u64,
+    /// The sealed payload.
+    pub envelope: SealedEnvelope,
+}
+
+/// The kind of a failed request, so a client knows whether to retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request was malformed or broke a limit; retrying it will not help.
+    BadRequest,
+    /// The device must authenticate first.
+    Unauthenticated,
+    /// The device may not do this.
+    Forbidden,
+    /// No such user, device or item.
+    NotFound,
+    /// The registration token is unknown or expired.
+    TokenInvalid,
+    /// The registration token was already used.
+    TokenUsed,
+    /// Registration is closed and no token was given.
+    RegistrationClosed,
+    /// The name is taken.
+    NameTaken,
+    /// A record's sequence number is not higher than the stored one.
+    StaleSequence,
+    /// A quota is full; retry after the given time.
+    QuotaExceeded {
+        /// How long to wait, in milliseconds.
+        retry_after_ms: u64,
+    },
+    /// Too many requests; retry after the given time.
+    RateLimited {
+        /// How long to wait, in milliseconds.
+        retry_after_ms: u64,
+    },
+    /// The relay failed; retrying later may help.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::QuotaExceeded { .. } | Self::RateLimited { .. } | Self::Unavailable
+        )
+    }
+}
+
+impl Validate for Request {
+    fn validate(&self) -> Result<(), &'static str> {
+        match self {
+            Self::UploadKeyPackages { packages, last_resort } => {
+                if packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
+                    return Err("too many key packages");
+                }
+                let too_long = |p: &serde_bytes::ByteBuf| p.len() > MAX_KEY_PACKAGE_LEN;
+                if packages.iter().chain(last_resort).any(too_long) {
+                    return Err("key package too long");
+                }
+                Ok(())
+            }
+            Self::Enqueue { envelope } => envelope.validate(),
+            Self::Fetch { max, .. } if *max > MAX_FETCH_ITEMS => Err("fetch max too large"),
+            Self::Ack { ids } if ids.len() > MAX_ACK_IDS => Err("too many ack ids"),
+            Self::SubmitCommit(s) => s.validate(),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Validate for CommitSubmission {
+    fn validate(&self) -> Result<(), &'static str> {
+        if self.commit.len() > MAX_MLS_MESSAGE_LEN {
+            return Err("commit too long");
+        }
+        if self.fanout.len() > MAX_FANOUT {
+            return Err("fanout too large");
+        }
+        if let Some(w) = &self.welcome {
+            if w.envelopes.len() > MAX_FANOUT {
+                return Err("too many welcomes");
+            }
+            for e in &w.envelopes {
+                e.validate()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for Response {
+    fn validate(&self) -> Result<(), &'static str> {
+        match self {
+            Self::Items { items, .. } => {
+                if items.len() > MAX_FETCH_ITEMS as usize {
+                    return Err("too many items");
+                }
+                items.iter().try_for_each(|i| i.envelope.validate())
+            }
+            Self::KeyPackage(kp) if kp.len() > MAX_KEY_PACKAGE_LEN => Err("key package too long"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The commit hash of submitted commit bytes.
+pub fn commit_hash(commit: &[u8]) -> CommitHash {
+    CommitHash(*blake3::hash(commit).as_bytes())
+}
