@@ -1,0 +1,567 @@
+//! In-memory multi-member scenarios on a virtual clock: Alice, Bob, Carol and Alice's second
+//! device (`alice2`) in one channel ordered by one relay.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng as _, SeedableRng};
+
+use super::*;
+use crate::identity::{Dir, DirBody, Profile, Sponsorship, SponsorshipBody, TrustedRelays};
+use crate::ordering::{CertSignature, CommitRef, Intent, IntentState, OrderingCommand, OrderingState, Outcome};
+
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// The relay of the test: orders commits and signs certificates.
+struct Relay {
+    key: SecretKey,
+    id: RelayId,
+    ordering: OrderingState,
+    /// Accepted commits by hash, so losers can fetch the winner.
+    commits: BTreeMap<CommitHash, (Vec<u8>, EpochCert)>,
+}
+
+impl Relay {
+    fn new() -> Self {
+        let key = SecretKey::from_seed([200; 32]);
+        let id = RelayId { host: "relay.test".into(), key: key.public() };
+        Self { key, id, ordering: OrderingState::default(), commits: BTreeMap::new() }
+    }
+
+    /// Orders a staged commit: `Ok(cert)` if it won, `Err(winner)` if another did.
+    fn submit(&mut self, channel: ChannelId, by: DeviceId, s: &StagedCommit) -> Result<EpochCert, CommitRef> {
+        let r = CommitRef { channel, epoch: s.epoch, hash: s.hash, submitter: by };
+        match self.ordering.apply(&OrderingCommand::Submit(r)) {
+            Outcome::Accepted(w) => {
+                let body = EpochCertBody { channel, epoch: w.epoch, hash: w.hash };
+                let cert = EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] };
+                self.commits.insert(w.hash, (s.commit.clone(), cert.clone()));
+                Ok(cert)
+            }
+            Outcome::Conflict { winner } => Err(winner),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+}
+
+struct Device {
+    name: &'static str,
+    key: SecretKey,
+    me: Identity,
+    provider: OpenMlsRustCrypto,
+    channel: Option<Channel>,
+    inbox: VecDeque<ChannelMessage>,
+    shown: Vec<(MessageId, Vec<u8>)>,
+    duplicates: usize,
+}
+
+impl Device {
+    fn new(name: &'static str, seed: u8) -> Self {
+        let key = SecretKey::from_seed([seed; 32]);
+        let me = Identity::new(&key);
+        Self {
+            name,
+            key,
+            me,
+            provider: OpenMlsRustCrypto::default(),
+            channel: None,
+            inbox: VecDeque::new(),
+            shown: Vec::new(),
+            duplicates: 0,
+        }
+    }
+
+    fn id(&self) -> DeviceId {
+        self.me.device()
+    }
+
+    fn key_package(&self) -> serde_bytes::ByteBuf {
+        serde_bytes::ByteBuf::from(self.me.key_package(&self.provider, false).expect("kp"))
+    }
+}
+
+/// The world: devices, the relay, the directory of identity records, and a virtual clock.
+struct World {
+    now: Timestamp,
+    relay: Relay,
+    trust: TrustedRelays,
+    dirs: BTreeMap<DeviceId, Dir>,
+    devices: Vec<Device>,
+    rng: ChaCha20Rng,
+}
+
+const ALICE: usize = 0;
+const BOB: usize = 1;
+const CAROL: usize = 2;
+const ALICE2: usize = 3;
+const MALLORY: usize = 4;
+
+impl World {
+    fn new() -> Self {
+        let relay = Relay::new();
+        let trust = TrustedRelays { relays: vec![relay.id.clone()], ..Default::default() };
+        let mut w = Self {
+            now: Timestamp(1_700_000_000_000),
+            relay,
+            trust,
+            dirs: BTreeMap::new(),
+            devices: vec![
+                Device::new("alice", 1),
+                Device::new("bob", 2),
+                Device::new("carol", 3),
+                Device::new("alice2", 4),
+                Device::new("mallory", 5),
+            ],
+            rng: ChaCha20Rng::seed_from_u64(7),
+        };
+        let alice = w.devices[ALICE].id();
+        let alice2 = w.devices[ALICE2].id();
+        for (i, name) in [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol"), (ALICE2, "alice")] {
+            let linked = match i {
+                ALICE => [alice2].into(),
+                ALICE2 => [alice].into(),
+                _ => Default::default(),
+            };
+            w.publish_dir(i, Some(name), linked);
+        }
+        // Mallory has a record but no sponsorship.
+        w.publish_dir(MALLORY, None, Default::default());
+        w
+    }
+
+    fn publish_dir(&mut self, i: usize, name: Option<&str>, linked: std::collections::BTreeSet<DeviceId>) {
+        let d = &self.devices[i];
+        let sponsorships = name
+            .map(|n| {
+                Sponsorship::issue(
+                    &self.relay.key,
+                    SponsorshipBody {
+                        device: d.id(),
+                        local_name: n.into(),
+                        relay: self.relay.id.clone(),
+                        issued: self.now,
+                        expires: self.now.plus_ms(30 * DAY_MS),
+                    },
+                )
+            })
+            .into_iter()
+            .collect();
+        let body = DirBody {
+            device: d.id(),
+            seq: 1,
+            inbox_key: [i as u8; 32],
+            linked,
+            sponsorships,
+            profile: Profile { display_name: d.name.into(), avatar: None },
+            revoked: false,
+            issued: self.now,
+        };
+        self.dirs.insert(d.id(), Dir::sign(&d.key, body));
+    }
+
+    fn tick(&mut self) {
+        self.now = self.now.plus_ms(10);
+    }
+
+    fn channel_id(&self) -> ChannelId {
+        self.devices[ALICE].channel.as_ref().expect("alice in channel").id()
+    }
+
+    fn create(&mut self) {
+        let config = ChannelConfig {
+            mime: crate::chat::MIME.into(),
+            name: "general".into(),
+            relays: vec![self.relay.id.clone()],
+            admins: AdminPolicy::AnyMember,
+            creator: self.devices[ALICE].id(),
+        };
+        let a = &mut self.devices[ALICE];
+        a.channel = Some(Channel::create(&a.provider, &a.me, ChannelId([42; 32]), config).expect("create"));
+    }
+
+    /// Stages `change` at `who`, without submitting.
+    fn stage(&mut self, who: usize, change: &Change) -> Result<StagedCommit, ChannelError> {
+        let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
+        let d = &mut self.devices[who];
+        let (provider, me) = (&d.provider, &d.me);
+        d.channel.as_mut().expect("member").stage(provider, me, change, &check)
+    }
+
+    /// Submits a staged commit. On acceptance: merge, fan the commit out to the other members,
+    /// deliver Welcomes to the added devices. On conflict: return the winner.
+    fn submit(&mut self, who: usize, staged: &StagedCommit) -> Result<(), CommitRef> {
+        let channel = self.channel_id();
+        let by = self.devices[who].id();
+        let cert = self.relay.submit(channel, by, staged)?;
+        let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
+        let d = &mut self.devices[who];
+        let events = d.channel.as_mut().expect("member").accept_own(&d.provider, &cert, &check).expect("merge own");
+        assert!(matches!(events[0], ChannelEvent::CommitApplied { .. }));
+        let msg = ChannelMessage::Commit { commit: staged.commit.clone(), cert };
+        self.fanout(who, &msg, &staged.removed);
+        // The Welcome is delivered only now that the commit is ordered.
+        if let Some(welcome) = &staged.welcome {
+            for new in &staged.added {
+                let i = self.index_of(*new);
+                let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
+                let d = &mut self.devices[i];
+                d.channel = Some(Channel::join(&d.provider, welcome, &check).expect("join"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a message in the inbox of every member but the sender (removed devices included, so
+    /// they learn of their removal).
+    fn fanout(&mut self, from: usize, msg: &ChannelMessage, also: &[DeviceId]) {
+        for (i, d) in self.devices.iter_mut().enumerate() {
+            let member = d.channel.as_ref().is_some_and(Channel::is_active) || also.contains(&d.id());
+            if i != from && member {
+                d.inbox.push_back(msg.clone());
+            }
+        }
+    }
+
+    fn index_of(&self, device: DeviceId) -> usize {
+        self.devices.iter().position(|d| d.id() == device).expect("known device")
+    }
+
+    fn send(&mut self, who: usize, text: &str) -> MessageId {
+        self.tick();
+        let now = self.now;
+        let d = &mut self.devices[who];
+        let (provider, me) = (&d.provider, &d.me);
+        let (id, msg) = d.channel.as_mut().expect("member").send(provider, me, now, text.as_bytes()).expect("send");
+        d.shown.push((id, text.as_bytes().to_vec()));
+        self.fanout(who, &msg, &[]);
+        id
+    }
+
+    /// Delivers every queued message, in a shuffled order per inbox.
+    fn deliver_all(&mut self) -> Vec<(usize, ChannelEvent)> {
+        let mut log = Vec::new();
+        for i in 0..self.devices.len() {
+            let mut queue: Vec<ChannelMessage> = self.devices[i].inbox.drain(..).collect();
+            for k in (1..queue.len()).rev() {
+                let j = (self.rng.next_u64() % (k as u64 + 1)) as usize;
+                queue.swap(k, j);
+            }
+            for msg in queue {
+                for e in self.process(i, msg).expect("process") {
+                    log.push((i, e));
+                }
+            }
+        }
+        log
+    }
+
+    fn process(&mut self, i: usize, msg: ChannelMessage) -> Result<Vec<ChannelEvent>, ChannelError> {
+        let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
+        let now = self.now;
+        let d = &mut self.devices[i];
+        let Some(channel) = d.channel.as_mut() else { return Ok(vec![]) };
+        let events = channel.process(&d.provider, now, msg, &check)?;
+        for e in &events {
+            match e {
+                ChannelEvent::Message { id, payload, .. } => d.shown.push((*id, payload.clone())),
+                ChannelEvent::Duplicate(_) => d.duplicates += 1,
+                _ => {}
+            }
+        }
+        Ok(events)
+    }
+
+    fn epoch_authenticators(&self, who: &[usize]) -> Vec<Vec<u8>> {
+        who.iter().map(|i| self.devices[*i].channel.as_ref().expect("member").epoch_authenticator()).collect()
+    }
+
+    fn epochs(&self, who: &[usize]) -> Vec<u64> {
+        who.iter().map(|i| self.devices[*i].channel.as_ref().expect("member").epoch()).collect()
+    }
+}
+
+fn all_equal<T: PartialEq + std::fmt::Debug>(v: &[T]) {
+    assert!(v.windows(2).all(|w| w[0] == w[1]), "not all equal: {v:?}");
+}
+
+/// Runs one intent to completion: stage, submit, and on conflict process the winner and
+/// rebuild on the new epoch. Returns the number of attempts.
+fn drive_intent(w: &mut World, who: usize, intent: &mut Intent<Change>) -> u32 {
+    while !intent.is_done() {
+        assert!(intent.is_due(w.now) || matches!(intent.state, IntentState::ToPublish { .. }));
+        if let IntentState::ToPublish { not_before } = intent.state {
+            w.now = w.now.max(not_before);
+        }
+        let staged = w.stage(who, &intent.change).expect("stage");
+        intent.published(staged.epoch, staged.hash);
+        match w.submit(who, &staged) {
+            Ok(()) => {
+                let mine = CommitRef { channel: w.channel_id(), epoch: staged.epoch, hash: staged.hash, submitter: w.devices[who].id() };
+                assert!(intent.accepted(&mine));
+            }
+            Err(winner) => {
+                // Lost: drop the staged commit, apply the winner, then rebuild.
+                let (commit, cert) = w.relay.commits[&winner.hash].clone();
+                let d = &mut w.devices[who];
+                d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
+                let events = w.process(who, ChannelMessage::Commit { commit, cert }).expect("winner applies");
+                assert!(matches!(events[0], ChannelEvent::CommitApplied { .. }), "{events:?}");
+                let jitter = w.rng.next_u64();
+                intent.lost(w.now, jitter);
+            }
+        }
+    }
+    intent.attempts
+}
+
+#[test]
+fn alice_bob_carol_and_alice2_converge() {
+    let mut w = World::new();
+    w.create();
+
+    // Alice adds Bob and her second device in one commit.
+    let change = Change { add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    assert_eq!(w.devices[ALICE].channel.as_ref().map(Channel::epoch), Some(0), "staging changes nothing");
+    assert!(staged.welcome.is_some());
+    w.submit(ALICE, &staged).expect("first commit wins");
+    w.deliver_all();
+    all_equal(&w.epochs(&[ALICE, BOB, ALICE2]));
+    all_equal(&w.epoch_authenticators(&[ALICE, BOB, ALICE2]));
+    assert_eq!(w.devices[BOB].channel.as_ref().map(|c| c.config().name.clone()), Some("general".into()));
+
+    // Messages: everyone sees everyone's, once.
+    let m1 = w.send(ALICE, "hi all");
+    w.send(BOB, "hi alice");
+    w.send(ALICE2, "alice here, from my laptop");
+    w.deliver_all();
+    for i in [ALICE, BOB, ALICE2] {
+        assert_eq!(w.devices[i].shown.len(), 3, "{} sees all three", w.devices[i].name);
+    }
+    // A replayed message is reported as a duplicate, not shown again.
+    let replay = {
+        let d = &mut w.devices[ALICE];
+        let (provider, me) = (&d.provider, &d.me);
+        d.channel.as_mut().expect("member").send(provider, me, w.now, b"once").expect("send").1
+    };
+    for _ in 0..3 {
+        w.devices[BOB].inbox.push_back(replay.clone());
+    }
+    w.deliver_all();
+    let bob = &w.devices[BOB];
+    assert_eq!(bob.shown.iter().filter(|(_, p)| p == b"once").count(), 1);
+    assert_eq!(bob.duplicates, 2);
+    assert!(bob.shown.iter().any(|(id, _)| *id == m1));
+
+    // Concurrent commits: Bob adds Carol while Alice2 refreshes her key, on the same epoch.
+    let add_carol = Change { add: vec![w.devices[CAROL].key_package()], ..Default::default() };
+    let update = Change { update: true, ..Default::default() };
+    let staged_bob = w.stage(BOB, &add_carol).expect("stage");
+    let staged_a2 = w.stage(ALICE2, &update).expect("stage");
+    assert_eq!(staged_bob.epoch, staged_a2.epoch);
+    w.submit(ALICE2, &staged_a2).expect("alice2 is first");
+    let winner = w.submit(BOB, &staged_bob).expect_err("bob loses epoch 1");
+    assert_eq!(winner.hash, staged_a2.hash, "the rejection names the winner");
+    // Bob rebuilds his change on the new epoch through an intent.
+    let (commit, cert) = w.relay.commits[&winner.hash].clone();
+    {
+        let d = &mut w.devices[BOB];
+        d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
+    }
+    w.devices[BOB].inbox.push_front(ChannelMessage::Commit { commit, cert });
+    let events = w.deliver_all();
+    assert!(events.iter().any(|(i, e)| *i == BOB && matches!(e, ChannelEvent::CommitApplied { .. })));
+    // The winner's echo reaching Bob again is stale, not an error.
+    let mut intent = Intent::new(add_carol, w.now);
+    assert_eq!(drive_intent(&mut w, BOB, &mut intent), 1);
+    w.deliver_all();
+    let members = [ALICE, BOB, CAROL, ALICE2];
+    all_equal(&w.epochs(&members));
+    all_equal(&w.epoch_authenticators(&members));
+    assert_eq!(w.devices[CAROL].channel.as_ref().map(|c| c.members().len()), Some(4));
+
+    // Carol's first message reaches everyone.
+    w.send(CAROL, "thanks for having me");
+    w.deliver_all();
+    for i in members {
+        assert!(w.devices[i].shown.iter().any(|(_, p)| p == b"thanks for having me"));
+    }
+
+    // Alice removes Bob. Bob learns he was removed and can no longer send.
+    let remove = Change { remove: vec![w.devices[BOB].id()], ..Default::default() };
+    let staged = w.stage(ALICE, &remove).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    let events = w.deliver_all();
+    assert!(events.iter().any(|(i, e)| *i == BOB && matches!(e, ChannelEvent::CommitApplied { self_removed: true, .. })));
+    assert!(!w.devices[BOB].channel.as_ref().expect("kept").is_active());
+    let d = &mut w.devices[BOB];
+    let (provider, me) = (&d.provider, &d.me);
+    assert_eq!(d.channel.as_mut().expect("kept").send(provider, me, w.now, b"x").map(|_| ()), Err(ChannelError::Inactive));
+
+    // After the removal, Bob cannot read what follows.
+    w.send(ALICE, "bob is gone");
+    let remaining = [ALICE, CAROL, ALICE2];
+    w.deliver_all();
+    all_equal(&w.epochs(&remaining));
+    all_equal(&w.epoch_authenticators(&remaining));
+    assert!(!w.devices[BOB].shown.iter().any(|(_, p)| p == b"bob is gone"));
+    for i in remaining {
+        assert!(w.devices[i].shown.iter().any(|(_, p)| p == b"bob is gone"));
+    }
+}
+
+#[test]
+fn concurrent_commits_every_epoch_has_one_winner() {
+    // Alice, Bob and Alice2 all commit key updates at once, five rounds; each round exactly one
+    // wins, the others rebuild, and everybody ends on the same authenticator.
+    let mut w = World::new();
+    w.create();
+    let change = Change { add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    w.deliver_all();
+    let members = [ALICE, BOB, ALICE2];
+    for round in 0..5 {
+        let update = Change { update: true, ..Default::default() };
+        let staged: Vec<StagedCommit> = members.iter().map(|i| w.stage(*i, &update).expect("stage")).collect();
+        let mut winners = 0;
+        let mut intents = Vec::new();
+        for (k, i) in members.iter().enumerate() {
+            match w.submit(*i, &staged[k]) {
+                Ok(()) => winners += 1,
+                Err(winner) => {
+                    let (commit, cert) = w.relay.commits[&winner.hash].clone();
+                    let d = &mut w.devices[*i];
+                    d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
+                    w.process(*i, ChannelMessage::Commit { commit, cert }).expect("winner applies");
+                    let mut intent = Intent::new(update.clone(), w.now);
+                    intent.published(staged[k].epoch, staged[k].hash);
+                    intent.lost(w.now, round);
+                    intents.push((*i, intent));
+                }
+            }
+        }
+        assert_eq!(winners, 1, "round {round}: exactly one commit wins the epoch");
+        // Drain echoes (now stale for those who already applied them).
+        w.deliver_all();
+        for (i, mut intent) in intents {
+            drive_intent(&mut w, i, &mut intent);
+            w.deliver_all();
+        }
+        all_equal(&w.epochs(&members));
+        all_equal(&w.epoch_authenticators(&members));
+    }
+    assert_eq!(w.devices[ALICE].channel.as_ref().map(Channel::epoch), Some(1 + 5 * 3));
+}
+
+#[test]
+fn future_epoch_messages_wait_for_their_commit() {
+    let mut w = World::new();
+    w.create();
+    let change = Change { add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    w.deliver_all();
+    // Alice commits and sends at the new epoch; Bob gets the message before the commit.
+    let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    let commit = w.devices[BOB].inbox.pop_back().expect("commit queued");
+    w.send(ALICE, "from epoch 2");
+    let msg = w.devices[BOB].inbox.pop_back().expect("message queued");
+    let events = w.process(BOB, msg).expect("buffered");
+    assert_eq!(events, vec![ChannelEvent::Buffered { epoch: 2 }]);
+    let events = w.process(BOB, commit).expect("commit");
+    assert!(matches!(events[0], ChannelEvent::CommitApplied { epoch: 2, .. }));
+    assert!(matches!(&events[1], ChannelEvent::Message { payload, .. } if payload == b"from epoch 2"));
+}
+
+#[test]
+fn uncertified_and_unsponsored_are_rejected() {
+    let mut w = World::new();
+    w.create();
+    // Mallory has no sponsorship: Alice refuses to add her.
+    let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
+    assert!(matches!(w.stage(ALICE, &change), Err(ChannelError::Credential { .. })));
+    // An unknown device too.
+    let stranger = Device::new("stranger", 99);
+    let change = Change { add: vec![stranger.key_package()], ..Default::default() };
+    assert!(matches!(w.stage(ALICE, &change), Err(ChannelError::Credential { .. })));
+    // Garbage is a typed error.
+    let change = Change { add: vec![serde_bytes::ByteBuf::from(vec![1, 2, 3])], ..Default::default() };
+    assert!(matches!(w.stage(ALICE, &change), Err(ChannelError::Malformed(_))));
+
+    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    w.deliver_all();
+
+    // A commit certified by someone who is not an orderer is not applied.
+    let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
+    let body = EpochCertBody { channel: w.channel_id(), epoch: staged.epoch, hash: staged.hash };
+    let forger = SecretKey::from_seed([66; 32]);
+    let cert = EpochCert { body, signatures: vec![CertSignature::sign(&forger, &body)] };
+    let err = w.process(BOB, ChannelMessage::Commit { commit: staged.commit.clone(), cert }).expect_err("rejected");
+    assert!(matches!(err, ChannelError::Cert(CertError::NoQuorum { .. })));
+    // A real certificate for another hash does not carry this commit.
+    let other = EpochCertBody { hash: CommitHash([0; 32]), ..body };
+    let cert = EpochCert { body: other, signatures: vec![CertSignature::sign(&w.relay.key, &other)] };
+    let err = w.process(BOB, ChannelMessage::Commit { commit: staged.commit.clone(), cert }).expect_err("rejected");
+    assert_eq!(err, ChannelError::Cert(CertError::Mismatch));
+    assert_eq!(w.devices[BOB].channel.as_ref().map(Channel::epoch), Some(1), "nothing applied");
+    // An application message sent as a commit, and garbage, are typed errors.
+    let cert = EpochCert { body, signatures: vec![CertSignature::sign(&w.relay.key, &body)] };
+    let err = w.process(BOB, ChannelMessage::Commit { commit: vec![0xff; 10], cert }).expect_err("rejected");
+    assert!(matches!(err, ChannelError::Malformed(_)));
+}
+
+#[test]
+fn admin_policy_limits_membership_changes() {
+    let mut w = World::new();
+    let alice = w.devices[ALICE].id();
+    let config = ChannelConfig {
+        mime: "application/octet-stream".into(),
+        name: "announcements".into(),
+        relays: vec![w.relay.id.clone()],
+        admins: AdminPolicy::Admins([alice].into()),
+        creator: alice,
+    };
+    let a = &mut w.devices[ALICE];
+    a.channel = Some(Channel::create(&a.provider, &a.me, ChannelId([43; 32]), config).expect("create"));
+    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    w.deliver_all();
+    let change = Change { add: vec![w.devices[CAROL].key_package()], ..Default::default() };
+    assert_eq!(w.stage(BOB, &change).map(|_| ()), Err(ChannelError::NotAdmin));
+    // Bob may still refresh his own key.
+    let staged = w.stage(BOB, &Change { update: true, ..Default::default() }).expect("stage");
+    w.submit(BOB, &staged).expect("accepted");
+    w.deliver_all();
+    all_equal(&w.epoch_authenticators(&[ALICE, BOB]));
+}
+
+#[test]
+fn channel_reloads_from_storage() {
+    let mut w = World::new();
+    w.create();
+    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    w.deliver_all();
+    w.send(ALICE, "before restart");
+    w.deliver_all();
+    // Bob "restarts": only the provider's storage and the channel state survive.
+    let state = w.devices[BOB].channel.take().expect("member").state().clone();
+    let encoded = crate::codec::encode(&state);
+    let state: ChannelState = crate::codec::decode(&encoded, usize::MAX).expect("decode");
+    let d = &mut w.devices[BOB];
+    d.channel = Some(Channel::load(&d.provider, state).expect("load"));
+    w.send(ALICE, "after restart");
+    w.send(BOB, "bob is back");
+    w.deliver_all();
+    assert!(w.devices[BOB].shown.iter().any(|(_, p)| p == b"after restart"));
+    assert!(w.devices[ALICE].shown.iter().any(|(_, p)| p == b"bob is back"));
+    // Bob's sequence numbers continued, so his new message was not taken for a replay.
+    all_equal(&w.epoch_authenticators(&[ALICE, BOB]));
+}
