@@ -31,6 +31,7 @@ pub const MAX_LOG_MESSAGES: usize = 100_000;
 
 /// A reference to an encrypted file blob (see DESIGN section 8).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct FileRef {
     /// BLAKE3 hash of the encrypted blob.
     #[serde(with = "serde_bytes")]
@@ -45,11 +46,12 @@ pub struct FileRef {
     /// The file name.
     pub name: String,
     /// A small thumbnail, inline.
-    pub thumbnail: Option<serde_bytes::ByteBuf>,
+    pub thumbnail: Option<crate::codec::Bytes>,
 }
 
 /// One chat payload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum ChatContent {
     /// A text message (markdown).
     Text {
@@ -121,7 +123,11 @@ impl ChatContent {
                 Err("bad reaction")
             }
             Self::Attachment { file, caption } => {
-                if file.thumbnail.as_ref().is_some_and(|t| t.len() > MAX_THUMBNAIL_LEN) {
+                if file
+                    .thumbnail
+                    .as_ref()
+                    .is_some_and(|t| t.len() > MAX_THUMBNAIL_LEN)
+                {
                     return Err("thumbnail too large");
                 }
                 if caption.as_deref().is_some_and(|c| !text_ok(c)) {
@@ -207,7 +213,10 @@ impl ChatLog {
                     if self.pending_len >= MAX_PENDING {
                         return Applied::Ignored;
                     }
-                    self.pending.entry(target).or_default().push((id, hlc, content));
+                    self.pending
+                        .entry(target)
+                        .or_default()
+                        .push((id, hlc, content));
                     self.pending_len += 1;
                     return Applied::Pending;
                 };
@@ -215,7 +224,10 @@ impl ChatLog {
             }
             ChatContent::ReadReceipt { up_to } => {
                 // The device's latest receipt (by its own clock) wins.
-                let newer = self.receipts.get(&id.sender).is_none_or(|(h, i, _)| (hlc, id) > (*h, *i));
+                let newer = self
+                    .receipts
+                    .get(&id.sender)
+                    .is_none_or(|(h, i, _)| (hlc, id) > (*h, *i));
                 if !newer {
                     return Applied::Ignored;
                 }
@@ -240,7 +252,10 @@ impl ChatLog {
 
     /// The latest message each device said it has read.
     pub fn receipts(&self) -> BTreeMap<DeviceId, MessageId> {
-        self.receipts.iter().map(|(d, (_, _, read))| (*d, *read)).collect()
+        self.receipts
+            .iter()
+            .map(|(d, (_, _, read))| (*d, *read))
+            .collect()
     }
 
     fn insert(
@@ -255,7 +270,11 @@ impl ChatLog {
             return Applied::Ignored;
         }
         if self.messages.len() >= MAX_LOG_MESSAGES {
-            let oldest = self.messages.iter().min_by_key(|(_, m)| (m.hlc, m.id)).map(|(k, _)| *k);
+            let oldest = self
+                .messages
+                .iter()
+                .min_by_key(|(_, m)| (m.hlc, m.id))
+                .map(|(k, _)| *k);
             if let Some(k) = oldest {
                 self.messages.remove(&k);
             }
@@ -333,10 +352,16 @@ mod tests {
         DeviceId(SecretKey::from_seed([n; 32]).public())
     }
     fn id(n: u8, seq: u64) -> MessageId {
-        MessageId { sender: dev(n), seq }
+        MessageId {
+            sender: dev(n),
+            seq,
+        }
     }
     fn t(ms: u64) -> Hlc {
-        Hlc { wall_ms: ms, counter: 0 }
+        Hlc {
+            wall_ms: ms,
+            counter: 0,
+        }
     }
     fn text(s: &str) -> ChatContent {
         ChatContent::Text { body: s.into() }
@@ -345,9 +370,30 @@ mod tests {
     #[test]
     fn latest_edit_by_sender_wins_in_any_order() {
         let m = id(1, 1);
-        let e1 = (id(1, 2), t(20), ChatContent::Edit { target: m, body: "v2".into() });
-        let e2 = (id(1, 3), t(30), ChatContent::Edit { target: m, body: "v3".into() });
-        let forged = (id(2, 1), t(40), ChatContent::Edit { target: m, body: "evil".into() });
+        let e1 = (
+            id(1, 2),
+            t(20),
+            ChatContent::Edit {
+                target: m,
+                body: "v2".into(),
+            },
+        );
+        let e2 = (
+            id(1, 3),
+            t(30),
+            ChatContent::Edit {
+                target: m,
+                body: "v3".into(),
+            },
+        );
+        let forged = (
+            id(2, 1),
+            t(40),
+            ChatContent::Edit {
+                target: m,
+                body: "evil".into(),
+            },
+        );
         for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2]] {
             let mut log = ChatLog::default();
             // The original may even arrive after its edits.
@@ -367,11 +413,32 @@ mod tests {
         let mut log = ChatLog::default();
         let m = id(1, 1);
         log.apply(m, t(10), text("hi"));
-        log.apply(id(2, 1), t(11), ChatContent::Reaction { target: m, emoji: "👍".into(), remove: false });
-        assert_eq!(log.apply(id(2, 2), t(12), ChatContent::Delete { target: m }), Applied::Ignored);
-        assert_eq!(log.apply(id(1, 2), t(13), ChatContent::Delete { target: m }), Applied::Deleted);
+        log.apply(
+            id(2, 1),
+            t(11),
+            ChatContent::Reaction {
+                target: m,
+                emoji: "👍".into(),
+                remove: false,
+            },
+        );
         assert_eq!(
-            log.apply(id(1, 3), t(14), ChatContent::Edit { target: m, body: "back".into() }),
+            log.apply(id(2, 2), t(12), ChatContent::Delete { target: m }),
+            Applied::Ignored
+        );
+        assert_eq!(
+            log.apply(id(1, 2), t(13), ChatContent::Delete { target: m }),
+            Applied::Deleted
+        );
+        assert_eq!(
+            log.apply(
+                id(1, 3),
+                t(14),
+                ChatContent::Edit {
+                    target: m,
+                    body: "back".into()
+                }
+            ),
             Applied::Ignored
         );
         let shown = log.message(&m).expect("tombstone stays");
@@ -383,7 +450,11 @@ mod tests {
         let mut log = ChatLog::default();
         let m = id(1, 1);
         log.apply(m, t(10), text("hi"));
-        let react = |remove| ChatContent::Reaction { target: m, emoji: "🎉".into(), remove };
+        let react = |remove| ChatContent::Reaction {
+            target: m,
+            emoji: "🎉".into(),
+            remove,
+        };
         log.apply(id(2, 1), t(11), react(false));
         log.apply(id(3, 1), t(12), react(false));
         log.apply(id(2, 2), t(13), react(true));
@@ -391,7 +462,10 @@ mod tests {
         assert_eq!(r.get("🎉").map(|s| s.len()), Some(1));
         assert!(r["🎉"].contains(&dev(3)));
         // Typing is not stored; duplicates are ignored.
-        assert_eq!(log.apply(id(2, 3), t(14), ChatContent::Typing { active: true }), Applied::Typing);
+        assert_eq!(
+            log.apply(id(2, 3), t(14), ChatContent::Typing { active: true }),
+            Applied::Typing
+        );
         assert_eq!(log.apply(m, t(10), text("hi")), Applied::Ignored);
         assert_eq!(log.timeline().len(), 1);
     }

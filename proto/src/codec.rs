@@ -59,7 +59,10 @@ where
     T: Serialize + DeserializeOwned,
 {
     if bytes.len() > max_len {
-        return Err(DecodeError::TooLarge { len: bytes.len(), max: max_len });
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max: max_len,
+        });
     }
     let (value, rest) =
         postcard::take_from_bytes::<T>(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -87,5 +90,29 @@ pub trait Canonical: Serialize + DeserializeOwned {
     /// Decodes a canonical encoding of at most [`Canonical::MAX_LEN`] bytes.
     fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
         decode(bytes, Self::MAX_LEN)
+    }
+}
+
+/// An owned byte string, encoded as postcard bytes (length, then the bytes).
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize, Serialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Bytes(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes(len {})", self.0.len())
+    }
+}
+
+impl From<Vec<u8>> for Bytes {
+    fn from(v: Vec<u8>) -> Self {
+        Self(v)
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
     }
 }

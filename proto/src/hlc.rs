@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::{MAX_CLOCK_SKEW_MS, Timestamp};
 
 /// A hybrid logical timestamp.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch (physical part).
     pub wall_ms: u64,
@@ -19,6 +22,7 @@ pub struct Hlc {
 
 /// A device's clock state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct HlcClock {
     last: Hlc,
 }
@@ -27,9 +31,15 @@ impl HlcClock {
     /// The timestamp for a local event at `now`.
     pub fn tick(&mut self, now: Timestamp) -> Hlc {
         self.last = if now.0 > self.last.wall_ms {
-            Hlc { wall_ms: now.0, counter: 0 }
+            Hlc {
+                wall_ms: now.0,
+                counter: 0,
+            }
         } else {
-            Hlc { wall_ms: self.last.wall_ms, counter: self.last.counter.saturating_add(1) }
+            Hlc {
+                wall_ms: self.last.wall_ms,
+                counter: self.last.counter.saturating_add(1),
+            }
         };
         self.last
     }
@@ -67,7 +77,13 @@ mod tests {
         assert!(b.tick(Timestamp(50)) > t2);
         // A far-future timestamp is not adopted.
         let mut c = HlcClock::default();
-        c.observe(Hlc { wall_ms: u64::MAX, counter: 0 }, Timestamp(0));
+        c.observe(
+            Hlc {
+                wall_ms: u64::MAX,
+                counter: 0,
+            },
+            Timestamp(0),
+        );
         assert_eq!(c.tick(Timestamp(1)).wall_ms, 1);
     }
 }

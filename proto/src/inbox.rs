@@ -49,7 +49,10 @@ impl InboxSecret {
         let (secret, public) = Kem::derive_keypair(seed);
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(&public.to_bytes());
-        Self { secret, public: bytes }
+        Self {
+            secret,
+            public: bytes,
+        }
     }
 
     /// The public key, to publish in the device's record.
@@ -84,6 +87,7 @@ impl fmt::Debug for InboxSecret {
 
 /// A payload sealed to one device's inbox key.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct SealedEnvelope {
     /// The device whose inbox it goes to; the only thing a relay learns.
     pub recipient: DeviceId,
@@ -128,8 +132,8 @@ pub fn seal(
     if plaintext.len() > MAX_INBOX_PAYLOAD_LEN {
         return Err(InboxError::TooLarge);
     }
-    let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(inbox_key)
-        .map_err(|_| InboxError::InvalidKey)?;
+    let pk =
+        <Kem as hpke::Kem>::PublicKey::from_bytes(inbox_key).map_err(|_| InboxError::InvalidKey)?;
     let (enc, ciphertext) = hpke::single_shot_seal_with_rng::<Aead, Kdf, Kem>(
         &hpke::OpModeS::Base,
         &pk,
@@ -141,7 +145,11 @@ pub fn seal(
     .map_err(|_| InboxError::InvalidKey)?;
     let mut enc_bytes = [0u8; 32];
     enc_bytes.copy_from_slice(&enc.to_bytes());
-    Ok(SealedEnvelope { recipient, enc: enc_bytes, ciphertext })
+    Ok(SealedEnvelope {
+        recipient,
+        enc: enc_bytes,
+        ciphertext,
+    })
 }
 
 fn info(recipient: DeviceId) -> Vec<u8> {
@@ -185,6 +193,9 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
         let bob = InboxSecret::from_seed(&[2; 32]);
         let big = vec![0u8; MAX_INBOX_PAYLOAD_LEN + 1];
-        assert_eq!(seal(&mut rng, device(2), &bob.public(), &big), Err(InboxError::TooLarge));
+        assert_eq!(
+            seal(&mut rng, device(2), &bob.public(), &big),
+            Err(InboxError::TooLarge)
+        );
     }
 }

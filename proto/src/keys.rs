@@ -66,6 +66,7 @@ pub enum SignatureError {
 
 /// An Ed25519 public key: a device's id, or a relay's key.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct PublicKey(#[serde(with = "serde_bytes")] pub [u8; 32]);
 
 impl PublicKey {
@@ -80,7 +81,8 @@ impl PublicKey {
         let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0)
             .map_err(|_| SignatureError::InvalidKey)?;
         let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
-        key.verify_strict(&label.message(body), &sig).map_err(|_| SignatureError::BadSignature)
+        key.verify_strict(&label.message(body), &sig)
+            .map_err(|_| SignatureError::BadSignature)
     }
 
     /// Lowercase hex of the key.
@@ -109,6 +111,7 @@ impl fmt::Display for PublicKey {
 
 /// An Ed25519 signature.
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Signature(#[serde(with = "serde_bytes")] pub [u8; 64]);
 
 impl fmt::Debug for Signature {
@@ -128,7 +131,9 @@ pub struct SecretKey {
 impl SecretKey {
     /// The key whose seed is `seed`.
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        Self { key: ed25519_dalek::SigningKey::from_bytes(&seed) }
+        Self {
+            key: ed25519_dalek::SigningKey::from_bytes(&seed),
+        }
     }
 
     /// The seed, for storing the key. Keep it secret.
@@ -155,7 +160,9 @@ impl Clone for SecretKey {
 
 impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretKey").field("public", &self.public()).finish_non_exhaustive()
+        f.debug_struct("SecretKey")
+            .field("public", &self.public())
+            .finish_non_exhaustive()
     }
 }
 
@@ -172,7 +179,10 @@ pub(crate) fn parse_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 || !s.is_ascii() {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
 }
 
 #[cfg(test)]

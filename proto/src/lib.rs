@@ -15,8 +15,8 @@
 //! - Every decoder takes bytes from the network or the disk and returns a typed error; none
 //!   panics on any input, and every accepted encoding is canonical ([`codec`]).
 
-pub mod chat;
 pub mod channel;
+pub mod chat;
 pub mod codec;
 pub mod hlc;
 pub mod identity;
@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 ///
 /// The protocol core never reads a clock; every function that needs the time takes one of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {

@@ -40,6 +40,7 @@ pub enum PackError {
 
 /// The signed head of a pack.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct PackRootBody {
     /// The channel the envelopes belong to.
     pub channel: ChannelId,
@@ -54,6 +55,7 @@ pub struct PackRootBody {
 
 /// A pack root and its signature.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct PackRoot {
     /// What is signed.
     pub body: PackRootBody,
@@ -64,17 +66,22 @@ pub struct PackRoot {
 impl PackRoot {
     /// Checks the signature of the device named in the body.
     pub fn verify(&self) -> Result<(), PackError> {
-        Ok(self.body.signer.0.verify(Label::PackRoot, &encode(&self.body), &self.signature)?)
+        Ok(self
+            .body
+            .signer
+            .0
+            .verify(Label::PackRoot, &encode(&self.body), &self.signature)?)
     }
 }
 
 /// A signed run of envelopes (MLS messages, opaque here).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Pack {
     /// The signed root.
     pub root: PackRoot,
     /// The envelopes, in order.
-    pub envelopes: Vec<serde_bytes::ByteBuf>,
+    pub envelopes: Vec<crate::codec::Bytes>,
 }
 
 impl Canonical for Pack {
@@ -99,8 +106,14 @@ impl Pack {
             signer: DeviceId(key.public()),
         };
         let signature = key.sign(Label::PackRoot, &encode(&body));
-        let envelopes = envelopes.into_iter().map(serde_bytes::ByteBuf::from).collect();
-        Ok(Self { root: PackRoot { body, signature }, envelopes })
+        let envelopes = envelopes
+            .into_iter()
+            .map(crate::codec::Bytes::from)
+            .collect();
+        Ok(Self {
+            root: PackRoot { body, signature },
+            envelopes,
+        })
     }
 
     /// Checks the signature, the count and that the envelopes hash to the root.
@@ -125,12 +138,16 @@ impl Pack {
         let leaves: Vec<Digest> = self.envelopes.iter().map(|e| leaf_hash(e)).collect();
         let mut path = Vec::new();
         audit_path(&leaves, index, &mut path);
-        Some(InclusionProof { index: index as u32, path })
+        Some(InclusionProof {
+            index: index as u32,
+            path,
+        })
     }
 }
 
 /// The sibling hashes from one leaf up to the root.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct InclusionProof {
     /// The leaf's position.
     pub index: u32,
@@ -221,7 +238,10 @@ fn root_from_path(leaf: Digest, index: usize, n: usize, path: &[Digest]) -> Opti
     if index < k {
         Some(node_hash(&root_from_path(leaf, index, k, rest)?, sibling))
     } else {
-        Some(node_hash(sibling, &root_from_path(leaf, index - k, n - k, rest)?))
+        Some(node_hash(
+            sibling,
+            &root_from_path(leaf, index - k, n - k, rest)?,
+        ))
     }
 }
 
@@ -230,7 +250,9 @@ mod tests {
     use super::*;
 
     fn envelopes(n: usize) -> Vec<Vec<u8>> {
-        (0..n).map(|i| format!("envelope {i}").into_bytes()).collect()
+        (0..n)
+            .map(|i| format!("envelope {i}").into_bytes())
+            .collect()
     }
 
     #[test]
@@ -241,12 +263,22 @@ mod tests {
             pack.verify().expect("verify");
             for i in 0..n {
                 let proof = pack.prove(i).expect("proof");
-                assert_eq!(proof.verify(&pack.root.body, &pack.envelopes[i]), Ok(()), "n={n} i={i}");
+                assert_eq!(
+                    proof.verify(&pack.root.body, &pack.envelopes[i]),
+                    Ok(()),
+                    "n={n} i={i}"
+                );
                 // The proof does not prove another envelope, nor another position.
                 if n > 1 {
                     let other = &pack.envelopes[(i + 1) % n];
-                    assert_eq!(proof.verify(&pack.root.body, other), Err(PackError::BadProof));
-                    let moved = InclusionProof { index: ((i + 1) % n) as u32, ..proof.clone() };
+                    assert_eq!(
+                        proof.verify(&pack.root.body, other),
+                        Err(PackError::BadProof)
+                    );
+                    let moved = InclusionProof {
+                        index: ((i + 1) % n) as u32,
+                        ..proof.clone()
+                    };
                     assert_eq!(
                         moved.verify(&pack.root.body, &pack.envelopes[i]),
                         Err(PackError::BadProof)
@@ -261,7 +293,7 @@ mod tests {
     fn tampering_is_detected() {
         let key = SecretKey::from_seed([4; 32]);
         let mut pack = Pack::seal(&key, ChannelId([1; 32]), envelopes(5)).expect("seal");
-        pack.envelopes[2] = serde_bytes::ByteBuf::from(b"forged".to_vec());
+        pack.envelopes[2] = crate::codec::Bytes::from(b"forged".to_vec());
         assert_eq!(pack.verify(), Err(PackError::RootMismatch));
         let mut pack = Pack::seal(&key, ChannelId([1; 32]), envelopes(5)).expect("seal");
         pack.envelopes.pop();
@@ -269,7 +301,10 @@ mod tests {
         let mut pack = Pack::seal(&key, ChannelId([1; 32]), envelopes(5)).expect("seal");
         pack.root.body.channel = ChannelId([2; 32]);
         assert!(matches!(pack.verify(), Err(PackError::Signature(_))));
-        assert_eq!(Pack::seal(&key, ChannelId([1; 32]), vec![]), Err(PackError::BadSize));
+        assert_eq!(
+            Pack::seal(&key, ChannelId([1; 32]), vec![]),
+            Err(PackError::BadSize)
+        );
     }
 
     #[test]

@@ -43,7 +43,10 @@ pub fn encode_frame<T: Serialize>(body: &T) -> Result<Vec<u8>, DecodeError> {
     let mut out = encode(&PROTOCOL_VERSION);
     out.extend_from_slice(&encode(body));
     if out.len() > MAX_FRAME_LEN {
-        return Err(DecodeError::TooLarge { len: out.len(), max: MAX_FRAME_LEN });
+        return Err(DecodeError::TooLarge {
+            len: out.len(),
+            max: MAX_FRAME_LEN,
+        });
     }
     Ok(out)
 }
@@ -54,12 +57,18 @@ where
     T: Serialize + DeserializeOwned + Validate,
 {
     if bytes.len() > MAX_FRAME_LEN {
-        return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_FRAME_LEN });
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_LEN,
+        });
     }
     let (version, rest) = postcard::take_from_bytes::<u16>(bytes)
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if version != PROTOCOL_VERSION {
-        return Err(DecodeError::UnsupportedVersion { got: version, supported: PROTOCOL_VERSION });
+        return Err(DecodeError::UnsupportedVersion {
+            got: version,
+            supported: PROTOCOL_VERSION,
+        });
     }
     if encode(&version).len() != bytes.len() - rest.len() {
         return Err(DecodeError::NonCanonical);
@@ -71,6 +80,7 @@ where
 
 /// A request from a device to its relay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum Request {
     /// Ask for a challenge to prove control of `device`.
     Challenge {
@@ -108,9 +118,9 @@ pub enum Request {
     /// Upload KeyPackages (TLS-encoded MLS KeyPackages) of the authenticated device.
     UploadKeyPackages {
         /// Packages, each claimed at most once.
-        packages: Vec<serde_bytes::ByteBuf>,
+        packages: Vec<crate::codec::Bytes>,
         /// A package served when the others are used up, kept after being claimed.
-        last_resort: Option<serde_bytes::ByteBuf>,
+        last_resort: Option<crate::codec::Bytes>,
     },
     /// Claim one KeyPackage of a device, to add it to a channel.
     ClaimKeyPackage {
@@ -140,6 +150,7 @@ pub enum Request {
 
 /// Everything a relay needs to order a commit and deliver it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct CommitSubmission {
     /// The channel.
     pub channel: ChannelId,
@@ -156,6 +167,7 @@ pub struct CommitSubmission {
 
 /// A Welcome sealed once for each new device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct SealedWelcomes {
     /// One sealed Welcome per added device.
     pub envelopes: Vec<SealedEnvelope>,
@@ -163,6 +175,7 @@ pub struct SealedWelcomes {
 
 /// The bytes a device signs to authenticate: the relay's challenge bound to both parties.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct AuthProof {
     /// The relay's host name.
     pub relay_host: String,
@@ -174,6 +187,7 @@ pub struct AuthProof {
 
 /// A relay's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum Response {
     /// A challenge to sign.
     Challenge {
@@ -233,6 +247,7 @@ pub enum Response {
 
 /// One stored inbox item.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct InboxItem {
     /// Its id, increasing per inbox.
     pub id: u64,
@@ -242,6 +257,7 @@ pub struct InboxItem {
 
 /// The kind of a failed request, so a client knows whether to retry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum ErrorCode {
     /// The request was malformed or broke a limit; retrying it will not help.
     BadRequest,
@@ -288,11 +304,14 @@ impl ErrorCode {
 impl Validate for Request {
     fn validate(&self) -> Result<(), &'static str> {
         match self {
-            Self::UploadKeyPackages { packages, last_resort } => {
+            Self::UploadKeyPackages {
+                packages,
+                last_resort,
+            } => {
                 if packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
                     return Err("too many key packages");
                 }
-                let too_long = |p: &serde_bytes::ByteBuf| p.len() > MAX_KEY_PACKAGE_LEN;
+                let too_long = |p: &crate::codec::Bytes| p.len() > MAX_KEY_PACKAGE_LEN;
                 if packages.iter().chain(last_resort).any(too_long) {
                     return Err("key package too long");
                 }
@@ -345,4 +364,35 @@ impl Validate for Response {
 /// The commit hash of submitted commit bytes.
 pub fn commit_hash(commit: &[u8]) -> CommitHash {
     CommitHash(*blake3::hash(commit).as_bytes())
+}
+
+impl AuthProof {
+    /// The device's answer to a challenge.
+    pub fn sign(key: &crate::keys::SecretKey, relay_host: &str, nonce: [u8; 32]) -> Signature {
+        let proof = Self {
+            relay_host: relay_host.to_owned(),
+            device: DeviceId(key.public()),
+            nonce,
+        };
+        key.sign(crate::keys::Label::AuthChallenge, &encode(&proof))
+    }
+
+    /// Checks a device's answer to the challenge `nonce` of relay `relay_host`.
+    pub fn verify(
+        relay_host: &str,
+        device: DeviceId,
+        nonce: [u8; 32],
+        signature: &Signature,
+    ) -> Result<(), crate::keys::SignatureError> {
+        let proof = Self {
+            relay_host: relay_host.to_owned(),
+            device,
+            nonce,
+        };
+        device.0.verify(
+            crate::keys::Label::AuthChallenge,
+            &encode(&proof),
+            signature,
+        )
+    }
 }

@@ -31,13 +31,13 @@ use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use serde::{Deserialize, Serialize};
 
+use crate::Timestamp;
 use crate::codec::{Canonical, decode, encode};
 use crate::hlc::{Hlc, HlcClock};
 use crate::identity::{DeviceId, RelayId};
 use crate::keys::{PublicKey, SecretKey};
 use crate::ordering::{CertError, ChannelId, CommitHash, EpochCert, EpochCertBody};
 use crate::wire::commit_hash;
-use crate::Timestamp;
 use seen::SeenIds;
 
 /// The MLS ciphersuite of every channel.
@@ -53,6 +53,7 @@ pub const MAX_MESSAGE_LEN: usize = crate::wire::MAX_MLS_MESSAGE_LEN;
 
 /// A message's unique id: its sender device and that device's sequence number for the channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct MessageId {
     /// The sending device.
     pub sender: DeviceId,
@@ -62,6 +63,7 @@ pub struct MessageId {
 
 /// Who may add and remove members.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum AdminPolicy {
     /// Every member.
     AnyMember,
@@ -71,6 +73,7 @@ pub enum AdminPolicy {
 
 /// A channel's settings, agreed by all members through the MLS group context.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct ChannelConfig {
     /// How payloads are to be read, like a MIME type (`text/chitchat` for chat).
     pub mime: String,
@@ -112,6 +115,7 @@ impl ChannelConfig {
 
 /// What a channel carries: a certified commit or an application message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum ChannelMessage {
     /// A commit (MLS PublicMessage) and its certificate.
     Commit {
@@ -135,6 +139,7 @@ impl Canonical for ChannelMessage {
 
 /// Authenticated data of every application message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 struct AppAad {
     id: MessageId,
     hlc: Hlc,
@@ -142,9 +147,10 @@ struct AppAad {
 
 /// A membership change to stage.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Change {
     /// KeyPackages (TLS encoding) of devices to add.
-    pub add: Vec<serde_bytes::ByteBuf>,
+    pub add: Vec<crate::codec::Bytes>,
     /// Devices to remove.
     pub remove: Vec<DeviceId>,
     /// Whether to refresh the committer's own leaf key even without other changes.
@@ -289,7 +295,10 @@ impl Identity {
             key.seed().to_vec(),
             public.0.to_vec(),
         );
-        Self { device: DeviceId(public), signer }
+        Self {
+            device: DeviceId(public),
+            signer,
+        }
     }
 
     /// The device.
@@ -320,9 +329,13 @@ impl Identity {
         if last_resort {
             builder = builder.mark_as_last_resort();
         }
-        let bundle =
-            builder.build(CIPHERSUITE, provider, &self.signer, self.credential()).map_err(mls_err)?;
-        bundle.key_package().tls_serialize_detached().map_err(mls_err)
+        let bundle = builder
+            .build(CIPHERSUITE, provider, &self.signer, self.credential())
+            .map_err(mls_err)?;
+        bundle
+            .key_package()
+            .tls_serialize_detached()
+            .map_err(mls_err)
     }
 }
 
@@ -341,6 +354,7 @@ fn capabilities() -> Capabilities {
 /// Durable state of a [`Channel`] beyond what openmls stores: the caller persists it next to
 /// the provider's storage, and passes it back to [`Channel::load`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct ChannelState {
     /// The channel.
     pub id: ChannelId,
@@ -350,6 +364,10 @@ pub struct ChannelState {
     pub clock: HlcClock,
     seen: SeenIds,
     pending: Option<(u64, CommitHash)>,
+}
+
+impl Canonical for ChannelState {
+    const MAX_LEN: usize = 16 * 1024 * 1024;
 }
 
 /// One MLS channel, as seen by one member device.
@@ -422,12 +440,20 @@ impl Channel {
     }
 
     /// Loads a channel from the provider's storage and the caller's [`ChannelState`].
-    pub fn load<P: OpenMlsProvider>(provider: &P, state: ChannelState) -> Result<Self, ChannelError> {
+    pub fn load<P: OpenMlsProvider>(
+        provider: &P,
+        state: ChannelState,
+    ) -> Result<Self, ChannelError> {
         let group = MlsGroup::load(provider.storage(), &GroupId::from_slice(&state.id.0))
             .map_err(mls_err)?
             .ok_or_else(|| ChannelError::Mls("group not in storage".into()))?;
         let config = read_config(group.extensions())?;
-        Ok(Self { group, config, state, buffered: VecDeque::new() })
+        Ok(Self {
+            group,
+            config,
+            state,
+            buffered: VecDeque::new(),
+        })
     }
 
     fn from_group(group: MlsGroup, config: ChannelConfig, id: ChannelId) -> Self {
@@ -438,7 +464,12 @@ impl Channel {
             seen: SeenIds::default(),
             pending: None,
         };
-        Self { group, config, state, buffered: VecDeque::new() }
+        Self {
+            group,
+            config,
+            state,
+            buffered: VecDeque::new(),
+        }
     }
 
     /// The channel's id.
@@ -468,7 +499,10 @@ impl Channel {
 
     /// The member devices, in leaf order.
     pub fn members(&self) -> Vec<DeviceId> {
-        self.group.members().filter_map(|m| credential_device(&m.credential)).collect()
+        self.group
+            .members()
+            .filter_map(|m| credential_device(&m.credential))
+            .collect()
     }
 
     /// The epoch authenticator of the current epoch. Members gossip it, so a fork is detected.
@@ -504,7 +538,7 @@ impl Channel {
         let mut key_packages = Vec::with_capacity(change.add.len());
         let mut added = Vec::with_capacity(change.add.len());
         for bytes in &change.add {
-            let kp = KeyPackageIn::tls_deserialize_exact(bytes.as_slice())
+            let kp = KeyPackageIn::tls_deserialize_exact(&bytes.0[..])
                 .map_err(|e| ChannelError::Malformed(e.to_string()))?
                 .validate(provider.crypto(), ProtocolVersion::Mls10)
                 .map_err(mls_err)?;
@@ -545,7 +579,14 @@ impl Channel {
         let epoch = self.epoch();
         let hash = commit_hash(&commit);
         self.state.pending = Some((epoch, hash));
-        Ok(StagedCommit { epoch, hash, commit, welcome, added, removed: change.remove.clone() })
+        Ok(StagedCommit {
+            epoch,
+            hash,
+            commit,
+            welcome,
+            added,
+            removed: change.remove.clone(),
+        })
     }
 
     /// Merges this device's staged commit, now that the orderers certified it.
@@ -556,7 +597,11 @@ impl Channel {
         check: &impl CredentialCheck,
     ) -> Result<Vec<ChannelEvent>, ChannelError> {
         let (epoch, hash) = self.state.pending.ok_or(ChannelError::NoPendingCommit)?;
-        let body = EpochCertBody { channel: self.state.id, epoch, hash };
+        let body = EpochCertBody {
+            channel: self.state.id,
+            epoch,
+            hash,
+        };
         cert.verify_for(&body, &self.config.orderers())?;
         let before = self.members();
         self.group.merge_pending_commit(provider).map_err(mls_err)?;
@@ -567,7 +612,9 @@ impl Channel {
     /// Drops this device's staged commit (another commit won its epoch). Call before processing
     /// the winner, then rebuild the change on the new epoch.
     pub fn discard_own<P: OpenMlsProvider>(&mut self, provider: &P) -> Result<(), ChannelError> {
-        self.group.clear_pending_commit(provider.storage()).map_err(mls_err)?;
+        self.group
+            .clear_pending_commit(provider.storage())
+            .map_err(mls_err)?;
         self.state.pending = None;
         Ok(())
     }
@@ -582,10 +629,16 @@ impl Channel {
         payload: &[u8],
     ) -> Result<(MessageId, ChannelMessage), ChannelError> {
         self.ensure_active()?;
-        let id = MessageId { sender: me.device, seq: self.state.next_seq };
+        let id = MessageId {
+            sender: me.device,
+            seq: self.state.next_seq,
+        };
         let hlc = self.state.clock.tick(now);
         self.group.set_aad(encode(&AppAad { id, hlc }));
-        let out = self.group.create_message(provider, &me.signer, payload).map_err(mls_err)?;
+        let out = self
+            .group
+            .create_message(provider, &me.signer, payload)
+            .map_err(mls_err)?;
         self.state.next_seq += 1;
         self.state.seen.insert(id);
         let message = out.tls_serialize_detached().map_err(mls_err)?;
@@ -667,7 +720,11 @@ impl Channel {
         }
         let epoch = self.epoch();
         let hash = commit_hash(commit);
-        let body = EpochCertBody { channel: self.state.id, epoch, hash };
+        let body = EpochCertBody {
+            channel: self.state.id,
+            epoch,
+            hash,
+        };
         cert.verify_for(&body, &self.config.orderers())?;
         if self.state.pending == Some((epoch, hash)) {
             return self.accept_own(provider, cert, check);
@@ -676,7 +733,10 @@ impl Channel {
             self.discard_own(provider)?;
         }
         let before = self.members();
-        let processed = self.group.process_message(provider, protocol).map_err(mls_err)?;
+        let processed = self
+            .group
+            .process_message(provider, protocol)
+            .map_err(mls_err)?;
         let committer = credential_device(processed.credential());
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);
@@ -689,7 +749,9 @@ impl Channel {
         if changes_membership && !committer.is_some_and(|c| self.is_admin(c)) {
             return Err(ChannelError::NotAdmin);
         }
-        self.group.merge_staged_commit(provider, *staged).map_err(mls_err)?;
+        self.group
+            .merge_staged_commit(provider, *staged)
+            .map_err(mls_err)?;
         self.after_merge(provider, before, check)
     }
 
@@ -702,8 +764,16 @@ impl Channel {
         let _ = provider;
         self.config = read_config(self.group.extensions())?;
         let after = self.members();
-        let added = after.iter().filter(|d| !before.contains(d)).copied().collect();
-        let removed = before.iter().filter(|d| !after.contains(d)).copied().collect();
+        let added = after
+            .iter()
+            .filter(|d| !before.contains(d))
+            .copied()
+            .collect();
+        let removed = before
+            .iter()
+            .filter(|d| !after.contains(d))
+            .copied()
+            .collect();
         Ok(vec![ChannelEvent::CommitApplied {
             epoch: self.epoch(),
             added,
@@ -731,7 +801,10 @@ impl Channel {
             return Ok(ChannelEvent::Duplicate(aad.id));
         }
         let epoch = protocol.epoch().as_u64();
-        let processed = self.group.process_message(provider, protocol).map_err(mls_err)?;
+        let processed = self
+            .group
+            .process_message(provider, protocol)
+            .map_err(mls_err)?;
         if credential_device(processed.credential()) != Some(aad.id.sender) {
             return Err(ChannelError::ForgedId);
         }
@@ -740,7 +813,12 @@ impl Channel {
         };
         self.state.seen.insert(aad.id);
         self.state.clock.observe(aad.hlc, now);
-        Ok(ChannelEvent::Message { id: aad.id, hlc: aad.hlc, epoch, payload: app.into_bytes() })
+        Ok(ChannelEvent::Message {
+            id: aad.id,
+            hlc: aad.hlc,
+            epoch,
+            payload: app.into_bytes(),
+        })
     }
 
     fn release_buffered<P: OpenMlsProvider>(
@@ -751,8 +829,9 @@ impl Channel {
         events: &mut Vec<ChannelEvent>,
     ) {
         let current = self.epoch();
-        let (ready, later): (VecDeque<_>, VecDeque<_>) =
-            std::mem::take(&mut self.buffered).into_iter().partition(|(e, _)| *e <= current);
+        let (ready, later): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.buffered)
+            .into_iter()
+            .partition(|(e, _)| *e <= current);
         self.buffered = later;
         for (_, message) in ready {
             // A buffered message that now fails is dropped, as it would have been on arrival.
@@ -768,7 +847,11 @@ impl Channel {
     }
 
     fn ensure_active(&self) -> Result<(), ChannelError> {
-        if self.group.is_active() { Ok(()) } else { Err(ChannelError::Inactive) }
+        if self.group.is_active() {
+            Ok(())
+        } else {
+            Err(ChannelError::Inactive)
+        }
     }
 }
 
@@ -807,7 +890,10 @@ fn check_credential(
     })?;
     check
         .check(device)
-        .map_err(|reason| ChannelError::Credential { device: Some(device), reason })?;
+        .map_err(|reason| ChannelError::Credential {
+            device: Some(device),
+            reason,
+        })?;
     Ok(device)
 }
 

@@ -14,6 +14,7 @@ pub(crate) const MAX_SENDERS: usize = 65_536;
 
 /// Per sender: every seq below `floor` was seen; `above` holds seen seqs at or above it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 struct SenderSeen {
     floor: u64,
     above: BTreeSet<u64>,
@@ -23,6 +24,7 @@ struct SenderSeen {
 /// arrive out of order, the floor jumps forward, and an id below it counts as seen (a very old
 /// message that shows up late is then dropped, never shown twice).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub(crate) struct SeenIds {
     senders: BTreeMap<DeviceId, SenderSeen>,
 }
@@ -37,7 +39,11 @@ impl SeenIds {
     pub(crate) fn insert(&mut self, id: MessageId) {
         if !self.senders.contains_key(&id.sender) && self.senders.len() >= MAX_SENDERS {
             // Forget the sender with the lowest floor: its messages are the oldest.
-            let victim = self.senders.iter().min_by_key(|(_, s)| s.floor).map(|(d, _)| *d);
+            let victim = self
+                .senders
+                .iter()
+                .min_by_key(|(_, s)| s.floor)
+                .map(|(d, _)| *d);
             if let Some(d) = victim {
                 self.senders.remove(&d);
             }

@@ -9,7 +9,9 @@ use rand_core::{Rng as _, SeedableRng};
 
 use super::*;
 use crate::identity::{Dir, DirBody, Profile, Sponsorship, SponsorshipBody, TrustedRelays};
-use crate::ordering::{CertSignature, CommitRef, Intent, IntentState, OrderingCommand, OrderingState, Outcome};
+use crate::ordering::{
+    CertSignature, CommitRef, Intent, IntentState, OrderingCommand, OrderingState, Outcome,
+};
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
@@ -25,18 +27,44 @@ struct Relay {
 impl Relay {
     fn new() -> Self {
         let key = SecretKey::from_seed([200; 32]);
-        let id = RelayId { host: "relay.test".into(), key: key.public() };
-        Self { key, id, ordering: OrderingState::default(), commits: BTreeMap::new() }
+        let id = RelayId {
+            host: "relay.test".into(),
+            key: key.public(),
+        };
+        Self {
+            key,
+            id,
+            ordering: OrderingState::default(),
+            commits: BTreeMap::new(),
+        }
     }
 
     /// Orders a staged commit: `Ok(cert)` if it won, `Err(winner)` if another did.
-    fn submit(&mut self, channel: ChannelId, by: DeviceId, s: &StagedCommit) -> Result<EpochCert, CommitRef> {
-        let r = CommitRef { channel, epoch: s.epoch, hash: s.hash, submitter: by };
+    fn submit(
+        &mut self,
+        channel: ChannelId,
+        by: DeviceId,
+        s: &StagedCommit,
+    ) -> Result<EpochCert, CommitRef> {
+        let r = CommitRef {
+            channel,
+            epoch: s.epoch,
+            hash: s.hash,
+            submitter: by,
+        };
         match self.ordering.apply(&OrderingCommand::Submit(r)) {
             Outcome::Accepted(w) => {
-                let body = EpochCertBody { channel, epoch: w.epoch, hash: w.hash };
-                let cert = EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] };
-                self.commits.insert(w.hash, (s.commit.clone(), cert.clone()));
+                let body = EpochCertBody {
+                    channel,
+                    epoch: w.epoch,
+                    hash: w.hash,
+                };
+                let cert = EpochCert {
+                    body,
+                    signatures: vec![CertSignature::sign(&self.key, &body)],
+                };
+                self.commits
+                    .insert(w.hash, (s.commit.clone(), cert.clone()));
                 Ok(cert)
             }
             Outcome::Conflict { winner } => Err(winner),
@@ -76,8 +104,8 @@ impl Device {
         self.me.device()
     }
 
-    fn key_package(&self) -> serde_bytes::ByteBuf {
-        serde_bytes::ByteBuf::from(self.me.key_package(&self.provider, false).expect("kp"))
+    fn key_package(&self) -> crate::codec::Bytes {
+        crate::codec::Bytes::from(self.me.key_package(&self.provider, false).expect("kp"))
     }
 }
 
@@ -100,7 +128,10 @@ const MALLORY: usize = 4;
 impl World {
     fn new() -> Self {
         let relay = Relay::new();
-        let trust = TrustedRelays { relays: vec![relay.id.clone()], ..Default::default() };
+        let trust = TrustedRelays {
+            relays: vec![relay.id.clone()],
+            ..Default::default()
+        };
         let mut w = Self {
             now: Timestamp(1_700_000_000_000),
             relay,
@@ -117,7 +148,12 @@ impl World {
         };
         let alice = w.devices[ALICE].id();
         let alice2 = w.devices[ALICE2].id();
-        for (i, name) in [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol"), (ALICE2, "alice")] {
+        for (i, name) in [
+            (ALICE, "alice"),
+            (BOB, "bob"),
+            (CAROL, "carol"),
+            (ALICE2, "alice"),
+        ] {
             let linked = match i {
                 ALICE => [alice2].into(),
                 ALICE2 => [alice].into(),
@@ -130,7 +166,12 @@ impl World {
         w
     }
 
-    fn publish_dir(&mut self, i: usize, name: Option<&str>, linked: std::collections::BTreeSet<DeviceId>) {
+    fn publish_dir(
+        &mut self,
+        i: usize,
+        name: Option<&str>,
+        linked: std::collections::BTreeSet<DeviceId>,
+    ) {
         let d = &self.devices[i];
         let sponsorships = name
             .map(|n| {
@@ -153,7 +194,10 @@ impl World {
             inbox_key: [i as u8; 32],
             linked,
             sponsorships,
-            profile: Profile { display_name: d.name.into(), avatar: None },
+            profile: Profile {
+                display_name: d.name.into(),
+                avatar: None,
+            },
             revoked: false,
             issued: self.now,
         };
@@ -165,7 +209,11 @@ impl World {
     }
 
     fn channel_id(&self) -> ChannelId {
-        self.devices[ALICE].channel.as_ref().expect("alice in channel").id()
+        self.devices[ALICE]
+            .channel
+            .as_ref()
+            .expect("alice in channel")
+            .id()
     }
 
     fn create(&mut self) {
@@ -177,15 +225,23 @@ impl World {
             creator: self.devices[ALICE].id(),
         };
         let a = &mut self.devices[ALICE];
-        a.channel = Some(Channel::create(&a.provider, &a.me, ChannelId([42; 32]), config).expect("create"));
+        a.channel =
+            Some(Channel::create(&a.provider, &a.me, ChannelId([42; 32]), config).expect("create"));
     }
 
     /// Stages `change` at `who`, without submitting.
     fn stage(&mut self, who: usize, change: &Change) -> Result<StagedCommit, ChannelError> {
-        let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
+        let check = KnownDirs {
+            dirs: &self.dirs,
+            trust: &self.trust,
+            now: self.now,
+        };
         let d = &mut self.devices[who];
         let (provider, me) = (&d.provider, &d.me);
-        d.channel.as_mut().expect("member").stage(provider, me, change, &check)
+        d.channel
+            .as_mut()
+            .expect("member")
+            .stage(provider, me, change, &check)
     }
 
     /// Submits a staged commit. On acceptance: merge, fan the commit out to the other members,
@@ -194,17 +250,33 @@ impl World {
         let channel = self.channel_id();
         let by = self.devices[who].id();
         let cert = self.relay.submit(channel, by, staged)?;
-        let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
+        let check = KnownDirs {
+            dirs: &self.dirs,
+            trust: &self.trust,
+            now: self.now,
+        };
         let d = &mut self.devices[who];
-        let events = d.channel.as_mut().expect("member").accept_own(&d.provider, &cert, &check).expect("merge own");
+        let events = d
+            .channel
+            .as_mut()
+            .expect("member")
+            .accept_own(&d.provider, &cert, &check)
+            .expect("merge own");
         assert!(matches!(events[0], ChannelEvent::CommitApplied { .. }));
-        let msg = ChannelMessage::Commit { commit: staged.commit.clone(), cert };
+        let msg = ChannelMessage::Commit {
+            commit: staged.commit.clone(),
+            cert,
+        };
         self.fanout(who, &msg, &staged.removed);
         // The Welcome is delivered only now that the commit is ordered.
         if let Some(welcome) = &staged.welcome {
             for new in &staged.added {
                 let i = self.index_of(*new);
-                let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
+                let check = KnownDirs {
+                    dirs: &self.dirs,
+                    trust: &self.trust,
+                    now: self.now,
+                };
                 let d = &mut self.devices[i];
                 d.channel = Some(Channel::join(&d.provider, welcome, &check).expect("join"));
             }
@@ -216,7 +288,8 @@ impl World {
     /// they learn of their removal).
     fn fanout(&mut self, from: usize, msg: &ChannelMessage, also: &[DeviceId]) {
         for (i, d) in self.devices.iter_mut().enumerate() {
-            let member = d.channel.as_ref().is_some_and(Channel::is_active) || also.contains(&d.id());
+            let member =
+                d.channel.as_ref().is_some_and(Channel::is_active) || also.contains(&d.id());
             if i != from && member {
                 d.inbox.push_back(msg.clone());
             }
@@ -224,7 +297,10 @@ impl World {
     }
 
     fn index_of(&self, device: DeviceId) -> usize {
-        self.devices.iter().position(|d| d.id() == device).expect("known device")
+        self.devices
+            .iter()
+            .position(|d| d.id() == device)
+            .expect("known device")
     }
 
     fn send(&mut self, who: usize, text: &str) -> MessageId {
@@ -232,7 +308,12 @@ impl World {
         let now = self.now;
         let d = &mut self.devices[who];
         let (provider, me) = (&d.provider, &d.me);
-        let (id, msg) = d.channel.as_mut().expect("member").send(provider, me, now, text.as_bytes()).expect("send");
+        let (id, msg) = d
+            .channel
+            .as_mut()
+            .expect("member")
+            .send(provider, me, now, text.as_bytes())
+            .expect("send");
         d.shown.push((id, text.as_bytes().to_vec()));
         self.fanout(who, &msg, &[]);
         id
@@ -256,11 +337,21 @@ impl World {
         log
     }
 
-    fn process(&mut self, i: usize, msg: ChannelMessage) -> Result<Vec<ChannelEvent>, ChannelError> {
-        let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
+    fn process(
+        &mut self,
+        i: usize,
+        msg: ChannelMessage,
+    ) -> Result<Vec<ChannelEvent>, ChannelError> {
+        let check = KnownDirs {
+            dirs: &self.dirs,
+            trust: &self.trust,
+            now: self.now,
+        };
         let now = self.now;
         let d = &mut self.devices[i];
-        let Some(channel) = d.channel.as_mut() else { return Ok(vec![]) };
+        let Some(channel) = d.channel.as_mut() else {
+            return Ok(vec![]);
+        };
         let events = channel.process(&d.provider, now, msg, &check)?;
         for e in &events {
             match e {
@@ -273,11 +364,21 @@ impl World {
     }
 
     fn epoch_authenticators(&self, who: &[usize]) -> Vec<Vec<u8>> {
-        who.iter().map(|i| self.devices[*i].channel.as_ref().expect("member").epoch_authenticator()).collect()
+        who.iter()
+            .map(|i| {
+                self.devices[*i]
+                    .channel
+                    .as_ref()
+                    .expect("member")
+                    .epoch_authenticator()
+            })
+            .collect()
     }
 
     fn epochs(&self, who: &[usize]) -> Vec<u64> {
-        who.iter().map(|i| self.devices[*i].channel.as_ref().expect("member").epoch()).collect()
+        who.iter()
+            .map(|i| self.devices[*i].channel.as_ref().expect("member").epoch())
+            .collect()
     }
 }
 
@@ -297,16 +398,30 @@ fn drive_intent(w: &mut World, who: usize, intent: &mut Intent<Change>) -> u32 {
         intent.published(staged.epoch, staged.hash);
         match w.submit(who, &staged) {
             Ok(()) => {
-                let mine = CommitRef { channel: w.channel_id(), epoch: staged.epoch, hash: staged.hash, submitter: w.devices[who].id() };
+                let mine = CommitRef {
+                    channel: w.channel_id(),
+                    epoch: staged.epoch,
+                    hash: staged.hash,
+                    submitter: w.devices[who].id(),
+                };
                 assert!(intent.accepted(&mine));
             }
             Err(winner) => {
                 // Lost: drop the staged commit, apply the winner, then rebuild.
                 let (commit, cert) = w.relay.commits[&winner.hash].clone();
                 let d = &mut w.devices[who];
-                d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
-                let events = w.process(who, ChannelMessage::Commit { commit, cert }).expect("winner applies");
-                assert!(matches!(events[0], ChannelEvent::CommitApplied { .. }), "{events:?}");
+                d.channel
+                    .as_mut()
+                    .expect("member")
+                    .discard_own(&d.provider)
+                    .expect("discard");
+                let events = w
+                    .process(who, ChannelMessage::Commit { commit, cert })
+                    .expect("winner applies");
+                assert!(
+                    matches!(events[0], ChannelEvent::CommitApplied { .. }),
+                    "{events:?}"
+                );
                 let jitter = w.rng.next_u64();
                 intent.lost(w.now, jitter);
             }
@@ -321,15 +436,31 @@ fn alice_bob_carol_and_alice2_converge() {
     w.create();
 
     // Alice adds Bob and her second device in one commit.
-    let change = Change { add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()], ..Default::default() };
+    let change = Change {
+        add: vec![
+            w.devices[BOB].key_package(),
+            w.devices[ALICE2].key_package(),
+        ],
+        ..Default::default()
+    };
     let staged = w.stage(ALICE, &change).expect("stage");
-    assert_eq!(w.devices[ALICE].channel.as_ref().map(Channel::epoch), Some(0), "staging changes nothing");
+    assert_eq!(
+        w.devices[ALICE].channel.as_ref().map(Channel::epoch),
+        Some(0),
+        "staging changes nothing"
+    );
     assert!(staged.welcome.is_some());
     w.submit(ALICE, &staged).expect("first commit wins");
     w.deliver_all();
     all_equal(&w.epochs(&[ALICE, BOB, ALICE2]));
     all_equal(&w.epoch_authenticators(&[ALICE, BOB, ALICE2]));
-    assert_eq!(w.devices[BOB].channel.as_ref().map(|c| c.config().name.clone()), Some("general".into()));
+    assert_eq!(
+        w.devices[BOB]
+            .channel
+            .as_ref()
+            .map(|c| c.config().name.clone()),
+        Some("general".into())
+    );
 
     // Messages: everyone sees everyone's, once.
     let m1 = w.send(ALICE, "hi all");
@@ -337,13 +468,23 @@ fn alice_bob_carol_and_alice2_converge() {
     w.send(ALICE2, "alice here, from my laptop");
     w.deliver_all();
     for i in [ALICE, BOB, ALICE2] {
-        assert_eq!(w.devices[i].shown.len(), 3, "{} sees all three", w.devices[i].name);
+        assert_eq!(
+            w.devices[i].shown.len(),
+            3,
+            "{} sees all three",
+            w.devices[i].name
+        );
     }
     // A replayed message is reported as a duplicate, not shown again.
     let replay = {
         let d = &mut w.devices[ALICE];
         let (provider, me) = (&d.provider, &d.me);
-        d.channel.as_mut().expect("member").send(provider, me, w.now, b"once").expect("send").1
+        d.channel
+            .as_mut()
+            .expect("member")
+            .send(provider, me, w.now, b"once")
+            .expect("send")
+            .1
     };
     for _ in 0..3 {
         w.devices[BOB].inbox.push_back(replay.clone());
@@ -355,23 +496,42 @@ fn alice_bob_carol_and_alice2_converge() {
     assert!(bob.shown.iter().any(|(id, _)| *id == m1));
 
     // Concurrent commits: Bob adds Carol while Alice2 refreshes her key, on the same epoch.
-    let add_carol = Change { add: vec![w.devices[CAROL].key_package()], ..Default::default() };
-    let update = Change { update: true, ..Default::default() };
+    let add_carol = Change {
+        add: vec![w.devices[CAROL].key_package()],
+        ..Default::default()
+    };
+    let update = Change {
+        update: true,
+        ..Default::default()
+    };
     let staged_bob = w.stage(BOB, &add_carol).expect("stage");
     let staged_a2 = w.stage(ALICE2, &update).expect("stage");
     assert_eq!(staged_bob.epoch, staged_a2.epoch);
     w.submit(ALICE2, &staged_a2).expect("alice2 is first");
     let winner = w.submit(BOB, &staged_bob).expect_err("bob loses epoch 1");
-    assert_eq!(winner.hash, staged_a2.hash, "the rejection names the winner");
+    assert_eq!(
+        winner.hash, staged_a2.hash,
+        "the rejection names the winner"
+    );
     // Bob rebuilds his change on the new epoch through an intent.
     let (commit, cert) = w.relay.commits[&winner.hash].clone();
     {
         let d = &mut w.devices[BOB];
-        d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
+        d.channel
+            .as_mut()
+            .expect("member")
+            .discard_own(&d.provider)
+            .expect("discard");
     }
-    w.devices[BOB].inbox.push_front(ChannelMessage::Commit { commit, cert });
+    w.devices[BOB]
+        .inbox
+        .push_front(ChannelMessage::Commit { commit, cert });
     let events = w.deliver_all();
-    assert!(events.iter().any(|(i, e)| *i == BOB && matches!(e, ChannelEvent::CommitApplied { .. })));
+    assert!(
+        events
+            .iter()
+            .any(|(i, e)| *i == BOB && matches!(e, ChannelEvent::CommitApplied { .. }))
+    );
     // The winner's echo reaching Bob again is stale, not an error.
     let mut intent = Intent::new(add_carol, w.now);
     assert_eq!(drive_intent(&mut w, BOB, &mut intent), 1);
@@ -379,25 +539,50 @@ fn alice_bob_carol_and_alice2_converge() {
     let members = [ALICE, BOB, CAROL, ALICE2];
     all_equal(&w.epochs(&members));
     all_equal(&w.epoch_authenticators(&members));
-    assert_eq!(w.devices[CAROL].channel.as_ref().map(|c| c.members().len()), Some(4));
+    assert_eq!(
+        w.devices[CAROL].channel.as_ref().map(|c| c.members().len()),
+        Some(4)
+    );
 
     // Carol's first message reaches everyone.
     w.send(CAROL, "thanks for having me");
     w.deliver_all();
     for i in members {
-        assert!(w.devices[i].shown.iter().any(|(_, p)| p == b"thanks for having me"));
+        assert!(
+            w.devices[i]
+                .shown
+                .iter()
+                .any(|(_, p)| p == b"thanks for having me")
+        );
     }
 
     // Alice removes Bob. Bob learns he was removed and can no longer send.
-    let remove = Change { remove: vec![w.devices[BOB].id()], ..Default::default() };
+    let remove = Change {
+        remove: vec![w.devices[BOB].id()],
+        ..Default::default()
+    };
     let staged = w.stage(ALICE, &remove).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     let events = w.deliver_all();
-    assert!(events.iter().any(|(i, e)| *i == BOB && matches!(e, ChannelEvent::CommitApplied { self_removed: true, .. })));
+    assert!(events.iter().any(|(i, e)| *i == BOB
+        && matches!(
+            e,
+            ChannelEvent::CommitApplied {
+                self_removed: true,
+                ..
+            }
+        )));
     assert!(!w.devices[BOB].channel.as_ref().expect("kept").is_active());
     let d = &mut w.devices[BOB];
     let (provider, me) = (&d.provider, &d.me);
-    assert_eq!(d.channel.as_mut().expect("kept").send(provider, me, w.now, b"x").map(|_| ()), Err(ChannelError::Inactive));
+    assert_eq!(
+        d.channel
+            .as_mut()
+            .expect("kept")
+            .send(provider, me, w.now, b"x")
+            .map(|_| ()),
+        Err(ChannelError::Inactive)
+    );
 
     // After the removal, Bob cannot read what follows.
     w.send(ALICE, "bob is gone");
@@ -405,7 +590,12 @@ fn alice_bob_carol_and_alice2_converge() {
     w.deliver_all();
     all_equal(&w.epochs(&remaining));
     all_equal(&w.epoch_authenticators(&remaining));
-    assert!(!w.devices[BOB].shown.iter().any(|(_, p)| p == b"bob is gone"));
+    assert!(
+        !w.devices[BOB]
+            .shown
+            .iter()
+            .any(|(_, p)| p == b"bob is gone")
+    );
     for i in remaining {
         assert!(w.devices[i].shown.iter().any(|(_, p)| p == b"bob is gone"));
     }
@@ -417,14 +607,26 @@ fn concurrent_commits_every_epoch_has_one_winner() {
     // wins, the others rebuild, and everybody ends on the same authenticator.
     let mut w = World::new();
     w.create();
-    let change = Change { add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()], ..Default::default() };
+    let change = Change {
+        add: vec![
+            w.devices[BOB].key_package(),
+            w.devices[ALICE2].key_package(),
+        ],
+        ..Default::default()
+    };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
     let members = [ALICE, BOB, ALICE2];
     for round in 0..5 {
-        let update = Change { update: true, ..Default::default() };
-        let staged: Vec<StagedCommit> = members.iter().map(|i| w.stage(*i, &update).expect("stage")).collect();
+        let update = Change {
+            update: true,
+            ..Default::default()
+        };
+        let staged: Vec<StagedCommit> = members
+            .iter()
+            .map(|i| w.stage(*i, &update).expect("stage"))
+            .collect();
         let mut winners = 0;
         let mut intents = Vec::new();
         for (k, i) in members.iter().enumerate() {
@@ -433,8 +635,13 @@ fn concurrent_commits_every_epoch_has_one_winner() {
                 Err(winner) => {
                     let (commit, cert) = w.relay.commits[&winner.hash].clone();
                     let d = &mut w.devices[*i];
-                    d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
-                    w.process(*i, ChannelMessage::Commit { commit, cert }).expect("winner applies");
+                    d.channel
+                        .as_mut()
+                        .expect("member")
+                        .discard_own(&d.provider)
+                        .expect("discard");
+                    w.process(*i, ChannelMessage::Commit { commit, cert })
+                        .expect("winner applies");
                     let mut intent = Intent::new(update.clone(), w.now);
                     intent.published(staged[k].epoch, staged[k].hash);
                     intent.lost(w.now, round);
@@ -442,7 +649,10 @@ fn concurrent_commits_every_epoch_has_one_winner() {
                 }
             }
         }
-        assert_eq!(winners, 1, "round {round}: exactly one commit wins the epoch");
+        assert_eq!(
+            winners, 1,
+            "round {round}: exactly one commit wins the epoch"
+        );
         // Drain echoes (now stale for those who already applied them).
         w.deliver_all();
         for (i, mut intent) in intents {
@@ -452,19 +662,36 @@ fn concurrent_commits_every_epoch_has_one_winner() {
         all_equal(&w.epochs(&members));
         all_equal(&w.epoch_authenticators(&members));
     }
-    assert_eq!(w.devices[ALICE].channel.as_ref().map(Channel::epoch), Some(1 + 5 * 3));
+    assert_eq!(
+        w.devices[ALICE].channel.as_ref().map(Channel::epoch),
+        Some(1 + 5 * 3)
+    );
 }
 
 #[test]
 fn future_epoch_messages_wait_for_their_commit() {
     let mut w = World::new();
     w.create();
-    let change = Change { add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()], ..Default::default() };
+    let change = Change {
+        add: vec![
+            w.devices[BOB].key_package(),
+            w.devices[ALICE2].key_package(),
+        ],
+        ..Default::default()
+    };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
     // Alice commits and sends at the new epoch; Bob gets the message before the commit.
-    let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
+    let staged = w
+        .stage(
+            ALICE,
+            &Change {
+                update: true,
+                ..Default::default()
+            },
+        )
+        .expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     let commit = w.devices[BOB].inbox.pop_back().expect("commit queued");
     w.send(ALICE, "from epoch 2");
@@ -472,8 +699,13 @@ fn future_epoch_messages_wait_for_their_commit() {
     let events = w.process(BOB, msg).expect("buffered");
     assert_eq!(events, vec![ChannelEvent::Buffered { epoch: 2 }]);
     let events = w.process(BOB, commit).expect("commit");
-    assert!(matches!(events[0], ChannelEvent::CommitApplied { epoch: 2, .. }));
-    assert!(matches!(&events[1], ChannelEvent::Message { payload, .. } if payload == b"from epoch 2"));
+    assert!(matches!(
+        events[0],
+        ChannelEvent::CommitApplied { epoch: 2, .. }
+    ));
+    assert!(
+        matches!(&events[1], ChannelEvent::Message { payload, .. } if payload == b"from epoch 2")
+    );
 }
 
 #[test]
@@ -481,37 +713,113 @@ fn uncertified_and_unsponsored_are_rejected() {
     let mut w = World::new();
     w.create();
     // Mallory has no sponsorship: Alice refuses to add her.
-    let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
-    assert!(matches!(w.stage(ALICE, &change), Err(ChannelError::Credential { .. })));
+    let change = Change {
+        add: vec![w.devices[MALLORY].key_package()],
+        ..Default::default()
+    };
+    assert!(matches!(
+        w.stage(ALICE, &change),
+        Err(ChannelError::Credential { .. })
+    ));
     // An unknown device too.
     let stranger = Device::new("stranger", 99);
-    let change = Change { add: vec![stranger.key_package()], ..Default::default() };
-    assert!(matches!(w.stage(ALICE, &change), Err(ChannelError::Credential { .. })));
+    let change = Change {
+        add: vec![stranger.key_package()],
+        ..Default::default()
+    };
+    assert!(matches!(
+        w.stage(ALICE, &change),
+        Err(ChannelError::Credential { .. })
+    ));
     // Garbage is a typed error.
-    let change = Change { add: vec![serde_bytes::ByteBuf::from(vec![1, 2, 3])], ..Default::default() };
-    assert!(matches!(w.stage(ALICE, &change), Err(ChannelError::Malformed(_))));
+    let change = Change {
+        add: vec![crate::codec::Bytes::from(vec![1, 2, 3])],
+        ..Default::default()
+    };
+    assert!(matches!(
+        w.stage(ALICE, &change),
+        Err(ChannelError::Malformed(_))
+    ));
 
-    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+    let change = Change {
+        add: vec![w.devices[BOB].key_package()],
+        ..Default::default()
+    };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
 
     // A commit certified by someone who is not an orderer is not applied.
-    let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
-    let body = EpochCertBody { channel: w.channel_id(), epoch: staged.epoch, hash: staged.hash };
+    let staged = w
+        .stage(
+            ALICE,
+            &Change {
+                update: true,
+                ..Default::default()
+            },
+        )
+        .expect("stage");
+    let body = EpochCertBody {
+        channel: w.channel_id(),
+        epoch: staged.epoch,
+        hash: staged.hash,
+    };
     let forger = SecretKey::from_seed([66; 32]);
-    let cert = EpochCert { body, signatures: vec![CertSignature::sign(&forger, &body)] };
-    let err = w.process(BOB, ChannelMessage::Commit { commit: staged.commit.clone(), cert }).expect_err("rejected");
-    assert!(matches!(err, ChannelError::Cert(CertError::NoQuorum { .. })));
+    let cert = EpochCert {
+        body,
+        signatures: vec![CertSignature::sign(&forger, &body)],
+    };
+    let err = w
+        .process(
+            BOB,
+            ChannelMessage::Commit {
+                commit: staged.commit.clone(),
+                cert,
+            },
+        )
+        .expect_err("rejected");
+    assert!(matches!(
+        err,
+        ChannelError::Cert(CertError::NoQuorum { .. })
+    ));
     // A real certificate for another hash does not carry this commit.
-    let other = EpochCertBody { hash: CommitHash([0; 32]), ..body };
-    let cert = EpochCert { body: other, signatures: vec![CertSignature::sign(&w.relay.key, &other)] };
-    let err = w.process(BOB, ChannelMessage::Commit { commit: staged.commit.clone(), cert }).expect_err("rejected");
+    let other = EpochCertBody {
+        hash: CommitHash([0; 32]),
+        ..body
+    };
+    let cert = EpochCert {
+        body: other,
+        signatures: vec![CertSignature::sign(&w.relay.key, &other)],
+    };
+    let err = w
+        .process(
+            BOB,
+            ChannelMessage::Commit {
+                commit: staged.commit.clone(),
+                cert,
+            },
+        )
+        .expect_err("rejected");
     assert_eq!(err, ChannelError::Cert(CertError::Mismatch));
-    assert_eq!(w.devices[BOB].channel.as_ref().map(Channel::epoch), Some(1), "nothing applied");
+    assert_eq!(
+        w.devices[BOB].channel.as_ref().map(Channel::epoch),
+        Some(1),
+        "nothing applied"
+    );
     // An application message sent as a commit, and garbage, are typed errors.
-    let cert = EpochCert { body, signatures: vec![CertSignature::sign(&w.relay.key, &body)] };
-    let err = w.process(BOB, ChannelMessage::Commit { commit: vec![0xff; 10], cert }).expect_err("rejected");
+    let cert = EpochCert {
+        body,
+        signatures: vec![CertSignature::sign(&w.relay.key, &body)],
+    };
+    let err = w
+        .process(
+            BOB,
+            ChannelMessage::Commit {
+                commit: vec![0xff; 10],
+                cert,
+            },
+        )
+        .expect_err("rejected");
     assert!(matches!(err, ChannelError::Malformed(_)));
 }
 
@@ -527,15 +835,33 @@ fn admin_policy_limits_membership_changes() {
         creator: alice,
     };
     let a = &mut w.devices[ALICE];
-    a.channel = Some(Channel::create(&a.provider, &a.me, ChannelId([43; 32]), config).expect("create"));
-    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+    a.channel =
+        Some(Channel::create(&a.provider, &a.me, ChannelId([43; 32]), config).expect("create"));
+    let change = Change {
+        add: vec![w.devices[BOB].key_package()],
+        ..Default::default()
+    };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
-    let change = Change { add: vec![w.devices[CAROL].key_package()], ..Default::default() };
-    assert_eq!(w.stage(BOB, &change).map(|_| ()), Err(ChannelError::NotAdmin));
+    let change = Change {
+        add: vec![w.devices[CAROL].key_package()],
+        ..Default::default()
+    };
+    assert_eq!(
+        w.stage(BOB, &change).map(|_| ()),
+        Err(ChannelError::NotAdmin)
+    );
     // Bob may still refresh his own key.
-    let staged = w.stage(BOB, &Change { update: true, ..Default::default() }).expect("stage");
+    let staged = w
+        .stage(
+            BOB,
+            &Change {
+                update: true,
+                ..Default::default()
+            },
+        )
+        .expect("stage");
     w.submit(BOB, &staged).expect("accepted");
     w.deliver_all();
     all_equal(&w.epoch_authenticators(&[ALICE, BOB]));
@@ -545,14 +871,22 @@ fn admin_policy_limits_membership_changes() {
 fn channel_reloads_from_storage() {
     let mut w = World::new();
     w.create();
-    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+    let change = Change {
+        add: vec![w.devices[BOB].key_package()],
+        ..Default::default()
+    };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
     w.send(ALICE, "before restart");
     w.deliver_all();
     // Bob "restarts": only the provider's storage and the channel state survive.
-    let state = w.devices[BOB].channel.take().expect("member").state().clone();
+    let state = w.devices[BOB]
+        .channel
+        .take()
+        .expect("member")
+        .state()
+        .clone();
     let encoded = crate::codec::encode(&state);
     let state: ChannelState = crate::codec::decode(&encoded, usize::MAX).expect("decode");
     let d = &mut w.devices[BOB];
@@ -560,8 +894,18 @@ fn channel_reloads_from_storage() {
     w.send(ALICE, "after restart");
     w.send(BOB, "bob is back");
     w.deliver_all();
-    assert!(w.devices[BOB].shown.iter().any(|(_, p)| p == b"after restart"));
-    assert!(w.devices[ALICE].shown.iter().any(|(_, p)| p == b"bob is back"));
+    assert!(
+        w.devices[BOB]
+            .shown
+            .iter()
+            .any(|(_, p)| p == b"after restart")
+    );
+    assert!(
+        w.devices[ALICE]
+            .shown
+            .iter()
+            .any(|(_, p)| p == b"bob is back")
+    );
     // Bob's sequence numbers continued, so his new message was not taken for a replay.
     all_equal(&w.epoch_authenticators(&[ALICE, BOB]));
 }

@@ -11,6 +11,7 @@ pub const MAX_CERT_SIGNATURES: usize = 64;
 
 /// What an orderer signs: this hash won this epoch of this channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct EpochCertBody {
     /// The channel.
     pub channel: ChannelId,
@@ -22,6 +23,7 @@ pub struct EpochCertBody {
 
 /// One orderer's signature on an [`EpochCertBody`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct CertSignature {
     /// The orderer (a relay's key, or the creator device's key for a relay-less channel).
     pub signer: PublicKey,
@@ -35,17 +37,22 @@ impl CertSignature {
     /// An orderer must never sign two hashes for one `(channel, epoch)`; the relay signs only
     /// after its replicated state accepted the hash, which never happens twice.
     pub fn sign(key: &SecretKey, body: &EpochCertBody) -> Self {
-        Self { signer: key.public(), signature: key.sign(Label::EpochCert, &encode(body)) }
+        Self {
+            signer: key.public(),
+            signature: key.sign(Label::EpochCert, &encode(body)),
+        }
     }
 
     /// Checks the signature over `body`.
     pub fn verify(&self, body: &EpochCertBody) -> Result<(), SignatureError> {
-        self.signer.verify(Label::EpochCert, &encode(body), &self.signature)
+        self.signer
+            .verify(Label::EpochCert, &encode(body), &self.signature)
     }
 }
 
 /// A commit's certificate: signatures of a majority of the orderers of epoch `epoch`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct EpochCert {
     /// What was certified.
     pub body: EpochCertBody,
@@ -102,7 +109,10 @@ impl EpochCert {
             counted.push(s.signer);
         }
         if counted.len() < need {
-            return Err(CertError::NoQuorum { have: counted.len(), need });
+            return Err(CertError::NoQuorum {
+                have: counted.len(),
+                need,
+            });
         }
         Ok(())
     }
@@ -123,6 +133,7 @@ impl EpochCert {
 
 /// Proof that an orderer signed two different hashes for one `(channel, epoch)`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Equivocation {
     /// One signed body.
     pub first: (EpochCertBody, CertSignature),
@@ -148,7 +159,10 @@ impl Equivocation {
     pub fn verify(&self) -> Result<PublicKey, CertError> {
         let (a, sa) = &self.first;
         let (b, sb) = &self.second;
-        if sa.signer != sb.signer || a.channel != b.channel || a.epoch != b.epoch || a.hash == b.hash
+        if sa.signer != sb.signer
+            || a.channel != b.channel
+            || a.epoch != b.epoch
+            || a.hash == b.hash
         {
             return Err(CertError::Mismatch);
         }

@@ -15,6 +15,7 @@ pub const BACKOFF_MAX_MS: u64 = 5_000;
 /// Where an outgoing change stands. Stored durably by the node, so that a crash in any state
 /// resumes correctly.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum IntentState {
     /// To be staged on the current epoch and submitted, not before `not_before`.
     ToPublish {
@@ -41,6 +42,7 @@ pub enum IntentState {
 
 /// An outgoing change `C` (for example "add these devices") and its state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Intent<C> {
     /// What to change; rebuilt into a fresh commit on every attempt.
     pub change: C,
@@ -53,7 +55,11 @@ pub struct Intent<C> {
 impl<C> Intent<C> {
     /// A new change, ready to publish now.
     pub fn new(change: C, now: Timestamp) -> Self {
-        Self { change, state: IntentState::ToPublish { not_before: now }, attempts: 0 }
+        Self {
+            change,
+            state: IntentState::ToPublish { not_before: now },
+            attempts: 0,
+        }
     }
 
     /// Whether it should be staged and submitted at `now`.
@@ -96,7 +102,9 @@ impl<C> Intent<C> {
         let shift = self.attempts.saturating_sub(1).min(16);
         let backoff = (BACKOFF_BASE_MS << shift).min(BACKOFF_MAX_MS);
         let delay = backoff / 2 + jitter % (backoff / 2 + 1);
-        self.state = IntentState::ToPublish { not_before: now.plus_ms(delay) };
+        self.state = IntentState::ToPublish {
+            not_before: now.plus_ms(delay),
+        };
     }
 
     /// Records that the change is no longer needed.

@@ -17,7 +17,9 @@
 mod cert;
 mod intent;
 
-pub use cert::{CertError, CertSignature, EpochCert, EpochCertBody, Equivocation, MAX_CERT_SIGNATURES};
+pub use cert::{
+    CertError, CertSignature, EpochCert, EpochCertBody, Equivocation, MAX_CERT_SIGNATURES,
+};
 pub use intent::{BACKOFF_BASE_MS, BACKOFF_MAX_MS, Intent, IntentState, MAX_SUBMIT_ATTEMPTS};
 
 use std::collections::BTreeMap;
@@ -25,11 +27,13 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::Canonical;
 use crate::identity::DeviceId;
 use crate::keys::hex_string;
 
 /// A channel's id: the MLS group id, 32 random bytes chosen by its creator.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct ChannelId(#[serde(with = "serde_bytes")] pub [u8; 32]);
 
 impl fmt::Debug for ChannelId {
@@ -46,6 +50,7 @@ impl fmt::Display for ChannelId {
 
 /// BLAKE3 hash of a commit's MLS encoding.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct CommitHash(#[serde(with = "serde_bytes")] pub [u8; 32]);
 
 impl fmt::Debug for CommitHash {
@@ -56,6 +61,7 @@ impl fmt::Debug for CommitHash {
 
 /// The commit that won (or asks for) an epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct CommitRef {
     /// The channel.
     pub channel: ChannelId,
@@ -69,6 +75,7 @@ pub struct CommitRef {
 
 /// An entry of the replicated log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum OrderingCommand {
     /// Start ordering a channel whose next commit is for `epoch` (0 for a new channel).
     Open {
@@ -81,9 +88,19 @@ pub enum OrderingCommand {
     Submit(CommitRef),
 }
 
+impl Canonical for OrderingCommand {
+    const MAX_LEN: usize = 256;
+}
+
+impl Canonical for OrderingState {
+    /// A snapshot of a large relay's state.
+    const MAX_LEN: usize = 1 << 30;
+}
+
 /// The result of applying one [`OrderingCommand`]. Deterministic: every replica that applies
 /// the same log gets the same outcomes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum Outcome {
     /// The channel is now ordered here.
     Opened,
@@ -113,6 +130,7 @@ pub enum Outcome {
 
 /// Bounds on the replicated state. Every replica must use the same values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct OrderingLimits {
     /// Channels ordered at once.
     pub max_channels: usize,
@@ -122,11 +140,15 @@ pub struct OrderingLimits {
 
 impl Default for OrderingLimits {
     fn default() -> Self {
-        Self { max_channels: 1_000_000, retained_epochs: 64 }
+        Self {
+            max_channels: 1_000_000,
+            retained_epochs: 64,
+        }
     }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 struct ChannelOrder {
     next_epoch: u64,
     /// Recent winners by epoch, at most `retained_epochs` of them.
@@ -135,6 +157,7 @@ struct ChannelOrder {
 
 /// The replicated state machine: for each channel, which commit won each epoch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct OrderingState {
     limits: OrderingLimits,
     channels: BTreeMap<ChannelId, ChannelOrder>,
@@ -143,7 +166,10 @@ pub struct OrderingState {
 impl OrderingState {
     /// An empty state with the given limits.
     pub fn new(limits: OrderingLimits) -> Self {
-        Self { limits, channels: BTreeMap::new() }
+        Self {
+            limits,
+            channels: BTreeMap::new(),
+        }
     }
 
     /// Applies one log entry.
@@ -171,12 +197,20 @@ impl OrderingState {
 
     fn open(&mut self, channel: ChannelId, epoch: u64) -> Outcome {
         if let Some(c) = self.channels.get(&channel) {
-            return Outcome::AlreadyOpen { next_epoch: c.next_epoch };
+            return Outcome::AlreadyOpen {
+                next_epoch: c.next_epoch,
+            };
         }
         if self.channels.len() >= self.limits.max_channels {
             return Outcome::Full;
         }
-        self.channels.insert(channel, ChannelOrder { next_epoch: epoch, winners: BTreeMap::new() });
+        self.channels.insert(
+            channel,
+            ChannelOrder {
+                next_epoch: epoch,
+                winners: BTreeMap::new(),
+            },
+        );
         Outcome::Opened
     }
 
@@ -198,7 +232,9 @@ impl OrderingState {
             };
         }
         if commit.epoch != order.next_epoch {
-            return Outcome::WrongEpoch { next_epoch: order.next_epoch };
+            return Outcome::WrongEpoch {
+                next_epoch: order.next_epoch,
+            };
         }
         order.winners.insert(commit.epoch, *commit);
         order.next_epoch += 1;

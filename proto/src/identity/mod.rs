@@ -37,6 +37,7 @@ pub const MAX_HOST_LEN: usize = 253;
 ///
 /// The same key signs the device's MLS leaf (its BasicCredential identity is these 32 bytes).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct DeviceId(pub PublicKey);
 
 impl DeviceId {
@@ -65,6 +66,7 @@ impl fmt::Display for DeviceId {
 
 /// A relay: its host name and its Ed25519 key (also its libp2p identity).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct RelayId {
     /// The relay's host name, as in `alice@relay.example`.
     pub host: String,
@@ -74,6 +76,7 @@ pub struct RelayId {
 
 /// A user address, `local@host`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Address {
     /// The name the relay gave the device's user.
     pub local: String,
@@ -84,10 +87,15 @@ pub struct Address {
 impl Address {
     /// Parses `local@host`, checking both halves.
     pub fn parse(s: &str) -> Result<Self, IdentityError> {
-        let (local, host) = s.split_once('@').ok_or(IdentityError::BadName("missing '@'"))?;
+        let (local, host) = s
+            .split_once('@')
+            .ok_or(IdentityError::BadName("missing '@'"))?;
         check_local_name(local)?;
         check_host(host)?;
-        Ok(Self { local: local.to_owned(), host: host.to_owned() })
+        Ok(Self {
+            local: local.to_owned(),
+            host: host.to_owned(),
+        })
     }
 }
 
@@ -147,6 +155,7 @@ pub enum IdentityError {
 
 /// The signed part of a relay's [`Sponsorship`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct SponsorshipBody {
     /// The sponsored device.
     pub device: DeviceId,
@@ -162,6 +171,7 @@ pub struct SponsorshipBody {
 
 /// A relay's signed statement that `local_name@host` is this device, until `expires`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Sponsorship {
     /// What the relay vouches for.
     pub body: SponsorshipBody,
@@ -183,7 +193,10 @@ impl Sponsorship {
 
     /// The address it gives the device.
     pub fn address(&self) -> Address {
-        Address { local: self.body.local_name.clone(), host: self.body.relay.host.clone() }
+        Address {
+            local: self.body.local_name.clone(),
+            host: self.body.relay.host.clone(),
+        }
     }
 
     /// Checks the signature, the names and the validity period, and that the signing key is the
@@ -198,13 +211,16 @@ impl Sponsorship {
         if trust.relay_key(&b.relay.host) != Some(b.relay.key) {
             return Err(IdentityError::UntrustedRelay);
         }
-        b.relay.key.verify(Label::Sponsorship, &encode(b), &self.signature)?;
+        b.relay
+            .key
+            .verify(Label::Sponsorship, &encode(b), &self.signature)?;
         check_period(b.issued, Some(b.expires), now)
     }
 }
 
 /// A profile: what a device tells others about its user.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Profile {
     /// Display name, at most [`MAX_DISPLAY_NAME_LEN`] bytes.
     pub display_name: String,
@@ -214,6 +230,7 @@ pub struct Profile {
 
 /// The signed part of a [`Dir`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct DirBody {
     /// The device this record describes (and whose key signs it).
     pub device: DeviceId,
@@ -236,6 +253,7 @@ pub struct DirBody {
 
 /// A device identity record: self-signed, sequence-numbered, self-validating.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Dir {
     /// The record.
     pub body: DirBody,
@@ -357,6 +375,7 @@ pub fn linked(a: &Dir, b: &Dir) -> Result<(), IdentityError> {
 
 /// The signed part of a [`Revocation`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct RevocationBody {
     /// The device that revokes.
     pub revoker: DeviceId,
@@ -368,6 +387,7 @@ pub struct RevocationBody {
 
 /// One device of a user revoking another (a lost or stolen device).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Revocation {
     /// Who revokes whom.
     pub body: RevocationBody,
@@ -382,7 +402,11 @@ impl Canonical for Revocation {
 impl Revocation {
     /// Signs a revocation of `target` with the revoker's key.
     pub fn issue(revoker_key: &SecretKey, target: DeviceId, issued: Timestamp) -> Self {
-        let body = RevocationBody { revoker: DeviceId(revoker_key.public()), target, issued };
+        let body = RevocationBody {
+            revoker: DeviceId(revoker_key.public()),
+            target,
+            issued,
+        };
         let signature = revoker_key.sign(Label::Revocation, &encode(&body));
         Self { body, signature }
     }
@@ -393,7 +417,10 @@ impl Revocation {
         if revoker.body.device != self.body.revoker || target.body.device != self.body.target {
             return Err(IdentityError::WrongDevice);
         }
-        self.body.revoker.0.verify(Label::Revocation, &encode(&self.body), &self.signature)?;
+        self.body
+            .revoker
+            .0
+            .verify(Label::Revocation, &encode(&self.body), &self.signature)?;
         linked(revoker, target)
     }
 }
@@ -408,7 +435,9 @@ pub fn check_local_name(name: &str) -> Result<(), IdentityError> {
     }
     let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
     if !name.chars().all(ok) {
-        return Err(IdentityError::BadName("local name has characters outside a-z 0-9 . _ -"));
+        return Err(IdentityError::BadName(
+            "local name has characters outside a-z 0-9 . _ -",
+        ));
     }
     Ok(())
 }
@@ -418,7 +447,8 @@ pub fn check_local_name(name: &str) -> Result<(), IdentityError> {
 pub fn check_host(host: &str) -> Result<(), IdentityError> {
     let name = match host.rsplit_once(':') {
         Some((name, port)) => {
-            port.parse::<u16>().map_err(|_| IdentityError::BadName("bad port"))?;
+            port.parse::<u16>()
+                .map_err(|_| IdentityError::BadName("bad port"))?;
             name
         }
         None => host,
@@ -431,7 +461,8 @@ pub fn check_host(host: &str) -> Result<(), IdentityError> {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
     };
     if !name.split('.').all(label_ok) {
         return Err(IdentityError::BadName("host is not a lowercase DNS name"));
@@ -452,3 +483,6 @@ fn check_period(
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,333 @@
+//! Frozen wire formats. A change to any of these encodings breaks compatibility with deployed
+//! nodes and relays: if a snapshot changes, bump the protocol version or the type's label and
+//! say so in the changelog, then accept the new snapshot (`INSTA_UPDATE=always cargo test`).
+
+use chitchat_proto::channel::{AdminPolicy, ChannelConfig, ChannelMessage, MessageId};
+use chitchat_proto::chat::{ChatContent, FileRef};
+use chitchat_proto::codec::{Bytes, Canonical, encode};
+use chitchat_proto::hlc::Hlc;
+use chitchat_proto::identity::{DirBody, Profile, Revocation, SponsorshipBody};
+use chitchat_proto::inbox::{self, InboxSecret};
+use chitchat_proto::ordering::{
+    CertSignature, ChannelId, CommitHash, CommitRef, EpochCert, EpochCertBody, Equivocation,
+    OrderingCommand,
+};
+use chitchat_proto::pack::Pack;
+use chitchat_proto::wire::{
+    self, AuthProof, CommitSubmission, ErrorCode, InboxItem, Request, Response,
+};
+use chitchat_proto::{DeviceId, Dir, RelayId, SecretKey, Sponsorship, Timestamp};
+use rand_core::SeedableRng;
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+fn key(n: u8) -> SecretKey {
+    SecretKey::from_seed([n; 32])
+}
+fn dev(n: u8) -> DeviceId {
+    DeviceId(key(n).public())
+}
+fn relay() -> RelayId {
+    RelayId {
+        host: "relay.example".into(),
+        key: key(200).public(),
+    }
+}
+
+/// Hex in lines of 32 bytes, so diffs show where an encoding changed.
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(32)
+        .map(hex::encode)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn sponsorship() -> Sponsorship {
+    Sponsorship::issue(
+        &key(200),
+        SponsorshipBody {
+            device: dev(1),
+            local_name: "alice".into(),
+            relay: relay(),
+            issued: T0,
+            expires: T0.plus_ms(1000),
+        },
+    )
+}
+
+fn dir() -> Dir {
+    Dir::sign(
+        &key(1),
+        DirBody {
+            device: dev(1),
+            seq: 7,
+            inbox_key: InboxSecret::from_seed(&[9; 32]).public(),
+            linked: [dev(2)].into(),
+            sponsorships: vec![sponsorship()],
+            profile: Profile {
+                display_name: "Alice".into(),
+                avatar: Some([3; 32]),
+            },
+            revoked: false,
+            issued: T0,
+        },
+    )
+}
+
+fn cert() -> EpochCert {
+    let body = EpochCertBody {
+        channel: ChannelId([5; 32]),
+        epoch: 3,
+        hash: CommitHash([6; 32]),
+    };
+    EpochCert {
+        body,
+        signatures: vec![CertSignature::sign(&key(200), &body)],
+    }
+}
+
+fn envelope() -> inbox::SealedEnvelope {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+    let bob = InboxSecret::from_seed(&[9; 32]);
+    inbox::seal(&mut rng, dev(2), &bob.public(), b"hello bob").expect("seal")
+}
+
+#[test]
+fn identity_records() {
+    insta::assert_snapshot!("sponsorship", hex(&sponsorship().to_bytes()));
+    insta::assert_snapshot!("dir", hex(&dir().to_bytes()));
+    insta::assert_snapshot!(
+        "revocation",
+        hex(&Revocation::issue(&key(1), dev(2), T0).to_bytes())
+    );
+    let proof = AuthProof {
+        relay_host: "relay.example".into(),
+        device: dev(1),
+        nonce: [4; 32],
+    };
+    insta::assert_snapshot!("auth_proof", hex(&encode(&proof)));
+}
+
+#[test]
+fn ordering() {
+    insta::assert_snapshot!("epoch_cert", hex(&cert().to_bytes()));
+    let a = cert().body;
+    let b = EpochCertBody {
+        hash: CommitHash([7; 32]),
+        ..a
+    };
+    let eq = Equivocation::from_pair(
+        (a, CertSignature::sign(&key(200), &a)),
+        (b, CertSignature::sign(&key(200), &b)),
+    )
+    .expect("proof");
+    insta::assert_snapshot!("equivocation", hex(&eq.to_bytes()));
+    let submit = OrderingCommand::Submit(CommitRef {
+        channel: ChannelId([5; 32]),
+        epoch: 3,
+        hash: CommitHash([6; 32]),
+        submitter: dev(1),
+    });
+    insta::assert_snapshot!("ordering_submit", hex(&submit.to_bytes()));
+}
+
+#[test]
+fn inbox_envelope() {
+    insta::assert_snapshot!("sealed_envelope", hex(&envelope().to_bytes()));
+}
+
+#[test]
+fn packs() {
+    let pack = Pack::seal(
+        &key(1),
+        ChannelId([5; 32]),
+        vec![b"a".to_vec(), b"bc".to_vec(), b"def".to_vec()],
+    )
+    .expect("pack");
+    insta::assert_snapshot!("pack", hex(&pack.to_bytes()));
+    insta::assert_snapshot!(
+        "inclusion_proof",
+        hex(&pack.prove(2).expect("proof").to_bytes())
+    );
+}
+
+#[test]
+fn chat_content() {
+    let id = MessageId {
+        sender: dev(1),
+        seq: 4,
+    };
+    let all = vec![
+        ChatContent::Text {
+            body: "hi *there*".into(),
+        },
+        ChatContent::Reply {
+            to: id,
+            body: "yes".into(),
+        },
+        ChatContent::Edit {
+            target: id,
+            body: "hi".into(),
+        },
+        ChatContent::Delete { target: id },
+        ChatContent::Reaction {
+            target: id,
+            emoji: "👍".into(),
+            remove: false,
+        },
+        ChatContent::Attachment {
+            file: FileRef {
+                hash: [1; 32],
+                key: [2; 32],
+                size: 1234,
+                mime: "image/png".into(),
+                name: "cat.png".into(),
+                thumbnail: Some(Bytes(vec![0x89, 0x50])),
+            },
+            caption: Some("a cat".into()),
+        },
+        ChatContent::ReadReceipt { up_to: id },
+        ChatContent::Typing { active: true },
+    ];
+    let lines: Vec<String> = all.iter().map(|c| hex::encode(c.to_bytes())).collect();
+    insta::assert_snapshot!("chat_content", lines.join("\n"));
+}
+
+#[test]
+fn channel() {
+    let config = ChannelConfig {
+        mime: "text/chitchat".into(),
+        name: "general".into(),
+        relays: vec![relay()],
+        admins: AdminPolicy::Admins([dev(1)].into()),
+        creator: dev(1),
+    };
+    insta::assert_snapshot!("channel_config", hex(&config.to_bytes()));
+    let app = ChannelMessage::Application {
+        message: vec![1, 2, 3],
+    };
+    let commit = ChannelMessage::Commit {
+        commit: vec![4, 5],
+        cert: cert(),
+    };
+    insta::assert_snapshot!(
+        "channel_message",
+        format!("{}\n{}", hex(&app.to_bytes()), hex(&commit.to_bytes()))
+    );
+    insta::assert_snapshot!(
+        "hlc",
+        hex(&encode(&Hlc {
+            wall_ms: T0.0,
+            counter: 2
+        }))
+    );
+}
+
+#[test]
+fn relay_protocol_frames() {
+    let requests = vec![
+        Request::Challenge { device: dev(1) },
+        Request::Authenticate {
+            device: dev(1),
+            signature: AuthProof::sign(&key(1), "relay.example", [4; 32]),
+        },
+        Request::Register {
+            token: Some("tok".into()),
+            local_name: "alice".into(),
+            dir: dir(),
+        },
+        Request::PublishDir { dir: dir() },
+        Request::Lookup {
+            local_name: "alice".into(),
+        },
+        Request::UploadKeyPackages {
+            packages: vec![Bytes(vec![1, 2])],
+            last_resort: Some(Bytes(vec![3])),
+        },
+        Request::ClaimKeyPackage { device: dev(2) },
+        Request::Enqueue {
+            envelope: envelope(),
+        },
+        Request::Fetch {
+            after: Some(10),
+            max: 100,
+        },
+        Request::Ack { ids: vec![11, 12] },
+        Request::SubmitCommit(CommitSubmission {
+            channel: ChannelId([5; 32]),
+            epoch: 3,
+            commit: vec![1, 2, 3],
+            welcome: None,
+            fanout: vec![dev(2)],
+        }),
+    ];
+    let responses = vec![
+        Response::Challenge { nonce: [4; 32] },
+        Response::Authenticated,
+        Response::Registered {
+            sponsorship: sponsorship(),
+        },
+        Response::DirPublished,
+        Response::Dirs(vec![dir()]),
+        Response::KeyPackagesStored { available: 5 },
+        Response::KeyPackage(vec![1, 2]),
+        Response::Enqueued { id: 9 },
+        Response::Items {
+            items: vec![InboxItem {
+                id: 9,
+                envelope: envelope(),
+            }],
+            more: false,
+        },
+        Response::Acked,
+        Response::CommitAccepted { cert: cert() },
+        Response::CommitConflict {
+            winner: CommitRef {
+                channel: ChannelId([5; 32]),
+                epoch: 3,
+                hash: CommitHash([6; 32]),
+                submitter: dev(2),
+            },
+        },
+        Response::Error {
+            code: ErrorCode::QuotaExceeded {
+                retry_after_ms: 1000,
+            },
+            message: "inbox full".into(),
+        },
+    ];
+    let frames = |v: Vec<String>| v.join("\n--\n");
+    insta::assert_snapshot!(
+        "requests",
+        frames(
+            requests
+                .iter()
+                .map(|r| hex(&wire::encode_frame(r).expect("frame")))
+                .collect()
+        )
+    );
+    insta::assert_snapshot!(
+        "responses",
+        frames(
+            responses
+                .iter()
+                .map(|r| hex(&wire::encode_frame(r).expect("frame")))
+                .collect()
+        )
+    );
+    // Every frozen frame still decodes to the value it came from.
+    for r in &requests {
+        assert_eq!(
+            &wire::decode_frame::<Request>(&wire::encode_frame(r).expect("frame")).expect("decode"),
+            r
+        );
+    }
+    for r in &responses {
+        assert_eq!(
+            &wire::decode_frame::<Response>(&wire::encode_frame(r).expect("frame"))
+                .expect("decode"),
+            r
+        );
+    }
+}
