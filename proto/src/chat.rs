@@ -123,11 +123,7 @@ impl ChatContent {
                 Err("bad reaction")
             }
             Self::Attachment { file, caption } => {
-                if file
-                    .thumbnail
-                    .as_ref()
-                    .is_some_and(|t| t.len() > MAX_THUMBNAIL_LEN)
-                {
+                if file.thumbnail.as_ref().is_some_and(|t| t.len() > MAX_THUMBNAIL_LEN) {
                     return Err("thumbnail too large");
                 }
                 if caption.as_deref().is_some_and(|c| !text_ok(c)) {
@@ -213,10 +209,7 @@ impl ChatLog {
                     if self.pending_len >= MAX_PENDING {
                         return Applied::Ignored;
                     }
-                    self.pending
-                        .entry(target)
-                        .or_default()
-                        .push((id, hlc, content));
+                    self.pending.entry(target).or_default().push((id, hlc, content));
                     self.pending_len += 1;
                     return Applied::Pending;
                 };
@@ -224,10 +217,8 @@ impl ChatLog {
             }
             ChatContent::ReadReceipt { up_to } => {
                 // The device's latest receipt (by its own clock) wins.
-                let newer = self
-                    .receipts
-                    .get(&id.sender)
-                    .is_none_or(|(h, i, _)| (hlc, id) > (*h, *i));
+                let newer =
+                    self.receipts.get(&id.sender).is_none_or(|(h, i, _)| (hlc, id) > (*h, *i));
                 if !newer {
                     return Applied::Ignored;
                 }
@@ -252,10 +243,7 @@ impl ChatLog {
 
     /// The latest message each device said it has read.
     pub fn receipts(&self) -> BTreeMap<DeviceId, MessageId> {
-        self.receipts
-            .iter()
-            .map(|(d, (_, _, read))| (*d, *read))
-            .collect()
+        self.receipts.iter().map(|(d, (_, _, read))| (*d, *read)).collect()
     }
 
     fn insert(
@@ -270,11 +258,7 @@ impl ChatLog {
             return Applied::Ignored;
         }
         if self.messages.len() >= MAX_LOG_MESSAGES {
-            let oldest = self
-                .messages
-                .iter()
-                .min_by_key(|(_, m)| (m.hlc, m.id))
-                .map(|(k, _)| *k);
+            let oldest = self.messages.iter().min_by_key(|(_, m)| (m.hlc, m.id)).map(|(k, _)| *k);
             if let Some(k) = oldest {
                 self.messages.remove(&k);
             }
@@ -352,16 +336,10 @@ mod tests {
         DeviceId(SecretKey::from_seed([n; 32]).public())
     }
     fn id(n: u8, seq: u64) -> MessageId {
-        MessageId {
-            sender: dev(n),
-            seq,
-        }
+        MessageId { sender: dev(n), seq }
     }
     fn t(ms: u64) -> Hlc {
-        Hlc {
-            wall_ms: ms,
-            counter: 0,
-        }
+        Hlc { wall_ms: ms, counter: 0 }
     }
     fn text(s: &str) -> ChatContent {
         ChatContent::Text { body: s.into() }
@@ -370,30 +348,9 @@ mod tests {
     #[test]
     fn latest_edit_by_sender_wins_in_any_order() {
         let m = id(1, 1);
-        let e1 = (
-            id(1, 2),
-            t(20),
-            ChatContent::Edit {
-                target: m,
-                body: "v2".into(),
-            },
-        );
-        let e2 = (
-            id(1, 3),
-            t(30),
-            ChatContent::Edit {
-                target: m,
-                body: "v3".into(),
-            },
-        );
-        let forged = (
-            id(2, 1),
-            t(40),
-            ChatContent::Edit {
-                target: m,
-                body: "evil".into(),
-            },
-        );
+        let e1 = (id(1, 2), t(20), ChatContent::Edit { target: m, body: "v2".into() });
+        let e2 = (id(1, 3), t(30), ChatContent::Edit { target: m, body: "v3".into() });
+        let forged = (id(2, 1), t(40), ChatContent::Edit { target: m, body: "evil".into() });
         for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2]] {
             let mut log = ChatLog::default();
             // The original may even arrive after its edits.
@@ -416,29 +373,12 @@ mod tests {
         log.apply(
             id(2, 1),
             t(11),
-            ChatContent::Reaction {
-                target: m,
-                emoji: "👍".into(),
-                remove: false,
-            },
+            ChatContent::Reaction { target: m, emoji: "👍".into(), remove: false },
         );
+        assert_eq!(log.apply(id(2, 2), t(12), ChatContent::Delete { target: m }), Applied::Ignored);
+        assert_eq!(log.apply(id(1, 2), t(13), ChatContent::Delete { target: m }), Applied::Deleted);
         assert_eq!(
-            log.apply(id(2, 2), t(12), ChatContent::Delete { target: m }),
-            Applied::Ignored
-        );
-        assert_eq!(
-            log.apply(id(1, 2), t(13), ChatContent::Delete { target: m }),
-            Applied::Deleted
-        );
-        assert_eq!(
-            log.apply(
-                id(1, 3),
-                t(14),
-                ChatContent::Edit {
-                    target: m,
-                    body: "back".into()
-                }
-            ),
+            log.apply(id(1, 3), t(14), ChatContent::Edit { target: m, body: "back".into() }),
             Applied::Ignored
         );
         let shown = log.message(&m).expect("tombstone stays");
@@ -450,11 +390,7 @@ mod tests {
         let mut log = ChatLog::default();
         let m = id(1, 1);
         log.apply(m, t(10), text("hi"));
-        let react = |remove| ChatContent::Reaction {
-            target: m,
-            emoji: "🎉".into(),
-            remove,
-        };
+        let react = |remove| ChatContent::Reaction { target: m, emoji: "🎉".into(), remove };
         log.apply(id(2, 1), t(11), react(false));
         log.apply(id(3, 1), t(12), react(false));
         log.apply(id(2, 2), t(13), react(true));

@@ -59,10 +59,7 @@ where
     T: Serialize + DeserializeOwned,
 {
     if bytes.len() > max_len {
-        return Err(DecodeError::TooLarge {
-            len: bytes.len(),
-            max: max_len,
-        });
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: max_len });
     }
     let (value, rest) =
         postcard::take_from_bytes::<T>(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;

@@ -31,15 +31,9 @@ impl HlcClock {
     /// The timestamp for a local event at `now`.
     pub fn tick(&mut self, now: Timestamp) -> Hlc {
         self.last = if now.0 > self.last.wall_ms {
-            Hlc {
-                wall_ms: now.0,
-                counter: 0,
-            }
+            Hlc { wall_ms: now.0, counter: 0 }
         } else {
-            Hlc {
-                wall_ms: self.last.wall_ms,
-                counter: self.last.counter.saturating_add(1),
-            }
+            Hlc { wall_ms: self.last.wall_ms, counter: self.last.counter.saturating_add(1) }
         };
         self.last
     }
@@ -77,13 +71,7 @@ mod tests {
         assert!(b.tick(Timestamp(50)) > t2);
         // A far-future timestamp is not adopted.
         let mut c = HlcClock::default();
-        c.observe(
-            Hlc {
-                wall_ms: u64::MAX,
-                counter: 0,
-            },
-            Timestamp(0),
-        );
+        c.observe(Hlc { wall_ms: u64::MAX, counter: 0 }, Timestamp(0));
         assert_eq!(c.tick(Timestamp(1)).wall_ms, 1);
     }
 }

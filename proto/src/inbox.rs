@@ -49,10 +49,7 @@ impl InboxSecret {
         let (secret, public) = Kem::derive_keypair(seed);
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(&public.to_bytes());
-        Self {
-            secret,
-            public: bytes,
-        }
+        Self { secret, public: bytes }
     }
 
     /// The public key, to publish in the device's record.
@@ -145,11 +142,7 @@ pub fn seal(
     .map_err(|_| InboxError::InvalidKey)?;
     let mut enc_bytes = [0u8; 32];
     enc_bytes.copy_from_slice(&enc.to_bytes());
-    Ok(SealedEnvelope {
-        recipient,
-        enc: enc_bytes,
-        ciphertext,
-    })
+    Ok(SealedEnvelope { recipient, enc: enc_bytes, ciphertext })
 }
 
 fn info(recipient: DeviceId) -> Vec<u8> {
@@ -193,9 +186,6 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
         let bob = InboxSecret::from_seed(&[2; 32]);
         let big = vec![0u8; MAX_INBOX_PAYLOAD_LEN + 1];
-        assert_eq!(
-            seal(&mut rng, device(2), &bob.public(), &big),
-            Err(InboxError::TooLarge)
-        );
+        assert_eq!(seal(&mut rng, device(2), &bob.public(), &big), Err(InboxError::TooLarge));
     }
 }

@@ -81,8 +81,7 @@ impl PublicKey {
         let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0)
             .map_err(|_| SignatureError::InvalidKey)?;
         let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
-        key.verify_strict(&label.message(body), &sig)
-            .map_err(|_| SignatureError::BadSignature)
+        key.verify_strict(&label.message(body), &sig).map_err(|_| SignatureError::BadSignature)
     }
 
     /// Lowercase hex of the key.
@@ -131,9 +130,7 @@ pub struct SecretKey {
 impl SecretKey {
     /// The key whose seed is `seed`.
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        Self {
-            key: ed25519_dalek::SigningKey::from_bytes(&seed),
-        }
+        Self { key: ed25519_dalek::SigningKey::from_bytes(&seed) }
     }
 
     /// The seed, for storing the key. Keep it secret.
@@ -160,9 +157,7 @@ impl Clone for SecretKey {
 
 impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretKey")
-            .field("public", &self.public())
-            .finish_non_exhaustive()
+        f.debug_struct("SecretKey").field("public", &self.public()).finish_non_exhaustive()
     }
 }
 
@@ -179,10 +174,7 @@ pub(crate) fn parse_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 || !s.is_ascii() {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
 }
 
 #[cfg(test)]

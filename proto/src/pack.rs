@@ -66,11 +66,7 @@ pub struct PackRoot {
 impl PackRoot {
     /// Checks the signature of the device named in the body.
     pub fn verify(&self) -> Result<(), PackError> {
-        Ok(self
-            .body
-            .signer
-            .0
-            .verify(Label::PackRoot, &encode(&self.body), &self.signature)?)
+        Ok(self.body.signer.0.verify(Label::PackRoot, &encode(&self.body), &self.signature)?)
     }
 }
 
@@ -106,14 +102,8 @@ impl Pack {
             signer: DeviceId(key.public()),
         };
         let signature = key.sign(Label::PackRoot, &encode(&body));
-        let envelopes = envelopes
-            .into_iter()
-            .map(crate::codec::Bytes::from)
-            .collect();
-        Ok(Self {
-            root: PackRoot { body, signature },
-            envelopes,
-        })
+        let envelopes = envelopes.into_iter().map(crate::codec::Bytes::from).collect();
+        Ok(Self { root: PackRoot { body, signature }, envelopes })
     }
 
     /// Checks the signature, the count and that the envelopes hash to the root.
@@ -138,10 +128,7 @@ impl Pack {
         let leaves: Vec<Digest> = self.envelopes.iter().map(|e| leaf_hash(e)).collect();
         let mut path = Vec::new();
         audit_path(&leaves, index, &mut path);
-        Some(InclusionProof {
-            index: index as u32,
-            path,
-        })
+        Some(InclusionProof { index: index as u32, path })
     }
 }
 
@@ -238,10 +225,7 @@ fn root_from_path(leaf: Digest, index: usize, n: usize, path: &[Digest]) -> Opti
     if index < k {
         Some(node_hash(&root_from_path(leaf, index, k, rest)?, sibling))
     } else {
-        Some(node_hash(
-            sibling,
-            &root_from_path(leaf, index - k, n - k, rest)?,
-        ))
+        Some(node_hash(sibling, &root_from_path(leaf, index - k, n - k, rest)?))
     }
 }
 
@@ -250,9 +234,7 @@ mod tests {
     use super::*;
 
     fn envelopes(n: usize) -> Vec<Vec<u8>> {
-        (0..n)
-            .map(|i| format!("envelope {i}").into_bytes())
-            .collect()
+        (0..n).map(|i| format!("envelope {i}").into_bytes()).collect()
     }
 
     #[test]
@@ -271,14 +253,8 @@ mod tests {
                 // The proof does not prove another envelope, nor another position.
                 if n > 1 {
                     let other = &pack.envelopes[(i + 1) % n];
-                    assert_eq!(
-                        proof.verify(&pack.root.body, other),
-                        Err(PackError::BadProof)
-                    );
-                    let moved = InclusionProof {
-                        index: ((i + 1) % n) as u32,
-                        ..proof.clone()
-                    };
+                    assert_eq!(proof.verify(&pack.root.body, other), Err(PackError::BadProof));
+                    let moved = InclusionProof { index: ((i + 1) % n) as u32, ..proof.clone() };
                     assert_eq!(
                         moved.verify(&pack.root.body, &pack.envelopes[i]),
                         Err(PackError::BadProof)
@@ -301,10 +277,7 @@ mod tests {
         let mut pack = Pack::seal(&key, ChannelId([1; 32]), envelopes(5)).expect("seal");
         pack.root.body.channel = ChannelId([2; 32]);
         assert!(matches!(pack.verify(), Err(PackError::Signature(_))));
-        assert_eq!(
-            Pack::seal(&key, ChannelId([1; 32]), vec![]),
-            Err(PackError::BadSize)
-        );
+        assert_eq!(Pack::seal(&key, ChannelId([1; 32]), vec![]), Err(PackError::BadSize));
     }
 
     #[test]

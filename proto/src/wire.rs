@@ -43,10 +43,7 @@ pub fn encode_frame<T: Serialize>(body: &T) -> Result<Vec<u8>, DecodeError> {
     let mut out = encode(&PROTOCOL_VERSION);
     out.extend_from_slice(&encode(body));
     if out.len() > MAX_FRAME_LEN {
-        return Err(DecodeError::TooLarge {
-            len: out.len(),
-            max: MAX_FRAME_LEN,
-        });
+        return Err(DecodeError::TooLarge { len: out.len(), max: MAX_FRAME_LEN });
     }
     Ok(out)
 }
@@ -57,18 +54,12 @@ where
     T: Serialize + DeserializeOwned + Validate,
 {
     if bytes.len() > MAX_FRAME_LEN {
-        return Err(DecodeError::TooLarge {
-            len: bytes.len(),
-            max: MAX_FRAME_LEN,
-        });
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_FRAME_LEN });
     }
     let (version, rest) = postcard::take_from_bytes::<u16>(bytes)
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if version != PROTOCOL_VERSION {
-        return Err(DecodeError::UnsupportedVersion {
-            got: version,
-            supported: PROTOCOL_VERSION,
-        });
+        return Err(DecodeError::UnsupportedVersion { got: version, supported: PROTOCOL_VERSION });
     }
     if encode(&version).len() != bytes.len() - rest.len() {
         return Err(DecodeError::NonCanonical);
@@ -294,20 +285,14 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// Whether the same request may succeed later.
     pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            Self::QuotaExceeded { .. } | Self::RateLimited { .. } | Self::Unavailable
-        )
+        matches!(self, Self::QuotaExceeded { .. } | Self::RateLimited { .. } | Self::Unavailable)
     }
 }
 
 impl Validate for Request {
     fn validate(&self) -> Result<(), &'static str> {
         match self {
-            Self::UploadKeyPackages {
-                packages,
-                last_resort,
-            } => {
+            Self::UploadKeyPackages { packages, last_resort } => {
                 if packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
                     return Err("too many key packages");
                 }
@@ -369,11 +354,8 @@ pub fn commit_hash(commit: &[u8]) -> CommitHash {
 impl AuthProof {
     /// The device's answer to a challenge.
     pub fn sign(key: &crate::keys::SecretKey, relay_host: &str, nonce: [u8; 32]) -> Signature {
-        let proof = Self {
-            relay_host: relay_host.to_owned(),
-            device: DeviceId(key.public()),
-            nonce,
-        };
+        let proof =
+            Self { relay_host: relay_host.to_owned(), device: DeviceId(key.public()), nonce };
         key.sign(crate::keys::Label::AuthChallenge, &encode(&proof))
     }
 
@@ -384,15 +366,7 @@ impl AuthProof {
         nonce: [u8; 32],
         signature: &Signature,
     ) -> Result<(), crate::keys::SignatureError> {
-        let proof = Self {
-            relay_host: relay_host.to_owned(),
-            device,
-            nonce,
-        };
-        device.0.verify(
-            crate::keys::Label::AuthChallenge,
-            &encode(&proof),
-            signature,
-        )
+        let proof = Self { relay_host: relay_host.to_owned(), device, nonce };
+        device.0.verify(crate::keys::Label::AuthChallenge, &encode(&proof), signature)
     }
 }

@@ -25,10 +25,7 @@ where
     let bytes = value.to_bytes();
     if bytes.len() > T::MAX_LEN {
         let too_large = matches!(T::from_bytes(&bytes), Err(DecodeError::TooLarge { .. }));
-        prop_assert!(
-            too_large,
-            "an oversized encoding must be rejected as too large"
-        );
+        prop_assert!(too_large, "an oversized encoding must be rejected as too large");
         return Ok(());
     }
     let back = T::from_bytes(&bytes).map_err(|e| TestCaseError::fail(format!("{e}")))?;
@@ -137,25 +134,18 @@ proptest! {
 
 #[test]
 fn trailing_bytes_are_rejected() {
-    let cmd = OrderingCommand::Open {
-        channel: chitchat_proto::ordering::ChannelId([1; 32]),
-        epoch: 3,
-    };
+    let cmd =
+        OrderingCommand::Open { channel: chitchat_proto::ordering::ChannelId([1; 32]), epoch: 3 };
     let mut bytes = cmd.to_bytes();
     bytes.push(0);
-    assert_eq!(
-        OrderingCommand::from_bytes(&bytes),
-        Err(DecodeError::TrailingBytes { count: 1 })
-    );
+    assert_eq!(OrderingCommand::from_bytes(&bytes), Err(DecodeError::TrailingBytes { count: 1 }));
 }
 
 #[test]
 fn overlong_varint_is_rejected() {
     // epoch 3 as a two-byte varint (0x83 0x00) instead of 0x03.
-    let cmd = OrderingCommand::Open {
-        channel: chitchat_proto::ordering::ChannelId([1; 32]),
-        epoch: 3,
-    };
+    let cmd =
+        OrderingCommand::Open { channel: chitchat_proto::ordering::ChannelId([1; 32]), epoch: 3 };
     let mut bytes = cmd.to_bytes();
     assert_eq!(bytes.pop(), Some(3));
     bytes.extend_from_slice(&[0x83, 0x00]);
@@ -186,10 +176,7 @@ fn unsorted_set_is_rejected() {
     let bytes = dir.to_bytes();
     // Swap the two linked device ids in the encoding (each is a length byte and 32 key bytes).
     let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-    let pos = bytes
-        .windows(32)
-        .position(|w| w == lo.as_bytes())
-        .expect("first id");
+    let pos = bytes.windows(32).position(|w| w == lo.as_bytes()).expect("first id");
     let mut swapped = bytes.clone();
     swapped[pos..pos + 32].copy_from_slice(hi.as_bytes());
     swapped[pos + 33..pos + 65].copy_from_slice(lo.as_bytes());
@@ -202,44 +189,26 @@ fn bad_bool_is_rejected() {
     let mut bad = msg.clone();
     bad[1] = 2;
     assert!(chitchat_proto::codec::decode::<(u8, bool)>(&bad, 16).is_err());
-    assert_eq!(
-        chitchat_proto::codec::decode::<(u8, bool)>(&msg, 16),
-        Ok((7, true))
-    );
+    assert_eq!(chitchat_proto::codec::decode::<(u8, bool)>(&msg, 16), Ok((7, true)));
 }
 
 #[test]
 fn frame_limits_and_versions() {
-    let req = Request::Fetch {
-        after: None,
-        max: 10,
-    };
+    let req = Request::Fetch { after: None, max: 10 };
     let mut frame = wire::encode_frame(&req).expect("encode");
     assert_eq!(wire::decode_frame::<Request>(&frame), Ok(req));
     frame[0] = 2;
     assert_eq!(
         wire::decode_frame::<Request>(&frame),
-        Err(DecodeError::UnsupportedVersion {
-            got: 2,
-            supported: wire::PROTOCOL_VERSION
-        })
+        Err(DecodeError::UnsupportedVersion { got: 2, supported: wire::PROTOCOL_VERSION })
     );
     let huge = vec![0u8; wire::MAX_FRAME_LEN + 1];
-    assert!(matches!(
-        wire::decode_frame::<Request>(&huge),
-        Err(DecodeError::TooLarge { .. })
-    ));
-    let too_many = Request::Fetch {
-        after: None,
-        max: wire::MAX_FETCH_ITEMS + 1,
-    };
+    assert!(matches!(wire::decode_frame::<Request>(&huge), Err(DecodeError::TooLarge { .. })));
+    let too_many = Request::Fetch { after: None, max: wire::MAX_FETCH_ITEMS + 1 };
     let frame = wire::encode_frame(&too_many).expect("encode");
     assert_eq!(
         wire::decode_frame::<Request>(&frame),
         Err(DecodeError::Invalid("fetch max too large"))
     );
-    assert!(matches!(
-        wire::decode_frame::<Request>(&[]),
-        Err(DecodeError::Malformed(_))
-    ));
+    assert!(matches!(wire::decode_frame::<Request>(&[]), Err(DecodeError::Malformed(_))));
 }

@@ -28,19 +28,12 @@ fn dev(n: u8) -> DeviceId {
     DeviceId(key(n).public())
 }
 fn relay() -> RelayId {
-    RelayId {
-        host: "relay.example".into(),
-        key: key(200).public(),
-    }
+    RelayId { host: "relay.example".into(), key: key(200).public() }
 }
 
 /// Hex in lines of 32 bytes, so diffs show where an encoding changed.
 fn hex(bytes: &[u8]) -> String {
-    bytes
-        .chunks(32)
-        .map(hex::encode)
-        .collect::<Vec<_>>()
-        .join("\n")
+    bytes.chunks(32).map(hex::encode).collect::<Vec<_>>().join("\n")
 }
 
 fn sponsorship() -> Sponsorship {
@@ -65,10 +58,7 @@ fn dir() -> Dir {
             inbox_key: InboxSecret::from_seed(&[9; 32]).public(),
             linked: [dev(2)].into(),
             sponsorships: vec![sponsorship()],
-            profile: Profile {
-                display_name: "Alice".into(),
-                avatar: Some([3; 32]),
-            },
+            profile: Profile { display_name: "Alice".into(), avatar: Some([3; 32]) },
             revoked: false,
             issued: T0,
         },
@@ -76,15 +66,8 @@ fn dir() -> Dir {
 }
 
 fn cert() -> EpochCert {
-    let body = EpochCertBody {
-        channel: ChannelId([5; 32]),
-        epoch: 3,
-        hash: CommitHash([6; 32]),
-    };
-    EpochCert {
-        body,
-        signatures: vec![CertSignature::sign(&key(200), &body)],
-    }
+    let body = EpochCertBody { channel: ChannelId([5; 32]), epoch: 3, hash: CommitHash([6; 32]) };
+    EpochCert { body, signatures: vec![CertSignature::sign(&key(200), &body)] }
 }
 
 fn envelope() -> inbox::SealedEnvelope {
@@ -97,15 +80,8 @@ fn envelope() -> inbox::SealedEnvelope {
 fn identity_records() {
     insta::assert_snapshot!("sponsorship", hex(&sponsorship().to_bytes()));
     insta::assert_snapshot!("dir", hex(&dir().to_bytes()));
-    insta::assert_snapshot!(
-        "revocation",
-        hex(&Revocation::issue(&key(1), dev(2), T0).to_bytes())
-    );
-    let proof = AuthProof {
-        relay_host: "relay.example".into(),
-        device: dev(1),
-        nonce: [4; 32],
-    };
+    insta::assert_snapshot!("revocation", hex(&Revocation::issue(&key(1), dev(2), T0).to_bytes()));
+    let proof = AuthProof { relay_host: "relay.example".into(), device: dev(1), nonce: [4; 32] };
     insta::assert_snapshot!("auth_proof", hex(&encode(&proof)));
 }
 
@@ -113,10 +89,7 @@ fn identity_records() {
 fn ordering() {
     insta::assert_snapshot!("epoch_cert", hex(&cert().to_bytes()));
     let a = cert().body;
-    let b = EpochCertBody {
-        hash: CommitHash([7; 32]),
-        ..a
-    };
+    let b = EpochCertBody { hash: CommitHash([7; 32]), ..a };
     let eq = Equivocation::from_pair(
         (a, CertSignature::sign(&key(200), &a)),
         (b, CertSignature::sign(&key(200), &b)),
@@ -146,36 +119,18 @@ fn packs() {
     )
     .expect("pack");
     insta::assert_snapshot!("pack", hex(&pack.to_bytes()));
-    insta::assert_snapshot!(
-        "inclusion_proof",
-        hex(&pack.prove(2).expect("proof").to_bytes())
-    );
+    insta::assert_snapshot!("inclusion_proof", hex(&pack.prove(2).expect("proof").to_bytes()));
 }
 
 #[test]
 fn chat_content() {
-    let id = MessageId {
-        sender: dev(1),
-        seq: 4,
-    };
+    let id = MessageId { sender: dev(1), seq: 4 };
     let all = vec![
-        ChatContent::Text {
-            body: "hi *there*".into(),
-        },
-        ChatContent::Reply {
-            to: id,
-            body: "yes".into(),
-        },
-        ChatContent::Edit {
-            target: id,
-            body: "hi".into(),
-        },
+        ChatContent::Text { body: "hi *there*".into() },
+        ChatContent::Reply { to: id, body: "yes".into() },
+        ChatContent::Edit { target: id, body: "hi".into() },
         ChatContent::Delete { target: id },
-        ChatContent::Reaction {
-            target: id,
-            emoji: "👍".into(),
-            remove: false,
-        },
+        ChatContent::Reaction { target: id, emoji: "👍".into(), remove: false },
         ChatContent::Attachment {
             file: FileRef {
                 hash: [1; 32],
@@ -204,24 +159,13 @@ fn channel() {
         creator: dev(1),
     };
     insta::assert_snapshot!("channel_config", hex(&config.to_bytes()));
-    let app = ChannelMessage::Application {
-        message: vec![1, 2, 3],
-    };
-    let commit = ChannelMessage::Commit {
-        commit: vec![4, 5],
-        cert: cert(),
-    };
+    let app = ChannelMessage::Application { message: vec![1, 2, 3] };
+    let commit = ChannelMessage::Commit { commit: vec![4, 5], cert: cert() };
     insta::assert_snapshot!(
         "channel_message",
         format!("{}\n{}", hex(&app.to_bytes()), hex(&commit.to_bytes()))
     );
-    insta::assert_snapshot!(
-        "hlc",
-        hex(&encode(&Hlc {
-            wall_ms: T0.0,
-            counter: 2
-        }))
-    );
+    insta::assert_snapshot!("hlc", hex(&encode(&Hlc { wall_ms: T0.0, counter: 2 })));
 }
 
 #[test]
@@ -232,27 +176,16 @@ fn relay_protocol_frames() {
             device: dev(1),
             signature: AuthProof::sign(&key(1), "relay.example", [4; 32]),
         },
-        Request::Register {
-            token: Some("tok".into()),
-            local_name: "alice".into(),
-            dir: dir(),
-        },
+        Request::Register { token: Some("tok".into()), local_name: "alice".into(), dir: dir() },
         Request::PublishDir { dir: dir() },
-        Request::Lookup {
-            local_name: "alice".into(),
-        },
+        Request::Lookup { local_name: "alice".into() },
         Request::UploadKeyPackages {
             packages: vec![Bytes(vec![1, 2])],
             last_resort: Some(Bytes(vec![3])),
         },
         Request::ClaimKeyPackage { device: dev(2) },
-        Request::Enqueue {
-            envelope: envelope(),
-        },
-        Request::Fetch {
-            after: Some(10),
-            max: 100,
-        },
+        Request::Enqueue { envelope: envelope() },
+        Request::Fetch { after: Some(10), max: 100 },
         Request::Ack { ids: vec![11, 12] },
         Request::SubmitCommit(CommitSubmission {
             channel: ChannelId([5; 32]),
@@ -265,21 +198,13 @@ fn relay_protocol_frames() {
     let responses = vec![
         Response::Challenge { nonce: [4; 32] },
         Response::Authenticated,
-        Response::Registered {
-            sponsorship: sponsorship(),
-        },
+        Response::Registered { sponsorship: sponsorship() },
         Response::DirPublished,
         Response::Dirs(vec![dir()]),
         Response::KeyPackagesStored { available: 5 },
         Response::KeyPackage(vec![1, 2]),
         Response::Enqueued { id: 9 },
-        Response::Items {
-            items: vec![InboxItem {
-                id: 9,
-                envelope: envelope(),
-            }],
-            more: false,
-        },
+        Response::Items { items: vec![InboxItem { id: 9, envelope: envelope() }], more: false },
         Response::Acked,
         Response::CommitAccepted { cert: cert() },
         Response::CommitConflict {
@@ -291,30 +216,18 @@ fn relay_protocol_frames() {
             },
         },
         Response::Error {
-            code: ErrorCode::QuotaExceeded {
-                retry_after_ms: 1000,
-            },
+            code: ErrorCode::QuotaExceeded { retry_after_ms: 1000 },
             message: "inbox full".into(),
         },
     ];
     let frames = |v: Vec<String>| v.join("\n--\n");
     insta::assert_snapshot!(
         "requests",
-        frames(
-            requests
-                .iter()
-                .map(|r| hex(&wire::encode_frame(r).expect("frame")))
-                .collect()
-        )
+        frames(requests.iter().map(|r| hex(&wire::encode_frame(r).expect("frame"))).collect())
     );
     insta::assert_snapshot!(
         "responses",
-        frames(
-            responses
-                .iter()
-                .map(|r| hex(&wire::encode_frame(r).expect("frame")))
-                .collect()
-        )
+        frames(responses.iter().map(|r| hex(&wire::encode_frame(r).expect("frame"))).collect())
     );
     // Every frozen frame still decodes to the value it came from.
     for r in &requests {

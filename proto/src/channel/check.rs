@@ -26,15 +26,10 @@ pub struct KnownDirs<'a, T: RelayTrust> {
 
 impl<T: RelayTrust> CredentialCheck for KnownDirs<'_, T> {
     fn check(&self, device: DeviceId) -> Result<(), String> {
-        let dir = self
-            .dirs
-            .get(&device)
-            .ok_or("no identity record for the device")?;
+        let dir = self.dirs.get(&device).ok_or("no identity record for the device")?;
         if dir.device() != device {
             return Err("identity record is for another device".into());
         }
-        dir.verify(self.trust, self.now)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        dir.verify(self.trust, self.now).map(|_| ()).map_err(|e| e.to_string())
     }
 }

@@ -295,10 +295,7 @@ impl Identity {
             key.seed().to_vec(),
             public.0.to_vec(),
         );
-        Self {
-            device: DeviceId(public),
-            signer,
-        }
+        Self { device: DeviceId(public), signer }
     }
 
     /// The device.
@@ -332,10 +329,7 @@ impl Identity {
         let bundle = builder
             .build(CIPHERSUITE, provider, &self.signer, self.credential())
             .map_err(mls_err)?;
-        bundle
-            .key_package()
-            .tls_serialize_detached()
-            .map_err(mls_err)
+        bundle.key_package().tls_serialize_detached().map_err(mls_err)
     }
 }
 
@@ -346,9 +340,7 @@ pub fn credential_device(credential: &Credential) -> Option<DeviceId> {
 }
 
 fn capabilities() -> Capabilities {
-    Capabilities::builder()
-        .extensions(vec![ExtensionType::Unknown(CONFIG_EXTENSION_TYPE)])
-        .build()
+    Capabilities::builder().extensions(vec![ExtensionType::Unknown(CONFIG_EXTENSION_TYPE)]).build()
 }
 
 /// Durable state of a [`Channel`] beyond what openmls stores: the caller persists it next to
@@ -448,12 +440,7 @@ impl Channel {
             .map_err(mls_err)?
             .ok_or_else(|| ChannelError::Mls("group not in storage".into()))?;
         let config = read_config(group.extensions())?;
-        Ok(Self {
-            group,
-            config,
-            state,
-            buffered: VecDeque::new(),
-        })
+        Ok(Self { group, config, state, buffered: VecDeque::new() })
     }
 
     fn from_group(group: MlsGroup, config: ChannelConfig, id: ChannelId) -> Self {
@@ -464,12 +451,7 @@ impl Channel {
             seen: SeenIds::default(),
             pending: None,
         };
-        Self {
-            group,
-            config,
-            state,
-            buffered: VecDeque::new(),
-        }
+        Self { group, config, state, buffered: VecDeque::new() }
     }
 
     /// The channel's id.
@@ -499,10 +481,7 @@ impl Channel {
 
     /// The member devices, in leaf order.
     pub fn members(&self) -> Vec<DeviceId> {
-        self.group
-            .members()
-            .filter_map(|m| credential_device(&m.credential))
-            .collect()
+        self.group.members().filter_map(|m| credential_device(&m.credential)).collect()
     }
 
     /// The epoch authenticator of the current epoch. Members gossip it, so a fork is detected.
@@ -579,14 +558,7 @@ impl Channel {
         let epoch = self.epoch();
         let hash = commit_hash(&commit);
         self.state.pending = Some((epoch, hash));
-        Ok(StagedCommit {
-            epoch,
-            hash,
-            commit,
-            welcome,
-            added,
-            removed: change.remove.clone(),
-        })
+        Ok(StagedCommit { epoch, hash, commit, welcome, added, removed: change.remove.clone() })
     }
 
     /// Merges this device's staged commit, now that the orderers certified it.
@@ -594,27 +566,21 @@ impl Channel {
         &mut self,
         provider: &P,
         cert: &EpochCert,
-        check: &impl CredentialCheck,
     ) -> Result<Vec<ChannelEvent>, ChannelError> {
         let (epoch, hash) = self.state.pending.ok_or(ChannelError::NoPendingCommit)?;
-        let body = EpochCertBody {
-            channel: self.state.id,
-            epoch,
-            hash,
-        };
+        let body = EpochCertBody { channel: self.state.id, epoch, hash };
         cert.verify_for(&body, &self.config.orderers())?;
-        let before = self.members();
+        let staged = self.group.pending_commit().ok_or(ChannelError::NoPendingCommit)?;
+        let delta = self.membership_delta(staged);
         self.group.merge_pending_commit(provider).map_err(mls_err)?;
         self.state.pending = None;
-        self.after_merge(provider, before, check)
+        self.after_merge(delta)
     }
 
     /// Drops this device's staged commit (another commit won its epoch). Call before processing
     /// the winner, then rebuild the change on the new epoch.
     pub fn discard_own<P: OpenMlsProvider>(&mut self, provider: &P) -> Result<(), ChannelError> {
-        self.group
-            .clear_pending_commit(provider.storage())
-            .map_err(mls_err)?;
+        self.group.clear_pending_commit(provider.storage()).map_err(mls_err)?;
         self.state.pending = None;
         Ok(())
     }
@@ -629,16 +595,10 @@ impl Channel {
         payload: &[u8],
     ) -> Result<(MessageId, ChannelMessage), ChannelError> {
         self.ensure_active()?;
-        let id = MessageId {
-            sender: me.device,
-            seq: self.state.next_seq,
-        };
+        let id = MessageId { sender: me.device, seq: self.state.next_seq };
         let hlc = self.state.clock.tick(now);
         self.group.set_aad(encode(&AppAad { id, hlc }));
-        let out = self
-            .group
-            .create_message(provider, &me.signer, payload)
-            .map_err(mls_err)?;
+        let out = self.group.create_message(provider, &me.signer, payload).map_err(mls_err)?;
         self.state.next_seq += 1;
         self.state.seen.insert(id);
         let message = out.tls_serialize_detached().map_err(mls_err)?;
@@ -720,23 +680,15 @@ impl Channel {
         }
         let epoch = self.epoch();
         let hash = commit_hash(commit);
-        let body = EpochCertBody {
-            channel: self.state.id,
-            epoch,
-            hash,
-        };
+        let body = EpochCertBody { channel: self.state.id, epoch, hash };
         cert.verify_for(&body, &self.config.orderers())?;
         if self.state.pending == Some((epoch, hash)) {
-            return self.accept_own(provider, cert, check);
+            return self.accept_own(provider, cert);
         }
         if self.state.pending.is_some() || self.group.pending_commit().is_some() {
             self.discard_own(provider)?;
         }
-        let before = self.members();
-        let processed = self
-            .group
-            .process_message(provider, protocol)
-            .map_err(mls_err)?;
+        let processed = self.group.process_message(provider, protocol).map_err(mls_err)?;
         let committer = credential_device(processed.credential());
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);
@@ -749,31 +701,34 @@ impl Channel {
         if changes_membership && !committer.is_some_and(|c| self.is_admin(c)) {
             return Err(ChannelError::NotAdmin);
         }
-        self.group
-            .merge_staged_commit(provider, *staged)
-            .map_err(mls_err)?;
-        self.after_merge(provider, before, check)
+        let delta = self.membership_delta(&staged);
+        self.group.merge_staged_commit(provider, *staged).map_err(mls_err)?;
+        self.after_merge(delta)
     }
 
-    fn after_merge<P: OpenMlsProvider>(
+    /// The devices a staged commit adds and removes, read from its proposals (not from a scan
+    /// of the whole member list).
+    fn membership_delta(
+        &self,
+        staged: &openmls::group::StagedCommit,
+    ) -> (Vec<DeviceId>, Vec<DeviceId>) {
+        let added = staged
+            .add_proposals()
+            .filter_map(|p| credential_device(p.add_proposal().key_package().leaf_node().credential()))
+            .collect();
+        let removed = staged
+            .remove_proposals()
+            .filter_map(|p| self.group.member(p.remove_proposal().removed()))
+            .filter_map(credential_device)
+            .collect();
+        (added, removed)
+    }
+
+    fn after_merge(
         &mut self,
-        provider: &P,
-        before: Vec<DeviceId>,
-        _check: &impl CredentialCheck,
+        (added, removed): (Vec<DeviceId>, Vec<DeviceId>),
     ) -> Result<Vec<ChannelEvent>, ChannelError> {
-        let _ = provider;
         self.config = read_config(self.group.extensions())?;
-        let after = self.members();
-        let added = after
-            .iter()
-            .filter(|d| !before.contains(d))
-            .copied()
-            .collect();
-        let removed = before
-            .iter()
-            .filter(|d| !after.contains(d))
-            .copied()
-            .collect();
         Ok(vec![ChannelEvent::CommitApplied {
             epoch: self.epoch(),
             added,
@@ -801,10 +756,7 @@ impl Channel {
             return Ok(ChannelEvent::Duplicate(aad.id));
         }
         let epoch = protocol.epoch().as_u64();
-        let processed = self
-            .group
-            .process_message(provider, protocol)
-            .map_err(mls_err)?;
+        let processed = self.group.process_message(provider, protocol).map_err(mls_err)?;
         if credential_device(processed.credential()) != Some(aad.id.sender) {
             return Err(ChannelError::ForgedId);
         }
@@ -813,12 +765,7 @@ impl Channel {
         };
         self.state.seen.insert(aad.id);
         self.state.clock.observe(aad.hlc, now);
-        Ok(ChannelEvent::Message {
-            id: aad.id,
-            hlc: aad.hlc,
-            epoch,
-            payload: app.into_bytes(),
-        })
+        Ok(ChannelEvent::Message { id: aad.id, hlc: aad.hlc, epoch, payload: app.into_bytes() })
     }
 
     fn release_buffered<P: OpenMlsProvider>(
@@ -829,9 +776,8 @@ impl Channel {
         events: &mut Vec<ChannelEvent>,
     ) {
         let current = self.epoch();
-        let (ready, later): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.buffered)
-            .into_iter()
-            .partition(|(e, _)| *e <= current);
+        let (ready, later): (VecDeque<_>, VecDeque<_>) =
+            std::mem::take(&mut self.buffered).into_iter().partition(|(e, _)| *e <= current);
         self.buffered = later;
         for (_, message) in ready {
             // A buffered message that now fails is dropped, as it would have been on arrival.
@@ -847,11 +793,7 @@ impl Channel {
     }
 
     fn ensure_active(&self) -> Result<(), ChannelError> {
-        if self.group.is_active() {
-            Ok(())
-        } else {
-            Err(ChannelError::Inactive)
-        }
+        if self.group.is_active() { Ok(()) } else { Err(ChannelError::Inactive) }
     }
 }
 
@@ -890,10 +832,7 @@ fn check_credential(
     })?;
     check
         .check(device)
-        .map_err(|reason| ChannelError::Credential {
-            device: Some(device),
-            reason,
-        })?;
+        .map_err(|reason| ChannelError::Credential { device: Some(device), reason })?;
     Ok(device)
 }
 

@@ -31,19 +31,13 @@ pub(crate) struct SeenIds {
 
 impl SeenIds {
     pub(crate) fn contains(&self, id: &MessageId) -> bool {
-        self.senders
-            .get(&id.sender)
-            .is_some_and(|s| id.seq < s.floor || s.above.contains(&id.seq))
+        self.senders.get(&id.sender).is_some_and(|s| id.seq < s.floor || s.above.contains(&id.seq))
     }
 
     pub(crate) fn insert(&mut self, id: MessageId) {
         if !self.senders.contains_key(&id.sender) && self.senders.len() >= MAX_SENDERS {
             // Forget the sender with the lowest floor: its messages are the oldest.
-            let victim = self
-                .senders
-                .iter()
-                .min_by_key(|(_, s)| s.floor)
-                .map(|(d, _)| *d);
+            let victim = self.senders.iter().min_by_key(|(_, s)| s.floor).map(|(d, _)| *d);
             if let Some(d) = victim {
                 self.senders.remove(&d);
             }

@@ -27,16 +27,8 @@ struct Relay {
 impl Relay {
     fn new() -> Self {
         let key = SecretKey::from_seed([200; 32]);
-        let id = RelayId {
-            host: "relay.test".into(),
-            key: key.public(),
-        };
-        Self {
-            key,
-            id,
-            ordering: OrderingState::default(),
-            commits: BTreeMap::new(),
-        }
+        let id = RelayId { host: "relay.test".into(), key: key.public() };
+        Self { key, id, ordering: OrderingState::default(), commits: BTreeMap::new() }
     }
 
     /// Orders a staged commit: `Ok(cert)` if it won, `Err(winner)` if another did.
@@ -46,25 +38,13 @@ impl Relay {
         by: DeviceId,
         s: &StagedCommit,
     ) -> Result<EpochCert, CommitRef> {
-        let r = CommitRef {
-            channel,
-            epoch: s.epoch,
-            hash: s.hash,
-            submitter: by,
-        };
+        let r = CommitRef { channel, epoch: s.epoch, hash: s.hash, submitter: by };
         match self.ordering.apply(&OrderingCommand::Submit(r)) {
             Outcome::Accepted(w) => {
-                let body = EpochCertBody {
-                    channel,
-                    epoch: w.epoch,
-                    hash: w.hash,
-                };
-                let cert = EpochCert {
-                    body,
-                    signatures: vec![CertSignature::sign(&self.key, &body)],
-                };
-                self.commits
-                    .insert(w.hash, (s.commit.clone(), cert.clone()));
+                let body = EpochCertBody { channel, epoch: w.epoch, hash: w.hash };
+                let cert =
+                    EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] };
+                self.commits.insert(w.hash, (s.commit.clone(), cert.clone()));
                 Ok(cert)
             }
             Outcome::Conflict { winner } => Err(winner),
@@ -128,10 +108,7 @@ const MALLORY: usize = 4;
 impl World {
     fn new() -> Self {
         let relay = Relay::new();
-        let trust = TrustedRelays {
-            relays: vec![relay.id.clone()],
-            ..Default::default()
-        };
+        let trust = TrustedRelays { relays: vec![relay.id.clone()], ..Default::default() };
         let mut w = Self {
             now: Timestamp(1_700_000_000_000),
             relay,
@@ -148,12 +125,7 @@ impl World {
         };
         let alice = w.devices[ALICE].id();
         let alice2 = w.devices[ALICE2].id();
-        for (i, name) in [
-            (ALICE, "alice"),
-            (BOB, "bob"),
-            (CAROL, "carol"),
-            (ALICE2, "alice"),
-        ] {
+        for (i, name) in [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol"), (ALICE2, "alice")] {
             let linked = match i {
                 ALICE => [alice2].into(),
                 ALICE2 => [alice].into(),
@@ -194,10 +166,7 @@ impl World {
             inbox_key: [i as u8; 32],
             linked,
             sponsorships,
-            profile: Profile {
-                display_name: d.name.into(),
-                avatar: None,
-            },
+            profile: Profile { display_name: d.name.into(), avatar: None },
             revoked: false,
             issued: self.now,
         };
@@ -209,11 +178,7 @@ impl World {
     }
 
     fn channel_id(&self) -> ChannelId {
-        self.devices[ALICE]
-            .channel
-            .as_ref()
-            .expect("alice in channel")
-            .id()
+        self.devices[ALICE].channel.as_ref().expect("alice in channel").id()
     }
 
     fn create(&mut self) {
@@ -231,17 +196,10 @@ impl World {
 
     /// Stages `change` at `who`, without submitting.
     fn stage(&mut self, who: usize, change: &Change) -> Result<StagedCommit, ChannelError> {
-        let check = KnownDirs {
-            dirs: &self.dirs,
-            trust: &self.trust,
-            now: self.now,
-        };
+        let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
         let d = &mut self.devices[who];
         let (provider, me) = (&d.provider, &d.me);
-        d.channel
-            .as_mut()
-            .expect("member")
-            .stage(provider, me, change, &check)
+        d.channel.as_mut().expect("member").stage(provider, me, change, &check)
     }
 
     /// Submits a staged commit. On acceptance: merge, fan the commit out to the other members,
@@ -250,33 +208,26 @@ impl World {
         let channel = self.channel_id();
         let by = self.devices[who].id();
         let cert = self.relay.submit(channel, by, staged)?;
-        let check = KnownDirs {
-            dirs: &self.dirs,
-            trust: &self.trust,
-            now: self.now,
-        };
         let d = &mut self.devices[who];
         let events = d
             .channel
             .as_mut()
             .expect("member")
-            .accept_own(&d.provider, &cert, &check)
+            .accept_own(&d.provider, &cert)
             .expect("merge own");
-        assert!(matches!(events[0], ChannelEvent::CommitApplied { .. }));
-        let msg = ChannelMessage::Commit {
-            commit: staged.commit.clone(),
-            cert,
-        };
+        match &events[0] {
+            ChannelEvent::CommitApplied { added, removed, self_removed: false, .. } => {
+                assert_eq!((added, removed), (&staged.added, &staged.removed));
+            }
+            other => panic!("expected the commit applied, got {other:?}"),
+        }
+        let msg = ChannelMessage::Commit { commit: staged.commit.clone(), cert };
         self.fanout(who, &msg, &staged.removed);
         // The Welcome is delivered only now that the commit is ordered.
         if let Some(welcome) = &staged.welcome {
             for new in &staged.added {
                 let i = self.index_of(*new);
-                let check = KnownDirs {
-                    dirs: &self.dirs,
-                    trust: &self.trust,
-                    now: self.now,
-                };
+                let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
                 let d = &mut self.devices[i];
                 d.channel = Some(Channel::join(&d.provider, welcome, &check).expect("join"));
             }
@@ -297,10 +248,7 @@ impl World {
     }
 
     fn index_of(&self, device: DeviceId) -> usize {
-        self.devices
-            .iter()
-            .position(|d| d.id() == device)
-            .expect("known device")
+        self.devices.iter().position(|d| d.id() == device).expect("known device")
     }
 
     fn send(&mut self, who: usize, text: &str) -> MessageId {
@@ -342,11 +290,7 @@ impl World {
         i: usize,
         msg: ChannelMessage,
     ) -> Result<Vec<ChannelEvent>, ChannelError> {
-        let check = KnownDirs {
-            dirs: &self.dirs,
-            trust: &self.trust,
-            now: self.now,
-        };
+        let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
         let now = self.now;
         let d = &mut self.devices[i];
         let Some(channel) = d.channel.as_mut() else {
@@ -365,20 +309,12 @@ impl World {
 
     fn epoch_authenticators(&self, who: &[usize]) -> Vec<Vec<u8>> {
         who.iter()
-            .map(|i| {
-                self.devices[*i]
-                    .channel
-                    .as_ref()
-                    .expect("member")
-                    .epoch_authenticator()
-            })
+            .map(|i| self.devices[*i].channel.as_ref().expect("member").epoch_authenticator())
             .collect()
     }
 
     fn epochs(&self, who: &[usize]) -> Vec<u64> {
-        who.iter()
-            .map(|i| self.devices[*i].channel.as_ref().expect("member").epoch())
-            .collect()
+        who.iter().map(|i| self.devices[*i].channel.as_ref().expect("member").epoch()).collect()
     }
 }
 
@@ -410,18 +346,11 @@ fn drive_intent(w: &mut World, who: usize, intent: &mut Intent<Change>) -> u32 {
                 // Lost: drop the staged commit, apply the winner, then rebuild.
                 let (commit, cert) = w.relay.commits[&winner.hash].clone();
                 let d = &mut w.devices[who];
-                d.channel
-                    .as_mut()
-                    .expect("member")
-                    .discard_own(&d.provider)
-                    .expect("discard");
+                d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
                 let events = w
                     .process(who, ChannelMessage::Commit { commit, cert })
                     .expect("winner applies");
-                assert!(
-                    matches!(events[0], ChannelEvent::CommitApplied { .. }),
-                    "{events:?}"
-                );
+                assert!(matches!(events[0], ChannelEvent::CommitApplied { .. }), "{events:?}");
                 let jitter = w.rng.next_u64();
                 intent.lost(w.now, jitter);
             }
@@ -437,10 +366,7 @@ fn alice_bob_carol_and_alice2_converge() {
 
     // Alice adds Bob and her second device in one commit.
     let change = Change {
-        add: vec![
-            w.devices[BOB].key_package(),
-            w.devices[ALICE2].key_package(),
-        ],
+        add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()],
         ..Default::default()
     };
     let staged = w.stage(ALICE, &change).expect("stage");
@@ -455,10 +381,7 @@ fn alice_bob_carol_and_alice2_converge() {
     all_equal(&w.epochs(&[ALICE, BOB, ALICE2]));
     all_equal(&w.epoch_authenticators(&[ALICE, BOB, ALICE2]));
     assert_eq!(
-        w.devices[BOB]
-            .channel
-            .as_ref()
-            .map(|c| c.config().name.clone()),
+        w.devices[BOB].channel.as_ref().map(|c| c.config().name.clone()),
         Some("general".into())
     );
 
@@ -468,23 +391,13 @@ fn alice_bob_carol_and_alice2_converge() {
     w.send(ALICE2, "alice here, from my laptop");
     w.deliver_all();
     for i in [ALICE, BOB, ALICE2] {
-        assert_eq!(
-            w.devices[i].shown.len(),
-            3,
-            "{} sees all three",
-            w.devices[i].name
-        );
+        assert_eq!(w.devices[i].shown.len(), 3, "{} sees all three", w.devices[i].name);
     }
     // A replayed message is reported as a duplicate, not shown again.
     let replay = {
         let d = &mut w.devices[ALICE];
         let (provider, me) = (&d.provider, &d.me);
-        d.channel
-            .as_mut()
-            .expect("member")
-            .send(provider, me, w.now, b"once")
-            .expect("send")
-            .1
+        d.channel.as_mut().expect("member").send(provider, me, w.now, b"once").expect("send").1
     };
     for _ in 0..3 {
         w.devices[BOB].inbox.push_back(replay.clone());
@@ -496,41 +409,24 @@ fn alice_bob_carol_and_alice2_converge() {
     assert!(bob.shown.iter().any(|(id, _)| *id == m1));
 
     // Concurrent commits: Bob adds Carol while Alice2 refreshes her key, on the same epoch.
-    let add_carol = Change {
-        add: vec![w.devices[CAROL].key_package()],
-        ..Default::default()
-    };
-    let update = Change {
-        update: true,
-        ..Default::default()
-    };
+    let add_carol = Change { add: vec![w.devices[CAROL].key_package()], ..Default::default() };
+    let update = Change { update: true, ..Default::default() };
     let staged_bob = w.stage(BOB, &add_carol).expect("stage");
     let staged_a2 = w.stage(ALICE2, &update).expect("stage");
     assert_eq!(staged_bob.epoch, staged_a2.epoch);
     w.submit(ALICE2, &staged_a2).expect("alice2 is first");
     let winner = w.submit(BOB, &staged_bob).expect_err("bob loses epoch 1");
-    assert_eq!(
-        winner.hash, staged_a2.hash,
-        "the rejection names the winner"
-    );
+    assert_eq!(winner.hash, staged_a2.hash, "the rejection names the winner");
     // Bob rebuilds his change on the new epoch through an intent.
     let (commit, cert) = w.relay.commits[&winner.hash].clone();
     {
         let d = &mut w.devices[BOB];
-        d.channel
-            .as_mut()
-            .expect("member")
-            .discard_own(&d.provider)
-            .expect("discard");
+        d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
     }
-    w.devices[BOB]
-        .inbox
-        .push_front(ChannelMessage::Commit { commit, cert });
+    w.devices[BOB].inbox.push_front(ChannelMessage::Commit { commit, cert });
     let events = w.deliver_all();
     assert!(
-        events
-            .iter()
-            .any(|(i, e)| *i == BOB && matches!(e, ChannelEvent::CommitApplied { .. }))
+        events.iter().any(|(i, e)| *i == BOB && matches!(e, ChannelEvent::CommitApplied { .. }))
     );
     // The winner's echo reaching Bob again is stale, not an error.
     let mut intent = Intent::new(add_carol, w.now);
@@ -539,48 +435,35 @@ fn alice_bob_carol_and_alice2_converge() {
     let members = [ALICE, BOB, CAROL, ALICE2];
     all_equal(&w.epochs(&members));
     all_equal(&w.epoch_authenticators(&members));
-    assert_eq!(
-        w.devices[CAROL].channel.as_ref().map(|c| c.members().len()),
-        Some(4)
-    );
+    assert_eq!(w.devices[CAROL].channel.as_ref().map(|c| c.members().len()), Some(4));
 
     // Carol's first message reaches everyone.
     w.send(CAROL, "thanks for having me");
     w.deliver_all();
     for i in members {
-        assert!(
-            w.devices[i]
-                .shown
-                .iter()
-                .any(|(_, p)| p == b"thanks for having me")
-        );
+        assert!(w.devices[i].shown.iter().any(|(_, p)| p == b"thanks for having me"));
     }
 
     // Alice removes Bob. Bob learns he was removed and can no longer send.
-    let remove = Change {
-        remove: vec![w.devices[BOB].id()],
-        ..Default::default()
-    };
+    let remove = Change { remove: vec![w.devices[BOB].id()], ..Default::default() };
     let staged = w.stage(ALICE, &remove).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     let events = w.deliver_all();
-    assert!(events.iter().any(|(i, e)| *i == BOB
-        && matches!(
-            e,
-            ChannelEvent::CommitApplied {
-                self_removed: true,
-                ..
-            }
-        )));
+    assert!(
+        events.iter().any(|(i, e)| *i == BOB
+            && matches!(e, ChannelEvent::CommitApplied { self_removed: true, .. }))
+    );
     assert!(!w.devices[BOB].channel.as_ref().expect("kept").is_active());
+    let bob_id = w.devices[BOB].id();
+    let carol_saw = events.iter().find_map(|(i, e)| match e {
+        ChannelEvent::CommitApplied { added, removed, .. } if *i == CAROL => Some((added, removed)),
+        _ => None,
+    });
+    assert_eq!(carol_saw, Some((&vec![], &vec![bob_id])), "Carol sees exactly Bob removed");
     let d = &mut w.devices[BOB];
     let (provider, me) = (&d.provider, &d.me);
     assert_eq!(
-        d.channel
-            .as_mut()
-            .expect("kept")
-            .send(provider, me, w.now, b"x")
-            .map(|_| ()),
+        d.channel.as_mut().expect("kept").send(provider, me, w.now, b"x").map(|_| ()),
         Err(ChannelError::Inactive)
     );
 
@@ -590,12 +473,7 @@ fn alice_bob_carol_and_alice2_converge() {
     w.deliver_all();
     all_equal(&w.epochs(&remaining));
     all_equal(&w.epoch_authenticators(&remaining));
-    assert!(
-        !w.devices[BOB]
-            .shown
-            .iter()
-            .any(|(_, p)| p == b"bob is gone")
-    );
+    assert!(!w.devices[BOB].shown.iter().any(|(_, p)| p == b"bob is gone"));
     for i in remaining {
         assert!(w.devices[i].shown.iter().any(|(_, p)| p == b"bob is gone"));
     }
@@ -608,10 +486,7 @@ fn concurrent_commits_every_epoch_has_one_winner() {
     let mut w = World::new();
     w.create();
     let change = Change {
-        add: vec![
-            w.devices[BOB].key_package(),
-            w.devices[ALICE2].key_package(),
-        ],
+        add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()],
         ..Default::default()
     };
     let staged = w.stage(ALICE, &change).expect("stage");
@@ -619,14 +494,9 @@ fn concurrent_commits_every_epoch_has_one_winner() {
     w.deliver_all();
     let members = [ALICE, BOB, ALICE2];
     for round in 0..5 {
-        let update = Change {
-            update: true,
-            ..Default::default()
-        };
-        let staged: Vec<StagedCommit> = members
-            .iter()
-            .map(|i| w.stage(*i, &update).expect("stage"))
-            .collect();
+        let update = Change { update: true, ..Default::default() };
+        let staged: Vec<StagedCommit> =
+            members.iter().map(|i| w.stage(*i, &update).expect("stage")).collect();
         let mut winners = 0;
         let mut intents = Vec::new();
         for (k, i) in members.iter().enumerate() {
@@ -635,13 +505,8 @@ fn concurrent_commits_every_epoch_has_one_winner() {
                 Err(winner) => {
                     let (commit, cert) = w.relay.commits[&winner.hash].clone();
                     let d = &mut w.devices[*i];
-                    d.channel
-                        .as_mut()
-                        .expect("member")
-                        .discard_own(&d.provider)
-                        .expect("discard");
-                    w.process(*i, ChannelMessage::Commit { commit, cert })
-                        .expect("winner applies");
+                    d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
+                    w.process(*i, ChannelMessage::Commit { commit, cert }).expect("winner applies");
                     let mut intent = Intent::new(update.clone(), w.now);
                     intent.published(staged[k].epoch, staged[k].hash);
                     intent.lost(w.now, round);
@@ -649,10 +514,7 @@ fn concurrent_commits_every_epoch_has_one_winner() {
                 }
             }
         }
-        assert_eq!(
-            winners, 1,
-            "round {round}: exactly one commit wins the epoch"
-        );
+        assert_eq!(winners, 1, "round {round}: exactly one commit wins the epoch");
         // Drain echoes (now stale for those who already applied them).
         w.deliver_all();
         for (i, mut intent) in intents {
@@ -662,10 +524,7 @@ fn concurrent_commits_every_epoch_has_one_winner() {
         all_equal(&w.epochs(&members));
         all_equal(&w.epoch_authenticators(&members));
     }
-    assert_eq!(
-        w.devices[ALICE].channel.as_ref().map(Channel::epoch),
-        Some(1 + 5 * 3)
-    );
+    assert_eq!(w.devices[ALICE].channel.as_ref().map(Channel::epoch), Some(1 + 5 * 3));
 }
 
 #[test]
@@ -673,25 +532,14 @@ fn future_epoch_messages_wait_for_their_commit() {
     let mut w = World::new();
     w.create();
     let change = Change {
-        add: vec![
-            w.devices[BOB].key_package(),
-            w.devices[ALICE2].key_package(),
-        ],
+        add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()],
         ..Default::default()
     };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
     // Alice commits and sends at the new epoch; Bob gets the message before the commit.
-    let staged = w
-        .stage(
-            ALICE,
-            &Change {
-                update: true,
-                ..Default::default()
-            },
-        )
-        .expect("stage");
+    let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     let commit = w.devices[BOB].inbox.pop_back().expect("commit queued");
     w.send(ALICE, "from epoch 2");
@@ -699,10 +547,7 @@ fn future_epoch_messages_wait_for_their_commit() {
     let events = w.process(BOB, msg).expect("buffered");
     assert_eq!(events, vec![ChannelEvent::Buffered { epoch: 2 }]);
     let events = w.process(BOB, commit).expect("commit");
-    assert!(matches!(
-        events[0],
-        ChannelEvent::CommitApplied { epoch: 2, .. }
-    ));
+    assert!(matches!(events[0], ChannelEvent::CommitApplied { epoch: 2, .. }));
     assert!(
         matches!(&events[1], ChannelEvent::Message { payload, .. } if payload == b"from epoch 2")
     );
@@ -713,112 +558,44 @@ fn uncertified_and_unsponsored_are_rejected() {
     let mut w = World::new();
     w.create();
     // Mallory has no sponsorship: Alice refuses to add her.
-    let change = Change {
-        add: vec![w.devices[MALLORY].key_package()],
-        ..Default::default()
-    };
-    assert!(matches!(
-        w.stage(ALICE, &change),
-        Err(ChannelError::Credential { .. })
-    ));
+    let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
+    assert!(matches!(w.stage(ALICE, &change), Err(ChannelError::Credential { .. })));
     // An unknown device too.
     let stranger = Device::new("stranger", 99);
-    let change = Change {
-        add: vec![stranger.key_package()],
-        ..Default::default()
-    };
-    assert!(matches!(
-        w.stage(ALICE, &change),
-        Err(ChannelError::Credential { .. })
-    ));
+    let change = Change { add: vec![stranger.key_package()], ..Default::default() };
+    assert!(matches!(w.stage(ALICE, &change), Err(ChannelError::Credential { .. })));
     // Garbage is a typed error.
-    let change = Change {
-        add: vec![crate::codec::Bytes::from(vec![1, 2, 3])],
-        ..Default::default()
-    };
-    assert!(matches!(
-        w.stage(ALICE, &change),
-        Err(ChannelError::Malformed(_))
-    ));
+    let change =
+        Change { add: vec![crate::codec::Bytes::from(vec![1, 2, 3])], ..Default::default() };
+    assert!(matches!(w.stage(ALICE, &change), Err(ChannelError::Malformed(_))));
 
-    let change = Change {
-        add: vec![w.devices[BOB].key_package()],
-        ..Default::default()
-    };
+    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
 
     // A commit certified by someone who is not an orderer is not applied.
-    let staged = w
-        .stage(
-            ALICE,
-            &Change {
-                update: true,
-                ..Default::default()
-            },
-        )
-        .expect("stage");
-    let body = EpochCertBody {
-        channel: w.channel_id(),
-        epoch: staged.epoch,
-        hash: staged.hash,
-    };
+    let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
+    let body = EpochCertBody { channel: w.channel_id(), epoch: staged.epoch, hash: staged.hash };
     let forger = SecretKey::from_seed([66; 32]);
-    let cert = EpochCert {
-        body,
-        signatures: vec![CertSignature::sign(&forger, &body)],
-    };
+    let cert = EpochCert { body, signatures: vec![CertSignature::sign(&forger, &body)] };
     let err = w
-        .process(
-            BOB,
-            ChannelMessage::Commit {
-                commit: staged.commit.clone(),
-                cert,
-            },
-        )
+        .process(BOB, ChannelMessage::Commit { commit: staged.commit.clone(), cert })
         .expect_err("rejected");
-    assert!(matches!(
-        err,
-        ChannelError::Cert(CertError::NoQuorum { .. })
-    ));
+    assert!(matches!(err, ChannelError::Cert(CertError::NoQuorum { .. })));
     // A real certificate for another hash does not carry this commit.
-    let other = EpochCertBody {
-        hash: CommitHash([0; 32]),
-        ..body
-    };
-    let cert = EpochCert {
-        body: other,
-        signatures: vec![CertSignature::sign(&w.relay.key, &other)],
-    };
+    let other = EpochCertBody { hash: CommitHash([0; 32]), ..body };
+    let cert =
+        EpochCert { body: other, signatures: vec![CertSignature::sign(&w.relay.key, &other)] };
     let err = w
-        .process(
-            BOB,
-            ChannelMessage::Commit {
-                commit: staged.commit.clone(),
-                cert,
-            },
-        )
+        .process(BOB, ChannelMessage::Commit { commit: staged.commit.clone(), cert })
         .expect_err("rejected");
     assert_eq!(err, ChannelError::Cert(CertError::Mismatch));
-    assert_eq!(
-        w.devices[BOB].channel.as_ref().map(Channel::epoch),
-        Some(1),
-        "nothing applied"
-    );
+    assert_eq!(w.devices[BOB].channel.as_ref().map(Channel::epoch), Some(1), "nothing applied");
     // An application message sent as a commit, and garbage, are typed errors.
-    let cert = EpochCert {
-        body,
-        signatures: vec![CertSignature::sign(&w.relay.key, &body)],
-    };
+    let cert = EpochCert { body, signatures: vec![CertSignature::sign(&w.relay.key, &body)] };
     let err = w
-        .process(
-            BOB,
-            ChannelMessage::Commit {
-                commit: vec![0xff; 10],
-                cert,
-            },
-        )
+        .process(BOB, ChannelMessage::Commit { commit: vec![0xff; 10], cert })
         .expect_err("rejected");
     assert!(matches!(err, ChannelError::Malformed(_)));
 }
@@ -837,31 +614,14 @@ fn admin_policy_limits_membership_changes() {
     let a = &mut w.devices[ALICE];
     a.channel =
         Some(Channel::create(&a.provider, &a.me, ChannelId([43; 32]), config).expect("create"));
-    let change = Change {
-        add: vec![w.devices[BOB].key_package()],
-        ..Default::default()
-    };
+    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
-    let change = Change {
-        add: vec![w.devices[CAROL].key_package()],
-        ..Default::default()
-    };
-    assert_eq!(
-        w.stage(BOB, &change).map(|_| ()),
-        Err(ChannelError::NotAdmin)
-    );
+    let change = Change { add: vec![w.devices[CAROL].key_package()], ..Default::default() };
+    assert_eq!(w.stage(BOB, &change).map(|_| ()), Err(ChannelError::NotAdmin));
     // Bob may still refresh his own key.
-    let staged = w
-        .stage(
-            BOB,
-            &Change {
-                update: true,
-                ..Default::default()
-            },
-        )
-        .expect("stage");
+    let staged = w.stage(BOB, &Change { update: true, ..Default::default() }).expect("stage");
     w.submit(BOB, &staged).expect("accepted");
     w.deliver_all();
     all_equal(&w.epoch_authenticators(&[ALICE, BOB]));
@@ -871,22 +631,14 @@ fn admin_policy_limits_membership_changes() {
 fn channel_reloads_from_storage() {
     let mut w = World::new();
     w.create();
-    let change = Change {
-        add: vec![w.devices[BOB].key_package()],
-        ..Default::default()
-    };
+    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
     w.send(ALICE, "before restart");
     w.deliver_all();
     // Bob "restarts": only the provider's storage and the channel state survive.
-    let state = w.devices[BOB]
-        .channel
-        .take()
-        .expect("member")
-        .state()
-        .clone();
+    let state = w.devices[BOB].channel.take().expect("member").state().clone();
     let encoded = crate::codec::encode(&state);
     let state: ChannelState = crate::codec::decode(&encoded, usize::MAX).expect("decode");
     let d = &mut w.devices[BOB];
@@ -894,18 +646,8 @@ fn channel_reloads_from_storage() {
     w.send(ALICE, "after restart");
     w.send(BOB, "bob is back");
     w.deliver_all();
-    assert!(
-        w.devices[BOB]
-            .shown
-            .iter()
-            .any(|(_, p)| p == b"after restart")
-    );
-    assert!(
-        w.devices[ALICE]
-            .shown
-            .iter()
-            .any(|(_, p)| p == b"bob is back")
-    );
+    assert!(w.devices[BOB].shown.iter().any(|(_, p)| p == b"after restart"));
+    assert!(w.devices[ALICE].shown.iter().any(|(_, p)| p == b"bob is back"));
     // Bob's sequence numbers continued, so his new message was not taken for a replay.
     all_equal(&w.epoch_authenticators(&[ALICE, BOB]));
 }

@@ -87,15 +87,10 @@ pub struct Address {
 impl Address {
     /// Parses `local@host`, checking both halves.
     pub fn parse(s: &str) -> Result<Self, IdentityError> {
-        let (local, host) = s
-            .split_once('@')
-            .ok_or(IdentityError::BadName("missing '@'"))?;
+        let (local, host) = s.split_once('@').ok_or(IdentityError::BadName("missing '@'"))?;
         check_local_name(local)?;
         check_host(host)?;
-        Ok(Self {
-            local: local.to_owned(),
-            host: host.to_owned(),
-        })
+        Ok(Self { local: local.to_owned(), host: host.to_owned() })
     }
 }
 
@@ -193,10 +188,7 @@ impl Sponsorship {
 
     /// The address it gives the device.
     pub fn address(&self) -> Address {
-        Address {
-            local: self.body.local_name.clone(),
-            host: self.body.relay.host.clone(),
-        }
+        Address { local: self.body.local_name.clone(), host: self.body.relay.host.clone() }
     }
 
     /// Checks the signature, the names and the validity period, and that the signing key is the
@@ -211,9 +203,7 @@ impl Sponsorship {
         if trust.relay_key(&b.relay.host) != Some(b.relay.key) {
             return Err(IdentityError::UntrustedRelay);
         }
-        b.relay
-            .key
-            .verify(Label::Sponsorship, &encode(b), &self.signature)?;
+        b.relay.key.verify(Label::Sponsorship, &encode(b), &self.signature)?;
         check_period(b.issued, Some(b.expires), now)
     }
 }
@@ -402,11 +392,7 @@ impl Canonical for Revocation {
 impl Revocation {
     /// Signs a revocation of `target` with the revoker's key.
     pub fn issue(revoker_key: &SecretKey, target: DeviceId, issued: Timestamp) -> Self {
-        let body = RevocationBody {
-            revoker: DeviceId(revoker_key.public()),
-            target,
-            issued,
-        };
+        let body = RevocationBody { revoker: DeviceId(revoker_key.public()), target, issued };
         let signature = revoker_key.sign(Label::Revocation, &encode(&body));
         Self { body, signature }
     }
@@ -417,10 +403,7 @@ impl Revocation {
         if revoker.body.device != self.body.revoker || target.body.device != self.body.target {
             return Err(IdentityError::WrongDevice);
         }
-        self.body
-            .revoker
-            .0
-            .verify(Label::Revocation, &encode(&self.body), &self.signature)?;
+        self.body.revoker.0.verify(Label::Revocation, &encode(&self.body), &self.signature)?;
         linked(revoker, target)
     }
 }
@@ -435,9 +418,7 @@ pub fn check_local_name(name: &str) -> Result<(), IdentityError> {
     }
     let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
     if !name.chars().all(ok) {
-        return Err(IdentityError::BadName(
-            "local name has characters outside a-z 0-9 . _ -",
-        ));
+        return Err(IdentityError::BadName("local name has characters outside a-z 0-9 . _ -"));
     }
     Ok(())
 }
@@ -447,8 +428,7 @@ pub fn check_local_name(name: &str) -> Result<(), IdentityError> {
 pub fn check_host(host: &str) -> Result<(), IdentityError> {
     let name = match host.rsplit_once(':') {
         Some((name, port)) => {
-            port.parse::<u16>()
-                .map_err(|_| IdentityError::BadName("bad port"))?;
+            port.parse::<u16>().map_err(|_| IdentityError::BadName("bad port"))?;
             name
         }
         None => host,
@@ -461,8 +441,7 @@ pub fn check_host(host: &str) -> Result<(), IdentityError> {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
     };
     if !name.split('.').all(label_ok) {
         return Err(IdentityError::BadName("host is not a lowercase DNS name"));

@@ -16,14 +16,8 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let relay = SecretKey::from_seed([200; 32]);
-    let relay_id = RelayId {
-        host: "relay.example".into(),
-        key: relay.public(),
-    };
-    let trust = TrustedRelays {
-        relays: vec![relay_id.clone()],
-        blocked: Default::default(),
-    };
+    let relay_id = RelayId { host: "relay.example".into(), key: relay.public() };
+    let trust = TrustedRelays { relays: vec![relay_id.clone()], blocked: Default::default() };
     Fixture {
         relay,
         relay_id,
@@ -54,10 +48,7 @@ impl Fixture {
             inbox_key: [9; 32],
             linked: linked.iter().map(|k| DeviceId(k.public())).collect(),
             sponsorships: vec![self.sponsorship(device, NOW.plus_ms(30 * DAY))],
-            profile: Profile {
-                display_name: "Alice".into(),
-                avatar: None,
-            },
+            profile: Profile { display_name: "Alice".into(), avatar: None },
             revoked: false,
             issued: NOW,
         }
@@ -73,10 +64,7 @@ fn valid_record_verifies_with_its_address() {
     let f = fixture();
     let dir = f.dir(&f.alice, &[]);
     let addresses = dir.verify(&f.trust, NOW).expect("valid");
-    assert_eq!(
-        addresses,
-        vec![Address::parse("alice@relay.example").expect("address")]
-    );
+    assert_eq!(addresses, vec![Address::parse("alice@relay.example").expect("address")]);
     assert_eq!(Dir::from_bytes(&dir.to_bytes()), Ok(dir));
 }
 
@@ -137,10 +125,7 @@ fn dir_issued_in_the_future() {
     let mut body = f.body(&f.alice, &[]);
     body.issued = NOW.plus_ms(DAY);
     let dir = Dir::sign(&f.alice, body);
-    assert!(matches!(
-        dir.verify(&f.trust, NOW),
-        Err(IdentityError::NotYetValid { .. })
-    ));
+    assert!(matches!(dir.verify(&f.trust, NOW), Err(IdentityError::NotYetValid { .. })));
 }
 
 #[test]
@@ -198,10 +183,7 @@ fn sponsorship_wrong_key() {
     let body = SponsorshipBody {
         device: DeviceId(f.alice.public()),
         local_name: "alice".into(),
-        relay: RelayId {
-            host: "relay.example".into(),
-            key: impostor.public(),
-        },
+        relay: RelayId { host: "relay.example".into(), key: impostor.public() },
         issued: NOW,
         expires: NOW.plus_ms(DAY),
     };
@@ -217,8 +199,7 @@ fn sponsorship_wrong_key() {
     // A host nobody trusts.
     let unknown = TrustedRelays::default();
     assert_eq!(
-        f.sponsorship(&f.alice, NOW.plus_ms(DAY))
-            .verify(&unknown, NOW),
+        f.sponsorship(&f.alice, NOW.plus_ms(DAY)).verify(&unknown, NOW),
         Err(IdentityError::UntrustedRelay)
     );
 }
@@ -228,10 +209,7 @@ fn sponsorship_expired() {
     let f = fixture();
     let s = f.sponsorship(&f.alice, NOW.plus_ms(DAY));
     assert_eq!(s.verify(&f.trust, NOW.plus_ms(DAY - 1)), Ok(()));
-    assert!(matches!(
-        s.verify(&f.trust, NOW.plus_ms(DAY)),
-        Err(IdentityError::Expired { .. })
-    ));
+    assert!(matches!(s.verify(&f.trust, NOW.plus_ms(DAY)), Err(IdentityError::Expired { .. })));
     // A record whose only sponsorship expired is unsponsored: the reason is kept.
     let mut body = f.body(&f.alice, &[]);
     body.sponsorships = vec![s];
@@ -247,10 +225,7 @@ fn sponsorship_blocked_relay() {
     let mut f = fixture();
     f.trust.blocked.insert("relay.example".into());
     let dir = f.dir(&f.alice, &[]);
-    assert_eq!(
-        dir.verify(&f.trust, NOW),
-        Err(IdentityError::BlockedRelay("relay.example".into()))
-    );
+    assert_eq!(dir.verify(&f.trust, NOW), Err(IdentityError::BlockedRelay("relay.example".into())));
 }
 
 #[test]
@@ -292,10 +267,7 @@ fn revocation_checks() {
     // Bad signature.
     let mut bad = r.clone();
     bad.signature.0[0] ^= 1;
-    assert_eq!(
-        bad.verify(&a, &b),
-        Err(IdentityError::Signature(SignatureError::BadSignature))
-    );
+    assert_eq!(bad.verify(&a, &b), Err(IdentityError::Signature(SignatureError::BadSignature)));
     // Wrong label.
     let mut wrong_label = r.clone();
     wrong_label.signature = f.alice.sign(Label::Dir, &encode(&r.body));
@@ -307,10 +279,7 @@ fn revocation_checks() {
     let mallory = SecretKey::from_seed([66; 32]);
     let mut forged = r.clone();
     forged.signature = mallory.sign(Label::Revocation, &encode(&r.body));
-    assert_eq!(
-        forged.verify(&a, &b),
-        Err(IdentityError::Signature(SignatureError::BadSignature))
-    );
+    assert_eq!(forged.verify(&a, &b), Err(IdentityError::Signature(SignatureError::BadSignature)));
     // A device that is not linked both ways cannot revoke.
     let stranger = f.dir(&mallory, &[&f.alice2]);
     let r = Revocation::issue(&mallory, DeviceId(f.alice2.public()), NOW);
@@ -339,21 +308,14 @@ fn auth_challenge_signature() {
     let f = fixture();
     let me = DeviceId(f.alice.public());
     let sig = AuthProof::sign(&f.alice, "relay.example", [5; 32]);
-    assert_eq!(
-        AuthProof::verify("relay.example", me, [5; 32], &sig),
-        Ok(())
-    );
+    assert_eq!(AuthProof::verify("relay.example", me, [5; 32], &sig), Ok(()));
     // Another nonce, another relay, another device, another label: all rejected.
     assert!(AuthProof::verify("relay.example", me, [6; 32], &sig).is_err());
     assert!(AuthProof::verify("evil.example", me, [5; 32], &sig).is_err());
     assert!(
         AuthProof::verify("relay.example", DeviceId(f.alice2.public()), [5; 32], &sig).is_err()
     );
-    let proof = AuthProof {
-        relay_host: "relay.example".into(),
-        device: me,
-        nonce: [5; 32],
-    };
+    let proof = AuthProof { relay_host: "relay.example".into(), device: me, nonce: [5; 32] };
     let wrong_label = f.alice.sign(Label::Dir, &encode(&proof));
     assert!(AuthProof::verify("relay.example", me, [5; 32], &wrong_label).is_err());
 }

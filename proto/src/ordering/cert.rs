@@ -37,16 +37,12 @@ impl CertSignature {
     /// An orderer must never sign two hashes for one `(channel, epoch)`; the relay signs only
     /// after its replicated state accepted the hash, which never happens twice.
     pub fn sign(key: &SecretKey, body: &EpochCertBody) -> Self {
-        Self {
-            signer: key.public(),
-            signature: key.sign(Label::EpochCert, &encode(body)),
-        }
+        Self { signer: key.public(), signature: key.sign(Label::EpochCert, &encode(body)) }
     }
 
     /// Checks the signature over `body`.
     pub fn verify(&self, body: &EpochCertBody) -> Result<(), SignatureError> {
-        self.signer
-            .verify(Label::EpochCert, &encode(body), &self.signature)
+        self.signer.verify(Label::EpochCert, &encode(body), &self.signature)
     }
 }
 
@@ -109,10 +105,7 @@ impl EpochCert {
             counted.push(s.signer);
         }
         if counted.len() < need {
-            return Err(CertError::NoQuorum {
-                have: counted.len(),
-                need,
-            });
+            return Err(CertError::NoQuorum { have: counted.len(), need });
         }
         Ok(())
     }

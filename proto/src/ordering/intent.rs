@@ -55,11 +55,7 @@ pub struct Intent<C> {
 impl<C> Intent<C> {
     /// A new change, ready to publish now.
     pub fn new(change: C, now: Timestamp) -> Self {
-        Self {
-            change,
-            state: IntentState::ToPublish { not_before: now },
-            attempts: 0,
-        }
+        Self { change, state: IntentState::ToPublish { not_before: now }, attempts: 0 }
     }
 
     /// Whether it should be staged and submitted at `now`.
@@ -102,9 +98,7 @@ impl<C> Intent<C> {
         let shift = self.attempts.saturating_sub(1).min(16);
         let backoff = (BACKOFF_BASE_MS << shift).min(BACKOFF_MAX_MS);
         let delay = backoff / 2 + jitter % (backoff / 2 + 1);
-        self.state = IntentState::ToPublish {
-            not_before: now.plus_ms(delay),
-        };
+        self.state = IntentState::ToPublish { not_before: now.plus_ms(delay) };
     }
 
     /// Records that the change is no longer needed.

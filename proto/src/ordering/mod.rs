@@ -140,10 +140,7 @@ pub struct OrderingLimits {
 
 impl Default for OrderingLimits {
     fn default() -> Self {
-        Self {
-            max_channels: 1_000_000,
-            retained_epochs: 64,
-        }
+        Self { max_channels: 1_000_000, retained_epochs: 64 }
     }
 }
 
@@ -166,10 +163,7 @@ pub struct OrderingState {
 impl OrderingState {
     /// An empty state with the given limits.
     pub fn new(limits: OrderingLimits) -> Self {
-        Self {
-            limits,
-            channels: BTreeMap::new(),
-        }
+        Self { limits, channels: BTreeMap::new() }
     }
 
     /// Applies one log entry.
@@ -197,20 +191,12 @@ impl OrderingState {
 
     fn open(&mut self, channel: ChannelId, epoch: u64) -> Outcome {
         if let Some(c) = self.channels.get(&channel) {
-            return Outcome::AlreadyOpen {
-                next_epoch: c.next_epoch,
-            };
+            return Outcome::AlreadyOpen { next_epoch: c.next_epoch };
         }
         if self.channels.len() >= self.limits.max_channels {
             return Outcome::Full;
         }
-        self.channels.insert(
-            channel,
-            ChannelOrder {
-                next_epoch: epoch,
-                winners: BTreeMap::new(),
-            },
-        );
+        self.channels.insert(channel, ChannelOrder { next_epoch: epoch, winners: BTreeMap::new() });
         Outcome::Opened
     }
 
@@ -232,9 +218,7 @@ impl OrderingState {
             };
         }
         if commit.epoch != order.next_epoch {
-            return Outcome::WrongEpoch {
-                next_epoch: order.next_epoch,
-            };
+            return Outcome::WrongEpoch { next_epoch: order.next_epoch };
         }
         order.winners.insert(commit.epoch, *commit);
         order.next_epoch += 1;

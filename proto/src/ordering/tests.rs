@@ -21,10 +21,7 @@ fn first_valid_commit_wins_and_loser_learns_winner() {
     let a = commit(1, 0, 0xa, 1);
     let b = commit(1, 0, 0xb, 2);
     assert_eq!(s.apply(&OrderingCommand::Submit(a)), Outcome::Accepted(a));
-    assert_eq!(
-        s.apply(&OrderingCommand::Submit(b)),
-        Outcome::Conflict { winner: a }
-    );
+    assert_eq!(s.apply(&OrderingCommand::Submit(b)), Outcome::Conflict { winner: a });
     // Resubmitting the winner (a lost response) is idempotent.
     assert_eq!(s.apply(&OrderingCommand::Submit(a)), Outcome::Accepted(a));
     assert_eq!(s.next_epoch(&channel(1)), Some(1));
@@ -36,40 +33,22 @@ fn first_valid_commit_wins_and_loser_learns_winner() {
 #[test]
 fn epochs_must_be_consecutive() {
     let mut s = OrderingState::default();
+    assert_eq!(s.apply(&OrderingCommand::Submit(commit(1, 3, 1, 1))), Outcome::UnknownChannel);
+    assert_eq!(s.apply(&OrderingCommand::Open { channel: channel(1), epoch: 3 }), Outcome::Opened);
     assert_eq!(
-        s.apply(&OrderingCommand::Submit(commit(1, 3, 1, 1))),
-        Outcome::UnknownChannel
-    );
-    assert_eq!(
-        s.apply(&OrderingCommand::Open {
-            channel: channel(1),
-            epoch: 3
-        }),
-        Outcome::Opened
-    );
-    assert_eq!(
-        s.apply(&OrderingCommand::Open {
-            channel: channel(1),
-            epoch: 9
-        }),
+        s.apply(&OrderingCommand::Open { channel: channel(1), epoch: 9 }),
         Outcome::AlreadyOpen { next_epoch: 3 }
     );
     assert_eq!(
         s.apply(&OrderingCommand::Submit(commit(1, 5, 1, 1))),
         Outcome::WrongEpoch { next_epoch: 3 }
     );
-    assert!(matches!(
-        s.apply(&OrderingCommand::Submit(commit(1, 3, 1, 1))),
-        Outcome::Accepted(_)
-    ));
+    assert!(matches!(s.apply(&OrderingCommand::Submit(commit(1, 3, 1, 1))), Outcome::Accepted(_)));
 }
 
 #[test]
 fn retained_winners_are_bounded() {
-    let limits = OrderingLimits {
-        max_channels: 2,
-        retained_epochs: 4,
-    };
+    let limits = OrderingLimits { max_channels: 2, retained_epochs: 4 };
     let mut s = OrderingState::new(limits);
     for e in 0..10 {
         assert!(matches!(
@@ -84,17 +63,8 @@ fn retained_winners_are_bounded() {
         s.apply(&OrderingCommand::Submit(commit(1, 2, 0xff, 2))),
         Outcome::WrongEpoch { next_epoch: 10 }
     );
-    s.apply(&OrderingCommand::Open {
-        channel: channel(2),
-        epoch: 0,
-    });
-    assert_eq!(
-        s.apply(&OrderingCommand::Open {
-            channel: channel(3),
-            epoch: 0
-        }),
-        Outcome::Full
-    );
+    s.apply(&OrderingCommand::Open { channel: channel(2), epoch: 0 });
+    assert_eq!(s.apply(&OrderingCommand::Open { channel: channel(3), epoch: 0 }), Outcome::Full);
     assert_eq!(s.channel_count(), 2);
 }
 
@@ -117,59 +87,30 @@ fn replicas_applying_one_log_agree() {
 }
 
 fn relays(n: u8) -> Vec<SecretKey> {
-    (0..n)
-        .map(|i| SecretKey::from_seed([100 + i; 32]))
-        .collect()
+    (0..n).map(|i| SecretKey::from_seed([100 + i; 32])).collect()
 }
 
 #[test]
 fn cert_needs_majority_of_orderers() {
     let keys = relays(3);
     let set: Vec<_> = keys.iter().map(SecretKey::public).collect();
-    let body = EpochCertBody {
-        channel: channel(1),
-        epoch: 4,
-        hash: CommitHash([9; 32]),
-    };
+    let body = EpochCertBody { channel: channel(1), epoch: 4, hash: CommitHash([9; 32]) };
     let sig = |k: &SecretKey| CertSignature::sign(k, &body);
-    let one = EpochCert {
-        body,
-        signatures: vec![sig(&keys[0])],
-    };
-    assert_eq!(
-        one.verify(&set),
-        Err(CertError::NoQuorum { have: 1, need: 2 })
-    );
+    let one = EpochCert { body, signatures: vec![sig(&keys[0])] };
+    assert_eq!(one.verify(&set), Err(CertError::NoQuorum { have: 1, need: 2 }));
     // The same signer twice counts once.
-    let twice = EpochCert {
-        body,
-        signatures: vec![sig(&keys[0]), sig(&keys[0])],
-    };
-    assert_eq!(
-        twice.verify(&set),
-        Err(CertError::NoQuorum { have: 1, need: 2 })
-    );
-    let two = EpochCert {
-        body,
-        signatures: vec![sig(&keys[0]), sig(&keys[2])],
-    };
+    let twice = EpochCert { body, signatures: vec![sig(&keys[0]), sig(&keys[0])] };
+    assert_eq!(twice.verify(&set), Err(CertError::NoQuorum { have: 1, need: 2 }));
+    let two = EpochCert { body, signatures: vec![sig(&keys[0]), sig(&keys[2])] };
     assert_eq!(two.verify(&set), Ok(()));
     // A non-orderer's signature does not count.
     let outsider = SecretKey::from_seed([1; 32]);
-    let with_outsider = EpochCert {
-        body,
-        signatures: vec![sig(&keys[0]), sig(&outsider)],
-    };
-    assert!(matches!(
-        with_outsider.verify(&set),
-        Err(CertError::NoQuorum { .. })
-    ));
+    let with_outsider = EpochCert { body, signatures: vec![sig(&keys[0]), sig(&outsider)] };
+    assert!(matches!(with_outsider.verify(&set), Err(CertError::NoQuorum { .. })));
     // A signature over another body is rejected, not skipped.
     let other = EpochCertBody { epoch: 5, ..body };
-    let forged = EpochCert {
-        body,
-        signatures: vec![sig(&keys[0]), CertSignature::sign(&keys[1], &other)],
-    };
+    let forged =
+        EpochCert { body, signatures: vec![sig(&keys[0]), CertSignature::sign(&keys[1], &other)] };
     assert_eq!(forged.verify(&set), Err(CertError::BadSignature));
     // Right signatures, wrong expectation.
     assert_eq!(two.verify_for(&other, &set), Err(CertError::Mismatch));
@@ -179,37 +120,22 @@ fn cert_needs_majority_of_orderers() {
 #[test]
 fn equivocation_is_provable_and_only_then() {
     let k = SecretKey::from_seed([50; 32]);
-    let a = EpochCertBody {
-        channel: channel(1),
-        epoch: 2,
-        hash: CommitHash([1; 32]),
-    };
-    let b = EpochCertBody {
-        hash: CommitHash([2; 32]),
-        ..a
-    };
-    let proof = Equivocation::from_pair(
-        (a, CertSignature::sign(&k, &a)),
-        (b, CertSignature::sign(&k, &b)),
-    )
-    .expect("a proof");
+    let a = EpochCertBody { channel: channel(1), epoch: 2, hash: CommitHash([1; 32]) };
+    let b = EpochCertBody { hash: CommitHash([2; 32]), ..a };
+    let proof =
+        Equivocation::from_pair((a, CertSignature::sign(&k, &a)), (b, CertSignature::sign(&k, &b)))
+            .expect("a proof");
     assert_eq!(proof.verify(), Ok(k.public()));
     // Same hash twice is not equivocation.
     assert!(
-        Equivocation::from_pair(
-            (a, CertSignature::sign(&k, &a)),
-            (a, CertSignature::sign(&k, &a))
-        )
-        .is_none()
+        Equivocation::from_pair((a, CertSignature::sign(&k, &a)), (a, CertSignature::sign(&k, &a)))
+            .is_none()
     );
     // Different epochs are not equivocation.
     let c = EpochCertBody { epoch: 3, ..b };
     assert!(
-        Equivocation::from_pair(
-            (a, CertSignature::sign(&k, &a)),
-            (c, CertSignature::sign(&k, &c))
-        )
-        .is_none()
+        Equivocation::from_pair((a, CertSignature::sign(&k, &a)), (c, CertSignature::sign(&k, &c)))
+            .is_none()
     );
     // Two different signers are not equivocation.
     let k2 = SecretKey::from_seed([51; 32]);
@@ -239,18 +165,12 @@ fn intent_backs_off_and_gives_up() {
         }
     }
     assert_eq!(i.state, IntentState::Failed);
-    assert!(
-        delays.windows(2).all(|w| w[0] <= w[1]),
-        "back-off grows: {delays:?}"
-    );
+    assert!(delays.windows(2).all(|w| w[0] <= w[1]), "back-off grows: {delays:?}");
     assert!(delays.iter().all(|d| *d <= BACKOFF_MAX_MS));
 
     let mut ok = Intent::new("remove bob", now);
     ok.published(3, CommitHash([3; 32]));
-    let mine = CommitRef {
-        hash: CommitHash([3; 32]),
-        ..commit(1, 3, 0, 1)
-    };
+    let mine = CommitRef { hash: CommitHash([3; 32]), ..commit(1, 3, 0, 1) };
     assert!(ok.accepted(&mine));
     assert!(ok.is_done());
 }
