@@ -48,10 +48,15 @@ pub const CONFIG_EXTENSION_TYPE: u16 = 0xF0C7;
 pub const MAX_BUFFERED: usize = 256;
 /// Past epochs whose application messages can still be decrypted.
 pub const MAX_PAST_EPOCHS: usize = 4;
+/// A membership's message sequence numbers start at `join epoch << SEQ_EPOCH_SHIFT`.
+pub const SEQ_EPOCH_SHIFT: u32 = 32;
 /// Largest MLS message accepted, in bytes.
 pub const MAX_MESSAGE_LEN: usize = crate::wire::MAX_MLS_MESSAGE_LEN;
 
 /// A message's unique id: its sender device and that device's sequence number for the channel.
+///
+/// Sequence numbers of one membership start at `join epoch << SEQ_EPOCH_SHIFT` and count up,
+/// so they stay unique when a device leaves and is invited again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct MessageId {
@@ -269,6 +274,12 @@ pub enum ChannelError {
     /// This device is no longer a member.
     #[error("channel is inactive: this device was removed")]
     Inactive,
+    /// A commit or proposal by someone outside the group (external commits are not used).
+    #[error("commit from a non-member")]
+    ExternalSender,
+    /// A Welcome to a channel this device is already an active member of.
+    #[error("already a member of this channel")]
+    AlreadyJoined,
     /// openmls rejected the operation or message.
     #[error("MLS: {0}")]
     Mls(String),
@@ -420,8 +431,18 @@ impl Channel {
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
-        let staged = StagedWelcome::new_from_welcome(provider, &join_config, welcome, None)
-            .map_err(mls_err)?;
+        let mut builder =
+            StagedWelcome::build_from_welcome(provider, &join_config, welcome).map_err(mls_err)?;
+        // A device removed earlier and now invited again still has the old, inactive group
+        // under the same id: the Welcome replaces it. An active membership is never replaced.
+        let group_id = builder.processed_welcome().unverified_group_info().group_id().clone();
+        if let Some(old) = MlsGroup::load(provider.storage(), &group_id).map_err(mls_err)? {
+            if old.is_active() {
+                return Err(ChannelError::AlreadyJoined);
+            }
+            builder = builder.replace_old_group();
+        }
+        let staged = builder.build().map_err(mls_err)?;
         for member in staged.members() {
             check_credential(check, &member.credential)?;
         }
@@ -444,9 +465,13 @@ impl Channel {
     }
 
     fn from_group(group: MlsGroup, config: ChannelConfig, id: ChannelId) -> Self {
+        // A device removed and invited again must not reuse its earlier message ids, or members
+        // that remember them would drop its new messages as replays. Its sequence numbers start
+        // at the epoch it joined in, shifted past any count one membership can reach.
+        let next_seq = group.epoch().as_u64() << SEQ_EPOCH_SHIFT;
         let state = ChannelState {
             id,
-            next_seq: 0,
+            next_seq,
             clock: HlcClock::default(),
             seen: SeenIds::default(),
             pending: None,
@@ -688,12 +713,21 @@ impl Channel {
         if self.state.pending.is_some() || self.group.pending_commit().is_some() {
             self.discard_own(provider)?;
         }
+        if !matches!(protocol, ProtocolMessage::PublicMessage(ref m) if matches!(m.sender(), Sender::Member(_)))
+        {
+            // ChitChat has no external commits: members join through ordered Welcomes only.
+            return Err(ChannelError::ExternalSender);
+        }
         let processed = self.group.process_message(provider, protocol).map_err(mls_err)?;
         let committer = credential_device(processed.credential());
+        // The committer's credential as it stands in the tree was checked when it joined; only
+        // credentials new to the group are checked again. (A revoked device is removed by a
+        // commit of its own, not by refusing its updates.)
+        let known = processed.credential().clone();
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);
         };
-        for credential in staged.credentials_to_verify() {
+        for credential in staged.credentials_to_verify().filter(|c| **c != known) {
             check_credential(check, credential)?;
         }
         let changes_membership =
@@ -714,7 +748,9 @@ impl Channel {
     ) -> (Vec<DeviceId>, Vec<DeviceId>) {
         let added = staged
             .add_proposals()
-            .filter_map(|p| credential_device(p.add_proposal().key_package().leaf_node().credential()))
+            .filter_map(|p| {
+                credential_device(p.add_proposal().key_package().leaf_node().credential())
+            })
             .collect();
         let removed = staged
             .remove_proposals()
@@ -746,6 +782,8 @@ impl Channel {
         let ProtocolMessage::PrivateMessage(private) = &protocol else {
             return Err(ChannelError::WrongWireFormat);
         };
+        // A removed device keeps no keys: what still arrives for it cannot be read.
+        self.ensure_active()?;
         if protocol.content_type() != ContentType::Application {
             return Err(ChannelError::WrongWireFormat);
         }
@@ -756,7 +794,13 @@ impl Channel {
             return Ok(ChannelEvent::Duplicate(aad.id));
         }
         let epoch = protocol.epoch().as_u64();
-        let processed = self.group.process_message(provider, protocol).map_err(mls_err)?;
+        let current = self.epoch();
+        let processed = self.group.process_message(provider, protocol).map_err(|e| {
+            ChannelError::Mls(format!(
+                "{e} (message {:?} of epoch {epoch}, channel at {current})",
+                aad.id
+            ))
+        })?;
         if credential_device(processed.credential()) != Some(aad.id.sender) {
             return Err(ChannelError::ForgedId);
         }
@@ -776,9 +820,12 @@ impl Channel {
         events: &mut Vec<ChannelEvent>,
     ) {
         let current = self.epoch();
-        let (ready, later): (VecDeque<_>, VecDeque<_>) =
+        let (mut ready, later): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.buffered).into_iter().partition(|(e, _)| *e <= current);
-        self.buffered = later;
+        self.buffered = later.into();
+        // Within an epoch, application messages go before the commit that ends the epoch: after
+        // that commit their keys may be gone (and if it removes this device, all keys are).
+        ready.sort_by_key(|(epoch, m)| (*epoch, matches!(m, ChannelMessage::Commit { .. })));
         for (_, message) in ready {
             // A buffered message that now fails is dropped, as it would have been on arrival.
             let _ = self.process_one(provider, now, message, check, events);

@@ -209,12 +209,8 @@ impl World {
         let by = self.devices[who].id();
         let cert = self.relay.submit(channel, by, staged)?;
         let d = &mut self.devices[who];
-        let events = d
-            .channel
-            .as_mut()
-            .expect("member")
-            .accept_own(&d.provider, &cert)
-            .expect("merge own");
+        let events =
+            d.channel.as_mut().expect("member").accept_own(&d.provider, &cert).expect("merge own");
         match &events[0] {
             ChannelEvent::CommitApplied { added, removed, self_removed: false, .. } => {
                 assert_eq!((added, removed), (&staged.added, &staged.removed));
@@ -650,4 +646,79 @@ fn channel_reloads_from_storage() {
     assert!(w.devices[ALICE].shown.iter().any(|(_, p)| p == b"bob is back"));
     // Bob's sequence numbers continued, so his new message was not taken for a replay.
     all_equal(&w.epoch_authenticators(&[ALICE, BOB]));
+}
+
+#[test]
+fn removed_and_reinvited_device_is_heard_again() {
+    let mut w = World::new();
+    w.create();
+    let change = Change {
+        add: vec![w.devices[BOB].key_package(), w.devices[CAROL].key_package()],
+        ..Default::default()
+    };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    w.deliver_all();
+    let first = w.send(BOB, "first membership");
+    w.deliver_all();
+    let remove = Change { remove: vec![w.devices[BOB].id()], ..Default::default() };
+    let staged = w.stage(ALICE, &remove).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    w.deliver_all();
+    // Alice invites Bob again; his old, inactive group is replaced by the new one.
+    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    w.deliver_all();
+    let second = w.send(BOB, "second membership");
+    assert_ne!(first, second, "ids stay unique across memberships");
+    w.deliver_all();
+    for i in [ALICE, CAROL] {
+        let shown: Vec<_> =
+            w.devices[i].shown.iter().filter(|(id, _)| id.sender == w.devices[BOB].id()).collect();
+        assert_eq!(shown.len(), 2, "{} hears Bob in both memberships", w.devices[i].name);
+    }
+    all_equal(&w.epoch_authenticators(&[ALICE, BOB, CAROL]));
+    // The same Welcome again is refused (its KeyPackage is used up) and changes nothing.
+    let d = &w.devices[BOB];
+    let check = KnownDirs { dirs: &w.dirs, trust: &w.trust, now: w.now };
+    let welcome = staged.welcome.expect("welcome");
+    assert!(Channel::join(&d.provider, &welcome, &check).is_err());
+    w.send(BOB, "still here");
+    w.deliver_all();
+    assert!(w.devices[ALICE].shown.iter().any(|(_, p)| p == b"still here"));
+}
+
+/// Accepts every device: a careless (or malicious) committer.
+struct AllowAll;
+
+impl CredentialCheck for AllowAll {
+    fn check(&self, _: DeviceId) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[test]
+fn members_refuse_a_certified_commit_adding_an_unsponsored_device() {
+    let mut w = World::new();
+    w.create();
+    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    w.deliver_all();
+    // Alice skips the check and adds Mallory; the relay orders it (it cannot read credentials).
+    let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
+    let d = &mut w.devices[ALICE];
+    let (provider, me) = (&d.provider, &d.me);
+    let staged =
+        d.channel.as_mut().expect("member").stage(provider, me, &change, &AllowAll).expect("stage");
+    let cert = w.relay.submit(w.channel_id(), w.devices[ALICE].id(), &staged).expect("ordered");
+    let err = w
+        .process(BOB, ChannelMessage::Commit { commit: staged.commit, cert })
+        .expect_err("Bob refuses");
+    assert!(
+        matches!(err, ChannelError::Credential { device: Some(d), .. } if d == w.devices[MALLORY].id()),
+        "{err:?}"
+    );
+    assert_eq!(w.devices[BOB].channel.as_ref().map(Channel::epoch), Some(1), "nothing applied");
 }
