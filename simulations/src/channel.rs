@@ -360,12 +360,12 @@ impl World {
             if let IntentState::ToPublish { not_before } = intent.state {
                 self.now = self.now.max(not_before);
             }
-            if !self.devices[i].channel.as_ref().is_some_and(Channel::is_active) {
-                intent.superseded();
-                break;
-            }
             // Catch up first: the rebuilt commit must be built on the newest epoch.
             self.deliver_to(i)?;
+            if !self.devices[i].channel.as_ref().is_some_and(Channel::is_active) {
+                intent.superseded(); // removed meanwhile: the change no longer matters
+                break;
+            }
             let change = intent.change.clone();
             match self.stage(i, &change) {
                 Ok(s) => {
@@ -420,6 +420,9 @@ impl World {
         let i = self.pick(&members);
         // A node processes what it has received before it sends.
         self.deliver_to(i)?;
+        if !self.devices[i].channel.as_ref().is_some_and(Channel::is_active) {
+            return Ok(()); // it learned of its removal: nothing to send
+        }
         self.now = self.now.plus_ms(1);
         let now = self.now;
         let d = &mut self.devices[i];

@@ -21,7 +21,7 @@ struct Cli {
     #[arg(long, default_value_t = 4)]
     spares: usize,
     /// Rounds per run.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 25)]
     rounds: usize,
     /// Members committing concurrently each round.
     #[arg(long, default_value_t = 4)]
