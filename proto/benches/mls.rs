@@ -22,6 +22,7 @@ use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::OpenMlsProvider as _;
 
 const NOW: Timestamp = Timestamp(1_700_000_000_000);
 const OPS: [&str; 5] = ["add", "commit", "process", "encrypt", "decrypt"];
@@ -154,7 +155,8 @@ impl Raw {
                 .clone(),
         ];
         kps.extend((2..n).map(|i| raw_key_package(others, i)));
-        let (_, welcome, _) = alice.add_members(&alice_p, &alice_sig, &kps).expect("add");
+        let (_, welcome, _) =
+            alice.add_members_without_update(&alice_p, &alice_sig, &kps).expect("add");
         alice.merge_pending_commit(&alice_p).expect("merge");
         let welcome = welcome.tls_serialize_detached().expect("welcome");
         let MlsMessageBodyIn::Welcome(w) =
@@ -179,7 +181,13 @@ impl Raw {
         commit.tls_serialize_detached().expect("encode")
     }
 
-    fn add(&mut self, kp: KeyPackage) -> Vec<u8> {
+    /// Adds the device whose KeyPackage arrived as `bytes` (decoded and validated, as any
+    /// KeyPackage from the network must be).
+    fn add(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let kp = KeyPackageIn::tls_deserialize_exact(bytes)
+            .expect("decode")
+            .validate(self.alice_p.crypto(), ProtocolVersion::Mls10)
+            .expect("valid");
         // Without a path update, as the wrapper's add-only commit.
         let (commit, _, _) = self
             .alice
@@ -297,9 +305,9 @@ fn run(n: u32, iterations: u32) -> Vec<(&'static str, Duration, Duration)> {
     for k in 0..iterations {
         // add: one new member per iteration, on both sides.
         let i = n + k;
-        let kp = raw_key_package(&others, i);
+        let kp = raw_key_package(&others, i).tls_serialize_detached().expect("encode");
         let t = Instant::now();
-        let commit = raw.add(kp);
+        let commit = raw.add(&kp);
         let raw_t = t.elapsed();
         raw.process(&commit);
         let kp =

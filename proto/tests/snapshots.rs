@@ -125,7 +125,7 @@ fn packs() {
 #[test]
 fn chat_content() {
     let id = MessageId { sender: dev(1), seq: 4 };
-    let all = vec![
+    let all = [
         ChatContent::Text { body: "hi *there*".into() },
         ChatContent::Reply { to: id, body: "yes".into() },
         ChatContent::Edit { target: id, body: "hi".into() },

@@ -74,13 +74,11 @@ impl<C> Intent<C> {
     /// commit (then the caller merges its pending commit).
     pub fn accepted(&mut self, winner: &CommitRef) -> bool {
         match self.state {
-            IntentState::Published { epoch, hash } if epoch == winner.epoch => {
-                if hash == winner.hash {
-                    self.state = IntentState::Committed { epoch };
-                    true
-                } else {
-                    false
-                }
+            IntentState::Published { epoch, hash }
+                if epoch == winner.epoch && hash == winner.hash =>
+            {
+                self.state = IntentState::Committed { epoch };
+                true
             }
             _ => false,
         }

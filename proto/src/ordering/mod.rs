@@ -202,10 +202,11 @@ impl OrderingState {
 
     fn submit(&mut self, commit: &CommitRef) -> Outcome {
         // The first commit of a new channel opens it implicitly.
-        if commit.epoch == 0 && !self.channels.contains_key(&commit.channel) {
-            if let Outcome::Full = self.open(commit.channel, 0) {
-                return Outcome::Full;
-            }
+        if commit.epoch == 0
+            && !self.channels.contains_key(&commit.channel)
+            && self.open(commit.channel, 0) == Outcome::Full
+        {
+            return Outcome::Full;
         }
         let Some(order) = self.channels.get_mut(&commit.channel) else {
             return Outcome::UnknownChannel;
