@@ -22,7 +22,6 @@ use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use openmls_traits::OpenMlsProvider as _;
 
 const NOW: Timestamp = Timestamp(1_700_000_000_000);
 const OPS: [&str; 5] = ["add", "commit", "process", "encrypt", "decrypt"];

@@ -46,6 +46,9 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 pub const CONFIG_EXTENSION_TYPE: u16 = 0xF0C7;
 /// Messages of future epochs held per channel.
 pub const MAX_BUFFERED: usize = 256;
+/// Messages further than this many epochs ahead are refused rather than buffered: they cannot
+/// be authenticated yet, and would only take room from real ones.
+pub const MAX_EPOCHS_AHEAD: u64 = 64;
 /// Past epochs whose application messages can still be decrypted.
 pub const MAX_PAST_EPOCHS: usize = 4;
 /// A membership's message sequence numbers start at `join epoch << SEQ_EPOCH_SHIFT`.
@@ -268,6 +271,14 @@ pub enum ChannelError {
     /// The change changes nothing.
     #[error("empty change")]
     EmptyChange,
+    /// A message of an epoch too far ahead to be buffered.
+    #[error("message of epoch {epoch} is too far ahead of epoch {current}")]
+    TooFarAhead {
+        /// The message's epoch.
+        epoch: u64,
+        /// The channel's epoch.
+        current: u64,
+    },
     /// The future-epoch buffer is full; the message was dropped.
     #[error("buffer full")]
     BufferFull,
@@ -667,6 +678,9 @@ impl Channel {
         if is_commit && epoch < self.epoch() {
             events.push(ChannelEvent::StaleCommit { epoch });
             return Ok(());
+        }
+        if epoch > self.epoch().saturating_add(MAX_EPOCHS_AHEAD) {
+            return Err(ChannelError::TooFarAhead { epoch, current: self.epoch() });
         }
         if epoch > self.epoch() {
             if self.buffered.len() >= MAX_BUFFERED {

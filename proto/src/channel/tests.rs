@@ -544,6 +544,21 @@ fn future_epoch_messages_wait_for_their_commit() {
     assert_eq!(events, vec![ChannelEvent::Buffered { epoch: 2 }]);
     let events = w.process(BOB, commit).expect("commit");
     assert!(matches!(events[0], ChannelEvent::CommitApplied { epoch: 2, .. }));
+    // A message claiming an epoch far ahead is refused, not buffered.
+    let sent = {
+        let d = &mut w.devices[ALICE];
+        let (provider, me) = (&d.provider, &d.me);
+        d.channel.as_mut().expect("member").send(provider, me, w.now, b"x").expect("send").1
+    };
+    let ChannelMessage::Application { message } = sent else {
+        panic!("not an application message")
+    };
+    // Rewrite the epoch field of the PrivateMessage (after version, wire format, group id).
+    let mut far = message.clone();
+    let epoch_at = 2 + 2 + 1 + 32; // version u16, wire format u16, group id length + 32 bytes
+    far[epoch_at..epoch_at + 8].copy_from_slice(&1000u64.to_be_bytes());
+    let err = w.process(BOB, ChannelMessage::Application { message: far }).expect_err("refused");
+    assert_eq!(err, ChannelError::TooFarAhead { epoch: 1000, current: 2 });
     assert!(
         matches!(&events[1], ChannelEvent::Message { payload, .. } if payload == b"from epoch 2")
     );
