@@ -181,6 +181,26 @@ impl World {
         self.devices[ALICE].channel.as_ref().expect("alice in channel").id()
     }
 
+    /// A world where Alice created the channel and added `others` in one commit, which
+    /// everyone processed.
+    fn started(others: &[usize]) -> Self {
+        let mut w = Self::new();
+        w.create();
+        let add = others.iter().map(|i| w.devices[*i].key_package()).collect();
+        let staged = w.stage(ALICE, &Change { add, ..Default::default() }).expect("stage");
+        w.submit(ALICE, &staged).expect("accepted");
+        w.deliver_all();
+        w
+    }
+
+    /// `who` lost its epoch: it drops its staged commit and applies the winner.
+    fn apply_winner(&mut self, who: usize, winner: &CommitRef) -> Vec<ChannelEvent> {
+        let (commit, cert) = self.relay.commits[&winner.hash].clone();
+        let d = &mut self.devices[who];
+        d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
+        self.process(who, ChannelMessage::Commit { commit, cert }).expect("winner applies")
+    }
+
     fn create(&mut self) {
         let config = ChannelConfig {
             mime: crate::chat::MIME.into(),
@@ -340,12 +360,7 @@ fn drive_intent(w: &mut World, who: usize, intent: &mut Intent<Change>) -> u32 {
             }
             Err(winner) => {
                 // Lost: drop the staged commit, apply the winner, then rebuild.
-                let (commit, cert) = w.relay.commits[&winner.hash].clone();
-                let d = &mut w.devices[who];
-                d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
-                let events = w
-                    .process(who, ChannelMessage::Commit { commit, cert })
-                    .expect("winner applies");
+                let events = w.apply_winner(who, &winner);
                 assert!(matches!(events[0], ChannelEvent::CommitApplied { .. }), "{events:?}");
                 let jitter = w.rng.next_u64();
                 intent.lost(w.now, jitter);
@@ -479,15 +494,7 @@ fn alice_bob_carol_and_alice2_converge() {
 fn concurrent_commits_every_epoch_has_one_winner() {
     // Alice, Bob and Alice2 all commit key updates at once, five rounds; each round exactly one
     // wins, the others rebuild, and everybody ends on the same authenticator.
-    let mut w = World::new();
-    w.create();
-    let change = Change {
-        add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()],
-        ..Default::default()
-    };
-    let staged = w.stage(ALICE, &change).expect("stage");
-    w.submit(ALICE, &staged).expect("accepted");
-    w.deliver_all();
+    let mut w = World::started(&[BOB, ALICE2]);
     let members = [ALICE, BOB, ALICE2];
     for round in 0..5 {
         let update = Change { update: true, ..Default::default() };
@@ -499,10 +506,7 @@ fn concurrent_commits_every_epoch_has_one_winner() {
             match w.submit(*i, &staged[k]) {
                 Ok(()) => winners += 1,
                 Err(winner) => {
-                    let (commit, cert) = w.relay.commits[&winner.hash].clone();
-                    let d = &mut w.devices[*i];
-                    d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
-                    w.process(*i, ChannelMessage::Commit { commit, cert }).expect("winner applies");
+                    w.apply_winner(*i, &winner);
                     let mut intent = Intent::new(update.clone(), w.now);
                     intent.published(staged[k].epoch, staged[k].hash);
                     intent.lost(w.now, round);
@@ -525,15 +529,7 @@ fn concurrent_commits_every_epoch_has_one_winner() {
 
 #[test]
 fn future_epoch_messages_wait_for_their_commit() {
-    let mut w = World::new();
-    w.create();
-    let change = Change {
-        add: vec![w.devices[BOB].key_package(), w.devices[ALICE2].key_package()],
-        ..Default::default()
-    };
-    let staged = w.stage(ALICE, &change).expect("stage");
-    w.submit(ALICE, &staged).expect("accepted");
-    w.deliver_all();
+    let mut w = World::started(&[BOB, ALICE2]);
     // Alice commits and sends at the new epoch; Bob gets the message before the commit.
     let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
@@ -640,12 +636,7 @@ fn admin_policy_limits_membership_changes() {
 
 #[test]
 fn channel_reloads_from_storage() {
-    let mut w = World::new();
-    w.create();
-    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
-    let staged = w.stage(ALICE, &change).expect("stage");
-    w.submit(ALICE, &staged).expect("accepted");
-    w.deliver_all();
+    let mut w = World::started(&[BOB]);
     w.send(ALICE, "before restart");
     w.deliver_all();
     // Bob "restarts": only the provider's storage and the channel state survive.
@@ -665,15 +656,7 @@ fn channel_reloads_from_storage() {
 
 #[test]
 fn removed_and_reinvited_device_is_heard_again() {
-    let mut w = World::new();
-    w.create();
-    let change = Change {
-        add: vec![w.devices[BOB].key_package(), w.devices[CAROL].key_package()],
-        ..Default::default()
-    };
-    let staged = w.stage(ALICE, &change).expect("stage");
-    w.submit(ALICE, &staged).expect("accepted");
-    w.deliver_all();
+    let mut w = World::started(&[BOB, CAROL]);
     let first = w.send(BOB, "first membership");
     w.deliver_all();
     let remove = Change { remove: vec![w.devices[BOB].id()], ..Default::default() };
@@ -715,12 +698,7 @@ impl CredentialCheck for AllowAll {
 
 #[test]
 fn members_refuse_a_certified_commit_adding_an_unsponsored_device() {
-    let mut w = World::new();
-    w.create();
-    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
-    let staged = w.stage(ALICE, &change).expect("stage");
-    w.submit(ALICE, &staged).expect("accepted");
-    w.deliver_all();
+    let mut w = World::started(&[BOB]);
     // Alice skips the check and adds Mallory; the relay orders it (it cannot read credentials).
     let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
     let d = &mut w.devices[ALICE];
