@@ -355,6 +355,48 @@ impl Identity {
     }
 }
 
+/// What a relay learns from checking an uploaded KeyPackage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyPackageInfo {
+    /// The device it belongs to (its credential's identity).
+    pub device: DeviceId,
+    /// When it expires; an expired package is never served.
+    pub not_after: Timestamp,
+    /// Whether it is marked as a last-resort package (kept after being claimed).
+    pub last_resort: bool,
+}
+
+/// Checks an uploaded KeyPackage (TLS encoding): its signature, ciphersuite, that its leaf
+/// supports the channel-config extension, and that its credential names a device. The caller
+/// checks that the device is the uploader. `crypto` is the caller's openmls crypto provider.
+pub fn validate_key_package(
+    crypto: &impl openmls_traits::crypto::OpenMlsCrypto,
+    bytes: &[u8],
+) -> Result<KeyPackageInfo, ChannelError> {
+    if bytes.len() > crate::wire::MAX_KEY_PACKAGE_LEN {
+        return Err(ChannelError::Malformed("key package too long".into()));
+    }
+    let kp = KeyPackageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| ChannelError::Malformed(e.to_string()))?
+        .validate(crypto, ProtocolVersion::Mls10)
+        .map_err(mls_err)?;
+    if kp.ciphersuite() != CIPHERSUITE {
+        return Err(ChannelError::Malformed("key package of another ciphersuite".into()));
+    }
+    let config = ExtensionType::Unknown(CONFIG_EXTENSION_TYPE);
+    if !kp.leaf_node().capabilities().extensions().contains(&config) {
+        return Err(ChannelError::Malformed("key package lacks the channel-config capability".into()));
+    }
+    let device = credential_device(kp.leaf_node().credential()).ok_or_else(|| {
+        ChannelError::Credential { device: None, reason: "not a device credential".into() }
+    })?;
+    Ok(KeyPackageInfo {
+        device,
+        not_after: Timestamp(kp.life_time().not_after().saturating_mul(1000)),
+        last_resort: kp.last_resort(),
+    })
+}
+
 /// The device a credential names.
 pub fn credential_device(credential: &Credential) -> Option<DeviceId> {
     let basic = BasicCredential::try_from(credential.clone()).ok()?;
@@ -362,7 +404,9 @@ pub fn credential_device(credential: &Credential) -> Option<DeviceId> {
 }
 
 fn capabilities() -> Capabilities {
-    Capabilities::builder().extensions(vec![ExtensionType::Unknown(CONFIG_EXTENSION_TYPE)]).build()
+    Capabilities::builder()
+        .extensions(vec![ExtensionType::Unknown(CONFIG_EXTENSION_TYPE), ExtensionType::LastResort])
+        .build()
 }
 
 /// Durable state of a [`Channel`] beyond what openmls stores: the caller persists it next to

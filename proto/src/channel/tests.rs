@@ -715,3 +715,22 @@ fn members_refuse_a_certified_commit_adding_an_unsponsored_device() {
     );
     assert_eq!(w.devices[BOB].channel.as_ref().map(Channel::epoch), Some(1), "nothing applied");
 }
+
+#[test]
+fn key_packages_validate_for_relays() {
+    let w = World::new();
+    let d = &w.devices[BOB];
+    let crypto = openmls_rust_crypto::RustCrypto::default();
+    let info = validate_key_package(&crypto, &d.key_package()).expect("valid");
+    assert_eq!(info.device, d.id());
+    assert!(!info.last_resort);
+    assert!(info.not_after > w.now, "fresh packages are not expired");
+    let last = d.me.key_package(&d.provider, true).expect("kp");
+    assert!(validate_key_package(&crypto, &last).expect("valid").last_resort);
+    // A flipped byte in the signed part breaks it.
+    let mut bad = d.key_package().0;
+    let n = bad.len();
+    bad[n - 70] ^= 1;
+    assert!(validate_key_package(&crypto, &bad).is_err());
+    assert!(matches!(validate_key_package(&crypto, b"junk"), Err(ChannelError::Malformed(_))));
+}
