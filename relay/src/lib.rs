@@ -1,8 +1,10 @@
-//! The ChitChat relay (homeserver): inboxes, identity sponsorship, KeyPackages, history and
-//! blobs with expiry, and Raft-ordered epochs for its channels.
+//! The ChitChat relay (homeserver): inboxes, identity sponsorship, KeyPackages, and (next)
+//! Raft-ordered epochs for its channels.
 //!
-//! The services arrive with issue #3. Protocol logic lives in [`chitchat_proto`]; this crate is
-//! the I/O driver around it.
+//! Protocol logic lives in [`chitchat_proto`]; this crate is the I/O around it: the redb
+//! [`store`], the request handling of each service, the libp2p network and the HTTP endpoints.
+
+pub mod store;
 
 /// The version of this relay.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

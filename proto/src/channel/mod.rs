@@ -385,7 +385,9 @@ pub fn validate_key_package(
     }
     let config = ExtensionType::Unknown(CONFIG_EXTENSION_TYPE);
     if !kp.leaf_node().capabilities().extensions().contains(&config) {
-        return Err(ChannelError::Malformed("key package lacks the channel-config capability".into()));
+        return Err(ChannelError::Malformed(
+            "key package lacks the channel-config capability".into(),
+        ));
     }
     let device = credential_device(kp.leaf_node().credential()).ok_or_else(|| {
         ChannelError::Credential { device: None, reason: "not a device credential".into() }

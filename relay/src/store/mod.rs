@@ -1,0 +1,280 @@
+//! The relay's durable state, in one redb file.
+//!
+//! Who talks to whom: every write goes through [`Store::write`] to one writer thread (the
+//! actor), which drains up to `max_batch` queued writes, applies them in **one** write
+//! transaction and commits it with fsync (`Durability::Immediate`) before it answers any of them.
+//! Concurrent enqueues therefore share one fsync (group commit), and an answer always means
+//! durable. Reads open their own read transaction from any thread (redb is MVCC).
+//!
+//! Every write first checks, then writes: a rejected write changes nothing, so one bad request
+//! never spoils the batch it shares. A storage error aborts the whole batch; every write in it
+//! is answered `Unavailable` and none is acknowledged.
+//!
+//! Tables carry a version in their name (`inbox-0`); the storage version in `meta-0` is checked
+//! on open.
+
+mod records;
+mod write;
+
+pub use records::{Counters, DeviceRecord, StoredItem, StoredKeyPackage, TokenRecord};
+pub use write::{Write, WriteError, Written};
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chitchat_proto::wire::InboxItem;
+use chitchat_proto::{DeviceId, Dir};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+/// The layout version of the database; bumped with every incompatible change.
+pub const STORAGE_VERSION: u32 = 1;
+/// Writes waiting for the writer, at most.
+pub const WRITE_QUEUE: usize = 8192;
+
+pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta-0");
+pub(crate) const TOKENS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("tokens-0");
+pub(crate) const NAMES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("names-0");
+pub(crate) const DEVICES: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("devices-0");
+pub(crate) const KEY_PACKAGES: TableDefinition<'_, ([u8; 32], u64), &[u8]> =
+    TableDefinition::new("keypackages-0");
+pub(crate) const LAST_RESORT: TableDefinition<'_, [u8; 32], &[u8]> =
+    TableDefinition::new("keypackages-last-0");
+pub(crate) const COUNTERS: TableDefinition<'_, [u8; 32], &[u8]> =
+    TableDefinition::new("counters-0");
+pub(crate) const INBOX: TableDefinition<'_, ([u8; 32], u64), &[u8]> =
+    TableDefinition::new("inbox-0");
+pub(crate) const BLOCKED: TableDefinition<'_, &str, u64> = TableDefinition::new("blocked-0");
+
+/// Why the store could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed (I/O, or the file is locked by another process).
+    #[error("storage: {0}")]
+    Storage(#[from] redb::Error),
+    /// The database was written by another layout version.
+    #[error("database has storage version {found}, this relay reads version {STORAGE_VERSION}")]
+    Version {
+        /// The version found.
+        found: u32,
+    },
+    /// A stored record does not decode.
+    #[error("corrupt record in {table}")]
+    Corrupt {
+        /// The table holding it.
+        table: &'static str,
+    },
+    /// The writer thread is gone (the relay is shutting down).
+    #[error("store is shut down")]
+    Closed,
+}
+
+fn redb_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Storage(e.into())
+}
+
+struct Job {
+    write: Write,
+    reply: oneshot::Sender<Result<Written, WriteError>>,
+}
+
+/// The relay's store: a redb database and its writer.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`, checks its version, and starts the writer
+    /// thread, which batches at most `max_batch` writes per transaction.
+    pub fn open(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(redb_err)?;
+        init(&db)?;
+        let db = Arc::new(db);
+        let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer(&writer_db, rx, max_batch.max(1)))
+            .map_err(|e| StoreError::Storage(redb::Error::Io(e)))?;
+        Ok(Self { db, jobs })
+    }
+
+    /// Applies a write; returns once it is durable (or was rejected, changing nothing).
+    pub async fn write(&self, write: Write) -> Result<Written, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job { write, reply }).await.map_err(|_| WriteError::Closed)?;
+        answer.await.map_err(|_| WriteError::Closed)?
+    }
+
+    /// The registration record of a device.
+    pub fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(DEVICES).map_err(redb_err)?;
+        let Some(v) = t.get(device.as_bytes()).map_err(redb_err)? else { return Ok(None) };
+        records::decode_record(v.value(), "devices").map(Some)
+    }
+
+    /// The current records of the devices registered under `local_name`.
+    pub fn lookup(&self, local_name: &str) -> Result<Vec<Dir>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let names = r.open_table(NAMES).map_err(redb_err)?;
+        let Some(v) = names.get(local_name).map_err(redb_err)? else { return Ok(vec![]) };
+        let devices: Vec<DeviceId> = records::decode_record(v.value(), "names")?;
+        let t = r.open_table(DEVICES).map_err(redb_err)?;
+        let mut dirs = Vec::with_capacity(devices.len());
+        for d in devices {
+            if let Some(v) = t.get(d.as_bytes()).map_err(redb_err)? {
+                dirs.push(records::decode_record::<DeviceRecord>(v.value(), "devices")?.dir);
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// Inbox items of `device` with ids above `after`, at most `max`; and whether more follow.
+    pub fn fetch(
+        &self,
+        device: &DeviceId,
+        after: Option<u64>,
+        max: usize,
+    ) -> Result<(Vec<InboxItem>, bool), StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(INBOX).map_err(redb_err)?;
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let key = *device.as_bytes();
+        let mut items = Vec::new();
+        let mut more = false;
+        for entry in t.range((key, start)..=(key, u64::MAX)).map_err(redb_err)? {
+            let (k, v) = entry.map_err(redb_err)?;
+            if items.len() == max {
+                more = true;
+                break;
+            }
+            let stored: StoredItem = records::decode_record(v.value(), "inbox")?;
+            items.push(InboxItem { id: k.value().1, envelope: stored.envelope });
+        }
+        Ok((items, more))
+    }
+
+    /// A device's counters (inbox depth and bytes, ...).
+    pub fn counters(&self, device: &DeviceId) -> Result<Counters, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(COUNTERS).map_err(redb_err)?;
+        match t.get(device.as_bytes()).map_err(redb_err)? {
+            Some(v) => records::decode_record(v.value(), "counters"),
+            None => Ok(Counters::default()),
+        }
+    }
+
+    /// Every local name and its devices.
+    pub fn users(&self) -> Result<Vec<(String, Vec<DeviceId>)>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(NAMES).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(redb_err)? {
+            let (k, v) = entry.map_err(redb_err)?;
+            out.push((k.value().to_owned(), records::decode_record(v.value(), "names")?));
+        }
+        Ok(out)
+    }
+
+    /// Blocked relay hosts.
+    pub fn blocked(&self) -> Result<Vec<String>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(BLOCKED).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(redb_err)? {
+            out.push(entry.map_err(redb_err)?.0.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Totals for `stats` and metrics.
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        Ok(Stats {
+            devices: r.open_table(DEVICES).map_err(redb_err)?.len().map_err(redb_err)?,
+            names: r.open_table(NAMES).map_err(redb_err)?.len().map_err(redb_err)?,
+            inbox_items: r.open_table(INBOX).map_err(redb_err)?.len().map_err(redb_err)?,
+            key_packages: r.open_table(KEY_PACKAGES).map_err(redb_err)?.len().map_err(redb_err)?,
+            tokens: r.open_table(TOKENS).map_err(redb_err)?.len().map_err(redb_err)?,
+        })
+    }
+}
+
+/// Totals over the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// Registered devices.
+    pub devices: u64,
+    /// Registered local names.
+    pub names: u64,
+    /// Items waiting in inboxes.
+    pub inbox_items: u64,
+    /// Unclaimed KeyPackages.
+    pub key_packages: u64,
+    /// Invite tokens (used or not).
+    pub tokens: u64,
+}
+
+/// Creates the tables and checks (or writes) the storage version.
+fn init(db: &Database) -> Result<(), StoreError> {
+    let w = db.begin_write().map_err(redb_err)?;
+    {
+        let mut meta = w.open_table(META).map_err(redb_err)?;
+        let found = match meta.get("storage_version").map_err(redb_err)? {
+            Some(v) => {
+                let bytes: [u8; 4] =
+                    v.value().try_into().map_err(|_| StoreError::Corrupt { table: "meta" })?;
+                Some(u32::from_le_bytes(bytes))
+            }
+            None => None,
+        };
+        match found {
+            Some(STORAGE_VERSION) => {}
+            Some(found) => return Err(StoreError::Version { found }),
+            None => {
+                meta.insert("storage_version", STORAGE_VERSION.to_le_bytes().as_slice())
+                    .map_err(redb_err)?;
+            }
+        }
+        w.open_table(TOKENS).map_err(redb_err)?;
+        w.open_table(NAMES).map_err(redb_err)?;
+        w.open_table(DEVICES).map_err(redb_err)?;
+        w.open_table(KEY_PACKAGES).map_err(redb_err)?;
+        w.open_table(LAST_RESORT).map_err(redb_err)?;
+        w.open_table(COUNTERS).map_err(redb_err)?;
+        w.open_table(INBOX).map_err(redb_err)?;
+        w.open_table(BLOCKED).map_err(redb_err)?;
+    }
+    w.commit().map_err(redb_err)?;
+    Ok(())
+}
+
+/// The writer actor: batch, apply, commit, answer.
+fn writer(db: &Database, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = write::apply_batch(db, jobs.iter().map(|j| &j.write));
+        debug_assert_eq!(results.len(), jobs.len());
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,80 @@
+//! What the tables hold. Every value is a postcard record decoded strictly: a record that does
+//! not decode is reported as corruption, never unwrapped.
+
+use chitchat_proto::codec::{Bytes, decode, encode};
+use chitchat_proto::inbox::SealedEnvelope;
+use chitchat_proto::{DeviceId, Dir, Timestamp};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use super::StoreError;
+
+/// The largest record read back from disk.
+const MAX_RECORD_LEN: usize = 2 * 1024 * 1024;
+
+/// An invite token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// When it was issued.
+    pub created: Timestamp,
+    /// When it stops working.
+    pub expires: Timestamp,
+    /// The device that used it, once used.
+    pub used_by: Option<DeviceId>,
+}
+
+/// A registered device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// The name it registered under.
+    pub local_name: String,
+    /// Its latest identity record.
+    pub dir: Dir,
+    /// When it registered.
+    pub registered: Timestamp,
+}
+
+/// Per-device counters, kept in step with the inbox and KeyPackage tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Id of the next KeyPackage stored.
+    pub next_key_package: u64,
+    /// Id of the next inbox item (ids only grow, so cursors stay valid).
+    pub next_inbox: u64,
+    /// Items in the inbox.
+    pub inbox_items: u64,
+    /// Bytes in the inbox.
+    pub inbox_bytes: u64,
+    /// Unclaimed KeyPackages.
+    pub key_packages: u64,
+}
+
+/// An uploaded KeyPackage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredKeyPackage {
+    /// When it expires.
+    pub not_after: Timestamp,
+    /// Its TLS encoding.
+    pub bytes: Bytes,
+}
+
+/// An inbox item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredItem {
+    /// When it was stored (for retention).
+    pub stored_at: Timestamp,
+    /// The authenticated device that sent it (for per-sender quotas).
+    pub sender: DeviceId,
+    /// The sealed payload.
+    pub envelope: SealedEnvelope,
+}
+
+pub(crate) fn decode_record<T: Serialize + DeserializeOwned>(
+    bytes: &[u8],
+    table: &'static str,
+) -> Result<T, StoreError> {
+    decode(bytes, MAX_RECORD_LEN).map_err(|_| StoreError::Corrupt { table })
+}
+
+pub(crate) fn encode_record<T: Serialize>(value: &T) -> Vec<u8> {
+    encode(value)
+}

@@ -1,0 +1,273 @@
+use chitchat_proto::identity::{DirBody, Profile};
+use chitchat_proto::inbox::SealedEnvelope;
+use chitchat_proto::wire::ErrorCode;
+use chitchat_proto::{DeviceId, Dir, SecretKey, Timestamp};
+
+use super::write::InboxQuota;
+use super::*;
+
+const NOW: Timestamp = Timestamp(1_700_000_000_000);
+const QUOTA: InboxQuota = InboxQuota { max_items: 3, max_bytes: 1 << 20 };
+
+fn key(n: u8) -> SecretKey {
+    SecretKey::from_seed([n; 32])
+}
+
+fn dir(n: u8, seq: u64, linked: &[u8]) -> Dir {
+    let k = key(n);
+    Dir::sign(
+        &k,
+        DirBody {
+            device: DeviceId(k.public()),
+            seq,
+            inbox_key: [0; 32],
+            linked: linked.iter().map(|l| DeviceId(key(*l).public())).collect(),
+            sponsorships: vec![],
+            profile: Profile::default(),
+            revoked: false,
+            issued: NOW,
+        },
+    )
+}
+
+fn dev(n: u8) -> DeviceId {
+    DeviceId(key(n).public())
+}
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("relay.redb"), 64).expect("open");
+    (dir, store)
+}
+
+fn code(r: Result<Written, WriteError>) -> ErrorCode {
+    match r {
+        Err(WriteError::Rejected { code, .. }) => code,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+async fn token(store: &Store, t: &str, expires: Timestamp) {
+    let record = TokenRecord { created: NOW, expires, used_by: None };
+    store.write(Write::CreateToken { token: t.into(), record }).await.expect("token");
+}
+
+fn register(token: Option<&str>, open: bool, name: &str, d: Dir) -> Write {
+    Write::Register {
+        token: token.map(Into::into),
+        open,
+        local_name: name.into(),
+        dir: d,
+        now: NOW,
+    }
+}
+
+#[tokio::test]
+async fn registration_rules() {
+    let (_d, s) = open();
+    token(&s, "t1", NOW.plus_ms(1000)).await;
+    token(&s, "old", NOW).await;
+    assert_eq!(
+        code(s.write(register(None, false, "alice", dir(1, 1, &[]))).await),
+        ErrorCode::RegistrationClosed
+    );
+    assert_eq!(
+        code(s.write(register(Some("nope"), false, "alice", dir(1, 1, &[]))).await),
+        ErrorCode::TokenInvalid
+    );
+    assert_eq!(
+        code(s.write(register(Some("old"), false, "alice", dir(1, 1, &[]))).await),
+        ErrorCode::TokenInvalid
+    );
+    s.write(register(Some("t1"), false, "alice", dir(1, 1, &[2]))).await.expect("registered");
+    // A retry is fine; the token is not reusable by another device.
+    s.write(register(Some("t1"), false, "alice", dir(1, 1, &[2]))).await.expect("idempotent");
+    assert_eq!(
+        code(s.write(register(Some("t1"), false, "bob", dir(3, 1, &[]))).await),
+        ErrorCode::TokenUsed
+    );
+    // Open registration: a taken name needs a two-way link.
+    assert_eq!(
+        code(s.write(register(None, true, "alice", dir(3, 1, &[1]))).await),
+        ErrorCode::NameTaken
+    );
+    s.write(register(None, true, "alice", dir(2, 1, &[1]))).await.expect("alice's second device");
+    assert_eq!(s.lookup("alice").expect("lookup").len(), 2);
+    assert!(s.lookup("nobody").expect("lookup").is_empty());
+    assert_eq!(s.users().expect("users"), vec![("alice".into(), vec![dev(1), dev(2)])]);
+}
+
+#[tokio::test]
+async fn dir_sequence_is_checked() {
+    let (_d, s) = open();
+    assert_eq!(code(s.write(Write::PublishDir { dir: dir(1, 2, &[]) }).await), ErrorCode::NotFound);
+    s.write(register(None, true, "alice", dir(1, 5, &[]))).await.expect("registered");
+    assert_eq!(
+        code(s.write(Write::PublishDir { dir: dir(1, 5, &[9]) }).await),
+        ErrorCode::StaleSequence
+    );
+    assert_eq!(
+        code(s.write(Write::PublishDir { dir: dir(1, 4, &[]) }).await),
+        ErrorCode::StaleSequence
+    );
+    s.write(Write::PublishDir { dir: dir(1, 6, &[]) }).await.expect("newer");
+    assert_eq!(s.device(&dev(1)).expect("read").map(|r| r.dir.body.seq), Some(6));
+}
+
+#[tokio::test]
+async fn key_packages_are_claimed_once_and_never_served_expired() {
+    let (_d, s) = open();
+    s.write(register(None, true, "bob", dir(2, 1, &[]))).await.expect("registered");
+    let kp = |b: u8| chitchat_proto::codec::Bytes(vec![b; 10]);
+    let upload = Write::UploadKeyPackages {
+        device: dev(2),
+        packages: vec![
+            (NOW.plus_ms(10), kp(1)),
+            (NOW.plus_ms(1000), kp(2)),
+            (NOW.plus_ms(1000), kp(3)),
+        ],
+        last_resort: Some((NOW.plus_ms(1000), kp(9))),
+        max_per_device: 3,
+    };
+    assert_eq!(s.write(upload.clone()).await, Ok(Written::KeyPackages { available: 3 }));
+    assert!(matches!(code(s.write(upload).await), ErrorCode::QuotaExceeded { .. }));
+    let claim = |now| Write::ClaimKeyPackage { device: dev(2), now };
+    // The first package has expired by then: skipped and deleted.
+    let later = NOW.plus_ms(100);
+    assert_eq!(s.write(claim(later)).await, Ok(Written::KeyPackage(vec![2; 10])));
+    assert_eq!(s.write(claim(later)).await, Ok(Written::KeyPackage(vec![3; 10])));
+    // Then the last resort, again and again.
+    assert_eq!(s.write(claim(later)).await, Ok(Written::KeyPackage(vec![9; 10])));
+    assert_eq!(s.write(claim(later)).await, Ok(Written::KeyPackage(vec![9; 10])));
+    assert_eq!(s.counters(&dev(2)).expect("counters").key_packages, 0);
+    // Once the last resort expires, nothing is served.
+    assert_eq!(code(s.write(claim(NOW.plus_ms(1000))).await), ErrorCode::NotFound);
+}
+
+fn envelope(to: u8, fill: u8) -> SealedEnvelope {
+    SealedEnvelope { recipient: dev(to), enc: [fill; 32], ciphertext: vec![fill; 100] }
+}
+
+#[tokio::test]
+async fn inbox_enqueue_fetch_ack_and_quota() {
+    let (_d, s) = open();
+    s.write(register(None, true, "bob", dir(2, 1, &[]))).await.expect("registered");
+    let enqueue = |fill| Write::Enqueue {
+        sender: dev(1),
+        envelope: envelope(2, fill),
+        now: NOW,
+        quota: QUOTA,
+    };
+    assert_eq!(
+        code(
+            s.write(Write::Enqueue {
+                sender: dev(1),
+                envelope: envelope(7, 0),
+                now: NOW,
+                quota: QUOTA
+            })
+            .await
+        ),
+        ErrorCode::NotFound
+    );
+    for i in 0..3 {
+        assert_eq!(s.write(enqueue(i)).await, Ok(Written::Enqueued { id: u64::from(i) }));
+    }
+    assert!(matches!(code(s.write(enqueue(9)).await), ErrorCode::QuotaExceeded { .. }));
+    let (items, more) = s.fetch(&dev(2), None, 2).expect("fetch");
+    assert_eq!(items.iter().map(|i| i.id).collect::<Vec<_>>(), vec![0, 1]);
+    assert!(more);
+    let (items, more) = s.fetch(&dev(2), Some(1), 10).expect("fetch");
+    assert_eq!((items.len(), more), (1, false));
+    assert_eq!(items[0].envelope, envelope(2, 2));
+    // Ack is idempotent and frees quota; ids keep growing.
+    assert_eq!(
+        s.write(Write::Ack { device: dev(2), ids: vec![0, 1, 77] }).await,
+        Ok(Written::Removed(2))
+    );
+    assert_eq!(s.write(Write::Ack { device: dev(2), ids: vec![0] }).await, Ok(Written::Removed(0)));
+    assert_eq!(s.write(enqueue(5)).await, Ok(Written::Enqueued { id: 3 }));
+    let c = s.counters(&dev(2)).expect("counters");
+    assert_eq!((c.inbox_items, c.next_inbox), (2, 4));
+    // Another device cannot ack Bob's items.
+    assert_eq!(
+        s.write(Write::Ack { device: dev(1), ids: vec![2, 3] }).await,
+        Ok(Written::Removed(0))
+    );
+}
+
+#[tokio::test]
+async fn retention_expires_old_items() {
+    let (_d, s) = open();
+    s.write(register(None, true, "bob", dir(2, 1, &[]))).await.expect("registered");
+    let quota = InboxQuota { max_items: 100, max_bytes: 1 << 20 };
+    for (i, at) in [(0u8, NOW), (1, NOW.plus_ms(10)), (2, NOW.plus_ms(20))] {
+        s.write(Write::Enqueue { sender: dev(1), envelope: envelope(2, i), now: at, quota })
+            .await
+            .expect("enqueue");
+    }
+    assert_eq!(
+        s.write(Write::Expire { before: NOW.plus_ms(15), max: 100 }).await,
+        Ok(Written::Removed(2))
+    );
+    let (items, _) = s.fetch(&dev(2), None, 10).expect("fetch");
+    assert_eq!(items.iter().map(|i| i.id).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(s.counters(&dev(2)).expect("counters").inbox_items, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enqueues_share_transactions_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.redb");
+    {
+        let s = Store::open(&path, 64).expect("open");
+        s.write(register(None, true, "bob", dir_of(2))).await.expect("registered");
+        let quota = InboxQuota { max_items: 10_000, max_bytes: 1 << 30 };
+        let tasks: Vec<_> = (0..200u32)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let envelope = envelope(2, (i % 250) as u8);
+                    s.write(Write::Enqueue { sender: dev(1), envelope, now: NOW, quota }).await
+                })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(Written::Enqueued { id }) => ids.push(id),
+                other => panic!("{other:?}"),
+            }
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (0..200).collect::<Vec<_>>(), "every enqueue got a distinct id");
+    }
+    // Wait for the writer thread to let go of the file, then reopen: everything acknowledged is there.
+    let s = loop {
+        match Store::open(&path, 64) {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    };
+    assert_eq!(s.fetch(&dev(2), None, 1000).expect("fetch").0.len(), 200);
+}
+
+fn dir_of(n: u8) -> Dir {
+    dir(n, 1, &[])
+}
+
+#[test]
+fn storage_version_is_checked() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let path = d.path().join("relay.redb");
+    {
+        let db = redb::Database::create(&path).expect("create");
+        let w = db.begin_write().expect("write");
+        w.open_table(META)
+            .expect("meta")
+            .insert("storage_version", 99u32.to_le_bytes().as_slice())
+            .expect("insert");
+        w.commit().expect("commit");
+    }
+    assert!(matches!(Store::open(&path, 8), Err(StoreError::Version { found: 99 })));
+}

@@ -1,0 +1,497 @@
+//! The writes, each applied inside the writer's batch transaction.
+
+use chitchat_proto::codec::Bytes;
+use chitchat_proto::identity::linked;
+use chitchat_proto::inbox::SealedEnvelope;
+use chitchat_proto::wire::ErrorCode;
+use chitchat_proto::{DeviceId, Dir, Timestamp};
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+
+use super::records::{decode_record, encode_record};
+use super::{
+    BLOCKED, COUNTERS, Counters, DEVICES, DeviceRecord, INBOX, KEY_PACKAGES, LAST_RESORT, NAMES,
+    StoredItem, StoredKeyPackage, TOKENS, TokenRecord,
+};
+
+/// Inbox bounds, checked on every enqueue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboxQuota {
+    /// Items per inbox.
+    pub max_items: u64,
+    /// Bytes per inbox.
+    pub max_bytes: u64,
+}
+
+/// A change to the store.
+#[derive(Clone, Debug)]
+pub enum Write {
+    /// Store an invite token.
+    CreateToken {
+        /// The token.
+        token: String,
+        /// Its record.
+        record: TokenRecord,
+    },
+    /// Register a device under a name, consuming a token (unless registration is open).
+    Register {
+        /// The invite token.
+        token: Option<String>,
+        /// Whether registration without a token is allowed.
+        open: bool,
+        /// The name asked for.
+        local_name: String,
+        /// The device's self-signed record (already checked by the caller).
+        dir: Dir,
+        /// The time of the request.
+        now: Timestamp,
+    },
+    /// Replace a registered device's record with a newer one.
+    PublishDir {
+        /// The record (signature already checked by the caller).
+        dir: Dir,
+    },
+    /// Store KeyPackages of a device (already validated by the caller).
+    UploadKeyPackages {
+        /// The device.
+        device: DeviceId,
+        /// Packages with their expiry.
+        packages: Vec<(Timestamp, Bytes)>,
+        /// A last-resort package, replacing the previous one.
+        last_resort: Option<(Timestamp, Bytes)>,
+        /// Unclaimed packages a device may have stored.
+        max_per_device: u64,
+    },
+    /// Take one unexpired KeyPackage of a device (the last-resort one is kept).
+    ClaimKeyPackage {
+        /// The device whose package is wanted.
+        device: DeviceId,
+        /// The time of the claim.
+        now: Timestamp,
+    },
+    /// Put a sealed payload into its recipient's inbox.
+    Enqueue {
+        /// The authenticated sender.
+        sender: DeviceId,
+        /// The payload.
+        envelope: SealedEnvelope,
+        /// The time of the request.
+        now: Timestamp,
+        /// The recipient's bounds.
+        quota: InboxQuota,
+    },
+    /// Delete acknowledged items of a device's inbox.
+    Ack {
+        /// The inbox owner.
+        device: DeviceId,
+        /// The items.
+        ids: Vec<u64>,
+    },
+    /// Delete inbox items stored before `before`, at most `max` of them.
+    Expire {
+        /// The retention horizon.
+        before: Timestamp,
+        /// Most items deleted in one pass.
+        max: usize,
+    },
+    /// Block or unblock a relay host.
+    Block {
+        /// The host.
+        host: String,
+        /// `true` to block, `false` to unblock.
+        blocked: bool,
+        /// The time of the change.
+        now: Timestamp,
+    },
+}
+
+/// What a write did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Done.
+    Done,
+    /// Stored KeyPackages; the device now has this many unclaimed.
+    KeyPackages {
+        /// Unclaimed packages.
+        available: u64,
+    },
+    /// A claimed KeyPackage.
+    KeyPackage(Vec<u8>),
+    /// The enqueued item's id.
+    Enqueued {
+        /// The id.
+        id: u64,
+    },
+    /// How many items were deleted.
+    Removed(u64),
+}
+
+/// Why a write did not happen.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The request is refused; nothing changed.
+    #[error("{message}")]
+    Rejected {
+        /// The protocol error code.
+        code: ErrorCode,
+        /// Why.
+        message: String,
+    },
+    /// The batch failed to commit; nothing of it is durable.
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// The store is shutting down.
+    #[error("store closed")]
+    Closed,
+}
+
+fn reject(code: ErrorCode, message: impl Into<String>) -> WriteError {
+    WriteError::Rejected { code, message: message.into() }
+}
+
+fn storage(e: impl Into<redb::Error>) -> WriteError {
+    WriteError::Storage(e.into().to_string())
+}
+
+fn corrupt(e: super::StoreError) -> WriteError {
+    WriteError::Storage(e.to_string())
+}
+
+/// Applies writes in one transaction with fsync. Storage failures fail the whole batch.
+pub(super) fn apply_batch<'a>(
+    db: &Database,
+    writes: impl ExactSizeIterator<Item = &'a Write>,
+) -> Vec<Result<Written, WriteError>> {
+    let n = writes.len();
+    let fail_all = |e: WriteError| vec![Err(e); n];
+    let mut txn = match db.begin_write() {
+        Ok(t) => t,
+        Err(e) => return fail_all(storage(e)),
+    };
+    if let Err(e) = txn.set_durability(Durability::Immediate) {
+        return fail_all(storage(e));
+    }
+    let mut results = Vec::with_capacity(n);
+    for w in writes {
+        let r = apply(&txn, w);
+        if let Err(WriteError::Storage(e)) = &r {
+            let e = e.clone();
+            let _ = txn.abort();
+            return fail_all(WriteError::Storage(e));
+        }
+        results.push(r);
+    }
+    match txn.commit() {
+        Ok(()) => results,
+        Err(e) => fail_all(storage(e)),
+    }
+}
+
+fn apply(txn: &WriteTransaction, w: &Write) -> Result<Written, WriteError> {
+    match w {
+        Write::CreateToken { token, record } => {
+            let mut t = txn.open_table(TOKENS).map_err(storage)?;
+            if t.get(token.as_str()).map_err(storage)?.is_some() {
+                return Err(reject(ErrorCode::BadRequest, "token exists"));
+            }
+            t.insert(token.as_str(), encode_record(record).as_slice()).map_err(storage)?;
+            Ok(Written::Done)
+        }
+        Write::Register { token, open, local_name, dir, now } => {
+            register(txn, token.as_deref(), *open, local_name, dir, *now)
+        }
+        Write::PublishDir { dir } => publish_dir(txn, dir),
+        Write::UploadKeyPackages { device, packages, last_resort, max_per_device } => {
+            upload_key_packages(txn, *device, packages, last_resort.as_ref(), *max_per_device)
+        }
+        Write::ClaimKeyPackage { device, now } => claim_key_package(txn, *device, *now),
+        Write::Enqueue { sender, envelope, now, quota } => {
+            enqueue(txn, *sender, envelope, *now, *quota)
+        }
+        Write::Ack { device, ids } => ack(txn, *device, ids),
+        Write::Expire { before, max } => expire(txn, *before, *max),
+        Write::Block { host, blocked, now } => {
+            let mut t = txn.open_table(BLOCKED).map_err(storage)?;
+            if *blocked {
+                t.insert(host.as_str(), now.0).map_err(storage)?;
+            } else {
+                t.remove(host.as_str()).map_err(storage)?;
+            }
+            Ok(Written::Done)
+        }
+    }
+}
+
+fn read_counters(txn: &WriteTransaction, device: DeviceId) -> Result<Counters, WriteError> {
+    let t = txn.open_table(COUNTERS).map_err(storage)?;
+    match t.get(device.as_bytes()).map_err(storage)? {
+        Some(v) => decode_record(v.value(), "counters").map_err(corrupt),
+        None => Ok(Counters::default()),
+    }
+}
+
+fn write_counters(
+    txn: &WriteTransaction,
+    device: DeviceId,
+    c: &Counters,
+) -> Result<(), WriteError> {
+    let mut t = txn.open_table(COUNTERS).map_err(storage)?;
+    t.insert(device.as_bytes(), encode_record(c).as_slice()).map_err(storage)?;
+    Ok(())
+}
+
+fn device_record(
+    txn: &WriteTransaction,
+    device: DeviceId,
+) -> Result<Option<DeviceRecord>, WriteError> {
+    let t = txn.open_table(DEVICES).map_err(storage)?;
+    let v = t.get(device.as_bytes()).map_err(storage)?;
+    v.map(|v| decode_record(v.value(), "devices").map_err(corrupt)).transpose()
+}
+
+fn register(
+    txn: &WriteTransaction,
+    token: Option<&str>,
+    open: bool,
+    local_name: &str,
+    dir: &Dir,
+    now: Timestamp,
+) -> Result<Written, WriteError> {
+    let device = dir.device();
+    // A retry after a lost answer finds the device registered under the same name: done.
+    if let Some(existing) = device_record(txn, device)? {
+        if existing.local_name == local_name {
+            return Ok(Written::Done);
+        }
+        return Err(reject(ErrorCode::Forbidden, "device is registered under another name"));
+    }
+    let mut tokens = txn.open_table(TOKENS).map_err(storage)?;
+    let token_record = match token {
+        Some(token) => {
+            let Some(v) = tokens.get(token).map_err(storage)? else {
+                return Err(reject(ErrorCode::TokenInvalid, "unknown invite token"));
+            };
+            let record: TokenRecord = decode_record(v.value(), "tokens").map_err(corrupt)?;
+            if record.used_by.is_some() {
+                return Err(reject(ErrorCode::TokenUsed, "invite token already used"));
+            }
+            if now >= record.expires {
+                return Err(reject(ErrorCode::TokenInvalid, "invite token expired"));
+            }
+            Some((token, record))
+        }
+        None if open => None,
+        None => {
+            return Err(reject(ErrorCode::RegistrationClosed, "registration needs an invite token"));
+        }
+    };
+    // A name holds one user: another device may join it only when linked both ways with one of
+    // the devices already there.
+    let mut names = txn.open_table(NAMES).map_err(storage)?;
+    let mut devices: Vec<DeviceId> = match names.get(local_name).map_err(storage)? {
+        Some(v) => decode_record(v.value(), "names").map_err(corrupt)?,
+        None => Vec::new(),
+    };
+    if !devices.is_empty() {
+        let mut linked_to_user = false;
+        for d in &devices {
+            if let Some(rec) = device_record(txn, *d)? {
+                linked_to_user |= linked(&rec.dir, dir).is_ok();
+            }
+        }
+        if !linked_to_user {
+            return Err(reject(ErrorCode::NameTaken, format!("{local_name} is taken")));
+        }
+    }
+    if devices.len() >= chitchat_proto::identity::MAX_LINKED_DEVICES + 1 {
+        return Err(reject(ErrorCode::Forbidden, "too many devices for one name"));
+    }
+    // Checks are done; write.
+    if let Some((token, mut record)) = token_record {
+        record.used_by = Some(device);
+        tokens.insert(token, encode_record(&record).as_slice()).map_err(storage)?;
+    }
+    devices.push(device);
+    names.insert(local_name, encode_record(&devices).as_slice()).map_err(storage)?;
+    let record =
+        DeviceRecord { local_name: local_name.to_owned(), dir: dir.clone(), registered: now };
+    let mut t = txn.open_table(DEVICES).map_err(storage)?;
+    t.insert(device.as_bytes(), encode_record(&record).as_slice()).map_err(storage)?;
+    Ok(Written::Done)
+}
+
+fn publish_dir(txn: &WriteTransaction, dir: &Dir) -> Result<Written, WriteError> {
+    let device = dir.device();
+    let Some(mut record) = device_record(txn, device)? else {
+        return Err(reject(ErrorCode::NotFound, "device is not registered here"));
+    };
+    if record.dir == *dir {
+        return Ok(Written::Done); // a retry
+    }
+    if !dir.supersedes(&record.dir) {
+        return Err(reject(
+            ErrorCode::StaleSequence,
+            format!("sequence {} is not above the stored {}", dir.body.seq, record.dir.body.seq),
+        ));
+    }
+    record.dir = dir.clone();
+    let mut t = txn.open_table(DEVICES).map_err(storage)?;
+    t.insert(device.as_bytes(), encode_record(&record).as_slice()).map_err(storage)?;
+    Ok(Written::Done)
+}
+
+fn upload_key_packages(
+    txn: &WriteTransaction,
+    device: DeviceId,
+    packages: &[(Timestamp, Bytes)],
+    last_resort: Option<&(Timestamp, Bytes)>,
+    max_per_device: u64,
+) -> Result<Written, WriteError> {
+    if device_record(txn, device)?.is_none() {
+        return Err(reject(ErrorCode::NotFound, "device is not registered here"));
+    }
+    let mut c = read_counters(txn, device)?;
+    if c.key_packages + packages.len() as u64 > max_per_device {
+        return Err(reject(
+            ErrorCode::QuotaExceeded { retry_after_ms: 0 },
+            format!("at most {max_per_device} unclaimed key packages per device"),
+        ));
+    }
+    let mut t = txn.open_table(KEY_PACKAGES).map_err(storage)?;
+    for (not_after, bytes) in packages {
+        let kp = StoredKeyPackage { not_after: *not_after, bytes: bytes.clone() };
+        t.insert((*device.as_bytes(), c.next_key_package), encode_record(&kp).as_slice())
+            .map_err(storage)?;
+        c.next_key_package += 1;
+        c.key_packages += 1;
+    }
+    if let Some((not_after, bytes)) = last_resort {
+        let kp = StoredKeyPackage { not_after: *not_after, bytes: bytes.clone() };
+        let mut lr = txn.open_table(LAST_RESORT).map_err(storage)?;
+        lr.insert(device.as_bytes(), encode_record(&kp).as_slice()).map_err(storage)?;
+    }
+    write_counters(txn, device, &c)?;
+    Ok(Written::KeyPackages { available: c.key_packages })
+}
+
+fn claim_key_package(
+    txn: &WriteTransaction,
+    device: DeviceId,
+    now: Timestamp,
+) -> Result<Written, WriteError> {
+    let mut c = read_counters(txn, device)?;
+    let mut t = txn.open_table(KEY_PACKAGES).map_err(storage)?;
+    let key = *device.as_bytes();
+    // Oldest first; expired packages met on the way are deleted, never served.
+    let mut found = None;
+    let mut expired = Vec::new();
+    for entry in t.range((key, 0)..=(key, u64::MAX)).map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        let kp: StoredKeyPackage = decode_record(v.value(), "keypackages").map_err(corrupt)?;
+        if kp.not_after <= now {
+            expired.push(k.value().1);
+            continue;
+        }
+        found = Some((k.value().1, kp.bytes));
+        break;
+    }
+    for id in &expired {
+        t.remove((key, *id)).map_err(storage)?;
+    }
+    c.key_packages = c.key_packages.saturating_sub(expired.len() as u64);
+    if let Some((id, bytes)) = found {
+        t.remove((key, id)).map_err(storage)?;
+        c.key_packages = c.key_packages.saturating_sub(1);
+        write_counters(txn, device, &c)?;
+        return Ok(Written::KeyPackage(bytes.0));
+    }
+    if !expired.is_empty() {
+        write_counters(txn, device, &c)?;
+    }
+    let lr = txn.open_table(LAST_RESORT).map_err(storage)?;
+    if let Some(v) = lr.get(device.as_bytes()).map_err(storage)? {
+        let kp: StoredKeyPackage = decode_record(v.value(), "keypackages-last").map_err(corrupt)?;
+        if kp.not_after > now {
+            return Ok(Written::KeyPackage(kp.bytes.0));
+        }
+    }
+    // Expired packages were cleaned up even though nothing is served: keep that, but say so.
+    Err(reject(ErrorCode::NotFound, "no key package available for the device"))
+}
+
+fn enqueue(
+    txn: &WriteTransaction,
+    sender: DeviceId,
+    envelope: &SealedEnvelope,
+    now: Timestamp,
+    quota: InboxQuota,
+) -> Result<Written, WriteError> {
+    let recipient = envelope.recipient;
+    if device_record(txn, recipient)?.is_none() {
+        return Err(reject(ErrorCode::NotFound, "recipient is not registered here"));
+    }
+    let item = StoredItem { stored_at: now, sender, envelope: envelope.clone() };
+    let bytes = encode_record(&item);
+    let mut c = read_counters(txn, recipient)?;
+    if c.inbox_items >= quota.max_items || c.inbox_bytes + bytes.len() as u64 > quota.max_bytes {
+        return Err(reject(
+            ErrorCode::QuotaExceeded { retry_after_ms: 60_000 },
+            "recipient's inbox is full",
+        ));
+    }
+    let id = c.next_inbox;
+    let mut t = txn.open_table(INBOX).map_err(storage)?;
+    t.insert((*recipient.as_bytes(), id), bytes.as_slice()).map_err(storage)?;
+    c.next_inbox += 1;
+    c.inbox_items += 1;
+    c.inbox_bytes += bytes.len() as u64;
+    write_counters(txn, recipient, &c)?;
+    Ok(Written::Enqueued { id })
+}
+
+fn ack(txn: &WriteTransaction, device: DeviceId, ids: &[u64]) -> Result<Written, WriteError> {
+    let mut c = read_counters(txn, device)?;
+    let mut t = txn.open_table(INBOX).map_err(storage)?;
+    let mut removed = 0;
+    for id in ids {
+        if let Some(v) = t.remove((*device.as_bytes(), *id)).map_err(storage)? {
+            c.inbox_items = c.inbox_items.saturating_sub(1);
+            c.inbox_bytes = c.inbox_bytes.saturating_sub(v.value().len() as u64);
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        write_counters(txn, device, &c)?;
+    }
+    Ok(Written::Removed(removed))
+}
+
+fn expire(txn: &WriteTransaction, before: Timestamp, max: usize) -> Result<Written, WriteError> {
+    let mut t = txn.open_table(INBOX).map_err(storage)?;
+    let mut old: Vec<(([u8; 32], u64), u64)> = Vec::new();
+    for entry in t.iter().map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        let item: StoredItem = decode_record(v.value(), "inbox").map_err(corrupt)?;
+        if item.stored_at < before {
+            old.push((k.value(), v.value().len() as u64));
+            if old.len() >= max {
+                break;
+            }
+        }
+    }
+    let mut per_device: std::collections::BTreeMap<[u8; 32], (u64, u64)> = Default::default();
+    for (key, len) in &old {
+        t.remove(*key).map_err(storage)?;
+        let e = per_device.entry(key.0).or_default();
+        e.0 += 1;
+        e.1 += len;
+    }
+    drop(t);
+    for (device, (items, bytes)) in per_device {
+        let device = DeviceId(chitchat_proto::PublicKey(device));
+        let mut c = read_counters(txn, device)?;
+        c.inbox_items = c.inbox_items.saturating_sub(items);
+        c.inbox_bytes = c.inbox_bytes.saturating_sub(bytes);
+        write_counters(txn, device, &c)?;
+    }
+    Ok(Written::Removed(old.len() as u64))
+}
