@@ -25,6 +25,8 @@ pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 pub const MAX_KEY_PACKAGE_LEN: usize = 4 * 1024;
 /// The most ids in one ack.
 pub const MAX_ACK_IDS: usize = 1024;
+/// Sealed bytes served in one fetch response, at most (so the response fits a frame).
+pub const MAX_FETCH_BYTES: usize = MAX_FRAME_LEN - 64 * 1024;
 /// The most inbox items in one fetch.
 pub const MAX_FETCH_ITEMS: u32 = 1024;
 /// The most devices one accepted commit may fan out to.
@@ -283,6 +285,24 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// A short, stable name (for logs and metrics labels).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::TokenInvalid => "token_invalid",
+            Self::TokenUsed => "token_used",
+            Self::RegistrationClosed => "registration_closed",
+            Self::NameTaken => "name_taken",
+            Self::StaleSequence => "stale_sequence",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
     /// Whether the same request may succeed later.
     pub fn is_retryable(self) -> bool {
         matches!(self, Self::QuotaExceeded { .. } | Self::RateLimited { .. } | Self::Unavailable)

@@ -4,6 +4,9 @@
 //! Protocol logic lives in [`chitchat_proto`]; this crate is the I/O around it: the redb
 //! [`store`], the request handling of each service, the libp2p network and the HTTP endpoints.
 
+pub mod config;
+pub mod metrics;
+pub mod service;
 pub mod store;
 
 /// The version of this relay.

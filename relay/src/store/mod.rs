@@ -17,7 +17,7 @@ mod records;
 mod write;
 
 pub use records::{Counters, DeviceRecord, StoredItem, StoredKeyPackage, TokenRecord};
-pub use write::{Write, WriteError, Written};
+pub use write::{InboxQuota, Write, WriteError, Written};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -138,18 +138,21 @@ impl Store {
         Ok(dirs)
     }
 
-    /// Inbox items of `device` with ids above `after`, at most `max`; and whether more follow.
+    /// Inbox items of `device` with ids above `after`, at most `max` of them and about
+    /// `max_bytes` of sealed payload (always at least one item); and whether more follow.
     pub fn fetch(
         &self,
         device: &DeviceId,
         after: Option<u64>,
         max: usize,
+        max_bytes: usize,
     ) -> Result<(Vec<InboxItem>, bool), StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
         let t = r.open_table(INBOX).map_err(redb_err)?;
         let start = after.map_or(0, |a| a.saturating_add(1));
         let key = *device.as_bytes();
         let mut items = Vec::new();
+        let mut bytes = 0;
         let mut more = false;
         for entry in t.range((key, start)..=(key, u64::MAX)).map_err(redb_err)? {
             let (k, v) = entry.map_err(redb_err)?;
@@ -158,6 +161,12 @@ impl Store {
                 break;
             }
             let stored: StoredItem = records::decode_record(v.value(), "inbox")?;
+            let len = stored.envelope.ciphertext.len();
+            if !items.is_empty() && bytes + len > max_bytes {
+                more = true;
+                break;
+            }
+            bytes += len;
             items.push(InboxItem { id: k.value().1, envelope: stored.envelope });
         }
         Ok((items, more))

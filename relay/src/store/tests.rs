@@ -174,10 +174,13 @@ async fn inbox_enqueue_fetch_ack_and_quota() {
         assert_eq!(s.write(enqueue(i)).await, Ok(Written::Enqueued { id: u64::from(i) }));
     }
     assert!(matches!(code(s.write(enqueue(9)).await), ErrorCode::QuotaExceeded { .. }));
-    let (items, more) = s.fetch(&dev(2), None, 2).expect("fetch");
+    let (items, more) = s.fetch(&dev(2), None, 2, usize::MAX).expect("fetch");
     assert_eq!(items.iter().map(|i| i.id).collect::<Vec<_>>(), vec![0, 1]);
     assert!(more);
-    let (items, more) = s.fetch(&dev(2), Some(1), 10).expect("fetch");
+    // A byte budget cuts the page short, but always serves at least one item.
+    let (items, more) = s.fetch(&dev(2), None, 10, 150).expect("fetch");
+    assert_eq!((items.len(), more), (1, true));
+    let (items, more) = s.fetch(&dev(2), Some(1), 10, usize::MAX).expect("fetch");
     assert_eq!((items.len(), more), (1, false));
     assert_eq!(items[0].envelope, envelope(2, 2));
     // Ack is idempotent and frees quota; ids keep growing.
@@ -210,7 +213,7 @@ async fn retention_expires_old_items() {
         s.write(Write::Expire { before: NOW.plus_ms(15), max: 100 }).await,
         Ok(Written::Removed(2))
     );
-    let (items, _) = s.fetch(&dev(2), None, 10).expect("fetch");
+    let (items, _) = s.fetch(&dev(2), None, 10, usize::MAX).expect("fetch");
     assert_eq!(items.iter().map(|i| i.id).collect::<Vec<_>>(), vec![2]);
     assert_eq!(s.counters(&dev(2)).expect("counters").inbox_items, 1);
 }
@@ -249,7 +252,7 @@ async fn concurrent_enqueues_share_transactions_and_survive_reopen() {
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
         }
     };
-    assert_eq!(s.fetch(&dev(2), None, 1000).expect("fetch").0.len(), 200);
+    assert_eq!(s.fetch(&dev(2), None, 1000, usize::MAX).expect("fetch").0.len(), 200);
 }
 
 fn dir_of(n: u8) -> Dir {

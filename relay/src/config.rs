@@ -1,0 +1,299 @@
+//! The relay's configuration: `DIR/config.toml`, then environment variables on top.
+//!
+//! `chitchat-relay init` writes [`TEMPLATE`], which documents every setting. The relay's secret
+//! key is never in the config: it is `DIR/relay.key` (hex seed, mode 0600), and the admin token
+//! is `DIR/admin.token`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a relay is configured with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The host name in users' addresses (`alice@HOST`) and in sponsorships.
+    pub host: String,
+    /// libp2p listen addresses (multiaddrs).
+    pub listen: Vec<String>,
+    /// Addresses to publish in `.well-known`; empty publishes the listen addresses.
+    #[serde(default)]
+    pub advertise: Vec<String>,
+    /// HTTP address for `.well-known`, `/health`, `/metrics` and the admin API.
+    pub http: SocketAddr,
+    /// Whether devices may register without an invite token.
+    #[serde(default)]
+    pub open_registration: bool,
+    /// How long a sponsorship is valid, in days.
+    #[serde(default = "defaults::sponsorship_days")]
+    pub sponsorship_days: u64,
+    /// How long an invite token is valid, in days.
+    #[serde(default = "defaults::token_days")]
+    pub token_days: u64,
+    /// Inbox limits.
+    #[serde(default)]
+    pub inbox: InboxConfig,
+    /// KeyPackage limits.
+    #[serde(default)]
+    pub key_packages: KeyPackageConfig,
+    /// Writes batched into one transaction, at most.
+    #[serde(default = "defaults::max_batch")]
+    pub max_batch: usize,
+}
+
+/// Inbox limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboxConfig {
+    /// Items one inbox holds.
+    pub max_items: u64,
+    /// Bytes one inbox holds.
+    pub max_bytes: u64,
+    /// Days an unacknowledged item is kept.
+    pub retention_days: u64,
+    /// Enqueues one sender may make per minute.
+    pub sender_per_minute: u32,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self { max_items: 10_000, max_bytes: 64 << 20, retention_days: 30, sender_per_minute: 6000 }
+    }
+}
+
+/// KeyPackage limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyPackageConfig {
+    /// Unclaimed packages one device may store.
+    pub max_per_device: u64,
+    /// Claims one device may make per minute.
+    pub claims_per_requester_per_minute: u32,
+    /// Claims of one device's packages per minute.
+    pub claims_per_target_per_minute: u32,
+}
+
+impl Default for KeyPackageConfig {
+    fn default() -> Self {
+        Self {
+            max_per_device: 200,
+            claims_per_requester_per_minute: 120,
+            claims_per_target_per_minute: 60,
+        }
+    }
+}
+
+mod defaults {
+    pub(super) fn sponsorship_days() -> u64 {
+        365
+    }
+    pub(super) fn token_days() -> u64 {
+        7
+    }
+    pub(super) fn max_batch() -> usize {
+        1024
+    }
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this struct.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The error.
+        source: Box<toml::de::Error>,
+    },
+    /// An environment variable or value is invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// The defaults for `host`, as `init` writes them.
+    pub fn new(host: &str) -> Self {
+        Self {
+            host: host.to_owned(),
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4433".into(),
+                "/ip4/0.0.0.0/udp/4433/quic-v1".into(),
+                "/ip4/0.0.0.0/tcp/4434/ws".into(),
+            ],
+            advertise: vec![],
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            open_registration: false,
+            sponsorship_days: defaults::sponsorship_days(),
+            token_days: defaults::token_days(),
+            inbox: InboxConfig::default(),
+            key_packages: KeyPackageConfig::default(),
+            max_batch: defaults::max_batch(),
+        }
+    }
+
+    /// Reads `path`, then applies `CHITCHAT_RELAY_*` environment overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })?;
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies overrides: `CHITCHAT_RELAY_HOST`, `_LISTEN` (comma-separated), `_ADVERTISE`,
+    /// `_HTTP`, `_OPEN_REGISTRATION` (`true`/`false`).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let list = |v: String| {
+            v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+        };
+        if let Some(v) = var("CHITCHAT_RELAY_HOST") {
+            self.host = v;
+        }
+        if let Some(v) = var("CHITCHAT_RELAY_LISTEN") {
+            self.listen = list(v);
+        }
+        if let Some(v) = var("CHITCHAT_RELAY_ADVERTISE") {
+            self.advertise = list(v);
+        }
+        if let Some(v) = var("CHITCHAT_RELAY_HTTP") {
+            self.http =
+                v.parse().map_err(|e| ConfigError::Invalid(format!("CHITCHAT_RELAY_HTTP: {e}")))?;
+        }
+        if let Some(v) = var("CHITCHAT_RELAY_OPEN_REGISTRATION") {
+            self.open_registration = v.parse().map_err(|e| {
+                ConfigError::Invalid(format!("CHITCHAT_RELAY_OPEN_REGISTRATION: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks values that TOML cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        chitchat_proto::identity::check_host(&self.host)
+            .map_err(|e| ConfigError::Invalid(format!("host {:?}: {e}", self.host)))?;
+        if self.listen.is_empty() {
+            return Err(ConfigError::Invalid("no listen address".into()));
+        }
+        for a in self.listen.iter().chain(&self.advertise) {
+            a.parse::<libp2p::Multiaddr>()
+                .map_err(|e| ConfigError::Invalid(format!("address {a:?}: {e}")))?;
+        }
+        if self.max_batch == 0 || self.inbox.max_items == 0 || self.inbox.sender_per_minute == 0 {
+            return Err(ConfigError::Invalid("limits must be positive".into()));
+        }
+        if self.key_packages.claims_per_requester_per_minute == 0
+            || self.key_packages.claims_per_target_per_minute == 0
+        {
+            return Err(ConfigError::Invalid("claim rates must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The config file `init` writes: the template with the host filled in.
+    pub fn template(host: &str) -> String {
+        TEMPLATE.replace("{host}", host)
+    }
+}
+
+/// The documented config file written by `chitchat-relay init`.
+pub const TEMPLATE: &str = r#"# ChitChat relay configuration.
+# Every setting can be overridden by an environment variable, named below.
+# The relay's secret key is not here: it is relay.key next to this file (keep it private).
+
+# The host name in users' addresses (alice@HOST) and in the sponsorships this relay signs.
+# Env: CHITCHAT_RELAY_HOST
+host = "{host}"
+
+# libp2p listen addresses: TCP, QUIC and WebSocket. Env: CHITCHAT_RELAY_LISTEN (comma-separated)
+listen = [
+    "/ip4/0.0.0.0/tcp/4433",
+    "/ip4/0.0.0.0/udp/4433/quic-v1",
+    "/ip4/0.0.0.0/tcp/4434/ws",
+]
+
+# Addresses published at /.well-known/chitchat/relay; empty publishes the listen addresses.
+# Behind a reverse proxy on port 443, put the public WebSocket address here, for example
+# "/dns4/relay.example/tcp/443/wss". Env: CHITCHAT_RELAY_ADVERTISE
+advertise = []
+
+# HTTP: /.well-known/chitchat/relay, /health, /metrics, and the admin API used by the CLI.
+# Keep it on loopback, or behind a proxy that exposes only /.well-known. Env: CHITCHAT_RELAY_HTTP
+http = "127.0.0.1:8080"
+
+# Registration is closed: devices need a token from `chitchat-relay invite`.
+# Env: CHITCHAT_RELAY_OPEN_REGISTRATION
+open_registration = false
+
+# How long a sponsorship (alice@HOST) is valid, and an invite token, in days.
+sponsorship_days = 365
+token_days = 7
+
+# Writes batched into one fsync'd transaction, at most.
+max_batch = 1024
+
+[inbox]
+# Items and bytes one device's inbox holds; beyond, senders get QuotaExceeded.
+max_items = 10000
+max_bytes = 67108864
+# Days an unacknowledged item is kept.
+retention_days = 30
+# Enqueues one sending device may make per minute.
+sender_per_minute = 6000
+
+[key_packages]
+# Unclaimed KeyPackages one device may store.
+max_per_device = 200
+# Claims one device may make per minute, and claims of one device's packages per minute.
+claims_per_requester_per_minute = 120
+claims_per_target_per_minute = 60
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses_to_the_defaults() {
+        let parsed: Config = toml::from_str(&Config::template("relay.example")).expect("parse");
+        assert_eq!(parsed, Config::new("relay.example"));
+        parsed.validate().expect("valid");
+    }
+
+    #[test]
+    fn env_overrides_and_validation() {
+        let mut c = Config::new("relay.example");
+        let env = |k: &str| match k {
+            "CHITCHAT_RELAY_HOST" => Some("other.example".to_owned()),
+            "CHITCHAT_RELAY_LISTEN" => {
+                Some("/ip4/127.0.0.1/tcp/1, /ip4/127.0.0.1/udp/2/quic-v1".to_owned())
+            }
+            "CHITCHAT_RELAY_OPEN_REGISTRATION" => Some("true".to_owned()),
+            _ => None,
+        };
+        c.apply_env(env).expect("apply");
+        assert_eq!(c.host, "other.example");
+        assert_eq!(c.listen.len(), 2);
+        assert!(c.open_registration);
+        c.validate().expect("valid");
+        let bad = |k: &str| (k == "CHITCHAT_RELAY_HTTP").then(|| "nope".to_owned());
+        assert!(c.apply_env(bad).is_err());
+        c.listen = vec!["not a multiaddr".into()];
+        assert!(c.validate().is_err());
+        let unknown = "host = \"a.b\"\nlisten = [\"/ip4/1.2.3.4/tcp/1\"]\nhttp = \"127.0.0.1:1\"\nsurprise = 1\n";
+        assert!(toml::from_str::<Config>(unknown).is_err(), "unknown keys are refused");
+    }
+}

@@ -1,0 +1,61 @@
+//! The relay's Prometheus metrics, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of a request counter: the request kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `register`, `enqueue`, `fetch`, ...
+    pub kind: String,
+}
+
+/// Every metric of the relay.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Requests handled, by kind.
+    pub requests: Family<KindLabel, Counter>,
+    /// Requests answered with an error, by error code.
+    pub errors: Family<KindLabel, Counter>,
+    /// Items enqueued (durably).
+    pub enqueues: Counter,
+    /// Sealed bytes enqueued.
+    pub enqueue_bytes: Counter,
+    /// Items acknowledged and deleted.
+    pub acks: Counter,
+    /// Items served by fetches.
+    pub fetched: Counter,
+    /// Open libp2p connections.
+    pub connections: Gauge,
+    /// Items waiting in all inboxes (refreshed on scrape).
+    pub inbox_depth: Gauge,
+    /// Registered devices (refreshed on scrape).
+    pub devices: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric under the `chitchat_relay` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("chitchat_relay");
+        r.register("requests", "Requests handled, by kind", self.requests.clone());
+        r.register("errors", "Requests answered with an error, by code", self.errors.clone());
+        r.register("enqueues", "Inbox items enqueued durably", self.enqueues.clone());
+        r.register("enqueue_bytes", "Sealed bytes enqueued", self.enqueue_bytes.clone());
+        r.register("acks", "Inbox items acknowledged and deleted", self.acks.clone());
+        r.register("fetched", "Inbox items served", self.fetched.clone());
+        r.register("connections", "Open libp2p connections", self.connections.clone());
+        r.register("inbox_depth", "Items waiting in all inboxes", self.inbox_depth.clone());
+        r.register("devices", "Registered devices", self.devices.clone());
+    }
+
+    pub(crate) fn request(&self, kind: &str) {
+        self.requests.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
+    }
+
+    pub(crate) fn error(&self, code: &str) {
+        self.errors.get_or_create(&KindLabel { kind: code.to_owned() }).inc();
+    }
+}

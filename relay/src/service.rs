@@ -1,0 +1,338 @@
+//! What the relay answers to each request. The network layer authenticates the peer and hands
+//! each decoded request here with the device it proved (if any).
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use chitchat_proto::channel::validate_key_package;
+use chitchat_proto::codec::Bytes;
+use chitchat_proto::identity::{SponsorshipBody, check_local_name};
+use chitchat_proto::wire::{
+    AuthProof, ErrorCode, MAX_FETCH_BYTES, MAX_FETCH_ITEMS, Request, Response,
+};
+use chitchat_proto::{DeviceId, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::{InboxQuota, Store, StoreError, Write, WriteError, Written};
+
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// The relay's services over its store.
+#[derive(Debug)]
+pub struct Relay {
+    config: Config,
+    key: SecretKey,
+    id: RelayId,
+    store: Store,
+    crypto: openmls_rust_crypto::RustCrypto,
+    senders: DefaultKeyedRateLimiter<DeviceId>,
+    claimers: DefaultKeyedRateLimiter<DeviceId>,
+    claimed: DefaultKeyedRateLimiter<DeviceId>,
+    metrics: Arc<Metrics>,
+}
+
+/// The wall clock, as the protocol's [`Timestamp`].
+pub fn now() -> Timestamp {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+fn per_minute(n: u32) -> Quota {
+    Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
+}
+
+/// Takes one token of `key`'s bucket, or says how long to wait, in milliseconds.
+fn check_rate(limiter: &DefaultKeyedRateLimiter<DeviceId>, key: DeviceId) -> Result<(), u64> {
+    use governor::clock::{Clock as _, DefaultClock};
+    limiter.check_key(&key).map_err(|not_until| {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error { code, message: message.into() }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "store failure");
+    error(ErrorCode::Unavailable, "storage unavailable, retry later")
+}
+
+fn from_write(e: WriteError) -> Response {
+    match e {
+        WriteError::Rejected { code, message } => error(code, message),
+        other => unavailable(other),
+    }
+}
+
+fn kind(r: &Request) -> &'static str {
+    match r {
+        Request::Challenge { .. } => "challenge",
+        Request::Authenticate { .. } => "authenticate",
+        Request::Register { .. } => "register",
+        Request::PublishDir { .. } => "publish_dir",
+        Request::Lookup { .. } => "lookup",
+        Request::UploadKeyPackages { .. } => "upload_key_packages",
+        Request::ClaimKeyPackage { .. } => "claim_key_package",
+        Request::Enqueue { .. } => "enqueue",
+        Request::Fetch { .. } => "fetch",
+        Request::Ack { .. } => "ack",
+        Request::SubmitCommit(_) => "submit_commit",
+    }
+}
+
+impl Relay {
+    /// A relay with this config, key and store.
+    pub fn new(config: Config, key: SecretKey, store: Store, metrics: Arc<Metrics>) -> Self {
+        let id = RelayId { host: config.host.clone(), key: key.public() };
+        let k = config.key_packages;
+        Self {
+            senders: RateLimiter::keyed(per_minute(config.inbox.sender_per_minute)),
+            claimers: RateLimiter::keyed(per_minute(k.claims_per_requester_per_minute)),
+            claimed: RateLimiter::keyed(per_minute(k.claims_per_target_per_minute)),
+            config,
+            key,
+            id,
+            store,
+            crypto: openmls_rust_crypto::RustCrypto::default(),
+            metrics,
+        }
+    }
+
+    /// The relay's identity.
+    pub fn id(&self) -> &RelayId {
+        &self.id
+    }
+
+    /// The relay's config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The relay's store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Checks a device's answer to this relay's challenge `nonce`.
+    pub fn verify_auth(&self, device: DeviceId, nonce: [u8; 32], signature: &Signature) -> bool {
+        AuthProof::verify(&self.id.host, device, nonce, signature).is_ok()
+    }
+
+    /// Answers one request from a peer that proved `auth` (if any). Challenge and
+    /// Authenticate belong to the network layer and are refused here.
+    pub async fn handle(&self, auth: Option<DeviceId>, request: Request) -> Response {
+        self.metrics.request(kind(&request));
+        let response = self.dispatch(auth, request, now()).await;
+        if let Response::Error { code, .. } = &response {
+            self.metrics.error(code.name());
+        }
+        response
+    }
+
+    async fn dispatch(&self, auth: Option<DeviceId>, request: Request, now: Timestamp) -> Response {
+        if let Request::Lookup { local_name } = &request {
+            return match self.store.lookup(local_name) {
+                Ok(dirs) => Response::Dirs(dirs),
+                Err(e) => unavailable(e),
+            };
+        }
+        let Some(me) = auth else {
+            return error(
+                ErrorCode::Unauthenticated,
+                "authenticate first (Challenge, Authenticate)",
+            );
+        };
+        match request {
+            Request::Challenge { .. } | Request::Authenticate { .. } | Request::Lookup { .. } => {
+                error(ErrorCode::BadRequest, "not handled here")
+            }
+            Request::Register { token, local_name, dir } => {
+                self.register(me, token, local_name, dir, now).await
+            }
+            Request::PublishDir { dir } => {
+                if dir.device() != me {
+                    return error(ErrorCode::Forbidden, "a device publishes only its own record");
+                }
+                if let Err(e) = dir.verify_signature() {
+                    return error(ErrorCode::BadRequest, format!("record: {e}"));
+                }
+                match self.store.write(Write::PublishDir { dir }).await {
+                    Ok(_) => Response::DirPublished,
+                    Err(e) => from_write(e),
+                }
+            }
+            Request::UploadKeyPackages { packages, last_resort } => {
+                self.upload_key_packages(me, packages, last_resort, now).await
+            }
+            Request::ClaimKeyPackage { device } => self.claim(me, device, now).await,
+            Request::Enqueue { envelope } => {
+                if let Err(retry_after_ms) = check_rate(&self.senders, me) {
+                    return error(ErrorCode::RateLimited { retry_after_ms }, "too many enqueues");
+                }
+                let len = envelope.ciphertext.len() as u64;
+                let quota = InboxQuota {
+                    max_items: self.config.inbox.max_items,
+                    max_bytes: self.config.inbox.max_bytes,
+                };
+                match self.store.write(Write::Enqueue { sender: me, envelope, now, quota }).await {
+                    Ok(Written::Enqueued { id }) => {
+                        self.metrics.enqueues.inc();
+                        self.metrics.enqueue_bytes.inc_by(len);
+                        Response::Enqueued { id }
+                    }
+                    Ok(other) => unavailable(format!("unexpected {other:?}")),
+                    Err(e) => from_write(e),
+                }
+            }
+            Request::Fetch { after, max } => {
+                let max = max.clamp(1, MAX_FETCH_ITEMS) as usize;
+                match self.store.fetch(&me, after, max, MAX_FETCH_BYTES) {
+                    Ok((items, more)) => {
+                        self.metrics.fetched.inc_by(items.len() as u64);
+                        Response::Items { items, more }
+                    }
+                    Err(e) => unavailable(e),
+                }
+            }
+            Request::Ack { ids } => match self.store.write(Write::Ack { device: me, ids }).await {
+                Ok(Written::Removed(n)) => {
+                    self.metrics.acks.inc_by(n);
+                    Response::Acked
+                }
+                Ok(other) => unavailable(format!("unexpected {other:?}")),
+                Err(e) => from_write(e),
+            },
+            Request::SubmitCommit(_) => error(
+                ErrorCode::Unavailable,
+                "commit ordering is not served by this relay version yet",
+            ),
+        }
+    }
+
+    async fn register(
+        &self,
+        me: DeviceId,
+        token: Option<String>,
+        local_name: String,
+        dir: chitchat_proto::Dir,
+        now: Timestamp,
+    ) -> Response {
+        if dir.device() != me {
+            return error(ErrorCode::Forbidden, "a device registers only itself");
+        }
+        if let Err(e) = check_local_name(&local_name) {
+            return error(ErrorCode::BadRequest, e.to_string());
+        }
+        if let Err(e) = dir.verify_signature() {
+            return error(ErrorCode::BadRequest, format!("record: {e}"));
+        }
+        if dir.body.revoked {
+            return error(ErrorCode::Forbidden, "the record is revoked");
+        }
+        let open = self.config.open_registration;
+        let write = Write::Register { token, open, local_name: local_name.clone(), dir, now };
+        if let Err(e) = self.store.write(write).await {
+            return from_write(e);
+        }
+        let body = SponsorshipBody {
+            device: me,
+            local_name,
+            relay: self.id.clone(),
+            issued: now,
+            expires: now.plus_ms(self.config.sponsorship_days.saturating_mul(DAY_MS)),
+        };
+        Response::Registered { sponsorship: Sponsorship::issue(&self.key, body) }
+    }
+
+    async fn upload_key_packages(
+        &self,
+        me: DeviceId,
+        packages: Vec<Bytes>,
+        last_resort: Option<Bytes>,
+        now: Timestamp,
+    ) -> Response {
+        let check = |bytes: &Bytes, want_last_resort: bool| {
+            let info = validate_key_package(&self.crypto, bytes).map_err(|e| e.to_string())?;
+            if info.device != me {
+                return Err("key package of another device".to_owned());
+            }
+            if info.not_after <= now {
+                return Err("key package expired".to_owned());
+            }
+            if info.last_resort != want_last_resort {
+                return Err("last-resort marking does not match its place".to_owned());
+            }
+            Ok(info.not_after)
+        };
+        let mut checked = Vec::with_capacity(packages.len());
+        for p in packages {
+            match check(&p, false) {
+                Ok(not_after) => checked.push((not_after, p)),
+                Err(e) => return error(ErrorCode::BadRequest, e),
+            }
+        }
+        let last_resort = match last_resort {
+            Some(p) => match check(&p, true) {
+                Ok(not_after) => Some((not_after, p)),
+                Err(e) => return error(ErrorCode::BadRequest, e),
+            },
+            None => None,
+        };
+        let write = Write::UploadKeyPackages {
+            device: me,
+            packages: checked,
+            last_resort,
+            max_per_device: self.config.key_packages.max_per_device,
+        };
+        match self.store.write(write).await {
+            Ok(Written::KeyPackages { available }) => Response::KeyPackagesStored {
+                available: u32::try_from(available).unwrap_or(u32::MAX),
+            },
+            Ok(other) => unavailable(format!("unexpected {other:?}")),
+            Err(e) => from_write(e),
+        }
+    }
+
+    async fn claim(&self, me: DeviceId, target: DeviceId, now: Timestamp) -> Response {
+        for (limiter, key) in [(&self.claimers, me), (&self.claimed, target)] {
+            if let Err(retry_after_ms) = check_rate(limiter, key) {
+                return error(
+                    ErrorCode::RateLimited { retry_after_ms },
+                    "too many key package claims",
+                );
+            }
+        }
+        match self.store.write(Write::ClaimKeyPackage { device: target, now }).await {
+            Ok(Written::KeyPackage(bytes)) => Response::KeyPackage(bytes),
+            Ok(other) => unavailable(format!("unexpected {other:?}")),
+            Err(e) => from_write(e),
+        }
+    }
+
+    /// Deletes inbox items past the retention period; returns how many.
+    pub async fn expire(&self, now: Timestamp) -> Result<u64, WriteError> {
+        let before = Timestamp(now.0.saturating_sub(self.config.inbox.retention_days * DAY_MS));
+        match self.store.write(Write::Expire { before, max: 10_000 }).await? {
+            Written::Removed(n) => Ok(n),
+            _ => Ok(0),
+        }
+    }
+
+    /// Refreshes the gauges that mirror the store.
+    pub fn refresh_gauges(&self) -> Result<(), StoreError> {
+        let stats = self.store.stats()?;
+        self.metrics.inbox_depth.set(i64::try_from(stats.inbox_items).unwrap_or(i64::MAX));
+        self.metrics.devices.set(i64::try_from(stats.devices).unwrap_or(i64::MAX));
+        Ok(())
+    }
+}
