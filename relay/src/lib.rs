@@ -4,8 +4,12 @@
 //! Protocol logic lives in [`chitchat_proto`]; this crate is the I/O around it: the redb
 //! [`store`], the request handling of each service, the libp2p network and the HTTP endpoints.
 
+pub mod admin;
 pub mod config;
+pub mod home;
+pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod service;
 pub mod store;
 

@@ -1,0 +1,295 @@
+//! The relay's libp2p side: TCP, QUIC and WebSocket, Noise, yamux, and one request-response
+//! protocol whose messages are `chitchat-proto` frames.
+//!
+//! Who talks to whom: one task owns the [`Swarm`]. It decodes every request frame itself,
+//! answers the authentication handshake (`Challenge`, `Authenticate`) from its per-peer state,
+//! and hands every other request, with the device that peer proved, to a task running
+//! [`Relay::handle`]; answers come back to the swarm task over a bounded channel. At most
+//! [`MAX_IN_FLIGHT`] requests are handled at once; beyond that a peer is told to retry.
+//!
+//! Authentication is bound to the libp2p `PeerId`, which Noise authenticates: once a peer has
+//! signed a challenge for a device, its requests act as that device until it disconnects.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chitchat_proto::wire::{self, ErrorCode, MAX_FRAME_LEN, Request, Response};
+use chitchat_proto::{DeviceId, SecretKey};
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, tcp, yamux};
+use rand::RngExt as _;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::service::Relay;
+
+/// The relay protocol's libp2p protocol name.
+pub const PROTOCOL: &str = "/chitchat/relay/1";
+/// Requests handled at once, at most.
+pub const MAX_IN_FLIGHT: usize = 4096;
+/// Requests a peer may have open on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 256;
+/// Seconds an idle connection stays open.
+pub const IDLE_TIMEOUT_SECS: u64 = 120;
+
+/// A request-response codec whose messages are whole frames, read to the end of the stream.
+/// Frames longer than [`MAX_FRAME_LEN`] are read one byte past the limit and then refused with
+/// a typed error by the handler, so the peer learns why.
+#[derive(Clone, Debug, Default)]
+pub struct FrameCodec;
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    io.take(MAX_FRAME_LEN as u64 + 1).read_to_end(&mut buf).await?;
+    Ok(buf)
+}
+
+impl request_response::Codec for FrameCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&res).await?;
+        io.close().await
+    }
+}
+
+/// The relay's network behaviour.
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    rr: request_response::Behaviour<FrameCodec>,
+    identify: identify::Behaviour,
+}
+
+/// A libp2p keypair from a 32-byte Ed25519 seed: the relay key is its libp2p identity.
+pub fn keypair(
+    key: &SecretKey,
+) -> Result<libp2p::identity::Keypair, libp2p::identity::DecodingError> {
+    let mut seed = *key.seed();
+    libp2p::identity::Keypair::ed25519_from_bytes(&mut seed)
+}
+
+/// Where the relay listens, once it does.
+#[derive(Clone, Debug)]
+pub struct Listening {
+    /// The relay's libp2p peer id.
+    pub peer_id: PeerId,
+    /// Bound addresses (ports resolved).
+    pub addrs: Vec<Multiaddr>,
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    connections: usize,
+    challenge: Option<(DeviceId, [u8; 32])>,
+    device: Option<DeviceId>,
+}
+
+/// Runs the relay's swarm until `shutdown` turns true. `ready` receives the bound addresses once
+/// every listen address is bound.
+pub async fn run(
+    relay: Arc<Relay>,
+    key: &SecretKey,
+    listen: Vec<Multiaddr>,
+    ready: oneshot::Sender<Listening>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut swarm = build_swarm(key).await?;
+    for addr in &listen {
+        swarm.listen_on(addr.clone())?;
+    }
+    let peer_id = *swarm.local_peer_id();
+    let (answers_tx, mut answers) =
+        mpsc::channel::<(ResponseChannel<Vec<u8>>, Response)>(MAX_IN_FLIGHT);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut peers: HashMap<PeerId, PeerState> = HashMap::new();
+    let mut bound = Vec::new();
+    let mut ready = Some(ready);
+    loop {
+        tokio::select! {
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    tracing::info!(%address, "listening");
+                    bound.push(address);
+                    if bound.len() >= listen.len() {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(Listening { peer_id, addrs: bound.clone() });
+                        }
+                    }
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    peers.entry(peer_id).or_default().connections += 1;
+                    relay.metrics().connections.inc();
+                }
+                SwarmEvent::ConnectionClosed { peer_id, .. } => {
+                    relay.metrics().connections.dec();
+                    if let Some(p) = peers.get_mut(&peer_id) {
+                        p.connections = p.connections.saturating_sub(1);
+                        if p.connections == 0 {
+                            peers.remove(&peer_id);
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::Message {
+                    peer,
+                    message: request_response::Message::Request { request, channel, .. },
+                    ..
+                })) => {
+                    let state = peers.entry(peer).or_default();
+                    let Some(request) = handshake(&relay, state, &request, channel, &mut swarm) else {
+                        continue;
+                    };
+                    let (request, channel) = request;
+                    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                        let busy = Response::Error { code: ErrorCode::Unavailable, message: "busy, retry".into() };
+                        send(&mut swarm, channel, &busy);
+                        continue;
+                    };
+                    let (relay, answers_tx, auth) = (relay.clone(), answers_tx.clone(), state.device);
+                    tokio::spawn(async move {
+                        let response = relay.handle(auth, request).await;
+                        let _ = answers_tx.send((channel, response)).await;
+                        drop(permit);
+                    });
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::InboundFailure { peer, error, .. })) => {
+                    tracing::debug!(%peer, %error, "inbound request failed");
+                }
+                _ => {}
+            },
+            Some((channel, response)) = answers.recv() => send(&mut swarm, channel, &response),
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a request frame and answers the handshake. Returns the request (and its channel)
+/// when it is for the services.
+fn handshake(
+    relay: &Relay,
+    state: &mut PeerState,
+    frame: &[u8],
+    channel: ResponseChannel<Vec<u8>>,
+    swarm: &mut Swarm<Behaviour>,
+) -> Option<(Request, ResponseChannel<Vec<u8>>)> {
+    let request = match wire::decode_frame::<Request>(frame) {
+        Ok(r) => r,
+        Err(e) => {
+            relay.metrics().error("bad_request");
+            let bad = Response::Error { code: ErrorCode::BadRequest, message: e.to_string() };
+            send(swarm, channel, &bad);
+            return None;
+        }
+    };
+    match request {
+        Request::Challenge { device } => {
+            let nonce: [u8; 32] = rand::rng().random();
+            state.challenge = Some((device, nonce));
+            send(swarm, channel, &Response::Challenge { nonce });
+            None
+        }
+        Request::Authenticate { device, signature } => {
+            // A challenge answers once, right or wrong.
+            let ok = match state.challenge.take() {
+                Some((d, nonce)) if d == device => relay.verify_auth(device, nonce, &signature),
+                _ => false,
+            };
+            let response = if ok {
+                state.device = Some(device);
+                Response::Authenticated
+            } else {
+                relay.metrics().error("unauthenticated");
+                Response::Error {
+                    code: ErrorCode::Unauthenticated,
+                    message: "no matching challenge, or a bad signature".into(),
+                }
+            };
+            send(swarm, channel, &response);
+            None
+        }
+        other => Some((other, channel)),
+    }
+}
+
+fn send(swarm: &mut Swarm<Behaviour>, channel: ResponseChannel<Vec<u8>>, response: &Response) {
+    match wire::encode_frame(response) {
+        Ok(bytes) => {
+            let _ = swarm.behaviour_mut().rr.send_response(channel, bytes);
+        }
+        Err(e) => tracing::error!(error = %e, "response does not fit a frame"),
+    }
+}
+
+async fn build_swarm(key: &SecretKey) -> anyhow::Result<Swarm<Behaviour>> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair(key)?)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
+        .with_quic()
+        .with_dns()?
+        .with_websocket(noise::Config::new, yamux::Config::default)
+        .await?
+        .with_behaviour(|key| {
+            let config = request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(30))
+                .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+            Behaviour {
+                rr: request_response::Behaviour::with_codec(
+                    FrameCodec,
+                    [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Inbound)],
+                    config,
+                ),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    format!("chitchat-relay/{}", crate::VERSION),
+                    key.public(),
+                )),
+            }
+        })?
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(IDLE_TIMEOUT_SECS))
+        })
+        .build();
+    Ok(swarm)
+}
