@@ -149,10 +149,10 @@ pub async fn run(
                 SwarmEvent::NewListenAddr { address, .. } => {
                     tracing::info!(%address, "listening");
                     bound.push(address);
-                    if bound.len() >= listen.len() {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(Listening { peer_id, addrs: bound.clone() });
-                        }
+                    if bound.len() >= listen.len()
+                        && let Some(r) = ready.take()
+                    {
+                        let _ = r.send(Listening { peer_id, addrs: bound.clone() });
                     }
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, .. } => {

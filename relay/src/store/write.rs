@@ -305,7 +305,7 @@ fn register(
             return Err(reject(ErrorCode::NameTaken, format!("{local_name} is taken")));
         }
     }
-    if devices.len() >= chitchat_proto::identity::MAX_LINKED_DEVICES + 1 {
+    if devices.len() > chitchat_proto::identity::MAX_LINKED_DEVICES {
         return Err(reject(ErrorCode::Forbidden, "too many devices for one name"));
     }
     // Checks are done; write.

@@ -1,0 +1,117 @@
+//! A test client of the relay protocol.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use chitchat_proto::wire::{self, AuthProof, Request, Response};
+use chitchat_proto::{DeviceId, SecretKey};
+use chitchat_relay::net::{FrameCodec, PROTOCOL};
+use futures::StreamExt as _;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+
+type Reply = oneshot::Sender<anyhow::Result<Vec<u8>>>;
+
+/// A connection to one relay. Requests are sent over libp2p request-response.
+#[derive(Debug)]
+pub struct Client {
+    calls: mpsc::Sender<(Vec<u8>, Reply)>,
+}
+
+impl Client {
+    /// Connects to the relay `peer` at `addr`.
+    pub async fn connect(addr: Multiaddr, peer: PeerId) -> anyhow::Result<Self> {
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_quic()
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    FrameCodec,
+                    [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(30)),
+                )
+            })?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        swarm.dial(addr.clone())?;
+        let connected = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == peer => {
+                        return Ok(());
+                    }
+                    SwarmEvent::OutgoingConnectionError { error, .. } => {
+                        bail!("dial {addr}: {error}")
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        connected.context("connect timed out")??;
+        let (calls, mut rx) = mpsc::channel::<(Vec<u8>, Reply)>(1024);
+        tokio::spawn(async move {
+            let mut pending: HashMap<OutboundRequestId, Reply> = HashMap::new();
+            loop {
+                tokio::select! {
+                    call = rx.recv() => match call {
+                        Some((bytes, reply)) => {
+                            let id = swarm.behaviour_mut().send_request(&peer, bytes);
+                            pending.insert(id, reply);
+                        }
+                        None => break,
+                    },
+                    event = swarm.select_next_some() => match event {
+                        SwarmEvent::Behaviour(request_response::Event::Message {
+                            message: request_response::Message::Response { request_id, response }, ..
+                        }) => {
+                            if let Some(r) = pending.remove(&request_id) {
+                                let _ = r.send(Ok(response));
+                            }
+                        }
+                        SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. }) => {
+                            if let Some(r) = pending.remove(&request_id) {
+                                let _ = r.send(Err(anyhow::anyhow!("request failed: {error}")));
+                            }
+                        }
+                        _ => {}
+                    },
+                }
+            }
+        });
+        Ok(Self { calls })
+    }
+
+    /// Sends raw bytes as a request frame and returns the raw response.
+    pub async fn call_raw(&self, bytes: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+        let (reply, answer) = oneshot::channel();
+        self.calls.send((bytes, reply)).await.context("client gone")?;
+        answer.await.context("client gone")?
+    }
+
+    /// Sends a request and decodes the response.
+    pub async fn call(&self, request: &Request) -> anyhow::Result<Response> {
+        let frame = wire::encode_frame(request)?;
+        let bytes = self.call_raw(frame).await?;
+        Ok(wire::decode_frame(&bytes)?)
+    }
+
+    /// Authenticates as `key`'s device for the relay named `host`.
+    pub async fn authenticate(&self, key: &SecretKey, host: &str) -> anyhow::Result<Response> {
+        let device = DeviceId(key.public());
+        let Response::Challenge { nonce } = self.call(&Request::Challenge { device }).await? else {
+            bail!("no challenge");
+        };
+        let signature = AuthProof::sign(key, host, nonce);
+        self.call(&Request::Authenticate { device, signature }).await
+    }
+}

@@ -1,0 +1,163 @@
+//! Running the real relay binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chitchat_relay::home::{RelayDir, RunInfo};
+use libp2p::{Multiaddr, PeerId};
+
+/// The `chitchat-relay` binary, built once per test run with the same profile as the tests.
+pub(crate) fn relay_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "chitchat-relay", "--bin", "chitchat-relay"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building chitchat-relay failed");
+        // The test executable is target/<profile>/deps/<name>; the binary is target/<profile>/.
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+        profile_dir.join("chitchat-relay")
+    })
+}
+
+/// A relay process in its own temporary directory. Killed when dropped.
+#[derive(Debug)]
+pub struct RelayProcess {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+    /// Where it listens (refreshed on every start).
+    pub info: RunInfo,
+}
+
+impl RelayProcess {
+    /// Initialises a relay for `localhost` and starts it on loopback with ephemeral ports,
+    /// after `configure` edited its config file. `env` are extra environment variables.
+    pub fn start(
+        configure: impl FnOnce(&str) -> String,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let out = Command::new(relay_binary())
+            .args(["--dir"])
+            .arg(dir.path())
+            .args(["init", "--host", "localhost"])
+            .output()?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let config = RelayDir::new(dir.path()).config();
+        let text = std::fs::read_to_string(&config)?;
+        std::fs::write(&config, configure(&text))?;
+        let mut env: Vec<(String, String)> =
+            env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        env.extend([
+            (
+                "CHITCHAT_RELAY_LISTEN".into(),
+                "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            ),
+            ("CHITCHAT_RELAY_HTTP".into(), "127.0.0.1:0".into()),
+        ]);
+        let mut relay = Self {
+            dir,
+            child: None,
+            env,
+            info: RunInfo { peer_id: String::new(), addrs: vec![], http: String::new(), pid: 0 },
+        };
+        relay.restart()?;
+        Ok(relay)
+    }
+
+    /// Starts (again) the relay process on the same directory and waits until it listens.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let dir = RelayDir::new(self.dir.path());
+        let _ = std::fs::remove_file(dir.run_info());
+        let child = Command::new(relay_binary())
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("run")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn relay")?;
+        let pid = child.id();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(info) = dir.load_run_info().filter(|i| i.pid == pid) {
+                self.info = info;
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("relay exited during start: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("relay did not start in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process with SIGKILL (no clean shutdown) and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The relay's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The relay's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.info.peer_id.parse().expect("peer id")
+    }
+
+    /// The relay's TCP address.
+    pub fn tcp_addr(&self) -> Multiaddr {
+        self.addr("/tcp/")
+    }
+
+    /// The relay's QUIC address.
+    pub fn quic_addr(&self) -> Multiaddr {
+        self.addr("/quic-v1")
+    }
+
+    fn addr(&self, contains: &str) -> Multiaddr {
+        let a = self.info.addrs.iter().find(|a| a.contains(contains) && !a.ends_with("/ws"));
+        a.expect("address").parse().expect("multiaddr")
+    }
+
+    /// Runs `chitchat-relay --dir DIR ARGS...` and returns its standard output.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out =
+            Command::new(relay_binary()).arg("--dir").arg(self.dir.path()).args(args).output()?;
+        if !out.status.success() {
+            bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// GETs a path of the relay's HTTP endpoint.
+    pub fn http_get(&self, path: &str) -> anyhow::Result<String> {
+        let mut r = ureq::get(&format!("http://{}{path}", self.info.http)).call()?;
+        Ok(r.body_mut().read_to_string()?)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

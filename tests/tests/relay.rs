@@ -1,0 +1,418 @@
+//! The relay binary on loopback, driven by the test client: registration, identity records,
+//! KeyPackages, inbox, quotas, bad input, and a crash under load.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chitchat_proto::channel::Identity;
+use chitchat_proto::codec::Bytes;
+use chitchat_proto::identity::TrustedRelays;
+use chitchat_proto::inbox;
+use chitchat_proto::wire::{self, ErrorCode, Request, Response};
+use chitchat_proto::{PublicKey, RelayId, Timestamp};
+use chitchat_tests::{Client, Device, RelayProcess};
+use rand_core::SeedableRng;
+
+fn now() -> Timestamp {
+    chitchat_relay::service::now()
+}
+
+fn code(r: &Response) -> Option<ErrorCode> {
+    match r {
+        Response::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+/// A relay with closed registration, and `edit` applied to its config.
+fn closed_relay(edit: impl FnOnce(String) -> String) -> RelayProcess {
+    RelayProcess::start(|c| edit(c.to_owned()), &[]).expect("relay starts")
+}
+
+async fn client(relay: &RelayProcess) -> Client {
+    Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect")
+}
+
+fn relay_id(relay: &RelayProcess) -> RelayId {
+    let wk: serde_json::Value =
+        serde_json::from_str(&relay.http_get("/.well-known/chitchat/relay").expect("well-known"))
+            .expect("json");
+    let key = PublicKey::from_hex(wk["key"].as_str().expect("key")).expect("hex key");
+    RelayId { host: wk["host"].as_str().expect("host").to_owned(), key }
+}
+
+/// Registers `device` as `name` with an invite token, then publishes a record holding the
+/// sponsorship. Returns the client, authenticated.
+async fn register(relay: &RelayProcess, device: &Device, name: &str) -> Client {
+    let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
+    let c = client(relay).await;
+    assert_eq!(
+        c.authenticate(&device.key, "localhost").await.expect("auth"),
+        Response::Authenticated
+    );
+    let req = Request::Register {
+        token: Some(token),
+        local_name: name.into(),
+        dir: device.dir(1, vec![], now()),
+    };
+    let Response::Registered { sponsorship } = c.call(&req).await.expect("register") else {
+        panic!("not registered")
+    };
+    let dir = device.dir(2, vec![sponsorship], now());
+    assert_eq!(
+        c.call(&Request::PublishDir { dir }).await.expect("publish"),
+        Response::DirPublished
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_directory_and_key_packages() {
+    let relay = closed_relay(|c| c);
+    let alice = Device::new(1);
+    let bob = Device::new(2);
+    let c = client(&relay).await;
+
+    // Nothing but lookups before authenticating; a bad signature does not authenticate.
+    let reg = Request::Register {
+        token: None,
+        local_name: "alice".into(),
+        dir: alice.dir(1, vec![], now()),
+    };
+    assert_eq!(code(&c.call(&reg).await.expect("call")), Some(ErrorCode::Unauthenticated));
+    let Response::Challenge { nonce } =
+        c.call(&Request::Challenge { device: alice.id() }).await.expect("challenge")
+    else {
+        panic!("no challenge")
+    };
+    let forged = chitchat_proto::wire::AuthProof::sign(&bob.key, "localhost", nonce);
+    let r = c
+        .call(&Request::Authenticate { device: alice.id(), signature: forged })
+        .await
+        .expect("auth");
+    assert_eq!(code(&r), Some(ErrorCode::Unauthenticated));
+    // A signature for another relay's name does not work either.
+    let Response::Challenge { nonce } =
+        c.call(&Request::Challenge { device: alice.id() }).await.expect("challenge")
+    else {
+        panic!("no challenge")
+    };
+    let elsewhere = chitchat_proto::wire::AuthProof::sign(&alice.key, "evil.example", nonce);
+    let r = c
+        .call(&Request::Authenticate { device: alice.id(), signature: elsewhere })
+        .await
+        .expect("auth");
+    assert_eq!(code(&r), Some(ErrorCode::Unauthenticated));
+    assert_eq!(
+        c.authenticate(&alice.key, "localhost").await.expect("auth"),
+        Response::Authenticated
+    );
+
+    // Registration is closed: a token is needed, and only a real, unused, unexpired one works.
+    assert_eq!(code(&c.call(&reg).await.expect("call")), Some(ErrorCode::RegistrationClosed));
+    let bogus = Request::Register {
+        token: Some("nope".into()),
+        local_name: "alice".into(),
+        dir: alice.dir(1, vec![], now()),
+    };
+    assert_eq!(code(&c.call(&bogus).await.expect("call")), Some(ErrorCode::TokenInvalid));
+    let expired = relay.cli(&["invite", "--days", "0"]).expect("invite").trim().to_owned();
+    let with_expired = Request::Register {
+        token: Some(expired),
+        local_name: "alice".into(),
+        dir: alice.dir(1, vec![], now()),
+    };
+    assert_eq!(code(&c.call(&with_expired).await.expect("call")), Some(ErrorCode::TokenInvalid));
+    let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
+    // Another device's record is refused.
+    let not_mine = Request::Register {
+        token: Some(token.clone()),
+        local_name: "alice".into(),
+        dir: bob.dir(1, vec![], now()),
+    };
+    assert_eq!(code(&c.call(&not_mine).await.expect("call")), Some(ErrorCode::Forbidden));
+    let ok = Request::Register {
+        token: Some(token.clone()),
+        local_name: "alice".into(),
+        dir: alice.dir(1, vec![], now()),
+    };
+    let Response::Registered { sponsorship } = c.call(&ok).await.expect("register") else {
+        panic!("not registered")
+    };
+    let trust = TrustedRelays { relays: vec![relay_id(&relay)], ..Default::default() };
+    sponsorship.verify(&trust, now()).expect("the sponsorship verifies against .well-known");
+    assert_eq!(sponsorship.address().to_string(), "alice@localhost");
+
+    // The token is used up for anyone else; the name is taken.
+    let cb = client(&relay).await;
+    cb.authenticate(&bob.key, "localhost").await.expect("auth");
+    let reuse = Request::Register {
+        token: Some(token),
+        local_name: "bob".into(),
+        dir: bob.dir(1, vec![], now()),
+    };
+    assert_eq!(code(&cb.call(&reuse).await.expect("call")), Some(ErrorCode::TokenUsed));
+    let fresh = relay.cli(&["invite"]).expect("invite").trim().to_owned();
+    let taken = Request::Register {
+        token: Some(fresh),
+        local_name: "alice".into(),
+        dir: bob.dir(1, vec![], now()),
+    };
+    assert_eq!(code(&cb.call(&taken).await.expect("call")), Some(ErrorCode::NameTaken));
+
+    // Records: newer wins, stale and forged are refused; lookup serves a verifiable record.
+    let v2 = alice.dir(2, vec![sponsorship.clone()], now());
+    assert_eq!(
+        c.call(&Request::PublishDir { dir: v2.clone() }).await.expect("publish"),
+        Response::DirPublished
+    );
+    let stale = alice.dir(1, vec![sponsorship.clone()], now());
+    assert_eq!(
+        code(&c.call(&Request::PublishDir { dir: stale }).await.expect("call")),
+        Some(ErrorCode::StaleSequence)
+    );
+    let mut forged = alice.dir(3, vec![sponsorship], now());
+    forged.signature.0[0] ^= 1;
+    assert_eq!(
+        code(&c.call(&Request::PublishDir { dir: forged }).await.expect("call")),
+        Some(ErrorCode::BadRequest)
+    );
+    let Response::Dirs(dirs) =
+        cb.call(&Request::Lookup { local_name: "alice".into() }).await.expect("lookup")
+    else {
+        panic!("no dirs")
+    };
+    assert_eq!(dirs, vec![v2]);
+    dirs[0].verify(&trust, now()).expect("the served record verifies");
+
+    // KeyPackages: real MLS KeyPackages; each claimed once; the last resort is kept.
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let mls = Identity::new(&alice.key);
+    let kps: Vec<Bytes> =
+        (0..2).map(|_| Bytes(mls.key_package(&provider, false).expect("kp"))).collect();
+    let last = Bytes(mls.key_package(&provider, true).expect("kp"));
+    let upload =
+        Request::UploadKeyPackages { packages: kps.clone(), last_resort: Some(last.clone()) };
+    assert_eq!(
+        c.call(&upload).await.expect("upload"),
+        Response::KeyPackagesStored { available: 2 }
+    );
+    // Bob's KeyPackage cannot be uploaded by Alice, and garbage is refused.
+    let bobs = Bytes(Identity::new(&bob.key).key_package(&provider, false).expect("kp"));
+    let wrong = Request::UploadKeyPackages { packages: vec![bobs], last_resort: None };
+    assert_eq!(code(&c.call(&wrong).await.expect("call")), Some(ErrorCode::BadRequest));
+    let junk =
+        Request::UploadKeyPackages { packages: vec![Bytes(vec![1, 2, 3])], last_resort: None };
+    assert_eq!(code(&c.call(&junk).await.expect("call")), Some(ErrorCode::BadRequest));
+    let claim = Request::ClaimKeyPackage { device: alice.id() };
+    let mut claimed = Vec::new();
+    for _ in 0..4 {
+        match cb.call(&claim).await.expect("claim") {
+            Response::KeyPackage(kp) => claimed.push(kp),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(claimed, vec![kps[0].0.clone(), kps[1].0.clone(), last.0.clone(), last.0]);
+    let none = cb.call(&Request::ClaimKeyPackage { device: bob.id() }).await.expect("claim");
+    assert_eq!(code(&none), Some(ErrorCode::NotFound));
+
+    // The operator sees the user.
+    let users = relay.cli(&["users"]).expect("users");
+    assert!(users.contains("alice") && users.contains(&alice.id().0.to_hex()), "{users}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_enqueue_fetch_ack_quota_and_metrics() {
+    let relay = closed_relay(|c| c.replace("max_items = 10000", "max_items = 5"));
+    let alice = Device::new(1);
+    let bob = Device::new(2);
+    let ca = register(&relay, &alice, "alice").await;
+    let cb = register(&relay, &bob, "bob").await;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+    let seal = |rng: &mut rand_chacha::ChaCha20Rng, text: &str| {
+        inbox::seal(rng, bob.id(), &bob.inbox.public(), text.as_bytes()).expect("seal")
+    };
+    for i in 0..5 {
+        let r = ca
+            .call(&Request::Enqueue { envelope: seal(&mut rng, &format!("m{i}")) })
+            .await
+            .expect("enqueue");
+        assert_eq!(r, Response::Enqueued { id: i });
+    }
+    // The inbox is full: an explicit quota error, and nothing is stored.
+    let full = ca.call(&Request::Enqueue { envelope: seal(&mut rng, "m5") }).await.expect("call");
+    assert!(matches!(code(&full), Some(ErrorCode::QuotaExceeded { .. })), "{full:?}");
+    // An unknown recipient is refused.
+    let stranger = Device::new(9);
+    let lost = inbox::seal(&mut rng, stranger.id(), &stranger.inbox.public(), b"x").expect("seal");
+    assert_eq!(
+        code(&ca.call(&Request::Enqueue { envelope: lost }).await.expect("call")),
+        Some(ErrorCode::NotFound)
+    );
+
+    // Bob fetches in pages, opens, acks; only Bob reads Bob's inbox.
+    let Response::Items { items, more } =
+        cb.call(&Request::Fetch { after: None, max: 3 }).await.expect("fetch")
+    else {
+        panic!("no items")
+    };
+    assert_eq!((items.len(), more), (3, true));
+    let texts: Vec<String> = items
+        .iter()
+        .map(|i| {
+            String::from_utf8(bob.inbox.open(bob.id(), &i.envelope).expect("opens")).expect("utf-8")
+        })
+        .collect();
+    assert_eq!(texts, ["m0", "m1", "m2"]);
+    let Response::Items { items: alices, .. } =
+        ca.call(&Request::Fetch { after: None, max: 10 }).await.expect("fetch")
+    else {
+        panic!("no items")
+    };
+    assert!(alices.is_empty(), "Alice's inbox is hers: empty");
+    assert_eq!(cb.call(&Request::Ack { ids: vec![0, 1, 2] }).await.expect("ack"), Response::Acked);
+    let Response::Items { items, more } =
+        cb.call(&Request::Fetch { after: None, max: 10 }).await.expect("fetch")
+    else {
+        panic!("no items")
+    };
+    assert_eq!((items.iter().map(|i| i.id).collect::<Vec<_>>(), more), (vec![3, 4], false));
+    // Room again after the ack.
+    assert_eq!(
+        ca.call(&Request::Enqueue { envelope: seal(&mut rng, "m6") }).await.expect("call"),
+        Response::Enqueued { id: 5 }
+    );
+
+    let metrics = relay.http_get("/metrics").expect("metrics");
+    assert!(metrics.contains("chitchat_relay_enqueues_total 6"), "{metrics}");
+    assert!(metrics.contains("chitchat_relay_acks_total 3"), "{metrics}");
+    assert!(metrics.contains("chitchat_relay_inbox_depth 3"), "{metrics}");
+    assert!(metrics.contains("kind=\"quota_exceeded\""), "{metrics}");
+    assert_eq!(relay.http_get("/health").expect("health"), "ok\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_typed_errors_and_the_relay_keeps_serving() {
+    let relay = closed_relay(|c| c);
+    let c = client(&relay).await;
+    let bad_request = |r: Response, why: &str| match r {
+        Response::Error { code: ErrorCode::BadRequest, message } => {
+            assert!(message.contains(why), "{message}")
+        }
+        other => panic!("expected BadRequest ({why}), got {other:?}"),
+    };
+    let decode =
+        |bytes: Vec<u8>| wire::decode_frame::<Response>(&bytes).expect("a valid response frame");
+    // Garbage, an empty frame, trailing bytes, a future version, an oversized frame.
+    bad_request(decode(c.call_raw(vec![1, 0xff, 0xff, 0xff, 0xff, 0xff]).await.expect("call")), "");
+    bad_request(decode(c.call_raw(vec![]).await.expect("call")), "malformed");
+    let mut trailing =
+        wire::encode_frame(&Request::Lookup { local_name: "a".into() }).expect("frame");
+    trailing.push(0);
+    bad_request(decode(c.call_raw(trailing).await.expect("call")), "trailing");
+    let mut future =
+        wire::encode_frame(&Request::Lookup { local_name: "a".into() }).expect("frame");
+    future[0] = 9;
+    bad_request(decode(c.call_raw(future).await.expect("call")), "version");
+    let huge = vec![0u8; wire::MAX_FRAME_LEN + 100];
+    bad_request(decode(c.call_raw(huge).await.expect("call")), "exceeds");
+    let too_many = Request::Ack { ids: vec![0; wire::MAX_ACK_IDS + 1] };
+    bad_request(c.call(&too_many).await.expect("call"), "too many");
+    // Still serving, on the same connection and on a new one, over QUIC too.
+    let r = c.call(&Request::Lookup { local_name: "nobody".into() }).await.expect("call");
+    assert_eq!(r, Response::Dirs(vec![]));
+    let quic = Client::connect(relay.quic_addr(), relay.peer_id()).await.expect("quic");
+    assert_eq!(
+        quic.call(&Request::Lookup { local_name: "nobody".into() }).await.expect("call"),
+        Response::Dirs(vec![])
+    );
+    let metrics = relay.http_get("/metrics").expect("metrics");
+    assert!(metrics.contains("kind=\"bad_request\""), "{metrics}");
+}
+
+/// kill -9 under concurrent enqueue load, then restart: every acknowledged enqueue is there, and
+/// nothing the recipient acknowledged comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_under_load_loses_nothing_acknowledged() {
+    let mut relay = closed_relay(|c| c);
+    let bob = Device::new(2);
+    let senders: Vec<Device> = (10..14).map(Device::new).collect();
+    let cb = register(&relay, &bob, "bob").await;
+    let mut clients = Vec::new();
+    for (i, s) in senders.iter().enumerate() {
+        clients.push(Arc::new(register(&relay, s, &format!("sender{i}")).await));
+    }
+    // Bob reads and acknowledges a first batch before the crash.
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+    for i in 0..10 {
+        let env =
+            inbox::seal(&mut rng, bob.id(), &bob.inbox.public(), format!("early {i}").as_bytes())
+                .expect("seal");
+        clients[0].call(&Request::Enqueue { envelope: env }).await.expect("enqueue");
+    }
+    let Response::Items { items, .. } =
+        cb.call(&Request::Fetch { after: None, max: 100 }).await.expect("fetch")
+    else {
+        panic!("no items")
+    };
+    let early: Vec<u64> = items.iter().map(|i| i.id).collect();
+    assert_eq!(cb.call(&Request::Ack { ids: early.clone() }).await.expect("ack"), Response::Acked);
+
+    // Four senders enqueue as fast as they can; the relay is killed while they do.
+    let acked = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let mut tasks = Vec::new();
+    for (k, c) in clients.iter().enumerate() {
+        let (c, acked, bob_id, bob_key) = (c.clone(), acked.clone(), bob.id(), bob.inbox.public());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(k as u64);
+            for i in 0..100_000u32 {
+                let env = inbox::seal(&mut rng, bob_id, &bob_key, format!("{k}/{i}").as_bytes())
+                    .expect("seal");
+                match c.call(&Request::Enqueue { envelope: env }).await {
+                    Ok(Response::Enqueued { id }) => {
+                        acked.lock().expect("lock").insert(id);
+                    }
+                    _ => break, // the relay is gone
+                }
+            }
+        }));
+    }
+    while acked.lock().expect("lock").len() < 300 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    relay.kill9();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let acked = acked.lock().expect("lock").clone();
+    assert!(acked.len() >= 300);
+
+    relay.restart().expect("restart");
+    let cb = client(&relay).await;
+    cb.authenticate(&bob.key, "localhost").await.expect("auth");
+    let mut seen = BTreeSet::new();
+    let mut after = None;
+    loop {
+        let Response::Items { items, more } =
+            cb.call(&Request::Fetch { after, max: 1024 }).await.expect("fetch")
+        else {
+            panic!("no items")
+        };
+        for i in &items {
+            assert!(seen.insert(i.id), "item {} served twice", i.id);
+            bob.inbox.open(bob.id(), &i.envelope).expect("every stored item opens");
+        }
+        after = items.last().map(|i| i.id).or(after);
+        if !more {
+            break;
+        }
+    }
+    let missing: Vec<&u64> = acked.difference(&seen).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged enqueues lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(early.iter().all(|id| !seen.contains(id)), "acknowledged items came back");
+}
