@@ -10,6 +10,7 @@ pub mod home;
 pub mod http;
 pub mod metrics;
 pub mod net;
+pub mod ordering;
 pub mod service;
 pub mod store;
 

@@ -13,15 +13,18 @@ use libp2p::{Multiaddr, PeerId};
 pub(crate) fn relay_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "chitchat-relay", "--bin", "chitchat-relay"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building chitchat-relay failed");
-        // The test executable is target/<profile>/deps/<name>; the binary is target/<profile>/.
+        // The test executable is target/<profile>/deps/<name>; the binary is target/<profile>/,
+        // built with the same profile (release for benchmarks).
         let exe = std::env::current_exe().expect("current exe");
         let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "chitchat-relay", "--bin", "chitchat-relay"]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "building chitchat-relay failed");
         profile_dir.join("chitchat-relay")
     })
 }
