@@ -7,7 +7,8 @@
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::codec::{DecodeError, decode, encode};
+use crate::channel::ChannelMessage;
+use crate::codec::{Bytes, Canonical, DecodeError, decode, encode};
 use crate::identity::{DeviceId, Dir, Sponsorship};
 use crate::inbox::SealedEnvelope;
 use crate::keys::Signature;
@@ -164,6 +165,32 @@ pub struct CommitSubmission {
 pub struct SealedWelcomes {
     /// One sealed Welcome per added device.
     pub envelopes: Vec<SealedEnvelope>,
+}
+
+/// What an inbox item holds once opened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum InboxPayload {
+    /// A message of a channel: a certified commit fanned out by the relay, or an application
+    /// message.
+    Channel {
+        /// The channel.
+        channel: ChannelId,
+        /// The message.
+        message: ChannelMessage,
+    },
+    /// A Welcome (TLS-encoded MLS message), delivered only after the commit adding the device
+    /// was ordered.
+    Welcome {
+        /// The channel.
+        channel: ChannelId,
+        /// The Welcome.
+        welcome: Bytes,
+    },
+}
+
+impl Canonical for InboxPayload {
+    const MAX_LEN: usize = MAX_INBOX_PAYLOAD_LEN;
 }
 
 /// The bytes a device signs to authenticate: the relay's challenge bound to both parties.

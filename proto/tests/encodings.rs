@@ -106,6 +106,7 @@ canonical_props! {
     channel_config: ChannelConfig,
     channel_message: ChannelMessage,
     channel_state: ChannelState,
+    inbox_payload: chitchat_proto::wire::InboxPayload,
 }
 
 proptest! {

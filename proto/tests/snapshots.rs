@@ -166,6 +166,12 @@ fn channel() {
         format!("{}\n{}", hex(&app.to_bytes()), hex(&commit.to_bytes()))
     );
     insta::assert_snapshot!("hlc", hex(&encode(&Hlc { wall_ms: T0.0, counter: 2 })));
+    let payloads = [
+        wire::InboxPayload::Channel { channel: ChannelId([5; 32]), message: app.clone() },
+        wire::InboxPayload::Welcome { channel: ChannelId([5; 32]), welcome: Bytes(vec![9, 9]) },
+    ];
+    let lines: Vec<String> = payloads.iter().map(|p| hex::encode(p.to_bytes())).collect();
+    insta::assert_snapshot!("inbox_payload", lines.join("\n"));
 }
 
 #[test]

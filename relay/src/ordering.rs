@@ -23,11 +23,14 @@ use chitchat_proto::codec::{decode, encode};
 use chitchat_proto::ordering::{OrderingCommand, OrderingLimits, OrderingState, Outcome};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership, Vote,
+    BasicNode, Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -75,7 +78,10 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    fn meta<T: Serialize + serde::de::DeserializeOwned>(&self, key: &str) -> StorageResult<Option<T>> {
+    fn meta<T: Serialize + serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> StorageResult<Option<T>> {
         let r = self.db.begin_read().map_err(read_err)?;
         let t = r.open_table(META).map_err(read_err)?;
         let Some(v) = t.get(key).map_err(read_err)? else { return Ok(None) };
@@ -85,7 +91,10 @@ impl LogStore {
     fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> StorageResult<()> {
         let mut w = self.db.begin_write().map_err(write_err)?;
         w.set_durability(Durability::Immediate).map_err(write_err)?;
-        w.open_table(META).map_err(write_err)?.insert(key, encode(value).as_slice()).map_err(write_err)?;
+        w.open_table(META)
+            .map_err(write_err)?
+            .insert(key, encode(value).as_slice())
+            .map_err(write_err)?;
         w.commit().map_err(write_err)
     }
 
@@ -93,7 +102,8 @@ impl LogStore {
         let r = self.db.begin_read().map_err(read_err)?;
         let t = r.open_table(LOG).map_err(read_err)?;
         let Some((_, v)) = t.last().map_err(read_err)? else { return Ok(None) };
-        let e: Entry<TypeConfig> = decode(v.value(), MAX_RECORD).map_err(|_| corrupt("log entry"))?;
+        let e: Entry<TypeConfig> =
+            decode(v.value(), MAX_RECORD).map_err(|_| corrupt("log entry"))?;
         Ok(Some(e.log_id))
     }
 }
@@ -165,15 +175,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
         let mut w = self.db.begin_write().map_err(write_err)?;
         w.set_durability(Durability::Immediate).map_err(write_err)?;
-        w.open_table(LOG).map_err(write_err)?.retain_in(log_id.index.., |_, _| false).map_err(write_err)?;
+        w.open_table(LOG)
+            .map_err(write_err)?
+            .retain_in(log_id.index.., |_, _| false)
+            .map_err(write_err)?;
         w.commit().map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
         let mut w = self.db.begin_write().map_err(write_err)?;
         w.set_durability(Durability::Immediate).map_err(write_err)?;
-        w.open_table(META).map_err(write_err)?.insert(PURGED, encode(&Some(log_id)).as_slice()).map_err(write_err)?;
-        w.open_table(LOG).map_err(write_err)?.retain_in(..=log_id.index, |_, _| false).map_err(write_err)?;
+        w.open_table(META)
+            .map_err(write_err)?
+            .insert(PURGED, encode(&Some(log_id)).as_slice())
+            .map_err(write_err)?;
+        w.open_table(LOG)
+            .map_err(write_err)?
+            .retain_in(..=log_id.index, |_, _| false)
+            .map_err(write_err)?;
         w.commit().map_err(write_err)
     }
 }
@@ -210,9 +229,16 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let data = self.inner.lock().await.clone();
         let bytes = encode(&data);
-        let snapshot_id = data.last_applied.map_or_else(|| "none".to_owned(), |l| format!("{}-{}", l.leader_id, l.index));
-        let meta = SnapshotMeta { last_log_id: data.last_applied, last_membership: data.membership.clone(), snapshot_id };
-        self.store.put_meta(SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: bytes.clone() })?;
+        let snapshot_id = data
+            .last_applied
+            .map_or_else(|| "none".to_owned(), |l| format!("{}-{}", l.leader_id, l.index));
+        let meta = SnapshotMeta {
+            last_log_id: data.last_applied,
+            last_membership: data.membership.clone(),
+            snapshot_id,
+        };
+        self.store
+            .put_meta(SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: bytes.clone() })?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
@@ -220,7 +246,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>)> {
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>)> {
         let d = self.inner.lock().await;
         Ok((d.last_applied, d.membership.clone()))
     }
@@ -286,7 +314,9 @@ impl RaftNetworkFactory<TypeConfig> for NoPeers {
 }
 
 fn unreachable<E: std::error::Error>() -> RPCError<u64, BasicNode, E> {
-    RPCError::Unreachable(Unreachable::new(&std::io::Error::other("a one-relay group has no peers")))
+    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
+        "a one-relay group has no peers",
+    )))
 }
 
 impl RaftNetwork<TypeConfig> for NoPeers {
@@ -302,7 +332,10 @@ impl RaftNetwork<TypeConfig> for NoPeers {
         &mut self,
         _rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
         Err(unreachable())
     }
 
@@ -354,10 +387,12 @@ impl Ordering {
         }
         let log = LogStore { db: Arc::new(db) };
         let initial = match log.meta::<StoredSnapshot>(SNAPSHOT).map_err(|e| storage(&e))? {
-            Some(s) => decode(&s.data, MAX_RECORD).map_err(|_| OrderingError::Storage("corrupt snapshot".into()))?,
+            Some(s) => decode(&s.data, MAX_RECORD)
+                .map_err(|_| OrderingError::Storage("corrupt snapshot".into()))?,
             None => SnapshotData { state: OrderingState::new(limits), ..Default::default() },
         };
-        let state_machine = StateMachine { inner: Arc::new(Mutex::new(initial)), store: log.clone() };
+        let state_machine =
+            StateMachine { inner: Arc::new(Mutex::new(initial)), store: log.clone() };
         let config = openraft::Config {
             cluster_name: "chitchat-ordering".into(),
             heartbeat_interval: 250,
@@ -384,7 +419,11 @@ impl Ordering {
 
     /// Orders one command: returns once it is committed (durable) and applied.
     pub async fn submit(&self, command: OrderingCommand) -> Result<Outcome, OrderingError> {
-        let response = self.raft.client_write(command).await.map_err(|e| OrderingError::Raft(e.to_string()))?;
+        let response = self
+            .raft
+            .client_write(command)
+            .await
+            .map_err(|e| OrderingError::Raft(e.to_string()))?;
         Ok(response.data)
     }
 
@@ -422,15 +461,27 @@ mod tests {
         let (a, b) = (commit(0, 0xa), commit(0, 0xb));
         {
             let o = Ordering::open(&path, OrderingLimits::default()).await.expect("open");
-            assert_eq!(o.submit(OrderingCommand::Submit(a)).await.expect("submit"), Outcome::Accepted(a));
-            assert_eq!(o.submit(OrderingCommand::Submit(b)).await.expect("submit"), Outcome::Conflict { winner: a });
+            assert_eq!(
+                o.submit(OrderingCommand::Submit(a)).await.expect("submit"),
+                Outcome::Accepted(a)
+            );
+            assert_eq!(
+                o.submit(OrderingCommand::Submit(b)).await.expect("submit"),
+                Outcome::Conflict { winner: a }
+            );
             o.shutdown().await;
         }
         // Reopened: the winner is remembered, the next epoch is open.
         let o = Ordering::open(&path, OrderingLimits::default()).await.expect("reopen");
-        assert_eq!(o.submit(OrderingCommand::Submit(b)).await.expect("submit"), Outcome::Conflict { winner: a });
+        assert_eq!(
+            o.submit(OrderingCommand::Submit(b)).await.expect("submit"),
+            Outcome::Conflict { winner: a }
+        );
         let next = commit(1, 0xc);
-        assert_eq!(o.submit(OrderingCommand::Submit(next)).await.expect("submit"), Outcome::Accepted(next));
+        assert_eq!(
+            o.submit(OrderingCommand::Submit(next)).await.expect("submit"),
+            Outcome::Accepted(next)
+        );
         assert_eq!(o.state().await.next_epoch(&ChannelId([1; 32])), Some(2));
         o.shutdown().await;
     }

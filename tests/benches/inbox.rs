@@ -71,7 +71,12 @@ fn raw_redb(dir: &std::path::Path, messages: u64, batch: u64) -> Row {
         }
         w.commit().expect("commit");
     }
-    Row { name: format!("raw redb (batches of {batch})"), messages, elapsed: start.elapsed(), latencies: vec![] }
+    Row {
+        name: format!("raw redb (batches of {batch})"),
+        messages,
+        elapsed: start.elapsed(),
+        latencies: vec![],
+    }
 }
 
 fn recipient() -> (SecretKey, Dir) {
@@ -103,7 +108,9 @@ async fn store_enqueue(store: &Store, to: DeviceId, writers: u64, per_writer: u6
                 let t = Instant::now();
                 let env = envelope(to, w * per_writer + i);
                 let sender = DeviceId(chitchat_proto::PublicKey([w as u8; 32]));
-                let r = store.write(Write::Enqueue { sender, envelope: env, now: NOW, quota: QUOTA }).await;
+                let r = store
+                    .write(Write::Enqueue { sender, envelope: env, now: NOW, quota: QUOTA })
+                    .await;
                 assert!(matches!(r, Ok(Written::Enqueued { .. })), "{r:?}");
                 lat.push(t.elapsed());
             }
@@ -116,7 +123,12 @@ async fn store_enqueue(store: &Store, to: DeviceId, writers: u64, per_writer: u6
     }
     let elapsed = start.elapsed();
     latencies.sort();
-    Row { name: format!("store enqueue ({writers} writers)"), messages: writers * per_writer, elapsed, latencies }
+    Row {
+        name: format!("store enqueue ({writers} writers)"),
+        messages: writers * per_writer,
+        elapsed,
+        latencies,
+    }
 }
 
 async fn store_drain(store: &Store, to: DeviceId) -> Row {
@@ -125,7 +137,8 @@ async fn store_drain(store: &Store, to: DeviceId) -> Row {
     let mut latencies = Vec::new();
     loop {
         let t = Instant::now();
-        let (items, _) = store.fetch(&to, None, 1024, chitchat_proto::wire::MAX_FETCH_BYTES).expect("fetch");
+        let (items, _) =
+            store.fetch(&to, None, 1024, chitchat_proto::wire::MAX_FETCH_BYTES).expect("fetch");
         if items.is_empty() {
             break;
         }
@@ -135,12 +148,21 @@ async fn store_drain(store: &Store, to: DeviceId) -> Row {
         latencies.push(t.elapsed());
     }
     latencies.sort();
-    Row { name: "store fetch+ack (pages of 1024)".into(), messages, elapsed: start.elapsed(), latencies }
+    Row {
+        name: "store fetch+ack (pages of 1024)".into(),
+        messages,
+        elapsed: start.elapsed(),
+        latencies,
+    }
 }
 
 async fn over_network(clients: u64, per_client: u64) -> Row {
     let relay = RelayProcess::start(
-        |c| c.replace("sender_per_minute = 6000", "sender_per_minute = 100000000").replace("max_items = 10000", "max_items = 100000000").replace("max_bytes = 67108864", "max_bytes = 100000000000"),
+        |c| {
+            c.replace("sender_per_minute = 6000", "sender_per_minute = 100000000")
+                .replace("max_items = 10000", "max_items = 100000000")
+                .replace("max_bytes = 67108864", "max_bytes = 100000000000")
+        },
         &[("CHITCHAT_RELAY_OPEN_REGISTRATION", "true")],
     )
     .expect("relay");
@@ -150,7 +172,11 @@ async fn over_network(clients: u64, per_client: u64) -> Row {
         let d = if k == 0 { Device::new(2) } else { Device::new(100 + k as u8) };
         let c = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
         c.authenticate(&d.key, "localhost").await.expect("auth");
-        let reg = Request::Register { token: None, local_name: format!("u{k}"), dir: d.dir(1, vec![], NOW) };
+        let reg = Request::Register {
+            token: None,
+            local_name: format!("u{k}"),
+            dir: d.dir(1, vec![], NOW),
+        };
         assert!(matches!(c.call(&reg).await.expect("register"), Response::Registered { .. }));
         conns.push(Arc::new(c));
     }
@@ -176,7 +202,12 @@ async fn over_network(clients: u64, per_client: u64) -> Row {
     }
     let elapsed = start.elapsed();
     latencies.sort();
-    Row { name: format!("relay over libp2p ({clients} clients)"), messages: clients * per_client, elapsed, latencies }
+    Row {
+        name: format!("relay over libp2p ({clients} clients)"),
+        messages: clients * per_client,
+        elapsed,
+        latencies,
+    }
 }
 
 #[tokio::main]
@@ -195,7 +226,13 @@ async fn main() {
     let (_, bob) = recipient();
     let to = bob.device();
     store
-        .write(Write::Register { token: None, open: true, local_name: "bob".into(), dir: bob, now: NOW })
+        .write(Write::Register {
+            token: None,
+            open: true,
+            local_name: "bob".into(),
+            dir: bob,
+            now: NOW,
+        })
         .await
         .expect("register");
     for writers in [1u64, 64, 256] {
@@ -206,10 +243,19 @@ async fn main() {
     rows.push(over_network(64, 200 * scale).await);
 
     println!("inbox throughput ({PAYLOAD}-byte payloads; every acknowledged write fsync'd)\n");
-    println!("{:<36} {:>9} {:>12} {:>10} {:>10} {:>10}", "", "messages", "msgs/s", "vs raw", "p50", "p99");
+    println!(
+        "{:<36} {:>9} {:>12} {:>10} {:>10} {:>10}",
+        "", "messages", "msgs/s", "vs raw", "p50", "p99"
+    );
     for r in &rows {
         let (p50, p99) = (percentile(&r.latencies, 0.5), percentile(&r.latencies, 0.99));
-        let lat = |d: Duration| if r.latencies.is_empty() { "-".to_owned() } else { format!("{:.2}ms", d.as_secs_f64() * 1e3) };
+        let lat = |d: Duration| {
+            if r.latencies.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.2}ms", d.as_secs_f64() * 1e3)
+            }
+        };
         println!(
             "{:<36} {:>9} {:>12.0} {:>9.0}% {:>10} {:>10}",
             r.name,

@@ -399,6 +399,36 @@ pub fn validate_key_package(
     })
 }
 
+/// What a relay can read of a submitted commit without being a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitFraming {
+    /// The channel (MLS group id).
+    pub channel: ChannelId,
+    /// The epoch the commit is built on.
+    pub epoch: u64,
+}
+
+/// Checks a commit's framing as a relay sees it: an MLS PublicMessage carrying a commit from a
+/// member, of a 32-byte group id. Returns its channel and epoch.
+pub fn inspect_commit(bytes: &[u8]) -> Result<CommitFraming, ChannelError> {
+    let protocol = decode_mls(bytes)?
+        .try_into_protocol_message()
+        .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+    let ProtocolMessage::PublicMessage(public) = &protocol else {
+        return Err(ChannelError::WrongWireFormat);
+    };
+    if protocol.content_type() != ContentType::Commit {
+        return Err(ChannelError::WrongWireFormat);
+    }
+    if !matches!(public.sender(), Sender::Member(_)) {
+        return Err(ChannelError::ExternalSender);
+    }
+    Ok(CommitFraming {
+        channel: channel_id(protocol.group_id())?,
+        epoch: protocol.epoch().as_u64(),
+    })
+}
+
 /// The device a credential names.
 pub fn credential_device(credential: &Credential) -> Option<DeviceId> {
     let basic = BasicCredential::try_from(credential.clone()).ok()?;

@@ -734,3 +734,19 @@ fn key_packages_validate_for_relays() {
     assert!(validate_key_package(&crypto, &bad).is_err());
     assert!(matches!(validate_key_package(&crypto, b"junk"), Err(ChannelError::Malformed(_))));
 }
+
+#[test]
+fn relays_read_commit_framing_only() {
+    let mut w = World::started(&[BOB]);
+    let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
+    let framing = inspect_commit(&staged.commit).expect("a commit");
+    assert_eq!(framing, CommitFraming { channel: w.channel_id(), epoch: 1 });
+    // An application message is not a commit; garbage is malformed.
+    let d = &mut w.devices[ALICE];
+    let (provider, me) = (&d.provider, &d.me);
+    let (_, msg) =
+        d.channel.as_mut().expect("member").send(provider, me, w.now, b"hi").expect("send");
+    let ChannelMessage::Application { message } = msg else { panic!("not an application message") };
+    assert_eq!(inspect_commit(&message), Err(ChannelError::WrongWireFormat));
+    assert!(matches!(inspect_commit(b"junk"), Err(ChannelError::Malformed(_))));
+}
