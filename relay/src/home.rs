@@ -51,6 +51,10 @@ impl RelayDir {
     pub fn db(&self) -> PathBuf {
         self.root.join("relay.redb")
     }
+    /// `ordering.redb`: the ordering group's Raft log and snapshots.
+    pub fn ordering_db(&self) -> PathBuf {
+        self.root.join("ordering.redb")
+    }
     /// `run.json`.
     pub fn run_info(&self) -> PathBuf {
         self.root.join("run.json")

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use chitchat_proto::ordering::OrderingLimits;
 use chitchat_relay::admin;
 use chitchat_relay::config::Config;
 use chitchat_relay::home::{RelayDir, RunInfo};
 use chitchat_relay::http::{BlockRequest, HttpState, InviteRequest};
 use chitchat_relay::metrics::Metrics;
+use chitchat_relay::ordering::Ordering;
 use chitchat_relay::service::{Relay, now};
 use chitchat_relay::store::{Store, StoreError};
 use clap::{Parser, Subcommand};
@@ -123,13 +125,10 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
     };
     let listen = config.listen.iter().map(|a| a.parse()).collect::<Result<Vec<_>, _>>()?;
     let http_addr = config.http;
+    let ordering = Ordering::open(&dir.ordering_db(), OrderingLimits::default()).await?;
     let metrics = Arc::new(Metrics::default());
-    let relay = Arc::new(Relay::new(
-        config,
-        chitchat_proto::SecretKey::from_seed(*key.seed()),
-        store,
-        metrics,
-    ));
+    let relay_key = chitchat_proto::SecretKey::from_seed(*key.seed());
+    let relay = Arc::new(Relay::new(config, relay_key, store, ordering.clone(), metrics));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let (ready_tx, ready) = oneshot::channel();
@@ -194,6 +193,7 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         let _ = retention.await;
     })
     .await;
+    ordering.shutdown().await;
     let _ = std::fs::remove_file(dir.run_info());
     Ok(())
 }

@@ -12,6 +12,9 @@
 //!   log after it (openraft re-applies them).
 //! - An answer to [`Ordering::submit`] means the entry is committed (durable) and applied.
 
+// openraft's storage traits fix the error type (`StorageError`, over 200 bytes).
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;

@@ -5,17 +5,24 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chitchat_proto::channel::validate_key_package;
+use chitchat_proto::channel::{ChannelMessage, inspect_commit, validate_key_package};
 use chitchat_proto::codec::Bytes;
+use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
+use chitchat_proto::inbox;
+use chitchat_proto::ordering::{
+    CertSignature, CommitRef, EpochCert, EpochCertBody, OrderingCommand, Outcome,
+};
 use chitchat_proto::wire::{
     AuthProof, ErrorCode, MAX_FETCH_BYTES, MAX_FETCH_ITEMS, Request, Response,
 };
+use chitchat_proto::wire::{CommitSubmission, InboxPayload, commit_hash};
 use chitchat_proto::{DeviceId, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::ordering::Ordering;
 use crate::store::{InboxQuota, Store, StoreError, Write, WriteError, Written};
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
@@ -31,6 +38,7 @@ pub struct Relay {
     senders: DefaultKeyedRateLimiter<DeviceId>,
     claimers: DefaultKeyedRateLimiter<DeviceId>,
     claimed: DefaultKeyedRateLimiter<DeviceId>,
+    ordering: Ordering,
     metrics: Arc<Metrics>,
 }
 
@@ -87,7 +95,13 @@ fn kind(r: &Request) -> &'static str {
 
 impl Relay {
     /// A relay with this config, key and store.
-    pub fn new(config: Config, key: SecretKey, store: Store, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Config,
+        key: SecretKey,
+        store: Store,
+        ordering: Ordering,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let id = RelayId { host: config.host.clone(), key: key.public() };
         let k = config.key_packages;
         Self {
@@ -99,6 +113,7 @@ impl Relay {
             id,
             store,
             crypto: openmls_rust_crypto::RustCrypto::default(),
+            ordering,
             metrics,
         }
     }
@@ -212,10 +227,7 @@ impl Relay {
                 Ok(other) => unavailable(format!("unexpected {other:?}")),
                 Err(e) => from_write(e),
             },
-            Request::SubmitCommit(_) => error(
-                ErrorCode::Unavailable,
-                "commit ordering is not served by this relay version yet",
-            ),
+            Request::SubmitCommit(submission) => self.submit_commit(me, submission, now).await,
         }
     }
 
@@ -316,6 +328,100 @@ impl Relay {
             Ok(Written::KeyPackage(bytes)) => Response::KeyPackage(bytes),
             Ok(other) => unavailable(format!("unexpected {other:?}")),
             Err(e) => from_write(e),
+        }
+    }
+
+    /// Orders a commit. The winner of its epoch gets a certificate signed by this relay; the
+    /// commit then goes to the inboxes of the devices named in `fanout`, and the sealed
+    /// Welcomes to the devices they are for (only now, after ordering).
+    async fn submit_commit(&self, me: DeviceId, sub: CommitSubmission, now: Timestamp) -> Response {
+        let framing = match inspect_commit(&sub.commit) {
+            Ok(f) => f,
+            Err(e) => return error(ErrorCode::BadRequest, format!("commit: {e}")),
+        };
+        if framing.channel != sub.channel || framing.epoch != sub.epoch {
+            return error(
+                ErrorCode::BadRequest,
+                "the commit's channel or epoch differs from the submission's",
+            );
+        }
+        let hash = commit_hash(&sub.commit);
+        let commit = CommitRef { channel: sub.channel, epoch: sub.epoch, hash, submitter: me };
+        let outcome = match self.ordering.submit(OrderingCommand::Submit(commit)).await {
+            Ok(o) => o,
+            Err(e) => return unavailable(e),
+        };
+        match outcome {
+            Outcome::Accepted(w) if w.hash == hash => {
+                let body = EpochCertBody { channel: sub.channel, epoch: sub.epoch, hash };
+                let cert =
+                    EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] };
+                self.fan_out(me, &sub, &cert, now).await;
+                Response::CommitAccepted { cert }
+            }
+            Outcome::Conflict { winner } => Response::CommitConflict { winner },
+            Outcome::WrongEpoch { next_epoch } => error(
+                ErrorCode::BadRequest,
+                format!("the channel's next commit is for epoch {next_epoch}"),
+            ),
+            Outcome::UnknownChannel => {
+                error(ErrorCode::NotFound, "the channel is not ordered here")
+            }
+            other => unavailable(format!("ordering answered {other:?}")),
+        }
+    }
+
+    /// Delivers an accepted commit and its Welcomes. The commit is sealed by the relay to each
+    /// registered device's inbox key; it bypasses the inbox quota, because a member that misses
+    /// an ordered commit cannot follow its channel. Welcomes were sealed by the submitter.
+    /// Devices not registered here are skipped (federation forwards them, later).
+    async fn fan_out(
+        &self,
+        me: DeviceId,
+        sub: &CommitSubmission,
+        cert: &EpochCert,
+        now: Timestamp,
+    ) {
+        let payload = InboxPayload::Channel {
+            channel: sub.channel,
+            message: ChannelMessage::Commit { commit: sub.commit.clone(), cert: cert.clone() },
+        }
+        .to_bytes();
+        let mut writes = Vec::new();
+        let mut targets: Vec<DeviceId> = sub.fanout.clone();
+        targets.sort();
+        targets.dedup();
+        for device in targets {
+            let Ok(Some(record)) = self.store.device(&device) else { continue };
+            match inbox::seal(&mut rand::rng(), device, &record.dir.body.inbox_key, &payload) {
+                Ok(envelope) => writes.push(Write::Enqueue {
+                    sender: me,
+                    envelope,
+                    now,
+                    quota: InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX },
+                }),
+                Err(e) => {
+                    tracing::warn!(%device, error = %e, "cannot seal to the device's inbox key")
+                }
+            }
+        }
+        let quota = InboxQuota {
+            max_items: self.config.inbox.max_items,
+            max_bytes: self.config.inbox.max_bytes,
+        };
+        for envelope in sub.welcome.iter().flat_map(|w| w.envelopes.iter()) {
+            writes.push(Write::Enqueue { sender: me, envelope: envelope.clone(), now, quota });
+        }
+        // Concurrent writes share the writer's transactions.
+        let results =
+            futures::future::join_all(writes.into_iter().map(|w| self.store.write(w))).await;
+        for r in results {
+            match r {
+                Ok(_) => {
+                    self.metrics.enqueues.inc();
+                }
+                Err(e) => tracing::warn!(error = %e, "fan-out of an accepted commit failed"),
+            }
         }
     }
 

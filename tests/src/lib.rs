@@ -12,3 +12,31 @@ mod process;
 pub use client::Client;
 pub use device::Device;
 pub use process::RelayProcess;
+
+use chitchat_proto::wire::{Request, Response};
+
+/// Registers `device` as `name` with an invite token from the relay's CLI, then publishes a
+/// record holding the sponsorship. Returns the client, authenticated as the device.
+pub async fn register(relay: &RelayProcess, device: &Device, name: &str) -> Client {
+    let now = chitchat_relay::service::now();
+    let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
+    let c = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
+    assert_eq!(
+        c.authenticate(&device.key, "localhost").await.expect("auth"),
+        Response::Authenticated
+    );
+    let req = Request::Register {
+        token: Some(token),
+        local_name: name.into(),
+        dir: device.dir(1, vec![], now),
+    };
+    let Response::Registered { sponsorship } = c.call(&req).await.expect("register") else {
+        panic!("not registered")
+    };
+    let dir = device.dir(2, vec![sponsorship], now);
+    assert_eq!(
+        c.call(&Request::PublishDir { dir }).await.expect("publish"),
+        Response::DirPublished
+    );
+    c
+}

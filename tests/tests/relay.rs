@@ -10,7 +10,7 @@ use chitchat_proto::identity::TrustedRelays;
 use chitchat_proto::inbox;
 use chitchat_proto::wire::{self, ErrorCode, Request, Response};
 use chitchat_proto::{PublicKey, RelayId, Timestamp};
-use chitchat_tests::{Client, Device, RelayProcess};
+use chitchat_tests::{Client, Device, RelayProcess, register};
 use rand_core::SeedableRng;
 
 fn now() -> Timestamp {
@@ -39,31 +39,6 @@ fn relay_id(relay: &RelayProcess) -> RelayId {
             .expect("json");
     let key = PublicKey::from_hex(wk["key"].as_str().expect("key")).expect("hex key");
     RelayId { host: wk["host"].as_str().expect("host").to_owned(), key }
-}
-
-/// Registers `device` as `name` with an invite token, then publishes a record holding the
-/// sponsorship. Returns the client, authenticated.
-async fn register(relay: &RelayProcess, device: &Device, name: &str) -> Client {
-    let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
-    let c = client(relay).await;
-    assert_eq!(
-        c.authenticate(&device.key, "localhost").await.expect("auth"),
-        Response::Authenticated
-    );
-    let req = Request::Register {
-        token: Some(token),
-        local_name: name.into(),
-        dir: device.dir(1, vec![], now()),
-    };
-    let Response::Registered { sponsorship } = c.call(&req).await.expect("register") else {
-        panic!("not registered")
-    };
-    let dir = device.dir(2, vec![sponsorship], now());
-    assert_eq!(
-        c.call(&Request::PublishDir { dir }).await.expect("publish"),
-        Response::DirPublished
-    );
-    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
