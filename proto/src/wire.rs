@@ -140,6 +140,36 @@ pub enum Request {
     },
     /// Submit a staged commit for ordering.
     SubmitCommit(CommitSubmission),
+    /// Like [`Request::Fetch`], but when nothing is there yet the relay holds the request until
+    /// an item arrives or `timeout_ms` passes: live push over any transport.
+    Wait {
+        /// Items with ids greater than this; `None` from the start.
+        after: Option<u64>,
+        /// At most this many items.
+        max: u32,
+        /// How long to hold the request, capped at [`MAX_WAIT_MS`].
+        timeout_ms: u32,
+    },
+    /// Several enqueues in one request; each is answered on its own, in order.
+    EnqueueBatch {
+        /// The sealed payloads, at most [`MAX_ENQUEUE_BATCH`].
+        envelopes: Vec<SealedEnvelope>,
+    },
+}
+
+/// The longest a [`Request::Wait`] is held, in milliseconds.
+pub const MAX_WAIT_MS: u32 = 60_000;
+/// The most envelopes in one [`Request::EnqueueBatch`].
+pub const MAX_ENQUEUE_BATCH: usize = 256;
+
+/// The answer to one envelope of a [`Request::EnqueueBatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum EnqueueResult {
+    /// Durable in the inbox, with this id.
+    Enqueued(u64),
+    /// Refused; nothing stored.
+    Refused(ErrorCode),
 }
 
 /// Everything a relay needs to order a commit and deliver it.
@@ -263,6 +293,8 @@ pub enum Response {
         /// A human-readable explanation.
         message: String,
     },
+    /// The answers to an [`Request::EnqueueBatch`], one per envelope, in order.
+    EnqueuedBatch(Vec<EnqueueResult>),
 }
 
 /// One stored inbox item.
@@ -352,6 +384,13 @@ impl Validate for Request {
             Self::Enqueue { envelope } => envelope.validate(),
             Self::Fetch { max, .. } if *max > MAX_FETCH_ITEMS => Err("fetch max too large"),
             Self::Ack { ids } if ids.len() > MAX_ACK_IDS => Err("too many ack ids"),
+            Self::Wait { max, .. } if *max > MAX_FETCH_ITEMS => Err("fetch max too large"),
+            Self::EnqueueBatch { envelopes } => {
+                if envelopes.len() > MAX_ENQUEUE_BATCH {
+                    return Err("too many envelopes in one batch");
+                }
+                envelopes.iter().try_for_each(SealedEnvelope::validate)
+            }
             Self::SubmitCommit(s) => s.validate(),
             _ => Ok(()),
         }
@@ -388,6 +427,7 @@ impl Validate for Response {
                 items.iter().try_for_each(|i| i.envelope.validate())
             }
             Self::KeyPackage(kp) if kp.len() > MAX_KEY_PACKAGE_LEN => Err("key package too long"),
+            Self::EnqueuedBatch(r) if r.len() > MAX_ENQUEUE_BATCH => Err("too many results"),
             _ => Ok(()),
         }
     }

@@ -235,6 +235,19 @@ fn relay_protocol_frames() {
         "responses",
         frames(responses.iter().map(|r| hex(&wire::encode_frame(r).expect("frame"))).collect())
     );
+    let later = [
+        Request::Wait { after: Some(3), max: 100, timeout_ms: 30_000 },
+        Request::EnqueueBatch { envelopes: vec![envelope()] },
+    ];
+    insta::assert_snapshot!(
+        "requests_wait_batch",
+        frames(later.iter().map(|r| hex(&wire::encode_frame(r).expect("frame"))).collect())
+    );
+    let batch = Response::EnqueuedBatch(vec![
+        wire::EnqueueResult::Enqueued(4),
+        wire::EnqueueResult::Refused(ErrorCode::NotFound),
+    ]);
+    insta::assert_snapshot!("response_batch", hex(&wire::encode_frame(&batch).expect("frame")));
     // Every frozen frame still decodes to the value it came from.
     for r in &requests {
         assert_eq!(

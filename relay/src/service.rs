@@ -1,8 +1,10 @@
 //! What the relay answers to each request. The network layer authenticates the peer and hands
 //! each decoded request here with the device it proved (if any).
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chitchat_proto::channel::{ChannelMessage, inspect_commit, validate_key_package};
@@ -10,6 +12,7 @@ use chitchat_proto::codec::Bytes;
 use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
 use chitchat_proto::inbox;
+use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::ordering::{
     CertSignature, CommitRef, EpochCert, EpochCertBody, OrderingCommand, Outcome,
 };
@@ -17,8 +20,10 @@ use chitchat_proto::wire::{
     AuthProof, ErrorCode, MAX_FETCH_BYTES, MAX_FETCH_ITEMS, Request, Response,
 };
 use chitchat_proto::wire::{CommitSubmission, InboxPayload, commit_hash};
+use chitchat_proto::wire::{EnqueueResult, MAX_WAIT_MS};
 use chitchat_proto::{DeviceId, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -39,6 +44,8 @@ pub struct Relay {
     claimers: DefaultKeyedRateLimiter<DeviceId>,
     claimed: DefaultKeyedRateLimiter<DeviceId>,
     ordering: Ordering,
+    /// Devices with a `Wait` request held open, woken by enqueues to them.
+    waiters: std::sync::Mutex<HashMap<DeviceId, Arc<Notify>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -90,6 +97,8 @@ fn kind(r: &Request) -> &'static str {
         Request::Fetch { .. } => "fetch",
         Request::Ack { .. } => "ack",
         Request::SubmitCommit(_) => "submit_commit",
+        Request::Wait { .. } => "wait",
+        Request::EnqueueBatch { .. } => "enqueue_batch",
     }
 }
 
@@ -114,6 +123,7 @@ impl Relay {
             store,
             crypto: openmls_rust_crypto::RustCrypto::default(),
             ordering,
+            waiters: std::sync::Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -190,24 +200,28 @@ impl Relay {
                 self.upload_key_packages(me, packages, last_resort, now).await
             }
             Request::ClaimKeyPackage { device } => self.claim(me, device, now).await,
-            Request::Enqueue { envelope } => {
-                if let Err(retry_after_ms) = check_rate(&self.senders, me) {
-                    return error(ErrorCode::RateLimited { retry_after_ms }, "too many enqueues");
+            Request::Enqueue { envelope } => match self.enqueue(me, envelope, now).await {
+                EnqueueResult::Enqueued(id) => Response::Enqueued { id },
+                EnqueueResult::Refused(code) => {
+                    error(code, "refused (rate, quota, or unknown recipient)")
                 }
-                let len = envelope.ciphertext.len() as u64;
-                let quota = InboxQuota {
-                    max_items: self.config.inbox.max_items,
-                    max_bytes: self.config.inbox.max_bytes,
-                };
-                match self.store.write(Write::Enqueue { sender: me, envelope, now, quota }).await {
-                    Ok(Written::Enqueued { id }) => {
-                        self.metrics.enqueues.inc();
-                        self.metrics.enqueue_bytes.inc_by(len);
-                        Response::Enqueued { id }
+            },
+            Request::EnqueueBatch { envelopes } => {
+                let results = futures::future::join_all(
+                    envelopes.into_iter().map(|e| self.enqueue(me, e, now)),
+                )
+                .await;
+                for r in &results {
+                    if let EnqueueResult::Refused(code) = r {
+                        self.metrics.error(code.name());
                     }
-                    Ok(other) => unavailable(format!("unexpected {other:?}")),
-                    Err(e) => from_write(e),
                 }
+                Response::EnqueuedBatch(results)
+            }
+            Request::Wait { after, max, timeout_ms } => {
+                let max = max.clamp(1, MAX_FETCH_ITEMS) as usize;
+                let timeout = Duration::from_millis(u64::from(timeout_ms.min(MAX_WAIT_MS)));
+                self.wait(me, after, max, timeout).await
             }
             Request::Fetch { after, max } => {
                 let max = max.clamp(1, MAX_FETCH_ITEMS) as usize;
@@ -413,15 +427,110 @@ impl Relay {
             writes.push(Write::Enqueue { sender: me, envelope: envelope.clone(), now, quota });
         }
         // Concurrent writes share the writer's transactions.
+        let recipients: Vec<DeviceId> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Enqueue { envelope, .. } => Some(envelope.recipient),
+                _ => None,
+            })
+            .collect();
         let results =
             futures::future::join_all(writes.into_iter().map(|w| self.store.write(w))).await;
-        for r in results {
+        for (r, recipient) in results.into_iter().zip(recipients) {
+            if r.is_ok() {
+                self.wake(recipient);
+            }
             match r {
                 Ok(_) => {
                     self.metrics.enqueues.inc();
                 }
                 Err(e) => tracing::warn!(error = %e, "fan-out of an accepted commit failed"),
             }
+        }
+    }
+
+    /// One durable enqueue from `me`, rate-limited and within the recipient's quota; wakes
+    /// the recipient's waiting fetch.
+    async fn enqueue(
+        &self,
+        me: DeviceId,
+        envelope: SealedEnvelope,
+        now: Timestamp,
+    ) -> EnqueueResult {
+        if let Err(retry_after_ms) = check_rate(&self.senders, me) {
+            return EnqueueResult::Refused(ErrorCode::RateLimited { retry_after_ms });
+        }
+        let (len, recipient) = (envelope.ciphertext.len() as u64, envelope.recipient);
+        let quota = InboxQuota {
+            max_items: self.config.inbox.max_items,
+            max_bytes: self.config.inbox.max_bytes,
+        };
+        match self.store.write(Write::Enqueue { sender: me, envelope, now, quota }).await {
+            Ok(Written::Enqueued { id }) => {
+                self.metrics.enqueues.inc();
+                self.metrics.enqueue_bytes.inc_by(len);
+                self.wake(recipient);
+                EnqueueResult::Enqueued(id)
+            }
+            Ok(other) => {
+                tracing::error!(?other, "unexpected answer to an enqueue");
+                EnqueueResult::Refused(ErrorCode::Unavailable)
+            }
+            Err(WriteError::Rejected { code, .. }) => EnqueueResult::Refused(code),
+            Err(e) => {
+                tracing::error!(error = %e, "store failure");
+                EnqueueResult::Refused(ErrorCode::Unavailable)
+            }
+        }
+    }
+
+    /// Fetches, holding the request until an item arrives or `timeout` passes.
+    async fn wait(
+        &self,
+        me: DeviceId,
+        after: Option<u64>,
+        max: usize,
+        timeout: Duration,
+    ) -> Response {
+        let notify = {
+            let mut waiters =
+                self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            waiters.entry(me).or_default().clone()
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let response = loop {
+            // Listen before looking, so an enqueue between the two is not missed.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.store.fetch(&me, after, max, MAX_FETCH_BYTES) {
+                Ok((items, more))
+                    if !items.is_empty() || tokio::time::Instant::now() >= deadline =>
+                {
+                    self.metrics.fetched.inc_by(items.len() as u64);
+                    break Response::Items { items, more };
+                }
+                Ok(_) => {}
+                Err(e) => break unavailable(e),
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        };
+        drop(notify);
+        let mut waiters = self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Forget the device once no request of its waits (then only the map holds it).
+        if waiters.get(&me).is_some_and(|n| Arc::strong_count(n) == 1) {
+            waiters.remove(&me);
+        }
+        response
+    }
+
+    fn wake(&self, device: DeviceId) {
+        let waiters = self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = waiters.get(&device) {
+            n.notify_waiters();
         }
     }
 

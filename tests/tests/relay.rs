@@ -391,3 +391,82 @@ async fn crash_under_load_loses_nothing_acknowledged() {
     );
     assert!(early.iter().all(|id| !seen.contains(id)), "acknowledged items came back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_push_by_waiting_fetch_and_batched_enqueues() {
+    let relay = closed_relay(|c| c);
+    let alice = Device::new(1);
+    let bob = Device::new(2);
+    let ca = register(&relay, &alice, "alice").await;
+    let cb = Arc::new(register(&relay, &bob, "bob").await);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+
+    // An empty inbox holds the request for its timeout, then answers empty.
+    let t = std::time::Instant::now();
+    let r = cb.call(&Request::Wait { after: None, max: 10, timeout_ms: 300 }).await.expect("wait");
+    assert_eq!(r, Response::Items { items: vec![], more: false });
+    assert!(t.elapsed() >= std::time::Duration::from_millis(250), "held for its timeout");
+
+    // A waiting fetch is answered as soon as an item arrives: live push.
+    let waiting = {
+        let cb = cb.clone();
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            let r = cb
+                .call(&Request::Wait { after: None, max: 10, timeout_ms: 30_000 })
+                .await
+                .expect("wait");
+            (r, t.elapsed())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let env = inbox::seal(&mut rng, bob.id(), &bob.inbox.public(), b"pushed").expect("seal");
+    assert_eq!(
+        ca.call(&Request::Enqueue { envelope: env }).await.expect("enqueue"),
+        Response::Enqueued { id: 0 }
+    );
+    let (r, waited) = waiting.await.expect("task");
+    let Response::Items { items, .. } = r else { panic!("items") };
+    assert_eq!(bob.inbox.open(bob.id(), &items[0].envelope).expect("opens"), b"pushed");
+    assert!(
+        waited < std::time::Duration::from_secs(10),
+        "answered on arrival, not at the timeout: {waited:?}"
+    );
+
+    // A batch: each envelope answered on its own, in order; a bad one refuses only itself.
+    let stranger = Device::new(9);
+    let mut envelopes: Vec<_> = (0..5)
+        .map(|i| {
+            inbox::seal(&mut rng, bob.id(), &bob.inbox.public(), format!("b{i}").as_bytes())
+                .expect("seal")
+        })
+        .collect();
+    envelopes.insert(
+        2,
+        inbox::seal(&mut rng, stranger.id(), &stranger.inbox.public(), b"x").expect("seal"),
+    );
+    let Response::EnqueuedBatch(results) =
+        ca.call(&Request::EnqueueBatch { envelopes }).await.expect("batch")
+    else {
+        panic!("batch answer")
+    };
+    use chitchat_proto::wire::EnqueueResult;
+    assert_eq!(results.len(), 6);
+    assert_eq!(results[2], EnqueueResult::Refused(ErrorCode::NotFound));
+    let mut ids: Vec<u64> = results
+        .iter()
+        .filter_map(|r| match r {
+            EnqueueResult::Enqueued(id) => Some(*id),
+            EnqueueResult::Refused(_) => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+    let too_big = Request::EnqueueBatch {
+        envelopes: vec![
+            inbox::seal(&mut rng, bob.id(), &bob.inbox.public(), b"x").expect("seal");
+            wire::MAX_ENQUEUE_BATCH + 1
+        ],
+    };
+    assert_eq!(code(&ca.call(&too_big).await.expect("call")), Some(ErrorCode::BadRequest));
+}

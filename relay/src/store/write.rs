@@ -429,7 +429,14 @@ fn enqueue(
     quota: InboxQuota,
 ) -> Result<Written, WriteError> {
     let recipient = envelope.recipient;
-    if device_record(txn, recipient)?.is_none() {
+    // Existence only: decoding the whole record on every enqueue costs more than the insert.
+    let registered = txn
+        .open_table(DEVICES)
+        .map_err(storage)?
+        .get(recipient.as_bytes())
+        .map_err(storage)?
+        .is_some();
+    if !registered {
         return Err(reject(ErrorCode::NotFound, "recipient is not registered here"));
     }
     let item = StoredItem { stored_at: now, sender, envelope: envelope.clone() };
