@@ -156,7 +156,7 @@ async fn store_drain(store: &Store, to: DeviceId) -> Row {
     }
 }
 
-async fn over_network(clients: u64, per_client: u64) -> Row {
+async fn network_relay() -> (RelayProcess, Vec<Arc<Client>>, Device) {
     let relay = RelayProcess::start(
         |c| {
             c.replace("sender_per_minute = 6000", "sender_per_minute = 100000000")
@@ -168,8 +168,8 @@ async fn over_network(clients: u64, per_client: u64) -> Row {
     .expect("relay");
     let bob = Device::new(2);
     let mut conns = Vec::new();
-    for k in 0..=clients {
-        let d = if k == 0 { Device::new(2) } else { Device::new(100 + k as u8) };
+    for k in 0..=64u8 {
+        let d = if k == 0 { Device::new(2) } else { Device::new(100 + k) };
         let c = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
         c.authenticate(&d.key, "localhost").await.expect("auth");
         let reg = Request::Register {
@@ -180,18 +180,48 @@ async fn over_network(clients: u64, per_client: u64) -> Row {
         assert!(matches!(c.call(&reg).await.expect("register"), Response::Registered { .. }));
         conns.push(Arc::new(c));
     }
+    (relay, conns, bob)
+}
+
+/// `clients` senders (connections 1..) each send `per_client` messages to Bob, `batch` per request.
+async fn over_network(
+    conns: &[Arc<Client>],
+    to: DeviceId,
+    clients: u64,
+    per_client: u64,
+    batch: u64,
+) -> Row {
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for (k, c) in conns.iter().skip(1).enumerate() {
-        let (c, to) = (c.clone(), bob.id());
+    for (k, c) in conns.iter().skip(1).take(clients as usize).enumerate() {
+        let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(per_client as usize);
-            for i in 0..per_client {
-                let req = Request::Enqueue { envelope: envelope(to, k as u64 * per_client + i) };
+            let mut lat = Vec::with_capacity((per_client / batch) as usize);
+            let mut sent = 0;
+            while sent < per_client {
+                let n = batch.min(per_client - sent);
+                let envelopes: Vec<_> =
+                    (0..n).map(|i| envelope(to, k as u64 * per_client + sent + i)).collect();
+                let req = if batch == 1 {
+                    Request::Enqueue { envelope: envelopes.into_iter().next().expect("one") }
+                } else {
+                    Request::EnqueueBatch { envelopes }
+                };
                 let t = Instant::now();
-                let r = c.call(&req).await.expect("enqueue");
-                assert!(matches!(r, Response::Enqueued { .. }), "{r:?}");
+                match c.call(&req).await.expect("enqueue") {
+                    Response::Enqueued { .. } => {}
+                    Response::EnqueuedBatch(r) => {
+                        assert!(
+                            r.iter().all(|r| matches!(
+                                r,
+                                chitchat_proto::wire::EnqueueResult::Enqueued(_)
+                            ))
+                        )
+                    }
+                    other => panic!("{other:?}"),
+                }
                 lat.push(t.elapsed());
+                sent += n;
             }
             lat
         }));
@@ -202,10 +232,39 @@ async fn over_network(clients: u64, per_client: u64) -> Row {
     }
     let elapsed = start.elapsed();
     latencies.sort();
+    let how = if batch == 1 { "1 per request".to_owned() } else { format!("batches of {batch}") };
     Row {
-        name: format!("relay over libp2p ({clients} clients)"),
+        name: format!("libp2p enqueue ({clients} clients, {how})"),
         messages: clients * per_client,
         elapsed,
+        latencies,
+    }
+}
+
+/// Bob drains his inbox over the network: fetch a page, ack it.
+async fn drain_network(bob: &Client) -> Row {
+    let start = Instant::now();
+    let (mut messages, mut latencies) = (0, Vec::new());
+    loop {
+        let t = Instant::now();
+        let Response::Items { items, .. } =
+            bob.call(&Request::Fetch { after: None, max: 1024 }).await.expect("fetch")
+        else {
+            panic!("items")
+        };
+        if items.is_empty() {
+            break;
+        }
+        messages += items.len() as u64;
+        let ids = items.iter().map(|i| i.id).collect();
+        assert_eq!(bob.call(&Request::Ack { ids }).await.expect("ack"), Response::Acked);
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    Row {
+        name: "libp2p fetch+ack (pages of 1024)".into(),
+        messages,
+        elapsed: start.elapsed(),
         latencies,
     }
 }
@@ -240,7 +299,11 @@ async fn main() {
         rows.push(store_enqueue(&store, to, writers, per_writer).await);
         rows.push(store_drain(&store, to).await);
     }
-    rows.push(over_network(64, 200 * scale).await);
+    let (_relay, conns, bob) = network_relay().await;
+    rows.push(over_network(&conns, bob.id(), 64, 100 * scale, 1).await);
+    rows.push(drain_network(&conns[0]).await);
+    rows.push(over_network(&conns, bob.id(), 16, 3200 * scale, 256).await);
+    rows.push(drain_network(&conns[0]).await);
 
     println!("inbox throughput ({PAYLOAD}-byte payloads; every acknowledged write fsync'd)\n");
     println!(

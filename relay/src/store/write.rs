@@ -5,7 +5,7 @@ use chitchat_proto::identity::linked;
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::wire::ErrorCode;
 use chitchat_proto::{DeviceId, Dir, Timestamp};
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::records::{decode_record, encode_record};
 use super::{
@@ -156,6 +156,33 @@ fn corrupt(e: super::StoreError) -> WriteError {
     WriteError::Storage(e.to_string())
 }
 
+/// The tables, opened once per batch.
+pub(super) struct Tables<'txn> {
+    tokens: Table<'txn, &'static str, &'static [u8]>,
+    names: Table<'txn, &'static str, &'static [u8]>,
+    devices: Table<'txn, [u8; 32], &'static [u8]>,
+    key_packages: Table<'txn, ([u8; 32], u64), &'static [u8]>,
+    last_resort: Table<'txn, [u8; 32], &'static [u8]>,
+    counters: Table<'txn, [u8; 32], &'static [u8]>,
+    inbox: Table<'txn, ([u8; 32], u64), &'static [u8]>,
+    blocked: Table<'txn, &'static str, u64>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, WriteError> {
+        Ok(Self {
+            tokens: txn.open_table(TOKENS).map_err(storage)?,
+            names: txn.open_table(NAMES).map_err(storage)?,
+            devices: txn.open_table(DEVICES).map_err(storage)?,
+            key_packages: txn.open_table(KEY_PACKAGES).map_err(storage)?,
+            last_resort: txn.open_table(LAST_RESORT).map_err(storage)?,
+            counters: txn.open_table(COUNTERS).map_err(storage)?,
+            inbox: txn.open_table(INBOX).map_err(storage)?,
+            blocked: txn.open_table(BLOCKED).map_err(storage)?,
+        })
+    }
+}
+
 /// Applies writes in one transaction with fsync. Storage failures fail the whole batch.
 pub(super) fn apply_batch<'a>(
     db: &Database,
@@ -170,86 +197,87 @@ pub(super) fn apply_batch<'a>(
     if let Err(e) = txn.set_durability(Durability::Immediate) {
         return fail_all(storage(e));
     }
-    let mut results = Vec::with_capacity(n);
-    for w in writes {
-        let r = apply(&txn, w);
-        if let Err(WriteError::Storage(e)) = &r {
-            let e = e.clone();
+    let results = match apply_all(&txn, writes) {
+        Ok(results) => results,
+        Err(e) => {
             let _ = txn.abort();
-            return fail_all(WriteError::Storage(e));
+            return fail_all(e);
         }
-        results.push(r);
-    }
+    };
     match txn.commit() {
         Ok(()) => results,
         Err(e) => fail_all(storage(e)),
     }
 }
 
-fn apply(txn: &WriteTransaction, w: &Write) -> Result<Written, WriteError> {
+/// Applies each write; the first storage error aborts them all.
+fn apply_all<'a>(
+    txn: &WriteTransaction,
+    writes: impl ExactSizeIterator<Item = &'a Write>,
+) -> Result<Vec<Result<Written, WriteError>>, WriteError> {
+    let mut t = Tables::open(txn)?;
+    let mut results = Vec::with_capacity(writes.len());
+    for w in writes {
+        match apply(&mut t, w) {
+            Err(WriteError::Storage(e)) => return Err(WriteError::Storage(e)),
+            r => results.push(r),
+        }
+    }
+    Ok(results)
+}
+
+fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
     match w {
         Write::CreateToken { token, record } => {
-            let mut t = txn.open_table(TOKENS).map_err(storage)?;
-            if t.get(token.as_str()).map_err(storage)?.is_some() {
+            if t.tokens.get(token.as_str()).map_err(storage)?.is_some() {
                 return Err(reject(ErrorCode::BadRequest, "token exists"));
             }
-            t.insert(token.as_str(), encode_record(record).as_slice()).map_err(storage)?;
+            t.tokens.insert(token.as_str(), encode_record(record).as_slice()).map_err(storage)?;
             Ok(Written::Done)
         }
         Write::Register { token, open, local_name, dir, now } => {
-            register(txn, token.as_deref(), *open, local_name, dir, *now)
+            register(t, token.as_deref(), *open, local_name, dir, *now)
         }
-        Write::PublishDir { dir } => publish_dir(txn, dir),
+        Write::PublishDir { dir } => publish_dir(t, dir),
         Write::UploadKeyPackages { device, packages, last_resort, max_per_device } => {
-            upload_key_packages(txn, *device, packages, last_resort.as_ref(), *max_per_device)
+            upload_key_packages(t, *device, packages, last_resort.as_ref(), *max_per_device)
         }
-        Write::ClaimKeyPackage { device, now } => claim_key_package(txn, *device, *now),
+        Write::ClaimKeyPackage { device, now } => claim_key_package(t, *device, *now),
         Write::Enqueue { sender, envelope, now, quota } => {
-            enqueue(txn, *sender, envelope, *now, *quota)
+            enqueue(t, *sender, envelope, *now, *quota)
         }
-        Write::Ack { device, ids } => ack(txn, *device, ids),
-        Write::Expire { before, max } => expire(txn, *before, *max),
+        Write::Ack { device, ids } => ack(t, *device, ids),
+        Write::Expire { before, max } => expire(t, *before, *max),
         Write::Block { host, blocked, now } => {
-            let mut t = txn.open_table(BLOCKED).map_err(storage)?;
             if *blocked {
-                t.insert(host.as_str(), now.0).map_err(storage)?;
+                t.blocked.insert(host.as_str(), now.0).map_err(storage)?;
             } else {
-                t.remove(host.as_str()).map_err(storage)?;
+                t.blocked.remove(host.as_str()).map_err(storage)?;
             }
             Ok(Written::Done)
         }
     }
 }
 
-fn read_counters(txn: &WriteTransaction, device: DeviceId) -> Result<Counters, WriteError> {
-    let t = txn.open_table(COUNTERS).map_err(storage)?;
-    match t.get(device.as_bytes()).map_err(storage)? {
+fn read_counters(t: &Tables<'_>, device: DeviceId) -> Result<Counters, WriteError> {
+    match t.counters.get(device.as_bytes()).map_err(storage)? {
         Some(v) => decode_record(v.value(), "counters").map_err(corrupt),
         None => Ok(Counters::default()),
     }
 }
 
-fn write_counters(
-    txn: &WriteTransaction,
-    device: DeviceId,
-    c: &Counters,
-) -> Result<(), WriteError> {
-    let mut t = txn.open_table(COUNTERS).map_err(storage)?;
-    t.insert(device.as_bytes(), encode_record(c).as_slice()).map_err(storage)?;
+fn write_counters(t: &mut Tables<'_>, device: DeviceId, c: &Counters) -> Result<(), WriteError> {
+    t.counters.insert(device.as_bytes(), encode_record(c).as_slice()).map_err(storage)?;
     Ok(())
 }
 
-fn device_record(
-    txn: &WriteTransaction,
-    device: DeviceId,
-) -> Result<Option<DeviceRecord>, WriteError> {
-    let t = txn.open_table(DEVICES).map_err(storage)?;
-    let v = t.get(device.as_bytes()).map_err(storage)?;
+fn device_record(t: &Tables<'_>, device: DeviceId) -> Result<Option<DeviceRecord>, WriteError> {
+    let v = t.devices.get(device.as_bytes()).map_err(storage)?;
     v.map(|v| decode_record(v.value(), "devices").map_err(corrupt)).transpose()
 }
 
 fn register(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     token: Option<&str>,
     open: bool,
     local_name: &str,
@@ -258,16 +286,15 @@ fn register(
 ) -> Result<Written, WriteError> {
     let device = dir.device();
     // A retry after a lost answer finds the device registered under the same name: done.
-    if let Some(existing) = device_record(txn, device)? {
+    if let Some(existing) = device_record(t, device)? {
         if existing.local_name == local_name {
             return Ok(Written::Done);
         }
         return Err(reject(ErrorCode::Forbidden, "device is registered under another name"));
     }
-    let mut tokens = txn.open_table(TOKENS).map_err(storage)?;
     let token_record = match token {
         Some(token) => {
-            let Some(v) = tokens.get(token).map_err(storage)? else {
+            let Some(v) = t.tokens.get(token).map_err(storage)? else {
                 return Err(reject(ErrorCode::TokenInvalid, "unknown invite token"));
             };
             let record: TokenRecord = decode_record(v.value(), "tokens").map_err(corrupt)?;
@@ -281,23 +308,19 @@ fn register(
         }
         None if open => None,
         None => {
-            return Err(reject(
-                ErrorCode::RegistrationClosed,
-                "registration needs an invite token",
-            ));
+            return Err(reject(ErrorCode::RegistrationClosed, "registration needs an invite token"));
         }
     };
     // A name holds one user: another device may join it only when linked both ways with one of
     // the devices already there.
-    let mut names = txn.open_table(NAMES).map_err(storage)?;
-    let mut devices: Vec<DeviceId> = match names.get(local_name).map_err(storage)? {
+    let mut devices: Vec<DeviceId> = match t.names.get(local_name).map_err(storage)? {
         Some(v) => decode_record(v.value(), "names").map_err(corrupt)?,
         None => Vec::new(),
     };
     if !devices.is_empty() {
         let mut linked_to_user = false;
         for d in &devices {
-            if let Some(rec) = device_record(txn, *d)? {
+            if let Some(rec) = device_record(t, *d)? {
                 linked_to_user |= linked(&rec.dir, dir).is_ok();
             }
         }
@@ -311,20 +334,19 @@ fn register(
     // Checks are done; write.
     if let Some((token, mut record)) = token_record {
         record.used_by = Some(device);
-        tokens.insert(token, encode_record(&record).as_slice()).map_err(storage)?;
+        t.tokens.insert(token, encode_record(&record).as_slice()).map_err(storage)?;
     }
     devices.push(device);
-    names.insert(local_name, encode_record(&devices).as_slice()).map_err(storage)?;
+    t.names.insert(local_name, encode_record(&devices).as_slice()).map_err(storage)?;
     let record =
         DeviceRecord { local_name: local_name.to_owned(), dir: dir.clone(), registered: now };
-    let mut t = txn.open_table(DEVICES).map_err(storage)?;
-    t.insert(device.as_bytes(), encode_record(&record).as_slice()).map_err(storage)?;
+    t.devices.insert(device.as_bytes(), encode_record(&record).as_slice()).map_err(storage)?;
     Ok(Written::Done)
 }
 
-fn publish_dir(txn: &WriteTransaction, dir: &Dir) -> Result<Written, WriteError> {
+fn publish_dir(t: &mut Tables<'_>, dir: &Dir) -> Result<Written, WriteError> {
     let device = dir.device();
-    let Some(mut record) = device_record(txn, device)? else {
+    let Some(mut record) = device_record(t, device)? else {
         return Err(reject(ErrorCode::NotFound, "device is not registered here"));
     };
     if record.dir == *dir {
@@ -337,57 +359,53 @@ fn publish_dir(txn: &WriteTransaction, dir: &Dir) -> Result<Written, WriteError>
         ));
     }
     record.dir = dir.clone();
-    let mut t = txn.open_table(DEVICES).map_err(storage)?;
-    t.insert(device.as_bytes(), encode_record(&record).as_slice()).map_err(storage)?;
+    t.devices.insert(device.as_bytes(), encode_record(&record).as_slice()).map_err(storage)?;
     Ok(Written::Done)
 }
 
 fn upload_key_packages(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     device: DeviceId,
     packages: &[(Timestamp, Bytes)],
     last_resort: Option<&(Timestamp, Bytes)>,
     max_per_device: u64,
 ) -> Result<Written, WriteError> {
-    if device_record(txn, device)?.is_none() {
+    if device_record(t, device)?.is_none() {
         return Err(reject(ErrorCode::NotFound, "device is not registered here"));
     }
-    let mut c = read_counters(txn, device)?;
+    let mut c = read_counters(t, device)?;
     if c.key_packages + packages.len() as u64 > max_per_device {
         return Err(reject(
             ErrorCode::QuotaExceeded { retry_after_ms: 0 },
             format!("at most {max_per_device} unclaimed key packages per device"),
         ));
     }
-    let mut t = txn.open_table(KEY_PACKAGES).map_err(storage)?;
     for (not_after, bytes) in packages {
         let kp = StoredKeyPackage { not_after: *not_after, bytes: bytes.clone() };
-        t.insert((*device.as_bytes(), c.next_key_package), encode_record(&kp).as_slice())
-            .map_err(storage)?;
+        let key = (*device.as_bytes(), c.next_key_package);
+        t.key_packages.insert(key, encode_record(&kp).as_slice()).map_err(storage)?;
         c.next_key_package += 1;
         c.key_packages += 1;
     }
     if let Some((not_after, bytes)) = last_resort {
         let kp = StoredKeyPackage { not_after: *not_after, bytes: bytes.clone() };
-        let mut lr = txn.open_table(LAST_RESORT).map_err(storage)?;
-        lr.insert(device.as_bytes(), encode_record(&kp).as_slice()).map_err(storage)?;
+        t.last_resort.insert(device.as_bytes(), encode_record(&kp).as_slice()).map_err(storage)?;
     }
-    write_counters(txn, device, &c)?;
+    write_counters(t, device, &c)?;
     Ok(Written::KeyPackages { available: c.key_packages })
 }
 
 fn claim_key_package(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     device: DeviceId,
     now: Timestamp,
 ) -> Result<Written, WriteError> {
-    let mut c = read_counters(txn, device)?;
-    let mut t = txn.open_table(KEY_PACKAGES).map_err(storage)?;
+    let mut c = read_counters(t, device)?;
     let key = *device.as_bytes();
     // Oldest first; expired packages met on the way are deleted, never served.
     let mut found = None;
     let mut expired = Vec::new();
-    for entry in t.range((key, 0)..=(key, u64::MAX)).map_err(storage)? {
+    for entry in t.key_packages.range((key, 0)..=(key, u64::MAX)).map_err(storage)? {
         let (k, v) = entry.map_err(storage)?;
         let kp: StoredKeyPackage = decode_record(v.value(), "keypackages").map_err(corrupt)?;
         if kp.not_after <= now {
@@ -398,20 +416,19 @@ fn claim_key_package(
         break;
     }
     for id in &expired {
-        t.remove((key, *id)).map_err(storage)?;
+        t.key_packages.remove((key, *id)).map_err(storage)?;
     }
     c.key_packages = c.key_packages.saturating_sub(expired.len() as u64);
     if let Some((id, bytes)) = found {
-        t.remove((key, id)).map_err(storage)?;
+        t.key_packages.remove((key, id)).map_err(storage)?;
         c.key_packages = c.key_packages.saturating_sub(1);
-        write_counters(txn, device, &c)?;
+        write_counters(t, device, &c)?;
         return Ok(Written::KeyPackage(bytes.0));
     }
     if !expired.is_empty() {
-        write_counters(txn, device, &c)?;
+        write_counters(t, device, &c)?;
     }
-    let lr = txn.open_table(LAST_RESORT).map_err(storage)?;
-    if let Some(v) = lr.get(device.as_bytes()).map_err(storage)? {
+    if let Some(v) = t.last_resort.get(device.as_bytes()).map_err(storage)? {
         let kp: StoredKeyPackage = decode_record(v.value(), "keypackages-last").map_err(corrupt)?;
         if kp.not_after > now {
             return Ok(Written::KeyPackage(kp.bytes.0));
@@ -422,7 +439,7 @@ fn claim_key_package(
 }
 
 fn enqueue(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     sender: DeviceId,
     envelope: &SealedEnvelope,
     now: Timestamp,
@@ -430,18 +447,12 @@ fn enqueue(
 ) -> Result<Written, WriteError> {
     let recipient = envelope.recipient;
     // Existence only: decoding the whole record on every enqueue costs more than the insert.
-    let registered = txn
-        .open_table(DEVICES)
-        .map_err(storage)?
-        .get(recipient.as_bytes())
-        .map_err(storage)?
-        .is_some();
-    if !registered {
+    if t.devices.get(recipient.as_bytes()).map_err(storage)?.is_none() {
         return Err(reject(ErrorCode::NotFound, "recipient is not registered here"));
     }
     let item = StoredItem { stored_at: now, sender, envelope: envelope.clone() };
     let bytes = encode_record(&item);
-    let mut c = read_counters(txn, recipient)?;
+    let mut c = read_counters(t, recipient)?;
     if c.inbox_items >= quota.max_items || c.inbox_bytes + bytes.len() as u64 > quota.max_bytes {
         return Err(reject(
             ErrorCode::QuotaExceeded { retry_after_ms: 60_000 },
@@ -449,36 +460,33 @@ fn enqueue(
         ));
     }
     let id = c.next_inbox;
-    let mut t = txn.open_table(INBOX).map_err(storage)?;
-    t.insert((*recipient.as_bytes(), id), bytes.as_slice()).map_err(storage)?;
+    t.inbox.insert((*recipient.as_bytes(), id), bytes.as_slice()).map_err(storage)?;
     c.next_inbox += 1;
     c.inbox_items += 1;
     c.inbox_bytes += bytes.len() as u64;
-    write_counters(txn, recipient, &c)?;
+    write_counters(t, recipient, &c)?;
     Ok(Written::Enqueued { id })
 }
 
-fn ack(txn: &WriteTransaction, device: DeviceId, ids: &[u64]) -> Result<Written, WriteError> {
-    let mut c = read_counters(txn, device)?;
-    let mut t = txn.open_table(INBOX).map_err(storage)?;
+fn ack(t: &mut Tables<'_>, device: DeviceId, ids: &[u64]) -> Result<Written, WriteError> {
+    let mut c = read_counters(t, device)?;
     let mut removed = 0;
     for id in ids {
-        if let Some(v) = t.remove((*device.as_bytes(), *id)).map_err(storage)? {
+        if let Some(v) = t.inbox.remove((*device.as_bytes(), *id)).map_err(storage)? {
             c.inbox_items = c.inbox_items.saturating_sub(1);
             c.inbox_bytes = c.inbox_bytes.saturating_sub(v.value().len() as u64);
             removed += 1;
         }
     }
     if removed > 0 {
-        write_counters(txn, device, &c)?;
+        write_counters(t, device, &c)?;
     }
     Ok(Written::Removed(removed))
 }
 
-fn expire(txn: &WriteTransaction, before: Timestamp, max: usize) -> Result<Written, WriteError> {
-    let mut t = txn.open_table(INBOX).map_err(storage)?;
+fn expire(t: &mut Tables<'_>, before: Timestamp, max: usize) -> Result<Written, WriteError> {
     let mut old: Vec<(([u8; 32], u64), u64)> = Vec::new();
-    for entry in t.iter().map_err(storage)? {
+    for entry in t.inbox.iter().map_err(storage)? {
         let (k, v) = entry.map_err(storage)?;
         let item: StoredItem = decode_record(v.value(), "inbox").map_err(corrupt)?;
         if item.stored_at < before {
@@ -490,18 +498,17 @@ fn expire(txn: &WriteTransaction, before: Timestamp, max: usize) -> Result<Writt
     }
     let mut per_device: std::collections::BTreeMap<[u8; 32], (u64, u64)> = Default::default();
     for (key, len) in &old {
-        t.remove(*key).map_err(storage)?;
+        t.inbox.remove(*key).map_err(storage)?;
         let e = per_device.entry(key.0).or_default();
         e.0 += 1;
         e.1 += len;
     }
-    drop(t);
     for (device, (items, bytes)) in per_device {
         let device = DeviceId(chitchat_proto::PublicKey(device));
-        let mut c = read_counters(txn, device)?;
+        let mut c = read_counters(t, device)?;
         c.inbox_items = c.inbox_items.saturating_sub(items);
         c.inbox_bytes = c.inbox_bytes.saturating_sub(bytes);
-        write_counters(txn, device, &c)?;
+        write_counters(t, device, &c)?;
     }
     Ok(Written::Removed(old.len() as u64))
 }
