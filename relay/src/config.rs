@@ -37,6 +37,9 @@ pub struct Config {
     /// KeyPackage limits.
     #[serde(default)]
     pub key_packages: KeyPackageConfig,
+    /// Commit ordering limits.
+    #[serde(default)]
+    pub ordering: OrderingConfig,
     /// Writes batched into one transaction, at most.
     #[serde(default = "defaults::max_batch")]
     pub max_batch: usize,
@@ -81,6 +84,21 @@ impl Default for KeyPackageConfig {
             claims_per_requester_per_minute: 120,
             claims_per_target_per_minute: 60,
         }
+    }
+}
+
+/// Commit ordering limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrderingConfig {
+    /// Commits one device may submit per minute; beyond, `RateLimited` (a device that proposes
+    /// too often is slowed down, so it cannot starve the others of epochs).
+    pub submits_per_minute: u32,
+}
+
+impl Default for OrderingConfig {
+    fn default() -> Self {
+        Self { submits_per_minute: 60 }
     }
 }
 
@@ -137,6 +155,7 @@ impl Config {
             token_days: defaults::token_days(),
             inbox: InboxConfig::default(),
             key_packages: KeyPackageConfig::default(),
+            ordering: OrderingConfig::default(),
             max_batch: defaults::max_batch(),
         }
     }
@@ -194,6 +213,9 @@ impl Config {
         }
         if self.max_batch == 0 || self.inbox.max_items == 0 || self.inbox.sender_per_minute == 0 {
             return Err(ConfigError::Invalid("limits must be positive".into()));
+        }
+        if self.ordering.submits_per_minute == 0 {
+            return Err(ConfigError::Invalid("submits_per_minute must be positive".into()));
         }
         if self.key_packages.claims_per_requester_per_minute == 0
             || self.key_packages.claims_per_target_per_minute == 0
@@ -260,6 +282,10 @@ max_per_device = 200
 # Claims one device may make per minute, and claims of one device's packages per minute.
 claims_per_requester_per_minute = 120
 claims_per_target_per_minute = 60
+
+[ordering]
+# Commits one device may submit per minute; beyond, it is told to retry later.
+submits_per_minute = 60
 "#;
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ pub struct Relay {
     senders: DefaultKeyedRateLimiter<DeviceId>,
     claimers: DefaultKeyedRateLimiter<DeviceId>,
     claimed: DefaultKeyedRateLimiter<DeviceId>,
+    submitters: DefaultKeyedRateLimiter<DeviceId>,
     ordering: Ordering,
     /// Devices with a `Wait` request held open, woken by enqueues to them.
     waiters: std::sync::Mutex<HashMap<DeviceId, Arc<Notify>>>,
@@ -117,6 +118,7 @@ impl Relay {
             senders: RateLimiter::keyed(per_minute(config.inbox.sender_per_minute)),
             claimers: RateLimiter::keyed(per_minute(k.claims_per_requester_per_minute)),
             claimed: RateLimiter::keyed(per_minute(k.claims_per_target_per_minute)),
+            submitters: RateLimiter::keyed(per_minute(config.ordering.submits_per_minute)),
             config,
             key,
             id,
@@ -349,6 +351,9 @@ impl Relay {
     /// commit then goes to the inboxes of the devices named in `fanout`, and the sealed
     /// Welcomes to the devices they are for (only now, after ordering).
     async fn submit_commit(&self, me: DeviceId, sub: CommitSubmission, now: Timestamp) -> Response {
+        if let Err(retry_after_ms) = check_rate(&self.submitters, me) {
+            return error(ErrorCode::RateLimited { retry_after_ms }, "too many commits submitted");
+        }
         let framing = match inspect_commit(&sub.commit) {
             Ok(f) => f,
             Err(e) => return error(ErrorCode::BadRequest, format!("commit: {e}")),

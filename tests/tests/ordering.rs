@@ -301,3 +301,47 @@ async fn one_winner_per_epoch_through_the_relay() {
         Response::CommitAccepted { .. }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_proposes_too_often_is_slowed_down() {
+    let relay = RelayProcess::start(
+        |c| c.replace("submits_per_minute = 60", "submits_per_minute = 2"),
+        &[],
+    )
+    .expect("relay");
+    let wk: serde_json::Value =
+        serde_json::from_str(&relay.http_get("/.well-known/chitchat/relay").expect("well-known"))
+            .expect("json");
+    let relay_id = RelayId {
+        host: wk["host"].as_str().expect("host").to_owned(),
+        key: PublicKey::from_hex(wk["key"].as_str().expect("key")).expect("hex"),
+    };
+    let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
+    let mut alice = member(&relay, 1, "alice").await;
+    let dirs = BTreeMap::new();
+    let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
+    let config = ChannelConfig {
+        mime: "application/octet-stream".into(),
+        name: "busy".into(),
+        relays: vec![relay_id],
+        admins: AdminPolicy::AnyMember,
+        creator: alice.device.id(),
+    };
+    alice.channel = Some(
+        Channel::create(&alice.provider, &alice.mls, ChannelId([8; 32]), config).expect("create"),
+    );
+    let update = Change { update: true, ..Default::default() };
+    for _ in 0..2 {
+        let staged = alice.stage(&update, &check);
+        let Response::CommitAccepted { cert } = alice.submit(&staged, vec![], None).await else {
+            panic!("accepted")
+        };
+        alice.accept(&cert);
+    }
+    let staged = alice.stage(&update, &check);
+    let r = alice.submit(&staged, vec![], None).await;
+    assert!(
+        matches!(r, Response::Error { code: ErrorCode::RateLimited { retry_after_ms }, .. } if retry_after_ms > 0),
+        "{r:?}"
+    );
+}

@@ -308,7 +308,10 @@ fn register(
         }
         None if open => None,
         None => {
-            return Err(reject(ErrorCode::RegistrationClosed, "registration needs an invite token"));
+            return Err(reject(
+                ErrorCode::RegistrationClosed,
+                "registration needs an invite token",
+            ));
         }
     };
     // A name holds one user: another device may join it only when linked both ways with one of
