@@ -33,6 +33,16 @@ fn envelope(to: DeviceId, i: u64) -> SealedEnvelope {
     SealedEnvelope { recipient: to, enc: [7; 32], ciphertext }
 }
 
+/// Waits for every task and returns all their latencies, sorted.
+async fn join_latencies(tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("task"));
+    }
+    latencies.sort();
+    latencies
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -117,12 +127,8 @@ async fn store_enqueue(store: &Store, to: DeviceId, writers: u64, per_writer: u6
             lat
         }));
     }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await.expect("task"));
-    }
+    let latencies = join_latencies(tasks).await;
     let elapsed = start.elapsed();
-    latencies.sort();
     Row {
         name: format!("store enqueue ({writers} writers)"),
         messages: writers * per_writer,
@@ -226,12 +232,8 @@ async fn over_network(
             lat
         }));
     }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await.expect("task"));
-    }
+    let latencies = join_latencies(tasks).await;
     let elapsed = start.elapsed();
-    latencies.sort();
     let how = if batch == 1 { "1 per request".to_owned() } else { format!("batches of {batch}") };
     Row {
         name: format!("libp2p enqueue ({clients} clients, {how})"),

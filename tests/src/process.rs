@@ -152,6 +152,15 @@ impl RelayProcess {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// The relay's identity, as its `/.well-known/chitchat/relay` publishes it.
+    pub fn relay_id(&self) -> anyhow::Result<chitchat_proto::RelayId> {
+        let wk: chitchat_relay::http::WellKnown =
+            serde_json::from_str(&self.http_get("/.well-known/chitchat/relay")?)?;
+        let key =
+            chitchat_proto::PublicKey::from_hex(&wk.key).context("well-known key is not hex")?;
+        Ok(chitchat_proto::RelayId { host: wk.host, key })
+    }
+
     /// GETs a path of the relay's HTTP endpoint.
     pub fn http_get(&self, path: &str) -> anyhow::Result<String> {
         let mut r = ureq::get(&format!("http://{}{path}", self.info.http)).call()?;

@@ -14,7 +14,7 @@ use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::wire::{
     CommitSubmission, ErrorCode, InboxPayload, Request, Response, SealedWelcomes,
 };
-use chitchat_proto::{DeviceId, Dir, PublicKey, RelayId, Timestamp};
+use chitchat_proto::{DeviceId, Dir, Timestamp};
 use chitchat_tests::{Client, Device, RelayProcess, register};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
@@ -122,13 +122,7 @@ async fn lookup(c: &Client, name: &str) -> Dir {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_winner_per_epoch_through_the_relay() {
     let mut relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
-    let wk: serde_json::Value =
-        serde_json::from_str(&relay.http_get("/.well-known/chitchat/relay").expect("well-known"))
-            .expect("json");
-    let relay_id = RelayId {
-        host: wk["host"].as_str().expect("host").to_owned(),
-        key: PublicKey::from_hex(wk["key"].as_str().expect("key")).expect("hex"),
-    };
+    let relay_id = relay.relay_id().expect("well-known");
     let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
     let mut alice = member(&relay, 1, "alice").await;
     let mut bob = member(&relay, 2, "bob").await;
@@ -309,13 +303,7 @@ async fn a_device_that_proposes_too_often_is_slowed_down() {
         &[],
     )
     .expect("relay");
-    let wk: serde_json::Value =
-        serde_json::from_str(&relay.http_get("/.well-known/chitchat/relay").expect("well-known"))
-            .expect("json");
-    let relay_id = RelayId {
-        host: wk["host"].as_str().expect("host").to_owned(),
-        key: PublicKey::from_hex(wk["key"].as_str().expect("key")).expect("hex"),
-    };
+    let relay_id = relay.relay_id().expect("well-known");
     let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
     let mut alice = member(&relay, 1, "alice").await;
     let dirs = BTreeMap::new();

@@ -4,12 +4,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use chitchat_proto::Timestamp;
 use chitchat_proto::channel::Identity;
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::identity::TrustedRelays;
 use chitchat_proto::inbox;
 use chitchat_proto::wire::{self, ErrorCode, Request, Response};
-use chitchat_proto::{PublicKey, RelayId, Timestamp};
 use chitchat_tests::{Client, Device, RelayProcess, register};
 use rand_core::SeedableRng;
 
@@ -31,14 +31,6 @@ fn closed_relay(edit: impl FnOnce(String) -> String) -> RelayProcess {
 
 async fn client(relay: &RelayProcess) -> Client {
     Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect")
-}
-
-fn relay_id(relay: &RelayProcess) -> RelayId {
-    let wk: serde_json::Value =
-        serde_json::from_str(&relay.http_get("/.well-known/chitchat/relay").expect("well-known"))
-            .expect("json");
-    let key = PublicKey::from_hex(wk["key"].as_str().expect("key")).expect("hex key");
-    RelayId { host: wk["host"].as_str().expect("host").to_owned(), key }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +106,8 @@ async fn registration_directory_and_key_packages() {
     let Response::Registered { sponsorship } = c.call(&ok).await.expect("register") else {
         panic!("not registered")
     };
-    let trust = TrustedRelays { relays: vec![relay_id(&relay)], ..Default::default() };
+    let trust =
+        TrustedRelays { relays: vec![relay.relay_id().expect("well-known")], ..Default::default() };
     sponsorship.verify(&trust, now()).expect("the sponsorship verifies against .well-known");
     assert_eq!(sponsorship.address().to_string(), "alice@localhost");
 
