@@ -40,6 +40,9 @@ pub struct Config {
     /// Commit ordering limits.
     #[serde(default)]
     pub ordering: OrderingConfig,
+    /// Connection limits.
+    #[serde(default)]
+    pub network: NetworkConfig,
     /// Writes batched into one transaction, at most.
     #[serde(default = "defaults::max_batch")]
     pub max_batch: usize,
@@ -102,6 +105,24 @@ impl Default for OrderingConfig {
     }
 }
 
+/// Connection limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Established connections in all.
+    pub max_connections: u32,
+    /// Established connections from one peer.
+    pub max_connections_per_peer: u32,
+    /// Incoming connections still in their handshake.
+    pub max_pending_incoming: u32,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self { max_connections: 10_000, max_connections_per_peer: 8, max_pending_incoming: 512 }
+    }
+}
+
 mod defaults {
     pub(super) fn sponsorship_days() -> u64 {
         365
@@ -156,6 +177,7 @@ impl Config {
             inbox: InboxConfig::default(),
             key_packages: KeyPackageConfig::default(),
             ordering: OrderingConfig::default(),
+            network: NetworkConfig::default(),
             max_batch: defaults::max_batch(),
         }
     }
@@ -286,6 +308,12 @@ claims_per_target_per_minute = 60
 [ordering]
 # Commits one device may submit per minute; beyond, it is told to retry later.
 submits_per_minute = 60
+
+[network]
+# Established connections in all, from one peer, and incoming ones still in their handshake.
+max_connections = 10000
+max_connections_per_peer = 8
+max_pending_incoming = 512
 "#;
 
 #[cfg(test)]

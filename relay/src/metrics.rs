@@ -28,6 +28,10 @@ pub struct Metrics {
     pub acks: Counter,
     /// Items served by fetches.
     pub fetched: Counter,
+    /// Commits that won their epoch.
+    pub commits_accepted: Counter,
+    /// Commits that lost their epoch to another.
+    pub commit_conflicts: Counter,
     /// Open libp2p connections.
     pub connections: Gauge,
     /// Items waiting in all inboxes (refreshed on scrape).
@@ -46,6 +50,16 @@ impl Metrics {
         r.register("enqueue_bytes", "Sealed bytes enqueued", self.enqueue_bytes.clone());
         r.register("acks", "Inbox items acknowledged and deleted", self.acks.clone());
         r.register("fetched", "Inbox items served", self.fetched.clone());
+        r.register(
+            "commits_accepted",
+            "Commits that won their epoch",
+            self.commits_accepted.clone(),
+        );
+        r.register(
+            "commit_conflicts",
+            "Commits that lost their epoch",
+            self.commit_conflicts.clone(),
+        );
         r.register("connections", "Open libp2p connections", self.connections.clone());
         r.register("inbox_depth", "Items waiting in all inboxes", self.inbox_depth.clone());
         r.register("devices", "Registered devices", self.devices.clone());

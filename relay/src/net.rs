@@ -19,10 +19,13 @@ use chitchat_proto::{DeviceId, SecretKey};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, tcp, yamux,
+};
 use rand::RngExt as _;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+use crate::config::NetworkConfig;
 use crate::service::Relay;
 
 /// The relay protocol's libp2p protocol name.
@@ -95,6 +98,7 @@ impl request_response::Codec for FrameCodec {
 /// The relay's network behaviour.
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: connection_limits::Behaviour,
     rr: request_response::Behaviour<FrameCodec>,
     identify: identify::Behaviour,
 }
@@ -132,7 +136,7 @@ pub async fn run(
     ready: oneshot::Sender<Listening>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut swarm = build_swarm(key).await?;
+    let mut swarm = build_swarm(key, &relay.config().network).await?;
     for addr in &listen {
         swarm.listen_on(addr.clone())?;
     }
@@ -263,7 +267,11 @@ fn send(swarm: &mut Swarm<Behaviour>, channel: ResponseChannel<Vec<u8>>, respons
     }
 }
 
-async fn build_swarm(key: &SecretKey) -> anyhow::Result<Swarm<Behaviour>> {
+async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swarm<Behaviour>> {
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(net.max_connections))
+        .with_max_established_per_peer(Some(net.max_connections_per_peer))
+        .with_max_pending_incoming(Some(net.max_pending_incoming));
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair(key)?)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
@@ -276,6 +284,7 @@ async fn build_swarm(key: &SecretKey) -> anyhow::Result<Swarm<Behaviour>> {
                 .with_request_timeout(Duration::from_secs(30))
                 .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
             Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
                 rr: request_response::Behaviour::with_codec(
                     FrameCodec,
                     [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Inbound)],

@@ -375,10 +375,14 @@ impl Relay {
                 let body = EpochCertBody { channel: sub.channel, epoch: sub.epoch, hash };
                 let cert =
                     EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] };
+                self.metrics.commits_accepted.inc();
                 self.fan_out(me, &sub, &cert, now).await;
                 Response::CommitAccepted { cert }
             }
-            Outcome::Conflict { winner } => Response::CommitConflict { winner },
+            Outcome::Conflict { winner } => {
+                self.metrics.commit_conflicts.inc();
+                Response::CommitConflict { winner }
+            }
             Outcome::WrongEpoch { next_epoch } => error(
                 ErrorCode::BadRequest,
                 format!("the channel's next commit is for epoch {next_epoch}"),

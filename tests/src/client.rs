@@ -22,9 +22,18 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the relay `peer` at `addr`.
+    /// Connects to the relay `peer` at `addr` with a fresh libp2p identity.
     pub async fn connect(addr: Multiaddr, peer: PeerId) -> anyhow::Result<Self> {
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        Self::connect_as(libp2p::identity::Keypair::generate_ed25519(), addr, peer).await
+    }
+
+    /// Connects with the given libp2p identity.
+    pub async fn connect_as(
+        identity: libp2p::identity::Keypair,
+        addr: Multiaddr,
+        peer: PeerId,
+    ) -> anyhow::Result<Self> {
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
             .with_tokio()
             .with_tcp(
                 tcp::Config::default().nodelay(true),

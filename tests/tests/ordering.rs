@@ -231,6 +231,11 @@ async fn one_winner_per_epoch_through_the_relay() {
     assert_eq!(alice.channel().epoch(), 3);
     assert_eq!(bob.channel().epoch_authenticator(), alice.channel().epoch_authenticator());
 
+    // The operator sees it: four accepted (add, Alice's, her retry, Bob's rebuilt), one conflict.
+    let metrics = relay.http_get("/metrics").expect("metrics");
+    assert!(metrics.contains("chitchat_relay_commits_accepted_total 4"), "{metrics}");
+    assert!(metrics.contains("chitchat_relay_commit_conflicts_total 1"), "{metrics}");
+
     // Bad submissions: garbage, and a commit whose framing disagrees with the submission.
     let garbage = CommitSubmission {
         channel: id,

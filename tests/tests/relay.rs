@@ -463,3 +463,32 @@ async fn live_push_by_waiting_fetch_and_batched_enqueues() {
     };
     assert_eq!(code(&ca.call(&too_big).await.expect("call")), Some(ErrorCode::BadRequest));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_peer_are_bounded() {
+    let relay =
+        closed_relay(|c| c.replace("max_connections_per_peer = 8", "max_connections_per_peer = 2"));
+    let identity = libp2p::identity::Keypair::generate_ed25519();
+    let lookup = Request::Lookup { local_name: "nobody".into() };
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let c = Client::connect_as(identity.clone(), relay.tcp_addr(), relay.peer_id())
+            .await
+            .expect("connect");
+        assert_eq!(c.call(&lookup).await.expect("served"), Response::Dirs(vec![]));
+        open.push(c);
+    }
+    // A third connection of the same peer is refused: it cannot connect, or is cut at once.
+    let third = match Client::connect_as(identity.clone(), relay.tcp_addr(), relay.peer_id()).await
+    {
+        Err(_) => None,
+        Ok(c) => {
+            Some(tokio::time::timeout(std::time::Duration::from_secs(10), c.call(&lookup)).await)
+        }
+    };
+    assert!(!matches!(third, Some(Ok(Ok(_)))), "the third connection was served: {third:?}");
+    // The first two still work, and other peers are unaffected.
+    assert_eq!(open[0].call(&lookup).await.expect("served"), Response::Dirs(vec![]));
+    let other = client(&relay).await;
+    assert_eq!(other.call(&lookup).await.expect("served"), Response::Dirs(vec![]));
+}
