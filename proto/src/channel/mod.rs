@@ -20,9 +20,11 @@
 //! `StorageProvider` the caller plugs in (in memory in tests, redb in the node).
 
 mod check;
+mod public;
 mod seen;
 
 pub use check::{CredentialCheck, KnownDirs};
+pub use public::{CheckedCommit, PublicChannel, PublicState};
 
 use std::collections::{BTreeSet, VecDeque};
 

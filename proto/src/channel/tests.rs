@@ -323,6 +323,10 @@ impl World {
         Ok(events)
     }
 
+    fn check(&self) -> KnownDirs<'_, TrustedRelays> {
+        KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now }
+    }
+
     fn epoch_authenticators(&self, who: &[usize]) -> Vec<Vec<u8>> {
         who.iter()
             .map(|i| self.devices[*i].channel.as_ref().expect("member").epoch_authenticator())
@@ -749,4 +753,68 @@ fn relays_read_commit_framing_only() {
     let ChannelMessage::Application { message } = msg else { panic!("not an application message") };
     assert_eq!(inspect_commit(&message), Err(ChannelError::WrongWireFormat));
     assert!(matches!(inspect_commit(b"junk"), Err(ChannelError::Malformed(_))));
+}
+
+#[test]
+fn a_relay_checks_commits_as_members_will() {
+    let mut w = World::new();
+    w.create();
+    let crypto = openmls_rust_crypto::RustCrypto::default();
+    let state = {
+        let d = &w.devices[ALICE];
+        d.channel.as_ref().expect("member").public_state(&d.provider, &d.me).expect("export")
+    };
+    let mut relay = PublicChannel::from_state(&crypto, &state).expect("follow");
+    assert_eq!(
+        (relay.id(), relay.epoch(), relay.members()),
+        (w.channel_id(), 0, vec![w.devices[ALICE].id()])
+    );
+
+    // Alice adds Bob: the relay checks the commit, it is ordered, the relay applies it.
+    let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &change).expect("stage");
+    let checked = relay.check(&crypto, &staged.commit, &w.check()).expect("valid");
+    w.submit(ALICE, &staged).expect("ordered");
+    relay.apply(checked).expect("apply");
+    w.deliver_all();
+    assert_eq!((relay.epoch(), relay.members().len()), (1, 2));
+
+    // Two commits for epoch 1 are both valid until one is applied; then the other is stale.
+    let update = Change { update: true, ..Default::default() };
+    let a = w.stage(ALICE, &update).expect("stage");
+    let b = w.stage(BOB, &update).expect("stage");
+    let checked_a = relay.check(&crypto, &a.commit, &w.check()).expect("valid");
+    relay.check(&crypto, &b.commit, &w.check()).expect("valid too, for now");
+    w.submit(ALICE, &a).expect("ordered");
+    relay.apply(checked_a).expect("apply");
+    assert!(relay.check(&crypto, &b.commit, &w.check()).is_err(), "a commit of a past epoch");
+    let winner = w.submit(BOB, &b).expect_err("Bob lost");
+    w.apply_winner(BOB, &winner);
+    w.deliver_all();
+
+    // A commit whose signature was tampered with is refused. (From the end of a member's
+    // PublicMessage: membership tag and confirmation tag, each a length byte and 32 bytes; the
+    // signature's 64 bytes come before.)
+    let c = w.stage(ALICE, &update).expect("stage");
+    let mut forged = c.commit.clone();
+    let n = forged.len();
+    forged[n - 67] ^= 1;
+    let err = relay.check(&crypto, &forged, &w.check()).expect_err("a forged signature");
+    assert!(matches!(&err, ChannelError::Mls(m) if m.contains("signature")), "{err:?}");
+    relay.check(&crypto, &c.commit, &w.check()).expect("the untampered commit is valid");
+    {
+        let d = &mut w.devices[ALICE];
+        d.channel.as_mut().expect("member").discard_own(&d.provider).expect("discard");
+    }
+
+    // A commit adding an unsponsored device is refused, even if its committer did not check.
+    let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
+    let d = &mut w.devices[ALICE];
+    let (provider, me) = (&d.provider, &d.me);
+    let bad =
+        d.channel.as_mut().expect("member").stage(provider, me, &change, &AllowAll).expect("stage");
+    let err = relay.check(&crypto, &bad.commit, &w.check()).expect_err("refused");
+    assert!(matches!(err, ChannelError::Credential { .. }), "{err:?}");
+    // Garbage and application messages are refused too.
+    assert!(matches!(relay.check(&crypto, b"junk", &w.check()), Err(ChannelError::Malformed(_))));
 }

@@ -1,0 +1,147 @@
+//! A channel as a relay sees it: the public group state, without any secret.
+//!
+//! A relay that orders a channel's commits must order only *valid* ones: signed by a member,
+//! with proposals that apply to the current tree, adding only devices whose credentials check
+//! out. [`PublicChannel`] tracks the group's public state (openmls `PublicGroup`, in memory) from
+//! the creator's [`PublicState`], checks each submitted commit exactly as members will process
+//! it, and applies the winners.
+
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_rust_crypto::MemoryStorage;
+
+use super::{
+    ChannelError, CredentialCheck, check_credential, credential_device, decode_mls, mls_err,
+};
+use crate::identity::DeviceId;
+use crate::ordering::ChannelId;
+
+/// What a relay needs to follow a channel: its GroupInfo and ratchet tree (TLS encodings), as
+/// exported by a member ([`super::Channel::public_state`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct PublicState {
+    /// The signed GroupInfo (an MLS message).
+    pub group_info: crate::codec::Bytes,
+    /// The ratchet tree.
+    pub ratchet_tree: crate::codec::Bytes,
+}
+
+/// A commit that passed [`PublicChannel::check`]; apply it once it is ordered.
+#[derive(Debug)]
+pub struct CheckedCommit {
+    staged: Box<openmls::group::StagedCommit>,
+    /// The epoch it moves the channel to.
+    pub next_epoch: u64,
+}
+
+/// The public state of one channel.
+#[derive(Debug)]
+pub struct PublicChannel {
+    group: PublicGroup,
+    storage: MemoryStorage,
+}
+
+impl PublicChannel {
+    /// Starts following a channel from a member's export. The GroupInfo's signature is verified
+    /// against the tree, and the tree against the GroupInfo.
+    pub fn from_state(
+        crypto: &impl openmls_traits::crypto::OpenMlsCrypto,
+        state: &PublicState,
+    ) -> Result<Self, ChannelError> {
+        let msg = decode_mls(&state.group_info)?;
+        let MlsMessageBodyIn::GroupInfo(group_info) = msg.extract() else {
+            return Err(ChannelError::Malformed("not a GroupInfo".into()));
+        };
+        let tree = RatchetTreeIn::tls_deserialize_exact(&state.ratchet_tree[..])
+            .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+        let storage = MemoryStorage::default();
+        let (group, _) =
+            PublicGroup::from_external(crypto, &storage, tree, group_info, ProposalStore::new())
+                .map_err(mls_err)?;
+        if group.group_id().as_slice().len() != 32 {
+            return Err(ChannelError::Malformed("group id is not 32 bytes".into()));
+        }
+        Ok(Self { group, storage })
+    }
+
+    /// The channel.
+    pub fn id(&self) -> ChannelId {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(self.group.group_id().as_slice());
+        ChannelId(id)
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.group.group_context().epoch().as_u64()
+    }
+
+    /// The member devices.
+    pub fn members(&self) -> Vec<DeviceId> {
+        self.group.members().filter_map(|m| credential_device(&m.credential)).collect()
+    }
+
+    /// Checks a submitted commit as the members will: a PublicMessage commit of this channel and
+    /// epoch, signed by a member, whose proposals apply; and every credential it brings in passes
+    /// `check`. Nothing changes until [`PublicChannel::apply`].
+    pub fn check(
+        &self,
+        crypto: &impl openmls_traits::crypto::OpenMlsCrypto,
+        commit: &[u8],
+        check: &impl CredentialCheck,
+    ) -> Result<CheckedCommit, ChannelError> {
+        let protocol = decode_mls(commit)?
+            .try_into_protocol_message()
+            .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+        let ProtocolMessage::PublicMessage(public) = &protocol else {
+            return Err(ChannelError::WrongWireFormat);
+        };
+        if !matches!(public.sender(), Sender::Member(_)) {
+            return Err(ChannelError::ExternalSender);
+        }
+        if protocol.content_type() != ContentType::Commit {
+            return Err(ChannelError::WrongWireFormat);
+        }
+        if protocol.group_id() != self.group.group_id() {
+            return Err(ChannelError::WrongChannel);
+        }
+        let processed = self.group.process_message(crypto, protocol).map_err(mls_err)?;
+        let known = processed.credential().clone();
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            return Err(ChannelError::WrongWireFormat);
+        };
+        for credential in staged.credentials_to_verify().filter(|c| **c != known) {
+            check_credential(check, credential)?;
+        }
+        Ok(CheckedCommit { staged, next_epoch: self.epoch() + 1 })
+    }
+
+    /// Applies an ordered commit.
+    pub fn apply(&mut self, commit: CheckedCommit) -> Result<(), ChannelError> {
+        if commit.next_epoch != self.epoch() + 1 {
+            return Err(ChannelError::Mls("checked against another epoch".into()));
+        }
+        self.group.merge_commit(&self.storage, *commit.staged).map_err(mls_err)
+    }
+}
+
+impl super::Channel {
+    /// What a relay needs to follow this channel ([`PublicChannel::from_state`]): the GroupInfo
+    /// signed by this device, and the ratchet tree.
+    pub fn public_state<P: OpenMlsProvider>(
+        &self,
+        provider: &P,
+        me: &super::Identity,
+    ) -> Result<PublicState, ChannelError> {
+        let group_info = self
+            .group
+            .export_group_info(provider.crypto(), &me.signer, true)
+            .map_err(mls_err)?
+            .tls_serialize_detached()
+            .map_err(mls_err)?;
+        let ratchet_tree =
+            self.group.export_ratchet_tree().tls_serialize_detached().map_err(mls_err)?;
+        Ok(PublicState { group_info: group_info.into(), ratchet_tree: ratchet_tree.into() })
+    }
+}
