@@ -155,6 +155,14 @@ pub enum Request {
         /// The sealed payloads, at most [`MAX_ENQUEUE_BATCH`].
         envelopes: Vec<SealedEnvelope>,
     },
+    /// Start ordering a channel: its public state, exported by a member (the creator, before
+    /// the first commit). The relay checks every later commit against it.
+    OpenChannel {
+        /// The channel.
+        channel: ChannelId,
+        /// Its GroupInfo and ratchet tree.
+        state: crate::channel::PublicState,
+    },
 }
 
 /// The longest a [`Request::Wait`] is held, in milliseconds.
@@ -295,6 +303,11 @@ pub enum Response {
     },
     /// The answers to an [`Request::EnqueueBatch`], one per envelope, in order.
     EnqueuedBatch(Vec<EnqueueResult>),
+    /// The channel is ordered here; its next commit is for `next_epoch`.
+    ChannelOpened {
+        /// The epoch the next commit must be built on.
+        next_epoch: u64,
+    },
 }
 
 /// One stored inbox item.
@@ -392,6 +405,14 @@ impl Validate for Request {
                 envelopes.iter().try_for_each(SealedEnvelope::validate)
             }
             Self::SubmitCommit(s) => s.validate(),
+            Self::OpenChannel { state, .. } => {
+                if state.group_info.len() > MAX_MLS_MESSAGE_LEN
+                    || state.ratchet_tree.len() > MAX_MLS_MESSAGE_LEN
+                {
+                    return Err("public state too large");
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     }

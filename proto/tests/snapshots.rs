@@ -243,6 +243,22 @@ fn relay_protocol_frames() {
         "requests_wait_batch",
         frames(later.iter().map(|r| hex(&wire::encode_frame(r).expect("frame"))).collect())
     );
+    let open = Request::OpenChannel {
+        channel: ChannelId([5; 32]),
+        state: chitchat_proto::channel::PublicState {
+            group_info: Bytes(vec![1]),
+            ratchet_tree: Bytes(vec![2, 3]),
+        },
+    };
+    insta::assert_snapshot!(
+        "request_open_channel",
+        hex(&wire::encode_frame(&open).expect("frame"))
+    );
+    let opened = Response::ChannelOpened { next_epoch: 4 };
+    insta::assert_snapshot!(
+        "response_channel_opened",
+        hex(&wire::encode_frame(&opened).expect("frame"))
+    );
     let batch = Response::EnqueuedBatch(vec![
         wire::EnqueueResult::Enqueued(4),
         wire::EnqueueResult::Refused(ErrorCode::NotFound),

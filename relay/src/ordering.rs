@@ -11,6 +11,12 @@
 //! - The state machine is in memory, rebuilt on start from the last snapshot plus the committed
 //!   log after it (openraft re-applies them).
 //! - An answer to [`Ordering::submit`] means the entry is committed (durable) and applied.
+//! - **First valid commit wins.** Entries carry the commit itself; the state machine keeps each
+//!   channel's public MLS state ([`PublicChannel`]) and lets a commit take its epoch only if it is
+//!   valid against that state (signed by a member, proposals that apply). This check is
+//!   deterministic, so every replica reaches the same verdict from the same log. Credential checks
+//!   depend on each relay's directory and clock, so the submitting relay makes them before it
+//!   proposes ([`Ordering::check`]).
 
 // openraft's storage traits fix the error type (`StorageError`, over 200 bytes).
 #![allow(clippy::result_large_err)]
@@ -22,8 +28,12 @@ use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
 
-use chitchat_proto::codec::{decode, encode};
-use chitchat_proto::ordering::{OrderingCommand, OrderingLimits, OrderingState, Outcome};
+use chitchat_proto::channel::{ChannelError, CredentialCheck, PublicChannel, PublicState};
+use chitchat_proto::codec::{Bytes, decode, encode};
+use chitchat_proto::ordering::{
+    ChannelId, CommitRef, OrderingCommand, OrderingLimits, OrderingState, Outcome,
+};
+use chitchat_proto::wire::commit_hash;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -40,11 +50,49 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 openraft::declare_raft_types!(
-    /// The relay's Raft type configuration: entries are ordering commands, answers outcomes.
+    /// The relay's Raft type configuration: entries are [`RelayCommand`]s, answers
+    /// [`RelayOutcome`]s.
     pub TypeConfig:
-        D = OrderingCommand,
-        R = Outcome,
+        D = RelayCommand,
+        R = RelayOutcome,
 );
+
+/// An entry of the ordering log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayCommand {
+    /// Start ordering a channel from its public state.
+    Open {
+        /// The channel.
+        channel: ChannelId,
+        /// GroupInfo and ratchet tree.
+        state: PublicState,
+    },
+    /// Ask for an epoch with this commit.
+    Submit {
+        /// What is ordered.
+        commit: CommitRef,
+        /// The commit itself, checked against the channel's public state on apply.
+        bytes: Bytes,
+    },
+}
+
+/// The answer to one [`RelayCommand`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayOutcome {
+    /// What the ordering state decided.
+    Ordering(Outcome),
+    /// The command was not valid against the channel's public state; nothing changed.
+    Invalid(String),
+}
+
+/// Accepts every credential: the state machine checks structure only (see the module doc).
+struct StructureOnly;
+
+impl CredentialCheck for StructureOnly {
+    fn check(&self, _: chitchat_proto::DeviceId) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 /// The openraft handle for the ordering group.
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -200,12 +248,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// A public group's openmls storage, as key-value pairs.
+type StoragePairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// What a snapshot holds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct SnapshotData {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     state: OrderingState,
+    /// Each channel's public-group storage.
+    channels: Vec<(ChannelId, StoragePairs)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -214,10 +267,100 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-/// The state machine: the ordering state, in memory, snapshotted into the log store's database.
+/// The replicated state, in memory.
+#[derive(Debug)]
+struct Machine {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    state: OrderingState,
+    channels: BTreeMap<ChannelId, PublicChannel>,
+    crypto: openmls_rust_crypto::RustCrypto,
+}
+
+impl Machine {
+    fn from_snapshot(data: SnapshotData) -> Result<Self, ChannelError> {
+        let mut channels = BTreeMap::new();
+        for (id, pairs) in data.channels {
+            channels.insert(id, PublicChannel::import(id, pairs)?);
+        }
+        Ok(Self {
+            last_applied: data.last_applied,
+            membership: data.membership,
+            state: data.state,
+            channels,
+            crypto: openmls_rust_crypto::RustCrypto::default(),
+        })
+    }
+
+    fn snapshot(&self) -> SnapshotData {
+        SnapshotData {
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            state: self.state.clone(),
+            channels: self.channels.iter().map(|(id, c)| (*id, c.export())).collect(),
+        }
+    }
+
+    /// Applies one command. Deterministic: the same log gives every replica the same answers.
+    fn apply(&mut self, command: RelayCommand) -> RelayOutcome {
+        match command {
+            RelayCommand::Open { channel, state } => {
+                if let Some(next_epoch) = self.state.next_epoch(&channel) {
+                    return RelayOutcome::Ordering(Outcome::AlreadyOpen { next_epoch });
+                }
+                let public = match PublicChannel::from_state(&self.crypto, &state) {
+                    Ok(p) if p.id() == channel => p,
+                    Ok(_) => {
+                        return RelayOutcome::Invalid("the state is of another channel".into());
+                    }
+                    Err(e) => return RelayOutcome::Invalid(e.to_string()),
+                };
+                let outcome =
+                    self.state.apply(&OrderingCommand::Open { channel, epoch: public.epoch() });
+                if outcome == Outcome::Opened {
+                    self.channels.insert(channel, public);
+                }
+                RelayOutcome::Ordering(outcome)
+            }
+            RelayCommand::Submit { commit, bytes } => {
+                let Some(public) = self.channels.get_mut(&commit.channel) else {
+                    return RelayOutcome::Ordering(Outcome::UnknownChannel);
+                };
+                // A resubmitted winner, a loser, or a commit for another epoch: the ordering state
+                // answers without checking again.
+                let open = self.state.next_epoch(&commit.channel) == Some(commit.epoch);
+                if !open {
+                    return RelayOutcome::Ordering(
+                        self.state.apply(&OrderingCommand::Submit(commit)),
+                    );
+                }
+                if commit_hash(&bytes) != commit.hash {
+                    return RelayOutcome::Invalid(
+                        "the commit does not hash to the ordered hash".into(),
+                    );
+                }
+                // First *valid* commit wins.
+                let checked = match public.check(&self.crypto, &bytes, &StructureOnly) {
+                    Ok(c) => c,
+                    Err(e) => return RelayOutcome::Invalid(e.to_string()),
+                };
+                let outcome = self.state.apply(&OrderingCommand::Submit(commit));
+                if matches!(outcome, Outcome::Accepted(_))
+                    && let Err(e) = public.apply(checked)
+                {
+                    // Checked on this very state a moment ago: a failure here is a bug.
+                    tracing::error!(error = %e, channel = %commit.channel, "applying a checked commit failed");
+                }
+                RelayOutcome::Ordering(outcome)
+            }
+        }
+    }
+}
+
+/// The state machine: the replicated [`Machine`], snapshotted into the log store's database.
 #[derive(Clone, Debug)]
 pub struct StateMachine {
-    inner: Arc<Mutex<SnapshotData>>,
+    inner: Arc<Mutex<Machine>>,
     store: LogStore,
 }
 
@@ -230,7 +373,7 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let data = self.inner.lock().await.clone();
+        let data = self.inner.lock().await.snapshot();
         let bytes = encode(&data);
         let snapshot_id = data
             .last_applied
@@ -256,22 +399,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((d.last_applied, d.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Outcome>>
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<RelayOutcome>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut d = self.inner.lock().await;
+        let mut m = self.inner.lock().await;
         let mut out = Vec::new();
         for e in entries {
-            d.last_applied = Some(e.log_id);
+            m.last_applied = Some(e.log_id);
             match e.payload {
-                EntryPayload::Normal(command) => out.push(d.state.apply(&command)),
-                EntryPayload::Membership(m) => {
-                    d.membership = StoredMembership::new(Some(e.log_id), m);
-                    out.push(Outcome::Opened); // never read: membership entries have no client
+                EntryPayload::Normal(command) => out.push(m.apply(command)),
+                EntryPayload::Membership(membership) => {
+                    m.membership = StoredMembership::new(Some(e.log_id), membership);
+                    // Never read: membership entries have no client waiting.
+                    out.push(RelayOutcome::Ordering(Outcome::Opened));
                 }
-                EntryPayload::Blank => out.push(Outcome::Opened),
+                EntryPayload::Blank => out.push(RelayOutcome::Ordering(Outcome::Opened)),
             }
         }
         Ok(out)
@@ -292,8 +436,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         let bytes = snapshot.into_inner();
         let data: SnapshotData = decode(&bytes, MAX_RECORD).map_err(|_| corrupt("snapshot"))?;
+        let machine = Machine::from_snapshot(data).map_err(|_| corrupt("snapshot channels"))?;
         self.store.put_meta(SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: bytes })?;
-        *self.inner.lock().await = data;
+        *self.inner.lock().await = machine;
         Ok(())
     }
 
@@ -394,6 +539,8 @@ impl Ordering {
                 .map_err(|_| OrderingError::Storage("corrupt snapshot".into()))?,
             None => SnapshotData { state: OrderingState::new(limits), ..Default::default() },
         };
+        let initial =
+            Machine::from_snapshot(initial).map_err(|e| OrderingError::Storage(e.to_string()))?;
         let state_machine =
             StateMachine { inner: Arc::new(Mutex::new(initial)), store: log.clone() };
         let config = openraft::Config {
@@ -421,13 +568,31 @@ impl Ordering {
     }
 
     /// Orders one command: returns once it is committed (durable) and applied.
-    pub async fn submit(&self, command: OrderingCommand) -> Result<Outcome, OrderingError> {
+    pub async fn submit(&self, command: RelayCommand) -> Result<RelayOutcome, OrderingError> {
         let response = self
             .raft
             .client_write(command)
             .await
             .map_err(|e| OrderingError::Raft(e.to_string()))?;
         Ok(response.data)
+    }
+
+    /// Checks a commit against the channel's current public state, with `check` for the
+    /// credentials it brings in (this relay's directory). Done before proposing.
+    pub async fn check(
+        &self,
+        channel: &ChannelId,
+        commit: &[u8],
+        check: &impl CredentialCheck,
+    ) -> Result<(), ChannelError> {
+        let m = self.state_machine.inner.lock().await;
+        let public = m.channels.get(channel).ok_or(ChannelError::WrongChannel)?;
+        public.check(&m.crypto, commit, check).map(|_| ())
+    }
+
+    /// The epoch the channel's next commit must be built on, if it is ordered here.
+    pub async fn next_epoch(&self, channel: &ChannelId) -> Option<u64> {
+        self.state_machine.inner.lock().await.state.next_epoch(channel)
     }
 
     /// The current ordering state (a copy).
@@ -443,49 +608,139 @@ impl Ordering {
 
 #[cfg(test)]
 mod tests {
-    use chitchat_proto::ordering::{ChannelId, CommitHash, CommitRef};
-    use chitchat_proto::{DeviceId, PublicKey};
+    use chitchat_proto::channel::{
+        AdminPolicy, Change, Channel, ChannelConfig, Identity, StagedCommit,
+    };
+    use chitchat_proto::ordering::{CertSignature, EpochCert, EpochCertBody};
+    use chitchat_proto::{DeviceId, SecretKey};
+    use openmls_rust_crypto::OpenMlsRustCrypto;
 
     use super::*;
 
-    fn commit(epoch: u64, h: u8) -> CommitRef {
-        CommitRef {
-            channel: ChannelId([1; 32]),
-            epoch,
-            hash: CommitHash([h; 32]),
-            submitter: DeviceId(PublicKey([h; 32])),
+    struct Alice {
+        key: SecretKey,
+        me: Identity,
+        provider: OpenMlsRustCrypto,
+        channel: Channel,
+    }
+
+    impl Alice {
+        fn new() -> Self {
+            let key = SecretKey::from_seed([1; 32]);
+            let me = Identity::new(&key);
+            let provider = OpenMlsRustCrypto::default();
+            let config = ChannelConfig {
+                mime: "application/octet-stream".into(),
+                name: "t".into(),
+                relays: vec![],
+                admins: AdminPolicy::AnyMember,
+                creator: me.device(),
+            };
+            let channel =
+                Channel::create(&provider, &me, ChannelId([3; 32]), config).expect("create");
+            Self { key, me, provider, channel }
+        }
+
+        fn stage(&mut self) -> StagedCommit {
+            let update = Change { update: true, ..Default::default() };
+            self.channel.stage(&self.provider, &self.me, &update, &StructureOnly).expect("stage")
+        }
+
+        /// Merges its pending commit, certified by itself (a relay-less channel's orderer).
+        fn merge(&mut self, staged: &StagedCommit) {
+            let body = EpochCertBody {
+                channel: self.channel.id(),
+                epoch: staged.epoch,
+                hash: staged.hash,
+            };
+            let cert = EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] };
+            self.channel.accept_own(&self.provider, &cert).expect("merge");
         }
     }
 
+    fn submit(staged: &StagedCommit, by: DeviceId) -> RelayCommand {
+        let commit = CommitRef {
+            channel: ChannelId([3; 32]),
+            epoch: staged.epoch,
+            hash: staged.hash,
+            submitter: by,
+        };
+        RelayCommand::Submit { commit, bytes: Bytes(staged.commit.clone()) }
+    }
+
     #[tokio::test]
-    async fn first_commit_wins_and_survives_restart() {
+    async fn first_valid_commit_wins_and_survives_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ordering.redb");
-        let (a, b) = (commit(0, 0xa), commit(0, 0xb));
+        let mut alice = Alice::new();
+        let me = alice.me.device();
+        let state = alice.channel.public_state(&alice.provider, &alice.me).expect("export");
+        // Two different commits for epoch 0: b is staged and dropped, a stays pending.
+        let b = alice.stage();
+        alice.channel.discard_own(&alice.provider).expect("discard");
+        let a = alice.stage();
         {
             let o = Ordering::open(&path, OrderingLimits::default()).await.expect("open");
+            // Nothing is ordered before the channel is opened.
             assert_eq!(
-                o.submit(OrderingCommand::Submit(a)).await.expect("submit"),
-                Outcome::Accepted(a)
+                o.submit(submit(&a, me)).await.expect("submit"),
+                RelayOutcome::Ordering(Outcome::UnknownChannel)
+            );
+            let open = RelayCommand::Open { channel: ChannelId([3; 32]), state: state.clone() };
+            assert_eq!(
+                o.submit(open.clone()).await.expect("open"),
+                RelayOutcome::Ordering(Outcome::Opened)
             );
             assert_eq!(
-                o.submit(OrderingCommand::Submit(b)).await.expect("submit"),
-                Outcome::Conflict { winner: a }
+                o.submit(open).await.expect("open"),
+                RelayOutcome::Ordering(Outcome::AlreadyOpen { next_epoch: 0 })
+            );
+            // A forged commit (a flipped signature byte) does not take the epoch.
+            let mut forged = submit(&a, me);
+            if let RelayCommand::Submit { commit, bytes } = &mut forged {
+                let n = bytes.0.len();
+                bytes.0[n - 67] ^= 1;
+                commit.hash = commit_hash(&bytes.0);
+            }
+            assert!(matches!(o.submit(forged).await.expect("submit"), RelayOutcome::Invalid(_)));
+            let RelayOutcome::Ordering(Outcome::Accepted(winner)) =
+                o.submit(submit(&a, me)).await.expect("submit")
+            else {
+                panic!("a wins epoch 0")
+            };
+            assert_eq!(
+                o.submit(submit(&b, me)).await.expect("submit"),
+                RelayOutcome::Ordering(Outcome::Conflict { winner })
             );
             o.shutdown().await;
         }
-        // Reopened: the winner is remembered, the next epoch is open.
+        alice.merge(&a);
+        // Reopened: the winner is remembered, the public state followed it to epoch 1.
         let o = Ordering::open(&path, OrderingLimits::default()).await.expect("reopen");
-        assert_eq!(
-            o.submit(OrderingCommand::Submit(b)).await.expect("submit"),
-            Outcome::Conflict { winner: a }
+        assert!(matches!(
+            o.submit(submit(&b, me)).await.expect("submit"),
+            RelayOutcome::Ordering(Outcome::Conflict { .. })
+        ));
+        let c = alice.stage();
+        o.check(&ChannelId([3; 32]), &c.commit, &StructureOnly)
+            .await
+            .expect("valid on the restored state");
+        // A snapshot of the state machine restores to one that judges commits alike.
+        let data = o.state_machine.inner.lock().await.snapshot();
+        let back: SnapshotData = decode(&encode(&data), MAX_RECORD).expect("decode");
+        let restored = Machine::from_snapshot(back).expect("restore");
+        assert_eq!(restored.state, o.state().await);
+        let public = restored.channels.get(&ChannelId([3; 32])).expect("channel");
+        public.check(&restored.crypto, &c.commit, &StructureOnly).expect("valid on the snapshot");
+        assert!(
+            public.check(&restored.crypto, &b.commit, &StructureOnly).is_err(),
+            "b is of a past epoch"
         );
-        let next = commit(1, 0xc);
-        assert_eq!(
-            o.submit(OrderingCommand::Submit(next)).await.expect("submit"),
-            Outcome::Accepted(next)
-        );
-        assert_eq!(o.state().await.next_epoch(&ChannelId([1; 32])), Some(2));
+        assert!(matches!(
+            o.submit(submit(&c, me)).await.expect("submit"),
+            RelayOutcome::Ordering(Outcome::Accepted(_))
+        ));
+        assert_eq!(o.next_epoch(&ChannelId([3; 32])).await, Some(2));
         o.shutdown().await;
     }
 }

@@ -7,14 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chitchat_proto::channel::{ChannelMessage, inspect_commit, validate_key_package};
+use chitchat_proto::channel::{
+    ChannelMessage, CredentialCheck, PublicChannel, PublicState, inspect_commit,
+    validate_key_package,
+};
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
 use chitchat_proto::inbox;
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::ordering::{
-    CertSignature, CommitRef, EpochCert, EpochCertBody, OrderingCommand, Outcome,
+    CertSignature, ChannelId, CommitRef, EpochCert, EpochCertBody, Outcome,
 };
 use chitchat_proto::wire::{
     AuthProof, ErrorCode, MAX_FETCH_BYTES, MAX_FETCH_ITEMS, Request, Response,
@@ -27,7 +30,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::ordering::Ordering;
+use crate::ordering::{Ordering, RelayCommand, RelayOutcome};
 use crate::store::{InboxQuota, Store, StoreError, Write, WriteError, Written};
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
@@ -48,6 +51,31 @@ pub struct Relay {
     /// Devices with a `Wait` request held open, woken by enqueues to them.
     waiters: std::sync::Mutex<HashMap<DeviceId, Arc<Notify>>>,
     metrics: Arc<Metrics>,
+}
+
+/// This relay's directory as a [`CredentialCheck`]: a device may join a channel ordered here if
+/// it is registered here and its current record verifies against this relay (and the relay is
+/// not blocked). Devices of other relays need federation (a later issue).
+struct Directory<'a> {
+    relay: &'a Relay,
+    now: Timestamp,
+}
+
+impl CredentialCheck for Directory<'_> {
+    fn check(&self, device: DeviceId) -> Result<(), String> {
+        let record = match self.relay.store.device(&device) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err("the device is not registered on this relay".into()),
+            Err(e) => return Err(format!("directory unavailable: {e}")),
+        };
+        let blocked =
+            self.relay.store.blocked().map_err(|e| format!("directory unavailable: {e}"))?;
+        let trust = chitchat_proto::identity::TrustedRelays {
+            relays: vec![self.relay.id.clone()],
+            blocked: blocked.into_iter().collect(),
+        };
+        record.dir.verify(&trust, self.now).map(|_| ()).map_err(|e| e.to_string())
+    }
 }
 
 /// The wall clock, as the protocol's [`Timestamp`].
@@ -100,6 +128,7 @@ fn kind(r: &Request) -> &'static str {
         Request::SubmitCommit(_) => "submit_commit",
         Request::Wait { .. } => "wait",
         Request::EnqueueBatch { .. } => "enqueue_batch",
+        Request::OpenChannel { .. } => "open_channel",
     }
 }
 
@@ -244,6 +273,7 @@ impl Relay {
                 Err(e) => from_write(e),
             },
             Request::SubmitCommit(submission) => self.submit_commit(me, submission, now).await,
+            Request::OpenChannel { channel, state } => self.open_channel(me, channel, state).await,
         }
     }
 
@@ -364,10 +394,32 @@ impl Relay {
                 "the commit's channel or epoch differs from the submission's",
             );
         }
+        // A commit for the next epoch is checked first against the channel's public state,
+        // with this relay's directory for the devices it adds. (A retried winner or a late loser
+        // is answered by the ordering state.)
+        match self.ordering.next_epoch(&sub.channel).await {
+            None => {
+                return error(
+                    ErrorCode::NotFound,
+                    "the channel is not ordered here; open it first",
+                );
+            }
+            Some(next) if next == sub.epoch => {
+                let directory = Directory { relay: self, now };
+                if let Err(e) = self.ordering.check(&sub.channel, &sub.commit, &directory).await {
+                    return error(ErrorCode::BadRequest, format!("invalid commit: {e}"));
+                }
+            }
+            Some(_) => {}
+        }
         let hash = commit_hash(&sub.commit);
         let commit = CommitRef { channel: sub.channel, epoch: sub.epoch, hash, submitter: me };
-        let outcome = match self.ordering.submit(OrderingCommand::Submit(commit)).await {
-            Ok(o) => o,
+        let command = RelayCommand::Submit { commit, bytes: Bytes(sub.commit.clone()) };
+        let outcome = match self.ordering.submit(command).await {
+            Ok(RelayOutcome::Ordering(o)) => o,
+            Ok(RelayOutcome::Invalid(reason)) => {
+                return error(ErrorCode::BadRequest, format!("invalid commit: {reason}"));
+            }
             Err(e) => return unavailable(e),
         };
         match outcome {
@@ -391,6 +443,37 @@ impl Relay {
                 error(ErrorCode::NotFound, "the channel is not ordered here")
             }
             other => unavailable(format!("ordering answered {other:?}")),
+        }
+    }
+
+    /// Starts ordering a channel from a member's export of its public state.
+    async fn open_channel(&self, me: DeviceId, channel: ChannelId, state: PublicState) -> Response {
+        // The opener must be a member of the state it sends.
+        match PublicChannel::from_state(&self.crypto, &state) {
+            Ok(p) if p.id() != channel => {
+                return error(ErrorCode::BadRequest, "the state is of another channel");
+            }
+            Ok(p) if !p.members().contains(&me) => {
+                return error(ErrorCode::Forbidden, "only a member opens a channel");
+            }
+            Ok(_) => {}
+            Err(e) => return error(ErrorCode::BadRequest, format!("public state: {e}")),
+        }
+        match self.ordering.submit(RelayCommand::Open { channel, state }).await {
+            Ok(RelayOutcome::Ordering(Outcome::Opened)) => {
+                match self.ordering.next_epoch(&channel).await {
+                    Some(next_epoch) => Response::ChannelOpened { next_epoch },
+                    None => unavailable("opened channel not found"),
+                }
+            }
+            Ok(RelayOutcome::Ordering(Outcome::AlreadyOpen { next_epoch })) => {
+                Response::ChannelOpened { next_epoch }
+            }
+            Ok(RelayOutcome::Invalid(reason)) => error(ErrorCode::BadRequest, reason),
+            Ok(RelayOutcome::Ordering(other)) => {
+                unavailable(format!("ordering answered {other:?}"))
+            }
+            Err(e) => unavailable(e),
         }
     }
 

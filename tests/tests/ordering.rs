@@ -22,6 +22,15 @@ fn now() -> Timestamp {
     chitchat_relay::service::now()
 }
 
+/// Accepts every device: a careless committer.
+struct AllowAll;
+
+impl chitchat_proto::channel::CredentialCheck for AllowAll {
+    fn check(&self, _: DeviceId) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// One device: its keys, its relay connection, its MLS state.
 struct Member {
     device: Device,
@@ -34,6 +43,11 @@ struct Member {
 impl Member {
     fn channel(&mut self) -> &mut Channel {
         self.channel.as_mut().expect("in the channel")
+    }
+
+    fn public_state(&self) -> chitchat_proto::channel::PublicState {
+        let channel = self.channel.as_ref().expect("member");
+        channel.public_state(&self.provider, &self.mls).expect("export")
     }
 
     fn accept(&mut self, cert: &chitchat_proto::ordering::EpochCert) {
@@ -149,6 +163,17 @@ async fn one_winner_per_epoch_through_the_relay() {
     };
     let id = ChannelId([7; 32]);
     alice.channel = Some(Channel::create(&alice.provider, &alice.mls, id, config).expect("create"));
+    // The relay orders only channels it follows; only a member opens one.
+    let state = alice.public_state();
+    let by_bob = bob
+        .client
+        .call(&Request::OpenChannel { channel: id, state: state.clone() })
+        .await
+        .expect("call");
+    assert!(matches!(by_bob, Response::Error { code: ErrorCode::Forbidden, .. }), "{by_bob:?}");
+    let opened =
+        alice.client.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+    assert_eq!(opened, Response::ChannelOpened { next_epoch: 0 });
     let Response::KeyPackage(bobs_kp) = alice
         .client
         .call(&Request::ClaimKeyPackage { device: bob.device.id() })
@@ -256,6 +281,37 @@ async fn one_winner_per_epoch_through_the_relay() {
     let r = alice.client.call(&Request::SubmitCommit(mismatch)).await.expect("call");
     assert!(matches!(r, Response::Error { code: ErrorCode::BadRequest, .. }), "{r:?}");
 
+    // The relay refuses a commit adding a device it cannot vouch for (not registered here),
+    // even though its committer did not check, and a commit whose signature was tampered with.
+    let stranger = Identity::new(&Device::new(77).key);
+    let stranger_kp =
+        Bytes(stranger.key_package(&OpenMlsRustCrypto::default(), false).expect("kp"));
+    let careless = {
+        let provider = &alice.provider;
+        let change = Change { add: vec![stranger_kp], ..Default::default() };
+        alice
+            .channel
+            .as_mut()
+            .expect("member")
+            .stage(provider, &alice.mls, &change, &AllowAll)
+            .expect("stage")
+    };
+    let r = alice.submit(&careless, vec![], None).await;
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::BadRequest, message } if message.contains("not registered")),
+        "{r:?}"
+    );
+    alice.discard();
+    let mut forged = alice.stage(&update, &check);
+    let n = forged.commit.len();
+    forged.commit[n - 67] ^= 1;
+    let r = alice.submit(&forged, vec![], None).await;
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::BadRequest, message } if message.contains("signature")),
+        "{r:?}"
+    );
+    alice.discard();
+
     // The order survives a crash: after kill -9 and restart, Bob's old commit still loses to
     // Alice's, and the channel's next epoch is still 3.
     relay.kill9();
@@ -322,6 +378,12 @@ async fn a_device_that_proposes_too_often_is_slowed_down() {
     };
     alice.channel = Some(
         Channel::create(&alice.provider, &alice.mls, ChannelId([8; 32]), config).expect("create"),
+    );
+    let state = alice.public_state();
+    let open = Request::OpenChannel { channel: ChannelId([8; 32]), state };
+    assert_eq!(
+        alice.client.call(&open).await.expect("open"),
+        Response::ChannelOpened { next_epoch: 0 }
     );
     let update = Change { update: true, ..Default::default() };
     for _ in 0..2 {

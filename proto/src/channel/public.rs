@@ -65,6 +65,27 @@ impl PublicChannel {
         Ok(Self { group, storage })
     }
 
+    /// The state to snapshot: openmls' storage of the public group, as key-value pairs.
+    pub fn export(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let values = self.storage.values.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pairs: Vec<_> = values.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        pairs.sort();
+        pairs
+    }
+
+    /// Restores a channel from [`PublicChannel::export`].
+    pub fn import(
+        channel: ChannelId,
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Self, ChannelError> {
+        let storage = MemoryStorage::default();
+        storage.values.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(pairs);
+        let group = PublicGroup::load(&storage, &GroupId::from_slice(&channel.0))
+            .map_err(mls_err)?
+            .ok_or_else(|| ChannelError::Mls("no public group in the snapshot".into()))?;
+        Ok(Self { group, storage })
+    }
+
     /// The channel.
     pub fn id(&self) -> ChannelId {
         let mut id = [0u8; 32];

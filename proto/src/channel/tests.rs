@@ -815,6 +815,12 @@ fn a_relay_checks_commits_as_members_will() {
         d.channel.as_mut().expect("member").stage(provider, me, &change, &AllowAll).expect("stage");
     let err = relay.check(&crypto, &bad.commit, &w.check()).expect_err("refused");
     assert!(matches!(err, ChannelError::Credential { .. }), "{err:?}");
+    // The public state survives a snapshot round trip.
+    let restored = PublicChannel::import(relay.id(), relay.export()).expect("import");
+    assert_eq!((restored.epoch(), restored.members()), (relay.epoch(), relay.members()));
+    restored
+        .check(&crypto, &c.commit, &w.check())
+        .expect("the restored state checks as the original does");
     // Garbage and application messages are refused too.
     assert!(matches!(relay.check(&crypto, b"junk", &w.check()), Err(ChannelError::Malformed(_))));
 }
