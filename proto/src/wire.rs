@@ -193,7 +193,8 @@ pub struct CommitSubmission {
     pub commit: Vec<u8>,
     /// The Welcome for added devices, delivered only once the commit is accepted.
     pub welcome: Option<SealedWelcomes>,
-    /// The devices that receive the commit once it is accepted.
+    /// Devices that receive the commit once it is accepted, besides the members the relay knows
+    /// from the channel's public state (it delivers to those in any case).
     pub fanout: Vec<DeviceId>,
 }
 

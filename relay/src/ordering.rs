@@ -590,6 +590,12 @@ impl Ordering {
         public.check(&m.crypto, commit, check).map(|_| ())
     }
 
+    /// The member devices of the channel's current epoch, as its public state says.
+    pub async fn members(&self, channel: &ChannelId) -> Vec<chitchat_proto::DeviceId> {
+        let m = self.state_machine.inner.lock().await;
+        m.channels.get(channel).map(PublicChannel::members).unwrap_or_default()
+    }
+
     /// The epoch the channel's next commit must be built on, if it is ordered here.
     pub async fn next_epoch(&self, channel: &ChannelId) -> Option<u64> {
         self.state_machine.inner.lock().await.state.next_epoch(channel)

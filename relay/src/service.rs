@@ -412,6 +412,7 @@ impl Relay {
             }
             Some(_) => {}
         }
+        let members_before = self.ordering.members(&sub.channel).await;
         let hash = commit_hash(&sub.commit);
         let commit = CommitRef { channel: sub.channel, epoch: sub.epoch, hash, submitter: me };
         let command = RelayCommand::Submit { commit, bytes: Bytes(sub.commit.clone()) };
@@ -428,7 +429,13 @@ impl Relay {
                 let cert =
                     EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] };
                 self.metrics.commits_accepted.inc();
-                self.fan_out(me, &sub, &cert, now).await;
+                // Every member of the epoch the commit ends gets it (a removed device learns of
+                // its removal; an added one gets its Welcome instead), whatever the submitter
+                // listed: a committer cannot withhold an epoch from anyone.
+                let mut recipients = members_before;
+                recipients.extend(sub.fanout.iter().copied());
+                recipients.retain(|d| *d != me);
+                self.fan_out(me, &sub, &recipients, &cert, now).await;
                 Response::CommitAccepted { cert }
             }
             Outcome::Conflict { winner } => {
@@ -477,14 +484,15 @@ impl Relay {
         }
     }
 
-    /// Delivers an accepted commit and its Welcomes. The commit is sealed by the relay to each
-    /// registered device's inbox key; it bypasses the inbox quota, because a member that misses
+    /// Delivers an accepted commit to `recipients` and its Welcomes to theirs. The commit is
+    /// sealed by the relay to each registered device's inbox key; it bypasses the inbox quota, because a member that misses
     /// an ordered commit cannot follow its channel. Welcomes were sealed by the submitter.
     /// Devices not registered here are skipped (federation forwards them, later).
     async fn fan_out(
         &self,
         me: DeviceId,
         sub: &CommitSubmission,
+        recipients: &[DeviceId],
         cert: &EpochCert,
         now: Timestamp,
     ) {
@@ -494,7 +502,7 @@ impl Relay {
         }
         .to_bytes();
         let mut writes = Vec::new();
-        let mut targets: Vec<DeviceId> = sub.fanout.clone();
+        let mut targets: Vec<DeviceId> = recipients.to_vec();
         targets.sort();
         targets.dedup();
         for device in targets {
