@@ -58,7 +58,19 @@ pub struct Relay {
 /// not blocked). Devices of other relays need federation (a later issue).
 struct Directory<'a> {
     relay: &'a Relay,
+    /// This relay, and the block list as read once for the whole check.
+    trust: chitchat_proto::identity::TrustedRelays,
     now: Timestamp,
+}
+
+impl<'a> Directory<'a> {
+    fn new(relay: &'a Relay, now: Timestamp) -> Result<Self, StoreError> {
+        let trust = chitchat_proto::identity::TrustedRelays {
+            relays: vec![relay.id.clone()],
+            blocked: relay.store.blocked()?.into_iter().collect(),
+        };
+        Ok(Self { relay, trust, now })
+    }
 }
 
 impl CredentialCheck for Directory<'_> {
@@ -68,13 +80,7 @@ impl CredentialCheck for Directory<'_> {
             Ok(None) => return Err("the device is not registered on this relay".into()),
             Err(e) => return Err(format!("directory unavailable: {e}")),
         };
-        let blocked =
-            self.relay.store.blocked().map_err(|e| format!("directory unavailable: {e}"))?;
-        let trust = chitchat_proto::identity::TrustedRelays {
-            relays: vec![self.relay.id.clone()],
-            blocked: blocked.into_iter().collect(),
-        };
-        record.dir.verify(&trust, self.now).map(|_| ()).map_err(|e| e.to_string())
+        record.dir.verify(&self.trust, self.now).map(|_| ()).map_err(|e| e.to_string())
     }
 }
 
@@ -405,7 +411,10 @@ impl Relay {
                 );
             }
             Some(next) if next == sub.epoch => {
-                let directory = Directory { relay: self, now };
+                let directory = match Directory::new(self, now) {
+                    Ok(d) => d,
+                    Err(e) => return unavailable(e),
+                };
                 if let Err(e) = self.ordering.check(&sub.channel, &sub.commit, &directory).await {
                     return error(ErrorCode::BadRequest, format!("invalid commit: {e}"));
                 }
