@@ -1,8 +1,26 @@
-//! The ChitChat node: the daemon every device runs.
+//! The ChitChat node: the daemon every device runs, and the CLI that talks to it.
 //!
-//! It will own the device's redb store, its libp2p swarm and iroh blobs endpoint, the client of
-//! its relay, and the local API that the CLI and other programs use (issue #4). Protocol logic
-//! lives in [`chitchat_proto`]; this crate is the I/O driver around it.
+//! - [`store`]: the node's redb file (keys, identity records, channels, openmls state,
+//!   messages, outbox, intents).
+//! - [`engine`]: the synchronous state machine over the store; no network I/O.
+//! - [`link`]: the libp2p connection to the node's relay.
+//! - [`daemon`]: the running node; background tasks for the inbox, the outbox and the
+//!   ordering of membership changes.
+//! - [`api`]: the local API (HTTP + JSON, WebSocket events), and [`client`], its client.
+//! - [`cli`]: the command line's formatting.
+//!
+//! Protocol logic lives in [`chitchat_proto`]; this crate is the I/O driver around it.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod home;
+pub mod link;
+pub mod store;
+pub mod view;
 
 /// The version of this node.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,19 +1,479 @@
-//! `chitchat`: the node's command line.
+//! `chitchat`: the node's command line. `init` and `daemon` work on the node directory; every
+//! other command is a client of the running daemon's local API.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-/// ChitChat node. The daemon and its commands arrive with issue #4; today this binary only
-/// reports its version.
+use anyhow::{Context as _, bail};
+use chitchat_node::client::{ApiClient, encode_component as enc};
+use chitchat_node::config::ApiListen;
+use chitchat_node::daemon::Node;
+use chitchat_node::engine::Engine;
+use chitchat_node::home::{NodeDir, RunInfo};
+use chitchat_node::store::{Store, StoreError};
+use chitchat_node::{api, cli};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+/// ChitChat: end-to-end encrypted channels between devices, through relays.
 #[derive(Debug, Parser)]
 #[command(name = "chitchat", version = chitchat_node::VERSION)]
-struct Cli {}
+struct Cli {
+    /// The node directory (keys, config, database).
+    #[arg(long, env = "CHITCHAT_HOME", default_value_os_t = default_home(), global = true)]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    eprintln!(
-        "chitchat {}: the node daemon is not built yet (see issue #4). \
-         Try `cargo run -p chitchat-sim --release` for the protocol simulation.",
-        chitchat_node::VERSION
-    );
-    std::process::exit(2)
+fn default_home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from(".chitchat"), |h| PathBuf::from(h).join(".chitchat"))
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the device key, the node directory and its config.
+    Init,
+    /// Run the node.
+    Daemon,
+    /// Register this device with a relay, as NAME@relay.
+    Register {
+        /// The relay's HTTP address, like http://127.0.0.1:8080.
+        #[arg(long)]
+        relay: String,
+        /// An invite token from the relay's operator (`chitchat-relay invite`).
+        #[arg(long)]
+        token: Option<String>,
+        /// The user name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Show this device and its address.
+    Whoami,
+    /// List this user's devices.
+    Devices,
+    /// Channel commands.
+    Channel {
+        #[command(subcommand)]
+        command: ChannelCommand,
+    },
+    /// List channels.
+    Channels,
+    /// Add a user (every device of theirs) to a channel.
+    Invite {
+        /// The channel (name or id).
+        channel: String,
+        /// The user, alice@relay.
+        address: String,
+    },
+    /// List a channel's members.
+    Members {
+        /// The channel.
+        channel: String,
+    },
+    /// Remove a member (an address, or a device id) from a channel.
+    Remove {
+        /// The channel.
+        channel: String,
+        /// The member.
+        member: String,
+    },
+    /// Leave a channel on this device.
+    Leave {
+        /// The channel.
+        channel: String,
+    },
+    /// Send a text message.
+    Send {
+        /// The channel.
+        channel: String,
+        /// The text.
+        text: String,
+    },
+    /// Reply to a message.
+    Reply {
+        /// The message (an id as `history` shows it).
+        message: String,
+        /// The text.
+        text: String,
+    },
+    /// Edit one of your messages.
+    Edit {
+        /// The message.
+        message: String,
+        /// The new text.
+        text: String,
+    },
+    /// Delete one of your messages.
+    Delete {
+        /// The message.
+        message: String,
+    },
+    /// React to a message.
+    React {
+        /// The message.
+        message: String,
+        /// The emoji.
+        emoji: String,
+        /// Take the reaction back.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Mark a channel read up to its latest message (or up to MESSAGE).
+    Read {
+        /// The channel.
+        channel: String,
+        /// The message.
+        message: Option<String>,
+    },
+    /// Show a channel's history: ids, edits, deletions, reactions and receipts.
+    History {
+        /// The channel.
+        channel: String,
+        /// Only the latest N messages.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a channel live.
+    Tail {
+        /// The channel (all channels if omitted).
+        channel: Option<String>,
+        /// Print JSON events.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a channel's history.
+    Export {
+        /// The channel.
+        channel: String,
+        /// json or text.
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ChannelCommand {
+    /// Create a channel.
+    Create {
+        /// Its name.
+        name: String,
+        /// What it carries (default text/chitchat, chat).
+        #[arg(long)]
+        mime: Option<String>,
+        /// Let every member add and remove members (default: only you).
+        #[arg(long)]
+        open: bool,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let dir = NodeDir::new(cli.home.clone());
+    if let Command::Init = cli.command {
+        dir.init()?;
+        let store = Store::open(&dir.db())?;
+        let engine = Engine::open(store)?;
+        println!("device {}", engine.device().0.to_hex());
+        println!("node directory {}", dir.root().display());
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Daemon => daemon(dir).await,
+            command => {
+                let client = ApiClient::from_home(&dir)?;
+                run(&client, command).await
+            }
+        }
+    })
+}
+
+async fn daemon(dir: NodeDir) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if !dir.exists() {
+        bail!("{} holds no node; run `chitchat init` first", dir.root().display());
+    }
+    let config = dir.load_config()?;
+    let token = dir.read_token()?;
+    let store = match Store::open(&dir.db()) {
+        Ok(s) => s,
+        Err(StoreError::Storage(redb::Error::DatabaseAlreadyOpen)) => {
+            bail!("another daemon runs on {}", dir.root().display())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let engine = Engine::open(store)?;
+    let device = engine.device();
+    let node = Node::start(engine, config.clone())?;
+    let state = Arc::new(api::ApiState { node, token });
+    let app = api::router(state);
+    let listen = ApiListen::parse(&config.api.listen).context("api.listen")?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        wait_for_signal().await;
+        let _ = tx.send(());
+    };
+    let pid = std::process::id();
+    match listen {
+        ApiListen::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind the API on {addr}"))?;
+            let bound = listener.local_addr()?;
+            dir.write_run_info(&RunInfo { api: bound.to_string(), pid })?;
+            tracing::info!(device = %device, api = %bound, "node running");
+            tokio::spawn(shutdown);
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await?;
+        }
+        ApiListen::Unix(path) => serve_unix(&dir, path, app, rx, shutdown, pid).await?,
+    }
+    let _ = std::fs::remove_file(dir.run_info());
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn serve_unix(
+    dir: &NodeDir,
+    path: PathBuf,
+    app: axum::Router,
+    rx: tokio::sync::oneshot::Receiver<()>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    pid: u32,
+) -> anyhow::Result<()> {
+    let path = if path.is_relative() { dir.root().join(path) } else { path };
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("bind the API on {}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    dir.write_run_info(&RunInfo { api: format!("unix:{}", path.display()), pid })?;
+    tracing::info!(api = %path.display(), "node running");
+    tokio::spawn(shutdown);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = rx.await;
+        })
+        .await?;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn serve_unix(
+    _: &NodeDir,
+    path: PathBuf,
+    _: axum::Router,
+    _: tokio::sync::oneshot::Receiver<()>,
+    _: impl std::future::Future<Output = ()> + Send + 'static,
+    _: u32,
+) -> anyhow::Result<()> {
+    bail!("Unix sockets are not supported here ({})", path.display())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Finds which channel a message is in: `(channel, full id)`.
+async fn locate(client: &ApiClient, message: &str) -> anyhow::Result<(String, String)> {
+    let v = client.json("GET", &format!("/v1/messages/{}", enc(message)), None).await?;
+    let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    match (field("channel"), field("id")) {
+        (Some(c), Some(i)) => Ok((c, i)),
+        _ => bail!("unexpected answer {v}"),
+    }
+}
+
+async fn post_content(client: &ApiClient, channel: &str, content: Value) -> anyhow::Result<Value> {
+    let path = format!("/v1/channels/{}/messages", enc(channel));
+    client.json("POST", &path, Some(json!({ "content": content }))).await
+}
+
+fn print_sent(v: &Value) {
+    println!("{} ({})", v["id"].as_str().map_or_else(String::new, cli::short), v["status"].as_str().unwrap_or(""));
+}
+
+async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init | Command::Daemon => unreachable!("handled before"),
+        Command::Register { relay, token, name } => {
+            let v = client
+                .json("POST", "/v1/register", Some(json!({"relay": relay, "token": token, "name": name})))
+                .await?;
+            println!("registered as {}", v["address"].as_str().unwrap_or_default());
+        }
+        Command::Whoami => {
+            let v = client.json("GET", "/v1/status", None).await?;
+            match v["account"]["address"].as_str() {
+                Some(a) => println!("{a}"),
+                None => println!("not registered (run `chitchat register`)"),
+            }
+            println!("device {}", v["device"].as_str().unwrap_or_default());
+        }
+        Command::Devices => {
+            let v = client.json("GET", "/v1/devices", None).await?;
+            for d in v["devices"].as_array().into_iter().flatten() {
+                let this = if d["this_device"].as_bool() == Some(true) { " (this device)" } else { "" };
+                println!("{}{this}", d["device"].as_str().unwrap_or_default());
+            }
+        }
+        Command::Channel { command: ChannelCommand::Create { name, mime, open } } => {
+            let v = client
+                .json("POST", "/v1/channels", Some(json!({"name": name, "mime": mime, "open": open})))
+                .await?;
+            println!("{}", v["id"].as_str().unwrap_or_default());
+        }
+        Command::Channels => {
+            let v = client.json("GET", "/v1/channels", None).await?;
+            for c in v["channels"].as_array().into_iter().flatten() {
+                let left = if c["left"].as_bool() == Some(true) { " (left)" } else { "" };
+                println!(
+                    "{}  {}  {}  {} members{left}",
+                    &c["id"].as_str().unwrap_or_default()[..16.min(c["id"].as_str().unwrap_or_default().len())],
+                    c["name"].as_str().unwrap_or_default(),
+                    c["mime"].as_str().unwrap_or_default(),
+                    c["members"].as_u64().unwrap_or(0),
+                );
+            }
+        }
+        Command::Invite { channel, address } => {
+            let path = format!("/v1/channels/{}/invite", enc(&channel));
+            let v = client.json("POST", &path, Some(json!({"address": address}))).await?;
+            let n = v["added"].as_array().map_or(0, Vec::len);
+            println!("added {address} ({n} device{})", if n == 1 { "" } else { "s" });
+        }
+        Command::Members { channel } => {
+            let v = client.json("GET", &format!("/v1/channels/{}/members", enc(&channel)), None).await?;
+            for m in v["members"].as_array().into_iter().flatten() {
+                let this = if m["this_device"].as_bool() == Some(true) { " (this device)" } else { "" };
+                println!(
+                    "{}  {}{this}",
+                    m["name"].as_str().unwrap_or_default(),
+                    m["device"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        Command::Remove { channel, member } => {
+            let path = format!("/v1/channels/{}/remove", enc(&channel));
+            client.json("POST", &path, Some(json!({"member": member}))).await?;
+            println!("removed {member}");
+        }
+        Command::Leave { channel } => {
+            client.json("POST", &format!("/v1/channels/{}/leave", enc(&channel)), None).await?;
+            println!("left {channel}");
+        }
+        Command::Send { channel, text } => {
+            print_sent(&post_content(client, &channel, json!({"type": "text", "body": text})).await?);
+        }
+        Command::Reply { message, text } => {
+            let (channel, id) = locate(client, &message).await?;
+            print_sent(&post_content(client, &channel, json!({"type": "reply", "to": id, "body": text})).await?);
+        }
+        Command::Edit { message, text } => {
+            let (channel, id) = locate(client, &message).await?;
+            print_sent(&post_content(client, &channel, json!({"type": "edit", "target": id, "body": text})).await?);
+        }
+        Command::Delete { message } => {
+            let (channel, id) = locate(client, &message).await?;
+            print_sent(&post_content(client, &channel, json!({"type": "delete", "target": id})).await?);
+        }
+        Command::React { message, emoji, remove } => {
+            let (channel, id) = locate(client, &message).await?;
+            let content = json!({"type": "reaction", "target": id, "emoji": emoji, "remove": remove});
+            print_sent(&post_content(client, &channel, content).await?);
+        }
+        Command::Read { channel, message } => {
+            let up_to = match message {
+                Some(m) => {
+                    let path = format!("/v1/messages/{}", enc(&format!("{channel}/{m}")));
+                    client.json("GET", &path, None).await?["id"].as_str().unwrap_or_default().to_owned()
+                }
+                None => {
+                    let path = format!("/v1/channels/{}/history?limit=1", enc(&channel));
+                    let v = client.json("GET", &path, None).await?;
+                    match v["history"]["messages"].as_array().and_then(|m| m.last()) {
+                        Some(m) => m["id"].as_str().unwrap_or_default().to_owned(),
+                        None => bail!("the channel has no messages yet"),
+                    }
+                }
+            };
+            print_sent(&post_content(client, &channel, json!({"type": "read_receipt", "up_to": up_to})).await?);
+        }
+        Command::History { channel, limit, json } => {
+            let mut path = format!("/v1/channels/{}/history", enc(&channel));
+            if let Some(l) = limit {
+                path.push_str(&format!("?limit={l}"));
+            }
+            let v = client.json("GET", &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for m in v["history"]["messages"].as_array().into_iter().flatten() {
+                    println!("{}", cli::format_entry_json(m));
+                }
+            }
+        }
+        Command::Tail { channel, json } => {
+            client
+                .events(channel.as_deref(), |event| {
+                    if json {
+                        println!("{event}");
+                    } else {
+                        println!("{}", cli::format_event(&event));
+                    }
+                    true
+                })
+                .await?;
+        }
+        Command::Export { channel, format } => {
+            let path = format!("/v1/channels/{}/export?format={}", enc(&channel), enc(&format));
+            if format == "text" {
+                print!("{}", client.text(&path).await?);
+            } else {
+                let v = client.json("GET", &path, None).await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+    }
+    Ok(())
 }

@@ -163,7 +163,16 @@ pub enum Request {
         /// Its GroupInfo and ratchet tree.
         state: crate::channel::PublicState,
     },
+    /// Look up the current records of devices by id (a Welcome or a commit names devices, not
+    /// users). Unknown devices are left out of the answer. Needs no authentication.
+    LookupDevices {
+        /// At most [`MAX_LOOKUP_DEVICES`] devices.
+        devices: Vec<DeviceId>,
+    },
 }
+
+/// Most devices in one [`Request::LookupDevices`].
+pub const MAX_LOOKUP_DEVICES: usize = 256;
 
 /// The longest a [`Request::Wait`] is held, in milliseconds.
 pub const MAX_WAIT_MS: u32 = 60_000;
@@ -406,6 +415,9 @@ impl Validate for Request {
                 envelopes.iter().try_for_each(SealedEnvelope::validate)
             }
             Self::SubmitCommit(s) => s.validate(),
+            Self::LookupDevices { devices } if devices.len() > MAX_LOOKUP_DEVICES => {
+                Err("too many devices to look up")
+            }
             Self::OpenChannel { state, .. } => {
                 if state.group_info.len() > MAX_MLS_MESSAGE_LEN
                     || state.ratchet_tree.len() > MAX_MLS_MESSAGE_LEN

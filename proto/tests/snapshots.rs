@@ -185,6 +185,7 @@ fn relay_protocol_frames() {
         Request::Register { token: Some("tok".into()), local_name: "alice".into(), dir: dir() },
         Request::PublishDir { dir: dir() },
         Request::Lookup { local_name: "alice".into() },
+        Request::LookupDevices { devices: vec![dev(2)] },
         Request::UploadKeyPackages {
             packages: vec![Bytes(vec![1, 2])],
             last_resort: Some(Bytes(vec![3])),

@@ -280,8 +280,11 @@ async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swa
         .with_websocket(noise::Config::new, yamux::Config::default)
         .await?
         .with_behaviour(|key| {
+            // A `Wait` is answered after up to `MAX_WAIT_MS`; the stream must outlive it.
+            let timeout = Duration::from_millis(u64::from(chitchat_proto::wire::MAX_WAIT_MS))
+                + Duration::from_secs(10);
             let config = request_response::Config::default()
-                .with_request_timeout(Duration::from_secs(30))
+                .with_request_timeout(timeout)
                 .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
             Behaviour {
                 limits: connection_limits::Behaviour::new(limits),

@@ -135,6 +135,7 @@ fn kind(r: &Request) -> &'static str {
         Request::Wait { .. } => "wait",
         Request::EnqueueBatch { .. } => "enqueue_batch",
         Request::OpenChannel { .. } => "open_channel",
+        Request::LookupDevices { .. } => "lookup_devices",
     }
 }
 
@@ -208,6 +209,17 @@ impl Relay {
                 Err(e) => unavailable(e),
             };
         }
+        if let Request::LookupDevices { devices } = &request {
+            let mut dirs = Vec::with_capacity(devices.len());
+            for device in devices {
+                match self.store.device(device) {
+                    Ok(Some(record)) => dirs.push(record.dir),
+                    Ok(None) => {}
+                    Err(e) => return unavailable(e),
+                }
+            }
+            return Response::Dirs(dirs);
+        }
         let Some(me) = auth else {
             return error(
                 ErrorCode::Unauthenticated,
@@ -215,7 +227,10 @@ impl Relay {
             );
         };
         match request {
-            Request::Challenge { .. } | Request::Authenticate { .. } | Request::Lookup { .. } => {
+            Request::Challenge { .. }
+            | Request::Authenticate { .. }
+            | Request::Lookup { .. }
+            | Request::LookupDevices { .. } => {
                 error(ErrorCode::BadRequest, "not handled here")
             }
             Request::Register { token, local_name, dir } => {

@@ -298,6 +298,19 @@ pub enum ChannelError {
     Mls(String),
 }
 
+/// Runs every check, then returns the first failure.
+fn first_failure<T>(
+    checks: impl Iterator<Item = Result<T, ChannelError>>,
+) -> Result<(), ChannelError> {
+    let mut first = None;
+    for r in checks {
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
 fn mls_err(e: impl std::fmt::Display) -> ChannelError {
     ChannelError::Mls(e.to_string())
 }
@@ -532,9 +545,9 @@ impl Channel {
             builder = builder.replace_old_group();
         }
         let staged = builder.build().map_err(mls_err)?;
-        for member in staged.members() {
-            check_credential(check, &member.credential)?;
-        }
+        // Every credential is checked before the first failure is returned, so a checker that
+        // records unknown devices learns all of them at once.
+        first_failure(staged.members().map(|m| check_credential(check, &m.credential)))?;
         let config = read_config(staged.group_context().extensions())?;
         let group = staged.into_group(provider).map_err(mls_err)?;
         let id = channel_id(group.group_id())?;
@@ -819,9 +832,12 @@ impl Channel {
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);
         };
-        for credential in staged.credentials_to_verify().filter(|c| **c != known) {
-            check_credential(check, credential)?;
-        }
+        first_failure(
+            staged
+                .credentials_to_verify()
+                .filter(|c| **c != known)
+                .map(|c| check_credential(check, c)),
+        )?;
         let changes_membership =
             staged.add_proposals().next().is_some() || staged.remove_proposals().next().is_some();
         if changes_membership && !committer.is_some_and(|c| self.is_admin(c)) {

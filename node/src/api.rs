@@ -1,0 +1,771 @@
+//! The local API: HTTP + JSON, and an event stream over WebSocket. Every request carries the
+//! token from `api.token` (`Authorization: Bearer TOKEN`, or `?token=TOKEN` for the WebSocket
+//! of a browser). The reference is `node/API.md`.
+//!
+//! Errors are JSON, `{"error": CODE, "message": TEXT}`, with a 4xx status for what the caller
+//! can fix (bad JSON, unknown channel, not registered) and 5xx for what it cannot (the disk,
+//! the relay).
+
+use std::sync::Arc;
+
+use axum::body::Bytes as Body;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use chitchat_proto::channel::MessageId;
+use chitchat_proto::chat::{self, ChatContent};
+use chitchat_proto::codec::Canonical as _;
+use chitchat_proto::ordering::ChannelId;
+use chitchat_proto::{DeviceId, PublicKey};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::daemon::{Node, NodeError};
+use crate::engine::{EngineError, Event, id_string, parse_seq, short_device};
+use crate::store::StoreError;
+use crate::view::{self, Content, MessageView};
+
+/// Largest request body.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Messages one history or messages request returns, at most.
+pub const MAX_LIMIT: usize = 100_000;
+
+/// Shared state of the handlers.
+#[derive(Debug)]
+pub struct ApiState {
+    /// The node.
+    pub node: Arc<Node>,
+    /// The token every request must carry.
+    pub token: String,
+}
+
+/// An error as the API reports it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.code, "message": self.message}))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let message = e.to_string();
+        match e {
+            NodeError::Engine(e) => e.into(),
+            NodeError::Link(_) => Self::new(StatusCode::BAD_GATEWAY, "relay_unreachable", message),
+            NodeError::Relay { code, .. } => {
+                let status = match code {
+                    "bad_request" | "forbidden" | "not_found" | "token_invalid" | "token_used"
+                    | "registration_closed" | "name_taken" => StatusCode::CONFLICT,
+                    "rate_limited" | "quota_exceeded" => StatusCode::TOO_MANY_REQUESTS,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                Self::new(status, code, message)
+            }
+            NodeError::NotFound(_) => Self::not_found(message),
+            NodeError::Invalid(_) => Self::bad(message),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        match e {
+            EngineError::Store(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", message)
+            }
+            EngineError::Channel(_) => Self::new(StatusCode::CONFLICT, "channel", message),
+            EngineError::UnknownChannel(_) => Self::not_found(message),
+            EngineError::NotRegistered => Self::new(StatusCode::CONFLICT, "not_registered", message),
+            EngineError::AlreadyRegistered(_) => {
+                Self::new(StatusCode::CONFLICT, "already_registered", message)
+            }
+            EngineError::Left => Self::new(StatusCode::CONFLICT, "left", message),
+            EngineError::Invalid(_) => Self::bad(message),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        EngineError::from(e).into()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON body with a clear message when it is not what the route expects.
+fn body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
+}
+
+/// The routes.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/register", post(register))
+        .route("/v1/devices", get(devices))
+        .route("/v1/channels", get(channels).post(create_channel))
+        .route("/v1/channels/{channel}", get(channel_info))
+        .route("/v1/channels/{channel}/members", get(members))
+        .route("/v1/channels/{channel}/invite", post(invite))
+        .route("/v1/channels/{channel}/remove", post(remove))
+        .route("/v1/channels/{channel}/leave", post(leave))
+        .route("/v1/channels/{channel}/messages", get(messages).post(send))
+        .route("/v1/channels/{channel}/history", get(history))
+        .route("/v1/channels/{channel}/export", get(export))
+        .route("/v1/messages/{reference}", get(find_message))
+        .route("/v1/events", get(events))
+        .fallback(|| async { ApiError::not_found("no such route; see node/API.md") })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Compares in time independent of where the strings differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(State(s): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    let header_token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query_token = request.uri().query().and_then(|q| {
+        q.split('&').find_map(|kv| kv.strip_prefix("token="))
+    });
+    match header_token.or(query_token) {
+        Some(t) if same(t, &s.token) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong API token")
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing API token: send `Authorization: Bearer TOKEN` (the token is in api.token)",
+        )
+        .into_response(),
+    }
+}
+
+async fn status(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+    let v = s
+        .node
+        .with(|e| {
+            let account = e.account().map(|a| {
+                json!({
+                    "address": format!("{}@{}", a.local_name, a.relay.id.host),
+                    "relay": a.relay.url,
+                    "relay_host": a.relay.id.host,
+                })
+            });
+            json!({
+                "device": e.device().0.to_hex(),
+                "account": account,
+                "channels": e.channels().count(),
+                "version": crate::VERSION,
+            })
+        })
+        .await;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    relay: String,
+    token: Option<String>,
+    name: String,
+}
+
+async fn register(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Json<Value>> {
+    let b: RegisterBody = body(&bytes)?;
+    let account = s.node.register(&b.relay, b.token, &b.name).await?;
+    Ok(Json(json!({
+        "address": format!("{}@{}", account.local_name, account.relay.id.host),
+        "device": account.dir.device().0.to_hex(),
+    })))
+}
+
+async fn devices(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+    let address = s
+        .node
+        .with(|e| e.account().map(|a| format!("{}@{}", a.local_name, a.relay.id.host)))
+        .await
+        .ok_or(ApiError::from(EngineError::NotRegistered))?;
+    let me = s.node.with(|e| e.device()).await;
+    let dirs = s.node.lookup(&address).await?;
+    let list: Vec<Value> = dirs
+        .iter()
+        .map(|d| {
+            json!({
+                "device": d.device().0.to_hex(),
+                "this_device": d.device() == me,
+                "name": d.body.profile.display_name,
+                "record_seq": d.body.seq,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "address": address, "devices": list })))
+}
+
+/// A channel's summary.
+#[derive(Serialize)]
+struct ChannelSummary {
+    id: String,
+    name: String,
+    mime: String,
+    epoch: Option<u64>,
+    members: usize,
+    left: bool,
+}
+
+async fn channels(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+    let list: Vec<ChannelSummary> = s
+        .node
+        .with(|e| {
+            e.channels()
+                .map(|(id, record, channel)| ChannelSummary {
+                    id: id.to_string(),
+                    name: channel.map(|c| c.config().name.clone()).unwrap_or_default(),
+                    mime: channel.map(|c| c.config().mime.clone()).unwrap_or_default(),
+                    epoch: channel.map(|c| c.epoch()),
+                    members: channel.map_or(0, |c| c.members().len()),
+                    left: record.left || channel.is_none_or(|c| !c.is_active()),
+                })
+                .collect()
+        })
+        .await;
+    Ok(Json(json!({ "channels": list })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    #[serde(default)]
+    mime: Option<String>,
+    /// Whether every member may add and remove members (default: only the creator).
+    #[serde(default)]
+    open: bool,
+}
+
+async fn create_channel(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Json<Value>> {
+    let b: CreateBody = body(&bytes)?;
+    let mime = b.mime.unwrap_or_else(|| chat::MIME.to_owned());
+    let id = s.node.create_channel(b.name, mime, b.open).await?;
+    Ok(Json(json!({ "id": id.to_string() })))
+}
+
+/// Finds a channel by full id, unique id prefix, or unique name.
+async fn resolve_channel(s: &ApiState, reference: &str) -> ApiResult<ChannelId> {
+    let reference = reference.to_owned();
+    let found: Vec<ChannelId> = s
+        .node
+        .with(move |e| {
+            let by_id: Vec<ChannelId> = e
+                .channels()
+                .filter(|(id, _, _)| reference.len() >= 4 && id.to_string().starts_with(&reference))
+                .map(|(id, _, _)| id)
+                .collect();
+            if !by_id.is_empty() {
+                return by_id;
+            }
+            e.channels()
+                .filter(|(_, _, c)| c.is_some_and(|c| c.config().name == reference))
+                .map(|(id, _, _)| id)
+                .collect()
+        })
+        .await;
+    match found.as_slice() {
+        [id] => Ok(*id),
+        [] => Err(ApiError::not_found("no such channel (give its name or id)")),
+        _ => Err(ApiError::bad("several channels match; give more of the id")),
+    }
+}
+
+async fn channel_info(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = resolve_channel(&s, &channel).await?;
+    let v = s
+        .node
+        .with(move |e| -> Result<Value, EngineError> {
+            let (record, channel) = e.channel(&id)?;
+            Ok(json!({
+                "id": id.to_string(),
+                "name": channel.map(|c| c.config().name.clone()),
+                "mime": channel.map(|c| c.config().mime.clone()),
+                "epoch": channel.map(|c| c.epoch()),
+                "relays": channel.map(|c| c.config().relays.iter().map(|r| r.host.clone()).collect::<Vec<_>>()),
+                "left": record.left,
+                "joined_ms": record.joined.0,
+            }))
+        })
+        .await?;
+    Ok(Json(v))
+}
+
+async fn members(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = resolve_channel(&s, &channel).await?;
+    let v = s
+        .node
+        .with(move |e| -> Result<Value, EngineError> {
+            let me = e.device();
+            let list: Vec<Value> = e
+                .members(&id)?
+                .iter()
+                .map(|d| {
+                    json!({
+                        "device": d.0.to_hex(),
+                        "name": e.name_of(d),
+                        "this_device": *d == me,
+                    })
+                })
+                .collect();
+            Ok(json!({ "channel": id.to_string(), "epoch": e.epoch(&id), "members": list }))
+        })
+        .await?;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteBody {
+    address: String,
+}
+
+async fn invite(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+    bytes: Body,
+) -> ApiResult<Json<Value>> {
+    let b: InviteBody = body(&bytes)?;
+    let id = resolve_channel(&s, &channel).await?;
+    let added = s.node.invite(id, &b.address).await?;
+    let epoch = s.node.with(move |e| e.epoch(&id)).await;
+    Ok(Json(json!({
+        "added": added.iter().map(|d| d.0.to_hex()).collect::<Vec<_>>(),
+        "epoch": epoch,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveBody {
+    /// An address (every device of that user) or a device id (or a unique prefix of one).
+    member: String,
+}
+
+async fn remove(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+    bytes: Body,
+) -> ApiResult<Json<Value>> {
+    let b: RemoveBody = body(&bytes)?;
+    let id = resolve_channel(&s, &channel).await?;
+    let member = b.member.clone();
+    let devices: Vec<DeviceId> = s
+        .node
+        .with(move |e| -> Result<Vec<DeviceId>, EngineError> {
+            Ok(e.members(&id)?
+                .into_iter()
+                .filter(|d| {
+                    e.name_of(d) == member
+                        || (member.len() >= 4 && d.0.to_hex().starts_with(&member.to_lowercase()))
+                })
+                .collect())
+        })
+        .await?;
+    if devices.is_empty() {
+        return Err(ApiError::not_found(format!("{} is not a member", b.member)));
+    }
+    s.node.remove(id, devices.clone()).await?;
+    let epoch = s.node.with(move |e| e.epoch(&id)).await;
+    Ok(Json(json!({
+        "removed": devices.iter().map(|d| d.0.to_hex()).collect::<Vec<_>>(),
+        "epoch": epoch,
+    })))
+}
+
+async fn leave(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = resolve_channel(&s, &channel).await?;
+    s.node.leave(id).await?;
+    Ok(Json(json!({ "left": id.to_string() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    /// `text/chitchat` content.
+    #[serde(default)]
+    content: Option<Content>,
+    /// Shorthand for `{"type": "text", "body": TEXT}`.
+    #[serde(default)]
+    text: Option<String>,
+    /// For channels of other MIME types: the payload, base64.
+    #[serde(default)]
+    payload_base64: Option<String>,
+}
+
+/// Resolves a message reference: `SENDER:EPOCH.N` (full id or a prefix of at least 4 hex
+/// digits of the sender), optionally restricted to one channel.
+async fn resolve_message(
+    s: &ApiState,
+    reference: &str,
+    channel: Option<ChannelId>,
+) -> ApiResult<(ChannelId, MessageId)> {
+    let (sender, seq) = reference
+        .split_once(':')
+        .ok_or_else(|| ApiError::bad(format!("message id {reference:?}: expected SENDER:EPOCH.N")))?;
+    let seq = parse_seq(seq)
+        .ok_or_else(|| ApiError::bad(format!("message id {reference:?}: bad sequence number")))?;
+    let sender = sender.to_lowercase();
+    if sender.len() < 4 || sender.len() > 64 || !sender.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad(format!(
+            "message id {reference:?}: the sender is 4 to 64 hex digits"
+        )));
+    }
+    let prefix = hex::decode(&sender[..sender.len() & !1])
+        .map_err(|e| ApiError::bad(format!("message id {reference:?}: {e}")))?;
+    let found = s
+        .node
+        .with(move |e| e.store().find_messages(&prefix, seq, 16))
+        .await?
+        .into_iter()
+        .filter(|(c, id)| {
+            id.sender.0.to_hex().starts_with(&sender) && channel.is_none_or(|want| want == *c)
+        })
+        .collect::<Vec<_>>();
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(ApiError::not_found(format!("no message {reference}"))),
+        _ => Err(ApiError::bad(format!("message id {reference:?} is ambiguous; give more of it"))),
+    }
+}
+
+async fn send(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+    bytes: Body,
+) -> ApiResult<Json<Value>> {
+    let b: SendBody = body(&bytes)?;
+    let id = resolve_channel(&s, &channel).await?;
+    let mime = s
+        .node
+        .with(move |e| -> Result<String, EngineError> {
+            let (_, c) = e.channel(&id)?;
+            c.map(|c| c.config().mime.clone()).ok_or(EngineError::Left)
+        })
+        .await?;
+    let (payload, store) = if mime == chat::MIME {
+        let content = match (b.content, b.text, b.payload_base64) {
+            (Some(c), None, None) => c,
+            (None, Some(body), None) => Content::Text { body },
+            _ => {
+                return Err(ApiError::bad(
+                    "a text/chitchat channel takes exactly one of `content` or `text`",
+                ));
+            }
+        };
+        let mut resolved = Vec::new();
+        for r in referenced(&content) {
+            resolved.push((r.clone(), resolve_message(&s, &r, Some(id)).await?.1));
+        }
+        let chat = content.to_chat(|r| {
+            resolved
+                .iter()
+                .find(|(k, _)| k == r)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| format!("unresolved {r}"))
+        })
+        .map_err(ApiError::bad)?;
+        let store = !matches!(chat, ChatContent::Typing { .. });
+        (chat.to_bytes(), store)
+    } else {
+        let Some(p) = b.payload_base64 else {
+            return Err(ApiError::bad(format!(
+                "a {mime} channel takes `payload_base64` (the payload in base64)"
+            )));
+        };
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(p)
+            .map_err(|e| ApiError::bad(format!("payload_base64: {e}")))?;
+        if payload.len() > chitchat_proto::wire::MAX_INBOX_PAYLOAD_LEN / 2 {
+            return Err(ApiError::bad("payload too large (at most 128 KiB)"));
+        }
+        (payload, true)
+    };
+    let msg = s.node.send(id, payload, store).await?;
+    Ok(Json(json!({ "id": id_string(&msg), "status": "sending" })))
+}
+
+fn referenced(c: &Content) -> Vec<String> {
+    match c {
+        Content::Reply { to, .. } => vec![to.clone()],
+        Content::Edit { target, .. }
+        | Content::Delete { target }
+        | Content::Reaction { target, .. } => vec![target.clone()],
+        Content::ReadReceipt { up_to } => vec![up_to.clone()],
+        _ => vec![],
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+    /// The API token, when given in the query (read by the middleware).
+    #[serde(default, rename = "token")]
+    _token: Option<String>,
+}
+
+async fn load_messages(
+    s: &ApiState,
+    id: ChannelId,
+    limit: usize,
+) -> ApiResult<(String, Vec<crate::store::StoredMessage>)> {
+    let limit = limit.min(MAX_LIMIT);
+    let (mime, messages) = s
+        .node
+        .with(move |e| -> Result<_, EngineError> {
+            let (_, c) = e.channel(&id)?;
+            let mime = c.map_or_else(|| chat::MIME.to_owned(), |c| c.config().mime.clone());
+            Ok((mime, e.store().messages(&id, limit)?))
+        })
+        .await?;
+    Ok((mime, messages))
+}
+
+async fn messages(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Json<Value>> {
+    let id = resolve_channel(&s, &channel).await?;
+    let (mime, stored) = load_messages(&s, id, q.limit.unwrap_or(1000)).await?;
+    let names = names(&s, &stored).await;
+    let list: Vec<MessageView> =
+        stored.iter().map(|m| MessageView::new(m, &mime, |d| lookup_name(&names, d))).collect();
+    Ok(Json(json!({ "channel": id.to_string(), "mime": mime, "messages": list })))
+}
+
+async fn names(
+    s: &ApiState,
+    stored: &[crate::store::StoredMessage],
+) -> std::collections::BTreeMap<DeviceId, String> {
+    let devices: std::collections::BTreeSet<DeviceId> =
+        stored.iter().map(|m| m.id.sender).collect();
+    s.node.with(move |e| devices.into_iter().map(|d| (d, e.name_of(&d))).collect()).await
+}
+
+fn lookup_name(names: &std::collections::BTreeMap<DeviceId, String>, d: &DeviceId) -> String {
+    names.get(d).cloned().unwrap_or_else(|| short_device(d))
+}
+
+async fn history(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Json<Value>> {
+    let id = resolve_channel(&s, &channel).await?;
+    let (mime, stored) = load_messages(&s, id, MAX_LIMIT).await?;
+    if mime != chat::MIME {
+        return Err(ApiError::bad(format!(
+            "history folds text/chitchat channels; this one is {mime} (use /messages)"
+        )));
+    }
+    let names = names(&s, &stored).await;
+    let mut h = view::fold_chat(&stored, |d| lookup_name(&names, d));
+    if let Some(limit) = q.limit {
+        let skip = h.messages.len().saturating_sub(limit);
+        h.messages.drain(..skip);
+    }
+    Ok(Json(json!({ "channel": id.to_string(), "history": h })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    #[serde(default)]
+    format: Option<String>,
+    /// The API token, when given in the query (read by the middleware).
+    #[serde(default, rename = "token")]
+    _token: Option<String>,
+}
+
+async fn export(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+    Query(q): Query<ExportQuery>,
+) -> ApiResult<Response> {
+    let id = resolve_channel(&s, &channel).await?;
+    let (mime, stored) = load_messages(&s, id, MAX_LIMIT).await?;
+    let names = names(&s, &stored).await;
+    let name = s
+        .node
+        .with(move |e| e.channel(&id).ok().and_then(|(_, c)| c.map(|c| c.config().name.clone())))
+        .await
+        .unwrap_or_default();
+    match q.format.as_deref().unwrap_or("json") {
+        "json" => {
+            let messages: Vec<MessageView> = stored
+                .iter()
+                .map(|m| MessageView::new(m, &mime, |d| lookup_name(&names, d)))
+                .collect();
+            let history = (mime == chat::MIME)
+                .then(|| view::fold_chat(&stored, |d| lookup_name(&names, d)));
+            Ok(Json(json!({
+                "channel": id.to_string(),
+                "name": name,
+                "mime": mime,
+                "messages": messages,
+                "history": history,
+            }))
+            .into_response())
+        }
+        "text" => {
+            let mut out = format!("# {name} ({id})\n");
+            if mime == chat::MIME {
+                let h = view::fold_chat(&stored, |d| lookup_name(&names, d));
+                for m in h.messages {
+                    out.push_str(&crate::cli::format_entry(&m));
+                    out.push('\n');
+                }
+            } else {
+                for m in &stored {
+                    let v = MessageView::new(m, &mime, |d| lookup_name(&names, d));
+                    out.push_str(&format!(
+                        "{} {} {}: {} bytes\n",
+                        crate::cli::format_time(v.time_ms),
+                        v.short,
+                        v.from,
+                        m.payload.len()
+                    ));
+                }
+            }
+            Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response())
+        }
+        other => Err(ApiError::bad(format!("format {other:?}: expected json or text"))),
+    }
+}
+
+async fn find_message(
+    State(s): State<Arc<ApiState>>,
+    Path(reference): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (channel, id) = match reference.split_once('/') {
+        Some((c, m)) => {
+            let c = resolve_channel(&s, c).await?;
+            resolve_message(&s, m, Some(c)).await?
+        }
+        None => resolve_message(&s, &reference, None).await?,
+    };
+    Ok(Json(json!({ "channel": channel.to_string(), "id": id_string(&id) })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    channel: Option<String>,
+    /// The API token, when given in the query (read by the middleware).
+    #[serde(default, rename = "token")]
+    _token: Option<String>,
+}
+
+async fn events(
+    State(s): State<Arc<ApiState>>,
+    Query(q): Query<EventsQuery>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let channel = match &q.channel {
+        Some(c) => Some(resolve_channel(&s, c).await?.to_string()),
+        None => None,
+    };
+    let rx = s.node.subscribe().await;
+    Ok(ws.on_upgrade(move |socket| stream_events(socket, rx, channel)))
+}
+
+fn event_channel(e: &Event) -> &str {
+    match e {
+        Event::Message { channel, .. }
+        | Event::Sent { channel, .. }
+        | Event::Typing { channel, .. }
+        | Event::Members { channel, .. }
+        | Event::Joined { channel, .. }
+        | Event::Removed { channel } => channel,
+    }
+}
+
+async fn stream_events(
+    mut socket: WebSocket,
+    mut rx: tokio::sync::broadcast::Receiver<Event>,
+    channel: Option<String>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Ok(e) => {
+                    if channel.as_deref().is_some_and(|c| c != event_channel(&e)) {
+                        continue;
+                    }
+                    let Ok(text) = serde_json::to_string(&e) else { continue };
+                    if socket.send(WsMessage::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    let text = json!({"type": "lagged", "missed": n}).to_string();
+                    if socket.send(WsMessage::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            },
+            incoming = socket.recv() => match incoming {
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+/// Parses a device id given in full.
+pub fn parse_device(s: &str) -> Option<DeviceId> {
+    PublicKey::from_hex(s).map(DeviceId)
+}

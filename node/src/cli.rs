@@ -1,0 +1,121 @@
+//! How the command line shows what the API returns.
+
+use serde_json::Value;
+
+use crate::view::ChatEntry;
+
+/// `HH:MM:SS` (UTC) of a time in milliseconds since the Unix epoch.
+pub fn format_time(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+/// One line of folded chat history.
+pub fn format_entry(m: &ChatEntry) -> String {
+    let mut line = format!("{} {} {}: ", format_time(m.time_ms), m.short, m.from);
+    if let Some(to) = &m.reply_to {
+        line.push_str(&format!("(reply to {to}) "));
+    }
+    match &m.body {
+        Some(b) if !m.deleted => line.push_str(b),
+        _ => line.push_str("[deleted]"),
+    }
+    if m.edited && !m.deleted {
+        line.push_str(" (edited)");
+    }
+    for (emoji, who) in &m.reactions {
+        line.push_str(&format!(" [{emoji} {}]", who.join(", ")));
+    }
+    if m.status == "sending" {
+        line.push_str(" (sending)");
+    }
+    if !m.read_by.is_empty() {
+        line.push_str(&format!(" (read by {})", m.read_by.join(", ")));
+    }
+    line
+}
+
+/// One line of folded chat history, from its JSON.
+pub fn format_entry_json(v: &Value) -> String {
+    match serde_json::from_value::<EntryJson>(v.clone()) {
+        Ok(e) => format_entry(&e.into()),
+        Err(_) => v.to_string(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct EntryJson {
+    id: String,
+    short: String,
+    from: String,
+    time_ms: u64,
+    #[serde(default)]
+    reply_to: Option<String>,
+    body: Option<String>,
+    edited: bool,
+    deleted: bool,
+    reactions: std::collections::BTreeMap<String, Vec<String>>,
+    status: String,
+    read_by: Vec<String>,
+}
+
+impl From<EntryJson> for ChatEntry {
+    fn from(e: EntryJson) -> Self {
+        Self {
+            id: e.id,
+            short: e.short,
+            from: e.from,
+            time_ms: e.time_ms,
+            reply_to: e.reply_to,
+            body: e.body,
+            edited: e.edited,
+            deleted: e.deleted,
+            reactions: e.reactions,
+            status: match e.status.as_str() {
+                "sending" => "sending",
+                "sent" => "sent",
+                _ => "received",
+            },
+            read_by: e.read_by,
+        }
+    }
+}
+
+/// One line for an event of the stream.
+pub fn format_event(v: &Value) -> String {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    match v.get("type").and_then(Value::as_str) {
+        Some("message") => {
+            let content = v.get("content");
+            let text = match content.and_then(|c| c.get("type")).and_then(Value::as_str) {
+                Some("text") => s_of(content, "body"),
+                Some("reply") => format!("(reply to {}) {}", short(&s_of(content, "to")), s_of(content, "body")),
+                Some("edit") => format!("(edit of {}) {}", short(&s_of(content, "target")), s_of(content, "body")),
+                Some("delete") => format!("(deleted {})", short(&s_of(content, "target"))),
+                Some("reaction") => format!("(reacted {} to {})", s_of(content, "emoji"), short(&s_of(content, "target"))),
+                Some("read_receipt") => format!("(read up to {})", short(&s_of(content, "up_to"))),
+                Some(other) => format!("({other})"),
+                None => format!("({} bytes, base64)", s("payload_base64").len()),
+            };
+            format!("{} {} {}: {text}", format_time(v.get("time_ms").and_then(Value::as_u64).unwrap_or(0)), s("short"), s("from"))
+        }
+        Some("sent") => format!("   sent {}", short(&s("id"))),
+        Some("typing") => format!("   {} is typing", &s("device")[..12.min(s("device").len())]),
+        Some("members") => format!("   membership changed (epoch {})", v.get("epoch").and_then(Value::as_u64).unwrap_or(0)),
+        Some("joined") => format!("   joined channel {}", s("name")),
+        Some("removed") => "   this device was removed from the channel".to_owned(),
+        _ => v.to_string(),
+    }
+}
+
+fn s_of(v: Option<&Value>, k: &str) -> String {
+    v.and_then(|v| v.get(k)).and_then(Value::as_str).unwrap_or_default().to_owned()
+}
+
+/// The short form of a full message id.
+pub fn short(id: &str) -> String {
+    match id.split_once(':') {
+        Some((sender, seq)) => format!("{}:{seq}", &sender[..8.min(sender.len())]),
+        None => id.to_owned(),
+    }
+}

@@ -1,0 +1,172 @@
+//! A client of the local API, over TCP or a Unix socket (what the CLI uses).
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::ApiListen;
+use crate::home::NodeDir;
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Where the daemon's API is and its token.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    target: ApiListen,
+    token: String,
+}
+
+impl ApiClient {
+    /// The API of the daemon running on `dir` (from its `run.json` and `api.token`).
+    pub fn from_home(dir: &NodeDir) -> anyhow::Result<Self> {
+        let token = dir.read_token()?;
+        let info = dir.load_run_info().with_context(|| {
+            format!(
+                "no daemon runs on {} (start it with `chitchat --home {} daemon`)",
+                dir.root().display(),
+                dir.root().display()
+            )
+        })?;
+        let target = ApiListen::parse(&info.api)
+            .with_context(|| format!("run.json names a bad API address {:?}", info.api))?;
+        let target = match target {
+            ApiListen::Unix(p) if p.is_relative() => ApiListen::Unix(dir.root().join(p)),
+            t => t,
+        };
+        Ok(Self { target, token })
+    }
+
+    /// A client of the API at `target` with `token`.
+    pub fn new(target: ApiListen, token: String) -> Self {
+        Self { target, token }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Box<dyn Io>> {
+        Ok(match &self.target {
+            ApiListen::Tcp(addr) => Box::new(
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("cannot reach the daemon at {addr}; is it running?"))?,
+            ),
+            ApiListen::Unix(path) => Box::new(connect_unix(path).await?),
+        })
+    }
+
+    /// Sends a request; returns the status and body.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let io = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token));
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes().to_vec();
+        Ok((status, bytes))
+    }
+
+    /// Sends a request and returns the JSON answer; an error status becomes an error with the
+    /// API's message.
+    pub async fn json(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let body = body.map(|b| serde_json::to_vec(&b)).transpose()?;
+        let (status, bytes) = self.raw(method, path, body).await?;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        });
+        if !(200..300).contains(&status) {
+            let message = value.get("message").and_then(Value::as_str).map_or_else(
+                || value.to_string(),
+                str::to_owned,
+            );
+            bail!("{message} (HTTP {status})");
+        }
+        Ok(value)
+    }
+
+    /// Sends a request and returns the text answer.
+    pub async fn text(&self, path: &str) -> anyhow::Result<String> {
+        let (status, bytes) = self.raw("GET", path, None).await?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        if !(200..300).contains(&status) {
+            bail!("{text} (HTTP {status})");
+        }
+        Ok(text)
+    }
+
+    /// Opens the event stream (`/v1/events`), optionally for one channel, and calls `on_event`
+    /// for each event until it returns `false` or the stream ends.
+    pub async fn events(
+        &self,
+        channel: Option<&str>,
+        mut on_event: impl FnMut(Value) -> bool,
+    ) -> anyhow::Result<()> {
+        use futures::StreamExt as _;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let io = self.connect().await?;
+        let path = match channel {
+            Some(c) => format!("ws://localhost/v1/events?channel={}", encode_component(c)),
+            None => "ws://localhost/v1/events".to_owned(),
+        };
+        let mut request = path.into_client_request()?;
+        request.headers_mut().insert(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer {}", self.token).parse()?,
+        );
+        let (mut ws, _) = tokio_tungstenite::client_async(request, io)
+            .await
+            .context("cannot open the event stream")?;
+        while let Some(message) = ws.next().await {
+            let message = message?;
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                let value: Value = serde_json::from_str(&text)?;
+                if !on_event(value) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+async fn connect_unix(path: &PathBuf) -> anyhow::Result<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(path)
+        .await
+        .with_context(|| format!("cannot reach the daemon at {}; is it running?", path.display()))
+}
+
+#[cfg(not(unix))]
+async fn connect_unix(path: &PathBuf) -> anyhow::Result<tokio::net::TcpStream> {
+    bail!("Unix sockets are not supported here ({})", path.display())
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn encode_component(s: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b':');
+    percent_encoding::utf8_percent_encode(s, KEEP).to_string()
+}

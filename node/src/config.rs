@@ -1,0 +1,160 @@
+//! The node's configuration: `HOME/config.toml`, then `CHITCHAT_*` environment variables on top.
+//! No secret is in it: the device key is in `node.redb`, the API token in `api.token`.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a node is configured with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The local API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// How the node talks to its relay.
+    #[serde(default)]
+    pub relay: RelayConfig,
+}
+
+/// The local API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// `127.0.0.1:PORT` (or another loopback address; port 0 picks a free port, written to
+    /// `run.json`), or `unix:PATH` for a Unix socket (relative paths are in the node directory).
+    pub listen: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:0".into() }
+    }
+}
+
+/// How the node talks to its relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// How long one live-push request waits at the relay for new items, in seconds (1..=60).
+    pub wait_seconds: u32,
+    /// How long one request to the relay may take, in seconds.
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self { wait_seconds: 30, request_timeout_seconds: 20 }
+    }
+}
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML does not parse or has unknown keys.
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// The file `chitchat init` writes; it documents every setting.
+    pub const TEMPLATE: &'static str = r#"# ChitChat node configuration. Environment variables override these values.
+
+[api]
+# Where the local API listens (env CHITCHAT_API_LISTEN). Either a loopback address,
+# "127.0.0.1:PORT" (port 0 picks a free port; the daemon writes it to run.json), or
+# "unix:PATH" for a Unix socket (a relative path is inside the node directory).
+# Every request needs the token in api.token.
+listen = "127.0.0.1:0"
+
+[relay]
+# How long one live-push request waits at the relay for new items, in seconds (1..=60).
+wait_seconds = 30
+# How long one request to the relay may take, in seconds.
+request_timeout_seconds = 20
+"#;
+
+    /// Parses and validates a config file's text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies `CHITCHAT_API_LISTEN`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = var("CHITCHAT_API_LISTEN") {
+            self.api.listen = v;
+        }
+        self.validate()
+    }
+
+    /// Checks values that TOML cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match ApiListen::parse(&self.api.listen) {
+            Some(ApiListen::Tcp(addr)) if !addr.ip().is_loopback() => {
+                return Err(ConfigError::Invalid(format!(
+                    "api.listen {addr}: the local API listens on loopback only"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                return Err(ConfigError::Invalid(format!(
+                    "api.listen {:?}: expected 127.0.0.1:PORT or unix:PATH",
+                    self.api.listen
+                )));
+            }
+        }
+        if !(1..=60).contains(&self.relay.wait_seconds) {
+            return Err(ConfigError::Invalid("relay.wait_seconds must be 1..=60".into()));
+        }
+        if !(1..=600).contains(&self.relay.request_timeout_seconds) {
+            return Err(ConfigError::Invalid(
+                "relay.request_timeout_seconds must be 1..=600".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the local API listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiListen {
+    /// A TCP address on loopback.
+    Tcp(std::net::SocketAddr),
+    /// A Unix socket.
+    Unix(std::path::PathBuf),
+}
+
+impl ApiListen {
+    /// Parses `HOST:PORT` or `unix:PATH`.
+    pub fn parse(s: &str) -> Option<Self> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return (!path.is_empty()).then(|| Self::Unix(path.into()));
+        }
+        s.parse().ok().map(Self::Tcp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses_to_defaults() {
+        let c = Config::parse(Config::TEMPLATE).expect("template");
+        assert_eq!(c, Config { api: ApiConfig::default(), relay: RelayConfig::default() });
+    }
+
+    #[test]
+    fn refuses_public_api_and_unknown_keys() {
+        let public = "[api]\nlisten = \"0.0.0.0:7000\"\n";
+        assert!(matches!(Config::parse(public), Err(ConfigError::Invalid(_))));
+        assert!(matches!(Config::parse("[api]\nport = 1\n"), Err(ConfigError::Parse(_))));
+        let mut c = Config::parse("").expect("empty is defaults");
+        let env = |k: &str| (k == "CHITCHAT_API_LISTEN").then(|| "unix:api.sock".to_owned());
+        c.apply_env(env).expect("unix socket");
+        assert_eq!(ApiListen::parse(&c.api.listen), Some(ApiListen::Unix("api.sock".into())));
+    }
+}

@@ -1,0 +1,819 @@
+//! The running node: the engine, the relay link, and the background tasks that move messages.
+//!
+//! - The **inbox task** long-polls the relay (`Wait`), hands what arrives to the engine,
+//!   looks up identity records the engine asks for, and acknowledges what was processed (only
+//!   after it is durable).
+//! - The **outbox task** delivers stored outgoing messages (`EnqueueBatch`) until every
+//!   recipient's inbox has them, with bounded back-off; a message sent through the API is also
+//!   delivered at once, without waiting for the task.
+//! - **Membership changes** go through the ordering flow: stage, record the intent, submit,
+//!   merge only what the relay certified; a lost race is rebuilt on the new epoch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chitchat_proto::channel::MessageId;
+use chitchat_proto::codec::Bytes;
+use chitchat_proto::ordering::{ChannelId, Intent, IntentState};
+use chitchat_proto::wire::{
+    CommitSubmission, EnqueueResult, ErrorCode, MAX_ENQUEUE_BATCH, MAX_FETCH_ITEMS,
+    MAX_LOOKUP_DEVICES, Request, Response,
+};
+use chitchat_proto::{Address, DeviceId, Dir, PublicKey, RelayId, Timestamp};
+use rand::RngExt as _;
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineError, Event};
+use crate::link::{LinkError, RelayLink};
+use crate::store::{Account, IntentOp, OutboxItem, RelayInfo, StagedRecord};
+
+/// KeyPackages uploaded at a time.
+const KEY_PACKAGE_BATCH: usize = 20;
+/// Below this many unclaimed KeyPackages at the relay, more are uploaded.
+const KEY_PACKAGE_LOW: u32 = 10;
+/// Delivery attempts of one outbox message before it is given up.
+pub const MAX_DELIVERY_ATTEMPTS: u32 = 100;
+/// Longest pause between two attempts of the same work, in milliseconds.
+const MAX_BACKOFF_MS: u64 = 30_000;
+
+/// The current time.
+pub fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Timestamp(ms)
+}
+
+/// Why a node operation failed, as the local API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The engine refused or the disk failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The relay could not be reached.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The relay refused the request.
+    #[error("relay refused: {message} ({code})")]
+    Relay {
+        /// The relay's error code.
+        code: &'static str,
+        /// Its explanation.
+        message: String,
+    },
+    /// Something named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A request that cannot be carried out as asked.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn refused(response: Response) -> NodeError {
+    match response {
+        Response::Error { code, message } => NodeError::Relay { code: code.name(), message },
+        other => NodeError::Relay { code: "unexpected", message: format!("{other:?}") },
+    }
+}
+
+/// What `/.well-known/chitchat/relay` says.
+#[derive(Clone, Debug, Deserialize)]
+struct WellKnown {
+    host: String,
+    key: String,
+    peer_id: String,
+    addrs: Vec<String>,
+}
+
+/// The running node.
+#[derive(Debug)]
+pub struct Node {
+    engine: Arc<Mutex<Engine>>,
+    link: Mutex<Option<Arc<RelayLink>>>,
+    config: Config,
+    /// Wakes the outbox task.
+    outbox: Notify,
+    /// Wakes the tasks that wait for a relay link.
+    registered: Notify,
+    /// Wakes waiters for a channel's epoch (the inbox task applied commits).
+    epochs: Notify,
+    /// One membership change at a time.
+    ordering: tokio::sync::Mutex<()>,
+    /// Outbox items being delivered right now.
+    delivering: Mutex<BTreeSet<u64>>,
+}
+
+impl Node {
+    /// Opens the node's state and starts its background tasks.
+    pub fn start(engine: Engine, config: Config) -> Result<Arc<Self>, NodeError> {
+        let link = match engine.account() {
+            Some(a) => Some(Arc::new(make_link(&engine, &a.relay, &config)?)),
+            None => None,
+        };
+        let node = Arc::new(Self {
+            engine: Arc::new(Mutex::new(engine)),
+            link: Mutex::new(link),
+            config,
+            outbox: Notify::new(),
+            registered: Notify::new(),
+            epochs: Notify::new(),
+            ordering: tokio::sync::Mutex::new(()),
+            delivering: Mutex::new(BTreeSet::new()),
+        });
+        tokio::spawn(node.clone().inbox_task());
+        tokio::spawn(node.clone().outbox_task());
+        tokio::spawn(node.clone().resume_intents());
+        tokio::spawn(node.clone().key_package_task());
+        Ok(node)
+    }
+
+    /// Runs `f` on the engine in a blocking task (engine operations fsync).
+    pub async fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine) -> R + Send + 'static,
+    ) -> R {
+        let engine = self.engine.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut guard = match engine.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            f(&mut guard)
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// Subscribes to the event stream.
+    pub async fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.with(|e| e.subscribe()).await
+    }
+
+    fn link(&self) -> Result<Arc<RelayLink>, NodeError> {
+        self.link
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .ok_or(NodeError::Engine(EngineError::NotRegistered))
+    }
+
+    async fn wait_for_link(&self) -> Arc<RelayLink> {
+        loop {
+            let notified = self.registered.notified();
+            if let Ok(link) = self.link() {
+                return link;
+            }
+            notified.await;
+        }
+    }
+
+    /// Registers with the relay whose HTTP endpoint is `url` (its `.well-known` names its
+    /// host, key and addresses), as `name`, with an invite token.
+    pub async fn register(
+        &self,
+        url: &str,
+        token: Option<String>,
+        name: &str,
+    ) -> Result<Account, NodeError> {
+        if let Some(a) = self.with(|e| e.account().cloned()).await {
+            let address = a.dir.body.sponsorships.first().map(|s| s.address().to_string());
+            return Err(EngineError::AlreadyRegistered(address.unwrap_or_default()).into());
+        }
+        chitchat_proto::identity::check_local_name(name)
+            .map_err(|e| NodeError::Invalid(format!("name {name:?}: {e}")))?;
+        let relay = fetch_well_known(url).await?;
+        let link = Arc::new(self.with({
+            let relay = relay.clone();
+            let config = self.config.clone();
+            move |e| make_link(e, &relay, &config)
+        })
+        .await?);
+        let now = now();
+        let dir = self.with(move |e| e.own_dir(1, vec![], now)).await;
+        let local_name = name.to_owned();
+        let request = Request::Register { token, local_name: local_name.clone(), dir };
+        let sponsorship = match link.call(&request).await? {
+            Response::Registered { sponsorship } => sponsorship,
+            other => return Err(refused(other)),
+        };
+        let dir = self.with(move |e| e.own_dir(2, vec![sponsorship], now)).await;
+        match link.call(&Request::PublishDir { dir: dir.clone() }).await? {
+            Response::DirPublished => {}
+            other => return Err(refused(other)),
+        }
+        let account = Account { relay, local_name, dir };
+        let saved = account.clone();
+        self.with(move |e| e.set_account(saved)).await?;
+        if let Ok(mut l) = self.link.lock() {
+            *l = Some(link.clone());
+        }
+        self.registered.notify_waiters();
+        if let Err(e) = self.top_up_key_packages(&link).await {
+            tracing::warn!(error = %e, "cannot upload KeyPackages yet");
+        }
+        Ok(account)
+    }
+
+    /// Uploads KeyPackages when the relay holds few.
+    async fn top_up_key_packages(&self, link: &RelayLink) -> Result<(), NodeError> {
+        let query = Request::UploadKeyPackages { packages: vec![], last_resort: None };
+        let available = match link.call(&query).await? {
+            Response::KeyPackagesStored { available } => available,
+            other => return Err(refused(other)),
+        };
+        if available >= KEY_PACKAGE_LOW {
+            return Ok(());
+        }
+        let (packages, last_resort) =
+            self.with(|e| e.key_packages(KEY_PACKAGE_BATCH, true)).await?;
+        match link.call(&Request::UploadKeyPackages { packages, last_resort }).await? {
+            Response::KeyPackagesStored { .. } => Ok(()),
+            other => Err(refused(other)),
+        }
+    }
+
+    async fn key_package_task(self: Arc<Self>) {
+        let link = self.wait_for_link().await;
+        let mut backoff = Backoff::default();
+        loop {
+            match self.top_up_key_packages(&link).await {
+                Ok(()) => {
+                    backoff.reset();
+                    // Joining a channel uses one; check again now and then.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "KeyPackage top-up failed");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// Creates a channel and asks the relay to order it.
+    pub async fn create_channel(
+        &self,
+        name: String,
+        mime: String,
+        open: bool,
+    ) -> Result<ChannelId, NodeError> {
+        if name.is_empty() || name.len() > 255 || mime.is_empty() || mime.len() > 255 {
+            return Err(NodeError::Invalid("name and MIME type: 1 to 255 bytes".into()));
+        }
+        let now = now();
+        let id = self.with(move |e| e.create_channel(&name, &mime, open, now)).await?;
+        if let Err(e) = self.open_at_relay(&id).await {
+            // Opened before the first commit instead.
+            tracing::warn!(channel = %id, error = %e, "relay not told of the channel yet");
+        }
+        Ok(id)
+    }
+
+    async fn open_at_relay(&self, id: &ChannelId) -> Result<(), NodeError> {
+        let channel = *id;
+        let (record, state) = self
+            .with(move |e| -> Result<_, EngineError> {
+                let opened = e.channel(&channel)?.0.opened;
+                Ok((opened, if opened { None } else { Some(e.public_state(&channel)?) }))
+            })
+            .await?;
+        let (false, Some(state)) = (record, state) else { return Ok(()) };
+        let link = self.link()?;
+        match link.call(&Request::OpenChannel { channel, state }).await? {
+            Response::ChannelOpened { .. } => {
+                self.with(move |e| e.mark_opened(&channel)).await?;
+                Ok(())
+            }
+            other => Err(refused(other)),
+        }
+    }
+
+    /// Encrypts and stores a message, then delivers it. Returns once the message is durable
+    /// (status `sending`); delivery goes on in the background.
+    pub async fn send(
+        self: &Arc<Self>,
+        channel: ChannelId,
+        payload: Vec<u8>,
+        store: bool,
+    ) -> Result<MessageId, NodeError> {
+        let now = now();
+        let (id, outbox_id) = self.with(move |e| e.send(&channel, &payload, store, now)).await?;
+        let node = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.deliver(outbox_id).await {
+                tracing::debug!(error = %e, "first delivery attempt failed; the outbox retries");
+                node.outbox.notify_one();
+            }
+        });
+        Ok(id)
+    }
+
+    /// Delivers one outbox item, if no other task is delivering it.
+    async fn deliver(&self, outbox_id: u64) -> Result<bool, NodeError> {
+        {
+            let Ok(mut d) = self.delivering.lock() else { return Ok(false) };
+            if !d.insert(outbox_id) {
+                return Ok(false);
+            }
+        }
+        let result = self.deliver_locked(outbox_id).await;
+        if let Ok(mut d) = self.delivering.lock() {
+            d.remove(&outbox_id);
+        }
+        result
+    }
+
+    async fn deliver_locked(&self, outbox_id: u64) -> Result<bool, NodeError> {
+        let item = self
+            .with(move |e| e.store().outbox(usize::MAX).map(|items| {
+                items.into_iter().find(|(id, _)| *id == outbox_id).map(|(_, item)| item)
+            }))
+            .await
+            .map_err(EngineError::from)?;
+        let Some(item) = item else { return Ok(true) };
+        let link = self.link()?;
+        let (sealed, unknown) = {
+            let item = item.clone();
+            self.with(move |e| e.seal_outbox(&item)).await
+        };
+        if !unknown.is_empty() {
+            self.lookup_devices(&link, unknown).await?;
+        }
+        let (sealed, still_unknown) = {
+            let item = item.clone();
+            if sealed.len() == item.recipients.len() {
+                (sealed, vec![])
+            } else {
+                self.with(move |e| e.seal_outbox(&item)).await
+            }
+        };
+        let mut remaining: Vec<DeviceId> = Vec::new();
+        let mut failed = false;
+        for chunk in sealed.chunks(MAX_ENQUEUE_BATCH) {
+            let envelopes = chunk.iter().map(|(_, e)| e.clone()).collect();
+            match link.call(&Request::EnqueueBatch { envelopes }).await {
+                Ok(Response::EnqueuedBatch(results)) if results.len() == chunk.len() => {
+                    for ((device, _), result) in chunk.iter().zip(results) {
+                        match result {
+                            EnqueueResult::Enqueued(_) => {}
+                            EnqueueResult::Refused(code) if code.is_retryable() => {
+                                remaining.push(*device);
+                            }
+                            EnqueueResult::Refused(code) => tracing::warn!(
+                                %device, code = code.name(),
+                                "the relay refused a message for this device; not retried"
+                            ),
+                        }
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(response = ?other, "unexpected answer to EnqueueBatch");
+                    remaining.extend(chunk.iter().map(|(d, _)| *d));
+                    failed = true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "delivery failed");
+                    remaining.extend(chunk.iter().map(|(d, _)| *d));
+                    failed = true;
+                }
+            }
+        }
+        for device in still_unknown {
+            tracing::warn!(%device, "no identity record for a recipient; message not sent to it");
+        }
+        let done = remaining.is_empty();
+        let give_up = item.attempts.saturating_add(1) >= MAX_DELIVERY_ATTEMPTS;
+        if give_up && !done {
+            tracing::warn!(message = ?item.id, "giving up delivery after {MAX_DELIVERY_ATTEMPTS} attempts");
+        }
+        let remaining = if give_up { vec![] } else { remaining };
+        self.with(move |e| e.outbox_progress(outbox_id, item, remaining)).await?;
+        if failed {
+            return Err(LinkError::Unreachable("delivery incomplete".into()).into());
+        }
+        Ok(done)
+    }
+
+    async fn outbox_task(self: Arc<Self>) {
+        self.wait_for_link().await;
+        let mut backoff = Backoff::default();
+        loop {
+            let woken = self.outbox.notified();
+            let items: Vec<(u64, OutboxItem)> = match self.with(|e| e.outbox()).await {
+                Ok(items) => items,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    backoff.wait().await;
+                    continue;
+                }
+            };
+            if items.is_empty() {
+                backoff.reset();
+                woken.await;
+                continue;
+            }
+            let mut all_done = true;
+            for (id, _) in items {
+                match self.deliver(id).await {
+                    Ok(true) => {}
+                    Ok(false) => all_done = false,
+                    Err(_) => {
+                        all_done = false;
+                        break;
+                    }
+                }
+            }
+            if all_done {
+                backoff.reset();
+            } else {
+                tokio::select! {
+                    () = backoff.wait() => {}
+                    () = woken => {}
+                }
+            }
+        }
+    }
+
+    async fn inbox_task(self: Arc<Self>) {
+        let link = self.wait_for_link().await;
+        let mut cursor: Option<u64> = None;
+        let mut held: Vec<(ChannelId, u64, u64)> = Vec::new();
+        let mut backoff = Backoff::default();
+        let timeout_ms = self.config.relay.wait_seconds.saturating_mul(1000);
+        loop {
+            let request = Request::Wait { after: cursor, max: MAX_FETCH_ITEMS, timeout_ms };
+            let items = match link.call(&request).await {
+                Ok(Response::Items { items, .. }) => items,
+                Ok(other) => {
+                    tracing::warn!(response = ?other, "inbox wait refused");
+                    backoff.wait().await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "inbox wait failed");
+                    backoff.wait().await;
+                    continue;
+                }
+            };
+            backoff.reset();
+            if items.is_empty() {
+                continue;
+            }
+            match self.receive(&link, items, &mut held).await {
+                Ok(last) => cursor = last.or(cursor),
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbox processing failed");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// Processes a run of inbox items, acknowledges what was done, and returns the highest
+    /// item id looked at (the next `Wait` starts after it).
+    async fn receive(
+        &self,
+        link: &RelayLink,
+        items: Vec<chitchat_proto::wire::InboxItem>,
+        held: &mut Vec<(ChannelId, u64, u64)>,
+    ) -> Result<Option<u64>, NodeError> {
+        let last = items.iter().map(|i| i.id).max();
+        let items = Arc::new(items);
+        let mut start = 0;
+        let mut lookups = 0;
+        let mut ack = Vec::new();
+        while start < items.len() {
+            let batch = items.clone();
+            let now = now();
+            let received = self.with(move |e| e.receive(&batch[start..], now)).await?;
+            ack.extend(received.done);
+            if received.reloaded {
+                // Their messages left memory with the reload; they stay in the inbox for the
+                // next start.
+                held.clear();
+            }
+            held.extend(received.held);
+            match received.stopped {
+                Some((index, devices)) if lookups < 8 => {
+                    lookups += 1;
+                    start += index;
+                    self.lookup_devices(link, devices).await?;
+                }
+                Some((index, devices)) => {
+                    tracing::warn!(?devices, "identity records not found; message skipped");
+                    ack.push(items[start + index].id);
+                    start += index + 1;
+                    lookups = 0;
+                }
+                None => break,
+            }
+        }
+        // Buffered messages were processed once their channel reached their epoch.
+        let epochs: BTreeMap<ChannelId, Option<u64>> = {
+            let channels: Vec<ChannelId> = held.iter().map(|(c, _, _)| *c).collect();
+            self.with(move |e| channels.into_iter().map(|c| (c, e.epoch(&c))).collect()).await
+        };
+        held.retain(|(c, epoch, id)| {
+            let reached = epochs.get(c).copied().flatten().is_none_or(|now| now >= *epoch);
+            if reached {
+                ack.push(*id);
+            }
+            !reached
+        });
+        self.epochs.notify_waiters();
+        for chunk in ack.chunks(chitchat_proto::wire::MAX_ACK_IDS) {
+            match link.call(&Request::Ack { ids: chunk.to_vec() }).await? {
+                Response::Acked => {}
+                other => return Err(refused(other)),
+            }
+        }
+        Ok(last)
+    }
+
+    async fn lookup_devices(&self, link: &RelayLink, devices: Vec<DeviceId>) -> Result<(), NodeError> {
+        for chunk in devices.chunks(MAX_LOOKUP_DEVICES) {
+            match link.call(&Request::LookupDevices { devices: chunk.to_vec() }).await? {
+                Response::Dirs(dirs) => self.with(move |e| e.add_dirs(dirs)).await?,
+                other => return Err(refused(other)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves `alice@relay` to the verified records of her devices.
+    pub async fn lookup(&self, address: &str) -> Result<Vec<Dir>, NodeError> {
+        let address = Address::parse(address)
+            .map_err(|e| NodeError::Invalid(format!("address {address:?}: {e}")))?;
+        let link = self.link()?;
+        let home = self.with(|e| e.account().map(|a| a.relay.id.host.clone())).await;
+        if home.as_deref() != Some(address.host.as_str()) {
+            return Err(NodeError::Invalid(format!(
+                "{address}: only users of this node's relay ({}) can be reached so far \
+                 (federation between relays is not built yet)",
+                home.unwrap_or_default()
+            )));
+        }
+        let dirs = match link.call(&Request::Lookup { local_name: address.local.clone() }).await? {
+            Response::Dirs(dirs) => dirs,
+            other => return Err(refused(other)),
+        };
+        let now = now();
+        let (valid, rejected) = self
+            .with(move |e| {
+                let (ok, bad): (Vec<Dir>, Vec<Dir>) =
+                    dirs.into_iter().partition(|d| e.verify_dir(d, now).is_ok());
+                let _ = e.add_dirs(ok.clone());
+                (ok, bad.len())
+            })
+            .await;
+        if valid.is_empty() {
+            return Err(NodeError::NotFound(format!(
+                "no device of {address} with a valid record ({rejected} rejected)"
+            )));
+        }
+        Ok(valid)
+    }
+
+    /// Adds every device of `address` to the channel, through the ordering flow.
+    pub async fn invite(&self, channel: ChannelId, address: &str) -> Result<Vec<DeviceId>, NodeError> {
+        let dirs = self.lookup(address).await?;
+        let members: BTreeSet<DeviceId> =
+            self.with(move |e| e.members(&channel)).await?.into_iter().collect();
+        let link = self.link()?;
+        let mut adds = Vec::new();
+        for dir in dirs.into_iter().filter(|d| !members.contains(&d.device())) {
+            match link.call(&Request::ClaimKeyPackage { device: dir.device() }).await? {
+                Response::KeyPackage(kp) => adds.push((dir, Bytes(kp))),
+                other => {
+                    tracing::warn!(device = %dir.device(), response = ?other, "no KeyPackage");
+                }
+            }
+        }
+        if adds.is_empty() {
+            return Err(NodeError::Invalid(format!(
+                "{address}: every device is a member already, or none has a KeyPackage"
+            )));
+        }
+        let added = adds.iter().map(|(d, _)| d.device()).collect();
+        self.change(channel, IntentOp::Add(adds)).await?;
+        Ok(added)
+    }
+
+    /// Removes devices from the channel, through the ordering flow.
+    pub async fn remove(&self, channel: ChannelId, devices: Vec<DeviceId>) -> Result<(), NodeError> {
+        self.change(channel, IntentOp::Remove(devices)).await
+    }
+
+    /// Leaves the channel on this device (see [`Engine::leave`]).
+    pub async fn leave(&self, channel: ChannelId) -> Result<(), NodeError> {
+        let _one_at_a_time = self.ordering.lock().await;
+        self.with(move |e| e.leave(&channel)).await?;
+        Ok(())
+    }
+
+    /// Orders a membership change and drops its intent if it fails.
+    async fn change(&self, channel: ChannelId, op: IntentOp) -> Result<(), NodeError> {
+        let _one_at_a_time = self.ordering.lock().await;
+        let result = self.change_locked(channel, op).await;
+        if result.is_err() {
+            if let Err(e) = self.with(move |e| e.discard(&channel, true)).await {
+                tracing::warn!(%channel, error = %e, "cannot drop a failed intent");
+            }
+        }
+        result
+    }
+
+    /// Orders a membership change: stage, submit, merge on acceptance; on a lost race, wait
+    /// for the winner and rebuild, with jittered back-off, at most
+    /// [`chitchat_proto::ordering::MAX_SUBMIT_ATTEMPTS`] times.
+    async fn change_locked(&self, channel: ChannelId, op: IntentOp) -> Result<(), NodeError> {
+        self.open_at_relay(&channel).await?;
+        let mut intent = Intent::new(op, now());
+        loop {
+            if let IntentState::ToPublish { not_before } = intent.state {
+                let wait = not_before.0.saturating_sub(now().0);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            let op = intent.change.clone();
+            let attempts = intent.attempts;
+            let now = now();
+            let staged = self.with(move |e| e.stage(&channel, op, attempts, now)).await?;
+            intent.published(staged.epoch, chitchat_proto::wire::commit_hash(&staged.commit));
+            match self.submit(channel, &staged).await? {
+                Submitted::Accepted => return Ok(()),
+                Submitted::Lost => {
+                    intent.lost(now, rand::rng().random());
+                    if intent.is_done() {
+                        return Err(NodeError::Invalid(format!(
+                            "gave up after {} lost races for the channel's epoch",
+                            intent.attempts
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Submits a staged commit until the relay decides. Network failures resubmit the same
+    /// commit (the relay answers a resubmitted winner again).
+    async fn submit(&self, channel: ChannelId, staged: &StagedRecord) -> Result<Submitted, NodeError> {
+        let link = self.link()?;
+        let request = Request::SubmitCommit(CommitSubmission {
+            channel,
+            epoch: staged.epoch,
+            commit: staged.commit.clone(),
+            welcome: staged.welcome.clone(),
+            fanout: staged.fanout.clone(),
+        });
+        let mut backoff = Backoff::default();
+        for _ in 0..20 {
+            match link.call(&request).await {
+                Ok(Response::CommitAccepted { cert }) => {
+                    self.with(move |e| e.accept(&channel, &cert)).await?;
+                    return Ok(Submitted::Accepted);
+                }
+                Ok(Response::CommitConflict { winner }) => {
+                    self.with(move |e| e.discard(&channel, false)).await?;
+                    self.wait_epoch(channel, winner.epoch + 1).await;
+                    return Ok(Submitted::Lost);
+                }
+                Ok(Response::Error { code: ErrorCode::RateLimited { retry_after_ms }, .. }) => {
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms.min(MAX_BACKOFF_MS)))
+                        .await;
+                }
+                Ok(other) => {
+                    self.with(move |e| e.discard(&channel, true)).await?;
+                    return Err(refused(other));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "commit submission failed; resubmitting");
+                    backoff.wait().await;
+                }
+            }
+        }
+        Err(NodeError::Link(LinkError::Unreachable(
+            "the relay did not answer the commit; it stays pending and is resubmitted on restart"
+                .into(),
+        )))
+    }
+
+    /// Waits (bounded) until the inbox task brought the channel to `epoch`.
+    async fn wait_epoch(&self, channel: ChannelId, epoch: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let notified = self.epochs.notified();
+            if self.with(move |e| e.epoch(&channel)).await.is_none_or(|e| e >= epoch) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Finishes the intents a crash interrupted: a staged commit is resubmitted as it is; one
+    /// that lost is dropped (the user asks again).
+    async fn resume_intents(self: Arc<Self>) {
+        self.wait_for_link().await;
+        let intents = match self.with(|e| e.intents()).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read intents");
+                return;
+            }
+        };
+        for (channel, intent) in intents {
+            let _one_at_a_time = self.ordering.lock().await;
+            let result = match &intent.staged {
+                Some(staged) => self.submit(channel, staged).await.map(|_| ()),
+                None => Ok(()),
+            };
+            if let Err(e) = &result {
+                tracing::warn!(%channel, error = %e, "interrupted membership change failed");
+            }
+            if self.with(move |e| e.discard(&channel, true)).await.is_err() {
+                tracing::warn!(%channel, "cannot drop an interrupted intent");
+            }
+        }
+    }
+}
+
+enum Submitted {
+    Accepted,
+    Lost,
+}
+
+fn make_link(engine: &Engine, relay: &RelayInfo, config: &Config) -> Result<RelayLink, NodeError> {
+    let peer = relay
+        .peer_id
+        .parse()
+        .map_err(|e| NodeError::Invalid(format!("relay peer id {:?}: {e}", relay.peer_id)))?;
+    let addrs = relay.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    Ok(RelayLink::new(
+        engine.key().clone(),
+        relay.id.host.clone(),
+        peer,
+        addrs,
+        Duration::from_secs(config.relay.request_timeout_seconds),
+    )?)
+}
+
+/// Reads a relay's `.well-known`.
+async fn fetch_well_known(url: &str) -> Result<RelayInfo, NodeError> {
+    let base = url.trim_end_matches('/').to_owned();
+    if !base.starts_with("http://") {
+        return Err(NodeError::Invalid(format!(
+            "relay {url:?}: expected the relay's HTTP address, like http://127.0.0.1:8080"
+        )));
+    }
+    let wk_url = format!("{base}/.well-known/chitchat/relay");
+    let fetched = tokio::task::spawn_blocking(move || -> Result<WellKnown, String> {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .new_agent();
+        let mut r = agent.get(&wk_url).call().map_err(|e| format!("{wk_url}: {e}"))?;
+        r.body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_json::<WellKnown>()
+            .map_err(|e| format!("{wk_url}: {e}"))
+    })
+    .await
+    .map_err(|e| NodeError::Invalid(e.to_string()))?
+    .map_err(|e| NodeError::Link(LinkError::Unreachable(e)))?;
+    let key = PublicKey::from_hex(&fetched.key)
+        .ok_or_else(|| NodeError::Invalid(format!("relay key {:?} is not hex", fetched.key)))?;
+    chitchat_proto::identity::check_host(&fetched.host)
+        .map_err(|e| NodeError::Invalid(format!("relay host {:?}: {e}", fetched.host)))?;
+    Ok(RelayInfo {
+        url: base,
+        id: RelayId { host: fetched.host, key },
+        peer_id: fetched.peer_id,
+        addrs: fetched.addrs,
+    })
+}
+
+/// Exponential back-off from 100 ms to [`MAX_BACKOFF_MS`], jittered.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    async fn wait(&mut self) {
+        let base = (100u64 << self.failures.min(16)).min(MAX_BACKOFF_MS);
+        self.failures = self.failures.saturating_add(1);
+        let jitter = rand::rng().random_range(0..=base / 2);
+        tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}

@@ -1,0 +1,1044 @@
+//! The node's state machine: keys, channels, messages, outbox and intents, over the store.
+//!
+//! The engine does no network I/O: the daemon ([`crate::daemon`]) talks to the relay and calls
+//! the engine between requests. Every operation that changes state ends in one
+//! [`Store::commit`]: openmls' changes, the channel states, the messages and the outbox of that
+//! operation are durable together. If the commit fails, the engine rolls its working state back
+//! to what is on disk, so memory never runs ahead of the disk.
+//!
+//! The engine is synchronous (redb writes fsync); the daemon calls it from blocking tasks,
+//! one operation at a time.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+
+use chitchat_proto::channel::{
+    AdminPolicy, Change, Channel, ChannelConfig, ChannelError, ChannelEvent, ChannelMessage,
+    CredentialCheck, Identity, KnownDirs, MessageId, PublicState,
+};
+use chitchat_proto::codec::{Bytes, Canonical};
+use chitchat_proto::identity::{DirBody, Profile, TrustedRelays};
+use chitchat_proto::inbox::{self, InboxSecret};
+use chitchat_proto::ordering::{ChannelId, EpochCert};
+use chitchat_proto::wire::{InboxItem, InboxPayload, SealedWelcomes};
+use chitchat_proto::{DeviceId, Dir, SecretKey, Sponsorship, Timestamp, chat};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::OpenMlsProvider as _;
+use rand::RngExt as _;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::store::{
+    Account, Batch, ChannelRecord, IntentOp, IntentRecord, MessageStatus, MlsMirror, OutboxItem,
+    StagedRecord, Store, StoreError, StoredMessage,
+};
+
+/// Events kept for slow subscribers of the event stream, at most.
+pub const EVENT_BUFFER: usize = 4096;
+/// Messages one outbox pass reads, at most.
+pub const OUTBOX_BATCH: usize = 256;
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The disk failed; nothing of the operation was kept.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The channel refused the operation.
+    #[error("{0}")]
+    Channel(#[from] ChannelError),
+    /// No such channel.
+    #[error("no channel {0}")]
+    UnknownChannel(String),
+    /// The device must register with a relay first.
+    #[error("not registered with a relay yet (run `chitchat register`)")]
+    NotRegistered,
+    /// The device is registered already.
+    #[error("already registered as {0}")]
+    AlreadyRegistered(String),
+    /// This device is no longer a member of the channel.
+    #[error("this device left the channel")]
+    Left,
+    /// A request that makes no sense.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What the event stream carries. Serialized as JSON for the local API.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A message was stored (received, or sent by this device).
+    Message {
+        /// The channel (hex).
+        channel: String,
+        /// The message.
+        #[serde(flatten)]
+        message: crate::view::MessageView,
+    },
+    /// One of this device's messages reached every recipient's inbox.
+    Sent {
+        /// The channel (hex).
+        channel: String,
+        /// The message id.
+        id: String,
+    },
+    /// A member is typing (never stored).
+    Typing {
+        /// The channel (hex).
+        channel: String,
+        /// The member's device (hex).
+        device: String,
+        /// Whether typing goes on.
+        active: bool,
+    },
+    /// The membership changed.
+    Members {
+        /// The channel (hex).
+        channel: String,
+        /// The new epoch.
+        epoch: u64,
+        /// Devices added (hex).
+        added: Vec<String>,
+        /// Devices removed (hex).
+        removed: Vec<String>,
+    },
+    /// This device joined a channel through a Welcome.
+    Joined {
+        /// The channel (hex).
+        channel: String,
+        /// Its name.
+        name: String,
+    },
+    /// This device was removed from a channel.
+    Removed {
+        /// The channel (hex).
+        channel: String,
+    },
+}
+
+/// A [`CredentialCheck`] over the known records that also remembers unknown devices, so the
+/// daemon can look them up and try again.
+struct Recording<'a> {
+    known: KnownDirs<'a, TrustedRelays>,
+    missing: RefCell<BTreeSet<DeviceId>>,
+}
+
+impl CredentialCheck for Recording<'_> {
+    fn check(&self, device: DeviceId) -> Result<(), String> {
+        if !self.known.dirs.contains_key(&device) {
+            self.missing.borrow_mut().insert(device);
+        }
+        self.known.check(device)
+    }
+}
+
+/// What one call to [`Engine::receive`] did.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Inbox items done with, to acknowledge.
+    pub done: Vec<u64>,
+    /// Items whose message waits in a channel's future-epoch buffer: `(channel, epoch, item)`.
+    /// They are acknowledged once the channel reaches the epoch.
+    pub held: Vec<(ChannelId, u64, u64)>,
+    /// Processing stopped at this index of the input: its message names devices whose
+    /// identity records are unknown. Look them up, then call again from there.
+    pub stopped: Option<(usize, Vec<DeviceId>)>,
+    /// The channels were reloaded from disk after a failed item: messages waiting in their
+    /// future-epoch buffers are gone from memory (they stay in the relay's inbox, unacknowledged).
+    pub reloaded: bool,
+}
+
+/// One channel as the engine holds it.
+#[derive(Debug)]
+struct Held {
+    record: ChannelRecord,
+    channel: Option<Channel>,
+}
+
+/// The node's state.
+#[derive(Debug)]
+pub struct Engine {
+    store: Store,
+    provider: OpenMlsRustCrypto,
+    mirror: MlsMirror,
+    key: SecretKey,
+    inbox: InboxSecret,
+    me: Identity,
+    account: Option<Account>,
+    channels: BTreeMap<ChannelId, Held>,
+    dirs: BTreeMap<DeviceId, Dir>,
+    next_outbox: u64,
+    events: broadcast::Sender<Event>,
+}
+
+impl Engine {
+    /// Opens the node's state, creating the device keys on first use.
+    pub fn open(store: Store) -> Result<Self, EngineError> {
+        let (key, inbox) = match (store.key("device")?, store.key("inbox")?) {
+            (Some(d), Some(i)) => (seed(&d)?, seed(&i)?),
+            _ => {
+                let device: [u8; 32] = rand::rng().random();
+                let inbox: [u8; 32] = rand::rng().random();
+                let mut b = Batch::default();
+                b.key("device", device.to_vec());
+                b.key("inbox", inbox.to_vec());
+                store.commit(b)?;
+                (device, inbox)
+            }
+        };
+        let key = SecretKey::from_seed(key);
+        let inbox = InboxSecret::from_seed(&inbox);
+        let me = Identity::new(&key);
+        let provider = OpenMlsRustCrypto::default();
+        let entries = store.mls_entries()?;
+        provider
+            .storage()
+            .values
+            .write()
+            .map_err(|_| EngineError::Invalid("storage lock poisoned".into()))?
+            .clone_from(&entries);
+        let mirror = MlsMirror::new(entries);
+        let dirs = store.dirs()?.into_iter().map(|d| (d.device(), d)).collect();
+        let account = store.account()?;
+        let next_outbox = store.next_outbox_id()?;
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let mut engine = Self {
+            store,
+            provider,
+            mirror,
+            key,
+            inbox,
+            me,
+            account,
+            channels: BTreeMap::new(),
+            dirs,
+            next_outbox,
+            events,
+        };
+        engine.load_channels()?;
+        Ok(engine)
+    }
+
+    fn load_channels(&mut self) -> Result<(), EngineError> {
+        self.channels.clear();
+        for record in self.store.channels()? {
+            let id = record.state.id;
+            let channel = if record.left {
+                None
+            } else {
+                match Channel::load(&self.provider, record.state.clone()) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::error!(channel = %id, error = %e, "cannot load channel");
+                        None
+                    }
+                }
+            };
+            self.channels.insert(id, Held { record, channel });
+        }
+        Ok(())
+    }
+
+    /// Subscribes to events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// This device.
+    pub fn device(&self) -> DeviceId {
+        self.me.device()
+    }
+
+    /// The device key (for the relay link).
+    pub fn key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// The inbox key's public half.
+    pub fn inbox_key(&self) -> [u8; 32] {
+        self.inbox.public()
+    }
+
+    /// This device's identity record, signed, with sequence number `seq`.
+    pub fn own_dir(&self, seq: u64, sponsorships: Vec<Sponsorship>, now: Timestamp) -> Dir {
+        let display_name =
+            sponsorships.first().map(|s| s.body.local_name.clone()).unwrap_or_default();
+        Dir::sign(
+            &self.key,
+            DirBody {
+                device: self.device(),
+                seq,
+                inbox_key: self.inbox.public(),
+                linked: BTreeSet::new(),
+                sponsorships,
+                profile: Profile { display_name, avatar: None },
+                revoked: false,
+                issued: now,
+            },
+        )
+    }
+
+    /// The registration, if any.
+    pub fn account(&self) -> Option<&Account> {
+        self.account.as_ref()
+    }
+
+    fn trust(&self) -> TrustedRelays {
+        TrustedRelays {
+            relays: self.account.iter().map(|a| a.relay.id.clone()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The store, for reads.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Commits `batch` with openmls' changes. On failure the working state goes back to the
+    /// disk's.
+    fn commit(&mut self, mut batch: Batch) -> Result<(), EngineError> {
+        let changes = {
+            let values = self
+                .provider
+                .storage()
+                .values
+                .read()
+                .map_err(|_| EngineError::Invalid("storage lock poisoned".into()))?;
+            self.mirror.changes(&values)
+        };
+        batch.mls(changes.clone());
+        match self.store.commit(batch) {
+            Ok(()) => {
+                self.mirror.persisted(&changes);
+                Ok(())
+            }
+            Err(e) => {
+                self.rollback();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Puts the working state back to what is on disk.
+    fn rollback(&mut self) {
+        if let Ok(mut values) = self.provider.storage().values.write() {
+            *values = self.mirror.snapshot();
+        }
+        if let Err(e) = self.load_channels() {
+            tracing::error!(error = %e, "cannot reload channels after a failed commit");
+        }
+    }
+
+    /// Fails an operation: rolls back whatever openmls already changed in memory.
+    fn fail<T>(&mut self, e: impl Into<EngineError>) -> Result<T, EngineError> {
+        self.rollback();
+        Err(e.into())
+    }
+
+    /// Records the registration and the device's sponsored identity record.
+    pub fn set_account(&mut self, account: Account) -> Result<(), EngineError> {
+        let mut b = Batch::default();
+        b.key("account", account.to_bytes_record());
+        b.dir(account.dir.clone());
+        self.commit(b)?;
+        self.dirs.insert(account.dir.device(), account.dir.clone());
+        self.account = Some(account);
+        Ok(())
+    }
+
+    /// Makes `n` KeyPackages (and a last-resort one if `last_resort`) to upload; their private
+    /// keys are durable before this returns.
+    pub fn key_packages(
+        &mut self,
+        n: usize,
+        last_resort: bool,
+    ) -> Result<(Vec<Bytes>, Option<Bytes>), EngineError> {
+        let mut packages = Vec::with_capacity(n);
+        for _ in 0..n {
+            match self.me.key_package(&self.provider, false) {
+                Ok(p) => packages.push(Bytes(p)),
+                Err(e) => return self.fail(e),
+            }
+        }
+        let last = if last_resort {
+            match self.me.key_package(&self.provider, true) {
+                Ok(p) => Some(Bytes(p)),
+                Err(e) => return self.fail(e),
+            }
+        } else {
+            None
+        };
+        self.commit(Batch::default())?;
+        Ok((packages, last))
+    }
+
+    /// Caches identity records (verified by the caller's lookups; checked again on use).
+    pub fn add_dirs(&mut self, dirs: Vec<Dir>) -> Result<(), EngineError> {
+        let mut b = Batch::default();
+        for dir in dirs {
+            if dir.verify_signature().is_err() {
+                continue;
+            }
+            let newer = self.dirs.get(&dir.device()).is_none_or(|old| dir.supersedes(old));
+            if newer {
+                b.dir(dir.clone());
+                self.dirs.insert(dir.device(), dir);
+            }
+        }
+        self.store.commit(b)?;
+        Ok(())
+    }
+
+    /// A cached identity record.
+    pub fn dir(&self, device: &DeviceId) -> Option<&Dir> {
+        self.dirs.get(device)
+    }
+
+    /// Checks a record as a member would: signature, validity, a sponsorship of a trusted relay.
+    pub fn verify_dir(&self, dir: &Dir, now: Timestamp) -> Result<(), EngineError> {
+        dir.verify(&self.trust(), now)
+            .map(|_| ())
+            .map_err(|e| EngineError::Invalid(format!("identity record rejected: {e}")))
+    }
+
+    /// Creates a channel ordered by the home relay, with this device as its only member.
+    pub fn create_channel(
+        &mut self,
+        name: &str,
+        mime: &str,
+        open: bool,
+        now: Timestamp,
+    ) -> Result<ChannelId, EngineError> {
+        let account = self.account.as_ref().ok_or(EngineError::NotRegistered)?;
+        let id = ChannelId(rand::rng().random());
+        let admins = if open {
+            AdminPolicy::AnyMember
+        } else {
+            AdminPolicy::Admins(BTreeSet::from([self.device()]))
+        };
+        let config = ChannelConfig {
+            mime: mime.into(),
+            name: name.into(),
+            relays: vec![account.relay.id.clone()],
+            admins,
+            creator: self.device(),
+        };
+        let channel = match Channel::create(&self.provider, &self.me, id, config) {
+            Ok(c) => c,
+            Err(e) => return self.fail(e),
+        };
+        let record =
+            ChannelRecord { state: channel.state().clone(), opened: false, left: false, joined: now };
+        let mut b = Batch::default();
+        b.channel(id, record.clone());
+        self.commit(b)?;
+        self.channels.insert(id, Held { record, channel: Some(channel) });
+        Ok(id)
+    }
+
+    fn held(&self, id: &ChannelId) -> Result<&Held, EngineError> {
+        self.channels.get(id).ok_or_else(|| EngineError::UnknownChannel(id.to_string()))
+    }
+
+    fn active(&mut self, id: &ChannelId) -> Result<&mut Channel, EngineError> {
+        active_in(&mut self.channels, id)
+    }
+
+    /// Every channel: `(id, record, channel if loaded)`.
+    pub fn channels(&self) -> impl Iterator<Item = (ChannelId, &ChannelRecord, Option<&Channel>)> {
+        self.channels.iter().map(|(id, h)| (*id, &h.record, h.channel.as_ref()))
+    }
+
+    /// One channel.
+    pub fn channel(&self, id: &ChannelId) -> Result<(&ChannelRecord, Option<&Channel>), EngineError> {
+        let h = self.held(id)?;
+        Ok((&h.record, h.channel.as_ref()))
+    }
+
+    /// The channel's public state, for the relay (`OpenChannel`).
+    pub fn public_state(&mut self, id: &ChannelId) -> Result<PublicState, EngineError> {
+        let provider = &self.provider;
+        let me = &self.me;
+        let held =
+            self.channels.get(id).ok_or_else(|| EngineError::UnknownChannel(id.to_string()))?;
+        let channel = held.channel.as_ref().ok_or(EngineError::Left)?;
+        Ok(channel.public_state(provider, me)?)
+    }
+
+    /// Records that the relay orders the channel.
+    pub fn mark_opened(&mut self, id: &ChannelId) -> Result<(), EngineError> {
+        let mut record = self.held(id)?.record.clone();
+        record.opened = true;
+        let mut b = Batch::default();
+        b.channel(*id, record.clone());
+        self.store.commit(b)?;
+        if let Some(h) = self.channels.get_mut(id) {
+            h.record = record;
+        }
+        Ok(())
+    }
+
+    /// Encrypts `payload` for the channel and stores it with the outbox entry that will deliver
+    /// it, in one transaction: once this returns, the message survives a crash. Returns its id
+    /// and its outbox id. A typing notice (`store == false`) is delivered but never stored.
+    pub fn send(
+        &mut self,
+        id: &ChannelId,
+        payload: &[u8],
+        store: bool,
+        now: Timestamp,
+    ) -> Result<(MessageId, u64), EngineError> {
+        let me_device = self.device();
+        let sent = active_in(&mut self.channels, id)?.send(&self.provider, &self.me, now, payload);
+        let (msg_id, message) = match sent {
+            Ok(s) => s,
+            Err(e) => return self.fail(e),
+        };
+        let (state, recipients, epoch, hlc) = {
+            let channel = self.active(id)?;
+            let recipients: Vec<DeviceId> =
+                channel.members().into_iter().filter(|d| *d != me_device).collect();
+            (channel.state().clone(), recipients, channel.epoch(), channel.state().clock.last())
+        };
+        let outbox_id = self.next_outbox;
+        let mut record = self.held(id)?.record.clone();
+        record.state = state;
+        let mut b = Batch::default();
+        b.channel(*id, record.clone());
+        let stored = StoredMessage {
+            id: msg_id,
+            hlc,
+            epoch,
+            payload: payload.to_vec(),
+            status: if recipients.is_empty() { MessageStatus::Sent } else { MessageStatus::Sending },
+            at: now,
+        };
+        if store {
+            b.message(*id, stored.clone());
+        }
+        if !recipients.is_empty() {
+            let item = OutboxItem { channel: *id, id: msg_id, message, recipients, attempts: 0 };
+            b.outbox(outbox_id, Some(item));
+        }
+        self.commit(b)?;
+        self.next_outbox += 1;
+        if let Some(h) = self.channels.get_mut(id) {
+            h.record = record;
+        }
+        if store {
+            self.emit_message(id, &stored);
+        }
+        Ok((msg_id, outbox_id))
+    }
+
+    fn emit_message(&self, channel: &ChannelId, m: &StoredMessage) {
+        let mime = self.channels.get(channel).and_then(|h| h.channel.as_ref()).map_or_else(
+            || chat::MIME.to_owned(),
+            |c| c.config().mime.clone(),
+        );
+        let message = crate::view::MessageView::new(m, &mime, |d| self.name_of(d));
+        self.emit(Event::Message { channel: channel.to_string(), message });
+    }
+
+    /// The address a device is known by (`alice@relay`), or its short id.
+    pub fn name_of(&self, device: &DeviceId) -> String {
+        self.dirs
+            .get(device)
+            .and_then(|d| d.body.sponsorships.first())
+            .map_or_else(|| short_device(device), |s| s.address().to_string())
+    }
+
+    /// Outbox items to deliver, oldest first.
+    pub fn outbox(&self) -> Result<Vec<(u64, OutboxItem)>, EngineError> {
+        Ok(self.store.outbox(OUTBOX_BATCH)?)
+    }
+
+    /// Seals an outbox item to each remaining recipient: `(recipient, envelope)`. Recipients
+    /// whose record is unknown are returned apart.
+    pub fn seal_outbox(
+        &self,
+        item: &OutboxItem,
+    ) -> (Vec<(DeviceId, inbox::SealedEnvelope)>, Vec<DeviceId>) {
+        let payload =
+            InboxPayload::Channel { channel: item.channel, message: item.message.clone() }
+                .to_bytes();
+        let mut sealed = Vec::new();
+        let mut unknown = Vec::new();
+        for device in &item.recipients {
+            let Some(dir) = self.dirs.get(device) else {
+                unknown.push(*device);
+                continue;
+            };
+            match inbox::seal(&mut rand::rng(), *device, &dir.body.inbox_key, &payload) {
+                Ok(e) => sealed.push((*device, e)),
+                Err(e) => tracing::warn!(%device, error = %e, "cannot seal to the device"),
+            }
+        }
+        (sealed, unknown)
+    }
+
+    /// Records a delivery attempt: `remaining` still need the message. With none left the
+    /// message is sent.
+    pub fn outbox_progress(
+        &mut self,
+        outbox_id: u64,
+        mut item: OutboxItem,
+        remaining: Vec<DeviceId>,
+    ) -> Result<(), EngineError> {
+        let mut b = Batch::default();
+        if remaining.is_empty() {
+            b.outbox(outbox_id, None);
+            b.status(item.channel, item.id, MessageStatus::Sent);
+            self.store.commit(b)?;
+            self.emit(Event::Sent { channel: item.channel.to_string(), id: id_string(&item.id) });
+        } else {
+            item.recipients = remaining;
+            item.attempts = item.attempts.saturating_add(1);
+            b.outbox(outbox_id, Some(item));
+            self.store.commit(b)?;
+        }
+        Ok(())
+    }
+
+    /// Opens, decrypts and stores inbox items, in order, in one transaction. See [`Received`].
+    pub fn receive(&mut self, items: &[InboxItem], now: Timestamp) -> Result<Received, EngineError> {
+        let mut out = Received::default();
+        let mut b = Batch::default();
+        let mut touched = BTreeSet::new();
+        let mut pending_events = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            let payload = match self
+                .inbox
+                .open(self.device(), &item.envelope)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| InboxPayload::from_bytes(&bytes).map_err(|e| e.to_string()))
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(item = item.id, error = %e, "dropping an inbox item that does not open");
+                    out.done.push(item.id);
+                    continue;
+                }
+            };
+            // A Welcome or a commit that fails half-way (an unknown member, say) may already
+            // have changed openmls' working state: everything before it is committed first, so
+            // that a failure rolls back to exactly the state before it.
+            let risky = matches!(
+                payload,
+                InboxPayload::Welcome { .. }
+                    | InboxPayload::Channel { message: ChannelMessage::Commit { .. }, .. }
+            );
+            if risky {
+                self.flush(std::mem::take(&mut b), std::mem::take(&mut touched), &mut pending_events)?;
+            }
+            let step = match payload {
+                InboxPayload::Welcome { channel, welcome } => {
+                    self.receive_welcome(channel, &welcome, now, &mut b, &mut pending_events)
+                }
+                InboxPayload::Channel { channel, message } => self.receive_channel(
+                    channel,
+                    message,
+                    now,
+                    &mut b,
+                    &mut touched,
+                    &mut pending_events,
+                ),
+            };
+            if risky && matches!(step, Step::Dropped | Step::Need(_)) {
+                self.rollback();
+                b = Batch::default();
+                touched.clear();
+                pending_events.clear();
+                out.reloaded = true;
+            }
+            match step {
+                Step::Done | Step::Dropped => out.done.push(item.id),
+                Step::Held(channel, epoch) => out.held.push((channel, epoch, item.id)),
+                Step::Need(devices) => {
+                    out.stopped = Some((index, devices));
+                    break;
+                }
+                Step::Keep => {}
+            }
+        }
+        self.flush(b, touched, &mut pending_events)?;
+        Ok(out)
+    }
+
+    /// Commits received messages with the states of the channels they touched, then emits
+    /// their events.
+    fn flush(
+        &mut self,
+        mut b: Batch,
+        touched: BTreeSet<ChannelId>,
+        events: &mut Vec<Event>,
+    ) -> Result<(), EngineError> {
+        for id in touched {
+            self.save_channel(&id, &mut b);
+        }
+        self.commit(b)?;
+        for event in events.drain(..) {
+            self.emit(event);
+        }
+        Ok(())
+    }
+
+    fn receive_welcome(
+        &mut self,
+        channel: ChannelId,
+        welcome: &[u8],
+        now: Timestamp,
+        b: &mut Batch,
+        events: &mut Vec<Event>,
+    ) -> Step {
+        let trust = self.trust();
+        let check = Recording {
+            known: KnownDirs { dirs: &self.dirs, trust: &trust, now },
+            missing: RefCell::new(BTreeSet::new()),
+        };
+        match Channel::join(&self.provider, welcome, &check) {
+            Ok(joined) if joined.id() == channel => {
+                let record = ChannelRecord {
+                    state: joined.state().clone(),
+                    opened: true,
+                    left: false,
+                    joined: now,
+                };
+                b.channel(channel, record.clone());
+                events.push(Event::Joined {
+                    channel: channel.to_string(),
+                    name: joined.config().name.clone(),
+                });
+                self.channels.insert(channel, Held { record, channel: Some(joined) });
+                Step::Done
+            }
+            Ok(_) => {
+                tracing::warn!(%channel, "a Welcome for another channel than it claims; dropped");
+                Step::Dropped
+            }
+            Err(ChannelError::Credential { .. }) if !check.missing.borrow().is_empty() => {
+                Step::Need(check.missing.into_inner().into_iter().collect())
+            }
+            Err(ChannelError::AlreadyJoined) => Step::Done,
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "dropping a Welcome");
+                Step::Dropped
+            }
+        }
+    }
+
+    fn receive_channel(
+        &mut self,
+        id: ChannelId,
+        message: ChannelMessage,
+        now: Timestamp,
+        b: &mut Batch,
+        touched: &mut BTreeSet<ChannelId>,
+        events: &mut Vec<Event>,
+    ) -> Step {
+        let trust = self.trust();
+        let check = Recording {
+            known: KnownDirs { dirs: &self.dirs, trust: &trust, now },
+            missing: RefCell::new(BTreeSet::new()),
+        };
+        let Some(channel) = self.channels.get_mut(&id).and_then(|h| h.channel.as_mut()) else {
+            tracing::debug!(channel = %id, "message for a channel this device is not in; dropped");
+            return Step::Done;
+        };
+        let result = channel.process(&self.provider, now, message, &check);
+        let mime = channel.config().mime.clone();
+        let epoch_now = channel.epoch();
+        let result = match result {
+            Ok(events) => events,
+            Err(ChannelError::Credential { .. }) if !check.missing.borrow().is_empty() => {
+                return Step::Need(check.missing.into_inner().into_iter().collect());
+            }
+            Err(e @ (ChannelError::TooFarAhead { .. } | ChannelError::BufferFull)) => {
+                tracing::warn!(channel = %id, error = %e, "message kept in the inbox for later");
+                return Step::Keep;
+            }
+            Err(e) => {
+                tracing::warn!(channel = %id, error = %e, "dropping a channel message");
+                return Step::Dropped;
+            }
+        };
+        touched.insert(id);
+        let mut step = Step::Done;
+        for event in result {
+            match event {
+                ChannelEvent::Message { id: msg_id, hlc, epoch, payload } => {
+                    if mime == chat::MIME {
+                        if let Ok(chat::ChatContent::Typing { active }) =
+                            chat::ChatContent::from_bytes(&payload)
+                        {
+                            events.push(Event::Typing {
+                                channel: id.to_string(),
+                                device: msg_id.sender.0.to_hex(),
+                                active,
+                            });
+                            continue;
+                        }
+                    }
+                    let stored = StoredMessage {
+                        id: msg_id,
+                        hlc,
+                        epoch,
+                        payload,
+                        status: MessageStatus::Received,
+                        at: now,
+                    };
+                    let message =
+                        crate::view::MessageView::new(&stored, &mime, |d| self.name_of_dirs(d));
+                    events.push(Event::Message { channel: id.to_string(), message });
+                    b.message(id, stored);
+                }
+                ChannelEvent::Buffered { epoch } if epoch > epoch_now => {
+                    step = Step::Held(id, epoch);
+                }
+                ChannelEvent::CommitApplied { epoch, added, removed, self_removed } => {
+                    events.push(Event::Members {
+                        channel: id.to_string(),
+                        epoch,
+                        added: added.iter().map(|d| d.0.to_hex()).collect(),
+                        removed: removed.iter().map(|d| d.0.to_hex()).collect(),
+                    });
+                    if self_removed {
+                        events.push(Event::Removed { channel: id.to_string() });
+                    }
+                }
+                _ => {}
+            }
+        }
+        step
+    }
+
+    fn name_of_dirs(&self, device: &DeviceId) -> String {
+        self.name_of(device)
+    }
+
+    /// The channel's epoch, if this device is in it.
+    pub fn epoch(&self, id: &ChannelId) -> Option<u64> {
+        self.channels.get(id).and_then(|h| h.channel.as_ref()).map(Channel::epoch)
+    }
+
+    /// The channel's members.
+    pub fn members(&self, id: &ChannelId) -> Result<Vec<DeviceId>, EngineError> {
+        let held = self.held(id)?;
+        Ok(held.channel.as_ref().map(Channel::members).unwrap_or_default())
+    }
+
+    /// Stages a commit for `op` and records the intent, durably, before anything is submitted.
+    pub fn stage(
+        &mut self,
+        id: &ChannelId,
+        op: IntentOp,
+        attempts: u32,
+        now: Timestamp,
+    ) -> Result<StagedRecord, EngineError> {
+        let mut change = Change::default();
+        match &op {
+            IntentOp::Add(adds) => {
+                for (dir, kp) in adds {
+                    self.verify_dir(dir, now)?;
+                    self.dirs.insert(dir.device(), dir.clone());
+                    change.add.push(kp.clone());
+                }
+            }
+            IntentOp::Remove(devices) => change.remove.clone_from(devices),
+        }
+        let trust = self.trust();
+        let check = KnownDirs { dirs: &self.dirs, trust: &trust, now };
+        let staged =
+            active_in(&mut self.channels, id)?.stage(&self.provider, &self.me, &change, &check);
+        let staged = match staged {
+            Ok(s) => s,
+            Err(e) => return self.fail(e),
+        };
+        let welcome = match &staged.welcome {
+            Some(w) => {
+                let payload =
+                    InboxPayload::Welcome { channel: *id, welcome: Bytes(w.clone()) }.to_bytes();
+                let mut envelopes = Vec::new();
+                for device in &staged.added {
+                    let Some(dir) = self.dirs.get(device) else { continue };
+                    match inbox::seal(&mut rand::rng(), *device, &dir.body.inbox_key, &payload) {
+                        Ok(e) => envelopes.push(e),
+                        Err(e) => return self.fail(EngineError::Invalid(e.to_string())),
+                    }
+                }
+                Some(SealedWelcomes { envelopes })
+            }
+            None => None,
+        };
+        let record = StagedRecord {
+            epoch: staged.epoch,
+            commit: staged.commit.clone(),
+            welcome,
+            fanout: Vec::new(),
+        };
+        let mut b = Batch::default();
+        if let IntentOp::Add(adds) = &op {
+            for (dir, _) in adds {
+                b.dir(dir.clone());
+            }
+        }
+        b.intent(*id, Some(IntentRecord { op, staged: Some(record.clone()), attempts }));
+        self.save_channel(id, &mut b);
+        self.commit(b)?;
+        Ok(record)
+    }
+
+    fn save_channel(&mut self, id: &ChannelId, b: &mut Batch) {
+        if let Some(h) = self.channels.get_mut(id) {
+            if let Some(c) = &h.channel {
+                h.record.state = c.state().clone();
+                h.record.left = !c.is_active();
+            }
+            b.channel(*id, h.record.clone());
+        }
+    }
+
+    /// Merges this device's staged commit, certified by the orderers, and drops the intent.
+    pub fn accept(&mut self, id: &ChannelId, cert: &EpochCert) -> Result<(), EngineError> {
+        let result = active_in(&mut self.channels, id)?.accept_own(&self.provider, cert);
+        let events = match result {
+            Ok(e) => e,
+            Err(e) => return self.fail(e),
+        };
+        let mut b = Batch::default();
+        b.intent(*id, None);
+        self.save_channel(id, &mut b);
+        self.commit(b)?;
+        for event in events {
+            if let ChannelEvent::CommitApplied { epoch, added, removed, .. } = event {
+                self.emit(Event::Members {
+                    channel: id.to_string(),
+                    epoch,
+                    added: added.iter().map(|d| d.0.to_hex()).collect(),
+                    removed: removed.iter().map(|d| d.0.to_hex()).collect(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops this device's staged commit (another won the epoch, or the relay refused it). The
+    /// intent stays, without a staged commit, unless `give_up`.
+    pub fn discard(&mut self, id: &ChannelId, give_up: bool) -> Result<(), EngineError> {
+        let result = {
+            let provider = &self.provider;
+            match self.channels.get_mut(id).and_then(|h| h.channel.as_mut()) {
+                Some(c) if c.pending().is_some() => c.discard_own(provider),
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = result {
+            return self.fail(e);
+        }
+        let mut b = Batch::default();
+        let intent = if give_up {
+            None
+        } else {
+            self.store.intents()?.into_iter().find(|(c, _)| c == id).map(|(_, mut i)| {
+                i.staged = None;
+                i
+            })
+        };
+        b.intent(*id, intent);
+        self.save_channel(id, &mut b);
+        self.commit(b)
+    }
+
+    /// Leaves a channel on this device: the channel stops here (nothing more is sent or
+    /// processed) and its history stays readable. The other members keep this device in the
+    /// group until an admin removes it (MLS lets no member commit its own removal).
+    pub fn leave(&mut self, id: &ChannelId) -> Result<(), EngineError> {
+        let mut record = self.held(id)?.record.clone();
+        record.left = true;
+        let mut b = Batch::default();
+        b.channel(*id, record.clone());
+        b.intent(*id, None);
+        self.commit(b)?;
+        if let Some(h) = self.channels.get_mut(id) {
+            h.record = record;
+            h.channel = None;
+        }
+        Ok(())
+    }
+
+    /// Every stored intent.
+    pub fn intents(&self) -> Result<Vec<(ChannelId, IntentRecord)>, EngineError> {
+        Ok(self.store.intents()?)
+    }
+}
+
+/// What one inbox item came to.
+enum Step {
+    /// Processed: acknowledge it.
+    Done,
+    /// Refused (garbage, or not valid here): acknowledge it; undo what it changed.
+    Dropped,
+    /// In the channel's future-epoch buffer.
+    Held(ChannelId, u64),
+    /// Needs these devices' identity records first.
+    Need(Vec<DeviceId>),
+    /// Not processed; leave it in the inbox.
+    Keep,
+}
+
+fn active_in<'a>(
+    channels: &'a mut BTreeMap<ChannelId, Held>,
+    id: &ChannelId,
+) -> Result<&'a mut Channel, EngineError> {
+    let held = channels.get_mut(id).ok_or_else(|| EngineError::UnknownChannel(id.to_string()))?;
+    held.channel.as_mut().filter(|c| c.is_active()).ok_or(EngineError::Left)
+}
+
+fn seed(bytes: &[u8]) -> Result<[u8; 32], EngineError> {
+    bytes.try_into().map_err(|_| EngineError::Store(StoreError::Corrupt { table: "keys" }))
+}
+
+impl Account {
+    fn to_bytes_record(&self) -> Vec<u8> {
+        chitchat_proto::codec::encode(self)
+    }
+}
+
+/// A message id as the API writes it: `SENDER:EPOCH.N`, the sender's device id in hex and its
+/// sequence number split into the epoch it joined in and a counter.
+pub fn id_string(id: &MessageId) -> String {
+    format!("{}:{}", id.sender.0.to_hex(), seq_string(id.seq))
+}
+
+/// A sequence number as `EPOCH.N`.
+pub fn seq_string(seq: u64) -> String {
+    format!("{}.{}", seq >> 32, seq & 0xffff_ffff)
+}
+
+/// A short id for display: the first 8 hex digits of the sender.
+pub fn short_id(id: &MessageId) -> String {
+    format!("{}:{}", &id.sender.0.to_hex()[..8], seq_string(id.seq))
+}
+
+/// A device's short id.
+pub fn short_device(device: &DeviceId) -> String {
+    device.0.to_hex()[..12].to_owned()
+}
+
+/// Parses `EPOCH.N` or a plain number.
+pub fn parse_seq(s: &str) -> Option<u64> {
+    match s.split_once('.') {
+        Some((hi, lo)) => {
+            let hi: u64 = hi.parse().ok()?;
+            let lo: u64 = lo.parse().ok()?;
+            (hi <= u64::from(u32::MAX) && lo <= u64::from(u32::MAX)).then_some(hi << 32 | lo)
+        }
+        None => s.parse().ok(),
+    }
+}

@@ -1,0 +1,249 @@
+//! The node's connection to its relay: a libp2p swarm (TCP, QUIC, WebSocket; Noise; yamux)
+//! speaking the relay protocol over request-response, one frame per request and response.
+//!
+//! [`RelayLink::call`] sends a request and returns the relay's response. The swarm dials the
+//! relay when a request needs it, so a link survives a relay restart: the next request
+//! reconnects. The relay authenticates per connection; a request answered `Unauthenticated`
+//! authenticates (challenge, signed proof) and is sent once more.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chitchat_proto::wire::{self, AuthProof, ErrorCode, MAX_FRAME_LEN, Request, Response};
+use chitchat_proto::{DeviceId, SecretKey};
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// The relay protocol's name (the relay speaks the same).
+pub const PROTOCOL: &str = "/chitchat/relay/1";
+/// Requests waiting for the swarm task, at most.
+const CALL_QUEUE: usize = 1024;
+/// The longest any request may take at the transport level (a `Wait` lasts up to a minute).
+const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// Why a call to the relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The relay could not be reached, or the request timed out.
+    #[error("relay unreachable: {0}")]
+    Unreachable(String),
+    /// The relay answered something that does not decode.
+    #[error("bad response from relay: {0}")]
+    BadResponse(String),
+    /// The relay refused to authenticate this device.
+    #[error("relay refused authentication: {0}")]
+    Auth(String),
+    /// The link is shut down.
+    #[error("link closed")]
+    Closed,
+}
+
+/// Frames over a libp2p stream: the request or response is the whole stream, at most
+/// [`MAX_FRAME_LEN`] bytes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Frames;
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    io.take(MAX_FRAME_LEN as u64 + 1).read_to_end(&mut buf).await?;
+    if buf.len() > MAX_FRAME_LEN {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame too long"));
+    }
+    Ok(buf)
+}
+
+impl request_response::Codec for Frames {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&res).await?;
+        io.close().await
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<u8>, LinkError>>;
+
+/// A connection to one relay, shared by all of the node's tasks.
+#[derive(Debug)]
+pub struct RelayLink {
+    calls: mpsc::Sender<(Vec<u8>, Reply)>,
+    key: SecretKey,
+    host: String,
+    timeout: Duration,
+    /// Serialises re-authentication; counts successful authentications.
+    auth: Mutex<u64>,
+}
+
+impl RelayLink {
+    /// A link to relay `peer` (named `host`) at `addrs`, for the device with `key`. Nothing is
+    /// dialled until the first call. `timeout` bounds every call but `Wait`.
+    pub fn new(
+        key: SecretKey,
+        host: String,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        timeout: Duration,
+    ) -> Result<Self, LinkError> {
+        let mut seed = *key.seed();
+        let identity = libp2p::identity::Keypair::ed25519_from_bytes(&mut seed)
+            .map_err(|e| LinkError::Auth(e.to_string()))?;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| LinkError::Unreachable(e.to_string()))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| LinkError::Unreachable(e.to_string()))?
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    Frames,
+                    [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
+                    request_response::Config::default()
+                        .with_request_timeout(TRANSPORT_TIMEOUT)
+                        .with_max_concurrent_streams(256),
+                )
+            })
+            .map_err(|e| LinkError::Unreachable(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(90)))
+            .build();
+        for addr in addrs {
+            swarm.add_peer_address(peer, addr);
+        }
+        let (calls, mut rx) = mpsc::channel::<(Vec<u8>, Reply)>(CALL_QUEUE);
+        tokio::spawn(async move {
+            let mut pending: HashMap<OutboundRequestId, Reply> = HashMap::new();
+            loop {
+                tokio::select! {
+                    call = rx.recv() => match call {
+                        Some((bytes, reply)) => {
+                            let id = swarm.behaviour_mut().send_request(&peer, bytes);
+                            pending.insert(id, reply);
+                        }
+                        None => break,
+                    },
+                    event = swarm.select_next_some() => match event {
+                        SwarmEvent::Behaviour(request_response::Event::Message {
+                            message: request_response::Message::Response { request_id, response },
+                            ..
+                        }) => {
+                            if let Some(r) = pending.remove(&request_id) {
+                                let _ = r.send(Ok(response));
+                            }
+                        }
+                        SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                            request_id, error, ..
+                        }) => {
+                            if let Some(r) = pending.remove(&request_id) {
+                                let _ = r.send(Err(LinkError::Unreachable(error.to_string())));
+                            }
+                        }
+                        SwarmEvent::ConnectionClosed { cause, .. } => {
+                            tracing::debug!(?cause, "relay connection closed");
+                        }
+                        _ => {}
+                    },
+                }
+            }
+        });
+        Ok(Self { calls, key, host, timeout, auth: Mutex::new(0) })
+    }
+
+    /// The device this link authenticates as.
+    pub fn device(&self) -> DeviceId {
+        DeviceId(self.key.public())
+    }
+
+    async fn call_once(&self, request: &Request, timeout: Duration) -> Result<Response, LinkError> {
+        let frame = wire::encode_frame(request).map_err(|e| LinkError::BadResponse(e.to_string()))?;
+        let (reply, answer) = oneshot::channel();
+        self.calls.send((frame, reply)).await.map_err(|_| LinkError::Closed)?;
+        let bytes = tokio::time::timeout(timeout, answer)
+            .await
+            .map_err(|_| LinkError::Unreachable("request timed out".into()))?
+            .map_err(|_| LinkError::Closed)??;
+        wire::decode_frame(&bytes).map_err(|e| LinkError::BadResponse(e.to_string()))
+    }
+
+    /// Sends a request, authenticating first if the relay asks for it.
+    pub async fn call(&self, request: &Request) -> Result<Response, LinkError> {
+        let timeout = match request {
+            Request::Wait { timeout_ms, .. } => {
+                Duration::from_millis(u64::from(*timeout_ms)) + self.timeout
+            }
+            _ => self.timeout,
+        };
+        let seen = *self.auth.lock().await;
+        let response = self.call_once(request, timeout).await?;
+        if !matches!(response, Response::Error { code: ErrorCode::Unauthenticated, .. }) {
+            return Ok(response);
+        }
+        self.authenticate(seen).await?;
+        self.call_once(request, timeout).await
+    }
+
+    /// Authenticates unless another task did since `seen`.
+    async fn authenticate(&self, seen: u64) -> Result<(), LinkError> {
+        let mut count = self.auth.lock().await;
+        if *count != seen {
+            return Ok(());
+        }
+        let device = self.device();
+        let nonce = match self.call_once(&Request::Challenge { device }, self.timeout).await? {
+            Response::Challenge { nonce } => nonce,
+            other => return Err(LinkError::Auth(format!("{other:?}"))),
+        };
+        let signature = AuthProof::sign(&self.key, &self.host, nonce);
+        match self.call_once(&Request::Authenticate { device, signature }, self.timeout).await? {
+            Response::Authenticated => {
+                *count += 1;
+                Ok(())
+            }
+            Response::Error { message, .. } => Err(LinkError::Auth(message)),
+            other => Err(LinkError::Auth(format!("{other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,611 @@
+//! The node's durable state, in one redb file (`node.redb`).
+//!
+//! Everything a node knows is here: its keys, its account at its relay, the identity records
+//! it has seen, its channels (the `ChannelState` next to openmls' own storage), the messages,
+//! the outbox and the commit intents. Tables carry a version in their name (`messages-0`); the
+//! storage version in `meta-0` is checked on open.
+//!
+//! Writes are made by the engine as one [`Batch`] per operation, committed in **one** write
+//! transaction with fsync: the MLS state, the channel state, the messages and the outbox of
+//! one operation become durable together or not at all.
+//!
+//! openmls writes its state through many separate storage calls per operation, with no
+//! transaction hook, so the engine keeps openmls' `MemoryStorage` as the working copy and
+//! [`MlsMirror`] finds what changed since the last commit (a comparison with the last
+//! persisted copy); the changes go into the operation's batch.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use chitchat_proto::channel::{ChannelMessage, ChannelState, MessageId};
+use chitchat_proto::codec::{Bytes, decode, encode};
+use chitchat_proto::hlc::Hlc;
+use chitchat_proto::ordering::ChannelId;
+use chitchat_proto::wire::SealedWelcomes;
+use chitchat_proto::{DeviceId, Dir, RelayId, Timestamp};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// The layout version of the database; bumped with every incompatible change.
+pub const STORAGE_VERSION: u32 = 1;
+/// Largest record accepted from disk.
+const MAX_RECORD_LEN: usize = 64 * 1024 * 1024;
+
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta-0");
+const KEYS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("keys-0");
+const MLS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("mls-0");
+const CHANNELS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("channels-0");
+const DIRS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("dirs-0");
+/// Messages in display order: `(channel, epoch, hlc wall ms, hlc counter, sender, seq)`.
+const MESSAGES: TableDefinition<'_, MessageKey, &[u8]> = TableDefinition::new("messages-0");
+/// Where a message is, by id: `(seq, sender, channel)` to its `(epoch, wall, counter)`.
+/// Keyed by sequence number first, so a short reference (`ab12cd34:0.7`) is one small range.
+const MESSAGE_IDS: TableDefinition<'_, ([u8; 32], u64, [u8; 32]), (u64, u64, u32)> =
+    TableDefinition::new("message-ids-0");
+const OUTBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox-0");
+const INTENTS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("intents-0");
+
+type MessageKey = ([u8; 32], u64, u64, u32, [u8; 32], u64);
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed (I/O, or the file is locked by another process: a daemon already runs).
+    #[error("storage: {0}")]
+    Storage(#[from] redb::Error),
+    /// The database was written by another layout version.
+    #[error("database has storage version {found}, this node reads version {STORAGE_VERSION}")]
+    Version {
+        /// The version found.
+        found: u32,
+    },
+    /// A stored record does not decode.
+    #[error("corrupt record in {table}")]
+    Corrupt {
+        /// The table holding it.
+        table: &'static str,
+    },
+}
+
+fn redb_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Storage(e.into())
+}
+
+fn record<T: Serialize + DeserializeOwned>(
+    bytes: &[u8],
+    table: &'static str,
+) -> Result<T, StoreError> {
+    decode(bytes, MAX_RECORD_LEN).map_err(|_| StoreError::Corrupt { table })
+}
+
+/// The node's relay, as its `.well-known` described it at registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// The HTTP URL it was found at.
+    pub url: String,
+    /// Its host name and key.
+    pub id: RelayId,
+    /// Its libp2p peer id.
+    pub peer_id: String,
+    /// Its libp2p addresses.
+    pub addrs: Vec<String>,
+}
+
+/// The node's registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// The home relay.
+    pub relay: RelayInfo,
+    /// `alice` of `alice@relay`.
+    pub local_name: String,
+    /// The device's current identity record (with the relay's sponsorship).
+    pub dir: Dir,
+}
+
+/// A channel as the node keeps it, beside openmls' group state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRecord {
+    /// The wrapper's state (sequence numbers, clock, seen ids, pending commit).
+    pub state: ChannelState,
+    /// Whether the relay was sent the channel's public state (`OpenChannel`).
+    pub opened: bool,
+    /// Whether this device left or was removed; the history stays readable.
+    pub left: bool,
+    /// When the node created or joined it.
+    pub joined: Timestamp,
+}
+
+/// Where a stored message stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageStatus {
+    /// Ours, durable in the outbox, not yet accepted by the relay for every recipient.
+    Sending,
+    /// Ours, in every recipient's inbox.
+    Sent,
+    /// Someone else's.
+    Received,
+}
+
+/// One application message of a channel, decrypted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Its id.
+    pub id: MessageId,
+    /// Its sender's clock.
+    pub hlc: Hlc,
+    /// The epoch it was sent in.
+    pub epoch: u64,
+    /// The plaintext payload (of the channel's MIME type).
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// Where it stands.
+    pub status: MessageStatus,
+    /// When this node stored it.
+    pub at: Timestamp,
+}
+
+/// A message waiting to be put into its recipients' inboxes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxItem {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The message's id.
+    pub id: MessageId,
+    /// The encrypted message, exactly as first sent: a resend is the same message, which
+    /// receivers drop as a duplicate if they had it.
+    pub message: ChannelMessage,
+    /// Devices that have not got it yet.
+    pub recipients: Vec<DeviceId>,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+}
+
+/// A membership change being ordered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentRecord {
+    /// What to change.
+    pub op: IntentOp,
+    /// The commit staged for it, if one is waiting for the orderers.
+    pub staged: Option<StagedRecord>,
+    /// Rebuilds so far.
+    pub attempts: u32,
+}
+
+/// What a membership change does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IntentOp {
+    /// Add devices: their records and claimed KeyPackages.
+    Add(Vec<(Dir, Bytes)>),
+    /// Remove devices.
+    Remove(Vec<DeviceId>),
+}
+
+/// A staged commit, as submitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedRecord {
+    /// The epoch it is built on.
+    pub epoch: u64,
+    /// The commit (MLS PublicMessage).
+    #[serde(with = "serde_bytes")]
+    pub commit: Vec<u8>,
+    /// The Welcome, sealed to each added device.
+    pub welcome: Option<SealedWelcomes>,
+    /// Devices that get the commit besides the members before it.
+    pub fanout: Vec<DeviceId>,
+}
+
+/// One write of a [`Batch`].
+#[derive(Debug)]
+enum Op {
+    Key(&'static str, Vec<u8>),
+    Mls(Vec<u8>, Option<Vec<u8>>),
+    Channel(ChannelId, ChannelRecord),
+    Dir(Dir),
+    Message(ChannelId, StoredMessage),
+    Status(ChannelId, MessageId, MessageStatus),
+    Outbox(u64, Option<OutboxItem>),
+    Intent(ChannelId, Option<IntentRecord>),
+}
+
+/// The writes of one operation, committed together.
+#[derive(Debug, Default)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    /// Whether it writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    /// Stores a key or the account (`keys-0`).
+    pub fn key(&mut self, name: &'static str, value: Vec<u8>) {
+        self.ops.push(Op::Key(name, value));
+    }
+    /// Applies openmls storage changes.
+    pub fn mls(&mut self, changes: Vec<(Vec<u8>, Option<Vec<u8>>)>) {
+        self.ops.extend(changes.into_iter().map(|(k, v)| Op::Mls(k, v)));
+    }
+    /// Stores a channel.
+    pub fn channel(&mut self, id: ChannelId, record: ChannelRecord) {
+        self.ops.push(Op::Channel(id, record));
+    }
+    /// Stores an identity record.
+    pub fn dir(&mut self, dir: Dir) {
+        self.ops.push(Op::Dir(dir));
+    }
+    /// Stores a message (once: a message already stored is left as it is).
+    pub fn message(&mut self, channel: ChannelId, message: StoredMessage) {
+        self.ops.push(Op::Message(channel, message));
+    }
+    /// Changes a stored message's status.
+    pub fn status(&mut self, channel: ChannelId, id: MessageId, status: MessageStatus) {
+        self.ops.push(Op::Status(channel, id, status));
+    }
+    /// Stores (`Some`) or deletes (`None`) an outbox item.
+    pub fn outbox(&mut self, id: u64, item: Option<OutboxItem>) {
+        self.ops.push(Op::Outbox(id, item));
+    }
+    /// Stores (`Some`) or deletes (`None`) a channel's intent.
+    pub fn intent(&mut self, channel: ChannelId, intent: Option<IntentRecord>) {
+        self.ops.push(Op::Intent(channel, intent));
+    }
+}
+
+/// The node's database.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+fn message_key(channel: &ChannelId, m: &StoredMessage) -> MessageKey {
+    (channel.0, m.epoch, m.hlc.wall_ms, m.hlc.counter, *m.id.sender.as_bytes(), m.id.seq)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`. Fails if another process has it open.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(redb_err)?;
+        restrict_file(path);
+        let w = db.begin_write().map_err(redb_err)?;
+        {
+            let mut meta = w.open_table(META).map_err(redb_err)?;
+            let found = match meta.get("version").map_err(redb_err)? {
+                Some(v) => Some(record::<u32>(v.value(), "meta")?),
+                None => None,
+            };
+            match found {
+                Some(STORAGE_VERSION) => {}
+                Some(found) => return Err(StoreError::Version { found }),
+                None => {
+                    meta.insert("version", encode(&STORAGE_VERSION).as_slice())
+                        .map_err(redb_err)?;
+                }
+            }
+            w.open_table(KEYS).map_err(redb_err)?;
+            w.open_table(MLS).map_err(redb_err)?;
+            w.open_table(CHANNELS).map_err(redb_err)?;
+            w.open_table(DIRS).map_err(redb_err)?;
+            w.open_table(MESSAGES).map_err(redb_err)?;
+            w.open_table(MESSAGE_IDS).map_err(redb_err)?;
+            w.open_table(OUTBOX).map_err(redb_err)?;
+            w.open_table(INTENTS).map_err(redb_err)?;
+        }
+        w.commit().map_err(redb_err)?;
+        Ok(Self { db })
+    }
+
+    /// Commits a batch in one fsync'd transaction.
+    pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.db.begin_write().map_err(redb_err)?;
+        w.set_durability(Durability::Immediate).map_err(redb_err)?;
+        apply(&w, batch)?;
+        w.commit().map_err(redb_err)
+    }
+
+    /// A key or record of `keys-0`.
+    pub fn key(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(KEYS).map_err(redb_err)?;
+        Ok(t.get(name).map_err(redb_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// The registration, if any.
+    pub fn account(&self) -> Result<Option<Account>, StoreError> {
+        self.key("account")?.map(|v| record(&v, "keys")).transpose()
+    }
+
+    /// Every openmls storage entry.
+    pub fn mls_entries(&self) -> Result<HashMap<Vec<u8>, Vec<u8>>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(MLS).map_err(redb_err)?;
+        let mut out = HashMap::new();
+        for e in t.iter().map_err(redb_err)? {
+            let (k, v) = e.map_err(redb_err)?;
+            out.insert(k.value().to_vec(), v.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Every channel.
+    pub fn channels(&self) -> Result<Vec<ChannelRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(CHANNELS).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(redb_err)? {
+            out.push(record(e.map_err(redb_err)?.1.value(), "channels")?);
+        }
+        Ok(out)
+    }
+
+    /// Every cached identity record.
+    pub fn dirs(&self) -> Result<Vec<Dir>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(DIRS).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(redb_err)? {
+            out.push(record(e.map_err(redb_err)?.1.value(), "dirs")?);
+        }
+        Ok(out)
+    }
+
+    /// A channel's messages in display order (epoch, clock, id): at most `limit`, the latest
+    /// ones.
+    pub fn messages(
+        &self,
+        channel: &ChannelId,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(MESSAGES).map_err(redb_err)?;
+        let lo = (channel.0, 0, 0, 0, [0; 32], 0);
+        let hi = (channel.0, u64::MAX, u64::MAX, u32::MAX, [0xff; 32], u64::MAX);
+        let mut out = Vec::new();
+        for e in t.range(lo..=hi).map_err(redb_err)?.rev().take(limit) {
+            out.push(record(e.map_err(redb_err)?.1.value(), "messages")?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// One message by id.
+    pub fn message(
+        &self,
+        channel: &ChannelId,
+        id: &MessageId,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let ids = r.open_table(MESSAGE_IDS).map_err(redb_err)?;
+        let Some(at) = ids.get((*id.sender.as_bytes(), id.seq, channel.0)).map_err(redb_err)?
+        else {
+            return Ok(None);
+        };
+        let (epoch, wall, counter) = at.value();
+        let t = r.open_table(MESSAGES).map_err(redb_err)?;
+        let key = (channel.0, epoch, wall, counter, *id.sender.as_bytes(), id.seq);
+        t.get(key).map_err(redb_err)?.map(|v| record(v.value(), "messages")).transpose()
+    }
+
+    /// Messages whose sender's id starts with `prefix` and whose sequence number is `seq`, in
+    /// any channel: `(channel, id)`, at most `max`.
+    pub fn find_messages(
+        &self,
+        prefix: &[u8],
+        seq: u64,
+        max: usize,
+    ) -> Result<Vec<(ChannelId, MessageId)>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let ids = r.open_table(MESSAGE_IDS).map_err(redb_err)?;
+        let mut lo = [0u8; 32];
+        let mut hi = [0xffu8; 32];
+        let n = prefix.len().min(32);
+        lo[..n].copy_from_slice(&prefix[..n]);
+        hi[..n].copy_from_slice(&prefix[..n]);
+        let mut out = Vec::new();
+        for e in ids.range((lo, seq, [0; 32])..=(hi, seq, [0xff; 32])).map_err(redb_err)? {
+            let (k, _) = e.map_err(redb_err)?;
+            let (sender, s, channel) = k.value();
+            if s != seq {
+                continue;
+            }
+            let sender = DeviceId::from_slice(&sender)
+                .ok_or(StoreError::Corrupt { table: "message-ids" })?;
+            out.push((ChannelId(channel), MessageId { sender, seq }));
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Outbox items, oldest first, at most `max`.
+    pub fn outbox(&self, max: usize) -> Result<Vec<(u64, OutboxItem)>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(OUTBOX).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(redb_err)?.take(max) {
+            let (k, v) = e.map_err(redb_err)?;
+            out.push((k.value(), record(v.value(), "outbox")?));
+        }
+        Ok(out)
+    }
+
+    /// The next free outbox id.
+    pub fn next_outbox_id(&self) -> Result<u64, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(OUTBOX).map_err(redb_err)?;
+        Ok(t.last().map_err(redb_err)?.map_or(0, |(k, _)| k.value() + 1))
+    }
+
+    /// Every intent.
+    pub fn intents(&self) -> Result<Vec<(ChannelId, IntentRecord)>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(INTENTS).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(redb_err)? {
+            let (k, v) = e.map_err(redb_err)?;
+            out.push((ChannelId(k.value()), record(v.value(), "intents")?));
+        }
+        Ok(out)
+    }
+}
+
+fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
+    let mut keys = w.open_table(KEYS).map_err(redb_err)?;
+    let mut mls = w.open_table(MLS).map_err(redb_err)?;
+    let mut channels = w.open_table(CHANNELS).map_err(redb_err)?;
+    let mut dirs = w.open_table(DIRS).map_err(redb_err)?;
+    let mut messages = w.open_table(MESSAGES).map_err(redb_err)?;
+    let mut ids = w.open_table(MESSAGE_IDS).map_err(redb_err)?;
+    let mut outbox = w.open_table(OUTBOX).map_err(redb_err)?;
+    let mut intents = w.open_table(INTENTS).map_err(redb_err)?;
+    for op in batch.ops {
+        match op {
+            Op::Key(name, value) => {
+                keys.insert(name, value.as_slice()).map_err(redb_err)?;
+            }
+            Op::Mls(k, Some(v)) => {
+                mls.insert(k.as_slice(), v.as_slice()).map_err(redb_err)?;
+            }
+            Op::Mls(k, None) => {
+                mls.remove(k.as_slice()).map_err(redb_err)?;
+            }
+            Op::Channel(id, r) => {
+                channels.insert(id.0, encode(&r).as_slice()).map_err(redb_err)?;
+            }
+            Op::Dir(dir) => {
+                dirs.insert(dir.device().as_bytes(), encode(&dir).as_slice()).map_err(redb_err)?;
+            }
+            Op::Message(channel, m) => {
+                let id_key = (*m.id.sender.as_bytes(), m.id.seq, channel.0);
+                if ids.get(id_key).map_err(redb_err)?.is_some() {
+                    continue;
+                }
+                let key = message_key(&channel, &m);
+                ids.insert(id_key, (key.1, key.2, key.3)).map_err(redb_err)?;
+                messages.insert(key, encode(&m).as_slice()).map_err(redb_err)?;
+            }
+            Op::Status(channel, id, status) => {
+                let Some(at) =
+                    ids.get((*id.sender.as_bytes(), id.seq, channel.0)).map_err(redb_err)?
+                else {
+                    continue;
+                };
+                let (epoch, wall, counter) = at.value();
+                let key = (channel.0, epoch, wall, counter, *id.sender.as_bytes(), id.seq);
+                let old = match messages.get(key).map_err(redb_err)? {
+                    Some(v) => record::<StoredMessage>(v.value(), "messages")?,
+                    None => continue,
+                };
+                let new = StoredMessage { status, ..old };
+                messages.insert(key, encode(&new).as_slice()).map_err(redb_err)?;
+            }
+            Op::Outbox(id, Some(item)) => {
+                outbox.insert(id, encode(&item).as_slice()).map_err(redb_err)?;
+            }
+            Op::Outbox(id, None) => {
+                outbox.remove(id).map_err(redb_err)?;
+            }
+            Op::Intent(channel, Some(intent)) => {
+                intents.insert(channel.0, encode(&intent).as_slice()).map_err(redb_err)?;
+            }
+            Op::Intent(channel, None) => {
+                intents.remove(channel.0).map_err(redb_err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The database holds the device key: owner only.
+fn restrict_file(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    let _ = path;
+}
+
+/// What of openmls' working storage is already on disk.
+#[derive(Debug, Default)]
+pub struct MlsMirror {
+    persisted: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+impl MlsMirror {
+    /// A mirror of what was loaded from disk.
+    pub fn new(persisted: HashMap<Vec<u8>, Vec<u8>>) -> Self {
+        Self { persisted }
+    }
+
+    /// What changed in `current` since the last [`MlsMirror::persisted`]: values to write and
+    /// keys to delete.
+    pub fn changes(&self, current: &HashMap<Vec<u8>, Vec<u8>>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut out: Vec<(Vec<u8>, Option<Vec<u8>>)> = current
+            .iter()
+            .filter(|(k, v)| self.persisted.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        out.extend(
+            self.persisted.keys().filter(|k| !current.contains_key(*k)).map(|k| (k.clone(), None)),
+        );
+        out
+    }
+
+    /// Records that `changes` are on disk.
+    pub fn persisted(&mut self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
+        for (k, v) in changes {
+            match v {
+                Some(v) => self.persisted.insert(k.clone(), v.clone()),
+                None => self.persisted.remove(k),
+            };
+        }
+    }
+
+    /// The state on disk (to roll the working copy back after a failed operation).
+    pub fn snapshot(&self) -> HashMap<Vec<u8>, Vec<u8>> {
+        self.persisted.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_reports_writes_and_deletes_once() {
+        let mut m = MlsMirror::default();
+        let mut cur = HashMap::from([(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"2".to_vec())]);
+        let c = m.changes(&cur);
+        assert_eq!(c.len(), 2);
+        m.persisted(&c);
+        assert!(m.changes(&cur).is_empty());
+        cur.remove(b"a".as_slice());
+        cur.insert(b"b".to_vec(), b"3".to_vec());
+        let mut c = m.changes(&cur);
+        c.sort();
+        assert_eq!(c, vec![(b"a".to_vec(), None), (b"b".to_vec(), Some(b"3".to_vec()))]);
+        m.persisted(&c);
+        assert_eq!(m.snapshot(), cur);
+    }
+
+    #[test]
+    fn refuses_another_storage_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.redb");
+        drop(Store::open(&path).expect("create"));
+        {
+            let db = Database::create(&path).expect("reopen");
+            let w = db.begin_write().expect("write");
+            w.open_table(META).expect("meta").insert("version", encode(&99u32).as_slice()).expect("insert");
+            w.commit().expect("commit");
+        }
+        assert!(matches!(Store::open(&path), Err(StoreError::Version { found: 99 })));
+    }
+}
