@@ -78,8 +78,13 @@ impl From<NodeError> for ApiError {
             NodeError::Link(_) => Self::new(StatusCode::BAD_GATEWAY, "relay_unreachable", message),
             NodeError::Relay { code, .. } => {
                 let status = match code {
-                    "bad_request" | "forbidden" | "not_found" | "token_invalid" | "token_used"
-                    | "registration_closed" | "name_taken" => StatusCode::CONFLICT,
+                    "bad_request"
+                    | "forbidden"
+                    | "not_found"
+                    | "token_invalid"
+                    | "token_used"
+                    | "registration_closed"
+                    | "name_taken" => StatusCode::CONFLICT,
                     "rate_limited" | "quota_exceeded" => StatusCode::TOO_MANY_REQUESTS,
                     _ => StatusCode::BAD_GATEWAY,
                 };
@@ -100,7 +105,9 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Channel(_) => Self::new(StatusCode::CONFLICT, "channel", message),
             EngineError::UnknownChannel(_) => Self::not_found(message),
-            EngineError::NotRegistered => Self::new(StatusCode::CONFLICT, "not_registered", message),
+            EngineError::NotRegistered => {
+                Self::new(StatusCode::CONFLICT, "not_registered", message)
+            }
             EngineError::AlreadyRegistered(_) => {
                 Self::new(StatusCode::CONFLICT, "already_registered", message)
             }
@@ -157,9 +164,8 @@ async fn authorize(State(s): State<Arc<ApiState>>, request: Request, next: Next)
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let query_token = request.uri().query().and_then(|q| {
-        q.split('&').find_map(|kv| kv.strip_prefix("token="))
-    });
+    let query_token =
+        request.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
     match header_token.or(query_token) {
         Some(t) if same(t, &s.token) => next.run(request).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong API token")
@@ -447,9 +453,9 @@ async fn resolve_message(
     reference: &str,
     channel: Option<ChannelId>,
 ) -> ApiResult<(ChannelId, MessageId)> {
-    let (sender, seq) = reference
-        .split_once(':')
-        .ok_or_else(|| ApiError::bad(format!("message id {reference:?}: expected SENDER:EPOCH.N")))?;
+    let (sender, seq) = reference.split_once(':').ok_or_else(|| {
+        ApiError::bad(format!("message id {reference:?}: expected SENDER:EPOCH.N"))
+    })?;
     let seq = parse_seq(seq)
         .ok_or_else(|| ApiError::bad(format!("message id {reference:?}: bad sequence number")))?;
     let sender = sender.to_lowercase();
@@ -504,14 +510,15 @@ async fn send(
         for r in referenced(&content) {
             resolved.push((r.clone(), resolve_message(&s, &r, Some(id)).await?.1));
         }
-        let chat = content.to_chat(|r| {
-            resolved
-                .iter()
-                .find(|(k, _)| k == r)
-                .map(|(_, v)| *v)
-                .ok_or_else(|| format!("unresolved {r}"))
-        })
-        .map_err(ApiError::bad)?;
+        let chat = content
+            .to_chat(|r| {
+                resolved
+                    .iter()
+                    .find(|(k, _)| k == r)
+                    .map(|(_, v)| *v)
+                    .ok_or_else(|| format!("unresolved {r}"))
+            })
+            .map_err(ApiError::bad)?;
         let store = !matches!(chat, ChatContent::Typing { .. });
         (chat.to_bytes(), store)
     } else {
@@ -646,8 +653,8 @@ async fn export(
                 .iter()
                 .map(|m| MessageView::new(m, &mime, |d| lookup_name(&names, d)))
                 .collect();
-            let history = (mime == chat::MIME)
-                .then(|| view::fold_chat(&stored, |d| lookup_name(&names, d)));
+            let history =
+                (mime == chat::MIME).then(|| view::fold_chat(&stored, |d| lookup_name(&names, d)));
             Ok(Json(json!({
                 "channel": id.to_string(),
                 "name": name,

@@ -89,19 +89,37 @@ pub fn format_event(v: &Value) -> String {
             let content = v.get("content");
             let text = match content.and_then(|c| c.get("type")).and_then(Value::as_str) {
                 Some("text") => s_of(content, "body"),
-                Some("reply") => format!("(reply to {}) {}", short(&s_of(content, "to")), s_of(content, "body")),
-                Some("edit") => format!("(edit of {}) {}", short(&s_of(content, "target")), s_of(content, "body")),
+                Some("reply") => {
+                    format!("(reply to {}) {}", short(&s_of(content, "to")), s_of(content, "body"))
+                }
+                Some("edit") => format!(
+                    "(edit of {}) {}",
+                    short(&s_of(content, "target")),
+                    s_of(content, "body")
+                ),
                 Some("delete") => format!("(deleted {})", short(&s_of(content, "target"))),
-                Some("reaction") => format!("(reacted {} to {})", s_of(content, "emoji"), short(&s_of(content, "target"))),
+                Some("reaction") => format!(
+                    "(reacted {} to {})",
+                    s_of(content, "emoji"),
+                    short(&s_of(content, "target"))
+                ),
                 Some("read_receipt") => format!("(read up to {})", short(&s_of(content, "up_to"))),
                 Some(other) => format!("({other})"),
                 None => format!("({} bytes, base64)", s("payload_base64").len()),
             };
-            format!("{} {} {}: {text}", format_time(v.get("time_ms").and_then(Value::as_u64).unwrap_or(0)), s("short"), s("from"))
+            format!(
+                "{} {} {}: {text}",
+                format_time(v.get("time_ms").and_then(Value::as_u64).unwrap_or(0)),
+                s("short"),
+                s("from")
+            )
         }
         Some("sent") => format!("   sent {}", short(&s("id"))),
         Some("typing") => format!("   {} is typing", &s("device")[..12.min(s("device").len())]),
-        Some("members") => format!("   membership changed (epoch {})", v.get("epoch").and_then(Value::as_u64).unwrap_or(0)),
+        Some("members") => format!(
+            "   membership changed (epoch {})",
+            v.get("epoch").and_then(Value::as_u64).unwrap_or(0)
+        ),
         Some("joined") => format!("   joined channel {}", s("name")),
         Some("removed") => "   this device was removed from the channel".to_owned(),
         _ => v.to_string(),

@@ -49,11 +49,11 @@ impl ApiClient {
 
     async fn connect(&self) -> anyhow::Result<Box<dyn Io>> {
         Ok(match &self.target {
-            ApiListen::Tcp(addr) => Box::new(
-                tokio::net::TcpStream::connect(addr)
-                    .await
-                    .with_context(|| format!("cannot reach the daemon at {addr}; is it running?"))?,
-            ),
+            ApiListen::Tcp(addr) => {
+                Box::new(tokio::net::TcpStream::connect(addr).await.with_context(|| {
+                    format!("cannot reach the daemon at {addr}; is it running?")
+                })?)
+            }
             ApiListen::Unix(path) => Box::new(connect_unix(path).await?),
         })
     }
@@ -87,17 +87,21 @@ impl ApiClient {
 
     /// Sends a request and returns the JSON answer; an error status becomes an error with the
     /// API's message.
-    pub async fn json(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    pub async fn json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let body = body.map(|b| serde_json::to_vec(&b)).transpose()?;
         let (status, bytes) = self.raw(method, path, body).await?;
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&bytes).into_owned())
-        });
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         if !(200..300).contains(&status) {
-            let message = value.get("message").and_then(Value::as_str).map_or_else(
-                || value.to_string(),
-                str::to_owned,
-            );
+            let message = value
+                .get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| value.to_string(), str::to_owned);
             bail!("{message} (HTTP {status})");
         }
         Ok(value)
@@ -128,10 +132,9 @@ impl ApiClient {
             None => "ws://localhost/v1/events".to_owned(),
         };
         let mut request = path.into_client_request()?;
-        request.headers_mut().insert(
-            hyper::header::AUTHORIZATION,
-            format!("Bearer {}", self.token).parse()?,
-        );
+        request
+            .headers_mut()
+            .insert(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token).parse()?);
         let (mut ws, _) = tokio_tungstenite::client_async(request, io)
             .await
             .context("cannot open the event stream")?;

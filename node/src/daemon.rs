@@ -187,12 +187,14 @@ impl Node {
         chitchat_proto::identity::check_local_name(name)
             .map_err(|e| NodeError::Invalid(format!("name {name:?}: {e}")))?;
         let relay = fetch_well_known(url).await?;
-        let link = Arc::new(self.with({
-            let relay = relay.clone();
-            let config = self.config.clone();
-            move |e| make_link(e, &relay, &config)
-        })
-        .await?);
+        let link = Arc::new(
+            self.with({
+                let relay = relay.clone();
+                let config = self.config.clone();
+                move |e| make_link(e, &relay, &config)
+            })
+            .await?,
+        );
         let now = now();
         let dir = self.with(move |e| e.own_dir(1, vec![], now)).await;
         let local_name = name.to_owned();
@@ -330,9 +332,11 @@ impl Node {
 
     async fn deliver_locked(&self, outbox_id: u64) -> Result<bool, NodeError> {
         let item = self
-            .with(move |e| e.store().outbox(usize::MAX).map(|items| {
-                items.into_iter().find(|(id, _)| *id == outbox_id).map(|(_, item)| item)
-            }))
+            .with(move |e| {
+                e.store().outbox(usize::MAX).map(|items| {
+                    items.into_iter().find(|(id, _)| *id == outbox_id).map(|(_, item)| item)
+                })
+            })
             .await
             .map_err(EngineError::from)?;
         let Some(item) = item else { return Ok(true) };
@@ -385,6 +389,10 @@ impl Node {
         }
         for device in still_unknown {
             tracing::warn!(%device, "no identity record for a recipient; message not sent to it");
+        }
+        if fault("exit-after-enqueue") {
+            // The message is in the recipients' inboxes, and still in the outbox.
+            std::process::abort();
         }
         let done = remaining.is_empty();
         let give_up = item.attempts.saturating_add(1) >= MAX_DELIVERY_ATTEMPTS;
@@ -535,7 +543,11 @@ impl Node {
         Ok(last)
     }
 
-    async fn lookup_devices(&self, link: &RelayLink, devices: Vec<DeviceId>) -> Result<(), NodeError> {
+    async fn lookup_devices(
+        &self,
+        link: &RelayLink,
+        devices: Vec<DeviceId>,
+    ) -> Result<(), NodeError> {
         for chunk in devices.chunks(MAX_LOOKUP_DEVICES) {
             match link.call(&Request::LookupDevices { devices: chunk.to_vec() }).await? {
                 Response::Dirs(dirs) => self.with(move |e| e.add_dirs(dirs)).await?,
@@ -580,7 +592,11 @@ impl Node {
     }
 
     /// Adds every device of `address` to the channel, through the ordering flow.
-    pub async fn invite(&self, channel: ChannelId, address: &str) -> Result<Vec<DeviceId>, NodeError> {
+    pub async fn invite(
+        &self,
+        channel: ChannelId,
+        address: &str,
+    ) -> Result<Vec<DeviceId>, NodeError> {
         let dirs = self.lookup(address).await?;
         let members: BTreeSet<DeviceId> =
             self.with(move |e| e.members(&channel)).await?.into_iter().collect();
@@ -605,7 +621,11 @@ impl Node {
     }
 
     /// Removes devices from the channel, through the ordering flow.
-    pub async fn remove(&self, channel: ChannelId, devices: Vec<DeviceId>) -> Result<(), NodeError> {
+    pub async fn remove(
+        &self,
+        channel: ChannelId,
+        devices: Vec<DeviceId>,
+    ) -> Result<(), NodeError> {
         self.change(channel, IntentOp::Remove(devices)).await
     }
 
@@ -661,7 +681,11 @@ impl Node {
 
     /// Submits a staged commit until the relay decides. Network failures resubmit the same
     /// commit (the relay answers a resubmitted winner again).
-    async fn submit(&self, channel: ChannelId, staged: &StagedRecord) -> Result<Submitted, NodeError> {
+    async fn submit(
+        &self,
+        channel: ChannelId,
+        staged: &StagedRecord,
+    ) -> Result<Submitted, NodeError> {
         let link = self.link()?;
         let request = Request::SubmitCommit(CommitSubmission {
             channel,
@@ -761,6 +785,13 @@ fn make_link(engine: &Engine, relay: &RelayInfo, config: &Config) -> Result<Rela
         addrs,
         Duration::from_secs(config.relay.request_timeout_seconds),
     )?)
+}
+
+/// Whether the fault `name` is to be injected: `CHITCHAT_FAULT=name` makes the daemon crash at
+/// that point, for the crash tests. Read once.
+fn fault(name: &str) -> bool {
+    static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FAULT.get_or_init(|| std::env::var("CHITCHAT_FAULT").ok()).as_deref() == Some(name)
 }
 
 /// Reads a relay's `.well-known`.

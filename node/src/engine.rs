@@ -433,8 +433,12 @@ impl Engine {
             Ok(c) => c,
             Err(e) => return self.fail(e),
         };
-        let record =
-            ChannelRecord { state: channel.state().clone(), opened: false, left: false, joined: now };
+        let record = ChannelRecord {
+            state: channel.state().clone(),
+            opened: false,
+            left: false,
+            joined: now,
+        };
         let mut b = Batch::default();
         b.channel(id, record.clone());
         self.commit(b)?;
@@ -456,7 +460,10 @@ impl Engine {
     }
 
     /// One channel.
-    pub fn channel(&self, id: &ChannelId) -> Result<(&ChannelRecord, Option<&Channel>), EngineError> {
+    pub fn channel(
+        &self,
+        id: &ChannelId,
+    ) -> Result<(&ChannelRecord, Option<&Channel>), EngineError> {
         let h = self.held(id)?;
         Ok((&h.record, h.channel.as_ref()))
     }
@@ -516,7 +523,11 @@ impl Engine {
             hlc,
             epoch,
             payload: payload.to_vec(),
-            status: if recipients.is_empty() { MessageStatus::Sent } else { MessageStatus::Sending },
+            status: if recipients.is_empty() {
+                MessageStatus::Sent
+            } else {
+                MessageStatus::Sending
+            },
             at: now,
         };
         if store {
@@ -538,10 +549,11 @@ impl Engine {
     }
 
     fn emit_message(&self, channel: &ChannelId, m: &StoredMessage) {
-        let mime = self.channels.get(channel).and_then(|h| h.channel.as_ref()).map_or_else(
-            || chat::MIME.to_owned(),
-            |c| c.config().mime.clone(),
-        );
+        let mime = self
+            .channels
+            .get(channel)
+            .and_then(|h| h.channel.as_ref())
+            .map_or_else(|| chat::MIME.to_owned(), |c| c.config().mime.clone());
         let message = crate::view::MessageView::new(m, &mime, |d| self.name_of(d));
         self.emit(Event::Message { channel: channel.to_string(), message });
     }
@@ -607,7 +619,11 @@ impl Engine {
     }
 
     /// Opens, decrypts and stores inbox items, in order, in one transaction. See [`Received`].
-    pub fn receive(&mut self, items: &[InboxItem], now: Timestamp) -> Result<Received, EngineError> {
+    pub fn receive(
+        &mut self,
+        items: &[InboxItem],
+        now: Timestamp,
+    ) -> Result<Received, EngineError> {
         let mut out = Received::default();
         let mut b = Batch::default();
         let mut touched = BTreeSet::new();
@@ -635,7 +651,11 @@ impl Engine {
                     | InboxPayload::Channel { message: ChannelMessage::Commit { .. }, .. }
             );
             if risky {
-                self.flush(std::mem::take(&mut b), std::mem::take(&mut touched), &mut pending_events)?;
+                self.flush(
+                    std::mem::take(&mut b),
+                    std::mem::take(&mut touched),
+                    &mut pending_events,
+                )?;
             }
             let step = match payload {
                 InboxPayload::Welcome { channel, welcome } => {

@@ -85,8 +85,8 @@ impl NodeDir {
         let path = self.config();
         let text = std::fs::read_to_string(&path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let mut config = Config::parse(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut config =
+            Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         config.apply_env(|k| std::env::var(k).ok())?;
         Ok(config)
     }

@@ -198,7 +198,8 @@ impl RelayLink {
     }
 
     async fn call_once(&self, request: &Request, timeout: Duration) -> Result<Response, LinkError> {
-        let frame = wire::encode_frame(request).map_err(|e| LinkError::BadResponse(e.to_string()))?;
+        let frame =
+            wire::encode_frame(request).map_err(|e| LinkError::BadResponse(e.to_string()))?;
         let (reply, answer) = oneshot::channel();
         self.calls.send((frame, reply)).await.map_err(|_| LinkError::Closed)?;
         let bytes = tokio::time::timeout(timeout, answer)

@@ -27,7 +27,8 @@ struct Cli {
 }
 
 fn default_home() -> PathBuf {
-    std::env::var_os("HOME").map_or_else(|| PathBuf::from(".chitchat"), |h| PathBuf::from(h).join(".chitchat"))
+    std::env::var_os("HOME")
+        .map_or_else(|| PathBuf::from(".chitchat"), |h| PathBuf::from(h).join(".chitchat"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,8 +204,7 @@ fn real_main() -> anyhow::Result<()> {
 async fn daemon(dir: NodeDir) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -330,7 +330,11 @@ async fn post_content(client: &ApiClient, channel: &str, content: Value) -> anyh
 }
 
 fn print_sent(v: &Value) {
-    println!("{} ({})", v["id"].as_str().map_or_else(String::new, cli::short), v["status"].as_str().unwrap_or(""));
+    println!(
+        "{} ({})",
+        v["id"].as_str().map_or_else(String::new, cli::short),
+        v["status"].as_str().unwrap_or("")
+    );
 }
 
 async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
@@ -338,7 +342,11 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
         Command::Init | Command::Daemon => unreachable!("handled before"),
         Command::Register { relay, token, name } => {
             let v = client
-                .json("POST", "/v1/register", Some(json!({"relay": relay, "token": token, "name": name})))
+                .json(
+                    "POST",
+                    "/v1/register",
+                    Some(json!({"relay": relay, "token": token, "name": name})),
+                )
                 .await?;
             println!("registered as {}", v["address"].as_str().unwrap_or_default());
         }
@@ -353,13 +361,18 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
         Command::Devices => {
             let v = client.json("GET", "/v1/devices", None).await?;
             for d in v["devices"].as_array().into_iter().flatten() {
-                let this = if d["this_device"].as_bool() == Some(true) { " (this device)" } else { "" };
+                let this =
+                    if d["this_device"].as_bool() == Some(true) { " (this device)" } else { "" };
                 println!("{}{this}", d["device"].as_str().unwrap_or_default());
             }
         }
         Command::Channel { command: ChannelCommand::Create { name, mime, open } } => {
             let v = client
-                .json("POST", "/v1/channels", Some(json!({"name": name, "mime": mime, "open": open})))
+                .json(
+                    "POST",
+                    "/v1/channels",
+                    Some(json!({"name": name, "mime": mime, "open": open})),
+                )
                 .await?;
             println!("{}", v["id"].as_str().unwrap_or_default());
         }
@@ -369,7 +382,8 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 let left = if c["left"].as_bool() == Some(true) { " (left)" } else { "" };
                 println!(
                     "{}  {}  {}  {} members{left}",
-                    &c["id"].as_str().unwrap_or_default()[..16.min(c["id"].as_str().unwrap_or_default().len())],
+                    &c["id"].as_str().unwrap_or_default()
+                        [..16.min(c["id"].as_str().unwrap_or_default().len())],
                     c["name"].as_str().unwrap_or_default(),
                     c["mime"].as_str().unwrap_or_default(),
                     c["members"].as_u64().unwrap_or(0),
@@ -383,9 +397,12 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
             println!("added {address} ({n} device{})", if n == 1 { "" } else { "s" });
         }
         Command::Members { channel } => {
-            let v = client.json("GET", &format!("/v1/channels/{}/members", enc(&channel)), None).await?;
+            let v = client
+                .json("GET", &format!("/v1/channels/{}/members", enc(&channel)), None)
+                .await?;
             for m in v["members"].as_array().into_iter().flatten() {
-                let this = if m["this_device"].as_bool() == Some(true) { " (this device)" } else { "" };
+                let this =
+                    if m["this_device"].as_bool() == Some(true) { " (this device)" } else { "" };
                 println!(
                     "{}  {}{this}",
                     m["name"].as_str().unwrap_or_default(),
@@ -403,30 +420,48 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
             println!("left {channel}");
         }
         Command::Send { channel, text } => {
-            print_sent(&post_content(client, &channel, json!({"type": "text", "body": text})).await?);
+            print_sent(
+                &post_content(client, &channel, json!({"type": "text", "body": text})).await?,
+            );
         }
         Command::Reply { message, text } => {
             let (channel, id) = locate(client, &message).await?;
-            print_sent(&post_content(client, &channel, json!({"type": "reply", "to": id, "body": text})).await?);
+            print_sent(
+                &post_content(client, &channel, json!({"type": "reply", "to": id, "body": text}))
+                    .await?,
+            );
         }
         Command::Edit { message, text } => {
             let (channel, id) = locate(client, &message).await?;
-            print_sent(&post_content(client, &channel, json!({"type": "edit", "target": id, "body": text})).await?);
+            print_sent(
+                &post_content(
+                    client,
+                    &channel,
+                    json!({"type": "edit", "target": id, "body": text}),
+                )
+                .await?,
+            );
         }
         Command::Delete { message } => {
             let (channel, id) = locate(client, &message).await?;
-            print_sent(&post_content(client, &channel, json!({"type": "delete", "target": id})).await?);
+            print_sent(
+                &post_content(client, &channel, json!({"type": "delete", "target": id})).await?,
+            );
         }
         Command::React { message, emoji, remove } => {
             let (channel, id) = locate(client, &message).await?;
-            let content = json!({"type": "reaction", "target": id, "emoji": emoji, "remove": remove});
+            let content =
+                json!({"type": "reaction", "target": id, "emoji": emoji, "remove": remove});
             print_sent(&post_content(client, &channel, content).await?);
         }
         Command::Read { channel, message } => {
             let up_to = match message {
                 Some(m) => {
                     let path = format!("/v1/messages/{}", enc(&format!("{channel}/{m}")));
-                    client.json("GET", &path, None).await?["id"].as_str().unwrap_or_default().to_owned()
+                    client.json("GET", &path, None).await?["id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
                 }
                 None => {
                     let path = format!("/v1/channels/{}/history?limit=1", enc(&channel));
@@ -437,7 +472,10 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                     }
                 }
             };
-            print_sent(&post_content(client, &channel, json!({"type": "read_receipt", "up_to": up_to})).await?);
+            print_sent(
+                &post_content(client, &channel, json!({"type": "read_receipt", "up_to": up_to}))
+                    .await?,
+            );
         }
         Command::History { channel, limit, json } => {
             let mut path = format!("/v1/channels/{}/history", enc(&channel));

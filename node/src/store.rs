@@ -581,7 +581,8 @@ mod tests {
     #[test]
     fn mirror_reports_writes_and_deletes_once() {
         let mut m = MlsMirror::default();
-        let mut cur = HashMap::from([(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"2".to_vec())]);
+        let mut cur =
+            HashMap::from([(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"2".to_vec())]);
         let c = m.changes(&cur);
         assert_eq!(c.len(), 2);
         m.persisted(&c);
@@ -603,7 +604,10 @@ mod tests {
         {
             let db = Database::create(&path).expect("reopen");
             let w = db.begin_write().expect("write");
-            w.open_table(META).expect("meta").insert("version", encode(&99u32).as_slice()).expect("insert");
+            w.open_table(META)
+                .expect("meta")
+                .insert("version", encode(&99u32).as_slice())
+                .expect("insert");
             w.commit().expect("commit");
         }
         assert!(matches!(Store::open(&path), Err(StoreError::Version { found: 99 })));

@@ -98,16 +98,16 @@ impl Content {
     pub fn from_chat(c: &ChatContent) -> Self {
         match c {
             ChatContent::Text { body } => Self::Text { body: body.clone() },
-            ChatContent::Reply { to, body } => Self::Reply { to: id_string(to), body: body.clone() },
+            ChatContent::Reply { to, body } => {
+                Self::Reply { to: id_string(to), body: body.clone() }
+            }
             ChatContent::Edit { target, body } => {
                 Self::Edit { target: id_string(target), body: body.clone() }
             }
             ChatContent::Delete { target } => Self::Delete { target: id_string(target) },
-            ChatContent::Reaction { target, emoji, remove } => Self::Reaction {
-                target: id_string(target),
-                emoji: emoji.clone(),
-                remove: *remove,
-            },
+            ChatContent::Reaction { target, emoji, remove } => {
+                Self::Reaction { target: id_string(target), emoji: emoji.clone(), remove: *remove }
+            }
             ChatContent::ReadReceipt { up_to } => Self::ReadReceipt { up_to: id_string(up_to) },
             ChatContent::Typing { active } => Self::Typing { active: *active },
             ChatContent::Attachment { .. } => Self::Other { kind: "attachment".into() },

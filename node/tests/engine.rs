@@ -48,14 +48,20 @@ fn device(dir: &tempfile::TempDir, name: &str, relay: &Relay) -> Engine {
     };
     let sponsorship = Sponsorship::issue(&relay.key, body);
     let dir = e.own_dir(2, vec![sponsorship], NOW);
-    let info = RelayInfo { url: "http://relay.test".into(), id: relay.id(), peer_id: String::new(), addrs: vec![] };
+    let info = RelayInfo {
+        url: "http://relay.test".into(),
+        id: relay.id(),
+        peer_id: String::new(),
+        addrs: vec![],
+    };
     e.set_account(Account { relay: info, local_name: name.into(), dir }).expect("account");
     e
 }
 
 fn reopen(dir: &tempfile::TempDir, name: &str, e: Engine) -> Engine {
     drop(e);
-    Engine::open(Store::open(&dir.path().join(format!("{name}.redb"))).expect("store")).expect("engine")
+    Engine::open(Store::open(&dir.path().join(format!("{name}.redb"))).expect("store"))
+        .expect("engine")
 }
 
 #[test]

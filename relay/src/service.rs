@@ -230,9 +230,7 @@ impl Relay {
             Request::Challenge { .. }
             | Request::Authenticate { .. }
             | Request::Lookup { .. }
-            | Request::LookupDevices { .. } => {
-                error(ErrorCode::BadRequest, "not handled here")
-            }
+            | Request::LookupDevices { .. } => error(ErrorCode::BadRequest, "not handled here"),
             Request::Register { token, local_name, dir } => {
                 self.register(me, token, local_name, dir, now).await
             }

@@ -3,14 +3,17 @@
 //! - [`RelayProcess`] runs the real `chitchat-relay` binary in a temporary directory.
 //! - [`Client`] is a test client built from `chitchat-proto`: a libp2p peer that speaks the relay
 //!   protocol frame by frame, so tests can also send what a correct client never would.
+//! - [`NodeProcess`] runs the real `chitchat` daemon and talks to its local API.
 //! - [`Device`] holds a device's keys and builds its identity records.
 
 mod client;
 mod device;
+mod node;
 mod process;
 
 pub use client::Client;
 pub use device::Device;
+pub use node::NodeProcess;
 pub use process::RelayProcess;
 
 use chitchat_proto::wire::{Request, Response};

@@ -2,31 +2,44 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use chitchat_relay::home::{RelayDir, RunInfo};
 use libp2p::{Multiaddr, PeerId};
 
-/// The `chitchat-relay` binary, built once per test run with the same profile as the tests.
-pub(crate) fn relay_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // The test executable is target/<profile>/deps/<name>; the binary is target/<profile>/,
-        // built with the same profile (release for benchmarks).
-        let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "chitchat-relay", "--bin", "chitchat-relay"]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "building chitchat-relay failed");
-        profile_dir.join("chitchat-relay")
-    })
+/// A binary of this workspace, built once per test run with the same profile as the tests.
+pub(crate) fn binary(package: &str, bin: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, path)) = built.iter().find(|(b, _)| b == bin) {
+        return path.clone();
+    }
+    // The test executable is target/<profile>/deps/<name>; the binary is target/<profile>/,
+    // built with the same profile (release for benchmarks).
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(status.success(), "building {bin} failed");
+    let path = profile_dir.join(bin);
+    built.push((bin.to_owned(), path.clone()));
+    path
+}
+
+/// A TCP port that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The `chitchat-relay` binary.
+pub(crate) fn relay_binary() -> PathBuf {
+    binary("chitchat-relay", "chitchat-relay")
 }
 
 /// A relay process in its own temporary directory. Killed when dropped.
@@ -44,7 +57,7 @@ impl RelayProcess {
     /// after `configure` edited its config file. `env` are extra environment variables.
     pub fn start(
         configure: impl FnOnce(&str) -> String,
-        env: &[(&str, &str)],
+        env_extra: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let out = Command::new(relay_binary())
@@ -58,15 +71,15 @@ impl RelayProcess {
         let config = RelayDir::new(dir.path()).config();
         let text = std::fs::read_to_string(&config)?;
         std::fs::write(&config, configure(&text))?;
-        let mut env: Vec<(String, String)> =
-            env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
-        env.extend([
+        // Defaults first: `env` may replace them.
+        let mut env: Vec<(String, String)> = vec![
             (
                 "CHITCHAT_RELAY_LISTEN".into(),
                 "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1".into(),
             ),
             ("CHITCHAT_RELAY_HTTP".into(), "127.0.0.1:0".into()),
-        ]);
+        ];
+        env.extend(env_extra.iter().map(|(k, v)| ((*k).into(), (*v).into())));
         let mut relay = Self {
             dir,
             child: None,
@@ -75,6 +88,19 @@ impl RelayProcess {
         };
         relay.restart()?;
         Ok(relay)
+    }
+
+    /// Like [`RelayProcess::start`], on fixed free ports, so that a restarted relay is found
+    /// where it was.
+    pub fn start_fixed(configure: impl FnOnce(&str) -> String) -> anyhow::Result<Self> {
+        let tcp = free_port()?;
+        let http = free_port()?;
+        let listen = format!("/ip4/127.0.0.1/tcp/{tcp}");
+        let http = format!("127.0.0.1:{http}");
+        Self::start(
+            configure,
+            &[("CHITCHAT_RELAY_LISTEN", listen.as_str()), ("CHITCHAT_RELAY_HTTP", http.as_str())],
+        )
     }
 
     /// Starts (again) the relay process on the same directory and waits until it listens.

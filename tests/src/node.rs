@@ -1,0 +1,180 @@
+//! Running the real `chitchat` node binary.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chitchat_node::client::ApiClient;
+use chitchat_node::home::NodeDir;
+use serde_json::{Value, json};
+
+use crate::RelayProcess;
+use crate::process::binary;
+
+/// The `chitchat` binary.
+fn node_binary() -> std::path::PathBuf {
+    binary("chitchat-node", "chitchat")
+}
+
+/// A node (`chitchat daemon`) in its own temporary directory. Killed when dropped.
+#[derive(Debug)]
+pub struct NodeProcess {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+    api: Option<ApiClient>,
+}
+
+impl NodeProcess {
+    /// Initialises a node and starts its daemon. `env` are extra environment variables.
+    pub fn start(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let out = Command::new(node_binary()).arg("--home").arg(dir.path()).arg("init").output()?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let env = env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        let mut node = Self { dir, child: None, env, api: None };
+        node.restart()?;
+        Ok(node)
+    }
+
+    /// Starts (again) the daemon on the same directory and waits until its API listens.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.restart_with(&[])
+    }
+
+    /// Starts the daemon with extra environment variables for this run only.
+    pub fn restart_with(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<()> {
+        let dir = NodeDir::new(self.dir.path());
+        let _ = std::fs::remove_file(dir.run_info());
+        let child = Command::new(node_binary())
+            .arg("--home")
+            .arg(self.dir.path())
+            .arg("daemon")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().copied())
+            .env("RUST_LOG", std::env::var("CHITCHAT_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn node")?;
+        let pid = child.id();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if dir.load_run_info().is_some_and(|i| i.pid == pid) {
+                self.api = Some(ApiClient::from_home(&dir)?);
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("node exited during start: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("node did not start in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (no clean shutdown) and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the daemon to exit by itself (after a fault it was told to inject).
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait()?.is_some() {
+                    self.child = None;
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("node did not exit in {timeout:?}")
+    }
+
+    /// The node directory.
+    pub fn home(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The local API client.
+    pub fn api(&self) -> &ApiClient {
+        self.api.as_ref().expect("started")
+    }
+
+    /// Calls the local API; an error status is an error.
+    pub async fn json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        self.api().json(method, path, body).await
+    }
+
+    /// Runs `chitchat --home DIR ARGS...` and returns its standard output.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out =
+            Command::new(node_binary()).arg("--home").arg(self.dir.path()).args(args).output()?;
+        if !out.status.success() {
+            bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Registers with `relay` as `name` (invite token from the relay's CLI); returns the
+    /// address.
+    pub async fn register(&self, relay: &RelayProcess, name: &str) -> anyhow::Result<String> {
+        let token = relay.cli(&["invite"])?.trim().to_owned();
+        let body =
+            json!({"relay": format!("http://{}", relay.info.http), "token": token, "name": name});
+        let v = self.json("POST", "/v1/register", Some(body)).await?;
+        Ok(v["address"].as_str().context("address")?.to_owned())
+    }
+
+    /// The texts of a chat channel's history, in order.
+    pub async fn texts(&self, channel: &str) -> anyhow::Result<Vec<String>> {
+        let v = self.json("GET", &format!("/v1/channels/{channel}/history"), None).await?;
+        Ok(v["history"]["messages"]
+            .as_array()
+            .context("messages")?
+            .iter()
+            .map(|m| m["body"].as_str().unwrap_or("[deleted]").to_owned())
+            .collect())
+    }
+
+    /// Waits until `check` holds for the channel's texts, or fails after `timeout`.
+    pub async fn wait_texts(
+        &self,
+        channel: &str,
+        timeout: Duration,
+        check: impl Fn(&[String]) -> bool,
+    ) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let texts = self.texts(channel).await.unwrap_or_default();
+            if check(&texts) {
+                return Ok(texts);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out; history is {texts:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,286 @@
+//! The node end to end: real `chitchat` daemons and a real relay as separate processes on
+//! loopback, driven through the local API (and the CLI).
+
+use std::time::{Duration, Instant};
+
+use chitchat_tests::{NodeProcess, RelayProcess};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn users(relay: &RelayProcess, names: &[&str]) -> Vec<NodeProcess> {
+    let mut nodes = Vec::new();
+    for name in names {
+        let node = NodeProcess::start(&[]).expect("node");
+        node.register(relay, name).await.expect("register");
+        nodes.push(node);
+    }
+    nodes
+}
+
+async fn create(node: &NodeProcess, name: &str) -> String {
+    let v = node.json("POST", "/v1/channels", Some(json!({"name": name}))).await.expect("create");
+    v["id"].as_str().expect("id").to_owned()
+}
+
+async fn send(node: &NodeProcess, channel: &str, text: &str) -> String {
+    let v = node
+        .json("POST", &format!("/v1/channels/{channel}/messages"), Some(json!({"text": text})))
+        .await
+        .expect("send");
+    assert_eq!(v["status"], "sending");
+    v["id"].as_str().expect("id").to_owned()
+}
+
+async fn members(node: &NodeProcess, channel: &str) -> Vec<String> {
+    let v =
+        node.json("GET", &format!("/v1/channels/{channel}/members"), None).await.expect("members");
+    let mut names: Vec<String> = v["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["name"].as_str().expect("name").to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_then_a_third_added_and_one_removed() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let nodes = users(&relay, &["alice", "bob", "carol"]).await;
+    let [alice, bob, carol] = nodes.as_slice() else { unreachable!() };
+
+    // The CLI drives the same API.
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    let out = alice.cli(&["invite", "general", "bob@localhost"]).expect("invite");
+    assert!(out.contains("added bob@localhost"), "{out}");
+    alice.cli(&["send", "general", "hello bob"]).expect("send");
+    bob.wait_texts(&id, WAIT, |t| t == ["hello bob"]).await.expect("bob reads alice");
+    send(bob, &id, "hi alice").await;
+    alice.wait_texts(&id, WAIT, |t| t.len() == 2).await.expect("alice reads bob");
+
+    // Chat content: reply, edit, reaction, delete, read receipt.
+    let hist = alice.json("GET", &format!("/v1/channels/{id}/history"), None).await.expect("h");
+    let first = hist["history"]["messages"][0]["short"].as_str().expect("short").to_owned();
+    bob.cli(&["reply", &first, "replying"]).expect("reply");
+    bob.cli(&["react", &first, "👍"]).expect("react");
+    alice.cli(&["edit", &first, "hello, bob"]).expect("edit");
+    let doomed = send(alice, &id, "a mistake").await;
+    alice.cli(&["delete", &doomed]).expect("delete");
+    bob.wait_texts(&id, WAIT, |t| t.len() == 4 && t[0] == "hello, bob" && t[3] == "[deleted]")
+        .await
+        .expect("bob sees the edit and the deletion");
+    bob.cli(&["read", "general"]).expect("read receipt");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let h = alice.json("GET", &format!("/v1/channels/{id}/history"), None).await.expect("h");
+        let m = &h["history"]["messages"];
+        let reacted = m[0]["reactions"]["👍"] == json!(["bob@localhost"]);
+        let replied = m[2]["reply_to"].as_str() == Some(first.as_str());
+        let read = h["history"]["receipts"]["bob@localhost"].is_string();
+        if reacted && replied && read && m[0]["edited"] == true && m[3]["deleted"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice's history never folded everything: {h:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let history = alice.cli(&["history", "general"]).expect("history");
+    assert!(history.contains("hello, bob (edited) [👍 bob@localhost]"), "{history}");
+    assert!(history.contains("(reply to"), "{history}");
+
+    // A third user joins: she reads what comes after, never what came before.
+    alice.cli(&["invite", "general", "carol@localhost"]).expect("invite carol");
+    send(alice, &id, "welcome carol").await;
+    carol.wait_texts(&id, WAIT, |t| t == ["welcome carol"]).await.expect("carol");
+    bob.wait_texts(&id, WAIT, |t| t.last().map(String::as_str) == Some("welcome carol"))
+        .await
+        .expect("bob");
+    assert_eq!(members(carol, &id).await, ["alice@localhost", "bob@localhost", "carol@localhost"]);
+
+    // Bob is removed: he learns it, and gets nothing after.
+    let out = alice.cli(&["remove", "general", "bob@localhost"]).expect("remove");
+    assert!(out.contains("removed"), "{out}");
+    assert_eq!(members(alice, &id).await, ["alice@localhost", "carol@localhost"]);
+    send(alice, &id, "bob is gone").await;
+    send(carol, &id, "indeed").await;
+    carol
+        .wait_texts(&id, WAIT, |t| t.ends_with(&["bob is gone".into(), "indeed".into()]))
+        .await
+        .expect("carol");
+    alice
+        .wait_texts(&id, WAIT, |t| t.last().map(String::as_str) == Some("indeed"))
+        .await
+        .expect("a");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = bob.json("GET", "/v1/channels", None).await.expect("channels");
+        if v["channels"][0]["left"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob never learnt of his removal: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bob_texts = bob.texts(&id).await.expect("bob");
+    assert!(!bob_texts.iter().any(|t| t == "bob is gone" || t == "indeed"), "{bob_texts:?}");
+    let err = send_err(bob, &id, "can I still talk?").await;
+    assert_eq!(err.0, 409, "{err:?}");
+}
+
+async fn send_err(node: &NodeProcess, channel: &str, text: &str) -> (u16, Value) {
+    let body = serde_json::to_vec(&json!({"text": text})).expect("json");
+    let (status, bytes) = node
+        .api()
+        .raw("POST", &format!("/v1/channels/{channel}/messages"), Some(body))
+        .await
+        .expect("request");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_a_send_delivers_exactly_once() {
+    let mut relay = RelayProcess::start_fixed(|c| c.to_owned()).expect("relay");
+    let mut nodes = users(&relay, &["alice", "bob"]).await;
+    let id = create(&nodes[0], "general").await;
+    nodes[0]
+        .json(
+            "POST",
+            &format!("/v1/channels/{id}/invite"),
+            Some(json!({"address": "bob@localhost"})),
+        )
+        .await
+        .expect("invite");
+    send(&nodes[0], &id, "before").await;
+    nodes[1].wait_texts(&id, WAIT, |t| t == ["before"]).await.expect("bob");
+
+    // 1. The relay is down: the send is durable ("sending") but cannot be delivered. Alice is
+    //    killed; when both come back, the outbox delivers it.
+    relay.kill9();
+    send(&nodes[0], &id, "while the relay was down").await;
+    nodes[0].kill9();
+    relay.restart().expect("relay back");
+    nodes[0].restart().expect("alice back");
+    nodes[1]
+        .wait_texts(&id, WAIT, |t| t == ["before", "while the relay was down"])
+        .await
+        .expect("delivered after the restarts");
+
+    // 2. Alice crashes right after the relay accepted the message and before she noted it:
+    //    she sends it again on restart, and Bob shows it once.
+    nodes[0].kill9();
+    nodes[0].restart_with(&[("CHITCHAT_FAULT", "exit-after-enqueue")]).expect("alice faulty");
+    send(&nodes[0], &id, "exactly once").await;
+    nodes[0].wait_exit(WAIT).expect("alice crashed at the fault");
+    nodes[0].restart().expect("alice back");
+    let want = ["before", "while the relay was down", "exactly once"];
+    nodes[1].wait_texts(&id, WAIT, |t| t == want).await.expect("bob");
+    // Give the resend time to arrive, then check there is still exactly one.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let v =
+            nodes[0].json("GET", &format!("/v1/channels/{id}/messages"), None).await.expect("m");
+        let statuses: Vec<&str> = v["messages"]
+            .as_array()
+            .expect("m")
+            .iter()
+            .filter_map(|m| m["status"].as_str())
+            .collect();
+        if statuses.iter().all(|s| *s == "sent") || Instant::now() > deadline {
+            assert!(statuses.iter().all(|s| *s == "sent"), "{statuses:?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(nodes[1].texts(&id).await.expect("bob"), want);
+    let v = nodes[1].json("GET", &format!("/v1/channels/{id}/messages"), None).await.expect("m");
+    assert_eq!(v["messages"].as_array().expect("m").len(), 3, "stored once each");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_offline_for_1000_messages_catches_up() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let mut nodes = users(&relay, &["alice", "bob"]).await;
+    let id = create(&nodes[0], "general").await;
+    nodes[0]
+        .json(
+            "POST",
+            &format!("/v1/channels/{id}/invite"),
+            Some(json!({"address": "bob@localhost"})),
+        )
+        .await
+        .expect("invite");
+    send(&nodes[0], &id, "m0").await;
+    nodes[1].wait_texts(&id, WAIT, |t| t.len() == 1).await.expect("bob joined");
+    nodes[1].kill9();
+    for i in 1..=1000 {
+        send(&nodes[0], &id, &format!("m{i}")).await;
+    }
+    let started = Instant::now();
+    nodes[1].restart().expect("bob back");
+    let texts = nodes[1]
+        .wait_texts(&id, Duration::from_secs(120), |t| t.len() == 1001)
+        .await
+        .expect("bob caught up");
+    eprintln!(
+        "caught up on 1000 messages in {:?} (including the daemon's start)",
+        started.elapsed()
+    );
+    let want: Vec<String> = (0..=1000).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, want, "every message, once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_to_the_local_api_gets_a_clear_4xx() {
+    let node = NodeProcess::start(&[]).expect("node");
+    let api = node.api();
+    let expect = |(status, bytes): (u16, Vec<u8>), want: u16, says: &str| {
+        let v: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
+        assert_eq!(status, want, "{v}");
+        let message = v["message"].as_str().expect("a message");
+        assert!(message.contains(says), "{message:?} should say {says:?}");
+        assert!(v["error"].is_string(), "{v}");
+    };
+    let post = |path: &'static str, body: &[u8]| api.raw("POST", path, Some(body.to_vec()));
+    expect(post("/v1/channels", b"{not json").await.expect("r"), 400, "invalid JSON");
+    expect(post("/v1/channels", b"[1,2,3]").await.expect("r"), 400, "invalid JSON");
+    expect(post("/v1/channels", br#"{"name": 5}"#).await.expect("r"), 400, "invalid type");
+    expect(
+        post("/v1/channels", br#"{"name": "x", "colour": 1}"#).await.expect("r"),
+        400,
+        "unknown field",
+    );
+    expect(post("/v1/channels", &[0xff, 0xfe, 0x00]).await.expect("r"), 400, "invalid JSON");
+    expect(post("/v1/channels", br#"{"name": "x"}"#).await.expect("r"), 409, "not registered");
+    expect(
+        post("/v1/register", br#"{"relay": "ftp://x", "name": "a"}"#).await.expect("r"),
+        400,
+        "HTTP address",
+    );
+    expect(
+        post("/v1/register", br#"{"relay": "http://x", "name": "A B"}"#).await.expect("r"),
+        400,
+        "name",
+    );
+    expect(
+        api.raw("GET", "/v1/channels/nope/history", None).await.expect("r"),
+        404,
+        "no such channel",
+    );
+    expect(api.raw("GET", "/v1/messages/zz:1", None).await.expect("r"), 400, "hex");
+    expect(api.raw("GET", "/v1/messages/abcd:x.y", None).await.expect("r"), 400, "sequence");
+    expect(api.raw("GET", "/v1/nowhere", None).await.expect("r"), 404, "no such route");
+    let huge = vec![b'a'; 2 * 1024 * 1024];
+    let (status, _) = post("/v1/channels", &huge).await.expect("r");
+    assert_eq!(status, 413, "a body over the limit is refused");
+    // Without the token, or with a wrong one: 401.
+    let target = chitchat_node::config::ApiListen::parse(
+        &chitchat_node::home::NodeDir::new(node.home()).load_run_info().expect("run").api,
+    )
+    .expect("addr");
+    let wrong = chitchat_node::client::ApiClient::new(target, "wrong".into());
+    expect(wrong.raw("GET", "/v1/status", None).await.expect("r"), 401, "wrong API token");
+    // The daemon still works.
+    let v = node.json("GET", "/v1/status", None).await.expect("status");
+    assert!(v["device"].is_string());
+}
