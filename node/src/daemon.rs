@@ -640,10 +640,10 @@ impl Node {
     async fn change(&self, channel: ChannelId, op: IntentOp) -> Result<(), NodeError> {
         let _one_at_a_time = self.ordering.lock().await;
         let result = self.change_locked(channel, op).await;
-        if result.is_err() {
-            if let Err(e) = self.with(move |e| e.discard(&channel, true)).await {
-                tracing::warn!(%channel, error = %e, "cannot drop a failed intent");
-            }
+        if result.is_err()
+            && let Err(e) = self.with(move |e| e.discard(&channel, true)).await
+        {
+            tracing::warn!(%channel, error = %e, "cannot drop a failed intent");
         }
         result
     }

@@ -793,17 +793,16 @@ impl Engine {
         for event in result {
             match event {
                 ChannelEvent::Message { id: msg_id, hlc, epoch, payload } => {
-                    if mime == chat::MIME {
-                        if let Ok(chat::ChatContent::Typing { active }) =
+                    if mime == chat::MIME
+                        && let Ok(chat::ChatContent::Typing { active }) =
                             chat::ChatContent::from_bytes(&payload)
-                        {
-                            events.push(Event::Typing {
-                                channel: id.to_string(),
-                                device: msg_id.sender.0.to_hex(),
-                                active,
-                            });
-                            continue;
-                        }
+                    {
+                        events.push(Event::Typing {
+                            channel: id.to_string(),
+                            device: msg_id.sender.0.to_hex(),
+                            active,
+                        });
+                        continue;
                     }
                     let stored = StoredMessage {
                         id: msg_id,
@@ -1060,5 +1059,31 @@ pub fn parse_seq(s: &str) -> Option<u64> {
             (hi <= u64::from(u32::MAX) && lo <= u64::from(u32::MAX)).then_some(hi << 32 | lo)
         }
         None => s.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn seq_strings_round_trip(seq: u64) {
+            prop_assert_eq!(parse_seq(&seq_string(seq)), Some(seq));
+        }
+
+        #[test]
+        fn seq_parsing_never_panics(s in "\\PC{0,24}") {
+            let _ = parse_seq(&s);
+        }
+    }
+
+    #[test]
+    fn seq_strings_split_the_join_epoch() {
+        assert_eq!(seq_string((3 << 32) | 7), "3.7");
+        assert_eq!(parse_seq("12"), Some(12));
+        assert_eq!(parse_seq("1.4294967296"), None, "the counter is 32 bits");
+        assert_eq!(parse_seq("x.1"), None);
     }
 }

@@ -42,12 +42,14 @@ const DIRS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("dirs-0"
 const MESSAGES: TableDefinition<'_, MessageKey, &[u8]> = TableDefinition::new("messages-0");
 /// Where a message is, by id: `(seq, sender, channel)` to its `(epoch, wall, counter)`.
 /// Keyed by sequence number first, so a short reference (`ab12cd34:0.7`) is one small range.
-const MESSAGE_IDS: TableDefinition<'_, ([u8; 32], u64, [u8; 32]), (u64, u64, u32)> =
+const MESSAGE_IDS: TableDefinition<'_, MessageRef, (u64, u64, u32)> =
     TableDefinition::new("message-ids-0");
 const OUTBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox-0");
 const INTENTS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("intents-0");
 
 type MessageKey = ([u8; 32], u64, u64, u32, [u8; 32], u64);
+/// `(seq, sender, channel)`.
+type MessageRef = (u64, [u8; 32], [u8; 32]);
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -381,7 +383,7 @@ impl Store {
     ) -> Result<Option<StoredMessage>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
         let ids = r.open_table(MESSAGE_IDS).map_err(redb_err)?;
-        let Some(at) = ids.get((*id.sender.as_bytes(), id.seq, channel.0)).map_err(redb_err)?
+        let Some(at) = ids.get((id.seq, *id.sender.as_bytes(), channel.0)).map_err(redb_err)?
         else {
             return Ok(None);
         };
@@ -407,12 +409,9 @@ impl Store {
         lo[..n].copy_from_slice(&prefix[..n]);
         hi[..n].copy_from_slice(&prefix[..n]);
         let mut out = Vec::new();
-        for e in ids.range((lo, seq, [0; 32])..=(hi, seq, [0xff; 32])).map_err(redb_err)? {
+        for e in ids.range((seq, lo, [0; 32])..=(seq, hi, [0xff; 32])).map_err(redb_err)? {
             let (k, _) = e.map_err(redb_err)?;
-            let (sender, s, channel) = k.value();
-            if s != seq {
-                continue;
-            }
+            let (_, sender, channel) = k.value();
             let sender = DeviceId::from_slice(&sender)
                 .ok_or(StoreError::Corrupt { table: "message-ids" })?;
             out.push((ChannelId(channel), MessageId { sender, seq }));
@@ -482,7 +481,7 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 dirs.insert(dir.device().as_bytes(), encode(&dir).as_slice()).map_err(redb_err)?;
             }
             Op::Message(channel, m) => {
-                let id_key = (*m.id.sender.as_bytes(), m.id.seq, channel.0);
+                let id_key = (m.id.seq, *m.id.sender.as_bytes(), channel.0);
                 if ids.get(id_key).map_err(redb_err)?.is_some() {
                     continue;
                 }
@@ -492,7 +491,7 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
             }
             Op::Status(channel, id, status) => {
                 let Some(at) =
-                    ids.get((*id.sender.as_bytes(), id.seq, channel.0)).map_err(redb_err)?
+                    ids.get((id.seq, *id.sender.as_bytes(), channel.0)).map_err(redb_err)?
                 else {
                     continue;
                 };
@@ -611,5 +610,54 @@ mod tests {
             w.commit().expect("commit");
         }
         assert!(matches!(Store::open(&path), Err(StoreError::Version { found: 99 })));
+    }
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::*;
+    use chitchat_proto::SecretKey;
+
+    fn msg(sender: u8, seq: u64, wall: u64) -> StoredMessage {
+        StoredMessage {
+            id: MessageId { sender: DeviceId(SecretKey::from_seed([sender; 32]).public()), seq },
+            hlc: Hlc { wall_ms: wall, counter: 0 },
+            epoch: 1,
+            payload: vec![sender],
+            status: MessageStatus::Received,
+            at: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn messages_are_ordered_deduplicated_and_found_by_short_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("n.redb")).expect("open");
+        let (c1, c2) = (ChannelId([1; 32]), ChannelId([2; 32]));
+        let mut b = Batch::default();
+        b.message(c1, msg(1, 0, 30));
+        b.message(c1, msg(2, 0, 10));
+        b.message(c1, msg(1, 1, 20));
+        b.message(c2, msg(1, 0, 5));
+        store.commit(b).expect("commit");
+        // The same id again is ignored, even with other contents.
+        let mut b = Batch::default();
+        b.message(c1, StoredMessage { payload: vec![9], ..msg(1, 0, 99) });
+        b.status(c1, msg(2, 0, 10).id, MessageStatus::Sent);
+        store.commit(b).expect("commit");
+        let all = store.messages(&c1, 10).expect("read");
+        let walls: Vec<u64> = all.iter().map(|m| m.hlc.wall_ms).collect();
+        assert_eq!(walls, [10, 20, 30], "display order is by clock");
+        assert_eq!(all[0].status, MessageStatus::Sent);
+        assert_eq!(all[2].payload, vec![1], "the first copy stays");
+        assert_eq!(store.messages(&c1, 2).expect("read").len(), 2, "the latest two");
+        let sender = msg(1, 0, 0).id.sender;
+        let prefix = &sender.as_bytes()[..4];
+        let found = store.find_messages(prefix, 0, 16).expect("find");
+        assert_eq!(found.len(), 2, "seq 0 of that sender is in both channels");
+        assert!(found.iter().all(|(_, id)| id.sender == sender && id.seq == 0));
+        assert_eq!(store.find_messages(prefix, 1, 16).expect("find"), vec![(c1, msg(1, 1, 0).id)]);
+        assert!(store.find_messages(prefix, 7, 16).expect("find").is_empty());
+        assert!(store.message(&c2, &msg(1, 0, 0).id).expect("get").is_some());
     }
 }

@@ -90,11 +90,11 @@ impl NodeProcess {
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut() {
-                if c.try_wait()?.is_some() {
-                    self.child = None;
-                    return Ok(());
-                }
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait()?.is_some()
+            {
+                self.child = None;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
