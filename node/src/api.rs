@@ -323,8 +323,10 @@ async fn channel_info(
     let v = s
         .node
         .with(move |e| -> Result<Value, EngineError> {
+            let stored = e.store().count_messages(&id)?;
             let (record, channel) = e.channel(&id)?;
             Ok(json!({
+                "messages": stored,
                 "id": id.to_string(),
                 "name": channel.map(|c| c.config().name.clone()),
                 "mime": channel.map(|c| c.config().mime.clone()),

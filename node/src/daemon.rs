@@ -332,11 +332,7 @@ impl Node {
 
     async fn deliver_locked(&self, outbox_id: u64) -> Result<bool, NodeError> {
         let item = self
-            .with(move |e| {
-                e.store().outbox(usize::MAX).map(|items| {
-                    items.into_iter().find(|(id, _)| *id == outbox_id).map(|(_, item)| item)
-                })
-            })
+            .with(move |e| e.store().outbox_item(outbox_id))
             .await
             .map_err(EngineError::from)?;
         let Some(item) = item else { return Ok(true) };

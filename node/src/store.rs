@@ -375,6 +375,20 @@ impl Store {
         Ok(out)
     }
 
+    /// How many messages a channel holds.
+    pub fn count_messages(&self, channel: &ChannelId) -> Result<u64, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(MESSAGES).map_err(redb_err)?;
+        let lo = (channel.0, 0, 0, 0, [0; 32], 0);
+        let hi = (channel.0, u64::MAX, u64::MAX, u32::MAX, [0xff; 32], u64::MAX);
+        let mut n = 0;
+        for e in t.range(lo..=hi).map_err(redb_err)? {
+            e.map_err(redb_err)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// One message by id.
     pub fn message(
         &self,
@@ -432,6 +446,13 @@ impl Store {
             out.push((k.value(), record(v.value(), "outbox")?));
         }
         Ok(out)
+    }
+
+    /// One outbox item.
+    pub fn outbox_item(&self, id: u64) -> Result<Option<OutboxItem>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(OUTBOX).map_err(redb_err)?;
+        t.get(id).map_err(redb_err)?.map(|v| record(v.value(), "outbox")).transpose()
     }
 
     /// The next free outbox id.

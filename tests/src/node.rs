@@ -101,6 +101,11 @@ impl NodeProcess {
         bail!("node did not exit in {timeout:?}")
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The node directory.
     pub fn home(&self) -> &Path {
         self.dir.path()

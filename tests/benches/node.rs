@@ -1,0 +1,271 @@
+//! The node end to end, on loopback, in release builds of the real binaries: message latency
+//! node → relay → node, catch-up after being offline, and idle memory. Baselines are measured
+//! in the same run: the relay alone (enqueue → live push, and fetch + ack), so that the node's
+//! own share is visible on this shared, noisy machine.
+//!
+//! Run: `cargo bench -p chitchat-tests --bench node` (add `-- --quick` for a short run).
+//!
+//! Goals (issue #4): latency p50 ≤ 2 ms; catch-up of 10,000 messages ≤ 1 s; idle RSS ≤ 40 MB.
+
+use std::time::{Duration, Instant};
+
+use chitchat_proto::inbox::SealedEnvelope;
+use chitchat_proto::wire::{Request, Response};
+use chitchat_tests::{Client, Device, NodeProcess, RelayProcess, register};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+fn latency_row(name: &str, mut lat: Vec<Duration>) {
+    lat.sort();
+    println!(
+        "| {name} | {} | {} | {} | {} | {} |",
+        lat.len(),
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.9)),
+        ms(percentile(&lat, 0.99)),
+        ms(lat.last().copied().unwrap_or_default()),
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The relay alone: A enqueues to B, who holds a `Wait` open; time until B's wait returns.
+async fn relay_push_latency(relay: &RelayProcess, n: usize) -> Vec<Duration> {
+    let (a, b) = (Device::new(61), Device::new(62));
+    let ca = register(relay, &a, "pusha").await;
+    let cb = register(relay, &b, "pushb").await;
+    let mut lat = Vec::with_capacity(n);
+    let mut after = None;
+    for i in 0..n {
+        let wait = Request::Wait { after, max: 16, timeout_ms: 10_000 };
+        let waiter = {
+            let frame = chitchat_proto::wire::encode_frame(&wait).expect("frame");
+            let cb = &cb;
+            async move { cb.call_raw(frame).await }
+        };
+        let envelope =
+            SealedEnvelope { recipient: b.id(), enc: [1; 32], ciphertext: vec![i as u8; 300] };
+        let send = async {
+            // Let the wait reach the relay first, as a node's standing wait would have.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let t = Instant::now();
+            let r = ca.call(&Request::Enqueue { envelope }).await.expect("enqueue");
+            assert!(matches!(r, Response::Enqueued { .. }), "{r:?}");
+            t
+        };
+        let (got, t) = tokio::join!(waiter, send);
+        lat.push(t.elapsed());
+        let resp: Response =
+            chitchat_proto::wire::decode_frame(&got.expect("wait")).expect("decode");
+        let Response::Items { items, .. } = resp else { panic!("{resp:?}") };
+        after = items.last().map(|i| i.id).or(after);
+    }
+    lat
+}
+
+/// The relay alone: fetch and acknowledge `n` waiting items.
+async fn relay_drain(relay: &RelayProcess, n: usize) -> Duration {
+    let (a, b) = (Device::new(71), Device::new(72));
+    let ca = register(relay, &a, "draina").await;
+    let cb = register(relay, &b, "drainb").await;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(256) {
+        let envelopes = chunk
+            .iter()
+            .map(|i| SealedEnvelope {
+                recipient: b.id(),
+                enc: [1; 32],
+                ciphertext: vec![*i as u8; 300],
+            })
+            .collect();
+        ca.call(&Request::EnqueueBatch { envelopes }).await.expect("batch");
+    }
+    let start = Instant::now();
+    let mut got = 0;
+    while got < n {
+        let r = cb.call(&Request::Fetch { after: None, max: 1024 }).await.expect("fetch");
+        let Response::Items { items, .. } = r else { panic!("{r:?}") };
+        got += items.len();
+        let ids = items.iter().map(|i| i.id).collect();
+        cb.call(&Request::Ack { ids }).await.expect("ack");
+    }
+    start.elapsed()
+}
+
+async fn stored(node: &NodeProcess, channel: &str) -> u64 {
+    node.json("GET", &format!("/v1/channels/{channel}"), None)
+        .await
+        .ok()
+        .and_then(|v| v["messages"].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (pings, backlog) = if quick { (200, 2_000) } else { (2_000, 10_000) };
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let alice = NodeProcess::start(&[]).expect("alice");
+    let mut bob = NodeProcess::start(&[]).expect("bob");
+    alice.register(&relay, "alice").await.expect("alice");
+    bob.register(&relay, "bob").await.expect("bob");
+    let v =
+        alice.json("POST", "/v1/channels", Some(json!({"name": "bench"}))).await.expect("create");
+    let channel = v["id"].as_str().expect("id").to_owned();
+    alice
+        .json(
+            "POST",
+            &format!("/v1/channels/{channel}/invite"),
+            Some(json!({"address": "bob@localhost"})),
+        )
+        .await
+        .expect("invite");
+    while stored(&bob, &channel).await == 0 {
+        alice
+            .json(
+                "POST",
+                &format!("/v1/channels/{channel}/messages"),
+                Some(json!({"text": "hello"})),
+            )
+            .await
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Latency: Alice's API call to Bob's event.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, Instant)>();
+    let bob_api = bob.api().clone();
+    let watched = channel.clone();
+    tokio::spawn(async move {
+        let _ = bob_api
+            .events(Some(&watched), |e| {
+                if e["type"] == "message" {
+                    let _ =
+                        tx.send((e["id"].as_str().unwrap_or_default().to_owned(), Instant::now()));
+                }
+                true
+            })
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut lat = Vec::with_capacity(pings);
+    for i in 0..pings {
+        let t = Instant::now();
+        let v = alice
+            .json(
+                "POST",
+                &format!("/v1/channels/{channel}/messages"),
+                Some(json!({"text": format!("ping {i}")})),
+            )
+            .await
+            .expect("send");
+        let id = v["id"].as_str().expect("id").to_owned();
+        loop {
+            let (got, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("bob got it in 10 s")
+                .expect("event stream");
+            if got == id {
+                lat.push(at - t);
+                break;
+            }
+        }
+    }
+    let relay_lat = relay_push_latency(&relay, pings).await;
+    println!("\n## Latency (loopback, one message at a time)\n");
+    println!("| path | messages | p50 ms | p90 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|");
+    latency_row("relay alone: enqueue → waiting fetch returns (baseline)", relay_lat);
+    latency_row("node → relay → node: API send → receiver's event", lat);
+
+    // Catch-up: Bob is offline while Alice sends the backlog.
+    bob.kill9();
+    let sends = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let api = alice.api().clone();
+        let channel = channel.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (w..backlog).step_by(8) {
+                api.json(
+                    "POST",
+                    &format!("/v1/channels/{channel}/messages"),
+                    Some(json!({"text": format!("backlog {i}")})),
+                )
+                .await
+                .expect("send");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    let before = stored(&alice, &channel).await;
+    // Wait until Alice's outbox is empty: every message is in Bob's inbox.
+    loop {
+        let v = alice
+            .json("GET", &format!("/v1/channels/{channel}/messages?limit=1"), None)
+            .await
+            .expect("m");
+        if v["messages"][0]["status"] == "sent" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let send_time = sends.elapsed();
+    let want = before;
+    let started = Instant::now();
+    bob.restart().expect("bob back");
+    let up = started.elapsed();
+    while stored(&bob, &channel).await < want {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let caught_up = started.elapsed();
+    let drain = relay_drain(&relay, backlog).await;
+    println!("\n## Catch-up of {backlog} missed messages\n");
+    println!("| what | ms |");
+    println!("|---|---|");
+    println!("| relay alone: fetch + ack {backlog} items (baseline) | {} |", ms(drain));
+    println!("| node: daemon start (process spawn → API listening) | {} |", ms(up));
+    println!("| node: daemon start → all {backlog} decrypted and stored | {} |", ms(caught_up));
+    println!("| node: catch-up after the daemon is up | {} |", ms(caught_up - up));
+    println!(
+        "| (Alice sending them: {} messages/s through the API, 8 at a time) | {} |",
+        (backlog as f64 / send_time.as_secs_f64()).round(),
+        ms(send_time)
+    );
+
+    // Idle memory.
+    let fresh = NodeProcess::start(&[]).expect("fresh");
+    fresh.register(&relay, "idle").await.expect("register");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("\n## Idle RSS (3 s after the last activity)\n");
+    println!("| node | MiB |");
+    println!("|---|---|");
+    for (name, node) in [
+        ("registered, no channels", &fresh),
+        ("Bob, after catching up", &bob),
+        ("Alice, after sending", &alice),
+    ] {
+        let kib = node.pid().map_or(0, rss_kib);
+        println!("| {name} | {:.1} |", kib as f64 / 1024.0);
+    }
+}
