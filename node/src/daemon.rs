@@ -102,8 +102,6 @@ pub struct Node {
     epochs: Notify,
     /// One membership change at a time.
     ordering: tokio::sync::Mutex<()>,
-    /// Outbox items being delivered right now.
-    delivering: Mutex<BTreeSet<u64>>,
 }
 
 impl Node {
@@ -121,7 +119,6 @@ impl Node {
             registered: Notify::new(),
             epochs: Notify::new(),
             ordering: tokio::sync::Mutex::new(()),
-            delivering: Mutex::new(BTreeSet::new()),
         });
         tokio::spawn(node.clone().inbox_task());
         tokio::spawn(node.clone().outbox_task());
@@ -295,8 +292,8 @@ impl Node {
         }
     }
 
-    /// Encrypts and stores a message, then delivers it. Returns once the message is durable
-    /// (status `sending`); delivery goes on in the background.
+    /// Encrypts and stores a message, then wakes the outbox. Returns once the message is
+    /// durable (status `sending`); delivery goes on in the background.
     pub async fn send(
         self: &Arc<Self>,
         channel: ChannelId,
@@ -304,65 +301,56 @@ impl Node {
         store: bool,
     ) -> Result<MessageId, NodeError> {
         let now = now();
-        let (id, outbox_id) = self.with(move |e| e.send(&channel, &payload, store, now)).await?;
-        let node = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = node.deliver(outbox_id).await {
-                tracing::debug!(error = %e, "first delivery attempt failed; the outbox retries");
-                node.outbox.notify_one();
-            }
-        });
+        let (id, _) = self.with(move |e| e.send(&channel, &payload, store, now)).await?;
+        self.outbox.notify_one();
         Ok(id)
     }
 
-    /// Delivers one outbox item, if no other task is delivering it.
-    async fn deliver(&self, outbox_id: u64) -> Result<bool, NodeError> {
-        {
-            let Ok(mut d) = self.delivering.lock() else { return Ok(false) };
-            if !d.insert(outbox_id) {
-                return Ok(false);
-            }
+    /// One delivery pass over the oldest outbox items, in order: every recipient's envelope of
+    /// every item, in `EnqueueBatch`es of up to 256, then one transaction recording the
+    /// outcome.
+    async fn deliver_pass(&self, link: &RelayLink) -> Result<Pass, NodeError> {
+        let items = self.with(|e| e.outbox()).await?;
+        if items.is_empty() {
+            return Ok(Pass::Empty);
         }
-        let result = self.deliver_locked(outbox_id).await;
-        if let Ok(mut d) = self.delivering.lock() {
-            d.remove(&outbox_id);
-        }
-        result
-    }
-
-    async fn deliver_locked(&self, outbox_id: u64) -> Result<bool, NodeError> {
-        let item = self
-            .with(move |e| e.store().outbox_item(outbox_id))
-            .await
-            .map_err(EngineError::from)?;
-        let Some(item) = item else { return Ok(true) };
-        let link = self.link()?;
-        let (sealed, unknown) = {
-            let item = item.clone();
-            self.with(move |e| e.seal_outbox(&item)).await
+        let full = items.len() >= crate::engine::OUTBOX_BATCH;
+        let items = Arc::new(items);
+        let sealed = {
+            let items = items.clone();
+            self.with(move |e| e.seal_outbox(&items)).await
         };
-        if !unknown.is_empty() {
-            self.lookup_devices(&link, unknown).await?;
-        }
-        let (sealed, still_unknown) = {
-            let item = item.clone();
-            if sealed.len() == item.recipients.len() {
-                (sealed, vec![])
-            } else {
-                self.with(move |e| e.seal_outbox(&item)).await
-            }
+        let unknown: BTreeSet<DeviceId> =
+            sealed.iter().filter(|s| s.2.is_none()).map(|s| s.1).collect();
+        let sealed = if unknown.is_empty() {
+            sealed
+        } else {
+            self.lookup_devices(link, unknown.into_iter().collect()).await?;
+            let items = items.clone();
+            self.with(move |e| e.seal_outbox(&items)).await
         };
-        let mut remaining: Vec<DeviceId> = Vec::new();
+        // (item index, recipient) still to deliver; unknown recipients are given up.
+        let mut remaining: Vec<Vec<DeviceId>> = vec![Vec::new(); items.len()];
         let mut failed = false;
-        for chunk in sealed.chunks(MAX_ENQUEUE_BATCH) {
-            let envelopes = chunk.iter().map(|(_, e)| e.clone()).collect();
+        let ready: Vec<_> = sealed
+            .into_iter()
+            .filter_map(|(index, device, envelope)| match envelope {
+                Some(e) => Some((index, device, e)),
+                None => {
+                    tracing::warn!(%device, "no identity record for a recipient; not sent to it");
+                    None
+                }
+            })
+            .collect();
+        for chunk in ready.chunks(MAX_ENQUEUE_BATCH) {
+            let envelopes = chunk.iter().map(|(_, _, e)| e.clone()).collect();
             match link.call(&Request::EnqueueBatch { envelopes }).await {
                 Ok(Response::EnqueuedBatch(results)) if results.len() == chunk.len() => {
-                    for ((device, _), result) in chunk.iter().zip(results) {
+                    for ((index, device, _), result) in chunk.iter().zip(results) {
                         match result {
                             EnqueueResult::Enqueued(_) => {}
                             EnqueueResult::Refused(code) if code.is_retryable() => {
-                                remaining.push(*device);
+                                remaining[*index].push(*device);
                             }
                             EnqueueResult::Refused(code) => tracing::warn!(
                                 %device, code = code.name(),
@@ -371,73 +359,60 @@ impl Node {
                         }
                     }
                 }
-                Ok(other) => {
-                    tracing::warn!(response = ?other, "unexpected answer to EnqueueBatch");
-                    remaining.extend(chunk.iter().map(|(d, _)| *d));
-                    failed = true;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "delivery failed");
-                    remaining.extend(chunk.iter().map(|(d, _)| *d));
+                other => {
+                    match other {
+                        Ok(r) => tracing::warn!(response = ?r, "unexpected answer to EnqueueBatch"),
+                        Err(e) => tracing::debug!(error = %e, "delivery failed"),
+                    }
+                    for (index, device, _) in chunk {
+                        remaining[*index].push(*device);
+                    }
                     failed = true;
                 }
             }
         }
-        for device in still_unknown {
-            tracing::warn!(%device, "no identity record for a recipient; message not sent to it");
-        }
         if fault("exit-after-enqueue") {
-            // The message is in the recipients' inboxes, and still in the outbox.
+            // The messages are in the recipients' inboxes, and still in the outbox.
             std::process::abort();
         }
-        let done = remaining.is_empty();
-        let give_up = item.attempts.saturating_add(1) >= MAX_DELIVERY_ATTEMPTS;
-        if give_up && !done {
-            tracing::warn!(message = ?item.id, "giving up delivery after {MAX_DELIVERY_ATTEMPTS} attempts");
-        }
-        let remaining = if give_up { vec![] } else { remaining };
-        self.with(move |e| e.outbox_progress(outbox_id, item, remaining)).await?;
+        let progress: Vec<(u64, OutboxItem, Vec<DeviceId>)> = items
+            .iter()
+            .zip(remaining)
+            .map(|((id, item), left)| {
+                let give_up = item.attempts.saturating_add(1) >= MAX_DELIVERY_ATTEMPTS;
+                if give_up && !left.is_empty() {
+                    tracing::warn!(message = ?item.id, "giving up delivery after {MAX_DELIVERY_ATTEMPTS} attempts");
+                }
+                (*id, item.clone(), if give_up { vec![] } else { left })
+            })
+            .collect();
+        let all_done = progress.iter().all(|(_, _, left)| left.is_empty());
+        self.with(move |e| e.outbox_progress(progress)).await?;
         if failed {
             return Err(LinkError::Unreachable("delivery incomplete".into()).into());
         }
-        Ok(done)
+        Ok(match (all_done, full) {
+            (true, false) => Pass::Empty,
+            (true, true) => Pass::More,
+            (false, _) => Pass::Refused,
+        })
     }
 
     async fn outbox_task(self: Arc<Self>) {
-        self.wait_for_link().await;
+        let link = self.wait_for_link().await;
         let mut backoff = Backoff::default();
         loop {
             let woken = self.outbox.notified();
-            let items: Vec<(u64, OutboxItem)> = match self.with(|e| e.outbox()).await {
-                Ok(items) => items,
+            match self.deliver_pass(&link).await {
+                Ok(Pass::Empty) => {
+                    backoff.reset();
+                    woken.await;
+                }
+                Ok(Pass::More) => backoff.reset(),
+                Ok(Pass::Refused) => backoff.wait().await,
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot read the outbox");
+                    tracing::debug!(error = %e, "delivery pass failed");
                     backoff.wait().await;
-                    continue;
-                }
-            };
-            if items.is_empty() {
-                backoff.reset();
-                woken.await;
-                continue;
-            }
-            let mut all_done = true;
-            for (id, _) in items {
-                match self.deliver(id).await {
-                    Ok(true) => {}
-                    Ok(false) => all_done = false,
-                    Err(_) => {
-                        all_done = false;
-                        break;
-                    }
-                }
-            }
-            if all_done {
-                backoff.reset();
-            } else {
-                tokio::select! {
-                    () = backoff.wait() => {}
-                    () = woken => {}
                 }
             }
         }
@@ -761,6 +736,16 @@ impl Node {
             }
         }
     }
+}
+
+/// What a delivery pass left.
+enum Pass {
+    /// Nothing: the outbox is empty.
+    Empty,
+    /// The pass was full; more items wait.
+    More,
+    /// Some recipients refused for now (quota, rate): try again after a pause.
+    Refused,
 }
 
 enum Submitted {

@@ -571,49 +571,54 @@ impl Engine {
         Ok(self.store.outbox(OUTBOX_BATCH)?)
     }
 
-    /// Seals an outbox item to each remaining recipient: `(recipient, envelope)`. Recipients
-    /// whose record is unknown are returned apart.
+    /// Seals outbox items to each of their remaining recipients, in order:
+    /// `(item index, recipient, envelope)`; the envelope is `None` for a recipient whose
+    /// identity record is unknown.
     pub fn seal_outbox(
         &self,
-        item: &OutboxItem,
-    ) -> (Vec<(DeviceId, inbox::SealedEnvelope)>, Vec<DeviceId>) {
-        let payload =
-            InboxPayload::Channel { channel: item.channel, message: item.message.clone() }
-                .to_bytes();
-        let mut sealed = Vec::new();
-        let mut unknown = Vec::new();
-        for device in &item.recipients {
-            let Some(dir) = self.dirs.get(device) else {
-                unknown.push(*device);
-                continue;
-            };
-            match inbox::seal(&mut rand::rng(), *device, &dir.body.inbox_key, &payload) {
-                Ok(e) => sealed.push((*device, e)),
-                Err(e) => tracing::warn!(%device, error = %e, "cannot seal to the device"),
+        items: &[(u64, OutboxItem)],
+    ) -> Vec<(usize, DeviceId, Option<inbox::SealedEnvelope>)> {
+        let mut out = Vec::new();
+        for (index, (_, item)) in items.iter().enumerate() {
+            let payload =
+                InboxPayload::Channel { channel: item.channel, message: item.message.clone() }
+                    .to_bytes();
+            for device in &item.recipients {
+                let envelope = self.dirs.get(device).and_then(|dir| {
+                    inbox::seal(&mut rand::rng(), *device, &dir.body.inbox_key, &payload)
+                        .map_err(
+                            |e| tracing::warn!(%device, error = %e, "cannot seal to the device"),
+                        )
+                        .ok()
+                });
+                out.push((index, *device, envelope));
             }
         }
-        (sealed, unknown)
+        out
     }
 
-    /// Records a delivery attempt: `remaining` still need the message. With none left the
-    /// message is sent.
+    /// Records delivery attempts, in one transaction: for each item, the recipients that still
+    /// need it. An item with none left is sent.
     pub fn outbox_progress(
         &mut self,
-        outbox_id: u64,
-        mut item: OutboxItem,
-        remaining: Vec<DeviceId>,
+        progress: Vec<(u64, OutboxItem, Vec<DeviceId>)>,
     ) -> Result<(), EngineError> {
         let mut b = Batch::default();
-        if remaining.is_empty() {
-            b.outbox(outbox_id, None);
-            b.status(item.channel, item.id, MessageStatus::Sent);
-            self.store.commit(b)?;
-            self.emit(Event::Sent { channel: item.channel.to_string(), id: id_string(&item.id) });
-        } else {
-            item.recipients = remaining;
-            item.attempts = item.attempts.saturating_add(1);
-            b.outbox(outbox_id, Some(item));
-            self.store.commit(b)?;
+        let mut sent = Vec::new();
+        for (outbox_id, mut item, remaining) in progress {
+            if remaining.is_empty() {
+                b.outbox(outbox_id, None);
+                b.status(item.channel, item.id, MessageStatus::Sent);
+                sent.push((item.channel, item.id));
+            } else {
+                item.recipients = remaining;
+                item.attempts = item.attempts.saturating_add(1);
+                b.outbox(outbox_id, Some(item));
+            }
+        }
+        self.store.commit(b)?;
+        for (channel, id) in sent {
+            self.emit(Event::Sent { channel: channel.to_string(), id: id_string(&id) });
         }
         Ok(())
     }

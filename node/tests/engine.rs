@@ -118,7 +118,7 @@ fn invite_send_receive_and_survive_restarts() {
     let stored = bob.store().messages(&channel, 10).expect("messages");
     assert_eq!(stored.len(), 1, "a resent message is stored once");
     assert_eq!(stored[0].payload, text);
-    alice.outbox_progress(oid, item, vec![]).expect("delivered");
+    alice.outbox_progress(vec![(oid, item, vec![])]).expect("delivered");
     assert!(alice.outbox().expect("outbox").is_empty());
 
     // Bob restarts and still reads new messages: his MLS state was durable.

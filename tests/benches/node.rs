@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::wire::{Request, Response};
-use chitchat_tests::{Client, Device, NodeProcess, RelayProcess, register};
+use chitchat_tests::{Device, NodeProcess, RelayProcess, register};
 use serde_json::json;
 use tokio::sync::mpsc;
 

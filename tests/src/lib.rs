@@ -14,7 +14,7 @@ mod process;
 pub use client::Client;
 pub use device::Device;
 pub use node::NodeProcess;
-pub use process::RelayProcess;
+pub use process::{RelayProcess, binaries_dir};
 
 use chitchat_proto::wire::{Request, Response};
 

@@ -32,6 +32,13 @@ pub(crate) fn binary(package: &str, bin: &str) -> PathBuf {
     path
 }
 
+/// The directory holding `chitchat` and `chitchat-relay`, both built for this profile.
+pub fn binaries_dir() -> PathBuf {
+    let relay = relay_binary();
+    binary("chitchat-node", "chitchat");
+    relay.parent().expect("target dir").to_path_buf()
+}
+
 /// A TCP port that was free a moment ago.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -284,3 +284,28 @@ async fn garbage_to_the_local_api_gets_a_clear_4xx() {
     let v = node.json("GET", "/v1/status", None).await.expect("status");
     assert!(v["device"].is_string());
 }
+
+/// The scripted demo of the README runs as documented.
+#[test]
+fn the_two_user_demo_script_runs() {
+    let bin = chitchat_tests::binaries_dir();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../node/demo/two-users.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .env("CHITCHAT_BIN", &bin)
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "registered as bob@localhost",
+        "added bob@localhost",
+        "thanks alice!",
+        "[deleted]",
+        "(edited)",
+        "🎉 bob@localhost",
+        "read by bob@localhost",
+    ] {
+        assert!(stdout.contains(want), "the demo's output lacks {want:?}:\n{stdout}");
+    }
+}

@@ -53,6 +53,17 @@ pub const MAX_BUFFERED: usize = 256;
 pub const MAX_EPOCHS_AHEAD: u64 = 64;
 /// Past epochs whose application messages can still be decrypted.
 pub const MAX_PAST_EPOCHS: usize = 4;
+/// How far behind the newest message of a sender a late message may be and still be read
+/// (openmls keeps that many past message keys per sender). Deliveries retried after a failure
+/// arrive out of order; openmls' default of 5 lost such messages.
+pub const OUT_OF_ORDER_TOLERANCE: u32 = 256;
+/// How far ahead of the last message read from a sender a message may be (a receiver that
+/// missed messages still reads what follows them).
+pub const MAX_FORWARD_DISTANCE: u32 = 100_000;
+
+fn ratchet_config() -> SenderRatchetConfiguration {
+    SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAX_FORWARD_DISTANCE)
+}
 /// A membership's message sequence numbers start at `join epoch << SEQ_EPOCH_SHIFT`.
 pub const SEQ_EPOCH_SHIFT: u32 = 32;
 /// Largest MLS message accepted, in bytes.
@@ -510,6 +521,7 @@ impl Channel {
             .use_ratchet_tree_extension(true)
             .with_wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)
+            .sender_ratchet_configuration(ratchet_config())
             .with_capabilities(capabilities())
             .with_group_context_extensions(extensions)
             .build(provider, &me.signer, me.credential())
@@ -532,6 +544,7 @@ impl Channel {
             .use_ratchet_tree_extension(true)
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)
+            .sender_ratchet_configuration(ratchet_config())
             .build();
         let mut builder =
             StagedWelcome::build_from_welcome(provider, &join_config, welcome).map_err(mls_err)?;

@@ -824,3 +824,20 @@ fn a_relay_checks_commits_as_members_will() {
     // Garbage and application messages are refused too.
     assert!(matches!(relay.check(&crypto, b"junk", &w.check()), Err(ChannelError::Malformed(_))));
 }
+
+#[test]
+fn late_messages_within_the_tolerance_are_read() {
+    let mut w = World::started(&[BOB]);
+    // Alice sends 200 messages; Bob gets the newest first and the rest in reverse order, as
+    // deliveries retried after a failure would bring them.
+    for i in 0..200 {
+        w.send(ALICE, &format!("m{i}"));
+    }
+    let queued: Vec<ChannelMessage> = w.devices[BOB].inbox.drain(..).collect();
+    let mut read = 0;
+    for m in queued.into_iter().rev() {
+        let events = w.process(BOB, m).expect("a late message is still read");
+        read += events.iter().filter(|e| matches!(e, ChannelEvent::Message { .. })).count();
+    }
+    assert_eq!(read, 200);
+}
