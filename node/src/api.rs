@@ -258,8 +258,8 @@ async fn channels(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
             e.channels()
                 .map(|(id, record, channel)| ChannelSummary {
                     id: id.to_string(),
-                    name: channel.map(|c| c.config().name.clone()).unwrap_or_default(),
-                    mime: channel.map(|c| c.config().mime.clone()).unwrap_or_default(),
+                    name: record.name.clone(),
+                    mime: record.mime.clone(),
                     epoch: channel.map(|c| c.epoch()),
                     members: channel.map_or(0, |c| c.members().len()),
                     left: record.left || channel.is_none_or(|c| !c.is_active()),
@@ -302,10 +302,7 @@ async fn resolve_channel(s: &ApiState, reference: &str) -> ApiResult<ChannelId> 
             if !by_id.is_empty() {
                 return by_id;
             }
-            e.channels()
-                .filter(|(_, _, c)| c.is_some_and(|c| c.config().name == reference))
-                .map(|(id, _, _)| id)
-                .collect()
+            e.channels().filter(|(_, r, _)| r.name == reference).map(|(id, _, _)| id).collect()
         })
         .await;
     match found.as_slice() {
@@ -328,8 +325,8 @@ async fn channel_info(
             Ok(json!({
                 "messages": stored,
                 "id": id.to_string(),
-                "name": channel.map(|c| c.config().name.clone()),
-                "mime": channel.map(|c| c.config().mime.clone()),
+                "name": record.name,
+                "mime": record.mime,
                 "epoch": channel.map(|c| c.epoch()),
                 "relays": channel.map(|c| c.config().relays.iter().map(|r| r.host.clone()).collect::<Vec<_>>()),
                 "left": record.left,
@@ -571,8 +568,7 @@ async fn load_messages(
     let (mime, messages) = s
         .node
         .with(move |e| -> Result<_, EngineError> {
-            let (_, c) = e.channel(&id)?;
-            let mime = c.map_or_else(|| chat::MIME.to_owned(), |c| c.config().mime.clone());
+            let mime = e.channel(&id)?.0.mime.clone();
             Ok((mime, e.store().messages(&id, limit)?))
         })
         .await?;
@@ -644,11 +640,8 @@ async fn export(
     let id = resolve_channel(&s, &channel).await?;
     let (mime, stored) = load_messages(&s, id, MAX_LIMIT).await?;
     let names = names(&s, &stored).await;
-    let name = s
-        .node
-        .with(move |e| e.channel(&id).ok().and_then(|(_, c)| c.map(|c| c.config().name.clone())))
-        .await
-        .unwrap_or_default();
+    let name =
+        s.node.with(move |e| e.channel(&id).map(|(r, _)| r.name.clone()).unwrap_or_default()).await;
     match q.format.as_deref().unwrap_or("json") {
         "json" => {
             let messages: Vec<MessageView> = stored

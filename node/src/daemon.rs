@@ -444,7 +444,22 @@ impl Node {
                 continue;
             }
             match self.receive(&link, items, &mut held).await {
-                Ok(last) => cursor = last.or(cursor),
+                Ok((last, removals)) => {
+                    cursor = last.or(cursor);
+                    for (channel, device) in removals {
+                        let node = self.clone();
+                        tokio::spawn(async move {
+                            match node.remove(channel, vec![device]).await {
+                                Ok(()) => {
+                                    tracing::info!(%channel, %device, "removed a member at its request")
+                                }
+                                Err(e) => {
+                                    tracing::debug!(%channel, %device, error = %e, "removal on request not done (another admin's may have won)")
+                                }
+                            }
+                        });
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "inbox processing failed");
                     backoff.wait().await;
@@ -460,8 +475,9 @@ impl Node {
         link: &RelayLink,
         items: Vec<chitchat_proto::wire::InboxItem>,
         held: &mut Vec<(ChannelId, u64, u64)>,
-    ) -> Result<Option<u64>, NodeError> {
+    ) -> Result<(Option<u64>, Vec<(ChannelId, DeviceId)>), NodeError> {
         let last = items.iter().map(|i| i.id).max();
+        let mut removals = Vec::new();
         let items = Arc::new(items);
         let mut start = 0;
         let mut lookups = 0;
@@ -471,6 +487,7 @@ impl Node {
             let now = now();
             let received = self.with(move |e| e.receive(&batch[start..], now)).await?;
             ack.extend(received.done);
+            removals.extend(received.removals);
             if received.reloaded {
                 // Their messages left memory with the reload; they stay in the inbox for the
                 // next start.
@@ -511,7 +528,7 @@ impl Node {
                 other => return Err(refused(other)),
             }
         }
-        Ok(last)
+        Ok((last, removals))
     }
 
     async fn lookup_devices(
@@ -600,9 +617,23 @@ impl Node {
         self.change(channel, IntentOp::Remove(devices)).await
     }
 
-    /// Leaves the channel on this device (see [`Engine::leave`]).
+    /// Leaves the channel on this device: asks the admins to remove it (they must: MLS lets
+    /// no member commit its own removal), then stops the channel here. Fails, changing
+    /// nothing, if the request cannot reach the relay.
     pub async fn leave(&self, channel: ChannelId) -> Result<(), NodeError> {
         let _one_at_a_time = self.ordering.lock().await;
+        let now = now();
+        let requests = self.with(move |e| e.leave_requests(&channel, now)).await?;
+        if !requests.is_empty() {
+            let link = self.link()?;
+            for chunk in requests.chunks(MAX_ENQUEUE_BATCH) {
+                let envelopes = chunk.to_vec();
+                match link.call(&Request::EnqueueBatch { envelopes }).await? {
+                    Response::EnqueuedBatch(_) => {}
+                    other => return Err(refused(other)),
+                }
+            }
+        }
         self.with(move |e| e.leave(&channel)).await?;
         Ok(())
     }

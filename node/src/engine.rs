@@ -20,7 +20,7 @@ use chitchat_proto::codec::{Bytes, Canonical};
 use chitchat_proto::identity::{DirBody, Profile, TrustedRelays};
 use chitchat_proto::inbox::{self, InboxSecret};
 use chitchat_proto::ordering::{ChannelId, EpochCert};
-use chitchat_proto::wire::{InboxItem, InboxPayload, SealedWelcomes};
+use chitchat_proto::wire::{InboxItem, InboxPayload, LeaveRequest, SealedWelcomes};
 use chitchat_proto::{DeviceId, Dir, SecretKey, Sponsorship, Timestamp, chat};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider as _;
@@ -144,6 +144,9 @@ pub struct Received {
     /// Processing stopped at this index of the input: its message names devices whose
     /// identity records are unknown. Look them up, then call again from there.
     pub stopped: Option<(usize, Vec<DeviceId>)>,
+    /// Members that asked to leave channels this device administers: `(channel, device)`.
+    /// The daemon orders their removal.
+    pub removals: Vec<(ChannelId, DeviceId)>,
     /// The channels were reloaded from disk after a failed item: messages waiting in their
     /// future-epoch buffers are gone from memory (they stay in the relay's inbox, unacknowledged).
     pub reloaded: bool,
@@ -435,6 +438,8 @@ impl Engine {
         };
         let record = ChannelRecord {
             state: channel.state().clone(),
+            name: name.into(),
+            mime: mime.into(),
             opened: false,
             left: false,
             joined: now,
@@ -666,6 +671,12 @@ impl Engine {
                 InboxPayload::Welcome { channel, welcome } => {
                     self.receive_welcome(channel, &welcome, now, &mut b, &mut pending_events)
                 }
+                InboxPayload::Leave(request) => {
+                    if let Some(removal) = self.leave_request(&request, now) {
+                        out.removals.push(removal);
+                    }
+                    Step::Done
+                }
                 InboxPayload::Channel { channel, message } => self.receive_channel(
                     channel,
                     message,
@@ -731,6 +742,8 @@ impl Engine {
             Ok(joined) if joined.id() == channel => {
                 let record = ChannelRecord {
                     state: joined.state().clone(),
+                    name: joined.config().name.clone(),
+                    mime: joined.config().mime.clone(),
                     opened: true,
                     left: false,
                     joined: now,
@@ -979,9 +992,59 @@ impl Engine {
         self.commit(b)
     }
 
+    /// Checks a member's request to leave: signed by the device, recent, for a channel this
+    /// device may change the membership of, from a member other than this device.
+    fn leave_request(
+        &self,
+        request: &LeaveRequest,
+        now: Timestamp,
+    ) -> Option<(ChannelId, DeviceId)> {
+        if let Err(e) = request.verify(now) {
+            tracing::warn!(channel = %request.channel, error = e, "leave request refused");
+            return None;
+        }
+        let channel = self.channels.get(&request.channel)?.channel.as_ref()?;
+        let me = self.device();
+        let may = match &channel.config().admins {
+            AdminPolicy::AnyMember => true,
+            AdminPolicy::Admins(admins) => admins.contains(&me),
+        };
+        let member = channel.members().contains(&request.device);
+        (channel.is_active() && may && member && request.device != me)
+            .then_some((request.channel, request.device))
+    }
+
+    /// Signed requests to be removed from the channel, sealed to the members who may remove
+    /// this device (the admins, or every member of an open channel).
+    pub fn leave_requests(
+        &self,
+        id: &ChannelId,
+        now: Timestamp,
+    ) -> Result<Vec<inbox::SealedEnvelope>, EngineError> {
+        let held = self.held(id)?;
+        let Some(channel) = held.channel.as_ref().filter(|c| c.is_active()) else {
+            return Ok(vec![]);
+        };
+        let me = self.device();
+        let payload = InboxPayload::Leave(LeaveRequest::sign(&self.key, *id, now)).to_bytes();
+        let mut out = Vec::new();
+        for device in channel.members().into_iter().filter(|d| *d != me) {
+            let may = match &channel.config().admins {
+                AdminPolicy::AnyMember => true,
+                AdminPolicy::Admins(admins) => admins.contains(&device),
+            };
+            let Some(dir) = self.dirs.get(&device).filter(|_| may) else { continue };
+            match inbox::seal(&mut rand::rng(), device, &dir.body.inbox_key, &payload) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!(%device, error = %e, "cannot seal to the device"),
+            }
+        }
+        Ok(out)
+    }
+
     /// Leaves a channel on this device: the channel stops here (nothing more is sent or
-    /// processed) and its history stays readable. The other members keep this device in the
-    /// group until an admin removes it (MLS lets no member commit its own removal).
+    /// processed) and its history stays readable. MLS lets no member commit its own removal:
+    /// the daemon first sends [`Engine::leave_requests`], and an admin's node removes it.
     pub fn leave(&mut self, id: &ChannelId) -> Result<(), EngineError> {
         let mut record = self.held(id)?.record.clone();
         record.left = true;

@@ -111,6 +111,10 @@ pub struct Account {
 pub struct ChannelRecord {
     /// The wrapper's state (sequence numbers, clock, seen ids, pending commit).
     pub state: ChannelState,
+    /// Its name (also kept here: a channel this device left has no MLS group loaded).
+    pub name: String,
+    /// Its MIME type.
+    pub mime: String,
     /// Whether the relay was sent the channel's public state (`OpenChannel`).
     pub opened: bool,
     /// Whether this device left or was removed; the history stays readable.

@@ -27,6 +27,8 @@ pub enum Label {
     AuthChallenge,
     /// A gossiped envelope's outer signature.
     Envelope,
+    /// A member asking the channel's admins to remove it.
+    LeaveRequest,
 }
 
 impl Label {
@@ -40,6 +42,7 @@ impl Label {
             Self::PackRoot => "chitchat/v1/pack-root",
             Self::AuthChallenge => "chitchat/v1/auth-challenge",
             Self::Envelope => "chitchat/v1/envelope",
+            Self::LeaveRequest => "chitchat/v1/leave-request",
         }
     }
 

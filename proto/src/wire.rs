@@ -235,6 +235,55 @@ pub enum InboxPayload {
         /// The Welcome.
         welcome: Bytes,
     },
+    /// A member asks to be removed (to the channel's admins).
+    Leave(LeaveRequest),
+}
+
+/// A member's signed request to be removed from a channel (MLS lets no member commit its own
+/// removal): sealed to the channel's admins, who commit the removal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct LeaveRequest {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The device leaving (its key signs the request).
+    pub device: DeviceId,
+    /// When it asked; admins ignore requests older than [`LEAVE_REQUEST_TTL_MS`].
+    pub issued: crate::Timestamp,
+    /// The device's signature over the fields above, under [`crate::Label::LeaveRequest`].
+    pub signature: Signature,
+}
+
+/// How long a leave request stays valid, in milliseconds (a week).
+pub const LEAVE_REQUEST_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+impl LeaveRequest {
+    fn body(channel: ChannelId, device: DeviceId, issued: crate::Timestamp) -> Vec<u8> {
+        encode(&(channel, device, issued))
+    }
+
+    /// Signs a request for `key`'s device to leave `channel`.
+    pub fn sign(key: &crate::SecretKey, channel: ChannelId, issued: crate::Timestamp) -> Self {
+        let device = DeviceId(key.public());
+        let signature = key.sign(crate::Label::LeaveRequest, &Self::body(channel, device, issued));
+        Self { channel, device, issued, signature }
+    }
+
+    /// Checks the signature, and that the request is not from the future (beyond the clock
+    /// skew) nor older than [`LEAVE_REQUEST_TTL_MS`].
+    pub fn verify(&self, now: crate::Timestamp) -> Result<(), &'static str> {
+        if self.issued.0 > now.0.saturating_add(crate::MAX_CLOCK_SKEW_MS) {
+            return Err("leave request issued in the future");
+        }
+        if now.0.saturating_sub(self.issued.0) > LEAVE_REQUEST_TTL_MS {
+            return Err("leave request expired");
+        }
+        let body = Self::body(self.channel, self.device, self.issued);
+        self.device
+            .0
+            .verify(crate::Label::LeaveRequest, &body, &self.signature)
+            .map_err(|_| "bad leave request signature")
+    }
 }
 
 impl Canonical for InboxPayload {
@@ -489,5 +538,26 @@ impl AuthProof {
     ) -> Result<(), crate::keys::SignatureError> {
         let proof = Self { relay_host: relay_host.to_owned(), device, nonce };
         device.0.verify(crate::keys::Label::AuthChallenge, &encode(&proof), signature)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{SecretKey, Timestamp};
+
+    #[test]
+    fn leave_requests_verify_and_expire() {
+        let key = SecretKey::from_seed([3; 32]);
+        let now = Timestamp(1_800_000_000_000);
+        let r = LeaveRequest::sign(&key, ChannelId([1; 32]), now);
+        assert_eq!(r.verify(now), Ok(()));
+        assert_eq!(r.verify(now.plus_ms(LEAVE_REQUEST_TTL_MS + 1)), Err("leave request expired"));
+        assert!(r.verify(Timestamp(now.0 - crate::MAX_CLOCK_SKEW_MS - 1)).is_err());
+        let other_channel = LeaveRequest { channel: ChannelId([2; 32]), ..r.clone() };
+        assert_eq!(other_channel.verify(now), Err("bad leave request signature"));
+        let other_device =
+            LeaveRequest { device: DeviceId(SecretKey::from_seed([4; 32]).public()), ..r };
+        assert_eq!(other_device.verify(now), Err("bad leave request signature"));
     }
 }

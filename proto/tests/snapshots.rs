@@ -169,6 +169,7 @@ fn channel() {
     let payloads = [
         wire::InboxPayload::Channel { channel: ChannelId([5; 32]), message: app.clone() },
         wire::InboxPayload::Welcome { channel: ChannelId([5; 32]), welcome: Bytes(vec![9, 9]) },
+        wire::InboxPayload::Leave(wire::LeaveRequest::sign(&key(1), ChannelId([5; 32]), T0)),
     ];
     let lines: Vec<String> = payloads.iter().map(|p| hex::encode(p.to_bytes())).collect();
     insta::assert_snapshot!("inbox_payload", lines.join("\n"));

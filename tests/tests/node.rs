@@ -125,6 +125,17 @@ async fn two_users_then_a_third_added_and_one_removed() {
     assert!(!bob_texts.iter().any(|t| t == "bob is gone" || t == "indeed"), "{bob_texts:?}");
     let err = send_err(bob, &id, "can I still talk?").await;
     assert_eq!(err.0, 409, "{err:?}");
+
+    // Carol leaves: her node asks the admin's, which removes her through the ordering flow.
+    let out = carol.cli(&["leave", "general"]).expect("leave");
+    assert!(out.contains("left"), "{out}");
+    let deadline = Instant::now() + WAIT;
+    while members(alice, &id).await != ["alice@localhost"] {
+        assert!(Instant::now() < deadline, "alice's node never removed carol");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let history = carol.texts(&id).await.expect("carol keeps her history");
+    assert!(history.contains(&"indeed".to_owned()), "{history:?}");
 }
 
 async fn send_err(node: &NodeProcess, channel: &str, text: &str) -> (u16, Value) {
