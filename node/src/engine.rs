@@ -638,13 +638,9 @@ impl Engine {
         let mut b = Batch::default();
         let mut touched = BTreeSet::new();
         let mut pending_events = Vec::new();
-        for (index, item) in items.iter().enumerate() {
-            let payload = match self
-                .inbox
-                .open(self.device(), &item.envelope)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| InboxPayload::from_bytes(&bytes).map_err(|e| e.to_string()))
-            {
+        let opened = self.open_all(items);
+        for ((index, item), opened) in items.iter().enumerate().zip(opened) {
+            let payload = match opened {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(item = item.id, error = %e, "dropping an inbox item that does not open");
@@ -707,22 +703,55 @@ impl Engine {
         Ok(out)
     }
 
-    /// Commits received messages with the states of the channels they touched, then emits
-    /// their events.
+    /// Opens inbox envelopes (HPKE: one X25519 agreement each) on every core; the MLS work
+    /// that follows is sequential.
+    fn open_all(&self, items: &[InboxItem]) -> Vec<Result<InboxPayload, String>> {
+        let me = self.device();
+        let open = |item: &InboxItem| {
+            self.inbox
+                .open(me, &item.envelope)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| InboxPayload::from_bytes(&bytes).map_err(|e| e.to_string()))
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        if items.len() < 32 || threads < 2 {
+            return items.iter().map(open).collect();
+        }
+        let per = items.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let open = &open;
+            let handles: Vec<_> = items
+                .chunks(per)
+                .map(|chunk| {
+                    (chunk.len(), scope.spawn(move || chunk.iter().map(open).collect::<Vec<_>>()))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|(len, h)| {
+                    h.join().unwrap_or_else(|_| vec![Err("opening panicked".into()); len])
+                })
+                .collect()
+        })
+    }
+
+    /// Emits the events of received messages, then commits them with the states of the
+    /// channels they touched. Events go first: showing a message does not wait for the disk.
+    /// The inbox items are acknowledged only after the commit, so a message whose commit fails
+    /// stays at the relay and comes again (events are at least once; clients dedupe by id).
     fn flush(
         &mut self,
         mut b: Batch,
         touched: BTreeSet<ChannelId>,
         events: &mut Vec<Event>,
     ) -> Result<(), EngineError> {
-        for id in touched {
-            self.save_channel(&id, &mut b);
-        }
-        self.commit(b)?;
         for event in events.drain(..) {
             self.emit(event);
         }
-        Ok(())
+        for id in touched {
+            self.save_channel(&id, &mut b);
+        }
+        self.commit(b)
     }
 
     fn receive_welcome(

@@ -130,3 +130,53 @@ fn invite_send_receive_and_survive_restarts() {
     bob.receive(&[it], NOW).expect("receive");
     assert_eq!(bob.store().messages(&channel, 10).expect("messages").len(), 2);
 }
+
+/// Where the time of a catch-up goes (run with `--ignored --nocapture`).
+#[test]
+#[ignore = "a measurement, not a test"]
+fn receive_cost() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let mut alice = device(&tmp, "alice", &relay);
+    let mut bob = device(&tmp, "bob", &relay);
+    let (packages, _) = bob.key_packages(1, false).expect("kp");
+    let bob_dir = bob.account().expect("bob").dir.clone();
+    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    let staged = alice
+        .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
+        .expect("stage");
+    alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
+    bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
+    let welcome = staged.welcome.expect("w").envelopes[0].clone();
+    bob.receive(&[InboxItem { id: 0, envelope: welcome }], NOW).expect("join");
+    let n = 2000;
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        let text = chat::ChatContent::Text { body: format!("message {i}") }.to_bytes();
+        alice.send(&channel, &text, true, NOW).expect("send");
+    }
+    eprintln!("send: {:?} per message", t.elapsed() / n);
+    let outbox = alice.outbox().expect("outbox");
+    let mut items = Vec::new();
+    let mut all = alice.store().outbox(usize::MAX).expect("all");
+    all.extend(outbox.into_iter().take(0));
+    for (_, item) in &all {
+        items.push(
+            relay.item(&bob, &InboxPayload::Channel { channel, message: item.message.clone() }),
+        );
+    }
+    let t = std::time::Instant::now();
+    for chunk in items.chunks(1024) {
+        let r = bob.receive(chunk, NOW).expect("receive");
+        assert_eq!(r.done.len(), chunk.len());
+    }
+    eprintln!(
+        "receive: {:?} per message ({} messages)",
+        t.elapsed() / items.len() as u32,
+        items.len()
+    );
+    let t = std::time::Instant::now();
+    let secret = chitchat_proto::inbox::InboxSecret::from_seed(&[1; 32]);
+    let _ = secret;
+    eprintln!("(baseline loop {:?})", t.elapsed());
+}
