@@ -208,13 +208,15 @@ impl Node {
         let account = Account { relay, local_name, dir };
         let saved = account.clone();
         self.with(move |e| e.set_account(saved)).await?;
+        // KeyPackages first, so that others can invite this device as soon as this returns;
+        // then the background tasks start.
+        if let Err(e) = self.top_up_key_packages(&link).await {
+            tracing::warn!(error = %e, "cannot upload KeyPackages yet");
+        }
         if let Ok(mut l) = self.link.lock() {
             *l = Some(link.clone());
         }
         self.registered.notify_waiters();
-        if let Err(e) = self.top_up_key_packages(&link).await {
-            tracing::warn!(error = %e, "cannot upload KeyPackages yet");
-        }
         Ok(account)
     }
 

@@ -621,7 +621,8 @@ impl Engine {
                 b.outbox(outbox_id, Some(item));
             }
         }
-        self.store.commit(b)?;
+        // Losing this in a crash only resends (receivers drop the copies): no fsync.
+        self.store.commit_lazy(b)?;
         for (channel, id) in sent {
             self.emit(Event::Sent { channel: channel.to_string(), id: id_string(&id) });
         }

@@ -314,6 +314,20 @@ impl Store {
         w.commit().map_err(redb_err)
     }
 
+    /// Commits a batch without waiting for the disk: it becomes durable with the next
+    /// [`Store::commit`], and a crash before that loses it. Only for writes whose loss is
+    /// harmless (an outbox item found delivered: losing that resends a message, which receivers
+    /// drop by id).
+    pub fn commit_lazy(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.db.begin_write().map_err(redb_err)?;
+        w.set_durability(Durability::None).map_err(redb_err)?;
+        apply(&w, batch)?;
+        w.commit().map_err(redb_err)
+    }
+
     /// A key or record of `keys-0`.
     pub fn key(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;

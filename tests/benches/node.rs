@@ -110,6 +110,25 @@ async fn relay_drain(relay: &RelayProcess, n: usize) -> Duration {
     start.elapsed()
 }
 
+/// One redb commit with fsync (`Durability::Immediate`), a small write: the floor of every
+/// durable step on this disk. A message crosses two on its way (the sender's commit before its
+/// ciphertext leaves, the relay's before it hands it on).
+fn raw_commit_latency(dir: &std::path::Path, n: usize) -> Vec<Duration> {
+    const T: redb::TableDefinition<'_, u64, &[u8]> = redb::TableDefinition::new("t");
+    let db = redb::Database::create(dir.join("raw.redb")).expect("db");
+    let record = vec![7u8; 600];
+    (0..n as u64)
+        .map(|i| {
+            let t = Instant::now();
+            let mut w = db.begin_write().expect("write");
+            w.set_durability(redb::Durability::Immediate).expect("durability");
+            w.open_table(T).expect("table").insert(i, record.as_slice()).expect("insert");
+            w.commit().expect("commit");
+            t.elapsed()
+        })
+        .collect()
+}
+
 async fn stored(node: &NodeProcess, channel: &str) -> u64 {
     node.json("GET", &format!("/v1/channels/{channel}"), None)
         .await
@@ -122,7 +141,17 @@ async fn stored(node: &NodeProcess, channel: &str) -> u64 {
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (pings, backlog) = if quick { (200, 2_000) } else { (2_000, 10_000) };
-    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    // The backlog is over the relay's default inbox quota (10,000 items) and sender rate
+    // (6,000 a minute): an operator expecting such backlogs raises them.
+    let relay = RelayProcess::start(
+        |c| {
+            assert!(c.contains("max_items = 10000") && c.contains("sender_per_minute = 6000"));
+            c.replace("max_items = 10000", "max_items = 100000")
+                .replace("sender_per_minute = 6000", "sender_per_minute = 100000")
+        },
+        &[],
+    )
+    .expect("relay");
     let alice = NodeProcess::start(&[]).expect("alice");
     let mut bob = NodeProcess::start(&[]).expect("bob");
     alice.register(&relay, "alice").await.expect("alice");
@@ -190,9 +219,12 @@ async fn main() {
         }
     }
     let relay_lat = relay_push_latency(&relay, pings).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fsync_lat = raw_commit_latency(tmp.path(), pings);
     println!("\n## Latency (loopback, one message at a time)\n");
     println!("| path | messages | p50 ms | p90 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|");
+    latency_row("raw redb: one commit with fsync (baseline)", fsync_lat);
     latency_row("relay alone: enqueue → waiting fetch returns (baseline)", relay_lat);
     latency_row("node → relay → node: API send → receiver's event", lat);
 

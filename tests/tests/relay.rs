@@ -150,8 +150,14 @@ async fn registration_directory_and_key_packages() {
     else {
         panic!("no dirs")
     };
-    assert_eq!(dirs, vec![v2]);
+    assert_eq!(dirs, vec![v2.clone()]);
     dirs[0].verify(&trust, now()).expect("the served record verifies");
+    // By device id too (no authentication needed); unknown devices are left out.
+    let stranger = Device::new(77).id();
+    let by_id = Request::LookupDevices { devices: vec![stranger, alice.id()] };
+    assert_eq!(cb.call(&by_id).await.expect("lookup devices"), Response::Dirs(vec![v2]));
+    let too_many = Request::LookupDevices { devices: vec![stranger; wire::MAX_LOOKUP_DEVICES + 1] };
+    assert_eq!(code(&cb.call(&too_many).await.expect("call")), Some(ErrorCode::BadRequest));
 
     // KeyPackages: real MLS KeyPackages; each claimed once; the last resort is kept.
     let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
