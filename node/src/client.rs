@@ -50,9 +50,11 @@ impl ApiClient {
     async fn connect(&self) -> anyhow::Result<Box<dyn Io>> {
         Ok(match &self.target {
             ApiListen::Tcp(addr) => {
-                Box::new(tokio::net::TcpStream::connect(addr).await.with_context(|| {
+                let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| {
                     format!("cannot reach the daemon at {addr}; is it running?")
-                })?)
+                })?;
+                tcp.set_nodelay(true)?;
+                Box::new(tcp)
             }
             ApiListen::Unix(path) => Box::new(connect_unix(path).await?),
         })

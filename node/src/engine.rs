@@ -120,16 +120,44 @@ pub enum Event {
 /// A [`CredentialCheck`] over the known records that also remembers unknown devices, so the
 /// daemon can look them up and try again.
 struct Recording<'a> {
-    known: KnownDirs<'a, TrustedRelays>,
+    dirs: &'a BTreeMap<DeviceId, Dir>,
+    trust: TrustedRelays,
+    now: Timestamp,
     missing: RefCell<BTreeSet<DeviceId>>,
+}
+
+impl<'a> Recording<'a> {
+    fn new(dirs: &'a BTreeMap<DeviceId, Dir>, trust: TrustedRelays, now: Timestamp) -> Self {
+        Self { dirs, trust, now, missing: RefCell::new(BTreeSet::new()) }
+    }
+
+    /// The devices to look up, if the check failed for want of their records.
+    fn need(self) -> Option<Vec<DeviceId>> {
+        let missing = self.missing.into_inner();
+        (!missing.is_empty()).then(|| missing.into_iter().collect())
+    }
 }
 
 impl CredentialCheck for Recording<'_> {
     fn check(&self, device: DeviceId) -> Result<(), String> {
-        if !self.known.dirs.contains_key(&device) {
+        if !self.dirs.contains_key(&device) {
             self.missing.borrow_mut().insert(device);
         }
-        self.known.check(device)
+        KnownDirs { dirs: self.dirs, trust: &self.trust, now: self.now }.check(device)
+    }
+}
+
+fn members_event(
+    channel: &ChannelId,
+    epoch: u64,
+    added: &[DeviceId],
+    removed: &[DeviceId],
+) -> Event {
+    Event::Members {
+        channel: channel.to_string(),
+        epoch,
+        added: added.iter().map(|d| d.0.to_hex()).collect(),
+        removed: removed.iter().map(|d| d.0.to_hex()).collect(),
     }
 }
 
@@ -763,11 +791,7 @@ impl Engine {
         b: &mut Batch,
         events: &mut Vec<Event>,
     ) -> Step {
-        let trust = self.trust();
-        let check = Recording {
-            known: KnownDirs { dirs: &self.dirs, trust: &trust, now },
-            missing: RefCell::new(BTreeSet::new()),
-        };
+        let check = Recording::new(&self.dirs, self.trust(), now);
         match Channel::join(&self.provider, welcome, &check) {
             Ok(joined) if joined.id() == channel => {
                 let record = ChannelRecord {
@@ -791,7 +815,7 @@ impl Engine {
                 Step::Dropped
             }
             Err(ChannelError::Credential { .. }) if !check.missing.borrow().is_empty() => {
-                Step::Need(check.missing.into_inner().into_iter().collect())
+                check.need().map_or(Step::Dropped, Step::Need)
             }
             Err(ChannelError::AlreadyJoined) => Step::Done,
             Err(e) => {
@@ -810,11 +834,7 @@ impl Engine {
         touched: &mut BTreeSet<ChannelId>,
         events: &mut Vec<Event>,
     ) -> Step {
-        let trust = self.trust();
-        let check = Recording {
-            known: KnownDirs { dirs: &self.dirs, trust: &trust, now },
-            missing: RefCell::new(BTreeSet::new()),
-        };
+        let check = Recording::new(&self.dirs, self.trust(), now);
         let Some(channel) = self.channels.get_mut(&id).and_then(|h| h.channel.as_mut()) else {
             tracing::debug!(channel = %id, "message for a channel this device is not in; dropped");
             return Step::Done;
@@ -825,7 +845,7 @@ impl Engine {
         let result = match result {
             Ok(events) => events,
             Err(ChannelError::Credential { .. }) if !check.missing.borrow().is_empty() => {
-                return Step::Need(check.missing.into_inner().into_iter().collect());
+                return check.need().map_or(Step::Dropped, Step::Need);
             }
             Err(e @ (ChannelError::TooFarAhead { .. } | ChannelError::BufferFull)) => {
                 tracing::warn!(channel = %id, error = %e, "message kept in the inbox for later");
@@ -869,12 +889,7 @@ impl Engine {
                     step = Step::Held(id, epoch);
                 }
                 ChannelEvent::CommitApplied { epoch, added, removed, self_removed } => {
-                    events.push(Event::Members {
-                        channel: id.to_string(),
-                        epoch,
-                        added: added.iter().map(|d| d.0.to_hex()).collect(),
-                        removed: removed.iter().map(|d| d.0.to_hex()).collect(),
-                    });
+                    events.push(members_event(&id, epoch, &added, &removed));
                     if self_removed {
                         events.push(Event::Removed { channel: id.to_string() });
                     }
@@ -984,12 +999,7 @@ impl Engine {
         self.commit(b)?;
         for event in events {
             if let ChannelEvent::CommitApplied { epoch, added, removed, .. } = event {
-                self.emit(Event::Members {
-                    channel: id.to_string(),
-                    epoch,
-                    added: added.iter().map(|d| d.0.to_hex()).collect(),
-                    removed: removed.iter().map(|d| d.0.to_hex()).collect(),
-                });
+                self.emit(members_event(id, epoch, &added, &removed));
             }
         }
         Ok(())

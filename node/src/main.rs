@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
+use axum::serve::ListenerExt as _;
 use chitchat_node::client::{ApiClient, encode_component as enc};
 use chitchat_node::config::ApiListen;
 use chitchat_node::daemon::Node;
@@ -241,6 +242,12 @@ async fn daemon(dir: NodeDir) -> anyhow::Result<()> {
             dir.write_run_info(&RunInfo { api: bound.to_string(), pid })?;
             tracing::info!(device = %device, api = %bound, "node running");
             tokio::spawn(shutdown);
+            // Events are small frames; do not let Nagle hold them back.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = rx.await;

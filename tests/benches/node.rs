@@ -194,8 +194,25 @@ async fn main() {
             })
             .await;
     });
+    // Alice's own `sent` events: when the relay had the message in Bob's inbox.
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<(String, Instant)>();
+    let alice_api = alice.api().clone();
+    let watched = channel.clone();
+    tokio::spawn(async move {
+        let _ = alice_api
+            .events(Some(&watched), |e| {
+                if e["type"] == "sent" {
+                    let id = e["id"].as_str().unwrap_or_default().to_owned();
+                    let _ = sent_tx.send((id, Instant::now()));
+                }
+                true
+            })
+            .await;
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut lat = Vec::with_capacity(pings);
+    let mut api_lat = Vec::with_capacity(pings);
+    let mut sent_lat = Vec::with_capacity(pings);
     for i in 0..pings {
         let t = Instant::now();
         let v = alice
@@ -206,6 +223,7 @@ async fn main() {
             )
             .await
             .expect("send");
+        api_lat.push(t.elapsed());
         let id = v["id"].as_str().expect("id").to_owned();
         loop {
             let (got, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -214,6 +232,14 @@ async fn main() {
                 .expect("event stream");
             if got == id {
                 lat.push(at - t);
+                break;
+            }
+        }
+        while let Ok(Some((got, at))) =
+            tokio::time::timeout(Duration::from_secs(10), sent_rx.recv()).await
+        {
+            if got == id {
+                sent_lat.push(at - t);
                 break;
             }
         }
@@ -226,6 +252,8 @@ async fn main() {
     println!("|---|---|---|---|---|---|");
     latency_row("raw redb: one commit with fsync (baseline)", fsync_lat);
     latency_row("relay alone: enqueue → waiting fetch returns (baseline)", relay_lat);
+    latency_row("node: API send answered (message durable, `sending`)", api_lat);
+    latency_row("node → relay: API send → sender's `sent` event", sent_lat);
     latency_row("node → relay → node: API send → receiver's event", lat);
 
     // Catch-up: Bob is offline while Alice sends the backlog.
