@@ -290,23 +290,31 @@ async fn create_channel(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResul
 
 /// Finds a channel by full id, unique id prefix, or unique name.
 async fn resolve_channel(s: &ApiState, reference: &str) -> ApiResult<ChannelId> {
+    resolve_channel_mime(s, reference).await.map(|(id, _)| id)
+}
+
+/// Like [`resolve_channel`], with the channel's MIME type.
+async fn resolve_channel_mime(s: &ApiState, reference: &str) -> ApiResult<(ChannelId, String)> {
     let reference = reference.to_owned();
-    let found: Vec<ChannelId> = s
+    let found: Vec<(ChannelId, String)> = s
         .node
         .with(move |e| {
-            let by_id: Vec<ChannelId> = e
+            let by_id: Vec<(ChannelId, String)> = e
                 .channels()
                 .filter(|(id, _, _)| reference.len() >= 4 && id.to_string().starts_with(&reference))
-                .map(|(id, _, _)| id)
+                .map(|(id, r, _)| (id, r.mime.clone()))
                 .collect();
             if !by_id.is_empty() {
                 return by_id;
             }
-            e.channels().filter(|(_, r, _)| r.name == reference).map(|(id, _, _)| id).collect()
+            e.channels()
+                .filter(|(_, r, _)| r.name == reference)
+                .map(|(id, r, _)| (id, r.mime.clone()))
+                .collect()
         })
         .await;
     match found.as_slice() {
-        [id] => Ok(*id),
+        [one] => Ok(one.clone()),
         [] => Err(ApiError::not_found("no such channel (give its name or id)")),
         _ => Err(ApiError::bad("several channels match; give more of the id")),
     }
@@ -487,14 +495,8 @@ async fn send(
     bytes: Body,
 ) -> ApiResult<Json<Value>> {
     let b: SendBody = body(&bytes)?;
-    let id = resolve_channel(&s, &channel).await?;
-    let mime = s
-        .node
-        .with(move |e| -> Result<String, EngineError> {
-            let (_, c) = e.channel(&id)?;
-            c.map(|c| c.config().mime.clone()).ok_or(EngineError::Left)
-        })
-        .await?;
+    // One trip to the engine to find the channel; sending is the other.
+    let (id, mime) = resolve_channel_mime(&s, &channel).await?;
     let (payload, store) = if mime == chat::MIME {
         let content = match (b.content, b.text, b.payload_base64) {
             (Some(c), None, None) => c,

@@ -102,6 +102,8 @@ pub struct Node {
     epochs: Notify,
     /// One membership change at a time.
     ordering: tokio::sync::Mutex<()>,
+    /// Messages sealed at send time, waiting for the outbox worker (at most 256).
+    ready: Mutex<std::collections::VecDeque<Ready>>,
 }
 
 impl Node {
@@ -119,6 +121,7 @@ impl Node {
             registered: Notify::new(),
             epochs: Notify::new(),
             ordering: tokio::sync::Mutex::new(()),
+            ready: Mutex::new(std::collections::VecDeque::new()),
         });
         tokio::spawn(node.clone().inbox_task());
         tokio::spawn(node.clone().outbox_task());
@@ -303,18 +306,61 @@ impl Node {
         store: bool,
     ) -> Result<MessageId, NodeError> {
         let now = now();
-        let (id, _) = self.with(move |e| e.send(&channel, &payload, store, now)).await?;
+        let (id, ready) = self
+            .with(move |e| -> Result<_, EngineError> {
+                let (id, entry) = e.send(&channel, &payload, store, now)?;
+                // Sealed now, in the same blocking call: the outbox worker sends it at once.
+                let ready = entry.map(|(outbox_id, item)| {
+                    let entries = [(outbox_id, item)];
+                    let sealed = e.seal_outbox(&entries);
+                    let [(outbox_id, item)] = entries;
+                    Ready { outbox_id, item, sealed }
+                });
+                Ok((id, ready))
+            })
+            .await?;
+        if let Some(ready) = ready
+            && let Ok(mut q) = self.ready.lock()
+        {
+            // Bounded: beyond, the worker finds the rest in the store.
+            if q.len() < crate::engine::OUTBOX_BATCH {
+                q.push_back(ready);
+            }
+        }
         self.outbox.notify_one();
         Ok(id)
+    }
+
+    /// Delivers messages sealed at send time, in order, skipping any that a pass over the
+    /// store already delivered. Anything that does not go through is left to the store passes.
+    async fn deliver_ready(&self, link: &RelayLink, after: u64) -> Result<(), NodeError> {
+        let ready: Vec<Ready> = match self.ready.lock() {
+            Ok(mut q) => q.drain(..).filter(|r| r.outbox_id >= after).collect(),
+            Err(_) => return Ok(()),
+        };
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let mut items = Vec::with_capacity(ready.len());
+        let mut sealed = Vec::new();
+        for (index, r) in ready.into_iter().enumerate() {
+            sealed.extend(r.sealed.into_iter().map(|(_, device, e)| (index, device, e)));
+            items.push((r.outbox_id, r.item));
+        }
+        self.send_sealed(link, items, sealed).await.map(|_| ())
     }
 
     /// One delivery pass over the oldest outbox items, in order: every recipient's envelope of
     /// every item, in `EnqueueBatch`es of up to 256, then one transaction recording the
     /// outcome.
-    async fn deliver_pass(&self, link: &RelayLink) -> Result<Pass, NodeError> {
+    /// `passed` becomes one past the highest outbox id it read.
+    async fn deliver_pass(&self, link: &RelayLink, passed: &mut u64) -> Result<Pass, NodeError> {
         let items = self.with(|e| e.outbox()).await?;
         if items.is_empty() {
             return Ok(Pass::Empty);
+        }
+        if let Some((last, _)) = items.last() {
+            *passed = (*passed).max(last.saturating_add(1));
         }
         let full = items.len() >= crate::engine::OUTBOX_BATCH;
         let items = Arc::new(items);
@@ -331,7 +377,23 @@ impl Node {
             let items = items.clone();
             self.with(move |e| e.seal_outbox(&items)).await
         };
-        // (item index, recipient) still to deliver; unknown recipients are given up.
+        let items = Arc::try_unwrap(items).unwrap_or_else(|shared| (*shared).clone());
+        let pass = self.send_sealed(link, items, sealed).await?;
+        Ok(match pass {
+            Pass::Empty if full => Pass::More,
+            other => other,
+        })
+    }
+
+    /// Sends sealed envelopes of outbox items, in order, in `EnqueueBatch`es of up to 256,
+    /// then records the outcome in one transaction.
+    async fn send_sealed(
+        &self,
+        link: &RelayLink,
+        items: Vec<(u64, OutboxItem)>,
+        sealed: Vec<(usize, DeviceId, Option<chitchat_proto::inbox::SealedEnvelope>)>,
+    ) -> Result<Pass, NodeError> {
+        // Recipients, per item, still to deliver; unknown recipients are given up.
         let mut remaining: Vec<Vec<DeviceId>> = vec![Vec::new(); items.len()];
         let mut failed = false;
         let ready: Vec<_> = sealed
@@ -378,14 +440,14 @@ impl Node {
             std::process::abort();
         }
         let progress: Vec<(u64, OutboxItem, Vec<DeviceId>)> = items
-            .iter()
+            .into_iter()
             .zip(remaining)
             .map(|((id, item), left)| {
                 let give_up = item.attempts.saturating_add(1) >= MAX_DELIVERY_ATTEMPTS;
                 if give_up && !left.is_empty() {
                     tracing::warn!(message = ?item.id, "giving up delivery after {MAX_DELIVERY_ATTEMPTS} attempts");
                 }
-                (*id, item.clone(), if give_up { vec![] } else { left })
+                (id, item, if give_up { vec![] } else { left })
             })
             .collect();
         let all_done = progress.iter().all(|(_, _, left)| left.is_empty());
@@ -393,19 +455,20 @@ impl Node {
         if failed {
             return Err(LinkError::Unreachable("delivery incomplete".into()).into());
         }
-        Ok(match (all_done, full) {
-            (true, false) => Pass::Empty,
-            (true, true) => Pass::More,
-            (false, _) => Pass::Refused,
-        })
+        Ok(if all_done { Pass::Empty } else { Pass::Refused })
     }
 
     async fn outbox_task(self: Arc<Self>) {
         let link = self.wait_for_link().await;
         let mut backoff = Backoff::default();
+        // Outbox ids below this were looked at by a pass over the store.
+        let mut passed: u64 = 0;
         loop {
             let woken = self.outbox.notified();
-            match self.deliver_pass(&link).await {
+            if let Err(e) = self.deliver_ready(&link, passed).await {
+                tracing::debug!(error = %e, "delivery of fresh messages failed; the store pass retries");
+            }
+            match self.deliver_pass(&link, &mut passed).await {
                 Ok(Pass::Empty) => {
                     backoff.reset();
                     woken.await;
@@ -769,6 +832,14 @@ impl Node {
             }
         }
     }
+}
+
+/// A message sealed at send time, for the outbox worker.
+#[derive(Debug)]
+struct Ready {
+    outbox_id: u64,
+    item: OutboxItem,
+    sealed: Vec<(usize, DeviceId, Option<chitchat_proto::inbox::SealedEnvelope>)>,
 }
 
 /// What a delivery pass left.

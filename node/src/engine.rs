@@ -526,14 +526,15 @@ impl Engine {
 
     /// Encrypts `payload` for the channel and stores it with the outbox entry that will deliver
     /// it, in one transaction: once this returns, the message survives a crash. Returns its id
-    /// and its outbox id. A typing notice (`store == false`) is delivered but never stored.
+    /// and its outbox entry (none when no one else is in the channel). A typing notice
+    /// (`store == false`) is delivered but never stored.
     pub fn send(
         &mut self,
         id: &ChannelId,
         payload: &[u8],
         store: bool,
         now: Timestamp,
-    ) -> Result<(MessageId, u64), EngineError> {
+    ) -> Result<(MessageId, Option<(u64, OutboxItem)>), EngineError> {
         let me_device = self.device();
         let sent = active_in(&mut self.channels, id)?.send(&self.provider, &self.me, now, payload);
         let (msg_id, message) = match sent {
@@ -566,9 +567,15 @@ impl Engine {
         if store {
             b.message(*id, stored.clone());
         }
-        if !recipients.is_empty() {
-            let item = OutboxItem { channel: *id, id: msg_id, message, recipients, attempts: 0 };
-            b.outbox(outbox_id, Some(item));
+        let item = (!recipients.is_empty()).then_some(OutboxItem {
+            channel: *id,
+            id: msg_id,
+            message,
+            recipients,
+            attempts: 0,
+        });
+        if let Some(item) = &item {
+            b.outbox(outbox_id, Some(item.clone()));
         }
         self.commit(b)?;
         self.next_outbox += 1;
@@ -578,7 +585,7 @@ impl Engine {
         if store {
             self.emit_message(id, &stored);
         }
-        Ok((msg_id, outbox_id))
+        Ok((msg_id, item.map(|i| (outbox_id, i))))
     }
 
     fn emit_message(&self, channel: &ChannelId, m: &StoredMessage) {

@@ -102,7 +102,8 @@ fn invite_send_receive_and_survive_restarts() {
     assert_eq!(bob.epoch(&channel), Some(1));
 
     let text = chat::ChatContent::Text { body: "hi bob".into() }.to_bytes();
-    let (id, outbox_id) = alice.send(&channel, &text, true, NOW).expect("send");
+    let (id, entry) = alice.send(&channel, &text, true, NOW).expect("send");
+    let outbox_id = entry.expect("bob is a recipient").0;
     let outbox = alice.outbox().expect("outbox");
     assert_eq!(outbox.len(), 1, "a sent message waits in the outbox");
     // Alice crashes before delivering: the outbox still holds the same message.
