@@ -12,8 +12,11 @@ RELAY="$CHITCHAT_BIN/chitchat-relay"
 PIDS=()
 
 cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    # Newest first: clients before the daemons they talk to, nodes before the relay.
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        kill "${PIDS[$i]}" 2>/dev/null || true
+        wait "${PIDS[$i]}" 2>/dev/null || true
+    done
 }
 trap cleanup EXIT
 
@@ -32,12 +35,19 @@ json_field() {
     sed -n "s/.*\"$2\": *\"\([^\"]*\)\".*/\1/p" "$1" | head -1
 }
 
-# start_relay DIR: a development relay (loopback, ephemeral ports) for host "localhost".
-# Sets RELAY_URL.
+# start_relay DIR [PORT]: a relay on loopback for host "localhost", registration open. Without
+# PORT it takes ephemeral ports (`run --dev`); with PORT it listens on PORT (libp2p, TCP) and
+# PORT+1 (HTTP), so that nodes find it again after a restart. Sets RELAY_URL.
 start_relay() {
     [ -f "$1/relay.key" ] || "$RELAY" --dir "$1" init --host localhost >/dev/null
     rm -f "$1/run.json"
-    RUST_LOG=warn "$RELAY" --dir "$1" run --dev >"$1/relay.log" 2>&1 &
+    if [ -z "${2:-}" ]; then
+        RUST_LOG=warn "$RELAY" --dir "$1" run --dev >"$1/relay.log" 2>&1 &
+    else
+        CHITCHAT_RELAY_LISTEN="/ip4/127.0.0.1/tcp/$2" CHITCHAT_RELAY_HTTP="127.0.0.1:$(($2 + 1))" \
+            CHITCHAT_RELAY_OPEN_REGISTRATION=true RUST_LOG=warn \
+            "$RELAY" --dir "$1" run >"$1/relay.log" 2>&1 &
+    fi
     PIDS+=($!)
     wait_for "$1/run.json"
     RELAY_URL="http://$(json_field "$1/run.json" http)"

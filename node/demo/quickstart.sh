@@ -8,7 +8,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATA=${CHITCHAT_QUICKSTART_DIR:-$PWD/chitchat-quickstart}
 NAME=${1:-me}
 mkdir -p "$DATA"
-start_relay "$DATA/relay"
+# Fixed ports (CHITCHAT_QUICKSTART_PORT and the next one), so the next run finds the relay.
+start_relay "$DATA/relay" "${CHITCHAT_QUICKSTART_PORT:-7460}"
 start_node "$DATA/node"
 you() { "$CHITCHAT" --home "$DATA/node" "$@"; }
 
@@ -31,7 +32,7 @@ A friend on this machine (a second node, through the same relay):
   $CHITCHAT --home $DATA/node invite general friend@localhost
 TEXT
 
-you tail general &
+"$CHITCHAT" --home "$DATA/node" tail general &
 PIDS+=($!)
 while IFS= read -r line; do
     [ -n "$line" ] && you send general "$line" >/dev/null
