@@ -130,20 +130,28 @@ impl Node {
         Ok(node)
     }
 
-    /// Runs `f` on the engine in a blocking task (engine operations fsync).
+    /// Runs `f` on the engine, where blocking is allowed (engine operations fsync).
     pub async fn with<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Engine) -> R + Send + 'static,
     ) -> R {
         let engine = self.engine.clone();
-        let task = tokio::task::spawn_blocking(move || {
+        let run = move || {
             let mut guard = match engine.lock() {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
             };
             f(&mut guard)
-        });
-        match task.await {
+        };
+        // On a multi-threaded runtime the call runs right here, the worker's other tasks
+        // moving to another worker: no hand-off to a blocking thread and back, which costs
+        // more than most engine calls.
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            return tokio::task::block_in_place(run);
+        }
+        match tokio::task::spawn_blocking(run).await {
             Ok(r) => r,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
