@@ -38,6 +38,8 @@ const KEY_PACKAGE_LOW: u32 = 10;
 pub const MAX_DELIVERY_ATTEMPTS: u32 = 100;
 /// Longest pause between two attempts of the same work, in milliseconds.
 const MAX_BACKOFF_MS: u64 = 30_000;
+/// Longest pause between two attempts to reach the inbox, in milliseconds.
+const INBOX_MAX_BACKOFF_MS: u64 = 3_000;
 
 /// The current time.
 pub fn now() -> Timestamp {
@@ -102,6 +104,8 @@ pub struct Node {
     epochs: Notify,
     /// One membership change at a time.
     ordering: tokio::sync::Mutex<()>,
+    /// The first outbox id of this run.
+    first_outbox_id: u64,
     /// Messages sealed at send time, waiting for the outbox worker (at most 256).
     ready: Mutex<std::collections::VecDeque<Ready>>,
 }
@@ -113,6 +117,7 @@ impl Node {
             Some(a) => Some(Arc::new(make_link(&engine, &a.relay, &config)?)),
             None => None,
         };
+        let first_outbox_id = engine.next_outbox_id();
         let node = Arc::new(Self {
             engine: Arc::new(Mutex::new(engine)),
             link: Mutex::new(link),
@@ -122,6 +127,7 @@ impl Node {
             epochs: Notify::new(),
             ordering: tokio::sync::Mutex::new(()),
             ready: Mutex::new(std::collections::VecDeque::new()),
+            first_outbox_id,
         });
         tokio::spawn(node.clone().inbox_task());
         tokio::spawn(node.clone().outbox_task());
@@ -401,6 +407,8 @@ impl Node {
         items: Vec<(u64, OutboxItem)>,
         sealed: Vec<(usize, DeviceId, Option<chitchat_proto::inbox::SealedEnvelope>)>,
     ) -> Result<Pass, NodeError> {
+        // The injected fault hits messages sent in this run, not redeliveries after a restart.
+        let fresh = items.iter().any(|(id, _)| *id >= self.first_outbox_id);
         // Recipients, per item, still to deliver; unknown recipients are given up.
         let mut remaining: Vec<Vec<DeviceId>> = vec![Vec::new(); items.len()];
         let mut failed = false;
@@ -443,7 +451,7 @@ impl Node {
                 }
             }
         }
-        if fault("exit-after-enqueue") {
+        if fresh && fault("exit-after-enqueue") {
             // The messages are in the recipients' inboxes, and still in the outbox.
             std::process::abort();
         }
@@ -459,6 +467,7 @@ impl Node {
             })
             .collect();
         let all_done = progress.iter().all(|(_, _, left)| left.is_empty());
+        tracing::debug!(items = progress.len(), all_done, failed, "delivered");
         self.with(move |e| e.outbox_progress(progress)).await?;
         if failed {
             return Err(LinkError::Unreachable("delivery incomplete".into()).into());
@@ -482,10 +491,15 @@ impl Node {
                     woken.await;
                 }
                 Ok(Pass::More) => backoff.reset(),
-                Ok(Pass::Refused) => backoff.wait().await,
-                Err(e) => {
-                    tracing::debug!(error = %e, "delivery pass failed");
-                    backoff.wait().await;
+                other => {
+                    if let Err(e) = other {
+                        tracing::debug!(error = %e, "delivery pass failed");
+                    }
+                    // A new message, or the inbox task finding the relay back, ends the pause.
+                    tokio::select! {
+                        () = backoff.wait() => {}
+                        () = woken => {}
+                    }
                 }
             }
         }
@@ -495,7 +509,8 @@ impl Node {
         let link = self.wait_for_link().await;
         let mut cursor: Option<u64> = None;
         let mut held: Vec<(ChannelId, u64, u64)> = Vec::new();
-        let mut backoff = Backoff::default();
+        // Live push: come back soon after the relay does.
+        let mut backoff = Backoff::capped(INBOX_MAX_BACKOFF_MS);
         let timeout_ms = self.config.relay.wait_seconds.saturating_mul(1000);
         loop {
             let request = Request::Wait { after: cursor, max: MAX_FETCH_ITEMS, timeout_ms };
@@ -512,10 +527,20 @@ impl Node {
                     continue;
                 }
             };
+            if backoff.failures > 0 {
+                // The relay is back: whatever waits in the outbox can go now.
+                self.outbox.notify_one();
+            }
             backoff.reset();
             if items.is_empty() {
                 continue;
             }
+            tracing::debug!(
+                count = items.len(),
+                first = items.first().map(|i| i.id),
+                ?cursor,
+                "inbox items"
+            );
             match self.receive(&link, items, &mut held).await {
                 Ok((last, removals)) => {
                     cursor = last.or(cursor);
@@ -923,15 +948,22 @@ async fn fetch_well_known(url: &str) -> Result<RelayInfo, NodeError> {
     })
 }
 
-/// Exponential back-off from 100 ms to [`MAX_BACKOFF_MS`], jittered.
+/// Exponential back-off from 100 ms to a cap ([`MAX_BACKOFF_MS`] unless set), jittered.
 #[derive(Debug, Default)]
 struct Backoff {
     failures: u32,
+    max_ms: Option<u64>,
 }
 
 impl Backoff {
+    /// A back-off capped at `max_ms`.
+    fn capped(max_ms: u64) -> Self {
+        Self { failures: 0, max_ms: Some(max_ms) }
+    }
+
     async fn wait(&mut self) {
-        let base = (100u64 << self.failures.min(16)).min(MAX_BACKOFF_MS);
+        let cap = self.max_ms.unwrap_or(MAX_BACKOFF_MS);
+        let base = (100u64 << self.failures.min(16)).min(cap);
         self.failures = self.failures.saturating_add(1);
         let jitter = rand::rng().random_range(0..=base / 2);
         tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;

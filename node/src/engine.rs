@@ -541,6 +541,7 @@ impl Engine {
             Ok(s) => s,
             Err(e) => return self.fail(e),
         };
+        tracing::debug!(channel = %id, message = %id_string(&msg_id), "sending");
         let (state, recipients, epoch, hlc) = {
             let channel = self.active(id)?;
             let recipients: Vec<DeviceId> =
@@ -604,6 +605,11 @@ impl Engine {
             .get(device)
             .and_then(|d| d.body.sponsorships.first())
             .map_or_else(|| short_device(device), |s| s.address().to_string())
+    }
+
+    /// The id the next outbox item gets.
+    pub fn next_outbox_id(&self) -> u64 {
+        self.next_outbox
     }
 
     /// Outbox items to deliver, oldest first.
@@ -891,6 +897,9 @@ impl Engine {
                         crate::view::MessageView::new(&stored, &mime, |d| self.name_of_dirs(d));
                     events.push(Event::Message { channel: id.to_string(), message });
                     b.message(id, stored);
+                }
+                ChannelEvent::Duplicate(dup) => {
+                    tracing::debug!(channel = %id, message = %id_string(&dup), "duplicate dropped");
                 }
                 ChannelEvent::Buffered { epoch } if epoch > epoch_now => {
                     step = Step::Held(id, epoch);
