@@ -17,11 +17,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
+use chitchat_proto::DeviceId;
 use chitchat_proto::channel::MessageId;
 use chitchat_proto::chat::{self, ChatContent};
 use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::ordering::ChannelId;
-use chitchat_proto::{DeviceId, PublicKey};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -767,9 +767,4 @@ async fn stream_events(
             },
         }
     }
-}
-
-/// Parses a device id given in full.
-pub fn parse_device(s: &str) -> Option<DeviceId> {
-    PublicKey::from_hex(s).map(DeviceId)
 }

@@ -375,7 +375,7 @@ impl Engine {
     /// Records the registration and the device's sponsored identity record.
     pub fn set_account(&mut self, account: Account) -> Result<(), EngineError> {
         let mut b = Batch::default();
-        b.key("account", account.to_bytes_record());
+        b.key("account", chitchat_proto::codec::encode(&account));
         b.dir(account.dir.clone());
         self.commit(b)?;
         self.dirs.insert(account.dir.device(), account.dir.clone());
@@ -483,10 +483,6 @@ impl Engine {
         self.channels.get(id).ok_or_else(|| EngineError::UnknownChannel(id.to_string()))
     }
 
-    fn active(&mut self, id: &ChannelId) -> Result<&mut Channel, EngineError> {
-        active_in(&mut self.channels, id)
-    }
-
     /// Every channel: `(id, record, channel if loaded)`.
     pub fn channels(&self) -> impl Iterator<Item = (ChannelId, &ChannelRecord, Option<&Channel>)> {
         self.channels.iter().map(|(id, h)| (*id, &h.record, h.channel.as_ref()))
@@ -543,7 +539,7 @@ impl Engine {
         };
         tracing::debug!(channel = %id, message = %id_string(&msg_id), "sending");
         let (state, recipients, epoch, hlc) = {
-            let channel = self.active(id)?;
+            let channel = active_in(&mut self.channels, id)?;
             let recipients: Vec<DeviceId> =
                 channel.members().into_iter().filter(|d| *d != me_device).collect();
             (channel.state().clone(), recipients, channel.epoch(), channel.state().clock.last())
@@ -590,12 +586,8 @@ impl Engine {
     }
 
     fn emit_message(&self, channel: &ChannelId, m: &StoredMessage) {
-        let mime = self
-            .channels
-            .get(channel)
-            .and_then(|h| h.channel.as_ref())
-            .map_or_else(|| chat::MIME.to_owned(), |c| c.config().mime.clone());
-        let message = crate::view::MessageView::new(m, &mime, |d| self.name_of(d));
+        let mime = self.channels.get(channel).map_or(chat::MIME, |h| h.record.mime.as_str());
+        let message = crate::view::MessageView::new(m, mime, |d| self.name_of(d));
         self.emit(Event::Message { channel: channel.to_string(), message });
     }
 
@@ -894,7 +886,7 @@ impl Engine {
                         at: now,
                     };
                     let message =
-                        crate::view::MessageView::new(&stored, &mime, |d| self.name_of_dirs(d));
+                        crate::view::MessageView::new(&stored, &mime, |d| self.name_of(d));
                     events.push(Event::Message { channel: id.to_string(), message });
                     b.message(id, stored);
                 }
@@ -914,10 +906,6 @@ impl Engine {
             }
         }
         step
-    }
-
-    fn name_of_dirs(&self, device: &DeviceId) -> String {
-        self.name_of(device)
     }
 
     /// The channel's epoch, if this device is in it.
@@ -1038,7 +1026,7 @@ impl Engine {
         let intent = if give_up {
             None
         } else {
-            self.store.intents()?.into_iter().find(|(c, _)| c == id).map(|(_, mut i)| {
+            self.store.intent(id)?.map(|mut i| {
                 i.staged = None;
                 i
             })
@@ -1145,12 +1133,6 @@ fn active_in<'a>(
 
 fn seed(bytes: &[u8]) -> Result<[u8; 32], EngineError> {
     bytes.try_into().map_err(|_| EngineError::Store(StoreError::Corrupt { table: "keys" }))
-}
-
-impl Account {
-    fn to_bytes_record(&self) -> Vec<u8> {
-        chitchat_proto::codec::encode(self)
-    }
 }
 
 /// A message id as the API writes it: `SENDER:EPOCH.N`, the sender's device id in hex and its

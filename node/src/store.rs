@@ -480,6 +480,13 @@ impl Store {
         Ok(t.last().map_err(redb_err)?.map_or(0, |(k, _)| k.value() + 1))
     }
 
+    /// A channel's intent.
+    pub fn intent(&self, channel: &ChannelId) -> Result<Option<IntentRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(INTENTS).map_err(redb_err)?;
+        t.get(channel.0).map_err(redb_err)?.map(|v| record(v.value(), "intents")).transpose()
+    }
+
     /// Every intent.
     pub fn intents(&self) -> Result<Vec<(ChannelId, IntentRecord)>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
