@@ -728,6 +728,7 @@ fn event_channel(e: &Event) -> &str {
     match e {
         Event::Message { channel, .. }
         | Event::Sent { channel, .. }
+        | Event::Failed { channel, .. }
         | Event::Typing { channel, .. }
         | Event::Members { channel, .. }
         | Event::Joined { channel, .. }

@@ -3,9 +3,9 @@
 //! - The **inbox task** long-polls the relay (`Wait`), hands what arrives to the engine,
 //!   looks up identity records the engine asks for, and acknowledges what was processed (only
 //!   after it is durable).
-//! - The **outbox task** delivers stored outgoing messages (`EnqueueBatch`) until every
-//!   recipient's inbox has them, with bounded back-off; a message sent through the API is also
-//!   delivered at once, without waiting for the task.
+//! - The **outbox task** posts stored outgoing messages to the relay (`Post`), which puts each
+//!   into the inbox of every other member of its channel; with bounded back-off and a bounded
+//!   number of attempts. A message sent through the API is posted at once.
 //! - **Membership changes** go through the ordering flow: stage, record the intent, submit,
 //!   merge only what the relay certified; a lost race is rebuilt on the new epoch.
 
@@ -17,8 +17,8 @@ use chitchat_proto::channel::MessageId;
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::ordering::{ChannelId, Intent, IntentState};
 use chitchat_proto::wire::{
-    CommitSubmission, EnqueueResult, ErrorCode, MAX_ENQUEUE_BATCH, MAX_FETCH_ITEMS,
-    MAX_LOOKUP_DEVICES, Request, Response,
+    ChannelPost, CommitSubmission, ErrorCode, MAX_ENQUEUE_BATCH, MAX_FETCH_ITEMS,
+    MAX_LOOKUP_DEVICES, MAX_POST_BATCH, PostResult, Request, Response,
 };
 use chitchat_proto::{Address, DeviceId, Dir, PublicKey, RelayId, Timestamp};
 use rand::RngExt as _;
@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::engine::{Engine, EngineError, Event};
+use crate::engine::{Delivery, Engine, EngineError, Event};
 use crate::link::{LinkError, RelayLink};
 use crate::store::{Account, IntentOp, OutboxItem, RelayInfo, StagedRecord};
 
@@ -106,8 +106,8 @@ pub struct Node {
     ordering: tokio::sync::Mutex<()>,
     /// The first outbox id of this run.
     first_outbox_id: u64,
-    /// Messages sealed at send time, waiting for the outbox worker (at most 256).
-    ready: Mutex<std::collections::VecDeque<Ready>>,
+    /// Messages stored by this run's sends, waiting for the outbox worker (at most 256).
+    ready: Mutex<std::collections::VecDeque<(u64, OutboxItem)>>,
 }
 
 impl Node {
@@ -320,53 +320,34 @@ impl Node {
         store: bool,
     ) -> Result<MessageId, NodeError> {
         let now = now();
-        let (id, ready) = self
-            .with(move |e| -> Result<_, EngineError> {
-                let (id, entry) = e.send(&channel, &payload, store, now)?;
-                // Sealed now, in the same blocking call: the outbox worker sends it at once.
-                let ready = entry.map(|(outbox_id, item)| {
-                    let entries = [(outbox_id, item)];
-                    let sealed = e.seal_outbox(&entries);
-                    let [(outbox_id, item)] = entries;
-                    Ready { outbox_id, item, sealed }
-                });
-                Ok((id, ready))
-            })
-            .await?;
-        if let Some(ready) = ready
+        let (id, entry) = self.with(move |e| e.send(&channel, &payload, store, now)).await?;
+        if let Some(entry) = entry
             && let Ok(mut q) = self.ready.lock()
         {
             // Bounded: beyond, the worker finds the rest in the store.
             if q.len() < crate::engine::OUTBOX_BATCH {
-                q.push_back(ready);
+                q.push_back(entry);
             }
         }
         self.outbox.notify_one();
         Ok(id)
     }
 
-    /// Delivers messages sealed at send time, in order, skipping any that a pass over the
-    /// store already delivered. Anything that does not go through is left to the store passes.
+    /// Posts messages stored by [`Node::send`] in this run at once, in order, skipping any that
+    /// a pass over the store already delivered. Anything that does not go through is left to
+    /// the store passes.
     async fn deliver_ready(&self, link: &RelayLink, after: u64) -> Result<(), NodeError> {
-        let ready: Vec<Ready> = match self.ready.lock() {
-            Ok(mut q) => q.drain(..).filter(|r| r.outbox_id >= after).collect(),
+        let ready: Vec<(u64, OutboxItem)> = match self.ready.lock() {
+            Ok(mut q) => q.drain(..).filter(|(id, _)| *id >= after).collect(),
             Err(_) => return Ok(()),
         };
         if ready.is_empty() {
             return Ok(());
         }
-        let mut items = Vec::with_capacity(ready.len());
-        let mut sealed = Vec::new();
-        for (index, r) in ready.into_iter().enumerate() {
-            sealed.extend(r.sealed.into_iter().map(|(_, device, e)| (index, device, e)));
-            items.push((r.outbox_id, r.item));
-        }
-        self.send_sealed(link, items, sealed).await.map(|_| ())
+        self.post(link, ready).await.map(|_| ())
     }
 
-    /// One delivery pass over the oldest outbox items, in order: every recipient's envelope of
-    /// every item, in `EnqueueBatch`es of up to 256, then one transaction recording the
-    /// outcome.
+    /// One delivery pass over the oldest outbox items, in order.
     /// `passed` becomes one past the highest outbox id it read.
     async fn deliver_pass(&self, link: &RelayLink, passed: &mut u64) -> Result<Pass, NodeError> {
         let items = self.with(|e| e.outbox()).await?;
@@ -377,77 +358,71 @@ impl Node {
             *passed = (*passed).max(last.saturating_add(1));
         }
         let full = items.len() >= crate::engine::OUTBOX_BATCH;
-        let items = Arc::new(items);
-        let sealed = {
-            let items = items.clone();
-            self.with(move |e| e.seal_outbox(&items)).await
-        };
-        let unknown: BTreeSet<DeviceId> =
-            sealed.iter().filter(|s| s.2.is_none()).map(|s| s.1).collect();
-        let sealed = if unknown.is_empty() {
-            sealed
-        } else {
-            self.lookup_devices(link, unknown.into_iter().collect()).await?;
-            let items = items.clone();
-            self.with(move |e| e.seal_outbox(&items)).await
-        };
-        let items = Arc::try_unwrap(items).unwrap_or_else(|shared| (*shared).clone());
-        let pass = self.send_sealed(link, items, sealed).await?;
+        let pass = self.post(link, items).await?;
         Ok(match pass {
             Pass::Empty if full => Pass::More,
             other => other,
         })
     }
 
-    /// Sends sealed envelopes of outbox items, in order, in `EnqueueBatch`es of up to 256,
-    /// then records the outcome in one transaction.
-    async fn send_sealed(
+    /// Posts outbox items to the relay, which fans each out to its channel's members, in
+    /// requests of up to [`MAX_POST_BATCH`], then records the outcome in one transaction.
+    async fn post(
         &self,
         link: &RelayLink,
         items: Vec<(u64, OutboxItem)>,
-        sealed: Vec<(usize, DeviceId, Option<chitchat_proto::inbox::SealedEnvelope>)>,
     ) -> Result<Pass, NodeError> {
         // The injected fault hits messages sent in this run, not redeliveries after a restart.
         let fresh = items.iter().any(|(id, _)| *id >= self.first_outbox_id);
-        // Recipients, per item, still to deliver; unknown recipients are given up.
-        let mut remaining: Vec<Vec<DeviceId>> = vec![Vec::new(); items.len()];
+        let mut outcome = vec![Delivery::Retry; items.len()];
         let mut failed = false;
-        let ready: Vec<_> = sealed
-            .into_iter()
-            .filter_map(|(index, device, envelope)| match envelope {
-                Some(e) => Some((index, device, e)),
-                None => {
-                    tracing::warn!(%device, "no identity record for a recipient; not sent to it");
-                    None
-                }
-            })
-            .collect();
-        for chunk in ready.chunks(MAX_ENQUEUE_BATCH) {
-            let envelopes = chunk.iter().map(|(_, _, e)| e.clone()).collect();
-            match link.call(&Request::EnqueueBatch { envelopes }).await {
-                Ok(Response::EnqueuedBatch(results)) if results.len() == chunk.len() => {
-                    for ((index, device, _), result) in chunk.iter().zip(results) {
-                        match result {
-                            EnqueueResult::Enqueued(_) => {}
-                            EnqueueResult::Refused(code) if code.is_retryable() => {
-                                remaining[*index].push(*device);
+        let mut unknown_channels = BTreeSet::new();
+        for (chunk_index, chunk) in items.chunks(MAX_POST_BATCH).enumerate() {
+            let posts = chunk
+                .iter()
+                .map(|(_, item)| ChannelPost {
+                    channel: item.channel,
+                    message: item.message.clone(),
+                })
+                .collect();
+            let base = chunk_index * MAX_POST_BATCH;
+            match link.call(&Request::Post { posts }).await {
+                Ok(Response::Posted(results)) if results.len() == chunk.len() => {
+                    for (i, ((_, item), result)) in chunk.iter().zip(results).enumerate() {
+                        outcome[base + i] = match result {
+                            PostResult::Posted { skipped, .. } => {
+                                if skipped > 0 {
+                                    tracing::warn!(
+                                        message = %crate::engine::id_string(&item.id), skipped,
+                                        "some members' inboxes were full: they miss this message"
+                                    );
+                                }
+                                Delivery::Posted
                             }
-                            EnqueueResult::Refused(code) => tracing::warn!(
-                                %device, code = code.name(),
-                                "the relay refused a message for this device; not retried"
-                            ),
-                        }
+                            PostResult::Refused(ErrorCode::NotFound) => {
+                                // The relay does not order the channel (it was created while
+                                // the relay was away): open it there, then try again.
+                                unknown_channels.insert(item.channel);
+                                Delivery::Retry
+                            }
+                            PostResult::Refused(code) if code.is_retryable() => Delivery::Retry,
+                            PostResult::Refused(code) => {
+                                tracing::warn!(
+                                    message = %crate::engine::id_string(&item.id), code = code.name(),
+                                    "the relay refused a message; not retried"
+                                );
+                                Delivery::Failed
+                            }
+                        };
                     }
                 }
                 other => {
                     match other {
-                        Ok(r) => tracing::warn!(response = ?r, "unexpected answer to EnqueueBatch"),
+                        Ok(r) => tracing::warn!(response = ?r, "unexpected answer to Post"),
                         Err(e) => tracing::debug!(error = %e, "delivery failed"),
                     }
-                    for (index, device, _) in chunk {
-                        remaining[*index].push(*device);
-                    }
                     failed = true;
+                    break;
                 }
             }
         }
@@ -455,19 +430,25 @@ impl Node {
             // The messages are in the recipients' inboxes, and still in the outbox.
             std::process::abort();
         }
-        let progress: Vec<(u64, OutboxItem, Vec<DeviceId>)> = items
+        for channel in unknown_channels {
+            if let Err(e) = self.open_at_relay(&channel).await {
+                tracing::debug!(%channel, error = %e, "cannot open the channel at the relay");
+            }
+        }
+        let progress: Vec<(u64, OutboxItem, Delivery)> = items
             .into_iter()
-            .zip(remaining)
-            .map(|((id, item), left)| {
+            .zip(outcome)
+            .map(|((id, item), delivery)| {
                 let give_up = item.attempts.saturating_add(1) >= MAX_DELIVERY_ATTEMPTS;
-                if give_up && !left.is_empty() {
+                if give_up && delivery == Delivery::Retry {
                     tracing::warn!(message = ?item.id, "giving up delivery after {MAX_DELIVERY_ATTEMPTS} attempts");
+                    return (id, item, Delivery::Failed);
                 }
-                (id, item, if give_up { vec![] } else { left })
+                (id, item, delivery)
             })
             .collect();
-        let all_done = progress.iter().all(|(_, _, left)| left.is_empty());
-        tracing::debug!(items = progress.len(), all_done, failed, "delivered");
+        let all_done = progress.iter().all(|(_, _, d)| *d != Delivery::Retry);
+        tracing::debug!(items = progress.len(), all_done, failed, "posted");
         self.with(move |e| e.outbox_progress(progress)).await?;
         if failed {
             return Err(LinkError::Unreachable("delivery incomplete".into()).into());
@@ -865,14 +846,6 @@ impl Node {
             }
         }
     }
-}
-
-/// A message sealed at send time, for the outbox worker.
-#[derive(Debug)]
-struct Ready {
-    outbox_id: u64,
-    item: OutboxItem,
-    sealed: Vec<(usize, DeviceId, Option<chitchat_proto::inbox::SealedEnvelope>)>,
 }
 
 /// What a delivery pass left.

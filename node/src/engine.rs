@@ -20,7 +20,7 @@ use chitchat_proto::codec::{Bytes, Canonical};
 use chitchat_proto::identity::{DirBody, Profile, TrustedRelays};
 use chitchat_proto::inbox::{self, InboxSecret};
 use chitchat_proto::ordering::{ChannelId, EpochCert};
-use chitchat_proto::wire::{InboxItem, InboxPayload, LeaveRequest, SealedWelcomes};
+use chitchat_proto::wire::{Envelope, InboxItem, InboxPayload, LeaveRequest, SealedWelcomes};
 use chitchat_proto::{DeviceId, Dir, SecretKey, Sponsorship, Timestamp, chat};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider as _;
@@ -64,6 +64,17 @@ pub enum EngineError {
     Invalid(String),
 }
 
+/// What became of one delivery attempt of an outbox item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The relay took it.
+    Posted,
+    /// Not this time; it stays in the outbox.
+    Retry,
+    /// Given up.
+    Failed,
+}
+
 /// What the event stream carries. Serialized as JSON for the local API.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -76,8 +87,16 @@ pub enum Event {
         #[serde(flatten)]
         message: crate::view::MessageView,
     },
-    /// One of this device's messages reached every recipient's inbox.
+    /// One of this device's messages is in its relay's hands: durable in the inbox of every
+    /// member device the relay serves.
     Sent {
+        /// The channel (hex).
+        channel: String,
+        /// The message id.
+        id: String,
+    },
+    /// One of this device's messages was given up (see the daemon's log for why).
+    Failed {
         /// The channel (hex).
         channel: String,
         /// The message id.
@@ -534,15 +553,17 @@ impl Engine {
         let me_device = self.device();
         let sent = active_in(&mut self.channels, id)?.send(&self.provider, &self.me, now, payload);
         let (msg_id, message) = match sent {
-            Ok(s) => s,
+            Ok((id, ChannelMessage::Application { message })) => (id, message),
+            Ok((_, ChannelMessage::Commit { .. })) => {
+                return Err(EngineError::Invalid("a send produced a commit".into()));
+            }
             Err(e) => return self.fail(e),
         };
         tracing::debug!(channel = %id, message = %id_string(&msg_id), "sending");
-        let (state, recipients, epoch, hlc) = {
+        let (state, alone, epoch, hlc) = {
             let channel = active_in(&mut self.channels, id)?;
-            let recipients: Vec<DeviceId> =
-                channel.members().into_iter().filter(|d| *d != me_device).collect();
-            (channel.state().clone(), recipients, channel.epoch(), channel.state().clock.last())
+            let alone = channel.members().iter().all(|d| *d == me_device);
+            (channel.state().clone(), alone, channel.epoch(), channel.state().clock.last())
         };
         let outbox_id = self.next_outbox;
         let mut record = self.held(id)?.record.clone();
@@ -554,23 +575,14 @@ impl Engine {
             hlc,
             epoch,
             payload: payload.to_vec(),
-            status: if recipients.is_empty() {
-                MessageStatus::Sent
-            } else {
-                MessageStatus::Sending
-            },
+            status: if alone { MessageStatus::Sent } else { MessageStatus::Sending },
             at: now,
         };
         if store {
             b.message(*id, stored.clone());
         }
-        let item = (!recipients.is_empty()).then_some(OutboxItem {
-            channel: *id,
-            id: msg_id,
-            message,
-            recipients,
-            attempts: 0,
-        });
+        let item =
+            (!alone).then_some(OutboxItem { channel: *id, id: msg_id, message, attempts: 0 });
         if let Some(item) = &item {
             b.outbox(outbox_id, Some(item.clone()));
         }
@@ -609,55 +621,37 @@ impl Engine {
         Ok(self.store.outbox(OUTBOX_BATCH)?)
     }
 
-    /// Seals outbox items to each of their remaining recipients, in order:
-    /// `(item index, recipient, envelope)`; the envelope is `None` for a recipient whose
-    /// identity record is unknown.
-    pub fn seal_outbox(
-        &self,
-        items: &[(u64, OutboxItem)],
-    ) -> Vec<(usize, DeviceId, Option<inbox::SealedEnvelope>)> {
-        let mut out = Vec::new();
-        for (index, (_, item)) in items.iter().enumerate() {
-            let payload =
-                InboxPayload::Channel { channel: item.channel, message: item.message.clone() }
-                    .to_bytes();
-            for device in &item.recipients {
-                let envelope = self.dirs.get(device).and_then(|dir| {
-                    inbox::seal(&mut rand::rng(), *device, &dir.body.inbox_key, &payload)
-                        .map_err(
-                            |e| tracing::warn!(%device, error = %e, "cannot seal to the device"),
-                        )
-                        .ok()
-                });
-                out.push((index, *device, envelope));
-            }
-        }
-        out
-    }
-
-    /// Records delivery attempts, in one transaction: for each item, the recipients that still
-    /// need it. An item with none left is sent.
+    /// Records delivery attempts, in one transaction: for each item, whether it was posted,
+    /// stays for another attempt, or is given up.
     pub fn outbox_progress(
         &mut self,
-        progress: Vec<(u64, OutboxItem, Vec<DeviceId>)>,
+        progress: Vec<(u64, OutboxItem, Delivery)>,
     ) -> Result<(), EngineError> {
         let mut b = Batch::default();
-        let mut sent = Vec::new();
-        for (outbox_id, mut item, remaining) in progress {
-            if remaining.is_empty() {
-                b.outbox(outbox_id, None);
-                b.status(item.channel, item.id, MessageStatus::Sent);
-                sent.push((item.channel, item.id));
-            } else {
-                item.recipients = remaining;
-                item.attempts = item.attempts.saturating_add(1);
-                b.outbox(outbox_id, Some(item));
+        let mut events = Vec::new();
+        for (outbox_id, mut item, delivery) in progress {
+            let (channel, id) = (item.channel.to_string(), id_string(&item.id));
+            match delivery {
+                Delivery::Posted => {
+                    b.outbox(outbox_id, None);
+                    b.status(item.channel, item.id, MessageStatus::Sent);
+                    events.push(Event::Sent { channel, id });
+                }
+                Delivery::Failed => {
+                    b.outbox(outbox_id, None);
+                    b.status(item.channel, item.id, MessageStatus::Failed);
+                    events.push(Event::Failed { channel, id });
+                }
+                Delivery::Retry => {
+                    item.attempts = item.attempts.saturating_add(1);
+                    b.outbox(outbox_id, Some(item));
+                }
             }
         }
         // Losing this in a crash only resends (receivers drop the copies): no fsync.
         self.store.commit_lazy(b)?;
-        for (channel, id) in sent {
-            self.emit(Event::Sent { channel: channel.to_string(), id: id_string(&id) });
+        for event in events {
+            self.emit(event);
         }
         Ok(())
     }
@@ -741,14 +735,20 @@ impl Engine {
     /// that follows is sequential.
     fn open_all(&self, items: &[InboxItem]) -> Vec<Result<InboxPayload, String>> {
         let me = self.device();
-        let open = |item: &InboxItem| {
-            self.inbox
-                .open(me, &item.envelope)
+        let open = |item: &InboxItem| match &item.envelope {
+            Envelope::Sealed(sealed) => self
+                .inbox
+                .open(me, sealed)
                 .map_err(|e| e.to_string())
-                .and_then(|bytes| InboxPayload::from_bytes(&bytes).map_err(|e| e.to_string()))
+                .and_then(|bytes| InboxPayload::from_bytes(&bytes).map_err(|e| e.to_string())),
+            Envelope::Post(post) => Ok(InboxPayload::Channel {
+                channel: post.channel,
+                message: ChannelMessage::Application { message: post.message.clone() },
+            }),
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-        if items.len() < 32 || threads < 2 {
+        let sealed = items.iter().filter(|i| matches!(i.envelope, Envelope::Sealed(_))).count();
+        if sealed < 32 || threads < 2 {
             return items.iter().map(open).collect();
         }
         let per = items.len().div_ceil(threads);

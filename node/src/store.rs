@@ -29,7 +29,7 @@ use redb::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The layout version of the database; bumped with every incompatible change.
-pub const STORAGE_VERSION: u32 = 1;
+pub const STORAGE_VERSION: u32 = 2;
 /// Largest record accepted from disk.
 const MAX_RECORD_LEN: usize = 64 * 1024 * 1024;
 
@@ -44,7 +44,9 @@ const MESSAGES: TableDefinition<'_, MessageKey, &[u8]> = TableDefinition::new("m
 /// Keyed by sequence number first, so a short reference (`ab12cd34:0.7`) is one small range.
 const MESSAGE_IDS: TableDefinition<'_, MessageRef, (u64, u64, u32)> =
     TableDefinition::new("message-ids-0");
-const OUTBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox-0");
+const OUTBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox-1");
+/// The outbox of storage version 1 (items sealed per recipient), migrated on open.
+const OUTBOX_V1: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox-0");
 const INTENTS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("intents-0");
 
 type MessageKey = ([u8; 32], u64, u64, u32, [u8; 32], u64);
@@ -132,6 +134,8 @@ pub enum MessageStatus {
     Sent,
     /// Someone else's.
     Received,
+    /// Ours, given up: the relay refused it for good, or every attempt failed.
+    Failed,
 }
 
 /// One application message of a channel, decrypted.
@@ -152,20 +156,30 @@ pub struct StoredMessage {
     pub at: Timestamp,
 }
 
-/// A message waiting to be put into its recipients' inboxes.
+/// A message waiting to be posted to the relay, which fans it out to the channel's members.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxItem {
     /// The channel.
     pub channel: ChannelId,
     /// The message's id.
     pub id: MessageId,
-    /// The encrypted message, exactly as first sent: a resend is the same message, which
+    /// The MLS PrivateMessage, exactly as first sent: a resend is the same message, which
     /// receivers drop as a duplicate if they had it.
-    pub message: ChannelMessage,
-    /// Devices that have not got it yet.
-    pub recipients: Vec<DeviceId>,
+    #[serde(with = "serde_bytes")]
+    pub message: Vec<u8>,
     /// Delivery attempts so far.
     pub attempts: u32,
+}
+
+/// An outbox item of storage version 1, read once by the migration to version 2.
+#[derive(Serialize, Deserialize)]
+struct OutboxItemV1 {
+    channel: ChannelId,
+    id: MessageId,
+    message: ChannelMessage,
+    #[allow(dead_code)]
+    recipients: Vec<DeviceId>,
+    attempts: u32,
 }
 
 /// A membership change being ordered.
@@ -284,6 +298,11 @@ impl Store {
             };
             match found {
                 Some(STORAGE_VERSION) => {}
+                Some(1) => {
+                    migrate_outbox_v1(&w)?;
+                    meta.insert("version", encode(&STORAGE_VERSION).as_slice())
+                        .map_err(redb_err)?;
+                }
                 Some(found) => return Err(StoreError::Version { found }),
                 None => {
                     meta.insert("version", encode(&STORAGE_VERSION).as_slice())
@@ -500,6 +519,28 @@ impl Store {
     }
 }
 
+/// Storage version 1 to 2: outbox items are posted once to the relay (which fans them out)
+/// instead of sealed to each recipient. Runs in the opening transaction.
+fn migrate_outbox_v1(w: &WriteTransaction) -> Result<(), StoreError> {
+    {
+        let old = w.open_table(OUTBOX_V1).map_err(redb_err)?;
+        let mut new = w.open_table(OUTBOX).map_err(redb_err)?;
+        for e in old.iter().map_err(redb_err)? {
+            let (k, v) = e.map_err(redb_err)?;
+            let item: OutboxItemV1 = record(v.value(), "outbox-0")?;
+            let ChannelMessage::Application { message } = item.message else {
+                // Commits never went through the outbox.
+                continue;
+            };
+            let item =
+                OutboxItem { channel: item.channel, id: item.id, message, attempts: item.attempts };
+            new.insert(k.value(), encode(&item).as_slice()).map_err(redb_err)?;
+        }
+    }
+    w.delete_table(OUTBOX_V1).map_err(redb_err)?;
+    Ok(())
+}
+
 fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
     let mut keys = w.open_table(KEYS).map_err(redb_err)?;
     let mut mls = w.open_table(MLS).map_err(redb_err)?;
@@ -656,6 +697,51 @@ mod tests {
             w.commit().expect("commit");
         }
         assert!(matches!(Store::open(&path), Err(StoreError::Version { found: 99 })));
+    }
+
+    #[test]
+    fn a_version_1_outbox_is_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.redb");
+        let device = DeviceId(chitchat_proto::SecretKey::from_seed([1; 32]).public());
+        let id = MessageId { sender: device, seq: 7 };
+        let channel = ChannelId([2; 32]);
+        let old = |message| OutboxItemV1 {
+            channel,
+            id,
+            message,
+            recipients: vec![device],
+            attempts: 3,
+        };
+        {
+            let db = Database::create(&path).expect("create");
+            let w = db.begin_write().expect("write");
+            w.open_table(META)
+                .expect("meta")
+                .insert("version", encode(&1u32).as_slice())
+                .expect("insert");
+            let mut t = w.open_table(OUTBOX_V1).expect("outbox-0");
+            let app = old(ChannelMessage::Application { message: vec![9; 40] });
+            t.insert(4, encode(&app).as_slice()).expect("insert");
+            let cert = chitchat_proto::ordering::EpochCert {
+                body: chitchat_proto::ordering::EpochCertBody {
+                    channel,
+                    epoch: 1,
+                    hash: chitchat_proto::ordering::CommitHash([0; 32]),
+                },
+                signatures: vec![],
+            };
+            let commit = old(ChannelMessage::Commit { commit: vec![1], cert });
+            t.insert(5, encode(&commit).as_slice()).expect("insert");
+            drop(t);
+            w.commit().expect("commit");
+        }
+        let store = Store::open(&path).expect("migrated");
+        let want = OutboxItem { channel, id, message: vec![9; 40], attempts: 3 };
+        assert_eq!(store.outbox(10).expect("outbox"), vec![(4, want)]);
+        drop(store);
+        // Version 2 now: opens again, same outbox.
+        assert_eq!(Store::open(&path).expect("reopen").outbox(10).expect("outbox").len(), 1);
     }
 }
 

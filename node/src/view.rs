@@ -146,6 +146,7 @@ pub fn status_str(s: MessageStatus) -> &'static str {
         MessageStatus::Sending => "sending",
         MessageStatus::Sent => "sent",
         MessageStatus::Received => "received",
+        MessageStatus::Failed => "failed",
     }
 }
 

@@ -1,12 +1,12 @@
 //! The engine without a network: two and three devices whose "relay" is this test, which
 //! signs epoch certificates and carries inbox items by hand. Real MLS, real redb.
 
-use chitchat_node::engine::{Engine, Event};
-use chitchat_node::store::{Account, IntentOp, RelayInfo, Store};
+use chitchat_node::engine::{Delivery, Engine, Event};
+use chitchat_node::store::{Account, IntentOp, OutboxItem, RelayInfo, Store};
 use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::identity::SponsorshipBody;
 use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
-use chitchat_proto::wire::{InboxItem, InboxPayload, commit_hash};
+use chitchat_proto::wire::{ChannelPost, Envelope, InboxItem, commit_hash};
 use chitchat_proto::{RelayId, SecretKey, Sponsorship, Timestamp, chat, inbox};
 
 const NOW: Timestamp = Timestamp(1_800_000_000_000);
@@ -26,14 +26,16 @@ impl Relay {
         EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] }
     }
 
-    fn item(&mut self, to: &Engine, payload: &InboxPayload) -> InboxItem {
+    /// A channel post, as the relay fans it out: not sealed.
+    fn post(&mut self, item: &OutboxItem) -> InboxItem {
         self.next_item += 1;
-        let dir = to.own_dir(2, vec![], NOW);
-        let envelope =
-            inbox::seal(&mut rand::rng(), to.device(), &dir.body.inbox_key, &payload.to_bytes())
-                .expect("seal");
-        InboxItem { id: self.next_item, envelope }
+        let post = ChannelPost { channel: item.channel, message: item.message.clone() };
+        InboxItem { id: self.next_item, envelope: Envelope::Post(post) }
     }
+}
+
+fn sealed(envelope: inbox::SealedEnvelope, id: u64) -> InboxItem {
+    InboxItem { id, envelope: Envelope::Sealed(envelope) }
 }
 
 fn device(dir: &tempfile::TempDir, name: &str, relay: &Relay) -> Engine {
@@ -88,7 +90,7 @@ fn invite_send_receive_and_survive_restarts() {
     assert_eq!(alice.members(&channel).expect("members").len(), 2);
 
     let welcome = staged.welcome.clone().expect("welcome").envelopes[0].clone();
-    let item = InboxItem { id: 100, envelope: welcome };
+    let item = sealed(welcome, 100);
     let mut events = bob.subscribe();
     let got = bob.receive(std::slice::from_ref(&item), NOW).expect("receive");
     // Bob does not know Alice's record yet: the engine says whom to look up.
@@ -111,15 +113,14 @@ fn invite_send_receive_and_survive_restarts() {
     let (oid, item) = alice.outbox().expect("outbox").remove(0);
     assert_eq!(oid, outbox_id);
     assert_eq!(item.id, id);
-    let payload = InboxPayload::Channel { channel, message: item.message.clone() };
-    let first = relay.item(&bob, &payload);
-    let again = relay.item(&bob, &payload);
+    let first = relay.post(&item);
+    let again = relay.post(&item);
     let got = bob.receive(&[first, again], NOW).expect("receive");
     assert_eq!(got.done.len(), 2);
     let stored = bob.store().messages(&channel, 10).expect("messages");
     assert_eq!(stored.len(), 1, "a resent message is stored once");
     assert_eq!(stored[0].payload, text);
-    alice.outbox_progress(vec![(oid, item, vec![])]).expect("delivered");
+    alice.outbox_progress(vec![(oid, item, Delivery::Posted)]).expect("delivered");
     assert!(alice.outbox().expect("outbox").is_empty());
 
     // Bob restarts and still reads new messages: his MLS state was durable.
@@ -127,7 +128,7 @@ fn invite_send_receive_and_survive_restarts() {
     let text2 = chat::ChatContent::Text { body: "still there?".into() }.to_bytes();
     alice.send(&channel, &text2, true, NOW).expect("send");
     let (_, item) = alice.outbox().expect("outbox").remove(0);
-    let it = relay.item(&bob, &InboxPayload::Channel { channel, message: item.message });
+    let it = relay.post(&item);
     bob.receive(&[it], NOW).expect("receive");
     assert_eq!(bob.store().messages(&channel, 10).expect("messages").len(), 2);
 }
@@ -149,7 +150,7 @@ fn receive_cost() {
     alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
     bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
     let welcome = staged.welcome.expect("w").envelopes[0].clone();
-    bob.receive(&[InboxItem { id: 0, envelope: welcome }], NOW).expect("join");
+    bob.receive(&[sealed(welcome, 0)], NOW).expect("join");
     let n = 2000;
     let t = std::time::Instant::now();
     for i in 0..n {
@@ -159,9 +160,7 @@ fn receive_cost() {
     eprintln!("send: {:?} per message", t.elapsed() / n);
     let mut items = Vec::new();
     for (_, item) in &alice.store().outbox(usize::MAX).expect("outbox") {
-        items.push(
-            relay.item(&bob, &InboxPayload::Channel { channel, message: item.message.clone() }),
-        );
+        items.push(relay.post(item));
     }
     let t = std::time::Instant::now();
     for chunk in items.chunks(1024) {

@@ -169,6 +169,109 @@ pub enum Request {
         /// At most [`MAX_LOOKUP_DEVICES`] devices.
         devices: Vec<DeviceId>,
     },
+    /// Post application messages of channels the authenticated device is a member of. The
+    /// relay puts each one, as it is, into the inbox of every other member device it serves
+    /// (DESIGN section 7): one request and one copy from the sender whatever the channel's size,
+    /// and no inbox sealing, since an MLS PrivateMessage is already end-to-end encrypted. Each
+    /// post is answered on its own, in order.
+    Post {
+        /// At most [`MAX_POST_BATCH`] posts.
+        posts: Vec<ChannelPost>,
+    },
+}
+
+/// The most posts in one [`Request::Post`].
+pub const MAX_POST_BATCH: usize = 256;
+
+/// An application message of a channel, posted once and fanned out by the relay.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ChannelPost {
+    /// The channel; the relay checks that the poster is one of its members.
+    pub channel: ChannelId,
+    /// The MLS PrivateMessage, at most [`MAX_INBOX_PAYLOAD_LEN`] bytes.
+    #[serde(with = "serde_bytes")]
+    pub message: Vec<u8>,
+}
+
+impl std::fmt::Debug for ChannelPost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelPost")
+            .field("channel", &self.channel)
+            .field("len", &self.message.len())
+            .finish()
+    }
+}
+
+impl Validate for ChannelPost {
+    fn validate(&self) -> Result<(), &'static str> {
+        if self.message.len() > MAX_INBOX_PAYLOAD_LEN {
+            return Err("posted message too long");
+        }
+        Ok(())
+    }
+}
+
+/// The answer to one post of a [`Request::Post`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum PostResult {
+    /// Durable in the inboxes of `delivered` member devices. `skipped` devices did not get it:
+    /// their inbox was full (or they are not served by this relay).
+    Posted {
+        /// Inboxes it is in.
+        delivered: u32,
+        /// Inboxes it is not in.
+        skipped: u32,
+    },
+    /// Refused; nothing stored.
+    Refused(ErrorCode),
+}
+
+/// What an inbox item carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum Envelope {
+    /// An [`InboxPayload`] sealed to the device's inbox key.
+    Sealed(SealedEnvelope),
+    /// A channel's application message, fanned out by the relay from a [`Request::Post`].
+    Post(ChannelPost),
+}
+
+impl Envelope {
+    /// How many bytes it stores (for quotas).
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Sealed(e) => e.ciphertext.len() + 32,
+            Self::Post(p) => p.message.len(),
+        }
+    }
+
+    /// Whether it carries nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The sealed envelope, if it is one.
+    pub fn as_sealed(&self) -> Option<&SealedEnvelope> {
+        match self {
+            Self::Sealed(e) => Some(e),
+            Self::Post(_) => None,
+        }
+    }
+}
+
+impl Canonical for Envelope {
+    const MAX_LEN: usize = MAX_INBOX_PAYLOAD_LEN + 128;
+}
+
+impl Validate for Envelope {
+    fn validate(&self) -> Result<(), &'static str> {
+        match self {
+            Self::Sealed(e) => e.validate(),
+            Self::Post(p) => p.validate(),
+        }
+    }
 }
 
 /// Most devices in one [`Request::LookupDevices`].
@@ -367,6 +470,8 @@ pub enum Response {
         /// The epoch the next commit must be built on.
         next_epoch: u64,
     },
+    /// The answers to a [`Request::Post`], one per post, in order.
+    Posted(Vec<PostResult>),
 }
 
 /// One stored inbox item.
@@ -375,8 +480,8 @@ pub enum Response {
 pub struct InboxItem {
     /// Its id, increasing per inbox.
     pub id: u64,
-    /// The sealed payload.
-    pub envelope: SealedEnvelope,
+    /// What it carries.
+    pub envelope: Envelope,
 }
 
 /// The kind of a failed request, so a client knows whether to retry.
@@ -467,6 +572,12 @@ impl Validate for Request {
             Self::LookupDevices { devices } if devices.len() > MAX_LOOKUP_DEVICES => {
                 Err("too many devices to look up")
             }
+            Self::Post { posts } => {
+                if posts.len() > MAX_POST_BATCH {
+                    return Err("too many posts in one request");
+                }
+                posts.iter().try_for_each(ChannelPost::validate)
+            }
             Self::OpenChannel { state, .. } => {
                 if state.group_info.len() > MAX_MLS_MESSAGE_LEN
                     || state.ratchet_tree.len() > MAX_MLS_MESSAGE_LEN
@@ -511,6 +622,7 @@ impl Validate for Response {
             }
             Self::KeyPackage(kp) if kp.len() > MAX_KEY_PACKAGE_LEN => Err("key package too long"),
             Self::EnqueuedBatch(r) if r.len() > MAX_ENQUEUE_BATCH => Err("too many results"),
+            Self::Posted(r) if r.len() > MAX_POST_BATCH => Err("too many results"),
             _ => Ok(()),
         }
     }

@@ -107,6 +107,7 @@ canonical_props! {
     channel_message: ChannelMessage,
     channel_state: ChannelState,
     inbox_payload: chitchat_proto::wire::InboxPayload,
+    envelope: chitchat_proto::wire::Envelope,
 }
 
 proptest! {

@@ -212,7 +212,10 @@ fn relay_protocol_frames() {
         Response::KeyPackagesStored { available: 5 },
         Response::KeyPackage(vec![1, 2]),
         Response::Enqueued { id: 9 },
-        Response::Items { items: vec![InboxItem { id: 9, envelope: envelope() }], more: false },
+        Response::Items {
+            items: vec![InboxItem { id: 9, envelope: wire::Envelope::Sealed(envelope()) }],
+            more: false,
+        },
         Response::Acked,
         Response::CommitAccepted { cert: cert() },
         Response::CommitConflict {
@@ -266,6 +269,26 @@ fn relay_protocol_frames() {
         wire::EnqueueResult::Refused(ErrorCode::NotFound),
     ]);
     insta::assert_snapshot!("response_batch", hex(&wire::encode_frame(&batch).expect("frame")));
+    let post = wire::ChannelPost { channel: ChannelId([5; 32]), message: vec![7, 8] };
+    let fan_out = [Request::Post { posts: vec![post.clone()] }, Request::Post { posts: vec![] }];
+    insta::assert_snapshot!(
+        "requests_post",
+        frames(fan_out.iter().map(|r| hex(&wire::encode_frame(r).expect("frame"))).collect())
+    );
+    let posted = [
+        Response::Posted(vec![
+            wire::PostResult::Posted { delivered: 3, skipped: 1 },
+            wire::PostResult::Refused(ErrorCode::Forbidden),
+        ]),
+        Response::Items {
+            items: vec![InboxItem { id: 10, envelope: wire::Envelope::Post(post) }],
+            more: true,
+        },
+    ];
+    insta::assert_snapshot!(
+        "responses_post",
+        frames(posted.iter().map(|r| hex(&wire::encode_frame(r).expect("frame"))).collect())
+    );
     // Every frozen frame still decodes to the value it came from.
     for r in &requests {
         assert_eq!(

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub enqueue_bytes: Counter,
     /// Items acknowledged and deleted.
     pub acks: Counter,
+    /// Channel posts accepted (each fanned out to the channel's members).
+    pub posts: Counter,
+    /// Post copies not stored: the member's inbox was full or it is not served here.
+    pub post_skips: Counter,
     /// Items served by fetches.
     pub fetched: Counter,
     /// Commits that won their epoch.
@@ -49,6 +53,12 @@ impl Metrics {
         r.register("enqueues", "Inbox items enqueued durably", self.enqueues.clone());
         r.register("enqueue_bytes", "Sealed bytes enqueued", self.enqueue_bytes.clone());
         r.register("acks", "Inbox items acknowledged and deleted", self.acks.clone());
+        r.register("posts", "Channel posts accepted and fanned out", self.posts.clone());
+        r.register(
+            "post_skips",
+            "Post copies not stored (inbox full or member not served here)",
+            self.post_skips.clone(),
+        );
         r.register("fetched", "Inbox items served", self.fetched.clone());
         r.register(
             "commits_accepted",

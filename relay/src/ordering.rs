@@ -274,6 +274,9 @@ struct Machine {
     membership: StoredMembership<u64, BasicNode>,
     state: OrderingState,
     channels: BTreeMap<ChannelId, PublicChannel>,
+    /// Each channel's member devices, sorted: derived from `channels` after every change, so
+    /// that a post (the hot path) reads them without walking the ratchet tree.
+    members: BTreeMap<ChannelId, Arc<[chitchat_proto::DeviceId]>>,
     crypto: openmls_rust_crypto::RustCrypto,
 }
 
@@ -283,13 +286,28 @@ impl Machine {
         for (id, pairs) in data.channels {
             channels.insert(id, PublicChannel::import(id, pairs)?);
         }
-        Ok(Self {
+        let mut machine = Self {
             last_applied: data.last_applied,
             membership: data.membership,
             state: data.state,
             channels,
+            members: BTreeMap::new(),
             crypto: openmls_rust_crypto::RustCrypto::default(),
-        })
+        };
+        let ids: Vec<ChannelId> = machine.channels.keys().copied().collect();
+        for id in ids {
+            machine.refresh_members(id);
+        }
+        Ok(machine)
+    }
+
+    fn refresh_members(&mut self, channel: ChannelId) {
+        if let Some(public) = self.channels.get(&channel) {
+            let mut members = public.members();
+            members.sort();
+            members.dedup();
+            self.members.insert(channel, members.into());
+        }
     }
 
     fn snapshot(&self) -> SnapshotData {
@@ -319,6 +337,7 @@ impl Machine {
                     self.state.apply(&OrderingCommand::Open { channel, epoch: public.epoch() });
                 if outcome == Outcome::Opened {
                     self.channels.insert(channel, public);
+                    self.refresh_members(channel);
                 }
                 RelayOutcome::Ordering(outcome)
             }
@@ -350,6 +369,9 @@ impl Machine {
                 {
                     // Checked on this very state a moment ago: a failure here is a bug.
                     tracing::error!(error = %e, channel = %commit.channel, "applying a checked commit failed");
+                }
+                if matches!(outcome, Outcome::Accepted(_)) {
+                    self.refresh_members(commit.channel);
                 }
                 RelayOutcome::Ordering(outcome)
             }
@@ -592,8 +614,13 @@ impl Ordering {
 
     /// The member devices of the channel's current epoch, as its public state says.
     pub async fn members(&self, channel: &ChannelId) -> Vec<chitchat_proto::DeviceId> {
-        let m = self.state_machine.inner.lock().await;
-        m.channels.get(channel).map(PublicChannel::members).unwrap_or_default()
+        self.member_set(channel).await.map(|m| m.to_vec()).unwrap_or_default()
+    }
+
+    /// The member devices of the channel's current epoch, sorted; `None` if the channel is not
+    /// ordered here.
+    pub async fn member_set(&self, channel: &ChannelId) -> Option<Arc<[chitchat_proto::DeviceId]>> {
+        self.state_machine.inner.lock().await.members.get(channel).cloned()
     }
 
     /// The epoch the channel's next commit must be built on, if it is ordered here.

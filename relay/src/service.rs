@@ -22,8 +22,8 @@ use chitchat_proto::ordering::{
 use chitchat_proto::wire::{
     AuthProof, ErrorCode, MAX_FETCH_BYTES, MAX_FETCH_ITEMS, Request, Response,
 };
+use chitchat_proto::wire::{ChannelPost, EnqueueResult, MAX_WAIT_MS, PostResult};
 use chitchat_proto::wire::{CommitSubmission, InboxPayload, commit_hash};
-use chitchat_proto::wire::{EnqueueResult, MAX_WAIT_MS};
 use chitchat_proto::{DeviceId, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::Notify;
@@ -136,6 +136,7 @@ fn kind(r: &Request) -> &'static str {
         Request::EnqueueBatch { .. } => "enqueue_batch",
         Request::OpenChannel { .. } => "open_channel",
         Request::LookupDevices { .. } => "lookup_devices",
+        Request::Post { .. } => "post",
     }
 }
 
@@ -293,6 +294,62 @@ impl Relay {
             },
             Request::SubmitCommit(submission) => self.submit_commit(me, submission, now).await,
             Request::OpenChannel { channel, state } => self.open_channel(me, channel, state).await,
+            Request::Post { posts } => {
+                let results =
+                    futures::future::join_all(posts.into_iter().map(|p| self.post(me, p, now)))
+                        .await;
+                for r in &results {
+                    if let PostResult::Refused(code) = r {
+                        self.metrics.error(code.name());
+                    }
+                }
+                Response::Posted(results)
+            }
+        }
+    }
+
+    /// Fans a channel post out to the inboxes of the channel's other members, in one durable
+    /// write (shared with concurrent writes). Only a member may post; the poster is the device
+    /// authenticated on this connection. Counts as one request against the sender's rate.
+    async fn post(&self, me: DeviceId, post: ChannelPost, now: Timestamp) -> PostResult {
+        if let Err(retry_after_ms) = check_rate(&self.senders, me) {
+            return PostResult::Refused(ErrorCode::RateLimited { retry_after_ms });
+        }
+        let Some(members) = self.ordering.member_set(&post.channel).await else {
+            return PostResult::Refused(ErrorCode::NotFound);
+        };
+        if members.binary_search(&me).is_err() {
+            return PostResult::Refused(ErrorCode::Forbidden);
+        }
+        let recipients: Arc<[DeviceId]> = members.iter().copied().filter(|d| *d != me).collect();
+        let quota = InboxQuota {
+            max_items: self.config.inbox.max_items,
+            max_bytes: self.config.inbox.max_bytes,
+        };
+        let len = post.message.len() as u64;
+        match self.store.write(Write::Post { sender: me, post, recipients, now, quota }).await {
+            Ok(Written::Posted { delivered, skipped }) => {
+                self.metrics.posts.inc();
+                self.metrics.enqueues.inc_by(delivered.len() as u64);
+                self.metrics.enqueue_bytes.inc_by(len.saturating_mul(delivered.len() as u64));
+                self.metrics.post_skips.inc_by(u64::from(skipped));
+                for device in &delivered {
+                    self.wake(*device);
+                }
+                PostResult::Posted {
+                    delivered: u32::try_from(delivered.len()).unwrap_or(u32::MAX),
+                    skipped,
+                }
+            }
+            Ok(other) => {
+                tracing::error!(?other, "unexpected answer to a post");
+                PostResult::Refused(ErrorCode::Unavailable)
+            }
+            Err(WriteError::Rejected { code, .. }) => PostResult::Refused(code),
+            Err(e) => {
+                tracing::error!(error = %e, "store failure");
+                PostResult::Refused(ErrorCode::Unavailable)
+            }
         }
     }
 

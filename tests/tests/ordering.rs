@@ -5,14 +5,16 @@
 use std::collections::BTreeMap;
 
 use chitchat_proto::channel::{
-    AdminPolicy, Change, Channel, ChannelConfig, ChannelEvent, Identity, KnownDirs, StagedCommit,
+    AdminPolicy, Change, Channel, ChannelConfig, ChannelEvent, ChannelMessage, Identity, KnownDirs,
+    StagedCommit,
 };
 use chitchat_proto::codec::{Bytes, Canonical};
 use chitchat_proto::identity::TrustedRelays;
 use chitchat_proto::inbox;
 use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::wire::{
-    CommitSubmission, ErrorCode, InboxPayload, Request, Response, SealedWelcomes,
+    ChannelPost, CommitSubmission, Envelope, ErrorCode, InboxPayload, PostResult, Request,
+    Response, SealedWelcomes,
 };
 use chitchat_proto::{DeviceId, Dir, Timestamp};
 use chitchat_tests::{Client, Device, RelayProcess, register};
@@ -93,9 +95,15 @@ impl Member {
         assert_eq!(self.client.call(&Request::Ack { ids }).await.expect("ack"), Response::Acked);
         items
             .iter()
-            .map(|i| {
-                let bytes = self.device.inbox.open(self.device.id(), &i.envelope).expect("opens");
-                InboxPayload::from_bytes(&bytes).expect("a payload")
+            .map(|i| match &i.envelope {
+                Envelope::Sealed(sealed) => {
+                    let bytes = self.device.inbox.open(self.device.id(), sealed).expect("opens");
+                    InboxPayload::from_bytes(&bytes).expect("a payload")
+                }
+                Envelope::Post(post) => InboxPayload::Channel {
+                    channel: post.channel,
+                    message: ChannelMessage::Application { message: post.message.clone() },
+                },
             })
             .collect()
     }
@@ -256,8 +264,39 @@ async fn one_winner_per_epoch_through_the_relay() {
     assert_eq!(alice.channel().epoch(), 3);
     assert_eq!(bob.channel().epoch_authenticator(), alice.channel().epoch_authenticator());
 
+    // A post goes to every other member, unsealed; only members may post, only to channels
+    // ordered here.
+    let (msg_id, ChannelMessage::Application { message }) = alice
+        .channel
+        .as_mut()
+        .expect("member")
+        .send(&alice.provider, &alice.mls, now(), b"fan me out")
+        .expect("send")
+    else {
+        panic!("an application message")
+    };
+    let post = ChannelPost { channel: id, message };
+    let r = alice.client.call(&Request::Post { posts: vec![post.clone()] }).await.expect("post");
+    assert_eq!(r, Response::Posted(vec![PostResult::Posted { delivered: 1, skipped: 0 }]));
+    let got: Vec<ChannelEvent> =
+        bob.drain().await.into_iter().flat_map(|p| bob.process(p, &check)).collect();
+    assert!(
+        matches!(&got[..], [ChannelEvent::Message { id, payload, .. }]
+            if *id == msg_id && payload == b"fan me out"),
+        "{got:?}"
+    );
+    assert!(alice.drain().await.is_empty(), "the poster does not get its own post");
+    let carol = member(&relay, 3, "carol").await;
+    let r = carol.client.call(&Request::Post { posts: vec![post.clone()] }).await.expect("post");
+    assert_eq!(r, Response::Posted(vec![PostResult::Refused(ErrorCode::Forbidden)]));
+    let elsewhere = ChannelPost { channel: ChannelId([9; 32]), ..post };
+    let r = alice.client.call(&Request::Post { posts: vec![elsewhere] }).await.expect("post");
+    assert_eq!(r, Response::Posted(vec![PostResult::Refused(ErrorCode::NotFound)]));
+    assert!(bob.drain().await.is_empty(), "refused posts store nothing");
+
     // The operator sees it: four accepted (add, Alice's, her retry, Bob's rebuilt), one conflict.
     let metrics = relay.http_get("/metrics").expect("metrics");
+    assert!(metrics.contains("chitchat_relay_posts_total 1"), "{metrics}");
     assert!(metrics.contains("chitchat_relay_commits_accepted_total 4"), "{metrics}");
     assert!(metrics.contains("chitchat_relay_commit_conflicts_total 1"), "{metrics}");
 

@@ -234,7 +234,10 @@ async fn inbox_enqueue_fetch_ack_quota_and_metrics() {
     let texts: Vec<String> = items
         .iter()
         .map(|i| {
-            String::from_utf8(bob.inbox.open(bob.id(), &i.envelope).expect("opens")).expect("utf-8")
+            String::from_utf8(
+                bob.inbox.open(bob.id(), i.envelope.as_sealed().expect("sealed")).expect("opens"),
+            )
+            .expect("utf-8")
         })
         .collect();
     assert_eq!(texts, ["m0", "m1", "m2"]);
@@ -374,7 +377,9 @@ async fn crash_under_load_loses_nothing_acknowledged() {
         };
         for i in &items {
             assert!(seen.insert(i.id), "item {} served twice", i.id);
-            bob.inbox.open(bob.id(), &i.envelope).expect("every stored item opens");
+            bob.inbox
+                .open(bob.id(), i.envelope.as_sealed().expect("sealed"))
+                .expect("every stored item opens");
         }
         after = items.last().map(|i| i.id).or(after);
         if !more {
@@ -426,7 +431,10 @@ async fn live_push_by_waiting_fetch_and_batched_enqueues() {
     );
     let (r, waited) = waiting.await.expect("task");
     let Response::Items { items, .. } = r else { panic!("items") };
-    assert_eq!(bob.inbox.open(bob.id(), &items[0].envelope).expect("opens"), b"pushed");
+    assert_eq!(
+        bob.inbox.open(bob.id(), items[0].envelope.as_sealed().expect("sealed")).expect("opens"),
+        b"pushed"
+    );
     assert!(
         waited < std::time::Duration::from_secs(10),
         "answered on arrival, not at the timeout: {waited:?}"

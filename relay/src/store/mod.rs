@@ -28,7 +28,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::{mpsc, oneshot};
 
 /// The layout version of the database; bumped with every incompatible change.
-pub const STORAGE_VERSION: u32 = 1;
+pub const STORAGE_VERSION: u32 = 2;
 /// Writes waiting for the writer, at most.
 pub const WRITE_QUEUE: usize = 8192;
 
@@ -43,7 +43,9 @@ pub(crate) const LAST_RESORT: TableDefinition<'_, [u8; 32], &[u8]> =
 pub(crate) const COUNTERS: TableDefinition<'_, [u8; 32], &[u8]> =
     TableDefinition::new("counters-0");
 pub(crate) const INBOX: TableDefinition<'_, ([u8; 32], u64), &[u8]> =
-    TableDefinition::new("inbox-0");
+    TableDefinition::new("inbox-1");
+/// The inbox of storage version 1 (sealed envelopes only), migrated into `inbox-1` on open.
+const INBOX_V1: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("inbox-0");
 pub(crate) const BLOCKED: TableDefinition<'_, &str, u64> = TableDefinition::new("blocked-0");
 
 /// Why the store could not be opened or read.
@@ -161,7 +163,7 @@ impl Store {
                 break;
             }
             let stored: StoredItem = records::decode_record(v.value(), "inbox")?;
-            let len = stored.envelope.ciphertext.len();
+            let len = stored.envelope.len();
             if !items.is_empty() && bytes + len > max_bytes {
                 more = true;
                 break;
@@ -248,6 +250,11 @@ fn init(db: &Database) -> Result<(), StoreError> {
         };
         match found {
             Some(STORAGE_VERSION) => {}
+            Some(1) => {
+                migrate_inbox_v1(&w)?;
+                meta.insert("storage_version", STORAGE_VERSION.to_le_bytes().as_slice())
+                    .map_err(redb_err)?;
+            }
             Some(found) => return Err(StoreError::Version { found }),
             None => {
                 meta.insert("storage_version", STORAGE_VERSION.to_le_bytes().as_slice())
@@ -264,6 +271,37 @@ fn init(db: &Database) -> Result<(), StoreError> {
         w.open_table(BLOCKED).map_err(redb_err)?;
     }
     w.commit().map_err(redb_err)?;
+    Ok(())
+}
+
+/// Storage version 1 to 2: inbox items carry an [`chitchat_proto::wire::Envelope`] (sealed,
+/// or a channel post) instead of a sealed envelope only. Runs in the opening transaction, so
+/// a crash half-way leaves version 1 intact.
+fn migrate_inbox_v1(w: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut grown: std::collections::BTreeMap<[u8; 32], u64> = Default::default();
+    {
+        let old = w.open_table(INBOX_V1).map_err(redb_err)?;
+        let mut new = w.open_table(INBOX).map_err(redb_err)?;
+        for entry in old.iter().map_err(redb_err)? {
+            let (k, v) = entry.map_err(redb_err)?;
+            let item: records::StoredItemV1 = records::decode_record(v.value(), "inbox-0")?;
+            let bytes = records::encode_record(&StoredItem::from(item));
+            *grown.entry(k.value().0).or_default() +=
+                (bytes.len() as u64).saturating_sub(v.value().len() as u64);
+            new.insert(k.value(), bytes.as_slice()).map_err(redb_err)?;
+        }
+    }
+    w.delete_table(INBOX_V1).map_err(redb_err)?;
+    // Quotas count stored bytes: keep the counters equal to what is stored.
+    let mut counters = w.open_table(COUNTERS).map_err(redb_err)?;
+    for (device, extra) in grown {
+        let mut c: Counters = match counters.get(&device).map_err(redb_err)? {
+            Some(v) => records::decode_record(v.value(), "counters")?,
+            None => Counters::default(),
+        };
+        c.inbox_bytes = c.inbox_bytes.saturating_add(extra);
+        counters.insert(&device, records::encode_record(&c).as_slice()).map_err(redb_err)?;
+    }
     Ok(())
 }
 

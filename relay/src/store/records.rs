@@ -3,6 +3,7 @@
 
 use chitchat_proto::codec::{Bytes, decode, encode};
 use chitchat_proto::inbox::SealedEnvelope;
+use chitchat_proto::wire::Envelope;
 use chitchat_proto::{DeviceId, Dir, Timestamp};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -64,8 +65,22 @@ pub struct StoredItem {
     pub stored_at: Timestamp,
     /// The authenticated device that sent it (for per-sender quotas).
     pub sender: DeviceId,
-    /// The sealed payload.
+    /// What it carries.
+    pub envelope: Envelope,
+}
+
+/// An inbox item of storage version 1, read once by the migration to version 2.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredItemV1 {
+    pub stored_at: Timestamp,
+    pub sender: DeviceId,
     pub envelope: SealedEnvelope,
+}
+
+impl From<StoredItemV1> for StoredItem {
+    fn from(v1: StoredItemV1) -> Self {
+        Self { stored_at: v1.stored_at, sender: v1.sender, envelope: Envelope::Sealed(v1.envelope) }
+    }
 }
 
 pub(crate) fn decode_record<T: Serialize + DeserializeOwned>(

@@ -1,6 +1,6 @@
 use chitchat_proto::identity::{DirBody, Profile};
 use chitchat_proto::inbox::SealedEnvelope;
-use chitchat_proto::wire::ErrorCode;
+use chitchat_proto::wire::{ChannelPost, Envelope, ErrorCode};
 use chitchat_proto::{DeviceId, Dir, SecretKey, Timestamp};
 
 use super::write::InboxQuota;
@@ -182,7 +182,7 @@ async fn inbox_enqueue_fetch_ack_and_quota() {
     assert_eq!((items.len(), more), (1, true));
     let (items, more) = s.fetch(&dev(2), Some(1), 10, usize::MAX).expect("fetch");
     assert_eq!((items.len(), more), (1, false));
-    assert_eq!(items[0].envelope, envelope(2, 2));
+    assert_eq!(items[0].envelope, Envelope::Sealed(envelope(2, 2)));
     // Ack is idempotent and frees quota; ids keep growing.
     assert_eq!(
         s.write(Write::Ack { device: dev(2), ids: vec![0, 1, 77] }).await,
@@ -273,4 +273,88 @@ fn storage_version_is_checked() {
         w.commit().expect("commit");
     }
     assert!(matches!(Store::open(&path, 8), Err(StoreError::Version { found: 99 })));
+}
+
+#[tokio::test]
+async fn a_post_goes_to_every_recipient_with_room() {
+    let (_d, s) = open();
+    s.write(register(None, true, "bob", dir(2, 1, &[]))).await.expect("registered");
+    s.write(register(None, true, "carol", dir(3, 1, &[]))).await.expect("registered");
+    let post =
+        ChannelPost { channel: chitchat_proto::ordering::ChannelId([4; 32]), message: vec![1; 50] };
+    let write = |recipients: &[u8]| Write::Post {
+        sender: dev(1),
+        post: post.clone(),
+        recipients: recipients.iter().map(|n| dev(*n)).collect(),
+        now: NOW,
+        quota: QUOTA,
+    };
+    // Device 7 is not registered here: skipped, the others get it.
+    assert_eq!(
+        s.write(write(&[2, 3, 7])).await,
+        Ok(Written::Posted { delivered: vec![dev(2), dev(3)], skipped: 1 })
+    );
+    let (items, _) = s.fetch(&dev(3), None, 10, usize::MAX).expect("fetch");
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].envelope, Envelope::Post(post.clone()));
+    // Carol's inbox fills up (3 items); Bob still gets the rest.
+    s.write(write(&[3])).await.expect("post");
+    s.write(write(&[3])).await.expect("post");
+    assert_eq!(
+        s.write(write(&[2, 3])).await,
+        Ok(Written::Posted { delivered: vec![dev(2)], skipped: 1 })
+    );
+    let c = s.counters(&dev(2)).expect("counters");
+    assert_eq!(c.inbox_items, 2);
+    assert!(c.inbox_bytes > 100, "quota counts the stored bytes: {}", c.inbox_bytes);
+}
+
+#[test]
+fn a_version_1_inbox_is_migrated() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let path = d.path().join("relay.redb");
+    let old = records::StoredItemV1 { stored_at: NOW, sender: dev(1), envelope: envelope(2, 5) };
+    let old_bytes = records::encode_record(&old);
+    {
+        let db = redb::Database::create(&path).expect("create");
+        let w = db.begin_write().expect("write");
+        w.open_table(META)
+            .expect("meta")
+            .insert("storage_version", 1u32.to_le_bytes().as_slice())
+            .expect("insert");
+        w.open_table(INBOX_V1)
+            .expect("inbox-0")
+            .insert((*dev(2).as_bytes(), 7), old_bytes.as_slice())
+            .expect("insert");
+        let c = Counters {
+            next_inbox: 8,
+            inbox_items: 1,
+            inbox_bytes: old_bytes.len() as u64,
+            ..Counters::default()
+        };
+        w.open_table(COUNTERS)
+            .expect("counters")
+            .insert(dev(2).as_bytes(), records::encode_record(&c).as_slice())
+            .expect("insert");
+        w.commit().expect("commit");
+    }
+    for _ in 0..2 {
+        // Migrated on the first open; the second finds version 2. (The writer thread of the
+        // first store lets go of the file a moment after the store is dropped.)
+        let s = (0..200)
+            .find_map(|_| match Store::open(&path, 8) {
+                Err(StoreError::Storage(redb::Error::DatabaseAlreadyOpen)) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    None
+                }
+                other => Some(other.expect("open")),
+            })
+            .expect("the first store closes");
+        let (items, more) = s.fetch(&dev(2), None, 10, usize::MAX).expect("fetch");
+        assert_eq!((items.len(), more), (1, false));
+        assert_eq!((items[0].id, &items[0].envelope), (7, &Envelope::Sealed(envelope(2, 5))));
+        let c = s.counters(&dev(2)).expect("counters");
+        let new_len = records::encode_record(&StoredItem::from(old.clone())).len() as u64;
+        assert_eq!((c.inbox_items, c.inbox_bytes, c.next_inbox), (1, new_len, 8));
+    }
 }

@@ -3,7 +3,7 @@
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::identity::linked;
 use chitchat_proto::inbox::SealedEnvelope;
-use chitchat_proto::wire::ErrorCode;
+use chitchat_proto::wire::{ChannelPost, Envelope, ErrorCode};
 use chitchat_proto::{DeviceId, Dir, Timestamp};
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
@@ -79,6 +79,20 @@ pub enum Write {
         /// The recipient's bounds.
         quota: InboxQuota,
     },
+    /// Put a channel post into the inboxes of `recipients` (the channel's other member
+    /// devices). A recipient that is not registered here or whose inbox is full is skipped.
+    Post {
+        /// The authenticated sender, a member of the channel.
+        sender: DeviceId,
+        /// The post.
+        post: ChannelPost,
+        /// Who gets it.
+        recipients: std::sync::Arc<[DeviceId]>,
+        /// The time of the request.
+        now: Timestamp,
+        /// Each recipient's bounds.
+        quota: InboxQuota,
+    },
     /// Delete acknowledged items of a device's inbox.
     Ack {
         /// The inbox owner.
@@ -123,6 +137,13 @@ pub enum Written {
     },
     /// How many items were deleted.
     Removed(u64),
+    /// A post is in these inboxes; `skipped` recipients did not get it.
+    Posted {
+        /// The inboxes it is in.
+        delivered: Vec<DeviceId>,
+        /// Recipients not registered here or with a full inbox.
+        skipped: u32,
+    },
 }
 
 /// Why a write did not happen.
@@ -243,8 +264,26 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             upload_key_packages(t, *device, packages, last_resort.as_ref(), *max_per_device)
         }
         Write::ClaimKeyPackage { device, now } => claim_key_package(t, *device, *now),
-        Write::Enqueue { sender, envelope, now, quota } => {
-            enqueue(t, *sender, envelope, *now, *quota)
+        Write::Enqueue { sender, envelope, now, quota } => enqueue(
+            t,
+            envelope.recipient,
+            *sender,
+            Envelope::Sealed(envelope.clone()),
+            *now,
+            *quota,
+        ),
+        Write::Post { sender, post, recipients, now, quota } => {
+            let mut delivered = Vec::with_capacity(recipients.len());
+            let mut skipped = 0u32;
+            for recipient in recipients.iter() {
+                let envelope = Envelope::Post(post.clone());
+                match enqueue(t, *recipient, *sender, envelope, *now, *quota) {
+                    Ok(_) => delivered.push(*recipient),
+                    Err(WriteError::Rejected { .. }) => skipped = skipped.saturating_add(1),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Written::Posted { delivered, skipped })
         }
         Write::Ack { device, ids } => ack(t, *device, ids),
         Write::Expire { before, max } => expire(t, *before, *max),
@@ -443,17 +482,17 @@ fn claim_key_package(
 
 fn enqueue(
     t: &mut Tables<'_>,
+    recipient: DeviceId,
     sender: DeviceId,
-    envelope: &SealedEnvelope,
+    envelope: Envelope,
     now: Timestamp,
     quota: InboxQuota,
 ) -> Result<Written, WriteError> {
-    let recipient = envelope.recipient;
     // Existence only: decoding the whole record on every enqueue costs more than the insert.
     if t.devices.get(recipient.as_bytes()).map_err(storage)?.is_none() {
         return Err(reject(ErrorCode::NotFound, "recipient is not registered here"));
     }
-    let item = StoredItem { stored_at: now, sender, envelope: envelope.clone() };
+    let item = StoredItem { stored_at: now, sender, envelope };
     let bytes = encode_record(&item);
     let mut c = read_counters(t, recipient)?;
     if c.inbox_items >= quota.max_items || c.inbox_bytes + bytes.len() as u64 > quota.max_bytes {
