@@ -15,11 +15,24 @@ use crate::home::NodeDir;
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// Where the daemon's API is and its token.
-#[derive(Clone, Debug)]
+/// Idle connections kept for reuse, at most.
+const MAX_IDLE: usize = 8;
+
+type Connection = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Where the daemon's API is and its token. Clones share a small pool of kept-alive
+/// connections.
+#[derive(Clone)]
 pub struct ApiClient {
     target: ApiListen,
     token: String,
+    idle: std::sync::Arc<std::sync::Mutex<Vec<Connection>>>,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient").field("target", &self.target).finish_non_exhaustive()
+    }
 }
 
 impl ApiClient {
@@ -39,12 +52,37 @@ impl ApiClient {
             ApiListen::Unix(p) if p.is_relative() => ApiListen::Unix(dir.root().join(p)),
             t => t,
         };
-        Ok(Self { target, token })
+        Ok(Self::new(target, token))
     }
 
     /// A client of the API at `target` with `token`.
     pub fn new(target: ApiListen, token: String) -> Self {
-        Self { target, token }
+        Self { target, token, idle: Default::default() }
+    }
+
+    /// A kept-alive connection that is ready, or a new one.
+    async fn connection(&self) -> anyhow::Result<Connection> {
+        loop {
+            let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+            match idle {
+                Some(mut c) => {
+                    if futures::future::poll_fn(|cx| c.poll_ready(cx)).await.is_ok() {
+                        return Ok(c);
+                    }
+                }
+                None => break,
+            }
+        }
+        self.fresh_connection().await
+    }
+
+    async fn fresh_connection(&self) -> anyhow::Result<Connection> {
+        let io = self.connect().await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
     }
 
     async fn connect(&self) -> anyhow::Result<Box<dyn Io>> {
@@ -67,11 +105,6 @@ impl ApiClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
-        let io = self.connect().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
         let mut request = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -81,9 +114,26 @@ impl ApiClient {
             request = request.header(hyper::header::CONTENT_TYPE, "application/json");
         }
         let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let response = sender.send_request(request).await?;
+        // A kept-alive connection the daemon closed in the meantime gives the request back
+        // unsent: then it goes on a new connection (once).
+        let mut sender = self.connection().await?;
+        let response = match sender.try_send_request(request).await {
+            Ok(r) => r,
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => {
+                    sender = self.fresh_connection().await?;
+                    sender.send_request(unsent).await?
+                }
+                None => return Err(e.into_error().into()),
+            },
+        };
         let status = response.status().as_u16();
         let bytes = response.into_body().collect().await?.to_bytes().to_vec();
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE
+        {
+            idle.push(sender);
+        }
         Ok((status, bytes))
     }
 

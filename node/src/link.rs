@@ -148,7 +148,12 @@ impl RelayLink {
                 )
             })
             .map_err(|e| LinkError::Unreachable(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(90)))
+            .with_swarm_config(|c| {
+                // One protocol per stream: send the request with the protocol proposal instead
+                // of waiting a round trip for the relay to confirm it (multistream-select V1Lazy).
+                c.with_idle_connection_timeout(Duration::from_secs(90))
+                    .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+            })
             .build();
         for addr in addrs {
             swarm.add_peer_address(peer, addr);

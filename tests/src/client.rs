@@ -49,7 +49,11 @@ impl Client {
                         .with_request_timeout(Duration::from_secs(30)),
                 )
             })?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .with_swarm_config(|c| {
+                // As the node does: the request rides with the protocol proposal.
+                c.with_idle_connection_timeout(Duration::from_secs(60))
+                    .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+            })
             .build();
         swarm.dial(addr.clone())?;
         let connected = tokio::time::timeout(Duration::from_secs(10), async {
