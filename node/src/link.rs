@@ -152,7 +152,9 @@ impl RelayLink {
                 // One protocol per stream: send the request with the protocol proposal instead
                 // of waiting a round trip for the relay to confirm it (multistream-select V1Lazy).
                 c.with_idle_connection_timeout(Duration::from_secs(90))
-                    .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+                    .with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    )
             })
             .build();
         for addr in addrs {

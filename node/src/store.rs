@@ -48,6 +48,8 @@ const OUTBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox-1")
 /// The outbox of storage version 1 (items sealed per recipient), migrated on open.
 const OUTBOX_V1: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox-0");
 const INTENTS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("intents-0");
+/// How many messages each channel has stored (kept with every insert: counting is O(1)).
+const MESSAGE_COUNTS: TableDefinition<'_, [u8; 32], u64> = TableDefinition::new("message-counts-0");
 
 type MessageKey = ([u8; 32], u64, u64, u32, [u8; 32], u64);
 /// `(seq, sender, channel)`.
@@ -300,6 +302,7 @@ impl Store {
                 Some(STORAGE_VERSION) => {}
                 Some(1) => {
                     migrate_outbox_v1(&w)?;
+                    count_messages_v1(&w)?;
                     meta.insert("version", encode(&STORAGE_VERSION).as_slice())
                         .map_err(redb_err)?;
                 }
@@ -317,6 +320,7 @@ impl Store {
             w.open_table(MESSAGE_IDS).map_err(redb_err)?;
             w.open_table(OUTBOX).map_err(redb_err)?;
             w.open_table(INTENTS).map_err(redb_err)?;
+            w.open_table(MESSAGE_COUNTS).map_err(redb_err)?;
         }
         w.commit().map_err(redb_err)?;
         Ok(Self { db })
@@ -415,15 +419,8 @@ impl Store {
     /// How many messages a channel holds.
     pub fn count_messages(&self, channel: &ChannelId) -> Result<u64, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
-        let t = r.open_table(MESSAGES).map_err(redb_err)?;
-        let lo = (channel.0, 0, 0, 0, [0; 32], 0);
-        let hi = (channel.0, u64::MAX, u64::MAX, u32::MAX, [0xff; 32], u64::MAX);
-        let mut n = 0;
-        for e in t.range(lo..=hi).map_err(redb_err)? {
-            e.map_err(redb_err)?;
-            n += 1;
-        }
-        Ok(n)
+        let t = r.open_table(MESSAGE_COUNTS).map_err(redb_err)?;
+        Ok(t.get(channel.0).map_err(redb_err)?.map_or(0, |v| v.value()))
     }
 
     /// One message by id.
@@ -550,6 +547,7 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
     let mut ids = w.open_table(MESSAGE_IDS).map_err(redb_err)?;
     let mut outbox = w.open_table(OUTBOX).map_err(redb_err)?;
     let mut intents = w.open_table(INTENTS).map_err(redb_err)?;
+    let mut added: HashMap<[u8; 32], u64> = HashMap::new();
     for op in batch.ops {
         match op {
             Op::Key(name, value) => {
@@ -575,6 +573,7 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 let key = message_key(&channel, &m);
                 ids.insert(id_key, (key.1, key.2, key.3)).map_err(redb_err)?;
                 messages.insert(key, encode(&m).as_slice()).map_err(redb_err)?;
+                *added.entry(channel.0).or_default() += 1;
             }
             Op::Status(channel, id, status) => {
                 let Some(at) =
@@ -604,6 +603,26 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 intents.remove(channel.0).map_err(redb_err)?;
             }
         }
+    }
+    if !added.is_empty() {
+        let mut counts = w.open_table(MESSAGE_COUNTS).map_err(redb_err)?;
+        for (channel, n) in added {
+            let now = counts.get(channel).map_err(redb_err)?.map_or(0, |v| v.value());
+            counts.insert(channel, now.saturating_add(n)).map_err(redb_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Storage version 1 to 2: the message counts, which version 1 did not keep.
+fn count_messages_v1(w: &WriteTransaction) -> Result<(), StoreError> {
+    let mut per_channel: HashMap<[u8; 32], u64> = HashMap::new();
+    for e in w.open_table(MESSAGES).map_err(redb_err)?.iter().map_err(redb_err)? {
+        *per_channel.entry(e.map_err(redb_err)?.0.value().0).or_default() += 1;
+    }
+    let mut counts = w.open_table(MESSAGE_COUNTS).map_err(redb_err)?;
+    for (channel, n) in per_channel {
+        counts.insert(channel, n).map_err(redb_err)?;
     }
     Ok(())
 }
@@ -706,13 +725,8 @@ mod tests {
         let device = DeviceId(chitchat_proto::SecretKey::from_seed([1; 32]).public());
         let id = MessageId { sender: device, seq: 7 };
         let channel = ChannelId([2; 32]);
-        let old = |message| OutboxItemV1 {
-            channel,
-            id,
-            message,
-            recipients: vec![device],
-            attempts: 3,
-        };
+        let old =
+            |message| OutboxItemV1 { channel, id, message, recipients: vec![device], attempts: 3 };
         {
             let db = Database::create(&path).expect("create");
             let w = db.begin_write().expect("write");
@@ -734,9 +748,22 @@ mod tests {
             let commit = old(ChannelMessage::Commit { commit: vec![1], cert });
             t.insert(5, encode(&commit).as_slice()).expect("insert");
             drop(t);
+            let m = StoredMessage {
+                id,
+                hlc: Hlc { wall_ms: 5, counter: 0 },
+                epoch: 1,
+                payload: vec![1],
+                status: MessageStatus::Sending,
+                at: Timestamp(5),
+            };
+            w.open_table(MESSAGES)
+                .expect("messages")
+                .insert(message_key(&channel, &m), encode(&m).as_slice())
+                .expect("insert");
             w.commit().expect("commit");
         }
         let store = Store::open(&path).expect("migrated");
+        assert_eq!(store.count_messages(&channel).expect("count"), 1, "counted on migration");
         let want = OutboxItem { channel, id, message: vec![9; 40], attempts: 3 };
         assert_eq!(store.outbox(10).expect("outbox"), vec![(4, want)]);
         drop(store);
@@ -783,6 +810,8 @@ mod message_tests {
         assert_eq!(all[0].status, MessageStatus::Sent);
         assert_eq!(all[2].payload, vec![1], "the first copy stays");
         assert_eq!(store.messages(&c1, 2).expect("read").len(), 2, "the latest two");
+        let counts = (store.count_messages(&c1).expect("n"), store.count_messages(&c2).expect("n"));
+        assert_eq!(counts, (3, 1), "a duplicate is not counted");
         let sender = msg(1, 0, 0).id.sender;
         let prefix = &sender.as_bytes()[..4];
         let found = store.find_messages(prefix, 0, 16).expect("find");

@@ -15,7 +15,7 @@ use crate::keys::Signature;
 use crate::ordering::{ChannelId, CommitHash, CommitRef, EpochCert};
 
 /// The protocol version this implementation speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The largest frame accepted, in bytes.
 pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 /// The largest sealed inbox payload, in bytes.

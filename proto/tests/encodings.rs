@@ -199,10 +199,11 @@ fn frame_limits_and_versions() {
     let req = Request::Fetch { after: None, max: 10 };
     let mut frame = wire::encode_frame(&req).expect("encode");
     assert_eq!(wire::decode_frame::<Request>(&frame), Ok(req));
-    frame[0] = 2;
+    let other = wire::PROTOCOL_VERSION + 1;
+    frame[0] = u8::try_from(other).expect("a one-byte varint");
     assert_eq!(
         wire::decode_frame::<Request>(&frame),
-        Err(DecodeError::UnsupportedVersion { got: 2, supported: wire::PROTOCOL_VERSION })
+        Err(DecodeError::UnsupportedVersion { got: other, supported: wire::PROTOCOL_VERSION })
     );
     let huge = vec![0u8; wire::MAX_FRAME_LEN + 1];
     assert!(matches!(wire::decode_frame::<Request>(&huge), Err(DecodeError::TooLarge { .. })));

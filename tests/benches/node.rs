@@ -22,6 +22,70 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The pause between two paced pings.
+const PACE: Duration = Duration::from_millis(10);
+
+/// Latencies of one round of pings.
+struct Round {
+    /// API call → its answer.
+    api: Vec<Duration>,
+    /// API call → the sender's `sent` event.
+    sent: Vec<Duration>,
+    /// API call → the receiver's `message` event.
+    received: Vec<Duration>,
+}
+
+/// Sends `n` messages one at a time, `pause` apart, and times each.
+async fn ping_round(
+    alice: &NodeProcess,
+    channel: &str,
+    rx: &mut mpsc::UnboundedReceiver<(String, Instant)>,
+    sent_rx: &mut mpsc::UnboundedReceiver<(String, Instant)>,
+    n: usize,
+    pause: Duration,
+) -> Round {
+    let mut round = Round {
+        api: Vec::with_capacity(n),
+        sent: Vec::with_capacity(n),
+        received: Vec::with_capacity(n),
+    };
+    for i in 0..n {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        let t = Instant::now();
+        let v = alice
+            .json(
+                "POST",
+                &format!("/v1/channels/{channel}/messages"),
+                Some(json!({"text": format!("ping {i}")})),
+            )
+            .await
+            .expect("send");
+        round.api.push(t.elapsed());
+        let id = v["id"].as_str().expect("id").to_owned();
+        loop {
+            let (got, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("bob got it in 10 s")
+                .expect("event stream");
+            if got == id {
+                round.received.push(at - t);
+                break;
+            }
+        }
+        while let Ok(Some((got, at))) =
+            tokio::time::timeout(Duration::from_secs(10), sent_rx.recv()).await
+        {
+            if got == id {
+                round.sent.push(at - t);
+                break;
+            }
+        }
+    }
+    round
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
@@ -49,10 +113,15 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// The relay alone: A enqueues to B, who holds a `Wait` open; time until B's wait returns.
-async fn relay_push_latency(relay: &RelayProcess, n: usize) -> Vec<Duration> {
-    let (a, b) = (Device::new(61), Device::new(62));
-    let ca = register(relay, &a, "pusha").await;
-    let cb = register(relay, &b, "pushb").await;
+async fn relay_push_latency(
+    relay: &RelayProcess,
+    n: usize,
+    pause: Duration,
+    seed: u8,
+) -> Vec<Duration> {
+    let (a, b) = (Device::new(seed), Device::new(seed + 1));
+    let ca = register(relay, &a, &format!("push{seed}")).await;
+    let cb = register(relay, &b, &format!("push{}", seed + 1)).await;
     let mut lat = Vec::with_capacity(n);
     let mut after = None;
     for i in 0..n {
@@ -66,7 +135,7 @@ async fn relay_push_latency(relay: &RelayProcess, n: usize) -> Vec<Duration> {
             SealedEnvelope { recipient: b.id(), enc: [1; 32], ciphertext: vec![i as u8; 300] };
         let send = async {
             // Let the wait reach the relay first, as a node's standing wait would have.
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
             let t = Instant::now();
             let r = ca.call(&Request::Enqueue { envelope }).await.expect("enqueue");
             assert!(matches!(r, Response::Enqueued { .. }), "{r:?}");
@@ -113,12 +182,16 @@ async fn relay_drain(relay: &RelayProcess, n: usize) -> Duration {
 /// One redb commit with fsync (`Durability::Immediate`), a small write: the floor of every
 /// durable step on this disk. A message crosses two on its way (the sender's commit before its
 /// ciphertext leaves, the relay's before it hands it on).
-fn raw_commit_latency(dir: &std::path::Path, n: usize) -> Vec<Duration> {
+fn raw_commit_latency(dir: &std::path::Path, n: usize, pause: Duration) -> Vec<Duration> {
     const T: redb::TableDefinition<'_, u64, &[u8]> = redb::TableDefinition::new("t");
-    let db = redb::Database::create(dir.join("raw.redb")).expect("db");
+    let db =
+        redb::Database::create(dir.join(format!("raw-{}.redb", pause.as_millis()))).expect("db");
     let record = vec![7u8; 600];
     (0..n as u64)
         .map(|i| {
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
             let t = Instant::now();
             let mut w = db.begin_write().expect("write");
             w.set_durability(redb::Durability::Immediate).expect("durability");
@@ -210,51 +283,48 @@ async fn main() {
             .await;
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut lat = Vec::with_capacity(pings);
-    let mut api_lat = Vec::with_capacity(pings);
-    let mut sent_lat = Vec::with_capacity(pings);
-    for i in 0..pings {
-        let t = Instant::now();
-        let v = alice
-            .json(
-                "POST",
-                &format!("/v1/channels/{channel}/messages"),
-                Some(json!({"text": format!("ping {i}")})),
-            )
-            .await
-            .expect("send");
-        api_lat.push(t.elapsed());
-        let id = v["id"].as_str().expect("id").to_owned();
-        loop {
-            let (got, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .expect("bob got it in 10 s")
-                .expect("event stream");
-            if got == id {
-                lat.push(at - t);
-                break;
-            }
-        }
-        while let Ok(Some((got, at))) =
-            tokio::time::timeout(Duration::from_secs(10), sent_rx.recv()).await
-        {
-            if got == id {
-                sent_lat.push(at - t);
-                break;
-            }
-        }
-    }
-    let relay_lat = relay_push_latency(&relay, pings).await;
+    // One message at a time, each sent once the previous one is settled on both nodes (the
+    // receiver commits after showing a message, the sender records `sent` after the relay's
+    // answer): the latency of a message alone. Then back to back, where each message's
+    // sending overlaps the previous one's tail work (both nodes' fsyncs on one disk).
+    let paced = ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, PACE).await;
+    let back_to_back =
+        ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, Duration::ZERO).await;
+    let relay_lat = relay_push_latency(&relay, pings, Duration::ZERO, 61).await;
+    let relay_paced = relay_push_latency(&relay, pings, PACE, 63).await;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let fsync_lat = raw_commit_latency(tmp.path(), pings);
+    let fsync_lat = raw_commit_latency(tmp.path(), pings, Duration::ZERO);
+    let fsync_paced = raw_commit_latency(tmp.path(), pings, PACE);
+    let pace = PACE.as_millis();
     println!("\n## Latency (loopback, one message at a time)\n");
+    println!(
+        "Back to back: the next message goes as soon as the previous one arrived. {pace} ms \
+         apart: the machine idles between messages, and on this VM an fsync or a wake-up from \
+         idle costs more (compare the baselines of the two regimes).\n"
+    );
     println!("| path | messages | p50 ms | p90 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|");
-    latency_row("raw redb: one commit with fsync (baseline)", fsync_lat);
-    latency_row("relay alone: enqueue → waiting fetch returns (baseline)", relay_lat);
-    latency_row("node: API send answered (message durable, `sending`)", api_lat);
-    latency_row("node → relay: API send → sender's `sent` event", sent_lat);
-    latency_row("node → relay → node: API send → receiver's event", lat);
+    latency_row("raw redb: one commit with fsync, back to back (baseline)", fsync_lat);
+    latency_row("relay alone: enqueue → waiting fetch returns, 1 ms apart (baseline)", relay_lat);
+    latency_row("node: API send answered (durable, `sending`), back to back", back_to_back.api);
+    latency_row("node → relay: API send → sender's `sent` event, back to back", back_to_back.sent);
+    latency_row(
+        "**node → relay → node: API send → receiver's event, back to back**",
+        back_to_back.received,
+    );
+    latency_row(
+        &format!("raw redb: one commit with fsync, {pace} ms apart (baseline)"),
+        fsync_paced,
+    );
+    latency_row(
+        &format!("relay alone: enqueue → waiting fetch returns, {pace} ms apart (baseline)"),
+        relay_paced,
+    );
+    latency_row(&format!("node: API send answered, {pace} ms apart"), paced.api);
+    latency_row(
+        &format!("node → relay → node: API send → receiver's event, {pace} ms apart"),
+        paced.received,
+    );
 
     // Catch-up: Bob is offline while Alice sends the backlog.
     bob.kill9();

@@ -52,7 +52,9 @@ impl Client {
             .with_swarm_config(|c| {
                 // As the node does: the request rides with the protocol proposal.
                 c.with_idle_connection_timeout(Duration::from_secs(60))
-                    .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+                    .with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    )
             })
             .build();
         swarm.dial(addr.clone())?;
