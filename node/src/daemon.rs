@@ -40,6 +40,8 @@ pub const MAX_DELIVERY_ATTEMPTS: u32 = 100;
 const MAX_BACKOFF_MS: u64 = 30_000;
 /// Longest pause between two attempts to reach the inbox, in milliseconds.
 const INBOX_MAX_BACKOFF_MS: u64 = 3_000;
+/// Attempts of one acknowledgement before its items are left for the next start.
+const ACK_ATTEMPTS: u32 = 5;
 
 /// The current time.
 pub fn now() -> Timestamp {
@@ -490,6 +492,7 @@ impl Node {
         let link = self.wait_for_link().await;
         let mut cursor: Option<u64> = None;
         let mut held: Vec<(ChannelId, u64, u64)> = Vec::new();
+        let mut acking: Option<tokio::task::JoinHandle<()>> = None;
         // Live push: come back soon after the relay does.
         let mut backoff = Backoff::capped(INBOX_MAX_BACKOFF_MS);
         let timeout_ms = self.config.relay.wait_seconds.saturating_mul(1000);
@@ -523,8 +526,15 @@ impl Node {
                 "inbox items"
             );
             match self.receive(&link, items, &mut held).await {
-                Ok((last, removals)) => {
+                Ok((last, removals, ack)) => {
                     cursor = last.or(cursor);
+                    // The ack goes while the next batch is fetched and processed: at most one
+                    // in flight, so a slow relay slows the inbox down instead of piling up acks.
+                    if let Some(previous) = acking.take() {
+                        let _ = previous.await;
+                    }
+                    let link = link.clone();
+                    acking = Some(tokio::spawn(async move { acknowledge(&link, ack).await }));
                     for (channel, device) in removals {
                         let node = self.clone();
                         tokio::spawn(async move {
@@ -547,14 +557,14 @@ impl Node {
         }
     }
 
-    /// Processes a run of inbox items, acknowledges what was done, and returns the highest
-    /// item id looked at (the next `Wait` starts after it).
+    /// Processes a run of inbox items; returns the highest item id looked at (the next `Wait`
+    /// starts after it), the removals asked for, and the ids to acknowledge (all durable).
     async fn receive(
         &self,
         link: &RelayLink,
         items: Vec<chitchat_proto::wire::InboxItem>,
         held: &mut Vec<(ChannelId, u64, u64)>,
-    ) -> Result<(Option<u64>, Vec<(ChannelId, DeviceId)>), NodeError> {
+    ) -> Result<(Option<u64>, Vec<(ChannelId, DeviceId)>, Vec<u64>), NodeError> {
         let last = items.iter().map(|i| i.id).max();
         let mut removals = Vec::new();
         let items = Arc::new(items);
@@ -601,13 +611,7 @@ impl Node {
             !reached
         });
         self.epochs.notify_waiters();
-        for chunk in ack.chunks(chitchat_proto::wire::MAX_ACK_IDS) {
-            match link.call(&Request::Ack { ids: chunk.to_vec() }).await? {
-                Response::Acked => {}
-                other => return Err(refused(other)),
-            }
-        }
-        Ok((last, removals))
+        Ok((last, removals, ack))
     }
 
     async fn lookup_devices(
@@ -843,6 +847,31 @@ impl Node {
             }
             if self.with(move |e| e.discard(&channel, true)).await.is_err() {
                 tracing::warn!(%channel, "cannot drop an interrupted intent");
+            }
+        }
+    }
+}
+
+/// Acknowledges processed (durable) inbox items, retrying a few times. Acks are idempotent;
+/// items whose ack is lost stay at the relay and come again after a restart, where they are
+/// dropped by id.
+async fn acknowledge(link: &RelayLink, ids: Vec<u64>) {
+    for chunk in ids.chunks(chitchat_proto::wire::MAX_ACK_IDS) {
+        let mut backoff = Backoff::capped(INBOX_MAX_BACKOFF_MS);
+        for attempt in 1..=ACK_ATTEMPTS {
+            match link.call(&Request::Ack { ids: chunk.to_vec() }).await {
+                Ok(Response::Acked) => break,
+                other => {
+                    tracing::debug!(?other, attempt, "acknowledgement failed");
+                    if attempt == ACK_ATTEMPTS {
+                        tracing::warn!(
+                            items = chunk.len(),
+                            "inbox items not acknowledged; they come again after a restart"
+                        );
+                    } else {
+                        backoff.wait().await;
+                    }
+                }
             }
         }
     }
