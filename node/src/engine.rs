@@ -550,7 +550,6 @@ impl Engine {
         store: bool,
         now: Timestamp,
     ) -> Result<(MessageId, Option<(u64, OutboxItem)>), EngineError> {
-        let me_device = self.device();
         let sent = active_in(&mut self.channels, id)?.send(&self.provider, &self.me, now, payload);
         let (msg_id, message) = match sent {
             Ok((id, ChannelMessage::Application { message })) => (id, message),
@@ -562,7 +561,7 @@ impl Engine {
         tracing::debug!(channel = %id, message = %id_string(&msg_id), "sending");
         let (state, alone, epoch, hlc) = {
             let channel = active_in(&mut self.channels, id)?;
-            let alone = channel.members().iter().all(|d| *d == me_device);
+            let alone = !channel.has_other_members();
             (channel.state().clone(), alone, channel.epoch(), channel.state().clock.last())
         };
         let outbox_id = self.next_outbox;

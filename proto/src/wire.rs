@@ -239,17 +239,12 @@ pub enum Envelope {
 }
 
 impl Envelope {
-    /// How many bytes it stores (for quotas).
-    pub fn len(&self) -> usize {
+    /// The bytes it carries (what a fetch's byte budget counts).
+    pub fn payload_len(&self) -> usize {
         match self {
             Self::Sealed(e) => e.ciphertext.len() + 32,
             Self::Post(p) => p.message.len(),
         }
-    }
-
-    /// Whether it carries nothing.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The sealed envelope, if it is one.

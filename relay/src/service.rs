@@ -112,6 +112,17 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
     error(ErrorCode::Unavailable, "storage unavailable, retry later")
 }
 
+/// The code a refused write answers with (a store failure is logged and `Unavailable`).
+fn refusal(e: WriteError) -> ErrorCode {
+    match e {
+        WriteError::Rejected { code, .. } => code,
+        other => {
+            tracing::error!(error = %other, "store failure");
+            ErrorCode::Unavailable
+        }
+    }
+}
+
 fn from_write(e: WriteError) -> Response {
     match e {
         WriteError::Rejected { code, message } => error(code, message),
@@ -308,6 +319,14 @@ impl Relay {
         }
     }
 
+    /// Each inbox's bounds, from the config.
+    fn inbox_quota(&self) -> InboxQuota {
+        InboxQuota {
+            max_items: self.config.inbox.max_items,
+            max_bytes: self.config.inbox.max_bytes,
+        }
+    }
+
     /// Fans a channel post out to the inboxes of the channel's other members, in one durable
     /// write (shared with concurrent writes). Only a member may post; the poster is the device
     /// authenticated on this connection. Counts as one request against the sender's rate.
@@ -322,10 +341,7 @@ impl Relay {
             return PostResult::Refused(ErrorCode::Forbidden);
         }
         let recipients: Arc<[DeviceId]> = members.iter().copied().filter(|d| *d != me).collect();
-        let quota = InboxQuota {
-            max_items: self.config.inbox.max_items,
-            max_bytes: self.config.inbox.max_bytes,
-        };
+        let quota = self.inbox_quota();
         let len = post.message.len() as u64;
         match self.store.write(Write::Post { sender: me, post, recipients, now, quota }).await {
             Ok(Written::Posted { delivered, skipped }) => {
@@ -345,11 +361,7 @@ impl Relay {
                 tracing::error!(?other, "unexpected answer to a post");
                 PostResult::Refused(ErrorCode::Unavailable)
             }
-            Err(WriteError::Rejected { code, .. }) => PostResult::Refused(code),
-            Err(e) => {
-                tracing::error!(error = %e, "store failure");
-                PostResult::Refused(ErrorCode::Unavailable)
-            }
+            Err(e) => PostResult::Refused(refusal(e)),
         }
     }
 
@@ -598,10 +610,7 @@ impl Relay {
                 }
             }
         }
-        let quota = InboxQuota {
-            max_items: self.config.inbox.max_items,
-            max_bytes: self.config.inbox.max_bytes,
-        };
+        let quota = self.inbox_quota();
         for envelope in sub.welcome.iter().flat_map(|w| w.envelopes.iter()) {
             writes.push(Write::Enqueue { sender: me, envelope: envelope.clone(), now, quota });
         }
@@ -640,10 +649,7 @@ impl Relay {
             return EnqueueResult::Refused(ErrorCode::RateLimited { retry_after_ms });
         }
         let (len, recipient) = (envelope.ciphertext.len() as u64, envelope.recipient);
-        let quota = InboxQuota {
-            max_items: self.config.inbox.max_items,
-            max_bytes: self.config.inbox.max_bytes,
-        };
+        let quota = self.inbox_quota();
         match self.store.write(Write::Enqueue { sender: me, envelope, now, quota }).await {
             Ok(Written::Enqueued { id }) => {
                 self.metrics.enqueues.inc();
@@ -655,11 +661,7 @@ impl Relay {
                 tracing::error!(?other, "unexpected answer to an enqueue");
                 EnqueueResult::Refused(ErrorCode::Unavailable)
             }
-            Err(WriteError::Rejected { code, .. }) => EnqueueResult::Refused(code),
-            Err(e) => {
-                tracing::error!(error = %e, "store failure");
-                EnqueueResult::Refused(ErrorCode::Unavailable)
-            }
+            Err(e) => EnqueueResult::Refused(refusal(e)),
         }
     }
 

@@ -624,6 +624,11 @@ impl Channel {
         self.group.members().filter_map(|m| credential_device(&m.credential)).collect()
     }
 
+    /// Whether anyone but this device is in the channel (no credential is parsed).
+    pub fn has_other_members(&self) -> bool {
+        self.group.members().nth(1).is_some()
+    }
+
     /// The epoch authenticator of the current epoch. Members gossip it, so a fork is detected.
     pub fn epoch_authenticator(&self) -> Vec<u8> {
         self.group.epoch_authenticator().as_slice().to_vec()

@@ -163,7 +163,7 @@ impl Store {
                 break;
             }
             let stored: StoredItem = records::decode_record(v.value(), "inbox")?;
-            let len = stored.envelope.len();
+            let len = stored.envelope.payload_len();
             if !items.is_empty() && bytes + len > max_bytes {
                 more = true;
                 break;

@@ -264,20 +264,20 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             upload_key_packages(t, *device, packages, last_resort.as_ref(), *max_per_device)
         }
         Write::ClaimKeyPackage { device, now } => claim_key_package(t, *device, *now),
-        Write::Enqueue { sender, envelope, now, quota } => enqueue(
-            t,
-            envelope.recipient,
-            *sender,
-            Envelope::Sealed(envelope.clone()),
-            *now,
-            *quota,
-        ),
+        Write::Enqueue { sender, envelope, now, quota } => {
+            let recipient = envelope.recipient;
+            let envelope = Envelope::Sealed(envelope.clone());
+            let item = encode_record(&StoredItem { stored_at: *now, sender: *sender, envelope });
+            enqueue(t, recipient, &item, *quota)
+        }
         Write::Post { sender, post, recipients, now, quota } => {
+            // One record, stored in every recipient's inbox.
+            let envelope = Envelope::Post(post.clone());
+            let item = encode_record(&StoredItem { stored_at: *now, sender: *sender, envelope });
             let mut delivered = Vec::with_capacity(recipients.len());
             let mut skipped = 0u32;
             for recipient in recipients.iter() {
-                let envelope = Envelope::Post(post.clone());
-                match enqueue(t, *recipient, *sender, envelope, *now, *quota) {
+                match enqueue(t, *recipient, &item, *quota) {
                     Ok(_) => delivered.push(*recipient),
                     Err(WriteError::Rejected { .. }) => skipped = skipped.saturating_add(1),
                     Err(e) => return Err(e),
@@ -480,20 +480,17 @@ fn claim_key_package(
     Err(reject(ErrorCode::NotFound, "no key package available for the device"))
 }
 
+/// Stores an encoded [`StoredItem`] in `recipient`'s inbox, within its quota.
 fn enqueue(
     t: &mut Tables<'_>,
     recipient: DeviceId,
-    sender: DeviceId,
-    envelope: Envelope,
-    now: Timestamp,
+    bytes: &[u8],
     quota: InboxQuota,
 ) -> Result<Written, WriteError> {
     // Existence only: decoding the whole record on every enqueue costs more than the insert.
     if t.devices.get(recipient.as_bytes()).map_err(storage)?.is_none() {
         return Err(reject(ErrorCode::NotFound, "recipient is not registered here"));
     }
-    let item = StoredItem { stored_at: now, sender, envelope };
-    let bytes = encode_record(&item);
     let mut c = read_counters(t, recipient)?;
     if c.inbox_items >= quota.max_items || c.inbox_bytes + bytes.len() as u64 > quota.max_bytes {
         return Err(reject(
@@ -502,7 +499,7 @@ fn enqueue(
         ));
     }
     let id = c.next_inbox;
-    t.inbox.insert((*recipient.as_bytes(), id), bytes.as_slice()).map_err(storage)?;
+    t.inbox.insert((*recipient.as_bytes(), id), bytes).map_err(storage)?;
     c.next_inbox += 1;
     c.inbox_items += 1;
     c.inbox_bytes += bytes.len() as u64;
