@@ -20,7 +20,7 @@ use chitchat_proto::wire::{
     ChannelPost, CommitSubmission, ErrorCode, MAX_ENQUEUE_BATCH, MAX_FETCH_ITEMS,
     MAX_LOOKUP_DEVICES, MAX_POST_BATCH, PostResult, Request, Response,
 };
-use chitchat_proto::{Address, DeviceId, Dir, PublicKey, RelayId, Timestamp};
+use chitchat_proto::{Address, DeviceId, Dir, PublicKey, RelayId};
 use rand::RngExt as _;
 use serde::Deserialize;
 use tokio::sync::Notify;
@@ -43,13 +43,7 @@ const INBOX_MAX_BACKOFF_MS: u64 = 3_000;
 /// Attempts of one acknowledgement before its items are left for the next start.
 const ACK_ATTEMPTS: u32 = 5;
 
-/// The current time.
-pub fn now() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    Timestamp(ms)
-}
+pub use crate::engine::now;
 
 /// Why a node operation failed, as the local API reports it.
 #[derive(Debug, thiserror::Error)]
@@ -322,15 +316,24 @@ impl Node {
         store: bool,
     ) -> Result<MessageId, NodeError> {
         let now = now();
-        let (id, entry) = self.with(move |e| e.send(&channel, &payload, store, now)).await?;
-        if let Some(entry) = entry
-            && let Ok(mut q) = self.ready.lock()
-        {
-            // Bounded: beyond, the worker finds the rest in the store.
-            if q.len() < crate::engine::OUTBOX_BATCH {
-                q.push_back(entry);
+        let node = self.clone();
+        // Runs on the engine's thread, maybe before the send's commit: the outbox task posts
+        // the message while the disk writes it.
+        let release = move |outbox_id: u64, item: OutboxItem, early: bool| {
+            if let Ok(mut q) = node.ready.lock()
+                // Bounded: beyond, the worker finds the rest in the store.
+                && q.len() < crate::engine::OUTBOX_BATCH
+            {
+                q.push_back((outbox_id, item));
             }
-        }
+            node.outbox.notify_one();
+            if early && fault("exit-before-send-commit") {
+                // The message leaves; the process dies before its state is on disk.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                std::process::abort();
+            }
+        };
+        let id = self.with(move |e| e.send(&channel, &payload, store, now, release)).await?;
         self.outbox.notify_one();
         Ok(id)
     }
@@ -429,6 +432,9 @@ impl Node {
             }
         }
         if fresh && fault("exit-after-enqueue") {
+            // Once the sends' own commits are done (they hold the engine): the crash hits
+            // between the relay's acceptance and the outbox's record of it.
+            self.with(|_| ()).await;
             // The messages are in the recipients' inboxes, and still in the outbox.
             std::process::abort();
         }

@@ -220,6 +220,11 @@ pub struct Engine {
     dirs: BTreeMap<DeviceId, Dir>,
     next_outbox: u64,
     events: broadcast::Sender<Event>,
+    /// Channels whose sends may leave before their commit: each is marked in `released-0`
+    /// (durably, by the first send of this run) and skips a generation on the next open.
+    released: BTreeSet<ChannelId>,
+    /// Channels whose early-released send failed to commit: the next send skips first.
+    must_skip: BTreeSet<ChannelId>,
 }
 
 impl Engine {
@@ -265,9 +270,42 @@ impl Engine {
             dirs,
             next_outbox,
             events,
+            released: BTreeSet::new(),
+            must_skip: BTreeSet::new(),
         };
         engine.load_channels()?;
+        engine.skip_released(now())?;
         Ok(engine)
+    }
+
+    /// Every channel that may have let a message leave before its state was durable (the
+    /// process stopped, maybe in that window) moves its sending ratchet on by one generation,
+    /// in one commit, before anything else: no generation or message id is used twice.
+    fn skip_released(&mut self, now: Timestamp) -> Result<(), EngineError> {
+        let released = self.store.released()?;
+        if released.is_empty() {
+            return Ok(());
+        }
+        let mut b = Batch::default();
+        let mut skipped = 0;
+        for id in released {
+            b.released(id, false);
+            let Some(channel) = self.channels.get_mut(&id).and_then(|h| h.channel.as_mut()) else {
+                // Left or removed since: it sends nothing again.
+                continue;
+            };
+            if let Err(e) = channel.skip(&self.provider, &self.me, now) {
+                return self.fail(e);
+            }
+            self.save_channel(&id, &mut b);
+            skipped += 1;
+        }
+        self.commit(b)?;
+        tracing::info!(
+            channels = skipped,
+            "skipped one sending generation where a send may have been cut short"
+        );
+        Ok(())
     }
 
     fn load_channels(&mut self) -> Result<(), EngineError> {
@@ -540,16 +578,28 @@ impl Engine {
     }
 
     /// Encrypts `payload` for the channel and stores it with the outbox entry that will deliver
-    /// it, in one transaction: once this returns, the message survives a crash. Returns its id
-    /// and its outbox entry (none when no one else is in the channel). A typing notice
-    /// (`store == false`) is delivered but never stored.
+    /// it, in one transaction: once this returns, the message survives a crash. Returns its id.
+    /// A typing notice (`store == false`) is delivered but never stored.
+    ///
+    /// `release` gets the outbox entry (unless no one else is in the channel) as soon as the
+    /// ciphertext may leave, with `true` if that is before the commit. The first send of a
+    /// channel in a run commits first, marking the channel in `released-0`; later ones release
+    /// before their commit (the disk's latency is then off the message's path), because the
+    /// mark makes the next open skip the generation a crash in that window could reuse.
     pub fn send(
         &mut self,
         id: &ChannelId,
         payload: &[u8],
         store: bool,
         now: Timestamp,
-    ) -> Result<(MessageId, Option<(u64, OutboxItem)>), EngineError> {
+        release: impl FnOnce(u64, OutboxItem, bool),
+    ) -> Result<MessageId, EngineError> {
+        let must_skip = self.must_skip.contains(id);
+        if must_skip
+            && let Err(e) = active_in(&mut self.channels, id)?.skip(&self.provider, &self.me, now)
+        {
+            return self.fail(e);
+        }
         let sent = active_in(&mut self.channels, id)?.send(&self.provider, &self.me, now, payload);
         let (msg_id, message) = match sent {
             Ok((id, ChannelMessage::Application { message })) => (id, message),
@@ -585,15 +635,42 @@ impl Engine {
         if let Some(item) = &item {
             b.outbox(outbox_id, Some(item.clone()));
         }
-        self.commit(b)?;
+        let early = self.released.contains(id) && !must_skip;
+        if !early {
+            b.released(*id, true);
+        }
+        let mut item = item;
+        let mut release = Some(release);
+        if early
+            && let Some(item) = item.take()
+            && let Some(release) = release.take()
+        {
+            release(outbox_id, item, true);
+        }
+        if let Err(e) = self.commit(b) {
+            if early {
+                // The ciphertext may be out while the state that made it is not on disk: the
+                // channel skips a generation before its next send, which commits first.
+                self.released.remove(id);
+                self.must_skip.insert(*id);
+            }
+            return Err(e);
+        }
+        self.released.insert(*id);
+        self.must_skip.remove(id);
         self.next_outbox += 1;
         if let Some(h) = self.channels.get_mut(id) {
             h.record = record;
         }
+        if let Some(item) = item
+            && let Some(release) = release.take()
+        {
+            release(outbox_id, item, false);
+        }
         if store {
             self.emit_message(id, &stored);
         }
-        Ok((msg_id, item.map(|i| (outbox_id, i))))
+        Ok(msg_id)
     }
 
     fn emit_message(&self, channel: &ChannelId, m: &StoredMessage) {
@@ -1132,6 +1209,14 @@ fn active_in<'a>(
 
 fn seed(bytes: &[u8]) -> Result<[u8; 32], EngineError> {
     bytes.try_into().map_err(|_| EngineError::Store(StoreError::Corrupt { table: "keys" }))
+}
+
+/// The current time.
+pub fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Timestamp(ms)
 }
 
 /// A message id as the API writes it: `SENDER:EPOCH.N`, the sender's device id in hex and its

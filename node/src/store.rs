@@ -29,7 +29,7 @@ use redb::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The layout version of the database; bumped with every incompatible change.
-pub const STORAGE_VERSION: u32 = 2;
+pub const STORAGE_VERSION: u32 = 3;
 /// Largest record accepted from disk.
 const MAX_RECORD_LEN: usize = 64 * 1024 * 1024;
 
@@ -50,6 +50,8 @@ const OUTBOX_V1: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox-
 const INTENTS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("intents-0");
 /// How many messages each channel has stored (kept with every insert: counting is O(1)).
 const MESSAGE_COUNTS: TableDefinition<'_, [u8; 32], u64> = TableDefinition::new("message-counts-0");
+/// Channels whose messages may leave before their state is durable (see [`Batch::released`]).
+const RELEASED: TableDefinition<'_, [u8; 32], ()> = TableDefinition::new("released-0");
 
 type MessageKey = ([u8; 32], u64, u64, u32, [u8; 32], u64);
 /// `(seq, sender, channel)`.
@@ -229,6 +231,7 @@ enum Op {
     Status(ChannelId, MessageId, MessageStatus),
     Outbox(u64, Option<OutboxItem>),
     Intent(ChannelId, Option<IntentRecord>),
+    Released(ChannelId, bool),
 }
 
 /// The writes of one operation, committed together.
@@ -274,6 +277,12 @@ impl Batch {
     pub fn intent(&mut self, channel: ChannelId, intent: Option<IntentRecord>) {
         self.ops.push(Op::Intent(channel, intent));
     }
+    /// Marks (`true`) or unmarks a channel whose messages may leave before the state that
+    /// encrypted them is durable: on the next open, its sending ratchet must skip a generation
+    /// before it sends again (`released-0`).
+    pub fn released(&mut self, channel: ChannelId, released: bool) {
+        self.ops.push(Op::Released(channel, released));
+    }
 }
 
 /// The node's database.
@@ -300,9 +309,12 @@ impl Store {
             };
             match found {
                 Some(STORAGE_VERSION) => {}
-                Some(1) => {
-                    migrate_outbox_v1(&w)?;
-                    count_messages_v1(&w)?;
+                Some(old @ (1 | 2)) => {
+                    if old == 1 {
+                        migrate_outbox_v1(&w)?;
+                        count_messages_v1(&w)?;
+                    }
+                    // Version 3 adds `released-0`, created below: nothing to move.
                     meta.insert("version", encode(&STORAGE_VERSION).as_slice())
                         .map_err(redb_err)?;
                 }
@@ -321,6 +333,7 @@ impl Store {
             w.open_table(OUTBOX).map_err(redb_err)?;
             w.open_table(INTENTS).map_err(redb_err)?;
             w.open_table(MESSAGE_COUNTS).map_err(redb_err)?;
+            w.open_table(RELEASED).map_err(redb_err)?;
         }
         w.commit().map_err(redb_err)?;
         Ok(Self { db })
@@ -503,6 +516,17 @@ impl Store {
         t.get(channel.0).map_err(redb_err)?.map(|v| record(v.value(), "intents")).transpose()
     }
 
+    /// The channels marked by [`Batch::released`].
+    pub fn released(&self) -> Result<Vec<ChannelId>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(RELEASED).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(redb_err)? {
+            out.push(ChannelId(e.map_err(redb_err)?.0.value()));
+        }
+        Ok(out)
+    }
+
     /// Every intent.
     pub fn intents(&self) -> Result<Vec<(ChannelId, IntentRecord)>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
@@ -601,6 +625,15 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
             }
             Op::Intent(channel, None) => {
                 intents.remove(channel.0).map_err(redb_err)?;
+            }
+            Op::Released(channel, true) => {
+                w.open_table(RELEASED)
+                    .map_err(redb_err)?
+                    .insert(channel.0, ())
+                    .map_err(redb_err)?;
+            }
+            Op::Released(channel, false) => {
+                w.open_table(RELEASED).map_err(redb_err)?.remove(channel.0).map_err(redb_err)?;
             }
         }
     }

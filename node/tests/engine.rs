@@ -3,6 +3,7 @@
 
 use chitchat_node::engine::{Delivery, Engine, Event};
 use chitchat_node::store::{Account, IntentOp, OutboxItem, RelayInfo, Store};
+use chitchat_proto::channel::MessageId;
 use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::identity::SponsorshipBody;
 use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
@@ -60,6 +61,24 @@ fn device(dir: &tempfile::TempDir, name: &str, relay: &Relay) -> Engine {
     e
 }
 
+/// Sends and returns the message's id and the outbox entry the engine released, with whether
+/// it was released before the send's commit.
+fn send(
+    e: &mut Engine,
+    channel: &ChannelId,
+    payload: &[u8],
+) -> (MessageId, Option<(u64, OutboxItem, bool)>) {
+    let mut released = None;
+    let id = e
+        .send(channel, payload, true, NOW, |oid, item, early| released = Some((oid, item, early)))
+        .expect("send");
+    (id, released)
+}
+
+fn text(body: &str) -> Vec<u8> {
+    chat::ChatContent::Text { body: body.into() }.to_bytes()
+}
+
 fn reopen(dir: &tempfile::TempDir, name: &str, e: Engine) -> Engine {
     drop(e);
     Engine::open(Store::open(&dir.path().join(format!("{name}.redb"))).expect("store"))
@@ -104,8 +123,9 @@ fn invite_send_receive_and_survive_restarts() {
     assert_eq!(bob.epoch(&channel), Some(1));
 
     let text = chat::ChatContent::Text { body: "hi bob".into() }.to_bytes();
-    let (id, entry) = alice.send(&channel, &text, true, NOW).expect("send");
-    let outbox_id = entry.expect("bob is a recipient").0;
+    let (id, entry) = send(&mut alice, &channel, &text);
+    let (outbox_id, _, early) = entry.expect("bob is a recipient");
+    assert!(!early, "the first send of a run is durable before it leaves");
     let outbox = alice.outbox().expect("outbox");
     assert_eq!(outbox.len(), 1, "a sent message waits in the outbox");
     // Alice crashes before delivering: the outbox still holds the same message.
@@ -126,7 +146,7 @@ fn invite_send_receive_and_survive_restarts() {
     // Bob restarts and still reads new messages: his MLS state was durable.
     let mut bob = reopen(&tmp, "bob", bob);
     let text2 = chat::ChatContent::Text { body: "still there?".into() }.to_bytes();
-    alice.send(&channel, &text2, true, NOW).expect("send");
+    send(&mut alice, &channel, &text2);
     let (_, item) = alice.outbox().expect("outbox").remove(0);
     let it = relay.post(&item);
     bob.receive(&[it], NOW).expect("receive");
@@ -155,7 +175,7 @@ fn receive_cost() {
     let t = std::time::Instant::now();
     for i in 0..n {
         let text = chat::ChatContent::Text { body: format!("message {i}") }.to_bytes();
-        alice.send(&channel, &text, true, NOW).expect("send");
+        send(&mut alice, &channel, &text);
     }
     eprintln!("send: {:?} per message", t.elapsed() / n);
     let mut items = Vec::new();
@@ -172,4 +192,71 @@ fn receive_cost() {
         t.elapsed() / items.len() as u32,
         items.len()
     );
+}
+
+/// A send may leave before its commit (all but the first of a run, per channel). A crash in
+/// that window loses the state that encrypted it; the next open must skip that generation and
+/// id, or the next message would reuse them (a reused AEAD key and nonce, and a message Bob
+/// drops as a duplicate).
+#[test]
+fn a_crash_between_release_and_commit_never_reuses_a_generation() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let mut alice = device(&tmp, "alice", &relay);
+    let mut bob = device(&tmp, "bob", &relay);
+    let (packages, _) = bob.key_packages(1, false).expect("kp");
+    let bob_dir = bob.account().expect("bob").dir.clone();
+    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    let staged = alice
+        .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
+        .expect("stage");
+    alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
+    bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
+    let welcome = staged.welcome.expect("w").envelopes[0].clone();
+    bob.receive(&[sealed(welcome, 0)], NOW).expect("join");
+
+    let (_, first) = send(&mut alice, &channel, &text("one"));
+    let (_, first, early) = first.expect("released");
+    assert!(!early, "the first send of a run commits first");
+    // The second leaves before its commit; the process dies in that window.
+    let mut leaked = None;
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        alice.send(&channel, &text("two"), true, NOW, |_, item, early| {
+            assert!(early, "later sends leave before their commit");
+            leaked = Some(item);
+            panic!("the process dies here");
+        })
+    }));
+    assert!(crashed.is_err());
+    let leaked = leaked.expect("the message left");
+    let mut alice = reopen(&tmp, "alice", alice);
+    let outbox: Vec<_> = alice.outbox().expect("outbox").into_iter().map(|(_, i)| i.id).collect();
+    assert_eq!(outbox, [first.id], "the crashed send never became durable");
+    let (_, third) = send(&mut alice, &channel, &text("three"));
+    let (_, third, _) = third.expect("released");
+    assert_ne!(third.id, leaked.id, "the id of the message that left is not reused");
+    let items = [relay.post(&first), relay.post(&leaked), relay.post(&third)];
+    let got = bob.receive(&items, NOW).expect("receive");
+    assert_eq!(got.done.len(), 3);
+    let shown: Vec<Vec<u8>> = bob
+        .store()
+        .messages(&channel, 10)
+        .expect("messages")
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
+    assert_eq!(shown, [text("one"), text("two"), text("three")], "Bob reads all three");
+
+    // A clean restart skips too (the mark stays until the next open), and a channel's sends
+    // stay readable across many restarts.
+    for i in 0..3 {
+        alice = reopen(&tmp, "alice", alice);
+        let body = format!("after restart {i}");
+        let (_, m) = send(&mut alice, &channel, &text(&body));
+        let (_, m, early) = m.expect("released");
+        assert!(!early);
+        let got = bob.receive(&[relay.post(&m)], NOW).expect("receive");
+        assert_eq!(got.done.len(), 1);
+    }
+    assert_eq!(bob.store().messages(&channel, 10).expect("messages").len(), 6);
 }

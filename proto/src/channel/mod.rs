@@ -750,6 +750,25 @@ impl Channel {
         Ok((id, ChannelMessage::Application { message }))
     }
 
+    /// Moves this device's sending ratchet and sequence number on by one, without sending
+    /// anything: the generation and id that [`Channel::send`] would use next are never used.
+    ///
+    /// For a caller that lets a message leave before its new state is durable: after a crash
+    /// in that window, the state on disk would give the next message the generation and id
+    /// of the one that left (a reused AEAD key and nonce, and a message receivers drop as a
+    /// duplicate). Skipping once from the state on disk makes that impossible. Receivers see
+    /// a gap of one generation, well within [`OUT_OF_ORDER_TOLERANCE`].
+    pub fn skip<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        me: &Identity,
+        now: Timestamp,
+    ) -> Result<(), ChannelError> {
+        // openmls moves a sender ratchet only by encrypting: encrypt an empty message with the
+        // id the skipped generation would have carried, and drop it.
+        self.send(provider, me, now, &[]).map(|_| ())
+    }
+
     /// Processes a message from the channel: a certified commit or an application message.
     /// Returns what happened, including messages released from the future-epoch buffer.
     pub fn process<P: OpenMlsProvider>(
