@@ -13,6 +13,19 @@ pub struct Config {
     /// How the node talks to its relay.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// How messages are sent.
+    #[serde(default)]
+    pub send: SendConfig,
+}
+
+/// How messages are sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendConfig {
+    /// Let a message leave only after its commit, not while it is written. Slower (the disk's
+    /// latency is added to every message); the gain is that a crash can never deliver a
+    /// message this node did not store.
+    pub commit_first: bool,
 }
 
 /// The local API.
@@ -73,6 +86,13 @@ listen = "127.0.0.1:0"
 wait_seconds = 30
 # How long one request to the relay may take, in seconds.
 request_timeout_seconds = 20
+
+[send]
+# A message leaves while its commit is written (after a crash, the node skips the ratchet
+# generation it may have used). true: it leaves only once committed, which adds the disk's
+# latency to every message, and a crash can never deliver a message this node did not store
+# (env CHITCHAT_SEND_COMMIT_FIRST).
+commit_first = false
 "#;
 
     /// Parses and validates a config file's text.
@@ -82,10 +102,17 @@ request_timeout_seconds = 20
         Ok(config)
     }
 
-    /// Applies `CHITCHAT_API_LISTEN`.
+    /// Applies `CHITCHAT_API_LISTEN` and `CHITCHAT_SEND_COMMIT_FIRST` (`true` or `false`).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("CHITCHAT_API_LISTEN") {
             self.api.listen = v;
+        }
+        if let Some(v) = var("CHITCHAT_SEND_COMMIT_FIRST") {
+            self.send.commit_first = v.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "CHITCHAT_SEND_COMMIT_FIRST={v:?}: expected true or false"
+                ))
+            })?;
         }
         self.validate()
     }
@@ -144,7 +171,26 @@ mod tests {
     #[test]
     fn template_parses_to_defaults() {
         let c = Config::parse(Config::TEMPLATE).expect("template");
-        assert_eq!(c, Config { api: ApiConfig::default(), relay: RelayConfig::default() });
+        assert_eq!(
+            c,
+            Config {
+                api: ApiConfig::default(),
+                relay: RelayConfig::default(),
+                send: SendConfig { commit_first: false },
+            }
+        );
+    }
+
+    #[test]
+    fn commit_first_from_the_file_and_the_environment() {
+        let c = Config::parse("[send]\ncommit_first = true\n").expect("file");
+        assert!(c.send.commit_first);
+        let mut c = Config::parse("").expect("defaults");
+        c.apply_env(|k| (k == "CHITCHAT_SEND_COMMIT_FIRST").then(|| "true".to_owned()))
+            .expect("env");
+        assert!(c.send.commit_first);
+        let bad = c.apply_env(|k| (k == "CHITCHAT_SEND_COMMIT_FIRST").then(|| "yes".to_owned()));
+        assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("true or false")));
     }
 
     #[test]

@@ -108,7 +108,8 @@ pub struct Node {
 
 impl Node {
     /// Opens the node's state and starts its background tasks.
-    pub fn start(engine: Engine, config: Config) -> Result<Arc<Self>, NodeError> {
+    pub fn start(mut engine: Engine, config: Config) -> Result<Arc<Self>, NodeError> {
+        engine.set_commit_first(config.send.commit_first);
         let link = match engine.account() {
             Some(a) => Some(Arc::new(make_link(&engine, &a.relay, &config)?)),
             None => None,

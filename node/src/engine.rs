@@ -225,6 +225,8 @@ pub struct Engine {
     released: BTreeSet<ChannelId>,
     /// Channels whose early-released send failed to commit: the next send skips first.
     must_skip: BTreeSet<ChannelId>,
+    /// Every send commits before its message leaves (`send.commit_first`).
+    commit_first: bool,
 }
 
 impl Engine {
@@ -272,6 +274,7 @@ impl Engine {
             events,
             released: BTreeSet::new(),
             must_skip: BTreeSet::new(),
+            commit_first: false,
         };
         engine.load_channels()?;
         engine.skip_released(now())?;
@@ -326,6 +329,11 @@ impl Engine {
             self.channels.insert(id, Held { record, channel });
         }
         Ok(())
+    }
+
+    /// Makes every send commit before its message leaves (see [`Engine::send`]).
+    pub fn set_commit_first(&mut self, commit_first: bool) {
+        self.commit_first = commit_first;
     }
 
     /// Subscribes to events.
@@ -585,7 +593,8 @@ impl Engine {
     /// ciphertext may leave, with `true` if that is before the commit. The first send of a
     /// channel in a run commits first, marking the channel in `released-0`; later ones release
     /// before their commit (the disk's latency is then off the message's path), because the
-    /// mark makes the next open skip the generation a crash in that window could reuse.
+    /// mark makes the next open skip the generation a crash in that window could reuse. With
+    /// [`Engine::set_commit_first`], every send commits first.
     pub fn send(
         &mut self,
         id: &ChannelId,
@@ -635,8 +644,8 @@ impl Engine {
         if let Some(item) = &item {
             b.outbox(outbox_id, Some(item.clone()));
         }
-        let early = self.released.contains(id) && !must_skip;
-        if !early {
+        let early = self.released.contains(id) && !must_skip && !self.commit_first;
+        if !early && !self.commit_first {
             b.released(*id, true);
         }
         let mut item = item;
@@ -656,7 +665,9 @@ impl Engine {
             }
             return Err(e);
         }
-        self.released.insert(*id);
+        if !self.commit_first {
+            self.released.insert(*id);
+        }
         self.must_skip.remove(id);
         self.next_outbox += 1;
         if let Some(h) = self.channels.get_mut(id) {

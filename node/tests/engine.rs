@@ -260,3 +260,26 @@ fn a_crash_between_release_and_commit_never_reuses_a_generation() {
     }
     assert_eq!(bob.store().messages(&channel, 10).expect("messages").len(), 6);
 }
+
+/// `send.commit_first`: every message leaves after its commit, and no channel is marked.
+#[test]
+fn commit_first_never_releases_before_the_commit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let mut alice = device(&tmp, "alice", &relay);
+    let mut bob = device(&tmp, "bob", &relay);
+    alice.set_commit_first(true);
+    let (packages, _) = bob.key_packages(1, false).expect("kp");
+    let bob_dir = bob.account().expect("bob").dir.clone();
+    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    let staged = alice
+        .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
+        .expect("stage");
+    alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
+    for i in 0..3 {
+        let (_, m) = send(&mut alice, &channel, &text(&format!("m{i}")));
+        let (_, _, early) = m.expect("released");
+        assert!(!early, "message {i} left before its commit");
+    }
+    assert!(alice.store().released().expect("released").is_empty());
+}

@@ -202,6 +202,29 @@ fn raw_commit_latency(dir: &std::path::Path, n: usize, pause: Duration) -> Vec<D
         .collect()
 }
 
+/// The ids of a node's events of one type in a channel, with when they came.
+fn watch(
+    node: &NodeProcess,
+    channel: &str,
+    kind: &'static str,
+) -> mpsc::UnboundedReceiver<(String, Instant)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let api = node.api().clone();
+    let channel = channel.to_owned();
+    tokio::spawn(async move {
+        let _ = api
+            .events(Some(&channel), |e| {
+                if e["type"] == kind {
+                    let id = e["id"].as_str().unwrap_or_default().to_owned();
+                    let _ = tx.send((id, Instant::now()));
+                }
+                true
+            })
+            .await;
+    });
+    rx
+}
+
 async fn stored(node: &NodeProcess, channel: &str) -> u64 {
     node.json("GET", &format!("/v1/channels/{channel}"), None)
         .await
@@ -225,7 +248,7 @@ async fn main() {
         &[],
     )
     .expect("relay");
-    let alice = NodeProcess::start(&[]).expect("alice");
+    let mut alice = NodeProcess::start(&[]).expect("alice");
     let mut bob = NodeProcess::start(&[]).expect("bob");
     alice.register(&relay, "alice").await.expect("alice");
     bob.register(&relay, "bob").await.expect("bob");
@@ -252,36 +275,10 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // Latency: Alice's API call to Bob's event.
-    let (tx, mut rx) = mpsc::unbounded_channel::<(String, Instant)>();
-    let bob_api = bob.api().clone();
-    let watched = channel.clone();
-    tokio::spawn(async move {
-        let _ = bob_api
-            .events(Some(&watched), |e| {
-                if e["type"] == "message" {
-                    let _ =
-                        tx.send((e["id"].as_str().unwrap_or_default().to_owned(), Instant::now()));
-                }
-                true
-            })
-            .await;
-    });
-    // Alice's own `sent` events: when the relay had the message in Bob's inbox.
-    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<(String, Instant)>();
-    let alice_api = alice.api().clone();
-    let watched = channel.clone();
-    tokio::spawn(async move {
-        let _ = alice_api
-            .events(Some(&watched), |e| {
-                if e["type"] == "sent" {
-                    let id = e["id"].as_str().unwrap_or_default().to_owned();
-                    let _ = sent_tx.send((id, Instant::now()));
-                }
-                true
-            })
-            .await;
-    });
+    // Latency: Alice's API call to Bob's event, and to her own `sent` event (when the relay had
+    // the message in Bob's inbox).
+    let mut rx = watch(&bob, &channel, "message");
+    let mut sent_rx = watch(&alice, &channel, "sent");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // One message at a time, each sent once the previous one is settled on both nodes (the
     // receiver commits after showing a message, the sender records `sent` after the relay's
@@ -290,6 +287,19 @@ async fn main() {
     let paced = ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, PACE).await;
     let back_to_back =
         ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, Duration::ZERO).await;
+    // The same with `send.commit_first`: each message leaves only after its commit (as every
+    // message did before sends left during their commit).
+    alice.kill9();
+    alice.restart_with(&[("CHITCHAT_SEND_COMMIT_FIRST", "true")]).expect("alice, commit first");
+    let mut sent_rx = watch(&alice, &channel, "sent");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Warm-up: the link to the relay comes up with the first message.
+    ping_round(&alice, &channel, &mut rx, &mut sent_rx, 5, PACE).await;
+    let commit_first =
+        ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, Duration::ZERO).await;
+    let commit_first_paced = ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, PACE).await;
+    alice.kill9();
+    alice.restart().expect("alice back");
     let relay_lat = relay_push_latency(&relay, pings, Duration::ZERO, 61).await;
     let relay_paced = relay_push_latency(&relay, pings, PACE, 63).await;
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -313,6 +323,10 @@ async fn main() {
         back_to_back.received,
     );
     latency_row(
+        "node → relay → node, `commit_first` (leaves after its commit), back to back",
+        commit_first.received,
+    );
+    latency_row(
         &format!("raw redb: one commit with fsync, {pace} ms apart (baseline)"),
         fsync_paced,
     );
@@ -324,6 +338,10 @@ async fn main() {
     latency_row(
         &format!("node → relay → node: API send → receiver's event, {pace} ms apart"),
         paced.received,
+    );
+    latency_row(
+        &format!("node → relay → node, `commit_first`, {pace} ms apart"),
+        commit_first_paced.received,
     );
 
     // Catch-up: Bob is offline while Alice sends the backlog.

@@ -208,6 +208,26 @@ async fn a_node_killed_during_a_send_delivers_exactly_once() {
     assert_eq!(nodes[1].texts(&id).await.expect("bob"), want);
     let v = nodes[1].json("GET", &format!("/v1/channels/{id}/messages"), None).await.expect("m");
     assert_eq!(v["messages"].as_array().expect("m").len(), 3, "stored once each");
+
+    // 3. A send leaves before its commit (all but a run's first in a channel). Alice dies in
+    //    that window: the message is out, the state that encrypted it is not on disk. On
+    //    restart she skips its generation and id, so her next message is read, not dropped
+    //    as a copy of the one that left (or refused for a reused key).
+    nodes[0].kill9();
+    nodes[0].restart_with(&[("CHITCHAT_FAULT", "exit-before-send-commit")]).expect("alice");
+    send(&nodes[0], &id, "first of a run").await;
+    let body = serde_json::to_vec(&json!({"text": "cut short"})).expect("json");
+    let _ = nodes[0].api().raw("POST", &format!("/v1/channels/{id}/messages"), Some(body)).await;
+    nodes[0].wait_exit(WAIT).expect("alice crashed before the commit");
+    nodes[0].restart().expect("alice back");
+    send(&nodes[0], &id, "after the crash").await;
+    let want = [&want[..], &["first of a run", "cut short", "after the crash"]].concat();
+    nodes[1].wait_texts(&id, WAIT, |t| t == want).await.expect("bob reads all");
+    // Alice's history never had the message that was cut short: she was never told it was
+    // sending.
+    let mine = nodes[0].texts(&id).await.expect("alice");
+    assert!(!mine.iter().any(|t| t == "cut short"), "{mine:?}");
+    assert!(mine.iter().any(|t| t == "after the crash"), "{mine:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
