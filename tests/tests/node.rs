@@ -216,6 +216,19 @@ async fn a_node_killed_during_a_send_delivers_exactly_once() {
     nodes[0].kill9();
     nodes[0].restart_with(&[("CHITCHAT_FAULT", "exit-before-send-commit")]).expect("alice");
     send(&nodes[0], &id, "first of a run").await;
+    // Settled, so that the outbox is idle (the fault holds the engine until the process dies).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = nodes[0]
+            .json("GET", &format!("/v1/channels/{id}/messages?limit=1"), None)
+            .await
+            .expect("m");
+        if v["messages"][0]["status"] == "sent" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not sent: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let body = serde_json::to_vec(&json!({"text": "cut short"})).expect("json");
     let _ = nodes[0].api().raw("POST", &format!("/v1/channels/{id}/messages"), Some(body)).await;
     nodes[0].wait_exit(WAIT).expect("alice crashed before the commit");
