@@ -224,7 +224,7 @@ async fn daemon(dir: NodeDir) -> anyhow::Result<()> {
     let engine = Engine::open(store)?;
     let device = engine.device();
     let node = Node::start(engine, config.clone())?;
-    let state = Arc::new(api::ApiState { node, token });
+    let state = Arc::new(api::ApiState { node: node.clone(), token });
     let app = api::router(state);
     let listen = ApiListen::parse(&config.api.listen).context("api.listen")?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -255,6 +255,10 @@ async fn daemon(dir: NodeDir) -> anyhow::Result<()> {
                 .await?;
         }
         ApiListen::Unix(path) => serve_unix(&dir, path, app, rx, shutdown, pid).await?,
+    }
+    // A clean stop: the next start need not skip a generation in the channels that sent.
+    if let Err(e) = node.with(Engine::close).await {
+        tracing::warn!(error = %e, "cannot record the clean stop; the next start skips a generation");
     }
     let _ = std::fs::remove_file(dir.run_info());
     Ok(())

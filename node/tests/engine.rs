@@ -283,3 +283,23 @@ fn commit_first_never_releases_before_the_commit() {
     }
     assert!(alice.store().released().expect("released").is_empty());
 }
+
+/// After a clean stop ([`Engine::close`]) the next open skips nothing: receivers see no gap in
+/// the sender's ids. After a stop without it, the next message's id is one further on.
+#[test]
+fn a_clean_stop_skips_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let mut alice = device(&tmp, "alice", &relay);
+    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    let seq = |e: &mut Engine| send(e, &channel, &text("m")).0.seq;
+    let first = seq(&mut alice);
+    assert_eq!(seq(&mut alice), first + 1);
+    assert_eq!(alice.store().released().expect("marks"), [channel]);
+    alice.close().expect("close");
+    assert!(alice.store().released().expect("marks").is_empty());
+    let mut alice = reopen(&tmp, "alice", alice);
+    assert_eq!(seq(&mut alice), first + 2, "no skip after a clean stop");
+    let mut alice = reopen(&tmp, "alice", alice);
+    assert_eq!(seq(&mut alice), first + 4, "one id skipped after an unclean stop");
+}

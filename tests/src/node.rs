@@ -86,6 +86,21 @@ impl NodeProcess {
         }
     }
 
+    /// Stops the daemon with SIGTERM (a clean stop) and waits for it.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let status = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status()?;
+            if !status.success() {
+                bail!("kill -TERM failed: {status}");
+            }
+            let status = c.wait()?;
+            if !status.success() {
+                bail!("the daemon stopped with {status}");
+            }
+        }
+        Ok(())
+    }
+
     /// Waits for the daemon to exit by itself (after a fault it was told to inject).
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;

@@ -241,6 +241,17 @@ async fn a_node_killed_during_a_send_delivers_exactly_once() {
     let mine = nodes[0].texts(&id).await.expect("alice");
     assert!(!mine.iter().any(|t| t == "cut short"), "{mine:?}");
     assert!(mine.iter().any(|t| t == "after the crash"), "{mine:?}");
+
+    // 4. A clean stop (SIGTERM) records that no send was cut short: the next start skips
+    //    nothing, and the next message's id follows on (no gap for receivers to remember).
+    let before = send(&nodes[0], &id, "before a clean stop").await;
+    nodes[0].stop().expect("clean stop");
+    nodes[0].restart().expect("alice back");
+    let after = send(&nodes[0], &id, "after a clean stop").await;
+    let counter = |id: &str| -> u64 {
+        id.rsplit('.').next().and_then(|n| n.parse().ok()).expect("SENDER:EPOCH.N")
+    };
+    assert_eq!(counter(&after), counter(&before) + 1, "{before} then {after}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
