@@ -503,9 +503,27 @@ impl Node {
         // Live push: come back soon after the relay does.
         let mut backoff = Backoff::capped(INBOX_MAX_BACKOFF_MS);
         let timeout_ms = self.config.relay.wait_seconds.saturating_mul(1000);
+        let wait = {
+            let link = link.clone();
+            move |after: Option<u64>| {
+                let link = link.clone();
+                async move {
+                    link.call(&Request::Wait { after, max: MAX_FETCH_ITEMS, timeout_ms }).await
+                }
+            }
+        };
+        // The next wait, already at the relay while a batch is processed and committed: the
+        // next message is pushed without waiting for this node's disk.
+        let mut next: Option<tokio::task::JoinHandle<Result<Response, LinkError>>> = None;
         loop {
-            let request = Request::Wait { after: cursor, max: MAX_FETCH_ITEMS, timeout_ms };
-            let items = match link.call(&request).await {
+            let answer = match next.take() {
+                Some(prefetched) => match prefetched.await {
+                    Ok(answer) => answer,
+                    Err(e) => Err(LinkError::Unreachable(e.to_string())),
+                },
+                None => wait(cursor).await,
+            };
+            let items = match answer {
                 Ok(Response::Items { items, .. }) => items,
                 Ok(other) => {
                     tracing::warn!(response = ?other, "inbox wait refused");
@@ -532,6 +550,8 @@ impl Node {
                 ?cursor,
                 "inbox items"
             );
+            let last = items.iter().map(|i| i.id).max();
+            next = Some(tokio::spawn(wait(last.or(cursor))));
             match self.receive(&link, items, &mut held).await {
                 Ok((last, removals, ack)) => {
                     cursor = last.or(cursor);
@@ -558,6 +578,10 @@ impl Node {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "inbox processing failed");
+                    // The batch is fetched again: the prefetched wait starts after it.
+                    if let Some(prefetched) = next.take() {
+                        prefetched.abort();
+                    }
                     backoff.wait().await;
                 }
             }

@@ -293,7 +293,12 @@ impl Engine {
         let mut skipped = 0;
         for id in released {
             b.released(id, false);
-            let Some(channel) = self.channels.get_mut(&id).and_then(|h| h.channel.as_mut()) else {
+            let Some(channel) = self
+                .channels
+                .get_mut(&id)
+                .and_then(|h| h.channel.as_mut())
+                .filter(|c| c.is_active())
+            else {
                 // Left or removed since: it sends nothing again.
                 continue;
             };
@@ -672,9 +677,11 @@ impl Engine {
         if let Err(e) = self.commit(b) {
             if early {
                 // The ciphertext may be out while the state that made it is not on disk: the
-                // channel skips a generation before its next send, which commits first.
+                // channel skips a generation before its next send, which commits first. The
+                // outbox id is spent too (the worker may record the released item's delivery).
                 self.released.remove(id);
                 self.must_skip.insert(*id);
+                self.next_outbox += 1;
             }
             return Err(e);
         }

@@ -289,7 +289,7 @@ async fn main() {
         ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, Duration::ZERO).await;
     // The same with `send.commit_first`: each message leaves only after its commit (as every
     // message did before sends left during their commit).
-    alice.kill9();
+    alice.stop().expect("alice stops");
     alice.restart_with(&[("CHITCHAT_SEND_COMMIT_FIRST", "true")]).expect("alice, commit first");
     let mut sent_rx = watch(&alice, &channel, "sent");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -298,7 +298,7 @@ async fn main() {
     let commit_first =
         ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, Duration::ZERO).await;
     let commit_first_paced = ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, PACE).await;
-    alice.kill9();
+    alice.stop().expect("alice stops");
     alice.restart().expect("alice back");
     let relay_lat = relay_push_latency(&relay, pings, Duration::ZERO, 61).await;
     let relay_paced = relay_push_latency(&relay, pings, PACE, 63).await;

@@ -7,8 +7,11 @@ use serde::{Deserialize, Serialize};
 use super::MessageId;
 use crate::identity::DeviceId;
 
-/// Ids above a sender's contiguous mark that are remembered individually.
-pub(crate) const MAX_GAPS_PER_SENDER: usize = 4096;
+/// Ids above a sender's contiguous mark that are remembered individually. As many as the
+/// generations a member reads late ([`super::OUT_OF_ORDER_TOLERANCE`]): a message later than
+/// that could not be decrypted anyway, and a gap (a lost message, or a generation skipped
+/// after a crash) costs every commit of the channel state at most this many ids.
+pub(crate) const MAX_GAPS_PER_SENDER: usize = super::OUT_OF_ORDER_TOLERANCE as usize;
 /// Senders remembered.
 pub(crate) const MAX_SENDERS: usize = 65_536;
 
