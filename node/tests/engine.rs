@@ -79,6 +79,23 @@ fn text(body: &str) -> Vec<u8> {
     chat::ChatContent::Text { body: body.into() }.to_bytes()
 }
 
+/// Alice and Bob in a channel Alice created.
+fn pair(tmp: &tempfile::TempDir, relay: &Relay) -> (Engine, Engine, ChannelId) {
+    let mut alice = device(tmp, "alice", relay);
+    let mut bob = device(tmp, "bob", relay);
+    let (packages, _) = bob.key_packages(1, false).expect("kp");
+    let bob_dir = bob.account().expect("bob").dir.clone();
+    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    let staged = alice
+        .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
+        .expect("stage");
+    alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
+    bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
+    let welcome = staged.welcome.expect("w").envelopes[0].clone();
+    bob.receive(&[sealed(welcome, 0)], NOW).expect("join");
+    (alice, bob, channel)
+}
+
 fn reopen(dir: &tempfile::TempDir, name: &str, e: Engine) -> Engine {
     drop(e);
     Engine::open(Store::open(&dir.path().join(format!("{name}.redb"))).expect("store"))
@@ -159,18 +176,7 @@ fn invite_send_receive_and_survive_restarts() {
 fn receive_cost() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
-    let mut alice = device(&tmp, "alice", &relay);
-    let mut bob = device(&tmp, "bob", &relay);
-    let (packages, _) = bob.key_packages(1, false).expect("kp");
-    let bob_dir = bob.account().expect("bob").dir.clone();
-    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
-    let staged = alice
-        .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
-        .expect("stage");
-    alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
-    bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
-    let welcome = staged.welcome.expect("w").envelopes[0].clone();
-    bob.receive(&[sealed(welcome, 0)], NOW).expect("join");
+    let (mut alice, mut bob, channel) = pair(&tmp, &relay);
     let n = 2000;
     let t = std::time::Instant::now();
     for i in 0..n {
@@ -202,18 +208,7 @@ fn receive_cost() {
 fn a_crash_between_release_and_commit_never_reuses_a_generation() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
-    let mut alice = device(&tmp, "alice", &relay);
-    let mut bob = device(&tmp, "bob", &relay);
-    let (packages, _) = bob.key_packages(1, false).expect("kp");
-    let bob_dir = bob.account().expect("bob").dir.clone();
-    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
-    let staged = alice
-        .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
-        .expect("stage");
-    alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
-    bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
-    let welcome = staged.welcome.expect("w").envelopes[0].clone();
-    bob.receive(&[sealed(welcome, 0)], NOW).expect("join");
+    let (mut alice, mut bob, channel) = pair(&tmp, &relay);
 
     let (_, first) = send(&mut alice, &channel, &text("one"));
     let (_, first, early) = first.expect("released");
@@ -266,16 +261,8 @@ fn a_crash_between_release_and_commit_never_reuses_a_generation() {
 fn commit_first_never_releases_before_the_commit() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
-    let mut alice = device(&tmp, "alice", &relay);
-    let mut bob = device(&tmp, "bob", &relay);
+    let (mut alice, _bob, channel) = pair(&tmp, &relay);
     alice.set_commit_first(true);
-    let (packages, _) = bob.key_packages(1, false).expect("kp");
-    let bob_dir = bob.account().expect("bob").dir.clone();
-    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
-    let staged = alice
-        .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
-        .expect("stage");
-    alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
     for i in 0..3 {
         let (_, m) = send(&mut alice, &channel, &text(&format!("m{i}")));
         let (_, _, early) = m.expect("released");

@@ -1,7 +1,9 @@
 //! The node end to end, on loopback, in release builds of the real binaries: message latency
 //! node → relay → node, catch-up after being offline, and idle memory. Baselines are measured
 //! in the same run: the relay alone (enqueue → live push, and fetch + ack), so that the node's
-//! own share is visible on this shared, noisy machine.
+//! own share is visible on this shared, noisy machine. The node is also measured with
+//! `send.commit_first` (each message leaves only after its commit), the order every message
+//! had before sends left during their commit.
 //!
 //! Run: `cargo bench -p chitchat-tests --bench node` (add `-- --quick` for a short run).
 //!
