@@ -1093,6 +1093,13 @@ impl Engine {
                 h.record.state = c.state().clone();
                 h.record.left = !c.is_active();
             }
+            if h.record.left
+                && let Some(c) = h.channel.take()
+                && let Err(e) = c.delete(&self.provider)
+            {
+                // Removed: the channel is never loaded again, whatever stays.
+                tracing::warn!(channel = %id, error = %e, "cannot delete a removed channel's keys");
+            }
             b.channel(*id, h.record.clone());
         }
     }
@@ -1199,6 +1206,12 @@ impl Engine {
     pub fn leave(&mut self, id: &ChannelId) -> Result<(), EngineError> {
         let mut record = self.held(id)?.record.clone();
         record.left = true;
+        // Its keys of every epoch go with the commit below (a failed commit reloads them).
+        if let Some(channel) = self.channels.get_mut(id).and_then(|h| h.channel.take())
+            && let Err(e) = channel.delete(&self.provider)
+        {
+            return self.fail(e);
+        }
         let mut b = Batch::default();
         b.channel(*id, record.clone());
         b.intent(*id, None);

@@ -3,11 +3,12 @@
 
 use chitchat_node::engine::{Delivery, Engine, Event};
 use chitchat_node::store::{Account, IntentOp, OutboxItem, RelayInfo, Store};
+use chitchat_proto::channel::ChannelMessage;
 use chitchat_proto::channel::MessageId;
 use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::identity::SponsorshipBody;
 use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
-use chitchat_proto::wire::{ChannelPost, Envelope, InboxItem, commit_hash};
+use chitchat_proto::wire::{ChannelPost, Envelope, InboxItem, InboxPayload, commit_hash};
 use chitchat_proto::{RelayId, SecretKey, Sponsorship, Timestamp, chat, inbox};
 
 const NOW: Timestamp = Timestamp(1_800_000_000_000);
@@ -83,17 +84,30 @@ fn text(body: &str) -> Vec<u8> {
 fn pair(tmp: &tempfile::TempDir, relay: &Relay) -> (Engine, Engine, ChannelId) {
     let mut alice = device(tmp, "alice", relay);
     let mut bob = device(tmp, "bob", relay);
+    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
+    add(&mut alice, &mut bob, relay, channel, 0);
+    (alice, bob, channel)
+}
+
+/// Alice adds Bob to the channel, and Bob joins from the Welcome (inbox item `item`).
+fn add(alice: &mut Engine, bob: &mut Engine, relay: &Relay, channel: ChannelId, item: u64) {
     let (packages, _) = bob.key_packages(1, false).expect("kp");
     let bob_dir = bob.account().expect("bob").dir.clone();
-    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
     let staged = alice
         .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
         .expect("stage");
     alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
-    bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
-    let welcome = staged.welcome.expect("w").envelopes[0].clone();
-    bob.receive(&[sealed(welcome, 0)], NOW).expect("join");
-    (alice, bob, channel)
+    let welcome = staged.welcome.expect("welcome").envelopes[0].clone();
+    assert_eq!(bob.receive(&[sealed(welcome, item)], NOW).expect("join").done, [item]);
+}
+
+/// `payload` sealed to `to`'s inbox, as the relay seals the commits it fans out.
+fn sealed_to(to: &Engine, payload: &InboxPayload, id: u64) -> InboxItem {
+    let key = to.account().expect("account").dir.body.inbox_key;
+    let envelope =
+        inbox::seal(&mut rand::rng(), to.device(), &key, &payload.to_bytes()).expect("seal");
+    sealed(envelope, id)
 }
 
 fn reopen(dir: &tempfile::TempDir, name: &str, e: Engine) -> Engine {
@@ -289,4 +303,42 @@ fn a_clean_stop_skips_nothing() {
     assert_eq!(seq(&mut alice), first + 2, "no skip after a clean stop");
     let mut alice = reopen(&tmp, "alice", alice);
     assert_eq!(seq(&mut alice), first + 4, "one id skipped after an unclean stop");
+}
+
+/// A channel's MLS state leaves the disk with the device: on `leave`, and when the device is
+/// removed. Then a new invitation joins afresh (a Welcome for a group still on disk would be
+/// refused as already joined).
+#[test]
+fn leaving_or_removal_deletes_the_keys_and_a_new_welcome_joins() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let (mut alice, mut bob, channel) = pair(&tmp, &relay);
+    let bob_id = bob.device();
+    let mls_entries = |e: &Engine| e.store().mls_entries().expect("mls").len();
+
+    // 1. Bob leaves: his keys go at once. Alice removes him, then invites him again.
+    let before = mls_entries(&bob);
+    bob.leave(&channel).expect("leave");
+    assert!(mls_entries(&bob) < before, "the group's state is deleted");
+    let staged = alice.stage(&channel, IntentOp::Remove(vec![bob_id]), 0, NOW).expect("stage");
+    alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
+    add(&mut alice, &mut bob, &relay, channel, 10);
+    assert_eq!(bob.epoch(&channel), alice.epoch(&channel), "bob joined afresh");
+
+    // 2. Bob is removed: he learns it from the commit, and his keys go with it.
+    let before = mls_entries(&bob);
+    let staged = alice.stage(&channel, IntentOp::Remove(vec![bob_id]), 0, NOW).expect("stage");
+    let cert = relay.cert(channel, staged.epoch, &staged.commit);
+    alice.accept(&channel, &cert).expect("merge");
+    let commit = ChannelMessage::Commit { commit: staged.commit.clone(), cert };
+    let item = sealed_to(&bob, &InboxPayload::Channel { channel, message: commit }, 20);
+    assert_eq!(bob.receive(&[item], NOW).expect("receive").done, [20]);
+    assert_eq!(bob.epoch(&channel), None, "bob is out");
+    assert!(mls_entries(&bob) < before, "the group's state is deleted");
+    add(&mut alice, &mut bob, &relay, channel, 30);
+    let (_, m) = send(&mut alice, &channel, &text("welcome back"));
+    let (_, m, _) = m.expect("released");
+    assert_eq!(bob.receive(&[relay.post(&m)], NOW).expect("receive").done.len(), 1);
+    let last = bob.store().messages(&channel, 1).expect("messages");
+    assert_eq!(last[0].payload, text("welcome back"));
 }

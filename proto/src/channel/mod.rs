@@ -750,6 +750,13 @@ impl Channel {
         Ok((id, ChannelMessage::Application { message }))
     }
 
+    /// Deletes the channel's MLS state (the group, its keys of every epoch, its pending
+    /// commit) from the provider's storage: after leaving or being removed, nothing this
+    /// device keeps can decrypt the channel's messages, and a later Welcome joins afresh.
+    pub fn delete<P: OpenMlsProvider>(mut self, provider: &P) -> Result<(), ChannelError> {
+        self.group.delete(provider.storage()).map_err(mls_err)
+    }
+
     /// Moves this device's sending ratchet and sequence number on by one, without sending
     /// anything: the generation and id that [`Channel::send`] would use next are never used.
     ///
