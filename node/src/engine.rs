@@ -852,6 +852,10 @@ impl Engine {
                 channel: post.channel,
                 message: ChannelMessage::Application { message: post.message.clone() },
             }),
+            Envelope::Commit(c) => Ok(InboxPayload::Channel {
+                channel: c.channel,
+                message: ChannelMessage::Commit { commit: c.commit.clone(), cert: c.cert.clone() },
+            }),
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         let sealed = items.iter().filter(|i| matches!(i.envelope, Envelope::Sealed(_))).count();

@@ -15,7 +15,7 @@ use crate::keys::Signature;
 use crate::ordering::{ChannelId, CommitHash, CommitRef, EpochCert};
 
 /// The protocol version this implementation speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The largest frame accepted, in bytes.
 pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 /// The largest sealed inbox payload, in bytes.
@@ -212,6 +212,43 @@ impl Validate for ChannelPost {
     }
 }
 
+/// A certified commit, as the relay that ordered it fans it out to the channel's members: not
+/// sealed to each member's inbox key (the relay validated the commit and knows the membership,
+/// so sealing hid nothing from it, and cost one X25519 agreement per member at each end).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct OrderedCommit {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The commit (MLS PublicMessage), at most [`MAX_MLS_MESSAGE_LEN`] bytes.
+    #[serde(with = "serde_bytes")]
+    pub commit: Vec<u8>,
+    /// The orderers' certificate of it.
+    pub cert: EpochCert,
+}
+
+impl std::fmt::Debug for OrderedCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrderedCommit")
+            .field("channel", &self.channel)
+            .field("epoch", &self.cert.body.epoch)
+            .field("len", &self.commit.len())
+            .finish()
+    }
+}
+
+impl Validate for OrderedCommit {
+    fn validate(&self) -> Result<(), &'static str> {
+        if self.commit.len() > MAX_MLS_MESSAGE_LEN {
+            return Err("commit too long");
+        }
+        if self.cert.signatures.len() > crate::ordering::MAX_CERT_SIGNATURES {
+            return Err("too many certificate signatures");
+        }
+        Ok(())
+    }
+}
+
 /// The answer to one post of a [`Request::Post`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
@@ -236,6 +273,8 @@ pub enum Envelope {
     Sealed(SealedEnvelope),
     /// A channel's application message, fanned out by the relay from a [`Request::Post`].
     Post(ChannelPost),
+    /// A commit the relay ordered, fanned out to the channel's members.
+    Commit(OrderedCommit),
 }
 
 impl Envelope {
@@ -244,6 +283,7 @@ impl Envelope {
         match self {
             Self::Sealed(e) => e.ciphertext.len() + 32,
             Self::Post(p) => p.message.len(),
+            Self::Commit(c) => c.commit.len() + c.cert.signatures.len() * 100,
         }
     }
 
@@ -251,13 +291,13 @@ impl Envelope {
     pub fn as_sealed(&self) -> Option<&SealedEnvelope> {
         match self {
             Self::Sealed(e) => Some(e),
-            Self::Post(_) => None,
+            Self::Post(_) | Self::Commit(_) => None,
         }
     }
 }
 
 impl Canonical for Envelope {
-    const MAX_LEN: usize = MAX_INBOX_PAYLOAD_LEN + 128;
+    const MAX_LEN: usize = MAX_MLS_MESSAGE_LEN + EpochCert::MAX_LEN + 128;
 }
 
 impl Validate for Envelope {
@@ -265,6 +305,7 @@ impl Validate for Envelope {
         match self {
             Self::Sealed(e) => e.validate(),
             Self::Post(p) => p.validate(),
+            Self::Commit(c) => c.validate(),
         }
     }
 }

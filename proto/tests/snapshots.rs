@@ -289,6 +289,18 @@ fn relay_protocol_frames() {
         "responses_post",
         frames(posted.iter().map(|r| hex(&wire::encode_frame(r).expect("frame"))).collect())
     );
+    let commit =
+        wire::OrderedCommit { channel: ChannelId([5; 32]), commit: vec![9; 3], cert: cert() };
+    let fanned = Response::Items {
+        items: vec![InboxItem { id: 11, envelope: wire::Envelope::Commit(commit) }],
+        more: false,
+    };
+    insta::assert_snapshot!("response_commit", hex(&wire::encode_frame(&fanned).expect("frame")));
+    assert_eq!(
+        wire::decode_frame::<Response>(&wire::encode_frame(&fanned).expect("frame"))
+            .expect("decode"),
+        fanned
+    );
     // Every frozen frame still decodes to the value it came from.
     for r in &requests {
         assert_eq!(

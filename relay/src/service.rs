@@ -8,13 +8,10 @@ use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chitchat_proto::channel::{
-    ChannelMessage, CredentialCheck, PublicChannel, PublicState, inspect_commit,
-    validate_key_package,
+    CredentialCheck, PublicChannel, PublicState, inspect_commit, validate_key_package,
 };
 use chitchat_proto::codec::Bytes;
-use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
-use chitchat_proto::inbox;
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::ordering::{
     CertSignature, ChannelId, CommitRef, EpochCert, EpochCertBody, Outcome,
@@ -23,7 +20,7 @@ use chitchat_proto::wire::{
     AuthProof, ErrorCode, MAX_FETCH_BYTES, MAX_FETCH_ITEMS, Request, Response,
 };
 use chitchat_proto::wire::{ChannelPost, EnqueueResult, MAX_WAIT_MS, PostResult};
-use chitchat_proto::wire::{CommitSubmission, InboxPayload, commit_hash};
+use chitchat_proto::wire::{CommitSubmission, Envelope, OrderedCommit, commit_hash};
 use chitchat_proto::{DeviceId, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::Notify;
@@ -343,7 +340,9 @@ impl Relay {
         let recipients: Arc<[DeviceId]> = members.iter().copied().filter(|d| *d != me).collect();
         let quota = self.inbox_quota();
         let len = post.message.len() as u64;
-        match self.store.write(Write::Post { sender: me, post, recipients, now, quota }).await {
+        let envelope = Envelope::Post(post);
+        match self.store.write(Write::Fanout { sender: me, envelope, recipients, now, quota }).await
+        {
             Ok(Written::Posted { delivered, skipped }) => {
                 self.metrics.posts.inc();
                 self.metrics.enqueues.inc_by(delivered.len() as u64);
@@ -575,10 +574,12 @@ impl Relay {
         }
     }
 
-    /// Delivers an accepted commit to `recipients` and its Welcomes to theirs. The commit is
-    /// sealed by the relay to each registered device's inbox key; it bypasses the inbox quota, because a member that misses
-    /// an ordered commit cannot follow its channel. Welcomes were sealed by the submitter.
-    /// Devices not registered here are skipped (federation forwards them, later).
+    /// Delivers an accepted commit to `recipients` and its Welcomes to theirs, in one durable
+    /// write shared with concurrent ones. The commit goes unsealed, one record for every
+    /// recipient (an [`OrderedCommit`]; this relay validated it and knows the membership), and
+    /// bypasses the inbox quota, because a member that misses an ordered commit cannot follow
+    /// its channel. Welcomes were sealed by the submitter. Devices not registered here are
+    /// skipped (federation forwards them, later).
     async fn fan_out(
         &self,
         me: DeviceId,
@@ -587,52 +588,56 @@ impl Relay {
         cert: &EpochCert,
         now: Timestamp,
     ) {
-        let payload = InboxPayload::Channel {
-            channel: sub.channel,
-            message: ChannelMessage::Commit { commit: sub.commit.clone(), cert: cert.clone() },
-        }
-        .to_bytes();
-        let mut writes = Vec::new();
         let mut targets: Vec<DeviceId> = recipients.to_vec();
         targets.sort();
         targets.dedup();
-        for device in targets {
-            let Ok(Some(record)) = self.store.device(&device) else { continue };
-            match inbox::seal(&mut rand::rng(), device, &record.dir.body.inbox_key, &payload) {
-                Ok(envelope) => writes.push(Write::Enqueue {
-                    sender: me,
-                    envelope,
-                    now,
-                    quota: InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX },
-                }),
-                Err(e) => {
-                    tracing::warn!(%device, error = %e, "cannot seal to the device's inbox key")
-                }
-            }
-        }
+        let commit = Envelope::Commit(OrderedCommit {
+            channel: sub.channel,
+            commit: sub.commit.clone(),
+            cert: cert.clone(),
+        });
+        let quota = InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
+        let commit =
+            Write::Fanout { sender: me, envelope: commit, recipients: targets.into(), now, quota };
         let quota = self.inbox_quota();
-        for envelope in sub.welcome.iter().flat_map(|w| w.envelopes.iter()) {
-            writes.push(Write::Enqueue { sender: me, envelope: envelope.clone(), now, quota });
-        }
-        // Concurrent writes share the writer's transactions.
-        let recipients: Vec<DeviceId> = writes
+        let welcomes: Vec<(DeviceId, Write)> = sub
+            .welcome
             .iter()
-            .filter_map(|w| match w {
-                Write::Enqueue { envelope, .. } => Some(envelope.recipient),
-                _ => None,
+            .flat_map(|w| w.envelopes.iter())
+            .map(|e| {
+                let write = Write::Enqueue { sender: me, envelope: e.clone(), now, quota };
+                (e.recipient, write)
             })
             .collect();
-        let results =
-            futures::future::join_all(writes.into_iter().map(|w| self.store.write(w))).await;
-        for (r, recipient) in results.into_iter().zip(recipients) {
-            if r.is_ok() {
-                self.wake(recipient);
+        let (commit, welcomes) = futures::future::join(
+            self.store.write(commit),
+            futures::future::join_all(
+                welcomes
+                    .into_iter()
+                    .map(|(recipient, w)| async move { (recipient, self.store.write(w).await) }),
+            ),
+        )
+        .await;
+        match commit {
+            Ok(Written::Posted { delivered, skipped }) => {
+                self.metrics.enqueues.inc_by(delivered.len() as u64);
+                if skipped > 0 {
+                    tracing::debug!(skipped, "commit recipients not registered here");
+                }
+                for device in delivered {
+                    self.wake(device);
+                }
             }
-            match r {
+            Ok(other) => tracing::error!(?other, "unexpected answer to a commit fan-out"),
+            Err(e) => tracing::warn!(error = %e, "fan-out of an accepted commit failed"),
+        }
+        for (recipient, result) in welcomes {
+            match result {
                 Ok(_) => {
                     self.metrics.enqueues.inc();
+                    self.wake(recipient);
                 }
-                Err(e) => tracing::warn!(error = %e, "fan-out of an accepted commit failed"),
+                Err(e) => tracing::warn!(error = %e, "delivery of a Welcome failed"),
             }
         }
     }

@@ -98,11 +98,26 @@ impl Member {
             .map(|i| match &i.envelope {
                 Envelope::Sealed(sealed) => {
                     let bytes = self.device.inbox.open(self.device.id(), sealed).expect("opens");
-                    InboxPayload::from_bytes(&bytes).expect("a payload")
+                    let payload = InboxPayload::from_bytes(&bytes).expect("a payload");
+                    assert!(
+                        !matches!(
+                            payload,
+                            InboxPayload::Channel { message: ChannelMessage::Commit { .. }, .. }
+                        ),
+                        "the relay fans commits out unsealed"
+                    );
+                    payload
                 }
                 Envelope::Post(post) => InboxPayload::Channel {
                     channel: post.channel,
                     message: ChannelMessage::Application { message: post.message.clone() },
+                },
+                Envelope::Commit(c) => InboxPayload::Channel {
+                    channel: c.channel,
+                    message: ChannelMessage::Commit {
+                        commit: c.commit.clone(),
+                        cert: c.cert.clone(),
+                    },
                 },
             })
             .collect()

@@ -28,7 +28,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::{mpsc, oneshot};
 
 /// The layout version of the database; bumped with every incompatible change.
-pub const STORAGE_VERSION: u32 = 2;
+/// Version 3: inbox items may hold an `Envelope::Commit` (an unsealed ordered commit), which a
+/// version-2 relay could not read; its records are all readable here.
+pub const STORAGE_VERSION: u32 = 3;
 /// Writes waiting for the writer, at most.
 pub const WRITE_QUEUE: usize = 8192;
 
@@ -250,8 +252,10 @@ fn init(db: &Database) -> Result<(), StoreError> {
         };
         match found {
             Some(STORAGE_VERSION) => {}
-            Some(1) => {
-                migrate_inbox_v1(&w)?;
+            Some(old @ (1 | 2)) => {
+                if old == 1 {
+                    migrate_inbox_v1(&w)?;
+                }
                 meta.insert("storage_version", STORAGE_VERSION.to_le_bytes().as_slice())
                     .map_err(redb_err)?;
             }

@@ -282,9 +282,9 @@ async fn a_post_goes_to_every_recipient_with_room() {
     s.write(register(None, true, "carol", dir(3, 1, &[]))).await.expect("registered");
     let post =
         ChannelPost { channel: chitchat_proto::ordering::ChannelId([4; 32]), message: vec![1; 50] };
-    let write = |recipients: &[u8]| Write::Post {
+    let write = |recipients: &[u8]| Write::Fanout {
         sender: dev(1),
-        post: post.clone(),
+        envelope: Envelope::Post(post.clone()),
         recipients: recipients.iter().map(|n| dev(*n)).collect(),
         now: NOW,
         quota: QUOTA,
@@ -339,7 +339,7 @@ fn a_version_1_inbox_is_migrated() {
         w.commit().expect("commit");
     }
     for _ in 0..2 {
-        // Migrated on the first open; the second finds version 2. (The writer thread of the
+        // Migrated on the first open; the second finds the current version. (The writer thread of the
         // first store lets go of the file a moment after the store is dropped.)
         let s = (0..200)
             .find_map(|_| match Store::open(&path, 8) {

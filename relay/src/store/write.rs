@@ -3,7 +3,7 @@
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::identity::linked;
 use chitchat_proto::inbox::SealedEnvelope;
-use chitchat_proto::wire::{ChannelPost, Envelope, ErrorCode};
+use chitchat_proto::wire::{Envelope, ErrorCode};
 use chitchat_proto::{DeviceId, Dir, Timestamp};
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
@@ -79,13 +79,14 @@ pub enum Write {
         /// The recipient's bounds.
         quota: InboxQuota,
     },
-    /// Put a channel post into the inboxes of `recipients` (the channel's other member
-    /// devices). A recipient that is not registered here or whose inbox is full is skipped.
-    Post {
+    /// Put one unsealed envelope (a channel post, an ordered commit) into the inboxes of
+    /// `recipients` (the channel's member devices). A recipient that is not registered here
+    /// or whose inbox is full is skipped.
+    Fanout {
         /// The authenticated sender, a member of the channel.
         sender: DeviceId,
-        /// The post.
-        post: ChannelPost,
+        /// What every recipient gets.
+        envelope: Envelope,
         /// Who gets it.
         recipients: std::sync::Arc<[DeviceId]>,
         /// The time of the request.
@@ -270,9 +271,9 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             let item = encode_record(&StoredItem { stored_at: *now, sender: *sender, envelope });
             enqueue(t, recipient, &item, *quota)
         }
-        Write::Post { sender, post, recipients, now, quota } => {
+        Write::Fanout { sender, envelope, recipients, now, quota } => {
             // One record, stored in every recipient's inbox.
-            let envelope = Envelope::Post(post.clone());
+            let envelope = envelope.clone();
             let item = encode_record(&StoredItem { stored_at: *now, sender: *sender, envelope });
             let mut delivered = Vec::with_capacity(recipients.len());
             let mut skipped = 0u32;
