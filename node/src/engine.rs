@@ -285,35 +285,43 @@ impl Engine {
     /// process stopped, maybe in that window) moves its sending ratchet on by one generation,
     /// in one commit, before anything else: no generation or message id is used twice.
     fn skip_released(&mut self, now: Timestamp) -> Result<(), EngineError> {
-        let released = self.store.released()?;
-        if released.is_empty() {
+        let marked = self.store.released()?;
+        // A channel whose skip fails keeps its mark and skips before its next send (which
+        // fails as long as the skip does): one broken channel does not stop the node.
+        let mut failed = BTreeSet::new();
+        'attempt: loop {
+            let mut b = Batch::default();
+            let mut skipped = 0;
+            for id in marked.iter().filter(|id| !failed.contains(*id)) {
+                b.released(*id, false);
+                let Some(channel) = self
+                    .channels
+                    .get_mut(id)
+                    .and_then(|h| h.channel.as_mut())
+                    .filter(|c| c.is_active())
+                else {
+                    // Left or removed since: it sends nothing again.
+                    continue;
+                };
+                if let Err(e) = channel.skip(&self.provider, &self.me, now) {
+                    tracing::error!(channel = %id, error = %e, "cannot skip a sending generation; the channel sends nothing until it can");
+                    self.rollback();
+                    failed.insert(*id);
+                    continue 'attempt;
+                }
+                self.save_channel(id, &mut b);
+                skipped += 1;
+            }
+            self.commit(b)?;
+            if skipped > 0 {
+                tracing::info!(
+                    channels = skipped,
+                    "skipped one sending generation where a send may have been cut short"
+                );
+            }
+            self.must_skip.extend(failed);
             return Ok(());
         }
-        let mut b = Batch::default();
-        let mut skipped = 0;
-        for id in released {
-            b.released(id, false);
-            let Some(channel) = self
-                .channels
-                .get_mut(&id)
-                .and_then(|h| h.channel.as_mut())
-                .filter(|c| c.is_active())
-            else {
-                // Left or removed since: it sends nothing again.
-                continue;
-            };
-            if let Err(e) = channel.skip(&self.provider, &self.me, now) {
-                return self.fail(e);
-            }
-            self.save_channel(&id, &mut b);
-            skipped += 1;
-        }
-        self.commit(b)?;
-        tracing::info!(
-            channels = skipped,
-            "skipped one sending generation where a send may have been cut short"
-        );
-        Ok(())
     }
 
     fn load_channels(&mut self) -> Result<(), EngineError> {
