@@ -274,11 +274,21 @@ struct Machine {
     membership: StoredMembership<u64, BasicNode>,
     state: OrderingState,
     channels: BTreeMap<ChannelId, PublicChannel>,
-    /// Each channel's member devices, sorted: derived from `channels` after every change, so
-    /// that a post (the hot path) reads them without walking the ratchet tree.
-    members: BTreeMap<ChannelId, Arc<[chitchat_proto::DeviceId]>>,
+    /// Each channel's member devices, sorted, in its last [`MEMBER_EPOCHS`] epochs (oldest
+    /// first): derived from `channels` after every change, so that a post (the hot path)
+    /// reads them without walking the ratchet tree.
+    members: BTreeMap<ChannelId, MemberEpochs>,
     crypto: openmls_rust_crypto::RustCrypto,
 }
+
+/// Epochs whose member sets are kept per channel: as many as a member reads messages from
+/// (the current one and [`chitchat_proto::channel::MAX_PAST_EPOCHS`] before it). A post is
+/// fanned out to the members of the epoch it was encrypted in. Only epochs applied since the
+/// last snapshot or restart are known; an older post goes to the current members.
+pub const MEMBER_EPOCHS: usize = chitchat_proto::channel::MAX_PAST_EPOCHS + 1;
+
+/// A channel's member sets by epoch, oldest first; the last is the current epoch's.
+type MemberEpochs = std::collections::VecDeque<(u64, Arc<[chitchat_proto::DeviceId]>)>;
 
 impl Machine {
     fn from_snapshot(data: SnapshotData) -> Result<Self, ChannelError> {
@@ -306,7 +316,15 @@ impl Machine {
             let mut members = public.members();
             members.sort();
             members.dedup();
-            self.members.insert(channel, members.into());
+            let epoch = public.epoch();
+            let epochs = self.members.entry(channel).or_default();
+            if epochs.back().is_some_and(|(e, _)| *e == epoch) {
+                epochs.pop_back();
+            }
+            epochs.push_back((epoch, members.into()));
+            while epochs.len() > MEMBER_EPOCHS {
+                epochs.pop_front();
+            }
         }
     }
 
@@ -620,7 +638,23 @@ impl Ordering {
     /// The member devices of the channel's current epoch, sorted; `None` if the channel is not
     /// ordered here.
     pub async fn member_set(&self, channel: &ChannelId) -> Option<Arc<[chitchat_proto::DeviceId]>> {
-        self.state_machine.inner.lock().await.members.get(channel).cloned()
+        let machine = self.state_machine.inner.lock().await;
+        machine.members.get(channel).and_then(|e| e.back()).map(|(_, m)| m.clone())
+    }
+
+    /// The member devices of the channel's current epoch and of `epoch` (the current ones if
+    /// `epoch` is not among the last [`MEMBER_EPOCHS`] known), sorted; `None` if the channel is
+    /// not ordered here.
+    pub async fn member_sets(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+    ) -> Option<(Arc<[chitchat_proto::DeviceId]>, Arc<[chitchat_proto::DeviceId]>)> {
+        let machine = self.state_machine.inner.lock().await;
+        let epochs = machine.members.get(channel)?;
+        let (_, current) = epochs.back()?;
+        let then = epochs.iter().find(|(e, _)| *e == epoch).map_or(current, |(_, m)| m);
+        Some((current.clone(), then.clone()))
     }
 
     /// The epoch the channel's next commit must be built on, if it is ordered here.

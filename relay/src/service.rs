@@ -8,7 +8,8 @@ use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chitchat_proto::channel::{
-    CredentialCheck, PublicChannel, PublicState, inspect_commit, validate_key_package,
+    CredentialCheck, PublicChannel, PublicState, inspect_application, inspect_commit,
+    validate_key_package,
 };
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
@@ -331,13 +332,23 @@ impl Relay {
         if let Err(retry_after_ms) = check_rate(&self.senders, me) {
             return PostResult::Refused(ErrorCode::RateLimited { retry_after_ms });
         }
-        let Some(members) = self.ordering.member_set(&post.channel).await else {
+        let Ok(framing) = inspect_application(&post.message) else {
+            return PostResult::Refused(ErrorCode::BadRequest);
+        };
+        let Some((members, then)) = self.ordering.member_sets(&post.channel, framing.epoch).await
+        else {
             return PostResult::Refused(ErrorCode::NotFound);
         };
+        if framing.channel != post.channel {
+            return PostResult::Refused(ErrorCode::BadRequest);
+        }
+        // Only a current member posts; the message goes to the members of the epoch it was
+        // encrypted in (a commit may have been ordered since): those removed since can still
+        // read it, those added since could not.
         if members.binary_search(&me).is_err() {
             return PostResult::Refused(ErrorCode::Forbidden);
         }
-        let recipients: Arc<[DeviceId]> = members.iter().copied().filter(|d| *d != me).collect();
+        let recipients: Arc<[DeviceId]> = then.iter().copied().filter(|d| *d != me).collect();
         let quota = self.inbox_quota();
         let len = post.message.len() as u64;
         let envelope = Envelope::Post(post);

@@ -307,6 +307,9 @@ async fn one_winner_per_epoch_through_the_relay() {
     let elsewhere = ChannelPost { channel: ChannelId([9; 32]), ..post };
     let r = alice.client.call(&Request::Post { posts: vec![elsewhere] }).await.expect("post");
     assert_eq!(r, Response::Posted(vec![PostResult::Refused(ErrorCode::NotFound)]));
+    let garbage = ChannelPost { channel: id, message: vec![1, 2, 3] };
+    let r = alice.client.call(&Request::Post { posts: vec![garbage] }).await.expect("post");
+    assert_eq!(r, Response::Posted(vec![PostResult::Refused(ErrorCode::BadRequest)]));
     assert!(bob.drain().await.is_empty(), "refused posts store nothing");
 
     // The operator sees it: four accepted (add, Alice's, her retry, Bob's rebuilt), one conflict.
@@ -405,10 +408,62 @@ async fn one_winner_per_epoch_through_the_relay() {
         welcome: None,
         fanout: vec![],
     };
-    assert!(matches!(
-        c.call(&Request::SubmitCommit(sub)).await.expect("call"),
-        Response::CommitAccepted { .. }
-    ));
+    let Response::CommitAccepted { cert } =
+        c.call(&Request::SubmitCommit(sub)).await.expect("call")
+    else {
+        panic!("accepted")
+    };
+    alice.accept(&cert);
+
+    // A post crossing a membership change goes to the members of the epoch it was encrypted
+    // in: sent in epoch 4 and posted once the commit removing Bob is ordered, it still reaches
+    // him (he can read it); one sent after the removal reaches no one.
+    let ca = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
+    ca.authenticate(&alice.device.key, "localhost").await.expect("auth");
+    let encrypt = |alice: &mut Member, text: &[u8]| {
+        let channel = alice.channel.as_mut().expect("member");
+        match channel.send(&alice.provider, &alice.mls, now(), text).expect("send") {
+            (_, ChannelMessage::Application { message }) => message,
+            other => panic!("{other:?}"),
+        }
+    };
+    let before = encrypt(&mut alice, b"before the removal");
+    let removal =
+        alice.stage(&Change { remove: vec![bob.device.id()], ..Default::default() }, &check);
+    let sub = CommitSubmission {
+        channel: id,
+        epoch: removal.epoch,
+        commit: removal.commit.clone(),
+        welcome: None,
+        fanout: vec![],
+    };
+    let Response::CommitAccepted { cert } =
+        ca.call(&Request::SubmitCommit(sub)).await.expect("call")
+    else {
+        panic!("the removal is ordered")
+    };
+    alice.accept(&cert);
+    let post = |message: &Vec<u8>| Request::Post {
+        posts: vec![ChannelPost { channel: id, message: message.clone() }],
+    };
+    let r = ca.call(&post(&before)).await.expect("post");
+    assert_eq!(r, Response::Posted(vec![PostResult::Posted { delivered: 1, skipped: 0 }]));
+    let after = encrypt(&mut alice, b"after the removal");
+    let r = ca.call(&post(&after)).await.expect("post");
+    assert_eq!(r, Response::Posted(vec![PostResult::Posted { delivered: 0, skipped: 0 }]));
+    let Response::Items { items, .. } =
+        c.call(&Request::Fetch { after: None, max: 100 }).await.expect("fetch")
+    else {
+        panic!("items")
+    };
+    let posts: Vec<&Vec<u8>> = items
+        .iter()
+        .filter_map(|i| match &i.envelope {
+            Envelope::Post(p) => Some(&p.message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(posts, [&before], "Bob gets what was sent while he was a member");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

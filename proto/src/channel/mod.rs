@@ -425,12 +425,12 @@ pub fn validate_key_package(
     })
 }
 
-/// What a relay can read of a submitted commit without being a member.
+/// What a relay can read of a commit or an application message without being a member.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CommitFraming {
     /// The channel (MLS group id).
     pub channel: ChannelId,
-    /// The epoch the commit is built on.
+    /// The epoch the commit is built on, or the message encrypted in.
     pub epoch: u64,
 }
 
@@ -448,6 +448,22 @@ pub fn inspect_commit(bytes: &[u8]) -> Result<CommitFraming, ChannelError> {
     }
     if !matches!(public.sender(), Sender::Member(_)) {
         return Err(ChannelError::ExternalSender);
+    }
+    Ok(CommitFraming {
+        channel: channel_id(protocol.group_id())?,
+        epoch: protocol.epoch().as_u64(),
+    })
+}
+
+/// Checks an application message's framing as a relay sees it: an MLS PrivateMessage of a
+/// 32-byte group id. Returns its channel and the epoch it was encrypted in (its content and
+/// sender stay encrypted).
+pub fn inspect_application(bytes: &[u8]) -> Result<CommitFraming, ChannelError> {
+    let protocol = decode_mls(bytes)?
+        .try_into_protocol_message()
+        .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+    if !matches!(protocol, ProtocolMessage::PrivateMessage(_)) {
+        return Err(ChannelError::WrongWireFormat);
     }
     Ok(CommitFraming {
         channel: channel_id(protocol.group_id())?,
