@@ -334,9 +334,7 @@ impl Node {
                 std::process::abort();
             }
         };
-        let id = self.with(move |e| e.send(&channel, &payload, store, now, release)).await?;
-        self.outbox.notify_one();
-        Ok(id)
+        Ok(self.with(move |e| e.send(&channel, &payload, store, now, release)).await?)
     }
 
     /// Posts messages stored by [`Node::send`] in this run at once, in order, skipping any that

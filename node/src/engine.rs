@@ -344,13 +344,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Unmarks every channel in `released-0`, for a clean stop: no send is between its
-    /// release and its commit (the engine is exclusive), so the next open need not skip. A
-    /// send after this commits first and marks its channel again.
+    /// Unmarks the channels whose sends of this run all committed, for a clean stop: no send
+    /// is between its release and its commit (the engine is exclusive), so the next open need
+    /// not skip them. A channel that still must skip keeps its mark. A send after this commits
+    /// first and marks its channel again.
     pub fn close(&mut self) -> Result<(), EngineError> {
         let mut b = Batch::default();
-        for id in self.store.released()? {
-            b.released(id, false);
+        for id in &self.released {
+            b.released(*id, false);
         }
         self.commit(b)?;
         self.released.clear();
@@ -670,7 +671,8 @@ impl Engine {
         if let Some(item) = &item {
             b.outbox(outbox_id, Some(item.clone()));
         }
-        let early = self.released.contains(id) && !must_skip && !self.commit_first;
+        // Never with `commit_first` or `must_skip`: neither kind of channel is in `released`.
+        let early = self.released.contains(id);
         if !early && !self.commit_first {
             b.released(*id, true);
         }

@@ -607,9 +607,14 @@ impl Relay {
             commit: sub.commit.clone(),
             cert: cert.clone(),
         });
-        let quota = InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
-        let commit =
-            Write::Fanout { sender: me, envelope: commit, recipients: targets.into(), now, quota };
+        let unbounded = InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
+        let commit = Write::Fanout {
+            sender: me,
+            envelope: commit,
+            recipients: targets.into(),
+            now,
+            quota: unbounded,
+        };
         let quota = self.inbox_quota();
         let welcomes: Vec<(DeviceId, Write)> = sub
             .welcome

@@ -427,7 +427,7 @@ pub fn validate_key_package(
 
 /// What a relay can read of a commit or an application message without being a member.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CommitFraming {
+pub struct Framing {
     /// The channel (MLS group id).
     pub channel: ChannelId,
     /// The epoch the commit is built on, or the message encrypted in.
@@ -436,10 +436,8 @@ pub struct CommitFraming {
 
 /// Checks a commit's framing as a relay sees it: an MLS PublicMessage carrying a commit from a
 /// member, of a 32-byte group id. Returns its channel and epoch.
-pub fn inspect_commit(bytes: &[u8]) -> Result<CommitFraming, ChannelError> {
-    let protocol = decode_mls(bytes)?
-        .try_into_protocol_message()
-        .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+pub fn inspect_commit(bytes: &[u8]) -> Result<Framing, ChannelError> {
+    let (protocol, framing) = read_framing(bytes)?;
     let ProtocolMessage::PublicMessage(public) = &protocol else {
         return Err(ChannelError::WrongWireFormat);
     };
@@ -449,26 +447,28 @@ pub fn inspect_commit(bytes: &[u8]) -> Result<CommitFraming, ChannelError> {
     if !matches!(public.sender(), Sender::Member(_)) {
         return Err(ChannelError::ExternalSender);
     }
-    Ok(CommitFraming {
-        channel: channel_id(protocol.group_id())?,
-        epoch: protocol.epoch().as_u64(),
-    })
+    Ok(framing)
 }
 
 /// Checks an application message's framing as a relay sees it: an MLS PrivateMessage of a
 /// 32-byte group id. Returns its channel and the epoch it was encrypted in (its content and
 /// sender stay encrypted).
-pub fn inspect_application(bytes: &[u8]) -> Result<CommitFraming, ChannelError> {
-    let protocol = decode_mls(bytes)?
-        .try_into_protocol_message()
-        .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+pub fn inspect_application(bytes: &[u8]) -> Result<Framing, ChannelError> {
+    let (protocol, framing) = read_framing(bytes)?;
     if !matches!(protocol, ProtocolMessage::PrivateMessage(_)) {
         return Err(ChannelError::WrongWireFormat);
     }
-    Ok(CommitFraming {
-        channel: channel_id(protocol.group_id())?,
-        epoch: protocol.epoch().as_u64(),
-    })
+    Ok(framing)
+}
+
+/// An MLS protocol message and its plaintext framing.
+fn read_framing(bytes: &[u8]) -> Result<(ProtocolMessage, Framing), ChannelError> {
+    let protocol = decode_mls(bytes)?
+        .try_into_protocol_message()
+        .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+    let framing =
+        Framing { channel: channel_id(protocol.group_id())?, epoch: protocol.epoch().as_u64() };
+    Ok((protocol, framing))
 }
 
 /// The device a credential names.

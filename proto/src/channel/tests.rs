@@ -744,7 +744,7 @@ fn relays_read_commit_framing_only() {
     let mut w = World::started(&[BOB]);
     let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
     let framing = inspect_commit(&staged.commit).expect("a commit");
-    assert_eq!(framing, CommitFraming { channel: w.channel_id(), epoch: 1 });
+    assert_eq!(framing, Framing { channel: w.channel_id(), epoch: 1 });
     // An application message is not a commit; garbage is malformed.
     let d = &mut w.devices[ALICE];
     let (provider, me) = (&d.provider, &d.me);
