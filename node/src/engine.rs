@@ -164,6 +164,10 @@ impl CredentialCheck for Recording<'_> {
         }
         KnownDirs { dirs: self.dirs, trust: &self.trust, now: self.now }.check(device)
     }
+
+    fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {
+        KnownDirs { dirs: self.dirs, trust: &self.trust, now: self.now }.check_orderers(config)
+    }
 }
 
 fn members_event(

@@ -92,6 +92,10 @@ impl CredentialCheck for StructureOnly {
     fn check(&self, _: chitchat_proto::DeviceId) -> Result<(), String> {
         Ok(())
     }
+
+    fn check_orderers(&self, _: &chitchat_proto::channel::ChannelConfig) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The openraft handle for the ordering group.

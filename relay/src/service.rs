@@ -8,8 +8,8 @@ use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chitchat_proto::channel::{
-    CredentialCheck, PublicChannel, PublicState, inspect_application, inspect_commit,
-    validate_key_package,
+    ChannelConfig, CredentialCheck, PublicChannel, PublicState, inspect_application,
+    inspect_commit, validate_key_package,
 };
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
@@ -79,6 +79,15 @@ impl CredentialCheck for Directory<'_> {
             Err(e) => return Err(format!("directory unavailable: {e}")),
         };
         record.dir.verify(&self.trust, self.now).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// This relay orders only channels that name it among their relays.
+    fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {
+        if config.relays.contains(&self.relay.id) {
+            Ok(())
+        } else {
+            Err("the channel's relay set does not name this relay".into())
+        }
     }
 }
 

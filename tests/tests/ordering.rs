@@ -31,6 +31,10 @@ impl chitchat_proto::channel::CredentialCheck for AllowAll {
     fn check(&self, _: DeviceId) -> Result<(), String> {
         Ok(())
     }
+
+    fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// One device: its keys, its relay connection, its MLS state.

@@ -2,14 +2,21 @@
 
 use std::collections::BTreeMap;
 
+use super::ChannelConfig;
 use crate::Timestamp;
 use crate::identity::{DeviceId, Dir, RelayTrust};
 
-/// Decides whether a device may be in a channel. The caller implements it with what it knows:
-/// the device's latest identity record, its sponsorship, the relays it trusts and blocks.
+/// Decides whether a device may be in a channel, and whether a channel's orderers are to be
+/// trusted. The caller implements it with what it knows: the device's latest identity record,
+/// its sponsorship, the relays it trusts and blocks.
 pub trait CredentialCheck {
     /// `Ok` if `device` may be a member; `Err` says why not.
     fn check(&self, device: DeviceId) -> Result<(), String>;
+
+    /// `Ok` if a channel with this config may be joined: its orderers certify every commit the
+    /// device will merge, so at least one of them must be a relay the device trusts (its own).
+    /// Called for every Welcome.
+    fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String>;
 }
 
 /// A [`CredentialCheck`] over a set of known device identity records, verified against trusted
@@ -31,5 +38,22 @@ impl<T: RelayTrust> CredentialCheck for KnownDirs<'_, T> {
             return Err("identity record is for another device".into());
         }
         dir.verify(self.trust, self.now).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// At least one relay of the channel's set is trusted under its host name with its very
+    /// key, and not blocked. A channel without relays (ordered by its creator's device) is
+    /// refused: nothing here vouches for that device as an orderer.
+    fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {
+        let trusted = config.relays.iter().any(|r| {
+            self.trust.relay_key(&r.host) == Some(r.key) && !self.trust.is_blocked(&r.host)
+        });
+        if trusted {
+            Ok(())
+        } else if config.relays.is_empty() {
+            Err("the channel has no relay".into())
+        } else {
+            let hosts: Vec<&str> = config.relays.iter().map(|r| r.host.as_str()).collect();
+            Err(format!("none of its relays is trusted here: {}", hosts.join(", ")))
+        }
     }
 }

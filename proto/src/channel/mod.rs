@@ -21,10 +21,12 @@
 
 mod check;
 mod public;
+mod rules;
 mod seen;
 
 pub use check::{CredentialCheck, KnownDirs};
 pub use public::{CheckedCommit, PublicChannel, PublicState};
+pub use rules::{Authorized, authorize_commit, check_members, is_admin};
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -257,9 +259,22 @@ pub enum ChannelError {
         /// Why it was rejected.
         reason: String,
     },
-    /// A membership change by a device the admin policy does not allow.
+    /// A membership or config change by a device the admin policy does not allow.
     #[error("committer is not an admin")]
     NotAdmin,
+    /// A leaf whose credential does not name the key that signs it (or a member's update that
+    /// changes its device): someone posing as another device.
+    #[error("a leaf's credential does not name its signature key ({0:?})")]
+    LeafMismatch(Option<DeviceId>),
+    /// A commit carrying a proposal of a type ChitChat channels do not allow.
+    #[error("proposal not allowed in a channel: {0}")]
+    ForbiddenProposal(&'static str),
+    /// A config change the rules do not allow.
+    #[error("config change not allowed: {0}")]
+    ForbiddenConfig(&'static str),
+    /// A Welcome to a channel none of whose orderers this device trusts.
+    #[error("the channel's orderers are not trusted: {0}")]
+    UntrustedOrderers(String),
     /// The id in an application message names another sender than the one that signed it.
     #[error("message id names another sender")]
     ForgedId,
@@ -418,6 +433,7 @@ pub fn validate_key_package(
     let device = credential_device(kp.leaf_node().credential()).ok_or_else(|| {
         ChannelError::Credential { device: None, reason: "not a device credential".into() }
     })?;
+    rules::check_leaf(kp.leaf_node())?;
     Ok(KeyPackageInfo {
         device,
         not_after: Timestamp(kp.life_time().not_after().saturating_mul(1000)),
@@ -577,7 +593,9 @@ impl Channel {
         // Every credential is checked before the first failure is returned, so a checker that
         // records unknown devices learns all of them at once.
         first_failure(staged.members().map(|m| check_credential(check, &m.credential)))?;
+        rules::check_members(staged.members())?;
         let config = read_config(staged.group_context().extensions())?;
+        check.check_orderers(&config).map_err(ChannelError::UntrustedOrderers)?;
         let group = staged.into_group(provider).map_err(mls_err)?;
         let id = channel_id(group.group_id())?;
         Ok(Self::from_group(group, config, id))
@@ -682,6 +700,7 @@ impl Channel {
                 .map_err(|e| ChannelError::Malformed(e.to_string()))?
                 .validate(provider.crypto(), ProtocolVersion::Mls10)
                 .map_err(mls_err)?;
+            rules::check_leaf(kp.leaf_node())?;
             let device = check_credential(check, kp.leaf_node().credential())?;
             if members.contains(&device) || added.contains(&device) {
                 return Err(ChannelError::AlreadyMember(device));
@@ -884,25 +903,11 @@ impl Channel {
             return Err(ChannelError::ExternalSender);
         }
         let processed = self.group.process_message(provider, protocol).map_err(mls_err)?;
-        let committer = credential_device(processed.credential());
-        // The committer's credential as it stands in the tree was checked when it joined; only
-        // credentials new to the group are checked again. (A revoked device is removed by a
-        // commit of its own, not by refusing its updates.)
-        let known = processed.credential().clone();
+        let committer = processed.credential().clone();
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);
         };
-        first_failure(
-            staged
-                .credentials_to_verify()
-                .filter(|c| **c != known)
-                .map(|c| check_credential(check, c)),
-        )?;
-        let changes_membership =
-            staged.add_proposals().next().is_some() || staged.remove_proposals().next().is_some();
-        if changes_membership && !committer.is_some_and(|c| self.is_admin(c)) {
-            return Err(ChannelError::NotAdmin);
-        }
+        rules::authorize_commit(&self.config, &committer, &staged, check)?;
         let delta = self.membership_delta(&staged);
         self.group.merge_staged_commit(provider, *staged).map_err(mls_err)?;
         self.after_merge(delta)
@@ -1001,10 +1006,7 @@ impl Channel {
     }
 
     fn is_admin(&self, device: DeviceId) -> bool {
-        match &self.config.admins {
-            AdminPolicy::AnyMember => true,
-            AdminPolicy::Admins(admins) => admins.contains(&device),
-        }
+        rules::is_admin(&self.config, device)
     }
 
     fn ensure_active(&self) -> Result<(), ChannelError> {

@@ -11,7 +11,8 @@ use openmls::prelude::*;
 use openmls_rust_crypto::MemoryStorage;
 
 use super::{
-    ChannelError, CredentialCheck, check_credential, credential_device, decode_mls, mls_err,
+    ChannelConfig, ChannelError, CredentialCheck, credential_device, decode_mls, mls_err,
+    read_config, rules,
 };
 use crate::identity::DeviceId;
 use crate::ordering::ChannelId;
@@ -33,6 +34,8 @@ pub struct CheckedCommit {
     staged: Box<openmls::group::StagedCommit>,
     /// The epoch it moves the channel to.
     pub next_epoch: u64,
+    /// The member that committed it.
+    pub committer: DeviceId,
 }
 
 /// The public state of one channel.
@@ -62,7 +65,20 @@ impl PublicChannel {
         if group.group_id().as_slice().len() != 32 {
             return Err(ChannelError::Malformed("group id is not 32 bytes".into()));
         }
+        // The channel rules hold for the tree a relay starts from, as for every Welcome.
+        rules::check_members(group.members())?;
+        read_config(group.group_context().extensions())?;
         Ok(Self { group, storage })
+    }
+
+    /// The channel's current config.
+    pub fn config(&self) -> Result<ChannelConfig, ChannelError> {
+        read_config(self.group.group_context().extensions())
+    }
+
+    /// The device at a leaf of the current tree.
+    pub fn member_at(&self, leaf: u32) -> Option<DeviceId> {
+        self.group.leaf(LeafNodeIndex::new(leaf)).and_then(|l| credential_device(l.credential()))
     }
 
     /// The state to snapshot: openmls' storage of the public group, as key-value pairs.
@@ -104,8 +120,10 @@ impl PublicChannel {
     }
 
     /// Checks a submitted commit as the members will: a PublicMessage commit of this channel and
-    /// epoch, signed by a member, whose proposals apply; and every credential it brings in passes
-    /// `check`. Nothing changes until [`PublicChannel::apply`].
+    /// epoch, signed by a member, whose proposals apply, that the channel rules allow
+    /// ([`super::authorize_commit`]: proposal types, admin policy, leaves that name their keys,
+    /// config changes); and every credential it brings in passes `check`. Nothing changes until
+    /// [`PublicChannel::apply`].
     pub fn check(
         &self,
         crypto: &impl openmls_traits::crypto::OpenMlsCrypto,
@@ -127,20 +145,26 @@ impl PublicChannel {
         if protocol.group_id() != self.group.group_id() {
             return Err(ChannelError::WrongChannel);
         }
+        let config = self.config()?;
         let processed = self.group.process_message(crypto, protocol).map_err(mls_err)?;
-        let known = processed.credential().clone();
+        let committer = processed.credential().clone();
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);
         };
-        for credential in staged.credentials_to_verify().filter(|c| **c != known) {
-            check_credential(check, credential)?;
-        }
-        Ok(CheckedCommit { staged, next_epoch: self.epoch() + 1 })
+        let authorized = rules::authorize_commit(&config, &committer, &staged, check)?;
+        Ok(CheckedCommit {
+            staged,
+            next_epoch: self
+                .epoch()
+                .checked_add(1)
+                .ok_or(ChannelError::Mls("epoch overflow".into()))?,
+            committer: authorized.committer,
+        })
     }
 
     /// Applies an ordered commit.
     pub fn apply(&mut self, commit: CheckedCommit) -> Result<(), ChannelError> {
-        if commit.next_epoch != self.epoch() + 1 {
+        if Some(commit.next_epoch) != self.epoch().checked_add(1) {
             return Err(ChannelError::Mls("checked against another epoch".into()));
         }
         self.group.merge_commit(&self.storage, *commit.staged).map_err(mls_err)

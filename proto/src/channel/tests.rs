@@ -698,6 +698,10 @@ impl CredentialCheck for AllowAll {
     fn check(&self, _: DeviceId) -> Result<(), String> {
         Ok(())
     }
+
+    fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[test]

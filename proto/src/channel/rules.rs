@@ -1,0 +1,175 @@
+//! The channel rules: what makes a commit, a tree or a Welcome acceptable. One piece of code,
+//! run by members ([`super::Channel`]) and by relays ([`super::PublicChannel`]) alike, so that
+//! the two never disagree on a commit: a relay that certifies a commit the members refuse would
+//! leave the channel stuck behind it, and a member that merges what a relay refused would fork.
+//!
+//! The rules, for a commit by `committer` on a channel whose current config is `config`:
+//!
+//! 1. **Proposal types.** Only Add, Remove and GroupContextExtensions, and only by value (ChitChat
+//!    never sends proposals on their own, so there is nothing to refer to). Update, PreSharedKey,
+//!    ReInit, ExternalInit, SelfRemove and custom proposals are refused.
+//! 2. **Who.** Adding, removing and changing the config need an admin (every member under
+//!    [`AdminPolicy::AnyMember`]); anyone else may commit only its own update (an update path and
+//!    no proposal).
+//! 3. **Leaves name their keys.** Every leaf's BasicCredential is the [`DeviceId`] whose key signs
+//!    the leaf: an added KeyPackage's leaf, and the committer's new leaf, which must also keep the
+//!    committer's device (a device that wants another key is removed and added).
+//! 4. **Config changes.** A GroupContextExtensions proposal may change the name and the admin
+//!    policy only. The MIME type, the creator and the relay set stay (the relay set changes with
+//!    federation, by a commit of its own kind), the config must stay valid, an admin set may not
+//!    be empty, and the group context carries nothing but the required-capabilities extension and
+//!    the config.
+//! 5. **Credentials.** Every credential the commit brings in passes the caller's
+//!    [`CredentialCheck`] (the committer's unchanged credential was checked when it joined).
+//!    All are checked before the first failure is returned, so that a checker that records
+//!    unknown devices learns all of them at once.
+//!
+//! The rule reads only the commit and the group's current public state, so every replica of a
+//! relay group reaches the same verdict from the same log (credential checks aside, which depend
+//! on each relay's directory and are made by the relay a device submits to).
+
+use openmls::prelude::*;
+
+use super::{
+    AdminPolicy, CONFIG_EXTENSION_TYPE, ChannelConfig, ChannelError, CredentialCheck,
+    check_credential, credential_device, first_failure, read_config,
+};
+use crate::identity::DeviceId;
+
+/// What an authorized commit does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authorized {
+    /// The member that committed it.
+    pub committer: DeviceId,
+    /// The config after the commit, if the commit changes it.
+    pub config: Option<ChannelConfig>,
+}
+
+/// Checks a commit, staged by openmls from a member's PublicMessage, against the channel rules
+/// (see the module doc). `config` is the channel's config before the commit, `committer` the
+/// sender's credential in the current tree.
+pub fn authorize_commit(
+    config: &ChannelConfig,
+    committer: &Credential,
+    staged: &openmls::group::StagedCommit,
+    check: &impl CredentialCheck,
+) -> Result<Authorized, ChannelError> {
+    let device = credential_device(committer).ok_or(ChannelError::LeafMismatch(None))?;
+    let mut changes_membership = false;
+    let mut changes_config = false;
+    for queued in staged.queued_proposals() {
+        if queued.proposal_or_ref_type() != ProposalOrRefType::Proposal {
+            return Err(ChannelError::ForbiddenProposal("proposal by reference"));
+        }
+        match queued.proposal() {
+            Proposal::Add(add) => {
+                changes_membership = true;
+                check_leaf(add.key_package().leaf_node())?;
+            }
+            Proposal::Remove(_) => changes_membership = true,
+            Proposal::GroupContextExtensions(_) => changes_config = true,
+            other => return Err(ChannelError::ForbiddenProposal(proposal_name(other))),
+        }
+    }
+    if (changes_membership || changes_config) && !is_admin(config, device) {
+        return Err(ChannelError::NotAdmin);
+    }
+    if let Some(leaf) = staged.update_path_leaf_node() {
+        check_leaf(leaf)?;
+        if credential_device(leaf.credential()) != Some(device) {
+            return Err(ChannelError::LeafMismatch(Some(device)));
+        }
+    }
+    let new_config = if changes_config {
+        Some(config_change(config, staged.group_context().extensions())?)
+    } else {
+        None
+    };
+    first_failure(
+        staged
+            .credentials_to_verify()
+            .filter(|c| *c != committer)
+            .map(|c| check_credential(check, c)),
+    )?;
+    Ok(Authorized { committer: device, config: new_config })
+}
+
+/// Checks that every member's leaf names the key that signs it (a Welcome's tree, or the tree a
+/// relay starts following).
+pub fn check_members(members: impl Iterator<Item = Member>) -> Result<(), ChannelError> {
+    for member in members {
+        names_its_key(&member.credential, &member.signature_key)?;
+    }
+    Ok(())
+}
+
+/// Whether `device` may change the membership and the config.
+pub fn is_admin(config: &ChannelConfig, device: DeviceId) -> bool {
+    match &config.admins {
+        AdminPolicy::AnyMember => true,
+        AdminPolicy::Admins(admins) => admins.contains(&device),
+    }
+}
+
+/// The device a leaf's credential names must be the key that signs the leaf.
+pub(super) fn check_leaf(leaf: &LeafNode) -> Result<(), ChannelError> {
+    names_its_key(leaf.credential(), leaf.signature_key().as_slice())
+}
+
+fn names_its_key(credential: &Credential, signature_key: &[u8]) -> Result<(), ChannelError> {
+    let device = credential_device(credential).ok_or(ChannelError::LeafMismatch(None))?;
+    if signature_key != device.as_bytes() {
+        return Err(ChannelError::LeafMismatch(Some(device)));
+    }
+    Ok(())
+}
+
+/// The config a GroupContextExtensions proposal leaves, if the change is allowed.
+fn config_change(
+    old: &ChannelConfig,
+    extensions: &Extensions<GroupContext>,
+) -> Result<ChannelConfig, ChannelError> {
+    for extension in extensions.iter() {
+        match extension.extension_type() {
+            ExtensionType::RequiredCapabilities => {}
+            ExtensionType::Unknown(CONFIG_EXTENSION_TYPE) => {}
+            _ => return Err(ChannelError::ForbiddenConfig("an extension other than the config")),
+        }
+    }
+    let required = extensions.required_capabilities().is_some_and(|r| {
+        r.extension_types().contains(&ExtensionType::Unknown(CONFIG_EXTENSION_TYPE))
+    });
+    if !required {
+        return Err(ChannelError::ForbiddenConfig("the config capability is no longer required"));
+    }
+    let new = read_config(extensions)?;
+    if new.mime != old.mime {
+        return Err(ChannelError::ForbiddenConfig("the MIME type is fixed"));
+    }
+    if new.creator != old.creator {
+        return Err(ChannelError::ForbiddenConfig("the creator is fixed"));
+    }
+    if new.relays != old.relays {
+        return Err(ChannelError::ForbiddenConfig("the relay set changes only with federation"));
+    }
+    if matches!(&new.admins, AdminPolicy::Admins(a) if a.is_empty()) {
+        return Err(ChannelError::ForbiddenConfig("an admin set may not be empty"));
+    }
+    Ok(new)
+}
+
+fn proposal_name(proposal: &Proposal) -> &'static str {
+    match proposal {
+        Proposal::Add(_) => "add",
+        Proposal::Update(_) => "update proposal",
+        Proposal::Remove(_) => "remove",
+        Proposal::PreSharedKey(_) => "pre-shared key",
+        Proposal::ReInit(_) => "reinit",
+        Proposal::ExternalInit(_) => "external init",
+        Proposal::GroupContextExtensions(_) => "group context extensions",
+        Proposal::SelfRemove => "self remove",
+        Proposal::Custom(_) => "custom proposal",
+        #[allow(unreachable_patterns)]
+        _ => "unknown proposal",
+    }
+}
