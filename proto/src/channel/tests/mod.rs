@@ -845,3 +845,5 @@ fn late_messages_within_the_tolerance_are_read() {
     }
     assert_eq!(read, 200);
 }
+
+mod rules;

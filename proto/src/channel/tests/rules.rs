@@ -1,0 +1,497 @@
+//! The channel rules under attack: commits built with raw openmls by members who break a rule
+//! on purpose, checked by a relay ([`PublicChannel::check`]) and processed by the other members
+//! with a valid certificate. Both must refuse them, for the same reason; and over generated
+//! commits the relay accepts exactly what the members merge.
+
+use openmls::prelude::tls_codec::Serialize as _;
+use proptest::prelude::*;
+
+use super::*;
+
+/// A commit a member builds with raw openmls, bypassing [`Channel::stage`]'s own checks.
+#[derive(Clone, Debug, Default)]
+struct Forge {
+    /// KeyPackages to add (TLS encoding; validated by openmls only).
+    add: Vec<Vec<u8>>,
+    remove: Vec<DeviceId>,
+    /// A GroupContextExtensions proposal with this config.
+    config: Option<ChannelConfig>,
+    /// Leave out the required-capabilities extension from the proposal.
+    drop_required: bool,
+    /// A custom proposal.
+    custom: bool,
+    /// A new leaf signed by this key, whose credential claims this device.
+    new_leaf: Option<(SecretKey, DeviceId)>,
+}
+
+/// What a forged commit carries.
+struct Forged {
+    commit: Vec<u8>,
+    welcome: Option<Vec<u8>>,
+}
+
+fn config_extensions(config: &ChannelConfig, required: bool) -> Extensions<GroupContext> {
+    let mut extensions = Vec::new();
+    if required {
+        extensions.push(Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+            &[ExtensionType::Unknown(CONFIG_EXTENSION_TYPE)],
+            &[],
+            &[],
+        )));
+    }
+    extensions.push(Extension::Unknown(CONFIG_EXTENSION_TYPE, UnknownExtension(encode(config))));
+    Extensions::from_vec(extensions).expect("extensions")
+}
+
+/// A KeyPackage whose leaf is signed by `key` but whose credential claims `claims`.
+fn impersonating_key_package(key: &SecretKey, claims: DeviceId) -> Vec<u8> {
+    let signer = Identity::new(key).signer;
+    let provider = OpenMlsRustCrypto::default();
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(claims.as_bytes().to_vec()).into(),
+        signature_key: key.public().0.to_vec().into(),
+    };
+    KeyPackage::builder()
+        .leaf_node_capabilities(capabilities())
+        .build(CIPHERSUITE, &provider, &signer, credential)
+        .expect("key package")
+        .key_package()
+        .tls_serialize_detached()
+        .expect("encode")
+}
+
+impl World {
+    /// A channel whose only admin is Alice, with Bob and Carol in it, and the relay following it.
+    fn admins_only() -> (Self, PublicChannel) {
+        let mut w = Self::new();
+        let alice = w.devices[ALICE].id();
+        let config = ChannelConfig {
+            mime: crate::chat::MIME.into(),
+            name: "announcements".into(),
+            relays: vec![w.relay.id.clone()],
+            admins: AdminPolicy::Admins([alice].into()),
+            creator: alice,
+        };
+        let a = &mut w.devices[ALICE];
+        a.channel =
+            Some(Channel::create(&a.provider, &a.me, ChannelId([42; 32]), config).expect("create"));
+        let crypto = openmls_rust_crypto::RustCrypto::default();
+        let state = {
+            let d = &w.devices[ALICE];
+            d.channel.as_ref().expect("member").public_state(&d.provider, &d.me).expect("export")
+        };
+        let mut relay = PublicChannel::from_state(&crypto, &state).expect("follow");
+        let add = vec![w.devices[BOB].key_package(), w.devices[CAROL].key_package()];
+        let staged = w.stage(ALICE, &Change { add, ..Default::default() }).expect("stage");
+        let checked = relay.check(&crypto, &staged.commit, &w.check()).expect("valid");
+        w.submit(ALICE, &staged).expect("accepted");
+        relay.apply(checked).expect("apply");
+        w.deliver_all();
+        (w, relay)
+    }
+
+    /// Builds `forge` as a commit of `who`, left pending in its group.
+    fn forge(&mut self, who: usize, forge: &Forge) -> Result<Forged, ChannelError> {
+        let d = &mut self.devices[who];
+        let channel = d.channel.as_mut().expect("member");
+        let provider = &d.provider;
+        let mut key_packages = Vec::new();
+        for bytes in &forge.add {
+            let kp = KeyPackageIn::tls_deserialize_exact(&bytes[..])
+                .map_err(|e| ChannelError::Malformed(e.to_string()))?
+                .validate(provider.crypto(), ProtocolVersion::Mls10)
+                .map_err(mls_err)?;
+            key_packages.push(kp);
+        }
+        let leaves = forge
+            .remove
+            .iter()
+            .filter_map(|r| {
+                channel.group.members().find(|m| credential_device(&m.credential) == Some(*r))
+            })
+            .map(|m| m.index)
+            .collect::<Vec<_>>();
+        let mut builder = channel
+            .group
+            .commit_builder()
+            .force_self_update(true)
+            .propose_adds(key_packages)
+            .propose_removals(leaves);
+        if let Some(config) = &forge.config {
+            builder = builder
+                .propose_group_context_extensions(config_extensions(config, !forge.drop_required))
+                .map_err(mls_err)?;
+        }
+        if forge.custom {
+            builder = builder
+                .add_proposal(Proposal::Custom(Box::new(CustomProposal::new(0xF0F0, vec![1]))));
+        }
+        let builder = builder.load_psks(provider.storage()).map_err(mls_err)?;
+        let built = match &forge.new_leaf {
+            None => builder.build(provider.rand(), provider.crypto(), &d.me.signer, |_| true),
+            Some((key, claims)) => {
+                let signer = Identity::new(key).signer;
+                let credential_with_key = CredentialWithKey {
+                    credential: BasicCredential::new(claims.as_bytes().to_vec()).into(),
+                    signature_key: key.public().0.to_vec().into(),
+                };
+                builder.build_with_new_signer(
+                    provider.rand(),
+                    provider.crypto(),
+                    &d.me.signer,
+                    NewSignerBundle { signer: &signer, credential_with_key },
+                    |_| true,
+                )
+            }
+        }
+        .map_err(mls_err)?;
+        let bundle = built.stage_commit(provider).map_err(mls_err)?;
+        let welcome = match bundle.to_welcome_msg() {
+            Some(w) => Some(w.tls_serialize_detached().map_err(mls_err)?),
+            None => None,
+        };
+        let (commit, _, _) = bundle.into_contents();
+        Ok(Forged { commit: commit.tls_serialize_detached().map_err(mls_err)?, welcome })
+    }
+
+    /// The relay's verdict on a forged commit of `who`, then every other member's, each given
+    /// the commit with a valid certificate (as if the relay had certified it). The committer
+    /// merges its commit if the relay accepted it, and drops it otherwise.
+    fn judge(
+        &mut self,
+        relay: &mut PublicChannel,
+        who: usize,
+        forged: &Forged,
+    ) -> (Result<(), ChannelError>, Vec<(usize, Result<(), ChannelError>)>) {
+        let crypto = openmls_rust_crypto::RustCrypto::default();
+        let checked = relay.check(&crypto, &forged.commit, &self.check());
+        let epoch = relay.epoch();
+        let body = EpochCertBody {
+            channel: self.channel_id_of(who),
+            epoch,
+            hash: commit_hash(&forged.commit),
+        };
+        let cert =
+            EpochCert { body, signatures: vec![CertSignature::sign(&self.relay.key, &body)] };
+        let mut members = Vec::new();
+        for i in 0..self.devices.len() {
+            let active = self.devices[i].channel.as_ref().is_some_and(Channel::is_active);
+            if i == who || !active {
+                continue;
+            }
+            let msg = ChannelMessage::Commit { commit: forged.commit.clone(), cert: cert.clone() };
+            let verdict = self.process(i, msg).and_then(|events| match events.first() {
+                Some(ChannelEvent::CommitApplied { .. }) => Ok(()),
+                other => Err(ChannelError::Mls(format!("not applied: {other:?}"))),
+            });
+            members.push((i, verdict));
+        }
+        let d = &mut self.devices[who];
+        let channel = d.channel.as_mut().expect("member");
+        let verdict = match checked {
+            Ok(checked) => {
+                relay.apply(checked).expect("apply");
+                channel.group.merge_pending_commit(&d.provider).expect("merge own");
+                channel.config = read_config(channel.group.extensions()).expect("config");
+                if let Some(welcome) = &forged.welcome {
+                    self.join_all(welcome);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                channel.group.clear_pending_commit(d.provider.storage()).expect("clear");
+                Err(e)
+            }
+        };
+        (verdict, members)
+    }
+
+    fn channel_id_of(&self, who: usize) -> ChannelId {
+        self.devices[who].channel.as_ref().expect("member").id()
+    }
+
+    /// Every device a Welcome is for joins (those it is not for fail and stay as they are).
+    fn join_all(&mut self, welcome: &[u8]) {
+        let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now: self.now };
+        for d in &mut self.devices {
+            if d.channel.as_ref().is_some_and(Channel::is_active) {
+                continue;
+            }
+            if let Ok(channel) = Channel::join(&d.provider, welcome, &check) {
+                d.channel = Some(channel);
+            }
+        }
+    }
+}
+
+/// Asserts that the relay and every member refused the commit, the relay as `expected` says.
+fn all_refuse(
+    (relay, members): (Result<(), ChannelError>, Vec<(usize, Result<(), ChannelError>)>),
+    expected: impl Fn(&ChannelError) -> bool,
+) {
+    let err = relay.expect_err("the relay refuses");
+    assert!(expected(&err), "relay: {err:?}");
+    for (i, verdict) in members {
+        let err = verdict.expect_err("a member refuses");
+        assert!(expected(&err), "member {i}: {err:?}");
+    }
+}
+
+fn config_of(w: &World, who: usize) -> ChannelConfig {
+    w.devices[who].channel.as_ref().expect("member").config().clone()
+}
+
+#[test]
+fn a_non_admin_cannot_rewrite_the_config() {
+    let (mut w, mut relay) = World::admins_only();
+    let bob = w.devices[BOB].id();
+    // Bob makes himself admin.
+    let mut config = config_of(&w, BOB);
+    config.admins = AdminPolicy::Admins([bob].into());
+    let forged =
+        w.forge(BOB, &Forge { config: Some(config), ..Default::default() }).expect("forge");
+    all_refuse(w.judge(&mut relay, BOB, &forged), |e| *e == ChannelError::NotAdmin);
+    // Bob puts his own key in the relay set, to certify his own commits.
+    let mut config = config_of(&w, BOB);
+    config.relays.push(RelayId { host: "bob.example".into(), key: bob.0 });
+    let forged =
+        w.forge(BOB, &Forge { config: Some(config), ..Default::default() }).expect("forge");
+    all_refuse(w.judge(&mut relay, BOB, &forged), |e| *e == ChannelError::NotAdmin);
+    assert_eq!(w.epochs(&[ALICE, BOB, CAROL]), vec![1, 1, 1], "nothing applied");
+    assert_eq!(relay.epoch(), 1);
+}
+
+#[test]
+fn an_admin_changes_only_the_name_and_the_admins() {
+    let (mut w, mut relay) = World::admins_only();
+    let carol = w.devices[CAROL].id();
+    let base = config_of(&w, ALICE);
+    let forbidden = |f: fn(&mut ChannelConfig)| {
+        let mut c = base.clone();
+        f(&mut c);
+        c
+    };
+    for (config, why) in [
+        (forbidden(|c| c.relays.clear()), "relay"),
+        (forbidden(|c| c.mime = "application/other".into()), "MIME"),
+        (forbidden(|c| c.creator = DeviceId(SecretKey::from_seed([9; 32]).public())), "creator"),
+        (forbidden(|c| c.admins = AdminPolicy::Admins(Default::default())), "empty"),
+    ] {
+        let forged =
+            w.forge(ALICE, &Forge { config: Some(config), ..Default::default() }).expect("forge");
+        all_refuse(
+            w.judge(&mut relay, ALICE, &forged),
+            |e| matches!(e, ChannelError::ForbiddenConfig(m) if m.contains(why)),
+        );
+    }
+    // Dropping the required capability would let members without the config join (openmls
+    // refuses to build such a commit; if it did build one, the rule would refuse it).
+    let forge = Forge { config: Some(base.clone()), drop_required: true, ..Default::default() };
+    match w.forge(ALICE, &forge) {
+        Ok(forged) => all_refuse(w.judge(&mut relay, ALICE, &forged), |e| {
+            matches!(e, ChannelError::ForbiddenConfig(_))
+        }),
+        Err(e) => assert!(matches!(e, ChannelError::Mls(_)), "{e:?}"),
+    }
+    // A new name and Carol as a second admin are fine, for the relay and the members alike.
+    let mut config = base.clone();
+    config.name = "news".into();
+    config.admins = AdminPolicy::Admins([base.creator, carol].into());
+    let forged = w
+        .forge(ALICE, &Forge { config: Some(config.clone()), ..Default::default() })
+        .expect("forge");
+    let (relay_verdict, members) = w.judge(&mut relay, ALICE, &forged);
+    relay_verdict.expect("the relay accepts");
+    assert!(members.iter().all(|(_, v)| v.is_ok()), "{members:?}");
+    for i in [ALICE, BOB, CAROL] {
+        assert_eq!(config_of(&w, i), config);
+    }
+    assert_eq!(relay.config().expect("config"), config);
+    // Carol, now an admin, may remove Bob.
+    let forged = w
+        .forge(CAROL, &Forge { remove: vec![w.devices[BOB].id()], ..Default::default() })
+        .expect("forge");
+    let (relay_verdict, members) = w.judge(&mut relay, CAROL, &forged);
+    relay_verdict.expect("the relay accepts");
+    assert!(members.iter().all(|(_, v)| v.is_ok()), "{members:?}");
+    assert!(!w.devices[BOB].channel.as_ref().expect("was a member").is_active());
+}
+
+#[test]
+fn no_one_poses_as_another_device() {
+    let (mut w, mut relay) = World::admins_only();
+    let mallory = SecretKey::from_seed([5; 32]);
+    let alice2 = w.devices[ALICE2].id();
+    // Mallory's key under Alice's second device's name: refused on upload, when staging, by the
+    // relay and by the members, even from an admin who does not check.
+    let kp = impersonating_key_package(&mallory, alice2);
+    let crypto = openmls_rust_crypto::RustCrypto::default();
+    assert_eq!(validate_key_package(&crypto, &kp), Err(ChannelError::LeafMismatch(Some(alice2))));
+    let change = Change { add: vec![kp.clone().into()], ..Default::default() };
+    assert_eq!(w.stage(ALICE, &change).map(|_| ()), Err(ChannelError::LeafMismatch(Some(alice2))));
+    let forged = w.forge(ALICE, &Forge { add: vec![kp], ..Default::default() }).expect("forge");
+    all_refuse(w.judge(&mut relay, ALICE, &forged), |e| {
+        *e == ChannelError::LeafMismatch(Some(alice2))
+    });
+    // Bob's update may not give his leaf another device's name, nor another device's key.
+    let bob = w.devices[BOB].id();
+    for claims in [alice2, DeviceId(mallory.public())] {
+        let forge = Forge { new_leaf: Some((mallory.clone(), claims)), ..Default::default() };
+        let forged = w.forge(BOB, &forge).expect("forge");
+        all_refuse(
+            w.judge(&mut relay, BOB, &forged),
+            |e| matches!(e, ChannelError::LeafMismatch(Some(d)) if *d == claims || *d == bob),
+        );
+    }
+    assert_eq!(relay.epoch(), 1, "nothing applied");
+}
+
+#[test]
+fn proposals_of_other_types_and_non_admin_changes_are_refused() {
+    let (mut w, mut relay) = World::admins_only();
+    // A custom proposal, even from the admin.
+    match w.forge(ALICE, &Forge { custom: true, ..Default::default() }) {
+        Ok(forged) => all_refuse(w.judge(&mut relay, ALICE, &forged), |e| {
+            matches!(e, ChannelError::ForbiddenProposal(_) | ChannelError::Mls(_))
+        }),
+        // openmls itself refuses to build it: nothing to check.
+        Err(e) => assert!(matches!(e, ChannelError::Mls(_)), "{e:?}"),
+    }
+    // Bob, not an admin, adds Alice's second device or removes Carol: the relay refuses as the
+    // members do (before, it ordered them and the channel was stuck behind the certificate).
+    let kp = w.devices[ALICE2].key_package().0;
+    let forged = w.forge(BOB, &Forge { add: vec![kp], ..Default::default() }).expect("forge");
+    all_refuse(w.judge(&mut relay, BOB, &forged), |e| *e == ChannelError::NotAdmin);
+    let carol = w.devices[CAROL].id();
+    let forged = w.forge(BOB, &Forge { remove: vec![carol], ..Default::default() }).expect("forge");
+    all_refuse(w.judge(&mut relay, BOB, &forged), |e| *e == ChannelError::NotAdmin);
+    // His own update is his to commit.
+    let forged = w.forge(BOB, &Forge::default()).expect("forge");
+    let (verdict, members) = w.judge(&mut relay, BOB, &forged);
+    verdict.expect("accepted");
+    assert!(members.iter().all(|(_, v)| v.is_ok()), "{members:?}");
+    all_equal(&w.epoch_authenticators(&[ALICE, BOB, CAROL]));
+}
+
+#[test]
+fn a_welcome_needs_trusted_orderers() {
+    let mut w = World::new();
+    let alice = w.devices[ALICE].id();
+    let stranger =
+        RelayId { host: "elsewhere.example".into(), key: SecretKey::from_seed([77; 32]).public() };
+    for (n, relays) in [vec![stranger], vec![]].into_iter().enumerate() {
+        let config = ChannelConfig {
+            mime: crate::chat::MIME.into(),
+            name: "elsewhere".into(),
+            relays,
+            admins: AdminPolicy::AnyMember,
+            creator: alice,
+        };
+        let a = &mut w.devices[ALICE];
+        a.channel = Some(
+            Channel::create(&a.provider, &a.me, ChannelId([44 + n as u8; 32]), config)
+                .expect("create"),
+        );
+        let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
+        let staged = w.stage(ALICE, &change).expect("stage");
+        let welcome = staged.welcome.expect("welcome");
+        let d = &w.devices[BOB];
+        let check = KnownDirs { dirs: &w.dirs, trust: &w.trust, now: w.now };
+        let err = Channel::join(&d.provider, &welcome, &check).expect_err("refused");
+        assert!(matches!(err, ChannelError::UntrustedOrderers(_)), "{err:?}");
+    }
+}
+
+/// One generated attempt: who commits, and what.
+#[derive(Clone, Copy, Debug)]
+struct Attempt {
+    who: usize,
+    kind: u8,
+}
+
+fn attempt() -> impl Strategy<Value = Attempt> {
+    (prop::sample::select(vec![ALICE, BOB, CAROL, ALICE2]), 0u8..13)
+        .prop_map(|(who, kind)| Attempt { who, kind })
+}
+
+/// The forge of an attempt kind, on the world as it is.
+fn forge_of(w: &World, a: Attempt) -> Forge {
+    let me = w.devices[a.who].id();
+    let mallory = SecretKey::from_seed([5; 32]);
+    let members = w.devices[a.who].channel.as_ref().expect("member").members();
+    let other = members.iter().copied().find(|d| *d != me);
+    let mut config = config_of(w, a.who);
+    match a.kind {
+        0 => Forge::default(),
+        1 => Forge { add: vec![w.devices[ALICE2].key_package().0], ..Default::default() },
+        2 => Forge {
+            add: vec![impersonating_key_package(&mallory, w.devices[ALICE2].id())],
+            ..Default::default()
+        },
+        3 => Forge { add: vec![w.devices[MALLORY].key_package().0], ..Default::default() },
+        4 => Forge { remove: other.into_iter().collect(), ..Default::default() },
+        5 => {
+            config.name.push('!');
+            Forge { config: Some(config), ..Default::default() }
+        }
+        6 => {
+            config.admins = AdminPolicy::Admins([me].into());
+            Forge { config: Some(config), ..Default::default() }
+        }
+        7 => {
+            config.relays.push(RelayId { host: "x.example".into(), key: me.0 });
+            Forge { config: Some(config), ..Default::default() }
+        }
+        8 => {
+            config.mime = "application/x".into();
+            Forge { config: Some(config), ..Default::default() }
+        }
+        9 => Forge { config: Some(config), drop_required: true, ..Default::default() },
+        10 => Forge { custom: true, ..Default::default() },
+        11 => Forge { new_leaf: Some((mallory, me)), ..Default::default() },
+        _ => {
+            config.admins = AdminPolicy::AnyMember;
+            Forge {
+                config: Some(config),
+                add: vec![w.devices[ALICE2].key_package().0],
+                ..Default::default()
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Over generated commits, the relay accepts exactly what every member merges.
+    #[test]
+    fn relays_and_members_agree_on_every_commit(attempts in prop::collection::vec(attempt(), 1..8)) {
+        let (mut w, mut relay) = World::admins_only();
+        for a in attempts {
+            if !w.devices[a.who].channel.as_ref().is_some_and(Channel::is_active) {
+                continue;
+            }
+            let forge = forge_of(&w, a);
+            let Ok(forged) = w.forge(a.who, &forge) else {
+                // openmls would not build it (say, Alice's second device is already in).
+                let d = &mut w.devices[a.who];
+                let channel = d.channel.as_mut().expect("member");
+                let _ = channel.group.clear_pending_commit(d.provider.storage());
+                continue;
+            };
+            let (verdict, members) = w.judge(&mut relay, a.who, &forged);
+            for (i, member) in &members {
+                prop_assert_eq!(
+                    verdict.is_ok(),
+                    member.is_ok(),
+                    "{:?}: relay {:?}, member {} {:?}", a, verdict, i, member
+                );
+            }
+            let active: Vec<usize> = (0..w.devices.len())
+                .filter(|i| w.devices[*i].channel.as_ref().is_some_and(Channel::is_active))
+                .collect();
+            all_equal(&w.epochs(&active));
+            prop_assert_eq!(w.epochs(&active[..1])[0], relay.epoch());
+        }
+    }
+}
