@@ -115,11 +115,22 @@ pub struct NetworkConfig {
     pub max_connections_per_peer: u32,
     /// Incoming connections still in their handshake.
     pub max_pending_incoming: u32,
+    /// Requests a minute that need no registered device (challenge, authenticate, register,
+    /// look-ups), and every request of a peer not yet authenticated, from one IP address.
+    pub anonymous_per_minute_per_ip: u32,
+    /// The same, from one libp2p peer.
+    pub anonymous_per_minute_per_peer: u32,
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
-        Self { max_connections: 10_000, max_connections_per_peer: 8, max_pending_incoming: 512 }
+        Self {
+            max_connections: 10_000,
+            max_connections_per_peer: 8,
+            max_pending_incoming: 512,
+            anonymous_per_minute_per_ip: 1200,
+            anonymous_per_minute_per_peer: 240,
+        }
     }
 }
 
@@ -314,6 +325,10 @@ submits_per_minute = 60
 max_connections = 10000
 max_connections_per_peer = 8
 max_pending_incoming = 512
+# Requests a minute that need no registered device (challenge, authenticate, register, look-ups),
+# and every request of a peer not yet authenticated: from one IP address, and from one peer.
+anonymous_per_minute_per_ip = 1200
+anonymous_per_minute_per_peer = 240
 "#;
 
 #[cfg(test)]

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 
+/// Shortest admin token accepted (`init` writes 32 hex digits).
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
 /// Where a running relay listens, written to `run.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunInfo {
@@ -93,11 +96,21 @@ impl RelayDir {
         Ok(SecretKey::from_seed(seed))
     }
 
-    /// Reads the admin token.
+    /// Reads the admin token. A missing, empty or short token is an error: the admin API
+    /// would otherwise open to requests without one.
     pub fn load_admin_token(&self) -> anyhow::Result<String> {
-        let text = std::fs::read_to_string(self.admin_token())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.admin_token().display()))?;
-        Ok(text.trim().to_owned())
+        let path = self.admin_token();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let token = text.trim().to_owned();
+        if token.len() < MIN_ADMIN_TOKEN_LEN {
+            anyhow::bail!(
+                "{}: the admin token must be at least {MIN_ADMIN_TOKEN_LEN} characters \
+                 (`init` writes a random one); refusing to start with an open admin API",
+                path.display()
+            );
+        }
+        Ok(token)
     }
 
     /// Reads `run.json`, if a relay is running here.

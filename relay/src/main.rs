@@ -8,12 +8,13 @@ use anyhow::{Context as _, bail};
 use chitchat_proto::ordering::OrderingLimits;
 use chitchat_relay::admin;
 use chitchat_relay::config::Config;
+use chitchat_relay::fanout::CommitFanout;
 use chitchat_relay::home::{RelayDir, RunInfo};
 use chitchat_relay::http::{BlockRequest, HttpState, InviteRequest};
 use chitchat_relay::metrics::Metrics;
 use chitchat_relay::ordering::Ordering;
-use chitchat_relay::service::{Relay, now};
-use chitchat_relay::store::{Store, StoreError};
+use chitchat_relay::service::{Relay, Waiters, now};
+use chitchat_relay::store::{InboxQuota, Store, StoreError};
 use clap::{Parser, Subcommand};
 use tokio::sync::{oneshot, watch};
 
@@ -125,10 +126,20 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
     };
     let listen = config.listen.iter().map(|a| a.parse()).collect::<Result<Vec<_>, _>>()?;
     let http_addr = config.http;
-    let ordering = Ordering::open(&dir.ordering_db(), OrderingLimits::default()).await?;
     let metrics = Arc::new(Metrics::default());
+    let waiters = Arc::new(Waiters::default());
     let relay_key = chitchat_proto::SecretKey::from_seed(*key.seed());
-    let relay = Arc::new(Relay::new(config, relay_key, store, ordering.clone(), metrics));
+    let quota = InboxQuota { max_items: config.inbox.max_items, max_bytes: config.inbox.max_bytes };
+    let sink = CommitFanout::new(
+        store.clone(),
+        relay_key.clone(),
+        metrics.clone(),
+        waiters.clone(),
+        quota,
+    );
+    let ordering =
+        Ordering::open(&dir.ordering_db(), OrderingLimits::default(), Arc::new(sink)).await?;
+    let relay = Arc::new(Relay::new(config, relay_key, store, ordering.clone(), metrics, waiters));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let (ready_tx, ready) = oneshot::channel();

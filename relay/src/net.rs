@@ -11,12 +11,15 @@
 //! signed a challenge for a device, its requests act as that device until it disconnects.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chitchat_proto::wire::{self, ErrorCode, MAX_FRAME_LEN, Request, Response};
 use chitchat_proto::{DeviceId, SecretKey};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
@@ -123,8 +126,69 @@ pub struct Listening {
 #[derive(Debug, Default)]
 struct PeerState {
     connections: usize,
+    /// The IP address of its first connection.
+    ip: Option<IpAddr>,
     challenge: Option<(DeviceId, [u8; 32])>,
     device: Option<DeviceId>,
+}
+
+/// Limits on requests that need no registered device, by IP address and by peer: keys and
+/// peer ids cost nothing, addresses cost a little more.
+struct Anonymous {
+    by_ip: DefaultKeyedRateLimiter<IpAddr>,
+    by_peer: DefaultKeyedRateLimiter<PeerId>,
+}
+
+impl Anonymous {
+    fn new(net: &NetworkConfig) -> Self {
+        let quota = |n: u32| Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        Self {
+            by_ip: RateLimiter::keyed(quota(net.anonymous_per_minute_per_ip)),
+            by_peer: RateLimiter::keyed(quota(net.anonymous_per_minute_per_peer)),
+        }
+    }
+
+    /// Takes a token for `peer` (and its address), or says how long to wait, in milliseconds.
+    fn check(&self, peer: PeerId, ip: Option<IpAddr>) -> Result<(), u64> {
+        use governor::clock::{Clock as _, DefaultClock};
+        let wait = |n: governor::NotUntil<_>| {
+            let wait = n.wait_time_from(DefaultClock::default().now());
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
+        };
+        if let Some(ip) = ip {
+            self.by_ip.check_key(&ip).map_err(wait)?;
+        }
+        self.by_peer.check_key(&peer).map_err(wait)
+    }
+
+    /// Forgets keys whose buckets are full again, so the maps hold only recent senders.
+    fn forget_idle(&self) {
+        self.by_ip.retain_recent();
+        self.by_ip.shrink_to_fit();
+        self.by_peer.retain_recent();
+        self.by_peer.shrink_to_fit();
+    }
+}
+
+/// Whether a request needs no registered device.
+fn is_anonymous(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Challenge { .. }
+            | Request::Authenticate { .. }
+            | Request::Register { .. }
+            | Request::Lookup { .. }
+            | Request::LookupDevices { .. }
+    )
+}
+
+/// The IP address a multiaddr starts with, if any.
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
 }
 
 /// Runs the relay's swarm until `shutdown` turns true. `ready` receives the bound addresses once
@@ -145,6 +209,8 @@ pub async fn run(
         mpsc::channel::<(ResponseChannel<Vec<u8>>, Response)>(MAX_IN_FLIGHT);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut peers: HashMap<PeerId, PeerState> = HashMap::new();
+    let anonymous = Anonymous::new(&relay.config().network);
+    let mut forget = tokio::time::interval(Duration::from_secs(60));
     let mut bound = Vec::new();
     let mut ready = Some(ready);
     loop {
@@ -159,8 +225,12 @@ pub async fn run(
                         let _ = r.send(Listening { peer_id, addrs: bound.clone() });
                     }
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                    peers.entry(peer_id).or_default().connections += 1;
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                    let state = peers.entry(peer_id).or_default();
+                    state.connections += 1;
+                    if state.ip.is_none() {
+                        state.ip = ip_of(endpoint.get_remote_address());
+                    }
                     relay.metrics().connections.inc();
                 }
                 SwarmEvent::ConnectionClosed { peer_id, .. } => {
@@ -178,7 +248,7 @@ pub async fn run(
                     ..
                 })) => {
                     let state = peers.entry(peer).or_default();
-                    let Some(request) = handshake(&relay, state, &request, channel, &mut swarm) else {
+                    let Some(request) = handshake(&relay, &anonymous, peer, state, &request, channel, &mut swarm) else {
                         continue;
                     };
                     let (request, channel) = request;
@@ -200,6 +270,7 @@ pub async fn run(
                 _ => {}
             },
             Some((channel, response)) = answers.recv() => send(&mut swarm, channel, &response),
+            _ = forget.tick() => anonymous.forget_idle(),
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     break;
@@ -214,6 +285,8 @@ pub async fn run(
 /// when it is for the services.
 fn handshake(
     relay: &Relay,
+    anonymous: &Anonymous,
+    peer: PeerId,
     state: &mut PeerState,
     frame: &[u8],
     channel: ResponseChannel<Vec<u8>>,
@@ -228,6 +301,17 @@ fn handshake(
             return None;
         }
     };
+    if (is_anonymous(&request) || state.device.is_none())
+        && let Err(retry_after_ms) = anonymous.check(peer, state.ip)
+    {
+        relay.metrics().error("rate_limited");
+        let limited = Response::Error {
+            code: ErrorCode::RateLimited { retry_after_ms },
+            message: "too many requests that need no registered device".into(),
+        };
+        send(swarm, channel, &limited);
+        return None;
+    }
     match request {
         Request::Challenge { device } => {
             let nonce: [u8; 32] = rand::rng().random();

@@ -33,7 +33,7 @@ use chitchat_proto::codec::{Bytes, decode, encode};
 use chitchat_proto::ordering::{
     ChannelId, CommitRef, OrderingCommand, OrderingLimits, OrderingState, Outcome,
 };
-use chitchat_proto::wire::commit_hash;
+use chitchat_proto::wire::{SealedWelcomes, commit_hash};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -67,13 +67,58 @@ pub enum RelayCommand {
         /// GroupInfo and ratchet tree.
         state: PublicState,
     },
-    /// Ask for an epoch with this commit.
+    /// Ask for an epoch with this commit (entries written before fan-out moved into the state
+    /// machine; applied as [`RelayCommand::Order`] without Welcomes).
     Submit {
         /// What is ordered.
         commit: CommitRef,
         /// The commit itself, checked against the channel's public state on apply.
         bytes: Bytes,
     },
+    /// Ask for an epoch with this commit; if it wins, fan it out with its Welcomes.
+    Order {
+        /// What is ordered; `submitter` is the device that submitted it, which must be the
+        /// member that committed it.
+        commit: CommitRef,
+        /// The commit itself, checked against the channel's public state on apply.
+        bytes: Bytes,
+        /// The Welcomes for the devices it adds (sealed by the submitter).
+        welcome: Option<SealedWelcomes>,
+    },
+}
+
+/// A commit that won its epoch, as the applied log says: what to fan out. Derived on every
+/// apply, so a relay that dies before the fan-out is durable does it again when it re-applies
+/// the log on restart ([`FanoutSink`] skips what it already did, by log index).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The log index of the entry.
+    pub index: u64,
+    /// The commit's reference (its submitter included).
+    pub commit: CommitRef,
+    /// The commit (MLS PublicMessage).
+    pub bytes: Bytes,
+    /// Every member of the epoch the commit ends (removed devices learn of their removal), the
+    /// committer included (its other devices, and itself should it never hear the answer).
+    pub recipients: Vec<chitchat_proto::DeviceId>,
+    /// Welcomes for devices the commit adds (any others the submitter attached are dropped).
+    pub welcomes: Vec<chitchat_proto::inbox::SealedEnvelope>,
+}
+
+/// Where accepted commits go. An answer to [`Ordering::submit`] waits until
+/// [`FanoutSink::deliver`] made their fan-out durable, so nothing acknowledged is lost.
+pub trait FanoutSink: Send + Sync + 'static {
+    /// Makes the fan-out of these commits durable, skipping those whose index is at or below
+    /// the watermark, and moves the watermark to the last. An error stops the ordering group.
+    fn deliver(
+        &self,
+        accepted: Vec<Accepted>,
+    ) -> futures::future::BoxFuture<'_, Result<(), String>>;
+    /// The highest log index whose fan-out is durable, if one was ever recorded.
+    fn watermark(&self) -> Result<Option<u64>, String>;
+    /// Records the watermark (a store that never recorded one starts at the log's end: its
+    /// relay fanned out before the watermark existed).
+    fn set_watermark(&self, index: u64) -> futures::future::BoxFuture<'_, Result<(), String>>;
 }
 
 /// The answer to one [`RelayCommand`].
@@ -83,6 +128,8 @@ pub enum RelayOutcome {
     Ordering(Outcome),
     /// The command was not valid against the channel's public state; nothing changed.
     Invalid(String),
+    /// The submitter may not submit this commit (not a member, or not its committer).
+    Forbidden(String),
 }
 
 /// Accepts every credential: the state machine checks structure only (see the module doc).
@@ -341,71 +388,114 @@ impl Machine {
         }
     }
 
-    /// Applies one command. Deterministic: the same log gives every replica the same answers.
-    fn apply(&mut self, command: RelayCommand) -> RelayOutcome {
+    /// Applies one command, the entry at log index `index`. Deterministic: the same log gives
+    /// every replica the same answers and the same fan-outs.
+    fn apply(&mut self, index: u64, command: RelayCommand) -> (RelayOutcome, Option<Accepted>) {
         match command {
-            RelayCommand::Open { channel, state } => {
-                if let Some(next_epoch) = self.state.next_epoch(&channel) {
-                    return RelayOutcome::Ordering(Outcome::AlreadyOpen { next_epoch });
-                }
-                let public = match PublicChannel::from_state(&self.crypto, &state) {
-                    Ok(p) if p.id() == channel => p,
-                    Ok(_) => {
-                        return RelayOutcome::Invalid("the state is of another channel".into());
-                    }
-                    Err(e) => return RelayOutcome::Invalid(e.to_string()),
-                };
-                let outcome =
-                    self.state.apply(&OrderingCommand::Open { channel, epoch: public.epoch() });
-                if outcome == Outcome::Opened {
-                    self.channels.insert(channel, public);
-                    self.refresh_members(channel);
-                }
-                RelayOutcome::Ordering(outcome)
-            }
-            RelayCommand::Submit { commit, bytes } => {
-                let Some(public) = self.channels.get_mut(&commit.channel) else {
-                    return RelayOutcome::Ordering(Outcome::UnknownChannel);
-                };
-                // A resubmitted winner, a loser, or a commit for another epoch: the ordering state
-                // answers without checking again.
-                let open = self.state.next_epoch(&commit.channel) == Some(commit.epoch);
-                if !open {
-                    return RelayOutcome::Ordering(
-                        self.state.apply(&OrderingCommand::Submit(commit)),
-                    );
-                }
-                if commit_hash(&bytes) != commit.hash {
-                    return RelayOutcome::Invalid(
-                        "the commit does not hash to the ordered hash".into(),
-                    );
-                }
-                // First *valid* commit wins.
-                let checked = match public.check(&self.crypto, &bytes, &StructureOnly) {
-                    Ok(c) => c,
-                    Err(e) => return RelayOutcome::Invalid(e.to_string()),
-                };
-                let outcome = self.state.apply(&OrderingCommand::Submit(commit));
-                if matches!(outcome, Outcome::Accepted(_))
-                    && let Err(e) = public.apply(checked)
-                {
-                    // Checked on this very state a moment ago: a failure here is a bug.
-                    tracing::error!(error = %e, channel = %commit.channel, "applying a checked commit failed");
-                }
-                if matches!(outcome, Outcome::Accepted(_)) {
-                    self.refresh_members(commit.channel);
-                }
-                RelayOutcome::Ordering(outcome)
+            RelayCommand::Open { channel, state } => (self.open(channel, state), None),
+            RelayCommand::Submit { commit, bytes } => self.order(index, commit, bytes, None),
+            RelayCommand::Order { commit, bytes, welcome } => {
+                self.order(index, commit, bytes, welcome)
             }
         }
     }
+
+    fn open(&mut self, channel: ChannelId, state: PublicState) -> RelayOutcome {
+        if let Some(next_epoch) = self.state.next_epoch(&channel) {
+            return RelayOutcome::Ordering(Outcome::AlreadyOpen { next_epoch });
+        }
+        let public = match PublicChannel::from_state(&self.crypto, &state) {
+            Ok(p) if p.id() == channel => p,
+            Ok(_) => return RelayOutcome::Invalid("the state is of another channel".into()),
+            Err(e) => return RelayOutcome::Invalid(e.to_string()),
+        };
+        let outcome = self.state.apply(&OrderingCommand::Open { channel, epoch: public.epoch() });
+        if outcome == Outcome::Opened {
+            self.channels.insert(channel, public);
+            self.refresh_members(channel);
+        }
+        RelayOutcome::Ordering(outcome)
+    }
+
+    fn order(
+        &mut self,
+        index: u64,
+        commit: CommitRef,
+        bytes: Bytes,
+        welcome: Option<SealedWelcomes>,
+    ) -> (RelayOutcome, Option<Accepted>) {
+        let Some(public) = self.channels.get_mut(&commit.channel) else {
+            return (RelayOutcome::Ordering(Outcome::UnknownChannel), None);
+        };
+        let before =
+            self.members.get(&commit.channel).and_then(|e| e.back()).map(|(_, m)| m.clone());
+        let is_member = before.as_ref().is_some_and(|m| m.binary_search(&commit.submitter).is_ok());
+        // A resubmitted winner, a loser, or a commit for another epoch: the ordering state
+        // answers without checking again, to a current member or to the winner's submitter, and
+        // nothing is fanned out again.
+        let open = self.state.next_epoch(&commit.channel) == Some(commit.epoch);
+        if !open {
+            let winner = self.state.winner(&commit.channel, commit.epoch);
+            if !is_member && winner.is_none_or(|w| w.submitter != commit.submitter) {
+                return (RelayOutcome::Forbidden("not a member of the channel".into()), None);
+            }
+            return (
+                RelayOutcome::Ordering(self.state.apply(&OrderingCommand::Submit(commit))),
+                None,
+            );
+        }
+        if commit_hash(&bytes) != commit.hash {
+            let reason = "the commit does not hash to the ordered hash".into();
+            return (RelayOutcome::Invalid(reason), None);
+        }
+        // First *valid* commit wins, and only its committer submits it.
+        let checked = match public.check(&self.crypto, &bytes, &StructureOnly) {
+            Ok(c) => c,
+            Err(e) => return (RelayOutcome::Invalid(e.to_string()), None),
+        };
+        if checked.committer != commit.submitter {
+            let reason = "a commit is submitted by the member that committed it".into();
+            return (RelayOutcome::Forbidden(reason), None);
+        }
+        let outcome = self.state.apply(&OrderingCommand::Submit(commit));
+        if !matches!(outcome, Outcome::Accepted(_)) {
+            return (RelayOutcome::Ordering(outcome), None);
+        }
+        if let Err(e) = public.apply(checked) {
+            // Checked on this very state a moment ago: a failure here is a bug.
+            tracing::error!(error = %e, channel = %commit.channel, "applying a checked commit failed");
+        }
+        self.refresh_members(commit.channel);
+        let before = before.unwrap_or_else(|| Arc::from(Vec::new()));
+        let after =
+            self.members.get(&commit.channel).and_then(|e| e.back()).map(|(_, m)| m.clone());
+        let added: Vec<_> = after
+            .iter()
+            .flat_map(|m| m.iter())
+            .filter(|d| before.binary_search(d).is_err())
+            .copied()
+            .collect();
+        let welcomes = welcome
+            .map(|w| w.envelopes.into_iter().filter(|e| added.contains(&e.recipient)).collect())
+            .unwrap_or_default();
+        let accepted = Accepted { index, commit, bytes, recipients: before.to_vec(), welcomes };
+        (RelayOutcome::Ordering(outcome), Some(accepted))
+    }
 }
 
-/// The state machine: the replicated [`Machine`], snapshotted into the log store's database.
-#[derive(Clone, Debug)]
+/// The state machine: the replicated [`Machine`], snapshotted into the log store's database,
+/// and the sink its accepted commits go to.
+#[derive(Clone)]
 pub struct StateMachine {
     inner: Arc<Mutex<Machine>>,
     store: LogStore,
+    sink: Arc<dyn FanoutSink>,
+}
+
+impl Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine").finish_non_exhaustive()
+    }
 }
 
 impl StateMachine {
@@ -448,19 +538,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut m = self.inner.lock().await;
         let mut out = Vec::new();
-        for e in entries {
-            m.last_applied = Some(e.log_id);
-            match e.payload {
-                EntryPayload::Normal(command) => out.push(m.apply(command)),
-                EntryPayload::Membership(membership) => {
-                    m.membership = StoredMembership::new(Some(e.log_id), membership);
-                    // Never read: membership entries have no client waiting.
-                    out.push(RelayOutcome::Ordering(Outcome::Opened));
+        let mut accepted = Vec::new();
+        {
+            let mut m = self.inner.lock().await;
+            for e in entries {
+                m.last_applied = Some(e.log_id);
+                match e.payload {
+                    EntryPayload::Normal(command) => {
+                        let (outcome, fanout) = m.apply(e.log_id.index, command);
+                        out.push(outcome);
+                        accepted.extend(fanout);
+                    }
+                    EntryPayload::Membership(membership) => {
+                        m.membership = StoredMembership::new(Some(e.log_id), membership);
+                        // Never read: membership entries have no client waiting.
+                        out.push(RelayOutcome::Ordering(Outcome::Opened));
+                    }
+                    EntryPayload::Blank => out.push(RelayOutcome::Ordering(Outcome::Opened)),
                 }
-                EntryPayload::Blank => out.push(RelayOutcome::Ordering(Outcome::Opened)),
             }
+        }
+        // No answer leaves before the fan-out of what these entries accepted is durable.
+        if !accepted.is_empty() {
+            self.sink.deliver(accepted).await.map_err(|e| {
+                tracing::error!(error = %e, "fan-out of ordered commits failed; ordering stops");
+                StorageError::from(StorageIOError::write_state_machine(&std::io::Error::other(e)))
+            })?;
         }
         Ok(out)
     }
@@ -568,7 +672,14 @@ impl Debug for Ordering {
 impl Ordering {
     /// Opens the group's storage at `path` and starts this relay as its only member (node 1),
     /// restoring the state from the last snapshot and the committed log.
-    pub async fn open(path: &Path, limits: OrderingLimits) -> Result<Self, OrderingError> {
+    ///
+    /// Accepted commits go to `sink`; entries applied again on restart whose fan-out is not yet
+    /// durable are fanned out then.
+    pub async fn open(
+        path: &Path,
+        limits: OrderingLimits,
+        sink: Arc<dyn FanoutSink>,
+    ) -> Result<Self, OrderingError> {
         let storage = |e: &dyn std::fmt::Display| OrderingError::Storage(e.to_string());
         let db = Database::create(path).map_err(|e| storage(&e))?;
         {
@@ -578,6 +689,12 @@ impl Ordering {
             w.commit().map_err(|e| storage(&e))?;
         }
         let log = LogStore { db: Arc::new(db) };
+        // A store that never recorded a watermark belongs to a relay that fanned out before the
+        // watermark existed: everything in the log is done.
+        if sink.watermark().map_err(|e| storage(&e))?.is_none() {
+            let last = log.last_entry_id().map_err(|e| storage(&e))?.map_or(0, |l| l.index);
+            sink.set_watermark(last).await.map_err(|e| storage(&e))?;
+        }
         let initial = match log.meta::<StoredSnapshot>(SNAPSHOT).map_err(|e| storage(&e))? {
             Some(s) => decode(&s.data, MAX_RECORD)
                 .map_err(|_| OrderingError::Storage("corrupt snapshot".into()))?,
@@ -586,7 +703,7 @@ impl Ordering {
         let initial =
             Machine::from_snapshot(initial).map_err(|e| OrderingError::Storage(e.to_string()))?;
         let state_machine =
-            StateMachine { inner: Arc::new(Mutex::new(initial)), store: log.clone() };
+            StateMachine { inner: Arc::new(Mutex::new(initial)), store: log.clone(), sink };
         let config = openraft::Config {
             cluster_name: "chitchat-ordering".into(),
             heartbeat_interval: 250,
@@ -622,16 +739,26 @@ impl Ordering {
     }
 
     /// Checks a commit against the channel's current public state, with `check` for the
-    /// credentials it brings in (this relay's directory). Done before proposing.
+    /// credentials it brings in (this relay's directory). Done before proposing. Returns the
+    /// member that committed it.
     pub async fn check(
         &self,
         channel: &ChannelId,
         commit: &[u8],
         check: &impl CredentialCheck,
-    ) -> Result<(), ChannelError> {
+    ) -> Result<chitchat_proto::DeviceId, ChannelError> {
         let m = self.state_machine.inner.lock().await;
         let public = m.channels.get(channel).ok_or(ChannelError::WrongChannel)?;
-        public.check(&m.crypto, commit, check).map(|_| ())
+        public.check(&m.crypto, commit, check).map(|c| c.committer)
+    }
+
+    /// The channel's current config, if it is ordered here.
+    pub async fn config(
+        &self,
+        channel: &ChannelId,
+    ) -> Option<Result<chitchat_proto::channel::ChannelConfig, ChannelError>> {
+        let m = self.state_machine.inner.lock().await;
+        m.channels.get(channel).map(PublicChannel::config)
     }
 
     /// The member devices of the channel's current epoch, as its public state says.
@@ -729,6 +856,47 @@ mod tests {
         }
     }
 
+    /// A sink that keeps what it is given, with a watermark as the store keeps it.
+    #[derive(Default)]
+    struct Recorded {
+        state: std::sync::Mutex<(Option<u64>, Vec<Accepted>)>,
+    }
+
+    impl Recorded {
+        fn at(watermark: Option<u64>) -> Arc<Self> {
+            Arc::new(Self { state: std::sync::Mutex::new((watermark, Vec::new())) })
+        }
+
+        fn delivered(&self) -> Vec<Accepted> {
+            self.state.lock().expect("lock").1.clone()
+        }
+    }
+
+    impl FanoutSink for Recorded {
+        fn deliver(
+            &self,
+            accepted: Vec<Accepted>,
+        ) -> futures::future::BoxFuture<'_, Result<(), String>> {
+            let mut s = self.state.lock().expect("lock");
+            for a in accepted {
+                if s.0.is_none_or(|w| a.index > w) {
+                    s.0 = Some(a.index);
+                    s.1.push(a);
+                }
+            }
+            Box::pin(async { Ok(()) })
+        }
+
+        fn watermark(&self) -> Result<Option<u64>, String> {
+            Ok(self.state.lock().expect("lock").0)
+        }
+
+        fn set_watermark(&self, index: u64) -> futures::future::BoxFuture<'_, Result<(), String>> {
+            self.state.lock().expect("lock").0 = Some(index);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
     fn submit(staged: &StagedCommit, by: DeviceId) -> RelayCommand {
         let commit = CommitRef {
             channel: ChannelId([3; 32]),
@@ -750,8 +918,11 @@ mod tests {
         let b = alice.stage();
         alice.channel.discard_own(&alice.provider).expect("discard");
         let a = alice.stage();
+        let first = Recorded::at(None);
         {
-            let o = Ordering::open(&path, OrderingLimits::default()).await.expect("open");
+            let o = Ordering::open(&path, OrderingLimits::default(), first.clone())
+                .await
+                .expect("open");
             // Nothing is ordered before the channel is opened.
             assert_eq!(
                 o.submit(submit(&a, me)).await.expect("submit"),
@@ -786,8 +957,28 @@ mod tests {
             o.shutdown().await;
         }
         alice.merge(&a);
+        // The winner was fanned out once (to its committer, the only member), the resubmission
+        // and the loser not at all.
+        let delivered = first.delivered();
+        assert_eq!(delivered.len(), 1, "{delivered:?}");
+        assert_eq!((delivered[0].commit.hash, &delivered[0].recipients[..]), (a.hash, &[me][..]));
+        // A relay whose fan-out never became durable (its watermark is behind) fans the winner
+        // out again when it re-applies the log on restart; one whose fan-out is done does not.
+        let behind = Recorded::at(Some(0));
+        let o =
+            Ordering::open(&path, OrderingLimits::default(), behind.clone()).await.expect("reopen");
+        o.raft
+            .wait(Some(std::time::Duration::from_secs(10)))
+            .applied_index_at_least(Some(delivered[0].index), "re-applied")
+            .await
+            .expect("re-applied");
+        assert_eq!(behind.delivered(), delivered);
+        o.shutdown().await;
+        drop(o);
         // Reopened: the winner is remembered, the public state followed it to epoch 1.
-        let o = Ordering::open(&path, OrderingLimits::default()).await.expect("reopen");
+        let done = Recorded::at(Some(delivered[0].index));
+        let o =
+            Ordering::open(&path, OrderingLimits::default(), done.clone()).await.expect("reopen");
         assert!(matches!(
             o.submit(submit(&b, me)).await.expect("submit"),
             RelayOutcome::Ordering(Outcome::Conflict { .. })
@@ -812,6 +1003,8 @@ mod tests {
             RelayOutcome::Ordering(Outcome::Accepted(_))
         ));
         assert_eq!(o.next_epoch(&ChannelId([3; 32])).await, Some(2));
+        assert_eq!(done.delivered().len(), 1, "only c is new");
+        assert_eq!(done.delivered()[0].commit.hash, c.hash);
         o.shutdown().await;
     }
 }

@@ -21,7 +21,7 @@ use chitchat_proto::wire::{
     AuthProof, ErrorCode, MAX_FETCH_BYTES, MAX_FETCH_ITEMS, Request, Response,
 };
 use chitchat_proto::wire::{ChannelPost, EnqueueResult, MAX_WAIT_MS, PostResult};
-use chitchat_proto::wire::{CommitSubmission, Envelope, OrderedCommit, commit_hash};
+use chitchat_proto::wire::{CommitSubmission, Envelope, commit_hash};
 use chitchat_proto::{DeviceId, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::Notify;
@@ -47,7 +47,7 @@ pub struct Relay {
     submitters: DefaultKeyedRateLimiter<DeviceId>,
     ordering: Ordering,
     /// Devices with a `Wait` request held open, woken by enqueues to them.
-    waiters: std::sync::Mutex<HashMap<DeviceId, Arc<Notify>>>,
+    waiters: Arc<Waiters>,
     metrics: Arc<Metrics>,
 }
 
@@ -89,6 +89,29 @@ impl CredentialCheck for Directory<'_> {
             Err("the channel's relay set does not name this relay".into())
         }
     }
+}
+
+/// Devices with a `Wait` request held open, each woken by what arrives in its inbox.
+#[derive(Debug, Default)]
+pub struct Waiters(std::sync::Mutex<HashMap<DeviceId, Arc<Notify>>>);
+
+impl Waiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Arc<Notify>>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Wakes the device's waiting fetches, if any.
+    pub fn wake(&self, device: DeviceId) {
+        if let Some(n) = self.lock().get(&device) {
+            n.notify_waiters();
+        }
+    }
+}
+
+/// This relay's certificate for an ordered commit (Ed25519 is deterministic: the same body
+/// gets the same signature, whenever it is signed again).
+pub fn certify(key: &SecretKey, body: EpochCertBody) -> EpochCert {
+    EpochCert { body, signatures: vec![CertSignature::sign(key, &body)] }
 }
 
 /// The wall clock, as the protocol's [`Timestamp`].
@@ -166,6 +189,7 @@ impl Relay {
         store: Store,
         ordering: Ordering,
         metrics: Arc<Metrics>,
+        waiters: Arc<Waiters>,
     ) -> Self {
         let id = RelayId { host: config.host.clone(), key: key.public() };
         let k = config.key_packages;
@@ -180,7 +204,7 @@ impl Relay {
             store,
             crypto: openmls_rust_crypto::RustCrypto::default(),
             ordering,
-            waiters: std::sync::Mutex::new(HashMap::new()),
+            waiters,
             metrics,
         }
     }
@@ -229,6 +253,8 @@ impl Relay {
             };
         }
         if let Request::LookupDevices { devices } = &request {
+            // Each device once, whatever the request repeats.
+            let devices: std::collections::BTreeSet<&DeviceId> = devices.iter().collect();
             let mut dirs = Vec::with_capacity(devices.len());
             for device in devices {
                 match self.store.device(device) {
@@ -245,6 +271,16 @@ impl Relay {
                 "authenticate first (Challenge, Authenticate)",
             );
         };
+        // A key costs nothing: everything but registration needs a device registered here.
+        if !matches!(request, Request::Register { .. }) {
+            match self.store.is_registered(&me) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return error(ErrorCode::Forbidden, "register this device here first");
+                }
+                Err(e) => return unavailable(e),
+            }
+        }
         match request {
             Request::Challenge { .. }
             | Request::Authenticate { .. }
@@ -484,9 +520,11 @@ impl Relay {
         }
     }
 
-    /// Orders a commit. The winner of its epoch gets a certificate signed by this relay; the
-    /// commit then goes to the inboxes of the devices named in `fanout`, and the sealed
-    /// Welcomes to the devices they are for (only now, after ordering).
+    /// Orders a commit. Only a registered member submits, and only its own commits. The winner
+    /// of its epoch gets a certificate signed by this relay; its fan-out (to the members, and
+    /// its Welcomes to the devices it adds) is durable before the answer, done by the ordering
+    /// state machine as it applies the log ([`CommitFanout`]). A resubmitted winner gets its
+    /// certificate again and is not fanned out again.
     async fn submit_commit(&self, me: DeviceId, sub: CommitSubmission, now: Timestamp) -> Response {
         if let Err(retry_after_ms) = check_rate(&self.submitters, me) {
             return error(ErrorCode::RateLimited { retry_after_ms }, "too many commits submitted");
@@ -501,9 +539,9 @@ impl Relay {
                 "the commit's channel or epoch differs from the submission's",
             );
         }
-        // A commit for the next epoch is checked first against the channel's public state,
-        // with this relay's directory for the devices it adds. (A retried winner or a late loser
-        // is answered by the ordering state.)
+        // A commit for the next epoch is checked first against the channel's public state and
+        // the channel rules, with this relay's directory for the devices it adds. (A retried
+        // winner or a late loser is answered by the ordering state.)
         match self.ordering.next_epoch(&sub.channel).await {
             None => {
                 return error(
@@ -516,37 +554,35 @@ impl Relay {
                     Ok(d) => d,
                     Err(e) => return unavailable(e),
                 };
-                if let Err(e) = self.ordering.check(&sub.channel, &sub.commit, &directory).await {
-                    return error(ErrorCode::BadRequest, format!("invalid commit: {e}"));
+                match self.ordering.check(&sub.channel, &sub.commit, &directory).await {
+                    Ok(committer) if committer == me => {}
+                    Ok(_) => {
+                        return error(
+                            ErrorCode::Forbidden,
+                            "a commit is submitted by the member that committed it",
+                        );
+                    }
+                    Err(e) => return error(ErrorCode::BadRequest, format!("invalid commit: {e}")),
                 }
             }
             Some(_) => {}
         }
-        let members_before = self.ordering.members(&sub.channel).await;
         let hash = commit_hash(&sub.commit);
         let commit = CommitRef { channel: sub.channel, epoch: sub.epoch, hash, submitter: me };
-        let command = RelayCommand::Submit { commit, bytes: Bytes(sub.commit.clone()) };
+        let command =
+            RelayCommand::Order { commit, bytes: Bytes(sub.commit), welcome: sub.welcome };
         let outcome = match self.ordering.submit(command).await {
             Ok(RelayOutcome::Ordering(o)) => o,
             Ok(RelayOutcome::Invalid(reason)) => {
                 return error(ErrorCode::BadRequest, format!("invalid commit: {reason}"));
             }
+            Ok(RelayOutcome::Forbidden(reason)) => return error(ErrorCode::Forbidden, reason),
             Err(e) => return unavailable(e),
         };
         match outcome {
             Outcome::Accepted(w) if w.hash == hash => {
                 let body = EpochCertBody { channel: sub.channel, epoch: sub.epoch, hash };
-                let cert =
-                    EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] };
-                self.metrics.commits_accepted.inc();
-                // Every member of the epoch the commit ends gets it (a removed device learns of
-                // its removal; an added one gets its Welcome instead), whatever the submitter
-                // listed: a committer cannot withhold an epoch from anyone.
-                let mut recipients = members_before;
-                recipients.extend(sub.fanout.iter().copied());
-                recipients.retain(|d| *d != me);
-                self.fan_out(me, &sub, &recipients, &cert, now).await;
-                Response::CommitAccepted { cert }
+                Response::CommitAccepted { cert: certify(&self.key, body) }
             }
             Outcome::Conflict { winner } => {
                 self.metrics.commit_conflicts.inc();
@@ -563,9 +599,9 @@ impl Relay {
         }
     }
 
-    /// Starts ordering a channel from a member's export of its public state.
+    /// Starts ordering a channel from a member's export of its public state. The opener must be
+    /// a member of it, and the channel's relay set must name this relay.
     async fn open_channel(&self, me: DeviceId, channel: ChannelId, state: PublicState) -> Response {
-        // The opener must be a member of the state it sends.
         match PublicChannel::from_state(&self.crypto, &state) {
             Ok(p) if p.id() != channel => {
                 return error(ErrorCode::BadRequest, "the state is of another channel");
@@ -573,7 +609,16 @@ impl Relay {
             Ok(p) if !p.members().contains(&me) => {
                 return error(ErrorCode::Forbidden, "only a member opens a channel");
             }
-            Ok(_) => {}
+            Ok(p) => match p.config() {
+                Ok(config) if config.relays.contains(&self.id) => {}
+                Ok(_) => {
+                    return error(
+                        ErrorCode::Forbidden,
+                        "the channel's relay set does not name this relay",
+                    );
+                }
+                Err(e) => return error(ErrorCode::BadRequest, format!("public state: {e}")),
+            },
             Err(e) => return error(ErrorCode::BadRequest, format!("public state: {e}")),
         }
         match self.ordering.submit(RelayCommand::Open { channel, state }).await {
@@ -587,83 +632,11 @@ impl Relay {
                 Response::ChannelOpened { next_epoch }
             }
             Ok(RelayOutcome::Invalid(reason)) => error(ErrorCode::BadRequest, reason),
+            Ok(RelayOutcome::Forbidden(reason)) => error(ErrorCode::Forbidden, reason),
             Ok(RelayOutcome::Ordering(other)) => {
                 unavailable(format!("ordering answered {other:?}"))
             }
             Err(e) => unavailable(e),
-        }
-    }
-
-    /// Delivers an accepted commit to `recipients` and its Welcomes to theirs, in one durable
-    /// write shared with concurrent ones. The commit goes unsealed, one record for every
-    /// recipient (an [`OrderedCommit`]; this relay validated it and knows the membership), and
-    /// bypasses the inbox quota, because a member that misses an ordered commit cannot follow
-    /// its channel. Welcomes were sealed by the submitter. Devices not registered here are
-    /// skipped (federation forwards them, later).
-    async fn fan_out(
-        &self,
-        me: DeviceId,
-        sub: &CommitSubmission,
-        recipients: &[DeviceId],
-        cert: &EpochCert,
-        now: Timestamp,
-    ) {
-        let mut targets: Vec<DeviceId> = recipients.to_vec();
-        targets.sort();
-        targets.dedup();
-        let commit = Envelope::Commit(OrderedCommit {
-            channel: sub.channel,
-            commit: sub.commit.clone(),
-            cert: cert.clone(),
-        });
-        let unbounded = InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
-        let commit = Write::Fanout {
-            sender: me,
-            envelope: commit,
-            recipients: targets.into(),
-            now,
-            quota: unbounded,
-        };
-        let quota = self.inbox_quota();
-        let welcomes: Vec<(DeviceId, Write)> = sub
-            .welcome
-            .iter()
-            .flat_map(|w| w.envelopes.iter())
-            .map(|e| {
-                let write = Write::Enqueue { sender: me, envelope: e.clone(), now, quota };
-                (e.recipient, write)
-            })
-            .collect();
-        let (commit, welcomes) = futures::future::join(
-            self.store.write(commit),
-            futures::future::join_all(
-                welcomes
-                    .into_iter()
-                    .map(|(recipient, w)| async move { (recipient, self.store.write(w).await) }),
-            ),
-        )
-        .await;
-        match commit {
-            Ok(Written::Posted { delivered, skipped }) => {
-                self.metrics.enqueues.inc_by(delivered.len() as u64);
-                if skipped > 0 {
-                    tracing::debug!(skipped, "commit recipients not registered here");
-                }
-                for device in delivered {
-                    self.wake(device);
-                }
-            }
-            Ok(other) => tracing::error!(?other, "unexpected answer to a commit fan-out"),
-            Err(e) => tracing::warn!(error = %e, "fan-out of an accepted commit failed"),
-        }
-        for (recipient, result) in welcomes {
-            match result {
-                Ok(_) => {
-                    self.metrics.enqueues.inc();
-                    self.wake(recipient);
-                }
-                Err(e) => tracing::warn!(error = %e, "delivery of a Welcome failed"),
-            }
         }
     }
 
@@ -704,8 +677,7 @@ impl Relay {
         timeout: Duration,
     ) -> Response {
         let notify = {
-            let mut waiters =
-                self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut waiters = self.waiters.lock();
             waiters.entry(me).or_default().clone()
         };
         let deadline = tokio::time::Instant::now() + timeout;
@@ -730,7 +702,7 @@ impl Relay {
             }
         };
         drop(notify);
-        let mut waiters = self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut waiters = self.waiters.lock();
         // Forget the device once no request of its waits (then only the map holds it).
         if waiters.get(&me).is_some_and(|n| Arc::strong_count(n) == 1) {
             waiters.remove(&me);
@@ -739,10 +711,7 @@ impl Relay {
     }
 
     fn wake(&self, device: DeviceId) {
-        let waiters = self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = waiters.get(&device) {
-            n.notify_waiters();
-        }
+        self.waiters.wake(device);
     }
 
     /// Deletes inbox items past the retention period; returns how many.

@@ -35,6 +35,9 @@ pub const STORAGE_VERSION: u32 = 3;
 pub const WRITE_QUEUE: usize = 8192;
 
 pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta-0");
+/// The key in `meta-0` of the fan-out watermark: the highest ordering-log index whose accepted
+/// commit is in its recipients' inboxes (8 bytes, big-endian).
+pub(crate) const FANNED_OUT: &str = "fanned-out";
 pub(crate) const TOKENS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("tokens-0");
 pub(crate) const NAMES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("names-0");
 pub(crate) const DEVICES: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("devices-0");
@@ -124,6 +127,23 @@ impl Store {
         let t = r.open_table(DEVICES).map_err(redb_err)?;
         let Some(v) = t.get(device.as_bytes()).map_err(redb_err)? else { return Ok(None) };
         records::decode_record(v.value(), "devices").map(Some)
+    }
+
+    /// The highest ordering-log index whose fan-out is durable here, if one was ever recorded.
+    pub fn fanned_out(&self) -> Result<Option<u64>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(META).map_err(redb_err)?;
+        let Some(v) = t.get(FANNED_OUT).map_err(redb_err)? else { return Ok(None) };
+        let bytes: [u8; 8] =
+            v.value().try_into().map_err(|_| StoreError::Corrupt { table: "meta" })?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
+    /// Whether a device is registered here (no record is decoded).
+    pub fn is_registered(&self, device: &DeviceId) -> Result<bool, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(DEVICES).map_err(redb_err)?;
+        Ok(t.get(device.as_bytes()).map_err(redb_err)?.is_some())
     }
 
     /// The current records of the devices registered under `local_name`.

@@ -9,8 +9,8 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::records::{decode_record, encode_record};
 use super::{
-    BLOCKED, COUNTERS, Counters, DEVICES, DeviceRecord, INBOX, KEY_PACKAGES, LAST_RESORT, NAMES,
-    StoredItem, StoredKeyPackage, TOKENS, TokenRecord,
+    BLOCKED, COUNTERS, Counters, DEVICES, DeviceRecord, FANNED_OUT, INBOX, KEY_PACKAGES,
+    LAST_RESORT, META, NAMES, StoredItem, StoredKeyPackage, TOKENS, TokenRecord,
 };
 
 /// Inbox bounds, checked on every enqueue.
@@ -94,6 +94,22 @@ pub enum Write {
         /// Each recipient's bounds.
         quota: InboxQuota,
     },
+    /// The fan-out of a commit ordered at log index `index`: its record for the channel's members
+    /// and the Welcomes for the devices it adds, unless the watermark says it was done (then
+    /// nothing is written); moves the watermark to `index`.
+    Ordered {
+        /// The ordering-log index of the accepted entry.
+        index: u64,
+        /// The commit for the members ([`Write::Fanout`], past the inbox quota).
+        commit: Box<Write>,
+        /// The Welcomes ([`Write::Enqueue`] each).
+        welcomes: Vec<Write>,
+    },
+    /// Records the fan-out watermark as it is (a relay upgraded from before it existed).
+    SetFannedOut {
+        /// The log index.
+        index: u64,
+    },
     /// Delete acknowledged items of a device's inbox.
     Ack {
         /// The inbox owner.
@@ -138,6 +154,8 @@ pub enum Written {
     },
     /// How many items were deleted.
     Removed(u64),
+    /// An ordered commit's fan-out was already durable: nothing was written.
+    AlreadyFannedOut,
     /// A post is in these inboxes; `skipped` recipients did not get it.
     Posted {
         /// The inboxes it is in.
@@ -188,6 +206,7 @@ pub(super) struct Tables<'txn> {
     counters: Table<'txn, [u8; 32], &'static [u8]>,
     inbox: Table<'txn, ([u8; 32], u64), &'static [u8]>,
     blocked: Table<'txn, &'static str, u64>,
+    meta: Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -201,6 +220,7 @@ impl<'txn> Tables<'txn> {
             counters: txn.open_table(COUNTERS).map_err(storage)?,
             inbox: txn.open_table(INBOX).map_err(storage)?,
             blocked: txn.open_table(BLOCKED).map_err(storage)?,
+            meta: txn.open_table(META).map_err(storage)?,
         })
     }
 }
@@ -286,6 +306,11 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             }
             Ok(Written::Posted { delivered, skipped })
         }
+        Write::Ordered { index, commit, welcomes } => ordered(t, *index, commit, welcomes),
+        Write::SetFannedOut { index } => {
+            t.meta.insert(FANNED_OUT, index.to_be_bytes().as_slice()).map_err(storage)?;
+            Ok(Written::Done)
+        }
         Write::Ack { device, ids } => ack(t, *device, ids),
         Write::Expire { before, max } => expire(t, *before, *max),
         Write::Block { host, blocked, now } => {
@@ -297,6 +322,47 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             Ok(Written::Done)
         }
     }
+}
+
+/// One ordered commit's fan-out, once: the commit to its recipients (those not registered here
+/// are skipped), the Welcomes to theirs (a Welcome refused for a full inbox is skipped and
+/// logged: the commit is ordered whatever happens to it), and the watermark.
+fn ordered(
+    t: &mut Tables<'_>,
+    index: u64,
+    commit: &Write,
+    welcomes: &[Write],
+) -> Result<Written, WriteError> {
+    let watermark = match t.meta.get(FANNED_OUT).map_err(storage)? {
+        Some(v) => {
+            let bytes: [u8; 8] = v
+                .value()
+                .try_into()
+                .map_err(|_| WriteError::Storage("corrupt fan-out watermark".into()))?;
+            Some(u64::from_be_bytes(bytes))
+        }
+        None => None,
+    };
+    if watermark.is_some_and(|w| index <= w) {
+        return Ok(Written::AlreadyFannedOut);
+    }
+    let (mut delivered, mut skipped) = match apply(t, commit)? {
+        Written::Posted { delivered, skipped } => (delivered, skipped),
+        other => return Err(WriteError::Storage(format!("unexpected {other:?}"))),
+    };
+    for welcome in welcomes {
+        let Write::Enqueue { envelope, .. } = welcome else { continue };
+        match apply(t, welcome) {
+            Ok(_) => delivered.push(envelope.recipient),
+            Err(WriteError::Rejected { message, .. }) => {
+                tracing::warn!(%message, "a Welcome of an ordered commit was not delivered");
+                skipped = skipped.saturating_add(1);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    t.meta.insert(FANNED_OUT, index.to_be_bytes().as_slice()).map_err(storage)?;
+    Ok(Written::Posted { delivered, skipped })
 }
 
 fn read_counters(t: &Tables<'_>, device: DeviceId) -> Result<Counters, WriteError> {
@@ -371,7 +437,9 @@ fn register(
             return Err(reject(ErrorCode::NameTaken, format!("{local_name} is taken")));
         }
     }
-    if devices.len() > chitchat_proto::identity::MAX_LINKED_DEVICES {
+    // A user is at most MAX_LINKED_DEVICES devices (a record lists at most that many others, so
+    // more could never all be linked with each other).
+    if devices.len() >= chitchat_proto::identity::MAX_LINKED_DEVICES {
         return Err(reject(ErrorCode::Forbidden, "too many devices for one name"));
     }
     // Checks are done; write.
@@ -493,7 +561,9 @@ fn enqueue(
         return Err(reject(ErrorCode::NotFound, "recipient is not registered here"));
     }
     let mut c = read_counters(t, recipient)?;
-    if c.inbox_items >= quota.max_items || c.inbox_bytes + bytes.len() as u64 > quota.max_bytes {
+    if c.inbox_items >= quota.max_items
+        || c.inbox_bytes.saturating_add(bytes.len() as u64) > quota.max_bytes
+    {
         return Err(reject(
             ErrorCode::QuotaExceeded { retry_after_ms: 60_000 },
             "recipient's inbox is full",
@@ -501,9 +571,9 @@ fn enqueue(
     }
     let id = c.next_inbox;
     t.inbox.insert((*recipient.as_bytes(), id), bytes).map_err(storage)?;
-    c.next_inbox += 1;
-    c.inbox_items += 1;
-    c.inbox_bytes += bytes.len() as u64;
+    c.next_inbox = c.next_inbox.saturating_add(1);
+    c.inbox_items = c.inbox_items.saturating_add(1);
+    c.inbox_bytes = c.inbox_bytes.saturating_add(bytes.len() as u64);
     write_counters(t, recipient, &c)?;
     Ok(Written::Enqueued { id })
 }

@@ -1,0 +1,123 @@
+//! The fan-out of ordered commits, driven by the ordering state machine as it applies the log.
+//!
+//! When an entry's commit wins its epoch, [`CommitFanout::deliver`] writes, in one durable write
+//! of the store: the commit with this relay's certificate (one unsealed [`Envelope::Commit`]
+//! record in the inbox of every member of the epoch it ends, past the inbox quota, since a member
+//! that misses a commit cannot follow its channel), the Welcomes for the devices it adds, and the
+//! fan-out watermark (the entry's log index). The submitter's answer waits for it. A relay that
+//! dies between ordering and fan-out re-applies the log on restart and fans out what the
+//! watermark says is missing; what it says is done is not written twice.
+
+use std::sync::Arc;
+
+use chitchat_proto::ordering::EpochCertBody;
+use chitchat_proto::wire::{Envelope, OrderedCommit};
+use chitchat_proto::{SecretKey, Timestamp};
+use futures::future::BoxFuture;
+
+use crate::metrics::Metrics;
+use crate::ordering::{Accepted, FanoutSink};
+use crate::service::{Waiters, certify, now};
+use crate::store::{InboxQuota, Store, Write, Written};
+
+/// Fault injection for tests: `CHITCHAT_RELAY_FAULT=exit-before-fanout` makes the relay abort
+/// after a commit is ordered (durable in the log) and before its fan-out is written.
+pub const FAULT_ENV: &str = "CHITCHAT_RELAY_FAULT";
+
+/// The relay's [`FanoutSink`]: its store, its key (for the certificates), its metrics, and its
+/// waiting fetches (woken by what is delivered).
+pub struct CommitFanout {
+    store: Store,
+    key: SecretKey,
+    metrics: Arc<Metrics>,
+    waiters: Arc<Waiters>,
+    /// The bounds of every inbox (Welcomes are held to them; commits are not).
+    quota: InboxQuota,
+    exit_before_fanout: bool,
+}
+
+impl std::fmt::Debug for CommitFanout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitFanout").finish_non_exhaustive()
+    }
+}
+
+impl CommitFanout {
+    /// A sink writing to `store`, certifying with `key`, holding Welcomes to `quota`.
+    pub fn new(
+        store: Store,
+        key: SecretKey,
+        metrics: Arc<Metrics>,
+        waiters: Arc<Waiters>,
+        quota: InboxQuota,
+    ) -> Self {
+        let exit_before_fanout = std::env::var(FAULT_ENV).is_ok_and(|f| f == "exit-before-fanout");
+        Self { store, key, metrics, waiters, quota, exit_before_fanout }
+    }
+
+    fn write(&self, accepted: Accepted, now: Timestamp) -> Write {
+        let c = accepted.commit;
+        let cert =
+            certify(&self.key, EpochCertBody { channel: c.channel, epoch: c.epoch, hash: c.hash });
+        let envelope =
+            Envelope::Commit(OrderedCommit { channel: c.channel, commit: accepted.bytes.0, cert });
+        let unbounded = InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
+        let commit = Write::Fanout {
+            sender: c.submitter,
+            envelope,
+            recipients: accepted.recipients.into(),
+            now,
+            quota: unbounded,
+        };
+        let quota = self.quota;
+        let welcomes = accepted
+            .welcomes
+            .into_iter()
+            .map(|envelope| Write::Enqueue { sender: c.submitter, envelope, now, quota })
+            .collect();
+        Write::Ordered { index: accepted.index, commit: Box::new(commit), welcomes }
+    }
+}
+
+impl FanoutSink for CommitFanout {
+    fn deliver(&self, accepted: Vec<Accepted>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if self.exit_before_fanout {
+                tracing::error!("fault injection: exiting before the fan-out of an ordered commit");
+                std::process::abort();
+            }
+            let now = now();
+            let writes: Vec<Write> = accepted.into_iter().map(|a| self.write(a, now)).collect();
+            let results =
+                futures::future::join_all(writes.into_iter().map(|w| self.store.write(w))).await;
+            for result in results {
+                match result.map_err(|e| e.to_string())? {
+                    Written::Posted { delivered, .. } => {
+                        self.metrics.commits_accepted.inc();
+                        self.metrics.enqueues.inc_by(delivered.len() as u64);
+                        for device in delivered {
+                            self.waiters.wake(device);
+                        }
+                    }
+                    Written::AlreadyFannedOut => {}
+                    other => return Err(format!("unexpected answer to a fan-out: {other:?}")),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn watermark(&self) -> Result<Option<u64>, String> {
+        self.store.fanned_out().map_err(|e| e.to_string())
+    }
+
+    fn set_watermark(&self, index: u64) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.store
+                .write(Write::SetFannedOut { index })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
