@@ -750,11 +750,14 @@ impl Node {
         Ok(())
     }
 
-    /// Orders a membership change and drops its intent if it fails.
+    /// Orders a membership change and drops its intent if it fails. A commit the relay may
+    /// have ordered (it never answered) is never dropped: it stays staged, and
+    /// [`Node::resume_intents`] resubmits it until the relay decides.
     async fn change(&self, channel: ChannelId, op: IntentOp) -> Result<(), NodeError> {
         let _one_at_a_time = self.ordering.lock().await;
         let result = self.change_locked(channel, op).await;
-        if result.is_err()
+        if let Err(e) = &result
+            && !is_undecided(e)
             && let Err(e) = self.with(move |e| e.discard(&channel, true)).await
         {
             tracing::warn!(%channel, error = %e, "cannot drop a failed intent");
@@ -817,7 +820,7 @@ impl Node {
                 }
                 Ok(Response::CommitConflict { winner }) => {
                     self.with(move |e| e.discard(&channel, false)).await?;
-                    self.wait_epoch(channel, winner.epoch + 1).await;
+                    self.wait_epoch(channel, winner.epoch.saturating_add(1)).await;
                     return Ok(Submitted::Lost);
                 }
                 Ok(Response::Error { code: ErrorCode::RateLimited { retry_after_ms }, .. }) => {
@@ -834,10 +837,7 @@ impl Node {
                 }
             }
         }
-        Err(NodeError::Link(LinkError::Unreachable(
-            "the relay did not answer the commit; it stays pending and is resubmitted on restart"
-                .into(),
-        )))
+        Err(NodeError::Link(LinkError::Unreachable(UNDECIDED.into())))
     }
 
     /// Waits (bounded) until the inbox task brought the channel to `epoch`.
@@ -854,31 +854,55 @@ impl Node {
         }
     }
 
-    /// Finishes the intents a crash interrupted: a staged commit is resubmitted as it is; one
-    /// that lost is dropped (the user asks again).
+    /// Finishes the intents a crash or an outage interrupted, at start and then every
+    /// [`RESUME_INTENTS_SECS`]: a staged commit is resubmitted as it is until the relay decides
+    /// (merged if it won, dropped if it lost or was refused); one that lost is dropped (the user
+    /// asks again). A commit the relay may have ordered is never dropped before it answers.
     async fn resume_intents(self: Arc<Self>) {
         self.wait_for_link().await;
-        let intents = match self.with(|e| e.intents()).await {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read intents");
-                return;
-            }
-        };
-        for (channel, intent) in intents {
-            let _one_at_a_time = self.ordering.lock().await;
-            let result = match &intent.staged {
-                Some(staged) => self.submit(channel, staged).await.map(|_| ()),
-                None => Ok(()),
+        let mut tick = tokio::time::interval(Duration::from_secs(RESUME_INTENTS_SECS));
+        loop {
+            tick.tick().await;
+            let intents = match self.with(|e| e.intents()).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read intents");
+                    continue;
+                }
             };
-            if let Err(e) = &result {
-                tracing::warn!(%channel, error = %e, "interrupted membership change failed");
-            }
-            if self.with(move |e| e.discard(&channel, true)).await.is_err() {
-                tracing::warn!(%channel, "cannot drop an interrupted intent");
+            for (channel, intent) in intents {
+                let _one_at_a_time = self.ordering.lock().await;
+                let result = match &intent.staged {
+                    Some(staged) => self.submit(channel, staged).await.map(|_| ()),
+                    None => Ok(()),
+                };
+                match &result {
+                    Err(e) if is_undecided(e) => {
+                        tracing::info!(%channel, "a staged commit is still undecided; retried later");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%channel, error = %e, "interrupted membership change failed");
+                    }
+                    Ok(()) => {}
+                }
+                if self.with(move |e| e.discard(&channel, true)).await.is_err() {
+                    tracing::warn!(%channel, "cannot drop an interrupted intent");
+                }
             }
         }
     }
+}
+
+/// Seconds between passes over the intents left staged.
+const RESUME_INTENTS_SECS: u64 = 30;
+
+const UNDECIDED: &str =
+    "the relay did not answer the commit; it stays staged and is resubmitted until it answers";
+
+/// Whether a change failed without the relay deciding on its commit (it may be ordered).
+fn is_undecided(e: &NodeError) -> bool {
+    matches!(e, NodeError::Link(LinkError::Unreachable(m)) if m == UNDECIDED)
 }
 
 /// Acknowledges processed (durable) inbox items, retrying a few times. Acks are idempotent;

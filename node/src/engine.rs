@@ -1124,7 +1124,15 @@ impl Engine {
 
     /// Merges this device's staged commit, certified by the orderers, and drops the intent.
     pub fn accept(&mut self, id: &ChannelId, cert: &EpochCert) -> Result<(), EngineError> {
-        let result = active_in(&mut self.channels, id)?.accept_own(&self.provider, cert);
+        let channel = active_in(&mut self.channels, id)?;
+        if channel.pending().is_none() && channel.epoch() > cert.body.epoch {
+            // The relay fans a commit out to its committer too: it came through the inbox
+            // first and was merged there. Only the intent is left to drop.
+            let mut b = Batch::default();
+            b.intent(*id, None);
+            return self.commit(b);
+        }
+        let result = channel.accept_own(&self.provider, cert);
         let events = match result {
             Ok(e) => e,
             Err(e) => return self.fail(e),

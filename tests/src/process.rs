@@ -142,6 +142,29 @@ impl RelayProcess {
         }
     }
 
+    /// Sets (or with `None` removes) an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.into(), v.into()));
+        }
+    }
+
+    /// Waits until the process exits by itself (a fault injected into it), at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait()?.is_some()
+            {
+                self.child = None;
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the relay did not exit in {timeout:?}")
+    }
+
     /// Kills the process with SIGKILL (no clean shutdown) and waits for it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -88,6 +88,30 @@ impl Member {
         self.client.call(&Request::SubmitCommit(sub)).await.expect("submit")
     }
 
+    /// Submits without expecting an answer (the relay may die first).
+    async fn submit_raw(&self, staged: &StagedCommit) -> anyhow::Result<Response> {
+        let channel = self.channel.as_ref().expect("member").id();
+        let sub = CommitSubmission {
+            channel,
+            epoch: staged.epoch,
+            commit: staged.commit.clone(),
+            welcome: None,
+            fanout: vec![],
+        };
+        self.client.call(&Request::SubmitCommit(sub)).await
+    }
+
+    /// A submission of a commit to channel 9 (the forged ones), for `epoch`.
+    fn forged(commit: &[u8], epoch: u64) -> CommitSubmission {
+        CommitSubmission {
+            channel: ChannelId([9; 32]),
+            epoch,
+            commit: commit.to_vec(),
+            welcome: None,
+            fanout: vec![],
+        }
+    }
+
     /// Fetches, opens and acknowledges everything in the inbox.
     async fn drain(&self) -> Vec<InboxPayload> {
         let Response::Items { items, .. } =
@@ -297,8 +321,15 @@ async fn one_winner_per_epoch_through_the_relay() {
     let post = ChannelPost { channel: id, message };
     let r = alice.client.call(&Request::Post { posts: vec![post.clone()] }).await.expect("post");
     assert_eq!(r, Response::Posted(vec![PostResult::Posted { delivered: 1, skipped: 0 }]));
-    let got: Vec<ChannelEvent> =
-        bob.drain().await.into_iter().flat_map(|p| bob.process(p, &check)).collect();
+    // (Bob's inbox also holds his own commit of epoch 2: the relay fans a commit out to its
+    // committer too; he merged it already.)
+    let got: Vec<ChannelEvent> = bob
+        .drain()
+        .await
+        .into_iter()
+        .flat_map(|p| bob.process(p, &check))
+        .filter(|e| !matches!(e, ChannelEvent::StaleCommit { .. }))
+        .collect();
     assert!(
         matches!(&got[..], [ChannelEvent::Message { id, payload, .. }]
             if *id == msg_id && payload == b"fan me out"),
@@ -512,4 +543,339 @@ async fn a_device_that_proposes_too_often_is_slowed_down() {
         matches!(r, Response::Error { code: ErrorCode::RateLimited { retry_after_ms }, .. } if retry_after_ms > 0),
         "{r:?}"
     );
+}
+
+/// A commit Bob builds with raw openmls from his stored group, bypassing `Channel::stage`'s
+/// checks: what an attacker who is a member can send.
+enum Forgery {
+    Add(openmls::prelude::KeyPackage),
+    Config(openmls::prelude::Extensions<openmls::prelude::GroupContext>),
+}
+
+fn forge(m: &Member, channel: ChannelId, forgery: Forgery) -> Vec<u8> {
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls_traits::OpenMlsProvider as _;
+    let storage = m.provider.storage();
+    let mut group =
+        openmls::group::MlsGroup::load(storage, &openmls::group::GroupId::from_slice(&channel.0))
+            .expect("load")
+            .expect("stored group");
+    let builder = match forgery {
+        Forgery::Add(kp) => group.commit_builder().propose_adds([kp]),
+        Forgery::Config(extensions) => {
+            group.commit_builder().propose_group_context_extensions(extensions).expect("proposal")
+        }
+    };
+    let bundle = builder
+        .load_psks(storage)
+        .expect("psks")
+        .build(m.provider.rand(), m.provider.crypto(), m.mls.signer(), |_| true)
+        .expect("build")
+        .stage_commit(&m.provider)
+        .expect("stage");
+    let (commit, _, _) = bundle.into_contents();
+    group.clear_pending_commit(storage).expect("clear");
+    commit.tls_serialize_detached().expect("encode")
+}
+
+fn refused(r: &Response, code: ErrorCode, says: &str) -> bool {
+    matches!(r, Response::Error { code: c, message } if *c == code && message.contains(says))
+}
+
+/// The relay applies the channel rules as members do, and keys that cost nothing get nothing:
+/// every finding of the audit (issue #10) that a relay can be tested for, through the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_holds_the_channel_rules_and_refuses_free_keys() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let relay_id = relay.relay_id().expect("well-known");
+    let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
+    let mut alice = member(&relay, 1, "alice").await;
+    let mut bob = member(&relay, 2, "bob").await;
+    let carol = member(&relay, 3, "carol").await;
+    let mut dirs = BTreeMap::new();
+    for (m, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        dirs.insert(m.device.id(), lookup(&alice.client, name).await);
+    }
+    let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
+
+    // A channel that only Alice administers, with Bob in it.
+    let config = ChannelConfig {
+        mime: chitchat_proto::chat::MIME.into(),
+        name: "announcements".into(),
+        relays: vec![relay_id.clone()],
+        admins: AdminPolicy::Admins([alice.device.id()].into()),
+        creator: alice.device.id(),
+    };
+    let id = ChannelId([9; 32]);
+    alice.channel =
+        Some(Channel::create(&alice.provider, &alice.mls, id, config.clone()).expect("create"));
+    let opened = alice
+        .client
+        .call(&Request::OpenChannel { channel: id, state: alice.public_state() })
+        .await
+        .expect("open");
+    assert_eq!(opened, Response::ChannelOpened { next_epoch: 0 });
+    let kp = Bytes(bob.mls.key_package(&bob.provider, false).expect("kp"));
+    let staged = alice.stage(&Change { add: vec![kp], ..Default::default() }, &check);
+    let Response::CommitAccepted { cert: first_cert } = alice.submit(&staged, vec![], None).await
+    else {
+        panic!("the add is ordered")
+    };
+    alice.accept(&first_cert);
+    let welcome = staged.welcome.clone().expect("welcome");
+    bob.channel = Some(Channel::join(&bob.provider, &welcome, &check).expect("join"));
+    let _ = alice.drain().await;
+    let _ = bob.drain().await;
+
+    // A key that is not registered here authenticates, and gets nothing else.
+    let stranger = Device::new(40);
+    let c = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
+    assert_eq!(
+        c.authenticate(&stranger.key, "localhost").await.expect("auth"),
+        Response::Authenticated
+    );
+    let sealed = inbox::seal(&mut rand::rng(), bob.device.id(), &bob.device.inbox.public(), b"x")
+        .expect("seal");
+    let post = ChannelPost { channel: id, message: vec![1, 2, 3] };
+    let sub = CommitSubmission {
+        channel: id,
+        epoch: 1,
+        commit: staged.commit.clone(),
+        welcome: None,
+        fanout: vec![],
+    };
+    for request in [
+        Request::ClaimKeyPackage { device: bob.device.id() },
+        Request::Enqueue { envelope: sealed },
+        Request::OpenChannel { channel: ChannelId([10; 32]), state: alice.public_state() },
+        Request::SubmitCommit(sub),
+        Request::Post { posts: vec![post] },
+        Request::Fetch { after: None, max: 10 },
+        Request::Wait { after: None, max: 10, timeout_ms: 10 },
+    ] {
+        let r = c.call(&request).await.expect("call");
+        assert!(refused(&r, ErrorCode::Forbidden, "register"), "{request:?}: {r:?}");
+    }
+    // Look-ups stay open to it.
+    assert!(matches!(
+        c.call(&Request::Lookup { local_name: "bob".into() }).await.expect("lookup"),
+        Response::Dirs(d) if d.len() == 1
+    ));
+
+    // Bob, not an admin, adds Carol with a commit built by hand: the relay refuses it as the
+    // members would (before, it ordered it, and the channel was stuck behind it).
+    let carol_kp = {
+        use openmls::prelude::tls_codec::Deserialize as _;
+        use openmls_traits::OpenMlsProvider as _;
+        let bytes = carol.mls.key_package(&carol.provider, false).expect("kp");
+        openmls::prelude::KeyPackageIn::tls_deserialize_exact(&bytes[..])
+            .expect("decode")
+            .validate(carol.provider.crypto(), openmls::prelude::ProtocolVersion::Mls10)
+            .expect("valid")
+    };
+    let bad_add = forge(&bob, id, Forgery::Add(carol_kp));
+    let bad_add = Member::forged(&bad_add, 1);
+    let r = bob.client.call(&Request::SubmitCommit(bad_add.clone())).await.expect("submit");
+    assert!(refused(&r, ErrorCode::BadRequest, "not an admin"), "{r:?}");
+    // Bob makes himself admin by rewriting the config.
+    let mut rewritten = config.clone();
+    rewritten.admins = AdminPolicy::Admins([bob.device.id()].into());
+    let extensions = {
+        use openmls::prelude::*;
+        Extensions::from_vec(vec![
+            Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+                &[ExtensionType::Unknown(chitchat_proto::channel::CONFIG_EXTENSION_TYPE)],
+                &[],
+                &[],
+            )),
+            Extension::Unknown(
+                chitchat_proto::channel::CONFIG_EXTENSION_TYPE,
+                UnknownExtension(chitchat_proto::codec::encode(&rewritten)),
+            ),
+        ])
+        .expect("extensions")
+    };
+    let takeover = forge(&bob, id, Forgery::Config(extensions));
+    let r = bob
+        .client
+        .call(&Request::SubmitCommit(Member::forged(&takeover, 1)))
+        .await
+        .expect("submit");
+    assert!(refused(&r, ErrorCode::BadRequest, "not an admin"), "{r:?}");
+
+    // Carol, registered but not a member, submits Alice's next commit, then Alice's winner.
+    let next = alice.stage(&Change { update: true, ..Default::default() }, &check);
+    let r = carol
+        .client
+        .call(&Request::SubmitCommit(Member::forged(&next.commit, 1)))
+        .await
+        .expect("submit");
+    assert!(refused(&r, ErrorCode::Forbidden, "committed"), "{r:?}");
+    let r = carol
+        .client
+        .call(&Request::SubmitCommit(Member::forged(&staged.commit, 0)))
+        .await
+        .expect("submit");
+    assert!(refused(&r, ErrorCode::Forbidden, "not a member"), "{r:?}");
+    alice.discard();
+
+    // Alice resubmits her winner: the same certificate, and no second fan-out.
+    let r = alice.submit(&staged, vec![], None).await;
+    assert_eq!(r, Response::CommitAccepted { cert: first_cert });
+    assert!(bob.drain().await.is_empty(), "a replayed winner is not fanned out again");
+    assert!(alice.drain().await.is_empty());
+
+    // A channel whose relay set does not name this relay is not ordered here.
+    let mut elsewhere = config;
+    elsewhere.creator = carol.device.id();
+    elsewhere.admins = AdminPolicy::AnyMember;
+    elsewhere.relays =
+        vec![chitchat_proto::RelayId { host: "elsewhere.example".into(), key: relay_id.key }];
+    let other = Channel::create(&carol.provider, &carol.mls, ChannelId([11; 32]), elsewhere)
+        .expect("create");
+    let state = other.public_state(&carol.provider, &carol.mls).expect("export");
+    let r = carol
+        .client
+        .call(&Request::OpenChannel { channel: ChannelId([11; 32]), state })
+        .await
+        .expect("open");
+    assert!(refused(&r, ErrorCode::Forbidden, "relay set"), "{r:?}");
+    // Nothing of it moved the channel: Bob is at epoch 1 with Alice.
+    assert_eq!(bob.channel().epoch_authenticator(), alice.channel().epoch_authenticator());
+}
+
+/// A relay that dies after ordering a commit and before its fan-out delivers it after the
+/// restart: the added devices get their Welcomes, the committer (who never heard the answer)
+/// finds its own commit in its inbox and merges it, and a removed member learns of its removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_between_ordering_and_fan_out_delivers_after_restart() {
+    const FAULT: &str = chitchat_relay::fanout::FAULT_ENV;
+    let mut relay = RelayProcess::start_fixed(|c| c.to_owned()).expect("relay");
+    let relay_id = relay.relay_id().expect("well-known");
+    let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
+    let mut alice = member(&relay, 1, "alice").await;
+    let mut bob = member(&relay, 2, "bob").await;
+    let mut carol = member(&relay, 3, "carol").await;
+    let mut dirs = BTreeMap::new();
+    for (m, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        dirs.insert(m.device.id(), lookup(&alice.client, name).await);
+    }
+    let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
+    let config = ChannelConfig {
+        mime: chitchat_proto::chat::MIME.into(),
+        name: "general".into(),
+        relays: vec![relay_id],
+        admins: AdminPolicy::AnyMember,
+        creator: alice.device.id(),
+    };
+    let id = ChannelId([12; 32]);
+    alice.channel = Some(Channel::create(&alice.provider, &alice.mls, id, config).expect("create"));
+    let opened = alice
+        .client
+        .call(&Request::OpenChannel { channel: id, state: alice.public_state() })
+        .await
+        .expect("open");
+    assert_eq!(opened, Response::ChannelOpened { next_epoch: 0 });
+
+    let reconnect = async |relay: &mut RelayProcess,
+                           members: [&mut Member; 3],
+                           fault: Option<&str>| {
+        relay.set_env(FAULT, fault);
+        relay.kill9();
+        relay.restart().expect("restart");
+        for m in members {
+            m.client = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
+            let auth = m.client.authenticate(&m.device.key, "localhost").await.expect("auth");
+            assert_eq!(auth, Response::Authenticated);
+        }
+    };
+    // The add of Bob and Carol is ordered; the relay dies before its fan-out.
+    reconnect(&mut relay, [&mut alice, &mut bob, &mut carol], Some("exit-before-fanout")).await;
+    let mut add = Vec::new();
+    let mut welcomes = Vec::new();
+    for m in [&bob, &carol] {
+        add.push(Bytes(m.mls.key_package(&m.provider, false).expect("kp")));
+    }
+    for m in [&bob, &carol] {
+        let upload =
+            Request::UploadKeyPackages { packages: vec![add.remove(0)], last_resort: None };
+        assert!(matches!(
+            m.client.call(&upload).await.expect("upload"),
+            Response::KeyPackagesStored { .. }
+        ));
+        let Response::KeyPackage(kp) = alice
+            .client
+            .call(&Request::ClaimKeyPackage { device: m.device.id() })
+            .await
+            .expect("claim")
+        else {
+            panic!("no key package")
+        };
+        add.push(Bytes(kp));
+    }
+    let staged = alice.stage(&Change { add, ..Default::default() }, &check);
+    for m in [&bob, &carol] {
+        let welcome = InboxPayload::Welcome {
+            channel: id,
+            welcome: Bytes(staged.welcome.clone().expect("welcome")),
+        };
+        let sealed = inbox::seal(
+            &mut rand::rng(),
+            m.device.id(),
+            &m.device.inbox.public(),
+            &welcome.to_bytes(),
+        )
+        .expect("seal");
+        welcomes.push(sealed);
+    }
+    let answer = alice
+        .client
+        .call(&Request::SubmitCommit(CommitSubmission {
+            channel: id,
+            epoch: 0,
+            commit: staged.commit.clone(),
+            welcome: Some(SealedWelcomes { envelopes: welcomes }),
+            fanout: vec![],
+        }))
+        .await;
+    assert!(answer.is_err(), "the relay died before answering: {answer:?}");
+    relay.wait_exit(std::time::Duration::from_secs(10)).expect("the fault fired");
+
+    // Restarted without the fault: the fan-out happens as the log is applied again.
+    reconnect(&mut relay, [&mut alice, &mut bob, &mut carol], None).await;
+    for m in [&mut bob, &mut carol] {
+        let Some(InboxPayload::Welcome { welcome, .. }) = m.drain().await.pop() else {
+            panic!("the Welcome came after the restart")
+        };
+        m.channel = Some(Channel::join(&m.provider, &welcome, &check).expect("join"));
+    }
+    let events: Vec<ChannelEvent> =
+        alice.drain().await.into_iter().flat_map(|p| alice.process(p, &check)).collect();
+    assert!(
+        matches!(&events[..], [ChannelEvent::CommitApplied { epoch: 1, .. }]),
+        "Alice merges her own commit from her inbox: {events:?}"
+    );
+    assert_eq!(bob.channel().epoch_authenticator(), alice.channel().epoch_authenticator());
+    assert_eq!(carol.channel().epoch_authenticator(), alice.channel().epoch_authenticator());
+
+    // Bob removes Carol; the relay dies again before the fan-out.
+    reconnect(&mut relay, [&mut alice, &mut bob, &mut carol], Some("exit-before-fanout")).await;
+    let remove =
+        bob.stage(&Change { remove: vec![carol.device.id()], ..Default::default() }, &check);
+    assert!(bob.submit_raw(&remove).await.is_err(), "the relay died before answering");
+    relay.wait_exit(std::time::Duration::from_secs(10)).expect("the fault fired");
+    reconnect(&mut relay, [&mut alice, &mut bob, &mut carol], None).await;
+    // Bob resubmits after the restart: accepted (the same commit), fanned out only once.
+    let Response::CommitAccepted { cert } = bob.submit(&remove, vec![], None).await else {
+        panic!("the removal was ordered before the crash")
+    };
+    bob.accept(&cert);
+    for m in [&mut alice, &mut carol] {
+        let events: Vec<ChannelEvent> =
+            m.drain().await.into_iter().flat_map(|p| m.process(p, &check)).collect();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(matches!(events[0], ChannelEvent::CommitApplied { epoch: 2, .. }), "{events:?}");
+    }
+    assert!(!carol.channel().is_active(), "Carol learned of her removal");
+    assert_eq!(bob.channel().epoch_authenticator(), alice.channel().epoch_authenticator());
 }
