@@ -26,8 +26,13 @@ pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 pub const MAX_KEY_PACKAGE_LEN: usize = 4 * 1024;
 /// The most ids in one ack.
 pub const MAX_ACK_IDS: usize = 1024;
-/// Sealed bytes served in one fetch response, at most (so the response fits a frame).
-pub const MAX_FETCH_BYTES: usize = MAX_FRAME_LEN - 64 * 1024;
+/// Bytes of a [`Response::Items`] frame besides its items' encodings: the version, the
+/// variant, the item count and `more` (5 at most; the test `items_frame_budget_is_exact`
+/// checks it).
+pub const ITEMS_FRAME_OVERHEAD: usize = 16;
+/// Bytes of item encodings ([`InboxItem::encoded_len`]) in one fetch response, at most: with
+/// [`ITEMS_FRAME_OVERHEAD`] the response always fits a frame.
+pub const MAX_FETCH_BYTES: usize = MAX_FRAME_LEN - ITEMS_FRAME_OVERHEAD;
 /// The most inbox items in one fetch.
 pub const MAX_FETCH_ITEMS: u32 = 1024;
 /// The most devices one accepted commit may fan out to.
@@ -277,16 +282,14 @@ pub enum Envelope {
     Commit(OrderedCommit),
 }
 
-impl Envelope {
-    /// The bytes it carries (what a fetch's byte budget counts).
-    pub fn payload_len(&self) -> usize {
-        match self {
-            Self::Sealed(e) => e.ciphertext.len() + 32,
-            Self::Post(p) => p.message.len(),
-            Self::Commit(c) => c.commit.len() + c.cert.signatures.len() * 100,
-        }
+impl InboxItem {
+    /// The length of its encoding in a [`Response::Items`] (what a fetch's byte budget counts).
+    pub fn encoded_len(&self) -> usize {
+        crate::codec::encode(self).len()
     }
+}
 
+impl Envelope {
     /// The sealed envelope, if it is one.
     pub fn as_sealed(&self) -> Option<&SealedEnvelope> {
         match self {

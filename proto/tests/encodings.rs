@@ -215,3 +215,18 @@ fn frame_limits_and_versions() {
     );
     assert!(matches!(wire::decode_frame::<Request>(&[]), Err(DecodeError::Malformed(_))));
 }
+
+proptest! {
+    /// A fetch answer's frame is its items' encodings plus at most `ITEMS_FRAME_OVERHEAD`
+    /// bytes, for any items: the budget a relay counts is exact.
+    #[test]
+    fn items_frame_budget_is_exact(seed in vec(any::<u8>(), 0..8192), more in any::<bool>()) {
+        let mut u = Unstructured::new(&seed);
+        let Ok(items) = Vec::<wire::InboxItem>::arbitrary(&mut u) else { return Ok(()) };
+        let items: Vec<_> = items.into_iter().take(wire::MAX_FETCH_ITEMS as usize).collect();
+        let sum: usize = items.iter().map(wire::InboxItem::encoded_len).sum();
+        let frame = encode(&wire::PROTOCOL_VERSION).len()
+            + encode(&Response::Items { items, more }).len();
+        prop_assert!(frame <= sum + wire::ITEMS_FRAME_OVERHEAD, "{frame} > {sum} + overhead");
+    }
+}

@@ -162,8 +162,8 @@ impl Store {
         Ok(dirs)
     }
 
-    /// Inbox items of `device` with ids above `after`, at most `max` of them and about
-    /// `max_bytes` of sealed payload (always at least one item); and whether more follow.
+    /// Inbox items of `device` with ids above `after`, at most `max` of them and at most
+    /// `max_bytes` of item encodings (always at least one item); and whether more follow.
     pub fn fetch(
         &self,
         device: &DeviceId,
@@ -185,13 +185,15 @@ impl Store {
                 break;
             }
             let stored: StoredItem = records::decode_record(v.value(), "inbox")?;
-            let len = stored.envelope.payload_len();
+            let item = InboxItem { id: k.value().1, envelope: stored.envelope };
+            // Exact: the answer's frame holds the items' encodings and a fixed overhead.
+            let len = item.encoded_len();
             if !items.is_empty() && bytes + len > max_bytes {
                 more = true;
                 break;
             }
             bytes += len;
-            items.push(InboxItem { id: k.value().1, envelope: stored.envelope });
+            items.push(item);
         }
         Ok((items, more))
     }

@@ -358,3 +358,56 @@ fn a_version_1_inbox_is_migrated() {
         assert_eq!((c.inbox_items, c.inbox_bytes, c.next_inbox), (1, new_len, 8));
     }
 }
+
+/// Fetch answers are budgeted by the exact encoding of their items, so they always fit a frame:
+/// with 1,024 small ordered commits (the old estimate undercounted each by about 110 bytes, so
+/// that the answer did not fit and a waiting node retried forever), and with the largest items
+/// the relay stores.
+#[tokio::test]
+async fn fetch_answers_always_fit_a_frame() {
+    use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
+    use chitchat_proto::wire::{
+        MAX_FETCH_BYTES, MAX_FETCH_ITEMS, MAX_MLS_MESSAGE_LEN, OrderedCommit, Response,
+        encode_frame,
+    };
+    let (_d, s) = open();
+    s.write(register(None, true, "bob", dir(2, 1, &[]))).await.expect("registered");
+    let unbounded = InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
+    let body = EpochCertBody {
+        channel: ChannelId([4; 32]),
+        epoch: u64::MAX,
+        hash: chitchat_proto::ordering::CommitHash([5; 32]),
+    };
+    let cert = EpochCert { body, signatures: vec![CertSignature::sign(&key(9), &body)] };
+    let fanout = |envelope: Envelope| Write::Fanout {
+        sender: dev(1),
+        envelope,
+        recipients: [dev(2)].into_iter().collect(),
+        now: NOW,
+        quota: unbounded,
+    };
+    // Commits sized so that 1,024 of them just fit the old estimate of the budget.
+    let commit = OrderedCommit { channel: body.channel, commit: vec![7; 840], cert };
+    for _ in 0..MAX_FETCH_ITEMS {
+        s.write(fanout(Envelope::Commit(commit.clone()))).await.expect("stored");
+    }
+    // Then the largest posts the relay takes.
+    let post = ChannelPost { channel: body.channel, message: vec![8; MAX_MLS_MESSAGE_LEN] };
+    for _ in 0..3 {
+        s.write(fanout(Envelope::Post(post.clone()))).await.expect("stored");
+    }
+    let mut after = None;
+    let mut fetched = 0;
+    loop {
+        let (items, more) =
+            s.fetch(&dev(2), after, MAX_FETCH_ITEMS as usize, MAX_FETCH_BYTES).expect("fetch");
+        fetched += items.len();
+        after = items.last().map(|i| i.id);
+        let frame = encode_frame(&Response::Items { items, more });
+        assert!(frame.is_ok(), "an answer that does not fit a frame: {frame:?}");
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(fetched, MAX_FETCH_ITEMS as usize + 3);
+}
