@@ -35,6 +35,11 @@ use crate::service::Relay;
 pub const PROTOCOL: &str = "/chitchat/relay/1";
 /// Requests handled at once, at most.
 pub const MAX_IN_FLIGHT: usize = 4096;
+/// Waiting fetches (`Wait` held open until something arrives) held at once, in all. They hold
+/// no request permit: an online node keeps one open all the time.
+pub const MAX_WAITING: usize = 65_536;
+/// Waiting fetches one device may hold at once.
+pub const MAX_WAITS_PER_DEVICE: usize = 4;
 /// Requests a peer may have open on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 256;
 /// Seconds an idle connection stays open.
@@ -205,8 +210,11 @@ pub async fn run(
         swarm.listen_on(addr.clone())?;
     }
     let peer_id = *swarm.local_peer_id();
+    // Each answer names the device whose waiting fetch it ends, if it is one.
     let (answers_tx, mut answers) =
-        mpsc::channel::<(ResponseChannel<Vec<u8>>, Response)>(MAX_IN_FLIGHT);
+        mpsc::channel::<(ResponseChannel<Vec<u8>>, Response, Option<DeviceId>)>(MAX_IN_FLIGHT);
+    let mut waiting: HashMap<DeviceId, usize> = HashMap::new();
+    let mut waiting_total = 0usize;
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut peers: HashMap<PeerId, PeerState> = HashMap::new();
     let anonymous = Anonymous::new(&relay.config().network);
@@ -252,15 +260,36 @@ pub async fn run(
                         continue;
                     };
                     let (request, channel) = request;
+                    let (relay_, answers_tx, auth) = (relay.clone(), answers_tx.clone(), state.device);
+                    // A waiting fetch of an authenticated device holds no request permit, only
+                    // one of its device's few waiting places.
+                    if let (Request::Wait { .. }, Some(device)) = (&request, auth) {
+                        let mine = waiting.entry(device).or_default();
+                        if *mine >= MAX_WAITS_PER_DEVICE || waiting_total >= MAX_WAITING {
+                            relay.metrics().error("rate_limited");
+                            let limited = Response::Error {
+                                code: ErrorCode::RateLimited { retry_after_ms: 1000 },
+                                message: "too many waiting fetches".into(),
+                            };
+                            send(&mut swarm, channel, &limited);
+                            continue;
+                        }
+                        *mine += 1;
+                        waiting_total += 1;
+                        tokio::spawn(async move {
+                            let response = relay_.handle(auth, request).await;
+                            let _ = answers_tx.send((channel, response, Some(device))).await;
+                        });
+                        continue;
+                    }
                     let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                         let busy = Response::Error { code: ErrorCode::Unavailable, message: "busy, retry".into() };
                         send(&mut swarm, channel, &busy);
                         continue;
                     };
-                    let (relay, answers_tx, auth) = (relay.clone(), answers_tx.clone(), state.device);
                     tokio::spawn(async move {
-                        let response = relay.handle(auth, request).await;
-                        let _ = answers_tx.send((channel, response)).await;
+                        let response = relay_.handle(auth, request).await;
+                        let _ = answers_tx.send((channel, response, None)).await;
                         drop(permit);
                     });
                 }
@@ -269,7 +298,18 @@ pub async fn run(
                 }
                 _ => {}
             },
-            Some((channel, response)) = answers.recv() => send(&mut swarm, channel, &response),
+            Some((channel, response, waited)) = answers.recv() => {
+                if let Some(device) = waited
+                    && let Some(n) = waiting.get_mut(&device)
+                {
+                    *n = n.saturating_sub(1);
+                    waiting_total = waiting_total.saturating_sub(1);
+                    if *n == 0 {
+                        waiting.remove(&device);
+                    }
+                }
+                send(&mut swarm, channel, &response);
+            }
             _ = forget.tick() => anonymous.forget_idle(),
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {

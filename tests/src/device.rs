@@ -19,6 +19,15 @@ impl Device {
         Self { key: SecretKey::from_seed([n; 32]), inbox: InboxSecret::from_seed(&[n ^ 0x55; 32]) }
     }
 
+    /// A device whose keys derive from `n` (for tests with more than 256 devices).
+    pub fn numbered(n: u32) -> Self {
+        let mut seed = [0xA5; 32];
+        seed[..4].copy_from_slice(&n.to_be_bytes());
+        let mut inbox = seed;
+        inbox[31] = 0x5A;
+        Self { key: SecretKey::from_seed(seed), inbox: InboxSecret::from_seed(&inbox) }
+    }
+
     /// Its id.
     pub fn id(&self) -> DeviceId {
         DeviceId(self.key.public())

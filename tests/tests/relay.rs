@@ -506,3 +506,106 @@ async fn connections_per_peer_are_bounded() {
     let other = client(&relay).await;
     assert_eq!(other.call(&lookup).await.expect("served"), Response::Dirs(vec![]));
 }
+
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Many online devices each hold a waiting fetch (as every online node does); they hold no
+/// request permit, so the relay keeps answering everyone else at once (before, 4,096 waits took
+/// every permit and the relay answered `busy`). One device holds at most a few waits.
+/// `CHITCHAT_TEST_WAITERS` sets how many devices wait (default 4,200; the long run uses 10,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_holding_waits_leave_the_relay_serving() {
+    let n: u32 =
+        std::env::var("CHITCHAT_TEST_WAITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(4200);
+    let relay = closed_relay(|c| {
+        c.replace("open_registration = false", "open_registration = true")
+            .replace("anonymous_per_minute_per_ip = 1200", "anonymous_per_minute_per_ip = 10000000")
+    });
+    let pid = relay.info.pid;
+    let idle = rss_kib(pid);
+    let started = std::time::Instant::now();
+    // Connect, authenticate and register every device, some at a time.
+    let mut clients = Vec::with_capacity(n as usize);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let joined = futures::future::join_all(chunk.iter().map(|i| {
+            let relay = &relay;
+            async move {
+                let device = Device::numbered(*i);
+                let c = client(relay).await;
+                let auth = c.authenticate(&device.key, "localhost").await.expect("auth");
+                assert_eq!(auth, Response::Authenticated);
+                let register = Request::Register {
+                    token: None,
+                    local_name: format!("w{i}"),
+                    dir: device.dir(1, vec![], now()),
+                };
+                let r = c.call(&register).await.expect("register");
+                assert!(matches!(r, Response::Registered { .. }), "{r:?}");
+                (device, Arc::new(c))
+            }
+        }))
+        .await;
+        clients.extend(joined);
+    }
+    let connected = started.elapsed();
+    let before_waits = rss_kib(pid);
+    // Every device holds a wait open.
+    let waits: Vec<_> = clients
+        .iter()
+        .map(|(_, c)| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.call(&Request::Wait { after: None, max: 10, timeout_ms: 60_000 }).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let waiting = rss_kib(pid);
+
+    // Everyone else is served at once: a look-up, an enqueue that wakes one waiter.
+    let (_, first) = &clients[0];
+    let t = std::time::Instant::now();
+    let r = first.call(&Request::Lookup { local_name: "w1".into() }).await.expect("lookup");
+    assert!(matches!(r, Response::Dirs(ref d) if d.len() == 1), "{r:?}");
+    let (to, _) = &clients[1];
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+    let env = inbox::seal(&mut rng, to.id(), &to.inbox.public(), b"wake").expect("seal");
+    let r = first.call(&Request::Enqueue { envelope: env }).await.expect("enqueue");
+    assert_eq!(r, Response::Enqueued { id: 0 });
+    let served = t.elapsed();
+    assert!(served < std::time::Duration::from_secs(5), "served in {served:?}");
+
+    // One device holds at most four waits: its fifth is refused with a time to retry.
+    let extra: Vec<_> = (0..3)
+        .map(|_| {
+            let c = first.clone();
+            tokio::spawn(async move {
+                c.call(&Request::Wait { after: None, max: 10, timeout_ms: 2_000 }).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let r = first.call(&Request::Wait { after: None, max: 10, timeout_ms: 2_000 }).await;
+    assert!(matches!(r, Ok(Response::Error { code: ErrorCode::RateLimited { .. }, .. })), "{r:?}");
+    for e in extra {
+        assert!(matches!(e.await.expect("task"), Ok(Response::Items { .. })));
+    }
+    // The enqueue woke its waiter.
+    let (r, _) = (waits.into_iter().nth(1).expect("wait").await.expect("task"), ());
+    assert!(matches!(r, Ok(Response::Items { ref items, .. }) if items.len() == 1), "{r:?}");
+    eprintln!(
+        "{n} devices connected and registered in {connected:?}; relay RSS idle {idle} KiB, \
+         connected {before_waits} KiB ({} B per connection), all waiting {waiting} KiB \
+         ({} B per waiting fetch); served during the waits in {served:?}",
+        (before_waits.saturating_sub(idle) * 1024) / u64::from(n),
+        (waiting.saturating_sub(before_waits) * 1024) / u64::from(n),
+    );
+}
