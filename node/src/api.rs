@@ -194,6 +194,7 @@ async fn status(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
                 "device": e.device().0.to_hex(),
                 "account": account,
                 "channels": e.channels().count(),
+                "dropped": e.dropped(),
                 "version": crate::VERSION,
             })
         })

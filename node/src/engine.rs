@@ -231,6 +231,20 @@ pub struct Engine {
     must_skip: BTreeSet<ChannelId>,
     /// Every send commits before its message leaves (`send.commit_first`).
     commit_first: bool,
+    /// Inbox items dropped since the daemon started, by reason (shown in the node's status).
+    dropped: Dropped,
+}
+
+/// Inbox items the node could not use and dropped (acknowledged, so that they never block the
+/// inbox), counted since the daemon started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Dropped {
+    /// Messages of a future epoch past the channel's buffer, or past their sender's share of it.
+    pub buffer_full: u64,
+    /// Messages of an epoch too far ahead to be buffered.
+    pub too_far_ahead: u64,
+    /// Messages that failed to open, decrypt or validate.
+    pub invalid: u64,
 }
 
 impl Engine {
@@ -279,6 +293,7 @@ impl Engine {
             released: BTreeSet::new(),
             must_skip: BTreeSet::new(),
             commit_first: false,
+            dropped: Dropped::default(),
         };
         engine.load_channels()?;
         engine.skip_released(now())?;
@@ -793,6 +808,7 @@ impl Engine {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(item = item.id, error = %e, "dropping an inbox item that does not open");
+                    self.dropped.invalid += 1;
                     out.done.push(item.id);
                     continue;
                 }
@@ -845,7 +861,6 @@ impl Engine {
                     out.stopped = Some((index, devices));
                     break;
                 }
-                Step::Keep => {}
             }
         }
         self.flush(b, touched, &mut pending_events)?;
@@ -977,12 +992,21 @@ impl Engine {
             Err(ChannelError::Credential { .. }) if !check.missing.borrow().is_empty() => {
                 return check.need().map_or(Step::Dropped, Step::Need);
             }
-            Err(e @ (ChannelError::TooFarAhead { .. } | ChannelError::BufferFull)) => {
-                tracing::warn!(channel = %id, error = %e, "message kept in the inbox for later");
-                return Step::Keep;
+            // A message that cannot be used yet is bounded per channel and per sender, and
+            // dropped past the bound: kept, it would block the inbox behind it.
+            Err(e @ ChannelError::TooFarAhead { .. }) => {
+                tracing::warn!(channel = %id, error = %e, "dropping a message of a far epoch");
+                self.dropped.too_far_ahead += 1;
+                return Step::Dropped;
+            }
+            Err(ChannelError::BufferFull) => {
+                tracing::warn!(channel = %id, "future-epoch buffer full; dropping a message");
+                self.dropped.buffer_full += 1;
+                return Step::Dropped;
             }
             Err(e) => {
                 tracing::warn!(channel = %id, error = %e, "dropping a channel message");
+                self.dropped.invalid += 1;
                 return Step::Dropped;
             }
         };
@@ -1031,6 +1055,11 @@ impl Engine {
             }
         }
         step
+    }
+
+    /// Inbox items dropped since the daemon started, by reason.
+    pub fn dropped(&self) -> Dropped {
+        self.dropped
     }
 
     /// The channel's epoch, if this device is in it.
@@ -1265,8 +1294,6 @@ enum Step {
     Held(ChannelId, u64),
     /// Needs these devices' identity records first.
     Need(Vec<DeviceId>),
-    /// Not processed; leave it in the inbox.
-    Keep,
 }
 
 fn active_in<'a>(

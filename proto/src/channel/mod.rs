@@ -50,6 +50,10 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 pub const CONFIG_EXTENSION_TYPE: u16 = 0xF0C7;
 /// Messages of future epochs held per channel.
 pub const MAX_BUFFERED: usize = 256;
+/// Messages of future epochs held per channel from one sender (as its message claims: a
+/// message of a future epoch cannot be authenticated yet), so that a flood from one member
+/// leaves room for the others.
+pub const MAX_BUFFERED_PER_SENDER: usize = 32;
 /// Messages further than this many epochs ahead are refused rather than buffered: they cannot
 /// be authenticated yet, and would only take room from real ones.
 pub const MAX_EPOCHS_AHEAD: u64 = 64;
@@ -524,7 +528,8 @@ pub struct Channel {
     group: MlsGroup,
     config: ChannelConfig,
     state: ChannelState,
-    buffered: VecDeque<(u64, ChannelMessage)>,
+    /// Messages of future epochs: their epoch, the sender they claim, the message.
+    buffered: VecDeque<(u64, Option<DeviceId>, ChannelMessage)>,
 }
 
 impl Channel {
@@ -853,10 +858,12 @@ impl Channel {
             return Err(ChannelError::TooFarAhead { epoch, current: self.epoch() });
         }
         if epoch > self.epoch() {
-            if self.buffered.len() >= MAX_BUFFERED {
+            let sender = claimed_sender(&protocol);
+            let from_sender = self.buffered.iter().filter(|(_, s, _)| *s == sender).count();
+            if self.buffered.len() >= MAX_BUFFERED || from_sender >= MAX_BUFFERED_PER_SENDER {
                 return Err(ChannelError::BufferFull);
             }
-            self.buffered.push_back((epoch, message));
+            self.buffered.push_back((epoch, sender, message));
             events.push(ChannelEvent::Buffered { epoch });
             return Ok(());
         }
@@ -994,12 +1001,12 @@ impl Channel {
     ) {
         let current = self.epoch();
         let (mut ready, later): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.buffered).into_iter().partition(|(e, _)| *e <= current);
+            std::mem::take(&mut self.buffered).into_iter().partition(|(e, _, _)| *e <= current);
         self.buffered = later.into();
         // Within an epoch, application messages go before the commit that ends the epoch: after
         // that commit their keys may be gone (and if it removes this device, all keys are).
-        ready.sort_by_key(|(epoch, m)| (*epoch, matches!(m, ChannelMessage::Commit { .. })));
-        for (_, message) in ready {
+        ready.sort_by_key(|(epoch, _, m)| (*epoch, matches!(m, ChannelMessage::Commit { .. })));
+        for (_, _, message) in ready {
             // A buffered message that now fails is dropped, as it would have been on arrival.
             let _ = self.process_one(provider, now, message, check, events);
         }
@@ -1012,6 +1019,14 @@ impl Channel {
     fn ensure_active(&self) -> Result<(), ChannelError> {
         if self.group.is_active() { Ok(()) } else { Err(ChannelError::Inactive) }
     }
+}
+
+/// The sender a message of a future epoch claims: the id in an application message's
+/// authenticated data (readable, not yet verifiable), none for a commit (its sender is a leaf
+/// of a tree this device does not have yet).
+fn claimed_sender(protocol: &ProtocolMessage) -> Option<DeviceId> {
+    let ProtocolMessage::PrivateMessage(private) = protocol else { return None };
+    decode::<AppAad>(private.aad(), 256).ok().map(|aad| aad.id.sender)
 }
 
 fn decode_mls(bytes: &[u8]) -> Result<MlsMessageIn, ChannelError> {

@@ -495,3 +495,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_flood_of_future_messages_from_one_sender_leaves_room_for_the_others() {
+    let mut w = World::started(&[BOB, CAROL]);
+    // Alice commits; Bob applies it, Carol has not yet.
+    let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    let commit_for_carol = w.devices[CAROL].inbox.pop_front().expect("the commit");
+    w.deliver_all();
+    // Bob floods the next epoch; Alice sends one message in it.
+    for i in 0..MAX_BUFFERED_PER_SENDER + 8 {
+        w.send(BOB, &format!("flood {i}"));
+    }
+    w.send(ALICE, "still heard");
+    let mut full = 0;
+    let inbox: Vec<ChannelMessage> = w.devices[CAROL].inbox.drain(..).collect();
+    for msg in inbox {
+        match w.process(CAROL, msg) {
+            Ok(events) => assert!(matches!(events[..], [ChannelEvent::Buffered { .. }])),
+            Err(ChannelError::BufferFull) => full += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(full, 8, "Bob's messages past his share are refused");
+    let events = w.process(CAROL, commit_for_carol).expect("the commit");
+    let shown = |text: &str| {
+        events.iter().any(
+            |e| matches!(e, ChannelEvent::Message { payload, .. } if payload == text.as_bytes()),
+        )
+    };
+    assert!(shown("still heard"), "Alice's message was kept despite Bob's flood");
+    assert!(shown("flood 0"));
+}
