@@ -784,7 +784,7 @@ impl Channel {
         let hlc = self.state.clock.tick(now);
         self.group.set_aad(encode(&AppAad { id, hlc }));
         let out = self.group.create_message(provider, &me.signer, payload).map_err(mls_err)?;
-        self.state.next_seq += 1;
+        self.state.next_seq = self.state.next_seq.saturating_add(1);
         self.state.seen.insert(id);
         let message = out.tls_serialize_detached().map_err(mls_err)?;
         Ok((id, ChannelMessage::Application { message }))

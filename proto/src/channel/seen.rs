@@ -50,18 +50,20 @@ impl SeenIds {
             return;
         }
         s.above.insert(id.seq);
-        while s.above.remove(&s.floor) {
+        // Sequence numbers come from the network: the floor saturates rather than overflow
+        // (a sender at u64::MAX has nothing left to send).
+        while s.floor < u64::MAX && s.above.remove(&s.floor) {
             s.floor += 1;
         }
         while s.above.len() > MAX_GAPS_PER_SENDER {
             if let Some(lowest) = s.above.pop_first() {
-                s.floor = lowest + 1;
+                s.floor = lowest.saturating_add(1);
             }
-            while s.above.remove(&s.floor) {
+            while s.floor < u64::MAX && s.above.remove(&s.floor) {
                 s.floor += 1;
             }
         }
-        debug_assert!(s.above.iter().all(|q| *q > s.floor));
+        debug_assert!(s.above.iter().all(|q| *q >= s.floor));
     }
 }
 
@@ -87,5 +89,19 @@ mod tests {
         assert!(s.senders[&d].above.len() <= MAX_GAPS_PER_SENDER);
         // Everything inserted is still reported as seen.
         assert!(s.contains(&id(10)) && s.contains(&id(5)));
+    }
+
+    #[test]
+    fn crafted_sequence_numbers_do_not_overflow() {
+        let d = DeviceId(SecretKey::from_seed([2; 32]).public());
+        let mut s = SeenIds::default();
+        for seq in [u64::MAX, u64::MAX - 1, 0, u64::MAX - 2] {
+            s.insert(MessageId { sender: d, seq });
+        }
+        for q in 0..2 * MAX_GAPS_PER_SENDER as u64 {
+            s.insert(MessageId { sender: d, seq: u64::MAX - 300 - 2 * q });
+        }
+        assert!(s.contains(&MessageId { sender: d, seq: u64::MAX }));
+        assert!(s.contains(&MessageId { sender: d, seq: 0 }));
     }
 }

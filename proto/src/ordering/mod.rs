@@ -218,11 +218,13 @@ impl OrderingState {
                 Outcome::Conflict { winner: *winner }
             };
         }
-        if commit.epoch != order.next_epoch {
+        // Epochs come from the network: the last one a u64 holds takes no commit.
+        let next = order.next_epoch.checked_add(1);
+        if commit.epoch != order.next_epoch || next.is_none() {
             return Outcome::WrongEpoch { next_epoch: order.next_epoch };
         }
         order.winners.insert(commit.epoch, *commit);
-        order.next_epoch += 1;
+        order.next_epoch = next.unwrap_or(u64::MAX);
         while order.winners.len() as u64 > self.limits.retained_epochs {
             order.winners.pop_first();
         }

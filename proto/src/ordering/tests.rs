@@ -174,3 +174,14 @@ fn intent_backs_off_and_gives_up() {
     assert!(ok.accepted(&mine));
     assert!(ok.is_done());
 }
+
+#[test]
+fn the_last_epoch_takes_no_commit() {
+    let mut s = OrderingState::default();
+    let c = channel(1);
+    assert_eq!(s.apply(&OrderingCommand::Open { channel: c, epoch: u64::MAX }), Outcome::Opened);
+    assert_eq!(
+        s.apply(&OrderingCommand::Submit(commit(1, u64::MAX, 1, 1))),
+        Outcome::WrongEpoch { next_epoch: u64::MAX }
+    );
+}
