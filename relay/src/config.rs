@@ -97,11 +97,16 @@ pub struct OrderingConfig {
     /// Commits one device may submit per minute; beyond, `RateLimited` (a device that proposes
     /// too often is slowed down, so it cannot starve the others of epochs).
     pub submits_per_minute: u32,
+    /// Channels one device may open per hour (each costs the relay memory until restart and
+    /// room in every snapshot).
+    pub opens_per_hour: u32,
+    /// Largest public state (GroupInfo and ratchet tree) a channel may be opened with, in bytes.
+    pub max_open_state_bytes: usize,
 }
 
 impl Default for OrderingConfig {
     fn default() -> Self {
-        Self { submits_per_minute: 60 }
+        Self { submits_per_minute: 60, opens_per_hour: 60, max_open_state_bytes: 256 * 1024 }
     }
 }
 
@@ -247,6 +252,9 @@ impl Config {
         if self.max_batch == 0 || self.inbox.max_items == 0 || self.inbox.sender_per_minute == 0 {
             return Err(ConfigError::Invalid("limits must be positive".into()));
         }
+        if self.ordering.opens_per_hour == 0 {
+            return Err(ConfigError::Invalid("opens_per_hour must be positive".into()));
+        }
         if self.ordering.submits_per_minute == 0 {
             return Err(ConfigError::Invalid("submits_per_minute must be positive".into()));
         }
@@ -319,6 +327,10 @@ claims_per_target_per_minute = 60
 [ordering]
 # Commits one device may submit per minute; beyond, it is told to retry later.
 submits_per_minute = 60
+# Channels one device may open per hour, and the largest public state (GroupInfo and ratchet
+# tree) a channel may be opened with, in bytes.
+opens_per_hour = 60
+max_open_state_bytes = 262144
 
 [network]
 # Established connections in all, from one peer, and incoming ones still in their handshake.

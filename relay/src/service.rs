@@ -45,6 +45,7 @@ pub struct Relay {
     claimers: DefaultKeyedRateLimiter<DeviceId>,
     claimed: DefaultKeyedRateLimiter<DeviceId>,
     submitters: DefaultKeyedRateLimiter<DeviceId>,
+    openers: DefaultKeyedRateLimiter<DeviceId>,
     ordering: Ordering,
     /// Devices with a `Wait` request held open, woken by enqueues to them.
     waiters: Arc<Waiters>,
@@ -198,6 +199,9 @@ impl Relay {
             claimers: RateLimiter::keyed(per_minute(k.claims_per_requester_per_minute)),
             claimed: RateLimiter::keyed(per_minute(k.claims_per_target_per_minute)),
             submitters: RateLimiter::keyed(per_minute(config.ordering.submits_per_minute)),
+            openers: RateLimiter::keyed(Quota::per_hour(
+                NonZeroU32::new(config.ordering.opens_per_hour).unwrap_or(NonZeroU32::MIN),
+            )),
             config,
             key,
             id,
@@ -602,6 +606,14 @@ impl Relay {
     /// Starts ordering a channel from a member's export of its public state. The opener must be
     /// a member of it, and the channel's relay set must name this relay.
     async fn open_channel(&self, me: DeviceId, channel: ChannelId, state: PublicState) -> Response {
+        if state.group_info.len().saturating_add(state.ratchet_tree.len())
+            > self.config.ordering.max_open_state_bytes
+        {
+            return error(ErrorCode::BadRequest, "the channel's public state is too large");
+        }
+        if let Err(retry_after_ms) = check_rate(&self.openers, me) {
+            return error(ErrorCode::RateLimited { retry_after_ms }, "too many channels opened");
+        }
         match PublicChannel::from_state(&self.crypto, &state) {
             Ok(p) if p.id() != channel => {
                 return error(ErrorCode::BadRequest, "the state is of another channel");
