@@ -549,7 +549,7 @@ async fn a_device_that_proposes_too_often_is_slowed_down() {
 /// A commit Bob builds with raw openmls from his stored group, bypassing `Channel::stage`'s
 /// checks: what an attacker who is a member can send.
 enum Forgery {
-    Add(openmls::prelude::KeyPackage),
+    Add(Box<openmls::prelude::KeyPackage>),
     Config(openmls::prelude::Extensions<openmls::prelude::GroupContext>),
 }
 
@@ -562,7 +562,7 @@ fn forge(m: &Member, channel: ChannelId, forgery: Forgery) -> Vec<u8> {
             .expect("load")
             .expect("stored group");
     let builder = match forgery {
-        Forgery::Add(kp) => group.commit_builder().propose_adds([kp]),
+        Forgery::Add(kp) => group.commit_builder().propose_adds([*kp]),
         Forgery::Config(extensions) => {
             group.commit_builder().propose_group_context_extensions(extensions).expect("proposal")
         }
@@ -674,7 +674,7 @@ async fn the_relay_holds_the_channel_rules_and_refuses_free_keys() {
             .validate(carol.provider.crypto(), openmls::prelude::ProtocolVersion::Mls10)
             .expect("valid")
     };
-    let bad_add = forge(&bob, id, Forgery::Add(carol_kp));
+    let bad_add = forge(&bob, id, Forgery::Add(Box::new(carol_kp)));
     let bad_add = Member::forged(&bad_add, 1);
     let r = bob.client.call(&Request::SubmitCommit(bad_add.clone())).await.expect("submit");
     assert!(refused(&r, ErrorCode::BadRequest, "not an admin"), "{r:?}");

@@ -12,6 +12,10 @@ impl CredentialCheck for RejectAll {
     fn check(&self, _: DeviceId) -> Result<(), String> {
         Err("fuzzing".into())
     }
+
+    fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
+        Err("fuzzing".into())
+    }
 }
 
 // Any message fed to a live channel is processed or rejected with a typed error; never a panic.

@@ -24,6 +24,9 @@ struct Forge {
     new_leaf: Option<(SecretKey, DeviceId)>,
 }
 
+/// The relay's verdict on a commit, and each other member's.
+type Verdicts = (Result<(), ChannelError>, Vec<(usize, Result<(), ChannelError>)>);
+
 /// What a forged commit carries.
 struct Forged {
     commit: Vec<u8>,
@@ -157,12 +160,7 @@ impl World {
     /// The relay's verdict on a forged commit of `who`, then every other member's, each given
     /// the commit with a valid certificate (as if the relay had certified it). The committer
     /// merges its commit if the relay accepted it, and drops it otherwise.
-    fn judge(
-        &mut self,
-        relay: &mut PublicChannel,
-        who: usize,
-        forged: &Forged,
-    ) -> (Result<(), ChannelError>, Vec<(usize, Result<(), ChannelError>)>) {
+    fn judge(&mut self, relay: &mut PublicChannel, who: usize, forged: &Forged) -> Verdicts {
         let crypto = openmls_rust_crypto::RustCrypto::default();
         let checked = relay.check(&crypto, &forged.commit, &self.check());
         let epoch = relay.epoch();
@@ -225,10 +223,7 @@ impl World {
 }
 
 /// Asserts that the relay and every member refused the commit, the relay as `expected` says.
-fn all_refuse(
-    (relay, members): (Result<(), ChannelError>, Vec<(usize, Result<(), ChannelError>)>),
-    expected: impl Fn(&ChannelError) -> bool,
-) {
+fn all_refuse((relay, members): Verdicts, expected: impl Fn(&ChannelError) -> bool) {
     let err = relay.expect_err("the relay refuses");
     assert!(expected(&err), "relay: {err:?}");
     for (i, verdict) in members {
