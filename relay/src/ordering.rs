@@ -1,5 +1,6 @@
-//! Commit ordering: `chitchat-proto`'s [`OrderingState`] as the replicated state machine of an
-//! openraft group, with its log in redb.
+//! Commit ordering: `chitchat-proto`'s [`Orderer`] (the ordering state, each channel's public
+//! MLS state and the channel rules, sans I/O) as the replicated state machine of an openraft
+//! group, with its log in redb.
 //!
 //! Today the group has one member, this relay (the fast path for channels whose members all sit
 //! on one relay). The storage, state machine and type configuration are those a multi-relay
@@ -11,12 +12,15 @@
 //! - The state machine is in memory, rebuilt on start from the last snapshot plus the committed
 //!   log after it (openraft re-applies them).
 //! - An answer to [`Ordering::submit`] means the entry is committed (durable) and applied.
-//! - **First valid commit wins.** Entries carry the commit itself; the state machine keeps each
-//!   channel's public MLS state ([`PublicChannel`]) and lets a commit take its epoch only if it is
-//!   valid against that state (signed by a member, proposals that apply). This check is
+//! - **First valid commit wins.** Entries carry the commit itself; the orderer keeps each
+//!   channel's public MLS state and lets a commit take its epoch only if it is valid against that
+//!   state and the channel rules (signed by a member, proposals that apply, allowed). This check is
 //!   deterministic, so every replica reaches the same verdict from the same log. Credential checks
 //!   depend on each relay's directory and clock, so the submitting relay makes them before it
 //!   proposes ([`Ordering::check`]).
+//! - **Fan-out follows the log.** Each winner's [`Accepted`] goes to the [`FanoutSink`] before
+//!   any answer leaves, and again when the log is applied again after a restart (the sink skips
+//!   what its watermark says is done).
 
 // openraft's storage traits fix the error type (`StorageError`, over 200 bytes).
 #![allow(clippy::result_large_err)]
@@ -28,12 +32,14 @@ use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
 
-use chitchat_proto::channel::{ChannelError, CredentialCheck, PublicChannel, PublicState};
+use chitchat_proto::channel::{ChannelError, CredentialCheck, PublicState};
 use chitchat_proto::codec::{Bytes, decode, encode};
+pub use chitchat_proto::ordering::{Accepted, MEMBER_EPOCHS};
 use chitchat_proto::ordering::{
-    ChannelId, CommitRef, OrderingCommand, OrderingLimits, OrderingState, Outcome,
+    ChannelId, CommitRef, OrderCommand, Orderer, OrderingLimits, OrderingState, Outcome,
+    StoragePairs, Verdict,
 };
-use chitchat_proto::wire::{SealedWelcomes, commit_hash};
+use chitchat_proto::wire::SealedWelcomes;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -87,24 +93,6 @@ pub enum RelayCommand {
     },
 }
 
-/// A commit that won its epoch, as the applied log says: what to fan out. Derived on every
-/// apply, so a relay that dies before the fan-out is durable does it again when it re-applies
-/// the log on restart ([`FanoutSink`] skips what it already did, by log index).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Accepted {
-    /// The log index of the entry.
-    pub index: u64,
-    /// The commit's reference (its submitter included).
-    pub commit: CommitRef,
-    /// The commit (MLS PublicMessage).
-    pub bytes: Bytes,
-    /// Every member of the epoch the commit ends (removed devices learn of their removal), the
-    /// committer included (its other devices, and itself should it never hear the answer).
-    pub recipients: Vec<chitchat_proto::DeviceId>,
-    /// Welcomes for devices the commit adds (any others the submitter attached are dropped).
-    pub welcomes: Vec<chitchat_proto::inbox::SealedEnvelope>,
-}
-
 /// Where accepted commits go. An answer to [`Ordering::submit`] waits until
 /// [`FanoutSink::deliver`] made their fan-out durable, so nothing acknowledged is lost.
 pub trait FanoutSink: Send + Sync + 'static {
@@ -121,29 +109,8 @@ pub trait FanoutSink: Send + Sync + 'static {
     fn set_watermark(&self, index: u64) -> futures::future::BoxFuture<'_, Result<(), String>>;
 }
 
-/// The answer to one [`RelayCommand`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RelayOutcome {
-    /// What the ordering state decided.
-    Ordering(Outcome),
-    /// The command was not valid against the channel's public state; nothing changed.
-    Invalid(String),
-    /// The submitter may not submit this commit (not a member, or not its committer).
-    Forbidden(String),
-}
-
-/// Accepts every credential: the state machine checks structure only (see the module doc).
-struct StructureOnly;
-
-impl CredentialCheck for StructureOnly {
-    fn check(&self, _: chitchat_proto::DeviceId) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn check_orderers(&self, _: &chitchat_proto::channel::ChannelConfig) -> Result<(), String> {
-        Ok(())
-    }
-}
+/// The answer to one [`RelayCommand`]: the orderer's verdict.
+pub type RelayOutcome = Verdict;
 
 /// The openraft handle for the ordering group.
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -299,9 +266,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// A public group's openmls storage, as key-value pairs.
-type StoragePairs = Vec<(Vec<u8>, Vec<u8>)>;
-
 /// What a snapshot holds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct SnapshotData {
@@ -318,168 +282,45 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-/// The replicated state, in memory.
+/// The replicated state, in memory: `proto`'s [`Orderer`] and what openraft needs besides.
 #[derive(Debug)]
 struct Machine {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
-    state: OrderingState,
-    channels: BTreeMap<ChannelId, PublicChannel>,
-    /// Each channel's member devices, sorted, in its last [`MEMBER_EPOCHS`] epochs (oldest
-    /// first): derived from `channels` after every change, so that a post (the hot path)
-    /// reads them without walking the ratchet tree.
-    members: BTreeMap<ChannelId, MemberEpochs>,
-    crypto: openmls_rust_crypto::RustCrypto,
+    orderer: Orderer,
 }
-
-/// Epochs whose member sets are kept per channel: as many as a member reads messages from
-/// (the current one and [`chitchat_proto::channel::MAX_PAST_EPOCHS`] before it). A post is
-/// fanned out to the members of the epoch it was encrypted in. Only epochs applied since the
-/// last snapshot or restart are known; an older post goes to the current members.
-pub const MEMBER_EPOCHS: usize = chitchat_proto::channel::MAX_PAST_EPOCHS + 1;
-
-/// A channel's member sets by epoch, oldest first; the last is the current epoch's.
-type MemberEpochs = std::collections::VecDeque<(u64, Arc<[chitchat_proto::DeviceId]>)>;
 
 impl Machine {
     fn from_snapshot(data: SnapshotData) -> Result<Self, ChannelError> {
-        let mut channels = BTreeMap::new();
-        for (id, pairs) in data.channels {
-            channels.insert(id, PublicChannel::import(id, pairs)?);
-        }
-        let mut machine = Self {
+        Ok(Self {
             last_applied: data.last_applied,
             membership: data.membership,
-            state: data.state,
-            channels,
-            members: BTreeMap::new(),
-            crypto: openmls_rust_crypto::RustCrypto::default(),
-        };
-        let ids: Vec<ChannelId> = machine.channels.keys().copied().collect();
-        for id in ids {
-            machine.refresh_members(id);
-        }
-        Ok(machine)
-    }
-
-    fn refresh_members(&mut self, channel: ChannelId) {
-        if let Some(public) = self.channels.get(&channel) {
-            let mut members = public.members();
-            members.sort();
-            members.dedup();
-            let epoch = public.epoch();
-            let epochs = self.members.entry(channel).or_default();
-            if epochs.back().is_some_and(|(e, _)| *e == epoch) {
-                epochs.pop_back();
-            }
-            epochs.push_back((epoch, members.into()));
-            while epochs.len() > MEMBER_EPOCHS {
-                epochs.pop_front();
-            }
-        }
+            orderer: Orderer::restore(data.state, data.channels)?,
+        })
     }
 
     fn snapshot(&self) -> SnapshotData {
+        let (state, channels) = self.orderer.export();
         SnapshotData {
             last_applied: self.last_applied,
             membership: self.membership.clone(),
-            state: self.state.clone(),
-            channels: self.channels.iter().map(|(id, c)| (*id, c.export())).collect(),
+            state,
+            channels,
         }
     }
 
-    /// Applies one command, the entry at log index `index`. Deterministic: the same log gives
-    /// every replica the same answers and the same fan-outs.
+    /// Applies one command, the entry at log index `index`.
     fn apply(&mut self, index: u64, command: RelayCommand) -> (RelayOutcome, Option<Accepted>) {
-        match command {
-            RelayCommand::Open { channel, state } => (self.open(channel, state), None),
-            RelayCommand::Submit { commit, bytes } => self.order(index, commit, bytes, None),
+        let command = match command {
+            RelayCommand::Open { channel, state } => OrderCommand::Open { channel, state },
+            RelayCommand::Submit { commit, bytes } => {
+                OrderCommand::Order { commit, bytes, welcome: None }
+            }
             RelayCommand::Order { commit, bytes, welcome } => {
-                self.order(index, commit, bytes, welcome)
+                OrderCommand::Order { commit, bytes, welcome }
             }
-        }
-    }
-
-    fn open(&mut self, channel: ChannelId, state: PublicState) -> RelayOutcome {
-        if let Some(next_epoch) = self.state.next_epoch(&channel) {
-            return RelayOutcome::Ordering(Outcome::AlreadyOpen { next_epoch });
-        }
-        let public = match PublicChannel::from_state(&self.crypto, &state) {
-            Ok(p) if p.id() == channel => p,
-            Ok(_) => return RelayOutcome::Invalid("the state is of another channel".into()),
-            Err(e) => return RelayOutcome::Invalid(e.to_string()),
         };
-        let outcome = self.state.apply(&OrderingCommand::Open { channel, epoch: public.epoch() });
-        if outcome == Outcome::Opened {
-            self.channels.insert(channel, public);
-            self.refresh_members(channel);
-        }
-        RelayOutcome::Ordering(outcome)
-    }
-
-    fn order(
-        &mut self,
-        index: u64,
-        commit: CommitRef,
-        bytes: Bytes,
-        welcome: Option<SealedWelcomes>,
-    ) -> (RelayOutcome, Option<Accepted>) {
-        let Some(public) = self.channels.get_mut(&commit.channel) else {
-            return (RelayOutcome::Ordering(Outcome::UnknownChannel), None);
-        };
-        let before =
-            self.members.get(&commit.channel).and_then(|e| e.back()).map(|(_, m)| m.clone());
-        let is_member = before.as_ref().is_some_and(|m| m.binary_search(&commit.submitter).is_ok());
-        // A resubmitted winner, a loser, or a commit for another epoch: the ordering state
-        // answers without checking again, to a current member or to the winner's submitter, and
-        // nothing is fanned out again.
-        let open = self.state.next_epoch(&commit.channel) == Some(commit.epoch);
-        if !open {
-            let winner = self.state.winner(&commit.channel, commit.epoch);
-            if !is_member && winner.is_none_or(|w| w.submitter != commit.submitter) {
-                return (RelayOutcome::Forbidden("not a member of the channel".into()), None);
-            }
-            return (
-                RelayOutcome::Ordering(self.state.apply(&OrderingCommand::Submit(commit))),
-                None,
-            );
-        }
-        if commit_hash(&bytes) != commit.hash {
-            let reason = "the commit does not hash to the ordered hash".into();
-            return (RelayOutcome::Invalid(reason), None);
-        }
-        // First *valid* commit wins, and only its committer submits it.
-        let checked = match public.check(&self.crypto, &bytes, &StructureOnly) {
-            Ok(c) => c,
-            Err(e) => return (RelayOutcome::Invalid(e.to_string()), None),
-        };
-        if checked.committer != commit.submitter {
-            let reason = "a commit is submitted by the member that committed it".into();
-            return (RelayOutcome::Forbidden(reason), None);
-        }
-        let outcome = self.state.apply(&OrderingCommand::Submit(commit));
-        if !matches!(outcome, Outcome::Accepted(_)) {
-            return (RelayOutcome::Ordering(outcome), None);
-        }
-        if let Err(e) = public.apply(checked) {
-            // Checked on this very state a moment ago: a failure here is a bug.
-            tracing::error!(error = %e, channel = %commit.channel, "applying a checked commit failed");
-        }
-        self.refresh_members(commit.channel);
-        let before = before.unwrap_or_else(|| Arc::from(Vec::new()));
-        let after =
-            self.members.get(&commit.channel).and_then(|e| e.back()).map(|(_, m)| m.clone());
-        let added: Vec<_> = after
-            .iter()
-            .flat_map(|m| m.iter())
-            .filter(|d| before.binary_search(d).is_err())
-            .copied()
-            .collect();
-        let welcomes = welcome
-            .map(|w| w.envelopes.into_iter().filter(|e| added.contains(&e.recipient)).collect())
-            .unwrap_or_default();
-        let accepted = Accepted { index, commit, bytes, recipients: before.to_vec(), welcomes };
-        (RelayOutcome::Ordering(outcome), Some(accepted))
+        self.orderer.apply(index, command)
     }
 }
 
@@ -501,7 +342,7 @@ impl Debug for StateMachine {
 impl StateMachine {
     /// The current ordering state (a copy).
     pub async fn state(&self) -> OrderingState {
-        self.inner.lock().await.state.clone()
+        self.inner.lock().await.orderer.state().clone()
     }
 }
 
@@ -748,8 +589,7 @@ impl Ordering {
         check: &impl CredentialCheck,
     ) -> Result<chitchat_proto::DeviceId, ChannelError> {
         let m = self.state_machine.inner.lock().await;
-        let public = m.channels.get(channel).ok_or(ChannelError::WrongChannel)?;
-        public.check(&m.crypto, commit, check).map(|c| c.committer)
+        m.orderer.check(channel, commit, check)
     }
 
     /// The channel's current config, if it is ordered here.
@@ -758,7 +598,7 @@ impl Ordering {
         channel: &ChannelId,
     ) -> Option<Result<chitchat_proto::channel::ChannelConfig, ChannelError>> {
         let m = self.state_machine.inner.lock().await;
-        m.channels.get(channel).map(PublicChannel::config)
+        m.orderer.config(channel)
     }
 
     /// The member devices of the channel's current epoch, as its public state says.
@@ -770,7 +610,7 @@ impl Ordering {
     /// ordered here.
     pub async fn member_set(&self, channel: &ChannelId) -> Option<Arc<[chitchat_proto::DeviceId]>> {
         let machine = self.state_machine.inner.lock().await;
-        machine.members.get(channel).and_then(|e| e.back()).map(|(_, m)| m.clone())
+        machine.orderer.member_set(channel)
     }
 
     /// The member devices of the channel's current epoch and of `epoch` (the current ones if
@@ -781,16 +621,12 @@ impl Ordering {
         channel: &ChannelId,
         epoch: u64,
     ) -> Option<(Arc<[chitchat_proto::DeviceId]>, Arc<[chitchat_proto::DeviceId]>)> {
-        let machine = self.state_machine.inner.lock().await;
-        let epochs = machine.members.get(channel)?;
-        let (_, current) = epochs.back()?;
-        let then = epochs.iter().find(|(e, _)| *e == epoch).map_or(current, |(_, m)| m);
-        Some((current.clone(), then.clone()))
+        self.state_machine.inner.lock().await.orderer.member_sets(channel, epoch)
     }
 
     /// The epoch the channel's next commit must be built on, if it is ordered here.
     pub async fn next_epoch(&self, channel: &ChannelId) -> Option<u64> {
-        self.state_machine.inner.lock().await.state.next_epoch(channel)
+        self.state_machine.inner.lock().await.orderer.next_epoch(channel)
     }
 
     /// The current ordering state (a copy).
@@ -810,10 +646,24 @@ mod tests {
         AdminPolicy, Change, Channel, ChannelConfig, Identity, StagedCommit,
     };
     use chitchat_proto::ordering::{CertSignature, EpochCert, EpochCertBody};
+    use chitchat_proto::wire::commit_hash;
     use chitchat_proto::{DeviceId, SecretKey};
     use openmls_rust_crypto::OpenMlsRustCrypto;
 
     use super::*;
+
+    /// Accepts every credential.
+    struct StructureOnly;
+
+    impl CredentialCheck for StructureOnly {
+        fn check(&self, _: DeviceId) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
+            Ok(())
+        }
+    }
 
     struct Alice {
         key: SecretKey,
@@ -991,11 +841,11 @@ mod tests {
         let data = o.state_machine.inner.lock().await.snapshot();
         let back: SnapshotData = decode(&encode(&data), MAX_RECORD).expect("decode");
         let restored = Machine::from_snapshot(back).expect("restore");
-        assert_eq!(restored.state, o.state().await);
-        let public = restored.channels.get(&ChannelId([3; 32])).expect("channel");
-        public.check(&restored.crypto, &c.commit, &StructureOnly).expect("valid on the snapshot");
+        assert_eq!(restored.orderer.state(), &o.state().await);
+        let id = ChannelId([3; 32]);
+        restored.orderer.check(&id, &c.commit, &StructureOnly).expect("valid on the snapshot");
         assert!(
-            public.check(&restored.crypto, &b.commit, &StructureOnly).is_err(),
+            restored.orderer.check(&id, &b.commit, &StructureOnly).is_err(),
             "b is of a past epoch"
         );
         assert!(matches!(

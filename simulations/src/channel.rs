@@ -12,7 +12,7 @@ use chitchat_proto::codec::Bytes;
 use chitchat_proto::identity::{DirBody, Profile, SponsorshipBody, TrustedRelays};
 use chitchat_proto::ordering::{
     CertSignature, ChannelId, CommitHash, CommitRef, EpochCert, EpochCertBody, Intent, IntentState,
-    OrderingCommand, OrderingState, Outcome,
+    OrderCommand, Orderer, OrderingLimits, Outcome, Verdict,
 };
 use chitchat_proto::{DeviceId, Dir, RelayId, SecretKey, Sponsorship, Timestamp};
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -95,7 +95,10 @@ struct World {
     relay: RelayId,
     trust: TrustedRelays,
     dirs: BTreeMap<DeviceId, Dir>,
-    ordering: OrderingState,
+    /// The relay's replicated state machine, as the relay runs it (channel rules included).
+    orderer: Orderer,
+    /// Entries ordered so far (the orderer's log index).
+    log: u64,
     accepted: BTreeMap<CommitHash, ChannelMessage>,
     /// Application messages sent, by their bytes.
     sent_ids: std::collections::HashMap<Vec<u8>, MessageId>,
@@ -148,7 +151,8 @@ impl World {
             relay,
             trust,
             dirs: BTreeMap::new(),
-            ordering: OrderingState::default(),
+            orderer: Orderer::new(OrderingLimits::default()),
+            log: 0,
             accepted: BTreeMap::new(),
             sent_ids: Default::default(),
             devices,
@@ -190,7 +194,12 @@ impl World {
             creator: self.devices[0].me.device(),
         };
         let d = &mut self.devices[0];
-        d.channel = Some(Channel::create(&d.provider, &d.me, CHANNEL, config)?);
+        let channel = Channel::create(&d.provider, &d.me, CHANNEL, config)?;
+        let state = channel.public_state(&d.provider, &d.me)?;
+        d.channel = Some(channel);
+        self.log += 1;
+        let opened = self.orderer.apply(self.log, OrderCommand::Open { channel: CHANNEL, state });
+        ensure!(opened.0 == Verdict::Ordering(Outcome::Opened), "the relay opens: {opened:?}");
         let add =
             (1..self.p.members).map(|i| self.key_package(i)).collect::<anyhow::Result<_>>()?;
         let mut intent = Intent::new(Change { add, ..Default::default() }, self.now);
@@ -317,7 +326,14 @@ impl World {
         self.report.submitted += 1;
         let by = self.devices[i].me.device();
         let commit = CommitRef { channel: CHANNEL, epoch: s.epoch, hash: s.hash, submitter: by };
-        match self.ordering.apply(&OrderingCommand::Submit(commit)) {
+        self.log += 1;
+        let bytes = Bytes(s.commit.clone());
+        let (verdict, fanout) =
+            self.orderer.apply(self.log, OrderCommand::Order { commit, bytes, welcome: None });
+        let Verdict::Ordering(outcome) = verdict else {
+            bail!("the relay refused a commit members would merge: {verdict:?}");
+        };
+        match outcome {
             Outcome::Accepted(w) => {
                 self.report.accepted += 1;
                 let body = EpochCertBody { channel: CHANNEL, epoch: w.epoch, hash: w.hash };
@@ -330,10 +346,19 @@ impl World {
                 d.channel.as_mut().expect("a member").accept_own(&d.provider, &cert)?;
                 let msg = ChannelMessage::Commit { commit: s.commit.clone(), cert };
                 self.accepted.insert(w.hash, msg.clone());
-                // The new epoch's members, and the removed devices so they learn of it.
-                let mut recipients = self.peers(i);
-                recipients.retain(|d| !s.added.contains(d));
-                recipients.extend(&s.removed);
+                // The fan-out the relay derives: the members of the epoch the commit ends (the
+                // removed devices learn of it), the committer aside, who merged it already.
+                let fanout = fanout.context("an accepted commit has a fan-out")?;
+                let mut recipients = fanout.recipients;
+                recipients.retain(|d| *d != by);
+                let mut expected = self.peers(i);
+                expected.retain(|d| !s.added.contains(d));
+                expected.extend(&s.removed);
+                expected.sort();
+                ensure!(
+                    recipients == expected,
+                    "the relay fans out to {recipients:?}, not {expected:?}"
+                );
                 self.fanout(&msg, &recipients);
                 if let Some(welcome) = &s.welcome {
                     self.welcome(welcome, &s.added)?;

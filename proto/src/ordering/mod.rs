@@ -16,11 +16,15 @@
 
 mod cert;
 mod intent;
+mod orderer;
 
 pub use cert::{
     CertError, CertSignature, EpochCert, EpochCertBody, Equivocation, MAX_CERT_SIGNATURES,
 };
 pub use intent::{BACKOFF_BASE_MS, BACKOFF_MAX_MS, Intent, IntentState, MAX_SUBMIT_ATTEMPTS};
+pub use orderer::{
+    Accepted, MEMBER_EPOCHS, MemberSet, OrderCommand, Orderer, StoragePairs, Verdict,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;

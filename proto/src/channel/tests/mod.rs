@@ -10,16 +10,20 @@ use rand_core::{Rng as _, SeedableRng};
 use super::*;
 use crate::identity::{Dir, DirBody, Profile, Sponsorship, SponsorshipBody, TrustedRelays};
 use crate::ordering::{
-    CertSignature, CommitRef, Intent, IntentState, OrderingCommand, OrderingState, Outcome,
+    CertSignature, CommitRef, Intent, IntentState, OrderCommand, Orderer, OrderingLimits, Outcome,
+    Verdict,
 };
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
-/// The relay of the test: orders commits and signs certificates.
+/// The relay of the test: `proto`'s orderer, as the real relay runs it (channel rules
+/// included), and its certificates.
 struct Relay {
     key: SecretKey,
     id: RelayId,
-    ordering: OrderingState,
+    orderer: Orderer,
+    /// Entries ordered so far.
+    log: u64,
     /// Accepted commits by hash, so losers can fetch the winner.
     commits: BTreeMap<CommitHash, (Vec<u8>, EpochCert)>,
 }
@@ -28,10 +32,21 @@ impl Relay {
     fn new() -> Self {
         let key = SecretKey::from_seed([200; 32]);
         let id = RelayId { host: "relay.test".into(), key: key.public() };
-        Self { key, id, ordering: OrderingState::default(), commits: BTreeMap::new() }
+        let orderer = Orderer::new(OrderingLimits::default());
+        Self { key, id, orderer, log: 0, commits: BTreeMap::new() }
     }
 
-    /// Orders a staged commit: `Ok(cert)` if it won, `Err(winner)` if another did.
+    /// Starts ordering a channel from a member's export.
+    fn open(&mut self, channel: &Channel, provider: &OpenMlsRustCrypto, me: &Identity) {
+        let state = channel.public_state(provider, me).expect("export");
+        self.log += 1;
+        let (verdict, _) =
+            self.orderer.apply(self.log, OrderCommand::Open { channel: channel.id(), state });
+        assert_eq!(verdict, Verdict::Ordering(Outcome::Opened));
+    }
+
+    /// Orders a staged commit: `Ok(cert)` if it won, `Err(winner)` if another did. The relay
+    /// refusing it is a test failure.
     fn submit(
         &mut self,
         channel: ChannelId,
@@ -39,7 +54,12 @@ impl Relay {
         s: &StagedCommit,
     ) -> Result<EpochCert, CommitRef> {
         let r = CommitRef { channel, epoch: s.epoch, hash: s.hash, submitter: by };
-        match self.ordering.apply(&OrderingCommand::Submit(r)) {
+        self.log += 1;
+        let order =
+            OrderCommand::Order { commit: r, bytes: s.commit.clone().into(), welcome: None };
+        let (verdict, _) = self.orderer.apply(self.log, order);
+        let Verdict::Ordering(outcome) = verdict else { panic!("the relay refused: {verdict:?}") };
+        match outcome {
             Outcome::Accepted(w) => {
                 let body = EpochCertBody { channel, epoch: w.epoch, hash: w.hash };
                 let cert =
@@ -210,8 +230,10 @@ impl World {
             creator: self.devices[ALICE].id(),
         };
         let a = &mut self.devices[ALICE];
-        a.channel =
-            Some(Channel::create(&a.provider, &a.me, ChannelId([42; 32]), config).expect("create"));
+        let channel =
+            Channel::create(&a.provider, &a.me, ChannelId([42; 32]), config).expect("create");
+        self.relay.open(&channel, &a.provider, &a.me);
+        a.channel = Some(channel);
     }
 
     /// Stages `change` at `who`, without submitting.
@@ -623,8 +645,9 @@ fn admin_policy_limits_membership_changes() {
         creator: alice,
     };
     let a = &mut w.devices[ALICE];
-    a.channel =
-        Some(Channel::create(&a.provider, &a.me, ChannelId([43; 32]), config).expect("create"));
+    let channel = Channel::create(&a.provider, &a.me, ChannelId([43; 32]), config).expect("create");
+    w.relay.open(&channel, &a.provider, &a.me);
+    a.channel = Some(channel);
     let change = Change { add: vec![w.devices[BOB].key_package()], ..Default::default() };
     let staged = w.stage(ALICE, &change).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");

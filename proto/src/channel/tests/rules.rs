@@ -64,8 +64,8 @@ fn impersonating_key_package(key: &SecretKey, claims: DeviceId) -> Vec<u8> {
 }
 
 impl World {
-    /// A channel whose only admin is Alice, with Bob and Carol in it, and the relay following it.
-    fn admins_only() -> (Self, PublicChannel) {
+    /// A channel whose only admin is Alice, with Bob and Carol in it, ordered by the relay.
+    fn admins_only() -> Self {
         let mut w = Self::new();
         let alice = w.devices[ALICE].id();
         let config = ChannelConfig {
@@ -76,21 +76,20 @@ impl World {
             creator: alice,
         };
         let a = &mut w.devices[ALICE];
-        a.channel =
-            Some(Channel::create(&a.provider, &a.me, ChannelId([42; 32]), config).expect("create"));
-        let crypto = openmls_rust_crypto::RustCrypto::default();
-        let state = {
-            let d = &w.devices[ALICE];
-            d.channel.as_ref().expect("member").public_state(&d.provider, &d.me).expect("export")
-        };
-        let mut relay = PublicChannel::from_state(&crypto, &state).expect("follow");
+        let channel =
+            Channel::create(&a.provider, &a.me, ChannelId([42; 32]), config).expect("create");
+        w.relay.open(&channel, &a.provider, &a.me);
+        a.channel = Some(channel);
         let add = vec![w.devices[BOB].key_package(), w.devices[CAROL].key_package()];
         let staged = w.stage(ALICE, &Change { add, ..Default::default() }).expect("stage");
-        let checked = relay.check(&crypto, &staged.commit, &w.check()).expect("valid");
         w.submit(ALICE, &staged).expect("accepted");
-        relay.apply(checked).expect("apply");
         w.deliver_all();
-        (w, relay)
+        w
+    }
+
+    /// The epoch the relay orders next.
+    fn relay_epoch(&self) -> u64 {
+        self.relay.orderer.next_epoch(&ChannelId([42; 32])).expect("ordered")
     }
 
     /// Builds `forge` as a commit of `who`, left pending in its group.
@@ -157,18 +156,16 @@ impl World {
         Ok(Forged { commit: commit.tls_serialize_detached().map_err(mls_err)?, welcome })
     }
 
-    /// The relay's verdict on a forged commit of `who`, then every other member's, each given
+    /// The relay's verdict on a forged commit of `who` (its orderer's check with the directory,
+    /// then the order itself, as the relay service does), then every other member's, each given
     /// the commit with a valid certificate (as if the relay had certified it). The committer
     /// merges its commit if the relay accepted it, and drops it otherwise.
-    fn judge(&mut self, relay: &mut PublicChannel, who: usize, forged: &Forged) -> Verdicts {
-        let crypto = openmls_rust_crypto::RustCrypto::default();
-        let checked = relay.check(&crypto, &forged.commit, &self.check());
-        let epoch = relay.epoch();
-        let body = EpochCertBody {
-            channel: self.channel_id_of(who),
-            epoch,
-            hash: commit_hash(&forged.commit),
-        };
+    fn judge(&mut self, who: usize, forged: &Forged) -> Verdicts {
+        let channel = self.channel_id_of(who);
+        let checked = self.relay.orderer.check(&channel, &forged.commit, &self.check());
+        let epoch = self.relay_epoch();
+        let hash = commit_hash(&forged.commit);
+        let body = EpochCertBody { channel, epoch, hash };
         let cert =
             EpochCert { body, signatures: vec![CertSignature::sign(&self.relay.key, &body)] };
         let mut members = Vec::new();
@@ -184,11 +181,20 @@ impl World {
             });
             members.push((i, verdict));
         }
-        let d = &mut self.devices[who];
-        let channel = d.channel.as_mut().expect("member");
         let verdict = match checked {
-            Ok(checked) => {
-                relay.apply(checked).expect("apply");
+            Ok(committer) => {
+                assert_eq!(committer, self.devices[who].id());
+                let commit = CommitRef { channel, epoch, hash, submitter: committer };
+                let order = OrderCommand::Order {
+                    commit,
+                    bytes: forged.commit.clone().into(),
+                    welcome: None,
+                };
+                self.relay.log += 1;
+                let (ordered, _) = self.relay.orderer.apply(self.relay.log, order);
+                assert_eq!(ordered, Verdict::Ordering(Outcome::Accepted(commit)));
+                let d = &mut self.devices[who];
+                let channel = d.channel.as_mut().expect("member");
                 channel.group.merge_pending_commit(&d.provider).expect("merge own");
                 channel.config = read_config(channel.group.extensions()).expect("config");
                 if let Some(welcome) = &forged.welcome {
@@ -197,6 +203,8 @@ impl World {
                 Ok(())
             }
             Err(e) => {
+                let d = &mut self.devices[who];
+                let channel = d.channel.as_mut().expect("member");
                 channel.group.clear_pending_commit(d.provider.storage()).expect("clear");
                 Err(e)
             }
@@ -238,27 +246,27 @@ fn config_of(w: &World, who: usize) -> ChannelConfig {
 
 #[test]
 fn a_non_admin_cannot_rewrite_the_config() {
-    let (mut w, mut relay) = World::admins_only();
+    let mut w = World::admins_only();
     let bob = w.devices[BOB].id();
     // Bob makes himself admin.
     let mut config = config_of(&w, BOB);
     config.admins = AdminPolicy::Admins([bob].into());
     let forged =
         w.forge(BOB, &Forge { config: Some(config), ..Default::default() }).expect("forge");
-    all_refuse(w.judge(&mut relay, BOB, &forged), |e| *e == ChannelError::NotAdmin);
+    all_refuse(w.judge(BOB, &forged), |e| *e == ChannelError::NotAdmin);
     // Bob puts his own key in the relay set, to certify his own commits.
     let mut config = config_of(&w, BOB);
     config.relays.push(RelayId { host: "bob.example".into(), key: bob.0 });
     let forged =
         w.forge(BOB, &Forge { config: Some(config), ..Default::default() }).expect("forge");
-    all_refuse(w.judge(&mut relay, BOB, &forged), |e| *e == ChannelError::NotAdmin);
+    all_refuse(w.judge(BOB, &forged), |e| *e == ChannelError::NotAdmin);
     assert_eq!(w.epochs(&[ALICE, BOB, CAROL]), vec![1, 1, 1], "nothing applied");
-    assert_eq!(relay.epoch(), 1);
+    assert_eq!(w.relay_epoch(), 1);
 }
 
 #[test]
 fn an_admin_changes_only_the_name_and_the_admins() {
-    let (mut w, mut relay) = World::admins_only();
+    let mut w = World::admins_only();
     let carol = w.devices[CAROL].id();
     let base = config_of(&w, ALICE);
     let forbidden = |f: fn(&mut ChannelConfig)| {
@@ -275,7 +283,7 @@ fn an_admin_changes_only_the_name_and_the_admins() {
         let forged =
             w.forge(ALICE, &Forge { config: Some(config), ..Default::default() }).expect("forge");
         all_refuse(
-            w.judge(&mut relay, ALICE, &forged),
+            w.judge(ALICE, &forged),
             |e| matches!(e, ChannelError::ForbiddenConfig(m) if m.contains(why)),
         );
     }
@@ -283,9 +291,9 @@ fn an_admin_changes_only_the_name_and_the_admins() {
     // refuses to build such a commit; if it did build one, the rule would refuse it).
     let forge = Forge { config: Some(base.clone()), drop_required: true, ..Default::default() };
     match w.forge(ALICE, &forge) {
-        Ok(forged) => all_refuse(w.judge(&mut relay, ALICE, &forged), |e| {
-            matches!(e, ChannelError::ForbiddenConfig(_))
-        }),
+        Ok(forged) => {
+            all_refuse(w.judge(ALICE, &forged), |e| matches!(e, ChannelError::ForbiddenConfig(_)))
+        }
         Err(e) => assert!(matches!(e, ChannelError::Mls(_)), "{e:?}"),
     }
     // A new name and Carol as a second admin are fine, for the relay and the members alike.
@@ -295,18 +303,19 @@ fn an_admin_changes_only_the_name_and_the_admins() {
     let forged = w
         .forge(ALICE, &Forge { config: Some(config.clone()), ..Default::default() })
         .expect("forge");
-    let (relay_verdict, members) = w.judge(&mut relay, ALICE, &forged);
+    let (relay_verdict, members) = w.judge(ALICE, &forged);
     relay_verdict.expect("the relay accepts");
     assert!(members.iter().all(|(_, v)| v.is_ok()), "{members:?}");
     for i in [ALICE, BOB, CAROL] {
         assert_eq!(config_of(&w, i), config);
     }
-    assert_eq!(relay.config().expect("config"), config);
+    let ordered = w.relay.orderer.config(&ChannelId([42; 32])).expect("ordered");
+    assert_eq!(ordered.expect("config"), config);
     // Carol, now an admin, may remove Bob.
     let forged = w
         .forge(CAROL, &Forge { remove: vec![w.devices[BOB].id()], ..Default::default() })
         .expect("forge");
-    let (relay_verdict, members) = w.judge(&mut relay, CAROL, &forged);
+    let (relay_verdict, members) = w.judge(CAROL, &forged);
     relay_verdict.expect("the relay accepts");
     assert!(members.iter().all(|(_, v)| v.is_ok()), "{members:?}");
     assert!(!w.devices[BOB].channel.as_ref().expect("was a member").is_active());
@@ -314,7 +323,7 @@ fn an_admin_changes_only_the_name_and_the_admins() {
 
 #[test]
 fn no_one_poses_as_another_device() {
-    let (mut w, mut relay) = World::admins_only();
+    let mut w = World::admins_only();
     let mallory = SecretKey::from_seed([5; 32]);
     let alice2 = w.devices[ALICE2].id();
     // Mallory's key under Alice's second device's name: refused on upload, when staging, by the
@@ -325,28 +334,26 @@ fn no_one_poses_as_another_device() {
     let change = Change { add: vec![kp.clone().into()], ..Default::default() };
     assert_eq!(w.stage(ALICE, &change).map(|_| ()), Err(ChannelError::LeafMismatch(Some(alice2))));
     let forged = w.forge(ALICE, &Forge { add: vec![kp], ..Default::default() }).expect("forge");
-    all_refuse(w.judge(&mut relay, ALICE, &forged), |e| {
-        *e == ChannelError::LeafMismatch(Some(alice2))
-    });
+    all_refuse(w.judge(ALICE, &forged), |e| *e == ChannelError::LeafMismatch(Some(alice2)));
     // Bob's update may not give his leaf another device's name, nor another device's key.
     let bob = w.devices[BOB].id();
     for claims in [alice2, DeviceId(mallory.public())] {
         let forge = Forge { new_leaf: Some((mallory.clone(), claims)), ..Default::default() };
         let forged = w.forge(BOB, &forge).expect("forge");
         all_refuse(
-            w.judge(&mut relay, BOB, &forged),
+            w.judge(BOB, &forged),
             |e| matches!(e, ChannelError::LeafMismatch(Some(d)) if *d == claims || *d == bob),
         );
     }
-    assert_eq!(relay.epoch(), 1, "nothing applied");
+    assert_eq!(w.relay_epoch(), 1, "nothing applied");
 }
 
 #[test]
 fn proposals_of_other_types_and_non_admin_changes_are_refused() {
-    let (mut w, mut relay) = World::admins_only();
+    let mut w = World::admins_only();
     // A custom proposal, even from the admin.
     match w.forge(ALICE, &Forge { custom: true, ..Default::default() }) {
-        Ok(forged) => all_refuse(w.judge(&mut relay, ALICE, &forged), |e| {
+        Ok(forged) => all_refuse(w.judge(ALICE, &forged), |e| {
             matches!(e, ChannelError::ForbiddenProposal(_) | ChannelError::Mls(_))
         }),
         // openmls itself refuses to build it: nothing to check.
@@ -356,13 +363,13 @@ fn proposals_of_other_types_and_non_admin_changes_are_refused() {
     // members do (before, it ordered them and the channel was stuck behind the certificate).
     let kp = w.devices[ALICE2].key_package().0;
     let forged = w.forge(BOB, &Forge { add: vec![kp], ..Default::default() }).expect("forge");
-    all_refuse(w.judge(&mut relay, BOB, &forged), |e| *e == ChannelError::NotAdmin);
+    all_refuse(w.judge(BOB, &forged), |e| *e == ChannelError::NotAdmin);
     let carol = w.devices[CAROL].id();
     let forged = w.forge(BOB, &Forge { remove: vec![carol], ..Default::default() }).expect("forge");
-    all_refuse(w.judge(&mut relay, BOB, &forged), |e| *e == ChannelError::NotAdmin);
+    all_refuse(w.judge(BOB, &forged), |e| *e == ChannelError::NotAdmin);
     // His own update is his to commit.
     let forged = w.forge(BOB, &Forge::default()).expect("forge");
-    let (verdict, members) = w.judge(&mut relay, BOB, &forged);
+    let (verdict, members) = w.judge(BOB, &forged);
     verdict.expect("accepted");
     assert!(members.iter().all(|(_, v)| v.is_ok()), "{members:?}");
     all_equal(&w.epoch_authenticators(&[ALICE, BOB, CAROL]));
@@ -461,7 +468,7 @@ proptest! {
     /// Over generated commits, the relay accepts exactly what every member merges.
     #[test]
     fn relays_and_members_agree_on_every_commit(attempts in prop::collection::vec(attempt(), 1..8)) {
-        let (mut w, mut relay) = World::admins_only();
+        let mut w = World::admins_only();
         for a in attempts {
             if !w.devices[a.who].channel.as_ref().is_some_and(Channel::is_active) {
                 continue;
@@ -474,7 +481,7 @@ proptest! {
                 let _ = channel.group.clear_pending_commit(d.provider.storage());
                 continue;
             };
-            let (verdict, members) = w.judge(&mut relay, a.who, &forged);
+            let (verdict, members) = w.judge(a.who, &forged);
             for (i, member) in &members {
                 prop_assert_eq!(
                     verdict.is_ok(),
@@ -486,7 +493,7 @@ proptest! {
                 .filter(|i| w.devices[*i].channel.as_ref().is_some_and(Channel::is_active))
                 .collect();
             all_equal(&w.epochs(&active));
-            prop_assert_eq!(w.epochs(&active[..1])[0], relay.epoch());
+            prop_assert_eq!(w.epochs(&active[..1])[0], w.relay_epoch());
         }
     }
 }

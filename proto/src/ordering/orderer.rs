@@ -1,0 +1,308 @@
+//! The orderer: the whole replicated state machine of a channel's relays, sans I/O.
+//!
+//! [`OrderingState`] says which commit won each epoch; the orderer adds what makes the winner a
+//! *valid* commit: each channel's public MLS state ([`PublicChannel`]), checked with the channel
+//! rules ([`crate::channel::authorize_commit`]) on every commit, and followed as winners apply.
+//! The relay drives it from its Raft log (openraft, in the relay crate); the simulation and the
+//! tests drive it directly, so every "relay" of a test validates as the real one does.
+//!
+//! Deterministic: replicas that apply the same [`OrderCommand`]s in the same order give the same
+//! [`Verdict`]s and the same [`Accepted`] fan-outs. Credential checks, which depend on each
+//! relay's directory and clock, are not part of it: the relay a device submits to makes them
+//! with [`Orderer::check`] before it proposes.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ChannelId, CommitRef, OrderingCommand, OrderingLimits, OrderingState, Outcome};
+use crate::channel::{
+    ChannelConfig, ChannelError, CredentialCheck, MAX_PAST_EPOCHS, PublicChannel, PublicState,
+};
+use crate::codec::Bytes;
+use crate::identity::DeviceId;
+use crate::inbox::SealedEnvelope;
+use crate::wire::{SealedWelcomes, commit_hash};
+
+/// Epochs whose member sets are kept per channel: as many as a member reads messages from (the
+/// current one and [`MAX_PAST_EPOCHS`] before it). A post is fanned out to the members of the
+/// epoch it was encrypted in. Only epochs applied since the last restore are known; an older
+/// post goes to the current members.
+pub const MEMBER_EPOCHS: usize = MAX_PAST_EPOCHS + 1;
+
+/// A command of the orderer's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderCommand {
+    /// Start ordering a channel from a member's export of its public state.
+    Open {
+        /// The channel.
+        channel: ChannelId,
+        /// GroupInfo and ratchet tree.
+        state: PublicState,
+    },
+    /// Ask for an epoch with this commit; if it wins, fan it out with its Welcomes.
+    Order {
+        /// What is ordered; `submitter` must be the member that committed it.
+        commit: CommitRef,
+        /// The commit (MLS PublicMessage), checked against the channel's public state.
+        bytes: Bytes,
+        /// The Welcomes for the devices it adds, sealed by the submitter.
+        welcome: Option<SealedWelcomes>,
+    },
+}
+
+/// The answer to one [`OrderCommand`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// What the ordering state decided.
+    Ordering(Outcome),
+    /// The command was not valid against the channel's public state or its rules; nothing
+    /// changed.
+    Invalid(String),
+    /// The submitter may not submit this commit (not a member, or not its committer).
+    Forbidden(String),
+}
+
+/// A commit that won its epoch: what to fan out. Produced once per accepted log entry, so a
+/// driver that dies before the fan-out is durable produces it again when it applies its log
+/// again, and skips what it already did by `index`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The log index of the entry.
+    pub index: u64,
+    /// The commit's reference (its submitter included).
+    pub commit: CommitRef,
+    /// The commit (MLS PublicMessage).
+    pub bytes: Bytes,
+    /// Every member of the epoch the commit ends, sorted (removed devices learn of their
+    /// removal; the committer is among them).
+    pub recipients: Vec<DeviceId>,
+    /// Welcomes for the devices the commit adds (any others the submitter attached are
+    /// dropped).
+    pub welcomes: Vec<SealedEnvelope>,
+}
+
+/// A public group's openmls storage, as key-value pairs.
+pub type StoragePairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A channel's member devices in one epoch, sorted.
+pub type MemberSet = Arc<[DeviceId]>;
+
+/// A channel's member sets by epoch, oldest first; the last is the current epoch's.
+type MemberEpochs = VecDeque<(u64, MemberSet)>;
+
+/// Accepts every credential: the replicated state checks structure and rules only.
+struct StructureOnly;
+
+impl CredentialCheck for StructureOnly {
+    fn check(&self, _: DeviceId) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The replicated state of a relay group: which commit won each epoch of each channel, and each
+/// channel's public MLS state.
+#[derive(Debug)]
+pub struct Orderer {
+    state: OrderingState,
+    channels: BTreeMap<ChannelId, PublicChannel>,
+    /// Each channel's member devices, sorted, in its last [`MEMBER_EPOCHS`] epochs: derived
+    /// from `channels` after every change, so that a post (the hot path) reads them without
+    /// walking the ratchet tree.
+    members: BTreeMap<ChannelId, MemberEpochs>,
+    crypto: openmls_rust_crypto::RustCrypto,
+}
+
+impl Orderer {
+    /// An empty orderer.
+    pub fn new(limits: OrderingLimits) -> Self {
+        Self::from_parts(OrderingState::new(limits), BTreeMap::new())
+    }
+
+    /// Restores an orderer from [`Orderer::export`]'s parts.
+    pub fn restore(
+        state: OrderingState,
+        channels: Vec<(ChannelId, StoragePairs)>,
+    ) -> Result<Self, ChannelError> {
+        let mut public = BTreeMap::new();
+        for (id, pairs) in channels {
+            public.insert(id, PublicChannel::import(id, pairs)?);
+        }
+        Ok(Self::from_parts(state, public))
+    }
+
+    fn from_parts(state: OrderingState, channels: BTreeMap<ChannelId, PublicChannel>) -> Self {
+        let mut orderer = Self {
+            state,
+            channels,
+            members: BTreeMap::new(),
+            crypto: openmls_rust_crypto::RustCrypto::default(),
+        };
+        let ids: Vec<ChannelId> = orderer.channels.keys().copied().collect();
+        for id in ids {
+            orderer.refresh_members(id);
+        }
+        orderer
+    }
+
+    /// What a snapshot holds: the ordering state and each channel's public-group storage.
+    pub fn export(&self) -> (OrderingState, Vec<(ChannelId, StoragePairs)>) {
+        (self.state.clone(), self.channels.iter().map(|(id, c)| (*id, c.export())).collect())
+    }
+
+    /// Applies one command, the entry at log index `index`.
+    pub fn apply(&mut self, index: u64, command: OrderCommand) -> (Verdict, Option<Accepted>) {
+        match command {
+            OrderCommand::Open { channel, state } => (self.open(channel, state), None),
+            OrderCommand::Order { commit, bytes, welcome } => {
+                self.order(index, commit, bytes, welcome)
+            }
+        }
+    }
+
+    /// Checks a commit against the channel's current public state and rules, with `check` for
+    /// the credentials it brings in (the caller's directory), without changing anything.
+    /// Returns the member that committed it.
+    pub fn check(
+        &self,
+        channel: &ChannelId,
+        commit: &[u8],
+        check: &impl CredentialCheck,
+    ) -> Result<DeviceId, ChannelError> {
+        let public = self.channels.get(channel).ok_or(ChannelError::WrongChannel)?;
+        public.check(&self.crypto, commit, check).map(|c| c.committer)
+    }
+
+    /// The ordering state.
+    pub fn state(&self) -> &OrderingState {
+        &self.state
+    }
+
+    /// The epoch the channel's next commit must be built on, if it is ordered here.
+    pub fn next_epoch(&self, channel: &ChannelId) -> Option<u64> {
+        self.state.next_epoch(channel)
+    }
+
+    /// The channel's current config, if it is ordered here.
+    pub fn config(&self, channel: &ChannelId) -> Option<Result<ChannelConfig, ChannelError>> {
+        self.channels.get(channel).map(PublicChannel::config)
+    }
+
+    /// The member devices of the channel's current epoch, sorted; `None` if it is not ordered.
+    pub fn member_set(&self, channel: &ChannelId) -> Option<MemberSet> {
+        self.members.get(channel).and_then(|e| e.back()).map(|(_, m)| m.clone())
+    }
+
+    /// The member devices of the channel's current epoch and of `epoch` (the current ones if
+    /// `epoch` is not among the last [`MEMBER_EPOCHS`] known), sorted.
+    pub fn member_sets(&self, channel: &ChannelId, epoch: u64) -> Option<(MemberSet, MemberSet)> {
+        let epochs = self.members.get(channel)?;
+        let (_, current) = epochs.back()?;
+        let then = epochs.iter().find(|(e, _)| *e == epoch).map_or(current, |(_, m)| m);
+        Some((current.clone(), then.clone()))
+    }
+
+    fn open(&mut self, channel: ChannelId, state: PublicState) -> Verdict {
+        if let Some(next_epoch) = self.state.next_epoch(&channel) {
+            return Verdict::Ordering(Outcome::AlreadyOpen { next_epoch });
+        }
+        let public = match PublicChannel::from_state(&self.crypto, &state) {
+            Ok(p) if p.id() == channel => p,
+            Ok(_) => return Verdict::Invalid("the state is of another channel".into()),
+            Err(e) => return Verdict::Invalid(e.to_string()),
+        };
+        let outcome = self.state.apply(&OrderingCommand::Open { channel, epoch: public.epoch() });
+        if outcome == Outcome::Opened {
+            self.channels.insert(channel, public);
+            self.refresh_members(channel);
+        }
+        Verdict::Ordering(outcome)
+    }
+
+    fn order(
+        &mut self,
+        index: u64,
+        commit: CommitRef,
+        bytes: Bytes,
+        welcome: Option<SealedWelcomes>,
+    ) -> (Verdict, Option<Accepted>) {
+        let Some(public) = self.channels.get_mut(&commit.channel) else {
+            return (Verdict::Ordering(Outcome::UnknownChannel), None);
+        };
+        let before =
+            self.members.get(&commit.channel).and_then(|e| e.back()).map(|(_, m)| m.clone());
+        // A resubmitted winner, a loser, or a commit for another epoch: the ordering state
+        // answers without checking again, to a member of the epoch the commit was built on (a
+        // loser removed by the winner learns whom it lost to), of the current epoch, or to the
+        // winner's submitter; nothing is fanned out again.
+        if self.state.next_epoch(&commit.channel) != Some(commit.epoch) {
+            let winner = self.state.winner(&commit.channel, commit.epoch);
+            let was_member =
+                self.member_sets(&commit.channel, commit.epoch).is_some_and(|(now, then)| {
+                    now.binary_search(&commit.submitter).is_ok()
+                        || then.binary_search(&commit.submitter).is_ok()
+                });
+            if !was_member && winner.is_none_or(|w| w.submitter != commit.submitter) {
+                return (Verdict::Forbidden("not a member of the channel".into()), None);
+            }
+            return (Verdict::Ordering(self.state.apply(&OrderingCommand::Submit(commit))), None);
+        }
+        if commit_hash(&bytes) != commit.hash {
+            return (Verdict::Invalid("the commit does not hash to the ordered hash".into()), None);
+        }
+        // First *valid* commit wins, and only its committer submits it.
+        let checked = match public.check(&self.crypto, &bytes, &StructureOnly) {
+            Ok(c) => c,
+            Err(e) => return (Verdict::Invalid(e.to_string()), None),
+        };
+        if checked.committer != commit.submitter {
+            let reason = "a commit is submitted by the member that committed it".into();
+            return (Verdict::Forbidden(reason), None);
+        }
+        // The epoch is next, so the ordering state takes it, unless it is the last a u64 holds:
+        // checked first, so that a refusal changes nothing.
+        if commit.epoch.checked_add(1).is_none() {
+            return (Verdict::Ordering(Outcome::WrongEpoch { next_epoch: commit.epoch }), None);
+        }
+        if let Err(e) = public.apply(checked) {
+            return (Verdict::Invalid(e.to_string()), None);
+        }
+        let outcome = self.state.apply(&OrderingCommand::Submit(commit));
+        debug_assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+        self.refresh_members(commit.channel);
+        let before = before.unwrap_or_else(|| Arc::from(Vec::new()));
+        let added: Vec<DeviceId> = self
+            .member_set(&commit.channel)
+            .iter()
+            .flat_map(|m| m.iter())
+            .filter(|d| before.binary_search(d).is_err())
+            .copied()
+            .collect();
+        let welcomes = welcome
+            .map(|w| w.envelopes.into_iter().filter(|e| added.contains(&e.recipient)).collect())
+            .unwrap_or_default();
+        let accepted = Accepted { index, commit, bytes, recipients: before.to_vec(), welcomes };
+        (Verdict::Ordering(outcome), Some(accepted))
+    }
+
+    fn refresh_members(&mut self, channel: ChannelId) {
+        let Some(public) = self.channels.get(&channel) else { return };
+        let mut members = public.members();
+        members.sort();
+        members.dedup();
+        let epoch = public.epoch();
+        let epochs = self.members.entry(channel).or_default();
+        if epochs.back().is_some_and(|(e, _)| *e == epoch) {
+            epochs.pop_back();
+        }
+        epochs.push_back((epoch, members.into()));
+        while epochs.len() > MEMBER_EPOCHS {
+            epochs.pop_front();
+        }
+    }
+}
