@@ -424,7 +424,19 @@ async fn one_winner_per_epoch_through_the_relay() {
         panic!("still a conflict")
     };
     assert_eq!(winner.hash, staged_a.hash);
+    // Alice's next commit, which only she may submit (Bob is refused).
+    let ca = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
+    ca.authenticate(&alice.device.key, "localhost").await.expect("auth");
     let late = alice.stage(&update, &check);
+    let by_bob = CommitSubmission {
+        channel: id,
+        epoch: 3,
+        commit: late.commit.clone(),
+        welcome: None,
+        fanout: vec![],
+    };
+    let r = c.call(&Request::SubmitCommit(by_bob)).await.expect("call");
+    assert!(matches!(r, Response::Error { code: ErrorCode::Forbidden, .. }), "{r:?}");
     let sub = CommitSubmission {
         channel: id,
         epoch: 1,
@@ -432,7 +444,7 @@ async fn one_winner_per_epoch_through_the_relay() {
         welcome: None,
         fanout: vec![],
     };
-    let r = c.call(&Request::SubmitCommit(sub)).await.expect("call");
+    let r = ca.call(&Request::SubmitCommit(sub)).await.expect("call");
     assert!(
         matches!(r, Response::Error { code: ErrorCode::BadRequest, .. }),
         "framing says epoch 3: {r:?}"
@@ -445,7 +457,7 @@ async fn one_winner_per_epoch_through_the_relay() {
         fanout: vec![],
     };
     let Response::CommitAccepted { cert } =
-        c.call(&Request::SubmitCommit(sub)).await.expect("call")
+        ca.call(&Request::SubmitCommit(sub)).await.expect("call")
     else {
         panic!("accepted")
     };
@@ -454,8 +466,6 @@ async fn one_winner_per_epoch_through_the_relay() {
     // A post crossing a membership change goes to the members of the epoch it was encrypted
     // in: sent in epoch 4 and posted once the commit removing Bob is ordered, it still reaches
     // him (he can read it); one sent after the removal reaches no one.
-    let ca = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
-    ca.authenticate(&alice.device.key, "localhost").await.expect("auth");
     let encrypt = |alice: &mut Member, text: &[u8]| {
         let channel = alice.channel.as_mut().expect("member");
         match channel.send(&alice.provider, &alice.mls, now(), text).expect("send") {
