@@ -179,6 +179,17 @@ async fn registration_directory_and_key_packages() {
         Request::UploadKeyPackages { packages: vec![Bytes(vec![1, 2, 3])], last_resort: None };
     assert_eq!(code(&c.call(&junk).await.expect("call")), Some(ErrorCode::BadRequest));
     let claim = Request::ClaimKeyPackage { device: alice.id() };
+    // Bob's key is not registered: it claims nothing (a key costs nothing). Registered, it may.
+    let r = cb.call(&claim).await.expect("claim");
+    assert!(matches!(r, Response::Error { code: ErrorCode::Forbidden, .. }), "{r:?}");
+    let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
+    let register_bob = Request::Register {
+        token: Some(token),
+        local_name: "bob".into(),
+        dir: bob.dir(1, vec![], now()),
+    };
+    let r = cb.call(&register_bob).await.expect("register");
+    assert!(matches!(r, Response::Registered { .. }), "{r:?}");
     let mut claimed = Vec::new();
     for _ in 0..4 {
         match cb.call(&claim).await.expect("claim") {
