@@ -342,3 +342,42 @@ fn leaving_or_removal_deletes_the_keys_and_a_new_welcome_joins() {
     let last = bob.store().messages(&channel, 1).expect("messages");
     assert_eq!(last[0].payload, text("welcome back"));
 }
+
+/// Messages a member cannot use yet are bounded (32 per sender in a channel's future-epoch
+/// buffer); past the bound they are dropped, acknowledged (so they never block the inbox) and
+/// counted, and what was buffered is shown once the epoch arrives.
+#[test]
+fn messages_past_the_buffer_are_dropped_acknowledged_and_counted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let (mut alice, mut bob, channel) = pair(&tmp, &relay);
+    let mut carol = device(&tmp, "carol", &relay);
+    let dirs = vec![alice.account().expect("a").dir.clone(), bob.account().expect("b").dir.clone()];
+    carol.add_dirs(dirs).expect("dirs");
+    bob.add_dirs(vec![carol.account().expect("c").dir.clone()]).expect("dirs");
+    // Alice adds Carol (epoch 2); Bob has not seen that commit yet.
+    let (packages, _) = carol.key_packages(1, false).expect("kp");
+    let carol_dir = carol.account().expect("carol").dir.clone();
+    let staged = alice
+        .stage(&channel, IntentOp::Add(vec![(carol_dir, packages[0].clone())]), 0, NOW)
+        .expect("stage");
+    let cert = relay.cert(channel, staged.epoch, &staged.commit);
+    alice.accept(&channel, &cert).expect("merge");
+    // Alice sends 40 messages in epoch 2: Bob buffers her first 32 and drops the rest.
+    for i in 0..40 {
+        send(&mut alice, &channel, &text(&format!("m{i}")));
+    }
+    let items: Vec<InboxItem> =
+        alice.outbox().expect("outbox").iter().map(|(_, item)| relay.post(item)).collect();
+    let got = bob.receive(&items, NOW).expect("receive");
+    assert_eq!(got.held.len(), 32, "buffered, acknowledged once the epoch comes");
+    assert_eq!(got.done.len(), 8, "dropped and acknowledged");
+    assert_eq!(bob.dropped().buffer_full, 8);
+    // The commit arrives: the buffered messages are shown.
+    let commit = chitchat_proto::wire::OrderedCommit { channel, commit: staged.commit, cert };
+    let item = InboxItem { id: 1000, envelope: Envelope::Commit(commit) };
+    let got = bob.receive(&[item], NOW).expect("receive");
+    assert_eq!(got.done, vec![1000]);
+    assert_eq!(bob.epoch(&channel), Some(2));
+    assert_eq!(bob.store().messages(&channel, 100).expect("messages").len(), 32);
+}

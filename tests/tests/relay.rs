@@ -620,3 +620,14 @@ async fn devices_holding_waits_leave_the_relay_serving() {
         (waiting.saturating_sub(before_waits) * 1024) / u64::from(n),
     );
 }
+
+/// An empty (or short) admin token would open the admin API to requests without one: the relay
+/// refuses to start with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_admin_token_refuses_to_start() {
+    let mut relay = closed_relay(|c| c);
+    relay.kill9();
+    std::fs::write(relay.dir().join("admin.token"), "\n").expect("write");
+    let err = relay.restart().expect_err("the relay refuses to start");
+    assert!(err.to_string().contains("exited during start"), "{err}");
+}
