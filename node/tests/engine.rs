@@ -381,3 +381,31 @@ fn messages_past_the_buffer_are_dropped_acknowledged_and_counted() {
     assert_eq!(bob.epoch(&channel), Some(2));
     assert_eq!(bob.store().messages(&channel, 100).expect("messages").len(), 32);
 }
+
+/// The relay fans a commit out to its committer too: when the answer to a submission is lost,
+/// the committer merges its commit from its inbox, and the answer that comes later (a
+/// resubmission answered `Accepted` again) finds it merged and only drops the intent.
+#[test]
+fn a_commit_merged_from_the_inbox_is_not_merged_twice() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let (mut alice, bob, channel) = pair(&tmp, &relay);
+    let bob_id = bob.device();
+    let staged = alice.stage(&channel, IntentOp::Remove(vec![bob_id]), 0, NOW).expect("stage");
+    let cert = relay.cert(channel, staged.epoch, &staged.commit);
+    // The answer is lost; the commit comes back through the inbox, after a restart.
+    let mut alice = reopen(&tmp, "alice", alice);
+    let commit = chitchat_proto::wire::OrderedCommit {
+        channel,
+        commit: staged.commit.clone(),
+        cert: cert.clone(),
+    };
+    let item = InboxItem { id: 7, envelope: Envelope::Commit(commit) };
+    assert_eq!(alice.receive(&[item], NOW).expect("receive").done, vec![7]);
+    assert_eq!(alice.epoch(&channel), Some(2), "merged as her own");
+    assert_eq!(alice.members(&channel).expect("members").len(), 1);
+    // The resubmission's answer arrives: nothing is merged twice, the intent goes.
+    alice.accept(&channel, &cert).expect("accept is idempotent");
+    assert_eq!(alice.epoch(&channel), Some(2));
+    assert!(alice.intents().expect("intents").is_empty());
+}
