@@ -53,6 +53,12 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("protocol types always encode")
 }
 
+/// The length of [`encode`]'s output for `value`, computed without encoding it.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    #[allow(clippy::expect_used)]
+    postcard::experimental::serialized_size(value).expect("protocol types always encode")
+}
+
 /// Decodes a value that must be canonical and at most `max_len` bytes long.
 pub fn decode<T>(bytes: &[u8], max_len: usize) -> Result<T, DecodeError>
 where

@@ -285,7 +285,7 @@ pub enum Envelope {
 impl InboxItem {
     /// The length of its encoding in a [`Response::Items`] (what a fetch's byte budget counts).
     pub fn encoded_len(&self) -> usize {
-        crate::codec::encode(self).len()
+        crate::codec::encoded_len(self)
     }
 }
 

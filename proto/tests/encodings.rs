@@ -224,6 +224,9 @@ proptest! {
         let mut u = Unstructured::new(&seed);
         let Ok(items) = Vec::<wire::InboxItem>::arbitrary(&mut u) else { return Ok(()) };
         let items: Vec<_> = items.into_iter().take(wire::MAX_FETCH_ITEMS as usize).collect();
+        for item in &items {
+            prop_assert_eq!(item.encoded_len(), encode(item).len());
+        }
         let sum: usize = items.iter().map(wire::InboxItem::encoded_len).sum();
         let frame = encode(&wire::PROTOCOL_VERSION).len()
             + encode(&Response::Items { items, more }).len();
