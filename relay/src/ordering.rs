@@ -643,7 +643,7 @@ impl Ordering {
 #[cfg(test)]
 mod tests {
     use chitchat_proto::channel::{
-        AdminPolicy, Change, Channel, ChannelConfig, Identity, StagedCommit,
+        AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, Identity, StagedCommit,
     };
     use chitchat_proto::ordering::{CertSignature, EpochCert, EpochCertBody};
     use chitchat_proto::wire::commit_hash;
@@ -651,19 +651,6 @@ mod tests {
     use openmls_rust_crypto::OpenMlsRustCrypto;
 
     use super::*;
-
-    /// Accepts every credential.
-    struct StructureOnly;
-
-    impl CredentialCheck for StructureOnly {
-        fn check(&self, _: DeviceId) -> Result<(), String> {
-            Ok(())
-        }
-
-        fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
-            Ok(())
-        }
-    }
 
     struct Alice {
         key: SecretKey,
@@ -691,7 +678,7 @@ mod tests {
 
         fn stage(&mut self) -> StagedCommit {
             let update = Change { update: true, ..Default::default() };
-            self.channel.stage(&self.provider, &self.me, &update, &StructureOnly).expect("stage")
+            self.channel.stage(&self.provider, &self.me, &update, &AcceptAll).expect("stage")
         }
 
         /// Merges its pending commit, certified by itself (a relay-less channel's orderer).
@@ -834,7 +821,7 @@ mod tests {
             RelayOutcome::Ordering(Outcome::Conflict { .. })
         ));
         let c = alice.stage();
-        o.check(&ChannelId([3; 32]), &c.commit, &StructureOnly)
+        o.check(&ChannelId([3; 32]), &c.commit, &AcceptAll)
             .await
             .expect("valid on the restored state");
         // A snapshot of the state machine restores to one that judges commits alike.
@@ -843,9 +830,9 @@ mod tests {
         let restored = Machine::from_snapshot(back).expect("restore");
         assert_eq!(restored.orderer.state(), &o.state().await);
         let id = ChannelId([3; 32]);
-        restored.orderer.check(&id, &c.commit, &StructureOnly).expect("valid on the snapshot");
+        restored.orderer.check(&id, &c.commit, &AcceptAll).expect("valid on the snapshot");
         assert!(
-            restored.orderer.check(&id, &b.commit, &StructureOnly).is_err(),
+            restored.orderer.check(&id, &b.commit, &AcceptAll).is_err(),
             "b is of a past epoch"
         );
         assert!(matches!(

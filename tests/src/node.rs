@@ -103,17 +103,7 @@ impl NodeProcess {
 
     /// Waits for the daemon to exit by itself (after a fault it was told to inject).
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut()
-                && c.try_wait()?.is_some()
-            {
-                self.child = None;
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        bail!("node did not exit in {timeout:?}")
+        crate::process::wait_for_exit(&mut self.child, timeout, "node")
     }
 
     /// The daemon's process id, while it runs.

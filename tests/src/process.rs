@@ -152,17 +152,7 @@ impl RelayProcess {
 
     /// Waits until the process exits by itself (a fault injected into it), at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut()
-                && c.try_wait()?.is_some()
-            {
-                self.child = None;
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("the relay did not exit in {timeout:?}")
+        wait_for_exit(&mut self.child, timeout, "relay")
     }
 
     /// Kills the process with SIGKILL (no clean shutdown) and waits for it.
@@ -228,4 +218,23 @@ impl Drop for RelayProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Waits until `child` exits by itself, at most `timeout`; then forgets it.
+pub(crate) fn wait_for_exit(
+    child: &mut Option<Child>,
+    timeout: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(c) = child.as_mut()
+            && c.try_wait()?.is_some()
+        {
+            *child = None;
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("the {what} did not exit in {timeout:?}")
 }

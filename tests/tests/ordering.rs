@@ -24,19 +24,6 @@ fn now() -> Timestamp {
     chitchat_relay::service::now()
 }
 
-/// Accepts every device: a careless committer.
-struct AllowAll;
-
-impl chitchat_proto::channel::CredentialCheck for AllowAll {
-    fn check(&self, _: DeviceId) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 /// One device: its keys, its relay connection, its MLS state.
 struct Member {
     device: Device,
@@ -86,6 +73,17 @@ impl Member {
             fanout,
         };
         self.client.call(&Request::SubmitCommit(sub)).await.expect("submit")
+    }
+
+    /// A staged commit's Welcome, sealed to this device's inbox.
+    fn sealed_welcome(&self, channel: ChannelId, staged: &StagedCommit) -> inbox::SealedEnvelope {
+        let welcome = InboxPayload::Welcome {
+            channel,
+            welcome: Bytes(staged.welcome.clone().expect("welcome")),
+        };
+        let to = &self.device;
+        inbox::seal(&mut rand::rng(), to.id(), &to.inbox.public(), &welcome.to_bytes())
+            .expect("seal")
     }
 
     /// Submits without expecting an answer (the relay may die first).
@@ -236,17 +234,7 @@ async fn one_winner_per_epoch_through_the_relay() {
 
     // The add: the Welcome is sealed to Bob, and the relay delivers it only once ordered.
     let staged = alice.stage(&Change { add: vec![Bytes(bobs_kp)], ..Default::default() }, &check);
-    let welcome = InboxPayload::Welcome {
-        channel: id,
-        welcome: Bytes(staged.welcome.clone().expect("welcome")),
-    };
-    let sealed = inbox::seal(
-        &mut rand::rng(),
-        bob.device.id(),
-        &bob.device.inbox.public(),
-        &welcome.to_bytes(),
-    )
-    .expect("seal");
+    let sealed = bob.sealed_welcome(id, &staged);
     let Response::CommitAccepted { cert } =
         alice.submit(&staged, vec![], Some(SealedWelcomes { envelopes: vec![sealed] })).await
     else {
@@ -386,7 +374,7 @@ async fn one_winner_per_epoch_through_the_relay() {
             .channel
             .as_mut()
             .expect("member")
-            .stage(provider, &alice.mls, &change, &AllowAll)
+            .stage(provider, &alice.mls, &change, &chitchat_proto::channel::AcceptAll)
             .expect("stage")
     };
     let r = alice.submit(&careless, vec![], None).await;
@@ -589,6 +577,18 @@ fn forge(m: &Member, channel: ChannelId, forgery: Forgery) -> Vec<u8> {
     commit.tls_serialize_detached().expect("encode")
 }
 
+/// Alice, Bob and Carol registered at `relay`, and their records as it serves them.
+async fn trio(relay: &RelayProcess) -> (Member, Member, Member, BTreeMap<DeviceId, Dir>) {
+    let alice = member(relay, 1, "alice").await;
+    let bob = member(relay, 2, "bob").await;
+    let carol = member(relay, 3, "carol").await;
+    let mut dirs = BTreeMap::new();
+    for (m, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        dirs.insert(m.device.id(), lookup(&alice.client, name).await);
+    }
+    (alice, bob, carol, dirs)
+}
+
 fn refused(r: &Response, code: ErrorCode, says: &str) -> bool {
     matches!(r, Response::Error { code: c, message } if *c == code && message.contains(says))
 }
@@ -600,13 +600,7 @@ async fn the_relay_holds_the_channel_rules_and_refuses_free_keys() {
     let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
     let relay_id = relay.relay_id().expect("well-known");
     let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
-    let mut alice = member(&relay, 1, "alice").await;
-    let mut bob = member(&relay, 2, "bob").await;
-    let carol = member(&relay, 3, "carol").await;
-    let mut dirs = BTreeMap::new();
-    for (m, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
-        dirs.insert(m.device.id(), lookup(&alice.client, name).await);
-    }
+    let (mut alice, mut bob, carol, dirs) = trio(&relay).await;
     let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
 
     // A channel that only Alice administers, with Bob in it.
@@ -764,13 +758,7 @@ async fn a_relay_killed_between_ordering_and_fan_out_delivers_after_restart() {
     let mut relay = RelayProcess::start_fixed(|c| c.to_owned()).expect("relay");
     let relay_id = relay.relay_id().expect("well-known");
     let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
-    let mut alice = member(&relay, 1, "alice").await;
-    let mut bob = member(&relay, 2, "bob").await;
-    let mut carol = member(&relay, 3, "carol").await;
-    let mut dirs = BTreeMap::new();
-    for (m, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
-        dirs.insert(m.device.id(), lookup(&alice.client, name).await);
-    }
+    let (mut alice, mut bob, mut carol, dirs) = trio(&relay).await;
     let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
     let config = ChannelConfig {
         mime: chitchat_proto::chat::MIME.into(),
@@ -826,18 +814,7 @@ async fn a_relay_killed_between_ordering_and_fan_out_delivers_after_restart() {
     }
     let staged = alice.stage(&Change { add, ..Default::default() }, &check);
     for m in [&bob, &carol] {
-        let welcome = InboxPayload::Welcome {
-            channel: id,
-            welcome: Bytes(staged.welcome.clone().expect("welcome")),
-        };
-        let sealed = inbox::seal(
-            &mut rand::rng(),
-            m.device.id(),
-            &m.device.inbox.public(),
-            &welcome.to_bytes(),
-        )
-        .expect("seal");
-        welcomes.push(sealed);
+        welcomes.push(m.sealed_welcome(id, &staged));
     }
     let answer = alice
         .client

@@ -5,25 +5,13 @@
 //! mutations reach the rules.
 
 use chitchat_proto::channel::{
-    AdminPolicy, Change, Channel, ChannelConfig, ChannelMessage, CredentialCheck, Identity,
+    AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, ChannelMessage, Identity,
     PublicChannel,
 };
 use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
 use chitchat_proto::wire::commit_hash;
-use chitchat_proto::{DeviceId, RelayId, SecretKey, Timestamp};
+use chitchat_proto::{RelayId, SecretKey, Timestamp};
 use openmls_rust_crypto::OpenMlsRustCrypto;
-
-struct AllowAll;
-
-impl CredentialCheck for AllowAll {
-    fn check(&self, _: DeviceId) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let relay_key = SecretKey::from_seed([9; 32]);
@@ -42,7 +30,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(mut a) = Channel::create(&alice_p, &alice, id, config) else { return };
     let Ok(kp) = bob.key_package(&bob_p, false) else { return };
     let change = Change { add: vec![kp.into()], ..Default::default() };
-    let Ok(staged) = a.stage(&alice_p, &alice, &change, &AllowAll) else { return };
+    let Ok(staged) = a.stage(&alice_p, &alice, &change, &AcceptAll) else { return };
     let certify = |epoch, hash| {
         let body = EpochCertBody { channel: id, epoch, hash };
         EpochCert { body, signatures: vec![CertSignature::sign(&relay_key, &body)] }
@@ -51,17 +39,17 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     }
     let Some(welcome) = staged.welcome else { return };
-    let Ok(mut b) = Channel::join(&bob_p, &welcome, &AllowAll) else { return };
+    let Ok(mut b) = Channel::join(&bob_p, &welcome, &AcceptAll) else { return };
     let crypto = openmls_rust_crypto::RustCrypto::default();
     let Ok(state) = a.public_state(&alice_p, &alice) else { return };
     let Ok(public) = PublicChannel::from_state(&crypto, &state) else { return };
 
-    let relay_ok = public.check(&crypto, data, &AllowAll).is_ok();
+    let relay_ok = public.check(&crypto, data, &AcceptAll).is_ok();
     let message = ChannelMessage::Commit {
         commit: data.to_vec(),
         cert: certify(b.epoch(), commit_hash(data)),
     };
-    let member_ok = b.process(&bob_p, Timestamp(0), message, &AllowAll).is_ok_and(|events| {
+    let member_ok = b.process(&bob_p, Timestamp(0), message, &AcceptAll).is_ok_and(|events| {
         events.iter().any(|e| matches!(e, chitchat_proto::channel::ChannelEvent::CommitApplied { .. }))
     });
     // Whatever a member merges, the relay accepted: it never refuses what members apply. (The

@@ -24,7 +24,7 @@ mod public;
 mod rules;
 mod seen;
 
-pub use check::{CredentialCheck, KnownDirs};
+pub use check::{AcceptAll, CredentialCheck, KnownDirs};
 pub use public::{CheckedCommit, PublicChannel, PublicState};
 pub use rules::{Authorized, authorize_commit, check_members, is_admin};
 

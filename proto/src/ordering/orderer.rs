@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ChannelId, CommitRef, OrderingCommand, OrderingLimits, OrderingState, Outcome};
 use crate::channel::{
-    ChannelConfig, ChannelError, CredentialCheck, MAX_PAST_EPOCHS, PublicChannel, PublicState,
+    AcceptAll, ChannelConfig, ChannelError, CredentialCheck, MAX_PAST_EPOCHS, PublicChannel,
+    PublicState,
 };
 use crate::codec::Bytes;
 use crate::identity::DeviceId;
@@ -91,19 +92,6 @@ pub type MemberSet = Arc<[DeviceId]>;
 
 /// A channel's member sets by epoch, oldest first; the last is the current epoch's.
 type MemberEpochs = VecDeque<(u64, MemberSet)>;
-
-/// Accepts every credential: the replicated state checks structure and rules only.
-struct StructureOnly;
-
-impl CredentialCheck for StructureOnly {
-    fn check(&self, _: DeviceId) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 /// The replicated state of a relay group: which commit won each epoch of each channel, and each
 /// channel's public MLS state.
@@ -255,8 +243,9 @@ impl Orderer {
         if commit_hash(&bytes) != commit.hash {
             return (Verdict::Invalid("the commit does not hash to the ordered hash".into()), None);
         }
-        // First *valid* commit wins, and only its committer submits it.
-        let checked = match public.check(&self.crypto, &bytes, &StructureOnly) {
+        // First *valid* commit wins, and only its committer submits it. (Credentials are the
+        // submitting relay's to check, with `Orderer::check`: they depend on its directory.)
+        let checked = match public.check(&self.crypto, &bytes, &AcceptAll) {
             Ok(c) => c,
             Err(e) => return (Verdict::Invalid(e.to_string()), None),
         };

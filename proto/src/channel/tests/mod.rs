@@ -714,19 +714,6 @@ fn removed_and_reinvited_device_is_heard_again() {
     assert!(w.devices[ALICE].shown.iter().any(|(_, p)| p == b"still here"));
 }
 
-/// Accepts every device: a careless (or malicious) committer.
-struct AllowAll;
-
-impl CredentialCheck for AllowAll {
-    fn check(&self, _: DeviceId) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 #[test]
 fn members_refuse_a_certified_commit_adding_an_unsponsored_device() {
     let mut w = World::started(&[BOB]);
@@ -734,8 +721,12 @@ fn members_refuse_a_certified_commit_adding_an_unsponsored_device() {
     let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
     let d = &mut w.devices[ALICE];
     let (provider, me) = (&d.provider, &d.me);
-    let staged =
-        d.channel.as_mut().expect("member").stage(provider, me, &change, &AllowAll).expect("stage");
+    let staged = d
+        .channel
+        .as_mut()
+        .expect("member")
+        .stage(provider, me, &change, &AcceptAll)
+        .expect("stage");
     let cert = w.relay.submit(w.channel_id(), w.devices[ALICE].id(), &staged).expect("ordered");
     let err = w
         .process(BOB, ChannelMessage::Commit { commit: staged.commit, cert })
@@ -838,8 +829,12 @@ fn a_relay_checks_commits_as_members_will() {
     let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
     let d = &mut w.devices[ALICE];
     let (provider, me) = (&d.provider, &d.me);
-    let bad =
-        d.channel.as_mut().expect("member").stage(provider, me, &change, &AllowAll).expect("stage");
+    let bad = d
+        .channel
+        .as_mut()
+        .expect("member")
+        .stage(provider, me, &change, &AcceptAll)
+        .expect("stage");
     let err = relay.check(&crypto, &bad.commit, &w.check()).expect_err("refused");
     assert!(matches!(err, ChannelError::Credential { .. }), "{err:?}");
     // The public state survives a snapshot round trip.
