@@ -589,6 +589,32 @@ async fn trio(relay: &RelayProcess) -> (Member, Member, Member, BTreeMap<DeviceI
     (alice, bob, carol, dirs)
 }
 
+/// A KeyPackage whose leaf is signed by `key` but whose credential names `claims`.
+fn impersonating_key_package(key: &chitchat_proto::SecretKey, claims: DeviceId) -> Vec<u8> {
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls::prelude::*;
+    let provider = OpenMlsRustCrypto::default();
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(claims.as_bytes().to_vec()).into(),
+        signature_key: key.public().0.to_vec().into(),
+    };
+    let capabilities = Capabilities::builder()
+        .extensions(vec![ExtensionType::Unknown(chitchat_proto::channel::CONFIG_EXTENSION_TYPE)])
+        .build();
+    KeyPackage::builder()
+        .leaf_node_capabilities(capabilities)
+        .build(
+            chitchat_proto::channel::CIPHERSUITE,
+            &provider,
+            Identity::new(key).signer(),
+            credential,
+        )
+        .expect("key package")
+        .key_package()
+        .tls_serialize_detached()
+        .expect("encode")
+}
+
 fn refused(r: &Response, code: ErrorCode, says: &str) -> bool {
     matches!(r, Response::Error { code: c, message } if *c == code && message.contains(says))
 }
@@ -707,6 +733,32 @@ async fn the_relay_holds_the_channel_rules_and_refuses_free_keys() {
         .await
         .expect("submit");
     assert!(refused(&r, ErrorCode::BadRequest, "not an admin"), "{r:?}");
+
+    // Impersonation: a KeyPackage signed by one key whose credential names another device is
+    // refused on upload (Bob's name, Mallory's key), and a commit adding one (Carol's name,
+    // Mallory's key) is refused even from the admin (before, both passed: the relay checked the
+    // named device's record, not that the leaf's key was that device's).
+    let mallory = chitchat_proto::SecretKey::from_seed([66; 32]);
+    let own_name = impersonating_key_package(&mallory, bob.device.id());
+    let upload = Request::UploadKeyPackages { packages: vec![Bytes(own_name)], last_resort: None };
+    let r = bob.client.call(&upload).await.expect("upload");
+    assert!(refused(&r, ErrorCode::BadRequest, "does not name its signature key"), "{r:?}");
+    let posing = {
+        use openmls::prelude::tls_codec::Deserialize as _;
+        use openmls_traits::OpenMlsProvider as _;
+        let bytes = impersonating_key_package(&mallory, carol.device.id());
+        openmls::prelude::KeyPackageIn::tls_deserialize_exact(&bytes[..])
+            .expect("decode")
+            .validate(alice.provider.crypto(), openmls::prelude::ProtocolVersion::Mls10)
+            .expect("a valid KeyPackage, as openmls sees it")
+    };
+    let posing = forge(&alice, id, Forgery::Add(Box::new(posing)));
+    let r = alice
+        .client
+        .call(&Request::SubmitCommit(Member::forged(&posing, 1)))
+        .await
+        .expect("submit");
+    assert!(refused(&r, ErrorCode::BadRequest, "does not name its signature key"), "{r:?}");
 
     // Carol, registered but not a member, submits Alice's next commit, then Alice's winner.
     let next = alice.stage(&Change { update: true, ..Default::default() }, &check);
