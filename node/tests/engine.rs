@@ -1,5 +1,6 @@
-//! The engine without a network: two and three devices whose "relay" is this test, which
-//! signs epoch certificates and carries inbox items by hand. Real MLS, real redb.
+//! The engine without a network: two and three devices whose relay is `proto`'s orderer (the
+//! real relay's state machine), driven by this test, which carries inbox items by hand. Real
+//! MLS, real redb.
 
 use chitchat_node::engine::{Delivery, Engine, Event};
 use chitchat_node::store::{Account, IntentOp, OutboxItem, RelayInfo, Store};
@@ -7,24 +8,65 @@ use chitchat_proto::channel::ChannelMessage;
 use chitchat_proto::channel::MessageId;
 use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::identity::SponsorshipBody;
-use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
+use std::cell::{Cell, RefCell};
+
+use chitchat_proto::channel::AcceptAll;
+use chitchat_proto::ordering::{
+    CertSignature, ChannelId, CommitRef, EpochCert, EpochCertBody, OrderCommand, Orderer,
+    OrderingLimits, Outcome, Verdict,
+};
 use chitchat_proto::wire::{ChannelPost, Envelope, InboxItem, InboxPayload, commit_hash};
 use chitchat_proto::{RelayId, SecretKey, Sponsorship, Timestamp, chat, inbox};
 
 const NOW: Timestamp = Timestamp(1_800_000_000_000);
 
+/// The relay of these tests: `proto`'s orderer, as the real relay runs it (channel rules
+/// included), its certificates, and inbox items carried by hand.
 struct Relay {
     key: SecretKey,
     next_item: u64,
+    orderer: RefCell<Orderer>,
+    log: Cell<u64>,
 }
 
 impl Relay {
+    fn new() -> Self {
+        Self {
+            key: SecretKey::from_seed([7; 32]),
+            next_item: 0,
+            orderer: RefCell::new(Orderer::new(OrderingLimits::default())),
+            log: Cell::new(0),
+        }
+    }
+
     fn id(&self) -> RelayId {
         RelayId { host: "relay.test".into(), key: self.key.public() }
     }
 
+    /// Starts ordering a channel `e` created.
+    fn open(&self, e: &mut Engine, channel: ChannelId) {
+        let state = e.public_state(&channel).expect("public state");
+        self.log.set(self.log.get() + 1);
+        let (verdict, _) =
+            self.orderer.borrow_mut().apply(self.log.get(), OrderCommand::Open { channel, state });
+        assert_eq!(verdict, Verdict::Ordering(Outcome::Opened));
+    }
+
+    /// Orders a commit for `epoch` (its committer submits it) and certifies it; the relay
+    /// refusing it fails the test. A resubmitted winner gets its certificate again.
     fn cert(&self, channel: ChannelId, epoch: u64, commit: &[u8]) -> EpochCert {
-        let body = EpochCertBody { channel, epoch, hash: commit_hash(commit) };
+        let hash = commit_hash(commit);
+        let mut orderer = self.orderer.borrow_mut();
+        let submitter = match orderer.state().winner(&channel, epoch) {
+            Some(w) => w.submitter,
+            None => orderer.check(&channel, commit, &AcceptAll).expect("the relay accepts it"),
+        };
+        let r = CommitRef { channel, epoch, hash, submitter };
+        self.log.set(self.log.get() + 1);
+        let order = OrderCommand::Order { commit: r, bytes: commit.to_vec().into(), welcome: None };
+        let (verdict, _) = orderer.apply(self.log.get(), order);
+        assert_eq!(verdict, Verdict::Ordering(Outcome::Accepted(r)));
+        let body = EpochCertBody { channel, epoch, hash };
         EpochCert { body, signatures: vec![CertSignature::sign(&self.key, &body)] }
     }
 
@@ -85,6 +127,7 @@ fn pair(tmp: &tempfile::TempDir, relay: &Relay) -> (Engine, Engine, ChannelId) {
     let mut alice = device(tmp, "alice", relay);
     let mut bob = device(tmp, "bob", relay);
     let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    relay.open(&mut alice, channel);
     bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
     add(&mut alice, &mut bob, relay, channel, 0);
     (alice, bob, channel)
@@ -119,7 +162,7 @@ fn reopen(dir: &tempfile::TempDir, name: &str, e: Engine) -> Engine {
 #[test]
 fn invite_send_receive_and_survive_restarts() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let mut relay = Relay::new();
     let mut alice = device(&tmp, "alice", &relay);
     let mut bob = device(&tmp, "bob", &relay);
     // Bob's KeyPackages must survive a restart: the Welcome may arrive much later.
@@ -128,6 +171,7 @@ fn invite_send_receive_and_survive_restarts() {
     let bob_dir = bob.account().expect("bob").dir.clone();
 
     let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    relay.open(&mut alice, channel);
     let staged = alice
         .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
         .expect("stage");
@@ -189,7 +233,7 @@ fn invite_send_receive_and_survive_restarts() {
 #[ignore = "a measurement, not a test"]
 fn receive_cost() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let mut relay = Relay::new();
     let (mut alice, mut bob, channel) = pair(&tmp, &relay);
     let n = 2000;
     let t = std::time::Instant::now();
@@ -221,7 +265,7 @@ fn receive_cost() {
 #[test]
 fn a_crash_between_release_and_commit_never_reuses_a_generation() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let mut relay = Relay::new();
     let (mut alice, mut bob, channel) = pair(&tmp, &relay);
 
     let (_, first) = send(&mut alice, &channel, &text("one"));
@@ -274,7 +318,7 @@ fn a_crash_between_release_and_commit_never_reuses_a_generation() {
 #[test]
 fn commit_first_never_releases_before_the_commit() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let relay = Relay::new();
     let (mut alice, _bob, channel) = pair(&tmp, &relay);
     alice.set_commit_first(true);
     for i in 0..3 {
@@ -290,9 +334,10 @@ fn commit_first_never_releases_before_the_commit() {
 #[test]
 fn a_clean_stop_skips_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let relay = Relay::new();
     let mut alice = device(&tmp, "alice", &relay);
     let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    relay.open(&mut alice, channel);
     let seq = |e: &mut Engine| send(e, &channel, &text("m")).0.seq;
     let first = seq(&mut alice);
     assert_eq!(seq(&mut alice), first + 1);
@@ -311,7 +356,7 @@ fn a_clean_stop_skips_nothing() {
 #[test]
 fn leaving_or_removal_deletes_the_keys_and_a_new_welcome_joins() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let mut relay = Relay::new();
     let (mut alice, mut bob, channel) = pair(&tmp, &relay);
     let bob_id = bob.device();
     let mls_entries = |e: &Engine| e.store().mls_entries().expect("mls").len();
@@ -349,7 +394,7 @@ fn leaving_or_removal_deletes_the_keys_and_a_new_welcome_joins() {
 #[test]
 fn messages_past_the_buffer_are_dropped_acknowledged_and_counted() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let mut relay = Relay::new();
     let (mut alice, mut bob, channel) = pair(&tmp, &relay);
     let mut carol = device(&tmp, "carol", &relay);
     let dirs = vec![alice.account().expect("a").dir.clone(), bob.account().expect("b").dir.clone()];
@@ -388,7 +433,7 @@ fn messages_past_the_buffer_are_dropped_acknowledged_and_counted() {
 #[test]
 fn a_commit_merged_from_the_inbox_is_not_merged_twice() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let relay = Relay { key: SecretKey::from_seed([7; 32]), next_item: 0 };
+    let relay = Relay::new();
     let (mut alice, bob, channel) = pair(&tmp, &relay);
     let bob_id = bob.device();
     let staged = alice.stage(&channel, IntentOp::Remove(vec![bob_id]), 0, NOW).expect("stage");
