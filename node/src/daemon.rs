@@ -755,20 +755,27 @@ impl Node {
     /// [`Node::resume_intents`] resubmits it until the relay decides.
     async fn change(&self, channel: ChannelId, op: IntentOp) -> Result<(), NodeError> {
         let _one_at_a_time = self.ordering.lock().await;
-        let result = self.change_locked(channel, op).await;
-        if let Err(e) = &result
-            && !is_undecided(e)
-            && let Err(e) = self.with(move |e| e.discard(&channel, true)).await
-        {
-            tracing::warn!(%channel, error = %e, "cannot drop a failed intent");
+        match self.change_locked(channel, op).await {
+            Ok(Submitted::Accepted) => Ok(()),
+            Ok(_) => Err(NodeError::Link(LinkError::Unreachable(UNDECIDED.into()))),
+            Err(e) => {
+                if let Err(e) = self.with(move |e| e.discard(&channel, true)).await {
+                    tracing::warn!(%channel, error = %e, "cannot drop a failed intent");
+                }
+                Err(e)
+            }
         }
-        result
     }
 
     /// Orders a membership change: stage, submit, merge on acceptance; on a lost race, wait
     /// for the winner and rebuild, with jittered back-off, at most
-    /// [`chitchat_proto::ordering::MAX_SUBMIT_ATTEMPTS`] times.
-    async fn change_locked(&self, channel: ChannelId, op: IntentOp) -> Result<(), NodeError> {
+    /// [`chitchat_proto::ordering::MAX_SUBMIT_ATTEMPTS`] times. Returns `Accepted`, or
+    /// `Undecided` if the relay stopped answering (the commit stays staged).
+    async fn change_locked(
+        &self,
+        channel: ChannelId,
+        op: IntentOp,
+    ) -> Result<Submitted, NodeError> {
         self.open_at_relay(&channel).await?;
         let mut intent = Intent::new(op, now());
         loop {
@@ -782,7 +789,6 @@ impl Node {
             let staged = self.with(move |e| e.stage(&channel, op, attempts, now)).await?;
             intent.published(staged.epoch, chitchat_proto::wire::commit_hash(&staged.commit));
             match self.submit(channel, &staged).await? {
-                Submitted::Accepted => return Ok(()),
                 Submitted::Lost => {
                     intent.lost(now, rand::rng().random());
                     if intent.is_done() {
@@ -792,12 +798,13 @@ impl Node {
                         )));
                     }
                 }
+                decided => return Ok(decided),
             }
         }
     }
 
     /// Submits a staged commit until the relay decides. Network failures resubmit the same
-    /// commit (the relay answers a resubmitted winner again).
+    /// commit (the relay answers a resubmitted winner again); after 20 it is `Undecided`.
     async fn submit(
         &self,
         channel: ChannelId,
@@ -837,7 +844,7 @@ impl Node {
                 }
             }
         }
-        Err(NodeError::Link(LinkError::Unreachable(UNDECIDED.into())))
+        Ok(Submitted::Undecided)
     }
 
     /// Waits (bounded) until the inbox task brought the channel to `epoch`.
@@ -873,18 +880,18 @@ impl Node {
             for (channel, intent) in intents {
                 let _one_at_a_time = self.ordering.lock().await;
                 let result = match &intent.staged {
-                    Some(staged) => self.submit(channel, staged).await.map(|_| ()),
-                    None => Ok(()),
+                    Some(staged) => self.submit(channel, staged).await,
+                    None => Ok(Submitted::Lost),
                 };
-                match &result {
-                    Err(e) if is_undecided(e) => {
+                match result {
+                    Ok(Submitted::Undecided) => {
                         tracing::info!(%channel, "a staged commit is still undecided; retried later");
                         continue;
                     }
                     Err(e) => {
                         tracing::warn!(%channel, error = %e, "interrupted membership change failed");
                     }
-                    Ok(()) => {}
+                    Ok(_) => {}
                 }
                 if self.with(move |e| e.discard(&channel, true)).await.is_err() {
                     tracing::warn!(%channel, "cannot drop an interrupted intent");
@@ -899,11 +906,6 @@ const RESUME_INTENTS_SECS: u64 = 30;
 
 const UNDECIDED: &str =
     "the relay did not answer the commit; it stays staged and is resubmitted until it answers";
-
-/// Whether a change failed without the relay deciding on its commit (it may be ordered).
-fn is_undecided(e: &NodeError) -> bool {
-    matches!(e, NodeError::Link(LinkError::Unreachable(m)) if m == UNDECIDED)
-}
 
 /// Acknowledges processed (durable) inbox items, retrying a few times. Acks are idempotent;
 /// items whose ack is lost stay at the relay and come again after a restart, where they are
@@ -940,9 +942,14 @@ enum Pass {
     Refused,
 }
 
+/// What the relay decided on a submitted commit.
 enum Submitted {
+    /// It won its epoch and is merged.
     Accepted,
+    /// Another commit won; this one is dropped.
     Lost,
+    /// The relay did not answer: the commit may be ordered, so it stays staged.
+    Undecided,
 }
 
 fn make_link(engine: &Engine, relay: &RelayInfo, config: &Config) -> Result<RelayLink, NodeError> {

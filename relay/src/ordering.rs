@@ -592,27 +592,6 @@ impl Ordering {
         m.orderer.check(channel, commit, check)
     }
 
-    /// The channel's current config, if it is ordered here.
-    pub async fn config(
-        &self,
-        channel: &ChannelId,
-    ) -> Option<Result<chitchat_proto::channel::ChannelConfig, ChannelError>> {
-        let m = self.state_machine.inner.lock().await;
-        m.orderer.config(channel)
-    }
-
-    /// The member devices of the channel's current epoch, as its public state says.
-    pub async fn members(&self, channel: &ChannelId) -> Vec<chitchat_proto::DeviceId> {
-        self.member_set(channel).await.map(|m| m.to_vec()).unwrap_or_default()
-    }
-
-    /// The member devices of the channel's current epoch, sorted; `None` if the channel is not
-    /// ordered here.
-    pub async fn member_set(&self, channel: &ChannelId) -> Option<Arc<[chitchat_proto::DeviceId]>> {
-        let machine = self.state_machine.inner.lock().await;
-        machine.orderer.member_set(channel)
-    }
-
     /// The member devices of the channel's current epoch and of `epoch` (the current ones if
     /// `epoch` is not among the last [`MEMBER_EPOCHS`] known), sorted; `None` if the channel is
     /// not ordered here.

@@ -82,13 +82,8 @@ impl CredentialCheck for Directory<'_> {
         record.dir.verify(&self.trust, self.now).map(|_| ()).map_err(|e| e.to_string())
     }
 
-    /// This relay orders only channels that name it among their relays.
     fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {
-        if config.relays.contains(&self.relay.id) {
-            Ok(())
-        } else {
-            Err("the channel's relay set does not name this relay".into())
-        }
+        self.relay.orders(config)
     }
 }
 
@@ -231,6 +226,15 @@ impl Relay {
     /// The relay's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// This relay orders only channels that name it among their relays.
+    fn orders(&self, config: &ChannelConfig) -> Result<(), String> {
+        if config.relays.contains(&self.id) {
+            Ok(())
+        } else {
+            Err("the channel's relay set does not name this relay".into())
+        }
     }
 
     /// Checks a device's answer to this relay's challenge `nonce`.
@@ -622,12 +626,10 @@ impl Relay {
                 return error(ErrorCode::Forbidden, "only a member opens a channel");
             }
             Ok(p) => match p.config() {
-                Ok(config) if config.relays.contains(&self.id) => {}
-                Ok(_) => {
-                    return error(
-                        ErrorCode::Forbidden,
-                        "the channel's relay set does not name this relay",
-                    );
+                Ok(config) => {
+                    if let Err(e) = self.orders(&config) {
+                        return error(ErrorCode::Forbidden, e);
+                    }
                 }
                 Err(e) => return error(ErrorCode::BadRequest, format!("public state: {e}")),
             },

@@ -26,7 +26,7 @@ mod seen;
 
 pub use check::{AcceptAll, CredentialCheck, KnownDirs};
 pub use public::{CheckedCommit, PublicChannel, PublicState};
-pub use rules::{Authorized, authorize_commit, check_members, is_admin};
+pub use rules::{authorize_commit, check_members, is_admin};
 
 use std::collections::{BTreeSet, VecDeque};
 

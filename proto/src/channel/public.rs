@@ -76,11 +76,6 @@ impl PublicChannel {
         read_config(self.group.group_context().extensions())
     }
 
-    /// The device at a leaf of the current tree.
-    pub fn member_at(&self, leaf: u32) -> Option<DeviceId> {
-        self.group.leaf(LeafNodeIndex::new(leaf)).and_then(|l| credential_device(l.credential()))
-    }
-
     /// The state to snapshot: openmls' storage of the public group, as key-value pairs.
     pub fn export(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let values = self.storage.values.read().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -151,15 +146,10 @@ impl PublicChannel {
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);
         };
-        let authorized = rules::authorize_commit(&config, &committer, &staged, check)?;
-        Ok(CheckedCommit {
-            staged,
-            next_epoch: self
-                .epoch()
-                .checked_add(1)
-                .ok_or(ChannelError::Mls("epoch overflow".into()))?,
-            committer: authorized.committer,
-        })
+        let committer = rules::authorize_commit(&config, &committer, &staged, check)?;
+        let next_epoch =
+            self.epoch().checked_add(1).ok_or(ChannelError::Mls("epoch overflow".into()))?;
+        Ok(CheckedCommit { staged, next_epoch, committer })
     }
 
     /// Applies an ordered commit.

@@ -36,24 +36,15 @@ use super::{
 };
 use crate::identity::DeviceId;
 
-/// What an authorized commit does.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Authorized {
-    /// The member that committed it.
-    pub committer: DeviceId,
-    /// The config after the commit, if the commit changes it.
-    pub config: Option<ChannelConfig>,
-}
-
 /// Checks a commit, staged by openmls from a member's PublicMessage, against the channel rules
 /// (see the module doc). `config` is the channel's config before the commit, `committer` the
-/// sender's credential in the current tree.
+/// sender's credential in the current tree. Returns the committer's device.
 pub fn authorize_commit(
     config: &ChannelConfig,
     committer: &Credential,
     staged: &openmls::group::StagedCommit,
     check: &impl CredentialCheck,
-) -> Result<Authorized, ChannelError> {
+) -> Result<DeviceId, ChannelError> {
     let device = credential_device(committer).ok_or(ChannelError::LeafMismatch(None))?;
     let mut changes_membership = false;
     let mut changes_config = false;
@@ -80,18 +71,16 @@ pub fn authorize_commit(
             return Err(ChannelError::LeafMismatch(Some(device)));
         }
     }
-    let new_config = if changes_config {
-        Some(config_change(config, staged.group_context().extensions())?)
-    } else {
-        None
-    };
+    if changes_config {
+        config_change(config, staged.group_context().extensions())?;
+    }
     first_failure(
         staged
             .credentials_to_verify()
             .filter(|c| *c != committer)
             .map(|c| check_credential(check, c)),
     )?;
-    Ok(Authorized { committer: device, config: new_config })
+    Ok(device)
 }
 
 /// Checks that every member's leaf names the key that signs it (a Welcome's tree, or the tree a
@@ -124,11 +113,11 @@ fn names_its_key(credential: &Credential, signature_key: &[u8]) -> Result<(), Ch
     Ok(())
 }
 
-/// The config a GroupContextExtensions proposal leaves, if the change is allowed.
+/// Checks the config a GroupContextExtensions proposal leaves.
 fn config_change(
     old: &ChannelConfig,
     extensions: &Extensions<GroupContext>,
-) -> Result<ChannelConfig, ChannelError> {
+) -> Result<(), ChannelError> {
     for extension in extensions.iter() {
         match extension.extension_type() {
             ExtensionType::RequiredCapabilities => {}
@@ -155,7 +144,7 @@ fn config_change(
     if matches!(&new.admins, AdminPolicy::Admins(a) if a.is_empty()) {
         return Err(ChannelError::ForbiddenConfig("an admin set may not be empty"));
     }
-    Ok(new)
+    Ok(())
 }
 
 fn proposal_name(proposal: &Proposal) -> &'static str {
