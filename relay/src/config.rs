@@ -102,11 +102,26 @@ pub struct OrderingConfig {
     pub opens_per_hour: u32,
     /// Largest public state (GroupInfo and ratchet tree) a channel may be opened with, in bytes.
     pub max_open_state_bytes: usize,
+    /// The ordering state all channels together may hold, in bytes: their public MLS state
+    /// and room for the winners each remembers (about 6 KiB for a two-member channel). Once
+    /// reached, new channels and commits that add members are refused until removals make
+    /// room. The state, in memory and in each snapshot, stays under it plus one commit. At most
+    /// 768 MiB.
+    pub max_state_bytes: u64,
+    /// Ordered commits between two snapshots of the ordering state (a restart reads the last
+    /// snapshot and re-applies at most this many).
+    pub snapshot_every: u64,
 }
 
 impl Default for OrderingConfig {
     fn default() -> Self {
-        Self { submits_per_minute: 60, opens_per_hour: 60, max_open_state_bytes: 256 * 1024 }
+        Self {
+            submits_per_minute: 60,
+            opens_per_hour: 60,
+            max_open_state_bytes: 256 * 1024,
+            max_state_bytes: chitchat_proto::ordering::DEFAULT_STATE_BUDGET,
+            snapshot_every: 10_000,
+        }
     }
 }
 
@@ -255,6 +270,15 @@ impl Config {
         if self.ordering.opens_per_hour == 0 {
             return Err(ConfigError::Invalid("opens_per_hour must be positive".into()));
         }
+        if self.ordering.max_state_bytes > crate::ordering::MAX_STATE_BUDGET {
+            return Err(ConfigError::Invalid(format!(
+                "max_state_bytes may be at most {}",
+                crate::ordering::MAX_STATE_BUDGET
+            )));
+        }
+        if self.ordering.snapshot_every == 0 {
+            return Err(ConfigError::Invalid("snapshot_every must be positive".into()));
+        }
         if self.ordering.submits_per_minute == 0 {
             return Err(ConfigError::Invalid("submits_per_minute must be positive".into()));
         }
@@ -331,6 +355,12 @@ submits_per_minute = 60
 # tree) a channel may be opened with, in bytes.
 opens_per_hour = 60
 max_open_state_bytes = 262144
+# The ordering state all channels together may hold (their public MLS state, about 6 KiB for a
+# two-member channel): once reached, new channels and commits that add members are refused until
+# removals make room. At most 805306368 (768 MiB).
+max_state_bytes = 536870912
+# Ordered commits between two snapshots of the ordering state.
+snapshot_every = 10000
 
 [network]
 # Established connections in all, from one peer, and incoming ones still in their handshake.

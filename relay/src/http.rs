@@ -88,7 +88,7 @@ async fn health(State(s): State<Arc<HttpState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
-    if let Err(e) = s.relay.refresh_gauges() {
+    if let Err(e) = s.relay.refresh_gauges().await {
         tracing::warn!(error = %e, "could not refresh gauges");
     }
     let mut body = String::new();

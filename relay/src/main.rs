@@ -12,7 +12,7 @@ use chitchat_relay::fanout::CommitFanout;
 use chitchat_relay::home::{RelayDir, RunInfo};
 use chitchat_relay::http::{BlockRequest, HttpState, InviteRequest};
 use chitchat_relay::metrics::Metrics;
-use chitchat_relay::ordering::Ordering;
+use chitchat_relay::ordering::{GroupOptions, Ordering};
 use chitchat_relay::service::{Relay, Waiters, now};
 use chitchat_relay::store::{InboxQuota, Store, StoreError};
 use clap::{Parser, Subcommand};
@@ -137,8 +137,12 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         waiters.clone(),
         quota,
     );
-    let ordering =
-        Ordering::open(&dir.ordering_db(), OrderingLimits::default(), Arc::new(sink)).await?;
+    let options = GroupOptions {
+        limits: OrderingLimits::default(),
+        state_budget: config.ordering.max_state_bytes,
+        snapshot_every: config.ordering.snapshot_every,
+    };
+    let ordering = Ordering::open(&dir.ordering_db(), options, Arc::new(sink)).await?;
     let relay = Arc::new(Relay::new(config, relay_key, store, ordering.clone(), metrics, waiters));
     let (shutdown_tx, shutdown) = watch::channel(false);
 

@@ -42,6 +42,11 @@ pub struct Metrics {
     pub inbox_depth: Gauge,
     /// Registered devices (refreshed on scrape).
     pub devices: Gauge,
+    /// Channels this relay orders (refreshed on scrape).
+    pub ordered_channels: Gauge,
+    /// Bytes of ordering state, counted against `[ordering] max_state_bytes` (refreshed on
+    /// scrape).
+    pub ordering_state_bytes: Gauge,
 }
 
 impl Metrics {
@@ -73,6 +78,12 @@ impl Metrics {
         r.register("connections", "Open libp2p connections", self.connections.clone());
         r.register("inbox_depth", "Items waiting in all inboxes", self.inbox_depth.clone());
         r.register("devices", "Registered devices", self.devices.clone());
+        r.register("ordered_channels", "Channels ordered here", self.ordered_channels.clone());
+        r.register(
+            "ordering_state_bytes",
+            "Bytes of ordering state, against the configured budget",
+            self.ordering_state_bytes.clone(),
+        );
     }
 
     pub(crate) fn request(&self, kind: &str) {

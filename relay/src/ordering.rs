@@ -291,11 +291,11 @@ struct Machine {
 }
 
 impl Machine {
-    fn from_snapshot(data: SnapshotData) -> Result<Self, ChannelError> {
+    fn from_snapshot(data: SnapshotData, state_budget: u64) -> Result<Self, ChannelError> {
         Ok(Self {
             last_applied: data.last_applied,
             membership: data.membership,
-            orderer: Orderer::restore(data.state, data.channels)?,
+            orderer: Orderer::restore(data.state, data.channels)?.with_state_budget(state_budget),
         })
     }
 
@@ -331,6 +331,7 @@ pub struct StateMachine {
     inner: Arc<Mutex<Machine>>,
     store: LogStore,
     sink: Arc<dyn FanoutSink>,
+    state_budget: u64,
 }
 
 impl Debug for StateMachine {
@@ -425,7 +426,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         let bytes = snapshot.into_inner();
         let data: SnapshotData = decode(&bytes, MAX_RECORD).map_err(|_| corrupt("snapshot"))?;
-        let machine = Machine::from_snapshot(data).map_err(|_| corrupt("snapshot channels"))?;
+        let machine = Machine::from_snapshot(data, self.state_budget)
+            .map_err(|_| corrupt("snapshot channels"))?;
         self.store.put_meta(SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: bytes })?;
         *self.inner.lock().await = machine;
         Ok(())
@@ -497,6 +499,33 @@ pub enum OrderingError {
     Raft(String),
 }
 
+/// Largest state budget ([`GroupOptions::state_budget`]): its snapshot (the state, a few
+/// percent of framing, one commit's overshoot) stays under [`MAX_RECORD`].
+pub const MAX_STATE_BUDGET: u64 = 768 * 1024 * 1024;
+
+/// How an ordering group is run.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupOptions {
+    /// Limits of the ordering state, for a group that starts empty (a restored group keeps
+    /// those it was made with).
+    pub limits: OrderingLimits,
+    /// The channels' state the group holds at most ([`Orderer::with_state_budget`]), at most
+    /// [`MAX_STATE_BUDGET`].
+    pub state_budget: u64,
+    /// Log entries between snapshots.
+    pub snapshot_every: u64,
+}
+
+impl Default for GroupOptions {
+    fn default() -> Self {
+        Self {
+            limits: OrderingLimits::default(),
+            state_budget: chitchat_proto::ordering::DEFAULT_STATE_BUDGET,
+            snapshot_every: 10_000,
+        }
+    }
+}
+
 /// The relay's ordering group.
 #[derive(Clone)]
 pub struct Ordering {
@@ -518,9 +547,16 @@ impl Ordering {
     /// durable are fanned out then.
     pub async fn open(
         path: &Path,
-        limits: OrderingLimits,
+        options: GroupOptions,
         sink: Arc<dyn FanoutSink>,
     ) -> Result<Self, OrderingError> {
+        let GroupOptions { limits, state_budget, snapshot_every } = options;
+        if state_budget > MAX_STATE_BUDGET {
+            return Err(OrderingError::Storage(format!(
+                "a state budget of {state_budget} bytes makes snapshots larger than this relay \
+                 reads back; at most {MAX_STATE_BUDGET}"
+            )));
+        }
         let storage = |e: &dyn std::fmt::Display| OrderingError::Storage(e.to_string());
         let db = Database::create(path).map_err(|e| storage(&e))?;
         {
@@ -541,16 +577,20 @@ impl Ordering {
                 .map_err(|_| OrderingError::Storage("corrupt snapshot".into()))?,
             None => SnapshotData { state: OrderingState::new(limits), ..Default::default() },
         };
-        let initial =
-            Machine::from_snapshot(initial).map_err(|e| OrderingError::Storage(e.to_string()))?;
-        let state_machine =
-            StateMachine { inner: Arc::new(Mutex::new(initial)), store: log.clone(), sink };
+        let initial = Machine::from_snapshot(initial, state_budget)
+            .map_err(|e| OrderingError::Storage(e.to_string()))?;
+        let state_machine = StateMachine {
+            inner: Arc::new(Mutex::new(initial)),
+            store: log.clone(),
+            sink,
+            state_budget,
+        };
         let config = openraft::Config {
             cluster_name: "chitchat-ordering".into(),
             heartbeat_interval: 250,
             election_timeout_min: 500,
             election_timeout_max: 1000,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every.max(1)),
             max_in_snapshot_log_to_keep: LOG_AFTER_SNAPSHOT,
             ..Default::default()
         };
@@ -611,6 +651,12 @@ impl Ordering {
     /// The current ordering state (a copy).
     pub async fn state(&self) -> OrderingState {
         self.state_machine.state().await
+    }
+
+    /// Channels ordered, and the bytes of state they hold against the budget.
+    pub async fn size(&self) -> (usize, u64) {
+        let m = self.state_machine.inner.lock().await;
+        (m.orderer.state().channel_count(), m.orderer.state_bytes())
     }
 
     /// Stops the group.
@@ -736,9 +782,8 @@ mod tests {
         let a = alice.stage();
         let first = Recorded::at(None);
         {
-            let o = Ordering::open(&path, OrderingLimits::default(), first.clone())
-                .await
-                .expect("open");
+            let o =
+                Ordering::open(&path, GroupOptions::default(), first.clone()).await.expect("open");
             // Nothing is ordered before the channel is opened.
             assert_eq!(
                 o.submit(submit(&a, me)).await.expect("submit"),
@@ -782,7 +827,7 @@ mod tests {
         // out again when it re-applies the log on restart; one whose fan-out is done does not.
         let behind = Recorded::at(Some(0));
         let o =
-            Ordering::open(&path, OrderingLimits::default(), behind.clone()).await.expect("reopen");
+            Ordering::open(&path, GroupOptions::default(), behind.clone()).await.expect("reopen");
         o.raft
             .wait(Some(std::time::Duration::from_secs(10)))
             .applied_index_at_least(Some(delivered[0].index), "re-applied")
@@ -793,8 +838,7 @@ mod tests {
         drop(o);
         // Reopened: the winner is remembered, the public state followed it to epoch 1.
         let done = Recorded::at(Some(delivered[0].index));
-        let o =
-            Ordering::open(&path, OrderingLimits::default(), done.clone()).await.expect("reopen");
+        let o = Ordering::open(&path, GroupOptions::default(), done.clone()).await.expect("reopen");
         assert!(matches!(
             o.submit(submit(&b, me)).await.expect("submit"),
             RelayOutcome::Ordering(Outcome::Conflict { .. })
@@ -806,7 +850,7 @@ mod tests {
         // A snapshot of the state machine restores to one that judges commits alike.
         let data = o.state_machine.inner.lock().await.snapshot();
         let back: SnapshotData = decode(&encode(&data), MAX_RECORD).expect("decode");
-        let restored = Machine::from_snapshot(back).expect("restore");
+        let restored = Machine::from_snapshot(back, u64::MAX).expect("restore");
         assert_eq!(restored.orderer.state(), &o.state().await);
         let id = ChannelId([3; 32]);
         restored.orderer.check(&id, &c.commit, &AcceptAll).expect("valid on the snapshot");

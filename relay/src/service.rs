@@ -138,6 +138,16 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
     error(ErrorCode::Unavailable, "storage unavailable, retry later")
 }
 
+/// How long a device is told to wait when the ordering state is at its budget: room comes
+/// back only as channels shrink.
+const OVER_BUDGET_RETRY_MS: u64 = 3_600_000;
+
+/// The ordering state is at its budget (`[ordering] max_state_bytes`) or channel limit.
+fn over_budget(reason: impl std::fmt::Display) -> Response {
+    tracing::warn!(%reason, "ordering state at its budget");
+    error(ErrorCode::QuotaExceeded { retry_after_ms: OVER_BUDGET_RETRY_MS }, reason.to_string())
+}
+
 /// The code a refused write answers with (a store failure is logged and `Unavailable`).
 fn refusal(e: WriteError) -> ErrorCode {
     match e {
@@ -585,6 +595,7 @@ impl Relay {
                 return error(ErrorCode::BadRequest, format!("invalid commit: {reason}"));
             }
             Ok(RelayOutcome::Forbidden(reason)) => return error(ErrorCode::Forbidden, reason),
+            Ok(RelayOutcome::OverBudget(reason)) => return over_budget(reason),
             Err(e) => return unavailable(e),
         };
         match outcome {
@@ -647,6 +658,10 @@ impl Relay {
             }
             Ok(RelayOutcome::Invalid(reason)) => error(ErrorCode::BadRequest, reason),
             Ok(RelayOutcome::Forbidden(reason)) => error(ErrorCode::Forbidden, reason),
+            Ok(RelayOutcome::OverBudget(reason)) => over_budget(reason),
+            Ok(RelayOutcome::Ordering(Outcome::Full)) => {
+                over_budget("this relay orders as many channels as it may")
+            }
             Ok(RelayOutcome::Ordering(other)) => {
                 unavailable(format!("ordering answered {other:?}"))
             }
@@ -737,11 +752,14 @@ impl Relay {
         }
     }
 
-    /// Refreshes the gauges that mirror the store.
-    pub fn refresh_gauges(&self) -> Result<(), StoreError> {
+    /// Refreshes the gauges that mirror the store and the ordering state.
+    pub async fn refresh_gauges(&self) -> Result<(), StoreError> {
         let stats = self.store.stats()?;
         self.metrics.inbox_depth.set(i64::try_from(stats.inbox_items).unwrap_or(i64::MAX));
         self.metrics.devices.set(i64::try_from(stats.devices).unwrap_or(i64::MAX));
+        let (channels, bytes) = self.ordering.size().await;
+        self.metrics.ordered_channels.set(i64::try_from(channels).unwrap_or(i64::MAX));
+        self.metrics.ordering_state_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         Ok(())
     }
 }

@@ -919,3 +919,100 @@ async fn a_relay_killed_between_ordering_and_fan_out_delivers_after_restart() {
     assert!(!carol.channel().is_active(), "Carol learned of her removal");
     assert_eq!(bob.channel().epoch_authenticator(), alice.channel().epoch_authenticator());
 }
+
+/// A gauge of the relay's `/metrics`.
+fn gauge(relay: &RelayProcess, name: &str) -> u64 {
+    let metrics = relay.http_get("/metrics").expect("metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"));
+    line[name.len() + 1..].trim().parse().expect("a number")
+}
+
+/// The ordering state has a budget (`[ordering] max_state_bytes`): channels are opened until it
+/// is full, then refused with `QuotaExceeded`; commits that add nobody still go through and
+/// snapshots are taken; killed and restarted at its largest state, the relay loads its snapshot
+/// and orders as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_at_its_state_budget_restarts_from_its_snapshot() {
+    const BUDGET: u64 = 96 * 1024;
+    let mut relay = RelayProcess::start_fixed(|c| {
+        c.replace("max_state_bytes = 536870912", &format!("max_state_bytes = {BUDGET}"))
+            .replace("snapshot_every = 10000", "snapshot_every = 4")
+            .replace("opens_per_hour = 60", "opens_per_hour = 100000")
+    })
+    .expect("relay");
+    let relay_id = relay.relay_id().expect("well-known");
+    let mut alice = member(&relay, 1, "alice").await;
+    let dirs = BTreeMap::from([(alice.device.id(), lookup(&alice.client, "alice").await)]);
+    let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
+    let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
+    let config = ChannelConfig {
+        mime: chitchat_proto::chat::MIME.into(),
+        name: "general".into(),
+        relays: vec![relay_id],
+        admins: AdminPolicy::AnyMember,
+        creator: alice.device.id(),
+    };
+    let mut opened = Vec::new();
+    let refusal = loop {
+        let id = ChannelId([opened.len() as u8 + 1; 32]);
+        let channel =
+            Channel::create(&alice.provider, &alice.mls, id, config.clone()).expect("create");
+        let state = channel.public_state(&alice.provider, &alice.mls).expect("export");
+        match alice.client.call(&Request::OpenChannel { channel: id, state }).await.expect("open") {
+            Response::ChannelOpened { next_epoch: 0 } => opened.push(channel),
+            other => break other,
+        }
+        assert!(opened.len() < 200, "the budget never filled");
+    };
+    assert!(
+        matches!(&refusal, Response::Error { code: ErrorCode::QuotaExceeded { .. }, message }
+            if message.contains("budget")),
+        "{refusal:?}"
+    );
+    let channels = opened.len() as u64;
+    assert!(channels >= 8, "{channels} channels fill {BUDGET} bytes");
+    assert_eq!(gauge(&relay, "chitchat_relay_ordered_channels"), channels);
+    let full = gauge(&relay, "chitchat_relay_ordering_state_bytes");
+    assert!(full <= BUDGET && full + BUDGET / channels > BUDGET, "{full} of {BUDGET}");
+
+    // At the budget, a member's own update is still ordered: enough of them for a snapshot of
+    // the full state.
+    alice.channel = Some(opened.remove(0));
+    for epoch in 0..6 {
+        let staged = alice.stage(&Change { update: true, ..Default::default() }, &check);
+        let Response::CommitAccepted { cert } = alice.submit(&staged, vec![], None).await else {
+            panic!("update {epoch} refused")
+        };
+        alice.accept(&cert);
+    }
+    let before = gauge(&relay, "chitchat_relay_ordering_state_bytes");
+
+    relay.kill9();
+    let started = std::time::Instant::now();
+    relay.restart().expect("restart at the largest state");
+    eprintln!("restart with {before} bytes of ordering state: {:?}", started.elapsed());
+    alice.client = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
+    let auth = alice.client.authenticate(&alice.device.key, "localhost").await.expect("auth");
+    assert_eq!(auth, Response::Authenticated);
+    assert_eq!(gauge(&relay, "chitchat_relay_ordered_channels"), channels);
+    assert_eq!(gauge(&relay, "chitchat_relay_ordering_state_bytes"), before);
+    // It orders the next epoch where it left off, and is as full as before.
+    let staged = alice.stage(&Change { update: true, ..Default::default() }, &check);
+    assert_eq!(staged.epoch, 6);
+    let Response::CommitAccepted { cert } = alice.submit(&staged, vec![], None).await else {
+        panic!("the update after the restart was refused")
+    };
+    alice.accept(&cert);
+    let id = ChannelId([250; 32]);
+    let channel = Channel::create(&alice.provider, &alice.mls, id, config).expect("create");
+    let state = channel.public_state(&alice.provider, &alice.mls).expect("export");
+    let again =
+        alice.client.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+    assert!(
+        matches!(again, Response::Error { code: ErrorCode::QuotaExceeded { .. }, .. }),
+        "{again:?}"
+    );
+}

@@ -36,6 +36,9 @@ pub struct CheckedCommit {
     pub next_epoch: u64,
     /// The member that committed it.
     pub committer: DeviceId,
+    /// Whether it adds members (the only change that grows the public state by more than a
+    /// few bytes).
+    pub adds: bool,
 }
 
 /// The public state of one channel.
@@ -82,6 +85,12 @@ impl PublicChannel {
         let mut pairs: Vec<_> = values.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         pairs.sort();
         pairs
+    }
+
+    /// The bytes [`PublicChannel::export`] holds (keys and values), without exporting.
+    pub fn stored_bytes(&self) -> u64 {
+        let values = self.storage.values.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        values.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
     }
 
     /// Restores a channel from [`PublicChannel::export`].
@@ -147,9 +156,10 @@ impl PublicChannel {
             return Err(ChannelError::WrongWireFormat);
         };
         let committer = rules::authorize_commit(&config, &committer, &staged, check)?;
+        let adds = staged.add_proposals().next().is_some();
         let next_epoch =
             self.epoch().checked_add(1).ok_or(ChannelError::Mls("epoch overflow".into()))?;
-        Ok(CheckedCommit { staged, next_epoch, committer })
+        Ok(CheckedCommit { staged, next_epoch, committer, adds })
     }
 
     /// Applies an ordered commit.

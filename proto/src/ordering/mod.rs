@@ -23,7 +23,8 @@ pub use cert::{
 };
 pub use intent::{BACKOFF_BASE_MS, BACKOFF_MAX_MS, Intent, IntentState, MAX_SUBMIT_ATTEMPTS};
 pub use orderer::{
-    Accepted, MEMBER_EPOCHS, MemberSet, OrderCommand, Orderer, StoragePairs, Verdict,
+    Accepted, DEFAULT_STATE_BUDGET, MEMBER_EPOCHS, MemberSet, OrderCommand, Orderer, StoragePairs,
+    Verdict,
 };
 
 use std::collections::BTreeMap;
@@ -144,7 +145,7 @@ pub struct OrderingLimits {
 
 impl Default for OrderingLimits {
     fn default() -> Self {
-        Self { max_channels: 1_000_000, retained_epochs: 64 }
+        Self { max_channels: 1_000_000, retained_epochs: 16 }
     }
 }
 
@@ -186,6 +187,11 @@ impl OrderingState {
     /// The remembered winner of `(channel, epoch)`.
     pub fn winner(&self, channel: &ChannelId, epoch: u64) -> Option<&CommitRef> {
         self.channels.get(channel)?.winners.get(&epoch)
+    }
+
+    /// The limits it was made with.
+    pub fn limits(&self) -> OrderingLimits {
+        self.limits
     }
 
     /// How many channels are ordered.

@@ -32,6 +32,16 @@ use crate::wire::{SealedWelcomes, commit_hash};
 /// post goes to the current members.
 pub const MEMBER_EPOCHS: usize = MAX_PAST_EPOCHS + 1;
 
+/// The public state an orderer holds for all its channels together, unless told otherwise
+/// ([`Orderer::with_state_budget`]): what its snapshot and its memory grow to at most, give or
+/// take one commit.
+pub const DEFAULT_STATE_BUDGET: u64 = 512 * 1024 * 1024;
+
+/// What one remembered winner costs, at most, counted for every epoch a channel may remember
+/// ([`OrderingLimits::retained_epochs`]) from the start, so that a channel's cost grows only
+/// with its public state.
+const WINNER_BYTES: u64 = 128;
+
 /// A command of the orderer's log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OrderCommand {
@@ -63,6 +73,9 @@ pub enum Verdict {
     Invalid(String),
     /// The submitter may not submit this commit (not a member, or not its committer).
     Forbidden(String),
+    /// The orderer holds as much public state as its budget allows: a new channel, or a commit
+    /// that adds members, waits until channels shrink. Nothing changed.
+    OverBudget(String),
 }
 
 /// A commit that won its epoch: what to fan out. Produced once per accepted log entry, so a
@@ -103,6 +116,11 @@ pub struct Orderer {
     /// from `channels` after every change, so that a post (the hot path) reads them without
     /// walking the ratchet tree.
     members: BTreeMap<ChannelId, MemberEpochs>,
+    /// Each channel's [`PublicChannel::stored_bytes`], and their sum.
+    sizes: BTreeMap<ChannelId, u64>,
+    total_bytes: u64,
+    /// The most `total_bytes` may reach before opens and adds are refused.
+    state_budget: u64,
     crypto: openmls_rust_crypto::RustCrypto,
 }
 
@@ -129,6 +147,9 @@ impl Orderer {
             state,
             channels,
             members: BTreeMap::new(),
+            sizes: BTreeMap::new(),
+            total_bytes: 0,
+            state_budget: DEFAULT_STATE_BUDGET,
             crypto: openmls_rust_crypto::RustCrypto::default(),
         };
         let ids: Vec<ChannelId> = orderer.channels.keys().copied().collect();
@@ -136,6 +157,24 @@ impl Orderer {
             orderer.refresh_members(id);
         }
         orderer
+    }
+
+    /// Sets the public-state budget: once the channels' public state together holds `bytes`,
+    /// new channels and commits that add members are refused ([`Verdict::OverBudget`]) until
+    /// removals make room. One commit may overshoot it by what it adds, so the state (and a
+    /// snapshot of it) stays under `bytes` plus one commit's growth. A restored orderer keeps
+    /// all it held even above a budget lowered since.
+    ///
+    /// Every replica of a group must use the same budget, since it decides commits.
+    pub fn with_state_budget(mut self, bytes: u64) -> Self {
+        self.state_budget = bytes;
+        self
+    }
+
+    /// The state held for all channels, in bytes: their public state
+    /// ([`PublicChannel::stored_bytes`]) and room for the winners each may remember.
+    pub fn state_bytes(&self) -> u64 {
+        self.total_bytes
     }
 
     /// What a snapshot holds: the ordering state and each channel's public-group storage.
@@ -204,6 +243,13 @@ impl Orderer {
             Ok(_) => return Verdict::Invalid("the state is of another channel".into()),
             Err(e) => return Verdict::Invalid(e.to_string()),
         };
+        let size = public.stored_bytes().saturating_add(self.winners_bytes());
+        if self.total_bytes.saturating_add(size) > self.state_budget {
+            return Verdict::OverBudget(format!(
+                "the relay holds {} bytes of channel state, its budget is {}",
+                self.total_bytes, self.state_budget
+            ));
+        }
         let outcome = self.state.apply(&OrderingCommand::Open { channel, epoch: public.epoch() });
         if outcome == Outcome::Opened {
             self.channels.insert(channel, public);
@@ -253,6 +299,14 @@ impl Orderer {
             let reason = "a commit is submitted by the member that committed it".into();
             return (Verdict::Forbidden(reason), None);
         }
+        if checked.adds && self.total_bytes >= self.state_budget {
+            let reason = format!(
+                "the relay holds {} bytes of channel state, its budget is {}: no members are added \
+                 until channels shrink",
+                self.total_bytes, self.state_budget
+            );
+            return (Verdict::OverBudget(reason), None);
+        }
         // The epoch is next, so the ordering state takes it, unless it is the last a u64 holds:
         // checked first, so that a refusal changes nothing.
         if commit.epoch.checked_add(1).is_none() {
@@ -279,8 +333,17 @@ impl Orderer {
         (Verdict::Ordering(outcome), Some(accepted))
     }
 
+    /// What a channel's remembered winners may cost.
+    fn winners_bytes(&self) -> u64 {
+        self.state.limits().retained_epochs.max(1).saturating_mul(WINNER_BYTES)
+    }
+
+    /// Re-derives what is kept beside the channel's public state: its member sets and its size.
     fn refresh_members(&mut self, channel: ChannelId) {
         let Some(public) = self.channels.get(&channel) else { return };
+        let size = public.stored_bytes().saturating_add(self.winners_bytes());
+        let old = self.sizes.insert(channel, size).unwrap_or(0);
+        self.total_bytes = self.total_bytes.saturating_sub(old).saturating_add(size);
         let mut members = public.members();
         members.sort();
         members.dedup();

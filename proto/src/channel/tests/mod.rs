@@ -865,3 +865,67 @@ fn late_messages_within_the_tolerance_are_read() {
 }
 
 mod rules;
+
+#[test]
+fn the_orderer_keeps_within_its_state_budget() {
+    let mut w = World::started(&[BOB]);
+    let channel = w.channel_id();
+    let cost = w.relay.orderer.state_bytes();
+    // A 2-member channel: its public state and room for its winners.
+    assert!((2_000..16_000).contains(&cost), "{cost}");
+    // The relay restarts with a budget its state already fills.
+    let (state, channels) = w.relay.orderer.export();
+    w.relay.orderer = Orderer::restore(state, channels).expect("restore").with_state_budget(cost);
+    assert_eq!(w.relay.orderer.state_bytes(), cost);
+
+    let order = |w: &mut World, who: usize, staged: &StagedCommit| {
+        let commit = CommitRef {
+            channel,
+            epoch: staged.epoch,
+            hash: staged.hash,
+            submitter: w.devices[who].id(),
+        };
+        w.relay.log += 1;
+        let bytes = staged.commit.clone().into();
+        w.relay.orderer.apply(w.relay.log, OrderCommand::Order { commit, bytes, welcome: None }).0
+    };
+    // No new member while the budget is full, and nothing changed.
+    let add = Change { add: vec![w.devices[CAROL].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &add).expect("stage");
+    assert!(matches!(order(&mut w, ALICE, &staged), Verdict::OverBudget(_)));
+    assert_eq!(w.relay.orderer.next_epoch(&channel), Some(staged.epoch));
+    let a = &mut w.devices[ALICE];
+    a.channel.as_mut().expect("member").discard_own(&a.provider).expect("discard");
+    // No new channel either.
+    let (provider, me) =
+        (OpenMlsRustCrypto::default(), Identity::new(&SecretKey::from_seed([9; 32])));
+    let config = ChannelConfig {
+        mime: crate::chat::MIME.into(),
+        name: "second".into(),
+        relays: vec![w.relay.id.clone()],
+        admins: AdminPolicy::AnyMember,
+        creator: me.device(),
+    };
+    let other = Channel::create(&provider, &me, ChannelId([44; 32]), config).expect("create");
+    let open = OrderCommand::Open {
+        channel: other.id(),
+        state: other.public_state(&provider, &me).expect("export"),
+    };
+    assert!(matches!(w.relay.orderer.apply(99, open.clone()), (Verdict::OverBudget(_), None)));
+    // Commits that add nobody still go through: a member's own update, and a removal, which
+    // makes room for the add.
+    let staged = w.stage(BOB, &Change { update: true, ..Default::default() }).expect("stage");
+    w.submit(BOB, &staged).expect("an update is ordered over the budget");
+    w.deliver_all();
+    let remove = Change { remove: vec![w.devices[BOB].id()], ..Default::default() };
+    let staged = w.stage(ALICE, &remove).expect("stage");
+    w.submit(ALICE, &staged).expect("a removal is ordered over the budget");
+    w.deliver_all();
+    assert!(w.relay.orderer.state_bytes() < cost);
+    let add = Change { add: vec![w.devices[CAROL].key_package()], ..Default::default() };
+    let staged = w.stage(ALICE, &add).expect("stage");
+    w.submit(ALICE, &staged).expect("room for one member again");
+    // The state is over the budget by at most that one commit's growth.
+    let over = w.relay.orderer.state_bytes().saturating_sub(cost);
+    assert!(over <= staged.commit.len() as u64, "{over} over, commit {}", staged.commit.len());
+}
