@@ -181,6 +181,7 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
                     _ = tick.tick() => {}
                     _ = shutdown.changed() => break,
                 }
+                relay.forget_idle_limits();
                 match relay.expire(now()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(expired = n, "retention clean-up"),

@@ -752,6 +752,17 @@ impl Relay {
         }
     }
 
+    /// Forgets the rate-limit state of devices whose buckets are full again, so that the
+    /// limiters hold only devices active lately (run with the hourly clean-up).
+    pub fn forget_idle_limits(&self) {
+        for limiter in
+            [&self.senders, &self.claimers, &self.claimed, &self.submitters, &self.openers]
+        {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
     /// Refreshes the gauges that mirror the store and the ordering state.
     pub async fn refresh_gauges(&self) -> Result<(), StoreError> {
         let stats = self.store.stats()?;
