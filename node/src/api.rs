@@ -180,9 +180,11 @@ async fn authorize(State(s): State<Arc<ApiState>>, request: Request, next: Next)
 }
 
 async fn status(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+    let link =
+        s.node.link_state().map(|l| json!({"connected": l.connected, "since_ms": l.since.0}));
     let v = s
         .node
-        .with(|e| {
+        .with(move |e| {
             let account = e.account().map(|a| {
                 json!({
                     "address": format!("{}@{}", a.local_name, a.relay.id.host),
@@ -195,6 +197,7 @@ async fn status(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
                 "account": account,
                 "channels": e.channels().count(),
                 "dropped": e.dropped(),
+                "relay_link": link,
                 "version": crate::VERSION,
             })
         })
@@ -566,16 +569,56 @@ async fn load_messages(
     s: &ApiState,
     id: ChannelId,
     limit: usize,
-) -> ApiResult<(String, Vec<crate::store::StoredMessage>)> {
+) -> ApiResult<(String, Vec<crate::store::StoredMessage>, Failures)> {
     let limit = limit.min(MAX_LIMIT);
-    let (mime, messages) = s
+    let (mime, messages, failures) = s
         .node
         .with(move |e| -> Result<_, EngineError> {
             let mime = e.channel(&id)?.0.mime.clone();
-            Ok((mime, e.store().messages(&id, limit)?))
+            let messages = e.store().messages(&id, limit)?;
+            let mut failures = Failures::new();
+            for m in messages.iter().filter(|m| m.status == crate::store::MessageStatus::Failed) {
+                if let Some(reason) = e.failure(&id, &m.id)? {
+                    failures.insert(id_string(&m.id), reason);
+                }
+            }
+            Ok((mime, messages, failures))
         })
         .await?;
-    Ok((mime, messages))
+    Ok((mime, messages, failures))
+}
+
+/// Why this device's failed messages failed, by message id (string).
+type Failures = std::collections::BTreeMap<String, String>;
+
+/// Views of stored messages, with the reasons of failed ones.
+fn views(
+    stored: &[crate::store::StoredMessage],
+    mime: &str,
+    failures: &Failures,
+    names: &std::collections::BTreeMap<DeviceId, String>,
+) -> Vec<MessageView> {
+    stored
+        .iter()
+        .map(|m| {
+            let mut v = MessageView::new(m, mime, |d| lookup_name(names, d));
+            v.failure = failures.get(&v.id).cloned();
+            v
+        })
+        .collect()
+}
+
+/// The folded chat history, with the reasons of failed messages.
+fn chat_history(
+    stored: &[crate::store::StoredMessage],
+    failures: &Failures,
+    names: &std::collections::BTreeMap<DeviceId, String>,
+) -> view::ChatHistory {
+    let mut h = view::fold_chat(stored, |d| lookup_name(names, d));
+    for m in &mut h.messages {
+        m.failure = failures.get(&m.id).cloned();
+    }
+    h
 }
 
 async fn messages(
@@ -584,10 +627,9 @@ async fn messages(
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<Value>> {
     let id = resolve_channel(&s, &channel).await?;
-    let (mime, stored) = load_messages(&s, id, q.limit.unwrap_or(1000)).await?;
+    let (mime, stored, failures) = load_messages(&s, id, q.limit.unwrap_or(1000)).await?;
     let names = names(&s, &stored).await;
-    let list: Vec<MessageView> =
-        stored.iter().map(|m| MessageView::new(m, &mime, |d| lookup_name(&names, d))).collect();
+    let list = views(&stored, &mime, &failures, &names);
     Ok(Json(json!({ "channel": id.to_string(), "mime": mime, "messages": list })))
 }
 
@@ -610,14 +652,14 @@ async fn history(
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<Value>> {
     let id = resolve_channel(&s, &channel).await?;
-    let (mime, stored) = load_messages(&s, id, MAX_LIMIT).await?;
+    let (mime, stored, failures) = load_messages(&s, id, MAX_LIMIT).await?;
     if mime != chat::MIME {
         return Err(ApiError::bad(format!(
             "history folds text/chitchat channels; this one is {mime} (use /messages)"
         )));
     }
     let names = names(&s, &stored).await;
-    let mut h = view::fold_chat(&stored, |d| lookup_name(&names, d));
+    let mut h = chat_history(&stored, &failures, &names);
     if let Some(limit) = q.limit {
         let skip = h.messages.len().saturating_sub(limit);
         h.messages.drain(..skip);
@@ -641,18 +683,14 @@ async fn export(
     Query(q): Query<ExportQuery>,
 ) -> ApiResult<Response> {
     let id = resolve_channel(&s, &channel).await?;
-    let (mime, stored) = load_messages(&s, id, MAX_LIMIT).await?;
+    let (mime, stored, failures) = load_messages(&s, id, MAX_LIMIT).await?;
     let names = names(&s, &stored).await;
     let name =
         s.node.with(move |e| e.channel(&id).map(|(r, _)| r.name.clone()).unwrap_or_default()).await;
     match q.format.as_deref().unwrap_or("json") {
         "json" => {
-            let messages: Vec<MessageView> = stored
-                .iter()
-                .map(|m| MessageView::new(m, &mime, |d| lookup_name(&names, d)))
-                .collect();
-            let history =
-                (mime == chat::MIME).then(|| view::fold_chat(&stored, |d| lookup_name(&names, d)));
+            let messages = views(&stored, &mime, &failures, &names);
+            let history = (mime == chat::MIME).then(|| chat_history(&stored, &failures, &names));
             Ok(Json(json!({
                 "channel": id.to_string(),
                 "name": name,
@@ -725,7 +763,8 @@ async fn events(
     Ok(ws.on_upgrade(move |socket| stream_events(socket, rx, channel)))
 }
 
-fn event_channel(e: &Event) -> &str {
+/// The channel an event is about; `None` for the node's own (every stream gets those).
+fn event_channel(e: &Event) -> Option<&str> {
     match e {
         Event::Message { channel, .. }
         | Event::Sent { channel, .. }
@@ -733,7 +772,8 @@ fn event_channel(e: &Event) -> &str {
         | Event::Typing { channel, .. }
         | Event::Members { channel, .. }
         | Event::Joined { channel, .. }
-        | Event::Removed { channel } => channel,
+        | Event::Removed { channel } => Some(channel),
+        Event::Relay { .. } => None,
     }
 }
 
@@ -747,7 +787,7 @@ async fn stream_events(
         tokio::select! {
             event = rx.recv() => match event {
                 Ok(e) => {
-                    if channel.as_deref().is_some_and(|c| c != event_channel(&e)) {
+                    if channel.as_deref().is_some_and(|c| event_channel(&e).is_some_and(|e| e != c)) {
                         continue;
                     }
                     let Ok(text) = serde_json::to_string(&e) else { continue };

@@ -29,6 +29,9 @@ pub fn format_entry(m: &ChatEntry) -> String {
     if m.status == "sending" {
         line.push_str(" (sending)");
     }
+    if m.status == "failed" {
+        line.push_str(&format!(" (failed: {})", m.failure.as_deref().unwrap_or("given up")));
+    }
     if !m.read_by.is_empty() {
         line.push_str(&format!(" (read by {})", m.read_by.join(", ")));
     }
@@ -56,6 +59,8 @@ struct EntryJson {
     deleted: bool,
     reactions: std::collections::BTreeMap<String, Vec<String>>,
     status: String,
+    #[serde(default)]
+    failure: Option<String>,
     read_by: Vec<String>,
 }
 
@@ -74,8 +79,10 @@ impl From<EntryJson> for ChatEntry {
             status: match e.status.as_str() {
                 "sending" => "sending",
                 "sent" => "sent",
+                "failed" => "failed",
                 _ => "received",
             },
+            failure: e.failure,
             read_by: e.read_by,
         }
     }
@@ -115,6 +122,14 @@ pub fn format_event(v: &Value) -> String {
             )
         }
         Some("sent") => format!("   sent {}", short(&s("id"))),
+        Some("failed") => format!("   failed {}: {}", short(&s("id")), s("reason")),
+        Some("relay") if v.get("connected").and_then(Value::as_bool) == Some(true) => {
+            "   connected to the relay".to_owned()
+        }
+        Some("relay") => format!(
+            "   not connected to the relay since {}",
+            format_time(v.get("since_ms").and_then(Value::as_u64).unwrap_or(0))
+        ),
         Some("typing") => format!("   {} is typing", &s("device")[..12.min(s("device").len())]),
         Some("members") => format!(
             "   membership changed (epoch {})",

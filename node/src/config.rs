@@ -19,13 +19,22 @@ pub struct Config {
 }
 
 /// How messages are sent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SendConfig {
     /// Let a message leave only after its commit, not while it is written. Slower (the disk's
     /// latency is added to every message); the gain is that a crash can never deliver a
     /// message this node did not store.
     pub commit_first: bool,
+    /// Days a message is retried while the relay cannot be reached before it is given up
+    /// (`failed`), 1..=3650. Only time gives a message up, never a number of attempts.
+    pub give_up_after_days: u32,
+}
+
+impl Default for SendConfig {
+    fn default() -> Self {
+        Self { commit_first: false, give_up_after_days: 30 }
+    }
 }
 
 /// The local API.
@@ -93,6 +102,10 @@ request_timeout_seconds = 20
 # latency to every message, and a crash can never deliver a message this node did not store
 # (env CHITCHAT_SEND_COMMIT_FIRST).
 commit_first = false
+# Days a message is retried while the relay cannot be reached, however long the outage, before
+# it is given up and shown as failed (1..=3650). A message the relay refuses for good (this
+# device is not a member, the message is malformed) fails at once, with the reason.
+give_up_after_days = 30
 "#;
 
     /// Parses and validates a config file's text.
@@ -132,6 +145,9 @@ commit_first = false
                     self.api.listen
                 )));
             }
+        }
+        if !(1..=3650).contains(&self.send.give_up_after_days) {
+            return Err(ConfigError::Invalid("send.give_up_after_days must be 1..=3650".into()));
         }
         if !(1..=60).contains(&self.relay.wait_seconds) {
             return Err(ConfigError::Invalid("relay.wait_seconds must be 1..=60".into()));
@@ -176,7 +192,7 @@ mod tests {
             Config {
                 api: ApiConfig::default(),
                 relay: RelayConfig::default(),
-                send: SendConfig { commit_first: false },
+                send: SendConfig { commit_first: false, give_up_after_days: 30 },
             }
         );
     }

@@ -27,15 +27,13 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::engine::{Delivery, Engine, EngineError, Event};
-use crate::link::{LinkError, RelayLink};
+use crate::link::{LinkError, LinkState, RelayLink};
 use crate::store::{Account, IntentOp, OutboxItem, RelayInfo, StagedRecord};
 
 /// KeyPackages uploaded at a time.
 const KEY_PACKAGE_BATCH: usize = 20;
 /// Below this many unclaimed KeyPackages at the relay, more are uploaded.
 const KEY_PACKAGE_LOW: u32 = 10;
-/// Delivery attempts of one outbox message before it is given up.
-pub const MAX_DELIVERY_ATTEMPTS: u32 = 100;
 /// Longest pause between two attempts of the same work, in milliseconds.
 const MAX_BACKOFF_MS: u64 = 30_000;
 /// Longest pause between two attempts to reach the inbox, in milliseconds.
@@ -75,6 +73,17 @@ fn refused(response: Response) -> NodeError {
         Response::Error { code, message } => NodeError::Relay { code: code.name(), message },
         other => NodeError::Relay { code: "unexpected", message: format!("{other:?}") },
     }
+}
+
+/// Why a message the relay refused for good was given up, in words.
+fn refusal_reason(code: ErrorCode) -> String {
+    let why = match code {
+        ErrorCode::Forbidden => "this device is not a member of the channel there",
+        ErrorCode::BadRequest => "the message is malformed or too large",
+        ErrorCode::NotFound => "the channel is not ordered there",
+        _ => "refused",
+    };
+    format!("the relay refused it ({}): {why}", code.name())
 }
 
 /// What `/.well-known/chitchat/relay` says.
@@ -130,7 +139,31 @@ impl Node {
         tokio::spawn(node.clone().outbox_task());
         tokio::spawn(node.clone().resume_intents());
         tokio::spawn(node.clone().key_package_task());
+        tokio::spawn(node.clone().link_state_task());
         Ok(node)
+    }
+
+    /// Whether the relay link is connected and since when; `None` before registration.
+    pub fn link_state(&self) -> Option<LinkState> {
+        self.link().ok().map(|l| *l.state().borrow())
+    }
+
+    /// Puts the relay link's ups and downs on the event stream, and in the log.
+    async fn link_state_task(self: Arc<Self>) {
+        let mut state = self.wait_for_link().await.state();
+        loop {
+            let now = *state.borrow_and_update();
+            if now.connected {
+                tracing::info!("connected to the relay");
+            } else {
+                tracing::info!(since_ms = now.since.0, "not connected to the relay");
+            }
+            let event = Event::Relay { connected: now.connected, since_ms: now.since.0 };
+            self.with(move |e| e.announce(event)).await;
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Runs `f` on the engine, where blocking is allowed (engine operations fsync).
@@ -415,7 +448,7 @@ impl Node {
                                     message = %crate::engine::id_string(&item.id), code = code.name(),
                                     "the relay refused a message; not retried"
                                 );
-                                Delivery::Failed
+                                Delivery::Failed(refusal_reason(code))
                             }
                         };
                     }
@@ -442,21 +475,12 @@ impl Node {
                 tracing::debug!(%channel, error = %e, "cannot open the channel at the relay");
             }
         }
-        let progress: Vec<(u64, OutboxItem, Delivery)> = items
-            .into_iter()
-            .zip(outcome)
-            .map(|((id, item), delivery)| {
-                let give_up = item.attempts.saturating_add(1) >= MAX_DELIVERY_ATTEMPTS;
-                if give_up && delivery == Delivery::Retry {
-                    tracing::warn!(message = ?item.id, "giving up delivery after {MAX_DELIVERY_ATTEMPTS} attempts");
-                    return (id, item, Delivery::Failed);
-                }
-                (id, item, delivery)
-            })
-            .collect();
+        let progress: Vec<(u64, OutboxItem, Delivery)> =
+            items.into_iter().zip(outcome).map(|((id, item), d)| (id, item, d)).collect();
         let all_done = progress.iter().all(|(_, _, d)| *d != Delivery::Retry);
         tracing::debug!(items = progress.len(), all_done, failed, "posted");
-        self.with(move |e| e.outbox_progress(progress)).await?;
+        let give_up_ms = u64::from(self.config.send.give_up_after_days) * 24 * 3600 * 1000;
+        self.with(move |e| e.outbox_progress(progress, now(), give_up_ms)).await?;
         if failed {
             return Err(LinkError::Unreachable("delivery incomplete".into()).into());
         }

@@ -65,14 +65,14 @@ pub enum EngineError {
 }
 
 /// What became of one delivery attempt of an outbox item.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
     /// The relay took it.
     Posted,
-    /// Not this time; it stays in the outbox.
+    /// Not this time; it stays in the outbox (unless it is older than the give-up time).
     Retry,
-    /// Given up.
-    Failed,
+    /// Refused for good, for this reason.
+    Failed(String),
 }
 
 /// What the event stream carries. Serialized as JSON for the local API.
@@ -95,12 +95,15 @@ pub enum Event {
         /// The message id.
         id: String,
     },
-    /// One of this device's messages was given up (see the daemon's log for why).
+    /// One of this device's messages was given up: refused for good by the relay, or not
+    /// delivered within `[send] give_up_after_days`.
     Failed {
         /// The channel (hex).
         channel: String,
         /// The message id.
         id: String,
+        /// Why.
+        reason: String,
     },
     /// A member is typing (never stored).
     Typing {
@@ -133,6 +136,13 @@ pub enum Event {
     Removed {
         /// The channel (hex).
         channel: String,
+    },
+    /// The link to the relay came up or went down.
+    Relay {
+        /// Whether a connection is up.
+        connected: bool,
+        /// Since when (Unix milliseconds).
+        since_ms: u64,
     },
 }
 
@@ -389,6 +399,11 @@ impl Engine {
 
     fn emit(&self, event: Event) {
         let _ = self.events.send(event);
+    }
+
+    /// Sends an event that comes from outside the engine (the relay link's state).
+    pub fn announce(&self, event: Event) {
+        self.emit(event);
     }
 
     /// This device.
@@ -758,25 +773,39 @@ impl Engine {
     }
 
     /// Records delivery attempts, in one transaction: for each item, whether it was posted,
-    /// stays for another attempt, or is given up.
+    /// stays for another attempt, or is given up. An item to retry that was stored more than
+    /// `give_up_after_ms` before `now` is given up: time, not attempts, bounds the retries, so
+    /// that no outage however long fails a message before then.
     pub fn outbox_progress(
         &mut self,
         progress: Vec<(u64, OutboxItem, Delivery)>,
+        now: Timestamp,
+        give_up_after_ms: u64,
     ) -> Result<(), EngineError> {
         let mut b = Batch::default();
         let mut events = Vec::new();
-        for (outbox_id, mut item, delivery) in progress {
+        for (outbox_id, mut item, mut delivery) in progress {
             let (channel, id) = (item.channel.to_string(), id_string(&item.id));
+            if delivery == Delivery::Retry
+                && let Some(stored) = self.store.message(&item.channel, &item.id)?
+                && now.0.saturating_sub(stored.at.0) > give_up_after_ms
+            {
+                let days = give_up_after_ms / (24 * 3600 * 1000);
+                let reason = format!("not delivered within {days} days");
+                tracing::warn!(message = %id, "{reason}; given up");
+                delivery = Delivery::Failed(reason);
+            }
             match delivery {
                 Delivery::Posted => {
                     b.outbox(outbox_id, None);
                     b.status(item.channel, item.id, MessageStatus::Sent);
                     events.push(Event::Sent { channel, id });
                 }
-                Delivery::Failed => {
+                Delivery::Failed(reason) => {
                     b.outbox(outbox_id, None);
                     b.status(item.channel, item.id, MessageStatus::Failed);
-                    events.push(Event::Failed { channel, id });
+                    b.failure(item.channel, item.id, reason.clone());
+                    events.push(Event::Failed { channel, id, reason });
                 }
                 Delivery::Retry => {
                     item.attempts = item.attempts.saturating_add(1);
@@ -790,6 +819,15 @@ impl Engine {
             self.emit(event);
         }
         Ok(())
+    }
+
+    /// Why one of this device's messages was given up, if it was.
+    pub fn failure(
+        &self,
+        channel: &ChannelId,
+        id: &MessageId,
+    ) -> Result<Option<String>, EngineError> {
+        Ok(self.store.failure(channel, id)?)
     }
 
     /// Opens, decrypts and stores inbox items, in order, in one transaction. See [`Received`].

@@ -2,20 +2,25 @@
 //! speaking the relay protocol over request-response, one frame per request and response.
 //!
 //! [`RelayLink::call`] sends a request and returns the relay's response. The swarm dials the
-//! relay when a request needs it, so a link survives a relay restart: the next request
-//! reconnects. The relay authenticates per connection; a request answered `Unauthenticated`
-//! authenticates (challenge, signed proof) and is sent once more.
+//! relay when a request needs it, with the relay's addresses given on every request (libp2p
+//! forgets an address after a failed dial, which once left a node unable to reach a relay that
+//! had restarted), so a link survives any relay restart or outage: the next request
+//! reconnects. A request that times out drops the connection, so that one the network broke
+//! silently is replaced rather than waited on. The relay authenticates per connection; a request
+//! answered `Unauthenticated` authenticates (challenge, signed proof) and is sent once more.
+//!
+//! [`RelayLink::state`] says whether a connection is up, and since when it is or is not.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use chitchat_proto::wire::{self, AuthProof, ErrorCode, MAX_FRAME_LEN, Request, Response};
-use chitchat_proto::{DeviceId, SecretKey};
+use chitchat_proto::{DeviceId, SecretKey, Timestamp};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 /// The relay protocol's name (the relay speaks the same).
 pub const PROTOCOL: &str = "/chitchat/relay/1";
@@ -103,10 +108,30 @@ impl request_response::Codec for Frames {
 
 type Reply = oneshot::Sender<Result<Vec<u8>, LinkError>>;
 
+/// What the swarm task is asked to do.
+enum Command {
+    /// Send a request frame; the response (or failure) goes to the reply.
+    Call(Vec<u8>, Reply),
+    /// A request timed out: close the connections to the relay, so that the next request
+    /// dials afresh instead of waiting on a connection the network may have broken silently.
+    Reset,
+}
+
+/// Whether the link has a connection to its relay, and since when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    /// A connection is established.
+    pub connected: bool,
+    /// When it came up, or when the last one went down (when the link started, if it was
+    /// never up).
+    pub since: Timestamp,
+}
+
 /// A connection to one relay, shared by all of the node's tasks.
 #[derive(Debug)]
 pub struct RelayLink {
-    calls: mpsc::Sender<(Vec<u8>, Reply)>,
+    calls: mpsc::Sender<Command>,
+    state: watch::Receiver<LinkState>,
     key: SecretKey,
     host: String,
     timeout: Duration,
@@ -157,18 +182,34 @@ impl RelayLink {
                     )
             })
             .build();
-        for addr in addrs {
-            swarm.add_peer_address(peer, addr);
-        }
-        let (calls, mut rx) = mpsc::channel::<(Vec<u8>, Reply)>(CALL_QUEUE);
+        let (calls, mut rx) = mpsc::channel::<Command>(CALL_QUEUE);
+        let started = LinkState { connected: false, since: crate::engine::now() };
+        let (state_tx, state) = watch::channel(started);
         tokio::spawn(async move {
             let mut pending: HashMap<OutboundRequestId, Reply> = HashMap::new();
+            let set = |connected: bool| {
+                state_tx.send_if_modified(|s| {
+                    let changed = s.connected != connected;
+                    if changed {
+                        *s = LinkState { connected, since: crate::engine::now() };
+                    }
+                    changed
+                });
+            };
             loop {
                 tokio::select! {
                     call = rx.recv() => match call {
-                        Some((bytes, reply)) => {
-                            let id = swarm.behaviour_mut().send_request(&peer, bytes);
+                        Some(Command::Call(bytes, reply)) => {
+                            let id = swarm
+                                .behaviour_mut()
+                                .send_request_with_addresses(&peer, bytes, addrs.clone());
                             pending.insert(id, reply);
+                        }
+                        Some(Command::Reset) => {
+                            if swarm.is_connected(&peer) {
+                                tracing::debug!("relay request timed out; reconnecting");
+                                let _ = swarm.disconnect_peer_id(peer);
+                            }
                         }
                         None => break,
                     },
@@ -187,16 +228,35 @@ impl RelayLink {
                             if let Some(r) = pending.remove(&request_id) {
                                 let _ = r.send(Err(LinkError::Unreachable(error.to_string())));
                             }
+                            if matches!(error, request_response::OutboundFailure::Timeout)
+                                && swarm.is_connected(&peer)
+                            {
+                                let _ = swarm.disconnect_peer_id(peer);
+                            }
                         }
-                        SwarmEvent::ConnectionClosed { cause, .. } => {
+                        SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == peer => {
+                            set(true);
+                        }
+                        SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. }
+                            if peer_id == peer =>
+                        {
                             tracing::debug!(?cause, "relay connection closed");
+                            if num_established == 0 {
+                                set(false);
+                            }
                         }
                         _ => {}
                     },
                 }
             }
         });
-        Ok(Self { calls, key, host, timeout, auth: Mutex::new(0) })
+        Ok(Self { calls, state, key, host, timeout, auth: Mutex::new(0) })
+    }
+
+    /// Whether the link is connected to its relay, and since when; changes as connections come
+    /// and go.
+    pub fn state(&self) -> watch::Receiver<LinkState> {
+        self.state.clone()
     }
 
     /// The device this link authenticates as.
@@ -208,11 +268,12 @@ impl RelayLink {
         let frame =
             wire::encode_frame(request).map_err(|e| LinkError::BadResponse(e.to_string()))?;
         let (reply, answer) = oneshot::channel();
-        self.calls.send((frame, reply)).await.map_err(|_| LinkError::Closed)?;
-        let bytes = tokio::time::timeout(timeout, answer)
-            .await
-            .map_err(|_| LinkError::Unreachable("request timed out".into()))?
-            .map_err(|_| LinkError::Closed)??;
+        self.calls.send(Command::Call(frame, reply)).await.map_err(|_| LinkError::Closed)?;
+        let Ok(answer) = tokio::time::timeout(timeout, answer).await else {
+            let _ = self.calls.try_send(Command::Reset);
+            return Err(LinkError::Unreachable("request timed out".into()));
+        };
+        let bytes = answer.map_err(|_| LinkError::Closed)??;
         wire::decode_frame(&bytes).map_err(|e| LinkError::BadResponse(e.to_string()))
     }
 

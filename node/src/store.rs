@@ -52,6 +52,8 @@ const INTENTS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("inte
 const MESSAGE_COUNTS: TableDefinition<'_, [u8; 32], u64> = TableDefinition::new("message-counts-0");
 /// Channels whose messages may leave before their state is durable (see [`Batch::released`]).
 const RELEASED: TableDefinition<'_, [u8; 32], ()> = TableDefinition::new("released-0");
+/// Why each of this device's failed messages was given up, by message.
+const FAILURES: TableDefinition<'_, MessageRef, &str> = TableDefinition::new("failures-0");
 
 type MessageKey = ([u8; 32], u64, u64, u32, [u8; 32], u64);
 /// `(seq, sender, channel)`.
@@ -138,7 +140,8 @@ pub enum MessageStatus {
     Sent,
     /// Someone else's.
     Received,
-    /// Ours, given up: the relay refused it for good, or every attempt failed.
+    /// Ours, given up: the relay refused it for good, or it was not delivered within
+    /// `[send] give_up_after_days`; the reason is kept beside it.
     Failed,
 }
 
@@ -229,6 +232,7 @@ enum Op {
     Dir(Dir),
     Message(ChannelId, StoredMessage),
     Status(ChannelId, MessageId, MessageStatus),
+    Failure(ChannelId, MessageId, String),
     Outbox(u64, Option<OutboxItem>),
     Intent(ChannelId, Option<IntentRecord>),
     Released(ChannelId, bool),
@@ -268,6 +272,10 @@ impl Batch {
     /// Changes a stored message's status.
     pub fn status(&mut self, channel: ChannelId, id: MessageId, status: MessageStatus) {
         self.ops.push(Op::Status(channel, id, status));
+    }
+    /// Records why one of this device's messages was given up.
+    pub fn failure(&mut self, channel: ChannelId, id: MessageId, reason: String) {
+        self.ops.push(Op::Failure(channel, id, reason));
     }
     /// Stores (`Some`) or deletes (`None`) an outbox item.
     pub fn outbox(&mut self, id: u64, item: Option<OutboxItem>) {
@@ -314,7 +322,8 @@ impl Store {
                         migrate_outbox_v1(&w)?;
                         count_messages_v1(&w)?;
                     }
-                    // Version 3 adds `released-0`, created below: nothing to move.
+                    // Version 3 adds `released-0`, created below: nothing to move. (`failures-0`,
+                    // also created below, needs no version: an absent reason reads as none.)
                     meta.insert("version", encode(&STORAGE_VERSION).as_slice())
                         .map_err(redb_err)?;
                 }
@@ -334,6 +343,7 @@ impl Store {
             w.open_table(INTENTS).map_err(redb_err)?;
             w.open_table(MESSAGE_COUNTS).map_err(redb_err)?;
             w.open_table(RELEASED).map_err(redb_err)?;
+            w.open_table(FAILURES).map_err(redb_err)?;
         }
         w.commit().map_err(redb_err)?;
         Ok(Self { db })
@@ -452,6 +462,18 @@ impl Store {
         let t = r.open_table(MESSAGES).map_err(redb_err)?;
         let key = (channel.0, epoch, wall, counter, *id.sender.as_bytes(), id.seq);
         t.get(key).map_err(redb_err)?.map(|v| record(v.value(), "messages")).transpose()
+    }
+
+    /// Why one of this device's messages was given up, if it was.
+    pub fn failure(
+        &self,
+        channel: &ChannelId,
+        id: &MessageId,
+    ) -> Result<Option<String>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(FAILURES).map_err(redb_err)?;
+        let key = (id.seq, *id.sender.as_bytes(), channel.0);
+        Ok(t.get(key).map_err(redb_err)?.map(|v| v.value().to_owned()))
     }
 
     /// Messages whose sender's id starts with `prefix` and whose sequence number is `seq`, in
@@ -613,6 +635,12 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 };
                 let new = StoredMessage { status, ..old };
                 messages.insert(key, encode(&new).as_slice()).map_err(redb_err)?;
+            }
+            Op::Failure(channel, id, reason) => {
+                w.open_table(FAILURES)
+                    .map_err(redb_err)?
+                    .insert((id.seq, *id.sender.as_bytes(), channel.0), reason.as_str())
+                    .map_err(redb_err)?;
             }
             Op::Outbox(id, Some(item)) => {
                 outbox.insert(id, encode(&item).as_slice()).map_err(redb_err)?;

@@ -130,7 +130,7 @@ pub struct MessageView {
     pub time_ms: u64,
     /// The epoch it was sent in.
     pub epoch: u64,
-    /// `sending`, `sent` or `received`.
+    /// `sending`, `sent`, `received` or `failed`.
     pub status: &'static str,
     /// For `text/chitchat` channels, the content.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -138,6 +138,9 @@ pub struct MessageView {
     /// For other channels, the payload in base64.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload_base64: Option<String>,
+    /// Why it failed, if its status is `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// The status as the API writes it.
@@ -171,6 +174,7 @@ impl MessageView {
             status: status_str(m.status),
             content,
             payload_base64,
+            failure: None,
         }
     }
 }
@@ -197,8 +201,11 @@ pub struct ChatEntry {
     pub deleted: bool,
     /// Reactions: emoji to who reacted.
     pub reactions: BTreeMap<String, Vec<String>>,
-    /// `sending`, `sent` or `received`.
+    /// `sending`, `sent`, `received` or `failed`.
     pub status: &'static str,
+    /// Why it failed, if its status is `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// Who has read up to here or further (receipts that point exactly here).
     pub read_by: Vec<String>,
 }
@@ -245,6 +252,7 @@ pub fn fold_chat(messages: &[StoredMessage], name: impl Fn(&DeviceId) -> String)
                 .map(|(emoji, who)| (emoji.clone(), who.iter().map(&name).collect()))
                 .collect(),
             status: status_str(status.get(&m.id).copied().unwrap_or(MessageStatus::Received)),
+            failure: None,
             read_by: read_by.remove(&m.id).unwrap_or_default(),
         })
         .collect();

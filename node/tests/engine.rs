@@ -3,7 +3,7 @@
 //! MLS, real redb.
 
 use chitchat_node::engine::{Delivery, Engine, Event};
-use chitchat_node::store::{Account, IntentOp, OutboxItem, RelayInfo, Store};
+use chitchat_node::store::{Account, IntentOp, MessageStatus, OutboxItem, RelayInfo, Store};
 use chitchat_proto::channel::ChannelMessage;
 use chitchat_proto::channel::MessageId;
 use chitchat_proto::codec::Canonical as _;
@@ -19,6 +19,7 @@ use chitchat_proto::wire::{ChannelPost, Envelope, InboxItem, InboxPayload, commi
 use chitchat_proto::{RelayId, SecretKey, Sponsorship, Timestamp, chat, inbox};
 
 const NOW: Timestamp = Timestamp(1_800_000_000_000);
+const DAY_MS: u64 = 24 * 3600 * 1000;
 
 /// The relay of these tests: `proto`'s orderer, as the real relay runs it (channel rules
 /// included), its certificates, and inbox items carried by hand.
@@ -215,7 +216,7 @@ fn invite_send_receive_and_survive_restarts() {
     let stored = bob.store().messages(&channel, 10).expect("messages");
     assert_eq!(stored.len(), 1, "a resent message is stored once");
     assert_eq!(stored[0].payload, text);
-    alice.outbox_progress(vec![(oid, item, Delivery::Posted)]).expect("delivered");
+    alice.outbox_progress(vec![(oid, item, Delivery::Posted)], NOW, DAY_MS).expect("delivered");
     assert!(alice.outbox().expect("outbox").is_empty());
 
     // Bob restarts and still reads new messages: his MLS state was durable.
@@ -453,4 +454,53 @@ fn a_commit_merged_from_the_inbox_is_not_merged_twice() {
     alice.accept(&channel, &cert).expect("accept is idempotent");
     assert_eq!(alice.epoch(&channel), Some(2));
     assert!(alice.intents().expect("intents").is_empty());
+}
+
+/// Retries are bounded by time, not attempts: a message the relay could not take for a month
+/// less a day is still `sending`, however many attempts failed; past the give-up time it is
+/// `failed`, with the reason in its status and its event. A refusal for good fails it at once,
+/// with the relay's reason.
+#[test]
+fn an_outbox_item_is_given_up_by_time_not_by_attempts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::new();
+    let (mut alice, _bob, channel) = pair(&tmp, &relay);
+    let mut events = alice.subscribe();
+    let (id, _) = send(&mut alice, &channel, &text("through the outage"));
+    let status = |e: &Engine, id| e.store().message(&channel, &id).expect("read").expect("stored");
+    let give_up = 30 * DAY_MS;
+    let (oid, mut item) = alice.outbox().expect("outbox").remove(0);
+    item.attempts = 1_000_000;
+    let later = Timestamp(NOW.0 + 29 * DAY_MS);
+    alice.outbox_progress(vec![(oid, item, Delivery::Retry)], later, give_up).expect("retry");
+    assert_eq!(status(&alice, id).status, MessageStatus::Sending);
+    assert_eq!(alice.outbox().expect("outbox").len(), 1, "still waiting after a million tries");
+
+    let (oid, item) = alice.outbox().expect("outbox").remove(0);
+    let month = Timestamp(NOW.0 + 31 * DAY_MS);
+    alice.outbox_progress(vec![(oid, item, Delivery::Retry)], month, give_up).expect("give up");
+    assert_eq!(status(&alice, id).status, MessageStatus::Failed);
+    assert!(alice.outbox().expect("outbox").is_empty());
+    let reason = alice.failure(&channel, &id).expect("read").expect("a reason");
+    assert!(reason.contains("30 days"), "{reason}");
+    let failed = std::iter::from_fn(|| events.try_recv().ok())
+        .find_map(|e| match e {
+            Event::Failed { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .expect("a failed event");
+    assert_eq!(failed, reason);
+
+    let (refused, _) = send(&mut alice, &channel, &text("refused"));
+    let (oid, item) = alice.outbox().expect("outbox").remove(0);
+    let why = Delivery::Failed("the relay refused it (forbidden)".into());
+    alice.outbox_progress(vec![(oid, item, why)], NOW, give_up).expect("refused");
+    assert_eq!(status(&alice, refused).status, MessageStatus::Failed);
+    let reason = alice.failure(&channel, &refused).expect("read");
+    assert_eq!(reason.as_deref(), Some("the relay refused it (forbidden)"));
+    // A message that did not fail has no reason.
+    assert_eq!(
+        alice.failure(&channel, &MessageId { sender: alice.device(), seq: 999 }).expect("read"),
+        None
+    );
 }
