@@ -5,7 +5,9 @@
 //!   protocol frame by frame, so tests can also send what a correct client never would.
 //! - [`NodeProcess`] runs the real `chitchat` daemon and talks to its local API.
 //! - [`Device`] holds a device's keys and builds its identity records.
+//! - [`chaos`] runs relays and nodes under faults and checks delivery.
 
+pub mod chaos;
 mod client;
 mod device;
 mod node;

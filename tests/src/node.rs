@@ -106,6 +106,16 @@ impl NodeProcess {
         crate::process::wait_for_exit(&mut self.child, timeout, "node")
     }
 
+    /// Freezes the daemon (SIGSTOP): its sockets stay open, nothing answers.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        crate::process::signal(&self.child, "STOP")
+    }
+
+    /// Lets a paused daemon go on (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        crate::process::signal(&self.child, "CONT")
+    }
+
     /// The daemon's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

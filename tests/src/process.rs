@@ -15,10 +15,13 @@ pub(crate) fn binary(package: &str, bin: &str) -> PathBuf {
     if let Some((_, path)) = built.iter().find(|(b, _)| b == bin) {
         return path.clone();
     }
-    // The test executable is target/<profile>/deps/<name>; the binary is target/<profile>/,
-    // built with the same profile (release for benchmarks).
+    // The test executable is target/<profile>/deps/<name> (a binary of this crate, such as
+    // `chaos`, is target/<profile>/<name>); the binary is target/<profile>/, built with the
+    // same profile (release for benchmarks).
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let parent = exe.parent().expect("exe dir");
+    let profile_dir =
+        if parent.ends_with("deps") { parent.parent().expect("target dir") } else { parent };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = Command::new(cargo);
     build.args(["build", "--quiet", "-p", package, "--bin", bin]);
@@ -163,6 +166,21 @@ impl RelayProcess {
         }
     }
 
+    /// Freezes the process (SIGSTOP): its sockets stay open, nothing answers.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        signal(&self.child, "STOP")
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        signal(&self.child, "CONT")
+    }
+
+    /// Whether the process was started and not killed since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// The relay's directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -221,6 +239,16 @@ impl Drop for RelayProcess {
 }
 
 /// Waits until `child` exits by itself, at most `timeout`; then forgets it.
+/// Sends `signal` (`STOP`, `CONT`, ...) to the process, if it runs.
+pub(crate) fn signal(child: &Option<Child>, signal: &str) -> anyhow::Result<()> {
+    let Some(c) = child else { return Ok(()) };
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(c.id().to_string()).status()?;
+    if !status.success() {
+        bail!("kill -{signal} {} failed: {status}", c.id());
+    }
+    Ok(())
+}
+
 pub(crate) fn wait_for_exit(
     child: &mut Option<Child>,
     timeout: Duration,
