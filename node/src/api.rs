@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes as Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
@@ -112,6 +113,9 @@ impl From<EngineError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "already_registered", message)
             }
             EngineError::Left => Self::new(StatusCode::CONFLICT, "left", message),
+            EngineError::ChannelExists(_) => {
+                Self::new(StatusCode::CONFLICT, "channel_exists", message)
+            }
             EngineError::Invalid(_) => Self::bad(message),
         }
     }
@@ -150,7 +154,51 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route; see node/API.md") })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Turns every error answer that is not JSON yet (a method a route does not take, query
+/// parameters or a body axum refused before a handler ran) into the API's JSON error.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 16 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => String::new(),
+    };
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ("method_not_allowed", "this route does not take that method; see node/API.md".into())
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ("too_large", format!("the body is over {MAX_BODY} bytes"))
+        }
+        s if s.is_client_error() => ("bad_request", text),
+        _ => ("internal", text),
+    };
+    let mut answer = ApiError::new(status, code, message).into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        answer.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    answer
+}
+
+/// `limit` as the API takes it: at least 1; more than [`MAX_LIMIT`] is [`MAX_LIMIT`].
+fn limit(given: Option<usize>, default: usize) -> ApiResult<usize> {
+    match given {
+        Some(0) => Err(ApiError::bad(format!("limit must be 1 to {MAX_LIMIT}"))),
+        Some(n) => Ok(n.min(MAX_LIMIT)),
+        None => Ok(default),
+    }
 }
 
 /// Compares in time independent of where the strings differ.
@@ -297,30 +345,39 @@ async fn resolve_channel(s: &ApiState, reference: &str) -> ApiResult<ChannelId> 
     resolve_channel_mime(s, reference).await.map(|(id, _)| id)
 }
 
-/// Like [`resolve_channel`], with the channel's MIME type.
+/// Like [`resolve_channel`], with the channel's MIME type. A name matching several channels
+/// means the active one if only one is (the others were left); otherwise the answer lists their
+/// ids.
 async fn resolve_channel_mime(s: &ApiState, reference: &str) -> ApiResult<(ChannelId, String)> {
     let reference = reference.to_owned();
-    let found: Vec<(ChannelId, String)> = s
+    let found: Vec<(ChannelId, String, bool)> = s
         .node
         .with(move |e| {
-            let by_id: Vec<(ChannelId, String)> = e
+            let by_id: Vec<(ChannelId, String, bool)> = e
                 .channels()
                 .filter(|(id, _, _)| reference.len() >= 4 && id.to_string().starts_with(&reference))
-                .map(|(id, r, _)| (id, r.mime.clone()))
+                .map(|(id, r, _)| (id, r.mime.clone(), r.left))
                 .collect();
             if !by_id.is_empty() {
                 return by_id;
             }
             e.channels()
                 .filter(|(_, r, _)| r.name == reference)
-                .map(|(id, r, _)| (id, r.mime.clone()))
+                .map(|(id, r, _)| (id, r.mime.clone(), r.left))
                 .collect()
         })
         .await;
-    match found.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(ApiError::not_found("no such channel (give its name or id)")),
-        _ => Err(ApiError::bad("several channels match; give more of the id")),
+    let active: Vec<(ChannelId, String, bool)> = found.iter().filter(|c| !c.2).cloned().collect();
+    match (found.as_slice(), active.as_slice()) {
+        ([one], _) | (_, [one]) => Ok((one.0, one.1.clone())),
+        ([], _) => Err(ApiError::not_found("no such channel (give its name or id)")),
+        (several, _) => {
+            let ids: Vec<String> = several.iter().map(|c| c.0.to_string()).collect();
+            Err(ApiError::bad(format!(
+                "several channels match; give more of the id: {}",
+                ids.join(", ")
+            )))
+        }
     }
 }
 
@@ -627,7 +684,7 @@ async fn messages(
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<Value>> {
     let id = resolve_channel(&s, &channel).await?;
-    let (mime, stored, failures) = load_messages(&s, id, q.limit.unwrap_or(1000)).await?;
+    let (mime, stored, failures) = load_messages(&s, id, limit(q.limit, 1000)?).await?;
     let names = names(&s, &stored).await;
     let list = views(&stored, &mime, &failures, &names);
     Ok(Json(json!({ "channel": id.to_string(), "mime": mime, "messages": list })))
@@ -660,7 +717,7 @@ async fn history(
     }
     let names = names(&s, &stored).await;
     let mut h = chat_history(&stored, &failures, &names);
-    if let Some(limit) = q.limit {
+    if let Some(limit) = q.limit.map(|l| limit(Some(l), MAX_LIMIT)).transpose()? {
         let skip = h.messages.len().saturating_sub(limit);
         h.messages.drain(..skip);
     }
@@ -753,8 +810,15 @@ struct EventsQuery {
 async fn events(
     State(s): State<Arc<ApiState>>,
     Query(q): Query<EventsQuery>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    let ws = ws.map_err(|e| {
+        ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket_required",
+            format!("/v1/events is a WebSocket: connect with a WebSocket client ({e})"),
+        )
+    })?;
     let channel = match &q.channel {
         Some(c) => Some(resolve_channel(&s, c).await?.to_string()),
         None => None,

@@ -5,7 +5,7 @@
 //!   after it is durable).
 //! - The **outbox task** posts stored outgoing messages to the relay (`Post`), which puts each
 //!   into the inbox of every other member of its channel; with bounded back-off and a bounded
-//!   number of attempts. A message sent through the API is posted at once.
+//!   retry time (`[send] give_up_after_days`). A message sent through the API is posted at once.
 //! - **Membership changes** go through the ordering flow: stage, record the intent, submit,
 //!   merge only what the relay certified; a lost race is rebuilt on the new epoch.
 

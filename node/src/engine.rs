@@ -62,6 +62,9 @@ pub enum EngineError {
     /// A request that makes no sense.
     #[error("{0}")]
     Invalid(String),
+    /// This device is in a channel of that name already.
+    #[error("a channel named {0:?} exists; pick another name")]
+    ChannelExists(String),
 }
 
 /// What became of one delivery attempt of an outbox item.
@@ -573,6 +576,15 @@ impl Engine {
         now: Timestamp,
     ) -> Result<ChannelId, EngineError> {
         let account = self.account.as_ref().ok_or(EngineError::NotRegistered)?;
+        if name.chars().chain(mime.chars()).any(char::is_control) {
+            return Err(EngineError::Invalid(
+                "a channel's name and MIME type may not hold control characters".into(),
+            ));
+        }
+        // A name finds its channel: two active channels of one name would make it useless.
+        if self.channels().any(|(_, r, _)| r.name == name && !r.left) {
+            return Err(EngineError::ChannelExists(name.to_owned()));
+        }
         let id = ChannelId(rand::rng().random());
         let admins = if open {
             AdminPolicy::AnyMember

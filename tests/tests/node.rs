@@ -329,8 +329,7 @@ async fn garbage_to_the_local_api_gets_a_clear_4xx() {
     expect(api.raw("GET", "/v1/messages/abcd:x.y", None).await.expect("r"), 400, "sequence");
     expect(api.raw("GET", "/v1/nowhere", None).await.expect("r"), 404, "no such route");
     let huge = vec![b'a'; 2 * 1024 * 1024];
-    let (status, _) = post("/v1/channels", &huge).await.expect("r");
-    assert_eq!(status, 413, "a body over the limit is refused");
+    expect(post("/v1/channels", &huge).await.expect("r"), 413, "over 1048576 bytes");
     // Without the token, or with a wrong one: 401.
     let target = chitchat_node::config::ApiListen::parse(
         &chitchat_node::home::NodeDir::new(node.home()).load_run_info().expect("run").api,
@@ -341,6 +340,92 @@ async fn garbage_to_the_local_api_gets_a_clear_4xx() {
     // The daemon still works.
     let v = node.json("GET", "/v1/status", None).await.expect("status");
     assert!(v["device"].is_string());
+}
+
+/// Every error is JSON, with a code and a message, including those axum raises before a handler
+/// runs; limits are refused or clamped as API.md says; channel names stay usable; the status
+/// says whether the relay link is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_api_answers_every_error_in_json() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let nodes = users(&relay, &["alice"]).await;
+    let alice = &nodes[0];
+    let api = alice.api();
+    let expect = |(status, bytes): (u16, Vec<u8>), want: u16, code: &str, says: &str| {
+        let v: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
+        assert_eq!((status, v["error"].as_str()), (want, Some(code)), "{v}");
+        let message = v["message"].as_str().expect("a message");
+        assert!(message.contains(says), "{message:?} should say {says:?}");
+    };
+    let id = create(alice, "general").await;
+    let post = |path: &'static str, body: Value| {
+        api.raw("POST", path, Some(serde_json::to_vec(&body).expect("json")))
+    };
+    // A second channel of one name is refused: the name keeps finding the first.
+    expect(
+        post("/v1/channels", json!({"name": "general"})).await.expect("r"),
+        409,
+        "channel_exists",
+        "exists",
+    );
+    expect(
+        post("/v1/channels", json!({"name": "news\u{1b}[2J"})).await.expect("r"),
+        400,
+        "bad_request",
+        "control characters",
+    );
+    expect(
+        post("/v1/channels", json!({"name": "x", "mime": "text/plain\n"})).await.expect("r"),
+        400,
+        "bad_request",
+        "control characters",
+    );
+    let v = alice.json("GET", "/v1/channels/general", None).await.expect("by name");
+    assert_eq!(v["id"], id.as_str());
+    // Query parameters.
+    let get = async |path: String| api.raw("GET", &path, None).await;
+    let messages = format!("/v1/channels/{id}/messages");
+    expect(get(format!("{messages}?limit=abc")).await.expect("r"), 400, "bad_request", "limit");
+    expect(get(format!("{messages}?limit=-1")).await.expect("r"), 400, "bad_request", "limit");
+    expect(
+        get(format!("{messages}?limit=99999999999999999999999")).await.expect("r"),
+        400,
+        "bad_request",
+        "limit",
+    );
+    expect(get(format!("{messages}?limit=0")).await.expect("r"), 400, "bad_request", "1 to");
+    expect(get(format!("{messages}?colour=red")).await.expect("r"), 400, "bad_request", "colour");
+    let history = format!("/v1/channels/{id}/history?limit=0");
+    expect(get(history).await.expect("r"), 400, "bad_request", "1 to");
+    let (status, _) = get(format!("{messages}?limit=18446744073709551615")).await.expect("r");
+    assert_eq!(status, 200, "a huge limit is clamped");
+    // Methods a route does not take.
+    expect(
+        api.raw("DELETE", "/v1/channels", None).await.expect("r"),
+        405,
+        "method_not_allowed",
+        "method",
+    );
+    expect(
+        api.raw("POST", "/v1/status", Some(b"{}".to_vec())).await.expect("r"),
+        405,
+        "method_not_allowed",
+        "method",
+    );
+    // The event stream is a WebSocket.
+    expect(get("/v1/events".into()).await.expect("r"), 426, "websocket_required", "WebSocket");
+    // The relay link is up, and says since when.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = alice.json("GET", "/v1/status", None).await.expect("status");
+        if v["relay_link"]["connected"] == true {
+            assert!(v["relay_link"]["since_ms"].as_u64().is_some_and(|t| t > 0), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the link never came up: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The scripted demo of the README runs as documented.

@@ -133,6 +133,10 @@ impl ChannelConfig {
         if self.mime.is_empty() || self.mime.len() > 255 || self.name.len() > 255 {
             return Err(ChannelError::BadConfig("mime type or name length"));
         }
+        // Names and types reach terminals and UIs: no control characters (escape sequences).
+        if self.name.chars().chain(self.mime.chars()).any(char::is_control) {
+            return Err(ChannelError::BadConfig("control characters in the name or MIME type"));
+        }
         if self.relays.len() > 16 {
             return Err(ChannelError::BadConfig("more than 16 relays"));
         }

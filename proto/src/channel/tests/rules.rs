@@ -287,6 +287,14 @@ fn an_admin_changes_only_the_name_and_the_admins() {
             |e| matches!(e, ChannelError::ForbiddenConfig(m) if m.contains(why)),
         );
     }
+    // A name with an escape sequence, which would reach every member's terminal.
+    let config = forbidden(|c| c.name = "\u{1b}[2Jnews".into());
+    let forged =
+        w.forge(ALICE, &Forge { config: Some(config), ..Default::default() }).expect("forge");
+    all_refuse(
+        w.judge(ALICE, &forged),
+        |e| matches!(e, ChannelError::BadConfig(m) if m.contains("control")),
+    );
     // Dropping the required capability would let members without the config join (openmls
     // refuses to build such a commit; if it did build one, the rule would refuse it).
     let forge = Forge { config: Some(base.clone()), drop_required: true, ..Default::default() };
