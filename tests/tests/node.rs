@@ -254,6 +254,60 @@ async fn a_node_killed_during_a_send_delivers_exactly_once() {
     assert_eq!(counter(&after), counter(&before) + 1, "{before} then {after}");
 }
 
+/// The node never throws away a commit the relay may have ordered. The relay orders Alice's
+/// invitation of Carol and dies before it answers (or fans out); Alice is killed while she
+/// retries. Both come back: the relay fans the commit out as it re-applies its log, Alice's node
+/// resubmits the staged commit at start, gets the certificate of the winner (its own) and merges
+/// it; all three agree on the epoch and the members, and talk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_the_relay_ordered_without_answering_is_merged_after_restarts() {
+    const FAULT: &str = chitchat_relay::fanout::FAULT_ENV;
+    let mut relay = RelayProcess::start_fixed(|c| c.to_owned()).expect("relay");
+    let mut nodes = users(&relay, &["alice", "bob", "carol"]).await;
+    let id = create(&nodes[0], "general").await;
+    let invite = |address: &'static str| {
+        let api = nodes[0].api().clone();
+        let path = format!("/v1/channels/{id}/invite");
+        async move { api.json("POST", &path, Some(json!({"address": address}))).await }
+    };
+    invite("bob@localhost").await.expect("invite bob");
+    relay.set_env(FAULT, Some("exit-before-fanout"));
+    relay.kill9();
+    relay.restart().expect("relay armed");
+    // Alice's node reconnects by itself; her invitation is ordered, and the relay dies.
+    let pending = tokio::spawn(invite("carol@localhost"));
+    relay.wait_exit(WAIT).expect("the relay died between ordering and fan-out");
+    nodes[0].kill9();
+    let answer = pending.await.expect("task");
+    assert!(answer.is_err(), "Alice never heard the relay's answer: {answer:?}");
+    relay.set_env(FAULT, None);
+    relay.restart().expect("relay back");
+    nodes[0].restart().expect("alice back");
+
+    let everyone = ["alice@localhost", "bob@localhost", "carol@localhost"];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut views = Vec::new();
+        for node in &nodes {
+            let v = node.json("GET", &format!("/v1/channels/{id}/members"), None).await;
+            views.push(v.map(|v| (v["epoch"].clone(), v["members"].as_array().map(Vec::len))).ok());
+        }
+        let agreed = views.iter().all(|v| *v == views[0]) && views[0].is_some();
+        if agreed && members(&nodes[2], &id).await == everyone {
+            assert_eq!(views[0], Some((json!(2), Some(3))), "{views:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no agreement: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(members(&nodes[0], &id).await, everyone);
+    send(&nodes[2], &id, "carol is in").await;
+    for node in &nodes[..2] {
+        node.wait_texts(&id, WAIT, |t| t == ["carol is in"]).await.expect("carol heard");
+    }
+    nodes.truncate(3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_offline_for_1000_messages_catches_up() {
     let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
