@@ -401,7 +401,7 @@ async fn garbage_to_the_local_api_gets_a_clear_4xx() {
 /// says whether the relay link is up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_api_answers_every_error_in_json() {
-    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let mut relay = RelayProcess::start_fixed(|c| c.to_owned()).expect("relay");
     let nodes = users(&relay, &["alice"]).await;
     let alice = &nodes[0];
     let api = alice.api();
@@ -469,17 +469,25 @@ async fn the_local_api_answers_every_error_in_json() {
     );
     // The event stream is a WebSocket.
     expect(get("/v1/events".into()).await.expect("r"), 426, "websocket_required", "WebSocket");
-    // The relay link is up, and says since when.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = alice.json("GET", "/v1/status", None).await.expect("status");
-        if v["relay_link"]["connected"] == true {
-            assert!(v["relay_link"]["since_ms"].as_u64().is_some_and(|t| t > 0), "{v}");
-            break;
+    // The relay link is up, and says since when; it goes down with the relay and comes back
+    // by itself.
+    let link = async |connected: bool| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = alice.json("GET", "/v1/status", None).await.expect("status");
+            if v["relay_link"]["connected"] == connected {
+                return v["relay_link"]["since_ms"].as_u64().expect("since_ms");
+            }
+            assert!(Instant::now() < deadline, "the link never became {connected}: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(Instant::now() < deadline, "the link never came up: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    let up = link(true).await;
+    relay.kill9();
+    let down = link(false).await;
+    assert!(down >= up, "down since {down}, up since {up}");
+    relay.restart().expect("relay back");
+    assert!(link(true).await >= down);
 }
 
 /// The scripted demo of the README runs as documented.

@@ -173,6 +173,17 @@ async fn member(relay: &RelayProcess, n: u8, name: &str) -> Member {
     Member { device, client, mls, provider: OpenMlsRustCrypto::default(), channel: None }
 }
 
+/// A chat channel named `general`, ordered by `relay`, where every member may add and remove.
+fn open_channel(relay: chitchat_proto::RelayId, creator: DeviceId) -> ChannelConfig {
+    ChannelConfig {
+        mime: chitchat_proto::chat::MIME.into(),
+        name: "general".into(),
+        relays: vec![relay],
+        admins: AdminPolicy::AnyMember,
+        creator,
+    }
+}
+
 async fn lookup(c: &Client, name: &str) -> Dir {
     let Response::Dirs(mut dirs) =
         c.call(&Request::Lookup { local_name: name.into() }).await.expect("lookup")
@@ -203,13 +214,7 @@ async fn one_winner_per_epoch_through_the_relay() {
         bob.client.call(&upload).await.expect("upload"),
         Response::KeyPackagesStored { available: 1 }
     ));
-    let config = ChannelConfig {
-        mime: chitchat_proto::chat::MIME.into(),
-        name: "general".into(),
-        relays: vec![relay_id],
-        admins: AdminPolicy::AnyMember,
-        creator: alice.device.id(),
-    };
+    let config = open_channel(relay_id, alice.device.id());
     let id = ChannelId([7; 32]);
     alice.channel = Some(Channel::create(&alice.provider, &alice.mls, id, config).expect("create"));
     // The relay orders only channels it follows; only a member opens one.
@@ -812,13 +817,7 @@ async fn a_relay_killed_between_ordering_and_fan_out_delivers_after_restart() {
     let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
     let (mut alice, mut bob, mut carol, dirs) = trio(&relay).await;
     let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
-    let config = ChannelConfig {
-        mime: chitchat_proto::chat::MIME.into(),
-        name: "general".into(),
-        relays: vec![relay_id],
-        admins: AdminPolicy::AnyMember,
-        creator: alice.device.id(),
-    };
+    let config = open_channel(relay_id, alice.device.id());
     let id = ChannelId([12; 32]);
     alice.channel = Some(Channel::create(&alice.provider, &alice.mls, id, config).expect("create"));
     let opened = alice
@@ -948,13 +947,7 @@ async fn a_relay_at_its_state_budget_restarts_from_its_snapshot() {
     let dirs = BTreeMap::from([(alice.device.id(), lookup(&alice.client, "alice").await)]);
     let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
     let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
-    let config = ChannelConfig {
-        mime: chitchat_proto::chat::MIME.into(),
-        name: "general".into(),
-        relays: vec![relay_id],
-        admins: AdminPolicy::AnyMember,
-        creator: alice.device.id(),
-    };
+    let config = open_channel(relay_id, alice.device.id());
     let mut opened = Vec::new();
     let refusal = loop {
         let id = ChannelId([opened.len() as u8 + 1; 32]);
