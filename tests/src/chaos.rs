@@ -3,8 +3,10 @@
 //! promised.
 //!
 //! Faults, one at a time, at seeded random times: `kill -9` and restart of the relay or of a
-//! node (down for a random while), and SIGSTOP then SIGCONT of the relay or of a node. Network
-//! partitions need network namespaces, hence root; without root they are skipped, and the
+//! node (down for a random while), SIGSTOP then SIGCONT of the relay or of a node, and network
+//! partitions: the relay runs in its own network namespace ([`Netns`]), and a partition cuts it
+//! off from every node, silently (packets dropped, nothing refused), for a random while.
+//! Partitions need root; without it the relay runs on loopback, they are skipped, and the
 //! report says so.
 //!
 //! After the last fault, the senders stop and every process runs again; the run waits (bounded)
@@ -32,7 +34,7 @@ use rand_core::SeedableRng as _;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::{NodeProcess, RelayProcess};
+use crate::{Netns, NodeProcess, RelayProcess};
 
 const NAMES: [&str; 8] = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"];
 /// How long one send may take before its outcome counts as unknown.
@@ -83,6 +85,8 @@ enum Fault {
     KillNode,
     /// SIGSTOP of a node, SIGCONT after the outage.
     FreezeNode,
+    /// The relay's network cut off from every node, joined again after the outage.
+    Partition,
 }
 
 impl fmt::Display for Fault {
@@ -92,6 +96,7 @@ impl fmt::Display for Fault {
             Self::FreezeRelay => "SIGSTOP relay",
             Self::KillNode => "kill -9 node",
             Self::FreezeNode => "SIGSTOP node",
+            Self::Partition => "partition relay",
         })
     }
 }
@@ -107,7 +112,7 @@ pub struct Report {
     pub duration: Duration,
     /// Faults injected, by kind.
     pub faults: BTreeMap<String, u32>,
-    /// Why partitions were not injected (if they were not).
+    /// How partitions were injected, or why they were not.
     pub partitions: String,
     /// Sends answered `sending`.
     pub accepted: usize,
@@ -175,7 +180,21 @@ struct Sends {
 pub async fn run(config: ChaosConfig) -> anyhow::Result<Report> {
     anyhow::ensure!((2..=NAMES.len()).contains(&config.nodes), "2 to 8 nodes");
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let mut relay = RelayProcess::start_fixed(|c| c.to_owned())?;
+    // Declared before the relay, so that the relay dies before its namespace goes.
+    let (netns, partitions) = match Netns::create() {
+        Ok(ns) => {
+            let how = format!(
+                "injected (the relay in network namespace {}, cut off by its veth going down)",
+                ns.name()
+            );
+            (Some(ns), how)
+        }
+        Err(why) => (None, format!("not injected: {why} (network namespaces need root)")),
+    };
+    let mut relay = match &netns {
+        Some(ns) => RelayProcess::start_in(ns, |c| c.to_owned())?,
+        None => RelayProcess::start_fixed(|c| c.to_owned())?,
+    };
     let mut nodes = Vec::new();
     for name in &NAMES[..config.nodes] {
         let node = NodeProcess::start(&[])?;
@@ -201,17 +220,19 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<Report> {
         seed: config.seed,
         nodes: config.nodes,
         duration: config.duration,
-        partitions: partitions_skipped(),
+        partitions,
         ..Report::default()
     };
     let deadline = Instant::now() + config.duration;
     while Instant::now() < deadline {
         tokio::time::sleep(between(&mut rng, config.fault_gap)).await;
-        let fault = match rng.random_range(0..4) {
+        let kinds = if netns.is_some() { 5 } else { 4 };
+        let fault = match rng.random_range(0..kinds) {
             0 => Fault::KillRelay,
             1 => Fault::FreezeRelay,
             2 => Fault::KillNode,
-            _ => Fault::FreezeNode,
+            3 => Fault::FreezeNode,
+            _ => Fault::Partition,
         };
         let target = rng.random_range(0..nodes.len());
         let outage = between(&mut rng, config.outage);
@@ -238,6 +259,12 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<Report> {
                 nodes[target].pause()?;
                 tokio::time::sleep(outage).await;
                 nodes[target].resume()?;
+            }
+            Fault::Partition => {
+                let ns = netns.as_ref().context("partitions need the namespace")?;
+                ns.partition()?;
+                tokio::time::sleep(outage).await;
+                ns.heal()?;
             }
         }
     }
@@ -448,10 +475,4 @@ async fn agreement(nodes: &[NodeProcess], channel: &str) -> Vec<String> {
 fn between(rng: &mut ChaCha8Rng, (lo, hi): (Duration, Duration)) -> Duration {
     let (lo, hi) = (lo.as_millis() as u64, hi.as_millis().max(lo.as_millis() + 1) as u64);
     Duration::from_millis(rng.random_range(lo..hi))
-}
-
-/// Network partitions need network namespaces (root); this harness does not inject them yet.
-fn partitions_skipped() -> String {
-    "not injected (needs network namespaces and root; this harness freezes and kills instead)"
-        .into()
 }

@@ -10,11 +10,13 @@
 pub mod chaos;
 mod client;
 mod device;
+mod netns;
 mod node;
 mod process;
 
 pub use client::Client;
 pub use device::Device;
+pub use netns::Netns;
 pub use node::NodeProcess;
 pub use process::{RelayProcess, binaries_dir};
 

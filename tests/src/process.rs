@@ -58,6 +58,8 @@ pub struct RelayProcess {
     dir: tempfile::TempDir,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// A command the relay runs under (`ip netns exec NS`), if any.
+    wrapper: Vec<String>,
     /// Where it listens (refreshed on every start).
     pub info: RunInfo,
 }
@@ -66,6 +68,16 @@ impl RelayProcess {
     /// Initialises a relay for `localhost` and starts it on loopback with ephemeral ports,
     /// after `configure` edited its config file. `env` are extra environment variables.
     pub fn start(
+        configure: impl FnOnce(&str) -> String,
+        env_extra: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut relay = Self::prepare(configure, env_extra)?;
+        relay.restart()?;
+        Ok(relay)
+    }
+
+    /// Initialises the relay's directory, without starting it.
+    fn prepare(
         configure: impl FnOnce(&str) -> String,
         env_extra: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
@@ -90,13 +102,13 @@ impl RelayProcess {
             ("CHITCHAT_RELAY_HTTP".into(), "127.0.0.1:0".into()),
         ];
         env.extend(env_extra.iter().map(|(k, v)| ((*k).into(), (*v).into())));
-        let mut relay = Self {
+        let relay = Self {
             dir,
             child: None,
             env,
+            wrapper: Vec::new(),
             info: RunInfo { peer_id: String::new(), addrs: vec![], http: String::new(), pid: 0 },
         };
-        relay.restart()?;
         Ok(relay)
     }
 
@@ -113,11 +125,36 @@ impl RelayProcess {
         )
     }
 
+    /// Like [`RelayProcess::start_fixed`], inside a network namespace: it listens on the
+    /// namespace's address, which [`Netns::partition`](crate::Netns::partition) can cut off.
+    pub fn start_in(
+        netns: &crate::Netns,
+        configure: impl FnOnce(&str) -> String,
+    ) -> anyhow::Result<Self> {
+        let ip = netns.inner_ip();
+        let (tcp, http) = (free_port()?, free_port()?);
+        let listen = format!("/ip4/{ip}/tcp/{tcp}");
+        let http = format!("{ip}:{http}");
+        let env = [("CHITCHAT_RELAY_LISTEN", listen.as_str()), ("CHITCHAT_RELAY_HTTP", &http)];
+        let mut relay = Self::prepare(configure, &env)?;
+        relay.wrapper = netns.wrapper();
+        relay.restart()?;
+        Ok(relay)
+    }
+
     /// Starts (again) the relay process on the same directory and waits until it listens.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         let dir = RelayDir::new(self.dir.path());
         let _ = std::fs::remove_file(dir.run_info());
-        let child = Command::new(relay_binary())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(relay_binary());
+                c
+            }
+            None => Command::new(relay_binary()),
+        };
+        let child = command
             .arg("--dir")
             .arg(self.dir.path())
             .arg("run")
