@@ -483,11 +483,31 @@ async fn the_local_api_answers_every_error_in_json() {
         }
     };
     let up = link(true).await;
+    // A stream of one channel's events gets the link's too.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let events = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            api.events(Some("general"), |e| {
+                if e["type"] == "relay" {
+                    let _ = tx.send(e["connected"].as_bool());
+                }
+                true
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     relay.kill9();
     let down = link(false).await;
     assert!(down >= up, "down since {down}, up since {up}");
+    let event = tokio::time::timeout(WAIT, rx.recv()).await.expect("an event in time");
+    assert_eq!(event, Some(Some(false)), "the stream says the link went down");
     relay.restart().expect("relay back");
     assert!(link(true).await >= down);
+    let event = tokio::time::timeout(WAIT, rx.recv()).await.expect("an event in time");
+    assert_eq!(event, Some(Some(true)), "the stream says the link came back");
+    events.abort();
 }
 
 /// The scripted demo of the README runs as documented.
