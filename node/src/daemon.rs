@@ -828,7 +828,9 @@ impl Node {
     }
 
     /// Submits a staged commit until the relay decides. Network failures resubmit the same
-    /// commit (the relay answers a resubmitted winner again); after 20 it is `Undecided`.
+    /// commit (the relay answers a resubmitted winner again), with back-off capped at 3 s;
+    /// after [`SUBMIT_PATIENCE`] it is `Undecided` (the caller hears so in a minute, not after an
+    /// outage; the commit stays staged and [`Node::resume_intents`] goes on).
     async fn submit(
         &self,
         channel: ChannelId,
@@ -842,8 +844,9 @@ impl Node {
             welcome: staged.welcome.clone(),
             fanout: staged.fanout.clone(),
         });
-        let mut backoff = Backoff::default();
-        for _ in 0..20 {
+        let mut backoff = Backoff::capped(INBOX_MAX_BACKOFF_MS);
+        let deadline = tokio::time::Instant::now() + SUBMIT_PATIENCE;
+        while tokio::time::Instant::now() < deadline {
             match link.call(&request).await {
                 Ok(Response::CommitAccepted { cert }) => {
                     self.with(move |e| e.accept(&channel, &cert)).await?;
@@ -924,6 +927,9 @@ impl Node {
         }
     }
 }
+
+/// How long one submission round resubmits a commit the relay does not answer.
+const SUBMIT_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Seconds between passes over the intents left staged.
 const RESUME_INTENTS_SECS: u64 = 30;
