@@ -1032,12 +1032,40 @@ async fn fetch_well_known(url: &str) -> Result<RelayInfo, NodeError> {
         .ok_or_else(|| NodeError::Invalid(format!("relay key {:?} is not hex", fetched.key)))?;
     chitchat_proto::identity::check_host(&fetched.host)
         .map_err(|e| NodeError::Invalid(format!("relay host {:?}: {e}", fetched.host)))?;
+    check_peer_id(&key, &fetched.peer_id)?;
+    if fetched.addrs.is_empty()
+        || fetched.addrs.len() > MAX_RELAY_ADDRS
+        || fetched.addrs.iter().any(|a| a.parse::<libp2p::Multiaddr>().is_err())
+    {
+        return Err(NodeError::Invalid(format!(
+            "relay addresses {:?}: expected 1 to {MAX_RELAY_ADDRS} multiaddrs",
+            fetched.addrs
+        )));
+    }
     Ok(RelayInfo {
         url: base,
         id: RelayId { host: fetched.host, key },
         peer_id: fetched.peer_id,
         addrs: fetched.addrs,
     })
+}
+
+/// Addresses a relay's `.well-known` may list.
+const MAX_RELAY_ADDRS: usize = 32;
+
+/// The relay's libp2p identity must be its key: the connection (Noise) then authenticates the
+/// same key that signs sponsorships and certificates. A `.well-known` naming another peer is
+/// refused.
+fn check_peer_id(key: &PublicKey, peer_id: &str) -> Result<(), NodeError> {
+    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&key.0)
+        .map_err(|e| NodeError::Invalid(format!("relay key: {e}")))?;
+    let expected = libp2p::identity::PublicKey::from(ed).to_peer_id();
+    if peer_id.parse::<libp2p::PeerId>().ok() != Some(expected) {
+        return Err(NodeError::Invalid(format!(
+            "the relay's peer id {peer_id:?} is not its key's ({expected}): refusing it"
+        )));
+    }
+    Ok(())
 }
 
 /// Exponential back-off from 100 ms to a cap ([`MAX_BACKOFF_MS`] unless set), jittered.

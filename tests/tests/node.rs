@@ -510,6 +510,47 @@ async fn the_local_api_answers_every_error_in_json() {
     events.abort();
 }
 
+/// A `.well-known` whose peer id is not the relay's key (a proxy or an impostor answering
+/// for it) is refused at registration: the node would otherwise trust sponsorships signed by
+/// one key while talking to another peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_well_known_naming_another_peer_is_refused() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let mut wk: Value =
+        serde_json::from_str(&relay.http_get("/.well-known/chitchat/relay").expect("wk"))
+            .expect("json");
+    let impostor = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
+    wk["peer_id"] = json!(impostor.to_string());
+    let body = wk.to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    let node = NodeProcess::start(&[]).expect("node");
+    let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
+    let register = json!({"relay": url, "token": token, "name": "alice"});
+    let (status, bytes) = node
+        .api()
+        .raw("POST", "/v1/register", Some(serde_json::to_vec(&register).expect("json")))
+        .await
+        .expect("request");
+    let v: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(status, 400, "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("peer id")), "{v}");
+    let status = node.json("GET", "/v1/status", None).await.expect("status");
+    assert!(status["account"].is_null(), "not registered: {status}");
+}
+
 /// The scripted demo of the README runs as documented.
 #[test]
 fn the_two_user_demo_script_runs() {
