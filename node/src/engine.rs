@@ -256,6 +256,8 @@ pub struct Dropped {
     pub buffer_full: u64,
     /// Messages of an epoch too far ahead to be buffered.
     pub too_far_ahead: u64,
+    /// Messages of an epoch whose keys are gone (more than 4 epochs before the channel's).
+    pub too_old: u64,
     /// Messages that failed to open, decrypt or validate.
     pub invalid: u64,
 }
@@ -1047,6 +1049,11 @@ impl Engine {
             Err(e @ ChannelError::TooFarAhead { .. }) => {
                 tracing::warn!(channel = %id, error = %e, "dropping a message of a far epoch");
                 self.dropped.too_far_ahead += 1;
+                return Step::Dropped;
+            }
+            Err(e @ ChannelError::TooOld { .. }) => {
+                tracing::warn!(channel = %id, error = %e, "dropping a message of an old epoch");
+                self.dropped.too_old += 1;
                 return Step::Dropped;
             }
             Err(ChannelError::BufferFull) => {

@@ -64,6 +64,9 @@ pub struct Report {
     /// Messages that reached a device after it processed its own removal, so it could not read
     /// them (sent in an epoch it was still a member of).
     pub lost_to_removal: u64,
+    /// Messages that reached a device more than `MAX_PAST_EPOCHS` epochs after theirs (many
+    /// concurrent commits while they were in flight), whose keys are gone: never readable.
+    pub lost_too_old: u64,
     /// Replays detected and not shown.
     pub duplicates: u64,
     /// Messages held for a future epoch and released later.
@@ -479,7 +482,21 @@ impl World {
             }
             return Ok(());
         }
-        for e in channel.process(&d.provider, now, msg, &check)? {
+        let id = match &msg {
+            ChannelMessage::Application { message } => self.sent_ids.get(message).copied(),
+            ChannelMessage::Commit { .. } => None,
+        };
+        let events = match channel.process(&d.provider, now, msg, &check) {
+            Err(ChannelError::TooOld { .. }) => {
+                let id = id.context("unknown message")?;
+                if !d.shown.contains_key(&id) && d.lost.insert(id) {
+                    self.report.lost_too_old += 1;
+                }
+                return Ok(());
+            }
+            other => other?,
+        };
+        for e in events {
             match e {
                 ChannelEvent::Message { id, .. } => {
                     *d.shown.entry(id).or_default() += 1;

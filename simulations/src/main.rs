@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         cli.members, cli.spares, cli.rounds, cli.committers, cli.messages, cli.replay_pct
     );
     println!(
-        "{:>6} {:>6} {:>9} {:>8} {:>9} {:>10} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7} {:>10} {:>8} {:>4} {:>4} {:>7}",
+        "{:>6} {:>6} {:>9} {:>8} {:>9} {:>10} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7} {:>8} {:>10} {:>8} {:>4} {:>4} {:>7}",
         "seed",
         "epoch",
         "submitted",
@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         "shown",
         "expected",
         "lost-rm",
+        "lost-old",
         "duplicates",
         "buffered",
         "adds",
@@ -72,7 +73,7 @@ fn main() -> anyhow::Result<()> {
         };
         let r = channel::run(&p)?;
         println!(
-            "{:>6} {:>6} {:>9} {:>8} {:>9} {:>10} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7} {:>10} {:>8} {:>4} {:>4} {:>7.2}",
+            "{:>6} {:>6} {:>9} {:>8} {:>9} {:>10} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7} {:>8} {:>10} {:>8} {:>4} {:>4} {:>7.2}",
             seed,
             r.final_epoch,
             r.submitted,
@@ -85,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             r.shown,
             r.expected_shown,
             r.lost_to_removal,
+            r.lost_too_old,
             r.duplicates,
             r.buffered,
             r.adds,
@@ -92,10 +94,11 @@ fn main() -> anyhow::Result<()> {
             r.seconds
         );
         ensure!(
-            r.shown + r.lost_to_removal == r.expected_shown,
-            "seed {seed}: {} shown + {} lost to removal, {} expected",
+            r.shown + r.lost_to_removal + r.lost_too_old == r.expected_shown,
+            "seed {seed}: {} shown + {} lost to removal + {} too old, {} expected",
             r.shown,
             r.lost_to_removal,
+            r.lost_too_old,
             r.expected_shown
         );
         ensure!(r.failed == 0, "seed {seed}: {} changes failed", r.failed);

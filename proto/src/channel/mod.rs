@@ -315,6 +315,17 @@ pub enum ChannelError {
         /// The channel's epoch.
         current: u64,
     },
+    /// A message of an epoch whose keys are gone: more than [`MAX_PAST_EPOCHS`] before the
+    /// channel's. It can never be read here.
+    #[error(
+        "message of epoch {epoch} is older than the {MAX_PAST_EPOCHS} epochs kept before {current}"
+    )]
+    TooOld {
+        /// The message's epoch.
+        epoch: u64,
+        /// The channel's epoch.
+        current: u64,
+    },
     /// The future-epoch buffer is full; the message was dropped.
     #[error("buffer full")]
     BufferFull,
@@ -860,6 +871,9 @@ impl Channel {
         }
         if epoch > self.epoch().saturating_add(MAX_EPOCHS_AHEAD) {
             return Err(ChannelError::TooFarAhead { epoch, current: self.epoch() });
+        }
+        if !is_commit && epoch.saturating_add(MAX_PAST_EPOCHS as u64) < self.epoch() {
+            return Err(ChannelError::TooOld { epoch, current: self.epoch() });
         }
         if epoch > self.epoch() {
             let sender = claimed_sender(&protocol);

@@ -929,3 +929,34 @@ fn the_orderer_keeps_within_its_state_budget() {
     let over = w.relay.orderer.state_bytes().saturating_sub(cost);
     assert!(over <= staged.commit.len() as u64, "{over} over, commit {}", staged.commit.len());
 }
+
+/// A message that arrives after more than [`MAX_PAST_EPOCHS`] commits past its own epoch can
+/// never be read (its epoch's keys are gone): a typed `TooOld`, not an MLS error, so that the
+/// node drops and counts it. One within the window is read.
+#[test]
+fn a_message_older_than_the_kept_epochs_is_too_old() {
+    let mut w = World::started(&[BOB]);
+    w.send(ALICE, "kept");
+    let kept = w.devices[BOB].inbox.pop_back().expect("queued");
+    w.send(ALICE, "too old");
+    let old = w.devices[BOB].inbox.pop_back().expect("queued");
+    let start = w.epochs(&[ALICE])[0];
+    for _ in 0..=MAX_PAST_EPOCHS {
+        let staged = w.stage(ALICE, &Change { update: true, ..Default::default() }).expect("stage");
+        w.submit(ALICE, &staged).expect("accepted");
+        let commits: Vec<ChannelMessage> = w.devices[BOB].inbox.drain(..).collect();
+        for c in commits {
+            w.process(BOB, c).expect("commit");
+        }
+        if w.epochs(&[BOB])[0] == start + MAX_PAST_EPOCHS as u64 {
+            // Exactly MAX_PAST_EPOCHS later: still readable.
+            let events = w.process(BOB, kept.clone()).expect("read");
+            assert!(matches!(&events[..], [ChannelEvent::Message { .. }]), "{events:?}");
+        }
+    }
+    let err = w.process(BOB, old).expect_err("too old");
+    assert_eq!(
+        err,
+        ChannelError::TooOld { epoch: start, current: start + MAX_PAST_EPOCHS as u64 + 1 }
+    );
+}
