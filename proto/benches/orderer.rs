@@ -18,6 +18,14 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 
 type Snapshot = (OrderingState, Vec<(ChannelId, StoragePairs)>);
 
+/// This process's resident memory, in bytes (Linux; 0 elsewhere).
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
+}
+
 fn states(n: u32) -> Vec<(ChannelId, PublicState)> {
     let relay =
         RelayId { host: "relay.test".into(), key: SecretKey::from_seed([200; 32]).public() };
@@ -44,11 +52,12 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes: &[u32] = if quick { &[1_000] } else { &[1_000, 10_000] };
     println!(
-        "| channels | state bytes | per channel | open µs/ch | snapshot MB | encode ms | decode \
-         only ms | restore ms | restore µs/ch |"
+        "| channels | state bytes | per channel | RSS per channel | open µs/ch | snapshot MB | \
+         encode ms | decode only ms | restore ms | restore µs/ch |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in sizes {
+        let before = rss();
         let states = states(n);
         let mut orderer = Orderer::new(OrderingLimits::default());
         let t = Instant::now();
@@ -57,6 +66,9 @@ fn main() {
             assert!(matches!(verdict, Verdict::Ordering(_)), "{verdict:?}");
         }
         let open = t.elapsed();
+        // The states were moved into the orderer; what the process grew by is the orderer's
+        // (an upper bound: the allocator keeps some freed memory).
+        let resident = rss().saturating_sub(before) / u64::from(n);
         let bytes = orderer.state_bytes();
         let t = Instant::now();
         let snapshot = encode(&orderer.export());
@@ -71,7 +83,7 @@ fn main() {
         let restore = t.elapsed();
         assert_eq!(restored.state_bytes(), bytes);
         println!(
-            "| {n} | {bytes} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} |",
+            "| {n} | {bytes} | {} | {resident} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} |",
             bytes / u64::from(n),
             open.as_secs_f64() * 1e6 / f64::from(n),
             snapshot.len() as f64 / 1e6,

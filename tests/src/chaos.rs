@@ -249,8 +249,9 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<Report> {
                 relay.resume()?;
             }
             Fault::KillNode => {
-                apis[target].send_replace(None);
+                // Killed under its sender's feet: a send in flight has no answer (uncertain).
                 nodes[target].kill9();
+                apis[target].send_replace(None);
                 tokio::time::sleep(outage).await;
                 tokio::task::block_in_place(|| nodes[target].restart()).context("node restart")?;
                 apis[target].send_replace(Some(nodes[target].api().clone()));

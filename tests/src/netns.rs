@@ -66,6 +66,15 @@ impl Netns {
         inside(&["addr", "add", &format!("{}/30", self.inner_ip), "dev", &self.inner_if])?;
         inside(&["link", "set", &self.inner_if, "up"])?;
         inside(&["link", "set", "lo", "up"])?;
+        // Some containers make namespaces but cannot enter them to run a program (no /sys to
+        // mount): find out now, not when the relay fails to start.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "true"])
+            .output()
+            .context("ip netns exec")?;
+        if !out.status.success() {
+            bail!("ip netns exec: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
         Ok(())
     }
 
