@@ -67,6 +67,9 @@ pub enum EngineError {
     ChannelExists(String),
 }
 
+/// Delivery attempts of a message that is not stored (a typing notice) before it is dropped.
+pub const EPHEMERAL_ATTEMPTS: u32 = 3;
+
 /// What became of one delivery attempt of an outbox item.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
@@ -800,14 +803,23 @@ impl Engine {
         let mut events = Vec::new();
         for (outbox_id, mut item, mut delivery) in progress {
             let (channel, id) = (item.channel.to_string(), id_string(&item.id));
-            if delivery == Delivery::Retry
-                && let Some(stored) = self.store.message(&item.channel, &item.id)?
-                && now.0.saturating_sub(stored.at.0) > give_up_after_ms
-            {
-                let days = give_up_after_ms / (24 * 3600 * 1000);
-                let reason = format!("not delivered within {days} days");
-                tracing::warn!(message = %id, "{reason}; given up");
-                delivery = Delivery::Failed(reason);
+            if delivery == Delivery::Retry {
+                match self.store.message(&item.channel, &item.id)? {
+                    Some(stored) if now.0.saturating_sub(stored.at.0) > give_up_after_ms => {
+                        let days = give_up_after_ms / (24 * 3600 * 1000);
+                        let reason = format!("not delivered within {days} days");
+                        tracing::warn!(message = %id, "{reason}; given up");
+                        delivery = Delivery::Failed(reason);
+                    }
+                    Some(_) => {}
+                    // Not stored (a typing notice): stale soon, so a few tries only, and no
+                    // one is told (there is nothing to show as failed).
+                    None if item.attempts.saturating_add(1) >= EPHEMERAL_ATTEMPTS => {
+                        b.outbox(outbox_id, None);
+                        continue;
+                    }
+                    None => {}
+                }
             }
             match delivery {
                 Delivery::Posted => {

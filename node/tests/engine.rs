@@ -504,3 +504,23 @@ fn an_outbox_item_is_given_up_by_time_not_by_attempts() {
         None
     );
 }
+
+/// A message that is not stored (a typing notice) is not kept for a month: after a few failed
+/// attempts it leaves the outbox quietly, with no `failed` event (nothing shows it).
+#[test]
+fn an_unstored_notice_is_dropped_after_a_few_attempts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::new();
+    let (mut alice, _bob, channel) = pair(&tmp, &relay);
+    let typing = chat::ChatContent::Typing { active: true }.to_bytes();
+    alice.send(&channel, &typing, false, NOW, |_, _, _| {}).expect("send");
+    let mut events = alice.subscribe();
+    for attempt in 1..=chitchat_node::engine::EPHEMERAL_ATTEMPTS {
+        let (oid, item) = alice.outbox().expect("outbox").remove(0);
+        alice.outbox_progress(vec![(oid, item, Delivery::Retry)], NOW, DAY_MS).expect("retry");
+        let left = alice.outbox().expect("outbox").len();
+        let want = usize::from(attempt < chitchat_node::engine::EPHEMERAL_ATTEMPTS);
+        assert_eq!(left, want, "after attempt {attempt}");
+    }
+    assert!(events.try_recv().is_err(), "no event for a notice nobody sees");
+}
