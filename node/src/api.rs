@@ -717,10 +717,8 @@ async fn history(
     }
     let names = names(&s, &stored).await;
     let mut h = chat_history(&stored, &failures, &names);
-    if let Some(limit) = q.limit.map(|l| limit(Some(l), MAX_LIMIT)).transpose()? {
-        let skip = h.messages.len().saturating_sub(limit);
-        h.messages.drain(..skip);
-    }
+    let skip = h.messages.len().saturating_sub(limit(q.limit, MAX_LIMIT)?);
+    h.messages.drain(..skip);
     Ok(Json(json!({ "channel": id.to_string(), "history": h })))
 }
 

@@ -56,6 +56,12 @@ const RELEASED: TableDefinition<'_, [u8; 32], ()> = TableDefinition::new("releas
 const FAILURES: TableDefinition<'_, MessageRef, &str> = TableDefinition::new("failures-0");
 
 type MessageKey = ([u8; 32], u64, u64, u32, [u8; 32], u64);
+
+/// A message's key in `message-ids-0` and `failures-0`.
+fn message_ref(channel: &ChannelId, id: &MessageId) -> MessageRef {
+    (id.seq, *id.sender.as_bytes(), channel.0)
+}
+
 /// `(seq, sender, channel)`.
 type MessageRef = (u64, [u8; 32], [u8; 32]);
 
@@ -454,8 +460,7 @@ impl Store {
     ) -> Result<Option<StoredMessage>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
         let ids = r.open_table(MESSAGE_IDS).map_err(redb_err)?;
-        let Some(at) = ids.get((id.seq, *id.sender.as_bytes(), channel.0)).map_err(redb_err)?
-        else {
+        let Some(at) = ids.get(message_ref(channel, id)).map_err(redb_err)? else {
             return Ok(None);
         };
         let (epoch, wall, counter) = at.value();
@@ -472,8 +477,7 @@ impl Store {
     ) -> Result<Option<String>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
         let t = r.open_table(FAILURES).map_err(redb_err)?;
-        let key = (id.seq, *id.sender.as_bytes(), channel.0);
-        Ok(t.get(key).map_err(redb_err)?.map(|v| v.value().to_owned()))
+        Ok(t.get(message_ref(channel, id)).map_err(redb_err)?.map(|v| v.value().to_owned()))
     }
 
     /// Messages whose sender's id starts with `prefix` and whose sequence number is `seq`, in
@@ -612,7 +616,7 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 dirs.insert(dir.device().as_bytes(), encode(&dir).as_slice()).map_err(redb_err)?;
             }
             Op::Message(channel, m) => {
-                let id_key = (m.id.seq, *m.id.sender.as_bytes(), channel.0);
+                let id_key = message_ref(&channel, &m.id);
                 if ids.get(id_key).map_err(redb_err)?.is_some() {
                     continue;
                 }
@@ -622,9 +626,7 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 *added.entry(channel.0).or_default() += 1;
             }
             Op::Status(channel, id, status) => {
-                let Some(at) =
-                    ids.get((id.seq, *id.sender.as_bytes(), channel.0)).map_err(redb_err)?
-                else {
+                let Some(at) = ids.get(message_ref(&channel, &id)).map_err(redb_err)? else {
                     continue;
                 };
                 let (epoch, wall, counter) = at.value();
@@ -639,7 +641,7 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
             Op::Failure(channel, id, reason) => {
                 w.open_table(FAILURES)
                     .map_err(redb_err)?
-                    .insert((id.seq, *id.sender.as_bytes(), channel.0), reason.as_str())
+                    .insert(message_ref(&channel, &id), reason.as_str())
                     .map_err(redb_err)?;
             }
             Op::Outbox(id, Some(item)) => {

@@ -244,6 +244,14 @@ impl World {
         d.channel.as_mut().expect("member").stage(provider, me, change, &check)
     }
 
+    /// Stages `change` at `who` without checking the credentials it brings in, as a careless
+    /// or hostile committer would.
+    fn stage_unchecked(&mut self, who: usize, change: &Change) -> StagedCommit {
+        let d = &mut self.devices[who];
+        let (provider, me) = (&d.provider, &d.me);
+        d.channel.as_mut().expect("member").stage(provider, me, change, &AcceptAll).expect("stage")
+    }
+
     /// Submits a staged commit. On acceptance: merge, fan the commit out to the other members,
     /// deliver Welcomes to the added devices. On conflict: return the winner.
     fn submit(&mut self, who: usize, staged: &StagedCommit) -> Result<(), CommitRef> {
@@ -719,14 +727,7 @@ fn members_refuse_a_certified_commit_adding_an_unsponsored_device() {
     let mut w = World::started(&[BOB]);
     // Alice skips the check and adds Mallory; the relay orders it (it cannot read credentials).
     let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
-    let d = &mut w.devices[ALICE];
-    let (provider, me) = (&d.provider, &d.me);
-    let staged = d
-        .channel
-        .as_mut()
-        .expect("member")
-        .stage(provider, me, &change, &AcceptAll)
-        .expect("stage");
+    let staged = w.stage_unchecked(ALICE, &change);
     let cert = w.relay.submit(w.channel_id(), w.devices[ALICE].id(), &staged).expect("ordered");
     let err = w
         .process(BOB, ChannelMessage::Commit { commit: staged.commit, cert })
@@ -827,14 +828,7 @@ fn a_relay_checks_commits_as_members_will() {
 
     // A commit adding an unsponsored device is refused, even if its committer did not check.
     let change = Change { add: vec![w.devices[MALLORY].key_package()], ..Default::default() };
-    let d = &mut w.devices[ALICE];
-    let (provider, me) = (&d.provider, &d.me);
-    let bad = d
-        .channel
-        .as_mut()
-        .expect("member")
-        .stage(provider, me, &change, &AcceptAll)
-        .expect("stage");
+    let bad = w.stage_unchecked(ALICE, &change);
     let err = relay.check(&crypto, &bad.commit, &w.check()).expect_err("refused");
     assert!(matches!(err, ChannelError::Credential { .. }), "{err:?}");
     // The public state survives a snapshot round trip.
