@@ -9,13 +9,13 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::channel::ChannelMessage;
 use crate::codec::{Bytes, Canonical, DecodeError, decode, encode};
-use crate::identity::{DeviceId, Dir, Sponsorship};
+use crate::identity::{DeviceId, Dir, RelayId, Sponsorship};
 use crate::inbox::SealedEnvelope;
 use crate::keys::Signature;
 use crate::ordering::{ChannelId, CommitHash, CommitRef, EpochCert};
 
 /// The protocol version this implementation speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The largest frame accepted, in bytes.
 pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 /// The largest sealed inbox payload, in bytes.
@@ -183,6 +183,39 @@ pub enum Request {
         /// At most [`MAX_POST_BATCH`] posts.
         posts: Vec<ChannelPost>,
     },
+    /// Look up a user of any relay (`bob@other.host`): the device's relay asks the user's
+    /// relay (federation) and answers with that relay's identity, as it verified it, so the
+    /// device can check the sponsorships. Needs a device registered here.
+    LookupAt {
+        /// The user's relay.
+        host: String,
+        /// `bob` of `bob@other.host`.
+        local_name: String,
+    },
+    /// [`Request::LookupDevices`] at any relay, through this one.
+    LookupDevicesAt {
+        /// The devices' relay.
+        host: String,
+        /// At most [`MAX_LOOKUP_DEVICES`] devices.
+        devices: Vec<DeviceId>,
+    },
+    /// [`Request::ClaimKeyPackage`] for a device of any relay, through this one, under the same
+    /// limits as a local claim (here per requester, there per target and per relay).
+    ClaimKeyPackageAt {
+        /// The device's relay.
+        host: String,
+        /// The device to add.
+        device: DeviceId,
+    },
+    /// Sealed payloads for devices of another relay. This relay makes them durable in its
+    /// queue for `host` before it answers, and forwards them (once per destination relay,
+    /// retried while that relay is away, idempotent) until that relay has them in its inboxes.
+    Forward {
+        /// The recipients' relay.
+        host: String,
+        /// At most [`MAX_ENQUEUE_BATCH`] payloads, each naming its recipient.
+        envelopes: Vec<SealedEnvelope>,
+    },
 }
 
 /// The most posts in one [`Request::Post`].
@@ -315,6 +348,8 @@ impl Validate for Envelope {
 
 /// Most devices in one [`Request::LookupDevices`].
 pub const MAX_LOOKUP_DEVICES: usize = 256;
+/// Most records in one answer (a look-up of devices answers each once).
+pub const MAX_DIRS: usize = MAX_LOOKUP_DEVICES;
 
 /// The longest a [`Request::Wait`] is held, in milliseconds.
 pub const MAX_WAIT_MS: u32 = 60_000;
@@ -511,6 +546,20 @@ pub enum Response {
     },
     /// The answers to a [`Request::Post`], one per post, in order.
     Posted(Vec<PostResult>),
+    /// The records of a user's devices at a relay, with that relay's identity (its key, as
+    /// the answering relay verified it from the host's `.well-known`).
+    RemoteDirs {
+        /// The relay that sponsors them.
+        relay: RelayId,
+        /// The records, unverified: the device checks them against `relay`.
+        dirs: Vec<Dir>,
+    },
+    /// The payloads of a [`Request::Forward`] are durable in this relay's queue for their
+    /// relay.
+    Forwarded {
+        /// How many were queued (all of them).
+        queued: u32,
+    },
 }
 
 /// One stored inbox item.
@@ -608,8 +657,16 @@ impl Validate for Request {
                 envelopes.iter().try_for_each(SealedEnvelope::validate)
             }
             Self::SubmitCommit(s) => s.validate(),
-            Self::LookupDevices { devices } if devices.len() > MAX_LOOKUP_DEVICES => {
+            Self::LookupDevices { devices } | Self::LookupDevicesAt { devices, .. }
+                if devices.len() > MAX_LOOKUP_DEVICES =>
+            {
                 Err("too many devices to look up")
+            }
+            Self::Forward { envelopes, .. } => {
+                if envelopes.len() > MAX_ENQUEUE_BATCH {
+                    return Err("too many envelopes in one batch");
+                }
+                envelopes.iter().try_for_each(SealedEnvelope::validate)
             }
             Self::Post { posts } => {
                 if posts.len() > MAX_POST_BATCH {
@@ -662,6 +719,9 @@ impl Validate for Response {
             Self::KeyPackage(kp) if kp.len() > MAX_KEY_PACKAGE_LEN => Err("key package too long"),
             Self::EnqueuedBatch(r) if r.len() > MAX_ENQUEUE_BATCH => Err("too many results"),
             Self::Posted(r) if r.len() > MAX_POST_BATCH => Err("too many results"),
+            Self::Dirs(d) | Self::RemoteDirs { dirs: d, .. } if d.len() > MAX_DIRS => {
+                Err("too many records")
+            }
             _ => Ok(()),
         }
     }

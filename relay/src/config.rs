@@ -43,6 +43,9 @@ pub struct Config {
     /// Connection limits.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// Other relays: discovery, limits, the forwarding queues.
+    #[serde(default)]
+    pub federation: FederationConfig,
     /// Writes batched into one transaction, at most.
     #[serde(default = "defaults::max_batch")]
     pub max_batch: usize,
@@ -154,6 +157,50 @@ impl Default for NetworkConfig {
     }
 }
 
+/// Federation: how other relays are found and what they may ask.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Read other relays' `.well-known` over plain HTTP even when they are not on loopback
+    /// (a private network, tests). Loopback hosts are always read over HTTP, others over HTTPS.
+    pub allow_http: bool,
+    /// Requests a minute one other relay may make here.
+    pub requests_per_minute_per_relay: u32,
+    /// Payloads queued for one relay, at most.
+    pub max_queue_items: u64,
+    /// Bytes queued for one relay, at most.
+    pub max_queue_bytes: u64,
+    /// Payloads queued for all relays together, at most.
+    pub max_queued_total: u64,
+    /// Relays known without asking their `.well-known` (it is not read for them).
+    pub relays: Vec<PinnedRelay>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            allow_http: false,
+            requests_per_minute_per_relay: 6000,
+            max_queue_items: 100_000,
+            max_queue_bytes: 256 << 20,
+            max_queued_total: 1_000_000,
+            relays: Vec::new(),
+        }
+    }
+}
+
+/// A relay the operator configured by hand.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedRelay {
+    /// Its host name.
+    pub host: String,
+    /// Its Ed25519 key, hex.
+    pub key: String,
+    /// Addresses to dial (multiaddrs).
+    pub addrs: Vec<String>,
+}
+
 mod defaults {
     pub(super) fn sponsorship_days() -> u64 {
         365
@@ -209,6 +256,7 @@ impl Config {
             key_packages: KeyPackageConfig::default(),
             ordering: OrderingConfig::default(),
             network: NetworkConfig::default(),
+            federation: FederationConfig::default(),
             max_batch: defaults::max_batch(),
         }
     }
@@ -281,6 +329,31 @@ impl Config {
         }
         if self.ordering.submits_per_minute == 0 {
             return Err(ConfigError::Invalid("submits_per_minute must be positive".into()));
+        }
+        let f = &self.federation;
+        if f.requests_per_minute_per_relay == 0
+            || f.max_queue_items == 0
+            || f.max_queue_bytes == 0
+            || f.max_queued_total == 0
+        {
+            return Err(ConfigError::Invalid("federation limits must be positive".into()));
+        }
+        for r in &f.relays {
+            chitchat_proto::identity::check_host(&r.host)
+                .map_err(|e| ConfigError::Invalid(format!("federation relay {:?}: {e}", r.host)))?;
+            chitchat_proto::PublicKey::from_hex(&r.key).ok_or_else(|| {
+                ConfigError::Invalid(format!("federation relay {}: bad key", r.host))
+            })?;
+            if r.addrs.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "federation relay {}: no address",
+                    r.host
+                )));
+            }
+            for a in &r.addrs {
+                a.parse::<libp2p::Multiaddr>()
+                    .map_err(|e| ConfigError::Invalid(format!("address {a:?}: {e}")))?;
+            }
         }
         if self.key_packages.claims_per_requester_per_minute == 0
             || self.key_packages.claims_per_target_per_minute == 0
@@ -371,6 +444,25 @@ max_pending_incoming = 512
 # and every request of a peer not yet authenticated: from one IP address, and from one peer.
 anonymous_per_minute_per_ip = 1200
 anonymous_per_minute_per_peer = 240
+
+[federation]
+# Other relays are found from their host name: https://HOST/.well-known/chitchat/relay gives
+# their key (which must be the libp2p identity they connect with) and addresses. Hosts on
+# loopback (localhost, 127.0.0.1:PORT) are read over plain HTTP; allow_http does that for every
+# host (a private network without TLS).
+allow_http = false
+# Requests a minute one other relay may make here.
+requests_per_minute_per_relay = 6000
+# Payloads for devices of other relays wait in a durable queue per relay until it takes them
+# (retried while it is away, for as long as inbox items are kept). Bounds: per relay, in items
+# and bytes, and for all relays together.
+max_queue_items = 100000
+max_queue_bytes = 268435456
+max_queued_total = 1000000
+# Relays known without .well-known: [[federation.relays]] host = "...", key = "HEX",
+# addrs = ["/dns4/relay.example/tcp/4433"]. Hosts named by `chitchat-relay block` are never
+# contacted and nothing from them is accepted.
+relays = []
 "#;
 
 #[cfg(test)]

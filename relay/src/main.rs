@@ -9,6 +9,7 @@ use chitchat_proto::ordering::OrderingLimits;
 use chitchat_relay::admin;
 use chitchat_relay::config::Config;
 use chitchat_relay::fanout::CommitFanout;
+use chitchat_relay::federation::Federation;
 use chitchat_relay::home::{RelayDir, RunInfo};
 use chitchat_relay::http::{BlockRequest, HttpState, InviteRequest};
 use chitchat_relay::metrics::Metrics;
@@ -16,7 +17,7 @@ use chitchat_relay::ordering::{GroupOptions, Ordering};
 use chitchat_relay::service::{Relay, Waiters, now};
 use chitchat_relay::store::{InboxQuota, Store, StoreError};
 use clap::{Parser, Subcommand};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// ChitChat relay: inboxes, identity sponsorship and KeyPackages for ChitChat devices.
 #[derive(Debug, Parser)]
@@ -143,18 +144,40 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         snapshot_every: config.ordering.snapshot_every,
     };
     let ordering = Ordering::open(&dir.ordering_db(), options, Arc::new(sink)).await?;
-    let relay = Arc::new(Relay::new(config, relay_key, store, ordering.clone(), metrics, waiters));
+    let (outbound_tx, outbound) = mpsc::channel(1024);
+    let own = chitchat_proto::RelayId { host: config.host.clone(), key: relay_key.public() };
+    let federation = Arc::new(Federation::new(
+        own,
+        config.federation.clone(),
+        store.clone(),
+        metrics.clone(),
+        outbound_tx,
+        config.inbox.retention_days,
+    ));
+    let relay = Arc::new(Relay::new(
+        config,
+        relay_key,
+        store,
+        ordering.clone(),
+        metrics,
+        waiters,
+        federation.clone(),
+    ));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let (ready_tx, ready) = oneshot::channel();
     let net = tokio::spawn({
         let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move { chitchat_relay::net::run(relay, &key, listen, ready_tx, shutdown).await }
+        async move {
+            chitchat_relay::net::run(relay, &key, listen, ready_tx, outbound, shutdown).await
+        }
     });
     let listening = tokio::time::timeout(Duration::from_secs(30), ready)
         .await
         .context("listen addresses not bound in 30 s")?
         .context("network failed to start")?;
+    // Payloads queued for other relays before a stop go on their way again.
+    federation.resume()?;
 
     let listener = tokio::net::TcpListener::bind(http_addr)
         .await
@@ -186,6 +209,11 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(expired = n, "retention clean-up"),
                     Err(e) => tracing::warn!(error = %e, "retention clean-up failed"),
+                }
+                match relay.federation().expire(now()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(dropped = n, "payloads for other relays expired"),
+                    Err(e) => tracing::warn!(error = %e, "federation clean-up failed"),
                 }
             }
         }

@@ -47,6 +47,17 @@ pub struct Metrics {
     /// Bytes of ordering state, counted against `[ordering] max_state_bytes` (refreshed on
     /// scrape).
     pub ordering_state_bytes: Gauge,
+    /// Requests from other relays handled, by kind.
+    pub federation_requests: Family<KindLabel, Counter>,
+    /// Requests to other relays that failed, by reason (`blocked`, `discovery`,
+    /// `unreachable`, `refused`, `bad_answer`).
+    pub federation_failures: Family<KindLabel, Counter>,
+    /// Payloads another relay took from this relay's queues.
+    pub forwarded: Counter,
+    /// Queued payloads dropped: refused for good by the other relay, or expired.
+    pub forward_dropped: Counter,
+    /// Payloads waiting in the queues for other relays (refreshed on scrape).
+    pub forward_queue: Gauge,
 }
 
 impl Metrics {
@@ -84,10 +95,39 @@ impl Metrics {
             "Bytes of ordering state, against the configured budget",
             self.ordering_state_bytes.clone(),
         );
+        r.register(
+            "federation_requests",
+            "Requests from other relays, by kind",
+            self.federation_requests.clone(),
+        );
+        r.register(
+            "federation_failures",
+            "Requests to other relays that failed, by reason",
+            self.federation_failures.clone(),
+        );
+        r.register("forwarded", "Payloads taken by other relays", self.forwarded.clone());
+        r.register(
+            "forward_dropped",
+            "Queued payloads dropped (refused for good, or expired)",
+            self.forward_dropped.clone(),
+        );
+        r.register(
+            "forward_queue",
+            "Payloads waiting for other relays",
+            self.forward_queue.clone(),
+        );
     }
 
     pub(crate) fn request(&self, kind: &str) {
         self.requests.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
+    }
+
+    pub(crate) fn federation_request(&self, kind: &str) {
+        self.federation_requests.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
+    }
+
+    pub(crate) fn federation_failure(&self, reason: &str) {
+        self.federation_failures.get_or_create(&KindLabel { kind: reason.to_owned() }).inc();
     }
 
     pub(crate) fn error(&self, code: &str) {

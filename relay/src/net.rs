@@ -16,6 +16,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chitchat_proto::federation::{FEDERATION_PROTOCOL, FedResponse};
 use chitchat_proto::wire::{self, ErrorCode, MAX_FRAME_LEN, Request, Response};
 use chitchat_proto::{DeviceId, SecretKey};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
@@ -29,6 +30,7 @@ use rand::RngExt as _;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::config::NetworkConfig;
+use crate::federation::Outbound;
 use crate::service::Relay;
 
 /// The relay protocol's libp2p protocol name.
@@ -108,7 +110,17 @@ impl request_response::Codec for FrameCodec {
 struct Behaviour {
     limits: connection_limits::Behaviour,
     rr: request_response::Behaviour<FrameCodec>,
+    /// Relays among themselves ([`FEDERATION_PROTOCOL`]), both ways.
+    fed: request_response::Behaviour<FrameCodec>,
     identify: identify::Behaviour,
+}
+
+/// An answer for the swarm task to send.
+enum Answer {
+    /// To a device; names the device whose waiting fetch it ends, if it is one.
+    Device(ResponseChannel<Vec<u8>>, Response, Option<DeviceId>),
+    /// To another relay.
+    Relay(ResponseChannel<Vec<u8>>, FedResponse),
 }
 
 /// A libp2p keypair from a 32-byte Ed25519 seed: the relay key is its libp2p identity.
@@ -197,12 +209,13 @@ fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
 }
 
 /// Runs the relay's swarm until `shutdown` turns true. `ready` receives the bound addresses once
-/// every listen address is bound.
+/// every listen address is bound; `outbound` brings requests for other relays.
 pub async fn run(
     relay: Arc<Relay>,
     key: &SecretKey,
     listen: Vec<Multiaddr>,
     ready: oneshot::Sender<Listening>,
+    mut outbound: mpsc::Receiver<Outbound>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut swarm = build_swarm(key, &relay.config().network).await?;
@@ -210,9 +223,11 @@ pub async fn run(
         swarm.listen_on(addr.clone())?;
     }
     let peer_id = *swarm.local_peer_id();
-    // Each answer names the device whose waiting fetch it ends, if it is one.
-    let (answers_tx, mut answers) =
-        mpsc::channel::<(ResponseChannel<Vec<u8>>, Response, Option<DeviceId>)>(MAX_IN_FLIGHT);
+    let (answers_tx, mut answers) = mpsc::channel::<Answer>(MAX_IN_FLIGHT);
+    let mut calls: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<Vec<u8>, String>>,
+    > = HashMap::new();
     let mut waiting: HashMap<DeviceId, usize> = HashMap::new();
     let mut waiting_total = 0usize;
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -278,7 +293,7 @@ pub async fn run(
                         waiting_total += 1;
                         tokio::spawn(async move {
                             let response = relay_.handle(auth, request).await;
-                            let _ = answers_tx.send((channel, response, Some(device))).await;
+                            let _ = answers_tx.send(Answer::Device(channel, response, Some(device))).await;
                         });
                         continue;
                     }
@@ -289,26 +304,69 @@ pub async fn run(
                     };
                     tokio::spawn(async move {
                         let response = relay_.handle(auth, request).await;
-                        let _ = answers_tx.send((channel, response, None)).await;
+                        let _ = answers_tx.send(Answer::Device(channel, response, None)).await;
                         drop(permit);
                     });
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Fed(request_response::Event::Message {
+                    peer,
+                    message: request_response::Message::Request { request, channel, .. },
+                    ..
+                })) => {
+                    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                        let busy = FedResponse::Error { code: ErrorCode::Unavailable, message: "busy, retry".into() };
+                        send_fed(&mut swarm, channel, &busy);
+                        continue;
+                    };
+                    let ip = peers.get(&peer).and_then(|p| p.ip);
+                    let (relay_, answers_tx) = (relay.clone(), answers_tx.clone());
+                    tokio::spawn(async move {
+                        let response = relay_.handle_federation(peer, ip, &request).await;
+                        let _ = answers_tx.send(Answer::Relay(channel, response)).await;
+                        drop(permit);
+                    });
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Fed(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                })) => {
+                    if let Some(reply) = calls.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Fed(request_response::Event::OutboundFailure {
+                    request_id, error, peer, ..
+                })) => {
+                    tracing::debug!(%peer, %error, "request to a relay failed");
+                    if let Some(reply) = calls.remove(&request_id) {
+                        let _ = reply.send(Err(error.to_string()));
+                    }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::InboundFailure { peer, error, .. })) => {
                     tracing::debug!(%peer, %error, "inbound request failed");
                 }
                 _ => {}
             },
-            Some((channel, response, waited)) = answers.recv() => {
-                if let Some(device) = waited
-                    && let Some(n) = waiting.get_mut(&device)
-                {
-                    *n = n.saturating_sub(1);
-                    waiting_total = waiting_total.saturating_sub(1);
-                    if *n == 0 {
-                        waiting.remove(&device);
+            Some(answer) = answers.recv() => match answer {
+                Answer::Device(channel, response, waited) => {
+                    if let Some(device) = waited
+                        && let Some(n) = waiting.get_mut(&device)
+                    {
+                        *n = n.saturating_sub(1);
+                        waiting_total = waiting_total.saturating_sub(1);
+                        if *n == 0 {
+                            waiting.remove(&device);
+                        }
                     }
+                    send(&mut swarm, channel, &response);
                 }
-                send(&mut swarm, channel, &response);
+                Answer::Relay(channel, response) => send_fed(&mut swarm, channel, &response),
+            },
+            Some(out) = outbound.recv() => {
+                // Every call ends in a response or a failure (libp2p times it out), which
+                // removes it: the map holds only calls in flight.
+                let id = swarm.behaviour_mut().fed.send_request_with_addresses(&out.peer, out.frame, out.addrs);
+                calls.insert(id, out.reply);
             }
             _ = forget.tick() => anonymous.forget_idle(),
             _ = shutdown.changed() => {
@@ -391,6 +449,15 @@ fn send(swarm: &mut Swarm<Behaviour>, channel: ResponseChannel<Vec<u8>>, respons
     }
 }
 
+fn send_fed(swarm: &mut Swarm<Behaviour>, channel: ResponseChannel<Vec<u8>>, response: &FedResponse) {
+    match wire::encode_frame(response) {
+        Ok(bytes) => {
+            let _ = swarm.behaviour_mut().fed.send_response(channel, bytes);
+        }
+        Err(e) => tracing::error!(error = %e, "federation response does not fit a frame"),
+    }
+}
+
 async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swarm<Behaviour>> {
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(net.max_connections))
@@ -416,6 +483,13 @@ async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swa
                     FrameCodec,
                     [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Inbound)],
                     config,
+                ),
+                fed: request_response::Behaviour::with_codec(
+                    FrameCodec,
+                    [(StreamProtocol::new(FEDERATION_PROTOCOL), ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(crate::federation::CALL_TIMEOUT)
+                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
                 ),
                 identify: identify::Behaviour::new(identify::Config::new(
                     format!("chitchat-relay/{}", crate::VERSION),

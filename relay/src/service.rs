@@ -22,14 +22,16 @@ use chitchat_proto::wire::{
 };
 use chitchat_proto::wire::{ChannelPost, EnqueueResult, MAX_WAIT_MS, PostResult};
 use chitchat_proto::wire::{CommitSubmission, Envelope, commit_hash};
-use chitchat_proto::{DeviceId, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
+use chitchat_proto::federation::{FedBody, FedRequest, FedResponse, ForwardResult};
+use chitchat_proto::{DeviceId, PublicKey, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::federation::{FedError, Federation};
 use crate::metrics::Metrics;
 use crate::ordering::{Ordering, RelayCommand, RelayOutcome};
-use crate::store::{InboxQuota, Store, StoreError, Write, WriteError, Written};
+use crate::store::{InboxQuota, QueueLimits, Store, StoreError, Write, WriteError, Written};
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
@@ -50,6 +52,9 @@ pub struct Relay {
     /// Devices with a `Wait` request held open, woken by enqueues to them.
     waiters: Arc<Waiters>,
     metrics: Arc<Metrics>,
+    federation: Arc<Federation>,
+    /// Requests from each other relay (by key).
+    relays: DefaultKeyedRateLimiter<PublicKey>,
 }
 
 /// This relay's directory as a [`CredentialCheck`]: a device may join a channel ordered here if
@@ -129,6 +134,15 @@ fn check_rate(limiter: &DefaultKeyedRateLimiter<DeviceId>, key: DeviceId) -> Res
     })
 }
 
+/// Takes one token of a relay's bucket, or says how long to wait, in milliseconds.
+fn check_key_rate(limiter: &DefaultKeyedRateLimiter<PublicKey>, key: PublicKey) -> Result<(), u64> {
+    use governor::clock::{Clock as _, DefaultClock};
+    limiter.check_key(&key).map_err(|not_until| {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
+}
+
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
 }
@@ -184,7 +198,28 @@ fn kind(r: &Request) -> &'static str {
         Request::OpenChannel { .. } => "open_channel",
         Request::LookupDevices { .. } => "lookup_devices",
         Request::Post { .. } => "post",
+        Request::LookupAt { .. } => "lookup_at",
+        Request::LookupDevicesAt { .. } => "lookup_devices_at",
+        Request::ClaimKeyPackageAt { .. } => "claim_key_package_at",
+        Request::Forward { .. } => "forward",
     }
+}
+
+fn fed_kind(b: &FedBody) -> &'static str {
+    match b {
+        FedBody::Lookup { .. } => "lookup",
+        FedBody::LookupDevices { .. } => "lookup_devices",
+        FedBody::ClaimKeyPackage { .. } => "claim_key_package",
+        FedBody::Forward { .. } => "forward",
+    }
+}
+
+fn fed_error(code: ErrorCode, message: impl Into<String>) -> FedResponse {
+    FedResponse::Error { code, message: message.into() }
+}
+
+fn from_fed(e: &FedError) -> Response {
+    error(e.code(), e.to_string())
 }
 
 impl Relay {
@@ -196,9 +231,11 @@ impl Relay {
         ordering: Ordering,
         metrics: Arc<Metrics>,
         waiters: Arc<Waiters>,
+        federation: Arc<Federation>,
     ) -> Self {
         let id = RelayId { host: config.host.clone(), key: key.public() };
         let k = config.key_packages;
+        let fed_rate = config.federation.requests_per_minute_per_relay;
         Self {
             senders: RateLimiter::keyed(per_minute(config.inbox.sender_per_minute)),
             claimers: RateLimiter::keyed(per_minute(k.claims_per_requester_per_minute)),
@@ -215,7 +252,14 @@ impl Relay {
             ordering,
             waiters,
             metrics,
+            relays: RateLimiter::keyed(per_minute(fed_rate)),
+            federation,
         }
+    }
+
+    /// The relay's federation side.
+    pub fn federation(&self) -> &Arc<Federation> {
+        &self.federation
     }
 
     /// The relay's identity.
@@ -271,17 +315,10 @@ impl Relay {
             };
         }
         if let Request::LookupDevices { devices } = &request {
-            // Each device once, whatever the request repeats.
-            let devices: std::collections::BTreeSet<&DeviceId> = devices.iter().collect();
-            let mut dirs = Vec::with_capacity(devices.len());
-            for device in devices {
-                match self.store.device(device) {
-                    Ok(Some(record)) => dirs.push(record.dir),
-                    Ok(None) => {}
-                    Err(e) => return unavailable(e),
-                }
-            }
-            return Response::Dirs(dirs);
+            return match self.local_devices(devices) {
+                Ok(dirs) => Response::Dirs(dirs),
+                Err(e) => unavailable(e),
+            };
         }
         let Some(me) = auth else {
             return error(
@@ -304,6 +341,14 @@ impl Relay {
             | Request::Authenticate { .. }
             | Request::Lookup { .. }
             | Request::LookupDevices { .. } => error(ErrorCode::BadRequest, "not handled here"),
+            Request::LookupAt { host, local_name } => self.lookup_at(&host, local_name).await,
+            Request::LookupDevicesAt { host, devices } => {
+                self.lookup_devices_at(&host, devices).await
+            }
+            Request::ClaimKeyPackageAt { host, device } => {
+                self.claim_at(me, &host, device, now).await
+            }
+            Request::Forward { host, envelopes } => self.forward(me, host, envelopes, now).await,
             Request::Register { token, local_name, dir } => {
                 self.register(me, token, local_name, dir, now).await
             }
@@ -376,6 +421,216 @@ impl Relay {
                     }
                 }
                 Response::Posted(results)
+            }
+        }
+    }
+
+    /// The records of the devices registered here among `devices`, each once.
+    fn local_devices(&self, devices: &[DeviceId]) -> Result<Vec<chitchat_proto::Dir>, StoreError> {
+        let devices: std::collections::BTreeSet<&DeviceId> = devices.iter().collect();
+        let mut dirs = Vec::with_capacity(devices.len());
+        for device in devices {
+            if let Some(record) = self.store.device(device)? {
+                dirs.push(record.dir);
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// Checks a host a device names, and whether it is this relay.
+    fn remote_host(&self, host: &str) -> Result<bool, Box<Response>> {
+        if let Err(e) = chitchat_proto::identity::check_host(host) {
+            return Err(Box::new(error(ErrorCode::BadRequest, format!("host {host:?}: {e}"))));
+        }
+        Ok(host != self.id.host)
+    }
+
+    /// `local_name@host`, here or at another relay.
+    async fn lookup_at(&self, host: &str, local_name: String) -> Response {
+        if let Err(e) = check_local_name(&local_name) {
+            return error(ErrorCode::BadRequest, e.to_string());
+        }
+        match self.remote_host(host) {
+            Err(r) => *r,
+            Ok(false) => match self.store.lookup(&local_name) {
+                Ok(dirs) => Response::RemoteDirs { relay: self.id.clone(), dirs },
+                Err(e) => unavailable(e),
+            },
+            Ok(true) => match self.federation.call(host, FedBody::Lookup { local_name }).await {
+                Ok((remote, FedResponse::Dirs(dirs))) => {
+                    Response::RemoteDirs { relay: remote.id.clone(), dirs }
+                }
+                Ok((_, other)) => unavailable(format!("{host} answered a look-up with {other:?}")),
+                Err(e) => from_fed(&e),
+            },
+        }
+    }
+
+    /// Devices by id, here or at another relay.
+    async fn lookup_devices_at(&self, host: &str, devices: Vec<DeviceId>) -> Response {
+        match self.remote_host(host) {
+            Err(r) => *r,
+            Ok(false) => match self.local_devices(&devices) {
+                Ok(dirs) => Response::RemoteDirs { relay: self.id.clone(), dirs },
+                Err(e) => unavailable(e),
+            },
+            Ok(true) => {
+                match self.federation.call(host, FedBody::LookupDevices { devices }).await {
+                    Ok((remote, FedResponse::Dirs(dirs))) => {
+                        Response::RemoteDirs { relay: remote.id.clone(), dirs }
+                    }
+                    Ok((_, other)) => {
+                        unavailable(format!("{host} answered a look-up with {other:?}"))
+                    }
+                    Err(e) => from_fed(&e),
+                }
+            }
+        }
+    }
+
+    /// A KeyPackage of a device here or at another relay: this relay limits the requester, the
+    /// other relay the target (and this relay as a whole).
+    async fn claim_at(&self, me: DeviceId, host: &str, device: DeviceId, now: Timestamp) -> Response {
+        match self.remote_host(host) {
+            Err(r) => *r,
+            Ok(false) => self.claim(me, device, now).await,
+            Ok(true) => {
+                if let Err(retry_after_ms) = check_rate(&self.claimers, me) {
+                    return error(
+                        ErrorCode::RateLimited { retry_after_ms },
+                        "too many key package claims",
+                    );
+                }
+                let body = FedBody::ClaimKeyPackage { requester: me, device };
+                match self.federation.call(host, body).await {
+                    Ok((_, FedResponse::KeyPackage(kp))) => Response::KeyPackage(kp),
+                    Ok((_, other)) => unavailable(format!("{host} answered a claim with {other:?}")),
+                    Err(e) => from_fed(&e),
+                }
+            }
+        }
+    }
+
+    /// Queues sealed payloads for the devices of another relay, durably, and wakes its worker.
+    async fn forward(
+        &self,
+        me: DeviceId,
+        host: String,
+        envelopes: Vec<SealedEnvelope>,
+        now: Timestamp,
+    ) -> Response {
+        match self.remote_host(&host) {
+            Err(r) => return *r,
+            Ok(false) => {
+                return error(ErrorCode::BadRequest, "devices of this relay get Enqueue, not Forward");
+            }
+            Ok(true) => {}
+        }
+        match self.store.is_blocked(&host) {
+            Ok(false) => {}
+            Ok(true) => return error(ErrorCode::Forbidden, format!("{host} is blocked here")),
+            Err(e) => return unavailable(e),
+        }
+        for _ in &envelopes {
+            if let Err(retry_after_ms) = check_rate(&self.senders, me) {
+                return error(ErrorCode::RateLimited { retry_after_ms }, "too many payloads sent");
+            }
+        }
+        let n = u32::try_from(envelopes.len()).unwrap_or(u32::MAX);
+        if n == 0 {
+            return Response::Forwarded { queued: 0 };
+        }
+        let f = &self.config.federation;
+        let limits = QueueLimits {
+            max_items: f.max_queue_items,
+            max_bytes: f.max_queue_bytes,
+            max_total_items: f.max_queued_total,
+        };
+        let write = Write::Queue { host: host.clone(), sender: me, envelopes, now, limits };
+        match self.store.write(write).await {
+            Ok(_) => {
+                self.federation.kick(&host);
+                Response::Forwarded { queued: n }
+            }
+            Err(e) => from_write(e),
+        }
+    }
+
+    /// Answers a request frame from another relay, authenticated by Noise as `peer` (at `ip`).
+    pub async fn handle_federation(
+        &self,
+        peer: libp2p::PeerId,
+        ip: Option<std::net::IpAddr>,
+        frame: &[u8],
+    ) -> FedResponse {
+        let request = match chitchat_proto::wire::decode_frame::<FedRequest>(frame) {
+            Ok(r) => r,
+            Err(e) => return fed_error(ErrorCode::BadRequest, e.to_string()),
+        };
+        self.metrics.federation_request(fed_kind(&request.body));
+        let origin = match self.federation.verify_peer(&request.from, peer, ip).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(%peer, from = %request.from, error = %e, "federation request refused");
+                return fed_error(e.code(), e.to_string());
+            }
+        };
+        if let Err(retry_after_ms) = check_key_rate(&self.relays, origin.key) {
+            return fed_error(ErrorCode::RateLimited { retry_after_ms }, "too many requests");
+        }
+        let response = self.federated(&origin, request.body, now()).await;
+        if let FedResponse::Error { code, .. } = &response {
+            self.metrics.error(code.name());
+        }
+        response
+    }
+
+    async fn federated(&self, origin: &RelayId, body: FedBody, now: Timestamp) -> FedResponse {
+        match body {
+            FedBody::Lookup { local_name } => match self.store.lookup(&local_name) {
+                Ok(dirs) => FedResponse::Dirs(dirs),
+                Err(e) => fed_error(ErrorCode::Unavailable, e.to_string()),
+            },
+            FedBody::LookupDevices { devices } => match self.local_devices(&devices) {
+                Ok(dirs) => FedResponse::Dirs(dirs),
+                Err(e) => fed_error(ErrorCode::Unavailable, e.to_string()),
+            },
+            FedBody::ClaimKeyPackage { requester, device } => {
+                match self.claim(requester, device, now).await {
+                    Response::KeyPackage(kp) => FedResponse::KeyPackage(kp),
+                    Response::Error { code, message } => fed_error(code, message),
+                    other => fed_error(ErrorCode::Unavailable, format!("unexpected {other:?}")),
+                }
+            }
+            FedBody::Forward { items } => {
+                let quota = self.inbox_quota();
+                let results = futures::future::join_all(items.into_iter().map(|item| async move {
+                    if let Err(retry_after_ms) = check_rate(&self.senders, item.sender) {
+                        return ForwardResult::Refused(ErrorCode::RateLimited { retry_after_ms });
+                    }
+                    let recipient = item.envelope.recipient;
+                    let len = item.envelope.ciphertext.len() as u64;
+                    let write = Write::Forwarded {
+                        origin: origin.key.0,
+                        seq: item.seq,
+                        sender: item.sender,
+                        envelope: item.envelope,
+                        now,
+                        quota,
+                    };
+                    match self.store.write(write).await {
+                        Ok(Written::Enqueued { .. }) => {
+                            self.metrics.enqueues.inc();
+                            self.metrics.enqueue_bytes.inc_by(len);
+                            self.wake(recipient);
+                            ForwardResult::Stored
+                        }
+                        Ok(_) => ForwardResult::Stored,
+                        Err(e) => ForwardResult::Refused(refusal(e)),
+                    }
+                }))
+                .await;
+                FedResponse::Forwarded(results)
             }
         }
     }
@@ -761,6 +1016,8 @@ impl Relay {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+        self.relays.retain_recent();
+        self.relays.shrink_to_fit();
     }
 
     /// Refreshes the gauges that mirror the store and the ordering state.
@@ -771,6 +1028,8 @@ impl Relay {
         let (channels, bytes) = self.ordering.size().await;
         self.metrics.ordered_channels.set(i64::try_from(channels).unwrap_or(i64::MAX));
         self.metrics.ordering_state_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        let queued = self.store.queued_total()?;
+        self.metrics.forward_queue.set(i64::try_from(queued).unwrap_or(i64::MAX));
         Ok(())
     }
 }

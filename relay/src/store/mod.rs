@@ -16,8 +16,10 @@
 mod records;
 mod write;
 
-pub use records::{Counters, DeviceRecord, StoredItem, StoredKeyPackage, TokenRecord};
-pub use write::{InboxQuota, Write, WriteError, Written};
+pub use records::{
+    Counters, DeviceRecord, QueueCounters, QueuedForward, StoredItem, StoredKeyPackage, TokenRecord,
+};
+pub use write::{InboxQuota, QueueLimits, Write, WriteError, Written};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -52,6 +54,15 @@ pub(crate) const INBOX: TableDefinition<'_, ([u8; 32], u64), &[u8]> =
 /// The inbox of storage version 1 (sealed envelopes only), migrated into `inbox-1` on open.
 const INBOX_V1: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("inbox-0");
 pub(crate) const BLOCKED: TableDefinition<'_, &str, u64> = TableDefinition::new("blocked-0");
+/// Payloads waiting to be forwarded to another relay: `(host, seq)` → [`QueuedForward`].
+pub(crate) const FED_QUEUE: TableDefinition<'_, (&str, u64), &[u8]> =
+    TableDefinition::new("fed-queue-0");
+/// Each destination's queue counters: host → [`QueueCounters`].
+pub(crate) const FED_QUEUES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("fed-queues-0");
+/// Payloads forwarded here, by `(origin relay key, seq)` → when (ms): a payload forwarded twice
+/// is stored once.
+pub(crate) const FED_SEEN: TableDefinition<'_, ([u8; 32], u64), u64> =
+    TableDefinition::new("fed-seen-0");
 
 /// Why the store could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +155,57 @@ impl Store {
         let r = self.db.begin_read().map_err(redb_err)?;
         let t = r.open_table(DEVICES).map_err(redb_err)?;
         Ok(t.get(device.as_bytes()).map_err(redb_err)?.is_some())
+    }
+
+    /// Whether the operator blocked `host`.
+    pub fn is_blocked(&self, host: &str) -> Result<bool, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(BLOCKED).map_err(redb_err)?;
+        Ok(t.get(host).map_err(redb_err)?.is_some())
+    }
+
+    /// The hosts with payloads queued for them.
+    pub fn queued_hosts(&self) -> Result<Vec<String>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(FED_QUEUES).map_err(redb_err)?;
+        let mut hosts = Vec::new();
+        for entry in t.iter().map_err(redb_err)? {
+            let (k, v) = entry.map_err(redb_err)?;
+            let c: QueueCounters = records::decode_record(v.value(), "fed-queues")?;
+            if c.items > 0 {
+                hosts.push(k.value().to_owned());
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// The oldest payloads queued for `host`: at most `max` of them and `max_bytes` of their
+    /// envelopes' encodings (always at least one).
+    pub fn queued(
+        &self,
+        host: &str,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, QueuedForward)>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(FED_QUEUE).map_err(redb_err)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for entry in t.range((host, 0)..=(host, u64::MAX)).map_err(redb_err)? {
+            let (k, v) = entry.map_err(redb_err)?;
+            if out.len() >= max || (!out.is_empty() && bytes + v.value().len() > max_bytes) {
+                break;
+            }
+            bytes += v.value().len();
+            out.push((k.value().1, records::decode_record(v.value(), "fed-queue")?));
+        }
+        Ok(out)
+    }
+
+    /// Payloads queued for other relays, in all.
+    pub fn queued_total(&self) -> Result<u64, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        r.open_table(FED_QUEUE).map_err(redb_err)?.len().map_err(redb_err)
     }
 
     /// The current records of the devices registered under `local_name`.
@@ -295,6 +357,9 @@ fn init(db: &Database) -> Result<(), StoreError> {
         w.open_table(COUNTERS).map_err(redb_err)?;
         w.open_table(INBOX).map_err(redb_err)?;
         w.open_table(BLOCKED).map_err(redb_err)?;
+        w.open_table(FED_QUEUE).map_err(redb_err)?;
+        w.open_table(FED_QUEUES).map_err(redb_err)?;
+        w.open_table(FED_SEEN).map_err(redb_err)?;
     }
     w.commit().map_err(redb_err)?;
     Ok(())

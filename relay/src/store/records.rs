@@ -69,6 +69,28 @@ pub struct StoredItem {
     pub envelope: Envelope,
 }
 
+/// A payload waiting in the queue for another relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedForward {
+    /// When it was queued (for retention).
+    pub queued_at: Timestamp,
+    /// The authenticated device that sent it.
+    pub sender: DeviceId,
+    /// The payload; it names its recipient.
+    pub envelope: SealedEnvelope,
+}
+
+/// The counters of the queue for one relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounters {
+    /// The number of the next payload queued (numbers only grow: they are the forwarding ids).
+    pub next_seq: u64,
+    /// Payloads queued.
+    pub items: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
 /// An inbox item of storage version 1, read once by the migration to version 2.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoredItemV1 {

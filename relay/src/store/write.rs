@@ -9,8 +9,9 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::records::{decode_record, encode_record};
 use super::{
-    BLOCKED, COUNTERS, Counters, DEVICES, DeviceRecord, FANNED_OUT, INBOX, KEY_PACKAGES,
-    LAST_RESORT, META, NAMES, StoredItem, StoredKeyPackage, TOKENS, TokenRecord,
+    BLOCKED, COUNTERS, Counters, DEVICES, DeviceRecord, FANNED_OUT, FED_QUEUE, FED_QUEUES,
+    FED_SEEN, INBOX, KEY_PACKAGES, LAST_RESORT, META, NAMES, QueueCounters, QueuedForward,
+    StoredItem, StoredKeyPackage, TOKENS, TokenRecord,
 };
 
 /// Inbox bounds, checked on every enqueue.
@@ -21,6 +22,20 @@ pub struct InboxQuota {
     /// Bytes per inbox.
     pub max_bytes: u64,
 }
+
+/// Bounds of the queues for other relays, checked on every [`Write::Queue`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Payloads queued for one relay.
+    pub max_items: u64,
+    /// Bytes queued for one relay.
+    pub max_bytes: u64,
+    /// Payloads queued for all relays together.
+    pub max_total_items: u64,
+}
+
+/// The key in `meta-0` of the number of payloads queued for all relays (8 bytes, big-endian).
+const FED_QUEUED_TOTAL: &str = "fed-queued";
 
 /// A change to the store.
 #[derive(Clone, Debug)]
@@ -124,6 +139,50 @@ pub enum Write {
         /// Most items deleted in one pass.
         max: usize,
     },
+    /// Queue sealed payloads for the devices of another relay, all or none, within the
+    /// queue's bounds.
+    Queue {
+        /// The relay they go to.
+        host: String,
+        /// The authenticated sender.
+        sender: DeviceId,
+        /// The payloads.
+        envelopes: Vec<SealedEnvelope>,
+        /// The time of the request.
+        now: Timestamp,
+        /// The bounds.
+        limits: QueueLimits,
+    },
+    /// Remove payloads from the queue for `host` (delivered, or refused for good).
+    Unqueue {
+        /// The relay.
+        host: String,
+        /// Their numbers.
+        seqs: Vec<u64>,
+    },
+    /// Store a payload another relay forwarded, unless that relay's `seq` was stored before.
+    Forwarded {
+        /// The forwarding relay's key.
+        origin: [u8; 32],
+        /// Its number in that relay's queue.
+        seq: u64,
+        /// The device that sent it there.
+        sender: DeviceId,
+        /// The payload, for a device registered here.
+        envelope: SealedEnvelope,
+        /// The time of arrival.
+        now: Timestamp,
+        /// The recipient's bounds.
+        quota: InboxQuota,
+    },
+    /// Delete queued payloads queued before `before`, and the memory of forwarded payloads
+    /// stored before it, at most `max` of each.
+    ExpireFederation {
+        /// The retention horizon.
+        before: Timestamp,
+        /// Most entries deleted in one pass.
+        max: usize,
+    },
     /// Block or unblock a relay host.
     Block {
         /// The host.
@@ -207,6 +266,9 @@ pub(super) struct Tables<'txn> {
     inbox: Table<'txn, ([u8; 32], u64), &'static [u8]>,
     blocked: Table<'txn, &'static str, u64>,
     meta: Table<'txn, &'static str, &'static [u8]>,
+    fed_queue: Table<'txn, (&'static str, u64), &'static [u8]>,
+    fed_queues: Table<'txn, &'static str, &'static [u8]>,
+    fed_seen: Table<'txn, ([u8; 32], u64), u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -221,6 +283,9 @@ impl<'txn> Tables<'txn> {
             inbox: txn.open_table(INBOX).map_err(storage)?,
             blocked: txn.open_table(BLOCKED).map_err(storage)?,
             meta: txn.open_table(META).map_err(storage)?,
+            fed_queue: txn.open_table(FED_QUEUE).map_err(storage)?,
+            fed_queues: txn.open_table(FED_QUEUES).map_err(storage)?,
+            fed_seen: txn.open_table(FED_SEEN).map_err(storage)?,
         })
     }
 }
@@ -313,6 +378,24 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
         }
         Write::Ack { device, ids } => ack(t, *device, ids),
         Write::Expire { before, max } => expire(t, *before, *max),
+        Write::Queue { host, sender, envelopes, now, limits } => {
+            queue(t, host, *sender, envelopes, *now, *limits)
+        }
+        Write::Unqueue { host, seqs } => unqueue(t, host, seqs),
+        Write::Forwarded { origin, seq, sender, envelope, now, quota } => {
+            if t.fed_seen.get((*origin, *seq)).map_err(storage)?.is_some() {
+                return Ok(Written::Done);
+            }
+            let item = StoredItem {
+                stored_at: *now,
+                sender: *sender,
+                envelope: Envelope::Sealed(envelope.clone()),
+            };
+            let written = enqueue(t, envelope.recipient, &encode_record(&item), *quota)?;
+            t.fed_seen.insert((*origin, *seq), now.0).map_err(storage)?;
+            Ok(written)
+        }
+        Write::ExpireFederation { before, max } => expire_federation(t, *before, *max),
         Write::Block { host, blocked, now } => {
             if *blocked {
                 t.blocked.insert(host.as_str(), now.0).map_err(storage)?;
@@ -621,4 +704,142 @@ fn expire(t: &mut Tables<'_>, before: Timestamp, max: usize) -> Result<Written, 
         write_counters(t, device, &c)?;
     }
     Ok(Written::Removed(old.len() as u64))
+}
+
+fn queue_counters(t: &Tables<'_>, host: &str) -> Result<QueueCounters, WriteError> {
+    match t.fed_queues.get(host).map_err(storage)? {
+        Some(v) => decode_record(v.value(), "fed-queues").map_err(corrupt),
+        // Numbers start at random, so a relay whose database was lost never reuses the number
+        // of a payload the other relay remembers as stored (it would be dropped as a repeat).
+        None => Ok(QueueCounters { next_seq: rand::random::<u64>() >> 2, ..Default::default() }),
+    }
+}
+
+fn queued_total(t: &Tables<'_>) -> Result<u64, WriteError> {
+    match t.meta.get(FED_QUEUED_TOTAL).map_err(storage)? {
+        Some(v) => {
+            let bytes: [u8; 8] = v
+                .value()
+                .try_into()
+                .map_err(|_| WriteError::Storage("corrupt federation queue total".into()))?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+        None => Ok(0),
+    }
+}
+
+fn set_queue_counts(
+    t: &mut Tables<'_>,
+    host: &str,
+    c: &QueueCounters,
+    total: u64,
+) -> Result<(), WriteError> {
+    t.fed_queues.insert(host, encode_record(c).as_slice()).map_err(storage)?;
+    t.meta.insert(FED_QUEUED_TOTAL, total.to_be_bytes().as_slice()).map_err(storage)?;
+    Ok(())
+}
+
+fn queue(
+    t: &mut Tables<'_>,
+    host: &str,
+    sender: DeviceId,
+    envelopes: &[SealedEnvelope],
+    now: Timestamp,
+    limits: QueueLimits,
+) -> Result<Written, WriteError> {
+    let mut c = queue_counters(t, host)?;
+    let total = queued_total(t)?;
+    let items: Vec<Vec<u8>> = envelopes
+        .iter()
+        .map(|e| {
+            encode_record(&QueuedForward { queued_at: now, sender, envelope: e.clone() })
+        })
+        .collect();
+    let n = items.len() as u64;
+    let bytes: u64 = items.iter().map(|i| i.len() as u64).sum();
+    if c.items.saturating_add(n) > limits.max_items
+        || c.bytes.saturating_add(bytes) > limits.max_bytes
+        || total.saturating_add(n) > limits.max_total_items
+    {
+        return Err(reject(
+            ErrorCode::QuotaExceeded { retry_after_ms: 60_000 },
+            format!("the queue for {host} is full"),
+        ));
+    }
+    let first = c.next_seq;
+    for item in &items {
+        t.fed_queue.insert((host, c.next_seq), item.as_slice()).map_err(storage)?;
+        c.next_seq = c.next_seq.saturating_add(1);
+    }
+    c.items = c.items.saturating_add(n);
+    c.bytes = c.bytes.saturating_add(bytes);
+    set_queue_counts(t, host, &c, total.saturating_add(n))?;
+    Ok(Written::Enqueued { id: first })
+}
+
+fn unqueue(t: &mut Tables<'_>, host: &str, seqs: &[u64]) -> Result<Written, WriteError> {
+    let mut c = queue_counters(t, host)?;
+    let mut removed = 0u64;
+    let mut bytes = 0u64;
+    for seq in seqs {
+        if let Some(v) = t.fed_queue.remove((host, *seq)).map_err(storage)? {
+            removed += 1;
+            bytes += v.value().len() as u64;
+        }
+    }
+    if removed > 0 {
+        c.items = c.items.saturating_sub(removed);
+        c.bytes = c.bytes.saturating_sub(bytes);
+        let total = queued_total(t)?.saturating_sub(removed);
+        set_queue_counts(t, host, &c, total)?;
+    }
+    Ok(Written::Removed(removed))
+}
+
+fn expire_federation(
+    t: &mut Tables<'_>,
+    before: Timestamp,
+    max: usize,
+) -> Result<Written, WriteError> {
+    let mut old: Vec<(String, u64)> = Vec::new();
+    for entry in t.fed_queue.iter().map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        let item: QueuedForward = decode_record(v.value(), "fed-queue").map_err(corrupt)?;
+        if item.queued_at < before {
+            let (host, seq) = k.value();
+            old.push((host.to_owned(), seq));
+            if old.len() >= max {
+                break;
+            }
+        }
+    }
+    let mut by_host: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for (host, seq) in &old {
+        by_host.entry(host.clone()).or_default().push(*seq);
+    }
+    let mut removed = 0;
+    for (host, seqs) in by_host {
+        if let Written::Removed(n) = unqueue(t, &host, &seqs)? {
+            removed += n;
+        }
+        if !seqs.is_empty() {
+            tracing::warn!(%host, dropped = seqs.len(), "payloads for a relay expired undelivered");
+        }
+    }
+    // Remembered a day longer than the other relay retries, against clock differences.
+    let seen_before = before.0.saturating_sub(24 * 3600 * 1000);
+    let mut seen = Vec::new();
+    for entry in t.fed_seen.iter().map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        if v.value() < seen_before {
+            seen.push(k.value());
+            if seen.len() >= max {
+                break;
+            }
+        }
+    }
+    for k in seen {
+        t.fed_seen.remove(k).map_err(storage)?;
+    }
+    Ok(Written::Removed(removed))
 }
