@@ -13,9 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::{DeviceId, Dir};
 use crate::inbox::SealedEnvelope;
-use crate::wire::{
-    ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, MAX_LOOKUP_DEVICES, Validate,
-};
+use crate::wire::{ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, MAX_LOOKUP_DEVICES, Validate};
 
 /// The libp2p protocol name relays speak to each other.
 pub const FEDERATION_PROTOCOL: &str = "/chitchat/federation/1";
@@ -159,7 +157,8 @@ mod tests {
         for h in ["localhost", "localhost:80", "127.0.0.1", "127.0.0.1:7561", "127.3.4.5:1"] {
             assert!(is_loopback_host(h), "{h}");
         }
-        for h in ["relay.example", "relay.example:443", "10.0.0.1:80", "localhost.evil", "128.0.0.1"]
+        for h in
+            ["relay.example", "relay.example:443", "10.0.0.1:80", "localhost.evil", "128.0.0.1"]
         {
             assert!(!is_loopback_host(h), "{h}");
         }
@@ -181,7 +180,10 @@ mod tests {
         };
         let frame = encode_frame(&long_host).expect("frame");
         assert!(decode_frame::<FedRequest>(&frame).is_err());
-        let ok = FedRequest { from: "a.example:1".into(), body: FedBody::Lookup { local_name: "b".into() } };
+        let ok = FedRequest {
+            from: "a.example:1".into(),
+            body: FedBody::Lookup { local_name: "b".into() },
+        };
         assert_eq!(decode_frame::<FedRequest>(&encode_frame(&ok).expect("frame")), Ok(ok));
     }
 }

@@ -21,8 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chitchat_proto::federation::{
-    FedBody, FedRequest, FedResponse, ForwardResult, Forwarded, MAX_FORWARD_BATCH,
-    is_loopback_host,
+    FedBody, FedRequest, FedResponse, ForwardResult, Forwarded, MAX_FORWARD_BATCH, is_loopback_host,
 };
 use chitchat_proto::wire::{self, ErrorCode, MAX_FRAME_LEN};
 use chitchat_proto::{PublicKey, RelayId};
@@ -96,6 +95,14 @@ pub enum FedError {
         /// Why.
         reason: String,
     },
+    /// A peer named a host that publishes another key than the peer's.
+    #[error("the peer {peer} is not the relay {host}")]
+    Impostor {
+        /// The host it named.
+        host: String,
+        /// The peer.
+        peer: String,
+    },
     /// The relay did not answer.
     #[error("the relay {host} is unreachable: {reason}")]
     Unreachable {
@@ -134,7 +141,7 @@ impl FedError {
     /// The error code a device (or the asking relay) is answered with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Blocked(_) => ErrorCode::Forbidden,
+            Self::Blocked(_) | Self::Impostor { .. } => ErrorCode::Forbidden,
             Self::Refused { code, .. } => *code,
             Self::RateLimited { retry_after_ms } => {
                 ErrorCode::RateLimited { retry_after_ms: *retry_after_ms }
@@ -149,6 +156,7 @@ impl FedError {
         match self {
             Self::Blocked(_) => "blocked",
             Self::Discovery { .. } => "discovery",
+            Self::Impostor { .. } => "impostor",
             Self::Unreachable { .. } => "unreachable",
             Self::Refused { .. } => "refused",
             Self::BadAnswer { .. } => "bad_answer",
@@ -273,7 +281,8 @@ impl Federation {
         self.blocked(host)?;
         let discovery = |reason: String| FedError::Discovery { host: host.to_owned(), reason };
         if let Some(pinned) = self.config.relays.iter().find(|r| r.host == host) {
-            let key = PublicKey::from_hex(&pinned.key).ok_or_else(|| discovery("bad key".into()))?;
+            let key =
+                PublicKey::from_hex(&pinned.key).ok_or_else(|| discovery("bad key".into()))?;
             let peer_id = peer_id_of(&key).map_err(discovery)?;
             return remote(host, key, peer_id, &pinned.addrs).map(Arc::new).map_err(discovery);
         }
@@ -355,10 +364,7 @@ impl Federation {
         }
         let remote = self.resolve(host).await?;
         if remote.peer_id != peer {
-            return Err(FedError::Discovery {
-                host: host.to_owned(),
-                reason: format!("it publishes another key than the peer {peer}'s"),
-            });
+            return Err(FedError::Impostor { host: host.to_owned(), peer: peer.to_string() });
         }
         Ok(remote.id.clone())
     }
@@ -466,7 +472,9 @@ impl Federation {
                             }
                         }
                     }
-                    if let Err(e) = self.store.write(Write::Unqueue { host: host.clone(), seqs: done }).await {
+                    if let Err(e) =
+                        self.store.write(Write::Unqueue { host: host.clone(), seqs: done }).await
+                    {
                         tracing::error!(%host, error = %e, "could not remove forwarded payloads");
                         retry = true;
                     }
@@ -493,7 +501,10 @@ impl Federation {
 
     /// Deletes queued payloads older than the retention period and old memory of forwarded
     /// payloads; returns how many payloads were dropped.
-    pub async fn expire(&self, now: chitchat_proto::Timestamp) -> Result<u64, crate::store::WriteError> {
+    pub async fn expire(
+        &self,
+        now: chitchat_proto::Timestamp,
+    ) -> Result<u64, crate::store::WriteError> {
         let before = chitchat_proto::Timestamp(now.0.saturating_sub(self.retention_ms));
         match self.store.write(Write::ExpireFederation { before, max: 10_000 }).await? {
             Written::Removed(n) => {

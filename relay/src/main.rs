@@ -168,9 +168,7 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
     let (ready_tx, ready) = oneshot::channel();
     let net = tokio::spawn({
         let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move {
-            chitchat_relay::net::run(relay, &key, listen, ready_tx, outbound, shutdown).await
-        }
+        async move { chitchat_relay::net::run(relay, &key, listen, ready_tx, outbound, shutdown).await }
     });
     let listening = tokio::time::timeout(Duration::from_secs(30), ready)
         .await

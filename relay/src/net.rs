@@ -449,7 +449,11 @@ fn send(swarm: &mut Swarm<Behaviour>, channel: ResponseChannel<Vec<u8>>, respons
     }
 }
 
-fn send_fed(swarm: &mut Swarm<Behaviour>, channel: ResponseChannel<Vec<u8>>, response: &FedResponse) {
+fn send_fed(
+    swarm: &mut Swarm<Behaviour>,
+    channel: ResponseChannel<Vec<u8>>,
+    response: &FedResponse,
+) {
     match wire::encode_frame(response) {
         Ok(bytes) => {
             let _ = swarm.behaviour_mut().fed.send_response(channel, bytes);

@@ -12,6 +12,7 @@ use chitchat_proto::channel::{
     inspect_commit, validate_key_package,
 };
 use chitchat_proto::codec::Bytes;
+use chitchat_proto::federation::{FedBody, FedRequest, FedResponse, ForwardResult};
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::ordering::{
@@ -22,7 +23,6 @@ use chitchat_proto::wire::{
 };
 use chitchat_proto::wire::{ChannelPost, EnqueueResult, MAX_WAIT_MS, PostResult};
 use chitchat_proto::wire::{CommitSubmission, Envelope, commit_hash};
-use chitchat_proto::federation::{FedBody, FedRequest, FedResponse, ForwardResult};
 use chitchat_proto::{DeviceId, PublicKey, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::Notify;
@@ -490,7 +490,13 @@ impl Relay {
 
     /// A KeyPackage of a device here or at another relay: this relay limits the requester, the
     /// other relay the target (and this relay as a whole).
-    async fn claim_at(&self, me: DeviceId, host: &str, device: DeviceId, now: Timestamp) -> Response {
+    async fn claim_at(
+        &self,
+        me: DeviceId,
+        host: &str,
+        device: DeviceId,
+        now: Timestamp,
+    ) -> Response {
         match self.remote_host(host) {
             Err(r) => *r,
             Ok(false) => self.claim(me, device, now).await,
@@ -504,7 +510,9 @@ impl Relay {
                 let body = FedBody::ClaimKeyPackage { requester: me, device };
                 match self.federation.call(host, body).await {
                     Ok((_, FedResponse::KeyPackage(kp))) => Response::KeyPackage(kp),
-                    Ok((_, other)) => unavailable(format!("{host} answered a claim with {other:?}")),
+                    Ok((_, other)) => {
+                        unavailable(format!("{host} answered a claim with {other:?}"))
+                    }
                     Err(e) => from_fed(&e),
                 }
             }
@@ -522,7 +530,10 @@ impl Relay {
         match self.remote_host(&host) {
             Err(r) => return *r,
             Ok(false) => {
-                return error(ErrorCode::BadRequest, "devices of this relay get Enqueue, not Forward");
+                return error(
+                    ErrorCode::BadRequest,
+                    "devices of this relay get Enqueue, not Forward",
+                );
             }
             Ok(true) => {}
         }

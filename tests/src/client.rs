@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use chitchat_proto::federation::{FedRequest, FedResponse};
 use chitchat_proto::wire::{self, AuthProof, Request, Response};
 use chitchat_proto::{DeviceId, SecretKey};
 use chitchat_relay::net::{FrameCodec, PROTOCOL};
@@ -33,6 +34,17 @@ impl Client {
         addr: Multiaddr,
         peer: PeerId,
     ) -> anyhow::Result<Self> {
+        Self::connect_on(identity, addr, peer, PROTOCOL).await
+    }
+
+    /// Connects with the given libp2p identity, to speak `protocol` (the device protocol, or
+    /// relays' [`FEDERATION_PROTOCOL`](chitchat_proto::federation::FEDERATION_PROTOCOL), as a relay would or an impostor might).
+    pub async fn connect_on(
+        identity: libp2p::identity::Keypair,
+        addr: Multiaddr,
+        peer: PeerId,
+        protocol: &'static str,
+    ) -> anyhow::Result<Self> {
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
             .with_tokio()
             .with_tcp(
@@ -44,7 +56,7 @@ impl Client {
             .with_behaviour(|_| {
                 request_response::Behaviour::with_codec(
                     FrameCodec,
-                    [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
+                    [(StreamProtocol::new(protocol), ProtocolSupport::Outbound)],
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(30)),
                 )
@@ -117,6 +129,12 @@ impl Client {
     pub async fn call(&self, request: &Request) -> anyhow::Result<Response> {
         let frame = wire::encode_frame(request)?;
         let bytes = self.call_raw(frame).await?;
+        Ok(wire::decode_frame(&bytes)?)
+    }
+
+    /// Sends a federation request (on a client connected with [`FEDERATION_PROTOCOL`](chitchat_proto::federation::FEDERATION_PROTOCOL)).
+    pub async fn call_fed(&self, request: &FedRequest) -> anyhow::Result<FedResponse> {
+        let bytes = self.call_raw(wire::encode_frame(request)?).await?;
         Ok(wire::decode_frame(&bytes)?)
     }
 

@@ -29,7 +29,7 @@ pub async fn register(relay: &RelayProcess, device: &Device, name: &str) -> Clie
     let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
     let c = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
     assert_eq!(
-        c.authenticate(&device.key, "localhost").await.expect("auth"),
+        c.authenticate(&device.key, relay.host()).await.expect("auth"),
         Response::Authenticated
     );
     let req = Request::Register {

@@ -60,6 +60,8 @@ pub struct RelayProcess {
     env: Vec<(String, String)>,
     /// A command the relay runs under (`ip netns exec NS`), if any.
     wrapper: Vec<String>,
+    /// Its host name (`localhost` unless federated).
+    host: String,
     /// Where it listens (refreshed on every start).
     pub info: RunInfo,
 }
@@ -107,6 +109,7 @@ impl RelayProcess {
             child: None,
             env,
             wrapper: Vec::new(),
+            host: "localhost".into(),
             info: RunInfo { peer_id: String::new(), addrs: vec![], http: String::new(), pid: 0 },
         };
         Ok(relay)
@@ -123,6 +126,29 @@ impl RelayProcess {
             configure,
             &[("CHITCHAT_RELAY_LISTEN", listen.as_str()), ("CHITCHAT_RELAY_HTTP", http.as_str())],
         )
+    }
+
+    /// A relay that federates: on fixed loopback ports, named by its HTTP address
+    /// (`127.0.0.1:PORT`), as relays side by side on one machine are, so that other relays find
+    /// it through its `.well-known`.
+    pub fn start_federated(configure: impl FnOnce(&str) -> String) -> anyhow::Result<Self> {
+        let tcp = free_port()?;
+        let http = format!("127.0.0.1:{}", free_port()?);
+        let listen = format!("/ip4/127.0.0.1/tcp/{tcp}");
+        let env = [
+            ("CHITCHAT_RELAY_LISTEN", listen.as_str()),
+            ("CHITCHAT_RELAY_HTTP", http.as_str()),
+            ("CHITCHAT_RELAY_HOST", http.as_str()),
+        ];
+        let mut relay = Self::prepare(configure, &env)?;
+        relay.host = http;
+        relay.restart()?;
+        Ok(relay)
+    }
+
+    /// Its host name.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// Like [`RelayProcess::start_fixed`], inside a network namespace: it listens on the

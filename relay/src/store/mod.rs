@@ -58,7 +58,8 @@ pub(crate) const BLOCKED: TableDefinition<'_, &str, u64> = TableDefinition::new(
 pub(crate) const FED_QUEUE: TableDefinition<'_, (&str, u64), &[u8]> =
     TableDefinition::new("fed-queue-0");
 /// Each destination's queue counters: host → [`QueueCounters`].
-pub(crate) const FED_QUEUES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("fed-queues-0");
+pub(crate) const FED_QUEUES: TableDefinition<'_, &str, &[u8]> =
+    TableDefinition::new("fed-queues-0");
 /// Payloads forwarded here, by `(origin relay key, seq)` → when (ms): a payload forwarded twice
 /// is stored once.
 pub(crate) const FED_SEEN: TableDefinition<'_, ([u8; 32], u64), u64> =

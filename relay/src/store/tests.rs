@@ -411,3 +411,107 @@ async fn fetch_answers_always_fit_a_frame() {
     }
     assert_eq!(fetched, MAX_FETCH_ITEMS as usize + 3);
 }
+
+#[tokio::test]
+async fn a_forwarded_payload_is_stored_once_whatever_is_resent() {
+    let (_d, store) = open();
+    store.write(register(None, true, "bob", dir(2, 1, &[]))).await.expect("register");
+    let origin = [9; 32];
+    let forwarded = |seq: u64, fill: u8| Write::Forwarded {
+        origin,
+        seq,
+        sender: dev(1),
+        envelope: envelope(2, fill),
+        now: NOW,
+        quota: QUOTA,
+    };
+    assert!(matches!(store.write(forwarded(5, 1)).await, Ok(Written::Enqueued { .. })));
+    // The same (origin, seq) again, as after a lost answer: stored once.
+    assert_eq!(store.write(forwarded(5, 1)).await, Ok(Written::Done));
+    // The same seq from another relay is another payload.
+    let other = Write::Forwarded {
+        origin: [8; 32],
+        seq: 5,
+        sender: dev(1),
+        envelope: envelope(2, 2),
+        now: NOW,
+        quota: QUOTA,
+    };
+    assert!(matches!(store.write(other).await, Ok(Written::Enqueued { .. })));
+    let (items, _) = store.fetch(&dev(2), None, 10, usize::MAX).expect("fetch");
+    assert_eq!(items.len(), 2);
+    // A refused one (unknown recipient, full inbox) is not remembered: it may come again.
+    let unknown = Write::Forwarded {
+        origin,
+        seq: 6,
+        sender: dev(1),
+        envelope: envelope(3, 1),
+        now: NOW,
+        quota: QUOTA,
+    };
+    assert_eq!(code(store.write(unknown).await), ErrorCode::NotFound);
+    assert!(matches!(store.write(forwarded(7, 3)).await, Ok(Written::Enqueued { .. })));
+    assert!(matches!(code(store.write(forwarded(8, 4)).await), ErrorCode::QuotaExceeded { .. }));
+    store.write(Write::Ack { device: dev(2), ids: vec![items[0].id] }).await.expect("ack");
+    assert!(matches!(store.write(forwarded(8, 4)).await, Ok(Written::Enqueued { .. })));
+    // Forgotten after the retention (plus a day); the queue's memory expires with it.
+    let later = Timestamp(NOW.0 + 2 * 24 * 3600 * 1000 + 1);
+    let (items, _) = store.fetch(&dev(2), None, 10, usize::MAX).expect("fetch");
+    let ids = items.iter().map(|i| i.id).collect();
+    store.write(Write::Ack { device: dev(2), ids }).await.expect("ack");
+    assert_eq!(store.write(forwarded(5, 1)).await, Ok(Written::Done), "remembered till then");
+    store.write(Write::ExpireFederation { before: later, max: 100 }).await.expect("expire");
+    assert!(matches!(store.write(forwarded(5, 1)).await, Ok(Written::Enqueued { .. })));
+}
+
+#[tokio::test]
+async fn queues_for_other_relays_are_bounded_ordered_and_expire() {
+    let (_d, store) = open();
+    let limits = QueueLimits { max_items: 5, max_bytes: 1 << 20, max_total_items: 8 };
+    let queue = |host: &str, n: u8, now: Timestamp| Write::Queue {
+        host: host.into(),
+        sender: dev(1),
+        envelopes: (0..n).map(|i| envelope(2, i)).collect(),
+        now,
+        limits,
+    };
+    let Ok(Written::Enqueued { id: first }) = store.write(queue("b.example", 3, NOW)).await else {
+        panic!("not queued")
+    };
+    // All or nothing: 3 more would pass 5 for this relay.
+    assert!(matches!(
+        code(store.write(queue("b.example", 3, NOW)).await),
+        ErrorCode::QuotaExceeded { .. }
+    ));
+    store.write(queue("b.example", 2, Timestamp(NOW.0 + 10))).await.expect("queued");
+    // 8 in all, whatever the relay.
+    store.write(queue("c.example", 3, NOW)).await.expect("queued");
+    assert!(matches!(
+        code(store.write(queue("d.example", 1, NOW)).await),
+        ErrorCode::QuotaExceeded { .. }
+    ));
+    assert_eq!(store.queued_total().expect("total"), 8);
+    let mut hosts = store.queued_hosts().expect("hosts");
+    hosts.sort();
+    assert_eq!(hosts, vec!["b.example".to_owned(), "c.example".to_owned()]);
+    // Oldest first, numbered in order, bounded by count.
+    let batch = store.queued("b.example", 4, usize::MAX).expect("queued");
+    let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (first..first + 4).collect::<Vec<_>>());
+    assert_eq!(batch[1].1.envelope, envelope(2, 1));
+    // Delivered ones leave; removing twice changes nothing.
+    let unqueue = Write::Unqueue { host: "b.example".into(), seqs: seqs[..2].to_vec() };
+    assert_eq!(store.write(unqueue.clone()).await, Ok(Written::Removed(2)));
+    assert_eq!(store.write(unqueue).await, Ok(Written::Removed(0)));
+    assert_eq!(store.queued_total().expect("total"), 6);
+    // Room again: the counters followed.
+    store.write(queue("d.example", 2, NOW)).await.expect("queued");
+    // Expiry drops what was queued before the horizon, and only that.
+    let expired =
+        store.write(Write::ExpireFederation { before: Timestamp(NOW.0 + 5), max: 100 }).await;
+    assert_eq!(expired, Ok(Written::Removed(6)));
+    let left = store.queued("b.example", 10, usize::MAX).expect("queued");
+    assert_eq!(left.len(), 2, "the two queued later stay");
+    assert_eq!(store.queued_total().expect("total"), 2);
+    assert_eq!(store.queued_hosts().expect("hosts"), vec!["b.example".to_owned()]);
+}

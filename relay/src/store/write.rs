@@ -751,9 +751,7 @@ fn queue(
     let total = queued_total(t)?;
     let items: Vec<Vec<u8>> = envelopes
         .iter()
-        .map(|e| {
-            encode_record(&QueuedForward { queued_at: now, sender, envelope: e.clone() })
-        })
+        .map(|e| encode_record(&QueuedForward { queued_at: now, sender, envelope: e.clone() }))
         .collect();
     let n = items.len() as u64;
     let bytes: u64 = items.iter().map(|i| i.len() as u64).sum();

@@ -1,0 +1,322 @@
+//! Relays federating on loopback, each named by its address (`127.0.0.1:PORT`) and found
+//! through its `.well-known`: look-ups and KeyPackage claims across relays, payloads forwarded
+//! to a relay that is away (and a sender relay killed meanwhile), blocked hosts, and peers that
+//! pretend to be a relay.
+
+use chitchat_proto::Timestamp;
+use chitchat_proto::channel::Identity;
+use chitchat_proto::codec::Bytes;
+use chitchat_proto::federation::{FEDERATION_PROTOCOL, FedBody, FedRequest, FedResponse};
+use chitchat_proto::identity::TrustedRelays;
+use chitchat_proto::inbox;
+use chitchat_proto::wire::{Envelope, ErrorCode, Request, Response};
+use chitchat_tests::{Client, Device, RelayProcess, register};
+use rand_core::SeedableRng;
+
+fn now() -> Timestamp {
+    chitchat_relay::service::now()
+}
+
+fn code(r: &Response) -> Option<ErrorCode> {
+    match r {
+        Response::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+fn relay(edit: impl FnOnce(&str) -> String) -> RelayProcess {
+    RelayProcess::start_federated(edit).expect("relay starts")
+}
+
+/// A metric's value from a relay's `/metrics` (0 when absent).
+fn metric(relay: &RelayProcess, name: &str) -> f64 {
+    let text = relay.http_get("/metrics").expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn upload_key_packages(c: &Client, device: &Device, n: usize) {
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let mls = Identity::new(&device.key);
+    let packages = (0..n).map(|_| Bytes(mls.key_package(&provider, false).expect("kp"))).collect();
+    let r = c.call(&Request::UploadKeyPackages { packages, last_resort: None }).await;
+    assert!(matches!(r.expect("upload"), Response::KeyPackagesStored { .. }));
+}
+
+fn sealed(to: &Device, text: &str) -> inbox::SealedEnvelope {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(rand::random());
+    inbox::seal(&mut rng, to.id(), &to.inbox.public(), text.as_bytes()).expect("seal")
+}
+
+/// What `device` finds in its inbox at `c`, opened, in order.
+async fn inbox_texts(c: &Client, device: &Device) -> Vec<String> {
+    let mut texts = Vec::new();
+    let mut after = None;
+    loop {
+        let r = c.call(&Request::Fetch { after, max: 1024 }).await.expect("fetch");
+        let Response::Items { items, more } = r else { panic!("fetch: {r:?}") };
+        for item in &items {
+            let Envelope::Sealed(e) = &item.envelope else { panic!("not sealed") };
+            let plain = device.inbox.open(device.id(), e).expect("opens");
+            texts.push(String::from_utf8(plain).expect("utf-8"));
+        }
+        after = items.last().map(|i| i.id).or(after);
+        if !more {
+            return texts;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_reach_users_of_other_relays() {
+    let a = relay(|c| c.to_owned());
+    // B lets each device's packages be claimed twice a minute.
+    let b = relay(|c| {
+        c.replace("claims_per_target_per_minute = 60", "claims_per_target_per_minute = 2")
+    });
+    let (alice, bob) = (Device::new(1), Device::new(2));
+    let ca = register(&a, &alice, "alice").await;
+    let cb = register(&b, &bob, "bob").await;
+    upload_key_packages(&cb, &bob, 5).await;
+
+    // Alice finds bob@B through her relay, which vouches for B's key as B publishes it.
+    let r = ca
+        .call(&Request::LookupAt { host: b.host().into(), local_name: "bob".into() })
+        .await
+        .expect("lookup");
+    let Response::RemoteDirs { relay, dirs } = r else { panic!("lookup: {r:?}") };
+    assert_eq!(relay, b.relay_id().expect("B's well-known"));
+    assert_eq!(dirs.len(), 1);
+    let trust = TrustedRelays { relays: vec![relay], ..Default::default() };
+    let addresses = dirs[0].verify(&trust, now()).expect("bob's record verifies against B");
+    assert_eq!(addresses[0].to_string(), format!("bob@{}", b.host()));
+    // By device id too; an unknown user is an empty answer, not an error.
+    let r = ca
+        .call(&Request::LookupDevicesAt { host: b.host().into(), devices: vec![bob.id()] })
+        .await
+        .expect("lookup devices");
+    assert!(matches!(r, Response::RemoteDirs { ref dirs, .. } if dirs.len() == 1), "{r:?}");
+    let r = ca
+        .call(&Request::LookupAt { host: b.host().into(), local_name: "nobody".into() })
+        .await
+        .expect("lookup");
+    assert!(matches!(r, Response::RemoteDirs { ref dirs, .. } if dirs.is_empty()), "{r:?}");
+    // Its own host answers from its own directory.
+    let r = cb
+        .call(&Request::LookupAt { host: b.host().into(), local_name: "bob".into() })
+        .await
+        .expect("lookup");
+    assert!(matches!(r, Response::RemoteDirs { ref dirs, .. } if dirs.len() == 1), "{r:?}");
+
+    // KeyPackage claims cross under B's per-target limit (2 a minute here).
+    for _ in 0..2 {
+        let r = ca
+            .call(&Request::ClaimKeyPackageAt { host: b.host().into(), device: bob.id() })
+            .await
+            .expect("claim");
+        assert!(matches!(r, Response::KeyPackage(_)), "{r:?}");
+    }
+    let r = ca
+        .call(&Request::ClaimKeyPackageAt { host: b.host().into(), device: bob.id() })
+        .await
+        .expect("claim");
+    assert!(matches!(code(&r), Some(ErrorCode::RateLimited { .. })), "{r:?}");
+
+    // A sealed payload for bob goes to B once, and bob reads it there.
+    let r = ca
+        .call(&Request::Forward {
+            host: b.host().into(),
+            envelopes: vec![sealed(&bob, "hello from A")],
+        })
+        .await
+        .expect("forward");
+    assert_eq!(r, Response::Forwarded { queued: 1 });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let texts = inbox_texts(&cb, &bob).await;
+        if !texts.is_empty() {
+            assert_eq!(texts, vec!["hello from A".to_owned()]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the forwarded payload never arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&a, "chitchat_relay_forwarded_total"), 1.0);
+
+    // Clear errors: a relay that does not exist, a host that is not a host, Forward to itself,
+    // and remote requests from a device not registered here.
+    let r = ca
+        .call(&Request::LookupAt { host: "127.0.0.1:1".into(), local_name: "bob".into() })
+        .await
+        .expect("lookup");
+    let Response::Error { code, message } = r else { panic!("{r:?}") };
+    assert_eq!(code, ErrorCode::Unavailable);
+    assert!(message.contains("could not find the relay 127.0.0.1:1"), "{message}");
+    let r = ca
+        .call(&Request::LookupAt { host: "Not A Host".into(), local_name: "bob".into() })
+        .await
+        .expect("lookup");
+    assert_eq!(code_of(&r), Some(ErrorCode::BadRequest));
+    let r = ca
+        .call(&Request::Forward { host: a.host().into(), envelopes: vec![sealed(&bob, "x")] })
+        .await
+        .expect("forward");
+    assert_eq!(code_of(&r), Some(ErrorCode::BadRequest));
+    let stranger = Client::connect(a.tcp_addr(), a.peer_id()).await.expect("connect");
+    let r = stranger
+        .call(&Request::LookupAt { host: b.host().into(), local_name: "bob".into() })
+        .await
+        .expect("lookup");
+    assert_eq!(code_of(&r), Some(ErrorCode::Unauthenticated));
+}
+
+fn code_of(r: &Response) -> Option<ErrorCode> {
+    code(r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_payloads_wait_for_a_relay_that_is_away_and_survive_a_crash() {
+    let mut a = relay(|c| c.to_owned());
+    let mut b = relay(|c| c.to_owned());
+    let (alice, bob) = (Device::new(1), Device::new(2));
+    let ca = register(&a, &alice, "alice").await;
+    drop(register(&b, &bob, "bob").await);
+
+    // B is away (killed); A takes 60 payloads for it and answers only once they are durable.
+    b.kill9();
+    for chunk in 0..3 {
+        let envelopes =
+            (0..20).map(|i| sealed(&bob, &format!("m{}", chunk * 20 + i))).collect::<Vec<_>>();
+        let r =
+            ca.call(&Request::Forward { host: b.host().into(), envelopes }).await.expect("forward");
+        assert_eq!(r, Response::Forwarded { queued: 20 });
+    }
+    // A is killed too before B comes back: the queue is on A's disk.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    a.kill9();
+    b.restart().expect("B restarts");
+    a.restart().expect("A restarts");
+    let cb = Client::connect(b.tcp_addr(), b.peer_id()).await.expect("connect");
+    assert_eq!(cb.authenticate(&bob.key, b.host()).await.expect("auth"), Response::Authenticated);
+    let want: Vec<String> = (0..60).map(|i| format!("m{i}")).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let texts = inbox_texts(&cb, &bob).await;
+        // Exactly once, in order, whatever was retried.
+        assert!(want.starts_with(&texts), "out of order or repeated: {texts:?}");
+        if texts.len() == want.len() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of 60 forwarded payloads arrived",
+            texts.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Nothing is left in A's queue.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metric(&a, "chitchat_relay_forward_queue") != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "A's queue never emptied");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_host_gets_nothing_through_and_is_never_contacted() {
+    let a = relay(|c| c.to_owned());
+    let b = relay(|c| c.to_owned());
+    let (alice, bob) = (Device::new(1), Device::new(2));
+    let ca = register(&a, &alice, "alice").await;
+    let cb = register(&b, &bob, "bob").await;
+    a.cli(&["block", b.host()]).expect("block");
+
+    // Nothing goes from A to B: look-ups, claims and forwards are refused at A ...
+    for request in [
+        Request::LookupAt { host: b.host().into(), local_name: "bob".into() },
+        Request::LookupDevicesAt { host: b.host().into(), devices: vec![bob.id()] },
+        Request::ClaimKeyPackageAt { host: b.host().into(), device: bob.id() },
+        Request::Forward { host: b.host().into(), envelopes: vec![sealed(&bob, "x")] },
+    ] {
+        let r = ca.call(&request).await.expect("call");
+        let Response::Error { code, message } = r else { panic!("{request:?} got {r:?}") };
+        assert_eq!(code, ErrorCode::Forbidden, "{message}");
+        assert!(message.contains("blocked"), "{message}");
+    }
+    // ... without A ever reaching B: B saw no federation request and no connection but bob's.
+    assert_eq!(metric(&b, "chitchat_relay_federation_requests_total"), 0.0);
+    assert_eq!(metric(&b, "chitchat_relay_connections"), 1.0);
+
+    // And nothing from B is accepted at A.
+    let r = cb
+        .call(&Request::LookupAt { host: a.host().into(), local_name: "alice".into() })
+        .await
+        .expect("lookup");
+    let Response::Error { code, message } = r else { panic!("{r:?}") };
+    assert_eq!(code, ErrorCode::Forbidden, "{message}");
+    let r = cb
+        .call(&Request::Forward { host: a.host().into(), envelopes: vec![sealed(&alice, "x")] })
+        .await
+        .expect("forward");
+    assert_eq!(r, Response::Forwarded { queued: 1 }, "B queues it: it does not know");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(inbox_texts(&ca, &alice).await.is_empty(), "a blocked relay's payload got in");
+    assert_eq!(metric(&b, "chitchat_relay_forward_queue"), 1.0, "B keeps it and retries");
+
+    // Unblocked, the queued payload arrives (B retries within its back-off).
+    a.cli(&["unblock", b.host()]).expect("unblock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(45);
+    while inbox_texts(&ca, &alice).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the payload never arrived after unblock");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_pretending_to_be_a_relay_is_refused() {
+    let a = relay(|c| c.to_owned());
+    let b = relay(|c| c.to_owned());
+    let bob = Device::new(2);
+    drop(register(&b, &bob, "bob").await);
+    let lookup = |from: &str| FedRequest {
+        from: from.to_owned(),
+        body: FedBody::Lookup { local_name: "bob".into() },
+    };
+    let connect = || async {
+        Client::connect_on(
+            libp2p::identity::Keypair::generate_ed25519(),
+            b.tcp_addr(),
+            b.peer_id(),
+            FEDERATION_PROTOCOL,
+        )
+        .await
+        .expect("connect")
+    };
+
+    // A peer whose key is not A's says it is A: B reads A's .well-known and refuses.
+    let impostor = connect().await;
+    let r = impostor.call_fed(&lookup(a.host())).await.expect("call");
+    let FedResponse::Error { code, message } = r else { panic!("{r:?}") };
+    assert_eq!(code, ErrorCode::Forbidden);
+    assert!(message.contains("is not the relay"), "{message}");
+    // A host with no relay behind it, and a name that is no host, are refused too.
+    let r = impostor.call_fed(&lookup("127.0.0.1:1")).await.expect("call");
+    assert!(matches!(r, FedResponse::Error { code: ErrorCode::Unavailable, .. }), "{r:?}");
+    let r = impostor.call_fed(&lookup("NOT A HOST")).await.expect("call");
+    assert!(matches!(r, FedResponse::Error { .. }), "{r:?}");
+    // Garbage is a typed error, and B still serves A afterwards.
+    let raw = impostor.call_raw(vec![0xff; 40]).await.expect("call");
+    let r: FedResponse = chitchat_proto::wire::decode_frame(&raw).expect("an error frame");
+    assert!(matches!(r, FedResponse::Error { code: ErrorCode::BadRequest, .. }), "{r:?}");
+
+    // The real A gets its answer (through a device of A).
+    let alice = Device::new(1);
+    let ca = register(&a, &alice, "alice").await;
+    let r = ca
+        .call(&Request::LookupAt { host: b.host().into(), local_name: "bob".into() })
+        .await
+        .expect("lookup");
+    assert!(matches!(r, Response::RemoteDirs { ref dirs, .. } if dirs.len() == 1), "{r:?}");
+}
