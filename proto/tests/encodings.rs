@@ -123,6 +123,14 @@ proptest! {
         frame_any_bytes::<Response>(&seed)?;
     }
 
+    #[test]
+    fn federation_frames(seed in vec(any::<u8>(), 0..2048)) {
+        frame_round_trip::<chitchat_proto::federation::FedRequest>(&seed)?;
+        frame_any_bytes::<chitchat_proto::federation::FedRequest>(&seed)?;
+        frame_round_trip::<chitchat_proto::federation::FedResponse>(&seed)?;
+        frame_any_bytes::<chitchat_proto::federation::FedResponse>(&seed)?;
+    }
+
     /// Valid frames with one byte changed still never decode to a non-canonical value.
     #[test]
     fn mutated_request_frames(seed in vec(any::<u8>(), 0..1024), at in any::<usize>(), x in any::<u8>()) {

@@ -316,3 +316,67 @@ fn relay_protocol_frames() {
         );
     }
 }
+
+/// Protocol version 4: federation. The device asks its relay about other relays' users and
+/// forwards payloads through it; relays speak `FedRequest`/`FedResponse` among themselves.
+#[test]
+fn federation_frames() {
+    use chitchat_proto::federation::{FedBody, FedRequest, FedResponse, ForwardResult, Forwarded};
+    let frames = |v: Vec<Vec<u8>>| v.iter().map(|f| hex(f)).collect::<Vec<_>>().join("\n--\n");
+    let requests = [
+        Request::LookupAt { host: "b.example:7561".into(), local_name: "bob".into() },
+        Request::LookupDevicesAt { host: "b.example".into(), devices: vec![dev(2)] },
+        Request::ClaimKeyPackageAt { host: "b.example".into(), device: dev(2) },
+        Request::Forward { host: "b.example".into(), envelopes: vec![envelope()] },
+    ];
+    let responses = [
+        Response::RemoteDirs { relay: relay(), dirs: vec![dir()] },
+        Response::Forwarded { queued: 3 },
+    ];
+    let fed_requests = [
+        FedBody::Lookup { local_name: "bob".into() },
+        FedBody::LookupDevices { devices: vec![dev(2)] },
+        FedBody::ClaimKeyPackage { requester: dev(1), device: dev(2) },
+        FedBody::Forward {
+            items: vec![Forwarded { seq: 300, sender: dev(1), envelope: envelope() }],
+        },
+    ]
+    .map(|body| FedRequest { from: "a.example".into(), body });
+    let fed_responses = [
+        FedResponse::Dirs(vec![dir()]),
+        FedResponse::KeyPackage(vec![1, 2]),
+        FedResponse::Forwarded(vec![
+            ForwardResult::Stored,
+            ForwardResult::Refused(ErrorCode::RateLimited { retry_after_ms: 5 }),
+        ]),
+        FedResponse::Error { code: ErrorCode::Forbidden, message: "blocked".into() },
+    ];
+    insta::assert_snapshot!(
+        "requests_federated",
+        frames(requests.iter().map(|r| wire::encode_frame(r).expect("frame")).collect())
+    );
+    insta::assert_snapshot!(
+        "responses_federated",
+        frames(responses.iter().map(|r| wire::encode_frame(r).expect("frame")).collect())
+    );
+    insta::assert_snapshot!(
+        "fed_requests",
+        frames(fed_requests.iter().map(|r| wire::encode_frame(r).expect("frame")).collect())
+    );
+    insta::assert_snapshot!(
+        "fed_responses",
+        frames(fed_responses.iter().map(|r| wire::encode_frame(r).expect("frame")).collect())
+    );
+    for r in &requests {
+        let f = wire::encode_frame(r).expect("frame");
+        assert_eq!(&wire::decode_frame::<Request>(&f).expect("decode"), r);
+    }
+    for r in &fed_requests {
+        let f = wire::encode_frame(r).expect("frame");
+        assert_eq!(&wire::decode_frame::<FedRequest>(&f).expect("decode"), r);
+    }
+    for r in &fed_responses {
+        let f = wire::encode_frame(r).expect("frame");
+        assert_eq!(&wire::decode_frame::<FedResponse>(&f).expect("decode"), r);
+    }
+}
