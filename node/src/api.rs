@@ -140,6 +140,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/register", post(register))
         .route("/v1/devices", get(devices))
+        .route("/v1/users/{address}", get(user))
         .route("/v1/channels", get(channels).post(create_channel))
         .route("/v1/channels/{channel}", get(channel_info))
         .route("/v1/channels/{channel}/members", get(members))
@@ -290,6 +291,33 @@ async fn devices(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
         })
         .collect();
     Ok(Json(json!({ "address": address, "devices": list })))
+}
+
+/// A user of any relay (`bob@other.host`), with the devices whose records verify.
+async fn user(
+    State(s): State<Arc<ApiState>>,
+    Path(address): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let dirs = s.node.lookup(&address).await?;
+    let host = address.rsplit_once('@').map(|(_, h)| h.to_owned()).unwrap_or_default();
+    let relay_key = s
+        .node
+        .with(move |e| {
+            let home = e.account().map(|a| a.relay.id.clone()).filter(|r| r.host == host);
+            home.or_else(|| e.relays().find(|r| r.host == host).cloned()).map(|r| r.key.to_hex())
+        })
+        .await;
+    let list: Vec<Value> = dirs
+        .iter()
+        .map(|d| {
+            json!({
+                "device": d.device().0.to_hex(),
+                "name": d.body.profile.display_name,
+                "record_seq": d.body.seq,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "address": address, "relay_key": relay_key, "devices": list })))
 }
 
 /// A channel's summary.

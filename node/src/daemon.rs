@@ -681,22 +681,36 @@ impl Node {
         Ok(())
     }
 
-    /// Resolves `alice@relay` to the verified records of her devices.
+    /// Resolves `alice@relay` to the verified records of her devices. A user of another relay
+    /// is looked up through this node's relay, which reads that relay's key from its
+    /// `.well-known` and answers with it; the node keeps that key to verify the relay's
+    /// sponsorships.
     pub async fn lookup(&self, address: &str) -> Result<Vec<Dir>, NodeError> {
         let address = Address::parse(address)
             .map_err(|e| NodeError::Invalid(format!("address {address:?}: {e}")))?;
         let link = self.link()?;
         let home = self.with(|e| e.account().map(|a| a.relay.id.host.clone())).await;
-        if home.as_deref() != Some(address.host.as_str()) {
-            return Err(NodeError::Invalid(format!(
-                "{address}: only users of this node's relay ({}) can be reached so far \
-                 (federation between relays is not built yet)",
-                home.unwrap_or_default()
-            )));
-        }
-        let dirs = match link.call(&Request::Lookup { local_name: address.local.clone() }).await? {
-            Response::Dirs(dirs) => dirs,
-            other => return Err(refused(other)),
+        let dirs = if home.as_deref() == Some(address.host.as_str()) {
+            match link.call(&Request::Lookup { local_name: address.local.clone() }).await? {
+                Response::Dirs(dirs) => dirs,
+                other => return Err(refused(other)),
+            }
+        } else {
+            let request =
+                Request::LookupAt { host: address.host.clone(), local_name: address.local.clone() };
+            match link.call(&request).await? {
+                Response::RemoteDirs { relay, dirs } if relay.host == address.host => {
+                    self.with(move |e| e.learn_relay(relay)).await?;
+                    dirs
+                }
+                Response::RemoteDirs { relay, .. } => {
+                    return Err(NodeError::Invalid(format!(
+                        "the relay answered for {} when asked about {}",
+                        relay.host, address.host
+                    )));
+                }
+                other => return Err(refused(other)),
+            }
         };
         let now = now();
         let (valid, rejected) = self
@@ -721,6 +735,16 @@ impl Node {
         channel: ChannelId,
         address: &str,
     ) -> Result<Vec<DeviceId>, NodeError> {
+        let home = self.with(|e| e.account().map(|a| a.relay.id.host.clone())).await;
+        if let Ok(a) = Address::parse(address)
+            && home.is_some_and(|h| h != a.host)
+        {
+            return Err(NodeError::Invalid(format!(
+                "{address}: a channel with members on other relays is ordered by all their \
+                 relays together, which is not built yet (users of other relays can be looked \
+                 up: `chitchat lookup {address}`)"
+            )));
+        }
         let dirs = self.lookup(address).await?;
         let members: BTreeSet<DeviceId> =
             self.with(move |e| e.members(&channel)).await?.into_iter().collect();

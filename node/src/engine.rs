@@ -21,7 +21,7 @@ use chitchat_proto::identity::{DirBody, Profile, TrustedRelays};
 use chitchat_proto::inbox::{self, InboxSecret};
 use chitchat_proto::ordering::{ChannelId, EpochCert};
 use chitchat_proto::wire::{Envelope, InboxItem, InboxPayload, LeaveRequest, SealedWelcomes};
-use chitchat_proto::{DeviceId, Dir, SecretKey, Sponsorship, Timestamp, chat};
+use chitchat_proto::{DeviceId, Dir, RelayId, SecretKey, Sponsorship, Timestamp, chat};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider as _;
 use rand::RngExt as _;
@@ -238,6 +238,8 @@ pub struct Engine {
     account: Option<Account>,
     channels: BTreeMap<ChannelId, Held>,
     dirs: BTreeMap<DeviceId, Dir>,
+    /// Other relays, as this device's relay vouched for them, by host.
+    relays: BTreeMap<String, RelayId>,
     next_outbox: u64,
     events: broadcast::Sender<Event>,
     /// Channels whose sends may leave before their commit: each is marked in `released-0`
@@ -293,6 +295,7 @@ impl Engine {
             .clone_from(&entries);
         let mirror = MlsMirror::new(entries);
         let dirs = store.dirs()?.into_iter().map(|d| (d.device(), d)).collect();
+        let relays = store.relays()?.into_iter().map(|r| (r.host.clone(), r)).collect();
         let account = store.account()?;
         let next_outbox = store.next_outbox_id()?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
@@ -306,6 +309,7 @@ impl Engine {
             account,
             channels: BTreeMap::new(),
             dirs,
+            relays,
             next_outbox,
             events,
             released: BTreeSet::new(),
@@ -453,11 +457,39 @@ impl Engine {
         self.account.as_ref()
     }
 
+    /// The relays whose sponsorships this device accepts: its own, and the others its relay
+    /// vouched for (their key as the relay read it from their `.well-known`). The home relay's
+    /// host is never taken from another source.
     fn trust(&self) -> TrustedRelays {
-        TrustedRelays {
-            relays: self.account.iter().map(|a| a.relay.id.clone()).collect(),
-            ..Default::default()
+        let home = self.account.as_ref().map(|a| a.relay.id.clone());
+        let others: Vec<RelayId> = self
+            .relays
+            .values()
+            .filter(|r| home.as_ref().is_none_or(|h| h.host != r.host))
+            .cloned()
+            .collect();
+        TrustedRelays { relays: home.into_iter().chain(others).collect(), ..Default::default() }
+    }
+
+    /// Remembers another relay's identity as this device's relay vouched for it, so records it
+    /// sponsors verify. A change of key for a known host replaces the old key (the relay read
+    /// it from the host's `.well-known`, which is the authority for the name).
+    pub fn learn_relay(&mut self, relay: RelayId) -> Result<(), EngineError> {
+        if self.account.as_ref().is_some_and(|a| a.relay.id.host == relay.host)
+            || self.relays.get(&relay.host) == Some(&relay)
+        {
+            return Ok(());
         }
+        let mut b = Batch::default();
+        b.relay(relay.clone());
+        self.store.commit(b)?;
+        self.relays.insert(relay.host.clone(), relay);
+        Ok(())
+    }
+
+    /// The other relays this device knows.
+    pub fn relays(&self) -> impl Iterator<Item = &RelayId> {
+        self.relays.values()
     }
 
     /// The store, for reads.

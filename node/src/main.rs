@@ -54,6 +54,11 @@ enum Command {
     Whoami,
     /// List this user's devices.
     Devices,
+    /// Look up a user of any relay (bob@other.host) and list the devices whose records verify.
+    Lookup {
+        /// The user's address.
+        address: String,
+    },
     /// Channel commands.
     Channel {
         #[command(subcommand)]
@@ -375,6 +380,18 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 let this =
                     if d["this_device"].as_bool() == Some(true) { " (this device)" } else { "" };
                 println!("{}{this}", d["device"].as_str().unwrap_or_default());
+            }
+        }
+        Command::Lookup { address } => {
+            let path = format!("/v1/users/{address}");
+            let v = client.json("GET", &path, None).await?;
+            println!("{} (relay key {})", address, v["relay_key"].as_str().unwrap_or("unknown"));
+            for d in v["devices"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {}",
+                    d["device"].as_str().unwrap_or_default(),
+                    d["name"].as_str().unwrap_or_default()
+                );
             }
         }
         Command::Channel { command: ChannelCommand::Create { name, mime, open } } => {

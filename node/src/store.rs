@@ -22,7 +22,7 @@ use chitchat_proto::codec::{Bytes, decode, encode};
 use chitchat_proto::hlc::Hlc;
 use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::wire::SealedWelcomes;
-use chitchat_proto::{DeviceId, Dir, RelayId, Timestamp};
+use chitchat_proto::{DeviceId, Dir, PublicKey, RelayId, Timestamp};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
@@ -54,6 +54,8 @@ const MESSAGE_COUNTS: TableDefinition<'_, [u8; 32], u64> = TableDefinition::new(
 const RELEASED: TableDefinition<'_, [u8; 32], ()> = TableDefinition::new("released-0");
 /// Why each of this device's failed messages was given up, by message.
 const FAILURES: TableDefinition<'_, MessageRef, &str> = TableDefinition::new("failures-0");
+/// Other relays, as this node's relay vouched for them: host → key.
+const RELAYS: TableDefinition<'_, &str, [u8; 32]> = TableDefinition::new("relays-0");
 
 type MessageKey = ([u8; 32], u64, u64, u32, [u8; 32], u64);
 
@@ -242,6 +244,7 @@ enum Op {
     Outbox(u64, Option<OutboxItem>),
     Intent(ChannelId, Option<IntentRecord>),
     Released(ChannelId, bool),
+    Relay(RelayId),
 }
 
 /// The writes of one operation, committed together.
@@ -266,6 +269,10 @@ impl Batch {
     /// Stores a channel.
     pub fn channel(&mut self, id: ChannelId, record: ChannelRecord) {
         self.ops.push(Op::Channel(id, record));
+    }
+    /// Remembers another relay's key (`relays-0`).
+    pub fn relay(&mut self, relay: RelayId) {
+        self.ops.push(Op::Relay(relay));
     }
     /// Stores an identity record.
     pub fn dir(&mut self, dir: Dir) {
@@ -350,6 +357,7 @@ impl Store {
             w.open_table(MESSAGE_COUNTS).map_err(redb_err)?;
             w.open_table(RELEASED).map_err(redb_err)?;
             w.open_table(FAILURES).map_err(redb_err)?;
+            w.open_table(RELAYS).map_err(redb_err)?;
         }
         w.commit().map_err(redb_err)?;
         Ok(Self { db })
@@ -411,6 +419,18 @@ impl Store {
         let mut out = Vec::new();
         for e in t.iter().map_err(redb_err)? {
             out.push(record(e.map_err(redb_err)?.1.value(), "channels")?);
+        }
+        Ok(out)
+    }
+
+    /// The other relays this node knows (vouched for by its relay).
+    pub fn relays(&self) -> Result<Vec<RelayId>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(RELAYS).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(redb_err)? {
+            let (host, key) = e.map_err(redb_err)?;
+            out.push(RelayId { host: host.value().to_owned(), key: PublicKey(key.value()) });
         }
         Ok(out)
     }
@@ -637,6 +657,12 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 };
                 let new = StoredMessage { status, ..old };
                 messages.insert(key, encode(&new).as_slice()).map_err(redb_err)?;
+            }
+            Op::Relay(relay) => {
+                w.open_table(RELAYS)
+                    .map_err(redb_err)?
+                    .insert(relay.host.as_str(), relay.key.0)
+                    .map_err(redb_err)?;
             }
             Op::Failure(channel, id, reason) => {
                 w.open_table(FAILURES)

@@ -320,3 +320,48 @@ async fn a_peer_pretending_to_be_a_relay_is_refused() {
         .expect("lookup");
     assert!(matches!(r, Response::RemoteDirs { ref dirs, .. } if dirs.len() == 1), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_looks_up_a_user_of_another_relay_and_trusts_only_what_its_relay_vouched_for() {
+    use chitchat_tests::NodeProcess;
+    let a = relay(|c| c.to_owned());
+    let b = relay(|c| c.to_owned());
+    let mut alice = NodeProcess::start(&[]).expect("node");
+    let bob = NodeProcess::start(&[]).expect("node");
+    alice.register(&a, "alice").await.expect("register");
+    let bob_address = bob.register(&b, "bob").await.expect("register");
+    assert_eq!(bob_address, format!("bob@{}", b.host()));
+    let bob_device = bob.json("GET", "/v1/status", None).await.expect("status")["device"]
+        .as_str()
+        .expect("device")
+        .to_owned();
+
+    let v = alice.json("GET", &format!("/v1/users/{bob_address}"), None).await.expect("lookup");
+    assert_eq!(v["devices"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["devices"][0]["device"], bob_device.as_str());
+    assert_eq!(v["relay_key"], b.relay_id().expect("well-known").key.to_hex().as_str());
+    // The relay's key is remembered: after a restart the record still verifies.
+    alice.stop().expect("stop");
+    alice.restart().expect("restart");
+    let out = alice.cli(&["lookup", &bob_address]).expect("cli lookup");
+    assert!(out.contains(&bob_device), "{out}");
+    // Unknown users and relays are clear errors.
+    let missing = alice.json("GET", &format!("/v1/users/nobody@{}", b.host()), None).await;
+    assert!(format!("{missing:?}").contains("no device of nobody@"), "{missing:?}");
+    let nowhere = alice.json("GET", "/v1/users/bob@127.0.0.1:1", None).await;
+    assert!(format!("{nowhere:?}").contains("could not find the relay"), "{nowhere:?}");
+    // Inviting across relays says what is missing instead of failing obscurely.
+    let ch = alice
+        .json("POST", "/v1/channels", Some(serde_json::json!({"name": "x"})))
+        .await
+        .expect("channel");
+    let id = ch["id"].as_str().expect("id").to_owned();
+    let invite = alice
+        .json(
+            "POST",
+            &format!("/v1/channels/{id}/invite"),
+            Some(serde_json::json!({"address": bob_address})),
+        )
+        .await;
+    assert!(format!("{invite:?}").contains("not built yet"), "{invite:?}");
+}
