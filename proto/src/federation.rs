@@ -11,8 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{DeviceId, Dir};
+use crate::identity::{DeviceId, Dir, RelayId};
 use crate::inbox::SealedEnvelope;
+use crate::ordering::{CertSignature, EpochCertBody};
 use crate::wire::{ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, MAX_LOOKUP_DEVICES, Validate};
 
 /// The libp2p protocol name relays speak to each other.
@@ -59,7 +60,55 @@ pub enum FedBody {
         /// At most [`MAX_FORWARD_BATCH`].
         items: Vec<Forwarded>,
     },
+    /// A Raft message of the ordering group of the relay set `relays` (both relays are in it).
+    /// The payload is the group implementation's own encoding of the RPC.
+    Raft {
+        /// The group's relays, sorted: they name the group.
+        relays: Vec<RelayId>,
+        /// Which RPC the payload is.
+        rpc: RaftRpc,
+        /// The RPC, at most [`MAX_RAFT_PAYLOAD`] bytes.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// A command for the group of `relays`, sent to its leader by the relay a device submitted
+    /// to (which checked the device and its directory first).
+    Propose {
+        /// The group's relays, sorted.
+        relays: Vec<RelayId>,
+        /// The command, in the group implementation's encoding.
+        #[serde(with = "serde_bytes")]
+        command: Vec<u8>,
+    },
+    /// Sign the certificate of `body` if, in the asking relay's group, `body.hash` won
+    /// `body.epoch`: the answering relay waits (briefly) until it applied the log up to `index`,
+    /// and signs only what its own state says won. It never signs two hashes for one epoch.
+    Sign {
+        /// The group's relays, sorted.
+        relays: Vec<RelayId>,
+        /// What to certify.
+        body: EpochCertBody,
+        /// The log index of the winning entry.
+        index: u64,
+    },
 }
+
+/// The kinds of Raft RPC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum RaftRpc {
+    /// Append entries (and heartbeats).
+    AppendEntries,
+    /// A vote request.
+    Vote,
+    /// A chunk of a snapshot.
+    InstallSnapshot,
+}
+
+/// The largest Raft payload or proposed command, in bytes (a frame holds it with room to spare).
+pub const MAX_RAFT_PAYLOAD: usize = 960 * 1024;
+/// The most relays in one relay set.
+pub const MAX_RELAY_SET: usize = crate::ordering::MAX_CERT_SIGNATURES;
 
 /// One forwarded payload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +143,10 @@ pub enum FedResponse {
     KeyPackage(#[serde(with = "serde_bytes")] Vec<u8>),
     /// One result per forwarded payload, in order.
     Forwarded(Vec<ForwardResult>),
+    /// The answer to a Raft RPC or a proposal, in the group implementation's encoding.
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The answering relay's signature of a certificate.
+    Signed(CertSignature),
     /// The request failed.
     Error {
         /// What kind of failure.
@@ -120,6 +173,15 @@ impl Validate for FedRequest {
                 }
                 items.iter().try_for_each(|i| i.envelope.validate())
             }
+            FedBody::Raft { relays, payload: bytes, .. }
+            | FedBody::Propose { relays, command: bytes } => {
+                check_relay_set(relays)?;
+                if bytes.len() > MAX_RAFT_PAYLOAD {
+                    return Err("raft payload too large");
+                }
+                Ok(())
+            }
+            FedBody::Sign { relays, .. } => check_relay_set(relays),
         }
     }
 }
@@ -130,9 +192,26 @@ impl Validate for FedResponse {
             Self::Dirs(d) if d.len() > MAX_DIRS => Err("too many records"),
             Self::KeyPackage(kp) if kp.len() > MAX_KEY_PACKAGE_LEN => Err("key package too long"),
             Self::Forwarded(r) if r.len() > MAX_FORWARD_BATCH => Err("too many results"),
+            Self::Raft(b) if b.len() > MAX_RAFT_PAYLOAD => Err("raft payload too large"),
             _ => Ok(()),
         }
     }
+}
+
+/// A relay set names a group: 2 to [`MAX_RELAY_SET`] relays, sorted, each once.
+pub fn check_relay_set(relays: &[RelayId]) -> Result<(), &'static str> {
+    if relays.len() < 2 || relays.len() > MAX_RELAY_SET {
+        return Err("a relay set has 2 to 64 relays");
+    }
+    if !relays.windows(2).all(|w| w[0] < w[1]) {
+        return Err("a relay set is sorted, each relay once");
+    }
+    Ok(())
+}
+
+/// The id of the ordering group of a relay set: BLAKE3 of its canonical encoding.
+pub fn group_id(relays: &[RelayId]) -> [u8; 32] {
+    *blake3::hash(&crate::codec::encode(&relays)).as_bytes()
 }
 
 /// Whether a relay may be reached over plain HTTP to read its `.well-known` without the

@@ -34,6 +34,8 @@ pub struct CommitFanout {
     /// The bounds of every inbox (Welcomes are held to them; commits are not).
     quota: InboxQuota,
     exit_before_fanout: bool,
+    /// The key of this group's watermark in `meta-0`.
+    watermark: String,
 }
 
 impl std::fmt::Debug for CommitFanout {
@@ -52,7 +54,22 @@ impl CommitFanout {
         quota: InboxQuota,
     ) -> Self {
         let exit_before_fanout = std::env::var(FAULT_ENV).is_ok_and(|f| f == "exit-before-fanout");
-        Self { store, key, metrics, waiters, quota, exit_before_fanout }
+        let watermark = crate::store::FANNED_OUT.to_owned();
+        Self { store, key, metrics, waiters, quota, exit_before_fanout, watermark }
+    }
+
+    /// The same sink for the group `group` (its own watermark).
+    pub fn for_group(&self, group: &[u8; 32]) -> Self {
+        let hex: String = group.iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            store: self.store.clone(),
+            key: self.key.clone(),
+            metrics: self.metrics.clone(),
+            waiters: self.waiters.clone(),
+            quota: self.quota,
+            exit_before_fanout: self.exit_before_fanout,
+            watermark: format!("{}-{hex}", crate::store::FANNED_OUT),
+        }
     }
 
     fn write(&self, accepted: Accepted, now: Timestamp) -> Write {
@@ -75,7 +92,8 @@ impl CommitFanout {
             .into_iter()
             .map(|envelope| Write::Enqueue { sender: c.submitter, envelope, now, quota })
             .collect();
-        Write::Ordered { index: accepted.index, commit: Box::new(commit), welcomes }
+        let key = self.watermark.clone();
+        Write::Ordered { key, index: accepted.index, commit: Box::new(commit), welcomes }
     }
 }
 
@@ -112,13 +130,13 @@ impl FanoutSink for CommitFanout {
     }
 
     fn watermark(&self) -> Result<Option<u64>, String> {
-        self.store.fanned_out().map_err(|e| e.to_string())
+        self.store.fanned_out(&self.watermark).map_err(|e| e.to_string())
     }
 
     fn set_watermark(&self, index: u64) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             self.store
-                .write(Write::SetFannedOut { index })
+                .write(Write::SetFannedOut { key: self.watermark.clone(), index })
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())

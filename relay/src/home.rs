@@ -58,6 +58,10 @@ impl RelayDir {
     pub fn ordering_db(&self) -> PathBuf {
         self.root.join("ordering.redb")
     }
+    /// `ordering-groups/`: the groups shared with other relays, one redb file each.
+    pub fn ordering_groups(&self) -> PathBuf {
+        self.root.join("ordering-groups")
+    }
     /// `run.json`.
     pub fn run_info(&self) -> PathBuf {
         self.root.join("run.json")

@@ -10,11 +10,12 @@ use chitchat_relay::admin;
 use chitchat_relay::config::Config;
 use chitchat_relay::fanout::CommitFanout;
 use chitchat_relay::federation::Federation;
+use chitchat_relay::groups::Groups;
 use chitchat_relay::home::{RelayDir, RunInfo};
 use chitchat_relay::http::{BlockRequest, HttpState, InviteRequest};
 use chitchat_relay::metrics::Metrics;
 use chitchat_relay::ordering::{GroupOptions, Ordering};
-use chitchat_relay::service::{Relay, Waiters, now};
+use chitchat_relay::service::{Peers, Relay, Waiters, now};
 use chitchat_relay::store::{InboxQuota, Store, StoreError};
 use clap::{Parser, Subcommand};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -131,38 +132,46 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
     let waiters = Arc::new(Waiters::default());
     let relay_key = chitchat_proto::SecretKey::from_seed(*key.seed());
     let quota = InboxQuota { max_items: config.inbox.max_items, max_bytes: config.inbox.max_bytes };
-    let sink = CommitFanout::new(
+    let sink = Arc::new(CommitFanout::new(
         store.clone(),
         relay_key.clone(),
         metrics.clone(),
         waiters.clone(),
         quota,
-    );
+    ));
     let options = GroupOptions {
         limits: OrderingLimits::default(),
         state_budget: config.ordering.max_state_bytes,
         snapshot_every: config.ordering.snapshot_every,
     };
-    let ordering = Ordering::open(&dir.ordering_db(), options, Arc::new(sink)).await?;
+    let ordering = Ordering::open(&dir.ordering_db(), options, sink.clone()).await?;
     let (outbound_tx, outbound) = mpsc::channel(1024);
-    let own = chitchat_proto::RelayId { host: config.host.clone(), key: relay_key.public() };
+    let own_id = chitchat_proto::RelayId { host: config.host.clone(), key: relay_key.public() };
     let federation = Arc::new(Federation::new(
-        own,
+        own_id.clone(),
         config.federation.clone(),
         store.clone(),
         metrics.clone(),
         outbound_tx,
         config.inbox.retention_days,
     ));
-    let relay = Arc::new(Relay::new(
-        config,
-        relay_key,
-        store,
-        ordering.clone(),
-        metrics,
-        waiters,
-        federation.clone(),
-    ));
+    let groups = Arc::new(
+        Groups::open(
+            own_id.clone(),
+            relay_key.clone(),
+            dir.ordering_groups(),
+            options,
+            sink,
+            federation.clone(),
+        )
+        .await?,
+    );
+    let peers = Peers {
+        ordering: ordering.clone(),
+        groups: groups.clone(),
+        federation: federation.clone(),
+    };
+    let relay = Arc::new(Relay::new(config, relay_key, store, metrics, waiters, peers));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let (ready_tx, ready) = oneshot::channel();
@@ -235,6 +244,7 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         let _ = retention.await;
     })
     .await;
+    groups.shutdown().await;
     ordering.shutdown().await;
     let _ = std::fs::remove_file(dir.run_info());
     Ok(())

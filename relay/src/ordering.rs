@@ -123,6 +123,8 @@ const PURGED: &str = "purged";
 const SNAPSHOT: &str = "snapshot";
 /// Entries kept in the log after a snapshot, so a slow follower can catch up without one.
 const LOG_AFTER_SNAPSHOT: u64 = 1000;
+/// Bytes of a snapshot sent to a follower in one message.
+const SNAPSHOT_CHUNK: u64 = 512 * 1024;
 /// Largest log entry or snapshot read back.
 const MAX_RECORD: usize = 1 << 30;
 
@@ -494,9 +496,15 @@ pub enum OrderingError {
     /// Its storage failed.
     #[error("ordering storage: {0}")]
     Storage(String),
-    /// Raft refused or failed (not the leader, shutting down, ...).
+    /// Raft refused or failed (shutting down, no quorum, ...).
     #[error("raft: {0}")]
     Raft(String),
+    /// This relay does not lead the group; `leader` does, if known.
+    #[error("not the group's leader")]
+    NotLeader {
+        /// The leader's node id.
+        leader: Option<u64>,
+    },
 }
 
 /// Largest state budget ([`GroupOptions::state_budget`]): its snapshot (the state, a few
@@ -550,6 +558,29 @@ impl Ordering {
         options: GroupOptions,
         sink: Arc<dyn FanoutSink>,
     ) -> Result<Self, OrderingError> {
+        let members = BTreeMap::from([(1, BasicNode::new("self"))]);
+        let o = Self::open_group(path, options, sink, 1, members, NoPeers, true).await?;
+        o.raft
+            .wait(Some(std::time::Duration::from_secs(10)))
+            .metrics(|m| m.current_leader == Some(1), "this relay leads its group")
+            .await
+            .map_err(|e| OrderingError::Raft(e.to_string()))?;
+        Ok(o)
+    }
+
+    /// Opens the storage at `path` of a group whose members are `members` (node id → host),
+    /// this relay being `me`, reaching the others through `network`. `initialize` makes this
+    /// relay propose the initial membership if the group has none yet (every member may: the
+    /// same membership proposed twice is one).
+    pub async fn open_group<N: RaftNetworkFactory<TypeConfig>>(
+        path: &Path,
+        options: GroupOptions,
+        sink: Arc<dyn FanoutSink>,
+        me: u64,
+        members: BTreeMap<u64, BasicNode>,
+        network: N,
+        initialize: bool,
+    ) -> Result<Self, OrderingError> {
         let GroupOptions { limits, state_budget, snapshot_every } = options;
         if state_budget > MAX_STATE_BUDGET {
             return Err(OrderingError::Storage(format!(
@@ -585,38 +616,63 @@ impl Ordering {
             sink,
             state_budget,
         };
+        let solo = members.len() == 1;
         let config = openraft::Config {
             cluster_name: "chitchat-ordering".into(),
-            heartbeat_interval: 250,
-            election_timeout_min: 500,
-            election_timeout_max: 1000,
+            heartbeat_interval: if solo { 250 } else { 150 },
+            election_timeout_min: if solo { 500 } else { 750 },
+            election_timeout_max: if solo { 1000 } else { 1500 },
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every.max(1)),
             max_in_snapshot_log_to_keep: LOG_AFTER_SNAPSHOT,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK,
+            max_payload_entries: 256,
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| OrderingError::Raft(e.to_string()))?);
-        let raft = Raft::new(1, config, NoPeers, log, state_machine.clone())
+        let raft = Raft::new(me, config, network, log, state_machine.clone())
             .await
             .map_err(|e| OrderingError::Raft(e.to_string()))?;
-        if !raft.is_initialized().await.map_err(|e| OrderingError::Raft(e.to_string()))? {
-            let members = BTreeMap::from([(1, BasicNode::new("self"))]);
+        if initialize
+            && !raft.is_initialized().await.map_err(|e| OrderingError::Raft(e.to_string()))?
+        {
             raft.initialize(members).await.map_err(|e| OrderingError::Raft(e.to_string()))?;
         }
-        raft.wait(Some(std::time::Duration::from_secs(10)))
-            .metrics(|m| m.current_leader == Some(1), "this relay leads its group")
-            .await
-            .map_err(|e| OrderingError::Raft(e.to_string()))?;
         Ok(Self { raft, state_machine })
+    }
+
+    /// The openraft handle (for the RPCs other relays send).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Waits until the log is applied up to `index`, at most `timeout`.
+    pub async fn wait_applied(&self, index: u64, timeout: std::time::Duration) -> bool {
+        self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "applied").await.is_ok()
+    }
+
+    /// The commit that won `epoch` of `channel`, if this group ordered it and remembers it.
+    pub async fn winner(&self, channel: &ChannelId, epoch: u64) -> Option<CommitRef> {
+        self.state_machine.inner.lock().await.orderer.state().winner(channel, epoch).cloned()
     }
 
     /// Orders one command: returns once it is committed (durable) and applied.
     pub async fn submit(&self, command: RelayCommand) -> Result<RelayOutcome, OrderingError> {
-        let response = self
-            .raft
-            .client_write(command)
-            .await
-            .map_err(|e| OrderingError::Raft(e.to_string()))?;
-        Ok(response.data)
+        self.submit_at(command).await.map(|(outcome, _)| outcome)
+    }
+
+    /// Like [`Ordering::submit`], with the log index of the entry.
+    pub async fn submit_at(
+        &self,
+        command: RelayCommand,
+    ) -> Result<(RelayOutcome, u64), OrderingError> {
+        use openraft::error::{ClientWriteError, RaftError};
+        match self.raft.client_write(command).await {
+            Ok(response) => Ok((response.data, response.log_id.index)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(OrderingError::NotLeader { leader: f.leader_id })
+            }
+            Err(e) => Err(OrderingError::Raft(e.to_string())),
+        }
     }
 
     /// Checks a commit against the channel's current public state, with `check` for the

@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::federation::{FedError, Federation};
+use crate::groups::{Group, Groups};
 use crate::metrics::Metrics;
 use crate::ordering::{Ordering, RelayCommand, RelayOutcome};
 use crate::store::{InboxQuota, QueueLimits, Store, StoreError, Write, WriteError, Written};
@@ -53,6 +54,8 @@ pub struct Relay {
     waiters: Arc<Waiters>,
     metrics: Arc<Metrics>,
     federation: Arc<Federation>,
+    /// The ordering groups shared with other relays.
+    groups: Arc<Groups>,
     /// Requests from each other relay (by key).
     relays: DefaultKeyedRateLimiter<PublicKey>,
 }
@@ -89,6 +92,21 @@ impl CredentialCheck for Directory<'_> {
 
     fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {
         self.relay.orders(config)
+    }
+}
+
+/// The group that orders a channel: this relay's own, or one shared with other relays.
+enum OrderedBy<'a> {
+    Solo(&'a Ordering),
+    Group(Arc<Group>),
+}
+
+impl OrderedBy<'_> {
+    fn ordering(&self) -> &Ordering {
+        match self {
+            Self::Solo(o) => o,
+            Self::Group(g) => &g.ordering,
+        }
     }
 }
 
@@ -211,6 +229,9 @@ fn fed_kind(b: &FedBody) -> &'static str {
         FedBody::LookupDevices { .. } => "lookup_devices",
         FedBody::ClaimKeyPackage { .. } => "claim_key_package",
         FedBody::Forward { .. } => "forward",
+        FedBody::Raft { .. } => "raft",
+        FedBody::Propose { .. } => "propose",
+        FedBody::Sign { .. } => "sign",
     }
 }
 
@@ -222,17 +243,29 @@ fn from_fed(e: &FedError) -> Response {
     error(e.code(), e.to_string())
 }
 
+/// Who a relay orders with and talks to: its own one-relay group, the groups it shares with
+/// other relays, and federation.
+#[derive(Debug)]
+pub struct Peers {
+    /// The one-relay group.
+    pub ordering: Ordering,
+    /// The groups of two or more relays.
+    pub groups: Arc<Groups>,
+    /// Other relays.
+    pub federation: Arc<Federation>,
+}
+
 impl Relay {
     /// A relay with this config, key and store.
     pub fn new(
         config: Config,
         key: SecretKey,
         store: Store,
-        ordering: Ordering,
         metrics: Arc<Metrics>,
         waiters: Arc<Waiters>,
-        federation: Arc<Federation>,
+        peers: Peers,
     ) -> Self {
+        let Peers { ordering, groups, federation } = peers;
         let id = RelayId { host: config.host.clone(), key: key.public() };
         let k = config.key_packages;
         let fed_rate = config.federation.requests_per_minute_per_relay;
@@ -254,6 +287,7 @@ impl Relay {
             metrics,
             relays: RateLimiter::keyed(per_minute(fed_rate)),
             federation,
+            groups,
         }
     }
 
@@ -423,6 +457,19 @@ impl Relay {
                 Response::Posted(results)
             }
         }
+    }
+
+    /// The group that orders `channel` here, if one does.
+    async fn ordered_by(&self, channel: &ChannelId) -> Option<OrderedBy<'_>> {
+        if self.ordering.next_epoch(channel).await.is_some() {
+            return Some(OrderedBy::Solo(&self.ordering));
+        }
+        self.groups.find(channel).await.map(OrderedBy::Group)
+    }
+
+    /// The relay's multi-relay ordering groups.
+    pub fn groups(&self) -> &Arc<Groups> {
+        &self.groups
     }
 
     /// The records of the devices registered here among `devices`, each once.
@@ -598,6 +645,9 @@ impl Relay {
 
     async fn federated(&self, origin: &RelayId, body: FedBody, now: Timestamp) -> FedResponse {
         match body {
+            body @ (FedBody::Raft { .. } | FedBody::Propose { .. } | FedBody::Sign { .. }) => {
+                self.groups.handle(origin, body).await
+            }
             FedBody::Lookup { local_name } => match self.store.lookup(&local_name) {
                 Ok(dirs) => FedResponse::Dirs(dirs),
                 Err(e) => fed_error(ErrorCode::Unavailable, e.to_string()),
@@ -664,7 +714,10 @@ impl Relay {
         let Ok(framing) = inspect_application(&post.message) else {
             return PostResult::Refused(ErrorCode::BadRequest);
         };
-        let Some((members, then)) = self.ordering.member_sets(&post.channel, framing.epoch).await
+        let Some(by) = self.ordered_by(&post.channel).await else {
+            return PostResult::Refused(ErrorCode::NotFound);
+        };
+        let Some((members, then)) = by.ordering().member_sets(&post.channel, framing.epoch).await
         else {
             return PostResult::Refused(ErrorCode::NotFound);
         };
@@ -826,7 +879,10 @@ impl Relay {
         // A commit for the next epoch is checked first against the channel's public state and
         // the channel rules, with this relay's directory for the devices it adds. (A retried
         // winner or a late loser is answered by the ordering state.)
-        match self.ordering.next_epoch(&sub.channel).await {
+        let Some(by) = self.ordered_by(&sub.channel).await else {
+            return error(ErrorCode::NotFound, "the channel is not ordered here; open it first");
+        };
+        match by.ordering().next_epoch(&sub.channel).await {
             None => {
                 return error(
                     ErrorCode::NotFound,
@@ -838,7 +894,7 @@ impl Relay {
                     Ok(d) => d,
                     Err(e) => return unavailable(e),
                 };
-                match self.ordering.check(&sub.channel, &sub.commit, &directory).await {
+                match by.ordering().check(&sub.channel, &sub.commit, &directory).await {
                     Ok(committer) if committer == me => {}
                     Ok(_) => {
                         return error(
@@ -855,19 +911,32 @@ impl Relay {
         let commit = CommitRef { channel: sub.channel, epoch: sub.epoch, hash, submitter: me };
         let command =
             RelayCommand::Order { commit, bytes: Bytes(sub.commit), welcome: sub.welcome };
-        let outcome = match self.ordering.submit(command).await {
-            Ok(RelayOutcome::Ordering(o)) => o,
-            Ok(RelayOutcome::Invalid(reason)) => {
+        let submitted = match &by {
+            OrderedBy::Solo(o) => o.submit_at(command).await.map_err(|e| e.to_string()),
+            OrderedBy::Group(g) => self.groups.propose(g, command).await.map_err(|e| e.to_string()),
+        };
+        let (outcome, index) = match submitted {
+            Ok((RelayOutcome::Ordering(o), index)) => (o, index),
+            Ok((RelayOutcome::Invalid(reason), _)) => {
                 return error(ErrorCode::BadRequest, format!("invalid commit: {reason}"));
             }
-            Ok(RelayOutcome::Forbidden(reason)) => return error(ErrorCode::Forbidden, reason),
-            Ok(RelayOutcome::OverBudget(reason)) => return over_budget(reason),
+            Ok((RelayOutcome::Forbidden(reason), _)) => return error(ErrorCode::Forbidden, reason),
+            Ok((RelayOutcome::OverBudget(reason), _)) => return over_budget(reason),
             Err(e) => return unavailable(e),
         };
         match outcome {
             Outcome::Accepted(w) if w.hash == hash => {
                 let body = EpochCertBody { channel: sub.channel, epoch: sub.epoch, hash };
-                Response::CommitAccepted { cert: certify(&self.key, body) }
+                match &by {
+                    OrderedBy::Solo(_) => {
+                        Response::CommitAccepted { cert: certify(&self.key, body) }
+                    }
+                    // A resubmitted winner finds it in the log: its index is where to wait.
+                    OrderedBy::Group(g) => match self.groups.certify(g, body, index).await {
+                        Ok(cert) => Response::CommitAccepted { cert },
+                        Err(e) => unavailable(format!("ordered, not yet certified: {e}")),
+                    },
+                }
             }
             Outcome::Conflict { winner } => {
                 self.metrics.commit_conflicts.inc();
@@ -895,7 +964,7 @@ impl Relay {
         if let Err(retry_after_ms) = check_rate(&self.openers, me) {
             return error(ErrorCode::RateLimited { retry_after_ms }, "too many channels opened");
         }
-        match PublicChannel::from_state(&self.crypto, &state) {
+        let relays = match PublicChannel::from_state(&self.crypto, &state) {
             Ok(p) if p.id() != channel => {
                 return error(ErrorCode::BadRequest, "the state is of another channel");
             }
@@ -907,18 +976,39 @@ impl Relay {
                     if let Err(e) = self.orders(&config) {
                         return error(ErrorCode::Forbidden, e);
                     }
+                    config.relays
                 }
                 Err(e) => return error(ErrorCode::BadRequest, format!("public state: {e}")),
             },
             Err(e) => return error(ErrorCode::BadRequest, format!("public state: {e}")),
-        }
-        match self.ordering.submit(RelayCommand::Open { channel, state }).await {
-            Ok(RelayOutcome::Ordering(Outcome::Opened)) => {
-                match self.ordering.next_epoch(&channel).await {
+        };
+        let mut set = relays.clone();
+        set.sort();
+        set.dedup();
+        let opened = if set.len() < 2 {
+            self.ordering
+                .submit(RelayCommand::Open { channel, state })
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            let group = match self.groups.get_or_create(&set, true).await {
+                Ok(g) => g,
+                Err(e) => return error(e.code(), e.to_string()),
+            };
+            let open = RelayCommand::Open { channel, state };
+            match self.groups.propose(&group, open).await {
+                Ok((outcome, _)) => Ok(outcome),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match opened {
+            Ok(RelayOutcome::Ordering(Outcome::Opened)) => match self.ordered_by(&channel).await {
+                Some(by) => match by.ordering().next_epoch(&channel).await {
                     Some(next_epoch) => Response::ChannelOpened { next_epoch },
                     None => unavailable("opened channel not found"),
-                }
-            }
+                },
+                None => unavailable("opened channel not found"),
+            },
             Ok(RelayOutcome::Ordering(Outcome::AlreadyOpen { next_epoch })) => {
                 Response::ChannelOpened { next_epoch }
             }

@@ -365,3 +365,137 @@ async fn a_node_looks_up_a_user_of_another_relay_and_trusts_only_what_its_relay_
         .await;
     assert!(format!("{invite:?}").contains("not built yet"), "{invite:?}");
 }
+
+/// A device registered at several relays, with its channel.
+struct Orderee {
+    device: Device,
+    mls: chitchat_proto::channel::Identity,
+    provider: openmls_rust_crypto::OpenMlsRustCrypto,
+    channel: chitchat_proto::channel::Channel,
+}
+
+impl Orderee {
+    fn stage(&mut self) -> chitchat_proto::channel::StagedCommit {
+        let update = chitchat_proto::channel::Change { update: true, ..Default::default() };
+        let check = chitchat_proto::channel::AcceptAll;
+        self.channel.stage(&self.provider, &self.mls, &update, &check).expect("stage")
+    }
+
+    fn submission(&self, staged: &chitchat_proto::channel::StagedCommit) -> Request {
+        Request::SubmitCommit(chitchat_proto::wire::CommitSubmission {
+            channel: self.channel.id(),
+            epoch: staged.epoch,
+            commit: staged.commit.clone(),
+            welcome: None,
+            fanout: vec![],
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_order_a_channel_together_through_kills_of_each() {
+    use chitchat_proto::channel::{AdminPolicy, Channel, ChannelConfig};
+    use chitchat_proto::ordering::ChannelId;
+    let mut relays = [relay(|c| c.to_owned()), relay(|c| c.to_owned()), relay(|c| c.to_owned())];
+    let ids: Vec<_> = relays.iter().map(|r| r.relay_id().expect("well-known")).collect();
+    let keys: Vec<_> = ids.iter().map(|r| r.key).collect();
+    let device = Device::new(1);
+    // The same device is registered at each relay (a member submits through any of them).
+    let mut clients = Vec::new();
+    for (i, r) in relays.iter().enumerate() {
+        clients.push(register(r, &device, &format!("alice{i}")).await);
+    }
+    let mls = chitchat_proto::channel::Identity::new(&device.key);
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let config = ChannelConfig {
+        mime: "text/chitchat".into(),
+        name: "three".into(),
+        relays: ids.clone(),
+        admins: AdminPolicy::AnyMember,
+        creator: mls.device(),
+    };
+    let channel = Channel::create(&provider, &mls, ChannelId([7; 32]), config).expect("create");
+    let mut alice = Orderee { device, mls, provider, channel };
+    let state = alice.channel.public_state(&alice.provider, &alice.mls).expect("export");
+    let r = clients[0]
+        .call(&Request::OpenChannel { channel: alice.channel.id(), state })
+        .await
+        .expect("open");
+    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 }, "{r:?}");
+
+    let mut winners = Vec::new();
+    let mut last_staged = None;
+    // Five commits through each relay in turn while another one is killed (kill -9, then
+    // restarted): no acknowledged commit is lost, and each carries a majority certificate.
+    let plan = [(0usize, None), (0, Some(1usize)), (1, Some(0)), (0, Some(2)), (2, None)];
+    for (via, down) in plan {
+        if let Some(d) = down {
+            relays[d].kill9();
+        }
+        for _ in 0..5 {
+            let staged = alice.stage();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let cert = loop {
+                match clients[via].call(&alice.submission(&staged)).await {
+                    Ok(Response::CommitAccepted { cert }) => break cert,
+                    // While a new leader is elected, or the client reconnects.
+                    other => {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "epoch {} not ordered via relay {via}: {other:?}",
+                            staged.epoch
+                        );
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        if other.is_err() {
+                            clients[via] =
+                                Client::connect(relays[via].tcp_addr(), relays[via].peer_id())
+                                    .await
+                                    .expect("reconnect");
+                            clients[via]
+                                .authenticate(&alice.device.key, relays[via].host())
+                                .await
+                                .expect("auth");
+                        }
+                    }
+                }
+            };
+            cert.verify(&keys).expect("a majority of the three relays signed");
+            assert!(cert.signatures.len() >= 2);
+            alice.channel.accept_own(&alice.provider, &cert).expect("merge");
+            winners.push((staged.epoch, staged.hash));
+            last_staged = Some(alice.submission(&staged));
+        }
+        if let Some(d) = down {
+            relays[d].restart().expect("restart");
+            clients[d] = Client::connect(relays[d].tcp_addr(), relays[d].peer_id())
+                .await
+                .expect("reconnect");
+            clients[d].authenticate(&alice.device.key, relays[d].host()).await.expect("auth");
+        }
+    }
+    assert_eq!(winners.len(), 25);
+    assert_eq!(winners.last().map(|w| w.0), Some(24));
+    // No fork: every relay applied the 25 epochs, and each certifies the last winner again when
+    // it is resubmitted there (its own log says that hash won epoch 24).
+    let (last_epoch, last_hash) = *winners.last().expect("winners");
+    let last = last_staged.expect("a last commit");
+    for (i, c) in clients.iter().enumerate() {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let state = alice.channel.public_state(&alice.provider, &alice.mls).expect("export");
+            let r = c
+                .call(&Request::OpenChannel { channel: alice.channel.id(), state })
+                .await
+                .expect("open");
+            if r == (Response::ChannelOpened { next_epoch: 25 }) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "relay {i} is at {r:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let r = c.call(&last).await.expect("resubmit");
+        let Response::CommitAccepted { cert } = r else { panic!("relay {i}: {r:?}") };
+        assert_eq!((cert.body.epoch, cert.body.hash), (last_epoch, last_hash), "relay {i}");
+        cert.verify(&keys).expect("a majority signed");
+    }
+}

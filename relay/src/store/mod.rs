@@ -39,7 +39,8 @@ pub const WRITE_QUEUE: usize = 8192;
 pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta-0");
 /// The key in `meta-0` of the fan-out watermark: the highest ordering-log index whose accepted
 /// commit is in its recipients' inboxes (8 bytes, big-endian).
-pub(crate) const FANNED_OUT: &str = "fanned-out";
+/// (A multi-relay group's watermark is under `fanned-out-GROUP`.)
+pub const FANNED_OUT: &str = "fanned-out";
 pub(crate) const TOKENS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("tokens-0");
 pub(crate) const NAMES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("names-0");
 pub(crate) const DEVICES: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("devices-0");
@@ -142,10 +143,10 @@ impl Store {
     }
 
     /// The highest ordering-log index whose fan-out is durable here, if one was ever recorded.
-    pub fn fanned_out(&self) -> Result<Option<u64>, StoreError> {
+    pub fn fanned_out(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
         let t = r.open_table(META).map_err(redb_err)?;
-        let Some(v) = t.get(FANNED_OUT).map_err(redb_err)? else { return Ok(None) };
+        let Some(v) = t.get(key).map_err(redb_err)? else { return Ok(None) };
         let bytes: [u8; 8] =
             v.value().try_into().map_err(|_| StoreError::Corrupt { table: "meta" })?;
         Ok(Some(u64::from_be_bytes(bytes)))

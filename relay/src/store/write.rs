@@ -9,9 +9,9 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::records::{decode_record, encode_record};
 use super::{
-    BLOCKED, COUNTERS, Counters, DEVICES, DeviceRecord, FANNED_OUT, FED_QUEUE, FED_QUEUES,
-    FED_SEEN, INBOX, KEY_PACKAGES, LAST_RESORT, META, NAMES, QueueCounters, QueuedForward,
-    StoredItem, StoredKeyPackage, TOKENS, TokenRecord,
+    BLOCKED, COUNTERS, Counters, DEVICES, DeviceRecord, FED_QUEUE, FED_QUEUES, FED_SEEN, INBOX,
+    KEY_PACKAGES, LAST_RESORT, META, NAMES, QueueCounters, QueuedForward, StoredItem,
+    StoredKeyPackage, TOKENS, TokenRecord,
 };
 
 /// Inbox bounds, checked on every enqueue.
@@ -113,6 +113,8 @@ pub enum Write {
     /// and the Welcomes for the devices it adds, unless the watermark says it was done (then
     /// nothing is written); moves the watermark to `index`.
     Ordered {
+        /// The watermark's key in `meta-0` (one per ordering group).
+        key: String,
         /// The ordering-log index of the accepted entry.
         index: u64,
         /// The commit for the members ([`Write::Fanout`], past the inbox quota).
@@ -122,6 +124,8 @@ pub enum Write {
     },
     /// Records the fan-out watermark as it is (a relay upgraded from before it existed).
     SetFannedOut {
+        /// The watermark's key.
+        key: String,
         /// The log index.
         index: u64,
     },
@@ -371,9 +375,11 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             }
             Ok(Written::Posted { delivered, skipped })
         }
-        Write::Ordered { index, commit, welcomes } => ordered(t, *index, commit, welcomes),
-        Write::SetFannedOut { index } => {
-            t.meta.insert(FANNED_OUT, index.to_be_bytes().as_slice()).map_err(storage)?;
+        Write::Ordered { key, index, commit, welcomes } => {
+            ordered(t, key, *index, commit, welcomes)
+        }
+        Write::SetFannedOut { key, index } => {
+            t.meta.insert(key.as_str(), index.to_be_bytes().as_slice()).map_err(storage)?;
             Ok(Written::Done)
         }
         Write::Ack { device, ids } => ack(t, *device, ids),
@@ -412,11 +418,12 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
 /// logged: the commit is ordered whatever happens to it), and the watermark.
 fn ordered(
     t: &mut Tables<'_>,
+    key: &str,
     index: u64,
     commit: &Write,
     welcomes: &[Write],
 ) -> Result<Written, WriteError> {
-    let watermark = match t.meta.get(FANNED_OUT).map_err(storage)? {
+    let watermark = match t.meta.get(key).map_err(storage)? {
         Some(v) => {
             let bytes: [u8; 8] = v
                 .value()
@@ -444,7 +451,7 @@ fn ordered(
             Err(e) => return Err(e),
         }
     }
-    t.meta.insert(FANNED_OUT, index.to_be_bytes().as_slice()).map_err(storage)?;
+    t.meta.insert(key, index.to_be_bytes().as_slice()).map_err(storage)?;
     Ok(Written::Posted { delivered, skipped })
 }
 
