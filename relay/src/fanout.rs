@@ -16,7 +16,7 @@ use chitchat_proto::{SecretKey, Timestamp};
 use futures::future::BoxFuture;
 
 use crate::metrics::Metrics;
-use crate::ordering::{Accepted, FanoutSink};
+use crate::ordering::{Delivery, FanoutSink};
 use crate::service::{Waiters, certify, now};
 use crate::store::{InboxQuota, Store, Write, Written};
 
@@ -72,10 +72,11 @@ impl CommitFanout {
         }
     }
 
-    fn write(&self, accepted: Accepted, now: Timestamp) -> Write {
+    fn write(&self, delivery: Delivery, now: Timestamp) -> Write {
+        let Delivery { accepted, cert } = delivery;
         let c = accepted.commit;
-        let cert =
-            certify(&self.key, EpochCertBody { channel: c.channel, epoch: c.epoch, hash: c.hash });
+        let body = EpochCertBody { channel: c.channel, epoch: c.epoch, hash: c.hash };
+        let cert = cert.unwrap_or_else(|| certify(&self.key, body));
         let envelope =
             Envelope::Commit(OrderedCommit { channel: c.channel, commit: accepted.bytes.0, cert });
         let unbounded = InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
@@ -98,12 +99,12 @@ impl CommitFanout {
 }
 
 impl FanoutSink for CommitFanout {
-    fn deliver(&self, accepted: Vec<Accepted>) -> BoxFuture<'_, Result<(), String>> {
+    fn deliver(&self, accepted: Vec<Delivery>) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             if self.exit_before_fanout {
                 // Only for a fan-out not yet done (not for entries applied again on restart).
                 let watermark = self.watermark()?;
-                if accepted.iter().any(|a| watermark.is_none_or(|w| a.index > w)) {
+                if accepted.iter().any(|d| watermark.is_none_or(|w| d.accepted.index > w)) {
                     tracing::error!("fault injection: exiting before the fan-out of a commit");
                     std::process::abort();
                 }

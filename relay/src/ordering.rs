@@ -36,7 +36,7 @@ use chitchat_proto::channel::{ChannelError, CredentialCheck, PublicState};
 use chitchat_proto::codec::{Bytes, decode, encode};
 pub use chitchat_proto::ordering::{Accepted, MEMBER_EPOCHS};
 use chitchat_proto::ordering::{
-    ChannelId, CommitRef, OrderCommand, Orderer, OrderingLimits, OrderingState, Outcome,
+    ChannelId, CommitRef, EpochCert, OrderCommand, Orderer, OrderingLimits, OrderingState, Outcome,
     StoragePairs, Verdict,
 };
 use chitchat_proto::wire::SealedWelcomes;
@@ -81,7 +81,8 @@ pub enum RelayCommand {
         /// The commit itself, checked against the channel's public state on apply.
         bytes: Bytes,
     },
-    /// Ask for an epoch with this commit; if it wins, fan it out with its Welcomes.
+    /// Ask for an epoch with this commit; if it wins, fan it out with its Welcomes (in a
+    /// channel of several relays: once its certificate is in the log, [`RelayCommand::Deliver`]).
     Order {
         /// What is ordered; `submitter` is the device that submitted it, which must be the
         /// member that committed it.
@@ -91,7 +92,28 @@ pub enum RelayCommand {
         /// The Welcomes for the devices it adds (sealed by the submitter).
         welcome: Option<SealedWelcomes>,
     },
+    /// The certificate of a winner of a channel of several relays (a majority of its relays
+    /// signed): every relay of the group fans the winner out to its own members with it.
+    Deliver {
+        /// The certificate.
+        cert: EpochCert,
+    },
 }
+
+/// A winner to fan out, with the certificate to fan it out with (`None`: this relay's own,
+/// which is the whole certificate of a one-relay channel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The winner.
+    pub accepted: Accepted,
+    /// Its certificate, for a channel of several relays.
+    pub cert: Option<EpochCert>,
+}
+
+/// Winners of channels of several relays waiting for their certificate, at most (the oldest
+/// is dropped beyond: its committer's resubmission, or another member's next commit, moves the
+/// channel on).
+pub const MAX_PENDING: usize = 65_536;
 
 /// Where accepted commits go. An answer to [`Ordering::submit`] waits until
 /// [`FanoutSink::deliver`] made their fan-out durable, so nothing acknowledged is lost.
@@ -100,7 +122,7 @@ pub trait FanoutSink: Send + Sync + 'static {
     /// the watermark, and moves the watermark to the last. An error stops the ordering group.
     fn deliver(
         &self,
-        accepted: Vec<Accepted>,
+        accepted: Vec<Delivery>,
     ) -> futures::future::BoxFuture<'_, Result<(), String>>;
     /// The highest log index whose fan-out is durable, if one was ever recorded.
     fn watermark(&self) -> Result<Option<u64>, String>;
@@ -276,6 +298,34 @@ struct SnapshotData {
     state: OrderingState,
     /// Each channel's public-group storage.
     channels: Vec<(ChannelId, StoragePairs)>,
+    /// Winners waiting for their certificate.
+    pending: Vec<Accepted>,
+}
+
+/// A snapshot written before winners could wait for a certificate.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct SnapshotDataV1 {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    state: OrderingState,
+    channels: Vec<(ChannelId, StoragePairs)>,
+}
+
+impl SnapshotData {
+    /// Reads a snapshot of this version or the one before.
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if let Ok(d) = decode::<Self>(bytes, MAX_RECORD) {
+            return Some(d);
+        }
+        let v1: SnapshotDataV1 = decode(bytes, MAX_RECORD).ok()?;
+        Some(Self {
+            last_applied: v1.last_applied,
+            membership: v1.membership,
+            state: v1.state,
+            channels: v1.channels,
+            pending: Vec::new(),
+        })
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -290,6 +340,9 @@ struct Machine {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     orderer: Orderer,
+    /// Winners of channels of several relays, by (channel, epoch), waiting for their
+    /// certificate to be fanned out.
+    pending: BTreeMap<(ChannelId, u64), Accepted>,
 }
 
 impl Machine {
@@ -298,6 +351,11 @@ impl Machine {
             last_applied: data.last_applied,
             membership: data.membership,
             orderer: Orderer::restore(data.state, data.channels)?.with_state_budget(state_budget),
+            pending: data
+                .pending
+                .into_iter()
+                .map(|a| ((a.commit.channel, a.commit.epoch), a))
+                .collect(),
         })
     }
 
@@ -308,11 +366,18 @@ impl Machine {
             membership: self.membership.clone(),
             state,
             channels,
+            pending: self.pending.values().cloned().collect(),
         }
     }
 
+    /// Whether the channel is ordered by several relays (its winners wait for a certificate
+    /// of a majority of them before they are fanned out).
+    fn several_relays(&self, channel: &ChannelId) -> bool {
+        matches!(self.orderer.config(channel), Some(Ok(c)) if c.relays.len() >= 2)
+    }
+
     /// Applies one command, the entry at log index `index`.
-    fn apply(&mut self, index: u64, command: RelayCommand) -> (RelayOutcome, Option<Accepted>) {
+    fn apply(&mut self, index: u64, command: RelayCommand) -> (RelayOutcome, Option<Delivery>) {
         let command = match command {
             RelayCommand::Open { channel, state } => OrderCommand::Open { channel, state },
             RelayCommand::Submit { commit, bytes } => {
@@ -321,8 +386,46 @@ impl Machine {
             RelayCommand::Order { commit, bytes, welcome } => {
                 OrderCommand::Order { commit, bytes, welcome }
             }
+            RelayCommand::Deliver { cert } => return self.deliver(index, cert),
         };
-        self.orderer.apply(index, command)
+        let (outcome, accepted) = self.orderer.apply(index, command);
+        match accepted {
+            Some(a) if self.several_relays(&a.commit.channel) => {
+                if self.pending.len() >= MAX_PENDING {
+                    self.pending.pop_first();
+                }
+                self.pending.insert((a.commit.channel, a.commit.epoch), a);
+                (outcome, None)
+            }
+            other => (outcome, other.map(|accepted| Delivery { accepted, cert: None })),
+        }
+    }
+
+    /// A certificate for a waiting winner: it must be for the winner, signed by a majority of
+    /// the channel's relays. Fanned out once (a second certificate finds nothing waiting).
+    fn deliver(&mut self, index: u64, cert: EpochCert) -> (RelayOutcome, Option<Delivery>) {
+        let b = cert.body;
+        let Some(winner) = self.orderer.state().winner(&b.channel, b.epoch).cloned() else {
+            return (RelayOutcome::Invalid("no winner known for that epoch".into()), None);
+        };
+        if winner.hash != b.hash {
+            return (RelayOutcome::Invalid("the certificate is not for the winner".into()), None);
+        }
+        let orderers = match self.orderer.config(&b.channel) {
+            Some(Ok(c)) => c.orderers(),
+            _ => return (RelayOutcome::Invalid("the channel's config is unreadable".into()), None),
+        };
+        if let Err(e) = cert.verify(&orderers) {
+            return (RelayOutcome::Invalid(format!("certificate: {e}")), None);
+        }
+        let outcome = RelayOutcome::Ordering(Outcome::Accepted(winner));
+        match self.pending.remove(&(b.channel, b.epoch)) {
+            Some(mut accepted) => {
+                accepted.index = index;
+                (outcome, Some(Delivery { accepted, cert: Some(cert) }))
+            }
+            None => (outcome, None),
+        }
     }
 }
 
@@ -427,7 +530,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let bytes = snapshot.into_inner();
-        let data: SnapshotData = decode(&bytes, MAX_RECORD).map_err(|_| corrupt("snapshot"))?;
+        let data = SnapshotData::decode(&bytes).ok_or_else(|| corrupt("snapshot"))?;
         let machine = Machine::from_snapshot(data, self.state_budget)
             .map_err(|_| corrupt("snapshot channels"))?;
         self.store.put_meta(SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: bytes })?;
@@ -604,8 +707,8 @@ impl Ordering {
             sink.set_watermark(last).await.map_err(|e| storage(&e))?;
         }
         let initial = match log.meta::<StoredSnapshot>(SNAPSHOT).map_err(|e| storage(&e))? {
-            Some(s) => decode(&s.data, MAX_RECORD)
-                .map_err(|_| OrderingError::Storage("corrupt snapshot".into()))?,
+            Some(s) => SnapshotData::decode(&s.data)
+                .ok_or_else(|| OrderingError::Storage("corrupt snapshot".into()))?,
             None => SnapshotData { state: OrderingState::new(limits), ..Default::default() },
         };
         let initial = Machine::from_snapshot(initial, state_budget)
@@ -793,10 +896,10 @@ mod tests {
     impl FanoutSink for Recorded {
         fn deliver(
             &self,
-            accepted: Vec<Accepted>,
+            accepted: Vec<Delivery>,
         ) -> futures::future::BoxFuture<'_, Result<(), String>> {
             let mut s = self.state.lock().expect("lock");
-            for a in accepted {
+            for a in accepted.into_iter().map(|d| d.accepted) {
                 if s.0.is_none_or(|w| a.index > w) {
                     s.0 = Some(a.index);
                     s.1.push(a);

@@ -932,8 +932,21 @@ impl Relay {
                         Response::CommitAccepted { cert: certify(&self.key, body) }
                     }
                     // A resubmitted winner finds it in the log: its index is where to wait.
+                    // The certificate goes into the log, and every relay of the set fans the
+                    // commit out to its own members with it, before the committer hears.
                     OrderedBy::Group(g) => match self.groups.certify(g, body, index).await {
-                        Ok(cert) => Response::CommitAccepted { cert },
+                        Ok(cert) => {
+                            let deliver = RelayCommand::Deliver { cert: cert.clone() };
+                            match self.groups.propose(g, deliver).await {
+                                Ok((RelayOutcome::Ordering(Outcome::Accepted(_)), _)) => {
+                                    Response::CommitAccepted { cert }
+                                }
+                                Ok((other, _)) => {
+                                    unavailable(format!("certified, not delivered: {other:?}"))
+                                }
+                                Err(e) => unavailable(format!("certified, not delivered: {e}")),
+                            }
+                        }
                         Err(e) => unavailable(format!("ordered, not yet certified: {e}")),
                     },
                 }

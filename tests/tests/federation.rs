@@ -498,4 +498,37 @@ async fn three_relays_order_a_channel_together_through_kills_of_each() {
         assert_eq!((cert.body.epoch, cert.body.hash), (last_epoch, last_hash), "relay {i}");
         cert.verify(&keys).expect("a majority signed");
     }
+    // Each relay fanned every winner out to its own members (here: the device, registered at
+    // each) with the majority's certificate, once, in order; those that were down caught up.
+    for (i, c) in clients.iter().enumerate() {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let mut got = Vec::new();
+            let mut after = None;
+            loop {
+                let r = c.call(&Request::Fetch { after, max: 1024 }).await.expect("fetch");
+                let Response::Items { items, more } = r else { panic!("fetch: {r:?}") };
+                for item in &items {
+                    if let Envelope::Commit(oc) = &item.envelope {
+                        oc.cert.verify(&keys).expect("fanned out with a majority certificate");
+                        got.push((oc.cert.body.epoch, oc.cert.body.hash));
+                    }
+                }
+                after = items.last().map(|i| i.id).or(after);
+                if !more {
+                    break;
+                }
+            }
+            if got == winners {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "relay {i} fanned out {} of 25 commits: {:?}",
+                got.len(),
+                got.iter().map(|g| g.0).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
 }

@@ -81,7 +81,7 @@ pub enum Verdict {
 /// A commit that won its epoch: what to fan out. Produced once per accepted log entry, so a
 /// driver that dies before the fan-out is durable produces it again when it applies its log
 /// again, and skips what it already did by `index`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Accepted {
     /// The log index of the entry.
     pub index: u64,
