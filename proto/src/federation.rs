@@ -7,14 +7,15 @@
 //! checks, once per connection, that this host publishes the key of the peer that asks. A
 //! relay never acts for a device of its own on another relay's word: what crosses is look-ups
 //! (public records), KeyPackage claims (under the answering relay's limits) and sealed
-//! payloads for the answering relay's own devices.
+//! payloads for the answering relay's own devices, and posts of channels both relays order.
 
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{DeviceId, Dir, RelayId};
-use crate::inbox::SealedEnvelope;
 use crate::ordering::{CertSignature, EpochCertBody};
-use crate::wire::{ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, MAX_LOOKUP_DEVICES, Validate};
+use crate::wire::{
+    Envelope, ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, MAX_LOOKUP_DEVICES, Validate,
+};
 
 /// The libp2p protocol name relays speak to each other.
 pub const FEDERATION_PROTOCOL: &str = "/chitchat/federation/1";
@@ -119,8 +120,9 @@ pub struct Forwarded {
     pub seq: u64,
     /// The device that sent it (authenticated by the sender relay).
     pub sender: DeviceId,
-    /// The payload; it names its recipient.
-    pub envelope: SealedEnvelope,
+    /// A payload sealed to one device of the answering relay, or a channel's post for the
+    /// answering relay to fan out to its own members of the channel.
+    pub envelope: Envelope,
 }
 
 /// What happened to one forwarded payload.

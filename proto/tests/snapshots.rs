@@ -338,7 +338,21 @@ fn federation_frames() {
         FedBody::LookupDevices { devices: vec![dev(2)] },
         FedBody::ClaimKeyPackage { requester: dev(1), device: dev(2) },
         FedBody::Forward {
-            items: vec![Forwarded { seq: 300, sender: dev(1), envelope: envelope() }],
+            items: vec![
+                Forwarded {
+                    seq: 300,
+                    sender: dev(1),
+                    envelope: wire::Envelope::Sealed(envelope()),
+                },
+                Forwarded {
+                    seq: 301,
+                    sender: dev(1),
+                    envelope: wire::Envelope::Post(wire::ChannelPost {
+                        channel: ChannelId([5; 32]),
+                        message: vec![7],
+                    }),
+                },
+            ],
         },
     ]
     .map(|body| FedRequest { from: "a.example".into(), body });

@@ -86,6 +86,8 @@ impl CommitFanout {
             recipients: accepted.recipients.into(),
             now,
             quota: unbounded,
+            onward: None,
+            seen: None,
         };
         let quota = self.quota;
         let welcomes = accepted

@@ -32,7 +32,9 @@ use crate::federation::{FedError, Federation};
 use crate::groups::{Group, Groups};
 use crate::metrics::Metrics;
 use crate::ordering::{Ordering, RelayCommand, RelayOutcome};
-use crate::store::{InboxQuota, QueueLimits, Store, StoreError, Write, WriteError, Written};
+use crate::store::{
+    InboxQuota, Onward, QueueLimits, Store, StoreError, Write, WriteError, Written,
+};
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
@@ -604,6 +606,7 @@ impl Relay {
             max_bytes: f.max_queue_bytes,
             max_total_items: f.max_queued_total,
         };
+        let envelopes = envelopes.into_iter().map(Envelope::Sealed).collect();
         let write = Write::Queue { host: host.clone(), sender: me, envelopes, now, limits };
         match self.store.write(write).await {
             Ok(_) => {
@@ -669,13 +672,24 @@ impl Relay {
                     if let Err(retry_after_ms) = check_rate(&self.senders, item.sender) {
                         return ForwardResult::Refused(ErrorCode::RateLimited { retry_after_ms });
                     }
-                    let recipient = item.envelope.recipient;
-                    let len = item.envelope.ciphertext.len() as u64;
+                    let envelope = match item.envelope {
+                        Envelope::Sealed(e) => e,
+                        Envelope::Post(p) => {
+                            return self
+                                .forwarded_post(origin, item.seq, item.sender, p, now)
+                                .await;
+                        }
+                        Envelope::Commit(_) => {
+                            return ForwardResult::Refused(ErrorCode::BadRequest);
+                        }
+                    };
+                    let recipient = envelope.recipient;
+                    let len = envelope.ciphertext.len() as u64;
                     let write = Write::Forwarded {
                         origin: origin.key.0,
                         seq: item.seq,
                         sender: item.sender,
-                        envelope: item.envelope,
+                        envelope,
                         now,
                         quota,
                     };
@@ -706,7 +720,9 @@ impl Relay {
 
     /// Fans a channel post out to the inboxes of the channel's other members, in one durable
     /// write (shared with concurrent writes). Only a member may post; the poster is the device
-    /// authenticated on this connection. Counts as one request against the sender's rate.
+    /// authenticated on this connection. Counts as one request against the sender's rate. In a
+    /// channel of several relays, the same write queues the post once for each other relay of
+    /// the set, which fans it out to its own members.
     async fn post(&self, me: DeviceId, post: ChannelPost, now: Timestamp) -> PostResult {
         if let Err(retry_after_ms) = check_rate(&self.senders, me) {
             return PostResult::Refused(ErrorCode::RateLimited { retry_after_ms });
@@ -730,12 +746,50 @@ impl Relay {
         if members.binary_search(&me).is_err() {
             return PostResult::Refused(ErrorCode::Forbidden);
         }
+        let onward = match &by {
+            OrderedBy::Solo(_) => None,
+            OrderedBy::Group(g) => {
+                let f = &self.config.federation;
+                Some(Onward {
+                    hosts: g
+                        .relays
+                        .iter()
+                        .filter(|r| **r != self.id)
+                        .map(|r| r.host.clone())
+                        .collect(),
+                    limits: QueueLimits {
+                        max_items: f.max_queue_items,
+                        max_bytes: f.max_queue_bytes,
+                        max_total_items: f.max_queued_total,
+                    },
+                })
+            }
+        };
         let recipients: Arc<[DeviceId]> = then.iter().copied().filter(|d| *d != me).collect();
-        let quota = self.inbox_quota();
-        let len = post.message.len() as u64;
-        let envelope = Envelope::Post(post);
-        match self.store.write(Write::Fanout { sender: me, envelope, recipients, now, quota }).await
-        {
+        let hosts: Vec<String> = onward.iter().flat_map(|o| o.hosts.clone()).collect();
+        let write = Write::Fanout {
+            sender: me,
+            envelope: Envelope::Post(post),
+            recipients,
+            now,
+            quota: self.inbox_quota(),
+            onward,
+            seen: None,
+        };
+        let result = self.fan_out(write).await;
+        for host in &hosts {
+            self.federation.kick(host);
+        }
+        result
+    }
+
+    /// Writes a post's fan-out and counts it.
+    async fn fan_out(&self, write: Write) -> PostResult {
+        let len = match &write {
+            Write::Fanout { envelope: Envelope::Post(p), .. } => p.message.len() as u64,
+            _ => 0,
+        };
+        match self.store.write(write).await {
             Ok(Written::Posted { delivered, skipped }) => {
                 self.metrics.posts.inc();
                 self.metrics.enqueues.inc_by(delivered.len() as u64);
@@ -754,6 +808,57 @@ impl Relay {
                 PostResult::Refused(ErrorCode::Unavailable)
             }
             Err(e) => PostResult::Refused(refusal(e)),
+        }
+    }
+
+    /// A post another relay of the channel forwarded: fanned out to this relay's members of
+    /// the epoch it was sent in, once per `(origin, seq)`. The origin must be one of the
+    /// channel's relays and the sender a member; a post of an epoch this relay has not applied
+    /// yet is answered `Unavailable` (the origin retries).
+    async fn forwarded_post(
+        &self,
+        origin: &RelayId,
+        seq: u64,
+        sender: DeviceId,
+        post: ChannelPost,
+        now: Timestamp,
+    ) -> ForwardResult {
+        let Ok(framing) = inspect_application(&post.message) else {
+            return ForwardResult::Refused(ErrorCode::BadRequest);
+        };
+        if framing.channel != post.channel {
+            return ForwardResult::Refused(ErrorCode::BadRequest);
+        }
+        let Some(OrderedBy::Group(g)) = self.ordered_by(&post.channel).await else {
+            return ForwardResult::Refused(ErrorCode::Unavailable);
+        };
+        if !g.relays.contains(origin) {
+            return ForwardResult::Refused(ErrorCode::Forbidden);
+        }
+        let o = &g.ordering;
+        // The channel's current epoch is the one its next commit is built on.
+        if o.next_epoch(&post.channel).await.is_none_or(|current| framing.epoch > current) {
+            return ForwardResult::Refused(ErrorCode::Unavailable);
+        }
+        let Some((members, then)) = o.member_sets(&post.channel, framing.epoch).await else {
+            return ForwardResult::Refused(ErrorCode::Unavailable);
+        };
+        if members.binary_search(&sender).is_err() && then.binary_search(&sender).is_err() {
+            return ForwardResult::Refused(ErrorCode::Forbidden);
+        }
+        let recipients: Arc<[DeviceId]> = then.iter().copied().filter(|d| *d != sender).collect();
+        let write = Write::Fanout {
+            sender,
+            envelope: Envelope::Post(post),
+            recipients,
+            now,
+            quota: self.inbox_quota(),
+            onward: None,
+            seen: Some((origin.key.0, seq)),
+        };
+        match self.fan_out(write).await {
+            PostResult::Posted { .. } => ForwardResult::Stored,
+            PostResult::Refused(code) => ForwardResult::Refused(code),
         }
     }
 

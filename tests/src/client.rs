@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 
 type Reply = oneshot::Sender<anyhow::Result<Vec<u8>>>;
 
-/// A connection to one relay. Requests are sent over libp2p request-response.
-#[derive(Debug)]
+/// A connection to one relay. Requests are sent over libp2p request-response; clones share
+/// the connection.
+#[derive(Clone, Debug)]
 pub struct Client {
     calls: mpsc::Sender<(Vec<u8>, Reply)>,
 }

@@ -532,3 +532,166 @@ async fn three_relays_order_a_channel_together_through_kills_of_each() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_and_commits_reach_members_on_every_relay_of_the_channel() {
+    use chitchat_proto::channel::{
+        AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, ChannelEvent, ChannelMessage,
+        Identity,
+    };
+    use chitchat_proto::codec::Canonical;
+    use chitchat_proto::ordering::ChannelId;
+    use chitchat_proto::wire::{
+        ChannelPost, CommitSubmission, InboxPayload, PostResult, SealedWelcomes,
+    };
+    let (a, b) = (relay(|c| c.to_owned()), relay(|c| c.to_owned()));
+    let ids = vec![a.relay_id().expect("A"), b.relay_id().expect("B")];
+    let keys: Vec<_> = ids.iter().map(|r| r.key).collect();
+    let (alice_dev, bob_dev) = (Device::new(1), Device::new(2));
+    // Alice is registered at both relays, Bob at B only.
+    let alice_a = register(&a, &alice_dev, "alice").await;
+    let alice_b = register(&b, &alice_dev, "alice").await;
+    let bob_b = register(&b, &bob_dev, "bob").await;
+    let (alice_mls, bob_mls) = (Identity::new(&alice_dev.key), Identity::new(&bob_dev.key));
+    let (alice_p, bob_p) = (
+        openmls_rust_crypto::OpenMlsRustCrypto::default(),
+        openmls_rust_crypto::OpenMlsRustCrypto::default(),
+    );
+    let kp = Bytes(bob_mls.key_package(&bob_p, false).expect("kp"));
+    let r = bob_b.call(&Request::UploadKeyPackages { packages: vec![kp], last_resort: None }).await;
+    assert!(matches!(r.expect("upload"), Response::KeyPackagesStored { .. }));
+
+    let config = ChannelConfig {
+        mime: "text/chitchat".into(),
+        name: "two relays".into(),
+        relays: ids.clone(),
+        admins: AdminPolicy::AnyMember,
+        creator: alice_mls.device(),
+    };
+    let id = ChannelId([8; 32]);
+    let mut alice = Channel::create(&alice_p, &alice_mls, id, config).expect("create");
+    let state = alice.public_state(&alice_p, &alice_mls).expect("export");
+    let r = alice_a.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 });
+
+    // Alice adds Bob through B (his relay knows his record), with his Welcome.
+    let Response::KeyPackage(bobs_kp) =
+        alice_b.call(&Request::ClaimKeyPackage { device: bob_dev.id() }).await.expect("claim")
+    else {
+        panic!("no key package")
+    };
+    let change = Change { add: vec![Bytes(bobs_kp)], ..Default::default() };
+    let staged = alice.stage(&alice_p, &alice_mls, &change, &AcceptAll).expect("stage");
+    let welcome = InboxPayload::Welcome {
+        channel: id,
+        welcome: Bytes(staged.welcome.clone().expect("welcome")),
+    };
+    let sealed = inbox::seal(
+        &mut rand_chacha::ChaCha20Rng::seed_from_u64(3),
+        bob_dev.id(),
+        &bob_dev.inbox.public(),
+        &welcome.to_bytes(),
+    )
+    .expect("seal");
+    let sub = CommitSubmission {
+        channel: id,
+        epoch: 0,
+        commit: staged.commit.clone(),
+        welcome: Some(SealedWelcomes { envelopes: vec![sealed] }),
+        fanout: vec![],
+    };
+    let r = alice_b.call(&Request::SubmitCommit(sub)).await.expect("submit");
+    let Response::CommitAccepted { cert } = r else { panic!("{r:?}") };
+    cert.verify(&keys).expect("both relays signed");
+    alice.accept_own(&alice_p, &cert).expect("merge");
+
+    // Bob's relay delivered his Welcome; he joins.
+    let bob_items = |c: &Client| {
+        let c = c.clone();
+        async move {
+            let r = c.call(&Request::Fetch { after: None, max: 100 }).await.expect("fetch");
+            let Response::Items { items, .. } = r else { panic!("{r:?}") };
+            let ids = items.iter().map(|i| i.id).collect();
+            c.call(&Request::Ack { ids }).await.expect("ack");
+            items
+        }
+    };
+    let items = bob_items(&bob_b).await;
+    let welcome = items
+        .iter()
+        .find_map(|i| match &i.envelope {
+            Envelope::Sealed(e) => {
+                let bytes = bob_dev.inbox.open(bob_dev.id(), e).expect("opens");
+                match InboxPayload::from_bytes(&bytes).expect("payload") {
+                    InboxPayload::Welcome { welcome, .. } => Some(welcome),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .expect("a Welcome at B");
+    let mut bob = Channel::join(&bob_p, &welcome, &AcceptAll).expect("join");
+    assert_eq!(bob.epoch_authenticator(), alice.epoch_authenticator());
+
+    // Alice posts at A; A forwards it once to B, which puts it in Bob's inbox.
+    let (msg_id, ChannelMessage::Application { message }) =
+        alice.send(&alice_p, &alice_mls, now(), b"across relays").expect("send")
+    else {
+        panic!("an application message")
+    };
+    let r = alice_a
+        .call(&Request::Post { posts: vec![ChannelPost { channel: id, message }] })
+        .await
+        .expect("post");
+    assert!(
+        matches!(&r, Response::Posted(p) if matches!(p[0], PostResult::Posted { .. })),
+        "{r:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let got = loop {
+        let items = bob_items(&bob_b).await;
+        let mut events = Vec::new();
+        for item in items {
+            if let Envelope::Post(p) = item.envelope {
+                let m = ChannelMessage::Application { message: p.message };
+                events.extend(bob.process(&bob_p, now(), m, &AcceptAll).expect("process"));
+            }
+        }
+        if !events.is_empty() {
+            break events;
+        }
+        assert!(std::time::Instant::now() < deadline, "the post never reached Bob at B");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        matches!(&got[..], [ChannelEvent::Message { id, payload, .. }]
+            if *id == msg_id && payload == b"across relays"),
+        "{got:?}"
+    );
+    // A post a relay forwards is stored once, whatever is retried: nothing more arrives.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(bob_items(&bob_b).await.is_empty());
+    // Bob, a member of B only, posts at B; Alice gets it at A (and at B, where she is too).
+    let (_, ChannelMessage::Application { message }) =
+        bob.send(&bob_p, &bob_mls, now(), b"back").expect("send")
+    else {
+        panic!("an application message")
+    };
+    let r = bob_b
+        .call(&Request::Post { posts: vec![ChannelPost { channel: id, message }] })
+        .await
+        .expect("post");
+    assert!(
+        matches!(&r, Response::Posted(p) if matches!(p[0], PostResult::Posted { delivered: 1, .. })),
+        "{r:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let items = bob_items(&alice_a).await;
+        if items.iter().any(|i| matches!(&i.envelope, Envelope::Post(_))) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "Bob's post never reached A");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

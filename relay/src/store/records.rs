@@ -76,8 +76,8 @@ pub struct QueuedForward {
     pub queued_at: Timestamp,
     /// The authenticated device that sent it.
     pub sender: DeviceId,
-    /// The payload; it names its recipient.
-    pub envelope: SealedEnvelope,
+    /// A payload sealed to one device of that relay, or a channel post for its members there.
+    pub envelope: Envelope,
 }
 
 /// The counters of the queue for one relay.

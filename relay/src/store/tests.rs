@@ -283,6 +283,8 @@ async fn a_post_goes_to_every_recipient_with_room() {
     let post =
         ChannelPost { channel: chitchat_proto::ordering::ChannelId([4; 32]), message: vec![1; 50] };
     let write = |recipients: &[u8]| Write::Fanout {
+        onward: None,
+        seen: None,
         sender: dev(1),
         envelope: Envelope::Post(post.clone()),
         recipients: recipients.iter().map(|n| dev(*n)).collect(),
@@ -380,6 +382,8 @@ async fn fetch_answers_always_fit_a_frame() {
     };
     let cert = EpochCert { body, signatures: vec![CertSignature::sign(&key(9), &body)] };
     let fanout = |envelope: Envelope| Write::Fanout {
+        onward: None,
+        seen: None,
         sender: dev(1),
         envelope,
         recipients: [dev(2)].into_iter().collect(),
@@ -471,7 +475,7 @@ async fn queues_for_other_relays_are_bounded_ordered_and_expire() {
     let queue = |host: &str, n: u8, now: Timestamp| Write::Queue {
         host: host.into(),
         sender: dev(1),
-        envelopes: (0..n).map(|i| envelope(2, i)).collect(),
+        envelopes: (0..n).map(|i| Envelope::Sealed(envelope(2, i))).collect(),
         now,
         limits,
     };
@@ -498,7 +502,7 @@ async fn queues_for_other_relays_are_bounded_ordered_and_expire() {
     let batch = store.queued("b.example", 4, usize::MAX).expect("queued");
     let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (first..first + 4).collect::<Vec<_>>());
-    assert_eq!(batch[1].1.envelope, envelope(2, 1));
+    assert_eq!(batch[1].1.envelope, Envelope::Sealed(envelope(2, 1)));
     // Delivered ones leave; removing twice changes nothing.
     let unqueue = Write::Unqueue { host: "b.example".into(), seqs: seqs[..2].to_vec() };
     assert_eq!(store.write(unqueue.clone()).await, Ok(Written::Removed(2)));

@@ -34,6 +34,15 @@ pub struct QueueLimits {
     pub max_total_items: u64,
 }
 
+/// Where else a post goes: the queues of the channel's other relays.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Onward {
+    /// The other relays' hosts.
+    pub hosts: Vec<String>,
+    /// The queues' bounds.
+    pub limits: QueueLimits,
+}
+
 /// The key in `meta-0` of the number of payloads queued for all relays (8 bytes, big-endian).
 const FED_QUEUED_TOTAL: &str = "fed-queued";
 
@@ -108,6 +117,11 @@ pub enum Write {
         now: Timestamp,
         /// Each recipient's bounds.
         quota: InboxQuota,
+        /// The other relays of the channel, which fan it out to their own members: it is
+        /// queued for each, all or nothing with the rest of the write.
+        onward: Option<Onward>,
+        /// For a post another relay forwarded: its `(origin key, seq)`, so it is stored once.
+        seen: Option<([u8; 32], u64)>,
     },
     /// The fan-out of a commit ordered at log index `index`: its record for the channel's members
     /// and the Welcomes for the devices it adds, unless the watermark says it was done (then
@@ -151,7 +165,7 @@ pub enum Write {
         /// The authenticated sender.
         sender: DeviceId,
         /// The payloads.
-        envelopes: Vec<SealedEnvelope>,
+        envelopes: Vec<Envelope>,
         /// The time of the request.
         now: Timestamp,
         /// The bounds.
@@ -360,7 +374,24 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             let item = encode_record(&StoredItem { stored_at: *now, sender: *sender, envelope });
             enqueue(t, recipient, &item, *quota)
         }
-        Write::Fanout { sender, envelope, recipients, now, quota } => {
+        Write::Fanout { sender, envelope, recipients, now, quota, onward, seen } => {
+            if let Some(key) = seen
+                && t.fed_seen.get(*key).map_err(storage)?.is_some()
+            {
+                return Ok(Written::Posted { delivered: Vec::new(), skipped: 0 });
+            }
+            // Room in every onward queue first: a refusal changes nothing.
+            if let Some(o) = onward {
+                let items = queue_items(*sender, std::slice::from_ref(envelope), *now);
+                let hosts: Vec<&str> = o.hosts.iter().map(String::as_str).collect();
+                queue_room(t, &hosts, &items, o.limits)?;
+                for host in &hosts {
+                    queue_encoded(t, host, &items)?;
+                }
+            }
+            if let Some(key) = seen {
+                t.fed_seen.insert(*key, now.0).map_err(storage)?;
+            }
             // One record, stored in every recipient's inbox.
             let envelope = envelope.clone();
             let item = encode_record(&StoredItem { stored_at: *now, sender: *sender, envelope });
@@ -750,29 +781,61 @@ fn queue(
     t: &mut Tables<'_>,
     host: &str,
     sender: DeviceId,
-    envelopes: &[SealedEnvelope],
+    envelopes: &[Envelope],
     now: Timestamp,
     limits: QueueLimits,
 ) -> Result<Written, WriteError> {
-    let mut c = queue_counters(t, host)?;
-    let total = queued_total(t)?;
-    let items: Vec<Vec<u8>> = envelopes
+    let items = queue_items(sender, envelopes, now);
+    queue_room(t, &[host], &items, limits)?;
+    queue_encoded(t, host, &items)
+}
+
+fn queue_items(sender: DeviceId, envelopes: &[Envelope], now: Timestamp) -> Vec<Vec<u8>> {
+    envelopes
         .iter()
         .map(|e| encode_record(&QueuedForward { queued_at: now, sender, envelope: e.clone() }))
-        .collect();
+        .collect()
+}
+
+/// Checks that `items` fit the queue of every host of `hosts` (all of them together for the
+/// total bound), changing nothing.
+fn queue_room(
+    t: &Tables<'_>,
+    hosts: &[&str],
+    items: &[Vec<u8>],
+    limits: QueueLimits,
+) -> Result<(), WriteError> {
     let n = items.len() as u64;
     let bytes: u64 = items.iter().map(|i| i.len() as u64).sum();
-    if c.items.saturating_add(n) > limits.max_items
-        || c.bytes.saturating_add(bytes) > limits.max_bytes
-        || total.saturating_add(n) > limits.max_total_items
-    {
+    let total = queued_total(t)?;
+    if total.saturating_add(n.saturating_mul(hosts.len() as u64)) > limits.max_total_items {
         return Err(reject(
             ErrorCode::QuotaExceeded { retry_after_ms: 60_000 },
-            format!("the queue for {host} is full"),
+            "the queues for other relays are full",
         ));
     }
+    for host in hosts {
+        let c = queue_counters(t, host)?;
+        if c.items.saturating_add(n) > limits.max_items
+            || c.bytes.saturating_add(bytes) > limits.max_bytes
+        {
+            return Err(reject(
+                ErrorCode::QuotaExceeded { retry_after_ms: 60_000 },
+                format!("the queue for {host} is full"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Appends encoded items to `host`'s queue (room already checked).
+fn queue_encoded(t: &mut Tables<'_>, host: &str, items: &[Vec<u8>]) -> Result<Written, WriteError> {
+    let mut c = queue_counters(t, host)?;
+    let total = queued_total(t)?;
+    let n = items.len() as u64;
+    let bytes: u64 = items.iter().map(|i| i.len() as u64).sum();
     let first = c.next_seq;
-    for item in &items {
+    for item in items {
         t.fed_queue.insert((host, c.next_seq), item.as_slice()).map_err(storage)?;
         c.next_seq = c.next_seq.saturating_add(1);
     }
