@@ -1,0 +1,215 @@
+//! Federation: certified commits through one relay and through three, and payloads forwarded
+//! from one relay to another beside local enqueues, on loopback, all in the same run.
+//!
+//! Run: `cargo bench -p chitchat-tests --bench federation` (add `-- --quick` for a short run).
+//!
+//! Rows:
+//! - `commits, 1 relay`: N devices, each with its own channel ordered by one relay, commit
+//!   (MLS self-updates) one after another; the latency is the submission's round trip until the
+//!   certificate is back (staging and merging, on the device, are not counted).
+//! - `commits, 3 relays`: the same with every channel's relay set naming three relays: each
+//!   commit is a Raft entry replicated to a majority, signed by a majority, and its certificate
+//!   is a second entry, before the answer.
+//! - `local enqueue`: one device's sealed payloads (batches of 256) into another's inbox at the
+//!   same relay, each batch answered once durable.
+//! - `forwarded A → B`: the same payloads for a device of relay B, given to relay A (`Forward`,
+//!   answered once durable in A's queue), counted until all are in the device's inbox at B.
+
+use std::time::{Duration, Instant};
+
+use chitchat_proto::channel::{AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, Identity};
+use chitchat_proto::inbox::SealedEnvelope;
+use chitchat_proto::ordering::ChannelId;
+use chitchat_proto::wire::{CommitSubmission, EnqueueResult, Request, Response};
+use chitchat_proto::{DeviceId, RelayId};
+use chitchat_tests::{Client, Device, RelayProcess, register};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn relay() -> RelayProcess {
+    RelayProcess::start_federated(|c| {
+        c.replace("submits_per_minute = 60", "submits_per_minute = 1000000")
+            .replace("opens_per_hour = 60", "opens_per_hour = 1000000")
+            .replace("sender_per_minute = 6000", "sender_per_minute = 100000000")
+            .replace("max_items = 10000", "max_items = 100000000")
+            .replace("max_bytes = 67108864", "max_bytes = 100000000000")
+            .replace(
+                "requests_per_minute_per_relay = 6000",
+                "requests_per_minute_per_relay = 100000000",
+            )
+    })
+    .expect("relay")
+}
+
+/// `devices` devices commit `commits` times each on their own channel ordered by `relays`,
+/// through `relays[0]`; returns (elapsed, sorted latencies).
+async fn commits(
+    relays: &[&RelayProcess],
+    devices: u32,
+    commits: u32,
+    first: u32,
+) -> (Duration, Vec<Duration>) {
+    let ids: Vec<RelayId> = relays.iter().map(|r| r.relay_id().expect("well-known")).collect();
+    let mut tasks = Vec::new();
+    let start_gate = std::sync::Arc::new(tokio::sync::Barrier::new(devices as usize + 1));
+    for k in 0..devices {
+        let device = Device::numbered(first + k);
+        let client = register(relays[0], &device, &format!("d{}", first + k)).await;
+        let ids = ids.clone();
+        let gate = start_gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let mls = Identity::new(&device.key);
+            let provider = OpenMlsRustCrypto::default();
+            let config = ChannelConfig {
+                mime: "application/octet-stream".into(),
+                name: "bench".into(),
+                relays: ids,
+                admins: AdminPolicy::AnyMember,
+                creator: mls.device(),
+            };
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&(first + k).to_be_bytes());
+            let mut channel =
+                Channel::create(&provider, &mls, ChannelId(id), config).expect("create");
+            let state = channel.public_state(&provider, &mls).expect("export");
+            let r = client.call(&Request::OpenChannel { channel: ChannelId(id), state }).await;
+            assert!(matches!(r, Ok(Response::ChannelOpened { .. })), "{r:?}");
+            gate.wait().await;
+            let mut latencies = Vec::with_capacity(commits as usize);
+            let update = Change { update: true, ..Default::default() };
+            for _ in 0..commits {
+                let staged = channel.stage(&provider, &mls, &update, &AcceptAll).expect("stage");
+                let sub = CommitSubmission {
+                    channel: ChannelId(id),
+                    epoch: staged.epoch,
+                    commit: staged.commit.clone(),
+                    welcome: None,
+                    fanout: vec![],
+                };
+                let t = Instant::now();
+                let r = client.call(&Request::SubmitCommit(sub)).await.expect("submit");
+                latencies.push(t.elapsed());
+                let Response::CommitAccepted { cert } = r else { panic!("{r:?}") };
+                channel.accept_own(&provider, &cert).expect("merge");
+            }
+            latencies
+        }));
+    }
+    start_gate.wait().await;
+    let start = Instant::now();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("task"));
+    }
+    let elapsed = start.elapsed();
+    latencies.sort();
+    (elapsed, latencies)
+}
+
+fn sealed(to: DeviceId, i: u64) -> SealedEnvelope {
+    let mut ciphertext = vec![0u8; 200];
+    ciphertext[..8].copy_from_slice(&i.to_le_bytes());
+    SealedEnvelope { recipient: to, enc: [7; 32], ciphertext }
+}
+
+/// Counts the items in a device's inbox (without acknowledging them).
+async fn inbox_len(c: &Client) -> usize {
+    let mut n = 0;
+    let mut after = None;
+    loop {
+        let r = c.call(&Request::Fetch { after, max: 1024 }).await.expect("fetch");
+        let Response::Items { items, more } = r else { panic!("{r:?}") };
+        n += items.len();
+        after = items.last().map(|i| i.id).or(after);
+        if !more {
+            return n;
+        }
+    }
+}
+
+/// `n` payloads for `to`, 256 per request, through `via` (`Forward` to `host`, or `Enqueue`
+/// when `host` is `None`), until all are in `to`'s inbox (read through `reader`).
+async fn payloads(
+    via: &Client,
+    reader: &Client,
+    to: DeviceId,
+    host: Option<&str>,
+    n: u64,
+) -> Duration {
+    let before = inbox_len(reader).await as u64;
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let k = 256.min(n - sent);
+        let envelopes: Vec<_> = (0..k).map(|i| sealed(to, sent + i)).collect();
+        match host {
+            Some(host) => {
+                let r = via
+                    .call(&Request::Forward { host: host.into(), envelopes })
+                    .await
+                    .expect("forward");
+                assert!(matches!(r, Response::Forwarded { .. }), "{r:?}");
+            }
+            None => {
+                let r = via.call(&Request::EnqueueBatch { envelopes }).await.expect("enqueue");
+                let Response::EnqueuedBatch(results) = r else { panic!("{r:?}") };
+                assert!(results.iter().all(|r| matches!(r, EnqueueResult::Enqueued(_))));
+            }
+        }
+        sent += k;
+    }
+    while (inbox_len(reader).await as u64) < before + n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (devices, per_device, forwarded) = if quick { (8, 20, 5_000) } else { (32, 50, 50_000) };
+    let (a, b, c) = (relay(), relay(), relay());
+
+    println!(
+        "federation benchmark ({} run), loopback, 3 relay processes",
+        if quick { "quick" } else { "full" }
+    );
+    println!("{:<44} {:>9} {:>10} {:>10} {:>12}", "row", "count", "p50", "p99", "per second");
+    let row = |name: &str, count: u64, elapsed: Duration, lat: &[Duration]| {
+        println!(
+            "{:<44} {:>9} {:>10.2?} {:>10.2?} {:>12.0}",
+            name,
+            count,
+            percentile(lat, 0.5),
+            percentile(lat, 0.99),
+            count as f64 / elapsed.as_secs_f64()
+        );
+    };
+    let total = u64::from(devices * per_device);
+    let (elapsed, lat) = commits(&[&a], devices, per_device, 0).await;
+    row(&format!("commits, 1 relay ({devices} channels)"), total, elapsed, &lat);
+    let (elapsed, lat) = commits(&[&a, &b, &c], devices, per_device, 10_000).await;
+    row(&format!("commits, 3 relays ({devices} channels)"), total, elapsed, &lat);
+
+    let sender = Device::numbered(900_000);
+    let (to_a, to_b) = (Device::numbered(900_001), Device::numbered(900_002));
+    let via_a = register(&a, &sender, "sender").await;
+    let via_b = register(&b, &sender, "sender").await;
+    let reader_a = register(&a, &to_a, "local").await;
+    let reader_b = register(&b, &to_b, "remote").await;
+    let local = payloads(&via_b, &reader_b, to_b.id(), None, forwarded).await;
+    row("local enqueue at B (batches of 256)", forwarded, local, &[]);
+    let remote = payloads(&via_a, &reader_b, to_b.id(), Some(b.host()), forwarded).await;
+    row("forwarded A -> B until in B's inbox", forwarded, remote, &[]);
+    println!(
+        "forwarding rate / local enqueue rate: {:.0}%",
+        100.0 * local.as_secs_f64() / remote.as_secs_f64()
+    );
+    drop((reader_a, via_b));
+}
