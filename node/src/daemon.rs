@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::engine::{Delivery, Engine, EngineError, Event};
+use crate::engine::{Delivery, Engine, EngineError, Event, Need};
 use crate::link::{LinkError, LinkState, RelayLink};
 use crate::store::{Account, IntentOp, OutboxItem, RelayInfo, StagedRecord};
 
@@ -322,11 +322,18 @@ impl Node {
         Ok(id)
     }
 
+    /// Opens the channel at the relay unless it was opened there already (`again`: whatever
+    /// was done before; the relay says it does not order the channel, which happens after the
+    /// channel's relay set changed: the group of the new set opens it).
     async fn open_at_relay(&self, id: &ChannelId) -> Result<(), NodeError> {
+        self.open_at_relay_again(id, false).await
+    }
+
+    async fn open_at_relay_again(&self, id: &ChannelId, again: bool) -> Result<(), NodeError> {
         let channel = *id;
         let (record, state) = self
             .with(move |e| -> Result<_, EngineError> {
-                let opened = e.channel(&channel)?.0.opened;
+                let opened = e.channel(&channel)?.0.opened && !again;
                 Ok((opened, if opened { None } else { Some(e.public_state(&channel)?) }))
             })
             .await?;
@@ -471,7 +478,7 @@ impl Node {
             std::process::abort();
         }
         for channel in unknown_channels {
-            if let Err(e) = self.open_at_relay(&channel).await {
+            if let Err(e) = self.open_at_relay_again(&channel, true).await {
                 tracing::debug!(%channel, error = %e, "cannot open the channel at the relay");
             }
         }
@@ -637,13 +644,13 @@ impl Node {
             }
             held.extend(received.held);
             match received.stopped {
-                Some((index, devices)) if lookups < 8 => {
+                Some((index, need)) if lookups < 8 => {
                     lookups += 1;
                     start += index;
-                    self.lookup_devices(link, devices).await?;
+                    self.lookup_devices(link, need).await?;
                 }
-                Some((index, devices)) => {
-                    tracing::warn!(?devices, "identity records not found; message skipped");
+                Some((index, need)) => {
+                    tracing::warn!(?need, "identity records not found; message skipped");
                     ack.push(items[start + index].id);
                     start += index + 1;
                     lookups = 0;
@@ -667,15 +674,56 @@ impl Node {
         Ok((last, removals, ack))
     }
 
-    async fn lookup_devices(
-        &self,
-        link: &RelayLink,
-        devices: Vec<DeviceId>,
-    ) -> Result<(), NodeError> {
+    /// Looks up what a message needs: the relays it names that this device does not know
+    /// (through its relay, which vouches for their keys), and the devices, at its relay and
+    /// then at the other relays it knows.
+    async fn lookup_devices(&self, link: &RelayLink, need: Need) -> Result<(), NodeError> {
+        let Need { devices, relays } = need;
+        let first: Vec<DeviceId> = devices.iter().take(MAX_LOOKUP_DEVICES).copied().collect();
+        for relay in relays {
+            let request =
+                Request::LookupDevicesAt { host: relay.host.clone(), devices: first.clone() };
+            match link.call(&request).await {
+                Ok(Response::RemoteDirs { relay: vouched, dirs }) if vouched == relay => {
+                    self.with(move |e| {
+                        e.learn_relay(vouched)?;
+                        e.add_dirs(dirs)
+                    })
+                    .await?;
+                }
+                Ok(Response::RemoteDirs { relay: vouched, .. }) => {
+                    tracing::warn!(host = %relay.host, named = %relay.key, vouched = %vouched.key,
+                        "a channel names a relay with another key than the relay's own");
+                }
+                Ok(other) => tracing::warn!(host = %relay.host, answer = ?other, "relay not found"),
+                Err(e) => tracing::warn!(host = %relay.host, error = %e, "relay not reached"),
+            }
+        }
         for chunk in devices.chunks(MAX_LOOKUP_DEVICES) {
             match link.call(&Request::LookupDevices { devices: chunk.to_vec() }).await? {
                 Response::Dirs(dirs) => self.with(move |e| e.add_dirs(dirs)).await?,
                 other => return Err(refused(other)),
+            }
+        }
+        let (missing, others): (Vec<DeviceId>, Vec<RelayId>) = self
+            .with(move |e| {
+                let missing = devices.into_iter().filter(|d| e.dir(d).is_none()).collect();
+                (missing, e.relays().cloned().collect())
+            })
+            .await;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for relay in others {
+            let request = Request::LookupDevicesAt {
+                host: relay.host.clone(),
+                devices: missing.iter().take(MAX_LOOKUP_DEVICES).copied().collect(),
+            };
+            if let Ok(Response::RemoteDirs { relay: vouched, dirs }) = link.call(&request).await
+                && vouched == relay
+                && !dirs.is_empty()
+            {
+                self.with(move |e| e.add_dirs(dirs)).await?;
             }
         }
         Ok(())
@@ -736,25 +784,25 @@ impl Node {
         address: &str,
     ) -> Result<Vec<DeviceId>, NodeError> {
         let home = self.with(|e| e.account().map(|a| a.relay.id.host.clone())).await;
-        if let Ok(a) = Address::parse(address)
-            && home.is_some_and(|h| h != a.host)
-        {
-            return Err(NodeError::Invalid(format!(
-                "{address}: a channel with members on other relays is ordered by all their \
-                 relays together, which is not built yet (users of other relays can be looked \
-                 up: `chitchat lookup {address}`)"
-            )));
-        }
+        let host = Address::parse(address)
+            .map_err(|e| NodeError::Invalid(format!("address {address:?}: {e}")))?
+            .host;
         let dirs = self.lookup(address).await?;
         let members: BTreeSet<DeviceId> =
             self.with(move |e| e.members(&channel)).await?.into_iter().collect();
         let link = self.link()?;
         let mut adds = Vec::new();
         for dir in dirs.into_iter().filter(|d| !members.contains(&d.device())) {
-            match link.call(&Request::ClaimKeyPackage { device: dir.device() }).await? {
+            let device = dir.device();
+            let request = if home.as_deref() == Some(host.as_str()) {
+                Request::ClaimKeyPackage { device }
+            } else {
+                Request::ClaimKeyPackageAt { host: host.clone(), device }
+            };
+            match link.call(&request).await? {
                 Response::KeyPackage(kp) => adds.push((dir, Bytes(kp))),
                 other => {
-                    tracing::warn!(device = %dir.device(), response = ?other, "no KeyPackage");
+                    tracing::warn!(%device, response = ?other, "no KeyPackage");
                 }
             }
         }
@@ -836,7 +884,12 @@ impl Node {
             let now = now();
             let staged = self.with(move |e| e.stage(&channel, op, attempts, now)).await?;
             intent.published(staged.epoch, chitchat_proto::wire::commit_hash(&staged.commit));
-            match self.submit(channel, &staged).await? {
+            // Welcomes for devices whose relay does not order this commit: computed now, from
+            // the relay set the commit is built on (the commit may be merged through the
+            // inbox before its answer arrives).
+            let welcome = staged.welcome.clone();
+            let remote = self.with(move |e| e.remote_welcomes(&channel, welcome, now)).await;
+            match self.submit(channel, &staged, remote).await? {
                 Submitted::Lost => {
                     intent.lost(now, rand::rng().random());
                     if intent.is_done() {
@@ -859,6 +912,7 @@ impl Node {
         &self,
         channel: ChannelId,
         staged: &StagedRecord,
+        remote: Vec<(String, Vec<chitchat_proto::inbox::SealedEnvelope>)>,
     ) -> Result<Submitted, NodeError> {
         let link = self.link()?;
         let request = Request::SubmitCommit(CommitSubmission {
@@ -870,10 +924,16 @@ impl Node {
         });
         let mut backoff = Backoff::capped(INBOX_MAX_BACKOFF_MS);
         let deadline = tokio::time::Instant::now() + SUBMIT_PATIENCE;
+        let mut reopened = false;
         while tokio::time::Instant::now() < deadline {
             match link.call(&request).await {
                 Ok(Response::CommitAccepted { cert }) => {
                     self.with(move |e| e.accept(&channel, &cert)).await?;
+                    // Welcomes for devices of relays that did not order this commit (it brings
+                    // their relay into the set) go to those relays through this one.
+                    for (host, envelopes) in remote {
+                        self.forward(&link, host, envelopes).await;
+                    }
                     return Ok(Submitted::Accepted);
                 }
                 Ok(Response::CommitConflict { winner }) => {
@@ -884,6 +944,12 @@ impl Node {
                 Ok(Response::Error { code: ErrorCode::RateLimited { retry_after_ms }, .. }) => {
                     tokio::time::sleep(Duration::from_millis(retry_after_ms.min(MAX_BACKOFF_MS)))
                         .await;
+                }
+                // The relay does not order the channel (its relay set changed since it was
+                // opened): open it there, once, and submit again.
+                Ok(Response::Error { code: ErrorCode::NotFound, .. }) if !reopened => {
+                    reopened = true;
+                    self.open_at_relay_again(&channel, true).await?;
                 }
                 Ok(other) => {
                     self.with(move |e| e.discard(&channel, true)).await?;
@@ -896,6 +962,32 @@ impl Node {
             }
         }
         Ok(Submitted::Undecided)
+    }
+
+    /// Hands sealed payloads for devices of another relay to this node's relay, which keeps
+    /// them durably and forwards them; tried a few times.
+    async fn forward(
+        &self,
+        link: &RelayLink,
+        host: String,
+        envelopes: Vec<chitchat_proto::inbox::SealedEnvelope>,
+    ) {
+        let mut backoff = Backoff::capped(INBOX_MAX_BACKOFF_MS);
+        for _ in 0..5 {
+            let request = Request::Forward { host: host.clone(), envelopes: envelopes.clone() };
+            match link.call(&request).await {
+                Ok(Response::Forwarded { .. }) => return,
+                Ok(other) => {
+                    tracing::warn!(%host, answer = ?other, "payloads for another relay refused");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(%host, error = %e, "forwarding failed; retrying");
+                    backoff.wait().await;
+                }
+            }
+        }
+        tracing::warn!(%host, "payloads for another relay not handed over");
     }
 
     /// Waits (bounded) until the inbox task brought the channel to `epoch`.
@@ -931,7 +1023,7 @@ impl Node {
             for (channel, intent) in intents {
                 let _one_at_a_time = self.ordering.lock().await;
                 let result = match &intent.staged {
-                    Some(staged) => self.submit(channel, staged).await,
+                    Some(staged) => self.submit(channel, staged, Vec::new()).await,
                     None => Ok(Submitted::Lost),
                 };
                 match result {

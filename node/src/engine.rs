@@ -159,18 +159,50 @@ struct Recording<'a> {
     trust: TrustedRelays,
     now: Timestamp,
     missing: RefCell<BTreeSet<DeviceId>>,
+    /// Relays named by a channel (its relay set, or one a commit adds) whose key this device
+    /// does not know yet: its relay is asked about them.
+    relays: RefCell<BTreeSet<RelayId>>,
 }
 
 impl<'a> Recording<'a> {
     fn new(dirs: &'a BTreeMap<DeviceId, Dir>, trust: TrustedRelays, now: Timestamp) -> Self {
-        Self { dirs, trust, now, missing: RefCell::new(BTreeSet::new()) }
+        Self {
+            dirs,
+            trust,
+            now,
+            missing: RefCell::new(BTreeSet::new()),
+            relays: RefCell::new(BTreeSet::new()),
+        }
     }
 
-    /// The devices to look up, if the check failed for want of their records.
-    fn need(self) -> Option<Vec<DeviceId>> {
-        let missing = self.missing.into_inner();
-        (!missing.is_empty()).then(|| missing.into_iter().collect())
+    /// The devices and relays to look up, if the check failed for want of them.
+    fn need(self) -> Option<Need> {
+        let devices: Vec<DeviceId> = self.missing.into_inner().into_iter().collect();
+        let relays: Vec<RelayId> = self.relays.into_inner().into_iter().collect();
+        (!devices.is_empty() || !relays.is_empty()).then_some(Need { devices, relays })
     }
+
+    fn is_missing_something(&self) -> bool {
+        !self.missing.borrow().is_empty() || !self.relays.borrow().is_empty()
+    }
+
+    /// Notes the relay if its host is not known here at all.
+    fn note(&self, relay: &RelayId) {
+        use chitchat_proto::identity::RelayTrust as _;
+        if self.trust.relay_key(&relay.host).is_none() && !self.trust.is_blocked(&relay.host) {
+            self.relays.borrow_mut().insert(relay.clone());
+        }
+    }
+}
+
+/// What a message needs before it can be processed: identity records of devices, and the keys
+/// of relays (looked up through this device's relay).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Need {
+    /// Devices whose records are unknown.
+    pub devices: Vec<DeviceId>,
+    /// Relays whose keys are unknown.
+    pub relays: Vec<RelayId>,
 }
 
 impl CredentialCheck for Recording<'_> {
@@ -182,7 +214,18 @@ impl CredentialCheck for Recording<'_> {
     }
 
     fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {
+        // Other relays of the set are learned, for the members they sponsor.
+        config.relays.iter().for_each(|r| self.note(r));
         KnownDirs { dirs: self.dirs, trust: &self.trust, now: self.now }.check_orderers(config)
+    }
+
+    fn check_relay(&self, relay: &RelayId) -> Result<(), String> {
+        let result =
+            KnownDirs { dirs: self.dirs, trust: &self.trust, now: self.now }.check_relay(relay);
+        if result.is_err() {
+            self.note(relay);
+        }
+        result
     }
 }
 
@@ -210,7 +253,7 @@ pub struct Received {
     pub held: Vec<(ChannelId, u64, u64)>,
     /// Processing stopped at this index of the input: its message names devices whose
     /// identity records are unknown. Look them up, then call again from there.
-    pub stopped: Option<(usize, Vec<DeviceId>)>,
+    pub stopped: Option<(usize, Need)>,
     /// Members that asked to leave channels this device administers: `(channel, device)`.
     /// The daemon orders their removal.
     pub removals: Vec<(ChannelId, DeviceId)>,
@@ -485,6 +528,37 @@ impl Engine {
         self.store.commit(b)?;
         self.relays.insert(relay.host.clone(), relay);
         Ok(())
+    }
+
+    /// The Welcomes of a staged commit for devices whose relay is not in the channel's current
+    /// relay set (so no relay that orders this commit delivers them), by their relay's host.
+    pub fn remote_welcomes(
+        &self,
+        channel: &ChannelId,
+        welcome: Option<SealedWelcomes>,
+        now: Timestamp,
+    ) -> Vec<(String, Vec<chitchat_proto::inbox::SealedEnvelope>)> {
+        let Some(held) = self.channels.get(channel).and_then(|h| h.channel.as_ref()) else {
+            return Vec::new();
+        };
+        let set: BTreeSet<&str> = held.config().relays.iter().map(|r| r.host.as_str()).collect();
+        let trust = self.trust();
+        let mut by_host: BTreeMap<String, Vec<chitchat_proto::inbox::SealedEnvelope>> =
+            BTreeMap::new();
+        for envelope in welcome.into_iter().flat_map(|w| w.envelopes) {
+            let Some(addresses) =
+                self.dirs.get(&envelope.recipient).and_then(|d| d.verify(&trust, now).ok())
+            else {
+                continue;
+            };
+            if addresses.iter().any(|a| set.contains(a.host.as_str())) {
+                continue;
+            }
+            if let Some(a) = addresses.first() {
+                by_host.entry(a.host.clone()).or_default().push(envelope);
+            }
+        }
+        by_host.into_iter().collect()
     }
 
     /// The other relays this device knows.
@@ -1055,7 +1129,9 @@ impl Engine {
                 tracing::warn!(%channel, "a Welcome for another channel than it claims; dropped");
                 Step::Dropped
             }
-            Err(ChannelError::Credential { .. }) if !check.missing.borrow().is_empty() => {
+            Err(ChannelError::Credential { .. } | ChannelError::UntrustedOrderers(_))
+                if check.is_missing_something() =>
+            {
                 check.need().map_or(Step::Dropped, Step::Need)
             }
             Err(ChannelError::AlreadyJoined) => Step::Done,
@@ -1085,7 +1161,7 @@ impl Engine {
         let epoch_now = channel.epoch();
         let result = match result {
             Ok(events) => events,
-            Err(ChannelError::Credential { .. }) if !check.missing.borrow().is_empty() => {
+            Err(ChannelError::Credential { .. }) if check.is_missing_something() => {
                 return check.need().map_or(Step::Dropped, Step::Need);
             }
             // A message that cannot be used yet is bounded per channel and per sender, and
@@ -1183,17 +1259,31 @@ impl Engine {
         now: Timestamp,
     ) -> Result<StagedRecord, EngineError> {
         let mut change = Change::default();
+        let trust = self.trust();
         match &op {
             IntentOp::Add(adds) => {
+                let mut config = active_in(&mut self.channels, id)?.config().clone();
                 for (dir, kp) in adds {
-                    self.verify_dir(dir, now)?;
+                    let addresses = dir.verify(&trust, now).map_err(|e| {
+                        EngineError::Invalid(format!("identity record rejected: {e}"))
+                    })?;
                     self.dirs.insert(dir.device(), dir.clone());
                     change.add.push(kp.clone());
+                    // A device sponsored by none of the channel's relays brings its relay into
+                    // the relay set (which orders the channel from the next epoch on).
+                    let in_set = |host: &str| config.relays.iter().any(|r| r.host == host);
+                    if !addresses.iter().any(|a| in_set(&a.host))
+                        && let Some(relay) = addresses
+                            .iter()
+                            .find_map(|a| trust.relays.iter().find(|r| r.host == a.host))
+                    {
+                        config.relays.push(relay.clone());
+                    }
                 }
+                change.config = Some(config);
             }
             IntentOp::Remove(devices) => change.remove.clone_from(devices),
         }
-        let trust = self.trust();
         let check = KnownDirs { dirs: &self.dirs, trust: &trust, now };
         let staged =
             active_in(&mut self.channels, id)?.stage(&self.provider, &self.me, &change, &check);
@@ -1393,8 +1483,8 @@ enum Step {
     Dropped,
     /// In the channel's future-epoch buffer.
     Held(ChannelId, u64),
-    /// Needs these devices' identity records first.
-    Need(Vec<DeviceId>),
+    /// Needs these devices' identity records, or these relays' keys, first.
+    Need(Need),
 }
 
 fn active_in<'a>(

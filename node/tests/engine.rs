@@ -191,7 +191,8 @@ fn invite_send_receive_and_survive_restarts() {
     // Bob does not know Alice's record yet: the engine says whom to look up.
     let alice_id = alice.device();
     assert!(got.done.is_empty());
-    assert_eq!(got.stopped, Some((0, vec![alice_id])));
+    let need = chitchat_node::engine::Need { devices: vec![alice_id], relays: vec![] };
+    assert_eq!(got.stopped, Some((0, need)));
     bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
     let got = bob.receive(&[item], NOW).expect("receive");
     assert_eq!(got.done, vec![100]);

@@ -292,7 +292,7 @@ impl Validate for OrderedCommit {
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum PostResult {
     /// Durable in the inboxes of `delivered` member devices. `skipped` devices did not get it:
-    /// their inbox was full (or they are not served by this relay).
+    /// their inbox was full. (Members of other relays get it from their relay.)
     Posted {
         /// Inboxes it is in.
         delivered: u32,

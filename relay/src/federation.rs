@@ -276,6 +276,18 @@ impl Federation {
         }
     }
 
+    /// Whether `relay` is a relay this relay resolved (configured, or read from its
+    /// `.well-known` within the last hour) under that host with that key.
+    pub fn knows(&self, relay: &RelayId) -> bool {
+        if let Some(p) = self.config.relays.iter().find(|r| r.host == relay.host) {
+            return PublicKey::from_hex(&p.key) == Some(relay.key);
+        }
+        matches!(
+            lock(&self.cache).get(&relay.host),
+            Some(Cached::Found(r, at)) if at.elapsed() < RESOLVED_TTL && r.id == *relay
+        )
+    }
+
     /// The relay at `host`: configured, cached, or read from its `.well-known`.
     pub async fn resolve(&self, host: &str) -> Result<Arc<Remote>, FedError> {
         self.blocked(host)?;

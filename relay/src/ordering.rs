@@ -299,7 +299,15 @@ struct SnapshotData {
     /// Each channel's public-group storage.
     channels: Vec<(ChannelId, StoragePairs)>,
     /// Winners waiting for their certificate.
-    pending: Vec<Accepted>,
+    pending: Vec<Waiting>,
+}
+
+/// A winner of a channel of several relays, waiting for its certificate: by a majority of
+/// `orderers`, the relay set of the epoch it was built on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Waiting {
+    accepted: Accepted,
+    orderers: Vec<chitchat_proto::PublicKey>,
 }
 
 /// A snapshot written before winners could wait for a certificate.
@@ -342,7 +350,7 @@ struct Machine {
     orderer: Orderer,
     /// Winners of channels of several relays, by (channel, epoch), waiting for their
     /// certificate to be fanned out.
-    pending: BTreeMap<(ChannelId, u64), Accepted>,
+    pending: BTreeMap<(ChannelId, u64), Waiting>,
 }
 
 impl Machine {
@@ -354,7 +362,7 @@ impl Machine {
             pending: data
                 .pending
                 .into_iter()
-                .map(|a| ((a.commit.channel, a.commit.epoch), a))
+                .map(|w| ((w.accepted.commit.channel, w.accepted.commit.epoch), w))
                 .collect(),
         })
     }
@@ -370,10 +378,13 @@ impl Machine {
         }
     }
 
-    /// Whether the channel is ordered by several relays (its winners wait for a certificate
+    /// The channel's orderers if they are several relays (its winners wait for a certificate
     /// of a majority of them before they are fanned out).
-    fn several_relays(&self, channel: &ChannelId) -> bool {
-        matches!(self.orderer.config(channel), Some(Ok(c)) if c.relays.len() >= 2)
+    fn several_relays(&self, channel: &ChannelId) -> Option<Vec<chitchat_proto::PublicKey>> {
+        match self.orderer.config(channel) {
+            Some(Ok(c)) if c.relays.len() >= 2 => Some(c.orderers()),
+            _ => None,
+        }
     }
 
     /// Applies one command, the entry at log index `index`.
@@ -388,16 +399,23 @@ impl Machine {
             }
             RelayCommand::Deliver { cert } => return self.deliver(index, cert),
         };
+        // A commit is certified by the relays of the epoch it is built on: those of the config
+        // before it (a commit that changes the relay set is the old set's).
+        let several = match &command {
+            OrderCommand::Order { commit, .. } => self.several_relays(&commit.channel),
+            OrderCommand::Open { .. } => None,
+        };
         let (outcome, accepted) = self.orderer.apply(index, command);
-        match accepted {
-            Some(a) if self.several_relays(&a.commit.channel) => {
+        match (accepted, several) {
+            (Some(accepted), Some(orderers)) => {
                 if self.pending.len() >= MAX_PENDING {
                     self.pending.pop_first();
                 }
-                self.pending.insert((a.commit.channel, a.commit.epoch), a);
+                let key = (accepted.commit.channel, accepted.commit.epoch);
+                self.pending.insert(key, Waiting { accepted, orderers });
                 (outcome, None)
             }
-            other => (outcome, other.map(|accepted| Delivery { accepted, cert: None })),
+            (other, _) => (outcome, other.map(|accepted| Delivery { accepted, cert: None })),
         }
     }
 
@@ -411,16 +429,17 @@ impl Machine {
         if winner.hash != b.hash {
             return (RelayOutcome::Invalid("the certificate is not for the winner".into()), None);
         }
-        let orderers = match self.orderer.config(&b.channel) {
-            Some(Ok(c)) => c.orderers(),
-            _ => return (RelayOutcome::Invalid("the channel's config is unreadable".into()), None),
+        let Some(waiting) = self.pending.get(&(b.channel, b.epoch)) else {
+            // Delivered already (or never waited: a one-relay channel's winner).
+            return (RelayOutcome::Ordering(Outcome::Accepted(winner)), None);
         };
+        let orderers = waiting.orderers.clone();
         if let Err(e) = cert.verify(&orderers) {
             return (RelayOutcome::Invalid(format!("certificate: {e}")), None);
         }
         let outcome = RelayOutcome::Ordering(Outcome::Accepted(winner));
         match self.pending.remove(&(b.channel, b.epoch)) {
-            Some(mut accepted) => {
+            Some(Waiting { mut accepted, .. }) => {
                 accepted.index = index;
                 (outcome, Some(Delivery { accepted, cert: Some(cert) }))
             }
@@ -800,6 +819,14 @@ impl Ordering {
         epoch: u64,
     ) -> Option<(Arc<[chitchat_proto::DeviceId]>, Arc<[chitchat_proto::DeviceId]>)> {
         self.state_machine.inner.lock().await.orderer.member_sets(channel, epoch)
+    }
+
+    /// The channel's current config, if it is ordered here.
+    pub async fn config(
+        &self,
+        channel: &ChannelId,
+    ) -> Option<Result<chitchat_proto::channel::ChannelConfig, ChannelError>> {
+        self.state_machine.inner.lock().await.orderer.config(channel)
     }
 
     /// The epoch the channel's next commit must be built on, if it is ordered here.

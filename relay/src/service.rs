@@ -60,11 +60,15 @@ pub struct Relay {
     groups: Arc<Groups>,
     /// Requests from each other relay (by key).
     relays: DefaultKeyedRateLimiter<PublicKey>,
+    /// Records of other relays' devices looked up lately.
+    remote_dirs: RemoteDirs,
 }
 
 /// This relay's directory as a [`CredentialCheck`]: a device may join a channel ordered here if
-/// it is registered here and its current record verifies against this relay (and the relay is
-/// not blocked). Devices of other relays need federation (a later issue).
+/// it is registered here and its current record verifies against this relay, or if this relay
+/// looked it up lately at another relay (for a device of this relay: `LookupAt`) and its record
+/// verifies against that relay (neither blocked). A relay may join a channel's relay set if it
+/// is this relay or one this relay resolved (its key as its `.well-known` or the config says).
 struct Directory<'a> {
     relay: &'a Relay,
     /// This relay, and the block list as read once for the whole check.
@@ -86,7 +90,18 @@ impl CredentialCheck for Directory<'_> {
     fn check(&self, device: DeviceId) -> Result<(), String> {
         let record = match self.relay.store.device(&device) {
             Ok(Some(r)) => r,
-            Ok(None) => return Err("the device is not registered on this relay".into()),
+            Ok(None) => {
+                let Some((dir, relay)) = self.relay.remote_dirs.get(&device) else {
+                    return Err("the device is not registered on this relay, nor looked up at \
+                                another lately"
+                        .into());
+                };
+                let trust = chitchat_proto::identity::TrustedRelays {
+                    relays: vec![relay],
+                    blocked: self.trust.blocked.clone(),
+                };
+                return dir.verify(&trust, self.now).map(|_| ()).map_err(|e| e.to_string());
+            }
             Err(e) => return Err(format!("directory unavailable: {e}")),
         };
         record.dir.verify(&self.trust, self.now).map(|_| ()).map_err(|e| e.to_string())
@@ -94,6 +109,60 @@ impl CredentialCheck for Directory<'_> {
 
     fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {
         self.relay.orders(config)
+    }
+
+    fn check_relay(&self, relay: &RelayId) -> Result<(), String> {
+        if self.trust.blocked.contains(&relay.host) {
+            return Err(format!("{} is blocked here", relay.host));
+        }
+        if *relay == self.relay.id || self.relay.federation.knows(relay) {
+            Ok(())
+        } else {
+            Err(format!("{} is not known to this relay with that key", relay.host))
+        }
+    }
+}
+
+/// Records of other relays' devices this relay looked up lately (for its devices), with the
+/// relay that answered: what its credential check accepts for devices not registered here.
+#[derive(Debug, Default)]
+pub struct RemoteDirs(
+    std::sync::Mutex<HashMap<DeviceId, (chitchat_proto::Dir, RelayId, std::time::Instant)>>,
+);
+
+impl RemoteDirs {
+    /// How long a looked-up record is used.
+    const TTL: Duration = Duration::from_secs(3600);
+    /// Records kept at most.
+    const MAX: usize = 100_000;
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<DeviceId, (chitchat_proto::Dir, RelayId, std::time::Instant)>,
+    > {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn put(&self, relay: &RelayId, dirs: &[chitchat_proto::Dir]) {
+        let mut m = self.lock();
+        if m.len() + dirs.len() > Self::MAX {
+            m.retain(|_, (_, _, at)| at.elapsed() < Self::TTL);
+            if m.len() + dirs.len() > Self::MAX {
+                m.clear();
+            }
+        }
+        for d in dirs {
+            m.insert(d.device(), (d.clone(), relay.clone(), std::time::Instant::now()));
+        }
+    }
+
+    fn get(&self, device: &DeviceId) -> Option<(chitchat_proto::Dir, RelayId)> {
+        self.lock()
+            .get(device)
+            .filter(|(_, _, at)| at.elapsed() < Self::TTL)
+            .map(|(d, r, _)| (d.clone(), r.clone()))
     }
 }
 
@@ -290,6 +359,7 @@ impl Relay {
             relays: RateLimiter::keyed(per_minute(fed_rate)),
             federation,
             groups,
+            remote_dirs: RemoteDirs::default(),
         }
     }
 
@@ -462,11 +532,26 @@ impl Relay {
     }
 
     /// The group that orders `channel` here, if one does.
+    /// A group that holds a channel whose relay set changed since (the channel moved to the
+    /// group of its new set) is passed over: only the group of the channel's current set orders
+    /// it.
     async fn ordered_by(&self, channel: &ChannelId) -> Option<OrderedBy<'_>> {
-        if self.ordering.next_epoch(channel).await.is_some() {
+        if let Some(Ok(config)) = self.ordering.config(channel).await
+            && config.relays == [self.id.clone()]
+        {
             return Some(OrderedBy::Solo(&self.ordering));
         }
-        self.groups.find(channel).await.map(OrderedBy::Group)
+        for g in self.groups.all().await {
+            if let Some(Ok(config)) = g.ordering.config(channel).await {
+                let mut set = config.relays.clone();
+                set.sort();
+                set.dedup();
+                if set == g.relays {
+                    return Some(OrderedBy::Group(g));
+                }
+            }
+        }
+        None
     }
 
     /// The relay's multi-relay ordering groups.
@@ -507,6 +592,7 @@ impl Relay {
             },
             Ok(true) => match self.federation.call(host, FedBody::Lookup { local_name }).await {
                 Ok((remote, FedResponse::Dirs(dirs))) => {
+                    self.remote_dirs.put(&remote.id, &dirs);
                     Response::RemoteDirs { relay: remote.id.clone(), dirs }
                 }
                 Ok((_, other)) => unavailable(format!("{host} answered a look-up with {other:?}")),
@@ -526,6 +612,7 @@ impl Relay {
             Ok(true) => {
                 match self.federation.call(host, FedBody::LookupDevices { devices }).await {
                     Ok((remote, FedResponse::Dirs(dirs))) => {
+                        self.remote_dirs.put(&remote.id, &dirs);
                         Response::RemoteDirs { relay: remote.id.clone(), dirs }
                     }
                     Ok((_, other)) => {

@@ -350,20 +350,6 @@ async fn a_node_looks_up_a_user_of_another_relay_and_trusts_only_what_its_relay_
     assert!(format!("{missing:?}").contains("no device of nobody@"), "{missing:?}");
     let nowhere = alice.json("GET", "/v1/users/bob@127.0.0.1:1", None).await;
     assert!(format!("{nowhere:?}").contains("could not find the relay"), "{nowhere:?}");
-    // Inviting across relays says what is missing instead of failing obscurely.
-    let ch = alice
-        .json("POST", "/v1/channels", Some(serde_json::json!({"name": "x"})))
-        .await
-        .expect("channel");
-    let id = ch["id"].as_str().expect("id").to_owned();
-    let invite = alice
-        .json(
-            "POST",
-            &format!("/v1/channels/{id}/invite"),
-            Some(serde_json::json!({"address": bob_address})),
-        )
-        .await;
-    assert!(format!("{invite:?}").contains("not built yet"), "{invite:?}");
 }
 
 /// A device registered at several relays, with its channel.
@@ -694,4 +680,82 @@ async fn posts_and_commits_reach_members_on_every_relay_of_the_channel() {
         assert!(std::time::Instant::now() < deadline, "Bob's post never reached A");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_of_two_relays_chat_in_one_channel() {
+    use chitchat_tests::NodeProcess;
+    use serde_json::json;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+    let (a, b) = (relay(|c| c.to_owned()), relay(|c| c.to_owned()));
+    let alice = NodeProcess::start(&[]).expect("node");
+    let carol = NodeProcess::start(&[]).expect("node");
+    let bob = NodeProcess::start(&[]).expect("node");
+    alice.register(&a, "alice").await.expect("register");
+    carol.register(&a, "carol").await.expect("register");
+    let bob_address = bob.register(&b, "bob").await.expect("register");
+
+    // Alice's channel, ordered by A; Carol (of A) is in it before Bob (of B) is invited.
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", &format!("carol@{}", a.host())]).expect("invite carol");
+    let out = alice.cli(&["invite", "general", &bob_address]).expect("invite bob");
+    assert!(out.contains("added"), "{out}");
+    // The channel is now ordered by both relays.
+    let info = alice.json("GET", &format!("/v1/channels/{id}"), None).await.expect("info");
+    let relays = info["relays"].to_string();
+    assert!(relays.contains(a.host()) && relays.contains(b.host()), "{info}");
+
+    alice.cli(&["send", "general", "hello bob"]).expect("send");
+    if let Err(e) = bob.wait_texts(&id, WAIT, |t| t == ["hello bob"]).await {
+        let channels = bob.json("GET", "/v1/channels", None).await;
+        let status = bob.json("GET", "/v1/status", None).await;
+        let sent = alice.json("GET", &format!("/v1/channels/{id}/messages"), None).await;
+        panic!("bob reads alice: {e}; bob: {channels:?} {status:?}; alice: {sent:?}");
+    }
+    carol.wait_texts(&id, WAIT, |t| t == ["hello bob"]).await.expect("carol reads alice");
+    let body = json!({"text": "hi from B"});
+    bob.json("POST", &format!("/v1/channels/{id}/messages"), Some(body)).await.expect("send");
+    alice.wait_texts(&id, WAIT, |t| t.len() == 2).await.expect("alice reads bob");
+    carol.wait_texts(&id, WAIT, |t| t.len() == 2).await.expect("carol reads bob");
+
+    // Edits and reactions flow both ways.
+    let hist = bob.json("GET", &format!("/v1/channels/{id}/history"), None).await.expect("h");
+    let first = hist["history"]["messages"][0]["short"].as_str().expect("short").to_owned();
+    let second = hist["history"]["messages"][1]["short"].as_str().expect("short").to_owned();
+    bob.cli(&["react", &first, "👍"]).expect("react");
+    alice.cli(&["edit", &first, "hello, bob"]).expect("edit");
+    bob.cli(&["edit", &second, "hi from relay B"]).expect("edit");
+    for node in [&alice, &bob, &carol] {
+        node.wait_texts(&id, WAIT, |t| t == ["hello, bob", "hi from relay B"])
+            .await
+            .expect("every node sees both edits");
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let h = alice.json("GET", &format!("/v1/channels/{id}/history"), None).await.expect("h");
+        if h["history"]["messages"][0]["reactions"]["👍"] == json!([bob_address.clone()]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reaction at alice: {h:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Bob is removed across relays: he learns it and gets nothing after.
+    let out = alice.cli(&["remove", "general", &bob_address]).expect("remove");
+    assert!(out.contains("removed"), "{out}");
+    alice.cli(&["send", "general", "bob is gone"]).expect("send");
+    carol
+        .wait_texts(&id, WAIT, |t| t.last().map(String::as_str) == Some("bob is gone"))
+        .await
+        .expect("carol");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = bob.json("GET", "/v1/channels", None).await.expect("channels");
+        if v["channels"][0]["left"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "bob never learnt of his removal: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!bob.texts(&id).await.expect("bob").iter().any(|t| t == "bob is gone"));
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use super::ChannelConfig;
 use crate::Timestamp;
-use crate::identity::{DeviceId, Dir, RelayTrust};
+use crate::identity::{DeviceId, Dir, RelayId, RelayTrust};
 
 /// Decides whether a device may be in a channel, and whether a channel's orderers are to be
 /// trusted. The caller implements it with what it knows: the device's latest identity record,
@@ -17,6 +17,11 @@ pub trait CredentialCheck {
     /// device will merge, so at least one of them must be a relay the device trusts (its own).
     /// Called for every Welcome.
     fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String>;
+
+    /// `Ok` if `relay` may join a channel's relay set (a commit that adds it): a relay is an
+    /// orderer, whose signatures count from the next epoch, so it must be a relay the caller
+    /// knows under this host with this key, and not blocked.
+    fn check_relay(&self, relay: &RelayId) -> Result<(), String>;
 }
 
 /// A [`CredentialCheck`] over a set of known device identity records, verified against trusted
@@ -56,6 +61,16 @@ impl<T: RelayTrust> CredentialCheck for KnownDirs<'_, T> {
             Err(format!("none of its relays is trusted here: {}", hosts.join(", ")))
         }
     }
+
+    fn check_relay(&self, relay: &RelayId) -> Result<(), String> {
+        if self.trust.is_blocked(&relay.host) {
+            return Err(format!("the relay {} is blocked", relay.host));
+        }
+        if self.trust.relay_key(&relay.host) != Some(relay.key) {
+            return Err(format!("the relay {} is not known here with that key", relay.host));
+        }
+        Ok(())
+    }
 }
 
 /// Accepts every device and every orderer. For a replicated state machine that checks a
@@ -71,6 +86,10 @@ impl CredentialCheck for AcceptAll {
     }
 
     fn check_orderers(&self, _: &ChannelConfig) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn check_relay(&self, _: &RelayId) -> Result<(), String> {
         Ok(())
     }
 }

@@ -186,6 +186,9 @@ pub struct Change {
     pub remove: Vec<DeviceId>,
     /// Whether to refresh the committer's own leaf key even without other changes.
     pub update: bool,
+    /// A new config (name, admins, relay set), in the same commit: inviting the first user of
+    /// another relay adds that relay to the relay set.
+    pub config: Option<ChannelConfig>,
 }
 
 /// A staged commit: the group is unchanged until [`Channel::accept_own`].
@@ -559,14 +562,7 @@ impl Channel {
         if config.creator != me.device {
             return Err(ChannelError::BadConfig("creator must be this device"));
         }
-        let required = Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
-            &[ExtensionType::Unknown(CONFIG_EXTENSION_TYPE)],
-            &[],
-            &[],
-        ));
-        let config_ext =
-            Extension::Unknown(CONFIG_EXTENSION_TYPE, UnknownExtension(encode(&config)));
-        let extensions = Extensions::from_vec(vec![required, config_ext]).map_err(mls_err)?;
+        let extensions = config_extensions(&config)?;
         let group = MlsGroup::builder()
             .with_group_id(GroupId::from_slice(&id.0))
             .ciphersuite(CIPHERSUITE)
@@ -610,12 +606,13 @@ impl Channel {
             builder = builder.replace_old_group();
         }
         let staged = builder.build().map_err(mls_err)?;
+        // The orderers first: a checker learns from them which relays sponsor the members.
+        let config = read_config(staged.group_context().extensions())?;
+        check.check_orderers(&config).map_err(ChannelError::UntrustedOrderers)?;
         // Every credential is checked before the first failure is returned, so a checker that
         // records unknown devices learns all of them at once.
         first_failure(staged.members().map(|m| check_credential(check, &m.credential)))?;
         rules::check_members(staged.members())?;
-        let config = read_config(staged.group_context().extensions())?;
-        check.check_orderers(&config).map_err(ChannelError::UntrustedOrderers)?;
         let group = staged.into_group(provider).map_err(mls_err)?;
         let id = channel_id(group.group_id())?;
         Ok(Self::from_group(group, config, id))
@@ -706,11 +703,21 @@ impl Channel {
         if self.state.pending.is_some() || self.group.pending_commit().is_some() {
             return Err(ChannelError::PendingCommit);
         }
-        if change.add.is_empty() && change.remove.is_empty() && !change.update {
+        let new_config = change.config.as_ref().filter(|c| **c != self.config);
+        if change.add.is_empty()
+            && change.remove.is_empty()
+            && !change.update
+            && new_config.is_none()
+        {
             return Err(ChannelError::EmptyChange);
         }
-        if (!change.add.is_empty() || !change.remove.is_empty()) && !self.is_admin(me.device) {
+        if (!change.add.is_empty() || !change.remove.is_empty() || new_config.is_some())
+            && !self.is_admin(me.device)
+        {
             return Err(ChannelError::NotAdmin);
+        }
+        if let Some(c) = new_config {
+            c.validate()?;
         }
         let members = self.members();
         let mut key_packages = Vec::with_capacity(change.add.len());
@@ -737,9 +744,12 @@ impl Channel {
                 .ok_or(ChannelError::NotMember(*device))?;
             leaves.push(leaf.index);
         }
-        let bundle = self
-            .group
-            .commit_builder()
+        let mut builder = self.group.commit_builder();
+        if let Some(c) = new_config {
+            builder =
+                builder.propose_group_context_extensions(config_extensions(c)?).map_err(mls_err)?;
+        }
+        let bundle = builder
             .propose_adds(key_packages)
             .propose_removals(leaves)
             .force_self_update(change.update)
@@ -1070,6 +1080,17 @@ fn channel_id(group_id: &GroupId) -> Result<ChannelId, ChannelError> {
         .try_into()
         .map_err(|_| ChannelError::Malformed("group id is not 32 bytes".into()))?;
     Ok(ChannelId(bytes))
+}
+
+/// The group-context extensions that carry a config: the required capability and the config.
+fn config_extensions(config: &ChannelConfig) -> Result<Extensions<GroupContext>, ChannelError> {
+    let required = Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+        &[ExtensionType::Unknown(CONFIG_EXTENSION_TYPE)],
+        &[],
+        &[],
+    ));
+    let config_ext = Extension::Unknown(CONFIG_EXTENSION_TYPE, UnknownExtension(encode(config)));
+    Extensions::from_vec(vec![required, config_ext]).map_err(mls_err)
 }
 
 fn check_credential(

@@ -14,11 +14,13 @@
 //! 3. **Leaves name their keys.** Every leaf's BasicCredential is the [`DeviceId`] whose key signs
 //!    the leaf: an added KeyPackage's leaf, and the committer's new leaf, which must also keep the
 //!    committer's device (a device that wants another key is removed and added).
-//! 4. **Config changes.** A GroupContextExtensions proposal may change the name and the admin
-//!    policy only. The MIME type, the creator and the relay set stay (the relay set changes with
-//!    federation, by a commit of its own kind), the config must stay valid, an admin set may not
-//!    be empty, and the group context carries nothing but the required-capabilities extension and
-//!    the config.
+//! 4. **Config changes.** A GroupContextExtensions proposal may change the name, the admin
+//!    policy and the relay set. The MIME type and the creator stay, the config must stay valid, an
+//!    admin set may not be empty, a relay set has 1 to 64 relays with distinct hosts and keys,
+//!    every relay it adds passes the caller's [`CredentialCheck::check_relay`] (a relay known
+//!    under that host with that key: it certifies from the next epoch on), and the group context
+//!    carries nothing but the required-capabilities extension and the config. (The commit that
+//!    changes the relay set is certified by the set it is built on, like every commit.)
 //! 5. **Credentials.** Every credential the commit brings in passes the caller's
 //!    [`CredentialCheck`] (the committer's unchanged credential was checked when it joined).
 //!    All are checked before the first failure is returned, so that a checker that records
@@ -72,7 +74,7 @@ pub fn authorize_commit(
         }
     }
     if changes_config {
-        config_change(config, staged.group_context().extensions())?;
+        config_change(config, staged.group_context().extensions(), check)?;
     }
     first_failure(
         staged
@@ -117,6 +119,7 @@ fn names_its_key(credential: &Credential, signature_key: &[u8]) -> Result<(), Ch
 fn config_change(
     old: &ChannelConfig,
     extensions: &Extensions<GroupContext>,
+    check: &impl CredentialCheck,
 ) -> Result<(), ChannelError> {
     for extension in extensions.iter() {
         match extension.extension_type() {
@@ -139,13 +142,39 @@ fn config_change(
         return Err(ChannelError::ForbiddenConfig("the creator is fixed"));
     }
     if new.relays != old.relays {
-        return Err(ChannelError::ForbiddenConfig("the relay set changes only with federation"));
+        if new.relays.is_empty() {
+            return Err(ChannelError::ForbiddenConfig("a relay set may not be empty"));
+        }
+        if new.relays.len() > MAX_RELAYS {
+            return Err(ChannelError::ForbiddenConfig("a relay set has at most 64 relays"));
+        }
+        let mut hosts: Vec<&str> = new.relays.iter().map(|r| r.host.as_str()).collect();
+        let mut keys: Vec<_> = new.relays.iter().map(|r| r.key).collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        keys.sort_unstable();
+        keys.dedup();
+        if hosts.len() != new.relays.len() || keys.len() != new.relays.len() {
+            return Err(ChannelError::ForbiddenConfig("a relay appears twice in the relay set"));
+        }
+        for relay in new.relays.iter().filter(|r| !old.relays.contains(r)) {
+            if crate::identity::check_host(&relay.host).is_err() {
+                return Err(ChannelError::ForbiddenConfig("a relay's host is not a host name"));
+            }
+            check.check_relay(relay).map_err(|reason| ChannelError::Credential {
+                device: None,
+                reason: format!("relay set: {reason}"),
+            })?;
+        }
     }
     if matches!(&new.admins, AdminPolicy::Admins(a) if a.is_empty()) {
         return Err(ChannelError::ForbiddenConfig("an admin set may not be empty"));
     }
     Ok(())
 }
+
+/// The most relays in a channel's relay set.
+pub(super) const MAX_RELAYS: usize = crate::ordering::MAX_CERT_SIGNATURES;
 
 fn proposal_name(proposal: &Proposal) -> &'static str {
     match proposal {

@@ -400,6 +400,8 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             for recipient in recipients.iter() {
                 match enqueue(t, *recipient, &item, *quota) {
                     Ok(_) => delivered.push(*recipient),
+                    // Members of other relays are theirs to serve: not counted.
+                    Err(WriteError::Rejected { code: ErrorCode::NotFound, .. }) => {}
                     Err(WriteError::Rejected { .. }) => skipped = skipped.saturating_add(1),
                     Err(e) => return Err(e),
                 }
