@@ -175,6 +175,11 @@ enum ChannelCommand {
         #[arg(long)]
         open: bool,
     },
+    /// Show a channel: its id, epoch, members, and the relays that order it.
+    Info {
+        /// The channel (name or id).
+        channel: String,
+    },
 }
 
 fn main() {
@@ -403,6 +408,20 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 )
                 .await?;
             println!("{}", v["id"].as_str().unwrap_or_default());
+        }
+        Command::Channel { command: ChannelCommand::Info { channel } } => {
+            let v = client.json("GET", &format!("/v1/channels/{}", enc(&channel)), None).await?;
+            println!(
+                "{} ({})",
+                v["name"].as_str().unwrap_or_default(),
+                v["id"].as_str().unwrap_or_default()
+            );
+            println!("type      {}", v["mime"].as_str().unwrap_or_default());
+            println!("epoch     {}", v["epoch"]);
+            println!("messages  {}", v["messages"]);
+            let relays: Vec<&str> =
+                v["relays"].as_array().into_iter().flatten().filter_map(|r| r.as_str()).collect();
+            println!("ordered by {}", relays.join(", "));
         }
         Command::Channels => {
             let v = client.json("GET", "/v1/channels", None).await?;

@@ -704,6 +704,8 @@ async fn users_of_two_relays_chat_in_one_channel() {
     let info = alice.json("GET", &format!("/v1/channels/{id}"), None).await.expect("info");
     let relays = info["relays"].to_string();
     assert!(relays.contains(a.host()) && relays.contains(b.host()), "{info}");
+    let out = alice.cli(&["channel", "info", "general"]).expect("channel info");
+    assert!(out.contains(&format!("ordered by {}, {}", a.host(), b.host())), "{out}");
 
     alice.cli(&["send", "general", "hello bob"]).expect("send");
     if let Err(e) = bob.wait_texts(&id, WAIT, |t| t == ["hello bob"]).await {
