@@ -158,22 +158,18 @@ async fn devices_reach_users_of_other_relays() {
         .call(&Request::LookupAt { host: "Not A Host".into(), local_name: "bob".into() })
         .await
         .expect("lookup");
-    assert_eq!(code_of(&r), Some(ErrorCode::BadRequest));
+    assert_eq!(code(&r), Some(ErrorCode::BadRequest));
     let r = ca
         .call(&Request::Forward { host: a.host().into(), envelopes: vec![sealed(&bob, "x")] })
         .await
         .expect("forward");
-    assert_eq!(code_of(&r), Some(ErrorCode::BadRequest));
+    assert_eq!(code(&r), Some(ErrorCode::BadRequest));
     let stranger = Client::connect(a.tcp_addr(), a.peer_id()).await.expect("connect");
     let r = stranger
         .call(&Request::LookupAt { host: b.host().into(), local_name: "bob".into() })
         .await
         .expect("lookup");
-    assert_eq!(code_of(&r), Some(ErrorCode::Unauthenticated));
-}
-
-fn code_of(r: &Response) -> Option<ErrorCode> {
-    code(r)
+    assert_eq!(code(&r), Some(ErrorCode::Unauthenticated));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
