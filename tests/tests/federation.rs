@@ -151,8 +151,8 @@ async fn devices_reach_users_of_other_relays() {
         .call(&Request::LookupAt { host: "127.0.0.1:1".into(), local_name: "bob".into() })
         .await
         .expect("lookup");
-    let Response::Error { code, message } = r else { panic!("{r:?}") };
-    assert_eq!(code, ErrorCode::Unavailable);
+    let Response::Error { code: unavailable, message } = r else { panic!("{r:?}") };
+    assert_eq!(unavailable, ErrorCode::Unavailable);
     assert!(message.contains("could not find the relay 127.0.0.1:1"), "{message}");
     let r = ca
         .call(&Request::LookupAt { host: "Not A Host".into(), local_name: "bob".into() })
