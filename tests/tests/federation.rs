@@ -375,7 +375,7 @@ impl Orderee {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_relays_order_a_channel_together_through_kills_of_each() {
+async fn three_relays_order_a_channel_together_through_kills_and_freezes() {
     use chitchat_proto::channel::{AdminPolicy, Channel, ChannelConfig};
     use chitchat_proto::ordering::ChannelId;
     let mut relays = [relay(|c| c.to_owned()), relay(|c| c.to_owned()), relay(|c| c.to_owned())];
@@ -408,11 +408,22 @@ async fn three_relays_order_a_channel_together_through_kills_of_each() {
     let mut winners = Vec::new();
     let mut last_staged = None;
     // Five commits through each relay in turn while another one is killed (kill -9, then
-    // restarted): no acknowledged commit is lost, and each carries a majority certificate.
-    let plan = [(0usize, None), (0, Some(1usize)), (1, Some(0)), (0, Some(2)), (2, None)];
+    // restarted) or frozen (SIGSTOP, then SIGCONT): no acknowledged commit is lost, and each
+    // carries a majority certificate.
+    let (kill, freeze) = (true, false);
+    let plan = [
+        (0usize, None),
+        (0, Some((1usize, kill))),
+        (1, Some((0, kill))),
+        (0, Some((2, kill))),
+        (1, Some((2, freeze))),
+        (2, None),
+    ];
     for (via, down) in plan {
-        if let Some(d) = down {
-            relays[d].kill9();
+        match down {
+            Some((d, true)) => relays[d].kill9(),
+            Some((d, false)) => relays[d].pause().expect("SIGSTOP"),
+            None => {}
         }
         for _ in 0..5 {
             let staged = alice.stage();
@@ -447,7 +458,10 @@ async fn three_relays_order_a_channel_together_through_kills_of_each() {
             winners.push((staged.epoch, staged.hash));
             last_staged = Some(alice.submission(&staged));
         }
-        if let Some(d) = down {
+        if let Some((d, false)) = down {
+            relays[d].resume().expect("SIGCONT");
+        }
+        if let Some((d, true)) = down {
             relays[d].restart().expect("restart");
             clients[d] = Client::connect(relays[d].tcp_addr(), relays[d].peer_id())
                 .await
@@ -455,10 +469,10 @@ async fn three_relays_order_a_channel_together_through_kills_of_each() {
             clients[d].authenticate(&alice.device.key, relays[d].host()).await.expect("auth");
         }
     }
-    assert_eq!(winners.len(), 25);
-    assert_eq!(winners.last().map(|w| w.0), Some(24));
-    // No fork: every relay applied the 25 epochs, and each certifies the last winner again when
-    // it is resubmitted there (its own log says that hash won epoch 24).
+    assert_eq!(winners.len(), 30);
+    assert_eq!(winners.last().map(|w| w.0), Some(29));
+    // No fork: every relay applied the 30 epochs, and each certifies the last winner again when
+    // it is resubmitted there (its own log says that hash won epoch 29).
     let (last_epoch, last_hash) = *winners.last().expect("winners");
     let last = last_staged.expect("a last commit");
     for (i, c) in clients.iter().enumerate() {
@@ -469,7 +483,7 @@ async fn three_relays_order_a_channel_together_through_kills_of_each() {
                 .call(&Request::OpenChannel { channel: alice.channel.id(), state })
                 .await
                 .expect("open");
-            if r == (Response::ChannelOpened { next_epoch: 25 }) {
+            if r == (Response::ChannelOpened { next_epoch: 30 }) {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "relay {i} is at {r:?}");
@@ -506,7 +520,7 @@ async fn three_relays_order_a_channel_together_through_kills_of_each() {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "relay {i} fanned out {} of 25 commits: {:?}",
+                "relay {i} fanned out {} of 30 commits: {:?}",
                 got.len(),
                 got.iter().map(|g| g.0).collect::<Vec<_>>()
             );
