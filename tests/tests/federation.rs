@@ -771,3 +771,202 @@ async fn users_of_two_relays_chat_in_one_channel() {
     }
     assert!(!bob.texts(&id).await.expect("bob").iter().any(|t| t == "bob is gone"));
 }
+
+/// Rounds of the concurrent-commit race: `CHITCHAT_FED_ROUNDS` (200 for the full run;
+/// 20 in the suite, which has a time budget).
+fn rounds() -> usize {
+    std::env::var("CHITCHAT_FED_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_members_on_three_relays_race_for_every_epoch() {
+    use chitchat_proto::channel::{
+        AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, ChannelMessage, Identity,
+    };
+    use chitchat_proto::codec::Canonical;
+    use chitchat_proto::ordering::ChannelId;
+    use chitchat_proto::wire::{CommitSubmission, InboxPayload, SealedWelcomes};
+    const MEMBERS: usize = 10;
+    let relays = [relay(|c| c.to_owned()), relay(|c| c.to_owned()), relay(|c| c.to_owned())];
+    let ids: Vec<_> = relays.iter().map(|r| r.relay_id().expect("well-known")).collect();
+    struct M {
+        device: Device,
+        mls: Identity,
+        provider: openmls_rust_crypto::OpenMlsRustCrypto,
+        client: Client,
+        channel: Option<Channel>,
+        after: Option<u64>,
+    }
+    let mut m = Vec::new();
+    for i in 0..MEMBERS {
+        let device = Device::new(40 + i as u8);
+        let client = register(&relays[i % 3], &device, &format!("m{i}")).await;
+        let mls = Identity::new(&device.key);
+        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let kp = Bytes(mls.key_package(&provider, false).expect("kp"));
+        let upload = Request::UploadKeyPackages { packages: vec![kp], last_resort: None };
+        let r = client.call(&upload).await.expect("upload");
+        assert!(matches!(r, Response::KeyPackagesStored { .. }));
+        m.push(M { device, mls, provider, client, channel: None, after: None });
+    }
+    // Member 0 (of A) creates the channel, ordered by the three relays, and adds the others:
+    // A looks the others up at their relays first (its credential check needs their records).
+    let config = ChannelConfig {
+        mime: "application/octet-stream".into(),
+        name: "race".into(),
+        relays: ids.clone(),
+        admins: AdminPolicy::AnyMember,
+        creator: m[0].mls.device(),
+    };
+    let id = ChannelId([9; 32]);
+    let channel = Channel::create(&m[0].provider, &m[0].mls, id, config).expect("create");
+    let state = channel.public_state(&m[0].provider, &m[0].mls).expect("export");
+    m[0].channel = Some(channel);
+    let r = m[0].client.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 });
+    let mut kps = Vec::new();
+    for i in 1..MEMBERS {
+        let (host, device) = (relays[i % 3].host().to_owned(), m[i].device.id());
+        let lookup = Request::LookupDevicesAt { host: host.clone(), devices: vec![device] };
+        assert!(matches!(m[0].client.call(&lookup).await, Ok(Response::RemoteDirs { .. })));
+        let r = m[0].client.call(&Request::ClaimKeyPackageAt { host, device }).await;
+        let Ok(Response::KeyPackage(kp)) = r else { panic!("claim: {r:?}") };
+        kps.push(Bytes(kp));
+    }
+    let change = Change { add: kps, ..Default::default() };
+    let first = &mut m[0];
+    let (p0, mls0) = (&first.provider, &first.mls);
+    let staged =
+        first.channel.as_mut().expect("ch").stage(p0, mls0, &change, &AcceptAll).expect("stage");
+    let welcome =
+        InboxPayload::Welcome { channel: id, welcome: Bytes(staged.welcome.clone().expect("w")) };
+    let envelopes = (1..MEMBERS)
+        .map(|i| {
+            let d = &m[i].device;
+            inbox::seal(
+                &mut rand_chacha::ChaCha20Rng::seed_from_u64(i as u64),
+                d.id(),
+                &d.inbox.public(),
+                &welcome.to_bytes(),
+            )
+            .expect("seal")
+        })
+        .collect();
+    let sub = CommitSubmission {
+        channel: id,
+        epoch: 0,
+        commit: staged.commit.clone(),
+        welcome: Some(SealedWelcomes { envelopes }),
+        fanout: vec![],
+    };
+    let r = m[0].client.call(&Request::SubmitCommit(sub)).await.expect("submit");
+    let Response::CommitAccepted { cert } = r else { panic!("{r:?}") };
+    let first = &mut m[0];
+    first.channel.as_mut().expect("ch").accept_own(&first.provider, &cert).expect("merge");
+
+    /// Drains a member's inbox at its relay: joins from a Welcome, applies commits.
+    async fn catch_up(x: &mut M) {
+        loop {
+            let r =
+                x.client.call(&Request::Fetch { after: x.after, max: 1024 }).await.expect("fetch");
+            let Response::Items { items, more } = r else { panic!("{r:?}") };
+            for item in &items {
+                match &item.envelope {
+                    Envelope::Sealed(e) if x.channel.is_none() => {
+                        let bytes = x.device.inbox.open(x.device.id(), e).expect("opens");
+                        if let Ok(InboxPayload::Welcome { welcome, .. }) =
+                            InboxPayload::from_bytes(&bytes)
+                        {
+                            x.channel = Some(
+                                Channel::join(&x.provider, &welcome, &AcceptAll).expect("join"),
+                            );
+                        }
+                    }
+                    Envelope::Commit(c) => {
+                        if let Some(ch) = x.channel.as_mut() {
+                            let msg = ChannelMessage::Commit {
+                                commit: c.commit.clone(),
+                                cert: c.cert.clone(),
+                            };
+                            // Its own commit, merged already, comes back as stale.
+                            let _ = ch.process(&x.provider, now(), msg, &AcceptAll);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            x.after = items.last().map(|i| i.id).or(x.after);
+            if !more {
+                return;
+            }
+        }
+    }
+
+    let rounds = rounds();
+    for round in 0..=rounds {
+        // Everyone reaches the current epoch (from its own relay's inbox).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            for x in m.iter_mut() {
+                catch_up(x).await;
+            }
+            let epochs: Vec<Option<u64>> =
+                m.iter().map(|x| x.channel.as_ref().map(Channel::epoch)).collect();
+            if epochs.iter().all(|e| *e == epochs[0] && e.is_some()) {
+                let auths: Vec<Vec<u8>> = m
+                    .iter()
+                    .map(|x| x.channel.as_ref().expect("ch").epoch_authenticator())
+                    .collect();
+                assert!(auths.iter().all(|a| *a == auths[0]), "round {round}: a fork");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "round {round}: members at {epochs:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if round == rounds {
+            break;
+        }
+        // All stage an update on the same epoch and submit through their own relays at once.
+        let update = Change { update: true, ..Default::default() };
+        let mut staged = Vec::new();
+        for x in m.iter_mut() {
+            let ch = x.channel.as_mut().expect("ch");
+            staged.push(ch.stage(&x.provider, &x.mls, &update, &AcceptAll).expect("stage"));
+        }
+        let calls = m.iter().zip(&staged).map(|(x, s)| {
+            let req = Request::SubmitCommit(CommitSubmission {
+                channel: id,
+                epoch: s.epoch,
+                commit: s.commit.clone(),
+                welcome: None,
+                fanout: vec![],
+            });
+            let c = x.client.clone();
+            async move { c.call(&req).await.expect("submit") }
+        });
+        let answers = futures::future::join_all(calls).await;
+        let winners: Vec<usize> = answers
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r, Response::CommitAccepted { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: exactly one commit wins: {answers:?}");
+        for (i, (x, r)) in m.iter_mut().zip(answers).enumerate() {
+            let ch = x.channel.as_mut().expect("ch");
+            match r {
+                Response::CommitAccepted { cert } => {
+                    ch.accept_own(&x.provider, &cert).expect("merge");
+                }
+                Response::CommitConflict { winner } => {
+                    assert_eq!(
+                        winner.hash, staged[winners[0]].hash,
+                        "member {i} lost to the winner"
+                    );
+                    ch.discard_own(&x.provider).expect("discard");
+                }
+                other => panic!("round {round}, member {i}: {other:?}"),
+            }
+        }
+    }
+}
