@@ -60,7 +60,7 @@ impl CommitFanout {
 
     /// The same sink for the group `group` (its own watermark).
     pub fn for_group(&self, group: &[u8; 32]) -> Self {
-        let hex: String = group.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = crate::groups::group_hex(group);
         Self {
             store: self.store.clone(),
             key: self.key.clone(),

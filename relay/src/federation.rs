@@ -367,11 +367,8 @@ impl Federation {
         ) || self.config.relays.iter().any(|r| r.host == host);
         if !known
             && let Some(ip) = ip
-            && let Err(n) = self.discoveries.check_key(&ip)
+            && let Err(retry_after_ms) = crate::service::check_rate(&self.discoveries, ip)
         {
-            use governor::clock::{Clock as _, DefaultClock};
-            let wait = n.wait_time_from(DefaultClock::default().now());
-            let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
             return Err(FedError::RateLimited { retry_after_ms });
         }
         let remote = self.resolve(host).await?;

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use chitchat_proto::codec::{decode, encode};
 use chitchat_proto::federation::{FedBody, FedResponse, MAX_RAFT_PAYLOAD, RaftRpc, group_id};
-use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
+use chitchat_proto::ordering::{CertSignature, EpochCert, EpochCertBody};
 use chitchat_proto::wire::ErrorCode;
 use chitchat_proto::{RelayId, SecretKey};
 use openraft::BasicNode;
@@ -59,6 +59,11 @@ pub fn node_id(relay: &RelayId) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&relay.key.0[..8]);
     u64::from_be_bytes(b)
+}
+
+/// A group id in hex (its files' names, its watermark's key).
+pub fn group_hex(id: &[u8; 32]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One group of two or more relays.
@@ -197,7 +202,7 @@ impl Groups {
                 "this relay orders with {MAX_GROUPS} relay sets already"
             )));
         }
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = group_hex(&id);
         let set_path = self.dir.join(format!("{hex}.relays"));
         if !set_path.exists() {
             write_durably(&set_path, &encode(&relays.to_vec()))
@@ -353,9 +358,6 @@ impl Groups {
                 };
                 match group.ordering.submit_at(command).await {
                     Ok(r) => FedResponse::Raft(encode(&r)),
-                    Err(e @ OrderingError::NotLeader { .. }) => {
-                        refuse(ErrorCode::Unavailable, e.to_string())
-                    }
                     Err(e) => refuse(ErrorCode::Unavailable, e.to_string()),
                 }
             }
@@ -373,16 +375,6 @@ impl Groups {
             }
             _ => refuse(ErrorCode::BadRequest, "not a group request".into()),
         }
-    }
-
-    /// The group that orders `channel`, if one here does.
-    pub async fn find(&self, channel: &ChannelId) -> Option<Arc<Group>> {
-        for g in self.all().await {
-            if g.ordering.next_epoch(channel).await.is_some() {
-                return Some(g);
-            }
-        }
-        None
     }
 
     /// Stops every group.

@@ -215,16 +215,10 @@ fn per_minute(n: u32) -> Quota {
 }
 
 /// Takes one token of `key`'s bucket, or says how long to wait, in milliseconds.
-fn check_rate(limiter: &DefaultKeyedRateLimiter<DeviceId>, key: DeviceId) -> Result<(), u64> {
-    use governor::clock::{Clock as _, DefaultClock};
-    limiter.check_key(&key).map_err(|not_until| {
-        let wait = not_until.wait_time_from(DefaultClock::default().now());
-        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
-    })
-}
-
-/// Takes one token of a relay's bucket, or says how long to wait, in milliseconds.
-fn check_key_rate(limiter: &DefaultKeyedRateLimiter<PublicKey>, key: PublicKey) -> Result<(), u64> {
+pub(crate) fn check_rate<K: Clone + Eq + std::hash::Hash>(
+    limiter: &DefaultKeyedRateLimiter<K>,
+    key: K,
+) -> Result<(), u64> {
     use governor::clock::{Clock as _, DefaultClock};
     limiter.check_key(&key).map_err(|not_until| {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -723,7 +717,7 @@ impl Relay {
                 return fed_error(e.code(), e.to_string());
             }
         };
-        if let Err(retry_after_ms) = check_key_rate(&self.relays, origin.key) {
+        if let Err(retry_after_ms) = check_rate(&self.relays, origin.key) {
             return fed_error(ErrorCode::RateLimited { retry_after_ms }, "too many requests");
         }
         let response = self.federated(&origin, request.body, now()).await;
