@@ -241,11 +241,31 @@ async fn status(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
                     "relay_host": a.relay.id.host,
                 })
             });
+            let forks: Vec<Value> = e
+                .forks()
+                .unwrap_or_else(|err| {
+                    tracing::warn!(error = %err, "cannot read the forks");
+                    Vec::new()
+                })
+                .iter()
+                .map(|f| {
+                    json!({
+                        "channel": f.channel.to_string(),
+                        "epoch": f.epoch,
+                        "device": f.device.0.to_hex(),
+                        "member": e.name_of(&f.device),
+                        "kind": format!("{:?}", f.kind),
+                        "at_ms": f.at.0,
+                    })
+                })
+                .collect();
             json!({
                 "device": e.device().0.to_hex(),
                 "account": account,
                 "channels": e.channels().count(),
                 "dropped": e.dropped(),
+                "convicted": e.convictions(),
+                "forks": forks,
                 "relay_link": link,
                 "version": crate::VERSION,
             })
@@ -862,8 +882,10 @@ fn event_channel(e: &Event) -> Option<&str> {
         | Event::Typing { channel, .. }
         | Event::Members { channel, .. }
         | Event::Joined { channel, .. }
-        | Event::Removed { channel } => Some(channel),
-        Event::Relay { .. } => None,
+        | Event::Removed { channel }
+        | Event::Fork { channel, .. } => Some(channel),
+        // Every stream hears of a convicted orderer: it matters to all its channels.
+        Event::Relay { .. } | Event::Equivocation { .. } => None,
     }
 }
 

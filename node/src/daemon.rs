@@ -40,6 +40,10 @@ const MAX_BACKOFF_MS: u64 = 30_000;
 const INBOX_MAX_BACKOFF_MS: u64 = 3_000;
 /// Attempts of one acknowledgement before its items are left for the next start.
 const ACK_ATTEMPTS: u32 = 5;
+/// How often the evidence task looks for reports and proofs to send.
+const EVIDENCE_INTERVAL: Duration = Duration::from_millis(200);
+/// The longest pause between attempts to send evidence while the relay is away.
+const EVIDENCE_MAX_BACKOFF_MS: u64 = 10_000;
 
 pub use crate::engine::now;
 
@@ -140,6 +144,7 @@ impl Node {
         tokio::spawn(node.clone().resume_intents());
         tokio::spawn(node.clone().key_package_task());
         tokio::spawn(node.clone().link_state_task());
+        tokio::spawn(node.clone().evidence_task());
         Ok(node)
     }
 
@@ -520,6 +525,58 @@ impl Node {
                         () = woken => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// Sends this device's epoch reports (the latest of each channel that reached a new
+    /// epoch) and the equivocation proofs it found, through the relay. Reports are best
+    /// effort: one that cannot go is replaced by the channel's next.
+    async fn evidence_task(self: Arc<Self>) {
+        let link = self.wait_for_link().await;
+        let mut backoff = Backoff::capped(EVIDENCE_MAX_BACKOFF_MS);
+        loop {
+            tokio::time::sleep(EVIDENCE_INTERVAL).await;
+            let out = self.with(|e| e.take_outgoing()).await;
+            if out.is_empty() {
+                continue;
+            }
+            let mut unsent = crate::engine::Outgoing::default();
+            for proof in out.proofs {
+                match link.call(&Request::Equivocation { proof: proof.clone() }).await {
+                    Ok(Response::EquivocationNoted { new }) => {
+                        tracing::info!(new, "the relay took an equivocation proof");
+                    }
+                    Ok(other) => tracing::warn!(answer = ?other, "the relay refused an equivocation proof"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "equivocation proof not sent");
+                        unsent.proofs.push(proof);
+                    }
+                }
+            }
+            for report in out.reports {
+                match link.call(&Request::Report { report: report.clone() }).await {
+                    Ok(Response::Posted(results))
+                        if matches!(results[..], [PostResult::Posted { .. }]) => {}
+                    Ok(Response::Posted(results))
+                        if matches!(results[..], [PostResult::Refused(code)] if code.is_retryable()) =>
+                    {
+                        unsent.reports.push(report);
+                    }
+                    Ok(other) => {
+                        tracing::debug!(channel = %report.body.channel, answer = ?other, "epoch report refused");
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "epoch report not sent");
+                        unsent.reports.push(report);
+                    }
+                }
+            }
+            if unsent.is_empty() {
+                backoff.reset();
+            } else {
+                self.with(move |e| e.untake_outgoing(unsent)).await;
+                backoff.wait().await;
             }
         }
     }

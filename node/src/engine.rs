@@ -19,7 +19,7 @@ use chitchat_proto::channel::{
 use chitchat_proto::codec::{Bytes, Canonical};
 use chitchat_proto::identity::{DirBody, Profile, TrustedRelays};
 use chitchat_proto::inbox::{self, InboxSecret};
-use chitchat_proto::ordering::{ChannelId, EpochCert};
+use chitchat_proto::ordering::{ChannelId, EpochCert, EpochRecord};
 use chitchat_proto::wire::{Envelope, InboxItem, InboxPayload, LeaveRequest, SealedWelcomes};
 use chitchat_proto::{DeviceId, Dir, RelayId, SecretKey, Sponsorship, Timestamp, chat};
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -27,6 +27,10 @@ use openmls_traits::OpenMlsProvider as _;
 use rand::RngExt as _;
 use serde::Serialize;
 use tokio::sync::broadcast;
+
+mod evidence;
+
+pub use evidence::{Conviction, Outgoing};
 
 use crate::store::{
     Account, Batch, ChannelRecord, IntentOp, IntentRecord, MessageStatus, MlsMirror, OutboxItem,
@@ -149,6 +153,29 @@ pub enum Event {
         connected: bool,
         /// Since when (Unix milliseconds).
         since_ms: u64,
+    },
+    /// An orderer signed two commits for one epoch: the proof is kept and its signatures no
+    /// longer count.
+    Equivocation {
+        /// The orderer's key (hex).
+        orderer: String,
+        /// Its host, if it is a relay this device knows.
+        relay: Option<String>,
+        /// The channel (hex).
+        channel: String,
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Another member reported another commit or state for an epoch of a channel.
+    Fork {
+        /// The channel (hex).
+        channel: String,
+        /// The epoch.
+        epoch: u64,
+        /// The member's device (hex).
+        device: String,
+        /// How the states differ.
+        kind: String,
     },
 }
 
@@ -294,6 +321,8 @@ pub struct Engine {
     commit_first: bool,
     /// Inbox items dropped since the daemon started, by reason (shown in the node's status).
     dropped: Dropped,
+    /// Epoch records, reports and proofs (see [`evidence`]).
+    evidence: evidence::Evidence,
 }
 
 /// Inbox items the node could not use and dropped (acknowledged, so that they never block the
@@ -341,6 +370,7 @@ impl Engine {
         let relays = store.relays()?.into_iter().map(|r| (r.host.clone(), r)).collect();
         let account = store.account()?;
         let next_outbox = store.next_outbox_id()?;
+        let evidence = evidence::Evidence::load(store.convicted()?);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let mut engine = Self {
             store,
@@ -359,6 +389,7 @@ impl Engine {
             must_skip: BTreeSet::new(),
             commit_first: false,
             dropped: Dropped::default(),
+            evidence,
         };
         engine.load_channels()?;
         engine.skip_released(now())?;
@@ -416,7 +447,10 @@ impl Engine {
                 None
             } else {
                 match Channel::load(&self.provider, record.state.clone()) {
-                    Ok(c) => Some(c),
+                    Ok(mut c) => {
+                        c.set_convicted(self.evidence.convicted_keys());
+                        Some(c)
+                    }
                     Err(e) => {
                         tracing::error!(channel = %id, error = %e, "cannot load channel");
                         None
@@ -1008,6 +1042,9 @@ impl Engine {
                     }
                     Step::Done
                 }
+                InboxPayload::Report(report) => {
+                    self.receive_report(report, now, &mut pending_events)
+                }
                 InboxPayload::Channel { channel, message } => self.receive_channel(
                     channel,
                     message,
@@ -1055,6 +1092,7 @@ impl Engine {
                 channel: c.channel,
                 message: ChannelMessage::Commit { commit: c.commit.clone(), cert: c.cert.clone() },
             }),
+            Envelope::Report(r) => Ok(InboxPayload::Report(r.clone())),
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         let sealed = items.iter().filter(|i| matches!(i.envelope, Envelope::Sealed(_))).count();
@@ -1122,7 +1160,11 @@ impl Engine {
                     channel: channel.to_string(),
                     name: joined.config().name.clone(),
                 });
+                let reached = (joined.epoch(), EpochRecord { digest: joined.epoch_digest(), cert: None });
+                let mut joined = joined;
+                joined.set_convicted(self.evidence.convicted_keys());
                 self.channels.insert(channel, Held { record, channel: Some(joined) });
+                self.reached(channel, reached.0, reached.1, b, events, now);
                 Step::Done
             }
             Ok(_) => {
@@ -1151,6 +1193,11 @@ impl Engine {
         touched: &mut BTreeSet<ChannelId>,
         events: &mut Vec<Event>,
     ) -> Step {
+        if let ChannelMessage::Commit { cert, .. } = &message
+            && self.epoch(&id).is_some_and(|e| cert.body.epoch < e)
+        {
+            self.check_late_commit(id, cert, events);
+        }
         let check = Recording::new(&self.dirs, self.trust(), now);
         let Some(channel) = self.channels.get_mut(&id).and_then(|h| h.channel.as_mut()) else {
             tracing::debug!(channel = %id, "message for a channel this device is not in; dropped");
@@ -1222,10 +1269,12 @@ impl Engine {
                 ChannelEvent::Buffered { epoch } if epoch > epoch_now => {
                     step = Step::Held(id, epoch);
                 }
-                ChannelEvent::CommitApplied { epoch, added, removed, self_removed } => {
+                ChannelEvent::CommitApplied { epoch, added, removed, self_removed, record } => {
                     events.push(members_event(&id, epoch, &added, &removed));
                     if self_removed {
                         events.push(Event::Removed { channel: id.to_string() });
+                    } else {
+                        self.reached(id, epoch, record, b, events, now);
                     }
                 }
                 _ => {}
@@ -1258,6 +1307,15 @@ impl Engine {
         attempts: u32,
         now: Timestamp,
     ) -> Result<StagedRecord, EngineError> {
+        let orderers = active_in(&mut self.channels, id)?.config().orderers();
+        if self.orderers_convicted(&orderers) {
+            return Err(EngineError::Invalid(
+                "this channel's orderers were caught signing two commits for one epoch (see \
+                 `chitchat status`): no change to it can be certified any more; create a new \
+                 channel"
+                    .into(),
+            ));
+        }
         let mut change = Change::default();
         let trust = self.trust();
         match &op {
@@ -1347,10 +1405,32 @@ impl Engine {
         let channel = active_in(&mut self.channels, id)?;
         if channel.pending().is_none() && channel.epoch() > cert.body.epoch {
             // The relay fans a commit out to its committer too: it came through the inbox
-            // first and was merged there. Only the intent is left to drop.
+            // first and was merged there. Only the intent is left to drop, if it was this
+            // commit: a certificate for another hash of an epoch already applied convicts
+            // whoever signed both.
             let mut b = Batch::default();
             b.intent(*id, None);
-            return self.commit(b);
+            self.commit(b)?;
+            let applied = cert
+                .body
+                .epoch
+                .checked_add(1)
+                .and_then(|e| self.record_of(id, e))
+                .and_then(|r| r.cert);
+            if let Some(applied) = applied
+                && applied.body.hash != cert.body.hash
+            {
+                let mut events = Vec::new();
+                self.check_late_commit(*id, cert, &mut events);
+                for event in events {
+                    self.emit(event);
+                }
+                return Err(EngineError::Invalid(
+                    "another commit won that epoch, yet the orderers certified this one too"
+                        .into(),
+                ));
+            }
+            return Ok(());
         }
         let result = channel.accept_own(&self.provider, cert);
         let events = match result {
@@ -1360,11 +1440,20 @@ impl Engine {
         let mut b = Batch::default();
         b.intent(*id, None);
         self.save_channel(id, &mut b);
-        self.commit(b)?;
+        let mut emitted = Vec::new();
         for event in events {
-            if let ChannelEvent::CommitApplied { epoch, added, removed, .. } = event {
-                self.emit(members_event(id, epoch, &added, &removed));
+            if let ChannelEvent::CommitApplied { epoch, added, removed, record, self_removed } =
+                event
+            {
+                emitted.push(members_event(id, epoch, &added, &removed));
+                if !self_removed {
+                    self.reached(*id, epoch, record, &mut b, &mut emitted, now());
+                }
             }
+        }
+        self.commit(b)?;
+        for event in emitted {
+            self.emit(event);
         }
         Ok(())
     }

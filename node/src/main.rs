@@ -52,6 +52,9 @@ enum Command {
     },
     /// Show this device and its address.
     Whoami,
+    /// Show the node's state: the relay link, dropped items, and any orderer caught
+    /// equivocating or fork found in a channel.
+    Status,
     /// List this user's devices.
     Devices,
     /// Look up a user of any relay (bob@other.host) and list the devices whose records verify.
@@ -378,6 +381,42 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 None => println!("not registered (run `chitchat register`)"),
             }
             println!("device {}", v["device"].as_str().unwrap_or_default());
+        }
+        Command::Status => {
+            let v = client.json("GET", "/v1/status", None).await?;
+            println!("{}", v["account"]["address"].as_str().unwrap_or("not registered"));
+            let link = &v["relay_link"];
+            match link["connected"].as_bool() {
+                Some(true) => println!("relay: connected"),
+                Some(false) => println!("relay: unreachable"),
+                None => println!("relay: none"),
+            }
+            println!("channels: {}", v["channels"]);
+            println!("dropped: {}", v["dropped"]);
+            let convicted = v["convicted"].as_array().cloned().unwrap_or_default();
+            let forks = v["forks"].as_array().cloned().unwrap_or_default();
+            if convicted.is_empty() && forks.is_empty() {
+                println!("no equivocation, no fork");
+            }
+            for c in &convicted {
+                println!(
+                    "EQUIVOCATION: orderer {} ({}) signed two commits for epoch {} of channel {}; \
+                     its signatures no longer count",
+                    c["orderer"].as_str().unwrap_or_default(),
+                    c["relay"].as_str().unwrap_or("unknown relay"),
+                    c["epoch"],
+                    c["channel"].as_str().unwrap_or_default(),
+                );
+            }
+            for f in &forks {
+                println!(
+                    "FORK: {} is in another state ({}) at epoch {} of channel {}",
+                    f["member"].as_str().unwrap_or_default(),
+                    f["kind"].as_str().unwrap_or_default(),
+                    f["epoch"],
+                    f["channel"].as_str().unwrap_or_default(),
+                );
+            }
         }
         Command::Devices => {
             let v = client.json("GET", "/v1/devices", None).await?;

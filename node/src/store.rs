@@ -20,11 +20,12 @@ use std::path::Path;
 use chitchat_proto::channel::{ChannelMessage, ChannelState, MessageId};
 use chitchat_proto::codec::{Bytes, decode, encode};
 use chitchat_proto::hlc::Hlc;
-use chitchat_proto::ordering::ChannelId;
+use chitchat_proto::ordering::{ChannelId, EpochRecord, Equivocation, ForkKind};
 use chitchat_proto::wire::SealedWelcomes;
 use chitchat_proto::{DeviceId, Dir, PublicKey, RelayId, Timestamp};
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -56,6 +57,34 @@ const RELEASED: TableDefinition<'_, [u8; 32], ()> = TableDefinition::new("releas
 const FAILURES: TableDefinition<'_, MessageRef, &str> = TableDefinition::new("failures-0");
 /// Other relays, as this node's relay vouched for them: host → key.
 const RELAYS: TableDefinition<'_, &str, [u8; 32]> = TableDefinition::new("relays-0");
+/// What this device recorded of each epoch it reached, for the last [`KEPT_EPOCHS`] epochs of
+/// each channel: `(channel, epoch)` → [`EpochRecord`].
+const EPOCHS: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("epochs-0");
+/// Orderers caught signing two commits for one epoch: key → the [`Equivocation`] proof.
+const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("convicted-0");
+/// Forks found: `(channel, epoch, reporting device)` → [`ForkRecord`].
+const FORKS: TableDefinition<'_, ([u8; 32], u64, [u8; 32]), &[u8]> =
+    TableDefinition::new("forks-0");
+
+/// Epochs of each channel whose [`EpochRecord`] is kept.
+pub const KEPT_EPOCHS: u64 = 256;
+/// Most forks kept (the first ones: a fork is reported once and stays until the user acts).
+pub const MAX_FORKS: u64 = 1024;
+
+/// A fork this device found: another member reported another commit or state for an epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkRecord {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The epoch.
+    pub epoch: u64,
+    /// The member whose report differs.
+    pub device: DeviceId,
+    /// How.
+    pub kind: ForkKind,
+    /// When it was found.
+    pub at: Timestamp,
+}
 
 type MessageKey = ([u8; 32], u64, u64, u32, [u8; 32], u64);
 
@@ -245,6 +274,9 @@ enum Op {
     Intent(ChannelId, Option<IntentRecord>),
     Released(ChannelId, bool),
     Relay(RelayId),
+    Epoch(ChannelId, u64, EpochRecord),
+    Convicted(PublicKey, Equivocation),
+    Fork(ForkRecord),
 }
 
 /// The writes of one operation, committed together.
@@ -304,6 +336,19 @@ impl Batch {
     pub fn released(&mut self, channel: ChannelId, released: bool) {
         self.ops.push(Op::Released(channel, released));
     }
+    /// Records what this device reached at `epoch` (`epochs-0`); records older than
+    /// [`KEPT_EPOCHS`] before it are deleted.
+    pub fn epoch(&mut self, channel: ChannelId, epoch: u64, record: EpochRecord) {
+        self.ops.push(Op::Epoch(channel, epoch, record));
+    }
+    /// Keeps the proof that convicts `signer` (`convicted-0`), unless one is kept already.
+    pub fn convicted(&mut self, signer: PublicKey, proof: Equivocation) {
+        self.ops.push(Op::Convicted(signer, proof));
+    }
+    /// Keeps a fork found (`forks-0`), up to [`MAX_FORKS`].
+    pub fn fork(&mut self, fork: ForkRecord) {
+        self.ops.push(Op::Fork(fork));
+    }
 }
 
 /// The node's database.
@@ -358,6 +403,9 @@ impl Store {
             w.open_table(RELEASED).map_err(redb_err)?;
             w.open_table(FAILURES).map_err(redb_err)?;
             w.open_table(RELAYS).map_err(redb_err)?;
+            w.open_table(EPOCHS).map_err(redb_err)?;
+            w.open_table(CONVICTED).map_err(redb_err)?;
+            w.open_table(FORKS).map_err(redb_err)?;
         }
         w.commit().map_err(redb_err)?;
         Ok(Self { db })
@@ -586,6 +634,42 @@ impl Store {
     }
 }
 
+impl Store {
+    /// What this device recorded when it reached `epoch` of `channel`.
+    pub fn epoch_record(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+    ) -> Result<Option<EpochRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(EPOCHS).map_err(redb_err)?;
+        t.get((channel.0, epoch)).map_err(redb_err)?.map(|v| record(v.value(), "epochs")).transpose()
+    }
+
+    /// The orderers convicted of equivocation, with their proofs.
+    pub fn convicted(&self) -> Result<Vec<(PublicKey, Equivocation)>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(CONVICTED).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(redb_err)? {
+            let (k, v) = e.map_err(redb_err)?;
+            out.push((PublicKey(k.value()), record(v.value(), "convicted")?));
+        }
+        Ok(out)
+    }
+
+    /// The forks found.
+    pub fn forks(&self) -> Result<Vec<ForkRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(FORKS).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(redb_err)? {
+            out.push(record(e.map_err(redb_err)?.1.value(), "forks")?);
+        }
+        Ok(out)
+    }
+}
+
 /// Storage version 1 to 2: outbox items are posted once to the relay (which fans them out)
 /// instead of sealed to each recipient. Runs in the opening transaction.
 fn migrate_outbox_v1(w: &WriteTransaction) -> Result<(), StoreError> {
@@ -690,6 +774,26 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
             }
             Op::Released(channel, false) => {
                 w.open_table(RELEASED).map_err(redb_err)?.remove(channel.0).map_err(redb_err)?;
+            }
+            Op::Epoch(channel, epoch, record) => {
+                let mut t = w.open_table(EPOCHS).map_err(redb_err)?;
+                t.insert((channel.0, epoch), encode(&record).as_slice()).map_err(redb_err)?;
+                let oldest = epoch.saturating_sub(KEPT_EPOCHS);
+                t.retain_in((channel.0, 0)..(channel.0, oldest), |_, _| false)
+                    .map_err(redb_err)?;
+            }
+            Op::Convicted(signer, proof) => {
+                let mut t = w.open_table(CONVICTED).map_err(redb_err)?;
+                if t.get(signer.0).map_err(redb_err)?.is_none() {
+                    t.insert(signer.0, encode(&proof).as_slice()).map_err(redb_err)?;
+                }
+            }
+            Op::Fork(fork) => {
+                let mut t = w.open_table(FORKS).map_err(redb_err)?;
+                if t.len().map_err(redb_err)? < MAX_FORKS {
+                    let key = (fork.channel.0, fork.epoch, *fork.device.as_bytes());
+                    t.insert(key, encode(&fork).as_slice()).map_err(redb_err)?;
+                }
             }
         }
     }

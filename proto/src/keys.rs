@@ -29,6 +29,8 @@ pub enum Label {
     Envelope,
     /// A member asking the channel's admins to remove it.
     LeaveRequest,
+    /// A member telling the others which commit and state it reached in an epoch.
+    EpochReport,
 }
 
 impl Label {
@@ -43,6 +45,7 @@ impl Label {
             Self::AuthChallenge => "chitchat/v1/auth-challenge",
             Self::Envelope => "chitchat/v1/envelope",
             Self::LeaveRequest => "chitchat/v1/leave-request",
+            Self::EpochReport => "chitchat/v1/epoch-report",
         }
     }
 

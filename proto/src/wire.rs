@@ -12,10 +12,10 @@ use crate::codec::{Bytes, Canonical, DecodeError, decode, encode};
 use crate::identity::{DeviceId, Dir, RelayId, Sponsorship};
 use crate::inbox::SealedEnvelope;
 use crate::keys::Signature;
-use crate::ordering::{ChannelId, CommitHash, CommitRef, EpochCert};
+use crate::ordering::{ChannelId, CommitHash, CommitRef, EpochCert, EpochReport, Equivocation};
 
 /// The protocol version this implementation speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The largest frame accepted, in bytes.
 pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 /// The largest sealed inbox payload, in bytes.
@@ -216,6 +216,19 @@ pub enum Request {
         /// At most [`MAX_ENQUEUE_BATCH`] payloads, each naming its recipient.
         envelopes: Vec<SealedEnvelope>,
     },
+    /// The authenticated device's report of an epoch it reached in a channel it is a member
+    /// of: fanned out, like a post, to the channel's other members (on every relay of the
+    /// channel). Answered with [`Response::Posted`] (one result).
+    Report {
+        /// The report, signed by the authenticated device.
+        report: EpochReport,
+    },
+    /// Proof that an orderer signed two commits for one epoch. The relay checks it, keeps it,
+    /// reports it (log and metrics) and no longer counts that orderer's signatures.
+    Equivocation {
+        /// The proof.
+        proof: Equivocation,
+    },
 }
 
 /// The most posts in one [`Request::Post`].
@@ -313,6 +326,8 @@ pub enum Envelope {
     Post(ChannelPost),
     /// A commit the relay ordered, fanned out to the channel's members.
     Commit(OrderedCommit),
+    /// A member's epoch report, fanned out by the relay from a [`Request::Report`].
+    Report(EpochReport),
 }
 
 impl InboxItem {
@@ -327,7 +342,7 @@ impl Envelope {
     pub fn as_sealed(&self) -> Option<&SealedEnvelope> {
         match self {
             Self::Sealed(e) => Some(e),
-            Self::Post(_) | Self::Commit(_) => None,
+            Self::Post(_) | Self::Commit(_) | Self::Report(_) => None,
         }
     }
 }
@@ -342,6 +357,7 @@ impl Validate for Envelope {
             Self::Sealed(e) => e.validate(),
             Self::Post(p) => p.validate(),
             Self::Commit(c) => c.validate(),
+            Self::Report(r) => r.verify().map_err(|_| "invalid epoch report"),
         }
     }
 }
@@ -414,6 +430,8 @@ pub enum InboxPayload {
     },
     /// A member asks to be removed (to the channel's admins).
     Leave(LeaveRequest),
+    /// A member's epoch report (see [`crate::ordering::EpochReport`]).
+    Report(EpochReport),
 }
 
 /// A member's signed request to be removed from a channel (MLS lets no member commit its own
@@ -560,6 +578,11 @@ pub enum Response {
         /// How many were queued (all of them).
         queued: u32,
     },
+    /// The equivocation proof of a [`Request::Equivocation`] holds and is kept.
+    EquivocationNoted {
+        /// Whether the relay had no proof against that orderer before.
+        new: bool,
+    },
 }
 
 /// One stored inbox item.
@@ -674,6 +697,7 @@ impl Validate for Request {
                 }
                 posts.iter().try_for_each(ChannelPost::validate)
             }
+            Self::Report { report } if report.verify().is_err() => Err("invalid epoch report"),
             Self::OpenChannel { state, .. } => {
                 if state.group_info.len() > MAX_MLS_MESSAGE_LEN
                     || state.ratchet_tree.len() > MAX_MLS_MESSAGE_LEN

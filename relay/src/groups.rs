@@ -21,7 +21,7 @@
 //! - A winner's certificate carries the signatures of a majority of the set: this relay signs,
 //!   and asks the others ([`FedBody::Sign`]); each signs only what its own applied log says won.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +30,7 @@ use chitchat_proto::codec::{decode, encode};
 use chitchat_proto::federation::{FedBody, FedResponse, MAX_RAFT_PAYLOAD, RaftRpc, group_id};
 use chitchat_proto::ordering::{CertSignature, EpochCert, EpochCertBody};
 use chitchat_proto::wire::ErrorCode;
-use chitchat_proto::{RelayId, SecretKey};
+use chitchat_proto::{PublicKey, RelayId, SecretKey};
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -122,6 +122,9 @@ pub struct Groups {
     sink: Arc<CommitFanout>,
     federation: Arc<Federation>,
     groups: Mutex<HashMap<[u8; 32], Arc<Group>>>,
+    /// Relays convicted of equivocation: their signatures do not count in a certificate this
+    /// relay builds.
+    convicted: std::sync::RwLock<BTreeSet<PublicKey>>,
 }
 
 impl std::fmt::Debug for Groups {
@@ -150,6 +153,7 @@ impl Groups {
             sink,
             federation,
             groups: Mutex::new(HashMap::new()),
+            convicted: std::sync::RwLock::new(BTreeSet::new()),
         };
         for entry in std::fs::read_dir(&dir).map_err(storage)? {
             let path = entry.map_err(storage)?.path();
@@ -227,6 +231,15 @@ impl Groups {
         Ok(group)
     }
 
+    /// Stops counting `relay`'s signatures; `true` if it was not convicted before.
+    pub fn convict(&self, relay: PublicKey) -> bool {
+        self.convicted.write().map_or(false, |mut c| c.insert(relay))
+    }
+
+    fn is_convicted(&self, relay: &PublicKey) -> bool {
+        self.convicted.read().is_ok_and(|c| c.contains(relay))
+    }
+
     /// Orders `command` in `group`: here if this relay leads, else at the leader. Returns the
     /// outcome and the entry's log index.
     pub async fn propose(
@@ -295,6 +308,10 @@ impl Groups {
                     Ok((_, FedResponse::Signed(s)))
                         if s.signer == key && s.verify(&body).is_ok() =>
                     {
+                        if self.is_convicted(&key) {
+                            tracing::warn!(relay = %r.host, "a signature of a relay convicted of equivocation; not counted");
+                            return None;
+                        }
                         Some(s)
                     }
                     Ok((_, other)) => {

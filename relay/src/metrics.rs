@@ -58,6 +58,10 @@ pub struct Metrics {
     pub forward_dropped: Counter,
     /// Payloads waiting in the queues for other relays (refreshed on scrape).
     pub forward_queue: Gauge,
+    /// Orderers convicted of equivocation (proofs kept in `convicted-0`).
+    pub convicted: Gauge,
+    /// Members' epoch reports fanned out.
+    pub epoch_reports: Counter,
 }
 
 impl Metrics {
@@ -116,6 +120,12 @@ impl Metrics {
             "Payloads waiting for other relays",
             self.forward_queue.clone(),
         );
+        r.register(
+            "convicted",
+            "Orderers convicted of equivocation (two signed commits for one epoch)",
+            self.convicted.clone(),
+        );
+        r.register("epoch_reports", "Members' epoch reports fanned out", self.epoch_reports.clone());
     }
 
     pub(crate) fn request(&self, kind: &str) {

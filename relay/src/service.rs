@@ -11,12 +11,13 @@ use chitchat_proto::channel::{
     ChannelConfig, CredentialCheck, PublicChannel, PublicState, inspect_application,
     inspect_commit, validate_key_package,
 };
-use chitchat_proto::codec::Bytes;
+use chitchat_proto::codec::{Bytes, encode};
 use chitchat_proto::federation::{FedBody, FedRequest, FedResponse, ForwardResult};
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::ordering::{
-    CertSignature, ChannelId, CommitRef, EpochCert, EpochCertBody, Outcome,
+    CertSignature, ChannelId, CommitRef, EpochCert, EpochCertBody, EpochReport, Equivocation,
+    Outcome,
 };
 use chitchat_proto::wire::{
     AuthProof, ErrorCode, MAX_FETCH_BYTES, MAX_FETCH_ITEMS, Request, Response,
@@ -62,7 +63,14 @@ pub struct Relay {
     relays: DefaultKeyedRateLimiter<PublicKey>,
     /// Records of other relays' devices looked up lately.
     remote_dirs: RemoteDirs,
+    /// A fault switch for tests of what members and other relays catch: set
+    /// `CHITCHAT_RELAY_FAULT=equivocate` and this relay certifies a losing commit as well
+    /// (signing two hashes for one epoch). Never set it on a relay anyone uses.
+    equivocate: bool,
 }
+
+/// The environment variable of the relay's fault switch.
+pub const FAULT_ENV: &str = "CHITCHAT_RELAY_FAULT";
 
 /// This relay's directory as a [`CredentialCheck`]: a device may join a channel ordered here if
 /// it is registered here and its current record verifies against this relay, or if this relay
@@ -285,6 +293,8 @@ fn kind(r: &Request) -> &'static str {
         Request::LookupDevicesAt { .. } => "lookup_devices_at",
         Request::ClaimKeyPackageAt { .. } => "claim_key_package_at",
         Request::Forward { .. } => "forward",
+        Request::Report { .. } => "report",
+        Request::Equivocation { .. } => "equivocation",
     }
 }
 
@@ -332,6 +342,19 @@ impl Relay {
     ) -> Self {
         let Peers { ordering, groups, federation } = peers;
         let id = RelayId { host: config.host.clone(), key: key.public() };
+        match store.convicted() {
+            Ok(convicted) => {
+                metrics.convicted.set(i64::try_from(convicted.len()).unwrap_or(i64::MAX));
+                for k in convicted {
+                    groups.convict(k);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the convicted orderers"),
+        }
+        let equivocate = std::env::var(FAULT_ENV).is_ok_and(|v| v == "equivocate");
+        if equivocate {
+            tracing::warn!("FAULT SWITCH ON: this relay certifies losing commits too (equivocates); for tests only");
+        }
         let k = config.key_packages;
         let fed_rate = config.federation.requests_per_minute_per_relay;
         Self {
@@ -354,6 +377,7 @@ impl Relay {
             federation,
             groups,
             remote_dirs: RemoteDirs::default(),
+            equivocate,
         }
     }
 
@@ -449,6 +473,8 @@ impl Relay {
                 self.claim_at(me, &host, device, now).await
             }
             Request::Forward { host, envelopes } => self.forward(me, host, envelopes, now).await,
+            Request::Report { report } => Response::Posted(vec![self.report(me, report, now).await]),
+            Request::Equivocation { proof } => self.equivocation(me, &proof).await,
             Request::Register { token, local_name, dir } => {
                 self.register(me, token, local_name, dir, now).await
             }
@@ -760,6 +786,11 @@ impl Relay {
                                 .forwarded_post(origin, item.seq, item.sender, p, now)
                                 .await;
                         }
+                        Envelope::Report(r) => {
+                            return self
+                                .forwarded_report(origin, item.seq, item.sender, r, now)
+                                .await;
+                        }
                         Envelope::Commit(_) => {
                             return ForwardResult::Refused(ErrorCode::BadRequest);
                         }
@@ -827,25 +858,7 @@ impl Relay {
         if members.binary_search(&me).is_err() {
             return PostResult::Refused(ErrorCode::Forbidden);
         }
-        let onward = match &by {
-            OrderedBy::Solo(_) => None,
-            OrderedBy::Group(g) => {
-                let f = &self.config.federation;
-                Some(Onward {
-                    hosts: g
-                        .relays
-                        .iter()
-                        .filter(|r| **r != self.id)
-                        .map(|r| r.host.clone())
-                        .collect(),
-                    limits: QueueLimits {
-                        max_items: f.max_queue_items,
-                        max_bytes: f.max_queue_bytes,
-                        max_total_items: f.max_queued_total,
-                    },
-                })
-            }
-        };
+        let onward = self.onward(&by);
         let recipients: Arc<[DeviceId]> = then.iter().copied().filter(|d| *d != me).collect();
         let hosts: Vec<String> = onward.iter().flat_map(|o| o.hosts.clone()).collect();
         let write = Write::Fanout {
@@ -862,6 +875,142 @@ impl Relay {
             self.federation.kick(host);
         }
         result
+    }
+
+    /// Where a post or report of a channel goes besides this relay's members: once to each
+    /// other relay of a channel of several relays.
+    fn onward(&self, by: &OrderedBy<'_>) -> Option<Onward> {
+        let OrderedBy::Group(g) = by else { return None };
+        let f = &self.config.federation;
+        Some(Onward {
+            hosts: g.relays.iter().filter(|r| **r != self.id).map(|r| r.host.clone()).collect(),
+            limits: QueueLimits {
+                max_items: f.max_queue_items,
+                max_bytes: f.max_queue_bytes,
+                max_total_items: f.max_queued_total,
+            },
+        })
+    }
+
+    /// Fans a member's epoch report out to the channel's other current members, here and
+    /// through the channel's other relays, like a post. The report must be the authenticated
+    /// device's own, of a channel it is a member of now.
+    async fn report(&self, me: DeviceId, report: EpochReport, now: Timestamp) -> PostResult {
+        if let Err(retry_after_ms) = check_rate(&self.senders, me) {
+            return PostResult::Refused(ErrorCode::RateLimited { retry_after_ms });
+        }
+        if report.body.device != me {
+            return PostResult::Refused(ErrorCode::Forbidden);
+        }
+        if report.verify().is_err() {
+            return PostResult::Refused(ErrorCode::BadRequest);
+        }
+        let channel = report.body.channel;
+        let Some(by) = self.ordered_by(&channel).await else {
+            return PostResult::Refused(ErrorCode::NotFound);
+        };
+        let Some((members, _)) = by.ordering().member_sets(&channel, report.body.epoch).await
+        else {
+            return PostResult::Refused(ErrorCode::NotFound);
+        };
+        if members.binary_search(&me).is_err() {
+            return PostResult::Refused(ErrorCode::Forbidden);
+        }
+        self.metrics.epoch_reports.inc();
+        let onward = self.onward(&by);
+        let hosts: Vec<String> = onward.iter().flat_map(|o| o.hosts.clone()).collect();
+        let recipients: Arc<[DeviceId]> = members.iter().copied().filter(|d| *d != me).collect();
+        let write = Write::Fanout {
+            sender: me,
+            envelope: Envelope::Report(report),
+            recipients,
+            now,
+            quota: self.inbox_quota(),
+            onward,
+            seen: None,
+        };
+        let result = self.fan_out(write).await;
+        for host in &hosts {
+            self.federation.kick(host);
+        }
+        result
+    }
+
+    /// A report another relay of the channel forwarded: fanned out to this relay's current
+    /// members, once per `(origin, seq)`.
+    async fn forwarded_report(
+        &self,
+        origin: &RelayId,
+        seq: u64,
+        sender: DeviceId,
+        report: EpochReport,
+        now: Timestamp,
+    ) -> ForwardResult {
+        if report.body.device != sender || report.verify().is_err() {
+            return ForwardResult::Refused(ErrorCode::BadRequest);
+        }
+        let channel = report.body.channel;
+        let Some(OrderedBy::Group(g)) = self.ordered_by(&channel).await else {
+            return ForwardResult::Refused(ErrorCode::Unavailable);
+        };
+        if !g.relays.contains(origin) {
+            return ForwardResult::Refused(ErrorCode::Forbidden);
+        }
+        let Some((members, then)) = g.ordering.member_sets(&channel, report.body.epoch).await
+        else {
+            return ForwardResult::Refused(ErrorCode::Unavailable);
+        };
+        if members.binary_search(&sender).is_err() && then.binary_search(&sender).is_err() {
+            return ForwardResult::Refused(ErrorCode::Forbidden);
+        }
+        let recipients: Arc<[DeviceId]> =
+            members.iter().copied().filter(|d| *d != sender).collect();
+        let write = Write::Fanout {
+            sender,
+            envelope: Envelope::Report(report),
+            recipients,
+            now,
+            quota: self.inbox_quota(),
+            onward: None,
+            seen: Some((origin.key.0, seq)),
+        };
+        match self.fan_out(write).await {
+            PostResult::Posted { .. } => ForwardResult::Stored,
+            PostResult::Refused(code) => ForwardResult::Refused(code),
+        }
+    }
+
+    /// A member's proof that an orderer signed two commits for one epoch: checked, kept,
+    /// logged and counted; the orderer's signatures stop counting in certificates this relay
+    /// builds.
+    async fn equivocation(&self, me: DeviceId, proof: &Equivocation) -> Response {
+        if let Err(retry_after_ms) = check_rate(&self.senders, me) {
+            return error(ErrorCode::RateLimited { retry_after_ms }, "too many requests");
+        }
+        let signer = match proof.verify() {
+            Ok(s) => s,
+            Err(e) => return error(ErrorCode::BadRequest, format!("not a proof: {e}")),
+        };
+        let write = Write::Convict { signer: signer.0, proof: encode(proof) };
+        let new = match self.store.write(write).await {
+            Ok(Written::Convicted { new }) => new,
+            Ok(other) => return unavailable(format!("unexpected {other:?}")),
+            Err(e) => return from_write(e),
+        };
+        if new {
+            let (channel, epoch) = proof.epoch();
+            self.metrics.convicted.inc();
+            tracing::error!(
+                orderer = %signer.to_hex(),
+                reported_by = %me,
+                %channel,
+                epoch,
+                own = signer == self.id.key,
+                "EQUIVOCATION: an orderer signed two commits for one epoch; its signatures no longer count here"
+            );
+        }
+        self.groups.convict(signer);
+        Response::EquivocationNoted { new }
     }
 
     /// Writes a post's fan-out and counts it.
@@ -1139,6 +1288,13 @@ impl Relay {
             }
             Outcome::Conflict { winner } => {
                 self.metrics.commit_conflicts.inc();
+                if self.equivocate {
+                    // The fault switch: tell the loser it won, with this relay's signature on
+                    // its hash (the winner's certificate carries a signature on another).
+                    let body = EpochCertBody { channel: sub.channel, epoch: sub.epoch, hash };
+                    tracing::warn!(channel = %sub.channel, epoch = sub.epoch, "fault switch: certifying a losing commit");
+                    return Response::CommitAccepted { cert: certify(&self.key, body) };
+                }
                 Response::CommitConflict { winner }
             }
             Outcome::WrongEpoch { next_epoch } => error(

@@ -239,6 +239,9 @@ pub enum ChannelEvent {
         removed: Vec<DeviceId>,
         /// Whether this device was removed (the channel is then inactive).
         self_removed: bool,
+        /// What to keep of the new epoch, for epoch reports: the commit's certificate and the
+        /// digest of the new epoch's authenticator.
+        record: crate::ordering::EpochRecord,
     },
     /// A commit of an epoch already past (a loser's, or a duplicate); ignored.
     StaleCommit {
@@ -548,6 +551,9 @@ pub struct Channel {
     state: ChannelState,
     /// Messages of future epochs: their epoch, the sender they claim, the message.
     buffered: VecDeque<(u64, Option<DeviceId>, ChannelMessage)>,
+    /// Orderers convicted of equivocation, whose signatures no longer count (set by the
+    /// caller, which keeps the proofs).
+    convicted: Vec<crate::keys::PublicKey>,
 }
 
 impl Channel {
@@ -627,7 +633,7 @@ impl Channel {
             .map_err(mls_err)?
             .ok_or_else(|| ChannelError::Mls("group not in storage".into()))?;
         let config = read_config(group.extensions())?;
-        Ok(Self { group, config, state, buffered: VecDeque::new() })
+        Ok(Self { group, config, state, buffered: VecDeque::new(), convicted: Vec::new() })
     }
 
     fn from_group(group: MlsGroup, config: ChannelConfig, id: ChannelId) -> Self {
@@ -642,7 +648,7 @@ impl Channel {
             seen: SeenIds::default(),
             pending: None,
         };
-        Self { group, config, state, buffered: VecDeque::new() }
+        Self { group, config, state, buffered: VecDeque::new(), convicted: Vec::new() }
     }
 
     /// The channel's id.
@@ -683,6 +689,21 @@ impl Channel {
     /// The epoch authenticator of the current epoch. Members gossip it, so a fork is detected.
     pub fn epoch_authenticator(&self) -> Vec<u8> {
         self.group.epoch_authenticator().as_slice().to_vec()
+    }
+
+    /// The [`crate::ordering::epoch_digest`] of the current epoch, for epoch reports.
+    pub fn epoch_digest(&self) -> [u8; 32] {
+        crate::ordering::epoch_digest(
+            &self.state.id,
+            self.epoch(),
+            self.group.epoch_authenticator().as_slice(),
+        )
+    }
+
+    /// Stops counting these orderers' signatures: certificates need a majority of the
+    /// orderers without them (see [`EpochCert::verify_excluding`]).
+    pub fn set_convicted(&mut self, convicted: Vec<crate::keys::PublicKey>) {
+        self.convicted = convicted;
     }
 
     /// The staged commit waiting for ordering, as `(epoch, hash)`.
@@ -779,12 +800,12 @@ impl Channel {
     ) -> Result<Vec<ChannelEvent>, ChannelError> {
         let (epoch, hash) = self.state.pending.ok_or(ChannelError::NoPendingCommit)?;
         let body = EpochCertBody { channel: self.state.id, epoch, hash };
-        cert.verify_for(&body, &self.config.orderers())?;
+        cert.verify_for_excluding(&body, &self.config.orderers(), &self.convicted)?;
         let staged = self.group.pending_commit().ok_or(ChannelError::NoPendingCommit)?;
         let delta = self.membership_delta(staged);
         self.group.merge_pending_commit(provider).map_err(mls_err)?;
         self.state.pending = None;
-        self.after_merge(delta)
+        self.after_merge(delta, cert)
     }
 
     /// Drops this device's staged commit (another commit won its epoch). Call before processing
@@ -925,7 +946,7 @@ impl Channel {
         let epoch = self.epoch();
         let hash = commit_hash(commit);
         let body = EpochCertBody { channel: self.state.id, epoch, hash };
-        cert.verify_for(&body, &self.config.orderers())?;
+        cert.verify_for_excluding(&body, &self.config.orderers(), &self.convicted)?;
         if self.state.pending == Some((epoch, hash)) {
             return self.accept_own(provider, cert);
         }
@@ -945,7 +966,7 @@ impl Channel {
         rules::authorize_commit(&self.config, &committer, &staged, check)?;
         let delta = self.membership_delta(&staged);
         self.group.merge_staged_commit(provider, *staged).map_err(mls_err)?;
-        self.after_merge(delta)
+        self.after_merge(delta, cert)
     }
 
     /// The devices a staged commit adds and removes, read from its proposals (not from a scan
@@ -971,6 +992,7 @@ impl Channel {
     fn after_merge(
         &mut self,
         (added, removed): (Vec<DeviceId>, Vec<DeviceId>),
+        cert: &EpochCert,
     ) -> Result<Vec<ChannelEvent>, ChannelError> {
         self.config = read_config(self.group.extensions())?;
         Ok(vec![ChannelEvent::CommitApplied {
@@ -978,6 +1000,10 @@ impl Channel {
             added,
             removed,
             self_removed: !self.group.is_active(),
+            record: crate::ordering::EpochRecord {
+                digest: self.epoch_digest(),
+                cert: Some(cert.clone()),
+            },
         }])
     }
 

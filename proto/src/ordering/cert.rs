@@ -83,12 +83,32 @@ pub enum CertError {
     /// More signatures than any certificate needs.
     #[error("too many signatures")]
     TooManySignatures,
+    /// A majority only with signatures of orderers convicted of equivocation, which no longer
+    /// count.
+    #[error("{have} of the {need} signatures needed once convicted orderers are left out")]
+    Convicted {
+        /// Valid signatures of distinct orderers not convicted.
+        have: usize,
+        /// A majority of all the orderers.
+        need: usize,
+    },
 }
 
 impl EpochCert {
     /// Checks that a majority of `orderers` signed this body. Signatures of others are ignored;
     /// a bad signature by an orderer is an error (it is evidence of tampering).
     pub fn verify(&self, orderers: &[PublicKey]) -> Result<(), CertError> {
+        self.verify_excluding(orderers, &[])
+    }
+
+    /// Checks as [`EpochCert::verify`] does, but signatures of the `convicted` orderers (caught
+    /// equivocating) do not count. The majority needed stays that of all `orderers`: leaving a
+    /// convicted relay out never lowers the bar.
+    pub fn verify_excluding(
+        &self,
+        orderers: &[PublicKey],
+        convicted: &[PublicKey],
+    ) -> Result<(), CertError> {
         if orderers.is_empty() {
             return Err(CertError::NoOrderers);
         }
@@ -97,14 +117,22 @@ impl EpochCert {
         }
         let need = orderers.len() / 2 + 1;
         let mut counted: Vec<PublicKey> = Vec::with_capacity(self.signatures.len());
+        let mut left_out = 0;
         for s in &self.signatures {
             if !orderers.contains(&s.signer) || counted.contains(&s.signer) {
                 continue;
             }
             s.verify(&self.body).map_err(|_| CertError::BadSignature)?;
+            if convicted.contains(&s.signer) {
+                left_out += 1;
+                continue;
+            }
             counted.push(s.signer);
         }
         if counted.len() < need {
+            if counted.len() + left_out >= need {
+                return Err(CertError::Convicted { have: counted.len(), need });
+            }
             return Err(CertError::NoQuorum { have: counted.len(), need });
         }
         Ok(())
@@ -117,10 +145,20 @@ impl EpochCert {
         expected: &EpochCertBody,
         orderers: &[PublicKey],
     ) -> Result<(), CertError> {
+        self.verify_for_excluding(expected, orderers, &[])
+    }
+
+    /// [`EpochCert::verify_for`] without the signatures of `convicted` orderers.
+    pub fn verify_for_excluding(
+        &self,
+        expected: &EpochCertBody,
+        orderers: &[PublicKey],
+        convicted: &[PublicKey],
+    ) -> Result<(), CertError> {
         if self.body != *expected {
             return Err(CertError::Mismatch);
         }
-        self.verify(orderers)
+        self.verify_excluding(orderers, convicted)
     }
 }
 
@@ -162,5 +200,39 @@ impl Equivocation {
         sa.verify(a).map_err(|_| CertError::BadSignature)?;
         sb.verify(b).map_err(|_| CertError::BadSignature)?;
         Ok(sa.signer)
+    }
+}
+
+impl Equivocation {
+    /// Every proof two certificates give: signers with a valid signature in both, when the
+    /// certificates name one `(channel, epoch)` and different hashes. Invalid signatures are
+    /// skipped (they prove nothing); each signer is convicted once.
+    pub fn find(a: &EpochCert, b: &EpochCert) -> Vec<Self> {
+        if a.body.channel != b.body.channel
+            || a.body.epoch != b.body.epoch
+            || a.body.hash == b.body.hash
+        {
+            return Vec::new();
+        }
+        let mut proofs: Vec<Self> = Vec::new();
+        for sa in a.signatures.iter().take(MAX_CERT_SIGNATURES) {
+            if proofs.iter().any(|p| p.first.1.signer == sa.signer) {
+                continue;
+            }
+            let Some(sb) = b.signatures.iter().take(MAX_CERT_SIGNATURES).find(|sb| {
+                sb.signer == sa.signer && sb.verify(&b.body).is_ok()
+            }) else {
+                continue;
+            };
+            if let Some(proof) = Self::from_pair((a.body, *sa), (b.body, *sb)) {
+                proofs.push(proof);
+            }
+        }
+        proofs
+    }
+
+    /// The `(channel, epoch)` the orderer signed twice.
+    pub fn epoch(&self) -> (ChannelId, u64) {
+        (self.first.0.channel, self.first.0.epoch)
     }
 }

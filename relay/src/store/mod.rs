@@ -65,6 +65,10 @@ pub(crate) const FED_QUEUES: TableDefinition<'_, &str, &[u8]> =
 /// is stored once.
 pub(crate) const FED_SEEN: TableDefinition<'_, ([u8; 32], u64), u64> =
     TableDefinition::new("fed-seen-0");
+/// Orderers convicted of equivocation: key → the [`chitchat_proto::ordering::Equivocation`]
+/// proof (its canonical encoding).
+pub(crate) const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> =
+    TableDefinition::new("convicted-0");
 
 /// Why the store could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +168,17 @@ impl Store {
         let r = self.db.begin_read().map_err(redb_err)?;
         let t = r.open_table(BLOCKED).map_err(redb_err)?;
         Ok(t.get(host).map_err(redb_err)?.is_some())
+    }
+
+    /// The keys of the orderers convicted of equivocation.
+    pub fn convicted(&self) -> Result<Vec<chitchat_proto::PublicKey>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(CONVICTED).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(redb_err)? {
+            out.push(chitchat_proto::PublicKey(entry.map_err(redb_err)?.0.value()));
+        }
+        Ok(out)
     }
 
     /// The hosts with payloads queued for them.
@@ -362,6 +377,7 @@ fn init(db: &Database) -> Result<(), StoreError> {
         w.open_table(FED_QUEUE).map_err(redb_err)?;
         w.open_table(FED_QUEUES).map_err(redb_err)?;
         w.open_table(FED_SEEN).map_err(redb_err)?;
+        w.open_table(CONVICTED).map_err(redb_err)?;
     }
     w.commit().map_err(redb_err)?;
     Ok(())

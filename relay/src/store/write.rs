@@ -9,7 +9,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::records::{decode_record, encode_record};
 use super::{
-    BLOCKED, COUNTERS, Counters, DEVICES, DeviceRecord, FED_QUEUE, FED_QUEUES, FED_SEEN, INBOX,
+    BLOCKED, CONVICTED, COUNTERS, Counters, DEVICES, DeviceRecord, FED_QUEUE, FED_QUEUES, FED_SEEN, INBOX,
     KEY_PACKAGES, LAST_RESORT, META, NAMES, QueueCounters, QueuedForward, StoredItem,
     StoredKeyPackage, TOKENS, TokenRecord,
 };
@@ -201,6 +201,13 @@ pub enum Write {
         /// Most entries deleted in one pass.
         max: usize,
     },
+    /// Keep the proof that convicts `signer` of equivocation (the first one only).
+    Convict {
+        /// The orderer convicted.
+        signer: [u8; 32],
+        /// The proof's canonical encoding.
+        proof: Vec<u8>,
+    },
     /// Block or unblock a relay host.
     Block {
         /// The host.
@@ -233,6 +240,11 @@ pub enum Written {
     Removed(u64),
     /// An ordered commit's fan-out was already durable: nothing was written.
     AlreadyFannedOut,
+    /// An equivocation proof was kept (`new`), or one against that orderer was kept before.
+    Convicted {
+        /// Whether it is the first proof against that orderer.
+        new: bool,
+    },
     /// A post is in these inboxes; `skipped` recipients did not get it.
     Posted {
         /// The inboxes it is in.
@@ -287,6 +299,7 @@ pub(super) struct Tables<'txn> {
     fed_queue: Table<'txn, (&'static str, u64), &'static [u8]>,
     fed_queues: Table<'txn, &'static str, &'static [u8]>,
     fed_seen: Table<'txn, ([u8; 32], u64), u64>,
+    convicted: Table<'txn, [u8; 32], &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -304,6 +317,7 @@ impl<'txn> Tables<'txn> {
             fed_queue: txn.open_table(FED_QUEUE).map_err(storage)?,
             fed_queues: txn.open_table(FED_QUEUES).map_err(storage)?,
             fed_seen: txn.open_table(FED_SEEN).map_err(storage)?,
+            convicted: txn.open_table(CONVICTED).map_err(storage)?,
         })
     }
 }
@@ -435,6 +449,13 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             Ok(written)
         }
         Write::ExpireFederation { before, max } => expire_federation(t, *before, *max),
+        Write::Convict { signer, proof } => {
+            let new = t.convicted.get(*signer).map_err(storage)?.is_none();
+            if new {
+                t.convicted.insert(*signer, proof.as_slice()).map_err(storage)?;
+            }
+            Ok(Written::Convicted { new })
+        }
         Write::Block { host, blocked, now } => {
             if *blocked {
                 t.blocked.insert(host.as_str(), now.0).map_err(storage)?;
