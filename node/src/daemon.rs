@@ -547,7 +547,9 @@ impl Node {
                     Ok(Response::EquivocationNoted { new }) => {
                         tracing::info!(new, "the relay took an equivocation proof");
                     }
-                    Ok(other) => tracing::warn!(answer = ?other, "the relay refused an equivocation proof"),
+                    Ok(other) => {
+                        tracing::warn!(answer = ?other, "the relay refused an equivocation proof")
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "equivocation proof not sent");
                         unsent.proofs.push(proof);
@@ -558,8 +560,7 @@ impl Node {
                 match link.call(&Request::Report { report: report.clone() }).await {
                     Ok(Response::Posted(results))
                         if matches!(results[..], [PostResult::Posted { .. }]) => {}
-                    Ok(Response::Posted(results))
-                        if matches!(results[..], [PostResult::Refused(code)] if code.is_retryable()) =>
+                    Ok(Response::Posted(results)) if matches!(results[..], [PostResult::Refused(code)] if code.is_retryable()) =>
                     {
                         unsent.reports.push(report);
                     }

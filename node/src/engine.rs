@@ -1160,7 +1160,8 @@ impl Engine {
                     channel: channel.to_string(),
                     name: joined.config().name.clone(),
                 });
-                let reached = (joined.epoch(), EpochRecord { digest: joined.epoch_digest(), cert: None });
+                let reached =
+                    (joined.epoch(), EpochRecord { digest: joined.epoch_digest(), cert: None });
                 let mut joined = joined;
                 joined.set_convicted(self.evidence.convicted_keys());
                 self.channels.insert(channel, Held { record, channel: Some(joined) });
@@ -1426,8 +1427,7 @@ impl Engine {
                     self.emit(event);
                 }
                 return Err(EngineError::Invalid(
-                    "another commit won that epoch, yet the orderers certified this one too"
-                        .into(),
+                    "another commit won that epoch, yet the orderers certified this one too".into(),
                 ));
             }
             return Ok(());

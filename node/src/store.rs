@@ -643,7 +643,10 @@ impl Store {
     ) -> Result<Option<EpochRecord>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
         let t = r.open_table(EPOCHS).map_err(redb_err)?;
-        t.get((channel.0, epoch)).map_err(redb_err)?.map(|v| record(v.value(), "epochs")).transpose()
+        t.get((channel.0, epoch))
+            .map_err(redb_err)?
+            .map(|v| record(v.value(), "epochs"))
+            .transpose()
     }
 
     /// The orderers convicted of equivocation, with their proofs.
@@ -779,8 +782,7 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 let mut t = w.open_table(EPOCHS).map_err(redb_err)?;
                 t.insert((channel.0, epoch), encode(&record).as_slice()).map_err(redb_err)?;
                 let oldest = epoch.saturating_sub(KEPT_EPOCHS);
-                t.retain_in((channel.0, 0)..(channel.0, oldest), |_, _| false)
-                    .map_err(redb_err)?;
+                t.retain_in((channel.0, 0)..(channel.0, oldest), |_, _| false).map_err(redb_err)?;
             }
             Op::Convicted(signer, proof) => {
                 let mut t = w.open_table(CONVICTED).map_err(redb_err)?;

@@ -394,3 +394,55 @@ fn federation_frames() {
         assert_eq!(&wire::decode_frame::<FedResponse>(&f).expect("decode"), r);
     }
 }
+
+/// Epoch reports and equivocation proofs (protocol version 5).
+#[test]
+fn evidence_frames() {
+    use chitchat_proto::ordering::{EpochReport, EpochReportBody};
+    let body =
+        |h: u8| EpochCertBody { channel: ChannelId([5; 32]), epoch: 3, hash: CommitHash([h; 32]) };
+    let cert =
+        EpochCert { body: body(1), signatures: vec![CertSignature::sign(&key(200), &body(1))] };
+    let report = EpochReport::sign(
+        &key(1),
+        EpochReportBody {
+            channel: ChannelId([5; 32]),
+            epoch: 4,
+            digest: [6; 32],
+            cert: Some(cert),
+            device: dev(1),
+        },
+    );
+    report.verify().expect("a valid report");
+    let proof = Equivocation::from_pair(
+        (body(1), CertSignature::sign(&key(200), &body(1))),
+        (body(2), CertSignature::sign(&key(200), &body(2))),
+    )
+    .expect("a proof");
+    let requests =
+        vec![Request::Report { report: report.clone() }, Request::Equivocation { proof }];
+    let responses = vec![Response::EquivocationNoted { new: true }];
+    let payload = wire::InboxPayload::Report(report.clone());
+    insta::assert_snapshot!(
+        "requests_evidence",
+        requests
+            .iter()
+            .map(|r| hex(&wire::encode_frame(r).expect("frame")))
+            .collect::<Vec<_>>()
+            .join("\n--\n")
+    );
+    insta::assert_snapshot!(
+        "responses_evidence",
+        responses
+            .iter()
+            .map(|r| hex(&wire::encode_frame(r).expect("frame")))
+            .collect::<Vec<_>>()
+            .join("\n--\n")
+    );
+    insta::assert_snapshot!("envelope_report", hex(&encode(&wire::Envelope::Report(report))));
+    insta::assert_snapshot!("inbox_payload_report", hex(&payload.to_bytes()));
+    for r in &requests {
+        let f = wire::encode_frame(r).expect("frame");
+        assert_eq!(&wire::decode_frame::<Request>(&f).expect("decode"), r);
+    }
+}

@@ -125,7 +125,11 @@ impl Metrics {
             "Orderers convicted of equivocation (two signed commits for one epoch)",
             self.convicted.clone(),
         );
-        r.register("epoch_reports", "Members' epoch reports fanned out", self.epoch_reports.clone());
+        r.register(
+            "epoch_reports",
+            "Members' epoch reports fanned out",
+            self.epoch_reports.clone(),
+        );
     }
 
     pub(crate) fn request(&self, kind: &str) {

@@ -353,7 +353,9 @@ impl Relay {
         }
         let equivocate = std::env::var(FAULT_ENV).is_ok_and(|v| v == "equivocate");
         if equivocate {
-            tracing::warn!("FAULT SWITCH ON: this relay certifies losing commits too (equivocates); for tests only");
+            tracing::warn!(
+                "FAULT SWITCH ON: this relay certifies losing commits too (equivocates); for tests only"
+            );
         }
         let k = config.key_packages;
         let fed_rate = config.federation.requests_per_minute_per_relay;
@@ -473,7 +475,9 @@ impl Relay {
                 self.claim_at(me, &host, device, now).await
             }
             Request::Forward { host, envelopes } => self.forward(me, host, envelopes, now).await,
-            Request::Report { report } => Response::Posted(vec![self.report(me, report, now).await]),
+            Request::Report { report } => {
+                Response::Posted(vec![self.report(me, report, now).await])
+            }
             Request::Equivocation { proof } => self.equivocation(me, &proof).await,
             Request::Register { token, local_name, dir } => {
                 self.register(me, token, local_name, dir, now).await

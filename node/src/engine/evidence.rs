@@ -14,8 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use chitchat_proto::PublicKey;
 use chitchat_proto::ordering::{
-    ChannelId, EpochCert, EpochRecord, EpochReport, EpochReportBody, Equivocation, Finding,
-    compare,
+    ChannelId, EpochCert, EpochRecord, EpochReport, EpochReportBody, Equivocation, Finding, compare,
 };
 
 use super::{Engine, Event, Step};

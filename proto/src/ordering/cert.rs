@@ -219,9 +219,12 @@ impl Equivocation {
             if proofs.iter().any(|p| p.first.1.signer == sa.signer) {
                 continue;
             }
-            let Some(sb) = b.signatures.iter().take(MAX_CERT_SIGNATURES).find(|sb| {
-                sb.signer == sa.signer && sb.verify(&b.body).is_ok()
-            }) else {
+            let Some(sb) = b
+                .signatures
+                .iter()
+                .take(MAX_CERT_SIGNATURES)
+                .find(|sb| sb.signer == sa.signer && sb.verify(&b.body).is_ok())
+            else {
                 continue;
             };
             if let Some(proof) = Self::from_pair((a.body, *sa), (b.body, *sb)) {

@@ -23,13 +23,13 @@ pub use cert::{
     CertError, CertSignature, EpochCert, EpochCertBody, Equivocation, MAX_CERT_SIGNATURES,
 };
 pub use intent::{BACKOFF_BASE_MS, BACKOFF_MAX_MS, Intent, IntentState, MAX_SUBMIT_ATTEMPTS};
-pub use report::{
-    EpochRecord, EpochReport, EpochReportBody, Finding, ForkKind, ReportError, compare,
-    epoch_digest,
-};
 pub use orderer::{
     Accepted, DEFAULT_STATE_BUDGET, MEMBER_EPOCHS, MemberSet, OrderCommand, Orderer, StoragePairs,
     Verdict,
+};
+pub use report::{
+    EpochRecord, EpochReport, EpochReportBody, Finding, ForkKind, ReportError, compare,
+    epoch_digest,
 };
 
 use std::collections::BTreeMap;

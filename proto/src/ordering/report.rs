@@ -162,7 +162,8 @@ pub fn compare(own: &EpochRecord, report: &EpochReportBody) -> Vec<Finding> {
         && ours.body.hash != theirs.body.hash
     {
         findings.extend(Equivocation::find(ours, theirs).into_iter().map(Finding::Equivocation));
-        findings.push(fork(ForkKind::OtherCommit { ours: ours.body.hash, theirs: theirs.body.hash }));
+        findings
+            .push(fork(ForkKind::OtherCommit { ours: ours.body.hash, theirs: theirs.body.hash }));
         return findings;
     }
     if own.digest != report.digest {
@@ -181,7 +182,8 @@ mod tests {
     }
 
     fn cert(signers: &[u8], hash: u8) -> EpochCert {
-        let body = EpochCertBody { channel: ChannelId([7; 32]), epoch: 4, hash: CommitHash([hash; 32]) };
+        let body =
+            EpochCertBody { channel: ChannelId([7; 32]), epoch: 4, hash: CommitHash([hash; 32]) };
         EpochCert {
             body,
             signatures: signers.iter().map(|s| CertSignature::sign(&key(*s), &body)).collect(),

@@ -9,8 +9,8 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::records::{decode_record, encode_record};
 use super::{
-    BLOCKED, CONVICTED, COUNTERS, Counters, DEVICES, DeviceRecord, FED_QUEUE, FED_QUEUES, FED_SEEN, INBOX,
-    KEY_PACKAGES, LAST_RESORT, META, NAMES, QueueCounters, QueuedForward, StoredItem,
+    BLOCKED, CONVICTED, COUNTERS, Counters, DEVICES, DeviceRecord, FED_QUEUE, FED_QUEUES, FED_SEEN,
+    INBOX, KEY_PACKAGES, LAST_RESORT, META, NAMES, QueueCounters, QueuedForward, StoredItem,
     StoredKeyPackage, TOKENS, TokenRecord,
 };
 
