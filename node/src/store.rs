@@ -63,8 +63,9 @@ const EPOCHS: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new
 /// Orderers caught signing two commits for one epoch: key → the [`Equivocation`] proof.
 const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("convicted-0");
 /// Forks found: `(channel, epoch, reporting device)` → [`ForkRecord`].
-const FORKS: TableDefinition<'_, ([u8; 32], u64, [u8; 32]), &[u8]> =
-    TableDefinition::new("forks-0");
+const FORKS: TableDefinition<'_, ForkKey, &[u8]> = TableDefinition::new("forks-0");
+/// `(channel, epoch, device)`.
+type ForkKey = ([u8; 32], u64, [u8; 32]);
 
 /// Epochs of each channel whose [`EpochRecord`] is kept.
 pub const KEPT_EPOCHS: u64 = 256;

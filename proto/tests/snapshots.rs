@@ -421,7 +421,7 @@ fn evidence_frames() {
     .expect("a proof");
     let requests =
         vec![Request::Report { report: report.clone() }, Request::Equivocation { proof }];
-    let responses = vec![Response::EquivocationNoted { new: true }];
+    let responses = [Response::EquivocationNoted { new: true }];
     let payload = wire::InboxPayload::Report(report.clone());
     insta::assert_snapshot!(
         "requests_evidence",

@@ -233,7 +233,7 @@ impl Groups {
 
     /// Stops counting `relay`'s signatures; `true` if it was not convicted before.
     pub fn convict(&self, relay: PublicKey) -> bool {
-        self.convicted.write().map_or(false, |mut c| c.insert(relay))
+        self.convicted.write().is_ok_and(|mut c| c.insert(relay))
     }
 
     fn is_convicted(&self, relay: &PublicKey) -> bool {

@@ -145,6 +145,7 @@ impl Member {
                         cert: c.cert.clone(),
                     },
                 },
+                Envelope::Report(r) => InboxPayload::Report(r.clone()),
             })
             .collect()
     }
