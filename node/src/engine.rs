@@ -1341,7 +1341,10 @@ impl Engine {
                 }
                 change.config = Some(config);
             }
-            IntentOp::Remove(devices) => change.remove.clone_from(devices),
+            IntentOp::Remove(devices) => {
+                change.remove.clone_from(devices);
+                change.config = self.shrunk_config(id, devices)?;
+            }
         }
         let check = KnownDirs { dirs: &self.dirs, trust: &trust, now };
         let staged =
@@ -1399,6 +1402,35 @@ impl Engine {
             }
             b.channel(*id, h.record.clone());
         }
+    }
+
+    /// The channel's config without the relays that no remaining member is sponsored by, if
+    /// removing `devices` leaves any such relay (removing the last user of a relay removes it
+    /// from the relay set, in the same commit). `None` if the set stays as it is, if a remaining
+    /// member's record is unknown (nothing is dropped on a guess), or if no relay would remain.
+    fn shrunk_config(
+        &mut self,
+        id: &ChannelId,
+        devices: &[DeviceId],
+    ) -> Result<Option<ChannelConfig>, EngineError> {
+        let channel = active_in(&mut self.channels, id)?;
+        let config = channel.config().clone();
+        if config.relays.len() < 2 {
+            return Ok(None);
+        }
+        let mut hosts = BTreeSet::new();
+        let own = self.account.as_ref().map(|a| &a.dir);
+        for member in channel.members().iter().filter(|m| !devices.contains(m)) {
+            let dir = self.dirs.get(member).or(own.filter(|d| d.device() == *member));
+            let Some(dir) = dir else { return Ok(None) };
+            hosts.extend(dir.body.sponsorships.iter().map(|s| s.body.relay.host.clone()));
+        }
+        let relays: Vec<RelayId> =
+            config.relays.iter().filter(|r| hosts.contains(&r.host)).cloned().collect();
+        if relays.is_empty() || relays.len() == config.relays.len() {
+            return Ok(None);
+        }
+        Ok(Some(ChannelConfig { relays, ..config }))
     }
 
     /// Merges this device's staged commit, certified by the orderers, and drops the intent.

@@ -98,6 +98,14 @@ pub enum RelayCommand {
         /// The certificate.
         cert: EpochCert,
     },
+    /// Start ordering a channel from its public state, replacing a stale copy of a channel
+    /// that moved away and came back (see `proto`'s `OrderCommand::Reopen`).
+    Reopen {
+        /// The channel.
+        channel: ChannelId,
+        /// GroupInfo and ratchet tree.
+        state: PublicState,
+    },
 }
 
 /// A winner to fan out, with the certificate to fan it out with (`None`: this relay's own,
@@ -391,6 +399,7 @@ impl Machine {
     fn apply(&mut self, index: u64, command: RelayCommand) -> (RelayOutcome, Option<Delivery>) {
         let command = match command {
             RelayCommand::Open { channel, state } => OrderCommand::Open { channel, state },
+            RelayCommand::Reopen { channel, state } => OrderCommand::Reopen { channel, state },
             RelayCommand::Submit { commit, bytes } => {
                 OrderCommand::Order { commit, bytes, welcome: None }
             }
@@ -403,7 +412,7 @@ impl Machine {
         // before it (a commit that changes the relay set is the old set's).
         let several = match &command {
             OrderCommand::Order { commit, .. } => self.several_relays(&commit.channel),
-            OrderCommand::Open { .. } => None,
+            OrderCommand::Open { .. } | OrderCommand::Reopen { .. } => None,
         };
         let (outcome, accepted) = self.orderer.apply(index, command);
         match (accepted, several) {
@@ -819,6 +828,12 @@ impl Ordering {
         epoch: u64,
     ) -> Option<(Arc<[chitchat_proto::DeviceId]>, Arc<[chitchat_proto::DeviceId]>)> {
         self.state_machine.inner.lock().await.orderer.member_sets(channel, epoch)
+    }
+
+    /// Whether `state` is exactly the channel's public state here (`None`: not known here, or
+    /// not a state).
+    pub async fn matches(&self, channel: &ChannelId, state: &PublicState) -> Option<bool> {
+        self.state_machine.inner.lock().await.orderer.matches(channel, state)
     }
 
     /// The channel's current config, if it is ordered here.

@@ -1344,9 +1344,15 @@ impl Relay {
         let mut set = relays.clone();
         set.sort();
         set.dedup();
+        // A channel that moved here from relay sets this relay orders in too: the state must
+        // be the one those relays' log left it in (a member cannot open it here at another
+        // state), and a stale copy of it here is replaced.
+        if let Err(e) = self.check_moved_state(&channel, &set, &state).await {
+            return error(ErrorCode::Forbidden, e);
+        }
         let opened = if set.len() < 2 {
             self.ordering
-                .submit(RelayCommand::Open { channel, state })
+                .submit(RelayCommand::Reopen { channel, state })
                 .await
                 .map_err(|e| e.to_string())
         } else {
@@ -1354,7 +1360,7 @@ impl Relay {
                 Ok(g) => g,
                 Err(e) => return error(e.code(), e.to_string()),
             };
-            let open = RelayCommand::Open { channel, state };
+            let open = RelayCommand::Reopen { channel, state };
             match self.groups.propose(&group, open).await {
                 Ok((outcome, _)) => Ok(outcome),
                 Err(e) => Err(e.to_string()),
@@ -1382,6 +1388,40 @@ impl Relay {
             }
             Err(e) => unavailable(e),
         }
+    }
+
+    /// Checks a state opened for the relay set `set` against every group of this relay that
+    /// ordered the channel's move to `set` (holds it with `set` as its relay set, though the
+    /// group's own set is another): the state must be exactly the one its log reached.
+    async fn check_moved_state(
+        &self,
+        channel: &ChannelId,
+        set: &[RelayId],
+        state: &PublicState,
+    ) -> Result<(), String> {
+        let sorted = |relays: &[RelayId]| {
+            let mut r = relays.to_vec();
+            r.sort();
+            r.dedup();
+            r
+        };
+        let mut sources: Vec<(&Ordering, Vec<RelayId>)> =
+            vec![(&self.ordering, vec![self.id.clone()])];
+        let groups = self.groups.all().await;
+        sources.extend(groups.iter().map(|g| (&g.ordering, g.relays.clone())));
+        for (ordering, own_set) in sources {
+            if own_set == set {
+                continue;
+            }
+            let Some(Ok(config)) = ordering.config(channel).await else { continue };
+            if sorted(&config.relays) != set {
+                continue;
+            }
+            if ordering.matches(channel, state).await != Some(true) {
+                return Err("the channel's state is not the one its relays ordered last".into());
+            }
+        }
+        Ok(())
     }
 
     /// One durable enqueue from `me`, rate-limited and within the recipient's quota; wakes

@@ -770,6 +770,35 @@ async fn users_of_two_relays_chat_in_one_channel() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(!bob.texts(&id).await.expect("bob").iter().any(|t| t == "bob is gone"));
+
+    // Bob was B's last user: B left the relay set in the same commit, and A orders the channel
+    // alone again (its copy from before Bob came was stale, and is replaced).
+    let info = alice.json("GET", &format!("/v1/channels/{id}"), None).await.expect("info");
+    assert_eq!(info["relays"], json!([a.host()]), "{info}");
+    let body = json!({"text": "just us"});
+    carol.json("POST", &format!("/v1/channels/{id}/messages"), Some(body)).await.expect("send");
+    alice
+        .wait_texts(&id, WAIT, |t| t.last().map(String::as_str) == Some("just us"))
+        .await
+        .expect("alice reads carol at A alone");
+
+    // Bob comes back: B joins the set again, and the group of A and B, whose copy is stale,
+    // orders the channel again from its current state.
+    let out = alice.cli(&["invite", "general", &bob_address]).expect("invite bob again");
+    assert!(out.contains("added"), "{out}");
+    let info = alice.json("GET", &format!("/v1/channels/{id}"), None).await.expect("info");
+    let relays = info["relays"].to_string();
+    assert!(relays.contains(a.host()) && relays.contains(b.host()), "{info}");
+    alice.cli(&["send", "general", "welcome back"]).expect("send");
+    bob.wait_texts(&id, WAIT, |t| t.last().map(String::as_str) == Some("welcome back"))
+        .await
+        .expect("bob reads alice again");
+    let body = json!({"text": "glad to be back"});
+    bob.json("POST", &format!("/v1/channels/{id}/messages"), Some(body)).await.expect("send");
+    carol
+        .wait_texts(&id, WAIT, |t| t.last().map(String::as_str) == Some("glad to be back"))
+        .await
+        .expect("carol reads bob");
 }
 
 /// Rounds of the concurrent-commit race: 200 (about 35 s), or `CHITCHAT_FED_ROUNDS`.

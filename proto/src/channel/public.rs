@@ -113,6 +113,12 @@ impl PublicChannel {
         ChannelId(id)
     }
 
+    /// Whether `other` is this very state: same group context (epoch, tree hash, transcript,
+    /// config).
+    pub fn same_state(&self, other: &Self) -> bool {
+        self.group.group_context() == other.group.group_context()
+    }
+
     /// The current epoch.
     pub fn epoch(&self) -> u64 {
         self.group.group_context().epoch().as_u64()

@@ -199,6 +199,11 @@ impl OrderingState {
         self.limits
     }
 
+    /// Forgets a channel (its copy was stale: it is opened again from a later state).
+    pub fn forget(&mut self, channel: &ChannelId) {
+        self.channels.remove(channel);
+    }
+
     /// How many channels are ordered.
     pub fn channel_count(&self) -> usize {
         self.channels.len()

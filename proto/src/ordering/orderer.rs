@@ -61,6 +61,18 @@ pub enum OrderCommand {
         /// The Welcomes for the devices it adds, sealed by the submitter.
         welcome: Option<SealedWelcomes>,
     },
+    /// Like [`OrderCommand::Open`], and also replaces a channel this orderer no longer orders:
+    /// one whose relay set, as its last commit here left it, differs from the relay set of the
+    /// state given, which is of a later epoch. That is a channel that moved to another relay
+    /// set and now comes back (its copy here is stale). A channel whose relay set is the one
+    /// given, or a state of an epoch not past the copy's, is answered
+    /// [`Outcome::AlreadyOpen`] as `Open` is.
+    Reopen {
+        /// The channel.
+        channel: ChannelId,
+        /// GroupInfo and ratchet tree.
+        state: PublicState,
+    },
 }
 
 /// The answer to one [`OrderCommand`].
@@ -186,6 +198,7 @@ impl Orderer {
     pub fn apply(&mut self, index: u64, command: OrderCommand) -> (Verdict, Option<Accepted>) {
         match command {
             OrderCommand::Open { channel, state } => (self.open(channel, state), None),
+            OrderCommand::Reopen { channel, state } => (self.reopen(channel, state), None),
             OrderCommand::Order { commit, bytes, welcome } => {
                 self.order(index, commit, bytes, welcome)
             }
@@ -232,6 +245,43 @@ impl Orderer {
         let (_, current) = epochs.back()?;
         let then = epochs.iter().find(|(e, _)| *e == epoch).map_or(current, |(_, m)| m);
         Some((current.clone(), then.clone()))
+    }
+
+    /// Whether `state` is exactly the channel's public state here (epoch, tree, transcript,
+    /// config): `None` if the channel is not known here or the state does not parse.
+    pub fn matches(&self, channel: &ChannelId, state: &PublicState) -> Option<bool> {
+        let held = self.channels.get(channel)?;
+        let other = PublicChannel::from_state(&self.crypto, state).ok()?;
+        Some(held.same_state(&other))
+    }
+
+    fn reopen(&mut self, channel: ChannelId, state: PublicState) -> Verdict {
+        let Some(held) = self.channels.get(&channel) else { return self.open(channel, state) };
+        let public = match PublicChannel::from_state(&self.crypto, &state) {
+            Ok(p) if p.id() == channel => p,
+            Ok(_) => return Verdict::Invalid("the state is of another channel".into()),
+            Err(e) => return Verdict::Invalid(e.to_string()),
+        };
+        let set = |c: &PublicChannel| {
+            c.config().ok().map(|c| {
+                let mut relays = c.relays;
+                relays.sort();
+                relays.dedup();
+                relays
+            })
+        };
+        let (old, new) = (set(held), set(&public));
+        let next_epoch = self.state.next_epoch(&channel).unwrap_or_default();
+        if old.is_none() || old == new || public.epoch() <= held.epoch() {
+            return Verdict::Ordering(Outcome::AlreadyOpen { next_epoch });
+        }
+        // The stale copy goes; the channel starts again from the later state.
+        let freed = self.sizes.remove(&channel).unwrap_or(0);
+        self.total_bytes = self.total_bytes.saturating_sub(freed);
+        self.channels.remove(&channel);
+        self.members.remove(&channel);
+        self.state.forget(&channel);
+        self.open(channel, state)
     }
 
     fn open(&mut self, channel: ChannelId, state: PublicState) -> Verdict {

@@ -185,3 +185,67 @@ fn the_last_epoch_takes_no_commit() {
         Outcome::WrongEpoch { next_epoch: u64::MAX }
     );
 }
+
+/// A channel that moved to another relay set and back is opened again from its later state;
+/// a channel still ordered here, or a state not past the copy, is not replaced.
+#[test]
+fn a_stale_copy_of_a_channel_that_moved_away_is_replaced_and_nothing_else() {
+    use crate::channel::{AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, Identity};
+    use crate::identity::RelayId;
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let key = SecretKey::from_seed([3; 32]);
+    let me = Identity::new(&key);
+    let (r1, r2) = (SecretKey::from_seed([201; 32]), SecretKey::from_seed([202; 32]));
+    let relay = |k: &SecretKey, host: &str| RelayId { host: host.into(), key: k.public() };
+    let config = ChannelConfig {
+        mime: "application/octet-stream".into(),
+        name: "moving".into(),
+        relays: vec![relay(&r1, "one.example")],
+        admins: AdminPolicy::AnyMember,
+        creator: me.device(),
+    };
+    let id = channel(8);
+    let mut ch = Channel::create(&provider, &me, id, config.clone()).expect("create");
+    let mut o = Orderer::new(OrderingLimits::default());
+    let open = |ch: &Channel| ch.public_state(&provider, &me).expect("export");
+    let (v, _) = o.apply(1, OrderCommand::Open { channel: id, state: open(&ch) });
+    assert_eq!(v, Verdict::Ordering(Outcome::Opened));
+    // Still ordered here: a reopen of the same state is not a replacement.
+    let (v, _) = o.apply(2, OrderCommand::Reopen { channel: id, state: open(&ch) });
+    assert_eq!(v, Verdict::Ordering(Outcome::AlreadyOpen { next_epoch: 0 }));
+
+    // A commit ordered here moves the channel to {one, two}.
+    let both = vec![relay(&r1, "one.example"), relay(&r2, "two.example")];
+    let moved = ChannelConfig { relays: both.clone(), ..config.clone() };
+    let change = Change { update: true, config: Some(moved), ..Default::default() };
+    let staged = ch.stage(&provider, &me, &change, &AcceptAll).expect("stage");
+    let order = |s: &crate::channel::StagedCommit| OrderCommand::Order {
+        commit: CommitRef { channel: id, epoch: s.epoch, hash: s.hash, submitter: me.device() },
+        bytes: crate::codec::Bytes(s.commit.clone()),
+        welcome: None,
+    };
+    let (v, _) = o.apply(3, order(&staged));
+    assert!(matches!(v, Verdict::Ordering(Outcome::Accepted(_))), "{v:?}");
+    let body = EpochCertBody { channel: id, epoch: 0, hash: staged.hash };
+    let cert = EpochCert { body, signatures: vec![CertSignature::sign(&r1, &body)] };
+    ch.accept_own(&provider, &cert).expect("merge");
+    // Elsewhere (the group of {one, two}), a commit moves it back to {one}: the copy here is
+    // at epoch 1 with relay set {one, two}, stale.
+    let back = Change { update: true, config: Some(config), ..Default::default() };
+    let staged = ch.stage(&provider, &me, &back, &AcceptAll).expect("stage");
+    let body = EpochCertBody { channel: id, epoch: 1, hash: staged.hash };
+    let signatures = vec![CertSignature::sign(&r1, &body), CertSignature::sign(&r2, &body)];
+    ch.accept_own(&provider, &EpochCert { body, signatures }).expect("merge");
+    assert_eq!(ch.epoch(), 2);
+    // An open does not replace it; a reopen of the later state does, at its epoch.
+    let (v, _) = o.apply(4, OrderCommand::Open { channel: id, state: open(&ch) });
+    assert_eq!(v, Verdict::Ordering(Outcome::AlreadyOpen { next_epoch: 1 }));
+    assert_eq!(o.matches(&id, &open(&ch)), Some(false));
+    let (v, _) = o.apply(5, OrderCommand::Reopen { channel: id, state: open(&ch) });
+    assert_eq!(v, Verdict::Ordering(Outcome::Opened));
+    assert_eq!(o.next_epoch(&id), Some(2));
+    assert_eq!(o.matches(&id, &open(&ch)), Some(true));
+    // Now ordered here again: another reopen is refused.
+    let (v, _) = o.apply(6, OrderCommand::Reopen { channel: id, state: open(&ch) });
+    assert_eq!(v, Verdict::Ordering(Outcome::AlreadyOpen { next_epoch: 2 }));
+}
