@@ -93,7 +93,13 @@ impl Client {
                 tokio::select! {
                     call = rx.recv() => match call {
                         Some((bytes, reply)) => {
-                            let id = swarm.behaviour_mut().send_request(&peer, bytes);
+                            // The address rides with every request: a connection closed
+                            // while idle is dialled again (libp2p keeps no address for it).
+                            let id = swarm.behaviour_mut().send_request_with_addresses(
+                                &peer,
+                                bytes,
+                                vec![addr.clone()],
+                            );
                             pending.insert(id, reply);
                         }
                         None => break,
