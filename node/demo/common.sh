@@ -61,3 +61,18 @@ start_node() {
     PIDS+=($!)
     wait_for "$1/run.json"
 }
+
+# start_federated_relay DIR P2P HTTP: a relay named by its HTTP address (`127.0.0.1:HTTP`), as
+# relays side by side on one machine are, so that other relays find it through its
+# `.well-known`; registration open. Sets RELAY_URL and RELAY_HOST.
+start_federated_relay() {
+    [ -f "$1/relay.key" ] || "$RELAY" --dir "$1" init --host "127.0.0.1:$3" >/dev/null
+    rm -f "$1/run.json"
+    CHITCHAT_RELAY_LISTEN="/ip4/127.0.0.1/tcp/$2" CHITCHAT_RELAY_HTTP="127.0.0.1:$3" \
+        CHITCHAT_RELAY_HOST="127.0.0.1:$3" CHITCHAT_RELAY_OPEN_REGISTRATION=true RUST_LOG=warn \
+        "$RELAY" --dir "$1" run >"$1/relay.log" 2>&1 &
+    PIDS+=($!)
+    wait_for "$1/run.json"
+    RELAY_URL="http://127.0.0.1:$3"
+    RELAY_HOST="127.0.0.1:$3"
+}

@@ -1000,3 +1000,39 @@ async fn ten_members_on_three_relays_race_for_every_epoch() {
         }
     }
 }
+
+/// The federation demo of the README runs as documented: three users on two relays.
+#[test]
+fn the_two_relay_demo_script_runs() {
+    let bin = chitchat_tests::binaries_dir();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../node/demo/two-relays.sh");
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+    };
+    let ports = format!("{} {} {} {}", port(), port(), port(), port());
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .env("CHITCHAT_BIN", &bin)
+        .env("CHITCHAT_DEMO_PORTS", &ports)
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let hosts: Vec<&str> = ports.split(' ').collect();
+    let (a, b) = (format!("127.0.0.1:{}", hosts[1]), format!("127.0.0.1:{}", hosts[3]));
+    for want in [
+        format!("registered as bob@{b}"),
+        format!("added bob@{b}"),
+        format!("ordered by {a}, {b}"),
+        "hello from relay B".to_owned(),
+        "(edited)".to_owned(),
+        format!("👋 carol@{a}"),
+        "no equivocation, no fork".to_owned(),
+        format!("removed bob@{b}"),
+        format!("ordered by {a}\n"),
+        "just the two of us on A".to_owned(),
+    ] {
+        assert!(stdout.contains(&want), "the demo's output lacks {want:?}:\n{stdout}");
+    }
+}
