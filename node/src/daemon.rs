@@ -942,12 +942,10 @@ impl Node {
             let now = now();
             let staged = self.with(move |e| e.stage(&channel, op, attempts, now)).await?;
             intent.published(staged.epoch, chitchat_proto::wire::commit_hash(&staged.commit));
-            // Welcomes for devices whose relay does not order this commit: computed now, from
-            // the relay set the commit is built on (the commit may be merged through the
-            // inbox before its answer arrives).
-            let welcome = staged.welcome.clone();
-            let remote = self.with(move |e| e.remote_welcomes(&channel, welcome, now)).await;
-            match self.submit(channel, &staged, remote).await? {
+            // The Welcomes go with the commit, all of them: the relays that order it deliver
+            // those of their own devices, and queue the others, durably with the fan-out, for
+            // the relays the commit brings into the set.
+            match self.submit(channel, &staged).await? {
                 Submitted::Lost => {
                     intent.lost(now, rand::rng().random());
                     if intent.is_done() {
@@ -970,7 +968,6 @@ impl Node {
         &self,
         channel: ChannelId,
         staged: &StagedRecord,
-        remote: Vec<(String, Vec<chitchat_proto::inbox::SealedEnvelope>)>,
     ) -> Result<Submitted, NodeError> {
         let link = self.link()?;
         let request = Request::SubmitCommit(CommitSubmission {
@@ -987,11 +984,6 @@ impl Node {
             match link.call(&request).await {
                 Ok(Response::CommitAccepted { cert }) => {
                     self.with(move |e| e.accept(&channel, &cert)).await?;
-                    // Welcomes for devices of relays that did not order this commit (it brings
-                    // their relay into the set) go to those relays through this one.
-                    for (host, envelopes) in remote {
-                        self.forward(&link, host, envelopes).await;
-                    }
                     return Ok(Submitted::Accepted);
                 }
                 Ok(Response::CommitConflict { winner }) => {
@@ -1020,32 +1012,6 @@ impl Node {
             }
         }
         Ok(Submitted::Undecided)
-    }
-
-    /// Hands sealed payloads for devices of another relay to this node's relay, which keeps
-    /// them durably and forwards them; tried a few times.
-    async fn forward(
-        &self,
-        link: &RelayLink,
-        host: String,
-        envelopes: Vec<chitchat_proto::inbox::SealedEnvelope>,
-    ) {
-        let mut backoff = Backoff::capped(INBOX_MAX_BACKOFF_MS);
-        for _ in 0..5 {
-            let request = Request::Forward { host: host.clone(), envelopes: envelopes.clone() };
-            match link.call(&request).await {
-                Ok(Response::Forwarded { .. }) => return,
-                Ok(other) => {
-                    tracing::warn!(%host, answer = ?other, "payloads for another relay refused");
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(%host, error = %e, "forwarding failed; retrying");
-                    backoff.wait().await;
-                }
-            }
-        }
-        tracing::warn!(%host, "payloads for another relay not handed over");
     }
 
     /// Waits (bounded) until the inbox task brought the channel to `epoch`.
@@ -1081,7 +1047,7 @@ impl Node {
             for (channel, intent) in intents {
                 let _one_at_a_time = self.ordering.lock().await;
                 let result = match &intent.staged {
-                    Some(staged) => self.submit(channel, staged, Vec::new()).await,
+                    Some(staged) => self.submit(channel, staged).await,
                     None => Ok(Submitted::Lost),
                 };
                 match result {

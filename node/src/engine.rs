@@ -564,37 +564,6 @@ impl Engine {
         Ok(())
     }
 
-    /// The Welcomes of a staged commit for devices whose relay is not in the channel's current
-    /// relay set (so no relay that orders this commit delivers them), by their relay's host.
-    pub fn remote_welcomes(
-        &self,
-        channel: &ChannelId,
-        welcome: Option<SealedWelcomes>,
-        now: Timestamp,
-    ) -> Vec<(String, Vec<chitchat_proto::inbox::SealedEnvelope>)> {
-        let Some(held) = self.channels.get(channel).and_then(|h| h.channel.as_ref()) else {
-            return Vec::new();
-        };
-        let set: BTreeSet<&str> = held.config().relays.iter().map(|r| r.host.as_str()).collect();
-        let trust = self.trust();
-        let mut by_host: BTreeMap<String, Vec<chitchat_proto::inbox::SealedEnvelope>> =
-            BTreeMap::new();
-        for envelope in welcome.into_iter().flat_map(|w| w.envelopes) {
-            let Some(addresses) =
-                self.dirs.get(&envelope.recipient).and_then(|d| d.verify(&trust, now).ok())
-            else {
-                continue;
-            };
-            if addresses.iter().any(|a| set.contains(a.host.as_str())) {
-                continue;
-            }
-            if let Some(a) = addresses.first() {
-                by_host.entry(a.host.clone()).or_default().push(envelope);
-            }
-        }
-        by_host.into_iter().collect()
-    }
-
     /// The other relays this device knows.
     pub fn relays(&self) -> impl Iterator<Item = &RelayId> {
         self.relays.values()

@@ -15,10 +15,11 @@ use chitchat_proto::wire::{Envelope, OrderedCommit};
 use chitchat_proto::{SecretKey, Timestamp};
 use futures::future::BoxFuture;
 
+use crate::federation::Federation;
 use crate::metrics::Metrics;
 use crate::ordering::{Delivery, FanoutSink};
 use crate::service::{Waiters, certify, now};
-use crate::store::{InboxQuota, Store, Write, Written};
+use crate::store::{InboxQuota, Onward, QueueLimits, Store, Write, Written};
 
 /// Fault injection for tests: `CHITCHAT_RELAY_FAULT=exit-before-fanout` makes the relay abort
 /// after a commit is ordered (durable in the log) and before its fan-out is written.
@@ -36,6 +37,9 @@ pub struct CommitFanout {
     exit_before_fanout: bool,
     /// The key of this group's watermark in `meta-0`.
     watermark: String,
+    /// Where the Welcomes for devices of relays a commit brings into the set go, and their
+    /// queues' bounds.
+    federation: Option<(Arc<Federation>, QueueLimits)>,
 }
 
 impl std::fmt::Debug for CommitFanout {
@@ -55,7 +59,23 @@ impl CommitFanout {
     ) -> Self {
         let exit_before_fanout = std::env::var(FAULT_ENV).is_ok_and(|f| f == "exit-before-fanout");
         let watermark = crate::store::FANNED_OUT.to_owned();
-        Self { store, key, metrics, waiters, quota, exit_before_fanout, watermark }
+        Self {
+            store,
+            key,
+            metrics,
+            waiters,
+            quota,
+            exit_before_fanout,
+            watermark,
+            federation: None,
+        }
+    }
+
+    /// The same sink, queueing the Welcomes of devices of relays a commit brings into the set
+    /// for those relays (within `limits`).
+    pub fn with_federation(mut self, federation: Arc<Federation>, limits: QueueLimits) -> Self {
+        self.federation = Some((federation, limits));
+        self
     }
 
     /// The same sink for the group `group` (its own watermark).
@@ -69,11 +89,25 @@ impl CommitFanout {
             quota: self.quota,
             exit_before_fanout: self.exit_before_fanout,
             watermark: format!("{}-{hex}", crate::store::FANNED_OUT),
+            federation: self.federation.clone(),
         }
     }
 
-    fn write(&self, delivery: Delivery, now: Timestamp) -> Write {
-        let Delivery { accepted, cert } = delivery;
+    fn write(&self, delivery: Delivery, now: Timestamp) -> (Write, Vec<String>) {
+        let Delivery { accepted, cert, new_relays } = delivery;
+        // Welcomes for devices not registered here go, durably with the fan-out, to the
+        // relays the commit brings into the set: the first user of a relay gets its Welcome
+        // from there, whatever happens to the inviter.
+        let onward = match &self.federation {
+            Some((_, limits)) if !new_relays.is_empty() && !accepted.welcomes.is_empty() => {
+                let own = self.key.public();
+                let hosts: Vec<String> =
+                    new_relays.iter().filter(|r| r.key != own).map(|r| r.host.clone()).collect();
+                (!hosts.is_empty()).then_some(Onward { hosts, limits: *limits })
+            }
+            _ => None,
+        };
+        let kick = onward.as_ref().map(|o| o.hosts.clone()).unwrap_or_default();
         let c = accepted.commit;
         let body = EpochCertBody { channel: c.channel, epoch: c.epoch, hash: c.hash };
         let cert = cert.unwrap_or_else(|| certify(&self.key, body));
@@ -96,7 +130,14 @@ impl CommitFanout {
             .map(|envelope| Write::Enqueue { sender: c.submitter, envelope, now, quota })
             .collect();
         let key = self.watermark.clone();
-        Write::Ordered { key, index: accepted.index, commit: Box::new(commit), welcomes }
+        let write = Write::Ordered {
+            key,
+            index: accepted.index,
+            commit: Box::new(commit),
+            welcomes,
+            onward,
+        };
+        (write, kick)
     }
 }
 
@@ -112,9 +153,15 @@ impl FanoutSink for CommitFanout {
                 }
             }
             let now = now();
-            let writes: Vec<Write> = accepted.into_iter().map(|a| self.write(a, now)).collect();
+            let (writes, kicks): (Vec<Write>, Vec<Vec<String>>) =
+                accepted.into_iter().map(|a| self.write(a, now)).unzip();
             let results =
                 futures::future::join_all(writes.into_iter().map(|w| self.store.write(w))).await;
+            if let Some((federation, _)) = &self.federation {
+                for host in kicks.iter().flatten() {
+                    federation.kick(host);
+                }
+            }
             for result in results {
                 match result.map_err(|e| e.to_string())? {
                     Written::Posted { delivered, .. } => {

@@ -16,7 +16,7 @@ use chitchat_relay::http::{BlockRequest, HttpState, InviteRequest};
 use chitchat_relay::metrics::Metrics;
 use chitchat_relay::ordering::{GroupOptions, Ordering};
 use chitchat_relay::service::{Peers, Relay, Waiters, now};
-use chitchat_relay::store::{InboxQuota, Store, StoreError};
+use chitchat_relay::store::{InboxQuota, QueueLimits, Store, StoreError};
 use clap::{Parser, Subcommand};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -132,19 +132,6 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
     let waiters = Arc::new(Waiters::default());
     let relay_key = chitchat_proto::SecretKey::from_seed(*key.seed());
     let quota = InboxQuota { max_items: config.inbox.max_items, max_bytes: config.inbox.max_bytes };
-    let sink = Arc::new(CommitFanout::new(
-        store.clone(),
-        relay_key.clone(),
-        metrics.clone(),
-        waiters.clone(),
-        quota,
-    ));
-    let options = GroupOptions {
-        limits: OrderingLimits::default(),
-        state_budget: config.ordering.max_state_bytes,
-        snapshot_every: config.ordering.snapshot_every,
-    };
-    let ordering = Ordering::open(&dir.ordering_db(), options, sink.clone()).await?;
     let (outbound_tx, outbound) = mpsc::channel(1024);
     let own_id = chitchat_proto::RelayId { host: config.host.clone(), key: relay_key.public() };
     let federation = Arc::new(Federation::new(
@@ -155,6 +142,28 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         outbound_tx,
         config.inbox.retention_days,
     ));
+    let f = &config.federation;
+    let onward = QueueLimits {
+        max_items: f.max_queue_items,
+        max_bytes: f.max_queue_bytes,
+        max_total_items: f.max_queued_total,
+    };
+    let sink = Arc::new(
+        CommitFanout::new(
+            store.clone(),
+            relay_key.clone(),
+            metrics.clone(),
+            waiters.clone(),
+            quota,
+        )
+        .with_federation(federation.clone(), onward),
+    );
+    let options = GroupOptions {
+        limits: OrderingLimits::default(),
+        state_budget: config.ordering.max_state_bytes,
+        snapshot_every: config.ordering.snapshot_every,
+    };
+    let ordering = Ordering::open(&dir.ordering_db(), options, sink.clone()).await?;
     let groups = Arc::new(
         Groups::open(
             own_id.clone(),

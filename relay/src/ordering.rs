@@ -116,6 +116,9 @@ pub struct Delivery {
     pub accepted: Accepted,
     /// Its certificate, for a channel of several relays.
     pub cert: Option<EpochCert>,
+    /// Relays the commit brings into the channel's relay set: the Welcomes of devices that are
+    /// not this relay's go to them (the first user of a relay joins this way).
+    pub new_relays: Vec<chitchat_proto::RelayId>,
 }
 
 /// Winners of channels of several relays waiting for their certificate, at most (the oldest
@@ -395,6 +398,18 @@ impl Machine {
         }
     }
 
+    /// The relays of the channel's current config whose keys are not among `before`.
+    fn new_relays(
+        &self,
+        channel: &ChannelId,
+        before: &[chitchat_proto::PublicKey],
+    ) -> Vec<chitchat_proto::RelayId> {
+        match self.orderer.config(channel) {
+            Some(Ok(c)) => c.relays.into_iter().filter(|r| !before.contains(&r.key)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Applies one command, the entry at log index `index`.
     fn apply(&mut self, index: u64, command: RelayCommand) -> (RelayOutcome, Option<Delivery>) {
         let command = match command {
@@ -414,6 +429,13 @@ impl Machine {
             OrderCommand::Order { commit, .. } => self.several_relays(&commit.channel),
             OrderCommand::Open { .. } | OrderCommand::Reopen { .. } => None,
         };
+        let before = match &command {
+            OrderCommand::Order { commit, .. } => match self.orderer.config(&commit.channel) {
+                Some(Ok(c)) => c.orderers(),
+                _ => Vec::new(),
+            },
+            OrderCommand::Open { .. } | OrderCommand::Reopen { .. } => Vec::new(),
+        };
         let (outcome, accepted) = self.orderer.apply(index, command);
         match (accepted, several) {
             (Some(accepted), Some(orderers)) => {
@@ -424,7 +446,13 @@ impl Machine {
                 self.pending.insert(key, Waiting { accepted, orderers });
                 (outcome, None)
             }
-            (other, _) => (outcome, other.map(|accepted| Delivery { accepted, cert: None })),
+            (other, _) => {
+                let delivery = other.map(|accepted| {
+                    let new_relays = self.new_relays(&accepted.commit.channel, &before);
+                    Delivery { accepted, cert: None, new_relays }
+                });
+                (outcome, delivery)
+            }
         }
     }
 
@@ -448,9 +476,10 @@ impl Machine {
         }
         let outcome = RelayOutcome::Ordering(Outcome::Accepted(winner));
         match self.pending.remove(&(b.channel, b.epoch)) {
-            Some(Waiting { mut accepted, .. }) => {
+            Some(Waiting { mut accepted, orderers }) => {
                 accepted.index = index;
-                (outcome, Some(Delivery { accepted, cert: Some(cert) }))
+                let new_relays = self.new_relays(&b.channel, &orderers);
+                (outcome, Some(Delivery { accepted, cert: Some(cert), new_relays }))
             }
             None => (outcome, None),
         }

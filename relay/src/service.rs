@@ -578,6 +578,19 @@ impl Relay {
         None
     }
 
+    /// The group (this relay's own, or one it shares) whose log decided `(channel, epoch)`.
+    async fn decided_by(&self, channel: &ChannelId, epoch: u64) -> Option<OrderedBy<'_>> {
+        if self.ordering.winner(channel, epoch).await.is_some() {
+            return Some(OrderedBy::Solo(&self.ordering));
+        }
+        for g in self.groups.all().await {
+            if g.ordering.winner(channel, epoch).await.is_some() {
+                return Some(OrderedBy::Group(g));
+            }
+        }
+        None
+    }
+
     /// The relay's multi-relay ordering groups.
     pub fn groups(&self) -> &Arc<Groups> {
         &self.groups
@@ -1218,8 +1231,20 @@ impl Relay {
         // A commit for the next epoch is checked first against the channel's public state and
         // the channel rules, with this relay's directory for the devices it adds. (A retried
         // winner or a late loser is answered by the ordering state.)
-        let Some(by) = self.ordered_by(&sub.channel).await else {
-            return error(ErrorCode::NotFound, "the channel is not ordered here; open it first");
+        // A commit of an epoch already decided is answered by the group that decided it, even
+        // if the channel has moved on to another relay set since (a committer that resubmits
+        // after a crash learns that it won, or whom it lost to).
+        let by = match self.ordered_by(&sub.channel).await {
+            Some(by) => by,
+            None => match self.decided_by(&sub.channel, sub.epoch).await {
+                Some(by) => by,
+                None => {
+                    return error(
+                        ErrorCode::NotFound,
+                        "the channel is not ordered here; open it first",
+                    );
+                }
+            },
         };
         match by.ordering().next_epoch(&sub.channel).await {
             None => {

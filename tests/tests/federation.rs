@@ -801,6 +801,66 @@ async fn users_of_two_relays_chat_in_one_channel() {
         .expect("carol reads bob");
 }
 
+/// The first user of a relay gets the Welcome through the relays, whatever happens to the node
+/// that invited them: relay A dies after ordering the invite's commit and before its fan-out,
+/// the inviting node is killed meanwhile and stays down, and after A comes back Bob (of B)
+/// joins from the Welcome A queued for B with the fan-out it redid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_user_of_a_relay_joins_though_the_inviter_dies() {
+    use chitchat_tests::NodeProcess;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+    let (mut a, b) = (relay(|c| c.to_owned()), relay(|c| c.to_owned()));
+    let mut alice = NodeProcess::start(&[]).expect("node");
+    let bob = NodeProcess::start(&[]).expect("node");
+    alice.register(&a, "alice").await.expect("register");
+    let bob_address = bob.register(&b, "bob").await.expect("register");
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["lookup", &bob_address]).expect("lookup");
+
+    a.kill9();
+    a.set_env("CHITCHAT_RELAY_FAULT", Some("exit-before-fanout"));
+    a.restart().expect("relay A with the fault");
+    let mut invite = std::process::Command::new(chitchat_tests::binaries_dir().join("chitchat"))
+        .arg("--home")
+        .arg(alice.home())
+        .args(["invite", "general", &bob_address])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("invite");
+    a.wait_exit(WAIT).expect("relay A aborts before the fan-out");
+    alice.kill9();
+    let _ = invite.kill();
+    let _ = invite.wait();
+
+    a.set_env("CHITCHAT_RELAY_FAULT", None);
+    a.restart().expect("relay A again");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = bob.json("GET", "/v1/channels", None).await.expect("channels");
+        if v["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["id"] == id.as_str())) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "bob never got the Welcome: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Alice's node comes back, finishes its intent, and the two talk.
+    alice.restart().expect("alice again");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = alice.cli(&["send", "general", "you made it"]);
+        if out.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "alice cannot send: {out:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    bob.wait_texts(&id, WAIT, |t| t.last().map(String::as_str) == Some("you made it"))
+        .await
+        .expect("bob reads alice");
+}
+
 /// Rounds of the concurrent-commit race: 200 (about 35 s), or `CHITCHAT_FED_ROUNDS`.
 fn rounds() -> usize {
     std::env::var("CHITCHAT_FED_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200)

@@ -135,6 +135,9 @@ pub enum Write {
         commit: Box<Write>,
         /// The Welcomes ([`Write::Enqueue`] each).
         welcomes: Vec<Write>,
+        /// Where the Welcomes of devices not registered here are queued (the relays the commit
+        /// brings into the channel's relay set), if anywhere.
+        onward: Option<Onward>,
     },
     /// Records the fan-out watermark as it is (a relay upgraded from before it existed).
     SetFannedOut {
@@ -422,8 +425,8 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             }
             Ok(Written::Posted { delivered, skipped })
         }
-        Write::Ordered { key, index, commit, welcomes } => {
-            ordered(t, key, *index, commit, welcomes)
+        Write::Ordered { key, index, commit, welcomes, onward } => {
+            ordered(t, key, *index, commit, welcomes, onward.as_ref())
         }
         Write::SetFannedOut { key, index } => {
             t.meta.insert(key.as_str(), index.to_be_bytes().as_slice()).map_err(storage)?;
@@ -476,6 +479,7 @@ fn ordered(
     index: u64,
     commit: &Write,
     welcomes: &[Write],
+    onward: Option<&Onward>,
 ) -> Result<Written, WriteError> {
     let watermark = match t.meta.get(key).map_err(storage)? {
         Some(v) => {
@@ -495,9 +499,27 @@ fn ordered(
         other => return Err(WriteError::Storage(format!("unexpected {other:?}"))),
     };
     for welcome in welcomes {
-        let Write::Enqueue { envelope, .. } = welcome else { continue };
+        let Write::Enqueue { envelope, sender, now, .. } = welcome else { continue };
         match apply(t, welcome) {
             Ok(_) => delivered.push(envelope.recipient),
+            // A device of another relay: queued for the relays the commit brings in.
+            Err(WriteError::Rejected { code: ErrorCode::NotFound, .. }) if onward.is_some() => {
+                let Some(o) = onward else { continue };
+                let items = queue_items(*sender, &[Envelope::Sealed(envelope.clone())], *now);
+                let hosts: Vec<&str> = o.hosts.iter().map(String::as_str).collect();
+                match queue_room(t, &hosts, &items, o.limits) {
+                    Ok(()) => {
+                        for host in &hosts {
+                            queue_encoded(t, host, &items)?;
+                        }
+                    }
+                    Err(WriteError::Rejected { message, .. }) => {
+                        tracing::warn!(%message, "a Welcome for another relay was not queued");
+                        skipped = skipped.saturating_add(1);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             Err(WriteError::Rejected { message, .. }) => {
                 tracing::warn!(%message, "a Welcome of an ordered commit was not delivered");
                 skipped = skipped.saturating_add(1);
