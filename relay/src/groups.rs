@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use chitchat_proto::codec::{decode, encode};
 use chitchat_proto::federation::{FedBody, FedResponse, MAX_RAFT_PAYLOAD, RaftRpc, group_id};
-use chitchat_proto::ordering::{CertSignature, EpochCert, EpochCertBody};
+use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
 use chitchat_proto::wire::ErrorCode;
 use chitchat_proto::{PublicKey, RelayId, SecretKey};
 use openraft::BasicNode;
@@ -50,6 +50,8 @@ use crate::ordering::{
 pub const MAX_GROUPS: usize = 1024;
 /// How long a relay asked to sign waits for its log to reach the winner.
 const SIGN_WAIT: Duration = Duration::from_secs(3);
+/// How often the leader of each group looks for winners left waiting for a certificate.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Largest encoded command proposed to a multi-relay group (its entry must fit one federation
 /// frame).
 pub const MAX_COMMAND: usize = MAX_RAFT_PAYLOAD - 4096;
@@ -341,6 +343,42 @@ impl Groups {
             ))));
         }
         Ok(EpochCert { body, signatures })
+    }
+
+    /// Delivers the winners that wait for a certificate too long: their submitting relay died
+    /// (or lost its link) between ordering and `Deliver`. Runs on the group's leader, every
+    /// [`SWEEP_EVERY`]; a winner seen waiting on two sweeps in a row is certified here (a
+    /// majority of the set signs, as for any winner) and delivered. Two relays delivering one
+    /// winner deliver it once (the second certificate finds nothing waiting).
+    pub async fn sweep(&self, seen: &mut BTreeSet<(ChannelId, u64)>) {
+        let own = node_id(&self.own);
+        let mut still = BTreeSet::new();
+        for group in self.all().await {
+            if !group.ordering.leads(own) {
+                continue;
+            }
+            for (body, index) in group.ordering.waiting().await {
+                let key = (body.channel, body.epoch);
+                if !seen.contains(&key) {
+                    still.insert(key);
+                    continue;
+                }
+                let delivered = match self.certify(&group, body, index).await {
+                    Ok(cert) => self.propose(&group, RelayCommand::Deliver { cert }).await,
+                    Err(e) => Err(e),
+                };
+                match delivered {
+                    Ok(_) => {
+                        tracing::info!(channel = %body.channel, epoch = body.epoch, "delivered a winner its submitting relay left waiting")
+                    }
+                    Err(e) => {
+                        tracing::debug!(channel = %body.channel, error = %e, "a waiting winner is not delivered yet");
+                        still.insert(key);
+                    }
+                }
+            }
+        }
+        *seen = still;
     }
 
     /// Answers a federation request about groups from `origin`.

@@ -175,6 +175,16 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         )
         .await?,
     );
+    tokio::spawn({
+        let groups = groups.clone();
+        async move {
+            let mut seen = std::collections::BTreeSet::new();
+            loop {
+                tokio::time::sleep(chitchat_relay::groups::SWEEP_EVERY).await;
+                groups.sweep(&mut seen).await;
+            }
+        }
+    });
     let peers = Peers {
         ordering: ordering.clone(),
         groups: groups.clone(),

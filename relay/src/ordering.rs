@@ -810,6 +810,29 @@ impl Ordering {
         self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "applied").await.is_ok()
     }
 
+    /// The winners waiting for their certificate (channels of several relays), with the log
+    /// index of each.
+    pub async fn waiting(&self) -> Vec<(chitchat_proto::ordering::EpochCertBody, u64)> {
+        let m = self.state_machine.inner.lock().await;
+        m.pending
+            .values()
+            .map(|w| {
+                let c = &w.accepted.commit;
+                let body = chitchat_proto::ordering::EpochCertBody {
+                    channel: c.channel,
+                    epoch: c.epoch,
+                    hash: c.hash,
+                };
+                (body, w.accepted.index)
+            })
+            .collect()
+    }
+
+    /// Whether this relay leads the group now.
+    pub fn leads(&self, own: u64) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(own)
+    }
+
     /// The commit that won `epoch` of `channel`, if this group ordered it and remembers it.
     pub async fn winner(&self, channel: &ChannelId, epoch: u64) -> Option<CommitRef> {
         self.state_machine.inner.lock().await.orderer.state().winner(channel, epoch).cloned()

@@ -67,6 +67,10 @@ pub struct Relay {
     /// `CHITCHAT_RELAY_FAULT=equivocate` and this relay certifies a losing commit as well
     /// (signing two hashes for one epoch). Never set it on a relay anyone uses.
     equivocate: bool,
+    /// A fault switch for tests: `CHITCHAT_RELAY_FAULT=exit-before-deliver` makes the relay
+    /// abort after a winner of a channel of several relays is ordered, before it asks for its
+    /// certificate (the others' sweep must deliver it).
+    exit_before_deliver: bool,
 }
 
 /// The environment variable of the relay's fault switch.
@@ -352,6 +356,8 @@ impl Relay {
             Err(e) => tracing::error!(error = %e, "cannot read the convicted orderers"),
         }
         let equivocate = std::env::var(FAULT_ENV).is_ok_and(|v| v == "equivocate");
+        let exit_before_deliver =
+            std::env::var(FAULT_ENV).is_ok_and(|v| v == "exit-before-deliver");
         if equivocate {
             tracing::warn!(
                 "FAULT SWITCH ON: this relay certifies losing commits too (equivocates); for tests only"
@@ -380,6 +386,7 @@ impl Relay {
             groups,
             remote_dirs: RemoteDirs::default(),
             equivocate,
+            exit_before_deliver,
         }
     }
 
@@ -647,13 +654,34 @@ impl Relay {
                 Err(e) => unavailable(e),
             },
             Ok(true) => {
-                match self.federation.call(host, FedBody::LookupDevices { devices }).await {
+                match self
+                    .federation
+                    .call(host, FedBody::LookupDevices { devices: devices.clone() })
+                    .await
+                {
                     Ok((remote, FedResponse::Dirs(dirs))) => {
                         self.remote_dirs.put(&remote.id, &dirs);
                         Response::RemoteDirs { relay: remote.id.clone(), dirs }
                     }
                     Ok((_, other)) => {
                         unavailable(format!("{host} answered a look-up with {other:?}"))
+                    }
+                    // A relay that is away: the records looked up there lately still verify
+                    // (each is signed by its device and sponsored by that relay), so a member
+                    // can still join a channel with that relay's users.
+                    Err(e @ (FedError::Unreachable { .. } | FedError::Discovery { .. })) => {
+                        let cached: Vec<(chitchat_proto::Dir, RelayId)> = devices
+                            .iter()
+                            .filter_map(|d| self.remote_dirs.get(d))
+                            .filter(|(_, r)| r.host == host)
+                            .collect();
+                        match cached.first().map(|(_, r)| r.clone()) {
+                            Some(relay) => Response::RemoteDirs {
+                                relay,
+                                dirs: cached.into_iter().map(|(d, _)| d).collect(),
+                            },
+                            None => from_fed(&e),
+                        }
                     }
                     Err(e) => from_fed(&e),
                 }
@@ -1298,6 +1326,12 @@ impl Relay {
                     // A resubmitted winner finds it in the log: its index is where to wait.
                     // The certificate goes into the log, and every relay of the set fans the
                     // commit out to its own members with it, before the committer hears.
+                    OrderedBy::Group(_) if self.exit_before_deliver => {
+                        tracing::error!(
+                            "fault injection: exiting before the certificate of a winner is delivered"
+                        );
+                        std::process::abort();
+                    }
                     OrderedBy::Group(g) => match self.groups.certify(g, body, index).await {
                         Ok(cert) => {
                             let deliver = RelayCommand::Deliver { cert: cert.clone() };

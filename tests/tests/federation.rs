@@ -861,6 +861,85 @@ async fn the_first_user_of_a_relay_joins_though_the_inviter_dies() {
         .expect("bob reads alice");
 }
 
+/// A winner whose submitting relay dies before asking for its certificate is delivered by the
+/// others: relay A orders Alice's invite of Dave in a channel of A, B and C, and aborts before
+/// the certificate; the leader of the group certifies it with a majority and delivers it, so
+/// Bob and Carol see Dave added and Dave joins while A is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winner_its_relay_left_waiting_is_delivered_by_the_others() {
+    use chitchat_tests::NodeProcess;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+    let mut a = relay(|c| c.to_owned());
+    let (b, c) = (relay(|c| c.to_owned()), relay(|c| c.to_owned()));
+    let alice = NodeProcess::start(&[]).expect("node");
+    let bob = NodeProcess::start(&[]).expect("node");
+    let carol = NodeProcess::start(&[]).expect("node");
+    let dave = NodeProcess::start(&[]).expect("node");
+    alice.register(&a, "alice").await.expect("register");
+    let bob_address = bob.register(&b, "bob").await.expect("register");
+    let carol_address = carol.register(&c, "carol").await.expect("register");
+    let dave_address = dave.register(&b, "dave").await.expect("register");
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", &bob_address]).expect("invite bob");
+    alice.cli(&["invite", "general", &carol_address]).expect("invite carol");
+    alice.cli(&["lookup", &dave_address]).expect("lookup dave");
+    async fn members(node: &NodeProcess, id: &str) -> String {
+        let path = format!("/v1/channels/{id}/members");
+        // Not joined yet: no such channel.
+        node.json("GET", &path, None).await.map(|v| v.to_string()).unwrap_or_default()
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while !members(&carol, &id).await.contains("bob@") {
+        assert!(std::time::Instant::now() < deadline, "carol never joined");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    a.kill9();
+    a.set_env("CHITCHAT_RELAY_FAULT", Some("exit-before-deliver"));
+    a.restart().expect("relay A with the fault");
+    let mut invite = std::process::Command::new(chitchat_tests::binaries_dir().join("chitchat"))
+        .arg("--home")
+        .arg(alice.home())
+        .args(["invite", "general", &dave_address])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("invite");
+    a.wait_exit(WAIT).expect("relay A aborts before the certificate");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (at_bob, at_carol) = (members(&bob, &id).await, members(&carol, &id).await);
+        if at_bob.contains("dave@") && at_carol.contains("dave@") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiting winner was never delivered: bob {at_bob}, carol {at_carol}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = dave.json("GET", "/v1/channels", None).await.expect("channels");
+        if v["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["id"] == id.as_str())) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "dave never joined: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = invite.kill();
+    let _ = invite.wait();
+    a.set_env("CHITCHAT_RELAY_FAULT", None);
+    a.restart().expect("relay A again");
+    let body = serde_json::json!({"text": "welcome dave"});
+    bob.json("POST", &format!("/v1/channels/{id}/messages"), Some(body)).await.expect("send");
+    for node in [&alice, &carol, &dave] {
+        node.wait_texts(&id, WAIT, |t| t.last().map(String::as_str) == Some("welcome dave"))
+            .await
+            .expect("everyone reads bob");
+    }
+}
+
 /// Rounds of the concurrent-commit race: 200 (about 35 s), or `CHITCHAT_FED_ROUNDS`.
 fn rounds() -> usize {
     std::env::var("CHITCHAT_FED_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
