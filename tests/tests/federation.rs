@@ -940,6 +940,73 @@ async fn a_winner_its_relay_left_waiting_is_delivered_by_the_others() {
     }
 }
 
+/// One relay of three stops (SIGSTOP, then kill -9): the others go on ordering and
+/// delivering, its user gets a clear error (and his message waits, durable, as `sending`), and
+/// everything he missed arrives once it is back, in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_of_a_stopped_relay_get_a_clear_error_and_catch_up() {
+    use chitchat_tests::NodeProcess;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+    let a = relay(|c| c.to_owned());
+    let mut b = relay(|c| c.to_owned());
+    let c = relay(|c| c.to_owned());
+    let alice = NodeProcess::start(&[]).expect("node");
+    let bob = NodeProcess::start(&[]).expect("node");
+    let carol = NodeProcess::start(&[]).expect("node");
+    let dave = NodeProcess::start(&[]).expect("node");
+    alice.register(&a, "alice").await.expect("register");
+    let bob_address = bob.register(&b, "bob").await.expect("register");
+    let carol_address = carol.register(&c, "carol").await.expect("register");
+    let dave_address = dave.register(&c, "dave").await.expect("register");
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", &bob_address]).expect("invite bob");
+    alice.cli(&["invite", "general", &carol_address]).expect("invite carol");
+    alice.cli(&["send", "general", "all three relays"]).expect("send");
+    for node in [&bob, &carol] {
+        node.wait_texts(&id, WAIT, |t| t == ["all three relays"]).await.expect("joined");
+    }
+    let last_is =
+        |text: &'static str| move |t: &[String]| t.last().map(String::as_str) == Some(text);
+
+    for (round, stop) in ["SIGSTOP", "kill -9"].into_iter().enumerate() {
+        if round == 0 {
+            b.pause().expect("freeze B");
+        } else {
+            b.kill9();
+        }
+        // The others go on: a message, and a commit (Dave joins in the first round).
+        let text: &'static str = if round == 0 { "while B sleeps" } else { "while B is dead" };
+        alice.cli(&["send", "general", text]).expect("send");
+        carol.wait_texts(&id, WAIT, last_is(text)).await.expect("carol reads alice");
+        if round == 0 {
+            let out = alice.cli(&["invite", "general", &dave_address]).expect("invite dave");
+            assert!(out.contains("added"), "{out}");
+            alice.cli(&["send", "general", "hi dave"]).expect("send");
+            dave.wait_texts(&id, WAIT, last_is("hi dave")).await.expect("dave joined");
+        }
+        // Bob's relay is away: a clear error, and his message waits as `sending`.
+        let err = bob.cli(&["lookup", &carol_address]).expect_err("no relay");
+        assert!(err.to_string().contains("relay unreachable"), "{stop}: {err}");
+        let reply: &'static str = if round == 0 { "bob was frozen" } else { "bob was dead" };
+        let out = bob.cli(&["send", "general", reply]).expect("durable while the relay is away");
+        assert!(out.contains("sending"), "{out}");
+
+        if round == 0 {
+            b.resume().expect("thaw B");
+        } else {
+            b.restart().expect("B again");
+        }
+        bob.wait_texts(&id, WAIT, |t| t.iter().any(|x| x == text)).await.expect("bob catches up");
+        for node in [&alice, &carol] {
+            node.wait_texts(&id, WAIT, |t| t.iter().any(|x| x == reply))
+                .await
+                .expect("bob's message arrives");
+        }
+    }
+    let v = bob.json("GET", &format!("/v1/channels/{id}/members"), None).await.expect("m");
+    assert!(v.to_string().contains("dave@"), "bob learnt of dave: {v}");
+}
+
 /// Rounds of the concurrent-commit race: 200 (about 35 s), or `CHITCHAT_FED_ROUNDS`.
 fn rounds() -> usize {
     std::env::var("CHITCHAT_FED_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
