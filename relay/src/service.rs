@@ -585,6 +585,20 @@ impl Relay {
         None
     }
 
+    /// The orderers of `channel` in every group of this relay that holds it.
+    async fn orderers_of(&self, channel: &ChannelId) -> Vec<PublicKey> {
+        let mut keys = Vec::new();
+        if let Some(Ok(c)) = self.ordering.config(channel).await {
+            keys.extend(c.orderers());
+        }
+        for g in self.groups.all().await {
+            if let Some(Ok(c)) = g.ordering.config(channel).await {
+                keys.extend(c.orderers());
+            }
+        }
+        keys
+    }
+
     /// The group (this relay's own, or one it shares) whose log decided `(channel, epoch)`.
     async fn decided_by(&self, channel: &ChannelId, epoch: u64) -> Option<OrderedBy<'_>> {
         if self.ordering.winner(channel, epoch).await.is_some() {
@@ -1036,6 +1050,15 @@ impl Relay {
             Ok(s) => s,
             Err(e) => return error(ErrorCode::BadRequest, format!("not a proof: {e}")),
         };
+        // Only against an orderer of a channel this relay orders (anyone can make a key sign
+        // two hashes; that convicts no one worth remembering).
+        let (channel, _) = proof.epoch();
+        if !self.orderers_of(&channel).await.contains(&signer) {
+            return error(
+                ErrorCode::Forbidden,
+                "the proof is not against an orderer of a channel ordered here",
+            );
+        }
         let write = Write::Convict { signer: signer.0, proof: encode(proof) };
         let new = match self.store.write(write).await {
             Ok(Written::Convicted { new }) => new,

@@ -21,6 +21,9 @@ type Reply = oneshot::Sender<anyhow::Result<Vec<u8>>>;
 #[derive(Clone, Debug)]
 pub struct Client {
     calls: mpsc::Sender<(Vec<u8>, Reply)>,
+    /// The device and relay host it authenticated as, to do it again on a new connection
+    /// (authentication belongs to a connection, and an idle one is closed).
+    auth: std::sync::Arc<std::sync::Mutex<Option<(SecretKey, String)>>>,
 }
 
 impl Client {
@@ -122,7 +125,7 @@ impl Client {
                 }
             }
         });
-        Ok(Self { calls })
+        Ok(Self { calls, auth: Default::default() })
     }
 
     /// Sends raw bytes as a request frame and returns the raw response.
@@ -132,8 +135,22 @@ impl Client {
         answer.await.context("client gone")?
     }
 
-    /// Sends a request and decodes the response.
+    /// Sends a request and decodes the response. A client that authenticated before and is
+    /// answered `Unauthenticated` (its connection was closed and dialled again) authenticates
+    /// again and sends the request once more.
     pub async fn call(&self, request: &Request) -> anyhow::Result<Response> {
+        let response = self.call_once(request).await?;
+        if matches!(response, Response::Error { code: wire::ErrorCode::Unauthenticated, .. }) {
+            let auth = self.auth.lock().map(|a| a.clone()).unwrap_or_default();
+            if let Some((key, host)) = auth {
+                self.authenticate(&key, &host).await?;
+                return self.call_once(request).await;
+            }
+        }
+        Ok(response)
+    }
+
+    async fn call_once(&self, request: &Request) -> anyhow::Result<Response> {
         let frame = wire::encode_frame(request)?;
         let bytes = self.call_raw(frame).await?;
         Ok(wire::decode_frame(&bytes)?)
@@ -148,10 +165,17 @@ impl Client {
     /// Authenticates as `key`'s device for the relay named `host`.
     pub async fn authenticate(&self, key: &SecretKey, host: &str) -> anyhow::Result<Response> {
         let device = DeviceId(key.public());
-        let Response::Challenge { nonce } = self.call(&Request::Challenge { device }).await? else {
+        let Response::Challenge { nonce } = self.call_once(&Request::Challenge { device }).await?
+        else {
             bail!("no challenge");
         };
         let signature = AuthProof::sign(key, host, nonce);
-        self.call(&Request::Authenticate { device, signature }).await
+        let answer = self.call_once(&Request::Authenticate { device, signature }).await?;
+        if answer == Response::Authenticated
+            && let Ok(mut auth) = self.auth.lock()
+        {
+            *auth = Some((key.clone(), host.to_owned()));
+        }
+        Ok(answer)
     }
 }

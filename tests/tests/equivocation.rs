@@ -355,5 +355,20 @@ async fn reports_that_are_not_the_senders_own_or_are_tampered_are_refused() {
     let proof = chitchat_proto::ordering::Equivocation { first: (body, sig), second: (body, sig) };
     let r = x.client.call(&Request::Equivocation { proof }).await.expect("answered");
     assert!(matches!(r, Response::Error { .. }), "{r:?}");
+    // A real proof against a key that orders nothing here (anyone can make one) is refused.
+    let other = chitchat_proto::ordering::EpochCertBody {
+        hash: chitchat_proto::ordering::CommitHash([2; 32]),
+        ..body
+    };
+    let proof = chitchat_proto::ordering::Equivocation::from_pair(
+        (body, chitchat_proto::ordering::CertSignature::sign(&x.device.key, &body)),
+        (other, chitchat_proto::ordering::CertSignature::sign(&x.device.key, &other)),
+    )
+    .expect("a valid proof");
+    let r = x.client.call(&Request::Equivocation { proof }).await.expect("answered");
+    assert!(
+        matches!(r, Response::Error { code: chitchat_proto::wire::ErrorCode::Forbidden, .. }),
+        "{r:?}"
+    );
     assert_eq!(metric(&relay, "chitchat_relay_convicted"), 0.0);
 }

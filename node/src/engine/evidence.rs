@@ -251,6 +251,17 @@ impl Engine {
             return;
         }
         let (channel, epoch) = proof.epoch();
+        // Only an orderer of the channel is convicted: any key can sign two hashes, and a
+        // report may carry signatures of anyone.
+        let orderer = self
+            .channels
+            .get(&channel)
+            .and_then(|h| h.channel.as_ref())
+            .is_some_and(|c| c.config().orderers().contains(&signer));
+        if !orderer {
+            tracing::debug!(%channel, "two signatures of a key that orders nothing here; ignored");
+            return;
+        }
         let relay = self.relay_of(&signer);
         tracing::error!(
             orderer = %signer.to_hex(),
