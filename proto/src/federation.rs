@@ -92,6 +92,13 @@ pub enum FedBody {
         /// The log index of the winning entry.
         index: u64,
     },
+    /// Proof that an orderer signed two commits for one epoch, passed on by a relay that took
+    /// it from a member to the other relays it orders with that orderer: each checks it as the
+    /// first did and stops counting that orderer's signatures.
+    Equivocation {
+        /// The proof.
+        proof: crate::ordering::Equivocation,
+    },
 }
 
 /// The kinds of Raft RPC.
@@ -156,6 +163,11 @@ pub enum FedResponse {
         /// A human-readable explanation.
         message: String,
     },
+    /// The equivocation proof holds and is kept (`new`: the first against that orderer).
+    Noted {
+        /// Whether it is the first proof against that orderer.
+        new: bool,
+    },
 }
 
 impl Validate for FedRequest {
@@ -184,6 +196,7 @@ impl Validate for FedRequest {
                 Ok(())
             }
             FedBody::Sign { relays, .. } => check_relay_set(relays),
+            FedBody::Equivocation { .. } => Ok(()),
         }
     }
 }

@@ -439,10 +439,35 @@ fn evidence_frames() {
             .collect::<Vec<_>>()
             .join("\n--\n")
     );
+    let fed = chitchat_proto::federation::FedRequest {
+        from: "relay.example".into(),
+        body: chitchat_proto::federation::FedBody::Equivocation {
+            proof: requests_proof(&requests),
+        },
+    };
+    let noted = chitchat_proto::federation::FedResponse::Noted { new: false };
+    insta::assert_snapshot!(
+        "fed_evidence",
+        [
+            hex(&wire::encode_frame(&fed).expect("frame")),
+            hex(&wire::encode_frame(&noted).expect("frame"))
+        ]
+        .join("\n--\n")
+    );
     insta::assert_snapshot!("envelope_report", hex(&encode(&wire::Envelope::Report(report))));
     insta::assert_snapshot!("inbox_payload_report", hex(&payload.to_bytes()));
     for r in &requests {
         let f = wire::encode_frame(r).expect("frame");
         assert_eq!(&wire::decode_frame::<Request>(&f).expect("decode"), r);
     }
+}
+
+fn requests_proof(requests: &[Request]) -> Equivocation {
+    requests
+        .iter()
+        .find_map(|r| match r {
+            Request::Equivocation { proof } => Some(proof.clone()),
+            _ => None,
+        })
+        .expect("a proof")
 }

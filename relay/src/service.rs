@@ -311,6 +311,7 @@ fn fed_kind(b: &FedBody) -> &'static str {
         FedBody::Raft { .. } => "raft",
         FedBody::Propose { .. } => "propose",
         FedBody::Sign { .. } => "sign",
+        FedBody::Equivocation { .. } => "equivocation",
     }
 }
 
@@ -599,6 +600,20 @@ impl Relay {
         keys
     }
 
+    /// The relays of `channel`'s relay set, as every group of this relay that holds it has it.
+    async fn relays_of(&self, channel: &ChannelId) -> Vec<RelayId> {
+        let mut relays = Vec::new();
+        if let Some(Ok(c)) = self.ordering.config(channel).await {
+            relays.extend(c.relays);
+        }
+        for g in self.groups.all().await {
+            if let Some(Ok(c)) = g.ordering.config(channel).await {
+                relays.extend(c.relays);
+            }
+        }
+        relays
+    }
+
     /// The group (this relay's own, or one it shares) whose log decided `(channel, epoch)`.
     async fn decided_by(&self, channel: &ChannelId, epoch: u64) -> Option<OrderedBy<'_>> {
         if self.ordering.winner(channel, epoch).await.is_some() {
@@ -816,6 +831,12 @@ impl Relay {
         match body {
             body @ (FedBody::Raft { .. } | FedBody::Propose { .. } | FedBody::Sign { .. }) => {
                 self.groups.handle(origin, body).await
+            }
+            FedBody::Equivocation { proof } => {
+                match self.note_proof(&proof, &format!("relay {}", origin.host)).await {
+                    Ok(new) => FedResponse::Noted { new },
+                    Err((code, message)) => fed_error(code, message),
+                }
             }
             FedBody::Lookup { local_name } => match self.store.lookup(&local_name) {
                 Ok(dirs) => FedResponse::Dirs(dirs),
@@ -1041,36 +1062,53 @@ impl Relay {
 
     /// A member's proof that an orderer signed two commits for one epoch: checked, kept,
     /// logged and counted; the orderer's signatures stop counting in certificates this relay
-    /// builds.
+    /// builds; and the first proof against an orderer is passed on to the other relays this
+    /// relay orders with it.
     async fn equivocation(&self, me: DeviceId, proof: &Equivocation) -> Response {
         if let Err(retry_after_ms) = check_rate(&self.senders, me) {
             return error(ErrorCode::RateLimited { retry_after_ms }, "too many requests");
         }
-        let signer = match proof.verify() {
-            Ok(s) => s,
-            Err(e) => return error(ErrorCode::BadRequest, format!("not a proof: {e}")),
-        };
+        match self.note_proof(proof, &format!("device {me}")).await {
+            Ok(new) => {
+                if new {
+                    self.pass_on(proof).await;
+                }
+                Response::EquivocationNoted { new }
+            }
+            Err((code, message)) => error(code, message),
+        }
+    }
+
+    /// Checks a proof (against an orderer of a channel ordered here), keeps it, logs and
+    /// counts it, and stops counting that orderer's signatures. `Ok(true)` for the first proof
+    /// against that orderer.
+    async fn note_proof(
+        &self,
+        proof: &Equivocation,
+        reported_by: &str,
+    ) -> Result<bool, (ErrorCode, String)> {
+        let signer =
+            proof.verify().map_err(|e| (ErrorCode::BadRequest, format!("not a proof: {e}")))?;
         // Only against an orderer of a channel this relay orders (anyone can make a key sign
         // two hashes; that convicts no one worth remembering).
-        let (channel, _) = proof.epoch();
+        let (channel, epoch) = proof.epoch();
         if !self.orderers_of(&channel).await.contains(&signer) {
-            return error(
+            return Err((
                 ErrorCode::Forbidden,
-                "the proof is not against an orderer of a channel ordered here",
-            );
+                "the proof is not against an orderer of a channel ordered here".into(),
+            ));
         }
         let write = Write::Convict { signer: signer.0, proof: encode(proof) };
         let new = match self.store.write(write).await {
             Ok(Written::Convicted { new }) => new,
-            Ok(other) => return unavailable(format!("unexpected {other:?}")),
-            Err(e) => return from_write(e),
+            Ok(other) => return Err((ErrorCode::Unavailable, format!("unexpected {other:?}"))),
+            Err(e) => return Err((refusal(e), "the proof could not be kept".into())),
         };
         if new {
-            let (channel, epoch) = proof.epoch();
             self.metrics.convicted.inc();
             tracing::error!(
                 orderer = %signer.to_hex(),
-                reported_by = %me,
+                reported_by,
                 %channel,
                 epoch,
                 own = signer == self.id.key,
@@ -1078,7 +1116,41 @@ impl Relay {
             );
         }
         self.groups.convict(signer);
-        Response::EquivocationNoted { new }
+        Ok(new)
+    }
+
+    /// Gives a new proof to every other relay of the proof's channel and of the groups the
+    /// convicted orderer is in (best effort: a relay that is away hears of it from its own
+    /// members' reports).
+    async fn pass_on(&self, proof: &Equivocation) {
+        let Ok(signer) = proof.verify() else { return };
+        let (channel, _) = proof.epoch();
+        let mut relays = self.relays_of(&channel).await;
+        for g in self.groups.all().await {
+            if g.relays.iter().any(|r| r.key == signer) {
+                relays.extend(g.relays.iter().cloned());
+            }
+        }
+        let hosts: std::collections::BTreeSet<String> = relays
+            .into_iter()
+            .filter(|r| r.key != signer && *r != self.id)
+            .map(|r| r.host)
+            .collect();
+        for host in hosts {
+            let federation = self.federation.clone();
+            let body = FedBody::Equivocation { proof: proof.clone() };
+            tokio::spawn(async move {
+                match federation.call(&host, body).await {
+                    Ok((_, FedResponse::Noted { .. })) => {}
+                    Ok((_, other)) => {
+                        tracing::warn!(%host, answer = ?other, "an equivocation proof was refused");
+                    }
+                    Err(e) => {
+                        tracing::warn!(%host, error = %e, "an equivocation proof was not passed on");
+                    }
+                }
+            });
+        }
     }
 
     /// Writes a post's fan-out and counts it.

@@ -1007,6 +1007,84 @@ async fn the_users_of_a_stopped_relay_get_a_clear_error_and_catch_up() {
     assert!(v.to_string().contains("dave@"), "bob learnt of dave: {v}");
 }
 
+/// A proof that relay C equivocated, given to relay A by a member, reaches relay B (which
+/// orders with C too): both keep it and count it; a second copy is not new, and C's own
+/// relay set is told nothing it could use to hide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_pass_an_equivocation_proof_on_to_the_relays_they_order_with() {
+    use chitchat_proto::ordering::{
+        CertSignature, ChannelId, CommitHash, EpochCertBody, Equivocation,
+    };
+    use chitchat_tests::NodeProcess;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+    let (a, b, c) = (relay(|c| c.to_owned()), relay(|c| c.to_owned()), relay(|c| c.to_owned()));
+    let alice = NodeProcess::start(&[]).expect("node");
+    let bob = NodeProcess::start(&[]).expect("node");
+    let carol = NodeProcess::start(&[]).expect("node");
+    alice.register(&a, "alice").await.expect("register");
+    let bob_address = bob.register(&b, "bob").await.expect("register");
+    let carol_address = carol.register(&c, "carol").await.expect("register");
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", &bob_address]).expect("invite bob");
+    alice.cli(&["invite", "general", &carol_address]).expect("invite carol");
+    alice.cli(&["send", "general", "hello"]).expect("send");
+    for node in [&bob, &carol] {
+        node.wait_texts(&id, WAIT, |t| t == ["hello"]).await.expect("joined");
+    }
+    let mut bytes = [0u8; 32];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&id[2 * i..2 * i + 2], 16).expect("hex");
+    }
+    let channel = ChannelId(bytes);
+
+    // C's key signs two hashes for one epoch (as a C that equivocates would).
+    let c_key = chitchat_relay::home::RelayDir::new(c.dir()).load_key().expect("C's key");
+    let body = |h: u8| EpochCertBody { channel, epoch: 1, hash: CommitHash([h; 32]) };
+    let proof = Equivocation::from_pair(
+        (body(1), CertSignature::sign(&c_key, &body(1))),
+        (body(2), CertSignature::sign(&c_key, &body(2))),
+    )
+    .expect("a proof");
+    let eve = Device::new(99);
+    let client = register(&a, &eve, "eve").await;
+    let r = client.call(&Request::Equivocation { proof: proof.clone() }).await.expect("answer");
+    assert_eq!(r, Response::EquivocationNoted { new: true });
+    let deadline = std::time::Instant::now() + WAIT;
+    while metric(&b, "chitchat_relay_convicted") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never heard of the proof: A {}, B {}, C {}; A's federation failures: {}",
+            metric(&a, "chitchat_relay_convicted"),
+            metric(&b, "chitchat_relay_convicted"),
+            metric(&c, "chitchat_relay_convicted"),
+            metric(&a, "chitchat_relay_federation_failures"),
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&a, "chitchat_relay_convicted"), 1.0);
+    let r = client.call(&Request::Equivocation { proof }).await.expect("answer");
+    assert_eq!(r, Response::EquivocationNoted { new: false });
+    assert_eq!(metric(&a, "chitchat_relay_convicted"), 1.0);
+
+    // With C's signatures left out, A and B still certify (two of three): the channel goes on.
+    alice.cli(&["send", "general", "still going"]).expect("send");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = alice.cli(&["remove", "general", &carol_address]);
+        if out.as_ref().is_ok_and(|o| o.contains("removed")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no commit without C: {out:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    if let Err(e) = bob.wait_texts(&id, WAIT, |t| t.iter().any(|x| x == "still going")).await {
+        let channels = bob.json("GET", "/v1/channels", None).await;
+        let status = bob.json("GET", "/v1/status", None).await;
+        let alice_info = alice.json("GET", &format!("/v1/channels/{id}"), None).await;
+        panic!("bob: {e}; {channels:?} {status:?}; alice: {alice_info:?}");
+    }
+}
+
 /// Rounds of the concurrent-commit race: 200 (about 35 s), or `CHITCHAT_FED_ROUNDS`.
 fn rounds() -> usize {
     std::env::var("CHITCHAT_FED_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
