@@ -97,7 +97,7 @@ pub enum FedBody {
     /// first did and stops counting that orderer's signatures.
     Equivocation {
         /// The proof.
-        proof: crate::ordering::Equivocation,
+        proof: Box<crate::ordering::Equivocation>,
     },
 }
 

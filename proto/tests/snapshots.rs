@@ -442,7 +442,7 @@ fn evidence_frames() {
     let fed = chitchat_proto::federation::FedRequest {
         from: "relay.example".into(),
         body: chitchat_proto::federation::FedBody::Equivocation {
-            proof: requests_proof(&requests),
+            proof: Box::new(requests_proof(&requests)),
         },
     };
     let noted = chitchat_proto::federation::FedResponse::Noted { new: false };

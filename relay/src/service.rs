@@ -1138,7 +1138,7 @@ impl Relay {
             .collect();
         for host in hosts {
             let federation = self.federation.clone();
-            let body = FedBody::Equivocation { proof: proof.clone() };
+            let body = FedBody::Equivocation { proof: Box::new(proof.clone()) };
             tokio::spawn(async move {
                 match federation.call(&host, body).await {
                     Ok((_, FedResponse::Noted { .. })) => {}
