@@ -1113,6 +1113,12 @@ impl Engine {
         b: &mut Batch,
         events: &mut Vec<Event>,
     ) -> Step {
+        // Each relay that ordered the commit may deliver the Welcome (those it queued for a
+        // relay new to the set too): a copy for a channel this device is in already is done.
+        if self.channels.get(&channel).is_some_and(|h| h.channel.is_some()) {
+            tracing::debug!(%channel, "a Welcome to a channel this device is in; dropped");
+            return Step::Done;
+        }
         let check = Recording::new(&self.dirs, self.trust(), now);
         match Channel::join(&self.provider, welcome, &check) {
             Ok(joined) if joined.id() == channel => {
