@@ -938,12 +938,25 @@ impl Relay {
         if members.binary_search(&me).is_err() {
             return PostResult::Refused(ErrorCode::Forbidden);
         }
-        let onward = self.onward(&by);
         let recipients: Arc<[DeviceId]> = then.iter().copied().filter(|d| *d != me).collect();
+        self.fan_out_posted(&by, me, Envelope::Post(post), recipients, now).await
+    }
+
+    /// Fans what `me` posted out to `recipients` here and, for a channel of several relays,
+    /// queues it in the same write for the channel's other relays (woken at once).
+    async fn fan_out_posted(
+        &self,
+        by: &OrderedBy<'_>,
+        me: DeviceId,
+        envelope: Envelope,
+        recipients: Arc<[DeviceId]>,
+        now: Timestamp,
+    ) -> PostResult {
+        let onward = self.onward(by);
         let hosts: Vec<String> = onward.iter().flat_map(|o| o.hosts.clone()).collect();
         let write = Write::Fanout {
             sender: me,
-            envelope: Envelope::Post(post),
+            envelope,
             recipients,
             now,
             quota: self.inbox_quota(),
@@ -997,23 +1010,8 @@ impl Relay {
             return PostResult::Refused(ErrorCode::Forbidden);
         }
         self.metrics.epoch_reports.inc();
-        let onward = self.onward(&by);
-        let hosts: Vec<String> = onward.iter().flat_map(|o| o.hosts.clone()).collect();
         let recipients: Arc<[DeviceId]> = members.iter().copied().filter(|d| *d != me).collect();
-        let write = Write::Fanout {
-            sender: me,
-            envelope: Envelope::Report(report),
-            recipients,
-            now,
-            quota: self.inbox_quota(),
-            onward,
-            seen: None,
-        };
-        let result = self.fan_out(write).await;
-        for host in &hosts {
-            self.federation.kick(host);
-        }
-        result
+        self.fan_out_posted(&by, me, Envelope::Report(report), recipients, now).await
     }
 
     /// A report another relay of the channel forwarded: fanned out to this relay's current

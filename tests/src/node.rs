@@ -141,6 +141,33 @@ impl NodeProcess {
         self.api().json(method, path, body).await
     }
 
+    /// Starts `chitchat --home DIR ARGS...` without waiting for it (output discarded).
+    pub fn spawn_cli(&self, args: &[&str]) -> anyhow::Result<std::process::Child> {
+        Ok(Command::new(node_binary())
+            .arg("--home")
+            .arg(self.dir.path())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?)
+    }
+
+    /// Waits until this device is in the channel `id` (its Welcome was processed), at most
+    /// `timeout`.
+    pub async fn wait_joined(&self, id: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let v = self.json("GET", "/v1/channels", None).await?;
+            if v["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["id"] == id)) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("not in channel {id} after {timeout:?}: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs `chitchat --home DIR ARGS...` and returns its standard output.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let out =

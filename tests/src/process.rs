@@ -146,6 +146,15 @@ impl RelayProcess {
         Ok(relay)
     }
 
+    /// A metric's value from `/metrics` (the sum over its labels; 0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.http_get("/metrics").unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Its host name.
     pub fn host(&self) -> &str {
         &self.host

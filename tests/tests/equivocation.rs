@@ -23,11 +23,7 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn metric(relay: &RelayProcess, name: &str) -> f64 {
-    let text = relay.http_get("/metrics").expect("metrics");
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    relay.metric(name)
 }
 
 /// A member built from `chitchat-proto`, talking to the relay frame by frame.
@@ -49,6 +45,23 @@ impl Member {
         let upload = Request::UploadKeyPackages { packages: vec![kp], last_resort: None };
         assert!(matches!(client.call(&upload).await, Ok(Response::KeyPackagesStored { .. })));
         Self { device, mls, provider, client, channel: None }
+    }
+
+    /// Creates a chat channel that `relay` orders alone, every member an admin, and opens it
+    /// there.
+    async fn create(&mut self, id: ChannelId, name: &str, relay: &chitchat_proto::RelayId) {
+        let config = ChannelConfig {
+            mime: chitchat_proto::chat::MIME.into(),
+            name: name.into(),
+            relays: vec![relay.clone()],
+            admins: AdminPolicy::AnyMember,
+            creator: self.mls.device(),
+        };
+        let channel = Channel::create(&self.provider, &self.mls, id, config).expect("create");
+        let state = channel.public_state(&self.provider, &self.mls).expect("export");
+        self.channel = Some(channel);
+        let r = self.client.call(&Request::OpenChannel { channel: id, state }).await;
+        assert_eq!(r.expect("open"), Response::ChannelOpened { next_epoch: 0 });
     }
 
     fn channel(&self) -> &Channel {
@@ -154,17 +167,7 @@ async fn a_relay_that_certifies_two_commits_for_one_epoch_is_caught() {
 
     // X creates a channel the relay orders alone, and adds Y and Alice's node.
     let id = ChannelId([0x3c; 32]);
-    let config = ChannelConfig {
-        mime: chitchat_proto::chat::MIME.into(),
-        name: "watched".into(),
-        relays: vec![relay_id.clone()],
-        admins: AdminPolicy::AnyMember,
-        creator: x.mls.device(),
-    };
-    x.channel = Some(Channel::create(&x.provider, &x.mls, id, config).expect("create"));
-    let state = x.channel.as_ref().expect("ch").public_state(&x.provider, &x.mls).expect("export");
-    let r = x.client.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
-    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 });
+    x.create(id, "watched", &relay_id).await;
     let mut kps = Vec::new();
     let mut inbox_keys = Vec::new();
     for device in [y.device.id(), alice_device] {
@@ -308,17 +311,7 @@ async fn reports_that_are_not_the_senders_own_or_are_tampered_are_refused() {
     let mut x = Member::new(&relay, 71, "x").await;
     let y = Member::new(&relay, 72, "y").await;
     let id = ChannelId([0x4d; 32]);
-    let config = ChannelConfig {
-        mime: "application/octet-stream".into(),
-        name: "r".into(),
-        relays: vec![relay_id],
-        admins: AdminPolicy::AnyMember,
-        creator: x.mls.device(),
-    };
-    x.channel = Some(Channel::create(&x.provider, &x.mls, id, config).expect("create"));
-    let state = x.channel.as_ref().expect("ch").public_state(&x.provider, &x.mls).expect("export");
-    let r = x.client.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
-    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 });
+    x.create(id, "r", &relay_id).await;
     let body = |device: DeviceId| EpochReportBody {
         channel: id,
         epoch: 0,

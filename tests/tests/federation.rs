@@ -30,11 +30,7 @@ fn relay(edit: impl FnOnce(&str) -> String) -> RelayProcess {
 
 /// A metric's value from a relay's `/metrics` (0 when absent).
 fn metric(relay: &RelayProcess, name: &str) -> f64 {
-    let text = relay.http_get("/metrics").expect("metrics");
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    relay.metric(name)
 }
 
 async fn upload_key_packages(c: &Client, device: &Device, n: usize) {
@@ -820,14 +816,7 @@ async fn the_first_user_of_a_relay_joins_though_the_inviter_dies() {
     a.kill9();
     a.set_env("CHITCHAT_RELAY_FAULT", Some("exit-before-fanout"));
     a.restart().expect("relay A with the fault");
-    let mut invite = std::process::Command::new(chitchat_tests::binaries_dir().join("chitchat"))
-        .arg("--home")
-        .arg(alice.home())
-        .args(["invite", "general", &bob_address])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("invite");
+    let mut invite = alice.spawn_cli(&["invite", "general", &bob_address]).expect("invite");
     a.wait_exit(WAIT).expect("relay A aborts before the fan-out");
     alice.kill9();
     let _ = invite.kill();
@@ -835,15 +824,7 @@ async fn the_first_user_of_a_relay_joins_though_the_inviter_dies() {
 
     a.set_env("CHITCHAT_RELAY_FAULT", None);
     a.restart().expect("relay A again");
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let v = bob.json("GET", "/v1/channels", None).await.expect("channels");
-        if v["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["id"] == id.as_str())) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "bob never got the Welcome: {v}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    bob.wait_joined(&id, WAIT).await.expect("bob never got the Welcome");
 
     // Alice's node comes back, finishes its intent, and the two talk.
     alice.restart().expect("alice again");
@@ -897,14 +878,7 @@ async fn a_winner_its_relay_left_waiting_is_delivered_by_the_others() {
     a.kill9();
     a.set_env("CHITCHAT_RELAY_FAULT", Some("exit-before-deliver"));
     a.restart().expect("relay A with the fault");
-    let mut invite = std::process::Command::new(chitchat_tests::binaries_dir().join("chitchat"))
-        .arg("--home")
-        .arg(alice.home())
-        .args(["invite", "general", &dave_address])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("invite");
+    let mut invite = alice.spawn_cli(&["invite", "general", &dave_address]).expect("invite");
     a.wait_exit(WAIT).expect("relay A aborts before the certificate");
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -918,15 +892,7 @@ async fn a_winner_its_relay_left_waiting_is_delivered_by_the_others() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let v = dave.json("GET", "/v1/channels", None).await.expect("channels");
-        if v["channels"].as_array().is_some_and(|c| c.iter().any(|c| c["id"] == id.as_str())) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "dave never joined: {v}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    dave.wait_joined(&id, WAIT).await.expect("dave never joined");
     let _ = invite.kill();
     let _ = invite.wait();
     a.set_env("CHITCHAT_RELAY_FAULT", None);
