@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use chitchat_proto::PublicKey;
 use chitchat_proto::ordering::{
-    ChannelId, EpochCert, EpochRecord, EpochReport, EpochReportBody, Equivocation, Finding, compare,
+    ChannelId, EpochCert, EpochRecord, EpochReport, EpochReportBody, Equivocation, Finding,
+    compare, reports_epoch,
 };
 
 use super::{Engine, Event, Step};
@@ -104,14 +105,21 @@ impl Engine {
         while recent.len() > RECENT_RECORDS {
             recent.pop_front();
         }
-        let body = EpochReportBody {
-            channel: id,
-            epoch,
-            digest: record.digest,
-            cert: record.cert.clone(),
-            device: self.device(),
-        };
-        self.evidence.reports.insert(id, EpochReport::sign(&self.key, body));
+        let members = self
+            .channels
+            .get(&id)
+            .and_then(|h| h.channel.as_ref())
+            .map_or(0, |c| c.members().len());
+        if reports_epoch(&id, epoch, &self.device(), members) {
+            let body = EpochReportBody {
+                channel: id,
+                epoch,
+                digest: record.digest,
+                cert: record.cert.clone(),
+                device: self.device(),
+            };
+            self.evidence.reports.insert(id, EpochReport::sign(&self.key, body));
+        }
         let waiting: Vec<(ChannelId, u64)> =
             self.evidence.ahead.range((id, 0)..=(id, epoch)).map(|(k, _)| *k).collect();
         for key in waiting {

@@ -28,8 +28,8 @@ pub use orderer::{
     Verdict,
 };
 pub use report::{
-    EpochRecord, EpochReport, EpochReportBody, Finding, ForkKind, ReportError, compare,
-    epoch_digest,
+    EpochRecord, EpochReport, EpochReportBody, Finding, ForkKind, REPORTERS_PER_EPOCH, ReportError,
+    compare, epoch_digest, reports_epoch,
 };
 
 use std::collections::BTreeMap;

@@ -31,6 +31,29 @@ pub fn epoch_digest(channel: &ChannelId, epoch: u64, authenticator: &[u8]) -> [u
     *hasher.finalize().as_bytes()
 }
 
+/// Members that report an epoch, in expectation, in a channel larger than that (all do in a
+/// smaller one): reports cost one inbox item per member each, so a channel of `n` members
+/// gets about `16 n` per epoch instead of `n²`.
+pub const REPORTERS_PER_EPOCH: usize = 16;
+
+/// Whether `device` reports `epoch` of `channel`, which has `members` members: always in a
+/// channel of at most [`REPORTERS_PER_EPOCH`] members; otherwise a draw from a hash of the
+/// three, so that about [`REPORTERS_PER_EPOCH`] members report each epoch, a different sample
+/// each epoch, which no relay chooses.
+pub fn reports_epoch(channel: &ChannelId, epoch: u64, device: &DeviceId, members: usize) -> bool {
+    if members <= REPORTERS_PER_EPOCH {
+        return true;
+    }
+    let mut hasher = blake3::Hasher::new_derive_key("chitchat/v1 epoch reporters");
+    hasher.update(&channel.0);
+    hasher.update(&epoch.to_be_bytes());
+    hasher.update(device.as_bytes());
+    let mut draw = [0u8; 8];
+    draw.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    let threshold = u64::MAX / members as u64 * REPORTERS_PER_EPOCH as u64;
+    u64::from_be_bytes(draw) < threshold
+}
+
 /// What a member reached: an epoch, the certified commit that led to it, and its state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
@@ -221,6 +244,26 @@ mod tests {
             f,
             Finding::Fork { kind: ForkKind::OtherCommit { .. }, epoch: 5, .. }
         )));
+    }
+
+    #[test]
+    fn every_member_of_a_small_channel_reports_and_about_sixteen_of_a_large_one() {
+        let device = |n: u32| {
+            let mut seed = [9u8; 32];
+            seed[..4].copy_from_slice(&n.to_be_bytes());
+            DeviceId(SecretKey::from_seed(seed).public())
+        };
+        let ch = ChannelId([7; 32]);
+        assert!((0..16).all(|n| reports_epoch(&ch, 3, &device(n), 16)));
+        let members: Vec<DeviceId> = (0..1000).map(device).collect();
+        let mut total = 0;
+        for epoch in 0..50 {
+            let reporters = members.iter().filter(|d| reports_epoch(&ch, epoch, d, 1000)).count();
+            assert!((2..=40).contains(&reporters), "epoch {epoch}: {reporters} reporters");
+            total += reporters;
+        }
+        // 16 a epoch on average (800 over 50 epochs), within a wide margin.
+        assert!((600..=1000).contains(&total), "{total}");
     }
 
     #[test]
