@@ -40,13 +40,17 @@ impl NodeProcess {
         Ok(node)
     }
 
-    /// Starts (again) the daemon on the same directory and waits until its API listens.
+    /// Starts (again) the daemon on the same directory and waits until its API listens; one
+    /// still running is killed first (SIGKILL).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.restart_with(&[])
     }
 
     /// Starts the daemon with extra environment variables for this run only.
     pub fn restart_with(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<()> {
+        // A daemon still running would hold the database: the new one would fail on it and
+        // the old one live on, orphaned. It is killed first.
+        self.kill9();
         let dir = NodeDir::new(self.dir.path());
         let _ = std::fs::remove_file(dir.run_info());
         let child = Command::new(node_binary())

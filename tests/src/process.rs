@@ -177,8 +177,12 @@ impl RelayProcess {
         Ok(relay)
     }
 
-    /// Starts (again) the relay process on the same directory and waits until it listens.
+    /// Starts (again) the relay process on the same directory and waits until it listens; one
+    /// still running is killed first (SIGKILL).
     pub fn restart(&mut self) -> anyhow::Result<()> {
+        // A relay still running would hold the database: the new one would fail on it and
+        // the old one live on, orphaned. It is killed first.
+        self.kill9();
         let dir = RelayDir::new(self.dir.path());
         let _ = std::fs::remove_file(dir.run_info());
         let mut command = match self.wrapper.split_first() {
