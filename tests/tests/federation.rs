@@ -828,6 +828,17 @@ async fn the_first_user_of_a_relay_joins_though_the_inviter_dies() {
 
     // Alice's node comes back, finishes its intent, and the two talk.
     alice.restart().expect("alice again");
+    // Her commit reaches her (answer to the resubmission, or her inbox): a message sent before
+    // would be of the epoch Bob never had.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = alice.json("GET", &format!("/v1/channels/{id}"), None).await.expect("channel");
+        if v["epoch"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "alice never merged her commit: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let out = alice.cli(&["send", "general", "you made it"]);
