@@ -586,32 +586,18 @@ impl Relay {
         None
     }
 
-    /// The orderers of `channel` in every group of this relay that holds it.
-    async fn orderers_of(&self, channel: &ChannelId) -> Vec<PublicKey> {
-        let mut keys = Vec::new();
+    /// The channel's config as every group of this relay that holds it has it.
+    async fn configs_of(&self, channel: &ChannelId) -> Vec<ChannelConfig> {
+        let mut configs = Vec::new();
         if let Some(Ok(c)) = self.ordering.config(channel).await {
-            keys.extend(c.orderers());
+            configs.push(c);
         }
         for g in self.groups.all().await {
             if let Some(Ok(c)) = g.ordering.config(channel).await {
-                keys.extend(c.orderers());
+                configs.push(c);
             }
         }
-        keys
-    }
-
-    /// The relays of `channel`'s relay set, as every group of this relay that holds it has it.
-    async fn relays_of(&self, channel: &ChannelId) -> Vec<RelayId> {
-        let mut relays = Vec::new();
-        if let Some(Ok(c)) = self.ordering.config(channel).await {
-            relays.extend(c.relays);
-        }
-        for g in self.groups.all().await {
-            if let Some(Ok(c)) = g.ordering.config(channel).await {
-                relays.extend(c.relays);
-            }
-        }
-        relays
+        configs
     }
 
     /// The group (this relay's own, or one it shares) whose log decided `(channel, epoch)`.
@@ -1043,9 +1029,22 @@ impl Relay {
         }
         let recipients: Arc<[DeviceId]> =
             members.iter().copied().filter(|d| *d != sender).collect();
+        self.fan_out_forwarded((origin, seq), sender, Envelope::Report(report), recipients, now)
+            .await
+    }
+
+    /// Fans out what another relay forwarded, once per `(origin, seq)`.
+    async fn fan_out_forwarded(
+        &self,
+        (origin, seq): (&RelayId, u64),
+        sender: DeviceId,
+        envelope: Envelope,
+        recipients: Arc<[DeviceId]>,
+        now: Timestamp,
+    ) -> ForwardResult {
         let write = Write::Fanout {
             sender,
-            envelope: Envelope::Report(report),
+            envelope,
             recipients,
             now,
             quota: self.inbox_quota(),
@@ -1090,7 +1089,7 @@ impl Relay {
         // Only against an orderer of a channel this relay orders (anyone can make a key sign
         // two hashes; that convicts no one worth remembering).
         let (channel, epoch) = proof.epoch();
-        if !self.orderers_of(&channel).await.contains(&signer) {
+        if !self.configs_of(&channel).await.iter().any(|c| c.orderers().contains(&signer)) {
             return Err((
                 ErrorCode::Forbidden,
                 "the proof is not against an orderer of a channel ordered here".into(),
@@ -1123,7 +1122,8 @@ impl Relay {
     async fn pass_on(&self, proof: &Equivocation) {
         let Ok(signer) = proof.verify() else { return };
         let (channel, _) = proof.epoch();
-        let mut relays = self.relays_of(&channel).await;
+        let mut relays: Vec<RelayId> =
+            self.configs_of(&channel).await.into_iter().flat_map(|c| c.relays).collect();
         for g in self.groups.all().await {
             if g.relays.iter().any(|r| r.key == signer) {
                 relays.extend(g.relays.iter().cloned());
@@ -1215,19 +1215,7 @@ impl Relay {
             return ForwardResult::Refused(ErrorCode::Forbidden);
         }
         let recipients: Arc<[DeviceId]> = then.iter().copied().filter(|d| *d != sender).collect();
-        let write = Write::Fanout {
-            sender,
-            envelope: Envelope::Post(post),
-            recipients,
-            now,
-            quota: self.inbox_quota(),
-            onward: None,
-            seen: Some((origin.key.0, seq)),
-        };
-        match self.fan_out(write).await {
-            PostResult::Posted { .. } => ForwardResult::Stored,
-            PostResult::Refused(code) => ForwardResult::Refused(code),
-        }
+        self.fan_out_forwarded((origin, seq), sender, Envelope::Post(post), recipients, now).await
     }
 
     async fn register(
