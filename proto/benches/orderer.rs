@@ -79,7 +79,7 @@ fn main() {
         drop(decoded);
         let t = Instant::now();
         let (state, channels): Snapshot = decode(&snapshot, usize::MAX).expect("decode");
-        let restored = Orderer::restore(state, channels).expect("restore");
+        let restored = Orderer::restore(state, channels, Vec::new()).expect("restore");
         let restore = t.elapsed();
         assert_eq!(restored.state_bytes(), bytes);
         println!(

@@ -37,7 +37,7 @@ use chitchat_proto::codec::{Bytes, decode, encode};
 pub use chitchat_proto::ordering::{Accepted, MEMBER_EPOCHS};
 use chitchat_proto::ordering::{
     ChannelId, CommitRef, EpochCert, OrderCommand, Orderer, OrderingLimits, OrderingState, Outcome,
-    StoragePairs, Verdict,
+    StoragePairs, Verdict, Waiting,
 };
 use chitchat_proto::wire::SealedWelcomes;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
@@ -108,23 +108,7 @@ pub enum RelayCommand {
     },
 }
 
-/// A winner to fan out, with the certificate to fan it out with (`None`: this relay's own,
-/// which is the whole certificate of a one-relay channel).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Delivery {
-    /// The winner.
-    pub accepted: Accepted,
-    /// Its certificate, for a channel of several relays.
-    pub cert: Option<EpochCert>,
-    /// Relays the commit brings into the channel's relay set: the Welcomes of devices that are
-    /// not this relay's go to them (the first user of a relay joins this way).
-    pub new_relays: Vec<chitchat_proto::RelayId>,
-}
-
-/// Winners of channels of several relays waiting for their certificate, at most (the oldest
-/// is dropped beyond: its committer's resubmission, or another member's next commit, moves the
-/// channel on).
-pub const MAX_PENDING: usize = 65_536;
+pub use chitchat_proto::ordering::Delivery;
 
 /// Where accepted commits go. An answer to [`Ordering::submit`] waits until
 /// [`FanoutSink::deliver`] made their fan-out durable, so nothing acknowledged is lost.
@@ -313,14 +297,6 @@ struct SnapshotData {
     pending: Vec<Waiting>,
 }
 
-/// A winner of a channel of several relays, waiting for its certificate: by a majority of
-/// `orderers`, the relay set of the epoch it was built on.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Waiting {
-    accepted: Accepted,
-    orderers: Vec<chitchat_proto::PublicKey>,
-}
-
 /// A snapshot written before winners could wait for a certificate.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct SnapshotDataV1 {
@@ -353,15 +329,13 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-/// The replicated state, in memory: `proto`'s [`Orderer`] and what openraft needs besides.
+/// The replicated state, in memory: `proto`'s [`Orderer`] (which also keeps the winners
+/// waiting for their certificate) and what openraft needs besides.
 #[derive(Debug)]
 struct Machine {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     orderer: Orderer,
-    /// Winners of channels of several relays, by (channel, epoch), waiting for their
-    /// certificate to be fanned out.
-    pending: BTreeMap<(ChannelId, u64), Waiting>,
 }
 
 impl Machine {
@@ -369,12 +343,8 @@ impl Machine {
         Ok(Self {
             last_applied: data.last_applied,
             membership: data.membership,
-            orderer: Orderer::restore(data.state, data.channels)?.with_state_budget(state_budget),
-            pending: data
-                .pending
-                .into_iter()
-                .map(|w| ((w.accepted.commit.channel, w.accepted.commit.epoch), w))
-                .collect(),
+            orderer: Orderer::restore(data.state, data.channels, data.pending)?
+                .with_state_budget(state_budget),
         })
     }
 
@@ -385,28 +355,7 @@ impl Machine {
             membership: self.membership.clone(),
             state,
             channels,
-            pending: self.pending.values().cloned().collect(),
-        }
-    }
-
-    /// The channel's orderers if they are several relays (its winners wait for a certificate
-    /// of a majority of them before they are fanned out).
-    fn several_relays(&self, channel: &ChannelId) -> Option<Vec<chitchat_proto::PublicKey>> {
-        match self.orderer.config(channel) {
-            Some(Ok(c)) if c.relays.len() >= 2 => Some(c.orderers()),
-            _ => None,
-        }
-    }
-
-    /// The relays of the channel's current config whose keys are not among `before`.
-    fn new_relays(
-        &self,
-        channel: &ChannelId,
-        before: &[chitchat_proto::PublicKey],
-    ) -> Vec<chitchat_proto::RelayId> {
-        match self.orderer.config(channel) {
-            Some(Ok(c)) => c.relays.into_iter().filter(|r| !before.contains(&r.key)).collect(),
-            _ => Vec::new(),
+            pending: self.orderer.waiting().cloned().collect(),
         }
     }
 
@@ -421,68 +370,9 @@ impl Machine {
             RelayCommand::Order { commit, bytes, welcome } => {
                 OrderCommand::Order { commit, bytes, welcome }
             }
-            RelayCommand::Deliver { cert } => return self.deliver(index, cert),
+            RelayCommand::Deliver { cert } => OrderCommand::Deliver { cert },
         };
-        // A commit is certified by the relays of the epoch it is built on: those of the config
-        // before it (a commit that changes the relay set is the old set's).
-        let several = match &command {
-            OrderCommand::Order { commit, .. } => self.several_relays(&commit.channel),
-            OrderCommand::Open { .. } | OrderCommand::Reopen { .. } => None,
-        };
-        let before = match &command {
-            OrderCommand::Order { commit, .. } => match self.orderer.config(&commit.channel) {
-                Some(Ok(c)) => c.orderers(),
-                _ => Vec::new(),
-            },
-            OrderCommand::Open { .. } | OrderCommand::Reopen { .. } => Vec::new(),
-        };
-        let (outcome, accepted) = self.orderer.apply(index, command);
-        match (accepted, several) {
-            (Some(accepted), Some(orderers)) => {
-                if self.pending.len() >= MAX_PENDING {
-                    self.pending.pop_first();
-                }
-                let key = (accepted.commit.channel, accepted.commit.epoch);
-                self.pending.insert(key, Waiting { accepted, orderers });
-                (outcome, None)
-            }
-            (other, _) => {
-                let delivery = other.map(|accepted| {
-                    let new_relays = self.new_relays(&accepted.commit.channel, &before);
-                    Delivery { accepted, cert: None, new_relays }
-                });
-                (outcome, delivery)
-            }
-        }
-    }
-
-    /// A certificate for a waiting winner: it must be for the winner, signed by a majority of
-    /// the channel's relays. Fanned out once (a second certificate finds nothing waiting).
-    fn deliver(&mut self, index: u64, cert: EpochCert) -> (RelayOutcome, Option<Delivery>) {
-        let b = cert.body;
-        let Some(winner) = self.orderer.state().winner(&b.channel, b.epoch).cloned() else {
-            return (RelayOutcome::Invalid("no winner known for that epoch".into()), None);
-        };
-        if winner.hash != b.hash {
-            return (RelayOutcome::Invalid("the certificate is not for the winner".into()), None);
-        }
-        let Some(waiting) = self.pending.get(&(b.channel, b.epoch)) else {
-            // Delivered already (or never waited: a one-relay channel's winner).
-            return (RelayOutcome::Ordering(Outcome::Accepted(winner)), None);
-        };
-        let orderers = waiting.orderers.clone();
-        if let Err(e) = cert.verify(&orderers) {
-            return (RelayOutcome::Invalid(format!("certificate: {e}")), None);
-        }
-        let outcome = RelayOutcome::Ordering(Outcome::Accepted(winner));
-        match self.pending.remove(&(b.channel, b.epoch)) {
-            Some(Waiting { mut accepted, orderers }) => {
-                accepted.index = index;
-                let new_relays = self.new_relays(&b.channel, &orderers);
-                (outcome, Some(Delivery { accepted, cert: Some(cert), new_relays }))
-            }
-            None => (outcome, None),
-        }
+        self.orderer.apply(index, command)
     }
 }
 
@@ -814,8 +704,8 @@ impl Ordering {
     /// index of each.
     pub async fn waiting(&self) -> Vec<(chitchat_proto::ordering::EpochCertBody, u64)> {
         let m = self.state_machine.inner.lock().await;
-        m.pending
-            .values()
+        m.orderer
+            .waiting()
             .map(|w| {
                 let c = &w.accepted.commit;
                 let body = chitchat_proto::ordering::EpochCertBody {

@@ -352,7 +352,7 @@ impl World {
                 // The fan-out the relay derives: the members of the epoch the commit ends (the
                 // removed devices learn of it), the committer aside, who merged it already.
                 let fanout = fanout.context("an accepted commit has a fan-out")?;
-                let mut recipients = fanout.recipients;
+                let mut recipients = fanout.accepted.recipients;
                 recipients.retain(|d| *d != by);
                 let mut expected = self.peers(i);
                 expected.retain(|d| !s.added.contains(d));

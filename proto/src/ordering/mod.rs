@@ -24,8 +24,8 @@ pub use cert::{
 };
 pub use intent::{BACKOFF_BASE_MS, BACKOFF_MAX_MS, Intent, IntentState, MAX_SUBMIT_ATTEMPTS};
 pub use orderer::{
-    Accepted, DEFAULT_STATE_BUDGET, MEMBER_EPOCHS, MemberSet, OrderCommand, Orderer, StoragePairs,
-    Verdict,
+    Accepted, DEFAULT_STATE_BUDGET, Delivery, MAX_WAITING, MEMBER_EPOCHS, MemberSet, OrderCommand,
+    Orderer, StoragePairs, Verdict, Waiting,
 };
 pub use report::{
     EpochRecord, EpochReport, EpochReportBody, Finding, ForkKind, REPORTERS_PER_EPOCH, ReportError,

@@ -16,14 +16,17 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ChannelId, CommitRef, OrderingCommand, OrderingLimits, OrderingState, Outcome};
+use super::{
+    ChannelId, CommitRef, EpochCert, OrderingCommand, OrderingLimits, OrderingState, Outcome,
+};
 use crate::channel::{
     AcceptAll, ChannelConfig, ChannelError, CredentialCheck, MAX_PAST_EPOCHS, PublicChannel,
     PublicState,
 };
 use crate::codec::Bytes;
-use crate::identity::DeviceId;
+use crate::identity::{DeviceId, RelayId};
 use crate::inbox::SealedEnvelope;
+use crate::keys::PublicKey;
 use crate::wire::{SealedWelcomes, commit_hash};
 
 /// Epochs whose member sets are kept per channel: as many as a member reads messages from (the
@@ -41,6 +44,11 @@ pub const DEFAULT_STATE_BUDGET: u64 = 512 * 1024 * 1024;
 /// ([`OrderingLimits::retained_epochs`]) from the start, so that a channel's cost grows only
 /// with its public state.
 const WINNER_BYTES: u64 = 128;
+
+/// Winners of channels of several relays waiting for their certificate, at most (the oldest
+/// is dropped beyond: its committer's resubmission, or another member's next commit, moves the
+/// channel on).
+pub const MAX_WAITING: usize = 65_536;
 
 /// A command of the orderer's log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +80,12 @@ pub enum OrderCommand {
         channel: ChannelId,
         /// GroupInfo and ratchet tree.
         state: PublicState,
+    },
+    /// The certificate of a winner of a channel of several relays (a majority of its relays
+    /// signed): every relay of the group fans the winner out to its own members with it.
+    Deliver {
+        /// The certificate.
+        cert: EpochCert,
     },
 }
 
@@ -109,6 +123,29 @@ pub struct Accepted {
     pub welcomes: Vec<SealedEnvelope>,
 }
 
+/// A winner to fan out, with the certificate to fan it out with (`None`: the relay's own
+/// signature, which is the whole certificate of a one-relay channel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The winner.
+    pub accepted: Accepted,
+    /// Its certificate, for a channel of several relays.
+    pub cert: Option<EpochCert>,
+    /// Relays the commit brings into the channel's relay set: the Welcomes of devices that are
+    /// not this relay's go to them (the first user of a relay joins this way).
+    pub new_relays: Vec<RelayId>,
+}
+
+/// A winner of a channel of several relays, waiting for its certificate: by a majority of
+/// `orderers`, the relay set of the epoch it was built on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    /// The winner.
+    pub accepted: Accepted,
+    /// Who must sign its certificate.
+    pub orderers: Vec<PublicKey>,
+}
+
 /// A public group's openmls storage, as key-value pairs.
 pub type StoragePairs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -133,6 +170,9 @@ pub struct Orderer {
     total_bytes: u64,
     /// The most `total_bytes` may reach before opens and adds are refused.
     state_budget: u64,
+    /// Winners of channels of several relays, by (channel, epoch), waiting for their
+    /// certificate ([`OrderCommand::Deliver`]) to be fanned out.
+    waiting: BTreeMap<(ChannelId, u64), Waiting>,
     crypto: openmls_rust_crypto::RustCrypto,
 }
 
@@ -142,16 +182,22 @@ impl Orderer {
         Self::from_parts(OrderingState::new(limits), BTreeMap::new())
     }
 
-    /// Restores an orderer from [`Orderer::export`]'s parts.
+    /// Restores an orderer from [`Orderer::export`]'s parts and [`Orderer::waiting`].
     pub fn restore(
         state: OrderingState,
         channels: Vec<(ChannelId, StoragePairs)>,
+        waiting: Vec<Waiting>,
     ) -> Result<Self, ChannelError> {
         let mut public = BTreeMap::new();
         for (id, pairs) in channels {
             public.insert(id, PublicChannel::import(id, pairs)?);
         }
-        Ok(Self::from_parts(state, public))
+        let mut orderer = Self::from_parts(state, public);
+        orderer.waiting = waiting
+            .into_iter()
+            .map(|w| ((w.accepted.commit.channel, w.accepted.commit.epoch), w))
+            .collect();
+        Ok(orderer)
     }
 
     fn from_parts(state: OrderingState, channels: BTreeMap<ChannelId, PublicChannel>) -> Self {
@@ -162,6 +208,7 @@ impl Orderer {
             sizes: BTreeMap::new(),
             total_bytes: 0,
             state_budget: DEFAULT_STATE_BUDGET,
+            waiting: BTreeMap::new(),
             crypto: openmls_rust_crypto::RustCrypto::default(),
         };
         let ids: Vec<ChannelId> = orderer.channels.keys().copied().collect();
@@ -194,14 +241,78 @@ impl Orderer {
         (self.state.clone(), self.channels.iter().map(|(id, c)| (*id, c.export())).collect())
     }
 
+    /// The winners of channels of several relays waiting for their certificate, oldest
+    /// channel first.
+    pub fn waiting(&self) -> impl Iterator<Item = &Waiting> {
+        self.waiting.values()
+    }
+
     /// Applies one command, the entry at log index `index`.
-    pub fn apply(&mut self, index: u64, command: OrderCommand) -> (Verdict, Option<Accepted>) {
-        match command {
-            OrderCommand::Open { channel, state } => (self.open(channel, state), None),
-            OrderCommand::Reopen { channel, state } => (self.reopen(channel, state), None),
-            OrderCommand::Order { commit, bytes, welcome } => {
-                self.order(index, commit, bytes, welcome)
+    ///
+    /// A winner of a channel of one relay (or none) is fanned out at once: the relay's own
+    /// signature is its certificate. A winner of a channel of several relays waits until its
+    /// certificate, signed by a majority of the relay set of the epoch it was built on, is in
+    /// the log ([`OrderCommand::Deliver`]), and is fanned out then, once.
+    pub fn apply(&mut self, index: u64, command: OrderCommand) -> (Verdict, Option<Delivery>) {
+        let (commit, bytes, welcome) = match command {
+            OrderCommand::Open { channel, state } => return (self.open(channel, state), None),
+            OrderCommand::Reopen { channel, state } => return (self.reopen(channel, state), None),
+            OrderCommand::Deliver { cert } => return self.deliver(index, cert),
+            OrderCommand::Order { commit, bytes, welcome } => (commit, bytes, welcome),
+        };
+        // A commit is certified by the relays of the epoch it is built on: those of the config
+        // before it (a commit that changes the relay set is the old set's).
+        let before = match self.config(&commit.channel) {
+            Some(Ok(c)) => c.orderers(),
+            _ => Vec::new(),
+        };
+        let (verdict, accepted) = self.order(index, commit, bytes, welcome);
+        let Some(accepted) = accepted else { return (verdict, None) };
+        if before.len() >= 2 {
+            if self.waiting.len() >= MAX_WAITING {
+                self.waiting.pop_first();
             }
+            let key = (accepted.commit.channel, accepted.commit.epoch);
+            self.waiting.insert(key, Waiting { accepted, orderers: before });
+            return (verdict, None);
+        }
+        let new_relays = self.new_relays(&accepted.commit.channel, &before);
+        (verdict, Some(Delivery { accepted, cert: None, new_relays }))
+    }
+
+    /// A certificate for a waiting winner: it must be for the winner, signed by a majority of
+    /// the channel's relays. Fanned out once (a second certificate finds nothing waiting).
+    fn deliver(&mut self, index: u64, cert: EpochCert) -> (Verdict, Option<Delivery>) {
+        let b = cert.body;
+        let Some(winner) = self.state.winner(&b.channel, b.epoch).copied() else {
+            return (Verdict::Invalid("no winner known for that epoch".into()), None);
+        };
+        if winner.hash != b.hash {
+            return (Verdict::Invalid("the certificate is not for the winner".into()), None);
+        }
+        let Some(waiting) = self.waiting.get(&(b.channel, b.epoch)) else {
+            // Delivered already (or never waited: a one-relay channel's winner).
+            return (Verdict::Ordering(Outcome::Accepted(winner)), None);
+        };
+        if let Err(e) = cert.verify(&waiting.orderers) {
+            return (Verdict::Invalid(format!("certificate: {e}")), None);
+        }
+        let outcome = Verdict::Ordering(Outcome::Accepted(winner));
+        match self.waiting.remove(&(b.channel, b.epoch)) {
+            Some(Waiting { mut accepted, orderers }) => {
+                accepted.index = index;
+                let new_relays = self.new_relays(&b.channel, &orderers);
+                (outcome, Some(Delivery { accepted, cert: Some(cert), new_relays }))
+            }
+            None => (outcome, None),
+        }
+    }
+
+    /// The relays of the channel's current config whose keys are not among `before`.
+    fn new_relays(&self, channel: &ChannelId, before: &[PublicKey]) -> Vec<RelayId> {
+        match self.config(channel) {
+            Some(Ok(c)) => c.relays.into_iter().filter(|r| !before.contains(&r.key)).collect(),
+            _ => Vec::new(),
         }
     }
 

@@ -869,7 +869,8 @@ fn the_orderer_keeps_within_its_state_budget() {
     assert!((2_000..16_000).contains(&cost), "{cost}");
     // The relay restarts with a budget its state already fills.
     let (state, channels) = w.relay.orderer.export();
-    w.relay.orderer = Orderer::restore(state, channels).expect("restore").with_state_budget(cost);
+    w.relay.orderer =
+        Orderer::restore(state, channels, Vec::new()).expect("restore").with_state_budget(cost);
     assert_eq!(w.relay.orderer.state_bytes(), cost);
 
     let order = |w: &mut World, who: usize, staged: &StagedCommit| {
