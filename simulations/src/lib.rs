@@ -9,3 +9,4 @@
 //! comes from openmls' own randomness and differs between runs; it never changes the schedule.)
 
 pub mod channel;
+pub mod federation;
