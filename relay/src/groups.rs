@@ -19,7 +19,9 @@
 //! - A command submitted here goes to the group's leader ([`FedBody::Propose`]) when this relay
 //!   does not lead.
 //! - A winner's certificate carries the signatures of a majority of the set: this relay signs,
-//!   and asks the others ([`FedBody::Sign`]); each signs only what its own applied log says won.
+//!   and asks the others ([`FedBody::Sign`]); each, this relay included, signs only what its own
+//!   applied log says won (never on the leader's word: a lying leader gets no honest relay's
+//!   signature on a hash the log did not decide, and no honest relay is convicted with it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -292,16 +294,40 @@ impl Groups {
         Err(last.unwrap_or(GroupError::Ordering(OrderingError::Raft("no leader".into()))))
     }
 
-    /// The certificate of a winner of `group` at log `index`: this relay's signature and those
-    /// of the others, asked in parallel, until a majority of the set signed.
+    /// Signs `body` if this relay's own applied log says its hash won (waiting up to
+    /// [`SIGN_WAIT`] for the log to reach `index`): never on another relay's word, so that a
+    /// leader that lies about an outcome cannot get this relay's signature on it.
+    async fn sign_own(
+        &self,
+        group: &Group,
+        body: EpochCertBody,
+        index: u64,
+    ) -> Option<CertSignature> {
+        if !group.ordering.wait_applied(index, SIGN_WAIT).await {
+            tracing::debug!(channel = %body.channel, index, "own log not there yet; not signing");
+            return None;
+        }
+        match group.ordering.winner(&body.channel, body.epoch).await {
+            Some(w) if w.hash == body.hash => Some(CertSignature::sign(&self.key, &body)),
+            other => {
+                tracing::warn!(channel = %body.channel, epoch = body.epoch, winner = ?other, "asked to certify a commit this relay's log did not decide");
+                None
+            }
+        }
+    }
+
+    /// The certificate of a winner of `group` at log `index`: this relay's signature (once its
+    /// own log says the hash won) and those of the others, asked in parallel, until a majority
+    /// of the set signed.
     pub async fn certify(
         &self,
         group: &Group,
         body: EpochCertBody,
         index: u64,
     ) -> Result<EpochCert, GroupError> {
+        use futures::FutureExt as _;
         let need = group.relays.len() / 2 + 1;
-        let mut signatures = vec![CertSignature::sign(&self.key, &body)];
+        let mut signatures = Vec::new();
         let asks = group.relays.iter().filter(|r| **r != self.own).map(|r| {
             let sign = FedBody::Sign { relays: group.relays.clone(), body, index };
             let key = r.key;
@@ -327,7 +353,8 @@ impl Groups {
                 }
             }
         });
-        let mut pending: futures::stream::FuturesUnordered<_> = asks.collect();
+        let mut pending: futures::stream::FuturesUnordered<_> = asks.map(|a| a.boxed()).collect();
+        pending.push(self.sign_own(group, body, index).boxed());
         while signatures.len() < need {
             use futures::StreamExt as _;
             match pending.next().await {
