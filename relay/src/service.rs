@@ -1530,36 +1530,41 @@ impl Relay {
         }
     }
 
-    /// Checks a state opened for the relay set `set` against every group of this relay that
-    /// ordered the channel's move to `set` (holds it with `set` as its relay set, though the
-    /// group's own set is another): the state must be exactly the one its log reached.
+    /// Checks a state opened for the relay set `set` against what this relay's other groups
+    /// (not the group of `set`) last ordered of the channel: the copy of the latest epoch among
+    /// them. A state of an earlier epoch than that copy is stale; a state of its epoch must be
+    /// exactly that copy (which then names `set`: its group ordered the move to `set`). A state
+    /// of a later epoch cannot be checked here. Older copies are passed over: a channel that
+    /// moved back and forth between relay sets leaves copies behind in groups that no longer
+    /// order it, naming the set they moved it to then.
     async fn check_moved_state(
         &self,
         channel: &ChannelId,
         set: &[RelayId],
         state: &PublicState,
     ) -> Result<(), String> {
-        let sorted = |relays: &[RelayId]| {
-            let mut r = relays.to_vec();
-            r.sort();
-            r.dedup();
-            r
-        };
         let mut sources: Vec<(&Ordering, Vec<RelayId>)> =
             vec![(&self.ordering, vec![self.id.clone()])];
         let groups = self.groups.all().await;
         sources.extend(groups.iter().map(|g| (&g.ordering, g.relays.clone())));
+        let mut latest: Option<(u64, &Ordering)> = None;
         for (ordering, own_set) in sources {
             if own_set == set {
                 continue;
             }
-            let Some(Ok(config)) = ordering.config(channel).await else { continue };
-            if sorted(&config.relays) != set {
-                continue;
+            let Some(epoch) = ordering.next_epoch(channel).await else { continue };
+            if latest.is_none_or(|(e, _)| epoch > e) {
+                latest = Some((epoch, ordering));
             }
-            if ordering.matches(channel, state).await != Some(true) {
-                return Err("the channel's state is not the one its relays ordered last".into());
-            }
+        }
+        let Some((epoch, ordering)) = latest else { return Ok(()) };
+        let opened = PublicChannel::from_state(&self.crypto, state)
+            .map_err(|e| format!("public state: {e}"))?
+            .epoch();
+        if opened < epoch
+            || (opened == epoch && ordering.matches(channel, state).await != Some(true))
+        {
+            return Err("the channel's state is not the one its relays ordered last".into());
         }
         Ok(())
     }

@@ -37,7 +37,7 @@ use std::time::Instant;
 use anyhow::{Context, bail, ensure};
 use chitchat_proto::channel::{
     AdminPolicy, Change, Channel, ChannelConfig, ChannelError, ChannelEvent, ChannelMessage,
-    Identity, KnownDirs, StagedCommit,
+    Identity, KnownDirs, PublicChannel, PublicState, StagedCommit,
 };
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::identity::{DirBody, Profile, SponsorshipBody, TrustedRelays};
@@ -120,6 +120,9 @@ pub struct Report {
     pub superseded: u64,
     /// Raft leaders elected.
     pub elections: u64,
+    /// Channels opened in the group of a new relay set (after an add of a user of another
+    /// relay, or the removal of a relay's last user).
+    pub moves: u64,
     /// Relay crashes.
     pub crashes: u64,
     /// Partitions.
@@ -229,6 +232,13 @@ enum Answer {
     Accepted(EpochCert),
     Conflict,
     Unavailable,
+    /// No group of the relay orders the channel: its relay set changed, and the group of the
+    /// new set has not opened it yet (the device opens it).
+    NotOrdered,
+    /// The channel is open in the group of its relay set.
+    Opened,
+    /// The opening state is not the one the relays ordered last (the device is behind).
+    OpenRefused,
     Refused(String),
 }
 
@@ -249,6 +259,7 @@ enum Incoming {
 enum Event {
     Relay { from: usize, to: usize, msg: RelayMsg },
     Submit { relay: usize, device: usize, seq: u64, commit: CommitRef, bytes: Vec<u8> },
+    Open { relay: usize, device: usize, seq: u64, state: PublicState },
     Device { device: usize, incoming: Incoming },
     Restart(usize),
     Heal,
@@ -340,6 +351,7 @@ impl Replica {
 
 #[derive(Debug)]
 enum Stage {
+    Opening,
     Ordering { commit: CommitRef },
     Certifying { body: EpochCertBody, signatures: Vec<CertSignature> },
     Delivering { cert: EpochCert },
@@ -385,6 +397,10 @@ struct Device {
     retry_at: u64,
     /// Told another commit won: waiting for it to arrive.
     lost: bool,
+    /// Told the channel is not ordered by its relay: open it before submitting again.
+    must_open: bool,
+    /// The devices its change adds.
+    adding: Vec<usize>,
     next_change: u64,
     /// When the last message to it arrives: its link to its relay keeps order (an inbox is
     /// fetched in order).
@@ -393,7 +409,6 @@ struct Device {
 
 struct Chan {
     id: ChannelId,
-    group: usize,
     devices: Vec<usize>,
 }
 
@@ -404,7 +419,9 @@ struct World {
     seq: u64,
     events: BTreeMap<(u64, u64), Event>,
     relays: Vec<Relay>,
+    /// Every relay set some channel was ordered by, and its group.
     groups: Vec<Group>,
+    crypto: openmls_rust_crypto::RustCrypto,
     devices: Vec<Device>,
     chans: Vec<Chan>,
     dirs: BTreeMap<DeviceId, Dir>,
@@ -420,6 +437,8 @@ struct World {
     applied: BTreeMap<(ChannelId, u64), CommitHash>,
     acknowledged: Vec<(ChannelId, u64, CommitHash)>,
     trace: blake3::Hasher,
+    /// Prints every event to stderr (`CHITCHAT_SIM_TRACE=1`).
+    print_trace: bool,
     tail: VecDeque<String>,
     report: Report,
 }
@@ -472,6 +491,7 @@ impl World {
             events: BTreeMap::new(),
             relays,
             groups: Vec::new(),
+            crypto: openmls_rust_crypto::RustCrypto::default(),
             devices: Vec::new(),
             chans: Vec::new(),
             dirs: BTreeMap::new(),
@@ -484,6 +504,7 @@ impl World {
             applied: BTreeMap::new(),
             acknowledged: Vec::new(),
             trace: blake3::Hasher::new(),
+            print_trace: std::env::var_os("CHITCHAT_SIM_TRACE").is_some(),
             tail: VecDeque::new(),
             report: Report::default(),
         };
@@ -504,6 +525,9 @@ impl World {
     }
 
     fn log(&mut self, line: String) {
+        if self.print_trace {
+            eprintln!("{line}");
+        }
         self.trace.update(line.as_bytes());
         self.trace.update(b"\n");
         self.report.events += 1;
@@ -519,7 +543,9 @@ impl World {
     }
 
     fn setup(&mut self) -> anyhow::Result<()> {
-        let mut sets: Vec<Vec<usize>> = Vec::new();
+        // Each channel starts with a relay set of one to three relays, its members on them; its
+        // spares sit on any relay, so that adding one may grow the set.
+        let mut sets = Vec::new();
         for c in 0..self.p.channels {
             let size = (1 + self.rand(3) as usize).min(self.p.relays);
             let mut set = BTreeSet::new();
@@ -527,34 +553,26 @@ impl World {
                 set.insert(self.rand(self.p.relays as u64) as usize);
             }
             let set: Vec<usize> = set.into_iter().collect();
-            let group = match sets.iter().position(|s| *s == set) {
-                Some(g) => g,
-                None => {
-                    sets.push(set.clone());
-                    sets.len() - 1
-                }
-            };
             let mut id = [0u8; 32];
             self.rng.fill_bytes(&mut id);
             let mut devices = Vec::new();
-            for k in 0..self.p.members.max(set.len()) + self.p.spares {
-                let relay = set[k % set.len()];
+            for k in 0..self.p.members.max(set.len()) {
+                devices.push(self.add_device(set[k % set.len()], c));
+            }
+            for _ in 0..self.p.spares {
+                let relay = self.rand(self.p.relays as u64) as usize;
                 devices.push(self.add_device(relay, c));
             }
-            self.chans.push(Chan { id: ChannelId(id), group, devices });
+            self.chans.push(Chan { id: ChannelId(id), devices });
+            sets.push(set);
         }
-        for set in &sets {
-            let keys = set.iter().map(|r| self.relays[*r].id.key).collect();
-            self.groups.push(Group { relays: set.clone(), keys });
-        }
-        self.report.groups = self.groups.len();
         // Each channel is created by its first device and opened in its group's log (the same
         // first entries on every replica); its first commit adds the other members.
-        let mut opening: Vec<Vec<Entry>> = vec![Vec::new(); self.groups.len()];
-        for c in 0..self.chans.len() {
-            let group = self.chans[c].group;
-            let relays: Vec<RelayId> =
-                self.groups[group].relays.iter().map(|r| self.relays[*r].id.clone()).collect();
+        let mut opening: BTreeMap<usize, Vec<Entry>> = BTreeMap::new();
+        for (c, set) in sets.into_iter().enumerate() {
+            let group = self.group_of(set.clone());
+            let mut relays: Vec<RelayId> = set.iter().map(|r| self.relays[*r].id.clone()).collect();
+            relays.sort();
             let creator = self.chans[c].devices[0];
             let d = &mut self.devices[creator];
             let config = ChannelConfig {
@@ -567,11 +585,11 @@ impl World {
             let channel = Channel::create(&d.provider, &d.me, self.chans[c].id, config)?;
             let state = channel.public_state(&d.provider, &d.me)?;
             d.channel = Some(channel);
-            opening[group].push(Entry {
+            opening.entry(group).or_default().push(Entry {
                 term: 0,
                 command: Some(OrderCommand::Open { channel: self.chans[c].id, state }),
             });
-            let initial = self.p.members.max(self.groups[group].relays.len());
+            let initial = self.p.members.max(set.len());
             let add = self.chans[c].devices[1..initial]
                 .to_vec()
                 .into_iter()
@@ -579,8 +597,9 @@ impl World {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             self.devices[creator].intent =
                 Some(Intent::new(Change { add, ..Default::default() }, self.stamp()));
+            self.devices[creator].adding = self.chans[c].devices[1..initial].to_vec();
         }
-        for (g, entries) in opening.into_iter().enumerate() {
+        for (g, entries) in opening {
             for &r in &self.groups[g].relays.clone() {
                 let mut replica = Replica::new(entries.clone());
                 replica.election_at = self.between(ELECTION_MS);
@@ -591,6 +610,57 @@ impl World {
             self.devices[d].next_change = self.between((0, 2 * self.p.change_every_ms));
         }
         Ok(())
+    }
+
+    /// The group of a relay set (sorted relay indices), registered on first use.
+    fn group_of(&mut self, set: Vec<usize>) -> usize {
+        if let Some(g) = self.groups.iter().position(|g| g.relays == set) {
+            return g;
+        }
+        let keys = set.iter().map(|r| self.relays[*r].id.key).collect();
+        self.groups.push(Group { relays: set, keys });
+        self.report.groups = self.groups.len();
+        self.groups.len() - 1
+    }
+
+    /// The relay set of a config, as sorted relay indices.
+    fn set_of(&self, config: &ChannelConfig) -> Vec<usize> {
+        let mut set: Vec<usize> = config
+            .relays
+            .iter()
+            .filter_map(|id| self.relays.iter().position(|r| r.id == *id))
+            .collect();
+        set.sort_unstable();
+        set.dedup();
+        set
+    }
+
+    /// The group of relay `r` that orders the channel: the one whose relay set is the
+    /// channel's current one (a group holding a copy whose set moved on is passed over).
+    fn ordered_by(&self, r: usize, id: &ChannelId) -> Option<usize> {
+        self.relays[r].replicas.iter().find_map(|(g, replica)| match replica.orderer.config(id) {
+            Some(Ok(config)) if self.set_of(&config) == self.groups[*g].relays => Some(*g),
+            _ => None,
+        })
+    }
+
+    /// The group of relay `r` whose log decided `(channel, epoch)`: it answers a resubmission
+    /// even after the channel moved on.
+    fn decided_by(&self, r: usize, id: &ChannelId, epoch: u64) -> Option<usize> {
+        self.relays[r]
+            .replicas
+            .iter()
+            .find_map(|(g, x)| x.orderer.state().winner(id, epoch).map(|_| *g))
+    }
+
+    /// Relay `r`'s replica of group `g`, started if it does not run yet (its relay opens a
+    /// channel there, or hears a Raft message for it).
+    fn ensure_replica(&mut self, r: usize, g: usize) {
+        if !self.relays[r].replicas.contains_key(&g) && self.groups[g].relays.contains(&r) {
+            let mut replica = Replica::new(Vec::new());
+            replica.election_at = self.now + self.between(ELECTION_MS);
+            self.relays[r].replicas.insert(g, replica);
+        }
     }
 
     fn add_device(&mut self, relay: usize, chan: usize) -> usize {
@@ -634,6 +704,8 @@ impl World {
             awaiting: None,
             retry_at: 0,
             lost: false,
+            must_open: false,
+            adding: Vec::new(),
             next_change: 0,
             arrival: 0,
         });
@@ -751,6 +823,12 @@ impl World {
                     return Ok(()); // the device times out
                 }
                 self.submitted(relay, device, seq, commit, bytes);
+                Ok(())
+            }
+            Event::Open { relay, device, seq, state } => {
+                if self.relays[relay].up {
+                    self.open(relay, device, seq, state);
+                }
                 Ok(())
             }
             Event::Device { device, incoming } => {
@@ -1172,18 +1250,25 @@ impl World {
                 self.relays[r].inbox.entry(i).or_default().push_back(Incoming::Commit(msg.clone()));
             }
         }
-        // Welcomes for the devices of this relay the commit adds.
+        // Welcomes for the devices the commit adds: this relay's own, and (queued onward, as
+        // the relay's forwarding queue does) those of relays the commit brings into the set.
+        let onward: Vec<usize> = d
+            .new_relays
+            .iter()
+            .filter_map(|id| self.relays.iter().position(|x| x.id == *id))
+            .collect();
         if let Some(welcome_of) = self.welcomes.get(&commit.hash).map(|_| commit.hash) {
             let replica = self.replica(r, g)?;
             let now_members = replica.orderer.member_set(&commit.channel).unwrap_or_default();
             let c = self.chans.iter().position(|c| c.id == commit.channel).context("channel")?;
             for &i in &self.chans[c].devices.clone() {
                 let device = self.devices[i].me.device();
-                if self.devices[i].relay == r
+                let home = self.devices[i].relay;
+                if (home == r || onward.contains(&home))
                     && now_members.binary_search(&device).is_ok()
                     && d.accepted.recipients.binary_search(&device).is_err()
                 {
-                    self.relays[r]
+                    self.relays[home]
                         .inbox
                         .entry(i)
                         .or_default()
@@ -1208,9 +1293,12 @@ impl World {
 
     fn relay_msg(&mut self, from: usize, r: usize, msg: RelayMsg) -> anyhow::Result<()> {
         match msg {
-            RelayMsg::Raft { group, rpc } => self.raft(from, r, group, rpc),
+            RelayMsg::Raft { group, rpc } => {
+                self.ensure_replica(r, group);
+                self.raft(from, r, group, rpc)
+            }
             RelayMsg::Propose { group, command, req } => {
-                if self.replica(r, group)?.is_leader() {
+                if self.relays[r].replicas.get(&group).is_some_and(Replica::is_leader) {
                     self.append(r, group, command, Waiter::Remote { relay: from, req })
                 } else {
                     self.send(r, from, RelayMsg::Proposed { req, result: None });
@@ -1220,7 +1308,11 @@ impl World {
             RelayMsg::Proposed { req, result } => self.proposed(r, req, result),
             RelayMsg::Sign { group, body, index, req } => {
                 let deadline = self.now + SIGN_WAIT_MS;
-                self.replica(r, group)?.sign_waits.push((index, body, from, req, deadline));
+                let Some(replica) = self.relays[r].replicas.get_mut(&group) else {
+                    self.send(r, from, RelayMsg::Signed { req, signature: None });
+                    return Ok(());
+                };
+                replica.sign_waits.push((index, body, from, req, deadline));
                 self.signs_ready(r, group)
             }
             RelayMsg::Signed { req, signature } => self.signed(r, req, signature),
@@ -1299,7 +1391,13 @@ impl World {
 
     /// A device's submission reaches its relay: propose it to the group's leader.
     fn submitted(&mut self, r: usize, device: usize, seq: u64, commit: CommitRef, bytes: Vec<u8>) {
-        let g = self.chans[self.devices[device].chan].group;
+        let routed = self
+            .ordered_by(r, &commit.channel)
+            .or_else(|| self.decided_by(r, &commit.channel, commit.epoch));
+        let Some(g) = routed else {
+            self.answer(Some((device, seq)), Answer::NotOrdered);
+            return;
+        };
         let req = self.relays[r].next_req;
         self.relays[r].next_req += 1;
         let deadline = self.now + REQUEST_MS;
@@ -1314,6 +1412,66 @@ impl World {
         );
         let command = OrderCommand::Order { commit, bytes: Bytes(bytes), welcome: None };
         if self.propose(r, g, command, req).is_err() {
+            if let Some(q) = self.relays[r].requests.remove(&req) {
+                self.answer(q.device, Answer::Unavailable);
+            }
+        }
+    }
+
+    /// A device opens its channel at its relay, from its export of the channel's public state:
+    /// in the group of the state's relay set, after checking the state against every group of
+    /// this relay that ordered the move to that set (as the relay's `check_moved_state`).
+    fn open(&mut self, r: usize, device: usize, seq: u64, state: PublicState) {
+        let Ok(public) = PublicChannel::from_state(&self.crypto, &state) else {
+            self.answer(Some((device, seq)), Answer::Refused("an unreadable state".into()));
+            return;
+        };
+        let (id, config) = match public.config() {
+            Ok(config) => (public.id(), config),
+            Err(e) => return self.answer(Some((device, seq)), Answer::Refused(e.to_string())),
+        };
+        let set = self.set_of(&config);
+        if !set.contains(&r) {
+            return self
+                .answer(Some((device, seq)), Answer::Refused("not a relay of the set".into()));
+        }
+        // As the relay's `check_moved_state`: the copy of the latest epoch among this relay's
+        // other groups; the state may not be older, and must be that copy at its epoch.
+        let latest = self.relays[r]
+            .replicas
+            .iter()
+            .filter(|(g, _)| self.groups[**g].relays != set)
+            .filter_map(|(_, x)| x.orderer.next_epoch(&id).map(|e| (e, x)))
+            .max_by_key(|(e, _)| *e);
+        let stale = latest.is_some_and(|(epoch, x)| {
+            public.epoch() < epoch
+                || (public.epoch() == epoch && x.orderer.matches(&id, &state) != Some(true))
+        });
+        if stale {
+            let held: Vec<String> = self.relays[r]
+                .replicas
+                .iter()
+                .filter_map(|(g, x)| x.orderer.next_epoch(&id).map(|e| format!("g{g}@{e}")))
+                .collect();
+            self.log(format!(
+                "{} r{r} refuses to open c{} at epoch {} in the group of {set:?}: holds {held:?}",
+                self.now,
+                self.chan_of(&id),
+                public.epoch()
+            ));
+            return self.answer(Some((device, seq)), Answer::OpenRefused);
+        }
+        let g = self.group_of(set);
+        self.ensure_replica(r, g);
+        let req = self.relays[r].next_req;
+        self.relays[r].next_req += 1;
+        let deadline = self.now + REQUEST_MS;
+        self.relays[r].requests.insert(
+            req,
+            Request { device: Some((device, seq)), group: g, stage: Stage::Opening, deadline },
+        );
+        self.log(format!("{} r{r} opens c{} in g{g}", self.now, self.chan_of(&id)));
+        if self.propose(r, g, OrderCommand::Reopen { channel: id, state }, req).is_err() {
             if let Some(q) = self.relays[r].requests.remove(&req) {
                 self.answer(q.device, Answer::Unavailable);
             }
@@ -1370,6 +1528,15 @@ impl World {
         };
         let g = q.group;
         match (q.stage, verdict) {
+            (Stage::Opening, Verdict::Ordering(Outcome::Opened)) => {
+                self.report.moves += 1;
+                self.answer(q.device, Answer::Opened);
+                Ok(())
+            }
+            (Stage::Opening, Verdict::Ordering(Outcome::AlreadyOpen { .. })) => {
+                self.answer(q.device, Answer::Opened);
+                Ok(())
+            }
             (Stage::Ordering { commit }, Verdict::Ordering(Outcome::Accepted(w)))
                 if w.hash == commit.hash =>
             {
@@ -1579,6 +1746,9 @@ impl World {
             if d.lost || now < d.retry_at {
                 return Ok(());
             }
+            if d.must_open {
+                return self.open_at_relay(i);
+            }
             return self.submit(i);
         }
         let due = d.intent.as_ref().is_some_and(|t| t.is_due(Timestamp(BASE_MS + now)));
@@ -1586,6 +1756,7 @@ impl World {
             return Ok(());
         }
         let change = d.intent.as_ref().map(|t| t.change.clone()).unwrap_or_default();
+        let change = self.with_relay_set(i, change)?;
         let check =
             KnownDirs { dirs: &self.dirs, trust: &self.trust, now: Timestamp(BASE_MS + now) };
         let d = &mut self.devices[i];
@@ -1609,6 +1780,62 @@ impl World {
             }
             Err(e) => Err(e).context(format!("device {i} stages")),
         }
+    }
+
+    /// The change with the relay set its members will need, as the node computes it when it
+    /// stages: the relays of the members after it (in the config's order, new ones last), or
+    /// no config change if that is the set already.
+    fn with_relay_set(&self, i: usize, change: Change) -> anyhow::Result<Change> {
+        let d = &self.devices[i];
+        let config = d.channel.as_ref().context("a member")?.config().clone();
+        let chan = &self.chans[d.chan];
+        let relay_of = |device: &DeviceId| {
+            chan.devices
+                .iter()
+                .find(|k| self.devices[**k].me.device() == *device)
+                .map(|k| self.devices[*k].relay)
+        };
+        let mut hosts: BTreeSet<usize> = d
+            .channel
+            .as_ref()
+            .context("a member")?
+            .members()
+            .iter()
+            .filter(|m| !change.remove.contains(m))
+            .filter_map(relay_of)
+            .collect();
+        hosts.extend(d.adding.iter().map(|k| self.devices[*k].relay));
+        let mut relays: Vec<RelayId> = config
+            .relays
+            .iter()
+            .filter(|id| {
+                self.relays.iter().position(|r| r.id == **id).is_some_and(|r| hosts.contains(&r))
+            })
+            .cloned()
+            .collect();
+        for r in hosts {
+            if !relays.contains(&self.relays[r].id) {
+                relays.push(self.relays[r].id.clone());
+            }
+        }
+        if relays.is_empty() || relays == config.relays {
+            return Ok(Change { config: None, ..change });
+        }
+        Ok(Change { config: Some(ChannelConfig { relays, ..config }), ..change })
+    }
+
+    /// Opens the channel at the device's relay, from its export of the public state.
+    fn open_at_relay(&mut self, i: usize) -> anyhow::Result<()> {
+        let d = &mut self.devices[i];
+        let state = d.channel.as_ref().context("a member")?.public_state(&d.provider, &d.me)?;
+        d.seq += 1;
+        let seq = d.seq;
+        d.awaiting = Some(self.now + ANSWER_MS);
+        let relay = d.relay;
+        self.log(format!("{} d{i} opens c{} at r{relay}", self.now, self.devices[i].chan));
+        let delay = self.between(self.p.latency_ms);
+        self.schedule(delay, Event::Open { relay, device: i, seq, state });
+        Ok(())
     }
 
     fn submit(&mut self, i: usize) -> anyhow::Result<()> {
@@ -1635,8 +1862,9 @@ impl World {
         Ok(())
     }
 
-    /// A random change: mostly key updates, sometimes adding a spare or removing a member
-    /// (never the last of its relay, so the relay set stays the relays of the members).
+    /// A random change: mostly key updates, sometimes adding a spare (which grows the relay set
+    /// if its relay is not in it) or removing another member (which shrinks it if that was the
+    /// last member on its relay).
     fn random_change(&mut self, i: usize) -> anyhow::Result<Option<Change>> {
         let c = self.devices[i].chan;
         let members: Vec<usize> = self.chans[c]
@@ -1647,29 +1875,18 @@ impl World {
             .collect();
         let spares: Vec<usize> =
             self.chans[c].devices.iter().copied().filter(|d| !members.contains(d)).collect();
+        self.devices[i].adding.clear();
         let roll = self.rand(10);
         if roll < 2 && !spares.is_empty() {
             let s = spares[self.rand(spares.len() as u64) as usize];
+            self.devices[i].adding = vec![s];
             return Ok(Some(Change { add: vec![self.key_package(s)?], ..Default::default() }));
         }
-        if roll < 4 {
-            let removable: Vec<usize> = members
-                .iter()
-                .copied()
-                .filter(|m| {
-                    *m != i
-                        && members
-                            .iter()
-                            .filter(|o| self.devices[**o].relay == self.devices[*m].relay)
-                            .count()
-                            > 1
-                })
-                .collect();
-            if !removable.is_empty() {
-                let victim = removable[self.rand(removable.len() as u64) as usize];
-                let device = self.devices[victim].me.device();
-                return Ok(Some(Change { remove: vec![device], ..Default::default() }));
-            }
+        let others: Vec<usize> = members.iter().copied().filter(|m| *m != i).collect();
+        if roll < 4 && members.len() > 2 && !others.is_empty() {
+            let victim = others[self.rand(others.len() as u64) as usize];
+            let device = self.devices[victim].me.device();
+            return Ok(Some(Change { remove: vec![device], ..Default::default() }));
         }
         Ok(Some(Change { update: true, ..Default::default() }))
     }
@@ -1703,6 +1920,16 @@ impl World {
                     return Ok(()); // about an earlier submission
                 }
                 self.devices[i].awaiting = None;
+                let name = match &answer {
+                    Answer::Accepted(_) => "accepted",
+                    Answer::Conflict => "conflict",
+                    Answer::Unavailable => "unavailable",
+                    Answer::NotOrdered => "not ordered",
+                    Answer::Opened => "opened",
+                    Answer::OpenRefused => "open refused",
+                    Answer::Refused(_) => "refused",
+                };
+                self.log(format!("{} d{i} hears {name}", self.now));
                 match answer {
                     Answer::Accepted(cert) => self.accept(i, &cert),
                     Answer::Conflict => {
@@ -1712,6 +1939,22 @@ impl World {
                     }
                     Answer::Unavailable => {
                         self.report.unavailable += 1;
+                        let wait = self.between((200, 800));
+                        self.devices[i].retry_at = self.now + wait;
+                        Ok(())
+                    }
+                    Answer::NotOrdered => {
+                        self.devices[i].must_open = true;
+                        self.devices[i].retry_at = self.now;
+                        Ok(())
+                    }
+                    Answer::Opened => {
+                        self.devices[i].must_open = false;
+                        self.devices[i].retry_at = self.now;
+                        Ok(())
+                    }
+                    Answer::OpenRefused => {
+                        // Behind: what it misses is on its way; open again after a while.
                         let wait = self.between((200, 800));
                         self.devices[i].retry_at = self.now + wait;
                         Ok(())
@@ -1837,17 +2080,44 @@ impl World {
             seen.sort();
             ensure!(seen == devices, "channel {c}: device {m} sees another membership");
         }
-        for &r in &self.groups[chan.group].relays {
-            let replica = self.relays[r].replicas.get(&chan.group).context("replica")?;
-            ensure!(
-                replica.orderer.next_epoch(&chan.id) == Some(first.epoch()),
-                "channel {c}: relay {r} orders epoch {:?}, members are at {}",
-                replica.orderer.next_epoch(&chan.id),
-                first.epoch()
-            );
-            let set = replica.orderer.member_set(&chan.id).context("members")?;
-            ensure!(set.to_vec() == devices, "channel {c}: relay {r} has another membership");
+        // The relays: every replica of the group of the channel's relay set holds it at the
+        // members' epoch with their membership, unless that group has not opened it yet (a
+        // member opens it there when it next submits or posts): then the group that ordered the
+        // move holds it at that epoch, with that relay set. No copy anywhere is ahead.
+        let set = self.set_of(first.config());
+        let mut holders = Vec::new();
+        for (g, group) in self.groups.iter().enumerate() {
+            for &r in &group.relays {
+                let Some(replica) = self.relays[r].replicas.get(&g) else { continue };
+                let Some(next) = replica.orderer.next_epoch(&chan.id) else { continue };
+                ensure!(
+                    next <= first.epoch(),
+                    "channel {c}: relay {r} (group {g}) orders epoch {next}, members are at {}",
+                    first.epoch()
+                );
+                let config = replica.orderer.config(&chan.id).context("config")??;
+                if group.relays == set && self.set_of(&config) == set {
+                    ensure!(
+                        next == first.epoch(),
+                        "channel {c}: relay {r} of its group orders epoch {next}, members are at {}",
+                        first.epoch()
+                    );
+                }
+                if next == first.epoch() {
+                    let held = replica.orderer.member_set(&chan.id).context("members")?;
+                    ensure!(
+                        held.to_vec() == devices,
+                        "channel {c}: relay {r} has another membership"
+                    );
+                    ensure!(
+                        self.set_of(&config) == set,
+                        "channel {c}: relay {r} has another relay set"
+                    );
+                    holders.push(r);
+                }
+            }
         }
+        ensure!(!holders.is_empty(), "channel {c}: no relay holds epoch {}", first.epoch());
         Ok(first.epoch())
     }
 
@@ -1855,8 +2125,17 @@ impl World {
         for (i, d) in self.devices.iter().enumerate() {
             ensure!(
                 d.intent.is_none(),
-                "device {i} still has a change in flight: {:?}",
-                d.intent.as_ref().map(|t| &t.state)
+                "device {i} (relay {}, channel {}, at epoch {:?}) still has a change in flight: \
+                 {:?}; staged {:?}, awaiting {:?}, lost {}, must open {}, retry at {}",
+                d.relay,
+                d.chan,
+                d.channel.as_ref().map(Channel::epoch),
+                d.intent.as_ref().map(|t| &t.state),
+                d.staged.as_ref().map(|s| s.epoch),
+                d.awaiting,
+                d.lost,
+                d.must_open,
+                d.retry_at
             );
         }
         for c in 0..self.chans.len() {
