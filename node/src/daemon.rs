@@ -689,10 +689,13 @@ impl Node {
         let mut start = 0;
         let mut lookups = 0;
         let mut ack = Vec::new();
-        while start < items.len() {
+        // Once through the items, and again after each look-up a message asked for (one held
+        // for a Welcome and replayed may ask for one after the last item).
+        loop {
             let batch = items.clone();
             let now = now();
-            let received = self.with(move |e| e.receive(&batch[start..], now)).await?;
+            let from = start.min(items.len());
+            let received = self.with(move |e| e.receive(&batch[from..], now)).await?;
             ack.extend(received.done);
             removals.extend(received.removals);
             if received.reloaded {
@@ -709,9 +712,15 @@ impl Node {
                 }
                 Some((index, need)) => {
                     tracing::warn!(?need, "identity records not found; message skipped");
-                    ack.push(items[start + index].id);
+                    // (A replayed message has no item here: it waits until it expires.)
+                    if let Some(item) = items.get(start + index) {
+                        ack.push(item.id);
+                    }
                     start += index + 1;
                     lookups = 0;
+                    if start >= items.len() {
+                        break;
+                    }
                 }
                 None => break,
             }

@@ -10,7 +10,7 @@
 //! one operation at a time.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chitchat_proto::channel::{
     AdminPolicy, Change, Channel, ChannelConfig, ChannelError, ChannelEvent, ChannelMessage,
@@ -323,6 +323,9 @@ pub struct Engine {
     dropped: Dropped,
     /// Epoch records, reports and proofs (see [`evidence`]).
     evidence: evidence::Evidence,
+    /// Messages for channels this device is not in yet, oldest first (memory only: their
+    /// inbox items are not acknowledged).
+    awaiting: VecDeque<Awaiting>,
 }
 
 /// Inbox items the node could not use and dropped (acknowledged, so that they never block the
@@ -337,6 +340,28 @@ pub struct Dropped {
     pub too_old: u64,
     /// Messages that failed to open, decrypt or validate.
     pub invalid: u64,
+    /// Messages for a channel this device is not in, whose Welcome did not come in time
+    /// ([`AWAITING_JOIN_MS`]) or that did not fit ([`MAX_AWAITING_JOIN`]).
+    pub not_joined: u64,
+}
+
+/// Messages held for channels this device is not in yet, at most: a channel's commits and
+/// messages may reach the inbox before the Welcome that adds this device (each relay of a set
+/// fans out what its group orders: when the relay set changed, the group of the old set that
+/// ordered the add may reach this relay later than the group of the new set that ordered what
+/// came next). Beyond, the oldest is dropped.
+pub const MAX_AWAITING_JOIN: usize = 1024;
+/// How long a message for a channel this device is not in waits for its Welcome.
+pub const AWAITING_JOIN_MS: u64 = 10 * 60 * 1000;
+
+/// A message for a channel this device is not in yet, waiting for the Welcome. Its inbox item
+/// stays unacknowledged until it is processed or dropped, so that a restart meets it again.
+#[derive(Debug)]
+struct Awaiting {
+    item: u64,
+    channel: ChannelId,
+    message: ChannelMessage,
+    since: Timestamp,
 }
 
 impl Engine {
@@ -389,6 +414,7 @@ impl Engine {
             must_skip: BTreeSet::new(),
             commit_first: false,
             dropped: Dropped::default(),
+            awaiting: VecDeque::new(),
             evidence,
         };
         engine.load_channels()?;
@@ -975,14 +1001,50 @@ impl Engine {
         let mut b = Batch::default();
         let mut touched = BTreeSet::new();
         let mut pending_events = Vec::new();
-        let opened = self.open_all(items);
-        for ((index, item), opened) in items.iter().enumerate().zip(opened) {
+        let mut opened: VecDeque<Result<InboxPayload, String>> = self.open_all(items).into();
+        // Messages that waited for a channel joined since (before a look-up this call resumes
+        // after, say) go first; those that waited too long are dropped.
+        while let Some(a) = self.awaiting.front()
+            && now.0.saturating_sub(a.since.0) > AWAITING_JOIN_MS
+        {
+            if let Some(a) = self.awaiting.pop_front() {
+                tracing::warn!(channel = %a.channel, "no Welcome came for a message of a channel this device is not in; dropped");
+                self.dropped.not_joined += 1;
+                out.done.push(a.item);
+            }
+        }
+        let mut replay: VecDeque<Awaiting> = VecDeque::new();
+        let joined: Vec<ChannelId> = self
+            .awaiting
+            .iter()
+            .map(|a| a.channel)
+            .filter(|c| self.channels.get(c).is_some_and(|h| h.channel.is_some()))
+            .collect();
+        for c in joined {
+            replay.extend(self.take_awaiting(&c));
+        }
+        let mut next = 0;
+        loop {
+            // An item of the input (with its index), or a message replayed after its Welcome.
+            let (index, item_id, opened, since) = match replay.pop_front() {
+                Some(a) => {
+                    let payload = InboxPayload::Channel { channel: a.channel, message: a.message };
+                    (None, a.item, Ok(payload), a.since)
+                }
+                None => match (items.get(next), opened.pop_front()) {
+                    (Some(item), Some(o)) => {
+                        next += 1;
+                        (Some(next - 1), item.id, o, now)
+                    }
+                    _ => break,
+                },
+            };
             let payload = match opened {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(item = item.id, error = %e, "dropping an inbox item that does not open");
+                    tracing::warn!(item = item_id, error = %e, "dropping an inbox item that does not open");
                     self.dropped.invalid += 1;
-                    out.done.push(item.id);
+                    out.done.push(item_id);
                     continue;
                 }
             };
@@ -1001,8 +1063,11 @@ impl Engine {
                     &mut pending_events,
                 )?;
             }
+            let mut welcomed = None;
+            let mut kept = None;
             let step = match payload {
                 InboxPayload::Welcome { channel, welcome } => {
+                    welcomed = Some(channel);
                     self.receive_welcome(channel, &welcome, now, &mut b, &mut pending_events)
                 }
                 InboxPayload::Leave(request) => {
@@ -1014,14 +1079,21 @@ impl Engine {
                 InboxPayload::Report(report) => {
                     self.receive_report(report, now, &mut pending_events)
                 }
-                InboxPayload::Channel { channel, message } => self.receive_channel(
-                    channel,
-                    message,
-                    now,
-                    &mut b,
-                    &mut touched,
-                    &mut pending_events,
-                ),
+                InboxPayload::Channel { channel, message } => {
+                    if self.awaits_welcome(&channel) {
+                        Step::Awaiting(channel, message)
+                    } else {
+                        kept = Some((channel, message.clone()));
+                        self.receive_channel(
+                            channel,
+                            message,
+                            now,
+                            &mut b,
+                            &mut touched,
+                            &mut pending_events,
+                        )
+                    }
+                }
             };
             if risky && matches!(step, Step::Dropped | Step::Need(_)) {
                 self.rollback();
@@ -1030,9 +1102,40 @@ impl Engine {
                 pending_events.clear();
                 out.reloaded = true;
             }
+            if let (Step::Done, Some(channel)) = (&step, welcomed) {
+                replay.extend(self.take_awaiting(&channel));
+            }
+            let step = match (step, index) {
+                // A replayed message that needs a look-up waits again, first in line: the call
+                // that resumes after the look-up replays it before the rest of the input.
+                (Step::Need(devices), None) => {
+                    let (channel, message) = kept.ok_or(EngineError::Invalid(
+                        "a replayed message needs a look-up but is gone".into(),
+                    ))?;
+                    self.awaiting.push_front(Awaiting { item: item_id, channel, message, since });
+                    for a in replay.into_iter().rev() {
+                        self.awaiting.push_front(a);
+                    }
+                    out.stopped = Some((next, devices));
+                    break;
+                }
+                (step, _) => step,
+            };
+            let index = index.unwrap_or(next);
             match step {
-                Step::Done | Step::Dropped => out.done.push(item.id),
-                Step::Held(channel, epoch) => out.held.push((channel, epoch, item.id)),
+                Step::Done | Step::Dropped => out.done.push(item_id),
+                Step::Held(channel, epoch) => out.held.push((channel, epoch, item_id)),
+                Step::Awaiting(channel, message) => {
+                    tracing::debug!(%channel, item = item_id, "a message for a channel this device is not in (yet); held for its Welcome");
+                    self.awaiting.push_back(Awaiting { item: item_id, channel, message, since });
+                    while self.awaiting.len() > MAX_AWAITING_JOIN {
+                        if let Some(a) = self.awaiting.pop_front() {
+                            tracing::warn!(channel = %a.channel, "too many messages wait for Welcomes; dropping the oldest");
+                            self.dropped.not_joined += 1;
+                            out.done.push(a.item);
+                        }
+                    }
+                }
                 Step::Need(devices) => {
                     out.stopped = Some((index, devices));
                     break;
@@ -1103,6 +1206,23 @@ impl Engine {
             self.save_channel(&id, &mut b);
         }
         self.commit(b)
+    }
+
+    /// Whether a message for `channel` waits for a Welcome: this device is not in it, and did
+    /// not leave it.
+    fn awaits_welcome(&self, channel: &ChannelId) -> bool {
+        match self.channels.get(channel) {
+            None => true,
+            Some(h) => h.channel.is_none() && !h.record.left,
+        }
+    }
+
+    /// The messages that wait for `channel`'s Welcome, in arrival order.
+    fn take_awaiting(&mut self, channel: &ChannelId) -> Vec<Awaiting> {
+        let (mine, rest): (Vec<Awaiting>, Vec<Awaiting>) =
+            std::mem::take(&mut self.awaiting).into_iter().partition(|a| a.channel == *channel);
+        self.awaiting = rest.into();
+        mine
     }
 
     fn receive_welcome(
@@ -1579,6 +1699,8 @@ enum Step {
     Dropped,
     /// In the channel's future-epoch buffer.
     Held(ChannelId, u64),
+    /// For a channel this device is not in (yet): held for its Welcome.
+    Awaiting(ChannelId, ChannelMessage),
     /// Needs these devices' identity records, or these relays' keys, first.
     Need(Need),
 }

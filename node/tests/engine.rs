@@ -525,3 +525,72 @@ fn an_unstored_notice_is_dropped_after_a_few_attempts() {
     }
     assert!(events.try_recv().is_err(), "no event for a notice nobody sees");
 }
+
+/// Bob's Welcome reaches his inbox after the channel's next commit and a message of the epoch
+/// after it (the relays of the old set ordered his add, those of the new set what followed,
+/// and his relay fanned the second out first). Both wait for the Welcome, unacknowledged, and
+/// are used once he joins; across a restart, the relay's copies of the unacknowledged items
+/// do the same. One that no Welcome follows is dropped after a while, acknowledged and counted.
+#[test]
+fn messages_before_their_welcome_wait_for_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut relay = Relay::new();
+    let mut alice = device(&tmp, "alice", &relay);
+    let mut bob = device(&tmp, "bob", &relay);
+    let mut carol = device(&tmp, "carol", &relay);
+    let dirs =
+        vec![alice.account().expect("a").dir.clone(), carol.account().expect("c").dir.clone()];
+    bob.add_dirs(dirs).expect("dirs");
+    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    relay.open(&mut alice, channel);
+    // Epoch 0 → 1 adds Bob; 1 → 2 adds Carol; then a message of epoch 2.
+    let mut welcome = None;
+    let mut commit = None;
+    for n in 0..2 {
+        let who = if n == 0 { &mut bob } else { &mut carol };
+        let (packages, _) = who.key_packages(1, false).expect("kp");
+        let dir = who.account().expect("dir").dir.clone();
+        let staged = alice
+            .stage(&channel, IntentOp::Add(vec![(dir, packages[0].clone())]), 0, NOW)
+            .expect("stage");
+        let cert = relay.cert(channel, staged.epoch, &staged.commit);
+        alice.accept(&channel, &cert).expect("merge");
+        if n == 0 {
+            welcome = Some(staged.welcome.expect("welcome").envelopes[0].clone());
+        } else {
+            let c = chitchat_proto::wire::OrderedCommit { channel, commit: staged.commit, cert };
+            commit = Some(InboxItem { id: 10, envelope: Envelope::Commit(c) });
+        }
+    }
+    send(&mut alice, &channel, &text("after carol"));
+    let (_, out) = alice.outbox().expect("outbox").remove(0);
+    relay.next_item = 10;
+    let post = relay.post(&out); // item 11
+    let welcome = sealed(welcome.expect("welcome"), 12);
+    let commit = commit.expect("commit");
+
+    // The commit and the message come first: held, not acknowledged.
+    let early = [commit.clone(), post.clone()];
+    let got = bob.receive(&early, NOW).expect("receive");
+    assert!(got.done.is_empty() && got.held.is_empty(), "{got:?}");
+    assert_eq!(bob.epoch(&channel), None);
+    // Bob restarts: what waited in memory is gone, the relay sends the items again, in the
+    // same order, and the Welcome after them.
+    let mut bob = reopen(&tmp, "bob", bob);
+    let got = bob.receive(&[commit, post, welcome], NOW.plus_ms(1_000)).expect("receive");
+    let mut done = got.done.clone();
+    done.sort_unstable();
+    assert_eq!(done, [10, 11, 12], "all used and acknowledged: {got:?}");
+    assert_eq!(bob.epoch(&channel), Some(2), "Carol's add applied after the Welcome");
+    let shown = bob.store().messages(&channel, 10).expect("messages");
+    assert_eq!(shown.len(), 1, "the message of epoch 2 is shown");
+    assert_eq!(bob.dropped().not_joined, 0);
+
+    // A message for a channel no Welcome ever comes for waits ten minutes, then is dropped.
+    let mut dave = device(&tmp, "dave", &relay);
+    let lonely = relay.post(&out);
+    assert!(dave.receive(std::slice::from_ref(&lonely), NOW).expect("receive").done.is_empty());
+    let later = NOW.plus_ms(chitchat_node::engine::AWAITING_JOIN_MS + 1);
+    assert_eq!(dave.receive(&[], later).expect("receive").done, [lonely.id]);
+    assert_eq!(dave.dropped().not_joined, 1);
+}

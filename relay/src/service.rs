@@ -1343,16 +1343,30 @@ impl Relay {
         // A commit of an epoch already decided is answered by the group that decided it, even
         // if the channel has moved on to another relay set since (a committer that resubmits
         // after a crash learns that it won, or whom it lost to).
-        let by = match self.ordered_by(&sub.channel).await {
+        // (The group of the current set opened the channel at an epoch past this one when
+        // another group decided it: that group answers.)
+        let current = match self.ordered_by(&sub.channel).await {
+            Some(by) => {
+                let ordering = by.ordering();
+                let past = ordering.next_epoch(&sub.channel).await.is_some_and(|n| n > sub.epoch)
+                    && ordering.winner(&sub.channel, sub.epoch).await.is_none();
+                if past { None } else { Some(by) }
+            }
+            None => None,
+        };
+        let by = match current {
             Some(by) => by,
             None => match self.decided_by(&sub.channel, sub.epoch).await {
                 Some(by) => by,
-                None => {
-                    return error(
-                        ErrorCode::NotFound,
-                        "the channel is not ordered here; open it first",
-                    );
-                }
+                None => match self.ordered_by(&sub.channel).await {
+                    Some(by) => by,
+                    None => {
+                        return error(
+                            ErrorCode::NotFound,
+                            "the channel is not ordered here; open it first",
+                        );
+                    }
+                },
             },
         };
         match by.ordering().next_epoch(&sub.channel).await {

@@ -154,6 +154,8 @@ const ANSWER_MS: u64 = 5_000;
 const HEARTBEAT_MS: u64 = 50;
 const ELECTION_MS: (u64, u64) = (300, 600);
 const TICK_MS: u64 = 10;
+/// Commits a device keeps for a channel it is not in yet (the node's `MAX_AWAITING_JOIN`).
+const EARLY_MAX: usize = 1024;
 /// Entries in one append.
 const MAX_APPEND: usize = 32;
 
@@ -401,6 +403,9 @@ struct Device {
     must_open: bool,
     /// The devices its change adds.
     adding: Vec<usize>,
+    /// Commits for the channel while it is not in it, kept for the Welcome that may follow
+    /// them (as the node keeps them; bounded).
+    early: VecDeque<ChannelMessage>,
     next_change: u64,
     /// When the last message to it arrives: its link to its relay keeps order (an inbox is
     /// fetched in order).
@@ -591,8 +596,8 @@ impl World {
             });
             let initial = self.p.members.max(set.len());
             let add = self.chans[c].devices[1..initial]
-                .to_vec()
-                .into_iter()
+                .iter()
+                .copied()
                 .map(|i| self.key_package(i))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             self.devices[creator].intent =
@@ -706,6 +711,7 @@ impl World {
             lost: false,
             must_open: false,
             adding: Vec::new(),
+            early: VecDeque::new(),
             next_change: 0,
             arrival: 0,
         });
@@ -802,7 +808,7 @@ impl World {
         self.schedule(delay, Event::Relay { from, to, msg });
     }
 
-    fn to_device(&mut self, device: usize, incoming: Incoming) {
+    fn send_to_device(&mut self, device: usize, incoming: Incoming) {
         let at = (self.now + self.between(self.p.latency_ms)).max(self.devices[device].arrival);
         self.devices[device].arrival = at;
         self.schedule(at - self.now, Event::Device { device, incoming });
@@ -897,7 +903,7 @@ impl World {
                 out
             };
             for (d, incoming) in queued {
-                self.to_device(d, incoming);
+                self.send_to_device(d, incoming);
             }
         }
         for d in 0..self.devices.len() {
@@ -1385,15 +1391,22 @@ impl World {
 
     fn answer(&mut self, device: Option<(usize, u64)>, answer: Answer) {
         if let Some((d, seq)) = device {
-            self.to_device(d, Incoming::Answer { seq, answer });
+            self.send_to_device(d, Incoming::Answer { seq, answer });
         }
     }
 
     /// A device's submission reaches its relay: propose it to the group's leader.
     fn submitted(&mut self, r: usize, device: usize, seq: u64, commit: CommitRef, bytes: Vec<u8>) {
-        let routed = self
-            .ordered_by(r, &commit.channel)
-            .or_else(|| self.decided_by(r, &commit.channel, commit.epoch));
+        // As the relay: the group of the current set, unless it opened the channel past this
+        // epoch and another group decided it.
+        let current = self.ordered_by(r, &commit.channel).filter(|g| {
+            let x = &self.relays[r].replicas[g].orderer;
+            x.next_epoch(&commit.channel).is_none_or(|n| n <= commit.epoch)
+                || x.state().winner(&commit.channel, commit.epoch).is_some()
+        });
+        let routed = current
+            .or_else(|| self.decided_by(r, &commit.channel, commit.epoch))
+            .or_else(|| self.ordered_by(r, &commit.channel));
         let Some(g) = routed else {
             self.answer(Some((device, seq)), Answer::NotOrdered);
             return;
@@ -1411,11 +1424,7 @@ impl World {
             },
         );
         let command = OrderCommand::Order { commit, bytes: Bytes(bytes), welcome: None };
-        if self.propose(r, g, command, req).is_err() {
-            if let Some(q) = self.relays[r].requests.remove(&req) {
-                self.answer(q.device, Answer::Unavailable);
-            }
-        }
+        self.propose_or_answer(r, g, command, req);
     }
 
     /// A device opens its channel at its relay, from its export of the channel's public state:
@@ -1471,10 +1480,16 @@ impl World {
             Request { device: Some((device, seq)), group: g, stage: Stage::Opening, deadline },
         );
         self.log(format!("{} r{r} opens c{} in g{g}", self.now, self.chan_of(&id)));
-        if self.propose(r, g, OrderCommand::Reopen { channel: id, state }, req).is_err() {
-            if let Some(q) = self.relays[r].requests.remove(&req) {
-                self.answer(q.device, Answer::Unavailable);
-            }
+        self.propose_or_answer(r, g, OrderCommand::Reopen { channel: id, state }, req);
+    }
+
+    /// [`World::propose`]s for request `req`, which is answered "unavailable" and dropped if
+    /// no leader is known.
+    fn propose_or_answer(&mut self, r: usize, g: usize, command: OrderCommand, req: u64) {
+        if self.propose(r, g, command, req).is_err()
+            && let Some(q) = self.relays[r].requests.remove(&req)
+        {
+            self.answer(q.device, Answer::Unavailable);
         }
     }
 
@@ -1640,11 +1655,7 @@ impl World {
         let cert = EpochCert { body: *body, signatures: std::mem::take(signatures) };
         q.stage = Stage::Delivering { cert: cert.clone() };
         self.certificate(g, &cert)?;
-        if self.propose(r, g, OrderCommand::Deliver { cert }, req).is_err() {
-            if let Some(q) = self.relays[r].requests.remove(&req) {
-                self.answer(q.device, Answer::Unavailable);
-            }
-        }
+        self.propose_or_answer(r, g, OrderCommand::Deliver { cert }, req);
         Ok(())
     }
 
@@ -1911,6 +1922,9 @@ impl World {
                 let d = &mut self.devices[i];
                 d.channel = Some(channel);
                 d.next_change = self.now + self.p.change_every_ms;
+                for msg in std::mem::take(&mut d.early) {
+                    self.process(i, msg)?;
+                }
                 Ok(())
             }
             Incoming::Commit(msg) => self.process(i, msg),
@@ -1985,7 +1999,14 @@ impl World {
         let now = Timestamp(BASE_MS + self.now);
         let check = KnownDirs { dirs: &self.dirs, trust: &self.trust, now };
         let d = &mut self.devices[i];
-        let Some(channel) = d.channel.as_mut().filter(|c| c.is_active()) else { return Ok(()) };
+        let Some(channel) = d.channel.as_mut().filter(|c| c.is_active()) else {
+            // Not in the channel (yet): its Welcome may come after this.
+            d.early.push_back(msg);
+            if d.early.len() > EARLY_MAX {
+                d.early.pop_front();
+            }
+            return Ok(());
+        };
         let before = channel.epoch();
         let events = channel
             .process(&d.provider, now, msg, &check)
@@ -2010,7 +2031,7 @@ impl World {
             }
             self.log(format!("{} d{i} at epoch {epoch}", self.now));
             let d = &mut self.devices[i];
-            if !d.staged.as_ref().is_some_and(|s| s.epoch == key.1) {
+            if d.staged.as_ref().is_none_or(|s| s.epoch != key.1) {
                 continue;
             }
             let s = d.staged.take().context("staged")?;
