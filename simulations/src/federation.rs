@@ -10,7 +10,11 @@
 //! only then answers the device; every relay fans a delivered winner out to its own devices
 //! from a durable inbox; the leader sweeps winners left waiting (their submitting relay died).
 //! Members are real MLS devices (`proto`'s [`Channel`]) that stage, submit, retry, rebuild on
-//! conflict and apply only certified commits.
+//! conflict and apply only certified commits. Channels move between relay sets: adding a
+//! member of another relay grows the set, removing a relay's last member shrinks it; the
+//! group of the new set opens the channel when a member next submits (its state checked as the
+//! relay checks it), and Welcomes for devices of relays new to the set are queued onward to
+//! them.
 //!
 //! **Raft is modelled here, not run.** The relay runs openraft, whose election timers draw from
 //! a thread-local random generator and whose core `select!`s poll in random order, so it cannot
