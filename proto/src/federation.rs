@@ -99,6 +99,30 @@ pub enum FedBody {
         /// The proof.
         proof: Box<crate::ordering::Equivocation>,
     },
+    /// Is `state` the channel's state as the answering relay ordered it? Asked by a relay of
+    /// the relay set the state names, which a member asked to open the channel in the group of
+    /// that set, of the other relays of the set: those that ordered the channel's move into the
+    /// set hold the very state it must be.
+    CheckState {
+        /// The channel.
+        channel: crate::ordering::ChannelId,
+        /// The state the member opens the channel with.
+        state: crate::channel::PublicState,
+    },
+}
+
+/// A relay's judgement of a channel's public state offered to open the channel in the group of
+/// the relay set it names ([`FedBody::CheckState`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum StateCheck {
+    /// It is exactly the state this relay's log reached when it ordered the move into the set.
+    Matches,
+    /// It cannot be the channel's state: older than what this relay ordered, or not the state
+    /// its log reached at that epoch, or past an epoch only the group of the set may order.
+    Differs,
+    /// This relay holds nothing to judge it by.
+    Unknown,
 }
 
 /// The kinds of Raft RPC.
@@ -168,6 +192,8 @@ pub enum FedResponse {
         /// Whether it is the first proof against that orderer.
         new: bool,
     },
+    /// The answer to [`FedBody::CheckState`].
+    StateChecked(StateCheck),
 }
 
 impl Validate for FedRequest {
@@ -197,6 +223,14 @@ impl Validate for FedRequest {
             }
             FedBody::Sign { relays, .. } => check_relay_set(relays),
             FedBody::Equivocation { .. } => Ok(()),
+            FedBody::CheckState { state, .. } => {
+                if state.group_info.len().saturating_add(state.ratchet_tree.len())
+                    > MAX_RAFT_PAYLOAD
+                {
+                    return Err("public state too large");
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -454,6 +454,27 @@ fn evidence_frames() {
         ]
         .join("\n--\n")
     );
+    let check = chitchat_proto::federation::FedRequest {
+        from: "relay.example".into(),
+        body: chitchat_proto::federation::FedBody::CheckState {
+            channel: chitchat_proto::ordering::ChannelId([4; 32]),
+            state: chitchat_proto::channel::PublicState {
+                group_info: vec![1, 2, 3].into(),
+                ratchet_tree: vec![4, 5].into(),
+            },
+        },
+    };
+    let checked = chitchat_proto::federation::FedResponse::StateChecked(
+        chitchat_proto::federation::StateCheck::Differs,
+    );
+    insta::assert_snapshot!(
+        "fed_check_state",
+        [
+            hex(&wire::encode_frame(&check).expect("frame")),
+            hex(&wire::encode_frame(&checked).expect("frame"))
+        ]
+        .join("\n--\n")
+    );
     insta::assert_snapshot!("envelope_report", hex(&encode(&wire::Envelope::Report(report))));
     insta::assert_snapshot!("inbox_payload_report", hex(&payload.to_bytes()));
     for r in &requests {

@@ -12,7 +12,7 @@ use chitchat_proto::channel::{
     inspect_commit, validate_key_package,
 };
 use chitchat_proto::codec::{Bytes, encode};
-use chitchat_proto::federation::{FedBody, FedRequest, FedResponse, ForwardResult};
+use chitchat_proto::federation::{FedBody, FedRequest, FedResponse, ForwardResult, StateCheck};
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::ordering::{
@@ -312,6 +312,7 @@ fn fed_kind(b: &FedBody) -> &'static str {
         FedBody::Propose { .. } => "propose",
         FedBody::Sign { .. } => "sign",
         FedBody::Equivocation { .. } => "equivocation",
+        FedBody::CheckState { .. } => "check_state",
     }
 }
 
@@ -823,6 +824,22 @@ impl Relay {
                     Ok(new) => FedResponse::Noted { new },
                     Err((code, message)) => fed_error(code, message),
                 }
+            }
+            FedBody::CheckState { channel, state } => {
+                let set = match PublicChannel::from_state(&self.crypto, &state).map(|p| p.config())
+                {
+                    Ok(Ok(c)) => {
+                        let mut set = c.relays;
+                        set.sort();
+                        set.dedup();
+                        set
+                    }
+                    _ => return FedResponse::StateChecked(StateCheck::Differs),
+                };
+                if !set.contains(origin) || !set.contains(&self.id) {
+                    return fed_error(ErrorCode::Forbidden, "the state's relay set names neither");
+                }
+                FedResponse::StateChecked(self.judge_state(&channel, &set, &state).await)
             }
             FedBody::Lookup { local_name } => match self.store.lookup(&local_name) {
                 Ok(dirs) => FedResponse::Dirs(dirs),
@@ -1501,7 +1518,7 @@ impl Relay {
         // A channel that moved here from relay sets this relay orders in too: the state must
         // be the one those relays' log left it in (a member cannot open it here at another
         // state), and a stale copy of it here is replaced.
-        if let Err(e) = self.check_moved_state(&channel, &set, &state).await {
+        if let Err(e) = self.vouch_for_state(&channel, &set, &state).await {
             return error(ErrorCode::Forbidden, e);
         }
         let opened = if set.len() < 2 {
@@ -1544,41 +1561,100 @@ impl Relay {
         }
     }
 
-    /// Checks a state opened for the relay set `set` against what this relay's other groups
-    /// (not the group of `set`) last ordered of the channel: the copy of the latest epoch among
-    /// them. A state of an earlier epoch than that copy is stale; a state of its epoch must be
-    /// exactly that copy (which then names `set`: its group ordered the move to `set`). A state
-    /// of a later epoch cannot be checked here. Older copies are passed over: a channel that
-    /// moved back and forth between relay sets leaves copies behind in groups that no longer
-    /// order it, naming the set they moved it to then.
-    async fn check_moved_state(
+    /// Judges a channel's public state offered to open the channel in the group of `set` (the
+    /// relay set the state names), by the copies of the channel this relay's groups hold:
+    ///
+    /// - the latest copy outside the group of `set` names `set` (its group ordered the move into
+    ///   `set`, the last this relay knows): the state must be exactly that copy, at its epoch
+    ///   (the next epoch is the group of `set`'s to order, so no later state can exist yet);
+    /// - it names another set: the channel moved on from there, so the state must be later;
+    /// - the group of `set` holds the latest copy and it names another set (the channel left
+    ///   `set` from there): the state must be later; a copy naming `set` is live, and opening
+    ///   it again changes nothing.
+    ///
+    /// A state it has no copy to judge by is [`StateCheck::Unknown`]. Older copies are passed
+    /// over (a channel that moved back and forth leaves copies naming sets it has left).
+    async fn judge_state(
+        &self,
+        channel: &ChannelId,
+        set: &[RelayId],
+        state: &PublicState,
+    ) -> StateCheck {
+        let sorted = |relays: &[RelayId]| {
+            let mut r = relays.to_vec();
+            r.sort();
+            r.dedup();
+            r
+        };
+        let Ok(epoch) = PublicChannel::from_state(&self.crypto, state).map(|p| p.epoch()) else {
+            return StateCheck::Differs;
+        };
+        let mut sources: Vec<(&Ordering, Vec<RelayId>)> =
+            vec![(&self.ordering, vec![self.id.clone()])];
+        let groups = self.groups.all().await;
+        sources.extend(groups.iter().map(|g| (&g.ordering, g.relays.clone())));
+        // (epoch, names `set`, its ordering) of the copy in the group of `set`, and of the
+        // latest copy elsewhere.
+        let mut own = None;
+        let mut latest: Option<(u64, bool, &Ordering)> = None;
+        for (ordering, own_set) in sources {
+            let Some(held) = ordering.next_epoch(channel).await else { continue };
+            let names =
+                matches!(ordering.config(channel).await, Some(Ok(c)) if sorted(&c.relays) == set);
+            if own_set == set {
+                own = Some((held, names));
+            } else if latest.is_none_or(|(e, _, _)| held > e) {
+                latest = Some((held, names, ordering));
+            }
+        }
+        match (own, latest) {
+            (Some((held, names)), latest) if latest.is_none_or(|(e, _, _)| held >= e) => {
+                if !names && epoch <= held { StateCheck::Differs } else { StateCheck::Unknown }
+            }
+            (_, Some((held, true, ordering))) => {
+                if epoch == held && ordering.matches(channel, state).await == Some(true) {
+                    StateCheck::Matches
+                } else {
+                    StateCheck::Differs
+                }
+            }
+            (_, Some((held, false, _))) if epoch <= held => StateCheck::Differs,
+            _ => StateCheck::Unknown,
+        }
+    }
+
+    /// Refuses a state offered to open a channel in the group of `set` if this relay, or any
+    /// other relay of `set` it reaches, judges that it differs from what they ordered
+    /// ([`Relay::judge_state`]); relays that do not answer are passed over.
+    async fn vouch_for_state(
         &self,
         channel: &ChannelId,
         set: &[RelayId],
         state: &PublicState,
     ) -> Result<(), String> {
-        let mut sources: Vec<(&Ordering, Vec<RelayId>)> =
-            vec![(&self.ordering, vec![self.id.clone()])];
-        let groups = self.groups.all().await;
-        sources.extend(groups.iter().map(|g| (&g.ordering, g.relays.clone())));
-        let mut latest: Option<(u64, &Ordering)> = None;
-        for (ordering, own_set) in sources {
-            if own_set == set {
-                continue;
-            }
-            let Some(epoch) = ordering.next_epoch(channel).await else { continue };
-            if latest.is_none_or(|(e, _)| epoch > e) {
-                latest = Some((epoch, ordering));
-            }
+        let stale = "the channel's state is not the one its relays ordered last";
+        if self.judge_state(channel, set, state).await == StateCheck::Differs {
+            return Err(stale.into());
         }
-        let Some((epoch, ordering)) = latest else { return Ok(()) };
-        let opened = PublicChannel::from_state(&self.crypto, state)
-            .map_err(|e| format!("public state: {e}"))?
-            .epoch();
-        if opened < epoch
-            || (opened == epoch && ordering.matches(channel, state).await != Some(true))
-        {
-            return Err("the channel's state is not the one its relays ordered last".into());
+        let asks = set.iter().filter(|r| **r != self.id).map(|r| async move {
+            let body = FedBody::CheckState { channel: *channel, state: state.clone() };
+            match self.federation.call(&r.host, body).await {
+                Ok((_, FedResponse::StateChecked(check))) => (r, Some(check)),
+                Ok((_, other)) => {
+                    tracing::debug!(relay = %r.host, answer = ?other, "no judgement of a state");
+                    (r, None)
+                }
+                Err(e) => {
+                    tracing::debug!(relay = %r.host, error = %e, "no judgement of a state");
+                    (r, None)
+                }
+            }
+        });
+        for (relay, check) in futures::future::join_all(asks).await {
+            if check == Some(StateCheck::Differs) {
+                tracing::warn!(%channel, relay = %relay.host, "a member offered a channel state another relay of the set did not order; refused");
+                return Err(format!("{stale} (relay {})", relay.host));
+            }
         }
         Ok(())
     }

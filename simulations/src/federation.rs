@@ -44,6 +44,7 @@ use chitchat_proto::channel::{
     Identity, KnownDirs, PublicChannel, PublicState, StagedCommit,
 };
 use chitchat_proto::codec::Bytes;
+use chitchat_proto::federation::StateCheck;
 use chitchat_proto::identity::{DirBody, Profile, SponsorshipBody, TrustedRelays};
 use chitchat_proto::ordering::{
     CertSignature, ChannelId, CommitHash, CommitRef, Delivery, EpochCert, EpochCertBody, Intent,
@@ -1448,17 +1449,12 @@ impl World {
             return self
                 .answer(Some((device, seq)), Answer::Refused("not a relay of the set".into()));
         }
-        // As the relay's `check_moved_state`: the copy of the latest epoch among this relay's
-        // other groups; the state may not be older, and must be that copy at its epoch.
-        let latest = self.relays[r]
-            .replicas
-            .iter()
-            .filter(|(g, _)| self.groups[**g].relays != set)
-            .filter_map(|(_, x)| x.orderer.next_epoch(&id).map(|e| (e, x)))
-            .max_by_key(|(e, _)| *e);
-        let stale = latest.is_some_and(|(epoch, x)| {
-            public.epoch() < epoch
-                || (public.epoch() == epoch && x.orderer.matches(&id, &state) != Some(true))
+        // As the relay's `vouch_for_state`: this relay and every other relay of the set it
+        // reaches judge the state by their copies; one that finds it differs refuses it.
+        let epoch = public.epoch();
+        let stale = set.iter().any(|&x| {
+            (x == r || (self.relays[x].up && !self.cut.contains(&(r, x))))
+                && self.judge_state(x, &id, &set, &state, epoch) == StateCheck::Differs
         });
         if stale {
             let held: Vec<String> = self.relays[r]
@@ -1485,6 +1481,44 @@ impl World {
         );
         self.log(format!("{} r{r} opens c{} in g{g}", self.now, self.chan_of(&id)));
         self.propose_or_answer(r, g, OrderCommand::Reopen { channel: id, state }, req);
+    }
+
+    /// Relay `x`'s judgement of a state offered to open a channel in the group of `set`, by
+    /// its copies of the channel (the relay's `judge_state`).
+    fn judge_state(
+        &self,
+        x: usize,
+        id: &ChannelId,
+        set: &[usize],
+        state: &PublicState,
+        epoch: u64,
+    ) -> StateCheck {
+        let mut own = None;
+        let mut latest: Option<(u64, bool, &Orderer)> = None;
+        for (g, replica) in &self.relays[x].replicas {
+            let o = &replica.orderer;
+            let Some(held) = o.next_epoch(id) else { continue };
+            let names = matches!(o.config(id), Some(Ok(c)) if self.set_of(&c) == set);
+            if self.groups[*g].relays == set {
+                own = Some((held, names));
+            } else if latest.is_none_or(|(e, _, _)| held > e) {
+                latest = Some((held, names, o));
+            }
+        }
+        match (own, latest) {
+            (Some((held, names)), latest) if latest.is_none_or(|(e, _, _)| held >= e) => {
+                if !names && epoch <= held { StateCheck::Differs } else { StateCheck::Unknown }
+            }
+            (_, Some((held, true, o))) => {
+                if epoch == held && o.matches(id, state) == Some(true) {
+                    StateCheck::Matches
+                } else {
+                    StateCheck::Differs
+                }
+            }
+            (_, Some((held, false, _))) if epoch <= held => StateCheck::Differs,
+            _ => StateCheck::Unknown,
+        }
     }
 
     /// [`World::propose`]s for request `req`, which is answered "unavailable" and dropped if

@@ -1297,3 +1297,122 @@ fn the_two_relay_demo_script_runs() {
         assert!(stdout.contains(&want), "the demo's output lacks {want:?}:\n{stdout}");
     }
 }
+
+/// A channel's relay set grows from {A} to {A, B} by a commit A alone ordered. Before any
+/// honest member opens it in the group of {A, B}, Mallory (on B, where no copy of the channel
+/// is) offers B states of her own making for it: one of the epoch before the move, one of its
+/// epoch, one past it. B asks A, which ordered the move and holds the very state, and refuses
+/// each; Alice's true state opens it, and the group of {A, B} orders and certifies from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_state_cannot_open_a_channel_that_moved() {
+    use chitchat_proto::RelayId;
+    use chitchat_proto::channel::{
+        AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, PublicState,
+    };
+    use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
+    use chitchat_proto::wire::CommitSubmission;
+    let (a, b) = (relay(|c| c.to_owned()), relay(|c| c.to_owned()));
+    let ids = vec![a.relay_id().expect("A"), b.relay_id().expect("B")];
+    let (alice_dev, mallory_dev) = (Device::new(1), Device::new(6));
+    let alice_a = register(&a, &alice_dev, "alice").await;
+    let mallory_b = register(&b, &mallory_dev, "mallory").await;
+    let (alice_mls, mallory_mls) = (Identity::new(&alice_dev.key), Identity::new(&mallory_dev.key));
+    let alice_p = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let mallory_p = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let kp = Bytes(mallory_mls.key_package(&mallory_p, false).expect("kp"));
+    let upload = Request::UploadKeyPackages { packages: vec![kp], last_resort: None };
+    let r = mallory_b.call(&upload).await.expect("upload");
+    assert!(matches!(r, Response::KeyPackagesStored { .. }), "{r:?}");
+    // A learns Mallory's record (and B's key) through a look-up, and claims her KeyPackage.
+    let r = alice_a
+        .call(&Request::LookupDevicesAt { host: b.host().into(), devices: vec![mallory_dev.id()] })
+        .await
+        .expect("lookup");
+    assert!(matches!(r, Response::RemoteDirs { .. }), "{r:?}");
+    let r = alice_a
+        .call(&Request::ClaimKeyPackageAt { host: b.host().into(), device: mallory_dev.id() })
+        .await
+        .expect("claim");
+    let Response::KeyPackage(mallory_kp) = r else { panic!("{r:?}") };
+
+    // Alice's channel, ordered by A alone; her commit adds Mallory and B to the relay set.
+    let config = ChannelConfig {
+        mime: "text/chitchat".into(),
+        name: "moving".into(),
+        relays: vec![ids[0].clone()],
+        admins: AdminPolicy::AnyMember,
+        creator: alice_mls.device(),
+    };
+    let id = ChannelId([9; 32]);
+    let mut alice = Channel::create(&alice_p, &alice_mls, id, config.clone()).expect("create");
+    let state = alice.public_state(&alice_p, &alice_mls).expect("export");
+    let r = alice_a.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 });
+    let moved = ChannelConfig { relays: ids.clone(), ..config };
+    let change =
+        Change { add: vec![Bytes(mallory_kp)], config: Some(moved.clone()), ..Default::default() };
+    let staged = alice.stage(&alice_p, &alice_mls, &change, &AcceptAll).expect("stage");
+    let sub = CommitSubmission {
+        channel: id,
+        epoch: 0,
+        commit: staged.commit.clone(),
+        welcome: None,
+        fanout: vec![],
+    };
+    let r = alice_a.call(&Request::SubmitCommit(sub)).await.expect("submit");
+    let Response::CommitAccepted { cert } = r else { panic!("{r:?}") };
+    alice.accept_own(&alice_p, &cert).expect("merge");
+    assert_eq!(alice.epoch(), 1);
+
+    // Mallory's states: groups of her own with the channel's id (each in a store of its own),
+    // naming {A, B} from epoch 0, from epoch 1, and from epoch 2; she certifies their commits
+    // herself while she is their only orderer.
+    let forge = |first: Vec<RelayId>, changes: Vec<Change>| {
+        let p = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let config =
+            ChannelConfig { relays: first, creator: mallory_mls.device(), ..moved.clone() };
+        let mut c = Channel::create(&p, &mallory_mls, id, config).expect("create");
+        for change in changes {
+            let s = c.stage(&p, &mallory_mls, &change, &AcceptAll).expect("stage");
+            let body = EpochCertBody { channel: id, epoch: s.epoch, hash: s.hash };
+            let sig = CertSignature::sign(&mallory_dev.key, &body);
+            c.accept_own(&p, &EpochCert { body, signatures: vec![sig] }).expect("merge");
+        }
+        c.public_state(&p, &mallory_mls).expect("export")
+    };
+    let to_ab = |creator| Change {
+        config: Some(ChannelConfig { relays: ids.clone(), creator, ..moved.clone() }),
+        ..Default::default()
+    };
+    let update = Change { update: true, ..Default::default() };
+    let me = mallory_mls.device();
+    let forged: Vec<PublicState> = vec![
+        forge(ids.clone(), vec![]),
+        forge(vec![], vec![to_ab(me)]),
+        forge(vec![], vec![update, to_ab(me)]),
+    ];
+    for (epoch, state) in forged.into_iter().enumerate() {
+        let r = mallory_b.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+        assert_eq!(code(&r), Some(ErrorCode::Forbidden), "a forged state of epoch {epoch}: {r:?}");
+    }
+
+    // Alice's true state opens it; the group of {A, B} orders her next commit.
+    let state = alice.public_state(&alice_p, &alice_mls).expect("export");
+    let r = alice_a.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+    assert_eq!(r, Response::ChannelOpened { next_epoch: 1 });
+    let staged = alice
+        .stage(&alice_p, &alice_mls, &Change { update: true, ..Default::default() }, &AcceptAll)
+        .expect("stage");
+    let sub = CommitSubmission {
+        channel: id,
+        epoch: 1,
+        commit: staged.commit.clone(),
+        welcome: None,
+        fanout: vec![],
+    };
+    let r = alice_a.call(&Request::SubmitCommit(sub)).await.expect("submit");
+    let Response::CommitAccepted { cert } = r else { panic!("{r:?}") };
+    let keys: Vec<_> = ids.iter().map(|r| r.key).collect();
+    cert.verify(&keys).expect("A and B signed");
+    alice.accept_own(&alice_p, &cert).expect("merge");
+}
