@@ -117,7 +117,15 @@ pub struct Node {
     first_outbox_id: u64,
     /// Messages stored by this run's sends, waiting for the outbox worker (at most 256).
     ready: Mutex<std::collections::VecDeque<(u64, OutboxItem)>>,
+    /// Whether the inbox was read to its end once since the node started: until then, what
+    /// the relay holds may move a channel to a later epoch (a member added while this node
+    /// was away), and a message encrypted now would miss the members it adds.
+    caught_up: tokio::sync::watch::Sender<bool>,
 }
+
+/// How long a send right after start waits for the inbox to be read to its end (the relay may
+/// be away: then it goes with what this node knows).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 impl Node {
     /// Opens the node's state and starts its background tasks.
@@ -138,6 +146,7 @@ impl Node {
             ordering: tokio::sync::Mutex::new(()),
             ready: Mutex::new(std::collections::VecDeque::new()),
             first_outbox_id,
+            caught_up: tokio::sync::watch::Sender::new(false),
         });
         tokio::spawn(node.clone().inbox_task());
         tokio::spawn(node.clone().outbox_task());
@@ -361,6 +370,16 @@ impl Node {
         payload: Vec<u8>,
         store: bool,
     ) -> Result<MessageId, NodeError> {
+        // Right after start, the channel's epoch is the one on disk: what the relay kept for
+        // this node comes first (at most a few seconds), so that the message is encrypted for
+        // the members the channel has now.
+        if !*self.caught_up.borrow() {
+            let mut caught_up = self.caught_up.subscribe();
+            if tokio::time::timeout(CATCH_UP_WAIT, caught_up.wait_for(|c| *c)).await.is_err() {
+                // The relay is away or slow: sends go on with what this node knows.
+                self.caught_up.send_replace(true);
+            }
+        }
         let now = now();
         let node = self.clone();
         // Runs on the engine's thread, maybe before the send's commit: the outbox task posts
@@ -592,7 +611,7 @@ impl Node {
         let timeout_ms = self.config.relay.wait_seconds.saturating_mul(1000);
         let wait = {
             let link = link.clone();
-            move |after: Option<u64>| {
+            move |after: Option<u64>, timeout_ms: u32| {
                 let link = link.clone();
                 async move {
                     link.call(&Request::Wait { after, max: MAX_FETCH_ITEMS, timeout_ms }).await
@@ -608,10 +627,13 @@ impl Node {
                     Ok(answer) => answer,
                     Err(e) => Err(LinkError::Unreachable(e.to_string())),
                 },
-                None => wait(cursor).await,
+                // Until the inbox was read to its end once, a look that does not wait: an empty
+                // inbox says so at once.
+                None if !*self.caught_up.borrow() => wait(cursor, 0).await,
+                None => wait(cursor, timeout_ms).await,
             };
-            let items = match answer {
-                Ok(Response::Items { items, .. }) => items,
+            let (items, more) = match answer {
+                Ok(Response::Items { items, more }) => (items, more),
                 Ok(other) => {
                     tracing::warn!(response = ?other, "inbox wait refused");
                     backoff.wait().await;
@@ -629,6 +651,7 @@ impl Node {
             }
             backoff.reset();
             if items.is_empty() {
+                self.caught_up.send_replace(true);
                 continue;
             }
             tracing::debug!(
@@ -638,10 +661,14 @@ impl Node {
                 "inbox items"
             );
             let last = items.iter().map(|i| i.id).max();
-            next = Some(tokio::spawn(wait(last.or(cursor))));
+            next = Some(tokio::spawn(wait(last.or(cursor), timeout_ms)));
             match self.receive(&link, items, &mut held).await {
                 Ok((last, removals, ack)) => {
                     cursor = last.or(cursor);
+                    if !more {
+                        // All the relay held is processed: the channels are at their epochs.
+                        self.caught_up.send_replace(true);
+                    }
                     // The ack goes while the next batch is fetched and processed: at most one
                     // in flight, so a slow relay slows the inbox down instead of piling up acks.
                     if let Some(previous) = acking.take() {

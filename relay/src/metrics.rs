@@ -93,7 +93,12 @@ impl Metrics {
         r.register("connections", "Open libp2p connections", self.connections.clone());
         r.register("inbox_depth", "Items waiting in all inboxes", self.inbox_depth.clone());
         r.register("devices", "Registered devices", self.devices.clone());
-        r.register("ordered_channels", "Channels ordered here", self.ordered_channels.clone());
+        r.register(
+            "ordered_channels",
+            "Channels ordered here, in this relay's own group and the groups it shares (a \
+             channel that moved between groups may count in each that holds a copy)",
+            self.ordered_channels.clone(),
+        );
         r.register(
             "ordering_state_bytes",
             "Bytes of ordering state, against the configured budget",

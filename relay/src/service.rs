@@ -1760,7 +1760,12 @@ impl Relay {
         let stats = self.store.stats()?;
         self.metrics.inbox_depth.set(i64::try_from(stats.inbox_items).unwrap_or(i64::MAX));
         self.metrics.devices.set(i64::try_from(stats.devices).unwrap_or(i64::MAX));
-        let (channels, bytes) = self.ordering.size().await;
+        let (mut channels, mut bytes) = self.ordering.size().await;
+        for g in self.groups.all().await {
+            let (c, b) = g.ordering.size().await;
+            channels = channels.saturating_add(c);
+            bytes = bytes.saturating_add(b);
+        }
         self.metrics.ordered_channels.set(i64::try_from(channels).unwrap_or(i64::MAX));
         self.metrics.ordering_state_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         let queued = self.store.queued_total()?;

@@ -14,6 +14,12 @@
 //!   same relay, each batch answered once durable.
 //! - `forwarded A → B`: the same payloads for a device of relay B, given to relay A (`Forward`,
 //!   answered once durable in A's queue), counted until all are in the device's inbox at B.
+//!
+//! Then idle channels (`--idle N`; 2,000 quick, 20,000 full): N channels opened in a relay's
+//! own group (a fresh relay, the baseline) and N in the group of three relays, then each
+//! relay's resident memory per channel (RSS growth over the channels) and the time a relay
+//! takes to start again after `kill -9` (until it listens: its groups are loaded by then) and
+//! until its metrics count the channels.
 
 use std::time::{Duration, Instant};
 
@@ -212,4 +218,90 @@ async fn main() {
         100.0 * local.as_secs_f64() / remote.as_secs_f64()
     );
     drop((reader_a, via_b));
+
+    let idle = std::env::args()
+        .skip_while(|a| a != "--idle")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if quick { 2_000 } else { 20_000 });
+    println!("\n{idle} idle channels, opened 16 at a time");
+    println!(
+        "{:<44} {:>9} {:>12} {:>12} {:>12} {:>12}",
+        "row", "channels", "opened/s", "KiB/channel", "restart", "counted"
+    );
+    let mut solo = relay();
+    idle_channels(&mut [&mut solo], idle, 500_000, "own group of one relay (baseline)").await;
+    let (mut a, mut b, mut c) = (a, b, c);
+    idle_channels(&mut [&mut b, &mut a, &mut c], idle, 600_000, "group of three relays").await;
+}
+
+fn rss_kib(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens `n` channels ordered by `relays` (through the first), 16 at a time, then measures
+/// the first relay's memory per channel and its restart after `kill -9`.
+async fn idle_channels(relays: &mut [&mut RelayProcess], n: u32, first: u32, name: &str) {
+    let ids: Vec<RelayId> = relays.iter().map(|r| r.relay_id().expect("well-known")).collect();
+    let before = rss_kib(relays[0].pid());
+    let per = n.div_ceil(16);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..16u32 {
+        let device = Device::numbered(first + k);
+        let client = register(relays[0], &device, &format!("idle{}", first + k)).await;
+        let ids = ids.clone();
+        tasks.push(tokio::spawn(async move {
+            let mls = Identity::new(&device.key);
+            for i in 0..per {
+                let provider = OpenMlsRustCrypto::default();
+                let config = ChannelConfig {
+                    mime: "application/octet-stream".into(),
+                    name: "idle".into(),
+                    relays: ids.clone(),
+                    admins: AdminPolicy::AnyMember,
+                    creator: mls.device(),
+                };
+                let mut id = [0u8; 32];
+                id[..4].copy_from_slice(&(first + k).to_be_bytes());
+                id[4..8].copy_from_slice(&i.to_be_bytes());
+                let channel =
+                    Channel::create(&provider, &mls, ChannelId(id), config).expect("create");
+                let state = channel.public_state(&provider, &mls).expect("export");
+                let r = client.call(&Request::OpenChannel { channel: ChannelId(id), state }).await;
+                assert!(matches!(r, Ok(Response::ChannelOpened { .. })), "{r:?}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let opened = per * 16;
+    let rate = f64::from(opened) / start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(relays[0].pid());
+    let per_channel = after.saturating_sub(before) as f64 / f64::from(opened);
+    relays[0].kill9();
+    let t = Instant::now();
+    relays[0].restart().expect("restart");
+    let listening = t.elapsed();
+    loop {
+        if relays[0].metric("chitchat_relay_ordered_channels") >= f64::from(opened) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(300), "the channels were not counted again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counted = t.elapsed();
+    println!(
+        "{:<44} {:>9} {:>12.0} {:>12.1} {:>12.2?} {:>12.2?}",
+        name, opened, rate, per_channel, listening, counted
+    );
 }

@@ -160,6 +160,11 @@ impl RelayProcess {
         &self.host
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Like [`RelayProcess::start_fixed`], inside a network namespace: it listens on the
     /// namespace's address, which [`Netns::partition`](crate::Netns::partition) can cut off.
     pub fn start_in(

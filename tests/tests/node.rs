@@ -595,3 +595,26 @@ async fn the_local_api_on_a_unix_socket_and_private_files() {
     assert_eq!(mode("api.sock"), 0o600);
     assert_eq!(std::fs::metadata(node.home()).expect("home").permissions().mode() & 0o777, 0o700);
 }
+
+/// Bob's node is away while Alice adds Carol; it comes back and Bob sends at once. The node
+/// reads what the relay kept for it before it encrypts, so the message is for the channel as
+/// it is now: Carol reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_from_away_sends_to_the_members_added_meanwhile() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let mut nodes = users(&relay, &["alice", "bob", "carol"]).await;
+    let id = nodes[0].cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    nodes[0].cli(&["invite", "general", "bob@localhost"]).expect("invite bob");
+    send(&nodes[0], &id, "hello bob").await;
+    nodes[1].wait_texts(&id, WAIT, |t| t == ["hello bob"]).await.expect("bob joined");
+    nodes[1].stop().expect("bob stops");
+    nodes[0].cli(&["invite", "general", "carol@localhost"]).expect("invite carol");
+    nodes[2].wait_joined(&id, WAIT).await.expect("carol joined");
+    nodes[1].restart().expect("bob is back");
+    send(&nodes[1], &id, "back, hello carol").await;
+    nodes[2]
+        .wait_texts(&id, WAIT, |t| t.iter().any(|m| m == "back, hello carol"))
+        .await
+        .expect("carol reads what bob sent as he came back");
+    assert_eq!(members(&nodes[1], &id).await.len(), 3);
+}
