@@ -1494,7 +1494,7 @@ impl Relay {
         if let Err(retry_after_ms) = check_rate(&self.openers, me) {
             return error(ErrorCode::RateLimited { retry_after_ms }, "too many channels opened");
         }
-        let relays = match PublicChannel::from_state(&self.crypto, &state) {
+        let (relays, epoch) = match PublicChannel::from_state(&self.crypto, &state) {
             Ok(p) if p.id() != channel => {
                 return error(ErrorCode::BadRequest, "the state is of another channel");
             }
@@ -1506,7 +1506,7 @@ impl Relay {
                     if let Err(e) = self.orders(&config) {
                         return error(ErrorCode::Forbidden, e);
                     }
-                    config.relays
+                    (config.relays, p.epoch())
                 }
                 Err(e) => return error(ErrorCode::BadRequest, format!("public state: {e}")),
             },
@@ -1538,13 +1538,11 @@ impl Relay {
             }
         };
         match opened {
-            Ok(RelayOutcome::Ordering(Outcome::Opened)) => match self.ordered_by(&channel).await {
-                Some(by) => match by.ordering().next_epoch(&channel).await {
-                    Some(next_epoch) => Response::ChannelOpened { next_epoch },
-                    None => unavailable("opened channel not found"),
-                },
-                None => unavailable("opened channel not found"),
-            },
+            // Opened at the state's epoch. (This relay's copy of a group it does not lead may
+            // not have applied the entry yet: the answer does not wait for it.)
+            Ok(RelayOutcome::Ordering(Outcome::Opened)) => {
+                Response::ChannelOpened { next_epoch: epoch }
+            }
             Ok(RelayOutcome::Ordering(Outcome::AlreadyOpen { next_epoch })) => {
                 Response::ChannelOpened { next_epoch }
             }
