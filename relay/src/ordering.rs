@@ -216,7 +216,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last_purged_log_id: Option<LogId<u64>> = self.meta(PURGED)?;
+        // Written as an `Option` (as the committed id is): read back as one.
+        let last_purged_log_id = self.meta::<Option<LogId<u64>>>(PURGED)?.flatten();
         let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
@@ -1008,6 +1009,52 @@ mod tests {
         assert_eq!(o.next_epoch(&ChannelId([3; 32])).await, Some(2));
         assert_eq!(done.delivered().len(), 1, "only c is new");
         assert_eq!(done.delivered()[0].commit.hash, c.hash);
+        o.shutdown().await;
+    }
+
+    /// A log long enough to be purged after a snapshot (more than [`LOG_AFTER_SNAPSHOT`]
+    /// entries past one) is opened again: the purged id is read back as it was written.
+    #[tokio::test]
+    async fn a_purged_log_opens_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ordering.redb");
+        let alice = Alice::new();
+        let me = alice.me.device();
+        let state = alice.channel.public_state(&alice.provider, &alice.me).expect("export");
+        let options = GroupOptions { snapshot_every: 50, ..GroupOptions::default() };
+        let sink = Recorded::at(None);
+        let o = Ordering::open(&path, options, sink.clone()).await.expect("open");
+        let open = RelayCommand::Open { channel: ChannelId([3; 32]), state };
+        assert!(matches!(o.submit(open).await, Ok(RelayOutcome::Ordering(Outcome::Opened))));
+        // Entries that change nothing (commits for a channel not ordered here) fill the log.
+        let n = LOG_AFTER_SNAPSHOT + 200;
+        for chunk in (0..n).collect::<Vec<u64>>().chunks(64) {
+            let submits = chunk.iter().map(|i| {
+                let mut id = [9u8; 32];
+                id[..8].copy_from_slice(&i.to_be_bytes());
+                let commit = CommitRef {
+                    channel: ChannelId(id),
+                    epoch: 1,
+                    hash: chitchat_proto::ordering::CommitHash([0; 32]),
+                    submitter: me,
+                };
+                o.submit(RelayCommand::Submit { commit, bytes: Bytes(vec![1]) })
+            });
+            for r in futures::future::join_all(submits).await {
+                assert!(matches!(r, Ok(RelayOutcome::Ordering(Outcome::UnknownChannel))), "{r:?}");
+            }
+        }
+        o.shutdown().await;
+        drop(o);
+        {
+            let db = Database::open(&path).expect("db");
+            let r = db.begin_read().expect("read");
+            let t = r.open_table(LOG).expect("log");
+            let (first, _) = t.first().expect("first").expect("an entry");
+            assert!(first.value() > 1, "the log was purged up to a snapshot");
+        }
+        let o = Ordering::open(&path, options, sink).await.expect("a purged log opens again");
+        assert_eq!(o.next_epoch(&ChannelId([3; 32])).await, Some(0));
         o.shutdown().await;
     }
 }
