@@ -125,6 +125,52 @@ pub enum StateCheck {
     Unknown,
 }
 
+/// A copy of a channel an ordering group of a relay holds: its epoch, and whether its config
+/// names the relay set a state is offered for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldCopy {
+    /// The epoch of the copy (of its next commit).
+    pub epoch: u64,
+    /// Whether the copy's relay set is the one the offered state names.
+    pub names_set: bool,
+}
+
+impl StateCheck {
+    /// Judges a state of `epoch` offered to open a channel in the group of the relay set it
+    /// names, by the copies one relay holds: `in_group`, the copy of that very group (if it
+    /// holds one), and `elsewhere`, the copy of the latest epoch among its other groups;
+    /// `matches_elsewhere` says whether the state is exactly that copy.
+    ///
+    /// - The latest copy is elsewhere and names the set (its group ordered the move into the
+    ///   set, the last this relay knows): the state must be exactly it, at its epoch (the next
+    ///   epoch is the new group's to order, so no later state can exist yet).
+    /// - It is elsewhere and names another set: the channel moved on from there, so the state
+    ///   must be later.
+    /// - It is the group's own and names another set (the channel left the set from there):
+    ///   the state must be later; one naming the set is live, and opening it changes nothing.
+    pub fn judge(
+        in_group: Option<HeldCopy>,
+        elsewhere: Option<HeldCopy>,
+        epoch: u64,
+        matches_elsewhere: bool,
+    ) -> Self {
+        match (in_group, elsewhere) {
+            (Some(own), latest) if latest.is_none_or(|l| own.epoch >= l.epoch) => {
+                if !own.names_set && epoch <= own.epoch { Self::Differs } else { Self::Unknown }
+            }
+            (_, Some(l)) if l.names_set => {
+                if epoch == l.epoch && matches_elsewhere {
+                    Self::Matches
+                } else {
+                    Self::Differs
+                }
+            }
+            (_, Some(l)) if epoch <= l.epoch => Self::Differs,
+            _ => Self::Unknown,
+        }
+    }
+}
+
 /// The kinds of Raft RPC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
@@ -313,5 +359,31 @@ mod tests {
             body: FedBody::Lookup { local_name: "b".into() },
         };
         assert_eq!(decode_frame::<FedRequest>(&encode_frame(&ok).expect("frame")), Ok(ok));
+    }
+
+    /// The judgement of a state offered to open a moved channel, case by case.
+    #[test]
+    fn states_are_judged_by_the_latest_copy() {
+        use StateCheck::{Differs, Matches, Unknown};
+        let copy = |epoch, names_set| Some(HeldCopy { epoch, names_set });
+        // Nothing held: nothing to say.
+        assert_eq!(StateCheck::judge(None, None, 5, false), Unknown);
+        // The move into the set was ordered elsewhere at epoch 5: exactly that state, nothing
+        // older, nothing later, nothing else of epoch 5.
+        assert_eq!(StateCheck::judge(None, copy(5, true), 5, true), Matches);
+        assert_eq!(StateCheck::judge(None, copy(5, true), 5, false), Differs);
+        assert_eq!(StateCheck::judge(None, copy(5, true), 4, false), Differs);
+        assert_eq!(StateCheck::judge(None, copy(5, true), 6, false), Differs);
+        // The latest copy elsewhere moved on to another set: only a later state can be true.
+        assert_eq!(StateCheck::judge(None, copy(5, false), 5, false), Differs);
+        assert_eq!(StateCheck::judge(None, copy(5, false), 9, false), Unknown);
+        // The group's own copy is the latest: live (opening changes nothing), or it left the
+        // set at its epoch (only a later state can be true).
+        assert_eq!(StateCheck::judge(copy(7, true), copy(5, true), 7, false), Unknown);
+        assert_eq!(StateCheck::judge(copy(7, false), copy(5, true), 7, false), Differs);
+        assert_eq!(StateCheck::judge(copy(7, false), copy(5, true), 9, false), Unknown);
+        // An older copy of the group's own is passed over for a later one elsewhere.
+        assert_eq!(StateCheck::judge(copy(3, false), copy(5, true), 5, true), Matches);
+        assert_eq!(StateCheck::judge(copy(3, false), copy(5, true), 8, false), Differs);
     }
 }

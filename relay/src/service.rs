@@ -12,7 +12,9 @@ use chitchat_proto::channel::{
     inspect_commit, validate_key_package,
 };
 use chitchat_proto::codec::{Bytes, encode};
-use chitchat_proto::federation::{FedBody, FedRequest, FedResponse, ForwardResult, StateCheck};
+use chitchat_proto::federation::{
+    FedBody, FedRequest, FedResponse, ForwardResult, HeldCopy, StateCheck,
+};
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::ordering::{
@@ -1591,34 +1593,27 @@ impl Relay {
             vec![(&self.ordering, vec![self.id.clone()])];
         let groups = self.groups.all().await;
         sources.extend(groups.iter().map(|g| (&g.ordering, g.relays.clone())));
-        // (epoch, names `set`, its ordering) of the copy in the group of `set`, and of the
-        // latest copy elsewhere.
-        let mut own = None;
-        let mut latest: Option<(u64, bool, &Ordering)> = None;
+        // The copy in the group of `set`, and the latest copy elsewhere (with its ordering).
+        let mut in_group = None;
+        let mut elsewhere: Option<(HeldCopy, &Ordering)> = None;
         for (ordering, own_set) in sources {
             let Some(held) = ordering.next_epoch(channel).await else { continue };
-            let names =
+            let names_set =
                 matches!(ordering.config(channel).await, Some(Ok(c)) if sorted(&c.relays) == set);
+            let copy = HeldCopy { epoch: held, names_set };
             if own_set == set {
-                own = Some((held, names));
-            } else if latest.is_none_or(|(e, _, _)| held > e) {
-                latest = Some((held, names, ordering));
+                in_group = Some(copy);
+            } else if elsewhere.is_none_or(|(e, _)| held > e.epoch) {
+                elsewhere = Some((copy, ordering));
             }
         }
-        match (own, latest) {
-            (Some((held, names)), latest) if latest.is_none_or(|(e, _, _)| held >= e) => {
-                if !names && epoch <= held { StateCheck::Differs } else { StateCheck::Unknown }
+        let matches = match elsewhere {
+            Some((copy, ordering)) if copy.names_set && copy.epoch == epoch => {
+                ordering.matches(channel, state).await == Some(true)
             }
-            (_, Some((held, true, ordering))) => {
-                if epoch == held && ordering.matches(channel, state).await == Some(true) {
-                    StateCheck::Matches
-                } else {
-                    StateCheck::Differs
-                }
-            }
-            (_, Some((held, false, _))) if epoch <= held => StateCheck::Differs,
-            _ => StateCheck::Unknown,
-        }
+            _ => false,
+        };
+        StateCheck::judge(in_group, elsewhere.map(|(c, _)| c), epoch, matches)
     }
 
     /// Refuses a state offered to open a channel in the group of `set` if this relay, or any

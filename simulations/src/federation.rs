@@ -44,7 +44,7 @@ use chitchat_proto::channel::{
     Identity, KnownDirs, PublicChannel, PublicState, StagedCommit,
 };
 use chitchat_proto::codec::Bytes;
-use chitchat_proto::federation::StateCheck;
+use chitchat_proto::federation::{HeldCopy, StateCheck};
 use chitchat_proto::identity::{DirBody, Profile, SponsorshipBody, TrustedRelays};
 use chitchat_proto::ordering::{
     CertSignature, ChannelId, CommitHash, CommitRef, Delivery, EpochCert, EpochCertBody, Intent,
@@ -1493,32 +1493,23 @@ impl World {
         state: &PublicState,
         epoch: u64,
     ) -> StateCheck {
-        let mut own = None;
-        let mut latest: Option<(u64, bool, &Orderer)> = None;
+        let mut in_group = None;
+        let mut elsewhere: Option<(HeldCopy, &Orderer)> = None;
         for (g, replica) in &self.relays[x].replicas {
             let o = &replica.orderer;
             let Some(held) = o.next_epoch(id) else { continue };
-            let names = matches!(o.config(id), Some(Ok(c)) if self.set_of(&c) == set);
+            let names_set = matches!(o.config(id), Some(Ok(c)) if self.set_of(&c) == set);
+            let copy = HeldCopy { epoch: held, names_set };
             if self.groups[*g].relays == set {
-                own = Some((held, names));
-            } else if latest.is_none_or(|(e, _, _)| held > e) {
-                latest = Some((held, names, o));
+                in_group = Some(copy);
+            } else if elsewhere.is_none_or(|(e, _)| held > e.epoch) {
+                elsewhere = Some((copy, o));
             }
         }
-        match (own, latest) {
-            (Some((held, names)), latest) if latest.is_none_or(|(e, _, _)| held >= e) => {
-                if !names && epoch <= held { StateCheck::Differs } else { StateCheck::Unknown }
-            }
-            (_, Some((held, true, o))) => {
-                if epoch == held && o.matches(id, state) == Some(true) {
-                    StateCheck::Matches
-                } else {
-                    StateCheck::Differs
-                }
-            }
-            (_, Some((held, false, _))) if epoch <= held => StateCheck::Differs,
-            _ => StateCheck::Unknown,
-        }
+        let matches = elsewhere.is_some_and(|(c, o)| {
+            c.names_set && c.epoch == epoch && o.matches(id, state) == Some(true)
+        });
+        StateCheck::judge(in_group, elsewhere.map(|(c, _)| c), epoch, matches)
     }
 
     /// [`World::propose`]s for request `req`, which is answered "unavailable" and dropped if

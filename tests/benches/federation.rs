@@ -28,7 +28,7 @@ use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::wire::{CommitSubmission, EnqueueResult, Request, Response};
 use chitchat_proto::{DeviceId, RelayId};
-use chitchat_tests::{Client, Device, RelayProcess, register};
+use chitchat_tests::{Client, Device, RelayProcess, register, rss_kib};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -235,22 +235,11 @@ async fn main() {
     idle_channels(&mut [&mut b, &mut a, &mut c], idle, 600_000, "group of three relays").await;
 }
 
-fn rss_kib(pid: Option<u32>) -> u64 {
-    let Some(pid) = pid else { return 0 };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Opens `n` channels ordered by `relays` (through the first), 16 at a time, then measures
 /// the first relay's memory per channel and its restart after `kill -9`.
 async fn idle_channels(relays: &mut [&mut RelayProcess], n: u32, first: u32, name: &str) {
     let ids: Vec<RelayId> = relays.iter().map(|r| r.relay_id().expect("well-known")).collect();
-    let before = rss_kib(relays[0].pid());
+    let before = relays[0].pid().map_or(0, rss_kib);
     let per = n.div_ceil(16);
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -286,7 +275,7 @@ async fn idle_channels(relays: &mut [&mut RelayProcess], n: u32, first: u32, nam
     let opened = per * 16;
     let rate = f64::from(opened) / start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = rss_kib(relays[0].pid());
+    let after = relays[0].pid().map_or(0, rss_kib);
     let per_channel = after.saturating_sub(before) as f64 / f64::from(opened);
     relays[0].kill9();
     let t = Instant::now();

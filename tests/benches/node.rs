@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::wire::{Request, Response};
-use chitchat_tests::{Device, NodeProcess, RelayProcess, register};
+use chitchat_tests::{Device, NodeProcess, RelayProcess, register, rss_kib};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -102,16 +102,6 @@ fn latency_row(name: &str, mut lat: Vec<Duration>) {
         ms(percentile(&lat, 0.99)),
         ms(lat.last().copied().unwrap_or_default()),
     );
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The relay alone: A enqueues to B, who holds a `Wait` open; time until B's wait returns.

@@ -47,3 +47,14 @@ pub async fn register(relay: &RelayProcess, device: &Device, name: &str) -> Clie
     );
     c
 }
+
+/// The resident memory of process `pid`, in KiB (0 if it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
