@@ -10,6 +10,7 @@ fn check(r: &Report) {
     assert!(r.acknowledged > 20, "commits must have been made: {r:?}");
     assert!(r.conflicts > 0, "concurrent commits must have conflicted: {r:?}");
     assert!(r.elections > r.groups as u64, "leaders must have changed: {r:?}");
+    assert!(r.moves > 0, "channels must have moved to the group of a new relay set: {r:?}");
 }
 
 #[test]
