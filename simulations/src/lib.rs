@@ -8,5 +8,12 @@
 //! replayed) comes from the seed, so a failing run is reproduced by its seed. (MLS key material
 //! comes from openmls' own randomness and differs between runs; it never changes the schedule.)
 
+//!
+//! [`federation::run`] drives many relays ordering many channels in Raft groups (the
+//! `Orderer` per replica, a modelled Raft log, the relay protocol) with real MLS members, on a
+//! virtual clock with latency, loss, partitions and crashes, channels moving between relay
+//! sets; it checks one winner and one certified hash per epoch, acknowledged commits kept and
+//! convergence after the faults heal, and hashes its trace (one seed, one trace).
+
 pub mod channel;
 pub mod federation;
