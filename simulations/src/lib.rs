@@ -7,7 +7,6 @@
 //! once. The schedule (who commits what, in which order, which deliveries are reordered or
 //! replayed) comes from the seed, so a failing run is reproduced by its seed. (MLS key material
 //! comes from openmls' own randomness and differs between runs; it never changes the schedule.)
-
 //!
 //! [`federation::run`] drives many relays ordering many channels in Raft groups (the
 //! `Orderer` per replica, a modelled Raft log, the relay protocol) with real MLS members, on a
