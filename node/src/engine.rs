@@ -1083,7 +1083,10 @@ impl Engine {
                     if self.awaits_welcome(&channel) {
                         Step::Awaiting(channel, message)
                     } else {
-                        kept = Some((channel, message.clone()));
+                        // Only a replayed message is kept, to wait again after a look-up.
+                        if index.is_none() {
+                            kept = Some((channel, message.clone()));
+                        }
                         self.receive_channel(
                             channel,
                             message,

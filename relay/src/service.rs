@@ -212,6 +212,14 @@ impl Waiters {
     }
 }
 
+/// A relay set as it names a group: sorted, each relay once.
+fn relay_set(relays: &[RelayId]) -> Vec<RelayId> {
+    let mut set = relays.to_vec();
+    set.sort();
+    set.dedup();
+    set
+}
+
 /// This relay's certificate for an ordered commit (Ed25519 is deterministic: the same body
 /// gets the same signature, whenever it is signed again).
 pub fn certify(key: &SecretKey, body: EpochCertBody) -> EpochCert {
@@ -577,13 +585,10 @@ impl Relay {
             return Some(OrderedBy::Solo(&self.ordering));
         }
         for g in self.groups.all().await {
-            if let Some(Ok(config)) = g.ordering.config(channel).await {
-                let mut set = config.relays.clone();
-                set.sort();
-                set.dedup();
-                if set == g.relays {
-                    return Some(OrderedBy::Group(g));
-                }
+            if let Some(Ok(config)) = g.ordering.config(channel).await
+                && relay_set(&config.relays) == g.relays
+            {
+                return Some(OrderedBy::Group(g));
             }
         }
         None
@@ -828,20 +833,16 @@ impl Relay {
                 }
             }
             FedBody::CheckState { channel, state } => {
-                let set = match PublicChannel::from_state(&self.crypto, &state).map(|p| p.config())
+                let (set, epoch) = match PublicChannel::from_state(&self.crypto, &state)
+                    .map(|p| (p.config(), p.epoch()))
                 {
-                    Ok(Ok(c)) => {
-                        let mut set = c.relays;
-                        set.sort();
-                        set.dedup();
-                        set
-                    }
+                    Ok((Ok(c), epoch)) => (relay_set(&c.relays), epoch),
                     _ => return FedResponse::StateChecked(StateCheck::Differs),
                 };
                 if !set.contains(origin) || !set.contains(&self.id) {
                     return fed_error(ErrorCode::Forbidden, "the state's relay set names neither");
                 }
-                FedResponse::StateChecked(self.judge_state(&channel, &set, &state).await)
+                FedResponse::StateChecked(self.judge_state(&channel, &set, &state, epoch).await)
             }
             FedBody::Lookup { local_name } => match self.store.lookup(&local_name) {
                 Ok(dirs) => FedResponse::Dirs(dirs),
@@ -1364,29 +1365,19 @@ impl Relay {
         // after a crash learns that it won, or whom it lost to).
         // (The group of the current set opened the channel at an epoch past this one when
         // another group decided it: that group answers.)
-        let current = match self.ordered_by(&sub.channel).await {
+        let ordered = self.ordered_by(&sub.channel).await;
+        let past = match &ordered {
             Some(by) => {
                 let ordering = by.ordering();
-                let past = ordering.next_epoch(&sub.channel).await.is_some_and(|n| n > sub.epoch)
-                    && ordering.winner(&sub.channel, sub.epoch).await.is_none();
-                if past { None } else { Some(by) }
+                ordering.next_epoch(&sub.channel).await.is_some_and(|n| n > sub.epoch)
+                    && ordering.winner(&sub.channel, sub.epoch).await.is_none()
             }
-            None => None,
+            None => true,
         };
-        let by = match current {
-            Some(by) => by,
-            None => match self.decided_by(&sub.channel, sub.epoch).await {
-                Some(by) => by,
-                None => match self.ordered_by(&sub.channel).await {
-                    Some(by) => by,
-                    None => {
-                        return error(
-                            ErrorCode::NotFound,
-                            "the channel is not ordered here; open it first",
-                        );
-                    }
-                },
-            },
+        let by =
+            if past { self.decided_by(&sub.channel, sub.epoch).await.or(ordered) } else { ordered };
+        let Some(by) = by else {
+            return error(ErrorCode::NotFound, "the channel is not ordered here; open it first");
         };
         match by.ordering().next_epoch(&sub.channel).await {
             None => {
@@ -1514,13 +1505,11 @@ impl Relay {
             },
             Err(e) => return error(ErrorCode::BadRequest, format!("public state: {e}")),
         };
-        let mut set = relays.clone();
-        set.sort();
-        set.dedup();
+        let set = relay_set(&relays);
         // A channel that moved here from relay sets this relay orders in too: the state must
         // be the one those relays' log left it in (a member cannot open it here at another
         // state), and a stale copy of it here is replaced.
-        if let Err(e) = self.vouch_for_state(&channel, &set, &state).await {
+        if let Err(e) = self.vouch_for_state(&channel, &set, &state, epoch).await {
             return error(ErrorCode::Forbidden, e);
         }
         let opened = if set.len() < 2 {
@@ -1579,16 +1568,8 @@ impl Relay {
         channel: &ChannelId,
         set: &[RelayId],
         state: &PublicState,
+        epoch: u64,
     ) -> StateCheck {
-        let sorted = |relays: &[RelayId]| {
-            let mut r = relays.to_vec();
-            r.sort();
-            r.dedup();
-            r
-        };
-        let Ok(epoch) = PublicChannel::from_state(&self.crypto, state).map(|p| p.epoch()) else {
-            return StateCheck::Differs;
-        };
         let mut sources: Vec<(&Ordering, Vec<RelayId>)> =
             vec![(&self.ordering, vec![self.id.clone()])];
         let groups = self.groups.all().await;
@@ -1598,8 +1579,8 @@ impl Relay {
         let mut elsewhere: Option<(HeldCopy, &Ordering)> = None;
         for (ordering, own_set) in sources {
             let Some(held) = ordering.next_epoch(channel).await else { continue };
-            let names_set =
-                matches!(ordering.config(channel).await, Some(Ok(c)) if sorted(&c.relays) == set);
+            let config = ordering.config(channel).await;
+            let names_set = matches!(config, Some(Ok(c)) if relay_set(&c.relays) == set);
             let copy = HeldCopy { epoch: held, names_set };
             if own_set == set {
                 in_group = Some(copy);
@@ -1624,9 +1605,10 @@ impl Relay {
         channel: &ChannelId,
         set: &[RelayId],
         state: &PublicState,
+        epoch: u64,
     ) -> Result<(), String> {
         let stale = "the channel's state is not the one its relays ordered last";
-        if self.judge_state(channel, set, state).await == StateCheck::Differs {
+        if self.judge_state(channel, set, state, epoch).await == StateCheck::Differs {
             return Err(stale.into());
         }
         let asks = set.iter().filter(|r| **r != self.id).map(|r| async move {

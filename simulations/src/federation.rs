@@ -1404,14 +1404,17 @@ impl World {
     fn submitted(&mut self, r: usize, device: usize, seq: u64, commit: CommitRef, bytes: Vec<u8>) {
         // As the relay: the group of the current set, unless it opened the channel past this
         // epoch and another group decided it.
-        let current = self.ordered_by(r, &commit.channel).filter(|g| {
-            let x = &self.relays[r].replicas[g].orderer;
-            x.next_epoch(&commit.channel).is_none_or(|n| n <= commit.epoch)
-                || x.state().winner(&commit.channel, commit.epoch).is_some()
+        let ordered = self.ordered_by(r, &commit.channel);
+        let past = ordered.is_none_or(|g| {
+            let x = &self.relays[r].replicas[&g].orderer;
+            x.next_epoch(&commit.channel).is_some_and(|n| n > commit.epoch)
+                && x.state().winner(&commit.channel, commit.epoch).is_none()
         });
-        let routed = current
-            .or_else(|| self.decided_by(r, &commit.channel, commit.epoch))
-            .or_else(|| self.ordered_by(r, &commit.channel));
+        let routed = if past {
+            self.decided_by(r, &commit.channel, commit.epoch).or(ordered)
+        } else {
+            ordered
+        };
         let Some(g) = routed else {
             self.answer(Some((device, seq)), Answer::NotOrdered);
             return;
