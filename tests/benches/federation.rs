@@ -1,7 +1,9 @@
 //! Federation: certified commits through one relay and through three, and payloads forwarded
 //! from one relay to another beside local enqueues, on loopback, all in the same run.
 //!
-//! Run: `cargo bench -p chitchat-tests --bench federation` (add `-- --quick` for a short run).
+//! Run: `cargo bench -p chitchat-tests --bench federation` (add `-- --quick` for a short run;
+//! `--channels 1,8,64` for the numbers of channels committing at once, default one and many;
+//! `--commits-only` to stop after the commit rows).
 //!
 //! Rows:
 //! - `commits, 1 relay`: N devices, each with its own channel ordered by one relay, commit
@@ -197,12 +199,24 @@ async fn main() {
             count as f64 / elapsed.as_secs_f64()
         );
     };
-    let total = u64::from(devices * per_device);
-    let (elapsed, lat) = commits(&[&a], devices, per_device, 0).await;
-    row(&format!("commits, 1 relay ({devices} channels)"), total, elapsed, &lat);
-    let (elapsed, lat) = commits(&[&a, &b, &c], devices, per_device, 10_000).await;
-    row(&format!("commits, 3 relays ({devices} channels)"), total, elapsed, &lat);
+    // Channels committing at once: one (latency alone), and many (throughput).
+    let loads: Vec<u32> = std::env::args()
+        .skip_while(|a| a != "--channels")
+        .nth(1)
+        .map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, devices]);
+    for (i, &devices) in loads.iter().enumerate() {
+        let first = 1_000 * i as u32;
+        let total = u64::from(devices * per_device);
+        let (elapsed, lat) = commits(&[&a], devices, per_device, first).await;
+        row(&format!("commits, 1 relay ({devices} channels)"), total, elapsed, &lat);
+        let (elapsed, lat) = commits(&[&a, &b, &c], devices, per_device, 100_000 + first).await;
+        row(&format!("commits, 3 relays ({devices} channels)"), total, elapsed, &lat);
+    }
 
+    if std::env::args().any(|a| a == "--commits-only") {
+        return;
+    }
     let sender = Device::numbered(900_000);
     let (to_a, to_b) = (Device::numbered(900_001), Device::numbered(900_002));
     let via_a = register(&a, &sender, "sender").await;
