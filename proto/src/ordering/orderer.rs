@@ -392,6 +392,10 @@ impl Orderer {
         self.channels.remove(&channel);
         self.members.remove(&channel);
         self.state.forget(&channel);
+        // Winners of the stale copy still waiting for a certificate can never get one (no
+        // relay knows them any more): without this, the leader's sweep would ask for their
+        // signatures forever.
+        self.waiting.retain(|(c, _), _| *c != channel);
         self.open(channel, state)
     }
 

@@ -249,3 +249,68 @@ fn a_stale_copy_of_a_channel_that_moved_away_is_replaced_and_nothing_else() {
     let (v, _) = o.apply(6, OrderCommand::Reopen { channel: id, state: open(&ch) });
     assert_eq!(v, Verdict::Ordering(Outcome::AlreadyOpen { next_epoch: 2 }));
 }
+
+/// A channel ordered by two relays leaves winners waiting for their certificate, moves to one
+/// relay, and comes back: the winners of the stale copy stop waiting (no relay can certify
+/// them any more), and a certificate for one of them is refused.
+#[test]
+fn a_reopened_channel_leaves_no_winner_waiting() {
+    use crate::channel::{AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, Identity};
+    use crate::identity::RelayId;
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let me = Identity::new(&SecretKey::from_seed([4; 32]));
+    let (r1, r2) = (SecretKey::from_seed([211; 32]), SecretKey::from_seed([212; 32]));
+    let relay = |k: &SecretKey, host: &str| RelayId { host: host.into(), key: k.public() };
+    let one = vec![relay(&r1, "one.example")];
+    let both = vec![relay(&r1, "one.example"), relay(&r2, "two.example")];
+    let config = ChannelConfig {
+        mime: "application/octet-stream".into(),
+        name: "returning".into(),
+        relays: both.clone(),
+        admins: AdminPolicy::AnyMember,
+        creator: me.device(),
+    };
+    let id = channel(9);
+    let mut ch = Channel::create(&provider, &me, id, config.clone()).expect("create");
+    let open = |ch: &Channel| ch.public_state(&provider, &me).expect("export");
+    let mut o = Orderer::new(OrderingLimits::default());
+    let (v, _) = o.apply(1, OrderCommand::Open { channel: id, state: open(&ch) });
+    assert_eq!(v, Verdict::Ordering(Outcome::Opened));
+    let mut certify = |ch: &mut Channel, change: &Change, o: &mut Orderer, index: u64| {
+        let s = ch.stage(&provider, &me, change, &AcceptAll).expect("stage");
+        let commit =
+            CommitRef { channel: id, epoch: s.epoch, hash: s.hash, submitter: me.device() };
+        let order =
+            OrderCommand::Order { commit, bytes: crate::codec::Bytes(s.commit), welcome: None };
+        let (v, delivery) = o.apply(index, order);
+        assert!(matches!(v, Verdict::Ordering(Outcome::Accepted(_))), "{v:?}");
+        assert!(delivery.is_none(), "a winner of two relays waits for its certificate");
+        let body = EpochCertBody { channel: id, epoch: s.epoch, hash: s.hash };
+        let signatures = vec![CertSignature::sign(&r1, &body), CertSignature::sign(&r2, &body)];
+        let cert = EpochCert { body, signatures };
+        ch.accept_own(&provider, &cert).expect("merge");
+        cert
+    };
+    // Two winners here, never delivered: a self-update, then the move to {one}.
+    let update = Change { update: true, ..Default::default() };
+    let stale = certify(&mut ch, &update, &mut o, 2);
+    let to_one = Change {
+        update: true,
+        config: Some(ChannelConfig { relays: one, ..config.clone() }),
+        ..Default::default()
+    };
+    certify(&mut ch, &to_one, &mut o, 3);
+    assert_eq!(o.waiting().count(), 2);
+    // Elsewhere (the group of {one}) a commit brings it back to {one, two}.
+    let back = Change { update: true, config: Some(config), ..Default::default() };
+    let s = ch.stage(&provider, &me, &back, &AcceptAll).expect("stage");
+    let body = EpochCertBody { channel: id, epoch: s.epoch, hash: s.hash };
+    let cert = EpochCert { body, signatures: vec![CertSignature::sign(&r1, &body)] };
+    ch.accept_own(&provider, &cert).expect("merge");
+    let (v, _) = o.apply(4, OrderCommand::Reopen { channel: id, state: open(&ch) });
+    assert_eq!(v, Verdict::Ordering(Outcome::Opened));
+    assert_eq!(o.waiting().count(), 0, "winners of the stale copy still wait");
+    let (v, delivery) = o.apply(5, OrderCommand::Deliver { cert: stale });
+    assert!(matches!(v, Verdict::Invalid(_)), "{v:?}");
+    assert!(delivery.is_none());
+}
