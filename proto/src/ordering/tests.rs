@@ -276,7 +276,7 @@ fn a_reopened_channel_leaves_no_winner_waiting() {
     let mut o = Orderer::new(OrderingLimits::default());
     let (v, _) = o.apply(1, OrderCommand::Open { channel: id, state: open(&ch) });
     assert_eq!(v, Verdict::Ordering(Outcome::Opened));
-    let mut certify = |ch: &mut Channel, change: &Change, o: &mut Orderer, index: u64| {
+    let certify = |ch: &mut Channel, change: &Change, o: &mut Orderer, index: u64| {
         let s = ch.stage(&provider, &me, change, &AcceptAll).expect("stage");
         let commit =
             CommitRef { channel: id, epoch: s.epoch, hash: s.hash, submitter: me.device() };
