@@ -792,6 +792,28 @@ impl Ordering {
         self.state_machine.inner.lock().await.orderer.next_epoch(channel)
     }
 
+    /// The channel's next epoch once this replica reached `epoch` (it applies the log behind
+    /// the group's leader), waiting for its applies up to `timeout`; then whatever it is.
+    pub async fn next_epoch_reaching(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+        timeout: std::time::Duration,
+    ) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = self.next_epoch(channel).await;
+            if next.is_none_or(|n| n >= epoch) {
+                return next;
+            }
+            let applied = self.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || !self.wait_applied(applied + 1, left).await {
+                return self.next_epoch(channel).await;
+            }
+        }
+    }
+
     /// The current ordering state (a copy).
     pub async fn state(&self) -> OrderingState {
         self.state_machine.state().await

@@ -260,6 +260,9 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
 /// How long a device is told to wait when the ordering state is at its budget: room comes
 /// back only as channels shrink.
 const OVER_BUDGET_RETRY_MS: u64 = 3_600_000;
+/// How long a submission waits for this relay's replica of its group to reach the commit's
+/// epoch.
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The ordering state is at its budget (`[ordering] max_state_bytes`) or channel limit.
 fn over_budget(reason: impl std::fmt::Display) -> Response {
@@ -1379,7 +1382,16 @@ impl Relay {
         let Some(by) = by else {
             return error(ErrorCode::NotFound, "the channel is not ordered here; open it first");
         };
-        match by.ordering().next_epoch(&sub.channel).await {
+        // A replica behind its group (the committer of the epoch before heard from the leader)
+        // catches up first: every commit for the next epoch gets this relay's credential check.
+        let next = by.ordering().next_epoch_reaching(&sub.channel, sub.epoch, CATCH_UP).await;
+        match next {
+            Some(next) if next < sub.epoch => {
+                return error(
+                    ErrorCode::Unavailable,
+                    format!("this relay has ordered the channel up to epoch {next} only; retry"),
+                );
+            }
             None => {
                 return error(
                     ErrorCode::NotFound,
