@@ -19,7 +19,7 @@ use crate::federation::Federation;
 use crate::metrics::Metrics;
 use crate::ordering::{Delivery, FanoutSink};
 use crate::service::{Waiters, certify, now};
-use crate::store::{InboxQuota, Onward, QueueLimits, Store, Write, Written};
+use crate::store::{Fanned, InboxQuota, Onward, QueueLimits, Store, Write, Written};
 
 /// Fault injection for tests: `CHITCHAT_RELAY_FAULT=exit-before-fanout` makes the relay abort
 /// after a commit is ordered (durable in the log) and before its fan-out is written.
@@ -93,7 +93,8 @@ impl CommitFanout {
         }
     }
 
-    fn write(&self, delivery: Delivery, now: Timestamp) -> (Write, Vec<String>) {
+    /// One winner's fan-out, and the relays whose queues it fills.
+    fn fanned(&self, delivery: Delivery, now: Timestamp) -> (Fanned, Vec<String>) {
         let Delivery { accepted, cert, new_relays } = delivery;
         // Welcomes for devices not registered here go, durably with the fan-out, to the
         // relays the commit brings into the set: the first user of a relay gets its Welcome
@@ -129,15 +130,7 @@ impl CommitFanout {
             .into_iter()
             .map(|envelope| Write::Enqueue { sender: c.submitter, envelope, now, quota })
             .collect();
-        let key = self.watermark.clone();
-        let write = Write::Ordered {
-            key,
-            index: accepted.index,
-            commit: Box::new(commit),
-            welcomes,
-            onward,
-        };
-        (write, kick)
+        (Fanned { commit: Box::new(commit), welcomes, onward }, kick)
     }
 }
 
@@ -153,8 +146,25 @@ impl FanoutSink for CommitFanout {
                 }
             }
             let now = now();
-            let (writes, kicks): (Vec<Write>, Vec<Vec<String>>) =
-                accepted.into_iter().map(|a| self.write(a, now)).unzip();
+            // One write per log entry (a batch entry has several winners): the watermark
+            // moves once the whole entry is fanned out.
+            let mut writes: Vec<Write> = Vec::new();
+            let mut kicks = Vec::new();
+            for a in accepted {
+                let index = a.accepted.index;
+                let (fanned, kick) = self.fanned(a, now);
+                kicks.push(kick);
+                match writes.last_mut() {
+                    Some(Write::Ordered { index: i, fanned: f, .. }) if *i == index => {
+                        f.push(fanned);
+                    }
+                    _ => writes.push(Write::Ordered {
+                        key: self.watermark.clone(),
+                        index,
+                        fanned: vec![fanned],
+                    }),
+                }
+            }
             let results =
                 futures::future::join_all(writes.into_iter().map(|w| self.store.write(w))).await;
             if let Some((federation, _)) = &self.federation {

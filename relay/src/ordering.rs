@@ -36,7 +36,7 @@ use chitchat_proto::channel::{ChannelError, CredentialCheck, PublicState};
 use chitchat_proto::codec::{Bytes, decode, encode};
 pub use chitchat_proto::ordering::{Accepted, MEMBER_EPOCHS};
 use chitchat_proto::ordering::{
-    ChannelId, CommitRef, EpochCert, OrderCommand, Orderer, OrderingLimits, OrderingState, Outcome,
+    ChannelId, CommitRef, EpochCert, OrderCommand, Orderer, OrderingLimits, OrderingState,
     StoragePairs, Verdict, Waiting,
 };
 use chitchat_proto::wire::SealedWelcomes;
@@ -60,7 +60,7 @@ openraft::declare_raft_types!(
     /// [`RelayOutcome`]s.
     pub TypeConfig:
         D = RelayCommand,
-        R = RelayOutcome,
+        R = Vec<RelayOutcome>,
 );
 
 /// An entry of the ordering log.
@@ -106,6 +106,10 @@ pub enum RelayCommand {
         /// GroupInfo and ratchet tree.
         state: PublicState,
     },
+    /// Commands submitted while the entry before was being written, applied in order as if
+    /// each had an entry of its own (one answer each; their winners' fan-outs share the entry's
+    /// index and are written together). A batch inside a batch is refused.
+    Batch(Vec<RelayCommand>),
 }
 
 pub use chitchat_proto::ordering::Delivery;
@@ -126,8 +130,16 @@ pub trait FanoutSink: Send + Sync + 'static {
     fn set_watermark(&self, index: u64) -> futures::future::BoxFuture<'_, Result<(), String>>;
 }
 
-/// The answer to one [`RelayCommand`]: the orderer's verdict.
+/// The answer to one [`RelayCommand`]: the orderer's verdict. (An entry's answer is one per
+/// command: several for a [`RelayCommand::Batch`].)
 pub type RelayOutcome = Verdict;
+
+/// Most commands in one [`RelayCommand::Batch`].
+pub const MAX_BATCH: usize = 256;
+/// Most batches being written at once.
+const BATCHES_IN_FLIGHT: usize = 2;
+/// Most commands waiting for a batch.
+const BATCH_QUEUE: usize = 4096;
 
 /// The openraft handle for the ordering group.
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -360,7 +372,32 @@ impl Machine {
         }
     }
 
-    /// Applies one command, the entry at log index `index`.
+    /// Applies the entry at log index `index`: one command, or a batch of them in order.
+    fn apply_entry(
+        &mut self,
+        index: u64,
+        command: RelayCommand,
+        deliveries: &mut Vec<Delivery>,
+    ) -> Vec<RelayOutcome> {
+        let RelayCommand::Batch(commands) = command else {
+            let (outcome, delivery) = self.apply(index, command);
+            deliveries.extend(delivery);
+            return vec![outcome];
+        };
+        commands
+            .into_iter()
+            .map(|command| {
+                if matches!(command, RelayCommand::Batch(_)) {
+                    return Verdict::Invalid("a batch inside a batch".into());
+                }
+                let (outcome, delivery) = self.apply(index, command);
+                deliveries.extend(delivery);
+                outcome
+            })
+            .collect()
+    }
+
+    /// Applies one command of the entry at log index `index`.
     fn apply(&mut self, index: u64, command: RelayCommand) -> (RelayOutcome, Option<Delivery>) {
         let command = match command {
             RelayCommand::Open { channel, state } => OrderCommand::Open { channel, state },
@@ -372,6 +409,9 @@ impl Machine {
                 OrderCommand::Order { commit, bytes, welcome }
             }
             RelayCommand::Deliver { cert } => OrderCommand::Deliver { cert },
+            RelayCommand::Batch(_) => {
+                return (Verdict::Invalid("a batch inside a batch".into()), None);
+            }
         };
         self.orderer.apply(index, command)
     }
@@ -428,7 +468,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((d.last_applied, d.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<RelayOutcome>>
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Vec<RelayOutcome>>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
@@ -441,16 +481,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 m.last_applied = Some(e.log_id);
                 match e.payload {
                     EntryPayload::Normal(command) => {
-                        let (outcome, fanout) = m.apply(e.log_id.index, command);
-                        out.push(outcome);
-                        accepted.extend(fanout);
+                        out.push(m.apply_entry(e.log_id.index, command, &mut accepted));
                     }
                     EntryPayload::Membership(membership) => {
                         m.membership = StoredMembership::new(Some(e.log_id), membership);
                         // Never read: membership entries have no client waiting.
-                        out.push(RelayOutcome::Ordering(Outcome::Opened));
+                        out.push(Vec::new());
                     }
-                    EntryPayload::Blank => out.push(RelayOutcome::Ordering(Outcome::Opened)),
+                    EntryPayload::Blank => out.push(Vec::new()),
                 }
             }
         }
@@ -542,7 +580,7 @@ impl RaftNetwork<TypeConfig> for NoPeers {
 }
 
 /// Why the ordering group failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum OrderingError {
     /// Its storage failed.
     #[error("ordering storage: {0}")]
@@ -585,11 +623,19 @@ impl Default for GroupOptions {
     }
 }
 
+/// A command waiting for its batch, and where its answer goes.
+type Pending =
+    (RelayCommand, usize, tokio::sync::oneshot::Sender<Result<(RelayOutcome, u64), OrderingError>>);
+
 /// The relay's ordering group.
 #[derive(Clone)]
 pub struct Ordering {
     raft: Raft,
     state_machine: StateMachine,
+    /// Commands on their way into the log: while a batch is written, those submitted meanwhile
+    /// wait and go together in the next entry (openraft 0.9 writes one entry per
+    /// `client_write`, each with its own appends and fsyncs).
+    batcher: tokio::sync::mpsc::Sender<Pending>,
 }
 
 impl Debug for Ordering {
@@ -688,7 +734,15 @@ impl Ordering {
         {
             raft.initialize(members).await.map_err(|e| OrderingError::Raft(e.to_string()))?;
         }
-        Ok(Self { raft, state_machine })
+        // An entry of a group of several relays must fit one federation frame.
+        let batch_bytes = if solo {
+            4 * 1024 * 1024
+        } else {
+            chitchat_proto::federation::MAX_RAFT_PAYLOAD - 8 * 1024
+        };
+        let (batcher, queue) = tokio::sync::mpsc::channel(BATCH_QUEUE);
+        tokio::spawn(batch_loop(raft.clone(), queue, batch_bytes));
+        Ok(Self { raft, state_machine, batcher })
     }
 
     /// The openraft handle (for the RPCs other relays send).
@@ -739,14 +793,16 @@ impl Ordering {
         &self,
         command: RelayCommand,
     ) -> Result<(RelayOutcome, u64), OrderingError> {
-        use openraft::error::{ClientWriteError, RaftError};
-        match self.raft.client_write(command).await {
-            Ok(response) => Ok((response.data, response.log_id.index)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(OrderingError::NotLeader { leader: f.leader_id })
-            }
-            Err(e) => Err(OrderingError::Raft(e.to_string())),
+        if matches!(command, RelayCommand::Batch(_)) {
+            return Err(OrderingError::Raft("batches are made here, not submitted".into()));
         }
+        let size = chitchat_proto::codec::encoded_len(&command);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.batcher
+            .send((command, size, tx))
+            .await
+            .map_err(|_| OrderingError::Raft("the ordering group stopped".into()))?;
+        rx.await.map_err(|_| OrderingError::Raft("the ordering group stopped".into()))?
     }
 
     /// Checks a commit against the channel's current public state, with `check` for the
@@ -831,6 +887,82 @@ impl Ordering {
     }
 }
 
+/// Writes the commands of `queue` into the log: each batch is what waited while the batches
+/// before were written (at most [`MAX_BATCH`] commands and `batch_bytes` bytes; a single
+/// command goes as itself), [`BATCHES_IN_FLIGHT`] at a time. Stops when the group is dropped.
+async fn batch_loop(
+    raft: Raft,
+    mut queue: tokio::sync::mpsc::Receiver<Pending>,
+    batch_bytes: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut next: Option<Pending> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let first = match next.take() {
+            Some(p) => p,
+            None => match queue.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut size = first.1;
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(p) if size + p.1 <= batch_bytes => {
+                    size += p.1;
+                    batch.push(p);
+                }
+                Ok(p) => {
+                    next = Some(p);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            write_batch(&raft, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Writes one batch and answers each of its commands.
+async fn write_batch(raft: &Raft, mut batch: Vec<Pending>) {
+    use openraft::error::{ClientWriteError, RaftError};
+    let (command, answers) = if batch.len() == 1 {
+        let (command, _, tx) = batch.remove(0);
+        (command, vec![tx])
+    } else {
+        let (commands, answers): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|(c, _, tx)| (c, tx)).unzip();
+        (RelayCommand::Batch(commands), answers)
+    };
+    let result = match raft.client_write(command).await {
+        Ok(response) if response.data.len() == answers.len() => {
+            let index = response.log_id.index;
+            for (tx, outcome) in answers.into_iter().zip(response.data) {
+                let _ = tx.send(Ok((outcome, index)));
+            }
+            return;
+        }
+        Ok(response) => OrderingError::Raft(format!(
+            "{} answers for {} commands",
+            response.data.len(),
+            answers.len()
+        )),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            OrderingError::NotLeader { leader: f.leader_id }
+        }
+        Err(e) => OrderingError::Raft(e.to_string()),
+    };
+    for tx in answers {
+        let _ = tx.send(Err(result.clone()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chitchat_proto::channel::{
@@ -842,6 +974,7 @@ mod tests {
     use openmls_rust_crypto::OpenMlsRustCrypto;
 
     use super::*;
+    use chitchat_proto::ordering::Outcome;
 
     struct Alice {
         key: SecretKey,
@@ -905,10 +1038,12 @@ mod tests {
             &self,
             accepted: Vec<Delivery>,
         ) -> futures::future::BoxFuture<'_, Result<(), String>> {
+            // An entry's deliveries (several for a batch) are done, or not, together.
             let mut s = self.state.lock().expect("lock");
+            let before = s.0;
             for a in accepted.into_iter().map(|d| d.accepted) {
-                if s.0.is_none_or(|w| a.index > w) {
-                    s.0 = Some(a.index);
+                if before.is_none_or(|w| a.index > w) {
+                    s.0 = s.0.max(Some(a.index));
                     s.1.push(a);
                 }
             }
@@ -1034,6 +1169,74 @@ mod tests {
         o.shutdown().await;
     }
 
+    /// Commands submitted while others are being written go into the log together (fewer
+    /// entries than commands); each gets its own answer, every winner of a shared entry is fanned
+    /// out, and none twice when the log is applied again.
+    #[tokio::test]
+    async fn commits_submitted_together_share_entries_and_are_all_fanned_out_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ordering.redb");
+        let alice = Alice::new();
+        let me = alice.me.device();
+        let sink = Recorded::at(None);
+        let o = Ordering::open(&path, GroupOptions::default(), sink.clone()).await.expect("open");
+        let before = o.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        let n = 24u8;
+        let mut channels: Vec<Channel> = (0..n)
+            .map(|i| {
+                let config = alice.channel.config().clone();
+                Channel::create(&alice.provider, &alice.me, ChannelId([100 + i; 32]), config)
+                    .expect("create")
+            })
+            .collect();
+        let opens = channels.iter().map(|c| {
+            let state = c.public_state(&alice.provider, &alice.me).expect("export");
+            o.submit(RelayCommand::Open { channel: c.id(), state })
+        });
+        for r in futures::future::join_all(opens).await {
+            assert_eq!(r.expect("open"), RelayOutcome::Ordering(Outcome::Opened));
+        }
+        let update = Change { update: true, ..Default::default() };
+        let staged: Vec<StagedCommit> = channels
+            .iter_mut()
+            .map(|c| c.stage(&alice.provider, &alice.me, &update, &AcceptAll).expect("stage"))
+            .collect();
+        let orders = channels.iter().zip(&staged).map(|(c, s)| {
+            let commit = CommitRef { channel: c.id(), epoch: 0, hash: s.hash, submitter: me };
+            let order =
+                RelayCommand::Order { commit, bytes: Bytes(s.commit.clone()), welcome: None };
+            o.submit_at(order)
+        });
+        let answers = futures::future::join_all(orders).await;
+        let mut indices = std::collections::BTreeSet::new();
+        for (r, s) in answers.into_iter().zip(&staged) {
+            let (outcome, index) = r.expect("ordered");
+            let RelayOutcome::Ordering(Outcome::Accepted(w)) = outcome else {
+                panic!("{outcome:?}")
+            };
+            assert_eq!(w.hash, s.hash, "each command gets its own answer");
+            indices.insert(index);
+        }
+        let entries = o.raft.metrics().borrow().last_log_index.unwrap_or(0) - before;
+        assert!(
+            entries < 2 * u64::from(n) && indices.len() < usize::from(n),
+            "{entries} entries, {} indices for {n} commits submitted together",
+            indices.len()
+        );
+        // Every winner fanned out, those sharing an entry included.
+        let channels_of = |d: &[Accepted]| {
+            d.iter().map(|a| a.commit.channel).collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(channels_of(&sink.delivered()).len(), usize::from(n));
+        o.shutdown().await;
+        drop(o);
+        // Applied again on restart: nothing is fanned out twice.
+        let o = Ordering::open(&path, GroupOptions::default(), sink.clone()).await.expect("open");
+        assert_eq!(o.next_epoch(&ChannelId([100; 32])).await, Some(1));
+        assert_eq!(sink.delivered().len(), usize::from(n));
+        o.shutdown().await;
+    }
+
     /// A log long enough to be purged after a snapshot (more than [`LOG_AFTER_SNAPSHOT`]
     /// entries past one) is opened again: the purged id is read back as it was written.
     #[tokio::test]
@@ -1048,23 +1251,20 @@ mod tests {
         let o = Ordering::open(&path, options, sink.clone()).await.expect("open");
         let open = RelayCommand::Open { channel: ChannelId([3; 32]), state };
         assert!(matches!(o.submit(open).await, Ok(RelayOutcome::Ordering(Outcome::Opened))));
-        // Entries that change nothing (commits for a channel not ordered here) fill the log.
+        // Entries that change nothing (commits for a channel not ordered here) fill the log,
+        // one at a time (submitted together, they would share entries).
         let n = LOG_AFTER_SNAPSHOT + 200;
-        for chunk in (0..n).collect::<Vec<u64>>().chunks(64) {
-            let submits = chunk.iter().map(|i| {
-                let mut id = [9u8; 32];
-                id[..8].copy_from_slice(&i.to_be_bytes());
-                let commit = CommitRef {
-                    channel: ChannelId(id),
-                    epoch: 1,
-                    hash: chitchat_proto::ordering::CommitHash([0; 32]),
-                    submitter: me,
-                };
-                o.submit(RelayCommand::Submit { commit, bytes: Bytes(vec![1]) })
-            });
-            for r in futures::future::join_all(submits).await {
-                assert!(matches!(r, Ok(RelayOutcome::Ordering(Outcome::UnknownChannel))), "{r:?}");
-            }
+        for i in 0..n {
+            let mut id = [9u8; 32];
+            id[..8].copy_from_slice(&i.to_be_bytes());
+            let commit = CommitRef {
+                channel: ChannelId(id),
+                epoch: 1,
+                hash: chitchat_proto::ordering::CommitHash([0; 32]),
+                submitter: me,
+            };
+            let r = o.submit(RelayCommand::Submit { commit, bytes: Bytes(vec![1]) }).await;
+            assert!(matches!(r, Ok(RelayOutcome::Ordering(Outcome::UnknownChannel))), "{r:?}");
         }
         o.shutdown().await;
         drop(o);

@@ -19,7 +19,7 @@ mod write;
 pub use records::{
     Counters, DeviceRecord, QueueCounters, QueuedForward, StoredItem, StoredKeyPackage, TokenRecord,
 };
-pub use write::{InboxQuota, Onward, QueueLimits, Write, WriteError, Written};
+pub use write::{Fanned, InboxQuota, Onward, QueueLimits, Write, WriteError, Written};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -520,3 +520,47 @@ async fn queues_for_other_relays_are_bounded_ordered_and_expire() {
     assert_eq!(store.queued_total().expect("total"), 2);
     assert_eq!(store.queued_hosts().expect("hosts"), vec!["b.example".to_owned()]);
 }
+
+/// The fan-out of a log entry with several winners (a batch) writes every one of them, then
+/// moves the watermark once; the same entry again writes nothing.
+#[tokio::test]
+async fn an_entry_with_several_winners_is_fanned_out_whole_and_once() {
+    use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
+    use chitchat_proto::wire::OrderedCommit;
+    let (_d, s) = open();
+    s.write(register(None, true, "bob", dir(2, 1, &[]))).await.expect("registered");
+    let unbounded = InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
+    let winner = |channel: u8| {
+        let body = EpochCertBody {
+            channel: ChannelId([channel; 32]),
+            epoch: 0,
+            hash: chitchat_proto::ordering::CommitHash([channel; 32]),
+        };
+        let cert = EpochCert { body, signatures: vec![CertSignature::sign(&key(9), &body)] };
+        let commit = OrderedCommit { channel: body.channel, commit: vec![channel; 64], cert };
+        Fanned {
+            commit: Box::new(Write::Fanout {
+                onward: None,
+                seen: None,
+                sender: dev(1),
+                envelope: Envelope::Commit(commit),
+                recipients: [dev(2)].into_iter().collect(),
+                now: NOW,
+                quota: unbounded,
+            }),
+            welcomes: vec![],
+            onward: None,
+        }
+    };
+    let entry = |index: u64| Write::Ordered {
+        key: "fanned-test".into(),
+        index,
+        fanned: vec![winner(1), winner(2), winner(3)],
+    };
+    let written = s.write(entry(7)).await.expect("fanned out");
+    assert!(matches!(written, Written::Posted { ref delivered, .. } if delivered.len() == 3));
+    assert_eq!(s.fanned_out("fanned-test").expect("watermark"), Some(7));
+    assert_eq!(s.write(entry(7)).await, Ok(Written::AlreadyFannedOut));
+    let (items, _) = s.fetch(&dev(2), None, 100, 1 << 20).expect("fetch");
+    assert_eq!(items.len(), 3, "every winner of the entry, once");
+}

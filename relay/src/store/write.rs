@@ -43,6 +43,18 @@ pub struct Onward {
     pub limits: QueueLimits,
 }
 
+/// One winner's fan-out in a [`Write::Ordered`].
+#[derive(Clone, Debug)]
+pub struct Fanned {
+    /// The commit for the members ([`Write::Fanout`], past the inbox quota).
+    pub commit: Box<Write>,
+    /// The Welcomes ([`Write::Enqueue`] each).
+    pub welcomes: Vec<Write>,
+    /// Where the Welcomes of devices not registered here are queued (the relays the commit
+    /// brings into the channel's relay set), if anywhere.
+    pub onward: Option<Onward>,
+}
+
 /// The key in `meta-0` of the number of payloads queued for all relays (8 bytes, big-endian).
 const FED_QUEUED_TOTAL: &str = "fed-queued";
 
@@ -123,21 +135,17 @@ pub enum Write {
         /// For a post another relay forwarded: its `(origin key, seq)`, so it is stored once.
         seen: Option<([u8; 32], u64)>,
     },
-    /// The fan-out of a commit ordered at log index `index`: its record for the channel's members
-    /// and the Welcomes for the devices it adds, unless the watermark says it was done (then
-    /// nothing is written); moves the watermark to `index`.
+    /// The fan-out of the winners of the ordering-log entry at `index` (one, or several for a
+    /// batch): each one's record for the channel's members and the Welcomes for the devices it
+    /// adds, unless the watermark says the entry was done (then nothing is written); moves the
+    /// watermark to `index`.
     Ordered {
         /// The watermark's key in `meta-0` (one per ordering group).
         key: String,
-        /// The ordering-log index of the accepted entry.
+        /// The ordering-log index of the entry.
         index: u64,
-        /// The commit for the members ([`Write::Fanout`], past the inbox quota).
-        commit: Box<Write>,
-        /// The Welcomes ([`Write::Enqueue`] each).
-        welcomes: Vec<Write>,
-        /// Where the Welcomes of devices not registered here are queued (the relays the commit
-        /// brings into the channel's relay set), if anywhere.
-        onward: Option<Onward>,
+        /// Its winners' fan-outs, in the entry's order.
+        fanned: Vec<Fanned>,
     },
     /// Records the fan-out watermark as it is (a relay upgraded from before it existed).
     SetFannedOut {
@@ -425,9 +433,7 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             }
             Ok(Written::Posted { delivered, skipped })
         }
-        Write::Ordered { key, index, commit, welcomes, onward } => {
-            ordered(t, key, *index, commit, welcomes, onward.as_ref())
-        }
+        Write::Ordered { key, index, fanned } => ordered(t, key, *index, fanned),
         Write::SetFannedOut { key, index } => {
             t.meta.insert(key.as_str(), index.to_be_bytes().as_slice()).map_err(storage)?;
             Ok(Written::Done)
@@ -470,16 +476,14 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
     }
 }
 
-/// One ordered commit's fan-out, once: the commit to its recipients (those not registered here
-/// are skipped), the Welcomes to theirs (a Welcome refused for a full inbox is skipped and
-/// logged: the commit is ordered whatever happens to it), and the watermark.
+/// One log entry's fan-out, once: each winner's commit to its recipients (those not
+/// registered here are skipped), the Welcomes to theirs (a Welcome refused for a full inbox is
+/// skipped and logged: the commit is ordered whatever happens to it), and the watermark.
 fn ordered(
     t: &mut Tables<'_>,
     key: &str,
     index: u64,
-    commit: &Write,
-    welcomes: &[Write],
-    onward: Option<&Onward>,
+    fanned: &[Fanned],
 ) -> Result<Written, WriteError> {
     let watermark = match t.meta.get(key).map_err(storage)? {
         Some(v) => {
@@ -494,10 +498,29 @@ fn ordered(
     if watermark.is_some_and(|w| index <= w) {
         return Ok(Written::AlreadyFannedOut);
     }
-    let (mut delivered, mut skipped) = match apply(t, commit)? {
-        Written::Posted { delivered, skipped } => (delivered, skipped),
+    let (mut delivered, mut skipped) = (Vec::new(), 0u32);
+    for f in fanned {
+        fan_out_one(t, f, &mut delivered, &mut skipped)?;
+    }
+    t.meta.insert(key, index.to_be_bytes().as_slice()).map_err(storage)?;
+    Ok(Written::Posted { delivered, skipped })
+}
+
+/// One winner's part of [`ordered`].
+fn fan_out_one(
+    t: &mut Tables<'_>,
+    fanned: &Fanned,
+    delivered: &mut Vec<DeviceId>,
+    skipped: &mut u32,
+) -> Result<(), WriteError> {
+    let Fanned { commit, welcomes, onward } = fanned;
+    match apply(t, commit)? {
+        Written::Posted { delivered: d, skipped: s } => {
+            delivered.extend(d);
+            *skipped = skipped.saturating_add(s);
+        }
         other => return Err(WriteError::Storage(format!("unexpected {other:?}"))),
-    };
+    }
     for welcome in welcomes {
         let Write::Enqueue { envelope, sender, now, .. } = welcome else { continue };
         match apply(t, welcome) {
@@ -515,20 +538,19 @@ fn ordered(
                     }
                     Err(WriteError::Rejected { message, .. }) => {
                         tracing::warn!(%message, "a Welcome for another relay was not queued");
-                        skipped = skipped.saturating_add(1);
+                        *skipped = skipped.saturating_add(1);
                     }
                     Err(e) => return Err(e),
                 }
             }
             Err(WriteError::Rejected { message, .. }) => {
                 tracing::warn!(%message, "a Welcome of an ordered commit was not delivered");
-                skipped = skipped.saturating_add(1);
+                *skipped = skipped.saturating_add(1);
             }
             Err(e) => return Err(e),
         }
     }
-    t.meta.insert(key, index.to_be_bytes().as_slice()).map_err(storage)?;
-    Ok(Written::Posted { delivered, skipped })
+    Ok(())
 }
 
 fn read_counters(t: &Tables<'_>, device: DeviceId) -> Result<Counters, WriteError> {
