@@ -425,6 +425,10 @@ pub struct StateMachine {
     store: LogStore,
     sink: Arc<dyn FanoutSink>,
     state_budget: u64,
+    /// A fault switch for tests (`CHITCHAT_RELAY_FAULT=slow-apply`): a replica of a group of
+    /// several relays applies every batch of entries half a second late, so that it lags
+    /// behind its group.
+    slow_apply: bool,
 }
 
 impl Debug for StateMachine {
@@ -473,6 +477,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        if self.slow_apply {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
         let mut out = Vec::new();
         let mut accepted = Vec::new();
         {
@@ -707,13 +714,19 @@ impl Ordering {
         };
         let initial = Machine::from_snapshot(initial, state_budget)
             .map_err(|e| OrderingError::Storage(e.to_string()))?;
+        let solo = members.len() == 1;
+        let slow_apply =
+            !solo && std::env::var(crate::service::FAULT_ENV).is_ok_and(|f| f == "slow-apply");
+        if slow_apply {
+            tracing::warn!("FAULT SWITCH ON: this replica applies its log late; for tests only");
+        }
         let state_machine = StateMachine {
             inner: Arc::new(Mutex::new(initial)),
             store: log.clone(),
             sink,
             state_budget,
+            slow_apply,
         };
-        let solo = members.len() == 1;
         let config = openraft::Config {
             cluster_name: "chitchat-ordering".into(),
             heartbeat_interval: if solo { 250 } else { 150 },

@@ -1418,3 +1418,71 @@ async fn a_forged_state_cannot_open_a_channel_that_moved() {
     cert.verify(&keys).expect("A and B signed");
     alice.accept_own(&alice_p, &cert).expect("merge");
 }
+
+/// A relay whose replica of the group lags behind (fault switch `slow-apply`: it applies half
+/// a second late) still checks the credentials of a commit for the next epoch: it waits for its
+/// replica instead of proposing the commit unchecked. The member adds a device registered at
+/// no relay (its own check skipped), through the lagging relay, right after the epoch before
+/// was certified by the other two: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_relay_still_checks_the_commits_it_proposes() {
+    use chitchat_proto::channel::{AcceptAll, AdminPolicy, Change, Channel, ChannelConfig};
+    use chitchat_proto::ordering::ChannelId;
+    let relays = [relay(|c| c.to_owned()), relay(|c| c.to_owned()), relay(|c| c.to_owned())];
+    let mut relays = relays;
+    relays[2].set_env("CHITCHAT_RELAY_FAULT", Some("slow-apply"));
+    relays[2].kill9();
+    relays[2].restart().expect("restart");
+    let ids: Vec<_> = relays.iter().map(|r| r.relay_id().expect("well-known")).collect();
+    let device = Device::new(1);
+    let mut clients = Vec::new();
+    for (i, r) in relays.iter().enumerate() {
+        clients.push(register(r, &device, &format!("alice{i}")).await);
+    }
+    let mls = Identity::new(&device.key);
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let config = ChannelConfig {
+        mime: "text/chitchat".into(),
+        name: "lagging".into(),
+        relays: ids.clone(),
+        admins: AdminPolicy::AnyMember,
+        creator: mls.device(),
+    };
+    let channel = Channel::create(&provider, &mls, ChannelId([8; 32]), config).expect("create");
+    let mut alice = Orderee { device, mls, provider, channel };
+    let state = alice.channel.public_state(&alice.provider, &alice.mls).expect("export");
+    let r = clients[0]
+        .call(&Request::OpenChannel { channel: alice.channel.id(), state })
+        .await
+        .expect("open");
+    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 }, "{r:?}");
+    // The lagging relay's replica has the channel before the race starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric(&relays[2], "chitchat_relay_ordered_channels") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the third relay never applied the open");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Epoch 0, certified through the first relay (its majority does not wait for the third).
+    let staged = alice.stage();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let cert = loop {
+        match clients[0].call(&alice.submission(&staged)).await {
+            Ok(Response::CommitAccepted { cert }) => break cert,
+            other => assert!(std::time::Instant::now() < deadline, "{other:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    alice.channel.accept_own(&alice.provider, &cert).expect("merge");
+    // At once, through the lagging relay: epoch 1 adds a device that no relay knows.
+    let stranger = Device::new(77);
+    let kp = Identity::new(&stranger.key)
+        .key_package(&openmls_rust_crypto::OpenMlsRustCrypto::default(), false)
+        .expect("kp");
+    let add = Change { add: vec![Bytes(kp)], ..Default::default() };
+    let staged = alice.channel.stage(&alice.provider, &alice.mls, &add, &AcceptAll).expect("stage");
+    let r = clients[2].call(&alice.submission(&staged)).await.expect("submit");
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::BadRequest, message } if message.contains("invalid commit")),
+        "a lagging relay ordered a commit it did not check: {r:?}"
+    );
+}
