@@ -353,6 +353,35 @@ struct Orderee {
 }
 
 impl Orderee {
+    /// A device registered at each of `relays` (as `alice0`, `alice1`, ...; a member submits
+    /// through any of them), with a channel ordered by all of them, opened through the first.
+    /// Returns it with a client at each relay.
+    async fn open_at(relays: &[RelayProcess], name: &str, id: u8) -> (Self, Vec<Client>) {
+        use chitchat_proto::channel::{AdminPolicy, Channel, ChannelConfig};
+        let ids: Vec<_> = relays.iter().map(|r| r.relay_id().expect("well-known")).collect();
+        let device = Device::new(1);
+        let mut clients = Vec::new();
+        for (i, r) in relays.iter().enumerate() {
+            clients.push(register(r, &device, &format!("alice{i}")).await);
+        }
+        let mls = Identity::new(&device.key);
+        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let config = ChannelConfig {
+            mime: "text/chitchat".into(),
+            name: name.into(),
+            relays: ids,
+            admins: AdminPolicy::AnyMember,
+            creator: mls.device(),
+        };
+        let id = chitchat_proto::ordering::ChannelId([id; 32]);
+        let channel = Channel::create(&provider, &mls, id, config).expect("create");
+        let alice = Orderee { device, mls, provider, channel };
+        let state = alice.channel.public_state(&alice.provider, &alice.mls).expect("export");
+        let r = clients[0].call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+        assert_eq!(r, Response::ChannelOpened { next_epoch: 0 }, "{r:?}");
+        (alice, clients)
+    }
+
     fn stage(&mut self) -> chitchat_proto::channel::StagedCommit {
         let update = chitchat_proto::channel::Change { update: true, ..Default::default() };
         let check = chitchat_proto::channel::AcceptAll;
@@ -372,34 +401,9 @@ impl Orderee {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_order_a_channel_together_through_kills_and_freezes() {
-    use chitchat_proto::channel::{AdminPolicy, Channel, ChannelConfig};
-    use chitchat_proto::ordering::ChannelId;
     let mut relays = [relay(|c| c.to_owned()), relay(|c| c.to_owned()), relay(|c| c.to_owned())];
-    let ids: Vec<_> = relays.iter().map(|r| r.relay_id().expect("well-known")).collect();
-    let keys: Vec<_> = ids.iter().map(|r| r.key).collect();
-    let device = Device::new(1);
-    // The same device is registered at each relay (a member submits through any of them).
-    let mut clients = Vec::new();
-    for (i, r) in relays.iter().enumerate() {
-        clients.push(register(r, &device, &format!("alice{i}")).await);
-    }
-    let mls = chitchat_proto::channel::Identity::new(&device.key);
-    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
-    let config = ChannelConfig {
-        mime: "text/chitchat".into(),
-        name: "three".into(),
-        relays: ids.clone(),
-        admins: AdminPolicy::AnyMember,
-        creator: mls.device(),
-    };
-    let channel = Channel::create(&provider, &mls, ChannelId([7; 32]), config).expect("create");
-    let mut alice = Orderee { device, mls, provider, channel };
-    let state = alice.channel.public_state(&alice.provider, &alice.mls).expect("export");
-    let r = clients[0]
-        .call(&Request::OpenChannel { channel: alice.channel.id(), state })
-        .await
-        .expect("open");
-    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 }, "{r:?}");
+    let keys: Vec<_> = relays.iter().map(|r| r.relay_id().expect("well-known").key).collect();
+    let (mut alice, mut clients) = Orderee::open_at(&relays, "three", 7).await;
 
     let mut winners = Vec::new();
     let mut last_staged = None;
@@ -1426,36 +1430,12 @@ async fn a_forged_state_cannot_open_a_channel_that_moved() {
 /// was certified by the other two: refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_relay_still_checks_the_commits_it_proposes() {
-    use chitchat_proto::channel::{AcceptAll, AdminPolicy, Change, Channel, ChannelConfig};
-    use chitchat_proto::ordering::ChannelId;
-    let relays = [relay(|c| c.to_owned()), relay(|c| c.to_owned()), relay(|c| c.to_owned())];
-    let mut relays = relays;
+    use chitchat_proto::channel::{AcceptAll, Change};
+    let mut relays = [relay(|c| c.to_owned()), relay(|c| c.to_owned()), relay(|c| c.to_owned())];
     relays[2].set_env("CHITCHAT_RELAY_FAULT", Some("slow-apply"));
     relays[2].kill9();
     relays[2].restart().expect("restart");
-    let ids: Vec<_> = relays.iter().map(|r| r.relay_id().expect("well-known")).collect();
-    let device = Device::new(1);
-    let mut clients = Vec::new();
-    for (i, r) in relays.iter().enumerate() {
-        clients.push(register(r, &device, &format!("alice{i}")).await);
-    }
-    let mls = Identity::new(&device.key);
-    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
-    let config = ChannelConfig {
-        mime: "text/chitchat".into(),
-        name: "lagging".into(),
-        relays: ids.clone(),
-        admins: AdminPolicy::AnyMember,
-        creator: mls.device(),
-    };
-    let channel = Channel::create(&provider, &mls, ChannelId([8; 32]), config).expect("create");
-    let mut alice = Orderee { device, mls, provider, channel };
-    let state = alice.channel.public_state(&alice.provider, &alice.mls).expect("export");
-    let r = clients[0]
-        .call(&Request::OpenChannel { channel: alice.channel.id(), state })
-        .await
-        .expect("open");
-    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 }, "{r:?}");
+    let (mut alice, clients) = Orderee::open_at(&relays, "lagging", 8).await;
     // The lagging relay's replica has the channel before the race starts.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while metric(&relays[2], "chitchat_relay_ordered_channels") < 1.0 {
