@@ -384,12 +384,10 @@ impl Machine {
             deliveries.extend(delivery);
             return vec![outcome];
         };
+        // (A batch inside a batch is refused by `apply`.)
         commands
             .into_iter()
             .map(|command| {
-                if matches!(command, RelayCommand::Batch(_)) {
-                    return Verdict::Invalid("a batch inside a batch".into());
-                }
                 let (outcome, delivery) = self.apply(index, command);
                 deliveries.extend(delivery);
                 outcome
