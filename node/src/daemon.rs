@@ -1032,10 +1032,17 @@ impl Node {
                         .await;
                 }
                 // The relay does not order the channel (its relay set changed since it was
-                // opened): open it there, once, and submit again.
+                // opened): open it there, once, and submit again. An open the relay cannot do
+                // yet (the relays that ordered the move are away) is tried again after a while.
                 Ok(Response::Error { code: ErrorCode::NotFound, .. }) if !reopened => {
-                    reopened = true;
-                    self.open_at_relay_again(&channel, true).await?;
+                    match self.open_at_relay_again(&channel, true).await {
+                        Ok(()) => reopened = true,
+                        Err(NodeError::Relay { code: "unavailable", message }) => {
+                            tracing::debug!(%channel, %message, "cannot open the channel yet");
+                            backoff.wait().await;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Ok(other) => {
                     self.with(move |e| e.discard(&channel, true)).await?;

@@ -725,7 +725,7 @@ impl Engine {
         if self.channels().any(|(_, r, _)| r.name == name && !r.left) {
             return Err(EngineError::ChannelExists(name.to_owned()));
         }
-        let id = ChannelId(rand::rng().random());
+        let id = ChannelId::of_creator(&self.device(), rand::rng().random());
         let admins = if open {
             AdminPolicy::AnyMember
         } else {

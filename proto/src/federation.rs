@@ -123,6 +123,22 @@ pub enum StateCheck {
     Differs,
     /// This relay holds nothing to judge it by.
     Unknown,
+    /// The group of the set holds this relay's latest copy of the channel, and it names the
+    /// set: the channel is open there already, and opening it again changes nothing (whatever
+    /// the state offered).
+    Live,
+}
+
+/// What the judgements of a state offered to open a channel add up to ([`StateCheck::sum`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vouched {
+    /// The state may be proposed.
+    Yes,
+    /// A relay found that it cannot be the channel's state.
+    Stale,
+    /// A state past epoch 0 that no relay vouched for: none of the relays that ordered the
+    /// channel's move into the set answered (they are away, or have not applied the move yet).
+    NotYet,
 }
 
 /// A copy of a channel an ordering group of a relay holds: its epoch, and whether its config
@@ -147,7 +163,7 @@ impl StateCheck {
     /// - It is elsewhere and names another set: the channel moved on from there, so the state
     ///   must be later.
     /// - It is the group's own and names another set (the channel left the set from there):
-    ///   the state must be later; one naming the set is live, and opening it changes nothing.
+    ///   the state must be later; one naming the set is [`StateCheck::Live`].
     pub fn judge(
         in_group: Option<HeldCopy>,
         elsewhere: Option<HeldCopy>,
@@ -156,7 +172,13 @@ impl StateCheck {
     ) -> Self {
         match (in_group, elsewhere) {
             (Some(own), latest) if latest.is_none_or(|l| own.epoch >= l.epoch) => {
-                if !own.names_set && epoch <= own.epoch { Self::Differs } else { Self::Unknown }
+                if own.names_set {
+                    Self::Live
+                } else if epoch <= own.epoch {
+                    Self::Differs
+                } else {
+                    Self::Unknown
+                }
             }
             (_, Some(l)) if l.names_set => {
                 if epoch == l.epoch && matches_elsewhere {
@@ -168,6 +190,30 @@ impl StateCheck {
             (_, Some(l)) if epoch <= l.epoch => Self::Differs,
             _ => Self::Unknown,
         }
+    }
+
+    /// Sums up the judgements of a state of `epoch`, from the relay asked to open the channel
+    /// and the other relays of the set it reached.
+    ///
+    /// One [`StateCheck::Differs`] makes it [`Vouched::Stale`]. A state past epoch 0 also needs
+    /// one relay that vouches for it ([`StateCheck::Matches`], or [`StateCheck::Live`]): a
+    /// channel reaches a later epoch only by commits its relays ordered, and the relay of the
+    /// committer of a move stays in the set (a member never commits its own removal, and a
+    /// relay leaves the set only with its last member), so a state no one vouches for is one
+    /// whose vouchers are out of reach, not yet caught up, or lost their disk; until one
+    /// answers it is [`Vouched::NotYet`]. Without that rule, a member of a relay new to the set
+    /// could open the channel with a state of its own making while the relays that ordered the
+    /// move were away, and the group would order from it.
+    pub fn sum(epoch: u64, checks: impl IntoIterator<Item = StateCheck>) -> Vouched {
+        let mut vouched = epoch == 0;
+        for check in checks {
+            match check {
+                Self::Differs => return Vouched::Stale,
+                Self::Matches | Self::Live => vouched = true,
+                Self::Unknown => {}
+            }
+        }
+        if vouched { Vouched::Yes } else { Vouched::NotYet }
     }
 }
 
@@ -364,7 +410,7 @@ mod tests {
     /// The judgement of a state offered to open a moved channel, case by case.
     #[test]
     fn states_are_judged_by_the_latest_copy() {
-        use StateCheck::{Differs, Matches, Unknown};
+        use StateCheck::{Differs, Live, Matches, Unknown};
         let copy = |epoch, names_set| Some(HeldCopy { epoch, names_set });
         // Nothing held: nothing to say.
         assert_eq!(StateCheck::judge(None, None, 5, false), Unknown);
@@ -379,11 +425,30 @@ mod tests {
         assert_eq!(StateCheck::judge(None, copy(5, false), 9, false), Unknown);
         // The group's own copy is the latest: live (opening changes nothing), or it left the
         // set at its epoch (only a later state can be true).
-        assert_eq!(StateCheck::judge(copy(7, true), copy(5, true), 7, false), Unknown);
+        assert_eq!(StateCheck::judge(copy(7, true), copy(5, true), 7, false), Live);
         assert_eq!(StateCheck::judge(copy(7, false), copy(5, true), 7, false), Differs);
         assert_eq!(StateCheck::judge(copy(7, false), copy(5, true), 9, false), Unknown);
         // An older copy of the group's own is passed over for a later one elsewhere.
         assert_eq!(StateCheck::judge(copy(3, false), copy(5, true), 5, true), Matches);
         assert_eq!(StateCheck::judge(copy(3, false), copy(5, true), 8, false), Differs);
+    }
+
+    /// A state past epoch 0 opens only when some relay vouches for it; one `Differs` refuses it
+    /// whatever the others say.
+    #[test]
+    fn a_state_past_epoch_0_needs_a_relay_that_vouches_for_it() {
+        use StateCheck::{Differs, Live, Matches, Unknown};
+        // A new channel: no relay holds it, and none needs to.
+        assert_eq!(StateCheck::sum(0, [Unknown, Unknown]), Vouched::Yes);
+        assert_eq!(StateCheck::sum(0, []), Vouched::Yes);
+        // A moved channel whose movers are all away: not yet (a forger's chance otherwise).
+        assert_eq!(StateCheck::sum(1, [Unknown, Unknown, Unknown]), Vouched::NotYet);
+        assert_eq!(StateCheck::sum(1, []), Vouched::NotYet);
+        // One mover (or a live copy) is enough.
+        assert_eq!(StateCheck::sum(4, [Unknown, Matches, Unknown]), Vouched::Yes);
+        assert_eq!(StateCheck::sum(4, [Live, Unknown]), Vouched::Yes);
+        // One `Differs` refuses, before or after a voucher.
+        assert_eq!(StateCheck::sum(4, [Matches, Differs]), Vouched::Stale);
+        assert_eq!(StateCheck::sum(0, [Differs, Live]), Vouched::Stale);
     }
 }

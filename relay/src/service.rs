@@ -13,7 +13,7 @@ use chitchat_proto::channel::{
 };
 use chitchat_proto::codec::{Bytes, encode};
 use chitchat_proto::federation::{
-    FedBody, FedRequest, FedResponse, ForwardResult, HeldCopy, StateCheck,
+    FedBody, FedRequest, FedResponse, ForwardResult, HeldCopy, StateCheck, Vouched,
 };
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
 use chitchat_proto::inbox::SealedEnvelope;
@@ -1511,6 +1511,17 @@ impl Relay {
                     if let Err(e) = self.orders(&config) {
                         return error(ErrorCode::Forbidden, e);
                     }
+                    // A channel's first state comes from its creator, whose device its id
+                    // names: no one else can open a group of their own under a known id.
+                    if p.epoch() == 0
+                        && (config.creator != me || !channel.is_of_creator(&config.creator))
+                    {
+                        return error(
+                            ErrorCode::Forbidden,
+                            "a channel's first state is opened by its creator, whose device \
+                             its id names",
+                        );
+                    }
                     (config.relays, p.epoch())
                 }
                 Err(e) => return error(ErrorCode::BadRequest, format!("public state: {e}")),
@@ -1521,8 +1532,21 @@ impl Relay {
         // A channel that moved here from relay sets this relay orders in too: the state must
         // be the one those relays' log left it in (a member cannot open it here at another
         // state), and a stale copy of it here is replaced.
-        if let Err(e) = self.vouch_for_state(&channel, &set, &state, epoch).await {
-            return error(ErrorCode::Forbidden, e);
+        match self.vouch_for_state(&channel, &set, &state, epoch).await {
+            Vouched::Yes => {}
+            Vouched::Stale => {
+                return error(
+                    ErrorCode::Forbidden,
+                    "the channel's state is not the one its relays ordered last",
+                );
+            }
+            Vouched::NotYet => {
+                return error(
+                    ErrorCode::Unavailable,
+                    "no relay that ordered the channel's move to this relay set vouches for the \
+                     state yet (they are away or behind); try again",
+                );
+            }
         }
         let opened = if set.len() < 2 {
             self.ordering
@@ -1609,41 +1633,46 @@ impl Relay {
         StateCheck::judge(in_group, elsewhere.map(|(c, _)| c), epoch, matches)
     }
 
-    /// Refuses a state offered to open a channel in the group of `set` if this relay, or any
-    /// other relay of `set` it reaches, judges that it differs from what they ordered
-    /// ([`Relay::judge_state`]); relays that do not answer are passed over.
+    /// Judges a state offered to open a channel in the group of `set`: this relay and every
+    /// other relay of `set` it reaches judge it by their copies ([`Relay::judge_state`]), and
+    /// [`StateCheck::sum`] adds them up (one `Differs` refuses it; past epoch 0 one relay must
+    /// vouch for it). Relays that do not answer are passed over.
     async fn vouch_for_state(
         &self,
         channel: &ChannelId,
         set: &[RelayId],
         state: &PublicState,
         epoch: u64,
-    ) -> Result<(), String> {
-        let stale = "the channel's state is not the one its relays ordered last";
-        if self.judge_state(channel, set, state, epoch).await == StateCheck::Differs {
-            return Err(stale.into());
+    ) -> Vouched {
+        let own = self.judge_state(channel, set, state, epoch).await;
+        if own == StateCheck::Differs {
+            return Vouched::Stale;
         }
         let asks = set.iter().filter(|r| **r != self.id).map(|r| async move {
             let body = FedBody::CheckState { channel: *channel, state: state.clone() };
             match self.federation.call(&r.host, body).await {
-                Ok((_, FedResponse::StateChecked(check))) => (r, Some(check)),
+                Ok((_, FedResponse::StateChecked(check))) => (r, check),
                 Ok((_, other)) => {
                     tracing::debug!(relay = %r.host, answer = ?other, "no judgement of a state");
-                    (r, None)
+                    (r, StateCheck::Unknown)
                 }
                 Err(e) => {
                     tracing::debug!(relay = %r.host, error = %e, "no judgement of a state");
-                    (r, None)
+                    (r, StateCheck::Unknown)
                 }
             }
         });
-        for (relay, check) in futures::future::join_all(asks).await {
-            if check == Some(StateCheck::Differs) {
+        let checks = futures::future::join_all(asks).await;
+        for (relay, check) in &checks {
+            if *check == StateCheck::Differs {
                 tracing::warn!(%channel, relay = %relay.host, "a member offered a channel state another relay of the set did not order; refused");
-                return Err(format!("{stale} (relay {})", relay.host));
             }
         }
-        Ok(())
+        let vouched = StateCheck::sum(epoch, checks.iter().map(|(_, c)| *c).chain([own]));
+        if vouched == Vouched::NotYet {
+            tracing::info!(%channel, epoch, "no relay of the set vouches for a channel's state yet");
+        }
+        vouched
     }
 
     /// One durable enqueue from `me`, rate-limited and within the recipient's quota; wakes

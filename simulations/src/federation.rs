@@ -44,7 +44,7 @@ use chitchat_proto::channel::{
     Identity, KnownDirs, PublicChannel, PublicState, StagedCommit,
 };
 use chitchat_proto::codec::Bytes;
-use chitchat_proto::federation::{HeldCopy, StateCheck};
+use chitchat_proto::federation::{HeldCopy, StateCheck, Vouched};
 use chitchat_proto::identity::{DirBody, Profile, SponsorshipBody, TrustedRelays};
 use chitchat_proto::ordering::{
     CertSignature, ChannelId, CommitHash, CommitRef, Delivery, EpochCert, EpochCertBody, Intent,
@@ -573,7 +573,11 @@ impl World {
                 let relay = self.rand(self.p.relays as u64) as usize;
                 devices.push(self.add_device(relay, c));
             }
-            self.chans.push(Chan { id: ChannelId(id), devices });
+            // The id names the creator, its first device (as the relay's open checks).
+            let mut random = [0u8; 16];
+            random.copy_from_slice(&id[..16]);
+            let id = ChannelId::of_creator(&self.devices[devices[0]].me.device(), random);
+            self.chans.push(Chan { id, devices });
             sets.push(set);
         }
         // Each channel is created by its first device and opened in its group's log (the same
@@ -1437,7 +1441,7 @@ impl World {
 
     /// A device opens its channel at its relay, from its export of the channel's public state:
     /// in the group of the state's relay set, after checking the state against every group of
-    /// this relay that ordered the move to that set (as the relay's `check_moved_state`).
+    /// this relay that ordered the move to that set (as the relay's `vouch_for_state`).
     fn open(&mut self, r: usize, device: usize, seq: u64, state: PublicState) {
         let Ok(public) = PublicChannel::from_state(&self.crypto, &state) else {
             self.answer(Some((device, seq)), Answer::Refused("an unreadable state".into()));
@@ -1452,14 +1456,29 @@ impl World {
             return self
                 .answer(Some((device, seq)), Answer::Refused("not a relay of the set".into()));
         }
+        // As the relay: a first state comes from the creator its id names.
+        let opener = self.devices[device].me.device();
+        if public.epoch() == 0 && (config.creator != opener || !id.is_of_creator(&opener)) {
+            return self.answer(Some((device, seq)), Answer::Refused("not the creator".into()));
+        }
         // As the relay's `vouch_for_state`: this relay and every other relay of the set it
         // reaches judge the state by their copies; one that finds it differs refuses it.
         let epoch = public.epoch();
-        let stale = set.iter().any(|&x| {
-            (x == r || (self.relays[x].up && !self.cut.contains(&(r, x))))
-                && self.judge_state(x, &id, &set, &state, epoch) == StateCheck::Differs
-        });
-        if stale {
+        let checks: Vec<StateCheck> = set
+            .iter()
+            .filter(|&&x| x == r || (self.relays[x].up && !self.cut.contains(&(r, x))))
+            .map(|&x| self.judge_state(x, &id, &set, &state, epoch))
+            .collect();
+        let vouched = StateCheck::sum(epoch, checks);
+        if vouched == Vouched::NotYet {
+            self.log(format!(
+                "{} r{r} cannot open c{} at epoch {epoch}: no relay of {set:?} vouches yet",
+                self.now,
+                self.chan_of(&id)
+            ));
+            return self.answer(Some((device, seq)), Answer::Unavailable);
+        }
+        if vouched == Vouched::Stale {
             let held: Vec<String> = self.relays[r]
                 .replicas
                 .iter()

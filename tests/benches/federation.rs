@@ -81,12 +81,10 @@ async fn commits(
                 admins: AdminPolicy::AnyMember,
                 creator: mls.device(),
             };
-            let mut id = [0u8; 32];
-            id[..4].copy_from_slice(&(first + k).to_be_bytes());
-            let mut channel =
-                Channel::create(&provider, &mls, ChannelId(id), config).expect("create");
+            let id = device.channel(0);
+            let mut channel = Channel::create(&provider, &mls, id, config).expect("create");
             let state = channel.public_state(&provider, &mls).expect("export");
-            let r = client.call(&Request::OpenChannel { channel: ChannelId(id), state }).await;
+            let r = client.call(&Request::OpenChannel { channel: id, state }).await;
             assert!(matches!(r, Ok(Response::ChannelOpened { .. })), "{r:?}");
             gate.wait().await;
             let mut latencies = Vec::with_capacity(commits as usize);
@@ -94,7 +92,7 @@ async fn commits(
             for _ in 0..commits {
                 let staged = channel.stage(&provider, &mls, &update, &AcceptAll).expect("stage");
                 let sub = CommitSubmission {
-                    channel: ChannelId(id),
+                    channel: id,
                     epoch: staged.epoch,
                     commit: staged.commit.clone(),
                     welcome: None,
@@ -272,13 +270,12 @@ async fn idle_channels(relays: &mut [&mut RelayProcess], n: u32, first: u32, nam
                     admins: AdminPolicy::AnyMember,
                     creator: mls.device(),
                 };
-                let mut id = [0u8; 32];
-                id[..4].copy_from_slice(&(first + k).to_be_bytes());
-                id[4..8].copy_from_slice(&i.to_be_bytes());
-                let channel =
-                    Channel::create(&provider, &mls, ChannelId(id), config).expect("create");
+                let mut random = [0u8; 16];
+                random[..4].copy_from_slice(&i.to_be_bytes());
+                let id = ChannelId::of_creator(&mls.device(), random);
+                let channel = Channel::create(&provider, &mls, id, config).expect("create");
                 let state = channel.public_state(&provider, &mls).expect("export");
-                let r = client.call(&Request::OpenChannel { channel: ChannelId(id), state }).await;
+                let r = client.call(&Request::OpenChannel { channel: id, state }).await;
                 assert!(matches!(r, Ok(Response::ChannelOpened { .. })), "{r:?}");
             }
         }));

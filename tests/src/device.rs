@@ -2,6 +2,7 @@
 
 use chitchat_proto::identity::{DirBody, Profile};
 use chitchat_proto::inbox::InboxSecret;
+use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::{DeviceId, Dir, SecretKey, Sponsorship, Timestamp};
 
 /// A device's keys.
@@ -31,6 +32,11 @@ impl Device {
     /// Its id.
     pub fn id(&self) -> DeviceId {
         DeviceId(self.key.public())
+    }
+
+    /// The id of this device's channel number `n` (a channel's id names its creator).
+    pub fn channel(&self, n: u8) -> ChannelId {
+        ChannelId::of_creator(&self.id(), [n; 16])
     }
 
     /// Its identity record with sequence number `seq` and these sponsorships.

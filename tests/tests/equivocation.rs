@@ -166,7 +166,7 @@ async fn a_relay_that_certifies_two_commits_for_one_epoch_is_caught() {
     let alice_device = DeviceId(PublicKey::from_hex(&alice_device).expect("hex"));
 
     // X creates a channel the relay orders alone, and adds Y and Alice's node.
-    let id = ChannelId([0x3c; 32]);
+    let id = x.device.channel(0x3c);
     x.create(id, "watched", &relay_id).await;
     let mut kps = Vec::new();
     let mut inbox_keys = Vec::new();
@@ -310,7 +310,7 @@ async fn reports_that_are_not_the_senders_own_or_are_tampered_are_refused() {
     let relay_id = relay.relay_id().expect("relay id");
     let mut x = Member::new(&relay, 71, "x").await;
     let y = Member::new(&relay, 72, "y").await;
-    let id = ChannelId([0x4d; 32]);
+    let id = x.device.channel(0x4d);
     x.create(id, "r", &relay_id).await;
     let body = |device: DeviceId| EpochReportBody {
         channel: id,

@@ -373,7 +373,7 @@ impl Orderee {
             admins: AdminPolicy::AnyMember,
             creator: mls.device(),
         };
-        let id = chitchat_proto::ordering::ChannelId([id; 32]);
+        let id = device.channel(id);
         let channel = Channel::create(&provider, &mls, id, config).expect("create");
         let alice = Orderee { device, mls, provider, channel };
         let state = alice.channel.public_state(&alice.provider, &alice.mls).expect("export");
@@ -538,7 +538,6 @@ async fn posts_and_commits_reach_members_on_every_relay_of_the_channel() {
         Identity,
     };
     use chitchat_proto::codec::Canonical;
-    use chitchat_proto::ordering::ChannelId;
     use chitchat_proto::wire::{
         ChannelPost, CommitSubmission, InboxPayload, PostResult, SealedWelcomes,
     };
@@ -566,7 +565,7 @@ async fn posts_and_commits_reach_members_on_every_relay_of_the_channel() {
         admins: AdminPolicy::AnyMember,
         creator: alice_mls.device(),
     };
-    let id = ChannelId([8; 32]);
+    let id = alice_dev.channel(8);
     let mut alice = Channel::create(&alice_p, &alice_mls, id, config).expect("create");
     let state = alice.public_state(&alice_p, &alice_mls).expect("export");
     let r = alice_a.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
@@ -1079,7 +1078,6 @@ async fn ten_members_on_three_relays_race_for_every_epoch() {
         AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, ChannelMessage, Identity,
     };
     use chitchat_proto::codec::Canonical;
-    use chitchat_proto::ordering::ChannelId;
     use chitchat_proto::wire::{CommitSubmission, InboxPayload, SealedWelcomes};
     const MEMBERS: usize = 10;
     // Every member proposes every round: more than the default 60 commits a minute.
@@ -1115,7 +1113,7 @@ async fn ten_members_on_three_relays_race_for_every_epoch() {
         admins: AdminPolicy::AnyMember,
         creator: m[0].mls.device(),
     };
-    let id = ChannelId([9; 32]);
+    let id = m[0].device.channel(9);
     let channel = Channel::create(&m[0].provider, &m[0].mls, id, config).expect("create");
     let state = channel.public_state(&m[0].provider, &m[0].mls).expect("export");
     m[0].channel = Some(channel);
@@ -1304,123 +1302,217 @@ fn the_two_relay_demo_script_runs() {
     }
 }
 
+/// A channel Alice (of the first relay) created there, which her commit moved to all of
+/// `relays`, adding Mallory (of the second) and one user of each other relay; Mallory's
+/// forgeries of its state.
+struct Moved {
+    ids: Vec<chitchat_proto::RelayId>,
+    id: chitchat_proto::ordering::ChannelId,
+    alice: chitchat_proto::channel::Channel,
+    alice_p: openmls_rust_crypto::OpenMlsRustCrypto,
+    alice_mls: Identity,
+    alice_a: Client,
+    mallory_b: Client,
+    mallory_dev: Device,
+    mallory_mls: Identity,
+    moved: chitchat_proto::channel::ChannelConfig,
+}
+
+impl Moved {
+    async fn new(relays: &[&RelayProcess]) -> Self {
+        use chitchat_proto::channel::{AcceptAll, AdminPolicy, Change, Channel, ChannelConfig};
+        use chitchat_proto::wire::CommitSubmission;
+        let ids: Vec<_> = relays.iter().map(|r| r.relay_id().expect("relay id")).collect();
+        let (alice_dev, mallory_dev) = (Device::new(1), Device::new(6));
+        let alice_a = register(relays[0], &alice_dev, "alice").await;
+        let (alice_mls, mallory_mls) =
+            (Identity::new(&alice_dev.key), Identity::new(&mallory_dev.key));
+        let alice_p = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        // Mallory on the second relay, one more user on each further relay; A learns their
+        // records (and their relays' keys) through look-ups, and claims their KeyPackages.
+        let mut joiners = Vec::new();
+        let mut mallory_b = None;
+        for (k, r) in relays.iter().enumerate().skip(1) {
+            let dev = if k == 1 { Device::new(6) } else { Device::new(20 + k as u8) };
+            let c = register(r, &dev, if k == 1 { "mallory" } else { "carol" }).await;
+            upload_key_packages(&c, &dev, 1).await;
+            let r2 = alice_a
+                .call(&Request::LookupDevicesAt { host: r.host().into(), devices: vec![dev.id()] })
+                .await
+                .expect("lookup");
+            assert!(matches!(r2, Response::RemoteDirs { .. }), "{r2:?}");
+            let r2 = alice_a
+                .call(&Request::ClaimKeyPackageAt { host: r.host().into(), device: dev.id() })
+                .await
+                .expect("claim");
+            let Response::KeyPackage(kp) = r2 else { panic!("{r2:?}") };
+            joiners.push(Bytes(kp));
+            if k == 1 {
+                mallory_b = Some(c);
+            }
+        }
+
+        // Alice's channel, ordered by A alone; her commit moves it to all the relays.
+        let config = ChannelConfig {
+            mime: "text/chitchat".into(),
+            name: "moving".into(),
+            relays: vec![ids[0].clone()],
+            admins: AdminPolicy::AnyMember,
+            creator: alice_mls.device(),
+        };
+        let id = alice_dev.channel(9);
+        let mut alice = Channel::create(&alice_p, &alice_mls, id, config.clone()).expect("create");
+        let state = alice.public_state(&alice_p, &alice_mls).expect("export");
+        let r = alice_a.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+        assert_eq!(r, Response::ChannelOpened { next_epoch: 0 });
+        let moved = ChannelConfig { relays: ids.clone(), ..config };
+        let change = Change { add: joiners, config: Some(moved.clone()), ..Default::default() };
+        let staged = alice.stage(&alice_p, &alice_mls, &change, &AcceptAll).expect("stage");
+        let sub = CommitSubmission {
+            channel: id,
+            epoch: 0,
+            commit: staged.commit.clone(),
+            welcome: None,
+            fanout: vec![],
+        };
+        let r = alice_a.call(&Request::SubmitCommit(sub)).await.expect("submit");
+        let Response::CommitAccepted { cert } = r else { panic!("{r:?}") };
+        alice.accept_own(&alice_p, &cert).expect("merge");
+        assert_eq!(alice.epoch(), 1);
+        let mallory_b = mallory_b.expect("a second relay");
+        Self {
+            ids,
+            id,
+            alice,
+            alice_p,
+            alice_mls,
+            alice_a,
+            mallory_b,
+            mallory_dev,
+            mallory_mls,
+            moved,
+        }
+    }
+
+    /// Mallory's states: groups of her own with the channel's id (each in a store of its own),
+    /// naming the new set from epoch 0, from epoch 1, and from epoch 2; she certifies their
+    /// commits herself while she is their only orderer.
+    fn forgeries(&self) -> Vec<chitchat_proto::channel::PublicState> {
+        use chitchat_proto::channel::{AcceptAll, Change, Channel, ChannelConfig};
+        use chitchat_proto::ordering::{CertSignature, EpochCert, EpochCertBody};
+        let forge = |first: Vec<chitchat_proto::RelayId>, changes: Vec<Change>| {
+            let p = openmls_rust_crypto::OpenMlsRustCrypto::default();
+            let config = ChannelConfig {
+                relays: first,
+                creator: self.mallory_mls.device(),
+                ..self.moved.clone()
+            };
+            let mut c = Channel::create(&p, &self.mallory_mls, self.id, config).expect("create");
+            for change in changes {
+                let s = c.stage(&p, &self.mallory_mls, &change, &AcceptAll).expect("stage");
+                let body = EpochCertBody { channel: self.id, epoch: s.epoch, hash: s.hash };
+                let sig = CertSignature::sign(&self.mallory_dev.key, &body);
+                c.accept_own(&p, &EpochCert { body, signatures: vec![sig] }).expect("merge");
+            }
+            c.public_state(&p, &self.mallory_mls).expect("export")
+        };
+        let to_all = Change {
+            config: Some(ChannelConfig {
+                creator: self.mallory_mls.device(),
+                ..self.moved.clone()
+            }),
+            ..Default::default()
+        };
+        let update = Change { update: true, ..Default::default() };
+        vec![
+            forge(self.ids.clone(), vec![]),
+            forge(vec![], vec![to_all.clone()]),
+            forge(vec![], vec![update, to_all]),
+        ]
+    }
+
+    /// Alice opens the channel in the group of the new set with her true state, and that group
+    /// orders and certifies her next commit.
+    async fn alice_goes_on(mut self) {
+        use chitchat_proto::channel::{AcceptAll, Change};
+        use chitchat_proto::wire::CommitSubmission;
+        let state = self.alice.public_state(&self.alice_p, &self.alice_mls).expect("export");
+        let r = self
+            .alice_a
+            .call(&Request::OpenChannel { channel: self.id, state })
+            .await
+            .expect("open");
+        assert_eq!(r, Response::ChannelOpened { next_epoch: 1 });
+        let update = Change { update: true, ..Default::default() };
+        let staged =
+            self.alice.stage(&self.alice_p, &self.alice_mls, &update, &AcceptAll).expect("stage");
+        let sub = CommitSubmission {
+            channel: self.id,
+            epoch: 1,
+            commit: staged.commit.clone(),
+            welcome: None,
+            fanout: vec![],
+        };
+        let r = self.alice_a.call(&Request::SubmitCommit(sub)).await.expect("submit");
+        let Response::CommitAccepted { cert } = r else { panic!("{r:?}") };
+        let keys: Vec<_> = self.ids.iter().map(|r| r.key).collect();
+        cert.verify(&keys).expect("a majority of the new set signed");
+        self.alice.accept_own(&self.alice_p, &cert).expect("merge");
+    }
+}
+
 /// A channel's relay set grows from {A} to {A, B} by a commit A alone ordered. Before any
 /// honest member opens it in the group of {A, B}, Mallory (on B, where no copy of the channel
 /// is) offers B states of her own making for it: one of the epoch before the move, one of its
 /// epoch, one past it. B asks A, which ordered the move and holds the very state, and refuses
-/// each; Alice's true state opens it, and the group of {A, B} orders and certifies from there.
+/// each (the first also because a channel's first state comes from its creator, whose device
+/// its id names); Alice's true state opens it, and the group of {A, B} orders and certifies
+/// from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_state_cannot_open_a_channel_that_moved() {
-    use chitchat_proto::RelayId;
-    use chitchat_proto::channel::{
-        AcceptAll, AdminPolicy, Change, Channel, ChannelConfig, PublicState,
-    };
-    use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
-    use chitchat_proto::wire::CommitSubmission;
     let (a, b) = (relay(|c| c.to_owned()), relay(|c| c.to_owned()));
-    let ids = vec![a.relay_id().expect("A"), b.relay_id().expect("B")];
-    let (alice_dev, mallory_dev) = (Device::new(1), Device::new(6));
-    let alice_a = register(&a, &alice_dev, "alice").await;
-    let mallory_b = register(&b, &mallory_dev, "mallory").await;
-    let (alice_mls, mallory_mls) = (Identity::new(&alice_dev.key), Identity::new(&mallory_dev.key));
-    let alice_p = openmls_rust_crypto::OpenMlsRustCrypto::default();
-    let mallory_p = openmls_rust_crypto::OpenMlsRustCrypto::default();
-    let kp = Bytes(mallory_mls.key_package(&mallory_p, false).expect("kp"));
-    let upload = Request::UploadKeyPackages { packages: vec![kp], last_resort: None };
-    let r = mallory_b.call(&upload).await.expect("upload");
-    assert!(matches!(r, Response::KeyPackagesStored { .. }), "{r:?}");
-    // A learns Mallory's record (and B's key) through a look-up, and claims her KeyPackage.
-    let r = alice_a
-        .call(&Request::LookupDevicesAt { host: b.host().into(), devices: vec![mallory_dev.id()] })
-        .await
-        .expect("lookup");
-    assert!(matches!(r, Response::RemoteDirs { .. }), "{r:?}");
-    let r = alice_a
-        .call(&Request::ClaimKeyPackageAt { host: b.host().into(), device: mallory_dev.id() })
-        .await
-        .expect("claim");
-    let Response::KeyPackage(mallory_kp) = r else { panic!("{r:?}") };
-
-    // Alice's channel, ordered by A alone; her commit adds Mallory and B to the relay set.
-    let config = ChannelConfig {
-        mime: "text/chitchat".into(),
-        name: "moving".into(),
-        relays: vec![ids[0].clone()],
-        admins: AdminPolicy::AnyMember,
-        creator: alice_mls.device(),
-    };
-    let id = ChannelId([9; 32]);
-    let mut alice = Channel::create(&alice_p, &alice_mls, id, config.clone()).expect("create");
-    let state = alice.public_state(&alice_p, &alice_mls).expect("export");
-    let r = alice_a.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
-    assert_eq!(r, Response::ChannelOpened { next_epoch: 0 });
-    let moved = ChannelConfig { relays: ids.clone(), ..config };
-    let change =
-        Change { add: vec![Bytes(mallory_kp)], config: Some(moved.clone()), ..Default::default() };
-    let staged = alice.stage(&alice_p, &alice_mls, &change, &AcceptAll).expect("stage");
-    let sub = CommitSubmission {
-        channel: id,
-        epoch: 0,
-        commit: staged.commit.clone(),
-        welcome: None,
-        fanout: vec![],
-    };
-    let r = alice_a.call(&Request::SubmitCommit(sub)).await.expect("submit");
-    let Response::CommitAccepted { cert } = r else { panic!("{r:?}") };
-    alice.accept_own(&alice_p, &cert).expect("merge");
-    assert_eq!(alice.epoch(), 1);
-
-    // Mallory's states: groups of her own with the channel's id (each in a store of its own),
-    // naming {A, B} from epoch 0, from epoch 1, and from epoch 2; she certifies their commits
-    // herself while she is their only orderer.
-    let forge = |first: Vec<RelayId>, changes: Vec<Change>| {
-        let p = openmls_rust_crypto::OpenMlsRustCrypto::default();
-        let config =
-            ChannelConfig { relays: first, creator: mallory_mls.device(), ..moved.clone() };
-        let mut c = Channel::create(&p, &mallory_mls, id, config).expect("create");
-        for change in changes {
-            let s = c.stage(&p, &mallory_mls, &change, &AcceptAll).expect("stage");
-            let body = EpochCertBody { channel: id, epoch: s.epoch, hash: s.hash };
-            let sig = CertSignature::sign(&mallory_dev.key, &body);
-            c.accept_own(&p, &EpochCert { body, signatures: vec![sig] }).expect("merge");
-        }
-        c.public_state(&p, &mallory_mls).expect("export")
-    };
-    let to_ab = |creator| Change {
-        config: Some(ChannelConfig { relays: ids.clone(), creator, ..moved.clone() }),
-        ..Default::default()
-    };
-    let update = Change { update: true, ..Default::default() };
-    let me = mallory_mls.device();
-    let forged: Vec<PublicState> = vec![
-        forge(ids.clone(), vec![]),
-        forge(vec![], vec![to_ab(me)]),
-        forge(vec![], vec![update, to_ab(me)]),
-    ];
-    for (epoch, state) in forged.into_iter().enumerate() {
-        let r = mallory_b.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
+    let moved = Moved::new(&[&a, &b]).await;
+    for (epoch, state) in moved.forgeries().into_iter().enumerate() {
+        let r = moved
+            .mallory_b
+            .call(&Request::OpenChannel { channel: moved.id, state })
+            .await
+            .expect("open");
         assert_eq!(code(&r), Some(ErrorCode::Forbidden), "a forged state of epoch {epoch}: {r:?}");
     }
+    moved.alice_goes_on().await;
+}
 
-    // Alice's true state opens it; the group of {A, B} orders her next commit.
-    let state = alice.public_state(&alice_p, &alice_mls).expect("export");
-    let r = alice_a.call(&Request::OpenChannel { channel: id, state }).await.expect("open");
-    assert_eq!(r, Response::ChannelOpened { next_epoch: 1 });
-    let staged = alice
-        .stage(&alice_p, &alice_mls, &Change { update: true, ..Default::default() }, &AcceptAll)
-        .expect("stage");
-    let sub = CommitSubmission {
-        channel: id,
-        epoch: 1,
-        commit: staged.commit.clone(),
-        welcome: None,
-        fanout: vec![],
-    };
-    let r = alice_a.call(&Request::SubmitCommit(sub)).await.expect("submit");
-    let Response::CommitAccepted { cert } = r else { panic!("{r:?}") };
-    let keys: Vec<_> = ids.iter().map(|r| r.key).collect();
-    cert.verify(&keys).expect("A and B signed");
-    alice.accept_own(&alice_p, &cert).expect("merge");
+/// The channel moves from {A} to {A, B, C}, and A, the only relay that ordered the move, is
+/// killed before anyone opens the channel in the new group, where B and C make a majority
+/// without it. Mallory (on B) offers her forgeries: the one of epoch 0 is refused (not her
+/// channel's id), and the later ones wait (`Unavailable`) instead of opening the channel with
+/// no relay to vouch for them (before, B and C found nothing to judge them by and ordered from
+/// Mallory's state, and Alice's channel could never be opened there). Once A is back, they
+/// are refused, and Alice's true state opens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_state_waits_while_the_relays_that_moved_the_channel_are_away() {
+    let mut a = relay(|c| c.to_owned());
+    let (b, c) = (relay(|c| c.to_owned()), relay(|c| c.to_owned()));
+    let moved = Moved::new(&[&a, &b, &c]).await;
+    a.kill9();
+    let forgeries = moved.forgeries();
+    let want = [ErrorCode::Forbidden, ErrorCode::Unavailable, ErrorCode::Unavailable];
+    for (epoch, state) in forgeries.iter().enumerate() {
+        let open = Request::OpenChannel { channel: moved.id, state: state.clone() };
+        let r = moved.mallory_b.call(&open).await.expect("open");
+        assert_eq!(code(&r), Some(want[epoch]), "a forged state of epoch {epoch}: {r:?}");
+    }
+    a.restart().expect("restart");
+    for (epoch, state) in forgeries.into_iter().enumerate() {
+        let r = moved
+            .mallory_b
+            .call(&Request::OpenChannel { channel: moved.id, state })
+            .await
+            .expect("open");
+        assert_eq!(code(&r), Some(ErrorCode::Forbidden), "a forged state of epoch {epoch}: {r:?}");
+    }
+    moved.alice_goes_on().await;
 }
 
 /// A relay whose replica of the group lags behind (fault switch `slow-apply`: it applies half

@@ -102,7 +102,7 @@ impl Member {
     /// A submission of a commit to channel 9 (the forged ones), for `epoch`.
     fn forged(commit: &[u8], epoch: u64) -> CommitSubmission {
         CommitSubmission {
-            channel: ChannelId([9; 32]),
+            channel: Device::new(1).channel(9),
             epoch,
             commit: commit.to_vec(),
             welcome: None,
@@ -216,7 +216,7 @@ async fn one_winner_per_epoch_through_the_relay() {
         Response::KeyPackagesStored { available: 1 }
     ));
     let config = open_channel(relay_id, alice.device.id());
-    let id = ChannelId([7; 32]);
+    let id = alice.device.channel(7);
     alice.channel = Some(Channel::create(&alice.provider, &alice.mls, id, config).expect("create"));
     // The relay orders only channels it follows; only a member opens one.
     let state = alice.public_state();
@@ -526,10 +526,11 @@ async fn a_device_that_proposes_too_often_is_slowed_down() {
         creator: alice.device.id(),
     };
     alice.channel = Some(
-        Channel::create(&alice.provider, &alice.mls, ChannelId([8; 32]), config).expect("create"),
+        Channel::create(&alice.provider, &alice.mls, alice.device.channel(8), config)
+            .expect("create"),
     );
     let state = alice.public_state();
-    let open = Request::OpenChannel { channel: ChannelId([8; 32]), state };
+    let open = Request::OpenChannel { channel: alice.device.channel(8), state };
     assert_eq!(
         alice.client.call(&open).await.expect("open"),
         Response::ChannelOpened { next_epoch: 0 }
@@ -643,7 +644,7 @@ async fn the_relay_holds_the_channel_rules_and_refuses_free_keys() {
         admins: AdminPolicy::Admins([alice.device.id()].into()),
         creator: alice.device.id(),
     };
-    let id = ChannelId([9; 32]);
+    let id = alice.device.channel(9);
     alice.channel =
         Some(Channel::create(&alice.provider, &alice.mls, id, config.clone()).expect("create"));
     let opened = alice
@@ -684,7 +685,7 @@ async fn the_relay_holds_the_channel_rules_and_refuses_free_keys() {
     for request in [
         Request::ClaimKeyPackage { device: bob.device.id() },
         Request::Enqueue { envelope: sealed },
-        Request::OpenChannel { channel: ChannelId([10; 32]), state: alice.public_state() },
+        Request::OpenChannel { channel: alice.device.channel(10), state: alice.public_state() },
         Request::SubmitCommit(sub),
         Request::Post { posts: vec![post] },
         Request::Fetch { after: None, max: 10 },
@@ -794,12 +795,12 @@ async fn the_relay_holds_the_channel_rules_and_refuses_free_keys() {
     elsewhere.admins = AdminPolicy::AnyMember;
     elsewhere.relays =
         vec![chitchat_proto::RelayId { host: "elsewhere.example".into(), key: relay_id.key }];
-    let other = Channel::create(&carol.provider, &carol.mls, ChannelId([11; 32]), elsewhere)
+    let other = Channel::create(&carol.provider, &carol.mls, carol.device.channel(11), elsewhere)
         .expect("create");
     let state = other.public_state(&carol.provider, &carol.mls).expect("export");
     let r = carol
         .client
-        .call(&Request::OpenChannel { channel: ChannelId([11; 32]), state })
+        .call(&Request::OpenChannel { channel: carol.device.channel(11), state })
         .await
         .expect("open");
     assert!(refused(&r, ErrorCode::Forbidden, "relay set"), "{r:?}");
@@ -819,7 +820,7 @@ async fn a_relay_killed_between_ordering_and_fan_out_delivers_after_restart() {
     let (mut alice, mut bob, mut carol, dirs) = trio(&relay).await;
     let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
     let config = open_channel(relay_id, alice.device.id());
-    let id = ChannelId([12; 32]);
+    let id = alice.device.channel(12);
     alice.channel = Some(Channel::create(&alice.provider, &alice.mls, id, config).expect("create"));
     let opened = alice
         .client
@@ -951,7 +952,7 @@ async fn a_relay_at_its_state_budget_restarts_from_its_snapshot() {
     let config = open_channel(relay_id, alice.device.id());
     let mut opened = Vec::new();
     let refusal = loop {
-        let id = ChannelId([opened.len() as u8 + 1; 32]);
+        let id = alice.device.channel(opened.len() as u8 + 1);
         let channel =
             Channel::create(&alice.provider, &alice.mls, id, config.clone()).expect("create");
         let state = channel.public_state(&alice.provider, &alice.mls).expect("export");
@@ -1000,7 +1001,7 @@ async fn a_relay_at_its_state_budget_restarts_from_its_snapshot() {
         panic!("the update after the restart was refused")
     };
     alice.accept(&cert);
-    let id = ChannelId([250; 32]);
+    let id = alice.device.channel(250);
     let channel = Channel::create(&alice.provider, &alice.mls, id, config).expect("create");
     let state = channel.public_state(&alice.provider, &alice.mls).expect("export");
     let again =

@@ -41,10 +41,39 @@ use crate::codec::Canonical;
 use crate::identity::DeviceId;
 use crate::keys::hex_string;
 
-/// A channel's id: the MLS group id, 32 random bytes chosen by its creator.
+/// A channel's id: the MLS group id. Its first 16 bytes bind it to its creator's device
+/// ([`ChannelId::of_creator`]), the other 16 are random.
+///
+/// The binding is what lets a relay refuse a channel's first state from anyone but its
+/// creator: a member who knows the id cannot open a group of its own making under it where
+/// no relay holds a copy yet (the relays of a channel would then order from that group, and
+/// the true channel could never be opened there).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct ChannelId(#[serde(with = "serde_bytes")] pub [u8; 32]);
+
+impl ChannelId {
+    /// The id of a channel `creator` makes, with `random` as its last 16 bytes.
+    pub fn of_creator(creator: &DeviceId, random: [u8; 16]) -> Self {
+        let mut id = [0u8; 32];
+        id[..16].copy_from_slice(&Self::creator_tag(creator));
+        id[16..].copy_from_slice(&random);
+        Self(id)
+    }
+
+    /// Whether `creator` made this id ([`ChannelId::of_creator`]).
+    pub fn is_of_creator(&self, creator: &DeviceId) -> bool {
+        self.0[..16] == Self::creator_tag(creator)
+    }
+
+    fn creator_tag(creator: &DeviceId) -> [u8; 16] {
+        let mut h = blake3::Hasher::new_derive_key("chitchat/v1/channel-id");
+        h.update(creator.as_bytes());
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        tag
+    }
+}
 
 impl fmt::Debug for ChannelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

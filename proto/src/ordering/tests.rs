@@ -314,3 +314,18 @@ fn a_reopened_channel_leaves_no_winner_waiting() {
     assert!(matches!(v, Verdict::Invalid(_)), "{v:?}");
     assert!(delivery.is_none());
 }
+
+/// A channel id names its creator: no other device's id matches it, and the random half does
+/// not change that.
+#[test]
+fn a_channel_id_is_bound_to_its_creator() {
+    let alice = DeviceId(SecretKey::from_seed([1; 32]).public());
+    let mallory = DeviceId(SecretKey::from_seed([6; 32]).public());
+    let id = ChannelId::of_creator(&alice, [7; 16]);
+    assert!(id.is_of_creator(&alice));
+    assert!(!id.is_of_creator(&mallory));
+    assert!(ChannelId::of_creator(&alice, [8; 16]).is_of_creator(&alice));
+    assert_ne!(ChannelId::of_creator(&alice, [8; 16]), id);
+    // An id of arbitrary bytes (what a forger would pick) names no one.
+    assert!(!ChannelId([7; 32]).is_of_creator(&alice));
+}
