@@ -420,6 +420,11 @@ impl Machine {
 #[derive(Clone)]
 pub struct StateMachine {
     inner: Arc<Mutex<Machine>>,
+    /// Held by an apply until the fan-out of its entries is durable, and by a snapshot while
+    /// it reads the state: a snapshot never covers an entry whose fan-out is not durable yet
+    /// (the log before a snapshot may go, and a relay that dies before the fan-out re-applies
+    /// only the log after its snapshot).
+    fanning: Arc<Mutex<()>>,
     store: LogStore,
     sink: Arc<dyn FanoutSink>,
     state_budget: u64,
@@ -444,7 +449,10 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let data = self.inner.lock().await.snapshot();
+        let data = {
+            let _fanned = self.fanning.lock().await;
+            self.inner.lock().await.snapshot()
+        };
         let bytes = encode(&data);
         let snapshot_id = data
             .last_applied
@@ -480,6 +488,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let mut out = Vec::new();
         let mut accepted = Vec::new();
+        let _fanning = self.fanning.lock().await;
         {
             let mut m = self.inner.lock().await;
             for e in entries {
@@ -720,6 +729,7 @@ impl Ordering {
         }
         let state_machine = StateMachine {
             inner: Arc::new(Mutex::new(initial)),
+            fanning: Arc::new(Mutex::new(())),
             store: log.clone(),
             sink,
             state_budget,
@@ -1246,6 +1256,91 @@ mod tests {
         assert_eq!(o.next_epoch(&ChannelId([100; 32])).await, Some(1));
         assert_eq!(sink.delivered().len(), usize::from(n));
         o.shutdown().await;
+    }
+
+    /// A sink whose fan-out waits until the test lets it go.
+    struct Held {
+        started: tokio::sync::Notify,
+        release: tokio::sync::Semaphore,
+    }
+
+    impl FanoutSink for Held {
+        fn deliver(&self, _: Vec<Delivery>) -> futures::future::BoxFuture<'_, Result<(), String>> {
+            Box::pin(async move {
+                self.started.notify_one();
+                let _permit = self.release.acquire().await.map_err(|e| e.to_string())?;
+                Ok(())
+            })
+        }
+
+        fn watermark(&self) -> Result<Option<u64>, String> {
+            Ok(Some(0))
+        }
+
+        fn set_watermark(&self, _: u64) -> futures::future::BoxFuture<'_, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A snapshot taken while an entry's fan-out is being written waits for it: otherwise a
+    /// relay that died right then would restart from a snapshot past an entry it never fanned
+    /// out, and re-apply only the log after it (the commit would reach no member's inbox here).
+    #[tokio::test]
+    async fn a_snapshot_never_covers_an_entry_whose_fan_out_is_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Database::create(dir.path().join("log.redb")).expect("db");
+        {
+            let w = db.begin_write().expect("write");
+            w.open_table(META).expect("meta");
+            w.commit().expect("commit");
+        }
+        let sink = Arc::new(Held {
+            started: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        });
+        let initial = SnapshotData {
+            state: OrderingState::new(OrderingLimits::default()),
+            ..Default::default()
+        };
+        let mut sm = StateMachine {
+            inner: Arc::new(Mutex::new(Machine::from_snapshot(initial, u64::MAX).expect("m"))),
+            fanning: Arc::new(Mutex::new(())),
+            store: LogStore { db: Arc::new(db) },
+            sink: sink.clone(),
+            state_budget: u64::MAX,
+            slow_apply: false,
+        };
+        let mut alice = Alice::new();
+        let state = alice.channel.public_state(&alice.provider, &alice.me).expect("export");
+        let staged = alice.stage();
+        let commit = CommitRef {
+            channel: alice.channel.id(),
+            epoch: 0,
+            hash: staged.hash,
+            submitter: alice.me.device(),
+        };
+        let entry = |index, command| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        };
+        let entries = vec![
+            entry(1, RelayCommand::Open { channel: alice.channel.id(), state }),
+            entry(2, RelayCommand::Order { commit, bytes: Bytes(staged.commit), welcome: None }),
+        ];
+        let mut applier = sm.clone();
+        let applied = tokio::spawn(async move { applier.apply(entries).await });
+        sink.started.notified().await;
+        // The winner of entry 2 is being fanned out: a snapshot now waits.
+        let mut builder = sm.get_snapshot_builder().await;
+        let mut snapshot = Box::pin(async move { builder.build_snapshot().await });
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(300), &mut snapshot).await;
+        assert!(early.is_err(), "a snapshot was taken while entry 2's fan-out was unwritten");
+        sink.release.add_permits(1);
+        let snapshot = snapshot.await.expect("snapshot");
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(2));
+        let answers = applied.await.expect("join").expect("applied");
+        assert!(matches!(answers[1][0], RelayOutcome::Ordering(Outcome::Accepted(_))));
     }
 
     /// A log long enough to be purged after a snapshot (more than [`LOG_AFTER_SNAPSHOT`]
