@@ -129,10 +129,10 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 impl Node {
     /// Opens the node's state and starts its background tasks.
-    pub fn start(mut engine: Engine, config: Config) -> Result<Arc<Self>, NodeError> {
+    pub async fn start(mut engine: Engine, config: Config) -> Result<Arc<Self>, NodeError> {
         engine.set_commit_first(config.send.commit_first);
         let link = match engine.account() {
-            Some(a) => Some(Arc::new(make_link(&engine, &a.relay, &config)?)),
+            Some(a) => Some(Arc::new(make_link(&engine, &a.relay, &config).await?)),
             None => None,
         };
         let first_outbox_id = engine.next_outbox_id();
@@ -245,14 +245,8 @@ impl Node {
         chitchat_proto::identity::check_local_name(name)
             .map_err(|e| NodeError::Invalid(format!("name {name:?}: {e}")))?;
         let relay = fetch_well_known(url).await?;
-        let link = Arc::new(
-            self.with({
-                let relay = relay.clone();
-                let config = self.config.clone();
-                move |e| make_link(e, &relay, &config)
-            })
-            .await?,
-        );
+        let key = self.with(|e| e.key().clone()).await;
+        let link = Arc::new(link_for(key, &relay, &self.config).await?);
         let now = now();
         let dir = self.with(move |e| e.own_dir(1, vec![], now)).await;
         let local_name = name.to_owned();
@@ -1165,19 +1159,32 @@ enum Submitted {
     Undecided,
 }
 
-fn make_link(engine: &Engine, relay: &RelayInfo, config: &Config) -> Result<RelayLink, NodeError> {
+async fn make_link(
+    engine: &Engine,
+    relay: &RelayInfo,
+    config: &Config,
+) -> Result<RelayLink, NodeError> {
+    link_for(engine.key().clone(), relay, config).await
+}
+
+async fn link_for(
+    key: chitchat_proto::SecretKey,
+    relay: &RelayInfo,
+    config: &Config,
+) -> Result<RelayLink, NodeError> {
     let peer = relay
         .peer_id
         .parse()
         .map_err(|e| NodeError::Invalid(format!("relay peer id {:?}: {e}", relay.peer_id)))?;
     let addrs = relay.addrs.iter().filter_map(|a| a.parse().ok()).collect();
     Ok(RelayLink::new(
-        engine.key().clone(),
+        key,
         relay.id.host.clone(),
         peer,
         addrs,
         Duration::from_secs(config.relay.request_timeout_seconds),
-    )?)
+    )
+    .await?)
 }
 
 /// Whether the fault `name` is to be injected: `CHITCHAT_FAULT=name` makes the daemon crash at

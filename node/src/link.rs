@@ -14,16 +14,16 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chitchat_proto::wire::{self, AuthProof, ErrorCode, MAX_FRAME_LEN, Request, Response};
+use chitchat_net::{HostConfig, frames};
+use chitchat_proto::wire::{self, AuthProof, ErrorCode, Request, Response};
 use chitchat_proto::{DeviceId, SecretKey, Timestamp};
-use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
-/// The relay protocol's name (the relay speaks the same).
-pub const PROTOCOL: &str = "/chitchat/relay/1";
+pub use chitchat_net::RELAY_PROTOCOL as PROTOCOL;
 /// Requests waiting for the swarm task, at most.
 const CALL_QUEUE: usize = 1024;
 /// The longest any request may take at the transport level (a `Wait` lasts up to a minute).
@@ -44,66 +44,6 @@ pub enum LinkError {
     /// The link is shut down.
     #[error("link closed")]
     Closed,
-}
-
-/// Frames over a libp2p stream: the request or response is the whole stream, at most
-/// [`MAX_FRAME_LEN`] bytes.
-#[derive(Clone, Copy, Debug, Default)]
-struct Frames;
-
-async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    io.take(MAX_FRAME_LEN as u64 + 1).read_to_end(&mut buf).await?;
-    if buf.len() > MAX_FRAME_LEN {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame too long"));
-    }
-    Ok(buf)
-}
-
-impl request_response::Codec for Frames {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> std::io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        io.write_all(&req).await?;
-        io.close().await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> std::io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        io.write_all(&res).await?;
-        io.close().await
-    }
 }
 
 type Reply = oneshot::Sender<Result<Vec<u8>, LinkError>>;
@@ -142,46 +82,26 @@ pub struct RelayLink {
 impl RelayLink {
     /// A link to relay `peer` (named `host`) at `addrs`, for the device with `key`. Nothing is
     /// dialled until the first call. `timeout` bounds every call but `Wait`.
-    pub fn new(
+    pub async fn new(
         key: SecretKey,
         host: String,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         timeout: Duration,
     ) -> Result<Self, LinkError> {
-        let mut seed = *key.seed();
-        let identity = libp2p::identity::Keypair::ed25519_from_bytes(&mut seed)
-            .map_err(|e| LinkError::Auth(e.to_string()))?;
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
+        let identity = chitchat_net::keypair(&key).map_err(|e| LinkError::Auth(e.to_string()))?;
+        let config = HostConfig { idle_timeout: Duration::from_secs(90), lazy: true };
+        let mut swarm = chitchat_net::swarm(identity, config, |_| {
+            frames(
+                PROTOCOL,
+                ProtocolSupport::Outbound,
+                request_response::Config::default()
+                    .with_request_timeout(TRANSPORT_TIMEOUT)
+                    .with_max_concurrent_streams(256),
             )
-            .map_err(|e| LinkError::Unreachable(e.to_string()))?
-            .with_quic()
-            .with_dns()
-            .map_err(|e| LinkError::Unreachable(e.to_string()))?
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(
-                    Frames,
-                    [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
-                    request_response::Config::default()
-                        .with_request_timeout(TRANSPORT_TIMEOUT)
-                        .with_max_concurrent_streams(256),
-                )
-            })
-            .map_err(|e| LinkError::Unreachable(e.to_string()))?
-            .with_swarm_config(|c| {
-                // One protocol per stream: send the request with the protocol proposal instead
-                // of waiting a round trip for the relay to confirm it (multistream-select V1Lazy).
-                c.with_idle_connection_timeout(Duration::from_secs(90))
-                    .with_substream_upgrade_protocol_override(
-                        libp2p::core::upgrade::Version::V1Lazy,
-                    )
-            })
-            .build();
+        })
+        .await
+        .map_err(|e| LinkError::Unreachable(e.to_string()))?;
         let (calls, mut rx) = mpsc::channel::<Command>(CALL_QUEUE);
         let started = LinkState { connected: false, since: crate::engine::now() };
         let (state_tx, state) = watch::channel(started);

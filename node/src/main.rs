@@ -236,7 +236,7 @@ async fn daemon(dir: NodeDir) -> anyhow::Result<()> {
     };
     let engine = Engine::open(store)?;
     let device = engine.device();
-    let node = Node::start(engine, config.clone())?;
+    let node = Node::start(engine, config.clone()).await?;
     let state = Arc::new(api::ApiState { node: node.clone(), token });
     let app = api::router(state);
     let listen = ApiListen::parse(&config.api.listen).context("api.listen")?;

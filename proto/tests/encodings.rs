@@ -108,6 +108,7 @@ canonical_props! {
     channel_state: ChannelState,
     inbox_payload: chitchat_proto::wire::InboxPayload,
     envelope: chitchat_proto::wire::Envelope,
+    gossip_envelope: chitchat_proto::gossip::GossipEnvelope,
 }
 
 proptest! {

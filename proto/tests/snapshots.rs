@@ -105,6 +105,15 @@ fn ordering() {
     insta::assert_snapshot!("ordering_submit", hex(&submit.to_bytes()));
 }
 
+/// A gossiped envelope, and the topic of a channel.
+#[test]
+fn gossip() {
+    use chitchat_proto::gossip::{GossipEnvelope, topic};
+    let e = GossipEnvelope::seal(&key(1), ChannelId([5; 32]), 3, b"ciphertext".to_vec(), T0);
+    insta::assert_snapshot!("gossip_envelope", hex(&e.to_bytes()));
+    insta::assert_snapshot!("gossip_topic", topic(&ChannelId([5; 32])));
+}
+
 #[test]
 fn inbox_envelope() {
     insta::assert_snapshot!("sealed_envelope", hex(&envelope().to_bytes()));

@@ -16,16 +16,15 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chitchat_net::{FrameCodec, HostConfig, frames};
 use chitchat_proto::federation::{FEDERATION_PROTOCOL, FedResponse};
-use chitchat_proto::wire::{self, ErrorCode, MAX_FRAME_LEN, Request, Response};
+use chitchat_proto::wire::{self, ErrorCode, Request, Response};
 use chitchat_proto::{DeviceId, SecretKey};
-use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, tcp, yamux,
-};
+use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify};
 use rand::RngExt as _;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
@@ -33,8 +32,7 @@ use crate::config::NetworkConfig;
 use crate::federation::Outbound;
 use crate::service::Relay;
 
-/// The relay protocol's libp2p protocol name.
-pub const PROTOCOL: &str = "/chitchat/relay/1";
+pub use chitchat_net::RELAY_PROTOCOL as PROTOCOL;
 /// Requests handled at once, at most.
 pub const MAX_IN_FLIGHT: usize = 4096;
 /// Waiting fetches (`Wait` held open until something arrives) held at once, in all. They hold
@@ -46,64 +44,6 @@ pub const MAX_WAITS_PER_DEVICE: usize = 4;
 pub const MAX_STREAMS_PER_CONNECTION: usize = 256;
 /// Seconds an idle connection stays open.
 pub const IDLE_TIMEOUT_SECS: u64 = 120;
-
-/// A request-response codec whose messages are whole frames, read to the end of the stream.
-/// Frames longer than [`MAX_FRAME_LEN`] are read one byte past the limit and then refused with
-/// a typed error by the handler, so the peer learns why.
-#[derive(Clone, Debug, Default)]
-pub struct FrameCodec;
-
-async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    io.take(MAX_FRAME_LEN as u64 + 1).read_to_end(&mut buf).await?;
-    Ok(buf)
-}
-
-impl request_response::Codec for FrameCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> std::io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        io.write_all(&req).await?;
-        io.close().await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> std::io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        io.write_all(&res).await?;
-        io.close().await
-    }
-}
 
 /// The relay's network behaviour.
 #[derive(NetworkBehaviour)]
@@ -123,13 +63,7 @@ enum Answer {
     Relay(ResponseChannel<Vec<u8>>, FedResponse),
 }
 
-/// A libp2p keypair from a 32-byte Ed25519 seed: the relay key is its libp2p identity.
-pub fn keypair(
-    key: &SecretKey,
-) -> Result<libp2p::identity::Keypair, libp2p::identity::DecodingError> {
-    let mut seed = *key.seed();
-    libp2p::identity::Keypair::ed25519_from_bytes(&mut seed)
-}
+pub use chitchat_net::keypair;
 
 /// Where the relay listens, once it does.
 #[derive(Clone, Debug)]
@@ -467,43 +401,30 @@ async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swa
         .with_max_established(Some(net.max_connections))
         .with_max_established_per_peer(Some(net.max_connections_per_peer))
         .with_max_pending_incoming(Some(net.max_pending_incoming));
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair(key)?)
-        .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
-        .with_quic()
-        .with_dns()?
-        .with_websocket(noise::Config::new, yamux::Config::default)
-        .await?
-        .with_behaviour(|key| {
-            // A `Wait` is answered after up to `MAX_WAIT_MS`; the stream must outlive it.
-            let timeout = Duration::from_millis(u64::from(chitchat_proto::wire::MAX_WAIT_MS))
-                + Duration::from_secs(10);
-            let config = request_response::Config::default()
-                .with_request_timeout(timeout)
-                .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
-            Behaviour {
-                limits: connection_limits::Behaviour::new(limits),
-                rr: request_response::Behaviour::with_codec(
-                    FrameCodec,
-                    [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Inbound)],
-                    config,
-                ),
-                fed: request_response::Behaviour::with_codec(
-                    FrameCodec,
-                    [(StreamProtocol::new(FEDERATION_PROTOCOL), ProtocolSupport::Full)],
-                    request_response::Config::default()
-                        .with_request_timeout(crate::federation::CALL_TIMEOUT)
-                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
-                ),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    format!("chitchat-relay/{}", crate::VERSION),
-                    key.public(),
-                )),
-            }
-        })?
-        .with_swarm_config(|c| {
-            c.with_idle_connection_timeout(Duration::from_secs(IDLE_TIMEOUT_SECS))
-        })
-        .build();
+    let host = HostConfig { idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECS), lazy: false };
+    let swarm = chitchat_net::swarm(keypair(key)?, host, |key| {
+        // A `Wait` is answered after up to `MAX_WAIT_MS`; the stream must outlive it.
+        let timeout = Duration::from_millis(u64::from(chitchat_proto::wire::MAX_WAIT_MS))
+            + Duration::from_secs(10);
+        let config = request_response::Config::default()
+            .with_request_timeout(timeout)
+            .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+        Behaviour {
+            limits: connection_limits::Behaviour::new(limits),
+            rr: frames(PROTOCOL, ProtocolSupport::Inbound, config),
+            fed: frames(
+                FEDERATION_PROTOCOL,
+                ProtocolSupport::Full,
+                request_response::Config::default()
+                    .with_request_timeout(crate::federation::CALL_TIMEOUT)
+                    .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
+            ),
+            identify: identify::Behaviour::new(identify::Config::new(
+                format!("chitchat-relay/{}", crate::VERSION),
+                key.public(),
+            )),
+        }
+    })
+    .await?;
     Ok(swarm)
 }

@@ -13,6 +13,11 @@
 //! virtual clock with latency, loss, partitions and crashes, channels moving between relay
 //! sets; it checks one winner and one certified hash per epoch, acknowledged commits kept and
 //! convergence after the faults heal, and hashes its trace (one seed, one trace).
+//!
+//! [`gossip::run`] models gossipsub on one channel's topic (mesh, flood publish, lazy IHAVE /
+//! IWANT repair, spam rejected at the first hop) with up to tens of thousands of members, on a
+//! virtual clock with latency and loss, and measures delivery latency, duplicates and sends.
 
 pub mod channel;
 pub mod federation;
+pub mod gossip;

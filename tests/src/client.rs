@@ -4,14 +4,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use chitchat_net::{HostConfig, RELAY_PROTOCOL as PROTOCOL, frames};
 use chitchat_proto::federation::{FedRequest, FedResponse};
 use chitchat_proto::wire::{self, AuthProof, Request, Response};
 use chitchat_proto::{DeviceId, SecretKey};
-use chitchat_relay::net::{FrameCodec, PROTOCOL};
 use futures::StreamExt as _;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
 type Reply = oneshot::Sender<anyhow::Result<Vec<u8>>>;
@@ -49,30 +49,16 @@ impl Client {
         peer: PeerId,
         protocol: &'static str,
     ) -> anyhow::Result<Self> {
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )?
-            .with_quic()
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(
-                    FrameCodec,
-                    [(StreamProtocol::new(protocol), ProtocolSupport::Outbound)],
-                    request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(30)),
-                )
-            })?
-            .with_swarm_config(|c| {
-                // As the node does: the request rides with the protocol proposal.
-                c.with_idle_connection_timeout(Duration::from_secs(60))
-                    .with_substream_upgrade_protocol_override(
-                        libp2p::core::upgrade::Version::V1Lazy,
-                    )
-            })
-            .build();
+        // As the node does (a request rides with the protocol proposal).
+        let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: true };
+        let mut swarm = chitchat_net::swarm(identity, config, |_| {
+            frames(
+                protocol,
+                ProtocolSupport::Outbound,
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+            )
+        })
+        .await?;
         swarm.dial(addr.clone())?;
         let connected = tokio::time::timeout(Duration::from_secs(10), async {
             loop {

@@ -34,3 +34,41 @@ fn node_and_relay_stay_apart() {
     assert!(!crates(&tree("chitchat-node")).contains(&"chitchat-relay"));
     assert!(!crates(&tree("chitchat-relay")).contains(&"chitchat-node"));
 }
+
+#[test]
+fn net_is_only_the_host() {
+    let t = tree("chitchat-net");
+    let names = crates(&t);
+    assert!(names.contains(&"libp2p"), "the tree was read: {names:?}");
+    for forbidden in ["chitchat-node", "chitchat-relay", "redb", "openraft", "iroh"] {
+        assert!(!names.contains(&forbidden), "chitchat-net depends on {forbidden}");
+    }
+}
+
+/// Every swarm comes from `chitchat-net`: no other source builds one.
+#[test]
+fn no_swarm_is_built_outside_net() {
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for dir in
+        ["node/src", "relay/src", "tests/src", "tests/tests", "tests/benches", "simulations/src"]
+    {
+        sources(&root.join(dir), &mut files);
+    }
+    assert!(files.len() > 20, "the sources were read: {files:?}");
+    let needle = ["Swarm", "Builder"].concat();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read");
+        assert!(!text.contains(&needle), "{} builds a swarm of its own", file.display());
+    }
+}
