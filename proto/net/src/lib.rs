@@ -6,6 +6,8 @@
 //! It holds no protocol logic: what a frame means is `chitchat-proto`'s, what a peer does with
 //! it is the node's or the relay's.
 
+pub mod gossip;
+
 use std::time::Duration;
 
 use chitchat_proto::SecretKey;
@@ -77,6 +79,31 @@ pub async fn swarm<B: NetworkBehaviour>(
                 c
             }
         })
+        .build();
+    Ok(swarm)
+}
+
+/// A swarm for `identity` on libp2p's in-process memory transport only (Noise, yamux): many
+/// hosts in one process, for tests and benchmarks (`/memory/N` addresses).
+pub fn memory_swarm<B: NetworkBehaviour>(
+    identity: libp2p::identity::Keypair,
+    config: HostConfig,
+    behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
+) -> Result<Swarm<B>, NetError> {
+    use libp2p::Transport as _;
+    let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
+        .with_tokio()
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(libp2p::core::transport::MemoryTransport::default()
+                .upgrade(libp2p::core::upgrade::Version::V1)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default()))
+        })
+        .map_err(|e| transport(&e))?
+        .with_behaviour(|key| behaviour(key))
+        .map_err(|e| transport(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
         .build();
     Ok(swarm)
 }

@@ -1,0 +1,238 @@
+//! Gossipsub as ChitChat runs it: one topic per channel (`chitchat_proto::gossip::topic`),
+//! envelopes that carry their own outer signature (so gossipsub's messages are anonymous: no
+//! author, no sequence number, no libp2p signature; a relay may publish for a relay-only
+//! member), content-addressed message ids, and manual validation: nothing is forwarded before
+//! the application judged it ([`report`]), and what it rejects counts against the peer that
+//! sent it (peer scoring: a peer past the graylist threshold is ignored).
+
+use std::time::Duration;
+
+use chitchat_proto::gossip::{GossipEnvelope, MAX_GOSSIP_AGE_MS, Verdict};
+use chitchat_proto::ordering::ChannelId;
+use libp2p::PeerId;
+use libp2p::gossipsub::{
+    self, ConfigBuilder, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId,
+    PeerScoreParams, PeerScoreThresholds, TopicHash, TopicScoreParams, ValidationMode,
+};
+
+use crate::NetError;
+
+/// Largest gossipsub message: one envelope, with room for the RPC framing.
+pub const MAX_TRANSMIT: usize =
+    <GossipEnvelope as chitchat_proto::codec::Canonical>::MAX_LEN + 1024;
+/// Between two heartbeats (mesh upkeep, lazy gossip).
+pub const HEARTBEAT: Duration = Duration::from_millis(700);
+/// Score below which a peer's gossip is ignored (IHAVE, IWANT).
+pub const GOSSIP_THRESHOLD: f64 = -10.0;
+/// Score below which a peer gets none of our publications.
+pub const PUBLISH_THRESHOLD: f64 = -50.0;
+/// Score below which everything from a peer is ignored.
+pub const GRAYLIST_THRESHOLD: f64 = -80.0;
+
+/// The gossipsub behaviour, configured (see the module's text). Mesh: 6 peers (4 to 12), lazy
+/// gossip to 6 more, three heartbeats of history, flood publish; seen ids kept for as long as
+/// an envelope may be forwarded ([`MAX_GOSSIP_AGE_MS`]) and a minute more.
+pub fn behaviour() -> Result<gossipsub::Behaviour, NetError> {
+    let config = ConfigBuilder::default()
+        .protocol_id_prefix("/chitchat/gossip")
+        .validation_mode(ValidationMode::Anonymous)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| MessageId::from(id(&m.data).to_vec()))
+        .max_transmit_size(MAX_TRANSMIT)
+        .heartbeat_interval(HEARTBEAT)
+        .mesh_n(6)
+        .mesh_n_low(4)
+        .mesh_n_high(12)
+        .gossip_lazy(6)
+        .history_gossip(3)
+        .flood_publish(true)
+        .duplicate_cache_time(Duration::from_millis(MAX_GOSSIP_AGE_MS) + Duration::from_secs(60))
+        .build()
+        .map_err(|e| NetError::Transport(format!("gossipsub config: {e}")))?;
+    let mut b = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, config)
+        .map_err(|e| NetError::Transport(format!("gossipsub: {e}")))?;
+    let thresholds = PeerScoreThresholds {
+        gossip_threshold: GOSSIP_THRESHOLD,
+        publish_threshold: PUBLISH_THRESHOLD,
+        graylist_threshold: GRAYLIST_THRESHOLD,
+        ..PeerScoreThresholds::default()
+    };
+    b.with_peer_score(PeerScoreParams::default(), thresholds)
+        .map_err(|e| NetError::Transport(format!("gossipsub scoring: {e}")))?;
+    Ok(b)
+}
+
+/// A channel's topic.
+pub fn topic(channel: &ChannelId) -> IdentTopic {
+    IdentTopic::new(chitchat_proto::gossip::topic(channel))
+}
+
+/// The scoring of a channel's topic: a rejected envelope weighs heavily (two put the sender
+/// past the graylist threshold), delivering first and staying in the mesh count a little, and
+/// a quiet peer is never penalised for being quiet (a chat's traffic is too sparse for
+/// gossipsub's mesh-delivery penalties).
+pub fn topic_params() -> TopicScoreParams {
+    TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 0.5,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 20.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -50.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..TopicScoreParams::default()
+    }
+}
+
+/// Subscribes to a channel's topic with its scoring.
+pub fn subscribe(b: &mut gossipsub::Behaviour, channel: &ChannelId) -> Result<TopicHash, NetError> {
+    let t = topic(channel);
+    b.subscribe(&t).map_err(|e| NetError::Transport(format!("subscribe: {e}")))?;
+    b.set_topic_params(t.clone(), topic_params())
+        .map_err(|e| NetError::Transport(format!("topic scoring: {e}")))?;
+    Ok(t.hash())
+}
+
+/// Tells gossipsub what the application made of a message: forward it, drop it, or drop it
+/// and count it against `source`.
+pub fn report(b: &mut gossipsub::Behaviour, id: &MessageId, source: &PeerId, verdict: Verdict) {
+    let acceptance = match verdict {
+        Verdict::Accept => MessageAcceptance::Accept,
+        Verdict::Ignore(_) => MessageAcceptance::Ignore,
+        Verdict::Reject(_) => MessageAcceptance::Reject,
+    };
+    b.report_message_validation_result(id, source, acceptance);
+}
+
+/// The message id of gossiped bytes: BLAKE3 of them (what `GossipEnvelope::id` gives for the
+/// envelope they encode).
+pub fn id(data: &[u8]) -> [u8; 32] {
+    *blake3::hash(data).as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use chitchat_proto::codec::{Canonical as _, encode};
+    use chitchat_proto::identity::DeviceId;
+    use chitchat_proto::{SecretKey, Timestamp};
+    use futures::StreamExt as _;
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Multiaddr, Swarm};
+
+    use super::*;
+    use crate::{HostConfig, memory_swarm};
+
+    const NOW: Timestamp = Timestamp(1_000_000_000);
+
+    fn channel() -> ChannelId {
+        ChannelId([4; 32])
+    }
+
+    fn alice() -> SecretKey {
+        SecretKey::from_seed([1; 32])
+    }
+
+    fn host(n: u64) -> (Swarm<gossipsub::Behaviour>, Multiaddr) {
+        let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false };
+        let id = libp2p::identity::Keypair::generate_ed25519();
+        let mut s = memory_swarm(id, config, |_| behaviour().expect("gossipsub")).expect("swarm");
+        let addr: Multiaddr = format!("/memory/{n}").parse().expect("addr");
+        s.listen_on(addr.clone()).expect("listen");
+        subscribe(s.behaviour_mut(), &channel()).expect("subscribe");
+        (s, addr)
+    }
+
+    /// What a host's application does with a message: judge it as a member would (Alice is
+    /// the channel's only member), report it, and keep every envelope it was given (accepted
+    /// or not: whatever a peer forwarded).
+    fn judge(
+        s: &mut Swarm<gossipsub::Behaviour>,
+        event: gossipsub::Event,
+        got: &mut Vec<GossipEnvelope>,
+    ) {
+        if let gossipsub::Event::Message { propagation_source, message_id, message } = event {
+            let verdict = match GossipEnvelope::from_bytes(&message.data) {
+                Ok(e) => {
+                    let t = chitchat_proto::gossip::topic(&channel());
+                    let v = e.judge(&t, NOW, |d, _| Some(*d == DeviceId(alice().public())));
+                    got.push(e);
+                    v
+                }
+                Err(_) => Verdict::Reject(chitchat_proto::gossip::GossipError::BadSignature),
+            };
+            report(s.behaviour_mut(), &message_id, &propagation_source, verdict);
+        }
+    }
+
+    /// Three hosts in a line, A — B — C (A and C not connected). Alice's envelope published at
+    /// A reaches C through B. Mallory's envelopes, published at A, are rejected by B and never
+    /// reach C; B's score of A falls below zero, and past the graylist threshold after two.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_envelopes_cross_the_mesh_and_forgeries_stop_at_the_first_hop() {
+        let base = rand_base();
+        let (mut a, _) = host(base);
+        let (mut b, b_addr) = host(base + 1);
+        let (mut c, _) = host(base + 2);
+        let (a_id, c_id) = (*a.local_peer_id(), *c.local_peer_id());
+        a.dial(b_addr.clone()).expect("dial");
+        c.dial(b_addr).expect("dial");
+        let t = topic(&channel()).hash();
+        let (mut at_b, mut at_c) = (Vec::new(), Vec::new());
+        // Until B has both in its mesh.
+        let meshed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                tokio::select! {
+                    _ = a.select_next_some() => {}
+                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut at_b) },
+                    e = c.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut c, e, &mut at_c) },
+                }
+                let mesh: Vec<PeerId> = b.behaviour().mesh_peers(&t).copied().collect();
+                if mesh.contains(&a_id) && mesh.contains(&c_id) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(meshed.is_ok(), "B never meshed with A and C");
+
+        let good = GossipEnvelope::seal(&alice(), channel(), 3, b"hello".to_vec(), NOW);
+        let mallory = SecretKey::from_seed([6; 32]);
+        let forged: Vec<GossipEnvelope> =
+            (0..3).map(|i| GossipEnvelope::seal(&mallory, channel(), 3, vec![i; 8], NOW)).collect();
+        a.behaviour_mut().publish(topic(&channel()), encode(&forged[0])).expect("publish");
+        a.behaviour_mut().publish(topic(&channel()), encode(&good)).expect("publish");
+        for f in &forged[1..] {
+            a.behaviour_mut().publish(topic(&channel()), encode(f)).expect("publish");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                tokio::select! {
+                    _ = a.select_next_some() => {}
+                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut at_b) },
+                    e = c.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut c, e, &mut at_c) },
+                }
+                if !at_c.is_empty() && b.behaviour().peer_score(&a_id).is_some_and(|s| s < GRAYLIST_THRESHOLD) {
+                    // A little longer, for a forgery that would still be on its way to C.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return;
+                }
+            }
+        })
+        .await;
+        // B judged Alice's envelope and the forgeries before A's score fell past the graylist
+        // threshold (after two; one more may have come in the same batch).
+        assert!(at_b.contains(&good) && at_b.len() >= 3, "B was given: {at_b:?}");
+        assert_eq!(at_c, vec![good], "C got Alice's envelope through B, and no forgery");
+        let score = b.behaviour().peer_score(&a_id).expect("scored");
+        assert!(score < GRAYLIST_THRESHOLD, "A, which sent forgeries, is graylisted at B: {score}");
+    }
+
+    fn rand_base() -> u64 {
+        // Memory addresses are process-wide: each test run takes its own range.
+        u64::from(std::process::id()) * 1000 + 1
+    }
+}
