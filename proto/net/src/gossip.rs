@@ -57,7 +57,18 @@ pub fn behaviour() -> Result<gossipsub::Behaviour, NetError> {
         graylist_threshold: GRAYLIST_THRESHOLD,
         ..PeerScoreThresholds::default()
     };
-    b.with_peer_score(PeerScoreParams::default(), thresholds)
+    // Peers on one address are suspected of being one operator's Sybils (gossipsub's IP
+    // colocation penalty), except on loopback, where every host of a test or of one machine
+    // sits.
+    let params = PeerScoreParams {
+        ip_colocation_factor_whitelist: [
+            std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        ]
+        .into(),
+        ..PeerScoreParams::default()
+    };
+    b.with_peer_score(params, thresholds)
         .map_err(|e| NetError::Transport(format!("gossipsub scoring: {e}")))?;
     Ok(b)
 }
@@ -98,14 +109,28 @@ pub fn subscribe(b: &mut gossipsub::Behaviour, channel: &ChannelId) -> Result<To
 }
 
 /// Tells gossipsub what the application made of a message: forward it, drop it, or drop it
-/// and count it against `source`.
-pub fn report(b: &mut gossipsub::Behaviour, id: &MessageId, source: &PeerId, verdict: Verdict) {
+/// and count it against `source`. Returns `true` when `source` has fallen past the graylist
+/// threshold: it is then blacklisted here (nothing of it is taken or forwarded any more), and
+/// the caller should close its connections, so that its traffic costs nothing more than a
+/// refused dial.
+pub fn report(
+    b: &mut gossipsub::Behaviour,
+    id: &MessageId,
+    source: &PeerId,
+    verdict: Verdict,
+) -> bool {
     let acceptance = match verdict {
         Verdict::Accept => MessageAcceptance::Accept,
         Verdict::Ignore(_) => MessageAcceptance::Ignore,
         Verdict::Reject(_) => MessageAcceptance::Reject,
     };
     b.report_message_validation_result(id, source, acceptance);
+    let drop = matches!(verdict, Verdict::Reject(_))
+        && b.peer_score(source).is_some_and(|s| s < GRAYLIST_THRESHOLD);
+    if drop {
+        b.blacklist_peer(source);
+    }
+    drop
 }
 
 /// The message id of gossiped bytes: BLAKE3 of them (what `GossipEnvelope::id` gives for the
@@ -164,7 +189,9 @@ mod tests {
                 }
                 Err(_) => Verdict::Reject(chitchat_proto::gossip::GossipError::BadSignature),
             };
-            report(s.behaviour_mut(), &message_id, &propagation_source, verdict);
+            if report(s.behaviour_mut(), &message_id, &propagation_source, verdict) {
+                let _ = s.disconnect_peer_id(propagation_source);
+            }
         }
     }
 
@@ -229,6 +256,7 @@ mod tests {
         assert_eq!(at_c, vec![good], "C got Alice's envelope through B, and no forgery");
         let score = b.behaviour().peer_score(&a_id).expect("scored");
         assert!(score < GRAYLIST_THRESHOLD, "A, which sent forgeries, is graylisted at B: {score}");
+        assert!(!b.is_connected(&a_id), "and B dropped it");
     }
 
     fn rand_base() -> u64 {
