@@ -1431,6 +1431,19 @@ impl Moved {
         ]
     }
 
+    /// Mallory offers each forgery to her relay, which refuses it (`Forbidden`).
+    async fn mallory_is_refused(&self, forgeries: Vec<chitchat_proto::channel::PublicState>) {
+        for (epoch, state) in forgeries.into_iter().enumerate() {
+            let open = Request::OpenChannel { channel: self.id, state };
+            let r = self.mallory_b.call(&open).await.expect("open");
+            assert_eq!(
+                code(&r),
+                Some(ErrorCode::Forbidden),
+                "a forged state of epoch {epoch}: {r:?}"
+            );
+        }
+    }
+
     /// Alice opens the channel in the group of the new set with her true state, and that group
     /// orders and certifies her next commit.
     async fn alice_goes_on(mut self) {
@@ -1472,14 +1485,7 @@ impl Moved {
 async fn a_forged_state_cannot_open_a_channel_that_moved() {
     let (a, b) = (relay(|c| c.to_owned()), relay(|c| c.to_owned()));
     let moved = Moved::new(&[&a, &b]).await;
-    for (epoch, state) in moved.forgeries().into_iter().enumerate() {
-        let r = moved
-            .mallory_b
-            .call(&Request::OpenChannel { channel: moved.id, state })
-            .await
-            .expect("open");
-        assert_eq!(code(&r), Some(ErrorCode::Forbidden), "a forged state of epoch {epoch}: {r:?}");
-    }
+    moved.mallory_is_refused(moved.forgeries()).await;
     moved.alice_goes_on().await;
 }
 
@@ -1504,14 +1510,7 @@ async fn a_forged_state_waits_while_the_relays_that_moved_the_channel_are_away()
         assert_eq!(code(&r), Some(want[epoch]), "a forged state of epoch {epoch}: {r:?}");
     }
     a.restart().expect("restart");
-    for (epoch, state) in forgeries.into_iter().enumerate() {
-        let r = moved
-            .mallory_b
-            .call(&Request::OpenChannel { channel: moved.id, state })
-            .await
-            .expect("open");
-        assert_eq!(code(&r), Some(ErrorCode::Forbidden), "a forged state of epoch {epoch}: {r:?}");
-    }
+    moved.mallory_is_refused(forgeries).await;
     moved.alice_goes_on().await;
 }
 
