@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chitchat_net::gossip::{self, GRAYLIST_THRESHOLD};
+use chitchat_net::gossip::{self, Gossip, GossipEvent};
 use chitchat_net::{HostConfig, memory_swarm};
 use chitchat_proto::codec::{Canonical as _, encode};
 use chitchat_proto::gossip::{GossipEnvelope, Verdict};
@@ -50,8 +50,8 @@ async fn host(
 ) -> Host {
     let config = HostConfig { idle_timeout: Duration::from_secs(600), lazy: false };
     let identity = libp2p::identity::Keypair::generate_ed25519();
-    let make = |_: &libp2p::identity::Keypair| gossip::behaviour().expect("gossipsub");
-    let mut swarm: Swarm<gossipsub::Behaviour> = if memory {
+    let make = |_: &libp2p::identity::Keypair| Gossip::new().expect("gossip");
+    let mut swarm: Swarm<Gossip> = if memory {
         memory_swarm(identity, config, make).expect("swarm")
     } else {
         chitchat_net::swarm(identity, config, make).await.expect("swarm")
@@ -62,7 +62,7 @@ async fn host(
         "/ip4/127.0.0.1/tcp/0".parse().expect("addr")
     };
     swarm.listen_on(listen).expect("listen");
-    gossip::subscribe(swarm.behaviour_mut(), &CHANNEL).expect("subscribe");
+    gossip::subscribe(&mut swarm.behaviour_mut().gossipsub, &CHANNEL).expect("subscribe");
     let addr = loop {
         if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
             break address;
@@ -76,16 +76,16 @@ async fn host(
                 c = rx.recv() => match c {
                     Some(Command::Dial(a)) => { let _ = swarm.dial(a); }
                     Some(Command::Publish(bytes)) => {
-                        let _ = swarm.behaviour_mut().publish(gossip::topic(&CHANNEL), bytes);
+                        let _ = swarm.behaviour_mut().gossipsub.publish(gossip::topic(&CHANNEL), bytes);
                     }
                     Some(Command::MeshSize(reply)) => {
                         let t = gossip::topic(&CHANNEL).hash();
-                        let _ = reply.send(swarm.behaviour().mesh_peers(&t).count());
+                        let _ = reply.send(swarm.behaviour().gossipsub.mesh_peers(&t).count());
                     }
                     None => return,
                 },
                 e = swarm.select_next_some() => {
-                    let SwarmEvent::Behaviour(gossipsub::Event::Message { propagation_source, message_id, message }) = e else { continue };
+                    let SwarmEvent::Behaviour(GossipEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message })) = e else { continue };
                     let verdict = match GossipEnvelope::from_bytes(&message.data) {
                         Ok(env) => {
                             let v = env.judge(&topic, NOW, |d, _| Some(members.contains(d)));
@@ -99,9 +99,7 @@ async fn host(
                         }
                         Err(_) => Verdict::Reject(chitchat_proto::gossip::GossipError::BadSignature),
                     };
-                    if gossip::report(swarm.behaviour_mut(), &message_id, &propagation_source, verdict) {
-                        let _ = swarm.disconnect_peer_id(propagation_source);
-                    }
+                    swarm.behaviour_mut().report(&message_id, &propagation_source, verdict);
                 }
             }
         }
@@ -228,7 +226,6 @@ async fn run(
     }
     latencies.sort_unstable();
     drop(all);
-    let _ = GRAYLIST_THRESHOLD;
     Row { cpu_per_message, delivered: latencies.len(), expected: messages * (hosts - 1), latencies }
 }
 

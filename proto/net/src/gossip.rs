@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use chitchat_proto::gossip::{GossipEnvelope, MAX_GOSSIP_AGE_MS, Verdict};
 use chitchat_proto::ordering::ChannelId;
-use libp2p::PeerId;
 use libp2p::gossipsub::{
     self, ConfigBuilder, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId,
     PeerScoreParams, PeerScoreThresholds, TopicHash, TopicScoreParams, ValidationMode,
 };
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{PeerId, allow_block_list};
 
 use crate::NetError;
 
@@ -28,6 +29,49 @@ pub const GOSSIP_THRESHOLD: f64 = -10.0;
 pub const PUBLISH_THRESHOLD: f64 = -50.0;
 /// Score below which everything from a peer is ignored.
 pub const GRAYLIST_THRESHOLD: f64 = -80.0;
+/// Peers banned at once, at most (peer ids cost nothing to make: beyond this, an earlier ban
+/// is lifted to make room).
+pub const MAX_BANNED: usize = 65_536;
+
+/// Gossip with a ban at the connection level: a peer dropped for forged envelopes has its
+/// connections closed and cannot connect again (unless [`MAX_BANNED`] later bans push it out).
+#[derive(NetworkBehaviour)]
+#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
+pub struct Gossip {
+    /// Gossipsub, configured by [`behaviour`].
+    pub gossipsub: gossipsub::Behaviour,
+    /// The banned peers.
+    pub banned: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+}
+
+impl std::fmt::Debug for Gossip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let banned = self.banned.blocked_peers().len();
+        f.debug_struct("Gossip").field("banned", &banned).finish_non_exhaustive()
+    }
+}
+
+impl Gossip {
+    /// Gossipsub as [`behaviour`] configures it, and no one banned.
+    pub fn new() -> Result<Self, NetError> {
+        Ok(Self { gossipsub: behaviour()?, banned: allow_block_list::Behaviour::default() })
+    }
+
+    /// [`report`]s a verdict, and bans the peer that sent it once it is past the graylist
+    /// threshold: its connections close, and new ones are refused. Returns whether it was
+    /// banned now.
+    pub fn report(&mut self, id: &MessageId, source: &PeerId, verdict: Verdict) -> bool {
+        if !report(&mut self.gossipsub, id, source, verdict) {
+            return false;
+        }
+        if self.banned.blocked_peers().len() >= MAX_BANNED
+            && let Some(earlier) = self.banned.blocked_peers().iter().next().copied()
+        {
+            self.banned.unblock_peer(earlier);
+        }
+        self.banned.block_peer(*source)
+    }
+}
 
 /// The gossipsub behaviour, configured (see the module's text). Mesh: 6 peers (4 to 12), lazy
 /// gossip to 6 more, three heartbeats of history, flood publish; seen ids kept for as long as
@@ -111,8 +155,8 @@ pub fn subscribe(b: &mut gossipsub::Behaviour, channel: &ChannelId) -> Result<To
 /// Tells gossipsub what the application made of a message: forward it, drop it, or drop it
 /// and count it against `source`. Returns `true` when `source` has fallen past the graylist
 /// threshold: it is then blacklisted here (nothing of it is taken or forwarded any more), and
-/// the caller should close its connections, so that its traffic costs nothing more than a
-/// refused dial.
+/// its connections should be closed, so that its traffic costs nothing more than a refused
+/// dial ([`Gossip::report`] does both).
 pub fn report(
     b: &mut gossipsub::Behaviour,
     id: &MessageId,
@@ -161,25 +205,26 @@ mod tests {
         SecretKey::from_seed([1; 32])
     }
 
-    fn host(n: u64) -> (Swarm<gossipsub::Behaviour>, Multiaddr) {
+    fn host(n: u64) -> (Swarm<Gossip>, Multiaddr) {
         let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false };
         let id = libp2p::identity::Keypair::generate_ed25519();
-        let mut s = memory_swarm(id, config, |_| behaviour().expect("gossipsub")).expect("swarm");
+        let mut s = memory_swarm(id, config, |_| Gossip::new().expect("gossip")).expect("swarm");
         let addr: Multiaddr = format!("/memory/{n}").parse().expect("addr");
         s.listen_on(addr.clone()).expect("listen");
-        subscribe(s.behaviour_mut(), &channel()).expect("subscribe");
+        subscribe(&mut s.behaviour_mut().gossipsub, &channel()).expect("subscribe");
         (s, addr)
     }
 
     /// What a host's application does with a message: judge it as a member would (Alice is
     /// the channel's only member), report it, and keep every envelope it was given (accepted
     /// or not: whatever a peer forwarded).
-    fn judge(
-        s: &mut Swarm<gossipsub::Behaviour>,
-        event: gossipsub::Event,
-        got: &mut Vec<GossipEnvelope>,
-    ) {
-        if let gossipsub::Event::Message { propagation_source, message_id, message } = event {
+    fn judge(s: &mut Swarm<Gossip>, event: GossipEvent, got: &mut Vec<GossipEnvelope>) {
+        if let GossipEvent::Gossipsub(gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        }) = event
+        {
             let verdict = match GossipEnvelope::from_bytes(&message.data) {
                 Ok(e) => {
                     let t = chitchat_proto::gossip::topic(&channel());
@@ -189,9 +234,7 @@ mod tests {
                 }
                 Err(_) => Verdict::Reject(chitchat_proto::gossip::GossipError::BadSignature),
             };
-            if report(s.behaviour_mut(), &message_id, &propagation_source, verdict) {
-                let _ = s.disconnect_peer_id(propagation_source);
-            }
+            s.behaviour_mut().report(&message_id, &propagation_source, verdict);
         }
     }
 
@@ -217,8 +260,10 @@ mod tests {
                     e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut at_b) },
                     e = c.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut c, e, &mut at_c) },
                 }
-                let mesh: Vec<PeerId> = b.behaviour().mesh_peers(&t).copied().collect();
-                if mesh.contains(&a_id) && mesh.contains(&c_id) {
+                let mesh: Vec<PeerId> = b.behaviour().gossipsub.mesh_peers(&t).copied().collect();
+                let b_id = *b.local_peer_id();
+                let a_knows_b = a.behaviour().gossipsub.mesh_peers(&t).any(|p| *p == b_id);
+                if mesh.contains(&a_id) && mesh.contains(&c_id) && a_knows_b {
                     return;
                 }
             }
@@ -230,10 +275,13 @@ mod tests {
         let mallory = SecretKey::from_seed([6; 32]);
         let forged: Vec<GossipEnvelope> =
             (0..3).map(|i| GossipEnvelope::seal(&mallory, channel(), 3, vec![i; 8], NOW)).collect();
-        a.behaviour_mut().publish(topic(&channel()), encode(&forged[0])).expect("publish");
-        a.behaviour_mut().publish(topic(&channel()), encode(&good)).expect("publish");
+        a.behaviour_mut()
+            .gossipsub
+            .publish(topic(&channel()), encode(&forged[0]))
+            .expect("publish");
+        a.behaviour_mut().gossipsub.publish(topic(&channel()), encode(&good)).expect("publish");
         for f in &forged[1..] {
-            a.behaviour_mut().publish(topic(&channel()), encode(f)).expect("publish");
+            a.behaviour_mut().gossipsub.publish(topic(&channel()), encode(f)).expect("publish");
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
@@ -242,10 +290,20 @@ mod tests {
                     e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut at_b) },
                     e = c.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut c, e, &mut at_c) },
                 }
-                if !at_c.is_empty() && b.behaviour().peer_score(&a_id).is_some_and(|s| s < GRAYLIST_THRESHOLD) {
-                    // A little longer, for a forgery that would still be on its way to C.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                if !at_c.is_empty() && b.behaviour().gossipsub.peer_score(&a_id).is_some_and(|s| s < GRAYLIST_THRESHOLD) {
                     return;
+                }
+            }
+        })
+        .await;
+        // A little longer, for a forgery that would still be on its way to C, and for B to
+        // close its connection to A.
+        let _ = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                tokio::select! {
+                    _ = a.select_next_some() => {}
+                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut at_b) },
+                    e = c.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut c, e, &mut at_c) },
                 }
             }
         })
@@ -254,9 +312,21 @@ mod tests {
         // threshold (after two; one more may have come in the same batch).
         assert!(at_b.contains(&good) && at_b.len() >= 3, "B was given: {at_b:?}");
         assert_eq!(at_c, vec![good], "C got Alice's envelope through B, and no forgery");
-        let score = b.behaviour().peer_score(&a_id).expect("scored");
+        let score = b.behaviour().gossipsub.peer_score(&a_id).expect("scored");
         assert!(score < GRAYLIST_THRESHOLD, "A, which sent forgeries, is graylisted at B: {score}");
         assert!(!b.is_connected(&a_id), "and B dropped it");
+        // A comes back: B refuses the connection.
+        a.dial(b.listeners().next().expect("listening").clone()).expect("dial");
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                tokio::select! {
+                    _ = a.select_next_some() => {}
+                    _ = b.select_next_some() => {}
+                }
+            }
+        })
+        .await;
+        assert!(!b.is_connected(&a_id) && !a.is_connected(b.local_peer_id()), "A got back in");
     }
 
     fn rand_base() -> u64 {
