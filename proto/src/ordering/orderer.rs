@@ -358,6 +358,14 @@ impl Orderer {
         Some((current.clone(), then.clone()))
     }
 
+    /// Whether `device` is a member of the channel at `epoch`, as a relay judging a gossiped
+    /// envelope asks (`GossipEnvelope::judge`): `None` if the channel is not ordered here, or
+    /// `epoch` is not among the last [`MEMBER_EPOCHS`] it knows (it cannot judge that epoch).
+    pub fn is_member(&self, channel: &ChannelId, device: &DeviceId, epoch: u64) -> Option<bool> {
+        let (_, members) = self.members.get(channel)?.iter().find(|(e, _)| *e == epoch)?;
+        Some(members.binary_search(device).is_ok())
+    }
+
     /// Whether `state` is exactly the channel's public state here (epoch, tree, transcript,
     /// config): `None` if the channel is not known here or the state does not parse.
     pub fn matches(&self, channel: &ChannelId, state: &PublicState) -> Option<bool> {
