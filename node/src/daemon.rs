@@ -132,7 +132,7 @@ impl Node {
     pub async fn start(mut engine: Engine, config: Config) -> Result<Arc<Self>, NodeError> {
         engine.set_commit_first(config.send.commit_first);
         let link = match engine.account() {
-            Some(a) => Some(Arc::new(make_link(&engine, &a.relay, &config).await?)),
+            Some(a) => Some(Arc::new(link_for(engine.key().clone(), &a.relay, &config).await?)),
             None => None,
         };
         let first_outbox_id = engine.next_outbox_id();
@@ -1157,14 +1157,6 @@ enum Submitted {
     Lost,
     /// The relay did not answer: the commit may be ordered, so it stays staged.
     Undecided,
-}
-
-async fn make_link(
-    engine: &Engine,
-    relay: &RelayInfo,
-    config: &Config,
-) -> Result<RelayLink, NodeError> {
-    link_for(engine.key().clone(), relay, config).await
 }
 
 async fn link_for(

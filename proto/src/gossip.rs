@@ -37,9 +37,14 @@ pub const MAX_GOSSIP_AGE_MS: u64 = 10 * 60 * 1000;
 pub fn topic(channel: &ChannelId) -> String {
     let mut h = blake3::Hasher::new_derive_key("chitchat/v1/gossip-topic");
     h.update(&channel.0);
-    let digest = h.finalize();
-    let hex: String = digest.as_bytes()[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("chitchat/1/{hex}")
+    format!("chitchat/1/{}", crate::keys::hex_string(&h.finalize().as_bytes()[..16]))
+}
+
+/// The content id of a gossiped message's bytes: BLAKE3 of them (gossipsub's message id, so
+/// that one envelope reaching a peer by two paths is one message; what [`GossipEnvelope::id`]
+/// gives for the envelope they encode).
+pub fn message_id(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
 }
 
 /// What the sender signs.
@@ -140,10 +145,9 @@ impl GossipEnvelope {
         Self { body, signature }
     }
 
-    /// A content id: BLAKE3 of the envelope's encoding (gossipsub's message id, so that one
-    /// envelope reaching a peer by two paths is one message).
+    /// Its content id: [`message_id`] of its encoding.
     pub fn id(&self) -> [u8; 32] {
-        *blake3::hash(&encode(self)).as_bytes()
+        message_id(&encode(self))
     }
 
     /// Judges an envelope that arrived on `topic`, at `now`. `is_member` says whether a device

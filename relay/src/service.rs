@@ -1513,9 +1513,7 @@ impl Relay {
                     }
                     // A channel's first state comes from its creator, whose device its id
                     // names: no one else can open a group of their own under a known id.
-                    if p.epoch() == 0
-                        && (config.creator != me || !channel.is_of_creator(&config.creator))
-                    {
+                    if p.epoch() == 0 && !channel.opens_first_state(&config.creator, &me) {
                         return error(
                             ErrorCode::Forbidden,
                             "a channel's first state is opened by its creator, whose device \

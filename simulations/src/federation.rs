@@ -1458,7 +1458,7 @@ impl World {
         }
         // As the relay: a first state comes from the creator its id names.
         let opener = self.devices[device].me.device();
-        if public.epoch() == 0 && (config.creator != opener || !id.is_of_creator(&opener)) {
+        if public.epoch() == 0 && !id.opens_first_state(&config.creator, &opener) {
             return self.answer(Some((device, seq)), Answer::Refused("not the creator".into()));
         }
         // As the relay's `vouch_for_state`: this relay and every other relay of the set it

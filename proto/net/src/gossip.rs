@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use chitchat_proto::gossip::{GossipEnvelope, MAX_GOSSIP_AGE_MS, Verdict};
+use chitchat_proto::gossip::{GossipEnvelope, MAX_GOSSIP_AGE_MS, Verdict, message_id};
 use chitchat_proto::ordering::ChannelId;
 use libp2p::gossipsub::{
     self, ConfigBuilder, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId,
@@ -81,7 +81,7 @@ pub fn behaviour() -> Result<gossipsub::Behaviour, NetError> {
         .protocol_id_prefix("/chitchat/gossip")
         .validation_mode(ValidationMode::Anonymous)
         .validate_messages()
-        .message_id_fn(|m: &gossipsub::Message| MessageId::from(id(&m.data).to_vec()))
+        .message_id_fn(|m: &gossipsub::Message| MessageId::from(message_id(&m.data).to_vec()))
         .max_transmit_size(MAX_TRANSMIT)
         .heartbeat_interval(HEARTBEAT)
         .mesh_n(6)
@@ -175,12 +175,6 @@ pub fn report(
         b.blacklist_peer(source);
     }
     drop
-}
-
-/// The message id of gossiped bytes: BLAKE3 of them (what `GossipEnvelope::id` gives for the
-/// envelope they encode).
-pub fn id(data: &[u8]) -> [u8; 32] {
-    *blake3::hash(data).as_bytes()
 }
 
 #[cfg(test)]

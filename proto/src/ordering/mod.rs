@@ -66,6 +66,12 @@ impl ChannelId {
         self.0[..16] == Self::creator_tag(creator)
     }
 
+    /// Whether `opener` may open a state of epoch 0 of this channel whose config names
+    /// `creator`: only the creator, whose device the id names.
+    pub fn opens_first_state(&self, creator: &DeviceId, opener: &DeviceId) -> bool {
+        creator == opener && self.is_of_creator(creator)
+    }
+
     fn creator_tag(creator: &DeviceId) -> [u8; 16] {
         let mut h = blake3::Hasher::new_derive_key("chitchat/v1/channel-id");
         h.update(creator.as_bytes());
