@@ -140,6 +140,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/register", post(register))
         .route("/v1/devices", get(devices))
+        .route("/v1/network", get(network))
+        .route("/v1/network/dial", post(dial))
         .route("/v1/users/{address}", get(user))
         .route("/v1/channels", get(channels).post(create_channel))
         .route("/v1/channels/{channel}", get(channel_info))
@@ -272,6 +274,25 @@ async fn status(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
         })
         .await;
     Ok(Json(v))
+}
+
+/// This node's peer id, the addresses peers can dial it at, and the peers connected now.
+async fn network(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+    let (peer_id, listening, peers) = s.node.network().await?;
+    Ok(Json(json!({ "peer_id": peer_id, "listening": listening, "peers": peers })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DialBody {
+    addr: String,
+}
+
+/// Connects to a peer at a libp2p address ending in `/p2p/PEER_ID`.
+async fn dial(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Json<Value>> {
+    let b: DialBody = body(&bytes)?;
+    s.node.dial(&b.addr).await?;
+    Ok(Json(json!({ "dialling": b.addr })))
 }
 
 #[derive(Deserialize)]
@@ -878,6 +899,7 @@ fn event_channel(e: &Event) -> Option<&str> {
     match e {
         Event::Message { channel, .. }
         | Event::Sent { channel, .. }
+        | Event::Gossiped { channel, .. }
         | Event::Failed { channel, .. }
         | Event::Typing { channel, .. }
         | Event::Members { channel, .. }

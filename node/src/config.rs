@@ -16,6 +16,58 @@ pub struct Config {
     /// How messages are sent.
     #[serde(default)]
     pub send: SendConfig,
+    /// How the node meets its peers.
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+/// How the node meets its peers (the members of its channels, directly).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// libp2p addresses to listen on for peers; empty: listen nowhere (only dial out).
+    pub listen: Vec<String>,
+    /// Peers to dial at start: libp2p addresses ending in `/p2p/PEER_ID`.
+    pub peers: Vec<String>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/udp/0/quic-v1".into(), "/ip4/0.0.0.0/tcp/0".into()],
+            peers: Vec::new(),
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// The listen addresses, parsed.
+    pub fn listen_addrs(&self) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
+        parse_addrs("network.listen", &self.listen)
+    }
+
+    /// The peers' addresses, parsed; each names its peer.
+    pub fn peer_addrs(&self) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
+        let addrs = parse_addrs("network.peers", &self.peers)?;
+        for a in &addrs {
+            if !a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))) {
+                return Err(ConfigError::Invalid(format!(
+                    "network.peers {a}: the address must end in /p2p/PEER_ID"
+                )));
+            }
+        }
+        Ok(addrs)
+    }
+}
+
+fn parse_addrs(what: &str, addrs: &[String]) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
+    if addrs.len() > 64 {
+        return Err(ConfigError::Invalid(format!("{what}: at most 64 addresses")));
+    }
+    addrs
+        .iter()
+        .map(|a| a.parse().map_err(|e| ConfigError::Invalid(format!("{what} {a:?}: {e}"))))
+        .collect()
 }
 
 /// How messages are sent.
@@ -106,6 +158,15 @@ commit_first = false
 # it is given up and shown as failed (1..=3650). A message the relay refuses for good (this
 # device is not a member, the message is malformed) fails at once, with the reason.
 give_up_after_days = 30
+
+[network]
+# Where this node listens for its peers, as libp2p addresses (env CHITCHAT_NETWORK_LISTEN,
+# comma-separated). Port 0 picks a free port. An empty list listens nowhere: the node only
+# dials out.
+listen = ["/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0"]
+# Peers to connect to at start, as libp2p addresses ending in /p2p/PEER_ID
+# (env CHITCHAT_NETWORK_PEERS, comma-separated).
+peers = []
 "#;
 
     /// Parses and validates a config file's text.
@@ -115,10 +176,20 @@ give_up_after_days = 30
         Ok(config)
     }
 
-    /// Applies `CHITCHAT_API_LISTEN` and `CHITCHAT_SEND_COMMIT_FIRST` (`true` or `false`).
+    /// Applies `CHITCHAT_API_LISTEN`, `CHITCHAT_SEND_COMMIT_FIRST` (`true` or `false`),
+    /// `CHITCHAT_NETWORK_LISTEN` and `CHITCHAT_NETWORK_PEERS` (comma-separated addresses).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("CHITCHAT_API_LISTEN") {
             self.api.listen = v;
+        }
+        let list = |v: String| -> Vec<String> {
+            v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+        };
+        if let Some(v) = var("CHITCHAT_NETWORK_LISTEN") {
+            self.network.listen = list(v);
+        }
+        if let Some(v) = var("CHITCHAT_NETWORK_PEERS") {
+            self.network.peers = list(v);
         }
         if let Some(v) = var("CHITCHAT_SEND_COMMIT_FIRST") {
             self.send.commit_first = v.parse().map_err(|_| {
@@ -146,6 +217,8 @@ give_up_after_days = 30
                 )));
             }
         }
+        self.network.listen_addrs()?;
+        self.network.peer_addrs()?;
         if !(1..=3650).contains(&self.send.give_up_after_days) {
             return Err(ConfigError::Invalid("send.give_up_after_days must be 1..=3650".into()));
         }
@@ -193,6 +266,7 @@ mod tests {
                 api: ApiConfig::default(),
                 relay: RelayConfig::default(),
                 send: SendConfig { commit_first: false, give_up_after_days: 30 },
+                network: NetworkConfig::default(),
             }
         );
     }
@@ -207,6 +281,22 @@ mod tests {
         assert!(c.send.commit_first);
         let bad = c.apply_env(|k| (k == "CHITCHAT_SEND_COMMIT_FIRST").then(|| "yes".to_owned()));
         assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("true or false")));
+    }
+
+    /// Addresses that do not parse, or a peer that names no peer id, are refused with the
+    /// setting's name; the environment's comma-separated lists replace the file's.
+    #[test]
+    fn network_addresses_are_checked() {
+        let bad = Config::parse("[network]\nlisten = [\"tcp:7000\"]\n");
+        assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("network.listen")));
+        let anonymous = Config::parse("[network]\npeers = [\"/ip4/127.0.0.1/tcp/7000\"]\n");
+        assert!(matches!(anonymous, Err(ConfigError::Invalid(m)) if m.contains("/p2p/")));
+        let mut c = Config::parse("").expect("defaults");
+        c.apply_env(|k| (k == "CHITCHAT_NETWORK_LISTEN").then(|| "/ip4/127.0.0.1/tcp/0, ".into()))
+            .expect("env");
+        assert_eq!(c.network.listen, ["/ip4/127.0.0.1/tcp/0"]);
+        c.apply_env(|k| (k == "CHITCHAT_NETWORK_LISTEN").then(String::new)).expect("empty");
+        assert!(c.network.listen.is_empty(), "an empty list listens nowhere");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use chitchat_proto::channel::MessageId;
 use chitchat_proto::codec::Bytes;
+use chitchat_proto::gossip::{GossipEnvelope, Verdict};
 use chitchat_proto::ordering::{ChannelId, Intent, IntentState};
 use chitchat_proto::wire::{
     ChannelPost, CommitSubmission, ErrorCode, MAX_ENQUEUE_BATCH, MAX_FETCH_ITEMS,
@@ -23,11 +24,13 @@ use chitchat_proto::wire::{
 use chitchat_proto::{Address, DeviceId, Dir, PublicKey, RelayId};
 use rand::RngExt as _;
 use serde::Deserialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use crate::config::Config;
-use crate::engine::{Delivery, Engine, EngineError, Event, Need};
+use crate::engine::{Delivery, Engine, EngineError, Event, Incoming, Need, Released};
+use crate::host::{Gossiped, Host, PeerInfo};
 use crate::link::{LinkError, LinkState, RelayLink};
+use crate::store::Rosters;
 use crate::store::{Account, IntentOp, OutboxItem, RelayInfo, StagedRecord};
 
 /// KeyPackages uploaded at a time.
@@ -121,7 +124,24 @@ pub struct Node {
     /// the relay holds may move a channel to a later epoch (a member added while this node
     /// was away), and a message encrypted now would miss the members it adds.
     caught_up: tokio::sync::watch::Sender<bool>,
+    /// The libp2p host (relay link, gossip).
+    host: Host,
+    /// The channels' members, read beside the engine to judge gossip.
+    rosters: Rosters,
+    /// Wakes the task that keeps the gossip topics those of the channels this device is in.
+    topics: Notify,
+    /// Messages to gossip, from the engine's thread (bounded: past it, only the relay carries
+    /// a message).
+    publish: mpsc::Sender<(ChannelId, MessageId, GossipEnvelope)>,
 }
+
+/// Messages waiting to be gossiped, at most.
+const PUBLISH_QUEUE: usize = 256;
+/// Gossiped messages judged, and handed to the engine, at a time.
+const GOSSIP_BATCH: usize = 64;
+/// How often the gossip topics are checked against the channels this device is in, besides
+/// the changes the engine announces.
+const TOPICS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long a send right after start waits for the inbox to be read to its end (the relay may
 /// be away: then it goes with what this node knows).
@@ -131,10 +151,24 @@ impl Node {
     /// Opens the node's state and starts its background tasks.
     pub async fn start(mut engine: Engine, config: Config) -> Result<Arc<Self>, NodeError> {
         engine.set_commit_first(config.send.commit_first);
+        let bad_config = |e: crate::config::ConfigError| NodeError::Invalid(e.to_string());
+        let identity = chitchat_net::keypair(engine.key())
+            .map_err(|e| NodeError::Invalid(format!("device key: {e}")))?;
+        let (host, gossiped) = Host::start(
+            identity,
+            &config.network.listen_addrs().map_err(bad_config)?,
+            &config.network.peer_addrs().map_err(bad_config)?,
+        )
+        .await
+        .map_err(|e| NodeError::Invalid(e.to_string()))?;
         let link = match engine.account() {
-            Some(a) => Some(Arc::new(link_for(engine.key().clone(), &a.relay, &config).await?)),
+            Some(a) => {
+                Some(Arc::new(link_for(&host, engine.key().clone(), &a.relay, &config).await?))
+            }
             None => None,
         };
+        let rosters = engine.store().rosters();
+        let (publish, to_publish) = mpsc::channel(PUBLISH_QUEUE);
         let first_outbox_id = engine.next_outbox_id();
         let node = Arc::new(Self {
             engine: Arc::new(Mutex::new(engine)),
@@ -147,7 +181,14 @@ impl Node {
             ready: Mutex::new(std::collections::VecDeque::new()),
             first_outbox_id,
             caught_up: tokio::sync::watch::Sender::new(false),
+            host,
+            rosters,
+            topics: Notify::new(),
+            publish,
         });
+        tokio::spawn(node.clone().gossip_task(gossiped));
+        tokio::spawn(node.clone().publish_task(to_publish));
+        tokio::spawn(node.clone().topics_task());
         tokio::spawn(node.clone().inbox_task());
         tokio::spawn(node.clone().outbox_task());
         tokio::spawn(node.clone().resume_intents());
@@ -155,6 +196,135 @@ impl Node {
         tokio::spawn(node.clone().link_state_task());
         tokio::spawn(node.clone().evidence_task());
         Ok(node)
+    }
+
+    /// This node's libp2p peer id, the addresses it listens on, and the peers connected now.
+    pub async fn network(&self) -> Result<(String, Vec<String>, Vec<PeerInfo>), NodeError> {
+        let unavailable = |e: crate::host::HostError| NodeError::Invalid(e.to_string());
+        let listening = self.host.listening().await.map_err(unavailable)?;
+        let peers = self.host.peers().await.map_err(unavailable)?;
+        let me = self.host.peer_id();
+        let listening = listening.iter().map(|a| format!("{a}/p2p/{me}")).collect();
+        Ok((me.to_string(), listening, peers))
+    }
+
+    /// Dials a peer at a libp2p address (ending in `/p2p/PEER_ID`).
+    pub async fn dial(&self, addr: &str) -> Result<(), NodeError> {
+        let addr: libp2p::Multiaddr =
+            addr.parse().map_err(|e| NodeError::Invalid(format!("address {addr:?}: {e}")))?;
+        if !addr.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))) {
+            return Err(NodeError::Invalid(format!(
+                "{addr}: the address must end in /p2p/PEER_ID"
+            )));
+        }
+        self.host.dial(addr).await.map_err(|e| NodeError::Invalid(e.to_string()))
+    }
+
+    /// Keeps the gossip topics those of the channels this device is in (as `rosters-0` says):
+    /// at start, when the engine announces a change of channels, and every few seconds.
+    async fn topics_task(self: Arc<Self>) {
+        let mut events = self.subscribe().await;
+        loop {
+            let rosters = self.rosters.clone();
+            match tokio::task::spawn_blocking(move || rosters.channels()).await {
+                Ok(Ok(channels)) => {
+                    if self.host.set_topics(channels).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the channels' members"),
+                Err(e) => tracing::warn!(error = %e, "roster read failed"),
+            }
+            let changed = async {
+                loop {
+                    match events.recv().await {
+                        Ok(
+                            Event::Joined { .. } | Event::Removed { .. } | Event::Members { .. },
+                        )
+                        | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                () = changed => {}
+                () = self.topics.notified() => {}
+                () = tokio::time::sleep(TOPICS_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// Gossips what [`Node::send`] released, and marks each message `gossiped` once a peer of
+    /// its channel took it. A message no peer takes goes by the relay only, as before gossip.
+    async fn publish_task(
+        self: Arc<Self>,
+        mut queue: mpsc::Receiver<(ChannelId, MessageId, GossipEnvelope)>,
+    ) {
+        while let Some((channel, id, envelope)) = queue.recv().await {
+            let data = chitchat_proto::codec::encode(&envelope);
+            match self.host.publish(channel, data).await {
+                Ok(()) => {
+                    if let Err(e) = self.with(move |e| e.gossiped(&channel, &id)).await {
+                        tracing::debug!(error = %e, "cannot record a gossiped message");
+                    }
+                }
+                Err(e) => tracing::debug!(%channel, error = %e, "not gossiped"),
+            }
+        }
+    }
+
+    /// Judges what peers gossip, a batch at a time, beside the engine (signatures, and the
+    /// members read from `rosters-0`): the host forwards what is accepted, drops the rest, and
+    /// counts what is rejected against the peer that sent it. What is accepted goes to the
+    /// engine through the same entry point as the inbox's items, which drops the second copy
+    /// of a message by its id.
+    async fn gossip_task(self: Arc<Self>, mut queue: mpsc::Receiver<Gossiped>) {
+        while let Some(first) = queue.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < GOSSIP_BATCH {
+                match queue.try_recv() {
+                    Ok(g) => batch.push(g),
+                    Err(_) => break,
+                }
+            }
+            let rosters = self.rosters.clone();
+            let at = now();
+            let judged = tokio::task::spawn_blocking(move || {
+                batch.into_iter().map(|g| (judge(&rosters, &g, at), g)).collect::<Vec<_>>()
+            })
+            .await;
+            let Ok(judged) = judged else { continue };
+            let mut accepted = Vec::new();
+            for ((verdict, envelope), g) in judged {
+                if !matches!(verdict, Verdict::Accept) {
+                    tracing::debug!(peer = %g.source, ?verdict, "gossip not accepted");
+                }
+                self.host.report(g.id, g.source, verdict);
+                if let (Verdict::Accept, Some(e)) = (verdict, envelope) {
+                    accepted.push(Incoming::Gossip(e));
+                }
+            }
+            if accepted.is_empty() {
+                continue;
+            }
+            let result = match self.link() {
+                Ok(link) => self.receive(&link, accepted, &mut Vec::new()).await.map(|_| ()),
+                Err(_) => {
+                    let now = now();
+                    self.with(move |e| e.receive(&accepted, now))
+                        .await
+                        .map(|_| ())
+                        .map_err(Into::into)
+                }
+            };
+            if let Err(e) = result {
+                // The inbox brings the same messages.
+                tracing::debug!(error = %e, "gossiped messages not processed");
+            }
+        }
     }
 
     /// Whether the relay link is connected and since when; `None` before registration.
@@ -246,7 +416,7 @@ impl Node {
             .map_err(|e| NodeError::Invalid(format!("name {name:?}: {e}")))?;
         let relay = fetch_well_known(url).await?;
         let key = self.with(|e| e.key().clone()).await;
-        let link = Arc::new(link_for(key, &relay, &self.config).await?);
+        let link = Arc::new(link_for(&self.host, key, &relay, &self.config).await?);
         let now = now();
         let dir = self.with(move |e| e.own_dir(1, vec![], now)).await;
         let local_name = name.to_owned();
@@ -323,6 +493,7 @@ impl Node {
         }
         let now = now();
         let id = self.with(move |e| e.create_channel(&name, &mime, open, now)).await?;
+        self.topics.notify_one();
         if let Err(e) = self.open_at_relay(&id).await {
             // Opened before the first commit instead.
             tracing::warn!(channel = %id, error = %e, "relay not told of the channel yet");
@@ -378,7 +549,11 @@ impl Node {
         let node = self.clone();
         // Runs on the engine's thread, maybe before the send's commit: the outbox task posts
         // the message while the disk writes it.
-        let release = move |outbox_id: u64, item: OutboxItem, early: bool| {
+        let release = move |r: Released| {
+            let Released { outbox_id, item, gossip, early } = r;
+            if node.publish.try_send((item.channel, item.id, gossip)).is_err() {
+                tracing::debug!("gossip queue full; the relay alone carries a message");
+            }
             if let Ok(mut q) = node.ready.lock()
                 // Bounded: beyond, the worker finds the rest in the store.
                 && q.len() < crate::engine::OUTBOX_BATCH
@@ -656,6 +831,7 @@ impl Node {
             );
             let last = items.iter().map(|i| i.id).max();
             next = Some(tokio::spawn(wait(last.or(cursor), timeout_ms)));
+            let items = items.into_iter().map(Incoming::from).collect();
             match self.receive(&link, items, &mut held).await {
                 Ok((last, removals, ack)) => {
                     cursor = last.or(cursor);
@@ -701,10 +877,10 @@ impl Node {
     async fn receive(
         &self,
         link: &RelayLink,
-        items: Vec<chitchat_proto::wire::InboxItem>,
+        items: Vec<Incoming>,
         held: &mut Vec<(ChannelId, u64, u64)>,
     ) -> Result<(Option<u64>, Vec<(ChannelId, DeviceId)>, Vec<u64>), NodeError> {
-        let last = items.iter().map(|i| i.id).max();
+        let last = items.iter().filter_map(Incoming::inbox_id).max();
         let mut removals = Vec::new();
         let items = Arc::new(items);
         let mut start = 0;
@@ -734,8 +910,8 @@ impl Node {
                 Some((index, need)) => {
                     tracing::warn!(?need, "identity records not found; message skipped");
                     // (A replayed message has no item here: it waits until it expires.)
-                    if let Some(item) = items.get(start + index) {
-                        ack.push(item.id);
+                    if let Some(id) = items.get(start + index).and_then(Incoming::inbox_id) {
+                        ack.push(id);
                     }
                     start += index + 1;
                     lookups = 0;
@@ -931,6 +1107,7 @@ impl Node {
             }
         }
         self.with(move |e| e.leave(&channel)).await?;
+        self.topics.notify_one();
         Ok(())
     }
 
@@ -1105,6 +1282,28 @@ impl Node {
     }
 }
 
+/// Judges one gossiped message: decodes the envelope (an undecodable one counts against the
+/// peer that sent it) and applies [`GossipEnvelope::judge`] with the members on disk. A roster
+/// that cannot be read leaves the message unjudged (ignored).
+fn judge(
+    rosters: &Rosters,
+    g: &Gossiped,
+    now: chitchat_proto::Timestamp,
+) -> (Verdict, Option<GossipEnvelope>) {
+    use chitchat_proto::codec::Canonical as _;
+    let Ok(envelope) = GossipEnvelope::from_bytes(&g.data) else {
+        return (Verdict::Reject(chitchat_proto::gossip::GossipError::Malformed), None);
+    };
+    let channel = envelope.body.channel;
+    let verdict = envelope.judge(g.topic.as_str(), now, |device, epoch| {
+        rosters.is_member(&channel, device, epoch).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read a roster");
+            None
+        })
+    });
+    (verdict, Some(envelope))
+}
+
 /// How long one submission round resubmits a commit the relay does not answer.
 const SUBMIT_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -1160,6 +1359,7 @@ enum Submitted {
 }
 
 async fn link_for(
+    host: &Host,
     key: chitchat_proto::SecretKey,
     relay: &RelayInfo,
     config: &Config,
@@ -1170,6 +1370,7 @@ async fn link_for(
         .map_err(|e| NodeError::Invalid(format!("relay peer id {:?}: {e}", relay.peer_id)))?;
     let addrs = relay.addrs.iter().filter_map(|a| a.parse().ok()).collect();
     Ok(RelayLink::new(
+        host.clone(),
         key,
         relay.id.host.clone(),
         peer,

@@ -17,6 +17,7 @@ use chitchat_proto::channel::{
     CredentialCheck, Identity, KnownDirs, MessageId, PublicState,
 };
 use chitchat_proto::codec::{Bytes, Canonical};
+use chitchat_proto::gossip::GossipEnvelope;
 use chitchat_proto::identity::{DirBody, Profile, TrustedRelays};
 use chitchat_proto::inbox::{self, InboxSecret};
 use chitchat_proto::ordering::{ChannelId, EpochCert, EpochRecord};
@@ -34,7 +35,7 @@ pub use evidence::{Conviction, Outgoing};
 
 use crate::store::{
     Account, Batch, ChannelRecord, IntentOp, IntentRecord, MessageStatus, MlsMirror, OutboxItem,
-    StagedRecord, Store, StoreError, StoredMessage,
+    Roster, StagedRecord, Store, StoreError, StoredMessage,
 };
 
 /// Events kept for slow subscribers of the event stream, at most.
@@ -100,6 +101,14 @@ pub enum Event {
     /// One of this device's messages is in its relay's hands: durable in the inbox of every
     /// member device the relay serves.
     Sent {
+        /// The channel (hex).
+        channel: String,
+        /// The message id.
+        id: String,
+    },
+    /// One of this device's messages went out by gossip to at least one peer of its channel
+    /// (the relay has not taken it yet).
+    Gossiped {
         /// The channel (hex).
         channel: String,
         /// The message id.
@@ -270,6 +279,48 @@ fn members_event(
     }
 }
 
+/// A sent message, free to leave: by the outbox to the relay, and by gossip to the members
+/// online (see [`Engine::send`]).
+#[derive(Clone, Debug)]
+pub struct Released {
+    /// Its outbox entry's id.
+    pub outbox_id: u64,
+    /// Its outbox entry.
+    pub item: OutboxItem,
+    /// The same ciphertext, sealed for gossip.
+    pub gossip: GossipEnvelope,
+    /// Released before its state was durable.
+    pub early: bool,
+}
+
+/// A message for the engine, from wherever it came. Every source goes through
+/// [`Engine::receive`]: a message that arrives twice (by gossip, then from the inbox) is shown
+/// once, the second copy dropped by its id before decryption.
+#[derive(Clone, Debug)]
+pub enum Incoming {
+    /// An item of the relay's inbox, acknowledged by its id once processed and durable.
+    Inbox(InboxItem),
+    /// A channel message gossiped by a peer, judged by the host before it got here (signed by
+    /// a member of the channel at its epoch); nothing acknowledges it.
+    Gossip(GossipEnvelope),
+}
+
+impl Incoming {
+    /// The inbox item's id, for an item of the inbox.
+    pub fn inbox_id(&self) -> Option<u64> {
+        match self {
+            Self::Inbox(item) => Some(item.id),
+            Self::Gossip(_) => None,
+        }
+    }
+}
+
+impl From<InboxItem> for Incoming {
+    fn from(item: InboxItem) -> Self {
+        Self::Inbox(item)
+    }
+}
+
 /// What one call to [`Engine::receive`] did.
 #[derive(Debug, Default)]
 pub struct Received {
@@ -326,6 +377,8 @@ pub struct Engine {
     /// Messages for channels this device is not in yet, oldest first (memory only: their
     /// inbox items are not acknowledged).
     awaiting: VecDeque<Awaiting>,
+    /// The epoch of each channel whose members `rosters-0` holds (see [`Engine::commit`]).
+    rosters: BTreeMap<ChannelId, u64>,
 }
 
 /// Inbox items the node could not use and dropped (acknowledged, so that they never block the
@@ -358,7 +411,7 @@ pub const AWAITING_JOIN_MS: u64 = 10 * 60 * 1000;
 /// stays unacknowledged until it is processed or dropped, so that a restart meets it again.
 #[derive(Debug)]
 struct Awaiting {
-    item: u64,
+    item: Option<u64>,
     channel: ChannelId,
     message: ChannelMessage,
     since: Timestamp,
@@ -396,6 +449,7 @@ impl Engine {
         let account = store.account()?;
         let next_outbox = store.next_outbox_id()?;
         let evidence = evidence::Evidence::load(store.convicted()?);
+        let store_rosters = store.roster_epochs()?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let mut engine = Self {
             store,
@@ -415,10 +469,13 @@ impl Engine {
             commit_first: false,
             dropped: Dropped::default(),
             awaiting: VecDeque::new(),
+            rosters: store_rosters,
             evidence,
         };
         engine.load_channels()?;
         engine.skip_released(now())?;
+        // Rosters of channels joined before rosters were kept (an empty batch writes them).
+        engine.commit(Batch::default())?;
         Ok(engine)
     }
 
@@ -613,9 +670,19 @@ impl Engine {
             self.mirror.changes(&values)
         };
         batch.mls(changes.clone());
+        let rosters = self.roster_changes();
+        for (id, roster) in &rosters {
+            batch.roster(*id, roster.clone());
+        }
         match self.store.commit(batch) {
             Ok(()) => {
                 self.mirror.persisted(&changes);
+                for (id, roster) in rosters {
+                    match roster {
+                        Some((epoch, _)) => self.rosters.insert(id, epoch),
+                        None => self.rosters.remove(&id),
+                    };
+                }
                 Ok(())
             }
             Err(e) => {
@@ -626,6 +693,28 @@ impl Engine {
     }
 
     /// Puts the working state back to what is on disk.
+    /// The rosters to write with the next commit: the members of every channel that reached
+    /// an epoch since its last roster, and `None` for every channel this device is no longer
+    /// in. Written with the MLS state that makes them true, so that gossip validation
+    /// ([`crate::store::Rosters`]) never judges by members the disk does not have.
+    fn roster_changes(&self) -> Vec<(ChannelId, Option<Roster>)> {
+        let mut out = Vec::new();
+        for (id, held) in &self.channels {
+            match held.channel.as_ref().filter(|c| c.is_active()) {
+                Some(c) if self.rosters.get(id) != Some(&c.epoch()) => {
+                    out.push((*id, Some((c.epoch(), c.members()))));
+                }
+                Some(_) => {}
+                None if self.rosters.contains_key(id) => out.push((*id, None)),
+                None => {}
+            }
+        }
+        out.extend(
+            self.rosters.keys().filter(|id| !self.channels.contains_key(id)).map(|id| (*id, None)),
+        );
+        out
+    }
+
     fn rollback(&mut self) {
         if let Ok(mut values) = self.provider.storage().values.write() {
             *values = self.mirror.snapshot();
@@ -802,8 +891,8 @@ impl Engine {
     /// it, in one transaction: once this returns, the message survives a crash. Returns its id.
     /// A typing notice (`store == false`) is delivered but never stored.
     ///
-    /// `release` gets the outbox entry (unless no one else is in the channel) as soon as the
-    /// ciphertext may leave, with `true` if that is before the commit. The first send of a
+    /// `release` gets the outbox entry and the gossip envelope (unless no one else is in the
+    /// channel) as soon as the ciphertext may leave, with `early` if that is before the commit. The first send of a
     /// channel in a run commits first, marking the channel in `released-0`; later ones release
     /// before their commit (the disk's latency is then off the message's path), because the
     /// mark makes the next open skip the generation a crash in that window could reuse. With
@@ -814,7 +903,7 @@ impl Engine {
         payload: &[u8],
         store: bool,
         now: Timestamp,
-        release: impl FnOnce(u64, OutboxItem, bool),
+        release: impl FnOnce(Released),
     ) -> Result<MessageId, EngineError> {
         let must_skip = self.must_skip.contains(id);
         if must_skip
@@ -852,6 +941,8 @@ impl Engine {
         if store {
             b.message(*id, stored.clone());
         }
+        let gossip =
+            (!alone).then(|| GossipEnvelope::seal(&self.key, *id, epoch, message.clone(), now));
         let item =
             (!alone).then_some(OutboxItem { channel: *id, id: msg_id, message, attempts: 0 });
         if let Some(item) = &item {
@@ -864,11 +955,13 @@ impl Engine {
         }
         let mut item = item;
         let mut release = Some(release);
+        let mut gossip = gossip;
         if early
             && let Some(item) = item.take()
+            && let Some(gossip) = gossip.take()
             && let Some(release) = release.take()
         {
-            release(outbox_id, item, true);
+            release(Released { outbox_id, item, gossip, early: true });
         }
         if let Err(e) = self.commit(b) {
             if early {
@@ -890,9 +983,10 @@ impl Engine {
             h.record = record;
         }
         if let Some(item) = item
+            && let Some(gossip) = gossip
             && let Some(release) = release.take()
         {
-            release(outbox_id, item, false);
+            release(Released { outbox_id, item, gossip, early: false });
         }
         if store {
             self.emit_message(id, &stored);
@@ -982,6 +1076,19 @@ impl Engine {
         Ok(())
     }
 
+    /// Records that a message of this device went out by gossip, unless the relay took it
+    /// already. Not fsync'd: losing it loses a status only.
+    pub fn gossiped(&mut self, channel: &ChannelId, id: &MessageId) -> Result<(), EngineError> {
+        if self.store.message(channel, id)?.is_none_or(|m| m.status != MessageStatus::Sending) {
+            return Ok(());
+        }
+        let mut b = Batch::default();
+        b.status(*channel, *id, MessageStatus::Gossiped);
+        self.store.commit_lazy(b)?;
+        self.emit(Event::Gossiped { channel: channel.to_string(), id: id_string(id) });
+        Ok(())
+    }
+
     /// Why one of this device's messages was given up, if it was.
     pub fn failure(
         &self,
@@ -991,12 +1098,9 @@ impl Engine {
         Ok(self.store.failure(channel, id)?)
     }
 
-    /// Opens, decrypts and stores inbox items, in order, in one transaction. See [`Received`].
-    pub fn receive(
-        &mut self,
-        items: &[InboxItem],
-        now: Timestamp,
-    ) -> Result<Received, EngineError> {
+    /// Opens, decrypts and stores incoming messages, in order, in one transaction. See
+    /// [`Received`].
+    pub fn receive(&mut self, items: &[Incoming], now: Timestamp) -> Result<Received, EngineError> {
         let mut out = Received::default();
         let mut b = Batch::default();
         let mut touched = BTreeSet::new();
@@ -1010,7 +1114,7 @@ impl Engine {
             if let Some(a) = self.awaiting.pop_front() {
                 tracing::warn!(channel = %a.channel, "no Welcome came for a message of a channel this device is not in; dropped");
                 self.dropped.not_joined += 1;
-                out.done.push(a.item);
+                out.done.extend(a.item);
             }
         }
         let mut replay: VecDeque<Awaiting> = VecDeque::new();
@@ -1034,7 +1138,7 @@ impl Engine {
                 None => match (items.get(next), opened.pop_front()) {
                     (Some(item), Some(o)) => {
                         next += 1;
-                        (Some(next - 1), item.id, o, now)
+                        (Some(next - 1), item.inbox_id(), o, now)
                     }
                     _ => break,
                 },
@@ -1042,9 +1146,9 @@ impl Engine {
             let payload = match opened {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(item = item_id, error = %e, "dropping an inbox item that does not open");
+                    tracing::warn!(item = ?item_id, error = %e, "dropping an inbox item that does not open");
                     self.dropped.invalid += 1;
-                    out.done.push(item_id);
+                    out.done.extend(item_id);
                     continue;
                 }
             };
@@ -1126,16 +1230,20 @@ impl Engine {
             };
             let index = index.unwrap_or(next);
             match step {
-                Step::Done | Step::Dropped => out.done.push(item_id),
-                Step::Held(channel, epoch) => out.held.push((channel, epoch, item_id)),
+                Step::Done | Step::Dropped => out.done.extend(item_id),
+                // A gossiped message waits in the buffer (memory) only: if it is lost there,
+                // the inbox brings it again.
+                Step::Held(channel, epoch) => {
+                    out.held.extend(item_id.map(|item| (channel, epoch, item)));
+                }
                 Step::Awaiting(channel, message) => {
-                    tracing::debug!(%channel, item = item_id, "a message for a channel this device is not in (yet); held for its Welcome");
+                    tracing::debug!(%channel, item = ?item_id, "a message for a channel this device is not in (yet); held for its Welcome");
                     self.awaiting.push_back(Awaiting { item: item_id, channel, message, since });
                     while self.awaiting.len() > MAX_AWAITING_JOIN {
                         if let Some(a) = self.awaiting.pop_front() {
                             tracing::warn!(channel = %a.channel, "too many messages wait for Welcomes; dropping the oldest");
                             self.dropped.not_joined += 1;
-                            out.done.push(a.item);
+                            out.done.extend(a.item);
                         }
                     }
                 }
@@ -1151,9 +1259,9 @@ impl Engine {
 
     /// Opens inbox envelopes (HPKE: one X25519 agreement each) on every core; the MLS work
     /// that follows is sequential.
-    fn open_all(&self, items: &[InboxItem]) -> Vec<Result<InboxPayload, String>> {
+    fn open_all(&self, items: &[Incoming]) -> Vec<Result<InboxPayload, String>> {
         let me = self.device();
-        let open = |item: &InboxItem| match &item.envelope {
+        let open_inbox = |item: &InboxItem| match &item.envelope {
             Envelope::Sealed(sealed) => self
                 .inbox
                 .open(me, sealed)
@@ -1169,8 +1277,20 @@ impl Engine {
             }),
             Envelope::Report(r) => Ok(InboxPayload::Report(r.clone())),
         };
+        let open = |item: &Incoming| match item {
+            Incoming::Gossip(e) => Ok(InboxPayload::Channel {
+                channel: e.body.channel,
+                message: ChannelMessage::Application { message: e.body.message.clone() },
+            }),
+            Incoming::Inbox(item) => open_inbox(item),
+        };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-        let sealed = items.iter().filter(|i| matches!(i.envelope, Envelope::Sealed(_))).count();
+        let sealed = items
+            .iter()
+            .filter(|i| {
+                matches!(i, Incoming::Inbox(InboxItem { envelope: Envelope::Sealed(_), .. }))
+            })
+            .count();
         if sealed < 32 || threads < 2 {
             return items.iter().map(open).collect();
         }

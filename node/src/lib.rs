@@ -3,7 +3,8 @@
 //! - [`store`]: the node's redb file (keys, identity records, channels, openmls state,
 //!   messages, outbox, intents).
 //! - [`engine`]: the synchronous state machine over the store; no network I/O.
-//! - [`link`]: the libp2p connection to the node's relay.
+//! - [`host`]: the node's libp2p host (the relay protocol, gossip, identify), one swarm.
+//! - [`link`]: the connection to the node's relay, over the host.
 //! - [`daemon`]: the running node; background tasks for the inbox, the outbox and the
 //!   ordering of membership changes.
 //! - [`api`]: the local API (HTTP + JSON, WebSocket events), and [`client`], its client.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod home;
+pub mod host;
 pub mod link;
 pub mod store;
 pub mod view;

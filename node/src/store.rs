@@ -14,8 +14,9 @@
 //! [`MlsMirror`] finds what changed since the last commit (a comparison with the last
 //! persisted copy); the changes go into the operation's batch.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use chitchat_proto::channel::{ChannelMessage, ChannelState, MessageId};
 use chitchat_proto::codec::{Bytes, decode, encode};
@@ -60,6 +61,10 @@ const RELAYS: TableDefinition<'_, &str, [u8; 32]> = TableDefinition::new("relays
 /// What this device recorded of each epoch it reached, for the last [`KEPT_EPOCHS`] epochs of
 /// each channel: `(channel, epoch)` → [`EpochRecord`].
 const EPOCHS: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("epochs-0");
+/// The members of each channel at each of its last [`KEPT_ROSTERS`] epochs this device
+/// reached: `(channel, epoch)` → the member devices. Written with the channel state, read by
+/// gossip validation without the engine ([`Rosters`]).
+const ROSTERS: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("rosters-0");
 /// Orderers caught signing two commits for one epoch: key → the [`Equivocation`] proof.
 const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("convicted-0");
 /// Forks found: `(channel, epoch, reporting device)` → [`ForkRecord`].
@@ -69,6 +74,9 @@ type ForkKey = ([u8; 32], u64, [u8; 32]);
 
 /// Epochs of each channel whose [`EpochRecord`] is kept.
 pub const KEPT_EPOCHS: u64 = 256;
+/// Epochs of each channel whose members are kept for gossip validation: as many as the epochs
+/// whose messages a member can still read (the current one and four before it).
+pub const KEPT_ROSTERS: u64 = 5;
 /// Most forks kept (the first ones: a fork is reported once and stays until the user acts).
 pub const MAX_FORKS: u64 = 1024;
 
@@ -181,6 +189,9 @@ pub enum MessageStatus {
     /// Ours, given up: the relay refused it for good, or it was not delivered within
     /// `[send] give_up_after_days`; the reason is kept beside it.
     Failed,
+    /// Ours, durable in the outbox, and gossiped to at least one peer of the channel; not yet
+    /// accepted by the relay. (Only a message `Sending` becomes `Gossiped`.)
+    Gossiped,
 }
 
 /// One application message of a channel, decrypted.
@@ -276,6 +287,7 @@ enum Op {
     Released(ChannelId, bool),
     Relay(RelayId),
     Epoch(ChannelId, u64, EpochRecord),
+    Roster(ChannelId, Option<Roster>),
     Convicted(PublicKey, Equivocation),
     Fork(ForkRecord),
 }
@@ -342,6 +354,12 @@ impl Batch {
     pub fn epoch(&mut self, channel: ChannelId, epoch: u64, record: EpochRecord) {
         self.ops.push(Op::Epoch(channel, epoch, record));
     }
+    /// Records the channel's members at `epoch` (`rosters-0`, forgetting epochs more than
+    /// [`KEPT_ROSTERS`] before it), or with `None` forgets all of the channel's (this device
+    /// is no longer in it).
+    pub fn roster(&mut self, channel: ChannelId, roster: Option<Roster>) {
+        self.ops.push(Op::Roster(channel, roster));
+    }
     /// Keeps the proof that convicts `signer` (`convicted-0`), unless one is kept already.
     pub fn convicted(&mut self, signer: PublicKey, proof: Equivocation) {
         self.ops.push(Op::Convicted(signer, proof));
@@ -355,7 +373,47 @@ impl Batch {
 /// The node's database.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
+}
+
+/// A channel's members at an epoch: `(epoch, members)`.
+pub type Roster = (u64, Vec<DeviceId>);
+
+/// Reads the channels' members (`rosters-0`) beside the engine: a read transaction waits for
+/// no writer, so judging gossip never waits behind the engine's lock or its fsyncs.
+#[derive(Clone, Debug)]
+pub struct Rosters {
+    db: Arc<Database>,
+}
+
+impl Rosters {
+    /// Whether `device` is a member of `channel` at `epoch`; `None` if this device does not
+    /// know that epoch's members (not reached yet, forgotten, or not in the channel).
+    pub fn is_member(
+        &self,
+        channel: &ChannelId,
+        device: &DeviceId,
+        epoch: u64,
+    ) -> Result<Option<bool>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(ROSTERS).map_err(redb_err)?;
+        let Some(v) = t.get((channel.0, epoch)).map_err(redb_err)? else {
+            return Ok(None);
+        };
+        let members: Vec<DeviceId> = record(v.value(), "rosters")?;
+        Ok(Some(members.contains(device)))
+    }
+
+    /// The channels with members on record (this device is in them).
+    pub fn channels(&self) -> Result<BTreeSet<ChannelId>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(ROSTERS).map_err(redb_err)?;
+        let mut out = BTreeSet::new();
+        for e in t.iter().map_err(redb_err)? {
+            out.insert(ChannelId(e.map_err(redb_err)?.0.value().0));
+        }
+        Ok(out)
+    }
 }
 
 fn message_key(channel: &ChannelId, m: &StoredMessage) -> MessageKey {
@@ -365,7 +423,7 @@ fn message_key(channel: &ChannelId, m: &StoredMessage) -> MessageKey {
 impl Store {
     /// Opens (creating if needed) the database at `path`. Fails if another process has it open.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(redb_err)?;
+        let db = Arc::new(Database::create(path).map_err(redb_err)?);
         restrict_file(path);
         let w = db.begin_write().map_err(redb_err)?;
         {
@@ -405,11 +463,29 @@ impl Store {
             w.open_table(FAILURES).map_err(redb_err)?;
             w.open_table(RELAYS).map_err(redb_err)?;
             w.open_table(EPOCHS).map_err(redb_err)?;
+            w.open_table(ROSTERS).map_err(redb_err)?;
             w.open_table(CONVICTED).map_err(redb_err)?;
             w.open_table(FORKS).map_err(redb_err)?;
         }
         w.commit().map_err(redb_err)?;
         Ok(Self { db })
+    }
+
+    /// A reader of the channels' members that works beside the engine.
+    pub fn rosters(&self) -> Rosters {
+        Rosters { db: self.db.clone() }
+    }
+
+    /// The epoch of each channel's latest roster.
+    pub fn roster_epochs(&self) -> Result<BTreeMap<ChannelId, u64>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(ROSTERS).map_err(redb_err)?;
+        let mut out = BTreeMap::new();
+        for e in t.iter().map_err(redb_err)? {
+            let (channel, epoch) = e.map_err(redb_err)?.0.value();
+            out.insert(ChannelId(channel), epoch);
+        }
+        Ok(out)
     }
 
     /// Commits a batch in one fsync'd transaction.
@@ -743,6 +819,9 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                     Some(v) => record::<StoredMessage>(v.value(), "messages")?,
                     None => continue,
                 };
+                if status == MessageStatus::Gossiped && old.status != MessageStatus::Sending {
+                    continue;
+                }
                 let new = StoredMessage { status, ..old };
                 messages.insert(key, encode(&new).as_slice()).map_err(redb_err)?;
             }
@@ -784,6 +863,22 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 t.insert((channel.0, epoch), encode(&record).as_slice()).map_err(redb_err)?;
                 let oldest = epoch.saturating_sub(KEPT_EPOCHS);
                 t.retain_in((channel.0, 0)..(channel.0, oldest), |_, _| false).map_err(redb_err)?;
+            }
+            Op::Roster(channel, roster) => {
+                let mut t = w.open_table(ROSTERS).map_err(redb_err)?;
+                match roster {
+                    Some((epoch, members)) => {
+                        t.insert((channel.0, epoch), encode(&members).as_slice())
+                            .map_err(redb_err)?;
+                        let oldest = epoch.saturating_sub(KEPT_ROSTERS - 1);
+                        t.retain_in((channel.0, 0)..(channel.0, oldest), |_, _| false)
+                            .map_err(redb_err)?;
+                    }
+                    None => {
+                        t.retain_in((channel.0, 0)..=(channel.0, u64::MAX), |_, _| false)
+                            .map_err(redb_err)?;
+                    }
+                }
             }
             Op::Convicted(signer, proof) => {
                 let mut t = w.open_table(CONVICTED).map_err(redb_err)?;

@@ -130,7 +130,8 @@ pub struct MessageView {
     pub time_ms: u64,
     /// The epoch it was sent in.
     pub epoch: u64,
-    /// `sending`, `sent`, `received` or `failed`.
+    /// `sending`, `gossiped` (to peers online, not yet in the relay's hands), `sent` (in the
+    /// relay's hands), `received` or `failed`.
     pub status: &'static str,
     /// For `text/chitchat` channels, the content.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,6 +151,7 @@ pub fn status_str(s: MessageStatus) -> &'static str {
         MessageStatus::Sent => "sent",
         MessageStatus::Received => "received",
         MessageStatus::Failed => "failed",
+        MessageStatus::Gossiped => "gossiped",
     }
 }
 
@@ -201,7 +203,8 @@ pub struct ChatEntry {
     pub deleted: bool,
     /// Reactions: emoji to who reacted.
     pub reactions: BTreeMap<String, Vec<String>>,
-    /// `sending`, `sent`, `received` or `failed`.
+    /// `sending`, `gossiped` (to peers online, not yet in the relay's hands), `sent` (in the
+    /// relay's hands), `received` or `failed`.
     pub status: &'static str,
     /// Why it failed, if its status is `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]

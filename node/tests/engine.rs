@@ -2,7 +2,7 @@
 //! real relay's state machine), driven by this test, which carries inbox items by hand. Real
 //! MLS, real redb.
 
-use chitchat_node::engine::{Delivery, Engine, Event};
+use chitchat_node::engine::{Delivery, Engine, EngineError, Event, Incoming, Received};
 use chitchat_node::store::{Account, IntentOp, MessageStatus, OutboxItem, RelayInfo, Store};
 use chitchat_proto::channel::ChannelMessage;
 use chitchat_proto::channel::MessageId;
@@ -79,6 +79,26 @@ impl Relay {
     }
 }
 
+/// The engine's one entry point, fed inbox items as the daemon's inbox task feeds it.
+trait ReceiveInbox {
+    fn receive_inbox(
+        &mut self,
+        items: &[InboxItem],
+        now: Timestamp,
+    ) -> Result<Received, EngineError>;
+}
+
+impl ReceiveInbox for Engine {
+    fn receive_inbox(
+        &mut self,
+        items: &[InboxItem],
+        now: Timestamp,
+    ) -> Result<Received, EngineError> {
+        let items: Vec<Incoming> = items.iter().cloned().map(Incoming::from).collect();
+        self.receive(&items, now)
+    }
+}
+
 fn sealed(envelope: inbox::SealedEnvelope, id: u64) -> InboxItem {
     InboxItem { id, envelope: Envelope::Sealed(envelope) }
 }
@@ -114,7 +134,7 @@ fn send(
 ) -> (MessageId, Option<(u64, OutboxItem, bool)>) {
     let mut released = None;
     let id = e
-        .send(channel, payload, true, NOW, |oid, item, early| released = Some((oid, item, early)))
+        .send(channel, payload, true, NOW, |r| released = Some((r.outbox_id, r.item, r.early)))
         .expect("send");
     (id, released)
 }
@@ -143,7 +163,7 @@ fn add(alice: &mut Engine, bob: &mut Engine, relay: &Relay, channel: ChannelId, 
         .expect("stage");
     alice.accept(&channel, &relay.cert(channel, staged.epoch, &staged.commit)).expect("merge");
     let welcome = staged.welcome.expect("welcome").envelopes[0].clone();
-    assert_eq!(bob.receive(&[sealed(welcome, item)], NOW).expect("join").done, [item]);
+    assert_eq!(bob.receive_inbox(&[sealed(welcome, item)], NOW).expect("join").done, [item]);
 }
 
 /// `payload` sealed to `to`'s inbox, as the relay seals the commits it fans out.
@@ -187,14 +207,14 @@ fn invite_send_receive_and_survive_restarts() {
     let welcome = staged.welcome.clone().expect("welcome").envelopes[0].clone();
     let item = sealed(welcome, 100);
     let mut events = bob.subscribe();
-    let got = bob.receive(std::slice::from_ref(&item), NOW).expect("receive");
+    let got = bob.receive_inbox(std::slice::from_ref(&item), NOW).expect("receive");
     // Bob does not know Alice's record yet: the engine says whom to look up.
     let alice_id = alice.device();
     assert!(got.done.is_empty());
     let need = chitchat_node::engine::Need { devices: vec![alice_id], relays: vec![] };
     assert_eq!(got.stopped, Some((0, need)));
     bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
-    let got = bob.receive(&[item], NOW).expect("receive");
+    let got = bob.receive_inbox(&[item], NOW).expect("receive");
     assert_eq!(got.done, vec![100]);
     assert!(matches!(events.try_recv(), Ok(Event::Joined { .. })));
     assert_eq!(bob.epoch(&channel), Some(1));
@@ -212,7 +232,7 @@ fn invite_send_receive_and_survive_restarts() {
     assert_eq!(item.id, id);
     let first = relay.post(&item);
     let again = relay.post(&item);
-    let got = bob.receive(&[first, again], NOW).expect("receive");
+    let got = bob.receive_inbox(&[first, again], NOW).expect("receive");
     assert_eq!(got.done.len(), 2);
     let stored = bob.store().messages(&channel, 10).expect("messages");
     assert_eq!(stored.len(), 1, "a resent message is stored once");
@@ -226,7 +246,7 @@ fn invite_send_receive_and_survive_restarts() {
     send(&mut alice, &channel, &text2);
     let (_, item) = alice.outbox().expect("outbox").remove(0);
     let it = relay.post(&item);
-    bob.receive(&[it], NOW).expect("receive");
+    bob.receive_inbox(&[it], NOW).expect("receive");
     assert_eq!(bob.store().messages(&channel, 10).expect("messages").len(), 2);
 }
 
@@ -250,7 +270,7 @@ fn receive_cost() {
     }
     let t = std::time::Instant::now();
     for chunk in items.chunks(1024) {
-        let r = bob.receive(chunk, NOW).expect("receive");
+        let r = bob.receive_inbox(chunk, NOW).expect("receive");
         assert_eq!(r.done.len(), chunk.len());
     }
     eprintln!(
@@ -276,9 +296,9 @@ fn a_crash_between_release_and_commit_never_reuses_a_generation() {
     // The second leaves before its commit; the process dies in that window.
     let mut leaked = None;
     let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        alice.send(&channel, &text("two"), true, NOW, |_, item, early| {
-            assert!(early, "later sends leave before their commit");
-            leaked = Some(item);
+        alice.send(&channel, &text("two"), true, NOW, |r| {
+            assert!(r.early, "later sends leave before their commit");
+            leaked = Some(r.item);
             panic!("the process dies here");
         })
     }));
@@ -291,7 +311,7 @@ fn a_crash_between_release_and_commit_never_reuses_a_generation() {
     let (_, third, _) = third.expect("released");
     assert_ne!(third.id, leaked.id, "the id of the message that left is not reused");
     let items = [relay.post(&first), relay.post(&leaked), relay.post(&third)];
-    let got = bob.receive(&items, NOW).expect("receive");
+    let got = bob.receive_inbox(&items, NOW).expect("receive");
     assert_eq!(got.done.len(), 3);
     let shown: Vec<Vec<u8>> = bob
         .store()
@@ -310,7 +330,7 @@ fn a_crash_between_release_and_commit_never_reuses_a_generation() {
         let (_, m) = send(&mut alice, &channel, &text(&body));
         let (_, m, early) = m.expect("released");
         assert!(!early);
-        let got = bob.receive(&[relay.post(&m)], NOW).expect("receive");
+        let got = bob.receive_inbox(&[relay.post(&m)], NOW).expect("receive");
         assert_eq!(got.done.len(), 1);
     }
     assert_eq!(bob.store().messages(&channel, 10).expect("messages").len(), 6);
@@ -379,13 +399,13 @@ fn leaving_or_removal_deletes_the_keys_and_a_new_welcome_joins() {
     alice.accept(&channel, &cert).expect("merge");
     let commit = ChannelMessage::Commit { commit: staged.commit.clone(), cert };
     let item = sealed_to(&bob, &InboxPayload::Channel { channel, message: commit }, 20);
-    assert_eq!(bob.receive(&[item], NOW).expect("receive").done, [20]);
+    assert_eq!(bob.receive_inbox(&[item], NOW).expect("receive").done, [20]);
     assert_eq!(bob.epoch(&channel), None, "bob is out");
     assert!(mls_entries(&bob) < before, "the group's state is deleted");
     add(&mut alice, &mut bob, &relay, channel, 30);
     let (_, m) = send(&mut alice, &channel, &text("welcome back"));
     let (_, m, _) = m.expect("released");
-    assert_eq!(bob.receive(&[relay.post(&m)], NOW).expect("receive").done.len(), 1);
+    assert_eq!(bob.receive_inbox(&[relay.post(&m)], NOW).expect("receive").done.len(), 1);
     let last = bob.store().messages(&channel, 1).expect("messages");
     assert_eq!(last[0].payload, text("welcome back"));
 }
@@ -416,14 +436,14 @@ fn messages_past_the_buffer_are_dropped_acknowledged_and_counted() {
     }
     let items: Vec<InboxItem> =
         alice.outbox().expect("outbox").iter().map(|(_, item)| relay.post(item)).collect();
-    let got = bob.receive(&items, NOW).expect("receive");
+    let got = bob.receive_inbox(&items, NOW).expect("receive");
     assert_eq!(got.held.len(), 32, "buffered, acknowledged once the epoch comes");
     assert_eq!(got.done.len(), 8, "dropped and acknowledged");
     assert_eq!(bob.dropped().buffer_full, 8);
     // The commit arrives: the buffered messages are shown.
     let commit = chitchat_proto::wire::OrderedCommit { channel, commit: staged.commit, cert };
     let item = InboxItem { id: 1000, envelope: Envelope::Commit(commit) };
-    let got = bob.receive(&[item], NOW).expect("receive");
+    let got = bob.receive_inbox(&[item], NOW).expect("receive");
     assert_eq!(got.done, vec![1000]);
     assert_eq!(bob.epoch(&channel), Some(2));
     assert_eq!(bob.store().messages(&channel, 100).expect("messages").len(), 32);
@@ -448,7 +468,7 @@ fn a_commit_merged_from_the_inbox_is_not_merged_twice() {
         cert: cert.clone(),
     };
     let item = InboxItem { id: 7, envelope: Envelope::Commit(commit) };
-    assert_eq!(alice.receive(&[item], NOW).expect("receive").done, vec![7]);
+    assert_eq!(alice.receive_inbox(&[item], NOW).expect("receive").done, vec![7]);
     assert_eq!(alice.epoch(&channel), Some(2), "merged as her own");
     assert_eq!(alice.members(&channel).expect("members").len(), 1);
     // The resubmission's answer arrives: nothing is merged twice, the intent goes.
@@ -514,7 +534,7 @@ fn an_unstored_notice_is_dropped_after_a_few_attempts() {
     let relay = Relay::new();
     let (mut alice, _bob, channel) = pair(&tmp, &relay);
     let typing = chat::ChatContent::Typing { active: true }.to_bytes();
-    alice.send(&channel, &typing, false, NOW, |_, _, _| {}).expect("send");
+    alice.send(&channel, &typing, false, NOW, |_| {}).expect("send");
     let mut events = alice.subscribe();
     for attempt in 1..=chitchat_node::engine::EPHEMERAL_ATTEMPTS {
         let (oid, item) = alice.outbox().expect("outbox").remove(0);
@@ -571,13 +591,13 @@ fn messages_before_their_welcome_wait_for_it() {
 
     // The commit and the message come first: held, not acknowledged.
     let early = [commit.clone(), post.clone()];
-    let got = bob.receive(&early, NOW).expect("receive");
+    let got = bob.receive_inbox(&early, NOW).expect("receive");
     assert!(got.done.is_empty() && got.held.is_empty(), "{got:?}");
     assert_eq!(bob.epoch(&channel), None);
     // Bob restarts: what waited in memory is gone, the relay sends the items again, in the
     // same order, and the Welcome after them.
     let mut bob = reopen(&tmp, "bob", bob);
-    let got = bob.receive(&[commit, post, welcome], NOW.plus_ms(1_000)).expect("receive");
+    let got = bob.receive_inbox(&[commit, post, welcome], NOW.plus_ms(1_000)).expect("receive");
     let mut done = got.done.clone();
     done.sort_unstable();
     assert_eq!(done, [10, 11, 12], "all used and acknowledged: {got:?}");
@@ -589,8 +609,10 @@ fn messages_before_their_welcome_wait_for_it() {
     // A message for a channel no Welcome ever comes for waits ten minutes, then is dropped.
     let mut dave = device(&tmp, "dave", &relay);
     let lonely = relay.post(&out);
-    assert!(dave.receive(std::slice::from_ref(&lonely), NOW).expect("receive").done.is_empty());
+    assert!(
+        dave.receive_inbox(std::slice::from_ref(&lonely), NOW).expect("receive").done.is_empty()
+    );
     let later = NOW.plus_ms(chitchat_node::engine::AWAITING_JOIN_MS + 1);
-    assert_eq!(dave.receive(&[], later).expect("receive").done, [lonely.id]);
+    assert_eq!(dave.receive_inbox(&[], later).expect("receive").done, [lonely.id]);
     assert_eq!(dave.dropped().not_joined, 1);
 }

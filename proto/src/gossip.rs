@@ -108,6 +108,9 @@ pub enum GossipError {
     /// `sent` is further in the future than [`MAX_GOSSIP_SKEW_MS`].
     #[error("sent in the future")]
     FromTheFuture,
+    /// The bytes are not an envelope (found by the peer's decoder, before [`GossipEnvelope::judge`]).
+    #[error("not an envelope")]
+    Malformed,
 }
 
 /// Why an envelope is neither forwarded nor held against its sender.
@@ -178,10 +181,18 @@ impl GossipEnvelope {
         if b.sender.0.verify(Label::Envelope, &encode(b), &self.signature).is_err() {
             return Verdict::Reject(GossipError::BadSignature);
         }
-        match is_member(&b.sender, b.epoch) {
-            Some(true) => Verdict::Accept,
-            Some(false) => Verdict::Reject(GossipError::NotMember),
-            None => Verdict::Ignore(Unjudged::UnknownEpoch),
+        Verdict::of_membership(is_member(&b.sender, b.epoch))
+    }
+}
+
+impl Verdict {
+    /// The verdict on an envelope that passed every other check, by whether its sender is a
+    /// member at its epoch (`None`: the peer does not know that epoch's members).
+    pub fn of_membership(member: Option<bool>) -> Self {
+        match member {
+            Some(true) => Self::Accept,
+            Some(false) => Self::Reject(GossipError::NotMember),
+            None => Self::Ignore(Unjudged::UnknownEpoch),
         }
     }
 }

@@ -10,18 +10,22 @@
 //! Authentication is bound to the libp2p `PeerId`, which Noise authenticates: once a peer has
 //! signed a challenge for a device, its requests act as that device until it disconnects.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chitchat_net::gossip::{self, Gossip, GossipEvent};
 use chitchat_net::{FrameCodec, HostConfig, frames};
 use chitchat_proto::federation::{FEDERATION_PROTOCOL, FedResponse};
+use chitchat_proto::gossip::{Unjudged, Verdict as GossipVerdict};
+use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::wire::{self, ErrorCode, Request, Response};
 use chitchat_proto::{DeviceId, SecretKey};
 use futures::StreamExt as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use libp2p::gossipsub::{self as libp2p_gossipsub, MessageId};
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify};
@@ -42,6 +46,8 @@ pub const MAX_WAITING: usize = 65_536;
 pub const MAX_WAITS_PER_DEVICE: usize = 4;
 /// Requests a peer may have open on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 256;
+/// How often the relay's gossip topics are brought in line with the channels it orders.
+pub const TOPICS_INTERVAL: Duration = Duration::from_secs(1);
 /// Seconds an idle connection stays open.
 pub const IDLE_TIMEOUT_SECS: u64 = 120;
 
@@ -53,10 +59,16 @@ struct Behaviour {
     /// Relays among themselves ([`FEDERATION_PROTOCOL`]), both ways.
     fed: request_response::Behaviour<FrameCodec>,
     identify: identify::Behaviour,
+    /// Gossip: the relay is an always-on peer of the channels it orders.
+    gossip: Gossip,
 }
 
 /// An answer for the swarm task to send.
 enum Answer {
+    /// The relay's verdict on a gossiped message.
+    Gossip(MessageId, PeerId, GossipVerdict),
+    /// The channels whose topics the relay takes part in.
+    Topics(BTreeSet<ChannelId>),
     /// To a device; names the device whose waiting fetch it ends, if it is one.
     Device(ResponseChannel<Vec<u8>>, Response, Option<DeviceId>),
     /// To another relay.
@@ -168,6 +180,8 @@ pub async fn run(
     let mut peers: HashMap<PeerId, PeerState> = HashMap::new();
     let anonymous = Anonymous::new(&relay.config().network);
     let mut forget = tokio::time::interval(Duration::from_secs(60));
+    let mut topics_tick = tokio::time::interval(TOPICS_INTERVAL);
+    let mut topics: BTreeSet<ChannelId> = BTreeSet::new();
     let mut bound = Vec::new();
     let mut ready = Some(ready);
     loop {
@@ -276,6 +290,25 @@ pub async fn run(
                         let _ = reply.send(Err(error.to_string()));
                     }
                 }
+                SwarmEvent::Behaviour(BehaviourEvent::Gossip(GossipEvent::Gossipsub(
+                    libp2p_gossipsub::Event::Message { propagation_source, message_id, message },
+                ))) => {
+                    // Judged beside the swarm (the membership is behind the ordering's lock);
+                    // past the request limit, not judged: neither forwarded nor held against
+                    // the peer.
+                    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                        let ignore = GossipVerdict::Ignore(Unjudged::UnknownEpoch);
+                        swarm.behaviour_mut().gossip.report(&message_id, &propagation_source, ignore);
+                        continue;
+                    };
+                    let (relay_, answers_tx) = (relay.clone(), answers_tx.clone());
+                    tokio::spawn(async move {
+                        let now = crate::service::now();
+                        let verdict = relay_.judge_gossip(message.topic.as_str(), &message.data, now).await;
+                        let _ = answers_tx.send(Answer::Gossip(message_id, propagation_source, verdict)).await;
+                        drop(permit);
+                    });
+                }
                 SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::InboundFailure { peer, error, .. })) => {
                     tracing::debug!(%peer, %error, "inbound request failed");
                 }
@@ -295,7 +328,34 @@ pub async fn run(
                     send(&mut swarm, channel, &response);
                 }
                 Answer::Relay(channel, response) => send_fed(&mut swarm, channel, &response),
+                Answer::Gossip(id, source, verdict) => {
+                    if !matches!(verdict, GossipVerdict::Accept) {
+                        tracing::debug!(peer = %source, ?verdict, "gossip not accepted");
+                    }
+                    if swarm.behaviour_mut().gossip.report(&id, &source, verdict) {
+                        tracing::warn!(peer = %source, "banned a peer that sent forged gossip");
+                    }
+                }
+                Answer::Topics(wanted) => {
+                    let g = &mut swarm.behaviour_mut().gossip.gossipsub;
+                    for gone in topics.difference(&wanted) {
+                        g.unsubscribe(&gossip::topic(gone));
+                    }
+                    for new in wanted.difference(&topics) {
+                        if let Err(e) = gossip::subscribe(g, new) {
+                            tracing::warn!(channel = %new, error = %e, "cannot subscribe to a channel's topic");
+                        }
+                    }
+                    topics = wanted;
+                }
             },
+            _ = topics_tick.tick() => {
+                let (relay_, answers_tx) = (relay.clone(), answers_tx.clone());
+                tokio::spawn(async move {
+                    let channels = relay_.gossip_channels().await;
+                    let _ = answers_tx.send(Answer::Topics(channels)).await;
+                });
+            }
             Some(out) = outbound.recv() => {
                 // Every call ends in a response or a failure (libp2p times it out), which
                 // removes it: the map holds only calls in flight.
@@ -402,6 +462,7 @@ async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swa
         .with_max_established_per_peer(Some(net.max_connections_per_peer))
         .with_max_pending_incoming(Some(net.max_pending_incoming));
     let host = HostConfig { idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECS), lazy: false };
+    let gossip = Gossip::new()?;
     let swarm = chitchat_net::swarm(keypair(key)?, host, |key| {
         // A `Wait` is answered after up to `MAX_WAIT_MS`; the stream must outlive it.
         let timeout = Duration::from_millis(u64::from(chitchat_proto::wire::MAX_WAIT_MS))
@@ -423,6 +484,7 @@ async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swa
                 format!("chitchat-relay/{}", crate::VERSION),
                 key.public(),
             )),
+            gossip,
         }
     })
     .await?;

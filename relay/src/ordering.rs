@@ -864,6 +864,32 @@ impl Ordering {
         self.state_machine.inner.lock().await.orderer.config(channel)
     }
 
+    /// The channels ordered here whose relay set is `relays` (each channel's config names its
+    /// set).
+    pub async fn channels_of(&self, relays: &[chitchat_proto::RelayId]) -> Vec<ChannelId> {
+        let m = self.state_machine.inner.lock().await;
+        m.orderer
+            .channel_ids()
+            .filter(|c| {
+                m.orderer.config(c).is_some_and(|r| {
+                    r.is_ok_and(|config| crate::service::relay_set(&config.relays) == relays)
+                })
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Whether `device` is a member of the channel at `epoch` (`None`: the channel is not
+    /// ordered here, or that epoch's members are not known).
+    pub async fn is_member(
+        &self,
+        channel: &ChannelId,
+        device: &chitchat_proto::DeviceId,
+        epoch: u64,
+    ) -> Option<bool> {
+        self.state_machine.inner.lock().await.orderer.is_member(channel, device, epoch)
+    }
+
     /// The epoch the channel's next commit must be built on, if it is ordered here.
     pub async fn next_epoch(&self, channel: &ChannelId) -> Option<u64> {
         self.state_machine.inner.lock().await.orderer.next_epoch(channel)

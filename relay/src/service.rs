@@ -1,7 +1,7 @@
 //! What the relay answers to each request. The network layer authenticates the peer and hands
 //! each decoded request here with the device it proved (if any).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +11,11 @@ use chitchat_proto::channel::{
     ChannelConfig, CredentialCheck, PublicChannel, PublicState, inspect_application,
     inspect_commit, validate_key_package,
 };
-use chitchat_proto::codec::{Bytes, encode};
+use chitchat_proto::codec::{Bytes, Canonical as _, encode};
 use chitchat_proto::federation::{
     FedBody, FedRequest, FedResponse, ForwardResult, HeldCopy, StateCheck, Vouched,
 };
+use chitchat_proto::gossip::{GossipEnvelope, GossipError, Unjudged, Verdict as GossipVerdict};
 use chitchat_proto::identity::{SponsorshipBody, check_local_name};
 use chitchat_proto::inbox::SealedEnvelope;
 use chitchat_proto::ordering::{
@@ -213,7 +214,7 @@ impl Waiters {
 }
 
 /// A relay set as it names a group: sorted, each relay once.
-fn relay_set(relays: &[RelayId]) -> Vec<RelayId> {
+pub(crate) fn relay_set(relays: &[RelayId]) -> Vec<RelayId> {
     let mut set = relays.to_vec();
     set.sort();
     set.dedup();
@@ -595,6 +596,37 @@ impl Relay {
             }
         }
         None
+    }
+
+    /// The channels this relay orders, alone or in a group with others: the gossip topics it
+    /// takes part in.
+    pub async fn gossip_channels(&self) -> BTreeSet<ChannelId> {
+        let mut out: BTreeSet<ChannelId> =
+            self.ordering.channels_of(std::slice::from_ref(&self.id)).await.into_iter().collect();
+        for g in self.groups.all().await {
+            out.extend(g.ordering.channels_of(&g.relays).await);
+        }
+        out
+    }
+
+    /// Judges an envelope gossiped on `topic` as a member would, with the members of the
+    /// channel as this relay orders it: every check of [`GossipEnvelope::judge`] but the
+    /// membership first (no lock taken for spam that fails them), then the membership.
+    pub async fn judge_gossip(&self, topic: &str, data: &[u8], now: Timestamp) -> GossipVerdict {
+        let Ok(envelope) = GossipEnvelope::from_bytes(data) else {
+            return GossipVerdict::Reject(GossipError::Malformed);
+        };
+        match envelope.judge(topic, now, |_, _| None) {
+            // Every check but the membership passed.
+            GossipVerdict::Ignore(Unjudged::UnknownEpoch) => {}
+            other => return other,
+        }
+        let b = &envelope.body;
+        let member = match self.ordered_by(&b.channel).await {
+            Some(by) => by.ordering().is_member(&b.channel, &b.sender, b.epoch).await,
+            None => None,
+        };
+        GossipVerdict::of_membership(member)
     }
 
     /// The channel's config as every group of this relay that holds it has it.

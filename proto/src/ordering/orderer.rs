@@ -339,6 +339,11 @@ impl Orderer {
         self.state.next_epoch(channel)
     }
 
+    /// The channels ordered here.
+    pub fn channel_ids(&self) -> impl Iterator<Item = &ChannelId> {
+        self.channels.keys()
+    }
+
     /// The channel's current config, if it is ordered here.
     pub fn config(&self, channel: &ChannelId) -> Option<Result<ChannelConfig, ChannelError>> {
         self.channels.get(channel).map(PublicChannel::config)
