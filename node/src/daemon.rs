@@ -220,20 +220,16 @@ impl Node {
         self.host.dial(addr).await.map_err(|e| NodeError::Invalid(e.to_string()))
     }
 
-    /// Keeps the gossip topics those of the channels this device is in (as `rosters-0` says):
-    /// at start, when the engine announces a change of channels, and every few seconds.
+    /// Keeps the gossip topics those of the channels this device is in: at start, when the
+    /// engine announces a change of channels, and every few seconds. (Read from the engine,
+    /// which a receive holds until its commit: an event announced before the commit is read
+    /// after it.)
     async fn topics_task(self: Arc<Self>) {
         let mut events = self.subscribe().await;
         loop {
-            let rosters = self.rosters.clone();
-            match tokio::task::spawn_blocking(move || rosters.channels()).await {
-                Ok(Ok(channels)) => {
-                    if self.host.set_topics(channels).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the channels' members"),
-                Err(e) => tracing::warn!(error = %e, "roster read failed"),
+            let channels = self.with(|e| e.active_channels()).await;
+            if self.host.set_topics(channels).await.is_err() {
+                return;
             }
             let changed = async {
                 loop {

@@ -855,6 +855,15 @@ impl Engine {
         self.channels.iter().map(|(id, h)| (*id, &h.record, h.channel.as_ref()))
     }
 
+    /// The channels this device is in (not left, not removed).
+    pub fn active_channels(&self) -> BTreeSet<ChannelId> {
+        self.channels
+            .iter()
+            .filter(|(_, h)| h.channel.as_ref().is_some_and(Channel::is_active))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// One channel.
     pub fn channel(
         &self,

@@ -14,7 +14,7 @@
 //! [`MlsMirror`] finds what changed since the last commit (a comparison with the last
 //! persisted copy); the changes go into the operation's batch.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -402,17 +402,6 @@ impl Rosters {
         };
         let members: Vec<DeviceId> = record(v.value(), "rosters")?;
         Ok(Some(members.contains(device)))
-    }
-
-    /// The channels with members on record (this device is in them).
-    pub fn channels(&self) -> Result<BTreeSet<ChannelId>, StoreError> {
-        let r = self.db.begin_read().map_err(redb_err)?;
-        let t = r.open_table(ROSTERS).map_err(redb_err)?;
-        let mut out = BTreeSet::new();
-        for e in t.iter().map_err(redb_err)? {
-            out.insert(ChannelId(e.map_err(redb_err)?.0.value().0));
-        }
-        Ok(out)
     }
 }
 

@@ -616,3 +616,80 @@ fn messages_before_their_welcome_wait_for_it() {
     assert_eq!(dave.receive_inbox(&[], later).expect("receive").done, [lonely.id]);
     assert_eq!(dave.dropped().not_joined, 1);
 }
+
+/// A message that reaches Bob by gossip and again from his inbox is shown once; the inbox copy
+/// is acknowledged (dropped by id before decryption), and the gossiped one asks for no
+/// acknowledgement. Alice's status moves from `sending` to `gossiped` to `sent`, never back.
+#[test]
+fn gossip_and_inbox_are_one_receive_path() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut relay = Relay::new();
+    let (mut alice, mut bob, channel) = pair(&tmp, &relay);
+    let mut released = None;
+    let id = alice
+        .send(&channel, &text("by two paths"), true, NOW, |r| released = Some(r))
+        .expect("send");
+    let r = released.expect("released");
+    assert_eq!(r.gossip.body.message, r.item.message, "one ciphertext for both paths");
+    assert_eq!(r.gossip.body.sender, alice.device());
+
+    let got = bob.receive(&[Incoming::Gossip(r.gossip.clone())], NOW).expect("gossip");
+    assert!(got.done.is_empty() && got.held.is_empty(), "nothing to acknowledge: {got:?}");
+    let got = bob.receive_inbox(&[relay.post(&r.item)], NOW).expect("inbox");
+    assert_eq!(got.done.len(), 1, "the inbox copy is acknowledged");
+    let shown = bob.store().messages(&channel, 10).expect("messages");
+    assert_eq!(shown.len(), 1, "shown once");
+    assert_eq!(shown[0].payload, text("by two paths"));
+    // A peer that gossips it again changes nothing.
+    bob.receive(&[Incoming::Gossip(r.gossip.clone())], NOW).expect("again");
+    assert_eq!(bob.store().messages(&channel, 10).expect("messages").len(), 1);
+
+    let status = |e: &Engine| e.store().message(&channel, &id).expect("read").expect("kept").status;
+    assert_eq!(status(&alice), MessageStatus::Sending);
+    alice.gossiped(&channel, &id).expect("gossiped");
+    assert_eq!(status(&alice), MessageStatus::Gossiped);
+    alice
+        .outbox_progress(vec![(r.outbox_id, r.item, Delivery::Posted)], NOW, DAY_MS)
+        .expect("posted");
+    assert_eq!(status(&alice), MessageStatus::Sent);
+    alice.gossiped(&channel, &id).expect("late");
+    assert_eq!(status(&alice), MessageStatus::Sent, "a late gossip report does not undo sent");
+}
+
+/// Gossip is judged by the members on disk (`rosters-0`), read beside the engine: both
+/// members at the epoch they share; after Bob's removal, he is no member at the new epoch
+/// (his envelopes are rejected) while the old epoch's roster still has him (messages sent
+/// before the removal are still judged); Bob, out, knows no roster at all, and no
+/// roster outlives a reopen wrongly.
+#[test]
+fn gossip_is_judged_by_the_rosters_on_disk() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::new();
+    let (mut alice, mut bob, channel) = pair(&tmp, &relay);
+    let (a, b) = (alice.device(), bob.device());
+    let epoch = alice.epoch(&channel).expect("in");
+    let rosters = alice.store().rosters();
+    assert_eq!(rosters.is_member(&channel, &b, epoch).expect("read"), Some(true));
+    assert_eq!(bob.store().rosters().is_member(&channel, &a, epoch).expect("read"), Some(true));
+    assert_eq!(rosters.is_member(&channel, &b, epoch + 1).expect("read"), None, "not reached");
+    assert_eq!(alice.active_channels().into_iter().collect::<Vec<_>>(), [channel], "topics");
+
+    let staged = alice.stage(&channel, IntentOp::Remove(vec![b]), 0, NOW).expect("stage");
+    assert_eq!(rosters.is_member(&channel, &b, epoch + 1).expect("read"), None, "staged only");
+    let cert = relay.cert(channel, staged.epoch, &staged.commit);
+    alice.accept(&channel, &cert).expect("merge");
+    assert_eq!(rosters.is_member(&channel, &b, epoch + 1).expect("read"), Some(false));
+    assert_eq!(rosters.is_member(&channel, &a, epoch + 1).expect("read"), Some(true));
+    assert_eq!(rosters.is_member(&channel, &b, epoch).expect("read"), Some(true), "kept");
+    let commit = ChannelMessage::Commit { commit: staged.commit.clone(), cert };
+    let item = sealed_to(&bob, &InboxPayload::Channel { channel, message: commit }, 5);
+    bob.receive_inbox(&[item], NOW).expect("removed");
+    let bob_rosters = bob.store().rosters();
+    assert_eq!(bob_rosters.is_member(&channel, &a, epoch).expect("read"), None, "bob is out");
+    assert!(bob.active_channels().is_empty(), "bob gossips on no topic");
+    // (A reader keeps the file open: the database is closed with the last of them.)
+    drop(rosters);
+    let alice = reopen(&tmp, "alice", alice);
+    let rosters = alice.store().rosters();
+    assert_eq!(rosters.is_member(&channel, &b, epoch + 1).expect("read"), Some(false));
+}

@@ -27,14 +27,19 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Initialises a node and starts its daemon. `env` are extra environment variables.
+    /// Initialises a node and starts its daemon. `env` are extra environment variables. Unless
+    /// `env` says otherwise, the node listens for peers on loopback TCP only.
     pub fn start(env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let out = Command::new(node_binary()).arg("--home").arg(dir.path()).arg("init").output()?;
         if !out.status.success() {
             bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let env = env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        let mut env: Vec<(String, String)> =
+            env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        if !env.iter().any(|(k, _)| k == "CHITCHAT_NETWORK_LISTEN") {
+            env.push(("CHITCHAT_NETWORK_LISTEN".into(), "/ip4/127.0.0.1/tcp/0".into()));
+        }
         let mut node = Self { dir, child: None, env, api: None };
         node.restart()?;
         Ok(node)
