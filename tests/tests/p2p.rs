@@ -110,3 +110,107 @@ async fn a_member_online_gets_a_message_while_the_relay_is_frozen() {
     let texts = bob.wait_texts(&id, WAIT, |t| t.len() >= 3).await.expect("bob");
     assert_eq!(texts, ["through both", "while the relay sleeps", "after"], "each shown once");
 }
+
+/// A peer that is no member of the channel (Mallory: any libp2p host that learnt the topic)
+/// gossips envelopes she signed herself on the channel's topic to Bob. Bob rejects them
+/// before forwarding anything, scores her down, drops her connection, and refuses her when
+/// she dials again; Alice's messages still reach Bob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spamming_peer_is_scored_down_and_dropped() {
+    use chitchat_net::HostConfig;
+    use chitchat_net::gossip::{Gossip, subscribe, topic};
+    use chitchat_proto::codec::encode;
+    use chitchat_proto::gossip::GossipEnvelope;
+    use chitchat_proto::ordering::ChannelId;
+    use futures::StreamExt as _;
+    use libp2p::swarm::SwarmEvent;
+
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let (alice, bob, id) = pair(&relay).await;
+    let bytes: Vec<u8> = (0..id.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&id[i..i + 2], 16).expect("hex"))
+        .collect();
+    let channel = ChannelId(bytes.try_into().expect("32 bytes"));
+    let epoch =
+        bob.json("GET", &format!("/v1/channels/{id}/members"), None).await.expect("m")["epoch"]
+            .as_u64()
+            .expect("epoch");
+
+    let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false };
+    let identity = libp2p::identity::Keypair::generate_ed25519();
+    let mut mallory = chitchat_net::swarm(identity, config, |_| Gossip::new().expect("gossip"))
+        .await
+        .expect("swarm");
+    subscribe(&mut mallory.behaviour_mut().gossipsub, &channel).expect("subscribe");
+    let target = network(&bob).await;
+    let bob_peer: libp2p::PeerId =
+        target["peer_id"].as_str().expect("peer id").parse().expect("peer id");
+    let bob_addr: libp2p::Multiaddr =
+        target["listening"][0].as_str().expect("addr").parse().expect("addr");
+    mallory.dial(bob_addr.clone()).expect("dial");
+    // Until Bob's subscription to the topic reached Mallory.
+    let t = topic(&channel).hash();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let _ = mallory.select_next_some().await;
+            let g = &mallory.behaviour().gossipsub;
+            if g.all_peers().any(|(p, topics)| *p == bob_peer && topics.contains(&&t)) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("Bob's subscription never reached Mallory");
+
+    let key = chitchat_proto::SecretKey::from_seed([66; 32]);
+    let now = chitchat_proto::Timestamp(
+        u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_millis(),
+        )
+        .expect("ms"),
+    );
+    for i in 0..4u8 {
+        let forged = GossipEnvelope::seal(&key, channel, epoch, vec![i; 64], now);
+        let _ = mallory.behaviour_mut().gossipsub.publish(topic(&channel), encode(&forged));
+    }
+    let dropped = tokio::time::timeout(WAIT, async {
+        loop {
+            if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } =
+                mallory.select_next_some().await
+                && peer_id == bob_peer
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(dropped.is_ok(), "Bob never dropped the spamming peer");
+    let listed = network(&bob).await["peers"].to_string();
+    assert!(!listed.contains(&mallory.local_peer_id().to_string()), "still listed: {listed}");
+
+    // She dials again: refused (the connection never stays up).
+    mallory.dial(bob_addr).expect("dial");
+    let back = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
+                mallory.select_next_some().await
+                && peer_id == bob_peer
+            {
+                // Bob's ban closes what the handshake opened at once.
+                if let SwarmEvent::ConnectionClosed { .. } = mallory.select_next_some().await {
+                    continue;
+                }
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(back.is_err() || !mallory.is_connected(&bob_peer), "Mallory got back in");
+
+    send(&alice, &id, "still here").await;
+    bob.wait_texts(&id, WAIT, |t| t == ["still here"]).await.expect("bob reads alice");
+}
