@@ -387,8 +387,12 @@ pub struct Rosters {
 }
 
 impl Rosters {
-    /// Whether `device` is a member of `channel` at `epoch`; `None` if this device does not
-    /// know that epoch's members (not reached yet, forgotten, or not in the channel).
+    /// Whether `device` may gossip in `channel` at `epoch`: `Some(false)` if it was no member
+    /// at `epoch`; `Some(true)` if it was and still is (at the latest epoch this device
+    /// reached); `None` if this device does not know that epoch's members (not reached yet,
+    /// forgotten, or not in the channel) or `device` was removed since (a removed member keeps
+    /// the old epoch's keys: its gossip is not forwarded; what it sent before its removal comes
+    /// through the inbox, which the relay checked when it was posted).
     pub fn is_member(
         &self,
         channel: &ChannelId,
@@ -400,8 +404,17 @@ impl Rosters {
         let Some(v) = t.get((channel.0, epoch)).map_err(redb_err)? else {
             return Ok(None);
         };
-        let members: Vec<DeviceId> = record(v.value(), "rosters")?;
-        Ok(Some(members.contains(device)))
+        let then: Vec<DeviceId> = record(v.value(), "rosters")?;
+        if !then.contains(device) {
+            return Ok(Some(false));
+        }
+        let Some(latest) =
+            t.range((channel.0, epoch)..=(channel.0, u64::MAX)).map_err(redb_err)?.next_back()
+        else {
+            return Ok(None);
+        };
+        let now: Vec<DeviceId> = record(latest.map_err(redb_err)?.1.value(), "rosters")?;
+        Ok(now.contains(device).then_some(true))
     }
 }
 

@@ -363,12 +363,21 @@ impl Orderer {
         Some((current.clone(), then.clone()))
     }
 
-    /// Whether `device` is a member of the channel at `epoch`, as a relay judging a gossiped
-    /// envelope asks (`GossipEnvelope::judge`): `None` if the channel is not ordered here, or
-    /// `epoch` is not among the last [`MEMBER_EPOCHS`] it knows (it cannot judge that epoch).
+    /// Whether `device` may gossip in the channel at `epoch`, as a relay judging a gossiped
+    /// envelope asks (`GossipEnvelope::judge`): `Some(false)` if it was not a member at `epoch`;
+    /// `Some(true)` if it was, and is a member still; `None` if the channel is not ordered
+    /// here, `epoch` is not among the last [`MEMBER_EPOCHS`] it knows, or the device was removed
+    /// since (its message may be one sent before the removal, which the inbox carries: not held
+    /// against whoever forwards it, and not forwarded, for a removed member still holds the
+    /// old epoch's keys).
     pub fn is_member(&self, channel: &ChannelId, device: &DeviceId, epoch: u64) -> Option<bool> {
-        let (_, members) = self.members.get(channel)?.iter().find(|(e, _)| *e == epoch)?;
-        Some(members.binary_search(device).is_ok())
+        let epochs = self.members.get(channel)?;
+        let (_, then) = epochs.iter().find(|(e, _)| *e == epoch)?;
+        if then.binary_search(device).is_err() {
+            return Some(false);
+        }
+        let (_, now) = epochs.back()?;
+        now.binary_search(device).is_ok().then_some(true)
     }
 
     /// Whether `state` is exactly the channel's public state here (epoch, tree, transcript,

@@ -698,10 +698,12 @@ fn removed_and_reinvited_device_is_heard_again() {
     let staged = w.stage(ALICE, &remove).expect("stage");
     w.submit(ALICE, &staged).expect("accepted");
     w.deliver_all();
-    // The relay judges gossip by the members of each epoch: Bob was one at epoch 1, is not at
-    // epoch 2, and an epoch it never saw is not judged.
+    // The relay judges gossip by the members of each epoch: Bob was one at epoch 1 but was
+    // removed since (his epoch-1 envelope is not judged: not forwarded, not held against the
+    // peer that brings it), is not one at epoch 2, and an epoch it never saw is not judged.
     let (id, bob) = (ChannelId([42; 32]), w.devices[BOB].id());
-    assert_eq!(w.relay.orderer.is_member(&id, &bob, 1), Some(true));
+    assert_eq!(w.relay.orderer.is_member(&id, &bob, 1), None);
+    assert_eq!(w.relay.orderer.is_member(&id, &w.devices[CAROL].id(), 1), Some(true));
     assert_eq!(w.relay.orderer.is_member(&id, &bob, 2), Some(false));
     assert_eq!(w.relay.orderer.is_member(&id, &w.devices[ALICE].id(), 2), Some(true));
     assert_eq!(w.relay.orderer.is_member(&id, &bob, 9), None);
