@@ -1365,6 +1365,8 @@ async fn link_for(
         .parse()
         .map_err(|e| NodeError::Invalid(format!("relay peer id {:?}: {e}", relay.peer_id)))?;
     let addrs = relay.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    // The relay is where the members of this node's channels find each other.
+    host.rendezvous_at(peer).await.map_err(|e| NodeError::Invalid(e.to_string()))?;
     Ok(RelayLink::new(
         host.clone(),
         key,

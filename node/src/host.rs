@@ -9,6 +9,9 @@
 //!   ([`Gossiped`]) and forwarded by gossipsub only once the node reported its verdict
 //!   ([`Host::report`]).
 //! - **Identify**, so that peers learn each other's listen addresses and protocols.
+//! - **Rendezvous** at the node's relay ([`Host::rendezvous_at`]): the node registers its
+//!   addresses under the topic of every channel it is in, discovers the other members
+//!   registered there, and dials them (at most [`MAX_DIRECT_PEERS`] connections to peers).
 //!
 //! The host listens on the addresses of `[network] listen` and dials `[network] peers` at start
 //! (and any peer [`Host::dial`] is given).
@@ -24,8 +27,9 @@ use chitchat_proto::ordering::ChannelId;
 use futures::StreamExt as _;
 use libp2p::gossipsub::{self, MessageId, PublishError, TopicHash};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, identify};
+use libp2p::{Multiaddr, PeerId, identify, rendezvous};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -37,6 +41,17 @@ pub const GOSSIP_QUEUE: usize = 1024;
 /// The longest any relay request may take at the transport level (a `Wait` lasts up to a
 /// minute).
 const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(75);
+/// Connections to peers found by discovery, at most (the relay and peers that dial in do not
+/// count against it).
+pub const MAX_DIRECT_PEERS: usize = 64;
+/// Between two discovery rounds at the rendezvous point.
+const DISCOVER_EVERY: Duration = Duration::from_secs(5);
+/// Topics asked about in one discovery round (each topic comes round again after the others).
+const DISCOVER_PER_ROUND: usize = 8;
+/// How long a registration at the rendezvous point lasts, in seconds, and how often it is
+/// renewed: a node that went away is listed no longer than this.
+const REGISTRATION_TTL: u64 = 15 * 60;
+const REGISTER_EVERY: Duration = Duration::from_secs(5 * 60);
 /// The identify protocol version ChitChat hosts announce.
 pub const IDENTIFY_PROTOCOL: &str = "/chitchat/1";
 
@@ -102,6 +117,7 @@ enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Listening(oneshot::Sender<Vec<Multiaddr>>),
+    RendezvousAt(PeerId),
 }
 
 #[derive(NetworkBehaviour)]
@@ -110,6 +126,7 @@ struct Behaviour {
     relay: request_response::Behaviour<chitchat_net::FrameCodec>,
     gossip: Gossip,
     identify: identify::Behaviour,
+    rendezvous: rendezvous::client::Behaviour,
 }
 
 /// A handle on the node's host (cheap to clone).
@@ -148,6 +165,7 @@ impl Host {
                 IDENTIFY_PROTOCOL.into(),
                 key.public(),
             )),
+            rendezvous: rendezvous::client::Behaviour::new(key.clone()),
         })
         .await
         .map_err(|e| HostError::Net(e.to_string()))?;
@@ -234,6 +252,12 @@ impl Host {
         self.ask(Command::Peers).await
     }
 
+    /// Uses `peer` (the node's relay) as the rendezvous point where the members of the
+    /// node's channels find each other.
+    pub async fn rendezvous_at(&self, peer: PeerId) -> Result<(), HostError> {
+        self.commands.send(Command::RendezvousAt(peer)).await.map_err(|_| HostError::Closed)
+    }
+
     /// The addresses this host listens on.
     pub async fn listening(&self) -> Result<Vec<Multiaddr>, HostError> {
         self.ask(Command::Listening).await
@@ -249,6 +273,8 @@ async fn run(
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<CallResult>> = HashMap::new();
     let mut watched: HashMap<PeerId, watch::Sender<PeerState>> = HashMap::new();
     let mut topics: BTreeSet<ChannelId> = BTreeSet::new();
+    let mut discovery = Discovery::default();
+    let mut discover_tick = tokio::time::interval(DISCOVER_EVERY);
     // The remote address of each connection, by peer.
     let mut remotes: HashMap<PeerId, HashMap<libp2p::swarm::ConnectionId, Multiaddr>> =
         HashMap::new();
@@ -286,16 +312,25 @@ async fn run(
                         let _ = reply.send(w.subscribe());
                     }
                     Command::Topics(wanted) => {
-                        let g = &mut swarm.behaviour_mut().gossip.gossipsub;
                         for gone in topics.difference(&wanted) {
-                            g.unsubscribe(&gossip::topic(gone));
+                            swarm.behaviour_mut().gossip.gossipsub.unsubscribe(&gossip::topic(gone));
+                            discovery.forget(&mut swarm, gone);
                         }
+                        let g = &mut swarm.behaviour_mut().gossip.gossipsub;
                         for new in wanted.difference(&topics) {
                             if let Err(e) = gossip::subscribe(g, new) {
                                 tracing::warn!(channel = %new, error = %e, "cannot subscribe to a channel's topic");
                             }
                         }
+                        for new in wanted.difference(&topics) {
+                            discovery.due.push_front(*new);
+                        }
                         topics = wanted;
+                        discovery.round(&mut swarm, &topics);
+                    }
+                    Command::RendezvousAt(peer) => {
+                        discovery.point = Some(peer);
+                        discovery.round(&mut swarm, &topics);
                     }
                     Command::Publish { channel, data, reply } => {
                         let g = &mut swarm.behaviour_mut().gossip.gossipsub;
@@ -328,6 +363,7 @@ async fn run(
                     }
                 }
             }
+            _ = discover_tick.tick() => discovery.round(&mut swarm, &topics),
             event = swarm.select_next_some() => match event {
                 SwarmEvent::Behaviour(BehaviourEvent::Relay(request_response::Event::Message {
                     message: request_response::Message::Response { request_id, response },
@@ -381,9 +417,118 @@ async fn run(
                 }
                 SwarmEvent::NewListenAddr { address, .. } => {
                     tracing::info!(%address, "listening for peers");
+                    // What the node listens on is what it registers at the rendezvous point.
+                    swarm.add_external_address(address);
+                    discovery.registered.clear();
+                }
+                SwarmEvent::ExpiredListenAddr { address, .. } => {
+                    swarm.remove_external_address(&address);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(event)) => {
+                    discovery.on_event(&mut swarm, event);
                 }
                 _ => {}
             },
+        }
+    }
+}
+
+/// Finding the other members of the node's channels at the rendezvous point (the node's
+/// relay): the node's own registration under each channel's topic, renewed every
+/// [`REGISTER_EVERY`], and discovery of a few topics each round.
+#[derive(Default)]
+struct Discovery {
+    point: Option<PeerId>,
+    /// When each topic was last registered.
+    registered: HashMap<ChannelId, std::time::Instant>,
+    /// Topics to discover, the next first.
+    due: std::collections::VecDeque<ChannelId>,
+}
+
+impl Discovery {
+    fn namespace(channel: &ChannelId) -> Option<rendezvous::Namespace> {
+        rendezvous::Namespace::new(chitchat_proto::gossip::topic(channel)).ok()
+    }
+
+    /// Registers what needs it and discovers the next few topics, if the rendezvous point is
+    /// connected.
+    fn round(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, topics: &BTreeSet<ChannelId>) {
+        let Some(point) = self.point.filter(|p| swarm.is_connected(p)) else { return };
+        let now = std::time::Instant::now();
+        let has_addrs = swarm.external_addresses().next().is_some();
+        for channel in topics {
+            let fresh = self
+                .registered
+                .get(channel)
+                .is_some_and(|at| now.duration_since(*at) < REGISTER_EVERY);
+            if fresh || !has_addrs {
+                continue;
+            }
+            let Some(ns) = Self::namespace(channel) else { continue };
+            match swarm.behaviour_mut().rendezvous.register(ns, point, Some(REGISTRATION_TTL)) {
+                Ok(()) => {
+                    self.registered.insert(*channel, now);
+                }
+                Err(e) => {
+                    tracing::debug!(%channel, error = %e, "cannot register at the rendezvous point")
+                }
+            }
+        }
+        self.due.retain(|c| topics.contains(c));
+        for c in topics {
+            if !self.due.contains(c) {
+                self.due.push_back(*c);
+            }
+        }
+        for _ in 0..DISCOVER_PER_ROUND.min(self.due.len()) {
+            let Some(channel) = self.due.pop_front() else { break };
+            if let Some(ns) = Self::namespace(&channel) {
+                swarm.behaviour_mut().rendezvous.discover(
+                    Some(ns),
+                    None,
+                    Some(MAX_DIRECT_PEERS as u64),
+                    point,
+                );
+            }
+            self.due.push_back(channel);
+        }
+    }
+
+    /// Stops announcing a channel this node left.
+    fn forget(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, channel: &ChannelId) {
+        self.due.retain(|c| c != channel);
+        if self.registered.remove(channel).is_some()
+            && let (Some(point), Some(ns)) = (self.point, Self::namespace(channel))
+        {
+            swarm.behaviour_mut().rendezvous.unregister(ns, point);
+        }
+    }
+
+    /// Dials the members found, while the node has room for more peers.
+    fn on_event(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, event: rendezvous::client::Event) {
+        match event {
+            rendezvous::client::Event::Discovered { registrations, .. } => {
+                let me = *swarm.local_peer_id();
+                for r in registrations {
+                    let peer = r.record.peer_id();
+                    let peers = swarm.connected_peers().count();
+                    if peer == me || swarm.is_connected(&peer) || peers >= MAX_DIRECT_PEERS {
+                        continue;
+                    }
+                    let addrs = r.record.addresses().to_vec();
+                    tracing::debug!(%peer, ?addrs, "dialling a member found at the rendezvous point");
+                    if let Err(e) = swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build()) {
+                        tracing::debug!(%peer, error = %e, "cannot dial a member");
+                    }
+                }
+            }
+            rendezvous::client::Event::RegisterFailed { namespace, error, .. } => {
+                tracing::debug!(%namespace, ?error, "registration refused at the rendezvous point");
+            }
+            rendezvous::client::Event::DiscoverFailed { namespace, error, .. } => {
+                tracing::debug!(?namespace, ?error, "discovery refused at the rendezvous point");
+            }
+            _ => {}
         }
     }
 }

@@ -143,6 +143,11 @@ pub struct NetworkConfig {
     pub anonymous_per_minute_per_ip: u32,
     /// The same, from one libp2p peer.
     pub anonymous_per_minute_per_peer: u32,
+    /// Peers' registrations the rendezvous point keeps (a peer announcing its addresses under
+    /// a channel's gossip topic, so that the channel's other members find it), in all.
+    pub max_rendezvous_registrations: u32,
+    /// The same, for one peer (one registration per channel it is in).
+    pub max_rendezvous_registrations_per_peer: u32,
 }
 
 impl Default for NetworkConfig {
@@ -153,6 +158,8 @@ impl Default for NetworkConfig {
             max_pending_incoming: 512,
             anonymous_per_minute_per_ip: 1200,
             anonymous_per_minute_per_peer: 240,
+            max_rendezvous_registrations: 100_000,
+            max_rendezvous_registrations_per_peer: 1024,
         }
     }
 }
@@ -444,6 +451,11 @@ max_pending_incoming = 512
 # and every request of a peer not yet authenticated: from one IP address, and from one peer.
 anonymous_per_minute_per_ip = 1200
 anonymous_per_minute_per_peer = 240
+# The rendezvous point: members of a channel announce their addresses here under the channel's
+# gossip topic, and find each other. Registrations kept in all, and for one peer (one per
+# channel it is in); each lasts 15 minutes unless renewed.
+max_rendezvous_registrations = 100000
+max_rendezvous_registrations_per_peer = 1024
 
 [federation]
 # Other relays are found from their host name: https://HOST/.well-known/chitchat/relay gives

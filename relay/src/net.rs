@@ -28,7 +28,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use libp2p::gossipsub::{self as libp2p_gossipsub, MessageId};
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify};
+use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify, rendezvous};
 use rand::RngExt as _;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
@@ -48,6 +48,11 @@ pub const MAX_WAITS_PER_DEVICE: usize = 4;
 pub const MAX_STREAMS_PER_CONNECTION: usize = 256;
 /// How often the relay's gossip topics are brought in line with the channels it orders.
 pub const TOPICS_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest and longest registration at the rendezvous point, in seconds: a peer that
+/// went away stays listed no longer than its registration.
+pub const RENDEZVOUS_MIN_TTL: u64 = 60;
+/// See [`RENDEZVOUS_MIN_TTL`].
+pub const RENDEZVOUS_MAX_TTL: u64 = 60 * 60;
 /// Seconds an idle connection stays open.
 pub const IDLE_TIMEOUT_SECS: u64 = 120;
 
@@ -61,6 +66,9 @@ struct Behaviour {
     identify: identify::Behaviour,
     /// Gossip: the relay is an always-on peer of the channels it orders.
     gossip: Gossip,
+    /// The rendezvous point where the members of a channel find each other (the namespace is
+    /// the channel's topic).
+    rendezvous: rendezvous::server::Behaviour,
 }
 
 /// An answer for the swarm task to send.
@@ -485,6 +493,15 @@ async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swa
                 key.public(),
             )),
             gossip,
+            rendezvous: rendezvous::server::Behaviour::new(
+                rendezvous::server::Config::default()
+                    .with_min_ttl(RENDEZVOUS_MIN_TTL)
+                    .with_max_ttl(RENDEZVOUS_MAX_TTL)
+                    .with_max_registration_total(net.max_rendezvous_registrations as usize)
+                    .with_max_registration_per_peer(
+                        net.max_rendezvous_registrations_per_peer as usize,
+                    ),
+            ),
         }
     })
     .await?;

@@ -374,14 +374,17 @@ fn parse_history(v: &Value) -> Vec<(String, u64, String)> {
         .collect()
 }
 
-/// Whether every node holds every accepted message, and each sender has its own `sent`.
+/// Whether every node holds every accepted message, and each sender has its own past
+/// `sending` and `gossiped` (both wait for the relay).
 fn healed(histories: &[History], sends: &[Sends]) -> bool {
     histories.iter().all(|h| {
         let Some(h) = h else { return false };
         let have: BTreeMap<(&str, u64), &str> =
             h.iter().map(|(name, n, status)| ((name.as_str(), *n), status.as_str())).collect();
         sends.iter().enumerate().all(|(i, s)| {
-            s.accepted.iter().all(|n| have.get(&(NAMES[i], *n)).is_some_and(|st| *st != "sending"))
+            s.accepted.iter().all(|n| {
+                have.get(&(NAMES[i], *n)).is_some_and(|st| !matches!(*st, "sending" | "gossiped"))
+            })
         })
     })
 }

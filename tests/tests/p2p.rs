@@ -60,12 +60,10 @@ async fn network(node: &NodeProcess) -> Value {
     node.json("GET", "/v1/network", None).await.expect("network")
 }
 
-/// Connects `from` to `to` directly, and waits until each lists the other.
-async fn connect(from: &NodeProcess, to: &NodeProcess) {
-    let target = network(to).await;
-    let addr = target["listening"][0].as_str().expect("listening").to_owned();
-    from.json("POST", "/v1/network/dial", Some(json!({"addr": addr}))).await.expect("dial");
-    let (from_id, to_id) = (network(from).await["peer_id"].clone(), target["peer_id"].clone());
+/// Waits until `from` and `to` list each other as connected peers.
+async fn wait_connected(from: &NodeProcess, to: &NodeProcess) {
+    let (from_id, to_id) =
+        (network(from).await["peer_id"].clone(), network(to).await["peer_id"].clone());
     let deadline = Instant::now() + WAIT;
     loop {
         let lists = |v: &Value, id: &Value| {
@@ -79,15 +77,22 @@ async fn connect(from: &NodeProcess, to: &NodeProcess) {
     }
 }
 
-/// Two members online at the same time, connected directly: with the relay frozen (SIGSTOP),
-/// Alice's message still reaches Bob, by gossip, and shows `gossiped` at Alice. When the relay
-/// wakes up it takes the message too (`sent`), and Bob, who gets it a second time from his
-/// inbox, still shows it once.
+/// Two members online at the same time find each other at their relay (rendezvous under the
+/// channel's topic) and connect directly, with no address given to either: with the relay
+/// frozen (SIGSTOP), Alice's message still reaches Bob, by gossip, and shows `gossiped` at
+/// Alice. When the relay wakes up it takes the message too (`sent`), and Bob, who gets it a
+/// second time from his inbox, still shows it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_online_gets_a_message_while_the_relay_is_frozen() {
+async fn members_find_each_other_and_gossip_while_the_relay_is_frozen() {
     let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
     let (alice, bob, id) = pair(&relay).await;
-    connect(&bob, &alice).await;
+    wait_connected(&bob, &alice).await;
+    // A peer can also be dialled by address; one that names no peer is refused.
+    let addr = network(&alice).await["listening"][0].as_str().expect("listening").to_owned();
+    bob.json("POST", "/v1/network/dial", Some(json!({"addr": addr}))).await.expect("dial");
+    let bad =
+        bob.json("POST", "/v1/network/dial", Some(json!({"addr": "/ip4/127.0.0.1/tcp/1"}))).await;
+    assert!(bad.is_err(), "an address without /p2p/ is refused: {bad:?}");
     send(&alice, &id, "through both").await;
     bob.wait_texts(&id, WAIT, |t| t == ["through both"]).await.expect("bob reads alice");
     // The topic's subscriptions cross the new connection within a heartbeat or two.
