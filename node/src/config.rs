@@ -161,8 +161,8 @@ give_up_after_days = 30
 
 [network]
 # Where this node listens for its peers, as libp2p addresses (env CHITCHAT_NETWORK_LISTEN,
-# comma-separated). Port 0 picks a free port. An empty list listens nowhere: the node only
-# dials out.
+# comma-separated). Port 0 picks a free port. An empty list listens nowhere: peers reach the
+# node through its relay (a circuit relay reservation).
 listen = ["/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0"]
 # Peers to connect to at start, as libp2p addresses ending in /p2p/PEER_ID
 # (env CHITCHAT_NETWORK_PEERS, comma-separated).

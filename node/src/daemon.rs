@@ -32,6 +32,7 @@ use crate::host::{Gossiped, Host, PeerInfo};
 use crate::link::{LinkError, LinkState, RelayLink};
 use crate::store::Rosters;
 use crate::store::{Account, IntentOp, OutboxItem, RelayInfo, StagedRecord};
+use libp2p::multiaddr::Protocol;
 
 /// KeyPackages uploaded at a time.
 const KEY_PACKAGE_BATCH: usize = 20;
@@ -204,7 +205,17 @@ impl Node {
         let listening = self.host.listening().await.map_err(unavailable)?;
         let peers = self.host.peers().await.map_err(unavailable)?;
         let me = self.host.peer_id();
-        let listening = listening.iter().map(|a| format!("{a}/p2p/{me}")).collect();
+        let listening = listening
+            .into_iter()
+            .map(|a| {
+                if a.iter().last() == Some(Protocol::P2p(me)) {
+                    a
+                } else {
+                    a.with(Protocol::P2p(me))
+                }
+            })
+            .map(|a| a.to_string())
+            .collect();
         Ok((me.to_string(), listening, peers))
     }
 
@@ -1364,9 +1375,9 @@ async fn link_for(
         .peer_id
         .parse()
         .map_err(|e| NodeError::Invalid(format!("relay peer id {:?}: {e}", relay.peer_id)))?;
-    let addrs = relay.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    let addrs: Vec<libp2p::Multiaddr> = relay.addrs.iter().filter_map(|a| a.parse().ok()).collect();
     // The relay is where the members of this node's channels find each other.
-    host.rendezvous_at(peer).await.map_err(|e| NodeError::Invalid(e.to_string()))?;
+    host.rendezvous_at(peer, addrs.clone()).await.map_err(|e| NodeError::Invalid(e.to_string()))?;
     Ok(RelayLink::new(
         host.clone(),
         key,

@@ -9,6 +9,10 @@
 //!   ([`Gossiped`]) and forwarded by gossipsub only once the node reported its verdict
 //!   ([`Host::report`]).
 //! - **Identify**, so that peers learn each other's listen addresses and protocols.
+//! - **Circuit relay v2** and **DCUtR**: the node takes a reservation at its relay and listens
+//!   on the circuit address it gives (`/p2p/RELAY/p2p-circuit`), so that a member that cannot
+//!   reach it directly reaches it through the relay; DCUtR then tries to replace the relayed
+//!   connection by a direct one (hole punching).
 //! - **Rendezvous** at the node's relay ([`Host::rendezvous_at`]): the node registers its
 //!   addresses under the topic of every channel it is in, discovers the other members
 //!   registered there, and dials them (at most [`MAX_DIRECT_PEERS`] connections to peers).
@@ -26,10 +30,11 @@ use chitchat_proto::gossip::Verdict;
 use chitchat_proto::ordering::ChannelId;
 use futures::StreamExt as _;
 use libp2p::gossipsub::{self, MessageId, PublishError, TopicHash};
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, identify, rendezvous};
+use libp2p::{Multiaddr, PeerId, dcutr, identify, relay, rendezvous};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -102,6 +107,10 @@ pub struct PeerInfo {
     pub peer_id: String,
     /// The addresses of its connections.
     pub addrs: Vec<String>,
+    /// Whether one of its connections runs through a relay (a circuit).
+    pub relayed: bool,
+    /// Whether one of its connections is direct.
+    pub direct: bool,
     /// Its gossipsub score.
     pub score: Option<f64>,
 }
@@ -117,7 +126,7 @@ enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Listening(oneshot::Sender<Vec<Multiaddr>>),
-    RendezvousAt(PeerId),
+    RendezvousAt(PeerId, Vec<Multiaddr>),
 }
 
 #[derive(NetworkBehaviour)]
@@ -127,6 +136,8 @@ struct Behaviour {
     gossip: Gossip,
     identify: identify::Behaviour,
     rendezvous: rendezvous::client::Behaviour,
+    circuits: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
 }
 
 /// A handle on the node's host (cheap to clone).
@@ -152,23 +163,26 @@ impl Host {
     ) -> Result<(Self, mpsc::Receiver<Gossiped>), HostError> {
         let config = HostConfig { idle_timeout: Duration::from_secs(90), lazy: true };
         let gossip = Gossip::new().map_err(|e| HostError::Net(e.to_string()))?;
-        let mut swarm = chitchat_net::swarm(identity, config, |key| Behaviour {
-            relay: frames(
-                chitchat_net::RELAY_PROTOCOL,
-                ProtocolSupport::Outbound,
-                request_response::Config::default()
-                    .with_request_timeout(TRANSPORT_TIMEOUT)
-                    .with_max_concurrent_streams(256),
-            ),
-            gossip,
-            identify: identify::Behaviour::new(identify::Config::new(
-                IDENTIFY_PROTOCOL.into(),
-                key.public(),
-            )),
-            rendezvous: rendezvous::client::Behaviour::new(key.clone()),
-        })
-        .await
-        .map_err(|e| HostError::Net(e.to_string()))?;
+        let mut swarm =
+            chitchat_net::swarm_with_relay_client(identity, config, |key, circuits| Behaviour {
+                relay: frames(
+                    chitchat_net::RELAY_PROTOCOL,
+                    ProtocolSupport::Outbound,
+                    request_response::Config::default()
+                        .with_request_timeout(TRANSPORT_TIMEOUT)
+                        .with_max_concurrent_streams(256),
+                ),
+                gossip,
+                identify: identify::Behaviour::new(identify::Config::new(
+                    IDENTIFY_PROTOCOL.into(),
+                    key.public(),
+                )),
+                rendezvous: rendezvous::client::Behaviour::new(key.clone()),
+                circuits,
+                dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
+            })
+            .await
+            .map_err(|e| HostError::Net(e.to_string()))?;
         for addr in listen {
             swarm.listen_on(addr.clone()).map_err(|e| HostError::Net(format!("{addr}: {e}")))?;
         }
@@ -252,10 +266,15 @@ impl Host {
         self.ask(Command::Peers).await
     }
 
-    /// Uses `peer` (the node's relay) as the rendezvous point where the members of the
-    /// node's channels find each other.
-    pub async fn rendezvous_at(&self, peer: PeerId) -> Result<(), HostError> {
-        self.commands.send(Command::RendezvousAt(peer)).await.map_err(|_| HostError::Closed)
+    /// Uses `peer` (the node's relay, at `addrs`) as the rendezvous point where the members of
+    /// the node's channels find each other, and as the relay of the circuits through which
+    /// they reach it.
+    pub async fn rendezvous_at(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    ) -> Result<(), HostError> {
+        self.commands.send(Command::RendezvousAt(peer, addrs)).await.map_err(|_| HostError::Closed)
     }
 
     /// The addresses this host listens on.
@@ -276,7 +295,7 @@ async fn run(
     let mut discovery = Discovery::default();
     let mut discover_tick = tokio::time::interval(DISCOVER_EVERY);
     // The remote address of each connection, by peer.
-    let mut remotes: HashMap<PeerId, HashMap<libp2p::swarm::ConnectionId, Multiaddr>> =
+    let mut remotes: HashMap<PeerId, HashMap<libp2p::swarm::ConnectionId, (Multiaddr, bool)>> =
         HashMap::new();
     let set = |watched: &HashMap<PeerId, watch::Sender<PeerState>>, peer: &PeerId, up: bool| {
         if let Some(w) = watched.get(peer) {
@@ -328,9 +347,18 @@ async fn run(
                         topics = wanted;
                         discovery.round(&mut swarm, &topics);
                     }
-                    Command::RendezvousAt(peer) => {
+                    Command::RendezvousAt(peer, addrs) => {
                         discovery.point = Some(peer);
                         discovery.round(&mut swarm, &topics);
+                        // A reservation at the relay: the circuit address becomes one of the
+                        // node's (registered with the others at the rendezvous point).
+                        let circuit = addrs.iter().find(|a| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
+                        if let Some(addr) = circuit {
+                            let circuit = addr.clone().with_p2p(peer).unwrap_or_else(|a| a).with(Protocol::P2pCircuit);
+                            if let Err(e) = swarm.listen_on(circuit.clone()) {
+                                tracing::warn!(%circuit, error = %e, "cannot listen through the relay");
+                            }
+                        }
                     }
                     Command::Publish { channel, data, reply } => {
                         let g = &mut swarm.behaviour_mut().gossip.gossipsub;
@@ -353,7 +381,9 @@ async fn run(
                         let g = &swarm.behaviour().gossip.gossipsub;
                         let peers = swarm.connected_peers().map(|p| PeerInfo {
                             peer_id: p.to_string(),
-                            addrs: remotes.get(p).map(|c| c.values().map(ToString::to_string).collect()).unwrap_or_default(),
+                            addrs: remotes.get(p).map(|c| c.values().map(|(a, _)| a.to_string()).collect()).unwrap_or_default(),
+                            relayed: remotes.get(p).is_some_and(|c| c.values().any(|(_, r)| *r)),
+                            direct: remotes.get(p).is_some_and(|c| c.values().any(|(_, r)| !*r)),
                             score: g.peer_score(p),
                         }).collect();
                         let _ = reply.send(peers);
@@ -402,7 +432,8 @@ async fn run(
                     }
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
-                    remotes.entry(peer_id).or_default().insert(connection_id, endpoint.get_remote_address().clone());
+                    let remote = (endpoint.get_remote_address().clone(), endpoint.is_relayed());
+                    remotes.entry(peer_id).or_default().insert(connection_id, remote);
                     set(&watched, &peer_id, true);
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {

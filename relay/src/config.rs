@@ -148,6 +148,12 @@ pub struct NetworkConfig {
     pub max_rendezvous_registrations: u32,
     /// The same, for one peer (one registration per channel it is in).
     pub max_rendezvous_registrations_per_peer: u32,
+    /// Circuit relay v2: reservations held at once (a node reachable through this relay), and
+    /// circuits open at once (a connection between two peers through this relay, each at
+    /// most 2 minutes and 1 MiB: long enough for the peers to connect directly).
+    pub max_reservations: u32,
+    /// See `max_reservations`.
+    pub max_circuits: u32,
 }
 
 impl Default for NetworkConfig {
@@ -160,6 +166,8 @@ impl Default for NetworkConfig {
             anonymous_per_minute_per_peer: 240,
             max_rendezvous_registrations: 100_000,
             max_rendezvous_registrations_per_peer: 1024,
+            max_reservations: 10_000,
+            max_circuits: 1024,
         }
     }
 }
@@ -456,6 +464,11 @@ anonymous_per_minute_per_peer = 240
 # channel it is in); each lasts 15 minutes unless renewed.
 max_rendezvous_registrations = 100000
 max_rendezvous_registrations_per_peer = 1024
+# Circuit relay v2: nodes reachable through this relay (reservations), and connections between
+# two peers through it (circuits, each at most 2 minutes and 1 MiB: long enough for the peers to
+# connect directly), held at once.
+max_reservations = 10000
+max_circuits = 1024
 
 [federation]
 # Other relays are found from their host name: https://HOST/.well-known/chitchat/relay gives

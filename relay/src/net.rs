@@ -69,6 +69,8 @@ struct Behaviour {
     /// The rendezvous point where the members of a channel find each other (the namespace is
     /// the channel's topic).
     rendezvous: rendezvous::server::Behaviour,
+    /// Circuit relay v2: nodes reachable through this relay, and DCUtR's meeting point.
+    circuits: libp2p::relay::Behaviour,
 }
 
 /// An answer for the swarm task to send.
@@ -197,6 +199,8 @@ pub async fn run(
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
                     tracing::info!(%address, "listening");
+                    // Given to the nodes that hold a reservation here, as where to reach them.
+                    swarm.add_external_address(address.clone());
                     bound.push(address);
                     if bound.len() >= listen.len()
                         && let Some(r) = ready.take()
@@ -501,6 +505,18 @@ async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swa
                     .with_max_registration_per_peer(
                         net.max_rendezvous_registrations_per_peer as usize,
                     ),
+            ),
+            circuits: libp2p::relay::Behaviour::new(
+                key.public().to_peer_id(),
+                libp2p::relay::Config {
+                    max_reservations: net.max_reservations as usize,
+                    max_reservations_per_peer: 4,
+                    max_circuits: net.max_circuits as usize,
+                    max_circuits_per_peer: 16,
+                    max_circuit_duration: Duration::from_secs(120),
+                    max_circuit_bytes: 1 << 20,
+                    ..libp2p::relay::Config::default()
+                },
             ),
         }
     })

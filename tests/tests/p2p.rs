@@ -11,9 +11,17 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Alice and Bob, registered at `relay`, in a channel Alice created; returns its id.
 async fn pair(relay: &RelayProcess) -> (NodeProcess, NodeProcess, String) {
-    let alice = NodeProcess::start(&[]).expect("alice");
+    pair_with(relay, &[]).await
+}
+
+/// [`pair`], both nodes started with `env`.
+async fn pair_with(
+    relay: &RelayProcess,
+    env: &[(&str, &str)],
+) -> (NodeProcess, NodeProcess, String) {
+    let alice = NodeProcess::start(env).expect("alice");
     alice.register(relay, "alice").await.expect("register");
-    let bob = NodeProcess::start(&[]).expect("bob");
+    let bob = NodeProcess::start(env).expect("bob");
     bob.register(relay, "bob").await.expect("register");
     let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
     alice.cli(&["invite", "general", "bob@localhost"]).expect("invite");
@@ -218,4 +226,34 @@ async fn a_spamming_peer_is_scored_down_and_dropped() {
 
     send(&alice, &id, "still here").await;
     bob.wait_texts(&id, WAIT, |t| t == ["still here"]).await.expect("bob reads alice");
+}
+
+/// Two members that listen on no address of their own (behind a NAT, say) still connect to
+/// each other: each holds a reservation at the relay (circuit relay v2), registers the circuit
+/// address at the rendezvous point, and the other dials it; the connection runs through the
+/// relay, and gossip with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_that_listen_nowhere_connect_through_the_relay() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let (alice, bob, id) = pair_with(&relay, &[("CHITCHAT_NETWORK_LISTEN", "")]).await;
+    let bob_id = network(&bob).await["peer_id"].clone();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = network(&alice).await;
+        let through_relay = v["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["peer_id"] == bob_id && p["relayed"] == true));
+        if through_relay {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice never reached bob through the relay: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listening = network(&bob).await["listening"].clone();
+    let all_circuits = listening.as_array().is_some_and(|a| {
+        !a.is_empty() && a.iter().all(|a| a.as_str().is_some_and(|a| a.contains("/p2p-circuit/")))
+    });
+    assert!(all_circuits, "bob is reachable only through the relay: {listening}");
+    send(&alice, &id, "hello through the relay").await;
+    bob.wait_texts(&id, WAIT, |t| t == ["hello through the relay"]).await.expect("bob reads");
 }

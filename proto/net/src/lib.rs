@@ -14,7 +14,7 @@ use chitchat_proto::SecretKey;
 use chitchat_proto::wire::MAX_FRAME_LEN;
 use futures::{AsyncReadExt as _, AsyncWriteExt as _};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, noise, request_response, tcp, yamux};
+use libp2p::{StreamProtocol, Swarm, noise, relay, request_response, tcp, yamux};
 
 /// The protocol devices speak to their relay.
 pub const RELAY_PROTOCOL: &str = "/chitchat/relay/1";
@@ -52,11 +52,24 @@ pub struct HostConfig {
 }
 
 /// A swarm for `identity` on every transport ChitChat uses (TCP with `nodelay`, QUIC, DNS
-/// names, WebSocket; Noise; yamux), around the behaviour `behaviour` makes.
+/// names, WebSocket; Noise; yamux), around the behaviour `behaviour` makes. It dials no relay
+/// circuit ([`swarm_with_relay_client`] does).
 pub async fn swarm<B: NetworkBehaviour>(
     identity: libp2p::identity::Keypair,
     config: HostConfig,
     behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
+) -> Result<Swarm<B>, NetError> {
+    // Without its behaviour, the circuit transport refuses every circuit address.
+    swarm_with_relay_client(identity, config, |key, _circuits| behaviour(key)).await
+}
+
+/// [`swarm`], with circuits through relays too (circuit relay v2: `/p2p/RELAY/p2p-circuit`
+/// addresses to listen on, reachable through a relay's reservation, and to dial): `behaviour`
+/// gets the relay client's behaviour to compose.
+pub async fn swarm_with_relay_client<B: NetworkBehaviour>(
+    identity: libp2p::identity::Keypair,
+    config: HostConfig,
+    behaviour: impl FnOnce(&libp2p::identity::Keypair, relay::client::Behaviour) -> B,
 ) -> Result<Swarm<B>, NetError> {
     let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
@@ -69,7 +82,9 @@ pub async fn swarm<B: NetworkBehaviour>(
         .with_websocket(noise::Config::new, yamux::Config::default)
         .await
         .map_err(|e| transport(&e))?
-        .with_behaviour(|key| behaviour(key))
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport(&e))?
+        .with_behaviour(|key, circuits| behaviour(key, circuits))
         .map_err(|e| transport(&e))?
         .with_swarm_config(|c| {
             let c = c.with_idle_connection_timeout(config.idle_timeout);
