@@ -29,6 +29,10 @@ pub struct NetworkConfig {
     pub listen: Vec<String>,
     /// Peers to dial at start: libp2p addresses ending in `/p2p/PEER_ID`.
     pub peers: Vec<String>,
+    /// Talk to the relay alone (for networks where only the relay can be reached): dial no
+    /// peer, listen nowhere, announce no address; gossip, inbox and history all go through
+    /// the relay. `listen` is ignored; `peers` must be empty.
+    pub relay_only: bool,
 }
 
 impl Default for NetworkConfig {
@@ -36,19 +40,26 @@ impl Default for NetworkConfig {
         Self {
             listen: vec!["/ip4/0.0.0.0/udp/0/quic-v1".into(), "/ip4/0.0.0.0/tcp/0".into()],
             peers: Vec::new(),
+            relay_only: false,
         }
     }
 }
 
 impl NetworkConfig {
-    /// The listen addresses, parsed.
+    /// The listen addresses, parsed (none for a relay-only node).
     pub fn listen_addrs(&self) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
-        parse_addrs("network.listen", &self.listen)
+        let addrs = parse_addrs("network.listen", &self.listen)?;
+        Ok(if self.relay_only { Vec::new() } else { addrs })
     }
 
     /// The peers' addresses, parsed; each names its peer.
     pub fn peer_addrs(&self) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
         let addrs = parse_addrs("network.peers", &self.peers)?;
+        if self.relay_only && !addrs.is_empty() {
+            return Err(ConfigError::Invalid(
+                "network.peers: a relay-only node dials no peer".into(),
+            ));
+        }
         for a in &addrs {
             if !a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))) {
                 return Err(ConfigError::Invalid(format!(
@@ -167,6 +178,12 @@ listen = ["/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0"]
 # Peers to connect to at start, as libp2p addresses ending in /p2p/PEER_ID
 # (env CHITCHAT_NETWORK_PEERS, comma-separated).
 peers = []
+# Talk to the relay alone, for networks where nothing else can be reached (env
+# CHITCHAT_NETWORK_RELAY_ONLY, or `chitchat daemon --relay-only`): the node dials no peer,
+# listens nowhere (listen is ignored) and announces no address; gossip, inbox and history all go
+# through the relay, over whichever of its addresses answers (a relay can listen for WebSocket
+# behind a TLS reverse proxy on port 443).
+relay_only = false
 "#;
 
     /// Parses and validates a config file's text.
@@ -176,8 +193,9 @@ peers = []
         Ok(config)
     }
 
-    /// Applies `CHITCHAT_API_LISTEN`, `CHITCHAT_SEND_COMMIT_FIRST` (`true` or `false`),
-    /// `CHITCHAT_NETWORK_LISTEN` and `CHITCHAT_NETWORK_PEERS` (comma-separated addresses).
+    /// Applies `CHITCHAT_API_LISTEN`, `CHITCHAT_SEND_COMMIT_FIRST` and
+    /// `CHITCHAT_NETWORK_RELAY_ONLY` (`true` or `false`), `CHITCHAT_NETWORK_LISTEN` and
+    /// `CHITCHAT_NETWORK_PEERS` (comma-separated addresses).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("CHITCHAT_API_LISTEN") {
             self.api.listen = v;
@@ -190,6 +208,13 @@ peers = []
         }
         if let Some(v) = var("CHITCHAT_NETWORK_PEERS") {
             self.network.peers = list(v);
+        }
+        if let Some(v) = var("CHITCHAT_NETWORK_RELAY_ONLY") {
+            self.network.relay_only = v.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "CHITCHAT_NETWORK_RELAY_ONLY={v:?}: expected true or false"
+                ))
+            })?;
         }
         if let Some(v) = var("CHITCHAT_SEND_COMMIT_FIRST") {
             self.send.commit_first = v.parse().map_err(|_| {
@@ -297,6 +322,13 @@ mod tests {
         assert_eq!(c.network.listen, ["/ip4/127.0.0.1/tcp/0"]);
         c.apply_env(|k| (k == "CHITCHAT_NETWORK_LISTEN").then(String::new)).expect("empty");
         assert!(c.network.listen.is_empty(), "an empty list listens nowhere");
+        // Relay-only: the listen addresses are ignored, and a peer to dial is a contradiction.
+        let c = Config::parse("[network]\nrelay_only = true\n").expect("relay-only");
+        assert!(c.network.listen_addrs().expect("addrs").is_empty());
+        let both = "[network]\nrelay_only = true\npeers = [\"/ip4/127.0.0.1/tcp/1/p2p/12D3KooWEBrj8e9SBj9UVkLAJeaN9etRcsaxy7RMz9CKeEz3PxA9\"]\n";
+        assert!(
+            matches!(Config::parse(both), Err(ConfigError::Invalid(m)) if m.contains("relay-only"))
+        );
     }
 
     #[test]

@@ -159,6 +159,7 @@ impl Node {
             identity,
             &config.network.listen_addrs().map_err(bad_config)?,
             &config.network.peer_addrs().map_err(bad_config)?,
+            config.network.relay_only,
         )
         .await
         .map_err(|e| NodeError::Invalid(e.to_string()))?;
@@ -1375,7 +1376,13 @@ async fn link_for(
         .peer_id
         .parse()
         .map_err(|e| NodeError::Invalid(format!("relay peer id {:?}: {e}", relay.peer_id)))?;
-    let addrs: Vec<libp2p::Multiaddr> = relay.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    let mut addrs: Vec<libp2p::Multiaddr> =
+        relay.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    if config.network.relay_only {
+        // Over TCP (plain, or WebSocket, which a TLS proxy on 443 may carry): where only the
+        // relay can be reached, UDP is often what is blocked.
+        addrs.retain(|a| !a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::Udp(_))));
+    }
     // The relay is where the members of this node's channels find each other.
     host.rendezvous_at(peer, addrs.clone()).await.map_err(|e| NodeError::Invalid(e.to_string()))?;
     Ok(RelayLink::new(

@@ -19,6 +19,11 @@
 //!
 //! The host listens on the addresses of `[network] listen` and dials `[network] peers` at start
 //! (and any peer [`Host::dial`] is given).
+//!
+//! A **relay-only** host (`[network] relay_only`) connects to its relay and to no one else: it
+//! listens nowhere, registers nothing and discovers no one, dials no circuit, and an allow-list
+//! of one peer (the relay) refuses every other connection, in or out. Gossip still flows, through
+//! the relay, which is a gossip peer of the channels it orders.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -32,9 +37,10 @@ use futures::StreamExt as _;
 use libp2p::gossipsub::{self, MessageId, PublishError, TopicHash};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, dcutr, identify, relay, rendezvous};
+use libp2p::{Multiaddr, PeerId, allow_block_list, dcutr, identify, relay, rendezvous};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -138,6 +144,8 @@ struct Behaviour {
     rendezvous: rendezvous::client::Behaviour,
     circuits: relay::client::Behaviour,
     dcutr: dcutr::Behaviour,
+    /// Relay-only: the one peer this host may be connected to.
+    only: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
 }
 
 /// A handle on the node's host (cheap to clone).
@@ -155,12 +163,19 @@ impl std::fmt::Debug for Command {
 
 impl Host {
     /// Starts the host of the device with libp2p `identity`: listens on `listen`, dials
-    /// `peers`, and hands gossiped messages to the returned queue.
+    /// `peers`, and hands gossiped messages to the returned queue. A `relay_only` host
+    /// connects to its relay alone (see the module's text).
     pub async fn start(
         identity: libp2p::identity::Keypair,
         listen: &[Multiaddr],
         peers: &[Multiaddr],
+        relay_only: bool,
     ) -> Result<(Self, mpsc::Receiver<Gossiped>), HostError> {
+        if relay_only && !(listen.is_empty() && peers.is_empty()) {
+            return Err(HostError::Net(
+                "a relay-only host listens nowhere and dials no peer".into(),
+            ));
+        }
         let config = HostConfig { idle_timeout: Duration::from_secs(90), lazy: true };
         let gossip = Gossip::new().map_err(|e| HostError::Net(e.to_string()))?;
         let mut swarm =
@@ -180,6 +195,7 @@ impl Host {
                 rendezvous: rendezvous::client::Behaviour::new(key.clone()),
                 circuits,
                 dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
+                only: Toggle::from(relay_only.then(allow_block_list::Behaviour::default)),
             })
             .await
             .map_err(|e| HostError::Net(e.to_string()))?;
@@ -194,7 +210,7 @@ impl Host {
         let peer_id = *swarm.local_peer_id();
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
         let (gossiped, gossip_rx) = mpsc::channel(GOSSIP_QUEUE);
-        tokio::spawn(run(swarm, rx, gossiped));
+        tokio::spawn(run(swarm, rx, gossiped, relay_only));
         Ok((Self { commands, peer_id }, gossip_rx))
     }
 
@@ -288,6 +304,7 @@ async fn run(
     mut swarm: libp2p::Swarm<Behaviour>,
     mut commands: mpsc::Receiver<Command>,
     gossiped: mpsc::Sender<Gossiped>,
+    relay_only: bool,
 ) {
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<CallResult>> = HashMap::new();
     let mut watched: HashMap<PeerId, watch::Sender<PeerState>> = HashMap::new();
@@ -347,6 +364,11 @@ async fn run(
                         topics = wanted;
                         discovery.round(&mut swarm, &topics);
                     }
+                    Command::RendezvousAt(peer, _) if relay_only => {
+                        if let Some(only) = swarm.behaviour_mut().only.as_mut() {
+                            only.allow_peer(peer);
+                        }
+                    }
                     Command::RendezvousAt(peer, addrs) => {
                         discovery.point = Some(peer);
                         discovery.round(&mut swarm, &topics);
@@ -373,6 +395,9 @@ async fn run(
                         if swarm.behaviour_mut().gossip.report(&id, &source, verdict) {
                             tracing::warn!(peer = %source, "banned a peer that sent forged gossip");
                         }
+                    }
+                    Command::Dial(_, reply) if relay_only => {
+                        let _ = reply.send(Err("this node is relay-only: it dials no peer".into()));
                     }
                     Command::Dial(addr, reply) => {
                         let _ = reply.send(swarm.dial(addr).map_err(|e| e.to_string()));

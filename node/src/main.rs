@@ -37,7 +37,12 @@ enum Command {
     /// Create the device key, the node directory and its config.
     Init,
     /// Run the node.
-    Daemon,
+    Daemon {
+        /// Talk to the relay alone: dial no peer, listen nowhere, announce no address
+        /// (`[network] relay_only`).
+        #[arg(long)]
+        relay_only: bool,
+    },
     /// Register this device with a relay, as NAME@relay.
     Register {
         /// The relay's HTTP address, like http://127.0.0.1:8080.
@@ -206,7 +211,7 @@ fn real_main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Daemon => daemon(dir).await,
+            Command::Daemon { relay_only } => daemon(dir, relay_only).await,
             command => {
                 let client = ApiClient::from_home(&dir)?;
                 run(&client, command).await
@@ -215,7 +220,7 @@ fn real_main() -> anyhow::Result<()> {
     })
 }
 
-async fn daemon(dir: NodeDir) -> anyhow::Result<()> {
+async fn daemon(dir: NodeDir, relay_only: bool) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -225,7 +230,8 @@ async fn daemon(dir: NodeDir) -> anyhow::Result<()> {
     if !dir.exists() {
         bail!("{} holds no node; run `chitchat init` first", dir.root().display());
     }
-    let config = dir.load_config()?;
+    let mut config = dir.load_config()?;
+    config.network.relay_only |= relay_only;
     let token = dir.read_token()?;
     let store = match Store::open(&dir.db()) {
         Ok(s) => s,
@@ -363,7 +369,7 @@ fn print_sent(v: &Value) {
 
 async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Init | Command::Daemon => unreachable!("handled before"),
+        Command::Init | Command::Daemon { .. } => unreachable!("handled before"),
         Command::Register { relay, token, name } => {
             let v = client
                 .json(

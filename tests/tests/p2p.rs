@@ -257,3 +257,101 @@ async fn members_that_listen_nowhere_connect_through_the_relay() {
     send(&alice, &id, "hello through the relay").await;
     bob.wait_texts(&id, WAIT, |t| t == ["hello through the relay"]).await.expect("bob reads");
 }
+
+/// A TCP or UDP socket of a process, from `/proc`: `(udp, local port, remote ip, remote port,
+/// listening)`.
+type Socket = (bool, u16, String, u16, bool);
+
+/// Every TCP and UDP socket the process `pid` holds (its descriptors' inodes, looked up in its
+/// network namespace's tables).
+fn sockets(pid: u32) -> Vec<Socket> {
+    let mut inodes = std::collections::BTreeSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds").flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path())
+            && let Some(inode) = target.to_str().and_then(|t| t.strip_prefix("socket:["))
+        {
+            inodes.insert(inode.trim_end_matches(']').to_owned());
+        }
+    }
+    let port = |hex: &str| u16::from_str_radix(hex, 16).expect("port");
+    let mut out = Vec::new();
+    for (table, udp) in [("tcp", false), ("tcp6", false), ("udp", true), ("udp6", true)] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || !inodes.contains(f[9]) {
+                continue;
+            }
+            let (_, local) = f[1].split_once(':').expect("local");
+            let (ip, remote) = f[2].split_once(':').expect("remote");
+            out.push((udp, port(local), ip.to_owned(), port(remote), f[3] == "0A"));
+        }
+    }
+    out
+}
+
+/// A relay-only node (`--relay-only`) talks to its relay and to no one else: it listens on no
+/// peer address, registers nowhere, refuses to dial, and its only sockets are the local API's
+/// and its connections to the relay's TCP port (no UDP at all) — while messages flow both ways
+/// with a member who is not relay-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_only_node_talks_to_its_relay_alone() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let alice = NodeProcess::start(&[("CHITCHAT_NETWORK_RELAY_ONLY", "true")]).expect("alice");
+    alice.register(&relay, "alice").await.expect("register");
+    let bob = NodeProcess::start(&[]).expect("bob");
+    bob.register(&relay, "bob").await.expect("register");
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", "bob@localhost"]).expect("invite");
+    bob.wait_joined(&id, WAIT).await.expect("bob joins");
+    send(&alice, &id, "from behind the wall").await;
+    bob.wait_texts(&id, WAIT, |t| t.len() == 1).await.expect("bob reads alice");
+    send(&bob, &id, "heard you").await;
+    alice.wait_texts(&id, WAIT, |t| t.len() == 2).await.expect("alice reads bob");
+    // Time for discovery rounds (every 5 s) to have found anyone there was to find.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let v = network(&alice).await;
+    assert_eq!(v["listening"], json!([]), "listens nowhere: {v}");
+    let relay_peer = relay.info.peer_id.clone();
+    let peers: Vec<&str> = v["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .filter_map(|p| p["peer_id"].as_str())
+        .collect();
+    assert_eq!(peers, [relay_peer.as_str()], "connected to the relay alone: {v}");
+    let addr = network(&bob).await["listening"][0].as_str().expect("bob listens").to_owned();
+    let dial = alice.json("POST", "/v1/network/dial", Some(json!({"addr": addr}))).await;
+    assert!(dial.is_err(), "a relay-only node dials no peer: {dial:?}");
+    let alice_id = v["peer_id"].clone();
+    let bob_peers = network(&bob).await["peers"].to_string();
+    assert!(!bob_peers.contains(alice_id.as_str().expect("id")), "bob reached alice: {bob_peers}");
+
+    let run = chitchat_node::home::NodeDir::new(alice.home()).load_run_info().expect("run.json");
+    let api_port: u16 = run.api.rsplit(':').next().expect("port").parse().expect("port");
+    // The relay's libp2p TCP ports and its HTTP port (`.well-known`).
+    let mut relay_ports: Vec<u16> = relay
+        .info
+        .addrs
+        .iter()
+        .filter_map(|a| a.split('/').skip_while(|p| *p != "tcp").nth(1)?.parse().ok())
+        .collect();
+    relay_ports.extend(relay.info.http.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()));
+    let pid = alice.pid().expect("running");
+    let socks = sockets(pid);
+    let mut relay_sockets = 0;
+    for (udp, local, ip, remote, listening) in &socks {
+        assert!(!udp, "a UDP socket: {socks:?}");
+        if *listening {
+            assert_eq!(*local, api_port, "listens only for its API: {socks:?}");
+            continue;
+        }
+        let api = *local == api_port || *remote == api_port;
+        // 127.0.0.1 as /proc writes it, alone or IPv4-mapped.
+        let to_relay = ip.ends_with("0100007F") && relay_ports.contains(remote);
+        assert!(api || to_relay, "a socket to {ip}:{remote}: {socks:?}");
+        relay_sockets += usize::from(to_relay);
+    }
+    assert!(relay_sockets > 0, "no connection to the relay seen: {socks:?}");
+}
