@@ -348,20 +348,14 @@ async fn run(
                         let _ = reply.send(w.subscribe());
                     }
                     Command::Topics(wanted) => {
-                        for gone in topics.difference(&wanted) {
-                            swarm.behaviour_mut().gossip.gossipsub.unsubscribe(&gossip::topic(gone));
-                            discovery.forget(&mut swarm, gone);
-                        }
                         let g = &mut swarm.behaviour_mut().gossip.gossipsub;
-                        for new in wanted.difference(&topics) {
-                            if let Err(e) = gossip::subscribe(g, new) {
-                                tracing::warn!(channel = %new, error = %e, "cannot subscribe to a channel's topic");
-                            }
+                        let (gone, new) = gossip::set_topics(g, &mut topics, wanted);
+                        for channel in &gone {
+                            discovery.forget(&mut swarm, channel);
                         }
-                        for new in wanted.difference(&topics) {
-                            discovery.due.push_front(*new);
+                        for channel in new {
+                            discovery.due.push_front(channel);
                         }
-                        topics = wanted;
                         discovery.round(&mut swarm, &topics);
                     }
                     Command::RendezvousAt(peer, _) if relay_only => {

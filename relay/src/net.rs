@@ -349,16 +349,7 @@ pub async fn run(
                     }
                 }
                 Answer::Topics(wanted) => {
-                    let g = &mut swarm.behaviour_mut().gossip.gossipsub;
-                    for gone in topics.difference(&wanted) {
-                        g.unsubscribe(&gossip::topic(gone));
-                    }
-                    for new in wanted.difference(&topics) {
-                        if let Err(e) = gossip::subscribe(g, new) {
-                            tracing::warn!(channel = %new, error = %e, "cannot subscribe to a channel's topic");
-                        }
-                    }
-                    topics = wanted;
+                    gossip::set_topics(&mut swarm.behaviour_mut().gossip.gossipsub, &mut topics, wanted);
                 }
             },
             _ = topics_tick.tick() => {

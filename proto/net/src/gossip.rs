@@ -5,6 +5,7 @@
 //! the application judged it ([`report`]), and what it rejects counts against the peer that
 //! sent it (peer scoring: a peer past the graylist threshold is ignored).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chitchat_proto::gossip::{GossipEnvelope, MAX_GOSSIP_AGE_MS, Verdict, message_id};
@@ -150,6 +151,27 @@ pub fn subscribe(b: &mut gossipsub::Behaviour, channel: &ChannelId) -> Result<To
     b.set_topic_params(t.clone(), topic_params())
         .map_err(|e| NetError::Transport(format!("topic scoring: {e}")))?;
     Ok(t.hash())
+}
+
+/// Makes `wanted` the channels whose topics `b` is subscribed to, `current` being those it is
+/// subscribed to now (updated). Returns the channels left and those joined.
+pub fn set_topics(
+    b: &mut gossipsub::Behaviour,
+    current: &mut BTreeSet<ChannelId>,
+    wanted: BTreeSet<ChannelId>,
+) -> (Vec<ChannelId>, Vec<ChannelId>) {
+    let gone: Vec<ChannelId> = current.difference(&wanted).copied().collect();
+    let new: Vec<ChannelId> = wanted.difference(current).copied().collect();
+    for channel in &gone {
+        b.unsubscribe(&topic(channel));
+    }
+    for channel in &new {
+        if let Err(e) = subscribe(b, channel) {
+            tracing::warn!(%channel, error = %e, "cannot subscribe to a channel's topic");
+        }
+    }
+    *current = wanted;
+    (gone, new)
 }
 
 /// Tells gossipsub what the application made of a message: forward it, drop it, or drop it
