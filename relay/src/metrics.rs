@@ -62,6 +62,23 @@ pub struct Metrics {
     pub convicted: Gauge,
     /// Members' epoch reports fanned out.
     pub epoch_reports: Counter,
+    /// Gossiped envelopes judged, by verdict (`accept`, `ignore`, `reject`).
+    pub gossip: Family<KindLabel, Counter>,
+    /// Peers banned for gossiping forgeries.
+    pub gossip_bans: Counter,
+}
+
+impl Metrics {
+    /// Counts a gossip verdict.
+    pub fn gossip(&self, verdict: &chitchat_proto::gossip::Verdict) {
+        use chitchat_proto::gossip::Verdict;
+        let kind = match verdict {
+            Verdict::Accept => "accept",
+            Verdict::Ignore(_) => "ignore",
+            Verdict::Reject(_) => "reject",
+        };
+        self.gossip.get_or_create(&KindLabel { kind: kind.into() }).inc();
+    }
 }
 
 impl Metrics {
@@ -71,6 +88,8 @@ impl Metrics {
         r.register("requests", "Requests handled, by kind", self.requests.clone());
         r.register("errors", "Requests answered with an error, by code", self.errors.clone());
         r.register("enqueues", "Inbox items enqueued durably", self.enqueues.clone());
+        r.register("gossip", "Gossiped envelopes judged, by verdict", self.gossip.clone());
+        r.register("gossip_bans", "Peers banned for gossiping forgeries", self.gossip_bans.clone());
         r.register("enqueue_bytes", "Sealed bytes enqueued", self.enqueue_bytes.clone());
         r.register("acks", "Inbox items acknowledged and deleted", self.acks.clone());
         r.register("posts", "Channel posts accepted and fanned out", self.posts.clone());

@@ -341,10 +341,12 @@ pub async fn run(
                 }
                 Answer::Relay(channel, response) => send_fed(&mut swarm, channel, &response),
                 Answer::Gossip(id, source, verdict) => {
+                    relay.metrics().gossip(&verdict);
                     if !matches!(verdict, GossipVerdict::Accept) {
                         tracing::debug!(peer = %source, ?verdict, "gossip not accepted");
                     }
                     if swarm.behaviour_mut().gossip.report(&id, &source, verdict) {
+                        relay.metrics().gossip_bans.inc();
                         tracing::warn!(peer = %source, "banned a peer that sent forged gossip");
                     }
                 }

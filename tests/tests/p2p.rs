@@ -127,13 +127,12 @@ async fn members_find_each_other_and_gossip_while_the_relay_is_frozen() {
 /// A peer that is no member of the channel (Mallory: any libp2p host that learnt the topic)
 /// gossips envelopes she signed herself on the channel's topic to Bob. Bob rejects them
 /// before forwarding anything, scores her down, drops her connection, and refuses her when
-/// she dials again; Alice's messages still reach Bob.
+/// she dials again; Alice's messages still reach Bob. The relay, a gossip peer of the channel,
+/// does the same to her.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spamming_peer_is_scored_down_and_dropped() {
     use chitchat_net::HostConfig;
-    use chitchat_net::gossip::{Gossip, subscribe, topic};
-    use chitchat_proto::codec::encode;
-    use chitchat_proto::gossip::GossipEnvelope;
+    use chitchat_net::gossip::{Gossip, subscribe};
     use chitchat_proto::ordering::ChannelId;
     use futures::StreamExt as _;
     use libp2p::swarm::SwarmEvent;
@@ -161,46 +160,7 @@ async fn a_spamming_peer_is_scored_down_and_dropped() {
         target["peer_id"].as_str().expect("peer id").parse().expect("peer id");
     let bob_addr: libp2p::Multiaddr =
         target["listening"][0].as_str().expect("addr").parse().expect("addr");
-    mallory.dial(bob_addr.clone()).expect("dial");
-    // Until Bob's subscription to the topic reached Mallory.
-    let t = topic(&channel).hash();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let _ = mallory.select_next_some().await;
-            let g = &mallory.behaviour().gossipsub;
-            if g.all_peers().any(|(p, topics)| *p == bob_peer && topics.contains(&&t)) {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("Bob's subscription never reached Mallory");
-
-    let key = chitchat_proto::SecretKey::from_seed([66; 32]);
-    let now = chitchat_proto::Timestamp(
-        u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock")
-                .as_millis(),
-        )
-        .expect("ms"),
-    );
-    for i in 0..4u8 {
-        let forged = GossipEnvelope::seal(&key, channel, epoch, vec![i; 64], now);
-        let _ = mallory.behaviour_mut().gossipsub.publish(topic(&channel), encode(&forged));
-    }
-    let dropped = tokio::time::timeout(WAIT, async {
-        loop {
-            if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } =
-                mallory.select_next_some().await
-                && peer_id == bob_peer
-            {
-                return;
-            }
-        }
-    })
-    .await;
+    let dropped = spam(&mut mallory, bob_peer, bob_addr.clone(), channel, epoch).await;
     assert!(dropped.is_ok(), "Bob never dropped the spamming peer");
     let listed = network(&bob).await["peers"].to_string();
     assert!(!listed.contains(&mallory.local_peer_id().to_string()), "still listed: {listed}");
@@ -226,6 +186,74 @@ async fn a_spamming_peer_is_scored_down_and_dropped() {
 
     send(&alice, &id, "still here").await;
     bob.wait_texts(&id, WAIT, |t| t == ["still here"]).await.expect("bob reads alice");
+
+    // The relay judges as the members do: it rejects her forgeries, bans her, and counts both.
+    let relay_peer: libp2p::PeerId = relay.info.peer_id.parse().expect("relay peer id");
+    let relay_addr: libp2p::Multiaddr = relay.info.addrs[0].parse().expect("relay addr");
+    let dropped = spam(&mut mallory, relay_peer, relay_addr, channel, epoch).await;
+    assert!(dropped.is_ok(), "the relay never dropped the spamming peer");
+    assert!(relay.metric("chitchat_relay_gossip_bans") >= 1.0, "no ban counted");
+    assert!(
+        relay.metric("chitchat_relay_gossip_total{kind=\"reject\"}") >= 2.0,
+        "rejections not counted"
+    );
+    assert!(relay.metric("chitchat_relay_gossip_total{kind=\"accept\"}") >= 1.0, "no accept");
+}
+
+/// Mallory dials `peer` at `addr`, waits until its subscription to the channel's topic reached
+/// her, gossips four envelopes she signed herself (she is no member) and waits for `peer` to
+/// close her connection (`Err` if it never does).
+async fn spam(
+    mallory: &mut libp2p::Swarm<chitchat_net::gossip::Gossip>,
+    peer: libp2p::PeerId,
+    addr: libp2p::Multiaddr,
+    channel: chitchat_proto::ordering::ChannelId,
+    epoch: u64,
+) -> Result<(), tokio::time::error::Elapsed> {
+    use chitchat_net::gossip::topic;
+    use chitchat_proto::codec::encode;
+    use chitchat_proto::gossip::GossipEnvelope;
+    use futures::StreamExt as _;
+    use libp2p::swarm::SwarmEvent;
+
+    mallory.dial(addr).expect("dial");
+    let t = topic(&channel).hash();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let _ = mallory.select_next_some().await;
+            let g = &mallory.behaviour().gossipsub;
+            if g.all_peers().any(|(p, topics)| *p == peer && topics.contains(&&t)) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the peer's subscription never reached Mallory");
+    let key = chitchat_proto::SecretKey::from_seed([66; 32]);
+    let now = chitchat_proto::Timestamp(
+        u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_millis(),
+        )
+        .expect("ms"),
+    );
+    for i in 0..4u8 {
+        let forged = GossipEnvelope::seal(&key, channel, epoch, vec![i; 64], now);
+        let _ = mallory.behaviour_mut().gossipsub.publish(topic(&channel), encode(&forged));
+    }
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } =
+                mallory.select_next_some().await
+                && peer_id == peer
+            {
+                return;
+            }
+        }
+    })
+    .await
 }
 
 /// Two members that listen on no address of their own (behind a NAT, say) still connect to
