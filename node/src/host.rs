@@ -63,6 +63,9 @@ const DISCOVER_PER_ROUND: usize = 8;
 /// renewed: a node that went away is listed no longer than this.
 const REGISTRATION_TTL: u64 = 15 * 60;
 const REGISTER_EVERY: Duration = Duration::from_secs(5 * 60);
+/// How long after a dial of a peer's direct addresses its circuits are dialled instead (or, when
+/// connected through the relay, its direct addresses tried again).
+const DIRECT_RETRY: Duration = Duration::from_secs(30);
 /// The identify protocol version ChitChat hosts announce.
 pub const IDENTIFY_PROTOCOL: &str = "/chitchat/1";
 
@@ -475,7 +478,8 @@ async fn run(
                     swarm.remove_external_address(&address);
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(event)) => {
-                    discovery.on_event(&mut swarm, event);
+                    let has_direct = |p: &PeerId| remotes.get(p).is_some_and(|c| c.values().any(|(_, relayed)| !relayed));
+                    discovery.on_event(&mut swarm, event, has_direct);
                 }
                 _ => {}
             },
@@ -493,6 +497,8 @@ struct Discovery {
     registered: HashMap<ChannelId, std::time::Instant>,
     /// Topics to discover, the next first.
     due: std::collections::VecDeque<ChannelId>,
+    /// When each peer's direct addresses were last dialled.
+    tried_direct: HashMap<PeerId, std::time::Instant>,
 }
 
 impl Discovery {
@@ -554,20 +560,51 @@ impl Discovery {
         }
     }
 
-    /// Dials the members found, while the node has room for more peers.
-    fn on_event(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, event: rendezvous::client::Event) {
+    /// Dials the members found, while the node has room for more peers: their direct
+    /// addresses first (also when the only connection runs through the relay: DCUtR's hole
+    /// punching is for NATs, a reachable address needs none), their circuits when a direct dial
+    /// failed within [`DIRECT_RETRY`].
+    fn on_event(
+        &mut self,
+        swarm: &mut libp2p::Swarm<Behaviour>,
+        event: rendezvous::client::Event,
+        has_direct: impl Fn(&PeerId) -> bool,
+    ) {
         match event {
             rendezvous::client::Event::Discovered { registrations, .. } => {
                 let me = *swarm.local_peer_id();
+                let now = std::time::Instant::now();
+                self.tried_direct.retain(|_, at| now.duration_since(*at) < DIRECT_RETRY);
                 for r in registrations {
                     let peer = r.record.peer_id();
                     let peers = swarm.connected_peers().count();
-                    if peer == me || swarm.is_connected(&peer) || peers >= MAX_DIRECT_PEERS {
+                    if peer == me || has_direct(&peer) {
                         continue;
                     }
-                    let addrs = r.record.addresses().to_vec();
+                    let connected = swarm.is_connected(&peer);
+                    let (circuits, direct): (Vec<Multiaddr>, Vec<Multiaddr>) = r
+                        .record
+                        .addresses()
+                        .iter()
+                        .cloned()
+                        .partition(|a| a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
+                    let addrs = if !direct.is_empty() && !self.tried_direct.contains_key(&peer) {
+                        self.tried_direct.insert(peer, now);
+                        direct
+                    } else if !connected {
+                        circuits
+                    } else {
+                        continue;
+                    };
+                    if addrs.is_empty() || (!connected && peers >= MAX_DIRECT_PEERS) {
+                        continue;
+                    }
                     tracing::debug!(%peer, ?addrs, "dialling a member found at the rendezvous point");
-                    if let Err(e) = swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build()) {
+                    let opts = DialOpts::peer_id(peer)
+                        .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                        .addresses(addrs)
+                        .build();
+                    if let Err(e) = swarm.dial(opts) {
                         tracing::debug!(%peer, error = %e, "cannot dial a member");
                     }
                 }
