@@ -454,8 +454,17 @@ async fn run(
                     }
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
-                    let remote = (endpoint.get_remote_address().clone(), endpoint.is_relayed());
-                    remotes.entry(peer_id).or_default().insert(connection_id, remote);
+                    let relayed = endpoint.is_relayed();
+                    let connections = remotes.entry(peer_id).or_default();
+                    if !relayed {
+                        // A direct connection replaces those through a relay: gossipsub sends on
+                        // one connection per peer, and a relay that goes away takes its
+                        // circuits with it.
+                        for (id, _) in connections.iter().filter(|(_, (_, r))| *r) {
+                            swarm.close_connection(*id);
+                        }
+                    }
+                    connections.insert(connection_id, (endpoint.get_remote_address().clone(), relayed));
                     set(&watched, &peer_id, true);
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
