@@ -54,21 +54,29 @@ impl NetworkConfig {
 
     /// The peers' addresses, parsed; each names its peer.
     pub fn peer_addrs(&self) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
-        let addrs = parse_addrs("network.peers", &self.peers)?;
-        if self.relay_only && !addrs.is_empty() {
+        if self.relay_only && !self.peers.is_empty() {
             return Err(ConfigError::Invalid(
                 "network.peers: a relay-only node dials no peer".into(),
             ));
         }
-        for a in &addrs {
-            if !a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))) {
-                return Err(ConfigError::Invalid(format!(
-                    "network.peers {a}: the address must end in /p2p/PEER_ID"
-                )));
-            }
+        if self.peers.len() > 64 {
+            return Err(ConfigError::Invalid("network.peers: at most 64 addresses".into()));
         }
-        Ok(addrs)
+        self.peers
+            .iter()
+            .map(|a| peer_addr(a).map_err(|e| ConfigError::Invalid(format!("network.peers {e}"))))
+            .collect()
     }
+}
+
+/// A peer's libp2p address, which must name the peer (`/p2p/PEER_ID`); the error says why
+/// not, starting with the address.
+pub fn peer_addr(addr: &str) -> Result<libp2p::Multiaddr, String> {
+    let parsed: libp2p::Multiaddr = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
+    if !parsed.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))) {
+        return Err(format!("{addr:?}: the address must end in /p2p/PEER_ID"));
+    }
+    Ok(parsed)
 }
 
 fn parse_addrs(what: &str, addrs: &[String]) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {

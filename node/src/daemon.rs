@@ -222,13 +222,8 @@ impl Node {
 
     /// Dials a peer at a libp2p address (ending in `/p2p/PEER_ID`).
     pub async fn dial(&self, addr: &str) -> Result<(), NodeError> {
-        let addr: libp2p::Multiaddr =
-            addr.parse().map_err(|e| NodeError::Invalid(format!("address {addr:?}: {e}")))?;
-        if !addr.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))) {
-            return Err(NodeError::Invalid(format!(
-                "{addr}: the address must end in /p2p/PEER_ID"
-            )));
-        }
+        let addr = crate::config::peer_addr(addr)
+            .map_err(|e| NodeError::Invalid(format!("address {e}")))?;
         self.host.dial(addr).await.map_err(|e| NodeError::Invalid(e.to_string()))
     }
 
