@@ -19,6 +19,9 @@ use libp2p::{PeerId, allow_block_list};
 
 use crate::NetError;
 
+mod woken;
+pub use woken::Woken;
+
 /// Largest gossipsub message: one envelope, with room for the RPC framing.
 pub const MAX_TRANSMIT: usize =
     <GossipEnvelope as chitchat_proto::codec::Canonical>::MAX_LEN + 1024;
@@ -39,8 +42,9 @@ pub const MAX_BANNED: usize = 65_536;
 #[derive(NetworkBehaviour)]
 #[behaviour(prelude = "libp2p::swarm::derive_prelude")]
 pub struct Gossip {
-    /// Gossipsub, configured by [`behaviour`].
-    pub gossipsub: gossipsub::Behaviour,
+    /// Gossipsub, configured by [`behaviour`], with handlers that are woken when messages
+    /// wait for them ([`Woken`]).
+    pub gossipsub: Woken,
     /// The banned peers.
     pub banned: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
 }
@@ -55,7 +59,10 @@ impl std::fmt::Debug for Gossip {
 impl Gossip {
     /// Gossipsub as [`behaviour`] configures it, and no one banned.
     pub fn new() -> Result<Self, NetError> {
-        Ok(Self { gossipsub: behaviour()?, banned: allow_block_list::Behaviour::default() })
+        Ok(Self {
+            gossipsub: Woken::new(behaviour()?),
+            banned: allow_block_list::Behaviour::default(),
+        })
     }
 
     /// [`report`]s a verdict, and bans the peer that sent it once it is past the graylist
@@ -179,12 +186,7 @@ pub fn set_topics(
 /// threshold: it is then blacklisted here (nothing of it is taken or forwarded any more), and
 /// its connections should be closed, so that its traffic costs nothing more than a refused
 /// dial ([`Gossip::report`] does both).
-pub fn report(
-    b: &mut gossipsub::Behaviour,
-    id: &MessageId,
-    source: &PeerId,
-    verdict: Verdict,
-) -> bool {
+pub fn report(b: &mut Woken, id: &MessageId, source: &PeerId, verdict: Verdict) -> bool {
     let acceptance = match verdict {
         Verdict::Accept => MessageAcceptance::Accept,
         Verdict::Ignore(_) => MessageAcceptance::Ignore,
@@ -343,6 +345,106 @@ mod tests {
         })
         .await;
         assert!(!b.is_connected(&a_id) && !a.is_connected(b.local_peer_id()), "A got back in");
+    }
+
+    /// Two connections between A and B, the first closed once both are up (as a node does
+    /// when a direct connection replaces one through a relay): what A publishes afterwards
+    /// still reaches B, on the connection left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_flows_on_the_connection_left_when_the_first_one_closes() {
+        use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+        let base = rand_base() + 100;
+        let (mut a, _) = host(base);
+        let (mut b, b_addr) = host(base + 1);
+        let b_id = *b.local_peer_id();
+        let t = topic(&channel()).hash();
+        let dial = |a: &mut Swarm<Gossip>| {
+            let opts = DialOpts::peer_id(b_id)
+                .condition(PeerCondition::Always)
+                .addresses(vec![b_addr.clone()])
+                .build();
+            a.dial(opts).expect("dial");
+        };
+        dial(&mut a);
+        let mut connections = Vec::new();
+        let mut got = Vec::new();
+        // The first connection, and A and B in each other's mesh.
+        let up = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                tokio::select! {
+                    e = a.select_next_some() => if let SwarmEvent::ConnectionEstablished { connection_id, .. } = e {
+                        connections.push(connection_id);
+                    },
+                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut got) },
+                }
+                if connections.len() == 1 && a.behaviour().gossipsub.mesh_peers(&t).any(|p| *p == b_id) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(up.is_ok(), "A and B never meshed");
+        // The second, once the first carries gossip.
+        dial(&mut a);
+        let second = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                tokio::select! {
+                    e = a.select_next_some() => if let SwarmEvent::ConnectionEstablished { connection_id, .. } = e {
+                        connections.push(connection_id);
+                        return;
+                    },
+                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut got) },
+                }
+            }
+        })
+        .await;
+        assert!(second.is_ok(), "no second connection");
+        // Both sides settle (the second connection's handlers are polled with nothing to
+        // send), then the first connection closes.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                tokio::select! {
+                    _ = a.select_next_some() => {}
+                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut got) },
+                }
+            }
+        })
+        .await;
+        assert!(a.close_connection(connections[0]), "the first connection is open");
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                tokio::select! {
+                    _ = a.select_next_some() => {}
+                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut got) },
+                }
+            }
+        })
+        .await;
+        assert!(a.is_connected(&b_id), "the second connection is still up");
+        // Both ways: B's second connection was accepted, A's dialled.
+        let (one, two) = (
+            GossipEnvelope::seal(&alice(), channel(), 3, b"from a".to_vec(), NOW),
+            GossipEnvelope::seal(&alice(), channel(), 3, b"from b".to_vec(), NOW),
+        );
+        a.behaviour_mut().gossipsub.publish(topic(&channel()), encode(&one)).expect("publish");
+        b.behaviour_mut().gossipsub.publish(topic(&channel()), encode(&two)).expect("publish");
+        let started = std::time::Instant::now();
+        let mut at_a = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                tokio::select! {
+                    e = a.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut a, e, &mut at_a) },
+                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut got) },
+                }
+                if !got.is_empty() && !at_a.is_empty() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let took = started.elapsed();
+        assert_eq!((got, at_a), (vec![one], vec![two]), "after {took:?}");
+        assert!(took < Duration::from_secs(1), "late: {took:?}");
     }
 
     fn rand_base() -> u64 {
