@@ -73,7 +73,7 @@ impl NetworkConfig {
 /// not, starting with the address.
 pub fn peer_addr(addr: &str) -> Result<libp2p::Multiaddr, String> {
     let parsed: libp2p::Multiaddr = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
-    if !parsed.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))) {
+    if !matches!(parsed.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
         return Err(format!("{addr:?}: the address must end in /p2p/PEER_ID"));
     }
     Ok(parsed)
@@ -324,6 +324,15 @@ mod tests {
         assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("network.listen")));
         let anonymous = Config::parse("[network]\npeers = [\"/ip4/127.0.0.1/tcp/7000\"]\n");
         assert!(matches!(anonymous, Err(ConfigError::Invalid(m)) if m.contains("/p2p/")));
+        // A circuit through a relay names the relay, not the peer at its end.
+        let relay =
+            "/ip4/127.0.0.1/tcp/7000/p2p/12D3KooWEBrj8e9SBj9UVkLAJeaN9etRcsaxy7RMz9CKeEz3PxA9";
+        let circuit = Config::parse(&format!("[network]\npeers = [\"{relay}/p2p-circuit\"]\n"));
+        assert!(matches!(circuit, Err(ConfigError::Invalid(m)) if m.contains("/p2p/")));
+        let to_peer =
+            format!("{relay}/p2p-circuit/p2p/12D3KooWEBrj8e9SBj9UVkLAJeaN9etRcsaxy7RMz9CKeEz3PxA9");
+        Config::parse(&format!("[network]\npeers = [\"{to_peer}\"]\n"))
+            .expect("a circuit to a peer");
         let mut c = Config::parse("").expect("defaults");
         c.apply_env(|k| (k == "CHITCHAT_NETWORK_LISTEN").then(|| "/ip4/127.0.0.1/tcp/0, ".into()))
             .expect("env");

@@ -456,13 +456,16 @@ async fn run(
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                     let relayed = endpoint.is_relayed();
                     let connections = remotes.entry(peer_id).or_default();
+                    // A direct connection replaces those through a relay, and a connection
+                    // through a relay is not kept beside a direct one: gossipsub hands a peer's
+                    // messages to whichever of its connections takes them first, and a relay
+                    // that stops takes its circuits, and what was sent on them, with it.
                     if !relayed {
-                        // A direct connection replaces those through a relay: gossipsub sends on
-                        // one connection per peer, and a relay that goes away takes its
-                        // circuits with it.
                         for (id, _) in connections.iter().filter(|(_, (_, r))| *r) {
                             swarm.close_connection(*id);
                         }
+                    } else if connections.values().any(|(_, r)| !r) {
+                        swarm.close_connection(connection_id);
                     }
                     connections.insert(connection_id, (endpoint.get_remote_address().clone(), relayed));
                     set(&watched, &peer_id, true);

@@ -124,6 +124,96 @@ async fn members_find_each_other_and_gossip_while_the_relay_is_frozen() {
     assert_eq!(texts, ["through both", "while the relay sleeps", "after"], "each shown once");
 }
 
+/// Whether `node` lists the peer `id`, and through which kinds of connection: `(relayed, direct)`.
+async fn connection_to(node: &NodeProcess, id: &Value) -> Option<(bool, bool)> {
+    let v = network(node).await;
+    let p = v["peers"].as_array()?.iter().find(|p| p["peer_id"] == *id)?;
+    Some((p["relayed"] == true, p["direct"] == true))
+}
+
+/// Waits until `node`'s connections to the peer `id` are `want` (`(relayed, direct)`).
+async fn wait_connection(node: &NodeProcess, id: &Value, want: (bool, bool)) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = connection_to(node, id).await;
+        if now == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "connection to {id} is {now:?}, never {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Alice first reaches Bob through the relay's circuit, then directly: the direct connection
+/// replaces the relayed one on both sides, and a second circuit is not kept beside it. With
+/// the relay frozen, gossip then flows both ways on the direct connection alone (gossipsub
+/// 0.50 left a peer's messages waiting on a second connection once the first closed: this is
+/// the case that caught it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_flows_after_a_direct_connection_replaces_the_relayed_one() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let alice = NodeProcess::start(&[]).expect("alice");
+    alice.register(&relay, "alice").await.expect("register");
+    let bob = NodeProcess::start(&[]).expect("bob");
+    bob.register(&relay, "bob").await.expect("register");
+    let (alice_id, bob_id) =
+        (network(&alice).await["peer_id"].clone(), network(&bob).await["peer_id"].clone());
+    let bob_str = bob_id.as_str().expect("peer id").to_owned();
+    // Bob's addresses: his circuit at the relay (once he holds a reservation) and his own.
+    let deadline = Instant::now() + WAIT;
+    let (circuit, direct) = loop {
+        let listening = network(&bob).await["listening"].clone();
+        let addrs: Vec<String> = listening
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        let tcp = |a: &&String| a.starts_with("/ip4/127.0.0.1/tcp/");
+        let (circuit, direct): (Vec<&String>, Vec<&String>) =
+            addrs.iter().filter(tcp).partition(|a| a.contains("/p2p-circuit"));
+        let named = |a: &String| {
+            if a.ends_with(&bob_str) { a.clone() } else { format!("{a}/p2p/{bob_str}") }
+        };
+        if let (Some(c), Some(d)) = (circuit.first(), direct.first()) {
+            break (named(c), named(d));
+        }
+        assert!(Instant::now() < deadline, "bob has no circuit and direct address: {listening}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    alice.json("POST", "/v1/network/dial", Some(json!({"addr": circuit}))).await.expect("dial");
+    wait_connection(&alice, &bob_id, (true, false)).await;
+    alice.json("POST", "/v1/network/dial", Some(json!({"addr": direct}))).await.expect("dial");
+    wait_connection(&alice, &bob_id, (false, true)).await;
+    wait_connection(&bob, &alice_id, (false, true)).await;
+    // A circuit dialled beside the direct connection is closed at once.
+    alice.json("POST", "/v1/network/dial", Some(json!({"addr": circuit}))).await.expect("dial");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(connection_to(&alice, &bob_id).await, Some((false, true)), "a circuit kept beside");
+
+    // The channel comes after: its subscriptions cross the direct connection alone.
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", "bob@localhost"]).expect("invite");
+    bob.wait_joined(&id, WAIT).await.expect("bob joins");
+    send(&alice, &id, "first").await;
+    bob.wait_texts(&id, WAIT, |t| t == ["first"]).await.expect("bob reads alice");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    relay.pause().expect("SIGSTOP");
+    let started = Instant::now();
+    let to_bob = send(&alice, &id, "to bob, relay frozen").await;
+    let at_bob = bob.wait_texts(&id, WAIT, |t| t.len() == 2).await;
+    send(&bob, &id, "to alice, relay frozen").await;
+    let at_alice = alice.wait_texts(&id, WAIT, |t| t.len() == 3).await;
+    let took = started.elapsed();
+    relay.resume().expect("SIGCONT");
+    assert_eq!(at_bob.expect("bob reads alice by gossip"), ["first", "to bob, relay frozen"]);
+    let at_alice = at_alice.expect("alice reads bob by gossip");
+    assert_eq!(at_alice, ["first", "to bob, relay frozen", "to alice, relay frozen"]);
+    assert!(took < Duration::from_secs(5), "gossip took {took:?}");
+    wait_status(&alice, &id, &to_bob, "sent").await;
+}
+
 /// A peer that is no member of the channel (Mallory: any libp2p host that learnt the topic)
 /// gossips envelopes she signed herself on the channel's topic to Bob. Bob rejects them
 /// before forwarding anything, scores her down, drops her connection, and refuses her when
