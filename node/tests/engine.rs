@@ -75,7 +75,7 @@ impl Relay {
     fn post(&mut self, item: &OutboxItem) -> InboxItem {
         self.next_item += 1;
         let post = ChannelPost { channel: item.channel, message: item.message.clone() };
-        InboxItem { id: self.next_item, envelope: Envelope::Post(post) }
+        InboxItem { id: self.next_item, envelope: Envelope::Post(post), history: None }
     }
 }
 
@@ -100,7 +100,7 @@ impl ReceiveInbox for Engine {
 }
 
 fn sealed(envelope: inbox::SealedEnvelope, id: u64) -> InboxItem {
-    InboxItem { id, envelope: Envelope::Sealed(envelope) }
+    InboxItem { id, envelope: Envelope::Sealed(envelope), history: None }
 }
 
 fn device(dir: &tempfile::TempDir, name: &str, relay: &Relay) -> Engine {
@@ -442,7 +442,7 @@ fn messages_past_the_buffer_are_dropped_acknowledged_and_counted() {
     assert_eq!(bob.dropped().buffer_full, 8);
     // The commit arrives: the buffered messages are shown.
     let commit = chitchat_proto::wire::OrderedCommit { channel, commit: staged.commit, cert };
-    let item = InboxItem { id: 1000, envelope: Envelope::Commit(commit) };
+    let item = InboxItem { id: 1000, envelope: Envelope::Commit(commit), history: None };
     let got = bob.receive_inbox(&[item], NOW).expect("receive");
     assert_eq!(got.done, vec![1000]);
     assert_eq!(bob.epoch(&channel), Some(2));
@@ -467,7 +467,7 @@ fn a_commit_merged_from_the_inbox_is_not_merged_twice() {
         commit: staged.commit.clone(),
         cert: cert.clone(),
     };
-    let item = InboxItem { id: 7, envelope: Envelope::Commit(commit) };
+    let item = InboxItem { id: 7, envelope: Envelope::Commit(commit), history: None };
     assert_eq!(alice.receive_inbox(&[item], NOW).expect("receive").done, vec![7]);
     assert_eq!(alice.epoch(&channel), Some(2), "merged as her own");
     assert_eq!(alice.members(&channel).expect("members").len(), 1);
@@ -579,7 +579,7 @@ fn messages_before_their_welcome_wait_for_it() {
             welcome = Some(staged.welcome.expect("welcome").envelopes[0].clone());
         } else {
             let c = chitchat_proto::wire::OrderedCommit { channel, commit: staged.commit, cert };
-            commit = Some(InboxItem { id: 10, envelope: Envelope::Commit(c) });
+            commit = Some(InboxItem { id: 10, envelope: Envelope::Commit(c), history: None });
         }
     }
     send(&mut alice, &channel, &text("after carol"));

@@ -9,8 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{Canonical, encode};
-use crate::identity::DeviceId;
-use crate::keys::{Label, SecretKey, Signature, SignatureError};
+use crate::keys::{Label, PublicKey, SecretKey, Signature, SignatureError};
 use crate::ordering::ChannelId;
 
 /// Most envelopes in one pack.
@@ -44,13 +43,17 @@ pub enum PackError {
 pub struct PackRootBody {
     /// The channel the envelopes belong to.
     pub channel: ChannelId,
+    /// The position of the first envelope in the signer's history of the channel (a relay
+    /// numbers the envelopes of each channel it keeps from 0).
+    pub first: u64,
     /// How many envelopes.
     pub count: u32,
     /// The Merkle root over them.
     #[serde(with = "serde_bytes")]
     pub root: Digest,
-    /// The device that made the pack.
-    pub signer: DeviceId,
+    /// The key that made the pack: a relay's (the history it keeps of a channel it serves),
+    /// or a device's.
+    pub signer: PublicKey,
 }
 
 /// A pack root and its signature.
@@ -66,7 +69,7 @@ pub struct PackRoot {
 impl PackRoot {
     /// Checks the signature of the device named in the body.
     pub fn verify(&self) -> Result<(), PackError> {
-        Ok(self.body.signer.0.verify(Label::PackRoot, &encode(&self.body), &self.signature)?)
+        Ok(self.body.signer.verify(Label::PackRoot, &encode(&self.body), &self.signature)?)
     }
 }
 
@@ -85,10 +88,11 @@ impl Canonical for Pack {
 }
 
 impl Pack {
-    /// Builds and signs a pack of `envelopes`.
+    /// Builds and signs a pack of `envelopes`, the first of which is at position `first`.
     pub fn seal(
         key: &SecretKey,
         channel: ChannelId,
+        first: u64,
         envelopes: Vec<Vec<u8>>,
     ) -> Result<Self, PackError> {
         if envelopes.is_empty() || envelopes.len() > MAX_PACK_ENVELOPES {
@@ -97,9 +101,10 @@ impl Pack {
         let leaves: Vec<Digest> = envelopes.iter().map(|e| leaf_hash(e)).collect();
         let body = PackRootBody {
             channel,
+            first,
             count: envelopes.len() as u32,
             root: merkle_root(&leaves),
-            signer: DeviceId(key.public()),
+            signer: key.public(),
         };
         let signature = key.sign(Label::PackRoot, &encode(&body));
         let envelopes = envelopes.into_iter().map(crate::codec::Bytes::from).collect();
@@ -241,7 +246,7 @@ mod tests {
     fn every_leaf_proves_for_every_size() {
         let key = SecretKey::from_seed([4; 32]);
         for n in [1, 2, 3, 4, 5, 7, 8, 9, 31, 100] {
-            let pack = Pack::seal(&key, ChannelId([1; 32]), envelopes(n)).expect("seal");
+            let pack = Pack::seal(&key, ChannelId([1; 32]), 0, envelopes(n)).expect("seal");
             pack.verify().expect("verify");
             for i in 0..n {
                 let proof = pack.prove(i).expect("proof");
@@ -268,16 +273,20 @@ mod tests {
     #[test]
     fn tampering_is_detected() {
         let key = SecretKey::from_seed([4; 32]);
-        let mut pack = Pack::seal(&key, ChannelId([1; 32]), envelopes(5)).expect("seal");
+        let mut pack = Pack::seal(&key, ChannelId([1; 32]), 0, envelopes(5)).expect("seal");
         pack.envelopes[2] = crate::codec::Bytes::from(b"forged".to_vec());
         assert_eq!(pack.verify(), Err(PackError::RootMismatch));
-        let mut pack = Pack::seal(&key, ChannelId([1; 32]), envelopes(5)).expect("seal");
+        let mut pack = Pack::seal(&key, ChannelId([1; 32]), 0, envelopes(5)).expect("seal");
         pack.envelopes.pop();
         assert_eq!(pack.verify(), Err(PackError::BadSize));
-        let mut pack = Pack::seal(&key, ChannelId([1; 32]), envelopes(5)).expect("seal");
+        let mut pack = Pack::seal(&key, ChannelId([1; 32]), 0, envelopes(5)).expect("seal");
         pack.root.body.channel = ChannelId([2; 32]);
         assert!(matches!(pack.verify(), Err(PackError::Signature(_))));
-        assert_eq!(Pack::seal(&key, ChannelId([1; 32]), vec![]), Err(PackError::BadSize));
+        // Moved to another place in the history: the signature covers the position.
+        let mut pack = Pack::seal(&key, ChannelId([1; 32]), 10, envelopes(5)).expect("seal");
+        pack.root.body.first = 9;
+        assert!(matches!(pack.verify(), Err(PackError::Signature(_))));
+        assert_eq!(Pack::seal(&key, ChannelId([1; 32]), 0, vec![]), Err(PackError::BadSize));
     }
 
     #[test]

@@ -229,7 +229,24 @@ pub enum Request {
         /// The proof.
         proof: Equivocation,
     },
+    /// A run of a channel's history at this relay (the posts and commits it fanned out, in
+    /// the order it did), from position `from` on: answered with [`Response::History`]. Only
+    /// a current member of the channel may ask.
+    History {
+        /// The channel.
+        channel: ChannelId,
+        /// The first position wanted.
+        from: u64,
+        /// At most this many entries, capped at [`MAX_HISTORY_ENTRIES`].
+        max: u32,
+    },
 }
+
+/// The most entries of a channel's history in one [`Response::History`].
+pub const MAX_HISTORY_ENTRIES: u32 = 256;
+/// Bytes of history entries in one [`Response::History`], at most (the rest of the frame
+/// holds the pack's root and the framing).
+pub const MAX_HISTORY_BYTES: usize = MAX_FRAME_LEN - 4096;
 
 /// The most posts in one [`Request::Post`].
 pub const MAX_POST_BATCH: usize = 256;
@@ -583,6 +600,17 @@ pub enum Response {
         /// Whether the relay had no proof against that orderer before.
         new: bool,
     },
+    /// A run of a channel's history: the entries from the asked position (or from `first`,
+    /// if those before it are gone), as a pack signed by the relay's key whose envelopes are
+    /// encoded [`Envelope`]s (posts and commits). No pack when nothing is kept from there on.
+    History {
+        /// The oldest position still kept (those before it are past the relay's retention).
+        first: u64,
+        /// The position the next entry will take.
+        next: u64,
+        /// The entries.
+        pack: Option<crate::pack::Pack>,
+    },
 }
 
 /// One stored inbox item.
@@ -593,6 +621,22 @@ pub struct InboxItem {
     pub id: u64,
     /// What it carries.
     pub envelope: Envelope,
+    /// For a post or commit: where it is in its channel's history at the relay, and what of
+    /// that history this inbox did not get before it.
+    pub history: Option<HistoryMark>,
+}
+
+/// Where an inbox item's post or commit sits in its channel's history at the relay
+/// ([`Request::History`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct HistoryMark {
+    /// Its position.
+    pub seq: u64,
+    /// When the inbox missed entries of the channel before this one (it was full, or they
+    /// expired before they were read): the first position missed. Every entry from there to
+    /// `seq` that is not the device's own is to be fetched from the history before this one.
+    pub missed_from: Option<u64>,
 }
 
 /// The kind of a failed request, so a client knows whether to retry.
@@ -673,6 +717,7 @@ impl Validate for Request {
             Self::Fetch { max, .. } if *max > MAX_FETCH_ITEMS => Err("fetch max too large"),
             Self::Ack { ids } if ids.len() > MAX_ACK_IDS => Err("too many ack ids"),
             Self::Wait { max, .. } if *max > MAX_FETCH_ITEMS => Err("fetch max too large"),
+            Self::History { max, .. } if *max > MAX_HISTORY_ENTRIES => Err("history max too large"),
             Self::EnqueueBatch { envelopes } => {
                 if envelopes.len() > MAX_ENQUEUE_BATCH {
                     return Err("too many envelopes in one batch");
@@ -745,6 +790,11 @@ impl Validate for Response {
             Self::Posted(r) if r.len() > MAX_POST_BATCH => Err("too many results"),
             Self::Dirs(d) | Self::RemoteDirs { dirs: d, .. } if d.len() > MAX_DIRS => {
                 Err("too many records")
+            }
+            Self::History { pack: Some(p), .. }
+                if p.envelopes.len() > MAX_HISTORY_ENTRIES as usize =>
+            {
+                Err("too many history entries")
             }
             _ => Ok(()),
         }

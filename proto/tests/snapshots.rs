@@ -120,10 +120,22 @@ fn inbox_envelope() {
 }
 
 #[test]
+fn history() {
+    let request = Request::History { channel: ChannelId([5; 32]), from: 7, max: 256 };
+    insta::assert_snapshot!("request_history", hex(&wire::encode_frame(&request).expect("frame")));
+    let pack = Pack::seal(&key(1), ChannelId([5; 32]), 7, vec![b"a".to_vec()]).expect("pack");
+    let response = Response::History { first: 3, next: 8, pack: Some(pack) };
+    let frame = wire::encode_frame(&response).expect("frame");
+    insta::assert_snapshot!("response_history", hex(&frame));
+    assert_eq!(wire::decode_frame::<Response>(&frame).expect("decode"), response);
+}
+
+#[test]
 fn packs() {
     let pack = Pack::seal(
         &key(1),
         ChannelId([5; 32]),
+        7,
         vec![b"a".to_vec(), b"bc".to_vec(), b"def".to_vec()],
     )
     .expect("pack");
@@ -222,7 +234,11 @@ fn relay_protocol_frames() {
         Response::KeyPackage(vec![1, 2]),
         Response::Enqueued { id: 9 },
         Response::Items {
-            items: vec![InboxItem { id: 9, envelope: wire::Envelope::Sealed(envelope()) }],
+            items: vec![InboxItem {
+                id: 9,
+                envelope: wire::Envelope::Sealed(envelope()),
+                history: None,
+            }],
             more: false,
         },
         Response::Acked,
@@ -290,7 +306,11 @@ fn relay_protocol_frames() {
             wire::PostResult::Refused(ErrorCode::Forbidden),
         ]),
         Response::Items {
-            items: vec![InboxItem { id: 10, envelope: wire::Envelope::Post(post) }],
+            items: vec![InboxItem {
+                id: 10,
+                envelope: wire::Envelope::Post(post),
+                history: Some(wire::HistoryMark { seq: 4, missed_from: Some(2) }),
+            }],
             more: true,
         },
     ];
@@ -301,7 +321,11 @@ fn relay_protocol_frames() {
     let commit =
         wire::OrderedCommit { channel: ChannelId([5; 32]), commit: vec![9; 3], cert: cert() };
     let fanned = Response::Items {
-        items: vec![InboxItem { id: 11, envelope: wire::Envelope::Commit(commit) }],
+        items: vec![InboxItem {
+            id: 11,
+            envelope: wire::Envelope::Commit(commit),
+            history: Some(wire::HistoryMark { seq: 5, missed_from: None }),
+        }],
         more: false,
     };
     insta::assert_snapshot!("response_commit", hex(&wire::encode_frame(&fanned).expect("frame")));

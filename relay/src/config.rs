@@ -34,6 +34,9 @@ pub struct Config {
     /// Inbox limits.
     #[serde(default)]
     pub inbox: InboxConfig,
+    /// Channels' histories: what is kept, and for how long.
+    #[serde(default)]
+    pub history: HistoryConfig,
     /// KeyPackage limits.
     #[serde(default)]
     pub key_packages: KeyPackageConfig,
@@ -68,6 +71,41 @@ pub struct InboxConfig {
 impl Default for InboxConfig {
     fn default() -> Self {
         Self { max_items: 10_000, max_bytes: 64 << 20, retention_days: 30, sender_per_minute: 6000 }
+    }
+}
+
+/// What the relay keeps of each channel it serves (the posts and commits it fans out, for
+/// members whose inbox missed them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Days an entry is kept.
+    pub retention_days: u64,
+    /// Entries kept per channel (0 keeps no history); past it, the oldest go.
+    pub max_entries_per_channel: u64,
+    /// Bytes kept per channel; past it, the oldest entries go.
+    pub max_bytes_per_channel: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 30,
+            max_entries_per_channel: 100_000,
+            max_bytes_per_channel: 256 << 20,
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// The bounds of each channel's history, if one is kept.
+    pub fn limits(&self) -> Option<crate::store::HistoryLimits> {
+        (self.max_entries_per_channel > 0 && self.retention_days > 0).then_some(
+            crate::store::HistoryLimits {
+                max_entries: self.max_entries_per_channel,
+                max_bytes: self.max_bytes_per_channel,
+            },
+        )
     }
 }
 
@@ -268,6 +306,7 @@ impl Config {
             sponsorship_days: defaults::sponsorship_days(),
             token_days: defaults::token_days(),
             inbox: InboxConfig::default(),
+            history: HistoryConfig::default(),
             key_packages: KeyPackageConfig::default(),
             ordering: OrderingConfig::default(),
             network: NetworkConfig::default(),
@@ -428,6 +467,13 @@ max_bytes = 67108864
 retention_days = 30
 # Enqueues one sending device may make per minute.
 sender_per_minute = 6000
+
+[history]
+# What is kept of each channel served here (its posts and commits, encrypted), for members
+# whose inbox missed them; they fetch it by position. 0 entries keeps no history.
+retention_days = 30
+max_entries_per_channel = 100000
+max_bytes_per_channel = 268435456
 
 [key_packages]
 # Unclaimed KeyPackages one device may store.

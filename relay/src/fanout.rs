@@ -19,7 +19,7 @@ use crate::federation::Federation;
 use crate::metrics::Metrics;
 use crate::ordering::{Delivery, FanoutSink};
 use crate::service::{Waiters, certify, now};
-use crate::store::{Fanned, InboxQuota, Onward, QueueLimits, Store, Write, Written};
+use crate::store::{Fanned, HistoryLimits, InboxQuota, Onward, QueueLimits, Store, Write, Written};
 
 /// Fault injection for tests: `CHITCHAT_RELAY_FAULT=exit-before-fanout` makes the relay abort
 /// after a commit is ordered (durable in the log) and before its fan-out is written.
@@ -40,6 +40,8 @@ pub struct CommitFanout {
     /// Where the Welcomes for devices of relays a commit brings into the set go, and their
     /// queues' bounds.
     federation: Option<(Arc<Federation>, QueueLimits)>,
+    /// The bounds of each channel's history, which every commit joins (`None`: none kept).
+    history: Option<HistoryLimits>,
 }
 
 impl std::fmt::Debug for CommitFanout {
@@ -68,7 +70,14 @@ impl CommitFanout {
             exit_before_fanout,
             watermark,
             federation: None,
+            history: None,
         }
+    }
+
+    /// The same sink, keeping every commit in its channel's history within `limits`.
+    pub fn with_history(mut self, limits: Option<HistoryLimits>) -> Self {
+        self.history = limits;
+        self
     }
 
     /// The same sink, queueing the Welcomes of devices of relays a commit brings into the set
@@ -90,6 +99,7 @@ impl CommitFanout {
             exit_before_fanout: self.exit_before_fanout,
             watermark: format!("{}-{hex}", crate::store::FANNED_OUT),
             federation: self.federation.clone(),
+            history: self.history,
         }
     }
 
@@ -123,6 +133,7 @@ impl CommitFanout {
             quota: unbounded,
             onward: None,
             seen: None,
+            history: self.history,
         };
         let quota = self.quota;
         let welcomes = accepted

@@ -156,7 +156,8 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
             waiters.clone(),
             quota,
         )
-        .with_federation(federation.clone(), onward),
+        .with_federation(federation.clone(), onward)
+        .with_history(config.history.limits()),
     );
     let options = GroupOptions {
         limits: OrderingLimits::default(),

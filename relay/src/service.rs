@@ -27,6 +27,7 @@ use chitchat_proto::wire::{
 };
 use chitchat_proto::wire::{ChannelPost, EnqueueResult, MAX_WAIT_MS, PostResult};
 use chitchat_proto::wire::{CommitSubmission, Envelope, commit_hash};
+use chitchat_proto::wire::{MAX_HISTORY_BYTES, MAX_HISTORY_ENTRIES};
 use chitchat_proto::{DeviceId, PublicKey, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::Notify;
@@ -313,6 +314,7 @@ fn kind(r: &Request) -> &'static str {
         Request::Forward { .. } => "forward",
         Request::Report { .. } => "report",
         Request::Equivocation { .. } => "equivocation",
+        Request::History { .. } => "history",
     }
 }
 
@@ -502,6 +504,7 @@ impl Relay {
                 Response::Posted(vec![self.report(me, report, now).await])
             }
             Request::Equivocation { proof } => self.equivocation(me, &proof).await,
+            Request::History { channel, from, max } => self.history(me, channel, from, max).await,
             Request::Register { token, local_name, dir } => {
                 self.register(me, token, local_name, dir, now).await
             }
@@ -995,6 +998,7 @@ impl Relay {
     ) -> PostResult {
         let onward = self.onward(by);
         let hosts: Vec<String> = onward.iter().flat_map(|o| o.hosts.clone()).collect();
+        let history = self.history_limits(&envelope);
         let write = Write::Fanout {
             sender: me,
             envelope,
@@ -1003,12 +1007,56 @@ impl Relay {
             quota: self.inbox_quota(),
             onward,
             seen: None,
+            history,
         };
         let result = self.fan_out(write).await;
         for host in &hosts {
             self.federation.kick(host);
         }
         result
+    }
+
+    /// The history bounds a fanned-out envelope is kept within: posts only (commits are kept
+    /// by the commit fan-out), if the operator keeps history.
+    fn history_limits(&self, envelope: &Envelope) -> Option<crate::store::HistoryLimits> {
+        matches!(envelope, Envelope::Post(_)).then(|| self.config.history.limits()).flatten()
+    }
+
+    /// A run of a channel's history for one of its current members, as a pack signed by this
+    /// relay. Counts as one request against the member's rate.
+    async fn history(&self, me: DeviceId, channel: ChannelId, from: u64, max: u32) -> Response {
+        if let Err(retry_after_ms) = check_rate(&self.senders, me) {
+            return error(ErrorCode::RateLimited { retry_after_ms }, "too many requests");
+        }
+        let Some(by) = self.ordered_by(&channel).await else {
+            return error(ErrorCode::NotFound, "channel not ordered here");
+        };
+        let Some((members, _)) = by.ordering().member_sets(&channel, u64::MAX).await else {
+            return error(ErrorCode::NotFound, "channel not ordered here");
+        };
+        if members.binary_search(&me).is_err() {
+            return error(ErrorCode::Forbidden, "only a member reads a channel's history");
+        }
+        let max = max.clamp(1, MAX_HISTORY_ENTRIES) as usize;
+        let store = self.store.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            store.history(&channel.0, from, max, MAX_HISTORY_BYTES)
+        })
+        .await;
+        let (head, entries) = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return unavailable(e),
+            Err(e) => return unavailable(e),
+        };
+        let Some(start) = entries.first().map(|(seq, _)| *seq) else {
+            return Response::History { first: head.first, next: head.next, pack: None };
+        };
+        // Positions are consecutive from `start`: entries go only from the oldest end.
+        let envelopes = entries.into_iter().map(|(_, e)| e).collect();
+        match chitchat_proto::pack::Pack::seal(&self.key, channel, start, envelopes) {
+            Ok(pack) => Response::History { first: head.first, next: head.next, pack: Some(pack) },
+            Err(e) => error(ErrorCode::BadRequest, e.to_string()),
+        }
     }
 
     /// Where a post or report of a channel goes besides this relay's members: once to each
@@ -1097,6 +1145,7 @@ impl Relay {
         recipients: Arc<[DeviceId]>,
         now: Timestamp,
     ) -> ForwardResult {
+        let history = self.history_limits(&envelope);
         let write = Write::Fanout {
             sender,
             envelope,
@@ -1105,6 +1154,7 @@ impl Relay {
             quota: self.inbox_quota(),
             onward: None,
             seen: Some((origin.key.0, seq)),
+            history,
         };
         match self.fan_out(write).await {
             PostResult::Posted { .. } => ForwardResult::Stored,
@@ -1779,13 +1829,21 @@ impl Relay {
         self.waiters.wake(device);
     }
 
-    /// Deletes inbox items past the retention period; returns how many.
+    /// Deletes inbox items and history entries past their retention periods; returns how
+    /// many.
     pub async fn expire(&self, now: Timestamp) -> Result<u64, WriteError> {
         let before = Timestamp(now.0.saturating_sub(self.config.inbox.retention_days * DAY_MS));
-        match self.store.write(Write::Expire { before, max: 10_000 }).await? {
-            Written::Removed(n) => Ok(n),
-            _ => Ok(0),
-        }
+        let inbox = match self.store.write(Write::Expire { before, max: 10_000 }).await? {
+            Written::Removed(n) => n,
+            _ => 0,
+        };
+        let days = self.config.history.retention_days;
+        let before = Timestamp(now.0.saturating_sub(days.saturating_mul(DAY_MS)));
+        let history = match self.store.write(Write::ExpireHistory { before, max: 10_000 }).await? {
+            Written::Removed(n) => n,
+            _ => 0,
+        };
+        Ok(inbox + history)
     }
 
     /// Forgets the rate-limit state of devices whose buckets are full again, so that the

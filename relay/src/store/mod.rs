@@ -17,9 +17,12 @@ mod records;
 mod write;
 
 pub use records::{
-    Counters, DeviceRecord, QueueCounters, QueuedForward, StoredItem, StoredKeyPackage, TokenRecord,
+    Counters, DeviceRecord, HistoryHead, QueueCounters, QueuedForward, StoredHistory, StoredItem,
+    StoredKeyPackage, TokenRecord,
 };
-pub use write::{Fanned, InboxQuota, Onward, QueueLimits, Write, WriteError, Written};
+pub use write::{
+    Fanned, HistoryLimits, InboxQuota, Onward, QueueLimits, Write, WriteError, Written,
+};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,8 +34,10 @@ use tokio::sync::{mpsc, oneshot};
 
 /// The layout version of the database; bumped with every incompatible change.
 /// Version 3: inbox items may hold an `Envelope::Commit` (an unsealed ordered commit), which a
-/// version-2 relay could not read; its records are all readable here.
-pub const STORAGE_VERSION: u32 = 3;
+/// version-2 relay could not read. Version 4: channel histories (`history-0`, `history-heads-0`,
+/// `history-gaps-0`), and inbox items with a history mark; version-3 items are read as they are
+/// (no mark).
+pub const STORAGE_VERSION: u32 = 4;
 /// Writes waiting for the writer, at most.
 pub const WRITE_QUEUE: usize = 8192;
 
@@ -65,6 +70,16 @@ pub(crate) const FED_QUEUES: TableDefinition<'_, &str, &[u8]> =
 /// is stored once.
 pub(crate) const FED_SEEN: TableDefinition<'_, ([u8; 32], u64), u64> =
     TableDefinition::new("fed-seen-0");
+/// Channels' histories: `(channel, position)` → [`StoredHistory`].
+pub(crate) const HISTORY: TableDefinition<'_, ([u8; 32], u64), &[u8]> =
+    TableDefinition::new("history-0");
+/// Each channel's [`HistoryHead`].
+pub(crate) const HISTORY_HEADS: TableDefinition<'_, [u8; 32], &[u8]> =
+    TableDefinition::new("history-heads-0");
+/// `(device, channel)` → the first history position its inbox missed since it last got an
+/// entry of the channel (the next entry it gets carries it as `missed_from`).
+pub(crate) const HISTORY_GAPS: TableDefinition<'_, ([u8; 32], [u8; 32]), u64> =
+    TableDefinition::new("history-gaps-0");
 /// Orderers convicted of equivocation: key → the [`chitchat_proto::ordering::Equivocation`]
 /// proof (its canonical encoding).
 pub(crate) const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> =
@@ -263,8 +278,9 @@ impl Store {
                 more = true;
                 break;
             }
-            let stored: StoredItem = records::decode_record(v.value(), "inbox")?;
-            let item = InboxItem { id: k.value().1, envelope: stored.envelope };
+            let stored = StoredItem::decode(v.value())?;
+            let item =
+                InboxItem { id: k.value().1, envelope: stored.envelope, history: stored.history };
             // Exact: the answer's frame holds the items' encodings and a fixed overhead.
             let len = item.encoded_len();
             if !items.is_empty() && bytes + len > max_bytes {
@@ -275,6 +291,43 @@ impl Store {
             items.push(item);
         }
         Ok((items, more))
+    }
+
+    /// A run of a channel's history from position `from` (or from the oldest kept, if later):
+    /// at most `max` entries and `max_bytes` of their encodings (always at least one), with
+    /// where the history stands.
+    pub fn history(
+        &self,
+        channel: &[u8; 32],
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(HistoryHead, Vec<(u64, Vec<u8>)>), StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let heads = r.open_table(HISTORY_HEADS).map_err(redb_err)?;
+        let head: HistoryHead = match heads.get(channel).map_err(redb_err)? {
+            Some(v) => records::decode_record(v.value(), "history-heads")?,
+            None => HistoryHead::default(),
+        };
+        let t = r.open_table(HISTORY).map_err(redb_err)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for entry in
+            t.range((*channel, from.max(head.first))..=(*channel, u64::MAX)).map_err(redb_err)?
+        {
+            let (k, v) = entry.map_err(redb_err)?;
+            if out.len() >= max {
+                break;
+            }
+            let stored: StoredHistory = records::decode_record(v.value(), "history")?;
+            let envelope = stored.envelope.0;
+            if !out.is_empty() && bytes + envelope.len() > max_bytes {
+                break;
+            }
+            bytes += envelope.len();
+            out.push((k.value().1, envelope));
+        }
+        Ok((head, out))
     }
 
     /// A device's counters (inbox depth and bytes, ...).
@@ -353,7 +406,7 @@ fn init(db: &Database) -> Result<(), StoreError> {
         };
         match found {
             Some(STORAGE_VERSION) => {}
-            Some(old @ (1 | 2)) => {
+            Some(old @ (1..=3)) => {
                 if old == 1 {
                     migrate_inbox_v1(&w)?;
                 }
@@ -378,6 +431,9 @@ fn init(db: &Database) -> Result<(), StoreError> {
         w.open_table(FED_QUEUES).map_err(redb_err)?;
         w.open_table(FED_SEEN).map_err(redb_err)?;
         w.open_table(CONVICTED).map_err(redb_err)?;
+        w.open_table(HISTORY).map_err(redb_err)?;
+        w.open_table(HISTORY_HEADS).map_err(redb_err)?;
+        w.open_table(HISTORY_GAPS).map_err(redb_err)?;
     }
     w.commit().map_err(redb_err)?;
     Ok(())

@@ -3,7 +3,7 @@
 
 use chitchat_proto::codec::{Bytes, decode, encode};
 use chitchat_proto::inbox::SealedEnvelope;
-use chitchat_proto::wire::Envelope;
+use chitchat_proto::wire::{Envelope, HistoryMark};
 use chitchat_proto::{DeviceId, Dir, Timestamp};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -67,6 +67,53 @@ pub struct StoredItem {
     pub sender: DeviceId,
     /// What it carries.
     pub envelope: Envelope,
+    /// For a post or commit, its place in the channel's history (see
+    /// [`chitchat_proto::wire::InboxItem::history`]).
+    pub history: Option<HistoryMark>,
+}
+
+impl StoredItem {
+    /// Decodes an inbox record of this version or of storage version 3 (which had no
+    /// history mark).
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        decode_record(bytes, "inbox").or_else(|_| {
+            let v3: StoredItemV3 = decode_record(bytes, "inbox")?;
+            Ok(Self {
+                stored_at: v3.stored_at,
+                sender: v3.sender,
+                envelope: v3.envelope,
+                history: None,
+            })
+        })
+    }
+}
+
+/// An inbox item of storage version 3.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredItemV3 {
+    pub stored_at: Timestamp,
+    pub sender: DeviceId,
+    pub envelope: Envelope,
+}
+
+/// An entry of a channel's history: a post or commit as it was fanned out here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredHistory {
+    /// When it was stored (for retention).
+    pub stored_at: Timestamp,
+    /// The post or commit: the canonical encoding of its [`Envelope`], as it is served.
+    pub envelope: Bytes,
+}
+
+/// Where a channel's history stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryHead {
+    /// The position the next entry takes.
+    pub next: u64,
+    /// The oldest position kept.
+    pub first: u64,
+    /// The bytes of the entries kept.
+    pub bytes: u64,
 }
 
 /// A payload waiting in the queue for another relay.
@@ -101,7 +148,12 @@ pub(crate) struct StoredItemV1 {
 
 impl From<StoredItemV1> for StoredItem {
     fn from(v1: StoredItemV1) -> Self {
-        Self { stored_at: v1.stored_at, sender: v1.sender, envelope: Envelope::Sealed(v1.envelope) }
+        Self {
+            stored_at: v1.stored_at,
+            sender: v1.sender,
+            envelope: Envelope::Sealed(v1.envelope),
+            history: None,
+        }
     }
 }
 

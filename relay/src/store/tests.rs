@@ -8,6 +8,7 @@ use super::*;
 
 const NOW: Timestamp = Timestamp(1_700_000_000_000);
 const QUOTA: InboxQuota = InboxQuota { max_items: 3, max_bytes: 1 << 20 };
+const HISTORY: HistoryLimits = HistoryLimits { max_entries: 1000, max_bytes: 1 << 30 };
 
 fn key(n: u8) -> SecretKey {
     SecretKey::from_seed([n; 32])
@@ -290,6 +291,7 @@ async fn a_post_goes_to_every_recipient_with_room() {
         recipients: recipients.iter().map(|n| dev(*n)).collect(),
         now: NOW,
         quota: QUOTA,
+        history: None,
     };
     // Device 7 is not registered here (another relay serves it): left out, not counted as
     // skipped; the others get it.
@@ -390,6 +392,8 @@ async fn fetch_answers_always_fit_a_frame() {
         recipients: [dev(2)].into_iter().collect(),
         now: NOW,
         quota: unbounded,
+        // With their history marks, as the relay stores them.
+        history: Some(HISTORY),
     };
     // Commits sized so that 1,024 of them just fit the old estimate of the budget.
     let commit = OrderedCommit { channel: body.channel, commit: vec![7; 840], cert };
@@ -547,6 +551,7 @@ async fn an_entry_with_several_winners_is_fanned_out_whole_and_once() {
                 recipients: [dev(2)].into_iter().collect(),
                 now: NOW,
                 quota: unbounded,
+                history: None,
             }),
             welcomes: vec![],
             onward: None,
@@ -563,4 +568,101 @@ async fn an_entry_with_several_winners_is_fanned_out_whole_and_once() {
     assert_eq!(s.write(entry(7)).await, Ok(Written::AlreadyFannedOut));
     let (items, _) = s.fetch(&dev(2), None, 100, 1 << 20).expect("fetch");
     assert_eq!(items.len(), 3, "every winner of the entry, once");
+}
+
+/// A post fanned out to `recipients` of channel 4, kept in its history within `limits`.
+fn posted(n: u8, recipients: &[u8], limits: HistoryLimits, now: Timestamp) -> Write {
+    let channel = chitchat_proto::ordering::ChannelId([4; 32]);
+    Write::Fanout {
+        onward: None,
+        seen: None,
+        sender: dev(1),
+        envelope: Envelope::Post(ChannelPost { channel, message: vec![n; 20] }),
+        recipients: recipients.iter().map(|n| dev(*n)).collect(),
+        now,
+        quota: QUOTA,
+        history: Some(limits),
+    }
+}
+
+fn marks(s: &Store, device: u8) -> Vec<Option<chitchat_proto::wire::HistoryMark>> {
+    let (items, _) = s.fetch(&dev(device), None, 100, usize::MAX).expect("fetch");
+    items.into_iter().map(|i| i.history).collect()
+}
+
+/// Every post joins its channel's history, in order. An inbox that is full misses posts; the
+/// next post it gets says from which position it missed them, once; the history serves them.
+#[tokio::test]
+async fn the_history_keeps_what_a_full_inbox_missed_and_the_next_item_says_so() {
+    use chitchat_proto::wire::HistoryMark;
+    let (_d, s) = open();
+    s.write(register(None, true, "bob", dir(2, 1, &[]))).await.expect("registered");
+    for n in 0..5 {
+        s.write(posted(n, &[2], HISTORY, NOW)).await.expect("posted");
+    }
+    // Bob's inbox holds 3: positions 3 and 4 are missed.
+    let mark = |seq, missed_from| Some(HistoryMark { seq, missed_from });
+    assert_eq!(marks(&s, 2), [mark(0, None), mark(1, None), mark(2, None)]);
+    let (items, _) = s.fetch(&dev(2), None, 100, usize::MAX).expect("fetch");
+    let ids = items.iter().map(|i| i.id).collect();
+    s.write(Write::Ack { device: dev(2), ids }).await.expect("acked");
+    s.write(posted(5, &[2], HISTORY, NOW)).await.expect("posted");
+    s.write(posted(6, &[2], HISTORY, NOW)).await.expect("posted");
+    assert_eq!(marks(&s, 2), [mark(5, Some(3)), mark(6, None)], "the gap is told once");
+    let channel = [4; 32];
+    let (head, entries) = s.history(&channel, 3, 100, usize::MAX).expect("history");
+    assert_eq!((head.first, head.next), (0, 7));
+    let seqs: Vec<u64> = entries.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, [3, 4, 5, 6]);
+    let third: Envelope = chitchat_proto::codec::decode(&entries[0].1, 1 << 20).expect("envelope");
+    assert!(matches!(third, Envelope::Post(p) if p.message == vec![3; 20]));
+    // The byte budget stops a run early, never before its first entry.
+    let (_, one) = s.history(&channel, 3, 100, 1).expect("history");
+    assert_eq!(one.len(), 1);
+    // Another channel's history is its own.
+    let (head, none) = s.history(&[5; 32], 0, 100, usize::MAX).expect("history");
+    assert!(none.is_empty() && head.next == 0);
+}
+
+/// A channel's history keeps its last entries within its bounds, and entries past the
+/// retention go; inbox items that expire unread count as missed.
+#[tokio::test]
+async fn the_history_is_bounded_and_expires() {
+    use chitchat_proto::wire::HistoryMark;
+    let (_d, s) = open();
+    s.write(register(None, true, "bob", dir(2, 1, &[]))).await.expect("registered");
+    let small = HistoryLimits { max_entries: 4, max_bytes: 1 << 30 };
+    for n in 0..6 {
+        s.write(posted(n, &[], small, Timestamp(NOW.0 + u64::from(n)))).await.expect("posted");
+    }
+    let channel = [4; 32];
+    let (head, entries) = s.history(&channel, 0, 100, usize::MAX).expect("history");
+    assert_eq!((head.first, head.next), (2, 6), "the oldest two went");
+    assert_eq!(entries.first().map(|(seq, _)| *seq), Some(2));
+    let removed = s
+        .write(Write::ExpireHistory { before: Timestamp(NOW.0 + 4), max: 100 })
+        .await
+        .expect("expired");
+    assert_eq!(removed, Written::Removed(2));
+    let (head, entries) = s.history(&channel, 0, 100, usize::MAX).expect("history");
+    assert_eq!((head.first, entries.len()), (4, 2));
+    // Bob's two items expire unread: his next one says he missed them.
+    s.write(posted(6, &[2], HISTORY, NOW)).await.expect("posted");
+    s.write(posted(7, &[2], HISTORY, NOW)).await.expect("posted");
+    s.write(Write::Expire { before: Timestamp(NOW.0 + 1), max: 100 }).await.expect("expired");
+    s.write(posted(8, &[2], HISTORY, Timestamp(NOW.0 + 10))).await.expect("posted");
+    assert_eq!(marks(&s, 2), [Some(HistoryMark { seq: 8, missed_from: Some(6) })]);
+}
+
+/// Inbox records of storage version 3 (no history mark) are read as they are.
+#[test]
+fn version_3_inbox_records_still_read() {
+    let channel = chitchat_proto::ordering::ChannelId([4; 32]);
+    let v3 = super::records::StoredItemV3 {
+        stored_at: NOW,
+        sender: dev(1),
+        envelope: Envelope::Post(ChannelPost { channel, message: vec![1] }),
+    };
+    let item = StoredItem::decode(&chitchat_proto::codec::encode(&v3)).expect("decodes");
+    assert_eq!((item.envelope, item.history), (v3.envelope, None));
 }

@@ -1,17 +1,19 @@
 //! The writes, each applied inside the writer's batch transaction.
 
-use chitchat_proto::codec::Bytes;
+use chitchat_proto::codec::{Bytes, encode};
 use chitchat_proto::identity::linked;
 use chitchat_proto::inbox::SealedEnvelope;
-use chitchat_proto::wire::{Envelope, ErrorCode};
+use chitchat_proto::ordering::ChannelId;
+use chitchat_proto::wire::{Envelope, ErrorCode, HistoryMark};
 use chitchat_proto::{DeviceId, Dir, Timestamp};
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::records::{decode_record, encode_record};
 use super::{
     BLOCKED, CONVICTED, COUNTERS, Counters, DEVICES, DeviceRecord, FED_QUEUE, FED_QUEUES, FED_SEEN,
-    INBOX, KEY_PACKAGES, LAST_RESORT, META, NAMES, QueueCounters, QueuedForward, StoredItem,
-    StoredKeyPackage, TOKENS, TokenRecord,
+    HISTORY, HISTORY_GAPS, HISTORY_HEADS, HistoryHead, INBOX, KEY_PACKAGES, LAST_RESORT, META,
+    NAMES, QueueCounters, QueuedForward, StoredHistory, StoredItem, StoredKeyPackage, TOKENS,
+    TokenRecord,
 };
 
 /// Inbox bounds, checked on every enqueue.
@@ -20,6 +22,15 @@ pub struct InboxQuota {
     /// Items per inbox.
     pub max_items: u64,
     /// Bytes per inbox.
+    pub max_bytes: u64,
+}
+
+/// Bounds of one channel's history: past either, its oldest entries go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Entries kept per channel.
+    pub max_entries: u64,
+    /// Bytes kept per channel.
     pub max_bytes: u64,
 }
 
@@ -134,6 +145,9 @@ pub enum Write {
         onward: Option<Onward>,
         /// For a post another relay forwarded: its `(origin key, seq)`, so it is stored once.
         seen: Option<([u8; 32], u64)>,
+        /// For a post or commit, the bounds of its channel's history, which it joins (`None`:
+        /// it is kept in no history).
+        history: Option<HistoryLimits>,
     },
     /// The fan-out of the winners of the ordering-log entry at `index` (one, or several for a
     /// batch): each one's record for the channel's members and the Welcomes for the devices it
@@ -166,6 +180,13 @@ pub enum Write {
         /// The retention horizon.
         before: Timestamp,
         /// Most items deleted in one pass.
+        max: usize,
+    },
+    /// Delete channels' history entries stored before `before`, at most `max` of them.
+    ExpireHistory {
+        /// The retention horizon.
+        before: Timestamp,
+        /// Most entries deleted in one pass.
         max: usize,
     },
     /// Queue sealed payloads for the devices of another relay, all or none, within the
@@ -311,6 +332,9 @@ pub(super) struct Tables<'txn> {
     fed_queues: Table<'txn, &'static str, &'static [u8]>,
     fed_seen: Table<'txn, ([u8; 32], u64), u64>,
     convicted: Table<'txn, [u8; 32], &'static [u8]>,
+    history: Table<'txn, ([u8; 32], u64), &'static [u8]>,
+    history_heads: Table<'txn, [u8; 32], &'static [u8]>,
+    history_gaps: Table<'txn, ([u8; 32], [u8; 32]), u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -329,6 +353,9 @@ impl<'txn> Tables<'txn> {
             fed_queues: txn.open_table(FED_QUEUES).map_err(storage)?,
             fed_seen: txn.open_table(FED_SEEN).map_err(storage)?,
             convicted: txn.open_table(CONVICTED).map_err(storage)?,
+            history: txn.open_table(HISTORY).map_err(storage)?,
+            history_heads: txn.open_table(HISTORY_HEADS).map_err(storage)?,
+            history_gaps: txn.open_table(HISTORY_GAPS).map_err(storage)?,
         })
     }
 }
@@ -396,10 +423,15 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
         Write::Enqueue { sender, envelope, now, quota } => {
             let recipient = envelope.recipient;
             let envelope = Envelope::Sealed(envelope.clone());
-            let item = encode_record(&StoredItem { stored_at: *now, sender: *sender, envelope });
+            let item = encode_record(&StoredItem {
+                stored_at: *now,
+                sender: *sender,
+                envelope,
+                history: None,
+            });
             enqueue(t, recipient, &item, *quota)
         }
-        Write::Fanout { sender, envelope, recipients, now, quota, onward, seen } => {
+        Write::Fanout { sender, envelope, recipients, now, quota, onward, seen, history } => {
             if let Some(key) = seen
                 && t.fed_seen.get(*key).map_err(storage)?.is_some()
             {
@@ -417,17 +449,62 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             if let Some(key) = seen {
                 t.fed_seen.insert(*key, now.0).map_err(storage)?;
             }
-            // One record, stored in every recipient's inbox.
-            let envelope = envelope.clone();
-            let item = encode_record(&StoredItem { stored_at: *now, sender: *sender, envelope });
+            // The channel's history first: the inbox records point into it.
+            let channel = match envelope {
+                Envelope::Post(p) => Some(p.channel),
+                Envelope::Commit(c) => Some(c.channel),
+                Envelope::Sealed(_) | Envelope::Report(_) => None,
+            };
+            let place = match (channel, history) {
+                (Some(channel), Some(limits)) => {
+                    Some((channel, append_history(t, &channel, envelope, *now, *limits)?))
+                }
+                _ => None,
+            };
+            // One record, stored in every recipient's inbox (and one of its own for a
+            // recipient whose inbox missed entries of the channel: it says from where).
+            let record = |missed_from: Option<u64>| {
+                encode_record(&StoredItem {
+                    stored_at: *now,
+                    sender: *sender,
+                    envelope: envelope.clone(),
+                    history: place.map(|(_, seq)| HistoryMark { seq, missed_from }),
+                })
+            };
+            let item = record(None);
             let mut delivered = Vec::with_capacity(recipients.len());
             let mut skipped = 0u32;
             for recipient in recipients.iter() {
-                match enqueue(t, *recipient, &item, *quota) {
-                    Ok(_) => delivered.push(*recipient),
+                let gap = match place {
+                    Some((channel, _)) => {
+                        let key = (*recipient.as_bytes(), channel.0);
+                        t.history_gaps.get(key).map_err(storage)?.map(|g| (key, g.value()))
+                    }
+                    None => None,
+                };
+                let result = match gap {
+                    Some((_, from)) => enqueue(t, *recipient, &record(Some(from)), *quota),
+                    None => enqueue(t, *recipient, &item, *quota),
+                };
+                match result {
+                    Ok(_) => {
+                        if let Some((key, _)) = gap {
+                            t.history_gaps.remove(key).map_err(storage)?;
+                        }
+                        delivered.push(*recipient);
+                    }
                     // Members of other relays are theirs to serve: not counted.
                     Err(WriteError::Rejected { code: ErrorCode::NotFound, .. }) => {}
-                    Err(WriteError::Rejected { .. }) => skipped = skipped.saturating_add(1),
+                    Err(WriteError::Rejected { .. }) => {
+                        skipped = skipped.saturating_add(1);
+                        // The inbox is full: the entry waits in the history, and the next one
+                        // this device gets says so.
+                        if let (Some((channel, seq)), None) = (place, gap) {
+                            t.history_gaps
+                                .insert((*recipient.as_bytes(), channel.0), seq)
+                                .map_err(storage)?;
+                        }
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -440,6 +517,9 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
         }
         Write::Ack { device, ids } => ack(t, *device, ids),
         Write::Expire { before, max } => expire(t, *before, *max),
+        Write::ExpireHistory { before, max } => {
+            Ok(Written::Removed(expire_history(t, *before, *max)?))
+        }
         Write::Queue { host, sender, envelopes, now, limits } => {
             queue(t, host, *sender, envelopes, *now, *limits)
         }
@@ -452,6 +532,7 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
                 stored_at: *now,
                 sender: *sender,
                 envelope: Envelope::Sealed(envelope.clone()),
+                history: None,
             };
             let written = enqueue(t, envelope.recipient, &encode_record(&item), *quota)?;
             t.fed_seen.insert((*origin, *seq), now.0).map_err(storage)?;
@@ -766,6 +847,69 @@ fn enqueue(
     Ok(Written::Enqueued { id })
 }
 
+/// Appends a post or commit to its channel's history; returns its position. Past the
+/// channel's bounds, the oldest entries go.
+fn append_history(
+    t: &mut Tables<'_>,
+    channel: &ChannelId,
+    envelope: &Envelope,
+    now: Timestamp,
+    limits: HistoryLimits,
+) -> Result<u64, WriteError> {
+    let mut head: HistoryHead = match t.history_heads.get(channel.0).map_err(storage)? {
+        Some(v) => decode_record(v.value(), "history-heads").map_err(corrupt)?,
+        None => HistoryHead::default(),
+    };
+    let seq = head.next;
+    let entry = encode_record(&StoredHistory { stored_at: now, envelope: encode(envelope).into() });
+    t.history.insert((channel.0, seq), entry.as_slice()).map_err(storage)?;
+    head.next = head.next.saturating_add(1);
+    head.bytes = head.bytes.saturating_add(entry.len() as u64);
+    while head.first < seq
+        && (head.next - head.first > limits.max_entries || head.bytes > limits.max_bytes)
+    {
+        if let Some(v) = t.history.remove((channel.0, head.first)).map_err(storage)? {
+            head.bytes = head.bytes.saturating_sub(v.value().len() as u64);
+        }
+        head.first += 1;
+    }
+    t.history_heads.insert(channel.0, encode_record(&head).as_slice()).map_err(storage)?;
+    Ok(seq)
+}
+
+/// Deletes history entries stored before `before`, at most `max` of them.
+fn expire_history(t: &mut Tables<'_>, before: Timestamp, max: usize) -> Result<u64, WriteError> {
+    let mut heads: Vec<([u8; 32], HistoryHead)> = Vec::new();
+    for entry in t.history_heads.iter().map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        heads.push((k.value(), decode_record(v.value(), "history-heads").map_err(corrupt)?));
+    }
+    let mut removed = 0u64;
+    for (channel, mut head) in heads {
+        let before_first = head.first;
+        while head.first < head.next && removed < max as u64 {
+            let Some(v) = t.history.get((channel, head.first)).map_err(storage)? else {
+                head.first += 1;
+                continue;
+            };
+            let stored: StoredHistory = decode_record(v.value(), "history").map_err(corrupt)?;
+            let len = v.value().len() as u64;
+            drop(v);
+            if stored.stored_at >= before {
+                break;
+            }
+            t.history.remove((channel, head.first)).map_err(storage)?;
+            head.bytes = head.bytes.saturating_sub(len);
+            head.first += 1;
+            removed += 1;
+        }
+        if head.first != before_first {
+            t.history_heads.insert(channel, encode_record(&head).as_slice()).map_err(storage)?;
+        }
+    }
+    Ok(removed)
+}
+
 fn ack(t: &mut Tables<'_>, device: DeviceId, ids: &[u64]) -> Result<Written, WriteError> {
     let mut c = read_counters(t, device)?;
     let mut removed = 0;
@@ -783,19 +927,34 @@ fn ack(t: &mut Tables<'_>, device: DeviceId, ids: &[u64]) -> Result<Written, Wri
 }
 
 fn expire(t: &mut Tables<'_>, before: Timestamp, max: usize) -> Result<Written, WriteError> {
-    let mut old: Vec<(([u8; 32], u64), u64)> = Vec::new();
+    let mut old: Vec<(([u8; 32], u64), u64, Option<([u8; 32], u64)>)> = Vec::new();
     for entry in t.inbox.iter().map_err(storage)? {
         let (k, v) = entry.map_err(storage)?;
-        let item: StoredItem = decode_record(v.value(), "inbox").map_err(corrupt)?;
+        let item = StoredItem::decode(v.value()).map_err(corrupt)?;
         if item.stored_at < before {
-            old.push((k.value(), v.value().len() as u64));
+            // A post or commit that expires unread is missed: its device's next entry of the
+            // channel says so (from the first position missed).
+            let channel = match &item.envelope {
+                Envelope::Post(p) => Some(p.channel.0),
+                Envelope::Commit(c) => Some(c.channel.0),
+                Envelope::Sealed(_) | Envelope::Report(_) => None,
+            };
+            let missed = channel
+                .zip(item.history)
+                .map(|(c, mark)| (c, mark.missed_from.unwrap_or(mark.seq).min(mark.seq)));
+            old.push((k.value(), v.value().len() as u64, missed));
             if old.len() >= max {
                 break;
             }
         }
     }
     let mut per_device: std::collections::BTreeMap<[u8; 32], (u64, u64)> = Default::default();
-    for (key, len) in &old {
+    for (key, len, missed) in &old {
+        if let Some((channel, from)) = missed {
+            let gap = (key.0, *channel);
+            let earlier = t.history_gaps.get(gap).map_err(storage)?.map(|g| g.value());
+            t.history_gaps.insert(gap, earlier.map_or(*from, |e| e.min(*from))).map_err(storage)?;
+        }
         t.inbox.remove(*key).map_err(storage)?;
         let e = per_device.entry(key.0).or_default();
         e.0 += 1;
