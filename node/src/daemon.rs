@@ -9,7 +9,7 @@
 //! - **Membership changes** go through the ordering flow: stage, record the intent, submit,
 //!   merge only what the relay certified; a lost race is rebuilt on the new epoch.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,8 +18,9 @@ use chitchat_proto::codec::Bytes;
 use chitchat_proto::gossip::{GossipEnvelope, Verdict};
 use chitchat_proto::ordering::{ChannelId, Intent, IntentState};
 use chitchat_proto::wire::{
-    ChannelPost, CommitSubmission, ErrorCode, MAX_ENQUEUE_BATCH, MAX_FETCH_ITEMS,
-    MAX_LOOKUP_DEVICES, MAX_POST_BATCH, PostResult, Request, Response,
+    ChannelPost, CommitSubmission, Envelope, ErrorCode, InboxItem, MAX_ENQUEUE_BATCH,
+    MAX_FETCH_ITEMS, MAX_HISTORY_ENTRIES, MAX_LOOKUP_DEVICES, MAX_POST_BATCH, PostResult, Request,
+    Response,
 };
 use chitchat_proto::{Address, DeviceId, Dir, PublicKey, RelayId};
 use rand::RngExt as _;
@@ -28,6 +29,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::config::Config;
 use crate::engine::{Delivery, Engine, EngineError, Event, Incoming, Need, Released};
+use crate::history;
 use crate::host::{Gossiped, Host, PeerInfo};
 use crate::link::{LinkError, LinkState, RelayLink};
 use crate::store::Rosters;
@@ -134,6 +136,9 @@ pub struct Node {
     /// Messages to gossip, from the engine's thread (bounded: past it, only the relay carries
     /// a message).
     publish: mpsc::Sender<(ChannelId, MessageId, GossipEnvelope)>,
+    /// How far each channel's history at the relay was read this run (what the inbox missed
+    /// is fetched once, whether a notice or an item asks for it first).
+    history_read: Mutex<HashMap<ChannelId, u64>>,
 }
 
 /// Messages waiting to be gossiped, at most.
@@ -187,6 +192,7 @@ impl Node {
             rosters,
             topics: Notify::new(),
             publish,
+            history_read: Mutex::new(HashMap::new()),
         });
         tokio::spawn(node.clone().gossip_task(gossiped));
         tokio::spawn(node.clone().publish_task(to_publish));
@@ -834,10 +840,21 @@ impl Node {
             );
             let last = items.iter().map(|i| i.id).max();
             next = Some(tokio::spawn(wait(last.or(cursor), timeout_ms)));
-            let items = items.into_iter().map(Incoming::from).collect();
+            let (items, notices) = match self.with_history(&link, items).await {
+                Ok(filled) => filled,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch what the inbox missed; retrying");
+                    if let Some(prefetched) = next.take() {
+                        prefetched.abort();
+                    }
+                    backoff.wait().await;
+                    continue;
+                }
+            };
             match self.receive(&link, items, &mut held).await {
-                Ok((last, removals, ack)) => {
-                    cursor = last.or(cursor);
+                Ok((done_to, removals, mut ack)) => {
+                    ack.extend(notices);
+                    cursor = done_to.max(last).or(cursor);
                     if !more {
                         // All the relay held is processed: the channels are at their epochs.
                         self.caught_up.send_replace(true);
@@ -873,6 +890,76 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// The inbox items, each preceded by the entries of its channel's history the inbox missed
+    /// before it (fetched from the relay and checked, [`crate::history`]); and the notices of
+    /// missed entries ([`Envelope::Missed`]), done with once the batch is. A run already
+    /// fetched is not fetched again; a run the relay no longer keeps, or refuses, is counted
+    /// as missed; a relay that cannot be reached fails the batch (it is fetched again).
+    async fn with_history(
+        &self,
+        link: &RelayLink,
+        items: Vec<InboxItem>,
+    ) -> Result<(Vec<Incoming>, Vec<u64>), NodeError> {
+        if items.iter().all(|i| history::gap(i).is_none()) {
+            return Ok((items.into_iter().map(Incoming::from).collect(), Vec::new()));
+        }
+        let relay = self
+            .with(|e| e.account().map(|a| a.relay.id.key))
+            .await
+            .ok_or_else(|| NodeError::Invalid("no relay".into()))?;
+        let mut out = Vec::with_capacity(items.len());
+        let mut notices = Vec::new();
+        let mut missed = 0u64;
+        for item in items {
+            let Some((channel, from, to)) = history::gap(&item) else {
+                out.push(Incoming::Inbox(item));
+                continue;
+            };
+            let read = self.history_read.lock().map(|r| r.get(&channel).copied()).unwrap_or(None);
+            let mut at = from.max(read.unwrap_or(0));
+            // Up to the item's own position, or, for a notice, to the end of the history.
+            let mut end = to.unwrap_or(u64::MAX);
+            while at < end {
+                let max = (end - at).min(u64::from(MAX_HISTORY_ENTRIES)) as u32;
+                let request = Request::History { channel, from: at, max };
+                let (first, next, pack) = match link.call(&request).await? {
+                    Response::History { first, next, pack } => (first, next, pack),
+                    Response::Error { code, message } if !code.is_retryable() => {
+                        tracing::warn!(%channel, %message, "the relay gives no history");
+                        break;
+                    }
+                    other => return Err(refused(other)),
+                };
+                end = end.min(next);
+                let Some(pack) = pack else { break };
+                let entries = history::check(&relay, &channel, at, first, &pack)
+                    .map_err(|e| NodeError::Invalid(format!("history of {channel}: {e}")))?;
+                let Some(last) = entries.last().map(|(seq, _)| *seq) else { break };
+                missed += entries.first().map_or(0, |(seq, _)| seq - at);
+                let wanted = entries.into_iter().filter(|(seq, _)| *seq < end);
+                out.extend(wanted.map(|(_, e)| Incoming::History(e)));
+                at = last + 1;
+            }
+            if end != u64::MAX {
+                missed += end.saturating_sub(at);
+            }
+            if let Ok(mut r) = self.history_read.lock() {
+                let was = r.entry(channel).or_default();
+                *was = (*was).max(at);
+            }
+            tracing::info!(%channel, from, to = at, "filled what the inbox missed from the relay's history");
+            match item.envelope {
+                Envelope::Missed { .. } => notices.push(item.id),
+                _ => out.push(Incoming::Inbox(item)),
+            }
+        }
+        if missed > 0 {
+            tracing::warn!(missed, "entries the inbox missed are gone from the relay's history");
+            self.with(move |e| e.count_missed(missed)).await;
+        }
+        Ok((out, notices))
     }
 
     /// Processes a run of inbox items; returns the highest item id looked at (the next `Wait`

@@ -303,6 +303,10 @@ pub enum Incoming {
     /// A channel message gossiped by a peer, judged by the host before it got here (signed by
     /// a member of the channel at its epoch); nothing acknowledges it.
     Gossip(GossipEnvelope),
+    /// A post or commit of a channel's history at the relay, fetched because the inbox missed
+    /// it (checked against its pack's signed root before it got here); nothing acknowledges
+    /// it.
+    History(Envelope),
 }
 
 impl Incoming {
@@ -310,7 +314,7 @@ impl Incoming {
     pub fn inbox_id(&self) -> Option<u64> {
         match self {
             Self::Inbox(item) => Some(item.id),
-            Self::Gossip(_) => None,
+            Self::Gossip(_) | Self::History(_) => None,
         }
     }
 }
@@ -396,6 +400,9 @@ pub struct Dropped {
     /// Messages for a channel this device is not in, whose Welcome did not come in time
     /// ([`AWAITING_JOIN_MS`]) or that did not fit ([`MAX_AWAITING_JOIN`]).
     pub not_joined: u64,
+    /// Posts and commits the inbox missed that the relay's history no longer kept (or would
+    /// not give).
+    pub missed: u64,
 }
 
 /// Messages held for channels this device is not in yet, at most: a channel's commits and
@@ -1270,7 +1277,7 @@ impl Engine {
     /// that follows is sequential.
     fn open_all(&self, items: &[Incoming]) -> Vec<Result<InboxPayload, String>> {
         let me = self.device();
-        let open_inbox = |item: &InboxItem| match &item.envelope {
+        let open_envelope = |envelope: &Envelope| match envelope {
             Envelope::Sealed(sealed) => self
                 .inbox
                 .open(me, sealed)
@@ -1285,13 +1292,17 @@ impl Engine {
                 message: ChannelMessage::Commit { commit: c.commit.clone(), cert: c.cert.clone() },
             }),
             Envelope::Report(r) => Ok(InboxPayload::Report(r.clone())),
+            // The daemon fills these from the history before the engine sees the batch.
+            Envelope::Missed { .. } => Err("a notice of missed history, not a message".into()),
         };
         let open = |item: &Incoming| match item {
             Incoming::Gossip(e) => Ok(InboxPayload::Channel {
                 channel: e.body.channel,
                 message: ChannelMessage::Application { message: e.body.message.clone() },
             }),
-            Incoming::Inbox(item) => open_inbox(item),
+            Incoming::Inbox(item) => open_envelope(&item.envelope),
+            Incoming::History(Envelope::Sealed(_)) => Err("a sealed envelope in a history".into()),
+            Incoming::History(envelope) => open_envelope(envelope),
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         let sealed = items
@@ -1512,6 +1523,11 @@ impl Engine {
     }
 
     /// Inbox items dropped since the daemon started, by reason.
+    /// Counts history entries missed for good (see [`Dropped::missed`]).
+    pub fn count_missed(&mut self, n: u64) {
+        self.dropped.missed = self.dropped.missed.saturating_add(n);
+    }
+
     pub fn dropped(&self) -> Dropped {
         self.dropped
     }

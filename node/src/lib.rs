@@ -3,6 +3,7 @@
 //! - [`store`]: the node's redb file (keys, identity records, channels, openmls state,
 //!   messages, outbox, intents).
 //! - [`engine`]: the synchronous state machine over the store; no network I/O.
+//! - [`history`]: checking what the relay's history of a channel fills in for the inbox.
 //! - [`host`]: the node's libp2p host (the relay protocol, gossip, identify), one swarm.
 //! - [`link`]: the connection to the node's relay, over the host.
 //! - [`daemon`]: the running node; background tasks for the inbox, the outbox and the
@@ -18,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod history;
 pub mod home;
 pub mod host;
 pub mod link;

@@ -345,6 +345,16 @@ pub enum Envelope {
     Commit(OrderedCommit),
     /// A member's epoch report, fanned out by the relay from a [`Request::Report`].
     Report(EpochReport),
+    /// The relay's notice, past the inbox quota, that the inbox was full when an entry of the
+    /// channel's history was fanned out: entries from `from` on are to be fetched from the
+    /// history ([`Request::History`]) when this item is reached. One per gap: the next entry
+    /// the inbox gets also carries the gap ([`HistoryMark::missed_from`]).
+    Missed {
+        /// The channel.
+        channel: ChannelId,
+        /// The first position missed.
+        from: u64,
+    },
 }
 
 impl InboxItem {
@@ -359,7 +369,7 @@ impl Envelope {
     pub fn as_sealed(&self) -> Option<&SealedEnvelope> {
         match self {
             Self::Sealed(e) => Some(e),
-            Self::Post(_) | Self::Commit(_) | Self::Report(_) => None,
+            Self::Post(_) | Self::Commit(_) | Self::Report(_) | Self::Missed { .. } => None,
         }
     }
 }
@@ -375,6 +385,7 @@ impl Validate for Envelope {
             Self::Post(p) => p.validate(),
             Self::Commit(c) => c.validate(),
             Self::Report(r) => r.verify().map_err(|_| "invalid epoch report"),
+            Self::Missed { .. } => Ok(()),
         }
     }
 }

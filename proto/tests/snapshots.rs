@@ -509,6 +509,8 @@ fn evidence_frames() {
         .join("\n--\n")
     );
     insta::assert_snapshot!("envelope_report", hex(&encode(&wire::Envelope::Report(report))));
+    let missed = wire::Envelope::Missed { channel: ChannelId([5; 32]), from: 300 };
+    insta::assert_snapshot!("envelope_missed", hex(&encode(&missed)));
     insta::assert_snapshot!("inbox_payload_report", hex(&payload.to_bytes()));
     for r in &requests {
         let f = wire::encode_frame(r).expect("frame");

@@ -915,7 +915,7 @@ impl Relay {
                                 .forwarded_report(origin, item.seq, item.sender, r, now)
                                 .await;
                         }
-                        Envelope::Commit(_) => {
+                        Envelope::Commit(_) | Envelope::Missed { .. } => {
                             return ForwardResult::Refused(ErrorCode::BadRequest);
                         }
                     };

@@ -146,6 +146,7 @@ impl Member {
                     },
                 },
                 Envelope::Report(r) => InboxPayload::Report(r.clone()),
+                Envelope::Missed { .. } => panic!("no inbox here misses anything"),
             })
             .collect()
     }

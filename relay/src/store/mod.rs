@@ -302,7 +302,7 @@ impl Store {
         from: u64,
         max: usize,
         max_bytes: usize,
-    ) -> Result<(HistoryHead, Vec<(u64, Vec<u8>)>), StoreError> {
+    ) -> Result<(HistoryHead, Vec<HistoryEntry>), StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
         let heads = r.open_table(HISTORY_HEADS).map_err(redb_err)?;
         let head: HistoryHead = match heads.get(channel).map_err(redb_err)? {
@@ -375,6 +375,9 @@ impl Store {
         })
     }
 }
+
+/// A history entry as it is served: its position and the encoding of its envelope.
+pub type HistoryEntry = (u64, Vec<u8>);
 
 /// Totals over the store.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

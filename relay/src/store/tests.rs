@@ -600,15 +600,18 @@ async fn the_history_keeps_what_a_full_inbox_missed_and_the_next_item_says_so() 
     for n in 0..5 {
         s.write(posted(n, &[2], HISTORY, NOW)).await.expect("posted");
     }
-    // Bob's inbox holds 3: positions 3 and 4 are missed.
+    // Bob's inbox holds 3: positions 3 and 4 are missed, and a notice past the quota says
+    // so at the first.
     let mark = |seq, missed_from| Some(HistoryMark { seq, missed_from });
-    assert_eq!(marks(&s, 2), [mark(0, None), mark(1, None), mark(2, None)]);
+    assert_eq!(marks(&s, 2), [mark(0, None), mark(1, None), mark(2, None), None]);
     let (items, _) = s.fetch(&dev(2), None, 100, usize::MAX).expect("fetch");
+    let channel = chitchat_proto::ordering::ChannelId([4; 32]);
+    assert_eq!(items[3].envelope, Envelope::Missed { channel, from: 3 }, "one notice per gap");
     let ids = items.iter().map(|i| i.id).collect();
     s.write(Write::Ack { device: dev(2), ids }).await.expect("acked");
     s.write(posted(5, &[2], HISTORY, NOW)).await.expect("posted");
     s.write(posted(6, &[2], HISTORY, NOW)).await.expect("posted");
-    assert_eq!(marks(&s, 2), [mark(5, Some(3)), mark(6, None)], "the gap is told once");
+    assert_eq!(marks(&s, 2), [mark(5, Some(3)), mark(6, None)], "the gap is closed");
     let channel = [4; 32];
     let (head, entries) = s.history(&channel, 3, 100, usize::MAX).expect("history");
     assert_eq!((head.first, head.next), (0, 7));

@@ -453,7 +453,7 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             let channel = match envelope {
                 Envelope::Post(p) => Some(p.channel),
                 Envelope::Commit(c) => Some(c.channel),
-                Envelope::Sealed(_) | Envelope::Report(_) => None,
+                Envelope::Sealed(_) | Envelope::Report(_) | Envelope::Missed { .. } => None,
             };
             let place = match (channel, history) {
                 (Some(channel), Some(limits)) => {
@@ -497,12 +497,20 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
                     Err(WriteError::Rejected { code: ErrorCode::NotFound, .. }) => {}
                     Err(WriteError::Rejected { .. }) => {
                         skipped = skipped.saturating_add(1);
-                        // The inbox is full: the entry waits in the history, and the next one
-                        // this device gets says so.
+                        // The inbox is full: the entry waits in the history. A notice past the
+                        // quota says so now, and the next entry this device gets says so too.
                         if let (Some((channel, seq)), None) = (place, gap) {
                             t.history_gaps
                                 .insert((*recipient.as_bytes(), channel.0), seq)
                                 .map_err(storage)?;
+                            let notice = encode_record(&StoredItem {
+                                stored_at: *now,
+                                sender: *sender,
+                                envelope: Envelope::Missed { channel, from: seq },
+                                history: None,
+                            });
+                            let unbounded = InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
+                            enqueue(t, *recipient, &notice, unbounded)?;
                         }
                     }
                     Err(e) => return Err(e),
@@ -927,7 +935,9 @@ fn ack(t: &mut Tables<'_>, device: DeviceId, ids: &[u64]) -> Result<Written, Wri
 }
 
 fn expire(t: &mut Tables<'_>, before: Timestamp, max: usize) -> Result<Written, WriteError> {
-    let mut old: Vec<(([u8; 32], u64), u64, Option<([u8; 32], u64)>)> = Vec::new();
+    // Each item: its key, its length, and the channel and position it leaves missed.
+    type Old = (([u8; 32], u64), u64, Option<([u8; 32], u64)>);
+    let mut old: Vec<Old> = Vec::new();
     for entry in t.inbox.iter().map_err(storage)? {
         let (k, v) = entry.map_err(storage)?;
         let item = StoredItem::decode(v.value()).map_err(corrupt)?;
@@ -937,7 +947,7 @@ fn expire(t: &mut Tables<'_>, before: Timestamp, max: usize) -> Result<Written, 
             let channel = match &item.envelope {
                 Envelope::Post(p) => Some(p.channel.0),
                 Envelope::Commit(c) => Some(c.channel.0),
-                Envelope::Sealed(_) | Envelope::Report(_) => None,
+                Envelope::Sealed(_) | Envelope::Report(_) | Envelope::Missed { .. } => None,
             };
             let missed = channel
                 .zip(item.history)
