@@ -8,6 +8,8 @@
 //! Run: `cargo bench -p chitchat-tests --bench node` (add `-- --quick` for a short run).
 //!
 //! Goals (issue #4): latency p50 ≤ 2 ms; catch-up of 10,000 messages ≤ 1 s; idle RSS ≤ 40 MB.
+//! Issue #13: direct delivery between two nodes (gossip over their own connection, the relay
+//! frozen) beats the path through the relay (both nodes relay-only), measured in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -37,12 +39,13 @@ struct Round {
     received: Vec<Duration>,
 }
 
-/// Sends `n` messages one at a time, `pause` apart, and times each.
+/// Sends `n` messages one at a time, `pause` apart, and times each (the `sent` events only with
+/// `sent_rx`).
 async fn ping_round(
     alice: &NodeProcess,
     channel: &str,
     rx: &mut mpsc::UnboundedReceiver<(String, Instant)>,
-    sent_rx: &mut mpsc::UnboundedReceiver<(String, Instant)>,
+    mut sent_rx: Option<&mut mpsc::UnboundedReceiver<(String, Instant)>>,
     n: usize,
     pause: Duration,
 ) -> Round {
@@ -76,6 +79,7 @@ async fn ping_round(
                 break;
             }
         }
+        let Some(sent_rx) = sent_rx.as_deref_mut() else { continue };
         while let Ok(Some((got, at))) =
             tokio::time::timeout(Duration::from_secs(10), sent_rx.recv()).await
         {
@@ -217,6 +221,23 @@ fn watch(
     rx
 }
 
+/// Waits until Alice has a direct connection to Bob.
+async fn wait_direct(alice: &NodeProcess, bob: &NodeProcess) {
+    let bob_id = bob.json("GET", "/v1/network", None).await.expect("network")["peer_id"].clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = alice.json("GET", "/v1/network", None).await.expect("network");
+        let direct = v["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["peer_id"] == bob_id && p["direct"] == true));
+        if direct {
+            return;
+        }
+        assert!(Instant::now() < deadline, "alice and bob never connected directly: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn stored(node: &NodeProcess, channel: &str) -> u64 {
     node.json("GET", &format!("/v1/channels/{channel}"), None)
         .await
@@ -276,9 +297,9 @@ async fn main() {
     // receiver commits after showing a message, the sender records `sent` after the relay's
     // answer): the latency of a message alone. Then back to back, where each message's
     // sending overlaps the previous one's tail work (both nodes' fsyncs on one disk).
-    let paced = ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, PACE).await;
+    let paced = ping_round(&alice, &channel, &mut rx, Some(&mut sent_rx), pings, PACE).await;
     let back_to_back =
-        ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, Duration::ZERO).await;
+        ping_round(&alice, &channel, &mut rx, Some(&mut sent_rx), pings, Duration::ZERO).await;
     // The same with `send.commit_first`: each message leaves only after its commit (as every
     // message did before sends left during their commit).
     alice.stop().expect("alice stops");
@@ -286,11 +307,34 @@ async fn main() {
     let mut sent_rx = watch(&alice, &channel, "sent");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Warm-up: the link to the relay comes up with the first message.
-    ping_round(&alice, &channel, &mut rx, &mut sent_rx, 5, PACE).await;
+    ping_round(&alice, &channel, &mut rx, Some(&mut sent_rx), 5, PACE).await;
     let commit_first =
-        ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, Duration::ZERO).await;
-    let commit_first_paced = ping_round(&alice, &channel, &mut rx, &mut sent_rx, pings, PACE).await;
+        ping_round(&alice, &channel, &mut rx, Some(&mut sent_rx), pings, Duration::ZERO).await;
+    let commit_first_paced =
+        ping_round(&alice, &channel, &mut rx, Some(&mut sent_rx), pings, PACE).await;
     alice.stop().expect("alice stops");
+    alice.restart().expect("alice back");
+
+    // Direct: Alice and Bob connected to each other (they found each other at the relay), the
+    // relay frozen: only gossip over their own connection carries a message.
+    wait_direct(&alice, &bob).await;
+    relay.pause().expect("SIGSTOP");
+    let direct = ping_round(&alice, &channel, &mut rx, None, pings, PACE).await;
+    relay.resume().expect("SIGCONT");
+    // Through the relay: both relay-only (gossip forwarded by the relay, or the inbox, whichever
+    // is first).
+    let relay_only = [("CHITCHAT_NETWORK_RELAY_ONLY", "true")];
+    alice.stop().expect("alice stops");
+    bob.stop().expect("bob stops");
+    bob.restart_with(&relay_only).expect("bob, relay-only");
+    alice.restart_with(&relay_only).expect("alice, relay-only");
+    let mut rx = watch(&bob, &channel, "message");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ping_round(&alice, &channel, &mut rx, None, 5, PACE).await;
+    let through_relay = ping_round(&alice, &channel, &mut rx, None, pings, PACE).await;
+    alice.stop().expect("alice stops");
+    bob.stop().expect("bob stops");
+    bob.restart().expect("bob back");
     alice.restart().expect("alice back");
     let relay_lat = relay_push_latency(&relay, pings, Duration::ZERO, 61).await;
     let relay_paced = relay_push_latency(&relay, pings, PACE, 63).await;
@@ -334,6 +378,15 @@ async fn main() {
     latency_row(
         &format!("node → relay → node, `commit_first`, {pace} ms apart"),
         commit_first_paced.received,
+    );
+
+    println!("\n## Direct vs through the relay (issue #13), {pace} ms apart\n");
+    println!("| path | messages | p50 ms | p90 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|");
+    latency_row("**direct: gossip between the two nodes, relay frozen**", direct.received);
+    latency_row(
+        "through the relay: both nodes relay-only (relay's gossip or the inbox)",
+        through_relay.received,
     );
 
     // Catch-up: Bob is offline while Alice sends the backlog.
