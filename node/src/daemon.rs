@@ -933,6 +933,13 @@ impl Node {
                     other => return Err(refused(other)),
                 };
                 end = end.min(next);
+                // A notice's run ends where the history does: its last entries only, like
+                // any other gap's.
+                if end.saturating_sub(at) > history::MAX_FILL {
+                    missed += end - history::MAX_FILL - at;
+                    at = end - history::MAX_FILL;
+                    continue;
+                }
                 let Some(pack) = pack else { break };
                 let entries = history::check(&relay, &channel, at, first, &pack)
                     .map_err(|e| NodeError::Invalid(format!("history of {channel}: {e}")))?;
