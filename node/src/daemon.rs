@@ -307,13 +307,13 @@ impl Node {
             .await;
             let Ok(judged) = judged else { continue };
             let mut accepted = Vec::new();
-            for ((verdict, envelope), g) in judged {
+            for ((verdict, incoming), g) in judged {
                 if !matches!(verdict, Verdict::Accept) {
                     tracing::debug!(peer = %g.source, ?verdict, "gossip not accepted");
                 }
                 self.host.report(g.id, g.source, verdict);
-                if let (Verdict::Accept, Some(e)) = (verdict, envelope) {
-                    accepted.push(Incoming::Gossip(e));
+                if let (Verdict::Accept, Some(i)) = (verdict, incoming) {
+                    accepted.push(i);
                 }
             }
             if accepted.is_empty() {
@@ -754,6 +754,12 @@ impl Node {
                 }
             }
             for report in out.reports {
+                // To the members online by gossip (what a fork looks like does not wait for
+                // the relay), and through the relay to every member.
+                let bytes = chitchat_proto::codec::encode(&report);
+                if let Err(e) = self.host.publish_report(report.body.channel, bytes).await {
+                    tracing::debug!(channel = %report.body.channel, error = %e, "epoch report not gossiped");
+                }
                 match link.call(&Request::Report { report: report.clone() }).await {
                     Ok(Response::Posted(results))
                         if matches!(results[..], [PostResult::Posted { .. }]) => {}
@@ -1386,19 +1392,30 @@ fn judge(
     rosters: &Rosters,
     g: &Gossiped,
     now: chitchat_proto::Timestamp,
-) -> (Verdict, Option<GossipEnvelope>) {
+) -> (Verdict, Option<Incoming>) {
     use chitchat_proto::codec::Canonical as _;
+    let member = |channel: ChannelId| {
+        move |device: &DeviceId, epoch: u64| {
+            rosters.is_member(&channel, device, epoch).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read a roster");
+                None
+            })
+        }
+    };
+    if g.topic.as_str().ends_with(chitchat_proto::gossip::REPORTS_SUFFIX) {
+        // The channel is the one the report names; the topic must be its report topic.
+        let channel = chitchat_proto::ordering::EpochReport::from_bytes(&g.data)
+            .map(|r| r.body.channel)
+            .unwrap_or(ChannelId([0; 32]));
+        let (verdict, report) =
+            chitchat_proto::gossip::judge_report(&g.data, g.topic.as_str(), member(channel));
+        return (verdict, report.map(Incoming::Report));
+    }
     let Ok(envelope) = GossipEnvelope::from_bytes(&g.data) else {
         return (Verdict::Reject(chitchat_proto::gossip::GossipError::Malformed), None);
     };
-    let channel = envelope.body.channel;
-    let verdict = envelope.judge(g.topic.as_str(), now, |device, epoch| {
-        rosters.is_member(&channel, device, epoch).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read a roster");
-            None
-        })
-    });
-    (verdict, Some(envelope))
+    let verdict = envelope.judge(g.topic.as_str(), now, member(envelope.body.channel));
+    (verdict, Some(Incoming::Gossip(envelope)))
 }
 
 /// How long one submission round resubmits a commit the relay does not answer.

@@ -307,6 +307,9 @@ pub enum Incoming {
     /// it (checked against its pack's signed root before it got here); nothing acknowledges
     /// it.
     History(Envelope),
+    /// Another member's epoch report, gossiped by a peer and judged by the host (signed by a
+    /// member of the channel at that epoch); nothing acknowledges it.
+    Report(chitchat_proto::ordering::EpochReport),
 }
 
 impl Incoming {
@@ -314,7 +317,7 @@ impl Incoming {
     pub fn inbox_id(&self) -> Option<u64> {
         match self {
             Self::Inbox(item) => Some(item.id),
-            Self::Gossip(_) | Self::History(_) => None,
+            Self::Gossip(_) | Self::History(_) | Self::Report(_) => None,
         }
     }
 }
@@ -1303,6 +1306,7 @@ impl Engine {
             Incoming::Inbox(item) => open_envelope(&item.envelope),
             Incoming::History(Envelope::Sealed(_)) => Err("a sealed envelope in a history".into()),
             Incoming::History(envelope) => open_envelope(envelope),
+            Incoming::Report(report) => Ok(InboxPayload::Report(report.clone())),
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         let sealed = items

@@ -126,12 +126,26 @@ pub struct PeerInfo {
 
 /// What the host's task is asked to do.
 enum Command {
-    Call { peer: PeerId, addrs: Vec<Multiaddr>, frame: Vec<u8>, reply: oneshot::Sender<CallResult> },
+    Call {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        frame: Vec<u8>,
+        reply: oneshot::Sender<CallResult>,
+    },
     Reset(PeerId),
     Watch(PeerId, oneshot::Sender<watch::Receiver<PeerState>>),
     Topics(BTreeSet<ChannelId>),
-    Publish { channel: ChannelId, data: Vec<u8>, reply: oneshot::Sender<Result<(), String>> },
-    Report { id: MessageId, source: PeerId, verdict: Verdict },
+    Publish {
+        channel: ChannelId,
+        report: bool,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Report {
+        id: MessageId,
+        source: PeerId,
+        verdict: Verdict,
+    },
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Listening(oneshot::Sender<Vec<Multiaddr>>),
@@ -261,7 +275,14 @@ impl Host {
     /// Publishes an encoded envelope on the channel's topic. Fails when no peer of the topic
     /// is connected (then only the relay carries the message).
     pub async fn publish(&self, channel: ChannelId, data: Vec<u8>) -> Result<(), String> {
-        self.ask(|reply| Command::Publish { channel, data, reply })
+        self.ask(|reply| Command::Publish { channel, report: false, data, reply })
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Publishes an epoch report (its encoding) on its channel's report topic.
+    pub async fn publish_report(&self, channel: ChannelId, data: Vec<u8>) -> Result<(), String> {
+        self.ask(|reply| Command::Publish { channel, report: true, data, reply })
             .await
             .map_err(|e| e.to_string())?
     }
@@ -379,9 +400,10 @@ async fn run(
                             }
                         }
                     }
-                    Command::Publish { channel, data, reply } => {
+                    Command::Publish { channel, report, data, reply } => {
                         let g = &mut swarm.behaviour_mut().gossip.gossipsub;
-                        let r = match g.publish(gossip::topic(&channel), data) {
+                        let topic = if report { gossip::report_topic(&channel) } else { gossip::topic(&channel) };
+                        let r = match g.publish(topic, data) {
                             Ok(_) => Ok(()),
                             Err(PublishError::NoPeersSubscribedToTopic) => Err("no peer of the channel is connected".into()),
                             Err(e) => Err(e.to_string()),

@@ -20,7 +20,7 @@ use crate::Timestamp;
 use crate::codec::{Canonical, encode};
 use crate::identity::DeviceId;
 use crate::keys::{Label, SecretKey, Signature};
-use crate::ordering::ChannelId;
+use crate::ordering::{ChannelId, EpochReport};
 use crate::wire::MAX_INBOX_PAYLOAD_LEN;
 
 /// The largest MLS message one envelope carries (the same as a post through the relay).
@@ -38,6 +38,39 @@ pub fn topic(channel: &ChannelId) -> String {
     let mut h = blake3::Hasher::new_derive_key("chitchat/v1/gossip-topic");
     h.update(&channel.0);
     format!("chitchat/1/{}", crate::keys::hex_string(&h.finalize().as_bytes()[..16]))
+}
+
+/// The gossipsub topic of a channel's epoch reports (members' [`EpochReport`]s, for fork
+/// detection): its messages' topic with `/reports`.
+pub fn report_topic(channel: &ChannelId) -> String {
+    format!("{}{REPORTS_SUFFIX}", topic(channel))
+}
+
+/// What ends a report topic's name.
+pub const REPORTS_SUFFIX: &str = "/reports";
+
+/// Judges a gossiped epoch report (the encoding of an [`EpochReport`]) that came on the topic
+/// `topic_name`, as [`GossipEnvelope::judge`] judges an envelope: it must decode, be of the
+/// topic's channel, carry a valid signature of its device, and that device must be a member of
+/// the channel at the reported epoch (`is_member`). Returns the report when it is accepted.
+pub fn judge_report(
+    bytes: &[u8],
+    topic_name: &str,
+    is_member: impl FnOnce(&DeviceId, u64) -> Option<bool>,
+) -> (Verdict, Option<EpochReport>) {
+    let Ok(report) = EpochReport::from_bytes(bytes) else {
+        return (Verdict::Reject(GossipError::Malformed), None);
+    };
+    if report_topic(&report.body.channel) != topic_name {
+        return (Verdict::Reject(GossipError::WrongTopic), None);
+    }
+    if report.verify().is_err() {
+        return (Verdict::Reject(GossipError::BadSignature), None);
+    }
+    match Verdict::of_membership(is_member(&report.body.device, report.body.epoch)) {
+        Verdict::Accept => (Verdict::Accept, Some(report)),
+        other => (other, None),
+    }
 }
 
 /// The content id of a gossiped message's bytes: BLAKE3 of them (gossipsub's message id, so
@@ -200,6 +233,49 @@ impl Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member's report on its channel's report topic is taken; a report on another topic,
+    /// forged, of a non-member, or garbage is rejected; of an epoch whose members are unknown,
+    /// ignored.
+    #[test]
+    fn reports_are_judged_like_envelopes() {
+        use crate::ordering::{EpochReport, EpochReportBody};
+        let key = SecretKey::from_seed([1; 32]);
+        let channel = ChannelId([7; 32]);
+        let body = EpochReportBody {
+            channel,
+            epoch: 4,
+            digest: [9; 32],
+            cert: None,
+            device: DeviceId(key.public()),
+        };
+        let report = EpochReport::sign(&key, body.clone());
+        let bytes = encode(&report);
+        let t = report_topic(&channel);
+        assert_ne!(t, topic(&channel), "reports have a topic of their own");
+        let member = |_: &DeviceId, _: u64| Some(true);
+        assert_eq!(judge_report(&bytes, &t, member), (Verdict::Accept, Some(report.clone())));
+        let other = report_topic(&ChannelId([8; 32]));
+        assert_eq!(
+            judge_report(&bytes, &other, member).0,
+            Verdict::Reject(GossipError::WrongTopic)
+        );
+        assert_eq!(
+            judge_report(&bytes, &topic(&channel), member).0,
+            Verdict::Reject(GossipError::WrongTopic),
+            "not on the messages' topic"
+        );
+        let forged = EpochReport { body: EpochReportBody { digest: [8; 32], ..body }, ..report };
+        assert_eq!(
+            judge_report(&encode(&forged), &t, member).0,
+            Verdict::Reject(GossipError::BadSignature)
+        );
+        let stranger = |_: &DeviceId, _: u64| Some(false);
+        assert_eq!(judge_report(&bytes, &t, stranger).0, Verdict::Reject(GossipError::NotMember));
+        let unknown = |_: &DeviceId, _: u64| None;
+        assert_eq!(judge_report(&bytes, &t, unknown).0, Verdict::Ignore(Unjudged::UnknownEpoch));
+        assert!(matches!(judge_report(&[1, 2, 3], &t, member).0, Verdict::Reject(_)));
+    }
 
     const NOW: Timestamp = Timestamp(1_000_000_000);
 

@@ -616,6 +616,22 @@ impl Relay {
     /// channel as this relay orders it: every check of [`GossipEnvelope::judge`] but the
     /// membership first (no lock taken for spam that fails them), then the membership.
     pub async fn judge_gossip(&self, topic: &str, data: &[u8], now: Timestamp) -> GossipVerdict {
+        if topic.ends_with(chitchat_proto::gossip::REPORTS_SUFFIX) {
+            // An epoch report: every check but the membership, then the membership.
+            let (verdict, _) = chitchat_proto::gossip::judge_report(data, topic, |_, _| None);
+            if verdict != GossipVerdict::Ignore(Unjudged::UnknownEpoch) {
+                return verdict;
+            }
+            let Ok(report) = chitchat_proto::ordering::EpochReport::from_bytes(data) else {
+                return GossipVerdict::Reject(GossipError::Malformed);
+            };
+            let b = &report.body;
+            let member = match self.ordered_by(&b.channel).await {
+                Some(by) => by.ordering().is_member(&b.channel, &b.device, b.epoch).await,
+                None => None,
+            };
+            return GossipVerdict::of_membership(member);
+        }
         let Ok(envelope) = GossipEnvelope::from_bytes(data) else {
             return GossipVerdict::Reject(GossipError::Malformed);
         };

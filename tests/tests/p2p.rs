@@ -290,6 +290,91 @@ async fn a_spamming_peer_is_scored_down_and_dropped() {
     assert!(relay.metric("chitchat_relay_gossip_total{kind=\"accept\"}") >= 1.0, "no accept");
 }
 
+/// Fork detection over gossip: members' epoch reports travel on their channel's report topic
+/// too. With the relay frozen (SIGSTOP), a report of Alice's device that disagrees with Bob's
+/// state of his current epoch (signed with her key while her node is stopped: what a member
+/// forked away from Bob would send) reaches Bob by gossip alone, and Bob reports the fork.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_is_reported_over_gossip_while_the_relay_is_frozen() {
+    use chitchat_net::HostConfig;
+    use chitchat_net::gossip::{Gossip, report_topic, subscribe};
+    use chitchat_proto::ordering::{ChannelId, EpochReport, EpochReportBody};
+    use futures::StreamExt as _;
+
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let (mut alice, bob, id) = pair(&relay).await;
+    let channel: ChannelId = ChannelId(
+        (0..32)
+            .map(|i| u8::from_str_radix(&id[2 * i..2 * i + 2], 16).expect("hex id"))
+            .collect::<Vec<u8>>()
+            .try_into()
+            .expect("32 bytes"),
+    );
+    let info = bob.json("GET", &format!("/v1/channels/{id}"), None).await.expect("channel");
+    let epoch = info["epoch"].as_u64().expect("epoch");
+    let status = bob.json("GET", "/v1/status", None).await.expect("status");
+    assert_eq!(status["forks"], json!([]), "no fork to begin with: {status}");
+    // Alice's device key, read from her store while her node is stopped.
+    alice.stop().expect("alice stops");
+    let db = chitchat_node::home::NodeDir::new(alice.home()).db();
+    let store = chitchat_node::store::Store::open(&db).expect("alice's store");
+    let seed: [u8; 32] =
+        store.key("device").expect("read").expect("a key").try_into().expect("32 bytes");
+    drop(store);
+    let key = chitchat_proto::SecretKey::from_seed(seed);
+    let forked = EpochReport::sign(
+        &key,
+        EpochReportBody {
+            channel,
+            epoch,
+            digest: [0xab; 32],
+            cert: None,
+            device: chitchat_proto::DeviceId(key.public()),
+        },
+    );
+
+    relay.pause().expect("SIGSTOP");
+    let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false };
+    let identity = libp2p::identity::Keypair::generate_ed25519();
+    let mut host = chitchat_net::swarm(identity, config, |_| Gossip::new().expect("gossip"))
+        .await
+        .expect("swarm");
+    subscribe(&mut host.behaviour_mut().gossipsub, &channel).expect("subscribe");
+    // Bob's own address (his circuit goes through the frozen relay).
+    let listening = network(&bob).await["listening"].clone();
+    let addr = listening
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|a| a.starts_with("/ip4/127.0.0.1/tcp/") && !a.contains("p2p-circuit"))
+        .expect("bob listens on loopback TCP")
+        .to_owned();
+    host.dial(addr.parse::<libp2p::Multiaddr>().expect("addr")).expect("dial");
+    let bytes = chitchat_proto::codec::encode(&forked);
+    let deadline = Instant::now() + WAIT;
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    let forks = loop {
+        tokio::select! {
+            _ = host.select_next_some() => continue,
+            _ = tick.tick() => {}
+        }
+        // Again until Bob's subscription to the report topic reached the host.
+        let _ = host.behaviour_mut().gossipsub.publish(report_topic(&channel), bytes.clone());
+        let status = bob.json("GET", "/v1/status", None).await.expect("status");
+        if status["forks"].as_array().is_some_and(|f| !f.is_empty()) {
+            break status["forks"].clone();
+        }
+        assert!(Instant::now() < deadline, "bob never reported the fork: {status}");
+    };
+    relay.resume().expect("SIGCONT");
+    let forks = forks.as_array().expect("forks");
+    assert_eq!(forks.len(), 1, "{forks:?}");
+    assert_eq!(forks[0]["device"], key.public().to_hex(), "{forks:?}");
+    assert_eq!(forks[0]["epoch"], epoch, "{forks:?}");
+    assert!(forks[0]["kind"].as_str().is_some_and(|k| k.starts_with("OtherState")), "{forks:?}");
+}
+
 /// Mallory dials `peer` at `addr`, waits until its subscription to the channel's topic reached
 /// her, gossips four envelopes she signed herself (she is no member) and waits for `peer` to
 /// close her connection (`Err` if it never does).

@@ -130,6 +130,11 @@ pub fn topic(channel: &ChannelId) -> IdentTopic {
     IdentTopic::new(chitchat_proto::gossip::topic(channel))
 }
 
+/// The topic of a channel's epoch reports.
+pub fn report_topic(channel: &ChannelId) -> IdentTopic {
+    IdentTopic::new(chitchat_proto::gossip::report_topic(channel))
+}
+
 /// The scoring of a channel's topic: a rejected envelope weighs heavily (two put the sender
 /// past the graylist threshold), delivering first and staying in the mesh count a little, and
 /// a quiet peer is never penalised for being quiet (a chat's traffic is too sparse for
@@ -151,13 +156,15 @@ pub fn topic_params() -> TopicScoreParams {
     }
 }
 
-/// Subscribes to a channel's topic with its scoring.
+/// Subscribes to a channel's topics (its messages' and its epoch reports'), with their
+/// scoring; returns the messages' topic.
 pub fn subscribe(b: &mut gossipsub::Behaviour, channel: &ChannelId) -> Result<TopicHash, NetError> {
-    let t = topic(channel);
-    b.subscribe(&t).map_err(|e| NetError::Transport(format!("subscribe: {e}")))?;
-    b.set_topic_params(t.clone(), topic_params())
-        .map_err(|e| NetError::Transport(format!("topic scoring: {e}")))?;
-    Ok(t.hash())
+    for t in [topic(channel), report_topic(channel)] {
+        b.subscribe(&t).map_err(|e| NetError::Transport(format!("subscribe: {e}")))?;
+        b.set_topic_params(t, topic_params())
+            .map_err(|e| NetError::Transport(format!("topic scoring: {e}")))?;
+    }
+    Ok(topic(channel).hash())
 }
 
 /// Makes `wanted` the channels whose topics `b` is subscribed to, `current` being those it is
@@ -171,6 +178,7 @@ pub fn set_topics(
     let new: Vec<ChannelId> = wanted.difference(current).copied().collect();
     for channel in &gone {
         b.unsubscribe(&topic(channel));
+        b.unsubscribe(&report_topic(channel));
     }
     for channel in &new {
         if let Err(e) = subscribe(b, channel) {
