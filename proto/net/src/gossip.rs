@@ -409,25 +409,9 @@ mod tests {
         assert!(second.is_ok(), "no second connection");
         // Both sides settle (the second connection's handlers are polled with nothing to
         // send), then the first connection closes.
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            loop {
-                tokio::select! {
-                    _ = a.select_next_some() => {}
-                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut got) },
-                }
-            }
-        })
-        .await;
+        run_both(&mut a, &mut b, &mut got, Duration::from_millis(500)).await;
         assert!(a.close_connection(connections[0]), "the first connection is open");
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            loop {
-                tokio::select! {
-                    _ = a.select_next_some() => {}
-                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(&mut b, e, &mut got) },
-                }
-            }
-        })
-        .await;
+        run_both(&mut a, &mut b, &mut got, Duration::from_millis(500)).await;
         assert!(a.is_connected(&b_id), "the second connection is still up");
         // Both ways: B's second connection was accepted, A's dialled.
         let (one, two) = (
@@ -453,6 +437,24 @@ mod tests {
         let took = started.elapsed();
         assert_eq!((got, at_a), (vec![one], vec![two]), "after {took:?}");
         assert!(took < Duration::from_secs(1), "late: {took:?}");
+    }
+
+    /// Drives both hosts for `how_long`, B judging what it gets.
+    async fn run_both(
+        a: &mut Swarm<Gossip>,
+        b: &mut Swarm<Gossip>,
+        got: &mut Vec<GossipEnvelope>,
+        how_long: Duration,
+    ) {
+        let _ = tokio::time::timeout(how_long, async {
+            loop {
+                tokio::select! {
+                    _ = a.select_next_some() => {}
+                    e = b.select_next_some() => if let SwarmEvent::Behaviour(e) = e { judge(b, e, got) },
+                }
+            }
+        })
+        .await;
     }
 
     fn rand_base() -> u64 {
