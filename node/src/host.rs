@@ -193,7 +193,7 @@ impl Host {
                 "a relay-only host listens nowhere and dials no peer".into(),
             ));
         }
-        let config = HostConfig { idle_timeout: Duration::from_secs(90), lazy: true };
+        let config = HostConfig { idle_timeout: Duration::from_secs(90), lazy: true, tls: None };
         let gossip = Gossip::new().map_err(|e| HostError::Net(e.to_string()))?;
         let mut swarm =
             chitchat_net::swarm_with_relay_client(identity, config, |key, circuits| Behaviour {

@@ -466,7 +466,8 @@ async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swa
         .with_max_established(Some(net.max_connections))
         .with_max_established_per_peer(Some(net.max_connections_per_peer))
         .with_max_pending_incoming(Some(net.max_pending_incoming));
-    let host = HostConfig { idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECS), lazy: false };
+    let host =
+        HostConfig { idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECS), lazy: false, tls: None };
     let gossip = Gossip::new()?;
     let swarm = chitchat_net::swarm(keypair(key)?, host, |key| {
         // A `Wait` is answered after up to `MAX_WAIT_MS`; the stream must outlive it.

@@ -50,7 +50,7 @@ impl Client {
         protocol: &'static str,
     ) -> anyhow::Result<Self> {
         // As the node does (a request rides with the protocol proposal).
-        let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: true };
+        let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: true, tls: None };
         let mut swarm = chitchat_net::swarm(identity, config, |_| {
             frames(
                 protocol,

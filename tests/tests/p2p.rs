@@ -239,7 +239,7 @@ async fn a_spamming_peer_is_scored_down_and_dropped() {
             .as_u64()
             .expect("epoch");
 
-    let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false };
+    let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false, tls: None };
     let identity = libp2p::identity::Keypair::generate_ed25519();
     let mut mallory = chitchat_net::swarm(identity, config, |_| Gossip::new().expect("gossip"))
         .await
@@ -334,7 +334,7 @@ async fn a_fork_is_reported_over_gossip_while_the_relay_is_frozen() {
     );
 
     relay.pause().expect("SIGSTOP");
-    let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false };
+    let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false, tls: None };
     let identity = libp2p::identity::Keypair::generate_ed25519();
     let mut host = chitchat_net::swarm(identity, config, |_| Gossip::new().expect("gossip"))
         .await

@@ -48,7 +48,7 @@ async fn host(
     start: Instant,
     deliveries: mpsc::UnboundedSender<(usize, Duration)>,
 ) -> Host {
-    let config = HostConfig { idle_timeout: Duration::from_secs(600), lazy: false };
+    let config = HostConfig { idle_timeout: Duration::from_secs(600), lazy: false, tls: None };
     let identity = libp2p::identity::Keypair::generate_ed25519();
     let make = |_: &libp2p::identity::Keypair| Gossip::new().expect("gossip");
     let mut swarm: Swarm<Gossip> = if memory {

@@ -232,7 +232,7 @@ mod tests {
     }
 
     fn host(n: u64) -> (Swarm<Gossip>, Multiaddr) {
-        let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false };
+        let config = HostConfig { idle_timeout: Duration::from_secs(60), lazy: false, tls: None };
         let id = libp2p::identity::Keypair::generate_ed25519();
         let mut s = memory_swarm(id, config, |_| Gossip::new().expect("gossip")).expect("swarm");
         let addr: Multiaddr = format!("/memory/{n}").parse().expect("addr");

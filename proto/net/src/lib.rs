@@ -7,6 +7,9 @@
 //! it is the node's or the relay's.
 
 pub mod gossip;
+mod tls;
+
+pub use tls::Tls;
 
 use std::time::Duration;
 
@@ -41,7 +44,7 @@ pub fn keypair(key: &SecretKey) -> Result<libp2p::identity::Keypair, NetError> {
 }
 
 /// How a host's swarm behaves apart from its behaviour.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HostConfig {
     /// How long a connection with no stream open stays up.
     pub idle_timeout: Duration,
@@ -49,6 +52,9 @@ pub struct HostConfig {
     /// proposal instead of waiting a round trip for the other side to confirm it (for a side
     /// that speaks one protocol per stream to peers known to speak it).
     pub lazy: bool,
+    /// TLS for WebSocket (`/tls/ws`): a certificate to serve, roots to trust. Without it,
+    /// WebSocket serves no TLS and trusts the web's roots.
+    pub tls: Option<Tls>,
 }
 
 /// A swarm for `identity` on every transport ChitChat uses (TCP with `nodelay`, QUIC, DNS
@@ -72,6 +78,30 @@ pub async fn swarm_with_relay_client<B: NetworkBehaviour>(
     behaviour: impl FnOnce(&libp2p::identity::Keypair, relay::client::Behaviour) -> B,
 ) -> Result<Swarm<B>, NetError> {
     let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+    let swarm_config = |c: libp2p::swarm::Config| {
+        let c = c.with_idle_connection_timeout(config.idle_timeout);
+        if config.lazy {
+            c.with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        } else {
+            c
+        }
+    };
+    if let Some(tls) = &config.tls {
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
+            .with_tokio()
+            .with_other_transport(|key| {
+                tls::transport(key, tls)
+                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+            })
+            .map_err(|e| transport(&e))?
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| transport(&e))?
+            .with_behaviour(|key, circuits| behaviour(key, circuits))
+            .map_err(|e| transport(&e))?
+            .with_swarm_config(swarm_config)
+            .build();
+        return Ok(swarm);
+    }
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -86,14 +116,7 @@ pub async fn swarm_with_relay_client<B: NetworkBehaviour>(
         .map_err(|e| transport(&e))?
         .with_behaviour(|key, circuits| behaviour(key, circuits))
         .map_err(|e| transport(&e))?
-        .with_swarm_config(|c| {
-            let c = c.with_idle_connection_timeout(config.idle_timeout);
-            if config.lazy {
-                c.with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
-            } else {
-                c
-            }
-        })
+        .with_swarm_config(swarm_config)
         .build();
     Ok(swarm)
 }
