@@ -33,6 +33,9 @@ pub struct NetworkConfig {
     /// peer, listen nowhere, announce no address; gossip, inbox and history all go through
     /// the relay. `listen` is ignored; `peers` must be empty.
     pub relay_only: bool,
+    /// PEM files of certificates to trust, beside the web's roots, for a relay's WebSocket with
+    /// TLS (`/tls/ws`): a relay whose certificate is of its operator's own making.
+    pub tls_roots: Vec<String>,
 }
 
 impl Default for NetworkConfig {
@@ -41,11 +44,28 @@ impl Default for NetworkConfig {
             listen: vec!["/ip4/0.0.0.0/udp/0/quic-v1".into(), "/ip4/0.0.0.0/tcp/0".into()],
             peers: Vec::new(),
             relay_only: false,
+            tls_roots: Vec::new(),
         }
     }
 }
 
 impl NetworkConfig {
+    /// The TLS roots to trust besides the web's, read (`None` when there are none).
+    pub fn tls(&self) -> Result<Option<chitchat_net::Tls>, ConfigError> {
+        if self.tls_roots.is_empty() {
+            return Ok(None);
+        }
+        let mut tls = chitchat_net::Tls::default();
+        for path in &self.tls_roots {
+            let pem = std::fs::read(path)
+                .map_err(|e| ConfigError::Invalid(format!("network.tls_roots {path:?}: {e}")))?;
+            tls = tls
+                .trust_pem(&pem)
+                .map_err(|e| ConfigError::Invalid(format!("network.tls_roots {path:?}: {e}")))?;
+        }
+        Ok(Some(tls))
+    }
+
     /// The listen addresses, parsed (none for a relay-only node).
     pub fn listen_addrs(&self) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
         let addrs = parse_addrs("network.listen", &self.listen)?;
@@ -189,9 +209,12 @@ peers = []
 # Talk to the relay alone, for networks where nothing else can be reached (env
 # CHITCHAT_NETWORK_RELAY_ONLY, or `chitchat daemon --relay-only`): the node dials no peer,
 # listens nowhere (listen is ignored) and announces no address; gossip, inbox and history all go
-# through the relay, over whichever of its addresses answers (a relay can listen for WebSocket
-# behind a TLS reverse proxy on port 443).
+# through the relay, over its WebSocket-with-TLS addresses if it has any (a relay on port 443,
+# with its own certificate or behind a TLS reverse proxy), else over any of its TCP addresses.
 relay_only = false
+# PEM files of certificates to trust for a relay's WebSocket with TLS, besides the web's roots
+# (env CHITCHAT_NETWORK_TLS_ROOTS, comma-separated).
+tls_roots = []
 "#;
 
     /// Parses and validates a config file's text.
@@ -216,6 +239,9 @@ relay_only = false
         }
         if let Some(v) = var("CHITCHAT_NETWORK_PEERS") {
             self.network.peers = list(v);
+        }
+        if let Some(v) = var("CHITCHAT_NETWORK_TLS_ROOTS") {
+            self.network.tls_roots = list(v);
         }
         if let Some(v) = var("CHITCHAT_NETWORK_RELAY_ONLY") {
             self.network.relay_only = v.parse().map_err(|_| {

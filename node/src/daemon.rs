@@ -165,6 +165,7 @@ impl Node {
             &config.network.listen_addrs().map_err(bad_config)?,
             &config.network.peer_addrs().map_err(bad_config)?,
             config.network.relay_only,
+            config.network.tls().map_err(bad_config)?,
         )
         .await
         .map_err(|e| NodeError::Invalid(e.to_string()))?;
@@ -1492,9 +1493,21 @@ async fn link_for(
     let mut addrs: Vec<libp2p::Multiaddr> =
         relay.addrs.iter().filter_map(|a| a.parse().ok()).collect();
     if config.network.relay_only {
-        // Over TCP (plain, or WebSocket, which a TLS proxy on 443 may carry): where only the
-        // relay can be reached, UDP is often what is blocked.
-        addrs.retain(|a| !a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::Udp(_))));
+        // Where only the relay can be reached, what looks like HTTPS is what gets through:
+        // WebSocket with TLS if the relay has it, else TCP (UDP is often what is blocked).
+        use libp2p::multiaddr::Protocol;
+        let tls =
+            |a: &libp2p::Multiaddr| a.iter().any(|p| matches!(p, Protocol::Tls | Protocol::Wss(_)));
+        if addrs.iter().any(tls) {
+            addrs.retain(tls);
+        } else {
+            addrs.retain(|a| !a.iter().any(|p| matches!(p, Protocol::Udp(_))));
+        }
+    } else {
+        // Plain TCP and QUIC first, WebSocket last (its certificate may be one this node does
+        // not trust; the circuit reservation goes to the first address).
+        use libp2p::multiaddr::Protocol;
+        addrs.sort_by_key(|a| a.iter().any(|p| matches!(p, Protocol::Ws(_) | Protocol::Wss(_))));
     }
     // The relay is where the members of this node's channels find each other.
     host.rendezvous_at(peer, addrs.clone()).await.map_err(|e| NodeError::Invalid(e.to_string()))?;

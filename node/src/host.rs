@@ -187,13 +187,14 @@ impl Host {
         listen: &[Multiaddr],
         peers: &[Multiaddr],
         relay_only: bool,
+        tls: Option<chitchat_net::Tls>,
     ) -> Result<(Self, mpsc::Receiver<Gossiped>), HostError> {
         if relay_only && !(listen.is_empty() && peers.is_empty()) {
             return Err(HostError::Net(
                 "a relay-only host listens nowhere and dials no peer".into(),
             ));
         }
-        let config = HostConfig { idle_timeout: Duration::from_secs(90), lazy: true, tls: None };
+        let config = HostConfig { idle_timeout: Duration::from_secs(90), lazy: true, tls };
         let gossip = Gossip::new().map_err(|e| HostError::Net(e.to_string()))?;
         let mut swarm =
             chitchat_net::swarm_with_relay_client(identity, config, |key, circuits| Behaviour {

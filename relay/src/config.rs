@@ -37,6 +37,9 @@ pub struct Config {
     /// Channels' histories: what is kept, and for how long.
     #[serde(default)]
     pub history: HistoryConfig,
+    /// The relay's own certificate for WebSocket with TLS.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// KeyPackage limits.
     #[serde(default)]
     pub key_packages: KeyPackageConfig,
@@ -71,6 +74,34 @@ pub struct InboxConfig {
 impl Default for InboxConfig {
     fn default() -> Self {
         Self { max_items: 10_000, max_bytes: 64 << 20, retention_days: 30, sender_per_minute: 6000 }
+    }
+}
+
+/// The relay's own certificate, served on its `/tls/ws` listen addresses (WebSocket with TLS,
+/// for instance on port 443 for nodes that can reach nothing else). Paths are relative to the
+/// relay directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, leaf first.
+    pub certificate: Option<std::path::PathBuf>,
+    /// Its private key, PEM.
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsConfig {
+    /// The TLS configuration to serve, if a certificate and key are set (read and checked).
+    pub fn load(&self) -> Result<Option<chitchat_net::Tls>, ConfigError> {
+        let (Some(cert), Some(key)) = (&self.certificate, &self.key) else {
+            return Ok(None);
+        };
+        let read = |p: &std::path::Path| {
+            std::fs::read(p)
+                .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })
+        };
+        chitchat_net::Tls::server_from_pem(&read(cert)?, &read(key)?)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))
     }
 }
 
@@ -307,6 +338,7 @@ impl Config {
             token_days: defaults::token_days(),
             inbox: InboxConfig::default(),
             history: HistoryConfig::default(),
+            tls: TlsConfig::default(),
             key_packages: KeyPackageConfig::default(),
             ordering: OrderingConfig::default(),
             network: NetworkConfig::default(),
@@ -324,6 +356,14 @@ impl Config {
             source: Box::new(source),
         })?;
         config.apply_env(|k| std::env::var(k).ok())?;
+        // TLS files are named relative to the relay directory.
+        if let Some(dir) = path.parent() {
+            for p in [&mut config.tls.certificate, &mut config.tls.key].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -361,6 +401,17 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("host {:?}: {e}", self.host)))?;
         if self.listen.is_empty() {
             return Err(ConfigError::Invalid("no listen address".into()));
+        }
+        if self.tls.certificate.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls: set both certificate and key, or neither".into(),
+            ));
+        }
+        let tls_listen = self.listen.iter().find(|a| a.contains("/tls/ws") || a.contains("/wss"));
+        if let (Some(a), None) = (tls_listen, &self.tls.certificate) {
+            return Err(ConfigError::Invalid(format!(
+                "listen address {a:?} serves TLS: set [tls] certificate and key"
+            )));
         }
         for a in self.listen.iter().chain(&self.advertise) {
             a.parse::<libp2p::Multiaddr>()
@@ -468,6 +519,13 @@ retention_days = 30
 # Enqueues one sending device may make per minute.
 sender_per_minute = 6000
 
+[tls]
+# The relay's own certificate, for WebSocket with TLS: listen on /ip4/0.0.0.0/tcp/443/tls/ws and
+# advertise /dns4/HOST/tcp/443/tls/ws, for nodes that can reach only port 443. PEM files, relative
+# to this directory. Without them, put a TLS reverse proxy in front of a /ws listen address.
+# certificate = "tls/fullchain.pem"
+# key = "tls/privkey.pem"
+
 [history]
 # What is kept of each channel served here (its posts and commits, encrypted), for members
 # whose inbox missed them; they fetch it by position. 0 entries keeps no history.
@@ -569,5 +627,26 @@ mod tests {
         assert!(c.validate().is_err());
         let unknown = "host = \"a.b\"\nlisten = [\"/ip4/1.2.3.4/tcp/1\"]\nhttp = \"127.0.0.1:1\"\nsurprise = 1\n";
         assert!(toml::from_str::<Config>(unknown).is_err(), "unknown keys are refused");
+    }
+
+    /// A TLS listen address needs a certificate and key; both or neither; unreadable or bad
+    /// files are errors when the relay starts, never a panic.
+    #[test]
+    fn tls_is_checked() {
+        let mut c = Config::new("relay.example");
+        c.listen = vec!["/ip4/127.0.0.1/tcp/443/tls/ws".into()];
+        let e = c.validate().expect_err("no certificate");
+        assert!(e.to_string().contains("[tls]"), "{e}");
+        c.tls.certificate = Some("/nonexistent/chain.pem".into());
+        assert!(c.validate().is_err(), "a certificate without its key");
+        c.tls.key = Some("/nonexistent/key.pem".into());
+        c.validate().expect("both named");
+        assert!(matches!(c.tls.load(), Err(ConfigError::Read { .. })));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").expect("write");
+        c.tls = TlsConfig { certificate: Some(garbage.clone()), key: Some(garbage) };
+        assert!(matches!(c.tls.load(), Err(ConfigError::Invalid(_))));
+        assert_eq!(TlsConfig::default().load().expect("none").map(|_| ()), None);
     }
 }

@@ -174,7 +174,8 @@ pub async fn run(
     mut outbound: mpsc::Receiver<Outbound>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut swarm = build_swarm(key, &relay.config().network).await?;
+    let tls = relay.config().tls.load()?;
+    let mut swarm = build_swarm(key, &relay.config().network, tls).await?;
     for addr in &listen {
         swarm.listen_on(addr.clone())?;
     }
@@ -461,13 +462,17 @@ fn send_fed(
     }
 }
 
-async fn build_swarm(key: &SecretKey, net: &NetworkConfig) -> anyhow::Result<Swarm<Behaviour>> {
+async fn build_swarm(
+    key: &SecretKey,
+    net: &NetworkConfig,
+    tls: Option<chitchat_net::Tls>,
+) -> anyhow::Result<Swarm<Behaviour>> {
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(net.max_connections))
         .with_max_established_per_peer(Some(net.max_connections_per_peer))
         .with_max_pending_incoming(Some(net.max_pending_incoming));
     let host =
-        HostConfig { idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECS), lazy: false, tls: None };
+        HostConfig { idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECS), lazy: false, tls };
     let gossip = Gossip::new()?;
     let swarm = chitchat_net::swarm(keypair(key)?, host, |key| {
         // A `Wait` is answered after up to `MAX_WAIT_MS`; the stream must outlive it.

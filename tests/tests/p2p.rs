@@ -558,3 +558,60 @@ async fn a_relay_only_node_talks_to_its_relay_alone() {
     }
     assert!(relay_sockets > 0, "no connection to the relay seen: {socks:?}");
 }
+
+/// Relay-only over WebSocket with TLS, as on port 443 where nothing else gets through: the
+/// relay serves its own certificate on a `/tls/ws` address beside plain TCP, and a relay-only
+/// node that trusts that certificate reaches the relay over it alone (no socket to the relay's
+/// plain TCP port, no UDP), while messages flow both ways with a member on plain TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_only_node_reaches_its_relay_over_websocket_with_tls() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+    let (chain, key) = (certs.path().join("chain.pem"), certs.path().join("key.pem"));
+    std::fs::write(&chain, cert.cert.pem()).expect("write");
+    std::fs::write(&key, cert.key_pair.serialize_pem()).expect("write");
+    let configure = |c: &str| {
+        c.replace("# certificate = \"tls/fullchain.pem\"", &format!("certificate = {chain:?}"))
+            .replace("# key = \"tls/privkey.pem\"", &format!("key = {key:?}"))
+    };
+    let listen = "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/tcp/0/tls/ws";
+    let relay =
+        RelayProcess::start(configure, &[("CHITCHAT_RELAY_LISTEN", listen)]).expect("relay");
+    let wss_port: u16 = relay
+        .info
+        .addrs
+        .iter()
+        .find(|a| a.contains("/tls/ws"))
+        .and_then(|a| a.split('/').skip_while(|p| *p != "tcp").nth(1)?.parse().ok())
+        .expect("the relay listens on /tls/ws");
+    let tcp_port: u16 = relay
+        .info
+        .addrs
+        .iter()
+        .find(|a| a.contains("/tcp/") && !a.contains("/ws"))
+        .and_then(|a| a.split('/').skip_while(|p| *p != "tcp").nth(1)?.parse().ok())
+        .expect("the relay listens on TCP");
+    let roots = chain.to_str().expect("path").to_owned();
+    let alice = NodeProcess::start(&[
+        ("CHITCHAT_NETWORK_RELAY_ONLY", "true"),
+        ("CHITCHAT_NETWORK_TLS_ROOTS", roots.as_str()),
+    ])
+    .expect("alice");
+    alice.register(&relay, "alice").await.expect("register");
+    let bob = NodeProcess::start(&[]).expect("bob");
+    bob.register(&relay, "bob").await.expect("register");
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", "bob@localhost"]).expect("invite");
+    bob.wait_joined(&id, WAIT).await.expect("bob joins");
+    send(&alice, &id, "over 443, as it were").await;
+    bob.wait_texts(&id, WAIT, |t| t.len() == 1).await.expect("bob reads alice");
+    send(&bob, &id, "heard you").await;
+    alice.wait_texts(&id, WAIT, |t| t.len() == 2).await.expect("alice reads bob");
+
+    let pid = alice.pid().expect("running");
+    let socks = sockets(pid);
+    assert!(socks.iter().all(|(udp, ..)| !udp), "a UDP socket: {socks:?}");
+    let to = |port: u16| socks.iter().filter(|(_, _, _, remote, l)| !l && *remote == port).count();
+    assert!(to(wss_port) > 0, "no connection to the relay's TLS port: {socks:?}");
+    assert_eq!(to(tcp_port), 0, "a connection to the relay's plain TCP port: {socks:?}");
+}
