@@ -9,13 +9,18 @@
 //! peer waits until something else polls the connection: none arrives.
 //!
 //! [`Woken`] wraps gossipsub and its handlers. Each handler registers a waker of its own on
-//! every poll; once a peer has had two connections at once, its handlers are woken after
-//! every call that may queue something for it (a poll of the behaviour, which runs the
-//! heartbeat and forwarding, and [`Woken::publish`]), so they find what waits.
+//! every poll and says when its outbound stream is open; the handlers that have none yet are
+//! woken after every call that may queue something (a poll of the behaviour, which runs the
+//! heartbeat and answers peers, [`Woken::publish`] and
+//! [`Woken::report_message_validation_result`], which forwards), so they find what waits and
+//! open their stream. Once it is open, gossipsub wakes them itself: the cost of a wake-up is
+//! the number of handlers still without a stream, which is small (a connection whose peer
+//! was never sent anything).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
@@ -35,16 +40,22 @@ type Inner = THandler<gossipsub::Behaviour>;
 /// module's text). Reads and configuration go to gossipsub through `Deref`.
 pub struct Woken {
     inner: gossipsub::Behaviour,
-    /// Every connection's waker, by peer.
-    wakers: HashMap<PeerId, HashMap<ConnectionId, Arc<AtomicWaker>>>,
-    /// Peers that have had more than one connection at once, since they last had none.
-    shared: HashSet<PeerId>,
+    /// The handlers with no outbound stream yet (dropped from here once they have one).
+    unstreamed: HashMap<ConnectionId, Arc<Nudge>>,
+}
+
+/// What a handler shares with the behaviour: its waker, and whether its outbound stream is
+/// open.
+#[derive(Debug, Default)]
+struct Nudge {
+    waker: AtomicWaker,
+    streamed: AtomicBool,
 }
 
 impl Woken {
     /// Wraps a configured gossipsub.
     pub fn new(inner: gossipsub::Behaviour) -> Self {
-        Self { inner, wakers: HashMap::new(), shared: HashSet::new() }
+        Self { inner, unstreamed: HashMap::new() }
     }
 
     /// [`gossipsub::Behaviour::publish`], then wakes the handlers that may have missed it.
@@ -70,28 +81,28 @@ impl Woken {
         self.wake();
     }
 
-    fn wake(&self) {
-        for peer in &self.shared {
-            for w in self.wakers.get(peer).into_iter().flat_map(|c| c.values()) {
-                w.wake();
+    /// Wakes the handlers that have no outbound stream yet.
+    fn wake(&mut self) {
+        self.unstreamed.retain(|_, n| {
+            // Streamed, or its handler is gone (a connection closed or denied).
+            if n.streamed.load(Ordering::Acquire) || Arc::strong_count(n) == 1 {
+                return false;
             }
-        }
+            n.waker.wake();
+            true
+        });
     }
 
-    fn handler(&mut self, peer: PeerId, connection: ConnectionId, inner: Inner) -> Handler {
-        let waker = Arc::new(AtomicWaker::new());
-        let mine = self.wakers.entry(peer).or_default();
-        mine.insert(connection, waker.clone());
-        Handler { inner, waker }
+    fn handler(&mut self, connection: ConnectionId, inner: Inner) -> Handler {
+        let nudge = Arc::new(Nudge::default());
+        self.unstreamed.insert(connection, nudge.clone());
+        Handler { inner, nudge }
     }
 }
 
 impl std::fmt::Debug for Woken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Woken")
-            .field("peers", &self.wakers.len())
-            .field("shared", &self.shared.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Woken").field("unstreamed", &self.unstreamed.len()).finish_non_exhaustive()
     }
 }
 
@@ -132,7 +143,7 @@ impl NetworkBehaviour for Woken {
     ) -> Result<Handler, ConnectionDenied> {
         let inner =
             self.inner.handle_established_inbound_connection(connection, peer, local, remote)?;
-        Ok(self.handler(peer, connection, inner))
+        Ok(self.handler(connection, inner))
     }
 
     fn handle_pending_outbound_connection(
@@ -156,26 +167,12 @@ impl NetworkBehaviour for Woken {
         let inner = self
             .inner
             .handle_established_outbound_connection(connection, peer, addr, role, port_use)?;
-        Ok(self.handler(peer, connection, inner))
+        Ok(self.handler(connection, inner))
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
-        match &event {
-            FromSwarm::ConnectionEstablished(e) if e.other_established > 0 => {
-                self.shared.insert(e.peer_id);
-            }
-            FromSwarm::ConnectionClosed(e) => {
-                if let Some(c) = self.wakers.get_mut(&e.peer_id) {
-                    c.remove(&e.connection_id);
-                    if c.is_empty() {
-                        self.wakers.remove(&e.peer_id);
-                    }
-                }
-                if e.remaining_established == 0 {
-                    self.shared.remove(&e.peer_id);
-                }
-            }
-            _ => {}
+        if let FromSwarm::ConnectionClosed(e) = &event {
+            self.unstreamed.remove(&e.connection_id);
         }
         self.inner.on_swarm_event(event);
     }
@@ -202,7 +199,7 @@ impl NetworkBehaviour for Woken {
 /// Gossipsub's handler, with a waker the behaviour can use.
 pub struct Handler {
     inner: Inner,
-    waker: Arc<AtomicWaker>,
+    nudge: Arc<Nudge>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -233,7 +230,7 @@ impl ConnectionHandler for Handler {
     ) -> Poll<
         ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>,
     > {
-        self.waker.register(cx.waker());
+        self.nudge.waker.register(cx.waker());
         self.inner.poll(cx)
     }
 
@@ -255,6 +252,16 @@ impl ConnectionHandler for Handler {
             Self::OutboundOpenInfo,
         >,
     ) {
+        match &event {
+            // gossipsub's one outbound stream: from now on its queue wakes the handler.
+            ConnectionEvent::FullyNegotiatedOutbound(_) => {
+                self.nudge.streamed.store(true, Ordering::Release);
+            }
+            ConnectionEvent::DialUpgradeError(_) => {
+                self.nudge.streamed.store(false, Ordering::Release);
+            }
+            _ => {}
+        }
         self.inner.on_connection_event(event);
     }
 }
