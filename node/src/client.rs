@@ -105,31 +105,46 @@ impl ApiClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token));
-        if body.is_some() {
-            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
-        let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let has_body = body.is_some();
+        let body = Bytes::from(body.unwrap_or_default());
+        let make = || {
+            let mut request = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, "localhost")
+                .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token));
+            if has_body {
+                request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            request.body(Full::new(body.clone()))
+        };
         // A kept-alive connection the daemon closed in the meantime gives the request back
-        // unsent: then it goes on a new connection (once).
+        // unsent: then it goes on a new connection (once). A GET that the closing connection
+        // took but never answered goes again too (it changes nothing).
         let mut sender = self.connection().await?;
-        let response = match sender.try_send_request(request).await {
+        let response = match sender.try_send_request(make()?).await {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 Some(unsent) => {
                     sender = self.fresh_connection().await?;
                     sender.send_request(unsent).await?
                 }
+                None if method == "GET" && e.error().is_incomplete_message() => {
+                    sender = self.fresh_connection().await?;
+                    sender.send_request(make()?).await?
+                }
                 None => return Err(e.into_error().into()),
             },
         };
         let status = response.status().as_u16();
+        // A connection the daemon says it closes is not kept.
+        let closing = response
+            .headers()
+            .get(hyper::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let bytes = response.into_body().collect().await?.to_bytes().to_vec();
-        if let Ok(mut idle) = self.idle.lock()
+        if !closing
+            && let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_IDLE
         {
             idle.push(sender);
