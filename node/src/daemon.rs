@@ -1411,13 +1411,14 @@ fn judge(
         }
     };
     if g.topic.as_str().ends_with(chitchat_proto::gossip::REPORTS_SUFFIX) {
-        // The channel is the one the report names; the topic must be its report topic.
-        let channel = chitchat_proto::ordering::EpochReport::from_bytes(&g.data)
-            .map(|r| r.body.channel)
-            .unwrap_or(ChannelId([0; 32]));
-        let (verdict, report) =
-            chitchat_proto::gossip::judge_report(&g.data, g.topic.as_str(), member(channel));
-        return (verdict, report.map(Incoming::Report));
+        return match chitchat_proto::gossip::check_report(&g.data, g.topic.as_str()) {
+            Ok(report) => {
+                let b = &report.body;
+                let verdict = Verdict::of_membership(member(b.channel)(&b.device, b.epoch));
+                (verdict, (verdict == Verdict::Accept).then_some(Incoming::Report(report)))
+            }
+            Err(e) => (Verdict::Reject(e), None),
+        };
     }
     let Ok(envelope) = GossipEnvelope::from_bytes(&g.data) else {
         return (Verdict::Reject(chitchat_proto::gossip::GossipError::Malformed), None);

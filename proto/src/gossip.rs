@@ -58,19 +58,26 @@ pub fn judge_report(
     topic_name: &str,
     is_member: impl FnOnce(&DeviceId, u64) -> Option<bool>,
 ) -> (Verdict, Option<EpochReport>) {
-    let Ok(report) = EpochReport::from_bytes(bytes) else {
-        return (Verdict::Reject(GossipError::Malformed), None);
+    let report = match check_report(bytes, topic_name) {
+        Ok(report) => report,
+        Err(e) => return (Verdict::Reject(e), None),
     };
-    if report_topic(&report.body.channel) != topic_name {
-        return (Verdict::Reject(GossipError::WrongTopic), None);
-    }
-    if report.verify().is_err() {
-        return (Verdict::Reject(GossipError::BadSignature), None);
-    }
     match Verdict::of_membership(is_member(&report.body.device, report.body.epoch)) {
         Verdict::Accept => (Verdict::Accept, Some(report)),
         other => (other, None),
     }
+}
+
+/// Every check of [`judge_report`] but the membership, which a peer that must look it up
+/// elsewhere (a relay, in its orderer) does after: the report, decoded, of the topic's channel,
+/// signed by its device.
+pub fn check_report(bytes: &[u8], topic_name: &str) -> Result<EpochReport, GossipError> {
+    let report = EpochReport::from_bytes(bytes).map_err(|_| GossipError::Malformed)?;
+    if report_topic(&report.body.channel) != topic_name {
+        return Err(GossipError::WrongTopic);
+    }
+    report.verify().map_err(|_| GossipError::BadSignature)?;
+    Ok(report)
 }
 
 /// The content id of a gossiped message's bytes: BLAKE3 of them (gossipsub's message id, so

@@ -618,12 +618,9 @@ impl Relay {
     pub async fn judge_gossip(&self, topic: &str, data: &[u8], now: Timestamp) -> GossipVerdict {
         if topic.ends_with(chitchat_proto::gossip::REPORTS_SUFFIX) {
             // An epoch report: every check but the membership, then the membership.
-            let (verdict, _) = chitchat_proto::gossip::judge_report(data, topic, |_, _| None);
-            if verdict != GossipVerdict::Ignore(Unjudged::UnknownEpoch) {
-                return verdict;
-            }
-            let Ok(report) = chitchat_proto::ordering::EpochReport::from_bytes(data) else {
-                return GossipVerdict::Reject(GossipError::Malformed);
+            let report = match chitchat_proto::gossip::check_report(data, topic) {
+                Ok(report) => report,
+                Err(e) => return GossipVerdict::Reject(e),
             };
             let b = &report.body;
             let member = match self.ordered_by(&b.channel).await {

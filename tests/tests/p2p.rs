@@ -74,10 +74,9 @@ async fn wait_connected(from: &NodeProcess, to: &NodeProcess) {
         (network(from).await["peer_id"].clone(), network(to).await["peer_id"].clone());
     let deadline = Instant::now() + WAIT;
     loop {
-        let lists = |v: &Value, id: &Value| {
-            v["peers"].as_array().is_some_and(|p| p.iter().any(|p| p["peer_id"] == *id))
-        };
-        if lists(&network(from).await, &to_id) && lists(&network(to).await, &from_id) {
+        if connection_to(from, &to_id).await.is_some()
+            && connection_to(to, &from_id).await.is_some()
+        {
             return;
         }
         assert!(Instant::now() < deadline, "{from_id} and {to_id} never connected");
@@ -303,13 +302,7 @@ async fn a_fork_is_reported_over_gossip_while_the_relay_is_frozen() {
 
     let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
     let (mut alice, bob, id) = pair(&relay).await;
-    let channel: ChannelId = ChannelId(
-        (0..32)
-            .map(|i| u8::from_str_radix(&id[2 * i..2 * i + 2], 16).expect("hex id"))
-            .collect::<Vec<u8>>()
-            .try_into()
-            .expect("32 bytes"),
-    );
+    let channel = ChannelId(hex::decode(&id).expect("hex id").try_into().expect("32 bytes"));
     let info = bob.json("GET", &format!("/v1/channels/{id}"), None).await.expect("channel");
     let epoch = info["epoch"].as_u64().expect("epoch");
     let status = bob.json("GET", "/v1/status", None).await.expect("status");
