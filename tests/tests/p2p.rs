@@ -68,6 +68,21 @@ async fn network(node: &NodeProcess) -> Value {
     node.json("GET", "/v1/network", None).await.expect("network")
 }
 
+/// The node's own loopback TCP address, `/p2p/` included. The node lists its addresses in no
+/// fixed order, and the first may be a circuit through the relay, which a bare host cannot dial
+/// (and which a frozen relay does not carry).
+async fn direct_addr(node: &NodeProcess) -> String {
+    let listening = network(node).await["listening"].clone();
+    listening
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|a| a.starts_with("/ip4/127.0.0.1/tcp/") && !a.contains("p2p-circuit"))
+        .unwrap_or_else(|| panic!("no loopback TCP address: {listening}"))
+        .to_owned()
+}
+
 /// Waits until `from` and `to` list each other as connected peers.
 async fn wait_connected(from: &NodeProcess, to: &NodeProcess) {
     let (from_id, to_id) =
@@ -95,7 +110,7 @@ async fn members_find_each_other_and_gossip_while_the_relay_is_frozen() {
     let (alice, bob, id) = pair(&relay).await;
     wait_connected(&bob, &alice).await;
     // A peer can also be dialled by address; one that names no peer is refused.
-    let addr = network(&alice).await["listening"][0].as_str().expect("listening").to_owned();
+    let addr = direct_addr(&alice).await;
     bob.json("POST", "/v1/network/dial", Some(json!({"addr": addr}))).await.expect("dial");
     let bad =
         bob.json("POST", "/v1/network/dial", Some(json!({"addr": "/ip4/127.0.0.1/tcp/1"}))).await;
@@ -247,8 +262,7 @@ async fn a_spamming_peer_is_scored_down_and_dropped() {
     let target = network(&bob).await;
     let bob_peer: libp2p::PeerId =
         target["peer_id"].as_str().expect("peer id").parse().expect("peer id");
-    let bob_addr: libp2p::Multiaddr =
-        target["listening"][0].as_str().expect("addr").parse().expect("addr");
+    let bob_addr: libp2p::Multiaddr = direct_addr(&bob).await.parse().expect("addr");
     let dropped = spam(&mut mallory, bob_peer, bob_addr.clone(), channel, epoch).await;
     assert!(dropped.is_ok(), "Bob never dropped the spamming peer");
     let listed = network(&bob).await["peers"].to_string();
@@ -334,15 +348,7 @@ async fn a_fork_is_reported_over_gossip_while_the_relay_is_frozen() {
         .expect("swarm");
     subscribe(&mut host.behaviour_mut().gossipsub, &channel).expect("subscribe");
     // Bob's own address (his circuit goes through the frozen relay).
-    let listening = network(&bob).await["listening"].clone();
-    let addr = listening
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .find(|a| a.starts_with("/ip4/127.0.0.1/tcp/") && !a.contains("p2p-circuit"))
-        .expect("bob listens on loopback TCP")
-        .to_owned();
+    let addr = direct_addr(&bob).await;
     host.dial(addr.parse::<libp2p::Multiaddr>().expect("addr")).expect("dial");
     let bytes = chitchat_proto::codec::encode(&forked);
     let deadline = Instant::now() + WAIT;
@@ -517,7 +523,7 @@ async fn a_relay_only_node_talks_to_its_relay_alone() {
         .filter_map(|p| p["peer_id"].as_str())
         .collect();
     assert_eq!(peers, [relay_peer.as_str()], "connected to the relay alone: {v}");
-    let addr = network(&bob).await["listening"][0].as_str().expect("bob listens").to_owned();
+    let addr = direct_addr(&bob).await;
     let dial = alice.json("POST", "/v1/network/dial", Some(json!({"addr": addr}))).await;
     assert!(dial.is_err(), "a relay-only node dials no peer: {dial:?}");
     let alice_id = v["peer_id"].clone();
