@@ -42,8 +42,13 @@ pub struct HttpState {
 }
 
 impl HttpState {
-    /// The state for a relay listening at `listening`.
-    pub fn new(relay: Arc<Relay>, listening: &Listening, admin_token: String) -> Self {
+    /// The state for a relay listening at `listening`. The relay's metrics join `registry`.
+    pub fn new(
+        relay: Arc<Relay>,
+        listening: &Listening,
+        admin_token: String,
+        mut registry: Registry,
+    ) -> Self {
         let config = relay.config();
         let addrs = if config.advertise.is_empty() {
             listening.addrs.iter().map(|a| format!("{a}/p2p/{}", listening.peer_id)).collect()
@@ -56,7 +61,6 @@ impl HttpState {
             peer_id: listening.peer_id.to_string(),
             addrs,
         };
-        let mut registry = Registry::default();
         relay.metrics().register(&mut registry);
         Self { relay, well_known, registry, admin_token }
     }

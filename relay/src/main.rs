@@ -194,10 +194,17 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
     let relay = Arc::new(Relay::new(config, relay_key, store, metrics, waiters, peers));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
+    // `/metrics`: gossipsub's own metrics (prefix `gossipsub_`) beside the relay's.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let gossip =
+        chitchat_net::gossip::Gossip::with_metrics(registry.sub_registry_with_prefix("gossipsub"))?;
     let (ready_tx, ready) = oneshot::channel();
     let net = tokio::spawn({
         let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move { chitchat_relay::net::run(relay, &key, listen, ready_tx, outbound, shutdown).await }
+        async move {
+            chitchat_relay::net::run(relay, &key, gossip, listen, ready_tx, outbound, shutdown)
+                .await
+        }
     });
     let listening = tokio::time::timeout(Duration::from_secs(30), ready)
         .await
@@ -210,7 +217,7 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("http {http_addr}"))?;
     let http_bound = listener.local_addr()?;
-    let state = Arc::new(HttpState::new(relay.clone(), &listening, admin_token));
+    let state = Arc::new(HttpState::new(relay.clone(), &listening, admin_token, registry));
     let http = tokio::spawn({
         let mut shutdown = shutdown.clone();
         async move {

@@ -165,17 +165,19 @@ fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
 }
 
 /// Runs the relay's swarm until `shutdown` turns true. `ready` receives the bound addresses once
-/// every listen address is bound; `outbound` brings requests for other relays.
+/// every listen address is bound; `outbound` brings requests for other relays; `gossip` is the
+/// gossip behaviour to run (with its metrics registered).
 pub async fn run(
     relay: Arc<Relay>,
     key: &SecretKey,
+    gossip: Gossip,
     listen: Vec<Multiaddr>,
     ready: oneshot::Sender<Listening>,
     mut outbound: mpsc::Receiver<Outbound>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let tls = relay.config().tls.load()?;
-    let mut swarm = build_swarm(key, &relay.config().network, tls).await?;
+    let mut swarm = build_swarm(key, &relay.config().network, tls, gossip).await?;
     for addr in &listen {
         swarm.listen_on(addr.clone())?;
     }
@@ -466,6 +468,7 @@ async fn build_swarm(
     key: &SecretKey,
     net: &NetworkConfig,
     tls: Option<chitchat_net::Tls>,
+    gossip: Gossip,
 ) -> anyhow::Result<Swarm<Behaviour>> {
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(net.max_connections))
@@ -473,7 +476,6 @@ async fn build_swarm(
         .with_max_pending_incoming(Some(net.max_pending_incoming));
     let host =
         HostConfig { idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECS), lazy: false, tls };
-    let gossip = Gossip::new()?;
     let swarm = chitchat_net::swarm(keypair(key)?, host, |key| {
         // A `Wait` is answered after up to `MAX_WAIT_MS`; the stream must outlive it.
         let timeout = Duration::from_millis(u64::from(chitchat_proto::wire::MAX_WAIT_MS))

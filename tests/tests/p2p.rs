@@ -301,6 +301,9 @@ async fn a_spamming_peer_is_scored_down_and_dropped() {
         "rejections not counted"
     );
     assert!(relay.metric("chitchat_relay_gossip_total{kind=\"accept\"}") >= 1.0, "no accept");
+    // Gossipsub's own metrics, beside the relay's, saw the same.
+    assert!(relay.metric("gossipsub_rejected_messages_total") >= 2.0, "gossipsub metrics");
+    assert!(relay.metric("gossipsub_topic_msg_recv_counts_total") >= 3.0, "gossipsub metrics");
 }
 
 /// Fork detection over gossip: members' epoch reports travel on their channel's report topic

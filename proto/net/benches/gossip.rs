@@ -6,8 +6,11 @@
 //! `--hosts 100`, `--messages 200`, `--transport memory`).
 //!
 //! Rows: `clean` (honest members only) and `one spammer` (a connected peer, not a member,
-//! publishing a forged envelope every millisecond through the run), with the delivery ratio and
-//! the latency from publication to each other member's acceptance: p50, p99, max.
+//! publishing a forged envelope every millisecond through the run), with the delivery ratio,
+//! the latency from publication to each other member's acceptance (p50, p99, max), and from
+//! gossipsub's own metrics on every member: duplicates per message (copies received beyond the
+//! first, per message a member accepted) and the gossip bytes each member sent and received in
+//! the run (messages only: control traffic such as IHAVE and heartbeats is not counted).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,6 +26,8 @@ use chitchat_proto::{SecretKey, Timestamp};
 use futures::StreamExt as _;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, Swarm, gossipsub};
+use prometheus_client::encoding::text::encode as encode_metrics;
+use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
 const CHANNEL: ChannelId = ChannelId([0x42; 32]);
@@ -38,6 +43,53 @@ enum Command {
 struct Host {
     commands: mpsc::UnboundedSender<Command>,
     addr: Multiaddr,
+    /// Gossipsub's metrics of this host.
+    metrics: Registry,
+}
+
+impl Host {
+    /// The sum of a counter of this host's gossipsub metrics over its labels (topics).
+    fn counter(&self, name: &str) -> f64 {
+        let mut text = String::new();
+        if encode_metrics(&mut text, &self.metrics).is_err() {
+            return 0.0;
+        }
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// Gossipsub's counters, summed over a set of hosts.
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    received: f64,
+    unique: f64,
+    bytes_sent: f64,
+    bytes_received: f64,
+}
+
+impl Counters {
+    fn of(hosts: &[Host]) -> Self {
+        let mut c = Self::default();
+        for h in hosts {
+            c.received += h.counter("topic_msg_recv_counts_unfiltered_total");
+            c.unique += h.counter("topic_msg_recv_counts_total");
+            c.bytes_sent += h.counter("topic_msg_sent_bytes_total");
+            c.bytes_received += h.counter("topic_msg_recv_bytes_unfiltered_total");
+        }
+        c
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            received: self.received - before.received,
+            unique: self.unique - before.unique,
+            bytes_sent: self.bytes_sent - before.bytes_sent,
+            bytes_received: self.bytes_received - before.bytes_received,
+        }
+    }
 }
 
 async fn host(
@@ -50,7 +102,9 @@ async fn host(
 ) -> Host {
     let config = HostConfig { idle_timeout: Duration::from_secs(600), lazy: false, tls: None };
     let identity = libp2p::identity::Keypair::generate_ed25519();
-    let make = |_: &libp2p::identity::Keypair| Gossip::new().expect("gossip");
+    let mut metrics = Registry::default();
+    let gossip = Gossip::with_metrics(&mut metrics).expect("gossip");
+    let make = |_: &libp2p::identity::Keypair| gossip;
     let mut swarm: Swarm<Gossip> = if memory {
         memory_swarm(identity, config, make).expect("swarm")
     } else {
@@ -104,7 +158,7 @@ async fn host(
             }
         }
     });
-    Host { commands, addr }
+    Host { commands, addr, metrics }
 }
 
 /// CPU time of this process so far (user and system), from `/proc/self/stat`.
@@ -119,6 +173,7 @@ fn cpu() -> Duration {
 }
 
 struct Row {
+    counters: Counters,
     cpu_per_message: Duration,
     delivered: usize,
     expected: usize,
@@ -205,6 +260,7 @@ async fn run(
         })
     });
     while deliveries.try_recv().is_ok() {}
+    let before = Counters::of(&all[..hosts]);
     let cpu_before = cpu();
     for m in 0..messages {
         let from = next(hosts);
@@ -217,6 +273,7 @@ async fn run(
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let cpu_per_message = (cpu() - cpu_before) / messages.max(1) as u32;
+    let counters = Counters::of(&all[..hosts]).since(before);
     if let Some(s) = spam {
         s.abort();
     }
@@ -226,7 +283,13 @@ async fn run(
     }
     latencies.sort_unstable();
     drop(all);
-    Row { cpu_per_message, delivered: latencies.len(), expected: messages * (hosts - 1), latencies }
+    Row {
+        counters,
+        cpu_per_message,
+        delivered: latencies.len(),
+        expected: messages * (hosts - 1),
+        latencies,
+    }
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -252,8 +315,16 @@ fn main() {
         if memory { "memory" } else { "loopback TCP" }
     );
     println!(
-        "{:<14} {:>10} {:>9} {:>9} {:>9} {:>13}",
-        "row", "delivered", "p50 ms", "p99 ms", "max ms", "CPU ms/msg"
+        "{:<14} {:>10} {:>9} {:>9} {:>9} {:>13} {:>9} {:>13} {:>13}",
+        "row",
+        "delivered",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "CPU ms/msg",
+        "dups/msg",
+        "KiB out/node",
+        "KiB in/node"
     );
     let mut p99 = Vec::new();
     // The same hosts, keys and connections in every row (one seed); the spammer is one more
@@ -262,14 +333,18 @@ fn main() {
     let rows = [("clean", false), ("one spammer", true), ("clean", false), ("one spammer", true)];
     for (round, (name, spammer)) in rows.into_iter().enumerate() {
         let r = rt.block_on(run(hosts, messages, memory, spammer, 1, round));
+        let c = r.counters;
         println!(
-            "{:<14} {:>9.2}% {:>9.2} {:>9.2} {:>9.2} {:>13.2}",
+            "{:<14} {:>9.2}% {:>9.2} {:>9.2} {:>9.2} {:>13.2} {:>9.2} {:>13.1} {:>13.1}",
             name,
             100.0 * r.delivered as f64 / r.expected.max(1) as f64,
             pct(&r.latencies, 0.5),
             pct(&r.latencies, 0.99),
             r.latencies.last().map_or(0.0, |l| l.as_secs_f64() * 1000.0),
             r.cpu_per_message.as_secs_f64() * 1000.0,
+            (c.received - c.unique) / c.unique.max(1.0),
+            c.bytes_sent / hosts as f64 / 1024.0,
+            c.bytes_received / hosts as f64 / 1024.0,
         );
         p99.push(pct(&r.latencies, 0.99));
     }

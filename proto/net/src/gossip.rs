@@ -16,6 +16,7 @@ use libp2p::gossipsub::{
 };
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{PeerId, allow_block_list};
+use prometheus_client::registry::Registry;
 
 use crate::NetError;
 
@@ -61,6 +62,17 @@ impl Gossip {
     pub fn new() -> Result<Self, NetError> {
         Ok(Self {
             gossipsub: Woken::new(behaviour()?),
+            banned: allow_block_list::Behaviour::default(),
+        })
+    }
+
+    /// The same, recording gossipsub's own metrics in `registry` (messages received with and
+    /// without duplicates, bytes sent and received, mesh sizes, scores, validation outcomes,
+    /// per topic, for at most 300 topics: topic names reveal no channel).
+    pub fn with_metrics(registry: &mut Registry) -> Result<Self, NetError> {
+        let gossipsub = behaviour()?.with_metrics(registry, gossipsub::MetricsConfig::default());
+        Ok(Self {
+            gossipsub: Woken::new(gossipsub),
             banned: allow_block_list::Behaviour::default(),
         })
     }
