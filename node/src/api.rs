@@ -142,6 +142,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/devices", get(devices))
         .route("/v1/network", get(network))
         .route("/v1/network/dial", post(dial))
+        .route("/v1/network/lan", get(lan))
         .route("/v1/users/{address}", get(user))
         .route("/v1/channels", get(channels).post(create_channel))
         .route("/v1/channels/{channel}", get(channel_info))
@@ -282,6 +283,27 @@ async fn network(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "peer_id": peer_id, "listening": listening, "peers": peers })))
 }
 
+/// The peers found on the local network (mDNS), with the device and name each gives.
+async fn lan(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+    let peers: Vec<Value> = s
+        .node
+        .lan()
+        .await?
+        .into_iter()
+        .map(|(p, dir)| {
+            json!({
+                "peer_id": p.peer_id,
+                "addrs": p.addrs,
+                "connected": p.connected,
+                "device": dir.as_ref().map(|d| d.device().0.to_hex()),
+                "name": dir.as_ref().map(|d| d.body.profile.display_name.clone()),
+                "sponsored": dir.as_ref().map(|d| d.body.sponsorships.iter().map(|s| s.address().to_string()).collect::<Vec<_>>()),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "peers": peers })))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DialBody {
@@ -400,12 +422,15 @@ struct CreateBody {
     /// Whether every member may add and remove members (default: only the creator).
     #[serde(default)]
     open: bool,
+    /// Relay-less: ordered by this device, for peers met directly (a LAN).
+    #[serde(default)]
+    lan: bool,
 }
 
 async fn create_channel(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Json<Value>> {
     let b: CreateBody = body(&bytes)?;
     let mime = b.mime.unwrap_or_else(|| chat::MIME.to_owned());
-    let id = s.node.create_channel(b.name, mime, b.open).await?;
+    let id = s.node.create_channel(b.name, mime, b.open, b.lan).await?;
     Ok(Json(json!({ "id": id.to_string() })))
 }
 

@@ -19,6 +19,18 @@ pub struct Config {
     /// How the node meets its peers.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// What this device tells peers about its user.
+    #[serde(default)]
+    pub profile: ProfileConfig,
+}
+
+/// What this device tells peers about its user.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfileConfig {
+    /// The name peers on the local network see for a device registered at no relay (no one
+    /// vouches for it). Once registered, the relay's name is used.
+    pub name: String,
 }
 
 /// How the node meets its peers (the members of its channels, directly).
@@ -36,6 +48,9 @@ pub struct NetworkConfig {
     /// PEM files of certificates to trust, beside the web's roots, for a relay's WebSocket with
     /// TLS (`/tls/ws`): a relay whose certificate is of its operator's own making.
     pub tls_roots: Vec<String>,
+    /// Find peers on the local network by mDNS. Unset: on for a device registered at no relay
+    /// (a LAN's only way to meet), off otherwise. Never for a relay-only node.
+    pub mdns: Option<bool>,
 }
 
 impl Default for NetworkConfig {
@@ -45,11 +60,17 @@ impl Default for NetworkConfig {
             peers: Vec::new(),
             relay_only: false,
             tls_roots: Vec::new(),
+            mdns: None,
         }
     }
 }
 
 impl NetworkConfig {
+    /// Whether mDNS runs, for a device that is `registered` at a relay or not.
+    pub fn mdns_on(&self, registered: bool) -> bool {
+        !self.relay_only && self.mdns.unwrap_or(!registered)
+    }
+
     /// The TLS roots to trust besides the web's, read (`None` when there are none).
     pub fn tls(&self) -> Result<Option<chitchat_net::Tls>, ConfigError> {
         if self.tls_roots.is_empty() {
@@ -215,6 +236,15 @@ relay_only = false
 # PEM files of certificates to trust for a relay's WebSocket with TLS, besides the web's roots
 # (env CHITCHAT_NETWORK_TLS_ROOTS, comma-separated).
 tls_roots = []
+# Find peers on the local network by mDNS (env CHITCHAT_NETWORK_MDNS, true or false). Unset, it
+# is on for a device registered at no relay (peers on a LAN meet that way) and off once it is
+# registered; a relay-only node never runs it.
+# mdns = true
+
+[profile]
+# The name peers on the local network see while this device is registered at no relay (env
+# CHITCHAT_PROFILE_NAME). No relay vouches for it: peers show it as unverified.
+name = ""
 "#;
 
     /// Parses and validates a config file's text.
@@ -242,6 +272,14 @@ tls_roots = []
         }
         if let Some(v) = var("CHITCHAT_NETWORK_TLS_ROOTS") {
             self.network.tls_roots = list(v);
+        }
+        if let Some(v) = var("CHITCHAT_NETWORK_MDNS") {
+            self.network.mdns = Some(v.parse().map_err(|_| {
+                ConfigError::Invalid(format!("CHITCHAT_NETWORK_MDNS={v:?}: expected true or false"))
+            })?);
+        }
+        if let Some(v) = var("CHITCHAT_PROFILE_NAME") {
+            self.profile.name = v;
         }
         if let Some(v) = var("CHITCHAT_NETWORK_RELAY_ONLY") {
             self.network.relay_only = v.parse().map_err(|_| {
@@ -278,6 +316,20 @@ tls_roots = []
         }
         self.network.listen_addrs()?;
         self.network.peer_addrs()?;
+        if self.network.relay_only && self.network.mdns == Some(true) {
+            return Err(ConfigError::Invalid(
+                "network.mdns: a relay-only node looks for no peer on the local network".into(),
+            ));
+        }
+        let name = &self.profile.name;
+        if name.len() > chitchat_proto::identity::MAX_DISPLAY_NAME_LEN
+            || name.chars().any(char::is_control)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "profile.name {name:?}: at most {} bytes, no control characters",
+                chitchat_proto::identity::MAX_DISPLAY_NAME_LEN
+            )));
+        }
         if !(1..=3650).contains(&self.send.give_up_after_days) {
             return Err(ConfigError::Invalid("send.give_up_after_days must be 1..=3650".into()));
         }
@@ -326,8 +378,34 @@ mod tests {
                 relay: RelayConfig::default(),
                 send: SendConfig { commit_first: false, give_up_after_days: 30 },
                 network: NetworkConfig::default(),
+                profile: ProfileConfig::default(),
             }
         );
+    }
+
+    /// mDNS follows the registration unless set; never for a relay-only node; the profile
+    /// name is bounded.
+    #[test]
+    fn mdns_and_the_profile_name_are_checked() {
+        let c = Config::parse("").expect("defaults");
+        assert!(c.network.mdns_on(false), "on for a device registered nowhere");
+        assert!(!c.network.mdns_on(true), "off once registered");
+        let on = Config::parse("[network]\nmdns = true\n").expect("file");
+        assert!(on.network.mdns_on(true));
+        let bad = Config::parse("[network]\nmdns = true\nrelay_only = true\n");
+        assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("relay-only")));
+        let only = Config::parse("[network]\nrelay_only = true\n").expect("file");
+        assert!(!only.network.mdns_on(false), "a relay-only node never runs mDNS");
+        let mut c = Config::parse("").expect("defaults");
+        c.apply_env(|k| (k == "CHITCHAT_NETWORK_MDNS").then(|| "false".to_owned())).expect("env");
+        assert!(!c.network.mdns_on(false));
+        let long = format!("[profile]\nname = \"{}\"\n", "x".repeat(200));
+        assert!(
+            matches!(Config::parse(&long), Err(ConfigError::Invalid(m)) if m.contains("profile.name"))
+        );
+        let mut c = Config::parse("").expect("defaults");
+        let bad = c.apply_env(|k| (k == "CHITCHAT_PROFILE_NAME").then(|| "a\u{7}b".to_owned()));
+        assert!(bad.is_err(), "control characters refused");
     }
 
     #[test]

@@ -53,6 +53,9 @@ const EVIDENCE_MAX_BACKOFF_MS: u64 = 10_000;
 
 pub use crate::engine::now;
 
+mod lan;
+pub use lan::parse_device;
+
 /// Why a node operation failed, as the local API reports it.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -134,12 +137,16 @@ pub struct Node {
     /// Wakes the task that keeps the gossip topics those of the channels this device is in.
     topics: Notify,
     /// Messages to gossip, from the engine's thread (bounded: past it, only the relay carries
-    /// a message).
-    publish: mpsc::Sender<(ChannelId, MessageId, GossipEnvelope)>,
+    /// a message), with the outbox entry of a relay-less channel's (which goes once gossiped).
+    publish: mpsc::Sender<ToPublish>,
     /// How far each channel's history at the relay was read this run (what the inbox missed
     /// is fetched once, whether a notice or an item asks for it first).
     history_read: Mutex<HashMap<ChannelId, u64>>,
 }
+
+/// A message to gossip: its channel, id, envelope, and for a relay-less channel its outbox
+/// entry.
+type ToPublish = (ChannelId, MessageId, GossipEnvelope, Option<(u64, OutboxItem)>);
 
 /// Messages waiting to be gossiped, at most.
 const PUBLISH_QUEUE: usize = 256;
@@ -157,14 +164,21 @@ impl Node {
     /// Opens the node's state and starts its background tasks.
     pub async fn start(mut engine: Engine, config: Config) -> Result<Arc<Self>, NodeError> {
         engine.set_commit_first(config.send.commit_first);
+        engine.set_lan(!config.network.relay_only);
+        if engine.account().is_none() {
+            // What a Welcome to a relay-less channel checks this device's own credential with.
+            let own = engine.peer_record(&config.profile.name, now());
+            engine.add_dirs(vec![own])?;
+        }
         let bad_config = |e: crate::config::ConfigError| NodeError::Invalid(e.to_string());
         let identity = chitchat_net::keypair(engine.key())
             .map_err(|e| NodeError::Invalid(format!("device key: {e}")))?;
-        let (host, gossiped) = Host::start(
+        let (host, gossiped, asks) = Host::start(
             identity,
             &config.network.listen_addrs().map_err(bad_config)?,
             &config.network.peer_addrs().map_err(bad_config)?,
             config.network.relay_only,
+            config.network.mdns_on(engine.account().is_some()),
             config.network.tls().map_err(bad_config)?,
         )
         .await
@@ -180,7 +194,7 @@ impl Node {
         let first_outbox_id = engine.next_outbox_id();
         let node = Arc::new(Self {
             engine: Arc::new(Mutex::new(engine)),
-            link: Mutex::new(link),
+            link: Mutex::new(link.clone()),
             config,
             outbox: Notify::new(),
             registered: Notify::new(),
@@ -188,7 +202,8 @@ impl Node {
             ordering: tokio::sync::Mutex::new(()),
             ready: Mutex::new(std::collections::VecDeque::new()),
             first_outbox_id,
-            caught_up: tokio::sync::watch::Sender::new(false),
+            // A device registered nowhere has no inbox to read first.
+            caught_up: tokio::sync::watch::Sender::new(link.is_none()),
             host,
             rosters,
             topics: Notify::new(),
@@ -204,6 +219,8 @@ impl Node {
         tokio::spawn(node.clone().key_package_task());
         tokio::spawn(node.clone().link_state_task());
         tokio::spawn(node.clone().evidence_task());
+        tokio::spawn(node.clone().peer_task(asks));
+        tokio::spawn(node.clone().lan_task());
         Ok(node)
     }
 
@@ -269,15 +286,18 @@ impl Node {
 
     /// Gossips what [`Node::send`] released, and marks each message `gossiped` once a peer of
     /// its channel took it. A message no peer takes goes by the relay only, as before gossip.
-    async fn publish_task(
-        self: Arc<Self>,
-        mut queue: mpsc::Receiver<(ChannelId, MessageId, GossipEnvelope)>,
-    ) {
-        while let Some((channel, id, envelope)) = queue.recv().await {
+    async fn publish_task(self: Arc<Self>, mut queue: mpsc::Receiver<ToPublish>) {
+        while let Some((channel, id, envelope, lan)) = queue.recv().await {
             let data = chitchat_proto::codec::encode(&envelope);
             match self.host.publish(channel, data).await {
                 Ok(()) => {
-                    if let Err(e) = self.with(move |e| e.gossiped(&channel, &id)).await {
+                    let recorded = match lan {
+                        Some((outbox_id, item)) => {
+                            self.with(move |e| e.lan_published(outbox_id, &item)).await
+                        }
+                        None => self.with(move |e| e.gossiped(&channel, &id)).await,
+                    };
+                    if let Err(e) = recorded {
                         tracing::debug!(error = %e, "cannot record a gossiped message");
                     }
                 }
@@ -497,13 +517,22 @@ impl Node {
         name: String,
         mime: String,
         open: bool,
+        lan: bool,
     ) -> Result<ChannelId, NodeError> {
         if name.is_empty() || name.len() > 255 || mime.is_empty() || mime.len() > 255 {
             return Err(NodeError::Invalid("name and MIME type: 1 to 255 bytes".into()));
         }
+        if lan && self.config.network.relay_only {
+            return Err(NodeError::Invalid(
+                "a relay-only node meets no peer: it cannot order a relay-less channel".into(),
+            ));
+        }
         let now = now();
-        let id = self.with(move |e| e.create_channel(&name, &mime, open, now)).await?;
+        let id = self.with(move |e| e.create_channel(&name, &mime, open, lan, now)).await?;
         self.topics.notify_one();
+        if lan {
+            return Ok(id);
+        }
         if let Err(e) = self.open_at_relay(&id).await {
             // Opened before the first commit instead.
             tracing::warn!(channel = %id, error = %e, "relay not told of the channel yet");
@@ -560,8 +589,14 @@ impl Node {
         // Runs on the engine's thread, maybe before the send's commit: the outbox task posts
         // the message while the disk writes it.
         let release = move |r: Released| {
-            let Released { outbox_id, item, gossip, early } = r;
-            if node.publish.try_send((item.channel, item.id, gossip)).is_err() {
+            let Released { outbox_id, item, gossip, early, lan } = r;
+            if lan {
+                // No relay: gossip alone carries it (the LAN task again if no one took it).
+                let _ =
+                    node.publish.try_send((item.channel, item.id, gossip, Some((outbox_id, item))));
+                return;
+            }
+            if node.publish.try_send((item.channel, item.id, gossip, None)).is_err() {
                 tracing::debug!("gossip queue full; the relay alone carries a message");
             }
             if let Ok(mut q) = node.ready.lock()
@@ -1158,6 +1193,9 @@ impl Node {
         channel: ChannelId,
         address: &str,
     ) -> Result<Vec<DeviceId>, NodeError> {
+        if self.with(move |e| e.is_relayless(&channel)).await {
+            return self.lan_invite(channel, address).await;
+        }
         let home = self.with(|e| e.account().map(|a| a.relay.id.host.clone())).await;
         let host = Address::parse(address)
             .map_err(|e| NodeError::Invalid(format!("address {address:?}: {e}")))?
@@ -1248,7 +1286,9 @@ impl Node {
         channel: ChannelId,
         op: IntentOp,
     ) -> Result<Submitted, NodeError> {
-        self.open_at_relay(&channel).await?;
+        if !self.with(move |e| e.is_relayless(&channel)).await {
+            self.open_at_relay(&channel).await?;
+        }
         let mut intent = Intent::new(op, now());
         loop {
             if let IntentState::ToPublish { not_before } = intent.state {
@@ -1287,6 +1327,9 @@ impl Node {
         channel: ChannelId,
         staged: &StagedRecord,
     ) -> Result<Submitted, NodeError> {
+        if self.with(move |e| e.is_relayless(&channel)).await {
+            return self.submit_lan(channel, staged).await;
+        }
         let link = self.link()?;
         let request = Request::SubmitCommit(CommitSubmission {
             channel,

@@ -9,7 +9,7 @@
 //! The engine is synchronous (redb writes fsync); the daemon calls it from blocking tasks,
 //! one operation at a time.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chitchat_proto::channel::{
@@ -30,6 +30,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 mod evidence;
+mod lan;
 
 pub use evidence::{Conviction, Outgoing};
 
@@ -198,17 +199,35 @@ struct Recording<'a> {
     /// Relays named by a channel (its relay set, or one a commit adds) whose key this device
     /// does not know yet: its relay is asked about them.
     relays: RefCell<BTreeSet<RelayId>>,
+    /// Relay-less channels may be joined (the device is not relay-only).
+    lan: bool,
+    /// The channel checked is relay-less: no relay vouches for its members' names, so their
+    /// self-signed records are all there is to check ([`Dir::verify_self`]).
+    relayless: Cell<bool>,
 }
 
 impl<'a> Recording<'a> {
-    fn new(dirs: &'a BTreeMap<DeviceId, Dir>, trust: TrustedRelays, now: Timestamp) -> Self {
+    fn new(
+        dirs: &'a BTreeMap<DeviceId, Dir>,
+        trust: TrustedRelays,
+        now: Timestamp,
+        lan: bool,
+    ) -> Self {
         Self {
             dirs,
             trust,
             now,
             missing: RefCell::new(BTreeSet::new()),
             relays: RefCell::new(BTreeSet::new()),
+            lan,
+            relayless: Cell::new(false),
         }
+    }
+
+    /// The same, for a channel of this config (known before the check, as for a commit).
+    fn for_config(mut self, config: &ChannelConfig) -> Self {
+        self.relayless = Cell::new(self.lan && config.relays.is_empty());
+        self
     }
 
     /// The devices and relays to look up, if the check failed for want of them.
@@ -246,10 +265,20 @@ impl CredentialCheck for Recording<'_> {
         if !self.dirs.contains_key(&device) {
             self.missing.borrow_mut().insert(device);
         }
+        if self.relayless.get() {
+            let dir = self.dirs.get(&device).ok_or("no identity record for the device")?;
+            return dir.verify_self(self.now).map_err(|e| e.to_string());
+        }
         KnownDirs { dirs: self.dirs, trust: &self.trust, now: self.now }.check(device)
     }
 
     fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {
+        // A relay-less channel is ordered by its creator's device (which the channel id
+        // names, and which signs every certificate).
+        if self.lan && config.relays.is_empty() {
+            self.relayless.set(true);
+            return Ok(());
+        }
         // Other relays of the set are learned, for the members they sponsor.
         config.relays.iter().for_each(|r| self.note(r));
         KnownDirs { dirs: self.dirs, trust: &self.trust, now: self.now }.check_orderers(config)
@@ -291,6 +320,8 @@ pub struct Released {
     pub gossip: GossipEnvelope,
     /// Released before its state was durable.
     pub early: bool,
+    /// Of a relay-less channel: it goes by gossip alone (no relay posts it).
+    pub lan: bool,
 }
 
 /// A message for the engine, from wherever it came. Every source goes through
@@ -310,6 +341,10 @@ pub enum Incoming {
     /// Another member's epoch report, gossiped by a peer and judged by the host (signed by a
     /// member of the channel at that epoch); nothing acknowledges it.
     Report(chitchat_proto::ordering::EpochReport),
+    /// An envelope a peer handed over directly (`chitchat_proto::peer`): a Welcome sealed to
+    /// this device, or a relay-less channel's commit with its creator's certificate. Checked as
+    /// an inbox item is; nothing acknowledges it.
+    Direct(Envelope),
 }
 
 impl Incoming {
@@ -317,7 +352,7 @@ impl Incoming {
     pub fn inbox_id(&self) -> Option<u64> {
         match self {
             Self::Inbox(item) => Some(item.id),
-            Self::Gossip(_) | Self::History(_) | Self::Report(_) => None,
+            Self::Gossip(_) | Self::History(_) | Self::Report(_) | Self::Direct(_) => None,
         }
     }
 }
@@ -386,6 +421,8 @@ pub struct Engine {
     awaiting: VecDeque<Awaiting>,
     /// The epoch of each channel whose members `rosters-0` holds (see [`Engine::commit`]).
     rosters: BTreeMap<ChannelId, u64>,
+    /// Relay-less channels may be joined (see [`Engine::set_lan`]).
+    lan: bool,
 }
 
 /// Inbox items the node could not use and dropped (acknowledged, so that they never block the
@@ -481,6 +518,7 @@ impl Engine {
             awaiting: VecDeque::new(),
             rosters: store_rosters,
             evidence,
+            lan: true,
         };
         engine.load_channels()?;
         engine.skip_released(now())?;
@@ -806,15 +844,21 @@ impl Engine {
             .map_err(|e| EngineError::Invalid(format!("identity record rejected: {e}")))
     }
 
-    /// Creates a channel ordered by the home relay, with this device as its only member.
+    /// Creates a channel with this device as its only member, ordered by the home relay, or
+    /// (`lan`) relay-less: ordered by this device, for peers met directly (on a LAN).
     pub fn create_channel(
         &mut self,
         name: &str,
         mime: &str,
         open: bool,
+        lan: bool,
         now: Timestamp,
     ) -> Result<ChannelId, EngineError> {
-        let account = self.account.as_ref().ok_or(EngineError::NotRegistered)?;
+        let relays = match (&self.account, lan) {
+            (_, true) => Vec::new(),
+            (Some(account), false) => vec![account.relay.id.clone()],
+            (None, false) => return Err(EngineError::NotRegistered),
+        };
         if name.chars().chain(mime.chars()).any(char::is_control) {
             return Err(EngineError::Invalid(
                 "a channel's name and MIME type may not hold control characters".into(),
@@ -833,7 +877,7 @@ impl Engine {
         let config = ChannelConfig {
             mime: mime.into(),
             name: name.into(),
-            relays: vec![account.relay.id.clone()],
+            relays,
             admins,
             creator: self.device(),
         };
@@ -939,10 +983,11 @@ impl Engine {
             Err(e) => return self.fail(e),
         };
         tracing::debug!(channel = %id, message = %id_string(&msg_id), "sending");
-        let (state, alone, epoch, hlc) = {
+        let (state, alone, epoch, hlc, lan) = {
             let channel = active_in(&mut self.channels, id)?;
             let alone = !channel.has_other_members();
-            (channel.state().clone(), alone, channel.epoch(), channel.state().clock.last())
+            let lan = channel.config().relays.is_empty();
+            (channel.state().clone(), alone, channel.epoch(), channel.state().clock.last(), lan)
         };
         let outbox_id = self.next_outbox;
         let mut record = self.held(id)?.record.clone();
@@ -980,7 +1025,7 @@ impl Engine {
             && let Some(gossip) = gossip.take()
             && let Some(release) = release.take()
         {
-            release(Released { outbox_id, item, gossip, early: true });
+            release(Released { outbox_id, item, gossip, early: true, lan });
         }
         if let Err(e) = self.commit(b) {
             if early {
@@ -1005,7 +1050,7 @@ impl Engine {
             && let Some(gossip) = gossip
             && let Some(release) = release.take()
         {
-            release(Released { outbox_id, item, gossip, early: false });
+            release(Released { outbox_id, item, gossip, early: false, lan });
         }
         if store {
             self.emit_message(id, &stored);
@@ -1021,10 +1066,15 @@ impl Engine {
 
     /// The address a device is known by (`alice@relay`), or its short id.
     pub fn name_of(&self, device: &DeviceId) -> String {
-        self.dirs
-            .get(device)
-            .and_then(|d| d.body.sponsorships.first())
-            .map_or_else(|| short_device(device), |s| s.address().to_string())
+        let dir = self.dirs.get(device);
+        if let Some(s) = dir.and_then(|d| d.body.sponsorships.first()) {
+            return s.address().to_string();
+        }
+        // A name no relay vouches for (a peer met on a LAN) is shown as such.
+        match dir.map(|d| d.body.profile.display_name.as_str()).filter(|n| !n.is_empty()) {
+            Some(name) => format!("{name} ({}, unverified)", short_device(device)),
+            None => short_device(device),
+        }
     }
 
     /// The id the next outbox item gets.
@@ -1034,7 +1084,9 @@ impl Engine {
 
     /// Outbox items to deliver, oldest first.
     pub fn outbox(&self) -> Result<Vec<(u64, OutboxItem)>, EngineError> {
-        Ok(self.store.outbox(OUTBOX_BATCH)?)
+        // A relay-less channel's items are the publish task's (see `lan_outbox`).
+        let lan = self.relayless_channels();
+        Ok(self.store.outbox(OUTBOX_BATCH, |i| !lan.contains(&i.channel))?)
     }
 
     /// Records delivery attempts, in one transaction: for each item, whether it was posted,
@@ -1307,6 +1359,10 @@ impl Engine {
             Incoming::History(Envelope::Sealed(_)) => Err("a sealed envelope in a history".into()),
             Incoming::History(envelope) => open_envelope(envelope),
             Incoming::Report(report) => Ok(InboxPayload::Report(report.clone())),
+            Incoming::Direct(envelope @ (Envelope::Sealed(_) | Envelope::Commit(_))) => {
+                open_envelope(envelope)
+            }
+            Incoming::Direct(_) => Err("a peer may hand over Welcomes and commits only".into()),
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         let sealed = items
@@ -1386,7 +1442,7 @@ impl Engine {
             tracing::debug!(%channel, "a Welcome to a channel this device is in; dropped");
             return Step::Done;
         }
-        let check = Recording::new(&self.dirs, self.trust(), now);
+        let check = Recording::new(&self.dirs, self.trust(), now, self.lan);
         match Channel::join(&self.provider, welcome, &check) {
             Ok(joined) if joined.id() == channel => {
                 let record = ChannelRecord {
@@ -1441,11 +1497,12 @@ impl Engine {
         {
             self.check_late_commit(id, cert, events);
         }
-        let check = Recording::new(&self.dirs, self.trust(), now);
+        let check = Recording::new(&self.dirs, self.trust(), now, self.lan);
         let Some(channel) = self.channels.get_mut(&id).and_then(|h| h.channel.as_mut()) else {
             tracing::debug!(channel = %id, "message for a channel this device is not in; dropped");
             return Step::Done;
         };
+        let check = check.for_config(channel.config());
         let result = channel.process(&self.provider, now, message, &check);
         let mime = channel.config().mime.clone();
         let epoch_now = channel.epoch();
@@ -1566,13 +1623,21 @@ impl Engine {
         }
         let mut change = Change::default();
         let trust = self.trust();
+        let relayless = active_in(&mut self.channels, id)?.config().relays.is_empty();
         match &op {
             IntentOp::Add(adds) => {
                 let mut config = active_in(&mut self.channels, id)?.config().clone();
                 for (dir, kp) in adds {
-                    let addresses = dir.verify(&trust, now).map_err(|e| {
-                        EngineError::Invalid(format!("identity record rejected: {e}"))
-                    })?;
+                    let rejected =
+                        |e| EngineError::Invalid(format!("identity record rejected: {e}"));
+                    if relayless {
+                        // No relay vouches for anyone here; the set stays empty.
+                        dir.verify_self(now).map_err(rejected)?;
+                        self.dirs.insert(dir.device(), dir.clone());
+                        change.add.push(kp.clone());
+                        continue;
+                    }
+                    let addresses = dir.verify(&trust, now).map_err(rejected)?;
                     self.dirs.insert(dir.device(), dir.clone());
                     change.add.push(kp.clone());
                     // A device sponsored by none of the channel's relays brings its relay into
@@ -1593,7 +1658,8 @@ impl Engine {
                 change.config = self.shrunk_config(id, devices)?;
             }
         }
-        let check = KnownDirs { dirs: &self.dirs, trust: &trust, now };
+        let config = active_in(&mut self.channels, id)?.config().clone();
+        let check = Recording::new(&self.dirs, trust, now, self.lan).for_config(&config);
         let staged =
             active_in(&mut self.channels, id)?.stage(&self.provider, &self.me, &change, &check);
         let staged = match staged {

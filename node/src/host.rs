@@ -17,6 +17,12 @@
 //!   addresses under the topic of every channel it is in, discovers the other members
 //!   registered there, and dials them (at most [`MAX_DIRECT_PEERS`] connections to peers).
 //!
+//! - The **peer protocol** (`chitchat_proto::peer`, request-response both ways): what nodes ask
+//!   each other directly ([`Host::ask_peer`]); requests from peers are handed out on a bounded
+//!   queue ([`PeerAsk`]) and answered with [`Host::answer`].
+//! - **mDNS** (`[network] mdns`): peers on the local network are found and dialled (within
+//!   [`MAX_DIRECT_PEERS`]); [`Host::lan`] lists them.
+//!
 //! The host listens on the addresses of `[network] listen` and dials `[network] peers` at start
 //! (and any peer [`Host::dial`] is given).
 //!
@@ -36,14 +42,17 @@ use chitchat_proto::ordering::ChannelId;
 use futures::StreamExt as _;
 use libp2p::gossipsub::{self, MessageId, PublishError, TopicHash};
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::ResponseChannel;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, allow_block_list, dcutr, identify, relay, rendezvous};
+use libp2p::{Multiaddr, PeerId, allow_block_list, dcutr, identify, mdns, relay, rendezvous};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// The longest a request to a peer may take.
+const PEER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Commands waiting for the swarm task, at most.
 const COMMAND_QUEUE: usize = 1024;
 /// Gossiped messages waiting for validation, at most: beyond, they are ignored (neither
@@ -66,6 +75,10 @@ const REGISTER_EVERY: Duration = Duration::from_secs(5 * 60);
 /// How long after a dial of a peer's direct addresses its circuits are dialled instead (or, when
 /// connected through the relay, its direct addresses tried again).
 const DIRECT_RETRY: Duration = Duration::from_secs(30);
+/// Requests from peers waiting for the node, at most: beyond, they are refused at once.
+pub const PEER_QUEUE: usize = 256;
+/// Peers found by mDNS that are remembered, at most.
+pub const MAX_LAN_PEERS: usize = 256;
 /// The identify protocol version ChitChat hosts announce.
 pub const IDENTIFY_PROTOCOL: &str = "/chitchat/1";
 
@@ -97,6 +110,28 @@ pub struct Gossiped {
     pub topic: TopicHash,
     /// The encoded envelope.
     pub data: Vec<u8>,
+}
+
+/// A request a peer sent, waiting for the node's answer ([`Host::answer`]).
+#[derive(Debug)]
+pub struct PeerAsk {
+    /// The peer that asks (its key is the asking device's).
+    pub peer: PeerId,
+    /// The request frame.
+    pub frame: Vec<u8>,
+    /// Where the answer goes.
+    pub channel: ResponseChannel<Vec<u8>>,
+}
+
+/// A peer found on the local network by mDNS.
+#[derive(Clone, Debug, Serialize)]
+pub struct LanPeer {
+    /// Its peer id.
+    pub peer_id: String,
+    /// The addresses it announced.
+    pub addrs: Vec<String>,
+    /// Whether it is connected now.
+    pub connected: bool,
 }
 
 /// Whether a peer is connected, and since when.
@@ -150,6 +185,13 @@ enum Command {
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Listening(oneshot::Sender<Vec<Multiaddr>>),
     RendezvousAt(PeerId, Vec<Multiaddr>),
+    AskPeer {
+        peer: PeerId,
+        frame: Vec<u8>,
+        reply: oneshot::Sender<CallResult>,
+    },
+    Answer(ResponseChannel<Vec<u8>>, Vec<u8>),
+    Lan(oneshot::Sender<Vec<LanPeer>>),
 }
 
 #[derive(NetworkBehaviour)]
@@ -161,6 +203,8 @@ struct Behaviour {
     rendezvous: rendezvous::client::Behaviour,
     circuits: relay::client::Behaviour,
     dcutr: dcutr::Behaviour,
+    peer: request_response::Behaviour<chitchat_net::FrameCodec>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
     /// Relay-only: the one peer this host may be connected to.
     only: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
 }
@@ -180,20 +224,38 @@ impl std::fmt::Debug for Command {
 
 impl Host {
     /// Starts the host of the device with libp2p `identity`: listens on `listen`, dials
-    /// `peers`, and hands gossiped messages to the returned queue. A `relay_only` host
-    /// connects to its relay alone (see the module's text).
+    /// `peers`, finds peers on the local network if `mdns`, and hands gossiped messages and
+    /// peers' requests to the returned queues. A `relay_only` host connects to its relay alone
+    /// (see the module's text).
     pub async fn start(
         identity: libp2p::identity::Keypair,
         listen: &[Multiaddr],
         peers: &[Multiaddr],
         relay_only: bool,
+        mdns: bool,
         tls: Option<chitchat_net::Tls>,
-    ) -> Result<(Self, mpsc::Receiver<Gossiped>), HostError> {
-        if relay_only && !(listen.is_empty() && peers.is_empty()) {
+    ) -> Result<(Self, mpsc::Receiver<Gossiped>, mpsc::Receiver<PeerAsk>), HostError> {
+        if relay_only && !(listen.is_empty() && peers.is_empty() && !mdns) {
             return Err(HostError::Net(
-                "a relay-only host listens nowhere and dials no peer".into(),
+                "a relay-only host listens nowhere, dials no peer and looks for none".into(),
             ));
         }
+        let local = identity.public().to_peer_id();
+        let mdns = if mdns {
+            // Records live 2 minutes (a node that left is forgotten soon); the network is asked
+            // again every 30 s, as well as whenever a peer announces itself.
+            let config = mdns::Config {
+                ttl: Duration::from_secs(120),
+                query_interval: Duration::from_secs(30),
+                enable_ipv6: false,
+            };
+            Some(
+                mdns::tokio::Behaviour::new(config, local)
+                    .map_err(|e| HostError::Net(format!("mdns: {e}")))?,
+            )
+        } else {
+            None
+        };
         let config = HostConfig { idle_timeout: Duration::from_secs(90), lazy: true, tls };
         let gossip = Gossip::new().map_err(|e| HostError::Net(e.to_string()))?;
         let mut swarm =
@@ -213,6 +275,14 @@ impl Host {
                 rendezvous: rendezvous::client::Behaviour::new(key.clone()),
                 circuits,
                 dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
+                peer: frames(
+                    chitchat_net::PEER_PROTOCOL,
+                    ProtocolSupport::Full,
+                    request_response::Config::default()
+                        .with_request_timeout(PEER_TIMEOUT)
+                        .with_max_concurrent_streams(64),
+                ),
+                mdns: Toggle::from(mdns),
                 only: Toggle::from(relay_only.then(allow_block_list::Behaviour::default)),
             })
             .await
@@ -228,8 +298,9 @@ impl Host {
         let peer_id = *swarm.local_peer_id();
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
         let (gossiped, gossip_rx) = mpsc::channel(GOSSIP_QUEUE);
-        tokio::spawn(run(swarm, rx, gossiped, relay_only));
-        Ok((Self { commands, peer_id }, gossip_rx))
+        let (asks, asks_rx) = mpsc::channel(PEER_QUEUE);
+        tokio::spawn(run(swarm, rx, gossiped, asks, relay_only));
+        Ok((Self { commands, peer_id }, gossip_rx, asks_rx))
     }
 
     /// This host's peer id.
@@ -322,6 +393,26 @@ impl Host {
     pub async fn listening(&self) -> Result<Vec<Multiaddr>, HostError> {
         self.ask(Command::Listening).await
     }
+
+    /// Sends a peer-protocol request frame to `peer` (dialled at the addresses the host knows
+    /// for it: from mDNS, identify or an earlier connection) and returns the answer's frame.
+    pub async fn ask_peer(&self, peer: PeerId, frame: Vec<u8>) -> Result<CallResult, HostError> {
+        self.ask(|reply| Command::AskPeer { peer, frame, reply }).await
+    }
+
+    /// Answers a peer's request.
+    pub async fn answer(
+        &self,
+        channel: ResponseChannel<Vec<u8>>,
+        frame: Vec<u8>,
+    ) -> Result<(), HostError> {
+        self.commands.send(Command::Answer(channel, frame)).await.map_err(|_| HostError::Closed)
+    }
+
+    /// The peers mDNS found on the local network.
+    pub async fn lan(&self) -> Result<Vec<LanPeer>, HostError> {
+        self.ask(Command::Lan).await
+    }
 }
 
 /// The swarm's task: runs commands and swarm events until every handle is dropped.
@@ -329,9 +420,13 @@ async fn run(
     mut swarm: libp2p::Swarm<Behaviour>,
     mut commands: mpsc::Receiver<Command>,
     gossiped: mpsc::Sender<Gossiped>,
+    asks: mpsc::Sender<PeerAsk>,
     relay_only: bool,
 ) {
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<CallResult>> = HashMap::new();
+    let mut asked: HashMap<OutboundRequestId, oneshot::Sender<CallResult>> = HashMap::new();
+    // What mDNS found: each peer's addresses.
+    let mut lan: HashMap<PeerId, BTreeSet<Multiaddr>> = HashMap::new();
     let mut watched: HashMap<PeerId, watch::Sender<PeerState>> = HashMap::new();
     let mut topics: BTreeSet<ChannelId> = BTreeSet::new();
     let mut discovery = Discovery::default();
@@ -436,6 +531,24 @@ async fn run(
                     Command::Listening(reply) => {
                         let _ = reply.send(swarm.listeners().cloned().collect());
                     }
+                    Command::AskPeer { peer, reply, .. } if relay_only => {
+                        let _ = reply.send(Err(format!("this node is relay-only: it asks no peer ({peer})")));
+                    }
+                    Command::AskPeer { peer, frame, reply } => {
+                        let id = swarm.behaviour_mut().peer.send_request(&peer, frame);
+                        asked.insert(id, reply);
+                    }
+                    Command::Answer(channel, frame) => {
+                        let _ = swarm.behaviour_mut().peer.send_response(channel, frame);
+                    }
+                    Command::Lan(reply) => {
+                        let peers = lan.iter().map(|(p, addrs)| LanPeer {
+                            peer_id: p.to_string(),
+                            addrs: addrs.iter().map(ToString::to_string).collect(),
+                            connected: swarm.is_connected(p),
+                        }).collect();
+                        let _ = reply.send(peers);
+                    }
                 }
             }
             _ = discover_tick.tick() => discovery.round(&mut swarm, &topics),
@@ -458,6 +571,55 @@ async fn run(
                         && swarm.is_connected(&peer)
                     {
                         let _ = swarm.disconnect_peer_id(peer);
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Peer(request_response::Event::Message {
+                    peer, message, ..
+                })) => match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        if let Err(mpsc::error::TrySendError::Full(ask)) = asks.try_send(PeerAsk { peer, frame: request, channel }) {
+                            // Too many at once: closing the stream tells the peer so at once.
+                            drop(ask);
+                            tracing::debug!(%peer, "peer request refused: the node is busy");
+                        }
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        if let Some(r) = asked.remove(&request_id) {
+                            let _ = r.send(Ok(response));
+                        }
+                    }
+                },
+                SwarmEvent::Behaviour(BehaviourEvent::Peer(request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                })) => {
+                    if let Some(r) = asked.remove(&request_id) {
+                        let _ = r.send(Err(error.to_string()));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                    for (peer, addr) in found {
+                        if peer == *swarm.local_peer_id() || (!lan.contains_key(&peer) && lan.len() >= MAX_LAN_PEERS) {
+                            continue;
+                        }
+                        lan.entry(peer).or_default().insert(addr.clone());
+                        let direct = remotes.values().filter(|c| c.values().any(|(_, r)| !r)).count();
+                        if !swarm.is_connected(&peer) && direct < MAX_DIRECT_PEERS {
+                            tracing::debug!(%peer, %addr, "found on the local network; dialling");
+                            let opts = DialOpts::peer_id(peer).addresses(vec![addr]).build();
+                            if let Err(e) = swarm.dial(opts) {
+                                tracing::debug!(%peer, error = %e, "cannot dial a peer found on the local network");
+                            }
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                    for (peer, addr) in gone {
+                        if let Some(addrs) = lan.get_mut(&peer) {
+                            addrs.remove(&addr);
+                            if addrs.is_empty() {
+                                lan.remove(&peer);
+                            }
+                        }
                     }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Gossip(GossipEvent::Gossipsub(

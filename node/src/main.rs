@@ -55,6 +55,8 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// List the peers found on the local network (mDNS): device id, name, whether connected.
+    Lan,
     /// Show this device and its address.
     Whoami,
     /// Show the node's state: the relay link, dropped items, and any orderer caught
@@ -182,6 +184,10 @@ enum ChannelCommand {
         /// Let every member add and remove members (default: only you).
         #[arg(long)]
         open: bool,
+        /// Relay-less, for peers met directly (a LAN): this device orders it, and members are
+        /// invited by device id (see `chitchat lan`).
+        #[arg(long)]
+        lan: bool,
     },
     /// Show a channel: its id, epoch, members, and the relays that order it.
     Info {
@@ -380,6 +386,25 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 .await?;
             println!("registered as {}", v["address"].as_str().unwrap_or_default());
         }
+        Command::Lan => {
+            let v = client.json("GET", "/v1/network/lan", None).await?;
+            let peers = v["peers"].as_array().cloned().unwrap_or_default();
+            if peers.is_empty() {
+                println!("no peer found on the local network");
+            }
+            for p in peers {
+                let device = p["device"].as_str().unwrap_or("(no answer)");
+                let name = p["name"].as_str().filter(|n| !n.is_empty()).unwrap_or("-");
+                let sponsored = p["sponsored"].as_array().and_then(|a| a.first().cloned());
+                let name = match sponsored.as_ref().and_then(Value::as_str) {
+                    Some(address) => address.to_owned(),
+                    None => format!("{name} (unverified)"),
+                };
+                let state =
+                    if p["connected"].as_bool() == Some(true) { "connected" } else { "seen" };
+                println!("{device}  {name}  {state}");
+            }
+        }
         Command::Whoami => {
             let v = client.json("GET", "/v1/status", None).await?;
             match v["account"]["address"].as_str() {
@@ -444,12 +469,12 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Channel { command: ChannelCommand::Create { name, mime, open } } => {
+        Command::Channel { command: ChannelCommand::Create { name, mime, open, lan } } => {
             let v = client
                 .json(
                     "POST",
                     "/v1/channels",
-                    Some(json!({"name": name, "mime": mime, "open": open})),
+                    Some(json!({"name": name, "mime": mime, "open": open, "lan": lan})),
                 )
                 .await?;
             println!("{}", v["id"].as_str().unwrap_or_default());

@@ -22,7 +22,7 @@ use chitchat_proto::channel::{ChannelMessage, ChannelState, MessageId};
 use chitchat_proto::codec::{Bytes, decode, encode};
 use chitchat_proto::hlc::Hlc;
 use chitchat_proto::ordering::{ChannelId, EpochRecord, Equivocation, ForkKind};
-use chitchat_proto::wire::SealedWelcomes;
+use chitchat_proto::wire::{OrderedCommit, SealedWelcomes};
 use chitchat_proto::{DeviceId, Dir, PublicKey, RelayId, Timestamp};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -69,6 +69,11 @@ const ROSTERS: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::ne
 const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("convicted-0");
 /// Forks found: `(channel, epoch, reporting device)` → [`ForkRecord`].
 const FORKS: TableDefinition<'_, ForkKey, &[u8]> = TableDefinition::new("forks-0");
+/// The commits this device ordered, for the relay-less channels it created (which it orders):
+/// `(channel, epoch built on)` → the [`OrderedCommit`] with its certificate. Written before the
+/// certificate leaves the device, so that it never certifies two commits for one epoch; read to
+/// answer members that missed commits.
+const ORDERED: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("ordered-0");
 /// `(channel, epoch, device)`.
 type ForkKey = ([u8; 32], u64, [u8; 32]);
 
@@ -290,6 +295,7 @@ enum Op {
     Roster(ChannelId, Option<Roster>),
     Convicted(PublicKey, Equivocation),
     Fork(ForkRecord),
+    Ordered(OrderedCommit),
 }
 
 /// The writes of one operation, committed together.
@@ -367,6 +373,10 @@ impl Batch {
     /// Keeps a fork found (`forks-0`), up to [`MAX_FORKS`].
     pub fn fork(&mut self, fork: ForkRecord) {
         self.ops.push(Op::Fork(fork));
+    }
+    /// Keeps a commit this device ordered (`ordered-0`), unless one for its epoch is kept.
+    pub fn ordered(&mut self, commit: OrderedCommit) {
+        self.ops.push(Op::Ordered(commit));
     }
 }
 
@@ -468,6 +478,7 @@ impl Store {
             w.open_table(ROSTERS).map_err(redb_err)?;
             w.open_table(CONVICTED).map_err(redb_err)?;
             w.open_table(FORKS).map_err(redb_err)?;
+            w.open_table(ORDERED).map_err(redb_err)?;
         }
         w.commit().map_err(redb_err)?;
         Ok(Self { db })
@@ -657,13 +668,61 @@ impl Store {
     }
 
     /// Outbox items, oldest first, at most `max`.
-    pub fn outbox(&self, max: usize) -> Result<Vec<(u64, OutboxItem)>, StoreError> {
+    pub fn outbox(
+        &self,
+        max: usize,
+        wanted: impl Fn(&OutboxItem) -> bool,
+    ) -> Result<Vec<(u64, OutboxItem)>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
         let t = r.open_table(OUTBOX).map_err(redb_err)?;
         let mut out = Vec::new();
-        for e in t.iter().map_err(redb_err)?.take(max) {
+        for e in t.iter().map_err(redb_err)? {
             let (k, v) = e.map_err(redb_err)?;
-            out.push((k.value(), record(v.value(), "outbox")?));
+            let item: OutboxItem = record(v.value(), "outbox")?;
+            if wanted(&item) {
+                out.push((k.value(), item));
+                if out.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The commit this device ordered for the channel's `epoch`, if it ordered one.
+    pub fn ordered_at(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+    ) -> Result<Option<OrderedCommit>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(ORDERED).map_err(redb_err)?;
+        t.get((channel.0, epoch))
+            .map_err(redb_err)?
+            .map(|v| record(v.value(), "ordered"))
+            .transpose()
+    }
+
+    /// The commits this device ordered for the channel from epoch `from` on, in order, at most
+    /// `max` of them and about `max_bytes` (at least one).
+    pub fn ordered_from(
+        &self,
+        channel: &ChannelId,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<OrderedCommit>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(ORDERED).map_err(redb_err)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in t.range((channel.0, from)..=(channel.0, u64::MAX)).map_err(redb_err)? {
+            let (_, v) = e.map_err(redb_err)?;
+            bytes += v.value().len();
+            if out.len() >= max || (!out.is_empty() && bytes > max_bytes) {
+                break;
+            }
+            out.push(record(v.value(), "ordered")?);
         }
         Ok(out)
     }
@@ -888,6 +947,13 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                     t.insert(signer.0, encode(&proof).as_slice()).map_err(redb_err)?;
                 }
             }
+            Op::Ordered(c) => {
+                let mut t = w.open_table(ORDERED).map_err(redb_err)?;
+                let key = (c.channel.0, c.cert.body.epoch);
+                if t.get(key).map_err(redb_err)?.is_none() {
+                    t.insert(key, encode(&c).as_slice()).map_err(redb_err)?;
+                }
+            }
             Op::Fork(fork) => {
                 let mut t = w.open_table(FORKS).map_err(redb_err)?;
                 if t.len().map_err(redb_err)? < MAX_FORKS {
@@ -1058,10 +1124,13 @@ mod tests {
         let store = Store::open(&path).expect("migrated");
         assert_eq!(store.count_messages(&channel).expect("count"), 1, "counted on migration");
         let want = OutboxItem { channel, id, message: vec![9; 40], attempts: 3 };
-        assert_eq!(store.outbox(10).expect("outbox"), vec![(4, want)]);
+        assert_eq!(store.outbox(10, |_| true).expect("outbox"), vec![(4, want)]);
         drop(store);
         // Version 2 now: opens again, same outbox.
-        assert_eq!(Store::open(&path).expect("reopen").outbox(10).expect("outbox").len(), 1);
+        assert_eq!(
+            Store::open(&path).expect("reopen").outbox(10, |_| true).expect("outbox").len(),
+            1
+        );
     }
 }
 

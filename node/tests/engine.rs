@@ -147,7 +147,7 @@ fn text(body: &str) -> Vec<u8> {
 fn pair(tmp: &tempfile::TempDir, relay: &Relay) -> (Engine, Engine, ChannelId) {
     let mut alice = device(tmp, "alice", relay);
     let mut bob = device(tmp, "bob", relay);
-    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    let channel = alice.create_channel("general", chat::MIME, false, false, NOW).expect("create");
     relay.open(&mut alice, channel);
     bob.add_dirs(vec![alice.account().expect("alice").dir.clone()]).expect("dirs");
     add(&mut alice, &mut bob, relay, channel, 0);
@@ -191,7 +191,7 @@ fn invite_send_receive_and_survive_restarts() {
     let mut bob = reopen(&tmp, "bob", bob);
     let bob_dir = bob.account().expect("bob").dir.clone();
 
-    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    let channel = alice.create_channel("general", chat::MIME, false, false, NOW).expect("create");
     relay.open(&mut alice, channel);
     let staged = alice
         .stage(&channel, IntentOp::Add(vec![(bob_dir, packages[0].clone())]), 0, NOW)
@@ -265,7 +265,7 @@ fn receive_cost() {
     }
     eprintln!("send: {:?} per message", t.elapsed() / n);
     let mut items = Vec::new();
-    for (_, item) in &alice.store().outbox(usize::MAX).expect("outbox") {
+    for (_, item) in &alice.store().outbox(usize::MAX, |_| true).expect("outbox") {
         items.push(relay.post(item));
     }
     let t = std::time::Instant::now();
@@ -358,7 +358,7 @@ fn a_clean_stop_skips_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let relay = Relay::new();
     let mut alice = device(&tmp, "alice", &relay);
-    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    let channel = alice.create_channel("general", chat::MIME, false, false, NOW).expect("create");
     relay.open(&mut alice, channel);
     let seq = |e: &mut Engine| send(e, &channel, &text("m")).0.seq;
     let first = seq(&mut alice);
@@ -561,7 +561,7 @@ fn messages_before_their_welcome_wait_for_it() {
     let dirs =
         vec![alice.account().expect("a").dir.clone(), carol.account().expect("c").dir.clone()];
     bob.add_dirs(dirs).expect("dirs");
-    let channel = alice.create_channel("general", chat::MIME, false, NOW).expect("create");
+    let channel = alice.create_channel("general", chat::MIME, false, false, NOW).expect("create");
     relay.open(&mut alice, channel);
     // Epoch 0 → 1 adds Bob; 1 → 2 adds Carol; then a message of epoch 2.
     let mut welcome = None;

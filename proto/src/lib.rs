@@ -2,7 +2,7 @@
 //!
 //! Everything both ends of the protocol must agree on lives here, and nothing else: identity
 //! records and their signatures ([`identity`], [`keys`]), the wire frames of the relay protocol
-//! ([`wire`]) and of relays among themselves ([`federation`]), sealing to a device's inbox ([`inbox`]), MLS channels over openmls ([`channel`]),
+//! ([`wire`]) and of relays among themselves ([`federation`]) and of nodes among themselves ([`peer`]), sealing to a device's inbox ([`inbox`]), MLS channels over openmls ([`channel`]),
 //! the epoch-ordering state machine and its certificates ([`ordering`]), message packs
 //! ([`pack`]), hybrid logical clocks ([`hlc`]) and the `text/chitchat` content types ([`chat`]).
 //!
@@ -26,6 +26,7 @@ pub mod inbox;
 pub mod keys;
 pub mod ordering;
 pub mod pack;
+pub mod peer;
 pub mod wire;
 
 pub use codec::DecodeError;

@@ -20,6 +20,7 @@ pub struct Netns {
     host_if: String,
     inner_if: String,
     inner_ip: String,
+    host_ip: String,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -46,9 +47,10 @@ impl Netns {
             host_if: format!("cch{tag}"),
             inner_if: format!("ccn{tag}"),
             inner_ip: format!("{subnet}.2"),
+            host_ip: format!("{subnet}.1"),
         };
         // Dropped on failure, which removes whatever part was made.
-        ns.setup(&format!("{subnet}.1")).map_err(|e| e.to_string())?;
+        ns.setup(&ns.host_ip.clone()).map_err(|e| e.to_string())?;
         Ok(ns)
     }
 
@@ -81,6 +83,12 @@ impl Netns {
     /// The namespace's address, as the host reaches it.
     pub fn inner_ip(&self) -> &str {
         &self.inner_ip
+    }
+
+    /// The host's address on the pair (what the namespace reaches the host at: the two ends
+    /// are one small LAN, where mDNS works).
+    pub fn host_ip(&self) -> &str {
+        &self.host_ip
     }
 
     /// The command prefix that runs a program inside the namespace.

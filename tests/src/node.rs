@@ -24,12 +24,27 @@ pub struct NodeProcess {
     child: Option<Child>,
     env: Vec<(String, String)>,
     api: Option<ApiClient>,
+    /// A command prefix the daemon runs under (a network namespace's `ip netns exec`).
+    wrapper: Vec<String>,
 }
 
 impl NodeProcess {
     /// Initialises a node and starts its daemon. `env` are extra environment variables. Unless
     /// `env` says otherwise, the node listens for peers on loopback TCP only.
     pub fn start(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_wrapped(env, Vec::new())
+    }
+
+    /// Like [`NodeProcess::start`], inside a network namespace: the daemon sees only the
+    /// namespace's side of its veth pair (and loopback), and its API is a Unix socket in the node
+    /// directory, which the test reaches from outside.
+    pub fn start_in(netns: &crate::Netns, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut env = env.to_vec();
+        env.push(("CHITCHAT_API_LISTEN", "unix:api.sock"));
+        Self::start_wrapped(&env, netns.wrapper())
+    }
+
+    fn start_wrapped(env: &[(&str, &str)], wrapper: Vec<String>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let out = Command::new(node_binary()).arg("--home").arg(dir.path()).arg("init").output()?;
         if !out.status.success() {
@@ -40,7 +55,7 @@ impl NodeProcess {
         if !env.iter().any(|(k, _)| k == "CHITCHAT_NETWORK_LISTEN") {
             env.push(("CHITCHAT_NETWORK_LISTEN".into(), "/ip4/127.0.0.1/tcp/0".into()));
         }
-        let mut node = Self { dir, child: None, env, api: None };
+        let mut node = Self { dir, child: None, env, api: None, wrapper };
         node.restart()?;
         Ok(node)
     }
@@ -58,7 +73,15 @@ impl NodeProcess {
         self.kill9();
         let dir = NodeDir::new(self.dir.path());
         let _ = std::fs::remove_file(dir.run_info());
-        let child = Command::new(node_binary())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(node_binary());
+                c
+            }
+            None => Command::new(node_binary()),
+        };
+        let child = command
             .arg("--home")
             .arg(self.dir.path())
             .arg("daemon")

@@ -13,14 +13,16 @@ pub use tls::Tls;
 
 use std::time::Duration;
 
-use chitchat_proto::SecretKey;
 use chitchat_proto::wire::MAX_FRAME_LEN;
+use chitchat_proto::{PublicKey, SecretKey};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, noise, relay, request_response, tcp, yamux};
 
 /// The protocol devices speak to their relay.
 pub const RELAY_PROTOCOL: &str = "/chitchat/relay/1";
+/// The protocol nodes speak to each other directly (`chitchat_proto::peer`).
+pub const PEER_PROTOCOL: &str = "/chitchat/peer/1";
 /// The protocol relays speak among themselves.
 pub use chitchat_proto::federation::FEDERATION_PROTOCOL;
 
@@ -41,6 +43,24 @@ pub fn keypair(key: &SecretKey) -> Result<libp2p::identity::Keypair, NetError> {
     let mut seed = *key.seed();
     libp2p::identity::Keypair::ed25519_from_bytes(&mut seed)
         .map_err(|e| NetError::Key(e.to_string()))
+}
+
+/// The peer id of a ChitChat public key (a device's or a relay's).
+pub fn peer_id(key: &PublicKey) -> Result<libp2p::PeerId, NetError> {
+    let key = libp2p::identity::ed25519::PublicKey::try_from_bytes(&key.0)
+        .map_err(|e| NetError::Key(e.to_string()))?;
+    Ok(libp2p::identity::PublicKey::from(key).to_peer_id())
+}
+
+/// The ChitChat key a peer id names, if it names an Ed25519 key (every ChitChat host's does).
+pub fn public_key(peer: &libp2p::PeerId) -> Option<PublicKey> {
+    let multihash: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    // An identity multihash (code 0) holds the protobuf encoding of the key itself.
+    if multihash.code() != 0 {
+        return None;
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(multihash.digest()).ok()?;
+    Some(PublicKey(key.try_into_ed25519().ok()?.to_bytes()))
 }
 
 /// How a host's swarm behaves apart from its behaviour.
@@ -251,5 +271,15 @@ mod tests {
         let id = keypair(&key).expect("keypair").public();
         let ed = id.try_into_ed25519().expect("ed25519");
         assert_eq!(ed.to_bytes(), key.public().0);
+    }
+
+    #[test]
+    fn a_peer_id_names_its_key_and_back() {
+        let key = SecretKey::from_seed([9; 32]);
+        let peer = keypair(&key).expect("keypair").public().to_peer_id();
+        assert_eq!(peer_id(&key.public()).expect("peer id"), peer);
+        assert_eq!(public_key(&peer), Some(key.public()));
+        // A peer id that is a hash of a key (not Ed25519's inline form) names no key here.
+        assert_eq!(public_key(&libp2p::PeerId::random()), None);
     }
 }

@@ -288,6 +288,18 @@ impl Dir {
         Ok(())
     }
 
+    /// Checks what the record proves on its own: the self-signature, that the device has not
+    /// revoked itself, and that it was not issued in the future. No relay vouches for its name:
+    /// this is all a member of a relay-less channel (a LAN, ordered by its creator's device)
+    /// can check, the peer's key being proven by the connection it came on.
+    pub fn verify_self(&self, now: Timestamp) -> Result<(), IdentityError> {
+        self.verify_signature()?;
+        if self.body.revoked {
+            return Err(IdentityError::Revoked);
+        }
+        check_period(self.body.issued, None, now)
+    }
+
     /// Checks everything a peer must check before trusting the device: the self-signature, that
     /// the device has not revoked itself, and that at least one sponsorship is valid now, for this
     /// device, from a trusted relay that is not blocked. Returns the addresses it is valid for.
@@ -296,11 +308,7 @@ impl Dir {
         trust: &impl RelayTrust,
         now: Timestamp,
     ) -> Result<Vec<Address>, IdentityError> {
-        self.verify_signature()?;
-        if self.body.revoked {
-            return Err(IdentityError::Revoked);
-        }
-        check_period(self.body.issued, None, now)?;
+        self.verify_self(now)?;
         let mut addresses = Vec::new();
         let mut last_error = IdentityError::Unsponsored;
         for s in &self.body.sponsorships {

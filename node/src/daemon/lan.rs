@@ -1,0 +1,482 @@
+//! Peers met directly, and relay-less channels (a LAN).
+//!
+//! - The **peer task** answers what peers ask on `/chitchat/peer/1` (`chitchat_proto::peer`):
+//!   this device's identity record, a fresh KeyPackage (a few a minute per peer), envelopes
+//!   handed over (Welcomes, and commits certified by their channel's creator: checked by the
+//!   engine as inbox items are), and, for the relay-less channels this device created, the
+//!   commits a member missed.
+//! - **Relay-less channels** are ordered by their creator's device: it certifies its own
+//!   commits ([`Engine::order_own`](crate::engine::Engine::order_own)) and hands each to the
+//!   other members, and each Welcome to the device it adds, directly. Members that missed a
+//!   commit ask the creator for it (every [`CATCH_UP_EVERY`] while connected to it).
+//! - The **LAN task** publishes relay-less channels' messages by gossip (there is no relay to
+//!   post them to): at once when sent, and again from the outbox until a peer of the channel
+//!   was connected to take one.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chitchat_proto::codec::Bytes;
+use chitchat_proto::ordering::ChannelId;
+use chitchat_proto::peer::{PeerRequest, PeerResponse};
+use chitchat_proto::wire::{Envelope, ErrorCode, OrderedCommit, decode_frame, encode_frame};
+use chitchat_proto::{DeviceId, Dir, PublicKey};
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+
+use super::{Node, NodeError, Submitted, now};
+use crate::engine::{EngineError, Incoming};
+use crate::host::{LanPeer, PeerAsk};
+use crate::store::{IntentOp, StagedRecord};
+
+/// How often a member of a relay-less channel asks its creator for commits it missed.
+const CATCH_UP_EVERY: Duration = Duration::from_secs(5);
+/// How often the outbox of relay-less channels is published again.
+const REPUBLISH_EVERY: Duration = Duration::from_secs(2);
+/// KeyPackages one peer may claim a minute (each one is kept until used).
+const KEY_PACKAGES_PER_MINUTE: u32 = 8;
+/// Peers whose KeyPackage claims are counted, at most (the oldest window is dropped).
+const MAX_CLAIMERS: usize = 1024;
+/// Attempts to hand a commit or a Welcome to a member, a second apart.
+const HAND_OVER_ATTEMPTS: u32 = 5;
+/// Look-ups of identity records one batch handed over may ask for.
+const MAX_LOOKUPS: u32 = 4;
+
+fn peer_error(code: ErrorCode, message: impl Into<String>) -> PeerResponse {
+    let mut message: String = message.into();
+    message.truncate(1024);
+    PeerResponse::Error { code, message }
+}
+
+/// The peer id of a device (its key).
+fn peer_of(device: &DeviceId) -> Result<PeerId, NodeError> {
+    chitchat_net::peer_id(&device.0).map_err(|e| NodeError::Invalid(format!("device key: {e}")))
+}
+
+/// A device named as a 64-hex-digit device id or as its libp2p peer id.
+pub fn parse_device(who: &str) -> Result<DeviceId, NodeError> {
+    if let Some(key) = PublicKey::from_hex(who) {
+        return Ok(DeviceId(key));
+    }
+    let peer: PeerId = who.parse().map_err(|_| {
+        NodeError::Invalid(format!(
+            "{who:?}: a relay-less channel's members are named by device id (64 hex digits) or \
+             peer id (see `chitchat lan`)"
+        ))
+    })?;
+    chitchat_net::public_key(&peer)
+        .map(DeviceId)
+        .ok_or_else(|| NodeError::Invalid(format!("{who:?} names no device key")))
+}
+
+impl Node {
+    /// Answers peers' requests, one at a time (each is short: a record, a KeyPackage, a few
+    /// envelopes, a range of commits).
+    pub(super) async fn peer_task(self: Arc<Self>, mut asks: mpsc::Receiver<PeerAsk>) {
+        let mut claims: HashMap<PeerId, (Instant, u32)> = HashMap::new();
+        while let Some(ask) = asks.recv().await {
+            let answer = self.answer_peer(ask.peer, &ask.frame, &mut claims).await;
+            let frame = encode_frame(&answer).unwrap_or_else(|e| {
+                let answer = peer_error(ErrorCode::Unavailable, format!("answer too large: {e}"));
+                encode_frame(&answer).unwrap_or_default()
+            });
+            if self.host.answer(ask.channel, frame).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn answer_peer(
+        &self,
+        peer: PeerId,
+        frame: &[u8],
+        claims: &mut HashMap<PeerId, (Instant, u32)>,
+    ) -> PeerResponse {
+        let request = match decode_frame::<PeerRequest>(frame) {
+            Ok(r) => r,
+            Err(e) => return peer_error(ErrorCode::BadRequest, e.to_string()),
+        };
+        let Some(asker) = chitchat_net::public_key(&peer).map(DeviceId) else {
+            return peer_error(ErrorCode::Forbidden, "the peer id names no device key");
+        };
+        match request {
+            PeerRequest::Hello => {
+                let name = self.config.profile.name.clone();
+                let dir = self.with(move |e| e.peer_record(&name, now())).await;
+                PeerResponse::Hello { dir: Box::new(dir) }
+            }
+            PeerRequest::ClaimKeyPackage => {
+                if claims.len() >= MAX_CLAIMERS && !claims.contains_key(&peer) {
+                    let oldest = claims.iter().min_by_key(|(_, (at, _))| *at).map(|(p, _)| *p);
+                    if let Some(oldest) = oldest {
+                        claims.remove(&oldest);
+                    }
+                }
+                let (since, count) = claims.entry(peer).or_insert((Instant::now(), 0));
+                if since.elapsed() > Duration::from_secs(60) {
+                    (*since, *count) = (Instant::now(), 0);
+                }
+                if *count >= KEY_PACKAGES_PER_MINUTE {
+                    let retry_after_ms = 60_000u64
+                        .saturating_sub(u64::try_from(since.elapsed().as_millis()).unwrap_or(0));
+                    return peer_error(
+                        ErrorCode::RateLimited { retry_after_ms },
+                        "too many KeyPackages claimed",
+                    );
+                }
+                *count += 1;
+                match self.with(|e| e.key_packages(1, false)).await {
+                    Ok((mut packages, _)) => match packages.pop() {
+                        Some(kp) => PeerResponse::KeyPackage(kp),
+                        None => peer_error(ErrorCode::Unavailable, "no KeyPackage made"),
+                    },
+                    Err(e) => peer_error(ErrorCode::Unavailable, e.to_string()),
+                }
+            }
+            PeerRequest::Deliver { envelopes, dirs } => {
+                // Kept only if newer than what is known, and checked again on use.
+                if let Err(e) = self.with(move |e| e.add_dirs(dirs)).await {
+                    return peer_error(ErrorCode::Unavailable, e.to_string());
+                }
+                let items: Vec<Incoming> = envelopes.into_iter().map(Incoming::Direct).collect();
+                match self.receive_direct(items).await {
+                    Ok(()) => PeerResponse::Delivered,
+                    Err(e) => peer_error(ErrorCode::Unavailable, e.to_string()),
+                }
+            }
+            PeerRequest::Commits { channel, from } => {
+                match self.with(move |e| e.ordered_for(&channel, from, &asker)).await {
+                    Ok(commits) => PeerResponse::Commits { commits },
+                    Err(EngineError::UnknownChannel(_)) => {
+                        peer_error(ErrorCode::NotFound, "no such channel here")
+                    }
+                    Err(e) => peer_error(ErrorCode::Forbidden, e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// Asks a peer, and decodes its answer.
+    async fn ask_peer(
+        &self,
+        peer: PeerId,
+        request: &PeerRequest,
+    ) -> Result<PeerResponse, NodeError> {
+        let frame = encode_frame(request).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let answer = self
+            .host
+            .ask_peer(peer, frame)
+            .await
+            .map_err(|e| NodeError::Invalid(e.to_string()))?
+            .map_err(|e| NodeError::NotFound(format!("peer {peer} not reached: {e}")))?;
+        decode_frame::<PeerResponse>(&answer)
+            .map_err(|e| NodeError::Invalid(format!("peer {peer} answered garbage: {e}")))
+    }
+
+    /// A device's identity record, from the device itself: it must be its own, self-signed,
+    /// and not revoked.
+    async fn hello(&self, device: DeviceId) -> Result<Dir, NodeError> {
+        match self.ask_peer(peer_of(&device)?, &PeerRequest::Hello).await? {
+            PeerResponse::Hello { dir } if dir.device() == device => {
+                dir.verify_self(now())
+                    .map_err(|e| NodeError::Invalid(format!("identity record rejected: {e}")))?;
+                Ok(*dir)
+            }
+            PeerResponse::Hello { .. } => {
+                Err(NodeError::Invalid("the peer answered with another device's record".into()))
+            }
+            other => Err(peer_refused(other)),
+        }
+    }
+
+    /// The peers mDNS found, with the device and name each gives (asked at once; one that does
+    /// not answer within 2 s shows without them).
+    pub async fn lan(&self) -> Result<Vec<(LanPeer, Option<Dir>)>, NodeError> {
+        let peers = self.host.lan().await.map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let asks = peers.into_iter().map(|p| async move {
+            let device =
+                p.peer_id.parse::<PeerId>().ok().and_then(|id| chitchat_net::public_key(&id));
+            let dir = match device {
+                Some(key) => {
+                    tokio::time::timeout(Duration::from_secs(2), self.hello(DeviceId(key)))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+                None => None,
+            };
+            (p, dir)
+        });
+        Ok(futures::future::join_all(asks).await)
+    }
+
+    /// Adds a device met directly (named by device or peer id) to a relay-less channel: its
+    /// record and a KeyPackage from the device itself, then the ordering flow (the creator's
+    /// device certifies), then the Welcome handed to it.
+    pub(super) async fn lan_invite(
+        &self,
+        channel: ChannelId,
+        who: &str,
+    ) -> Result<Vec<DeviceId>, NodeError> {
+        let device = parse_device(who)?;
+        let (me, creator) = self.with(move |e| (e.device(), e.creator(&channel))).await;
+        if creator != Some(me) {
+            return Err(NodeError::Invalid(
+                "only the creator's device orders a relay-less channel: ask its creator to add                  members"
+                    .into(),
+            ));
+        }
+        let members: BTreeSet<DeviceId> =
+            self.with(move |e| e.members(&channel)).await?.into_iter().collect();
+        if members.contains(&device) {
+            return Err(NodeError::Invalid(format!("{who} is a member already")));
+        }
+        let dir = self.hello(device).await?;
+        let kp = match self.ask_peer(peer_of(&device)?, &PeerRequest::ClaimKeyPackage).await? {
+            PeerResponse::KeyPackage(kp) => kp,
+            other => return Err(peer_refused(other)),
+        };
+        self.change(channel, IntentOp::Add(vec![(dir, Bytes(kp.0))])).await?;
+        Ok(vec![device])
+    }
+
+    /// Orders this device's staged commit of a relay-less channel (it must be the creator's),
+    /// merges it, and hands it to the members and its Welcomes to the devices it adds.
+    pub(super) async fn submit_lan(
+        &self,
+        channel: ChannelId,
+        staged: &StagedRecord,
+    ) -> Result<Submitted, NodeError> {
+        let before: Vec<DeviceId> = self.with(move |e| e.members(&channel)).await?;
+        let record = staged.clone();
+        let ordered = match self.with(move |e| e.order_own(&channel, &record)).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.with(move |e| e.discard(&channel, true)).await?;
+                return Err(e.into());
+            }
+        };
+        let cert = ordered.cert.clone();
+        self.with(move |e| e.accept(&channel, &cert)).await?;
+        self.epochs.notify_waiters();
+        self.topics.notify_one();
+        let me = self.with(|e| e.device()).await;
+        let mut handovers: Vec<(DeviceId, Envelope, Vec<Dir>)> = before
+            .into_iter()
+            .filter(|d| *d != me)
+            .map(|d| (d, Envelope::Commit(ordered.clone()), Vec::new()))
+            .collect();
+        // A Welcome comes with the members' records: some of them may be away.
+        let dirs = self.with(move |e| e.member_dirs(&channel)).await;
+        for sealed in staged.welcome.iter().flat_map(|w| w.envelopes.iter()) {
+            handovers.push((sealed.recipient, Envelope::Sealed(sealed.clone()), dirs.clone()));
+        }
+        for (device, envelope, dirs) in handovers {
+            let node = self.host.clone();
+            tokio::spawn(async move { hand_over(&node, device, envelope, dirs).await });
+        }
+        Ok(Submitted::Accepted)
+    }
+
+    /// Processes envelopes a peer handed over (or commits fetched from a channel's creator),
+    /// looking up the identity records they need from the devices themselves (and from the
+    /// relay, if registered).
+    async fn receive_direct(&self, items: Vec<Incoming>) -> Result<(), NodeError> {
+        let items = Arc::new(items);
+        let mut start = 0;
+        let mut lookups = 0;
+        loop {
+            let batch = items.clone();
+            let from = start.min(items.len());
+            let at = now();
+            let received = self.with(move |e| e.receive(&batch[from..], at)).await?;
+            match received.stopped {
+                Some((index, need)) if lookups < MAX_LOOKUPS => {
+                    lookups += 1;
+                    start = from + index;
+                    for device in need.devices.iter().take(chitchat_proto::wire::MAX_LOOKUP_DEVICES)
+                    {
+                        match self.hello(*device).await {
+                            Ok(dir) => self.with(move |e| e.add_dirs(vec![dir])).await?,
+                            Err(e) => {
+                                tracing::debug!(%device, error = %e, "record not found at the peer")
+                            }
+                        }
+                    }
+                    if let Ok(link) = self.link() {
+                        let _ = self.lookup_devices(&link, need).await;
+                    }
+                }
+                Some((index, need)) => {
+                    tracing::warn!(
+                        ?need,
+                        "identity records not found; an envelope a peer handed over is dropped"
+                    );
+                    start = from + index + 1;
+                    lookups = 0;
+                    if start >= items.len() {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        self.epochs.notify_waiters();
+        self.topics.notify_one();
+        Ok(())
+    }
+
+    /// Relay-less channels' upkeep: interrupted membership changes finished at start, then
+    /// their outbox published and missed commits fetched, periodically.
+    pub(super) async fn lan_task(self: Arc<Self>) {
+        self.resume_lan_intents().await;
+        let mut republish = tokio::time::interval(REPUBLISH_EVERY);
+        let mut catch_up = tokio::time::interval(CATCH_UP_EVERY);
+        loop {
+            tokio::select! {
+                _ = republish.tick() => self.publish_lan_outbox().await,
+                _ = catch_up.tick() => self.catch_up_lan().await,
+            }
+        }
+    }
+
+    async fn resume_lan_intents(&self) {
+        let intents = match self.with(|e| e.intents()).await {
+            Ok(i) => i,
+            Err(e) => return tracing::error!(error = %e, "cannot read intents"),
+        };
+        for (channel, intent) in intents {
+            if !self.with(move |e| e.is_relayless(&channel)).await {
+                continue;
+            }
+            let _one_at_a_time = self.ordering.lock().await;
+            if let Some(staged) = &intent.staged
+                && let Err(e) = self.submit_lan(channel, staged).await
+            {
+                tracing::warn!(%channel, error = %e, "interrupted membership change failed");
+            }
+            if self.with(move |e| e.discard(&channel, true)).await.is_err() {
+                tracing::warn!(%channel, "cannot drop an interrupted intent");
+            }
+        }
+    }
+
+    /// Publishes what waits in the outbox of relay-less channels; what no peer took stays.
+    async fn publish_lan_outbox(&self) {
+        let items = match self.with(|e| e.lan_outbox()).await {
+            Ok(i) => i,
+            Err(e) => return tracing::warn!(error = %e, "cannot read the outbox"),
+        };
+        let mut unreachable = BTreeSet::new();
+        for (outbox_id, item) in items {
+            if unreachable.contains(&item.channel) {
+                continue;
+            }
+            let at = now();
+            let sealed = self.with({
+                let item = item.clone();
+                move |e| e.lan_envelope(&item, at)
+            });
+            let envelope = match sealed.await {
+                Ok(Some(envelope)) => envelope,
+                Ok(None) => {
+                    let _ = self.with(move |e| e.drop_outbox_item(outbox_id)).await;
+                    continue;
+                }
+                Err(e) => return tracing::warn!(error = %e, "cannot read a message"),
+            };
+            let data = chitchat_proto::codec::encode(&envelope);
+            match self.host.publish(item.channel, data).await {
+                Ok(()) => {
+                    if let Err(e) = self.with(move |e| e.lan_published(outbox_id, &item)).await {
+                        tracing::warn!(error = %e, "cannot record a published message");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(channel = %item.channel, error = %e, "not published yet");
+                    unreachable.insert(item.channel);
+                }
+            }
+        }
+    }
+
+    /// Asks the creator of each relay-less channel this device did not create, if connected,
+    /// for the commits this device missed.
+    async fn catch_up_lan(&self) {
+        let channels: Vec<(ChannelId, DeviceId, u64)> = self
+            .with(|e| {
+                let me = e.device();
+                e.relayless_channels()
+                    .into_iter()
+                    .filter_map(|c| Some((c, e.creator(&c)?, e.epoch(&c)?)))
+                    .filter(|(_, creator, _)| *creator != me)
+                    .collect()
+            })
+            .await;
+        if channels.is_empty() {
+            return;
+        }
+        let connected: BTreeSet<String> = match self.host.peers().await {
+            Ok(p) => p.into_iter().map(|p| p.peer_id).collect(),
+            Err(_) => return,
+        };
+        for (channel, creator, epoch) in channels {
+            let Ok(peer) = peer_of(&creator) else { continue };
+            if !connected.contains(&peer.to_string()) {
+                continue;
+            }
+            let request = PeerRequest::Commits { channel, from: epoch };
+            let commits: Vec<OrderedCommit> = match self.ask_peer(peer, &request).await {
+                Ok(PeerResponse::Commits { commits }) => commits,
+                Ok(other) => {
+                    tracing::debug!(%channel, answer = ?other, "the creator sent no commits");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(%channel, error = %e, "the creator was not reached");
+                    continue;
+                }
+            };
+            if commits.is_empty() {
+                continue;
+            }
+            tracing::info!(%channel, from = epoch, n = commits.len(), "commits missed, from the channel's creator");
+            let items =
+                commits.into_iter().map(|c| Incoming::Direct(Envelope::Commit(c))).collect();
+            if let Err(e) = self.receive_direct(items).await {
+                tracing::warn!(%channel, error = %e, "commits from the creator not processed");
+            }
+        }
+    }
+}
+
+/// Hands an envelope to a device directly, a few times a second apart; a member that never
+/// takes a commit asks the creator for it later.
+async fn hand_over(host: &crate::host::Host, device: DeviceId, envelope: Envelope, dirs: Vec<Dir>) {
+    let Ok(peer) = peer_of(&device) else { return };
+    let Ok(frame) = encode_frame(&PeerRequest::Deliver { envelopes: vec![envelope], dirs }) else {
+        return;
+    };
+    for attempt in 1..=HAND_OVER_ATTEMPTS {
+        match host.ask_peer(peer, frame.clone()).await {
+            Ok(Ok(answer)) => match decode_frame::<PeerResponse>(&answer) {
+                Ok(PeerResponse::Delivered) => return,
+                other => tracing::debug!(%device, answer = ?other, "hand-over refused"),
+            },
+            Ok(Err(e)) => tracing::debug!(%device, attempt, error = %e, "hand-over failed"),
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::info!(%device, "a commit or Welcome was not handed over; the device may ask for it");
+}
+
+fn peer_refused(response: PeerResponse) -> NodeError {
+    match response {
+        PeerResponse::Error { code, message } => {
+            NodeError::Relay { code: code.name(), message: format!("the peer refused: {message}") }
+        }
+        other => NodeError::Invalid(format!("the peer answered {other:?}")),
+    }
+}

@@ -1,0 +1,182 @@
+//! Relay-less channels (a LAN): ordered by their creator's device, which signs each commit's
+//! certificate itself (section 6 of the design), keeps what it ordered (`ordered-0`) for the
+//! members that missed it, and never certifies two commits for one epoch. Their messages go by
+//! gossip alone: their outbox items are published, not posted to a relay.
+
+use std::collections::BTreeSet;
+
+use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
+use chitchat_proto::wire::{OrderedCommit, commit_hash};
+use chitchat_proto::{DeviceId, Dir, Timestamp};
+
+use super::{Engine, EngineError, Event, active_in, id_string};
+use crate::store::{Batch, MessageStatus, OutboxItem, StagedRecord};
+
+/// Commits one answer to a member's catch-up carries, at most (and about a frame's bytes).
+const MAX_CATCH_UP: usize = chitchat_proto::peer::MAX_COMMITS;
+
+impl Engine {
+    /// Lets this device join relay-less channels (`false` for a relay-only node, which meets
+    /// no peer to order them). Channels it is in already stay.
+    pub fn set_lan(&mut self, lan: bool) {
+        self.lan = lan;
+    }
+
+    /// Whether the channel is relay-less (ordered by its creator's device).
+    pub fn is_relayless(&self, id: &ChannelId) -> bool {
+        self.channels
+            .get(id)
+            .and_then(|h| h.channel.as_ref())
+            .is_some_and(|c| c.config().relays.is_empty())
+    }
+
+    /// The relay-less channels this device is in.
+    pub fn relayless_channels(&self) -> BTreeSet<ChannelId> {
+        self.channels
+            .iter()
+            .filter(|(_, h)| h.channel.as_ref().is_some_and(|c| c.config().relays.is_empty()))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The device that created the channel (the orderer of a relay-less one).
+    pub fn creator(&self, id: &ChannelId) -> Option<DeviceId> {
+        self.channels.get(id).and_then(|h| h.channel.as_ref()).map(|c| c.config().creator)
+    }
+
+    /// The identity records this device holds of the channel's members (at most
+    /// `MAX_DIRS`).
+    pub fn member_dirs(&self, id: &ChannelId) -> Vec<Dir> {
+        let Some(channel) = self.channels.get(id).and_then(|h| h.channel.as_ref()) else {
+            return Vec::new();
+        };
+        let own = self.account.as_ref().map(|a| &a.dir);
+        channel
+            .members()
+            .iter()
+            .filter_map(|m| self.dirs.get(m).or(own.filter(|d| d.device() == *m)))
+            .take(chitchat_proto::wire::MAX_DIRS)
+            .cloned()
+            .collect()
+    }
+
+    /// This device's identity record as peers get it: the one its relay sponsors, or, for a
+    /// device registered nowhere, a record of its own under `name` (which no one vouches for).
+    pub fn peer_record(&self, name: &str, now: Timestamp) -> Dir {
+        match &self.account {
+            Some(a) => a.dir.clone(),
+            None => {
+                let mut dir = self.own_dir(1, Vec::new(), now);
+                dir.body.profile.display_name = name.to_owned();
+                Dir::sign(&self.key, dir.body)
+            }
+        }
+    }
+
+    /// Orders this device's staged commit of a relay-less channel it created: certifies it
+    /// with its own key and keeps it (`ordered-0`, durably) before the certificate is returned.
+    /// A commit already ordered for that epoch is answered again; another one is refused (the
+    /// device never certifies two commits for one epoch).
+    pub fn order_own(
+        &mut self,
+        id: &ChannelId,
+        staged: &StagedRecord,
+    ) -> Result<OrderedCommit, EngineError> {
+        let channel = active_in(&mut self.channels, id)?;
+        let config = channel.config();
+        if !config.relays.is_empty() || config.creator != DeviceId(self.key.public()) {
+            return Err(EngineError::Invalid(
+                "only the creator's device orders a relay-less channel".into(),
+            ));
+        }
+        let epoch = channel.epoch();
+        let hash = commit_hash(&staged.commit);
+        if let Some(done) = self.store.ordered_at(id, staged.epoch)? {
+            if done.cert.body.hash == hash {
+                return Ok(done);
+            }
+            return Err(EngineError::Invalid(format!(
+                "epoch {} of the channel was ordered for another commit",
+                staged.epoch
+            )));
+        }
+        if staged.epoch != epoch {
+            return Err(EngineError::Invalid(format!(
+                "a commit built on epoch {} while the channel is at {epoch}",
+                staged.epoch
+            )));
+        }
+        let body = EpochCertBody { channel: *id, epoch, hash };
+        let cert = EpochCert { signatures: vec![CertSignature::sign(&self.key, &body)], body };
+        let ordered = OrderedCommit { channel: *id, commit: staged.commit.clone(), cert };
+        let mut b = Batch::default();
+        b.ordered(ordered.clone());
+        self.commit(b)?;
+        Ok(ordered)
+    }
+
+    /// The commits this device ordered for a relay-less channel, built on `from` and after,
+    /// for `asker`, which must be a member now.
+    pub fn ordered_for(
+        &self,
+        id: &ChannelId,
+        from: u64,
+        asker: &DeviceId,
+    ) -> Result<Vec<OrderedCommit>, EngineError> {
+        let channel = self
+            .channels
+            .get(id)
+            .and_then(|h| h.channel.as_ref())
+            .ok_or_else(|| EngineError::UnknownChannel(id.to_string()))?;
+        if !channel.members().contains(asker) {
+            return Err(EngineError::Invalid("not a member of the channel".into()));
+        }
+        let max_bytes = chitchat_proto::wire::MAX_FRAME_LEN / 2;
+        Ok(self.store.ordered_from(id, from, MAX_CATCH_UP, max_bytes)?)
+    }
+
+    /// Outbox items of relay-less channels, oldest first: they are published by gossip, not
+    /// posted to a relay.
+    pub fn lan_outbox(&self) -> Result<Vec<(u64, OutboxItem)>, EngineError> {
+        let lan = self.relayless_channels();
+        if lan.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.store.outbox(super::OUTBOX_BATCH, |i| lan.contains(&i.channel))?)
+    }
+
+    /// A relay-less channel's outbox item sealed for gossip now (the epoch its stored message
+    /// was sent in), or `None` if it is not stored (a typing notice, stale by now).
+    pub fn lan_envelope(
+        &self,
+        item: &OutboxItem,
+        now: Timestamp,
+    ) -> Result<Option<chitchat_proto::gossip::GossipEnvelope>, EngineError> {
+        let Some(stored) = self.store.message(&item.channel, &item.id)? else { return Ok(None) };
+        Ok(Some(chitchat_proto::gossip::GossipEnvelope::seal(
+            &self.key,
+            item.channel,
+            stored.epoch,
+            item.message.clone(),
+            now,
+        )))
+    }
+
+    /// Drops an outbox item that will not go (an unstored notice no one published in time).
+    pub fn drop_outbox_item(&mut self, outbox_id: u64) -> Result<(), EngineError> {
+        let mut b = Batch::default();
+        b.outbox(outbox_id, None);
+        Ok(self.store.commit_lazy(b)?)
+    }
+
+    /// Records that a relay-less channel's message went out by gossip: its outbox item goes,
+    /// and it shows `gossiped` (there is no relay to store it).
+    pub fn lan_published(&mut self, outbox_id: u64, item: &OutboxItem) -> Result<(), EngineError> {
+        let mut b = Batch::default();
+        b.outbox(outbox_id, None);
+        b.status(item.channel, item.id, MessageStatus::Gossiped);
+        self.store.commit(b)?;
+        self.emit(Event::Gossiped { channel: item.channel.to_string(), id: id_string(&item.id) });
+        Ok(())
+    }
+}

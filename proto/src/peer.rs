@@ -1,0 +1,170 @@
+//! What two nodes say to each other directly, on `/chitchat/peer/1` (request-response over a
+//! libp2p connection). The connection is authenticated by Noise with the device's key (a node's
+//! peer id is its device key), so each side knows which device it talks to, and nothing here
+//! needs a signature of its own beyond those the items carry.
+//!
+//! A relay-less channel (a LAN: section 6 of the design, "ordered by its creator's device")
+//! needs what relays do for other channels: a device's identity record ([`PeerRequest::Hello`]),
+//! a KeyPackage to add it with ([`PeerRequest::ClaimKeyPackage`]), Welcomes and ordered commits
+//! handed over ([`PeerRequest::Deliver`]), and the commits a member missed, from the creator
+//! ([`PeerRequest::Commits`]). Frames are those of [`crate::wire`] (a version, then the body).
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Bytes;
+use crate::identity::Dir;
+use crate::ordering::ChannelId;
+use crate::wire::{Envelope, ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, OrderedCommit, Validate};
+
+/// Envelopes in one [`PeerRequest::Deliver`], at most.
+pub const MAX_DELIVER: usize = 64;
+/// Commits in one [`PeerResponse::Commits`], at most (the frame's size bounds it too).
+pub const MAX_COMMITS: usize = 64;
+
+/// A request from one node to another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum PeerRequest {
+    /// The answering device's identity record.
+    Hello,
+    /// A fresh KeyPackage of the answering device, to add it to a channel (each is used once).
+    ClaimKeyPackage,
+    /// Envelopes for the answering device: a Welcome sealed to it, or commits of a relay-less
+    /// channel with their creator's certificate. Each is checked as one from an inbox is.
+    Deliver {
+        /// At most [`MAX_DELIVER`].
+        envelopes: Vec<Envelope>,
+        /// Identity records the envelopes may need (a Welcome's: the channel's members, some
+        /// of whom may be away), at most [`MAX_DIRS`]; each is checked by its own signature.
+        dirs: Vec<Dir>,
+    },
+    /// The ordered commits of a relay-less channel built on epoch `from` and after, asked of
+    /// the channel's creator (which orders it) by a member that missed them.
+    Commits {
+        /// The channel.
+        channel: ChannelId,
+        /// The first epoch wanted (a commit built on `from` moves the channel to `from + 1`).
+        from: u64,
+    },
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum PeerResponse {
+    /// The device's identity record (signed by it; sponsored by its relay if it has one).
+    Hello {
+        /// The record.
+        dir: Box<Dir>,
+    },
+    /// A KeyPackage, at most [`MAX_KEY_PACKAGE_LEN`] bytes.
+    KeyPackage(Bytes),
+    /// The envelopes were processed (or dropped, as an inbox drops what does not check).
+    Delivered,
+    /// Commits in epoch order from the epoch asked for; fewer than [`MAX_COMMITS`] means there
+    /// are no more now.
+    Commits {
+        /// At most [`MAX_COMMITS`].
+        commits: Vec<OrderedCommit>,
+    },
+    /// The request was refused or failed.
+    Error {
+        /// Why, for the program.
+        code: ErrorCode,
+        /// Why, for a person (at most 1,024 bytes).
+        message: String,
+    },
+}
+
+impl Validate for PeerRequest {
+    fn validate(&self) -> Result<(), &'static str> {
+        match self {
+            Self::Deliver { envelopes, dirs } => {
+                if envelopes.len() > MAX_DELIVER {
+                    return Err("too many envelopes");
+                }
+                if dirs.len() > MAX_DIRS {
+                    return Err("too many identity records");
+                }
+                envelopes.iter().try_for_each(Envelope::validate)
+            }
+            Self::Hello | Self::ClaimKeyPackage | Self::Commits { .. } => Ok(()),
+        }
+    }
+}
+
+impl Validate for PeerResponse {
+    fn validate(&self) -> Result<(), &'static str> {
+        match self {
+            Self::KeyPackage(kp) if kp.len() > MAX_KEY_PACKAGE_LEN => Err("key package too long"),
+            Self::Commits { commits } => {
+                if commits.len() > MAX_COMMITS {
+                    return Err("too many commits");
+                }
+                commits.iter().try_for_each(OrderedCommit::validate)
+            }
+            Self::Error { message, .. } if message.len() > 1024 => Err("error message too long"),
+            Self::Hello { dir } => dir.verify_signature().map_err(|_| "bad identity record"),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{decode_frame, encode_frame};
+
+    #[test]
+    fn frames_round_trip_and_limits_hold() {
+        let requests = [
+            PeerRequest::Hello,
+            PeerRequest::ClaimKeyPackage,
+            PeerRequest::Commits { channel: ChannelId([7; 32]), from: 3 },
+            PeerRequest::Deliver {
+                envelopes: vec![Envelope::Missed { channel: ChannelId([1; 32]), from: 2 }],
+                dirs: vec![],
+            },
+        ];
+        for r in requests {
+            let frame = encode_frame(&r).expect("fits");
+            assert_eq!(decode_frame::<PeerRequest>(&frame).expect("decodes"), r);
+        }
+        let many = PeerRequest::Deliver {
+            envelopes: vec![
+                Envelope::Missed { channel: ChannelId([1; 32]), from: 2 };
+                MAX_DELIVER + 1
+            ],
+            dirs: vec![],
+        };
+        let frame = encode_frame(&many).expect("encodes");
+        assert!(decode_frame::<PeerRequest>(&frame).is_err(), "too many envelopes refused");
+        let big = PeerResponse::KeyPackage(Bytes(vec![0; MAX_KEY_PACKAGE_LEN + 1]));
+        let frame = encode_frame(&big).expect("encodes");
+        assert!(decode_frame::<PeerResponse>(&frame).is_err(), "an oversized KeyPackage refused");
+        assert!(decode_frame::<PeerRequest>(b"\x01\xff\xff").is_err(), "garbage refused");
+    }
+
+    #[test]
+    fn a_forged_identity_record_is_refused_when_decoded() {
+        let key = crate::SecretKey::from_seed([3; 32]);
+        let mut dir = Dir::sign(
+            &key,
+            crate::DirBody {
+                device: crate::DeviceId(key.public()),
+                seq: 1,
+                inbox_key: [0; 32],
+                linked: Default::default(),
+                sponsorships: vec![],
+                profile: Default::default(),
+                revoked: false,
+                issued: crate::Timestamp(1),
+            },
+        );
+        let good = encode_frame(&PeerResponse::Hello { dir: Box::new(dir.clone()) }).expect("fits");
+        assert!(decode_frame::<PeerResponse>(&good).is_ok());
+        dir.body.profile.display_name = "mallory".into();
+        let forged = encode_frame(&PeerResponse::Hello { dir: Box::new(dir) }).expect("fits");
+        assert!(decode_frame::<PeerResponse>(&forged).is_err(), "signature no longer holds");
+    }
+}
