@@ -132,6 +132,14 @@ proptest! {
         frame_any_bytes::<chitchat_proto::federation::FedResponse>(&seed)?;
     }
 
+    #[test]
+    fn peer_frames(seed in vec(any::<u8>(), 0..2048)) {
+        frame_round_trip::<chitchat_proto::peer::PeerRequest>(&seed)?;
+        frame_any_bytes::<chitchat_proto::peer::PeerRequest>(&seed)?;
+        frame_round_trip::<chitchat_proto::peer::PeerResponse>(&seed)?;
+        frame_any_bytes::<chitchat_proto::peer::PeerResponse>(&seed)?;
+    }
+
     /// Valid frames with one byte changed still never decode to a non-canonical value.
     #[test]
     fn mutated_request_frames(seed in vec(any::<u8>(), 0..1024), at in any::<usize>(), x in any::<u8>()) {

@@ -527,3 +527,33 @@ fn requests_proof(requests: &[Request]) -> Equivocation {
         })
         .expect("a proof")
 }
+
+/// What nodes say to each other directly (`/chitchat/peer/1`).
+#[test]
+fn peer_frames() {
+    use chitchat_proto::peer::{PeerRequest, PeerResponse};
+    use chitchat_proto::wire::Envelope;
+    let frame = |bytes: Result<Vec<u8>, chitchat_proto::DecodeError>| hex(&bytes.expect("fits"));
+    let commit =
+        wire::OrderedCommit { channel: ChannelId([5; 32]), commit: vec![9; 3], cert: cert() };
+    insta::assert_snapshot!("peer_hello", frame(wire::encode_frame(&PeerRequest::Hello)));
+    insta::assert_snapshot!(
+        "peer_deliver",
+        frame(wire::encode_frame(&PeerRequest::Deliver {
+            envelopes: vec![Envelope::Commit(commit.clone())],
+            dirs: vec![dir()],
+        }))
+    );
+    insta::assert_snapshot!(
+        "peer_commits",
+        frame(wire::encode_frame(&PeerRequest::Commits { channel: ChannelId([5; 32]), from: 2 }))
+    );
+    insta::assert_snapshot!(
+        "peer_hello_answer",
+        frame(wire::encode_frame(&PeerResponse::Hello { dir: Box::new(dir()) }))
+    );
+    insta::assert_snapshot!(
+        "peer_commits_answer",
+        frame(wire::encode_frame(&PeerResponse::Commits { commits: vec![commit] }))
+    );
+}
