@@ -983,11 +983,19 @@ impl Engine {
             Err(e) => return self.fail(e),
         };
         tracing::debug!(channel = %id, message = %id_string(&msg_id), "sending");
-        let (state, alone, epoch, hlc, lan) = {
+        let (state, alone, epoch, hlc, lan, keeper) = {
             let channel = active_in(&mut self.channels, id)?;
             let alone = !channel.has_other_members();
             let lan = channel.config().relays.is_empty();
-            (channel.state().clone(), alone, channel.epoch(), channel.state().clock.last(), lan)
+            let keeper = lan && channel.config().creator == DeviceId(self.key.public());
+            (
+                channel.state().clone(),
+                alone,
+                channel.epoch(),
+                channel.state().clock.last(),
+                lan,
+                keeper,
+            )
         };
         let outbox_id = self.next_outbox;
         let mut record = self.held(id)?.record.clone();
@@ -1007,6 +1015,13 @@ impl Engine {
         }
         let gossip =
             (!alone).then(|| GossipEnvelope::seal(&self.key, *id, epoch, message.clone(), now));
+        if keeper {
+            // The creator of a relay-less channel keeps its messages for members that miss them.
+            b.lan_keep(chitchat_proto::wire::ChannelPost {
+                channel: *id,
+                message: message.clone(),
+            });
+        }
         let item =
             (!alone).then_some(OutboxItem { channel: *id, id: msg_id, message, attempts: 0 });
         if let Some(item) = &item {

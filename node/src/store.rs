@@ -22,7 +22,7 @@ use chitchat_proto::channel::{ChannelMessage, ChannelState, MessageId};
 use chitchat_proto::codec::{Bytes, decode, encode};
 use chitchat_proto::hlc::Hlc;
 use chitchat_proto::ordering::{ChannelId, EpochRecord, Equivocation, ForkKind};
-use chitchat_proto::wire::{OrderedCommit, SealedWelcomes};
+use chitchat_proto::wire::{ChannelPost, OrderedCommit, SealedWelcomes};
 use chitchat_proto::{DeviceId, Dir, PublicKey, RelayId, Timestamp};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -74,6 +74,16 @@ const FORKS: TableDefinition<'_, ForkKey, &[u8]> = TableDefinition::new("forks-0
 /// certificate leaves the device, so that it never certifies two commits for one epoch; read to
 /// answer members that missed commits.
 const ORDERED: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("ordered-0");
+/// The messages of the relay-less channels this device created, as members gossiped them,
+/// for members that missed some: `(channel, position)` → the [`ChannelPost`]. The last
+/// [`KEPT_LAN_HISTORY`] of each channel are kept.
+const LAN_HISTORY: TableDefinition<'_, ([u8; 32], u64), &[u8]> =
+    TableDefinition::new("lan-history-0");
+/// Which MLS messages `lan-history-0` holds: `(channel, BLAKE3 of the message)` → position.
+const LAN_HISTORY_IDS: TableDefinition<'_, ([u8; 32], [u8; 32]), u64> =
+    TableDefinition::new("lan-history-ids-0");
+/// Messages kept per relay-less channel for members that missed them.
+pub const KEPT_LAN_HISTORY: u64 = 10_000;
 /// `(channel, epoch, device)`.
 type ForkKey = ([u8; 32], u64, [u8; 32]);
 
@@ -296,6 +306,7 @@ enum Op {
     Convicted(PublicKey, Equivocation),
     Fork(ForkRecord),
     Ordered(OrderedCommit),
+    LanKeep(ChannelPost),
 }
 
 /// The writes of one operation, committed together.
@@ -373,6 +384,11 @@ impl Batch {
     /// Keeps a fork found (`forks-0`), up to [`MAX_FORKS`].
     pub fn fork(&mut self, fork: ForkRecord) {
         self.ops.push(Op::Fork(fork));
+    }
+    /// Keeps a message of a relay-less channel this device created (`lan-history-0`), unless
+    /// it is kept already; past [`KEPT_LAN_HISTORY`], the channel's oldest goes.
+    pub fn lan_keep(&mut self, post: ChannelPost) {
+        self.ops.push(Op::LanKeep(post));
     }
     /// Keeps a commit this device ordered (`ordered-0`), unless one for its epoch is kept.
     pub fn ordered(&mut self, commit: OrderedCommit) {
@@ -479,6 +495,8 @@ impl Store {
             w.open_table(CONVICTED).map_err(redb_err)?;
             w.open_table(FORKS).map_err(redb_err)?;
             w.open_table(ORDERED).map_err(redb_err)?;
+            w.open_table(LAN_HISTORY).map_err(redb_err)?;
+            w.open_table(LAN_HISTORY_IDS).map_err(redb_err)?;
         }
         w.commit().map_err(redb_err)?;
         Ok(Self { db })
@@ -687,6 +705,35 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Kept messages of a relay-less channel from position `from` on: at most `max`, and about
+    /// `max_bytes` (at least one); with the position after the last one kept.
+    pub fn lan_history(
+        &self,
+        channel: &ChannelId,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<(u64, ChannelPost)>, u64), StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(LAN_HISTORY).map_err(redb_err)?;
+        let c = channel.0;
+        let next = match t.range((c, 0)..=(c, u64::MAX)).map_err(redb_err)?.next_back() {
+            Some(e) => e.map_err(redb_err)?.0.value().1.saturating_add(1),
+            None => 0,
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in t.range((c, from)..=(c, u64::MAX)).map_err(redb_err)? {
+            let (k, v) = e.map_err(redb_err)?;
+            bytes += v.value().len();
+            if out.len() >= max || (!out.is_empty() && bytes > max_bytes) {
+                break;
+            }
+            out.push((k.value().1, record(v.value(), "lan-history")?));
+        }
+        Ok((out, next))
     }
 
     /// The commit this device ordered for the channel's `epoch`, if it ordered one.
@@ -954,6 +1001,29 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                     t.insert(key, encode(&c).as_slice()).map_err(redb_err)?;
                 }
             }
+            Op::LanKeep(post) => {
+                let mut ids = w.open_table(LAN_HISTORY_IDS).map_err(redb_err)?;
+                let hash = chitchat_proto::gossip::message_id(&post.message);
+                if ids.get((post.channel.0, hash)).map_err(redb_err)?.is_some() {
+                    continue;
+                }
+                let mut t = w.open_table(LAN_HISTORY).map_err(redb_err)?;
+                let c = post.channel.0;
+                let seq = match t.range((c, 0)..=(c, u64::MAX)).map_err(redb_err)?.next_back() {
+                    Some(e) => e.map_err(redb_err)?.0.value().1.saturating_add(1),
+                    None => 0,
+                };
+                t.insert((c, seq), encode(&post).as_slice()).map_err(redb_err)?;
+                ids.insert((c, hash), seq).map_err(redb_err)?;
+                if let Some(gone) = seq.checked_sub(KEPT_LAN_HISTORY) {
+                    let old = t.remove((c, gone)).map_err(redb_err)?;
+                    if let Some(old) = old {
+                        let old: ChannelPost = record(old.value(), "lan-history")?;
+                        ids.remove((c, chitchat_proto::gossip::message_id(&old.message)))
+                            .map_err(redb_err)?;
+                    }
+                }
+            }
             Op::Fork(fork) => {
                 let mut t = w.open_table(FORKS).map_err(redb_err)?;
                 if t.len().map_err(redb_err)? < MAX_FORKS {
@@ -1182,5 +1252,55 @@ mod message_tests {
         assert_eq!(store.find_messages(prefix, 1, 16).expect("find"), vec![(c1, msg(1, 1, 0).id)]);
         assert!(store.find_messages(prefix, 7, 16).expect("find").is_empty());
         assert!(store.message(&c2, &msg(1, 0, 0).id).expect("get").is_some());
+    }
+}
+
+#[cfg(test)]
+mod lan_tests {
+    use super::*;
+
+    fn post(channel: ChannelId, n: u64) -> ChannelPost {
+        ChannelPost { channel, message: n.to_be_bytes().to_vec() }
+    }
+
+    /// A relay-less channel's kept messages: once each, in order, per channel, the oldest going
+    /// past the bound (with their ids, so that one gone may be kept again).
+    #[test]
+    fn lan_history_keeps_each_message_once_and_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("n.redb")).expect("open");
+        let (c1, c2) = (ChannelId([1; 32]), ChannelId([2; 32]));
+        let mut b = Batch::default();
+        b.lan_keep(post(c1, 0));
+        b.lan_keep(post(c1, 1));
+        b.lan_keep(post(c1, 0));
+        b.lan_keep(post(c2, 9));
+        store.commit(b).expect("commit");
+        let (entries, next) = store.lan_history(&c1, 0, 100, 1 << 20).expect("read");
+        assert_eq!(entries, vec![(0, post(c1, 0)), (1, post(c1, 1))], "the copy is dropped");
+        assert_eq!(next, 2);
+        assert_eq!(
+            store.lan_history(&c1, 1, 100, 1 << 20).expect("read").0,
+            vec![(1, post(c1, 1))]
+        );
+        assert_eq!(
+            store.lan_history(&c2, 0, 100, 1 << 20).expect("read").0,
+            vec![(0, post(c2, 9))]
+        );
+        assert_eq!(store.lan_history(&c1, 0, 1, 1 << 20).expect("read").0.len(), 1, "max holds");
+        let mut b = Batch::default();
+        for n in 2..KEPT_LAN_HISTORY + 2 {
+            b.lan_keep(post(c1, n));
+        }
+        store.commit(b).expect("commit");
+        let (entries, next) = store.lan_history(&c1, 0, 3, 1 << 20).expect("read");
+        assert_eq!(next, KEPT_LAN_HISTORY + 2);
+        assert_eq!(entries.first().map(|e| e.0), Some(2), "the two oldest went");
+        // The first message is gone, so it would be kept again (a late copy), at the end.
+        let mut b = Batch::default();
+        b.lan_keep(post(c1, 0));
+        store.commit(b).expect("commit");
+        let (_, next) = store.lan_history(&c1, 0, 1, 1 << 20).expect("read");
+        assert_eq!(next, KEPT_LAN_HISTORY + 3);
     }
 }

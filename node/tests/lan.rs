@@ -149,6 +149,20 @@ fn a_relay_less_channel_is_ordered_by_its_creator_alone() {
     bob.receive(&[Incoming::Gossip(envelope)], NOW).expect("receive");
     let texts = bob.store().messages(&channel, usize::MAX).expect("messages").len();
     assert_eq!(texts, 1, "bob has alice's message");
+
+    // The creator keeps the channel's messages: its own, and what members gossip (once each);
+    // members read them, others do not.
+    let (kept, next) = alice.lan_history_for(&channel, 0, &bob.device()).expect("bob may read");
+    assert_eq!((kept.len(), next), (1, 1), "alice's own message");
+    let mut from_bob = None;
+    bob.send(&channel, &text("from bob"), true, NOW, |r| from_bob = Some(r.gossip)).expect("send");
+    let from_bob = Incoming::Gossip(from_bob.expect("released"));
+    alice.lan_keep(&[from_bob.clone(), from_bob.clone()]).expect("keep");
+    bob.lan_keep(&[from_bob]).expect("keeps nothing: not the creator");
+    let (kept, _) = alice.lan_history_for(&channel, 0, &carol.device()).expect("carol may read");
+    assert_eq!(kept.len(), 2, "once each");
+    assert!(bob.lan_history_for(&channel, 0, &bob.device()).expect("read").0.is_empty());
+    assert!(alice.lan_history_for(&channel, 0, &stranger.device()).is_err(), "not a member");
 }
 
 /// A relay-only device (which meets no peer) joins no relay-less channel, and a peer may hand

@@ -14,12 +14,16 @@ use serde::{Deserialize, Serialize};
 use crate::codec::Bytes;
 use crate::identity::Dir;
 use crate::ordering::ChannelId;
-use crate::wire::{Envelope, ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, OrderedCommit, Validate};
+use crate::wire::{
+    ChannelPost, Envelope, ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, OrderedCommit, Validate,
+};
 
 /// Envelopes in one [`PeerRequest::Deliver`], at most.
 pub const MAX_DELIVER: usize = 64;
 /// Commits in one [`PeerResponse::Commits`], at most (the frame's size bounds it too).
 pub const MAX_COMMITS: usize = 64;
+/// Entries in one [`PeerResponse::History`], at most (the frame's size bounds it too).
+pub const MAX_HISTORY: usize = 256;
 
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +50,14 @@ pub enum PeerRequest {
         /// The first epoch wanted (a commit built on `from` moves the channel to `from + 1`).
         from: u64,
     },
+    /// The messages of a relay-less channel its creator kept, from position `from` on, asked
+    /// by a member that may have missed some (they went by gossip alone).
+    History {
+        /// The channel.
+        channel: ChannelId,
+        /// The first position wanted (0: the oldest kept).
+        from: u64,
+    },
 }
 
 /// The answer to a [`PeerRequest`].
@@ -66,6 +78,15 @@ pub enum PeerResponse {
     Commits {
         /// At most [`MAX_COMMITS`].
         commits: Vec<OrderedCommit>,
+    },
+    /// Kept messages of the channel in order, `(position, post)`: the MLS messages as their
+    /// senders gossiped them (each authenticated by MLS itself). `next` is where to ask from
+    /// next time; fewer than [`MAX_HISTORY`] entries means there are no more now.
+    History {
+        /// At most [`MAX_HISTORY`].
+        entries: Vec<(u64, ChannelPost)>,
+        /// The position after the last one kept now.
+        next: u64,
     },
     /// The request was refused or failed.
     Error {
@@ -88,7 +109,9 @@ impl Validate for PeerRequest {
                 }
                 envelopes.iter().try_for_each(Envelope::validate)
             }
-            Self::Hello | Self::ClaimKeyPackage | Self::Commits { .. } => Ok(()),
+            Self::Hello | Self::ClaimKeyPackage | Self::Commits { .. } | Self::History { .. } => {
+                Ok(())
+            }
         }
     }
 }
@@ -102,6 +125,12 @@ impl Validate for PeerResponse {
                     return Err("too many commits");
                 }
                 commits.iter().try_for_each(OrderedCommit::validate)
+            }
+            Self::History { entries, .. } => {
+                if entries.len() > MAX_HISTORY {
+                    return Err("too many history entries");
+                }
+                entries.iter().try_for_each(|(_, post)| post.validate())
             }
             Self::Error { message, .. } if message.len() > 1024 => Err("error message too long"),
             Self::Hello { dir } => dir.verify_signature().map_err(|_| "bad identity record"),

@@ -556,4 +556,13 @@ fn peer_frames() {
         "peer_commits_answer",
         frame(wire::encode_frame(&PeerResponse::Commits { commits: vec![commit] }))
     );
+    insta::assert_snapshot!(
+        "peer_history",
+        frame(wire::encode_frame(&PeerRequest::History { channel: ChannelId([5; 32]), from: 7 }))
+    );
+    let post = wire::ChannelPost { channel: ChannelId([5; 32]), message: vec![8; 3] };
+    insta::assert_snapshot!(
+        "peer_history_answer",
+        frame(wire::encode_frame(&PeerResponse::History { entries: vec![(7, post)], next: 8 }))
+    );
 }

@@ -76,8 +76,9 @@ async fn members(node: &NodeProcess, channel: &str) -> Vec<String> {
 /// channel (`--lan`), which her device orders, and adds Bob by his device id: his record and a
 /// KeyPackage come from his device, his Welcome goes to it directly. They chat both ways (by
 /// gossip: there is no relay). Bob, a member but not the creator, cannot order a change. While
-/// Bob is stopped, Alice adds Carol (a third node on the LAN); Bob, back, gets the commit he
-/// missed from Alice and reads what Carol sends in the new epoch.
+/// Bob is stopped, Alice sends, adds Carol (a third node on the LAN) and sends again; Bob, back,
+/// gets the commit and the messages he missed from Alice (who keeps the channel's history), in
+/// order, and reads what Carol sends in the new epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_orders() {
     let netns = Netns::create();
@@ -159,8 +160,10 @@ async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_
 
     // Bob away; Alice adds Carol; Bob back, catches up from Alice, reads Carol.
     bob.stop().expect("bob stops");
+    send(&alice, &id, "while bob was away").await.expect("send");
     alice.cli(&["invite", "general", &carol_dev]).expect("invite carol");
     carol.wait_joined(&id, WAIT).await.expect("carol joins");
+    send(&alice, &id, "carol is in").await.expect("send");
     bob.restart().expect("bob restarts");
     let want = {
         let mut m = vec![alice_dev.clone(), bob_dev.clone(), carol_dev.clone()];
@@ -173,7 +176,9 @@ async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     send(&carol, &id, "carol here").await.expect("send");
-    bob.wait_texts(&id, WAIT, |t| t.iter().any(|t| t == "carol here")).await.expect("bob reads");
+    let want =
+        ["hello over the lan", "hi alice", "while bob was away", "carol is in", "carol here"];
+    bob.wait_texts(&id, WAIT, |t| t == want).await.expect("bob reads what he missed, in order");
     alice.wait_texts(&id, WAIT, |t| t.iter().any(|t| t == "carol here")).await.expect("alice");
     drop(netns);
 }

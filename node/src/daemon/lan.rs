@@ -36,12 +36,62 @@ const CATCH_UP_EVERY: Duration = Duration::from_secs(5);
 const REPUBLISH_EVERY: Duration = Duration::from_secs(2);
 /// KeyPackages one peer may claim a minute (each one is kept until used).
 const KEY_PACKAGES_PER_MINUTE: u32 = 8;
+/// KeyPackages all peers together may claim a minute (a peer id costs nothing to make, and each
+/// KeyPackage's private part is kept until it is used).
+const KEY_PACKAGES_PER_MINUTE_IN_ALL: u32 = 32;
 /// Peers whose KeyPackage claims are counted, at most (the oldest window is dropped).
 const MAX_CLAIMERS: usize = 1024;
 /// Attempts to hand a commit or a Welcome to a member, a second apart.
 const HAND_OVER_ATTEMPTS: u32 = 5;
+/// History answers read from a channel's creator at a time (each at most `MAX_HISTORY`).
+const MAX_HISTORY_ROUNDS: usize = 40;
 /// Look-ups of identity records one batch handed over may ask for.
 const MAX_LOOKUPS: u32 = 4;
+
+/// KeyPackage claims in the current minute: by each peer, and in all.
+#[derive(Debug)]
+struct Claims {
+    by_peer: HashMap<PeerId, (Instant, u32)>,
+    all: (Instant, u32),
+}
+
+impl Default for Claims {
+    fn default() -> Self {
+        Self { by_peer: HashMap::new(), all: (Instant::now(), 0) }
+    }
+}
+
+impl Claims {
+    /// Counts a claim by `peer`, or says how long (ms) until one is allowed.
+    fn take(&mut self, peer: PeerId) -> Result<(), u64> {
+        const MINUTE: Duration = Duration::from_secs(60);
+        let wait = |since: Instant| {
+            u64::try_from(MINUTE.saturating_sub(since.elapsed()).as_millis()).unwrap_or(60_000)
+        };
+        if self.all.0.elapsed() > MINUTE {
+            self.all = (Instant::now(), 0);
+        }
+        if self.all.1 >= KEY_PACKAGES_PER_MINUTE_IN_ALL {
+            return Err(wait(self.all.0));
+        }
+        if self.by_peer.len() >= MAX_CLAIMERS && !self.by_peer.contains_key(&peer) {
+            let oldest = self.by_peer.iter().min_by_key(|(_, (at, _))| *at).map(|(p, _)| *p);
+            if let Some(oldest) = oldest {
+                self.by_peer.remove(&oldest);
+            }
+        }
+        let (since, count) = self.by_peer.entry(peer).or_insert((Instant::now(), 0));
+        if since.elapsed() > MINUTE {
+            (*since, *count) = (Instant::now(), 0);
+        }
+        if *count >= KEY_PACKAGES_PER_MINUTE {
+            return Err(wait(*since));
+        }
+        *count += 1;
+        self.all.1 += 1;
+        Ok(())
+    }
+}
 
 fn peer_error(code: ErrorCode, message: impl Into<String>) -> PeerResponse {
     let mut message: String = message.into();
@@ -74,7 +124,7 @@ impl Node {
     /// Answers peers' requests, one at a time (each is short: a record, a KeyPackage, a few
     /// envelopes, a range of commits).
     pub(super) async fn peer_task(self: Arc<Self>, mut asks: mpsc::Receiver<PeerAsk>) {
-        let mut claims: HashMap<PeerId, (Instant, u32)> = HashMap::new();
+        let mut claims = Claims::default();
         while let Some(ask) = asks.recv().await {
             let answer = self.answer_peer(ask.peer, &ask.frame, &mut claims).await;
             let frame = encode_frame(&answer).unwrap_or_else(|e| {
@@ -87,12 +137,7 @@ impl Node {
         }
     }
 
-    async fn answer_peer(
-        &self,
-        peer: PeerId,
-        frame: &[u8],
-        claims: &mut HashMap<PeerId, (Instant, u32)>,
-    ) -> PeerResponse {
+    async fn answer_peer(&self, peer: PeerId, frame: &[u8], claims: &mut Claims) -> PeerResponse {
         let request = match decode_frame::<PeerRequest>(frame) {
             Ok(r) => r,
             Err(e) => return peer_error(ErrorCode::BadRequest, e.to_string()),
@@ -107,25 +152,12 @@ impl Node {
                 PeerResponse::Hello { dir: Box::new(dir) }
             }
             PeerRequest::ClaimKeyPackage => {
-                if claims.len() >= MAX_CLAIMERS && !claims.contains_key(&peer) {
-                    let oldest = claims.iter().min_by_key(|(_, (at, _))| *at).map(|(p, _)| *p);
-                    if let Some(oldest) = oldest {
-                        claims.remove(&oldest);
-                    }
-                }
-                let (since, count) = claims.entry(peer).or_insert((Instant::now(), 0));
-                if since.elapsed() > Duration::from_secs(60) {
-                    (*since, *count) = (Instant::now(), 0);
-                }
-                if *count >= KEY_PACKAGES_PER_MINUTE {
-                    let retry_after_ms = 60_000u64
-                        .saturating_sub(u64::try_from(since.elapsed().as_millis()).unwrap_or(0));
+                if let Err(retry_after_ms) = claims.take(peer) {
                     return peer_error(
                         ErrorCode::RateLimited { retry_after_ms },
                         "too many KeyPackages claimed",
                     );
                 }
-                *count += 1;
                 match self.with(|e| e.key_packages(1, false)).await {
                     Ok((mut packages, _)) => match packages.pop() {
                         Some(kp) => PeerResponse::KeyPackage(kp),
@@ -143,6 +175,15 @@ impl Node {
                 match self.receive_direct(items).await {
                     Ok(()) => PeerResponse::Delivered,
                     Err(e) => peer_error(ErrorCode::Unavailable, e.to_string()),
+                }
+            }
+            PeerRequest::History { channel, from } => {
+                match self.with(move |e| e.lan_history_for(&channel, from, &asker)).await {
+                    Ok((entries, next)) => PeerResponse::History { entries, next },
+                    Err(EngineError::UnknownChannel(_)) => {
+                        peer_error(ErrorCode::NotFound, "no such channel here")
+                    }
+                    Err(e) => peer_error(ErrorCode::Forbidden, e.to_string()),
                 }
             }
             PeerRequest::Commits { channel, from } => {
@@ -333,10 +374,13 @@ impl Node {
         self.resume_lan_intents().await;
         let mut republish = tokio::time::interval(REPUBLISH_EVERY);
         let mut catch_up = tokio::time::interval(CATCH_UP_EVERY);
+        // How far each channel's history at its creator was read in this run (from the oldest
+        // kept at first: what was seen already is dropped by id, before decryption).
+        let mut read: HashMap<ChannelId, u64> = HashMap::new();
         loop {
             tokio::select! {
                 _ = republish.tick() => self.publish_lan_outbox().await,
-                _ = catch_up.tick() => self.catch_up_lan().await,
+                _ = catch_up.tick() => self.catch_up_lan(&mut read).await,
             }
         }
     }
@@ -402,8 +446,9 @@ impl Node {
     }
 
     /// Asks the creator of each relay-less channel this device did not create, if connected,
-    /// for the commits this device missed.
-    async fn catch_up_lan(&self) {
+    /// for the commits this device missed, then for the messages it kept since `read` (which
+    /// went by gossip alone: a member that was away missed them).
+    async fn catch_up_lan(&self, read: &mut HashMap<ChannelId, u64>) {
         let channels: Vec<(ChannelId, DeviceId, u64)> = self
             .with(|e| {
                 let me = e.device();
@@ -421,11 +466,13 @@ impl Node {
             Ok(p) => p.into_iter().map(|p| p.peer_id).collect(),
             Err(_) => return,
         };
+        let mut history = Vec::new();
         for (channel, creator, epoch) in channels {
             let Ok(peer) = peer_of(&creator) else { continue };
             if !connected.contains(&peer.to_string()) {
                 continue;
             }
+            history.push((channel, peer));
             let request = PeerRequest::Commits { channel, from: epoch };
             let commits: Vec<OrderedCommit> = match self.ask_peer(peer, &request).await {
                 Ok(PeerResponse::Commits { commits }) => commits,
@@ -446,6 +493,49 @@ impl Node {
                 commits.into_iter().map(|c| Incoming::Direct(Envelope::Commit(c))).collect();
             if let Err(e) = self.receive_direct(items).await {
                 tracing::warn!(%channel, error = %e, "commits from the creator not processed");
+            }
+        }
+        for (channel, peer) in history {
+            self.read_lan_history(channel, peer, read).await;
+        }
+    }
+
+    /// Reads a relay-less channel's history at its creator from where this run left it, a
+    /// bounded number of answers at a time.
+    async fn read_lan_history(
+        &self,
+        channel: ChannelId,
+        creator: PeerId,
+        read: &mut HashMap<ChannelId, u64>,
+    ) {
+        for _ in 0..MAX_HISTORY_ROUNDS {
+            let from = read.get(&channel).copied().unwrap_or(0);
+            let request = PeerRequest::History { channel, from };
+            let (entries, next) = match self.ask_peer(creator, &request).await {
+                Ok(PeerResponse::History { entries, next }) => (entries, next),
+                Ok(other) => {
+                    return tracing::debug!(%channel, answer = ?other, "no history from the creator");
+                }
+                Err(e) => return tracing::debug!(%channel, error = %e, "history not reached"),
+            };
+            let full = entries.len() >= chitchat_proto::peer::MAX_HISTORY;
+            let last = entries.iter().map(|(seq, _)| *seq).max();
+            // Each post is a member's MLS message: MLS authenticates it, and one seen already
+            // is dropped by its id.
+            let items: Vec<Incoming> = entries
+                .into_iter()
+                .filter(|(seq, post)| *seq >= from && post.channel == channel)
+                .map(|(_, post)| Incoming::History(Envelope::Post(post)))
+                .collect();
+            if !items.is_empty()
+                && let Err(e) = self.receive_direct(items).await
+            {
+                return tracing::warn!(%channel, error = %e, "history from the creator not processed");
+            }
+            let at = last.map_or(next, |l| l.saturating_add(1)).max(from);
+            read.insert(channel, at);
+            if !full {
+                return;
             }
         }
     }
@@ -478,5 +568,39 @@ fn peer_refused(response: PeerResponse) -> NodeError {
             NodeError::Relay { code: code.name(), message: format!("the peer refused: {message}") }
         }
         other => NodeError::Invalid(format!("the peer answered {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Claims are limited per peer and in all (new peer ids cost nothing).
+    #[test]
+    fn key_package_claims_are_bounded_per_peer_and_in_all() {
+        let mut claims = Claims::default();
+        let one = PeerId::random();
+        for _ in 0..KEY_PACKAGES_PER_MINUTE {
+            assert!(claims.take(one).is_ok());
+        }
+        assert!(claims.take(one).is_err_and(|ms| ms > 0 && ms <= 60_000), "per peer");
+        let mut allowed = KEY_PACKAGES_PER_MINUTE;
+        for _ in 0..100 {
+            if claims.take(PeerId::random()).is_ok() {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, KEY_PACKAGES_PER_MINUTE_IN_ALL, "in all, whatever the peer ids");
+    }
+
+    #[test]
+    fn a_device_is_named_by_device_id_or_peer_id() {
+        let key = chitchat_proto::SecretKey::from_seed([4; 32]);
+        let device = DeviceId(key.public());
+        assert_eq!(parse_device(&key.public().to_hex()).expect("hex"), device);
+        let peer = chitchat_net::peer_id(&key.public()).expect("peer id");
+        assert_eq!(parse_device(&peer.to_string()).expect("peer id"), device);
+        assert!(parse_device("bob@relay.example").is_err());
+        assert!(parse_device(&PeerId::random().to_string()).is_err(), "names no key");
     }
 }

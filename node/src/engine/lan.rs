@@ -6,10 +6,10 @@
 use std::collections::BTreeSet;
 
 use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
-use chitchat_proto::wire::{OrderedCommit, commit_hash};
+use chitchat_proto::wire::{ChannelPost, OrderedCommit, commit_hash};
 use chitchat_proto::{DeviceId, Dir, Timestamp};
 
-use super::{Engine, EngineError, Event, active_in, id_string};
+use super::{Engine, EngineError, Event, Incoming, active_in, id_string};
 use crate::store::{Batch, MessageStatus, OutboxItem, StagedRecord};
 
 /// Commits one answer to a member's catch-up carries, at most (and about a frame's bytes).
@@ -133,6 +133,48 @@ impl Engine {
         }
         let max_bytes = chitchat_proto::wire::MAX_FRAME_LEN / 2;
         Ok(self.store.ordered_from(id, from, MAX_CATCH_UP, max_bytes)?)
+    }
+
+    /// Keeps what members gossiped in the relay-less channels this device created (judged, from
+    /// members), for members that miss it. Not fsync'd: a crash loses a few of them, which the
+    /// senders' own copies do not need.
+    pub fn lan_keep(&mut self, items: &[Incoming]) -> Result<(), EngineError> {
+        let me = DeviceId(self.key.public());
+        let mut b = Batch::default();
+        for item in items {
+            let Incoming::Gossip(e) = item else { continue };
+            let channel = e.body.channel;
+            let kept = self
+                .channels
+                .get(&channel)
+                .and_then(|h| h.channel.as_ref())
+                .is_some_and(|c| c.config().relays.is_empty() && c.config().creator == me);
+            if kept {
+                b.lan_keep(ChannelPost { channel, message: e.body.message.clone() });
+            }
+        }
+        Ok(self.store.commit_lazy(b)?)
+    }
+
+    /// The messages kept of a relay-less channel from position `from` on, for `asker`, which
+    /// must be a member now; with the position to ask from next.
+    pub fn lan_history_for(
+        &self,
+        id: &ChannelId,
+        from: u64,
+        asker: &DeviceId,
+    ) -> Result<(Vec<(u64, ChannelPost)>, u64), EngineError> {
+        let channel = self
+            .channels
+            .get(id)
+            .and_then(|h| h.channel.as_ref())
+            .ok_or_else(|| EngineError::UnknownChannel(id.to_string()))?;
+        if !channel.members().contains(asker) {
+            return Err(EngineError::Invalid("not a member of the channel".into()));
+        }
+        let max_bytes = chitchat_proto::wire::MAX_FRAME_LEN / 2;
+        let max = chitchat_proto::peer::MAX_HISTORY;
+        Ok(self.store.lan_history(id, from, max, max_bytes)?)
     }
 
     /// Outbox items of relay-less channels, oldest first: they are published by gossip, not
