@@ -51,6 +51,24 @@ use libp2p::{Multiaddr, PeerId, allow_block_list, dcutr, identify, mdns, relay, 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// The first pause before a fallen circuit at the relay is asked for again, and the longest.
+const CIRCUIT_RETRY_FIRST: Duration = Duration::from_secs(2);
+const CIRCUIT_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Listens on a circuit through the relay (a reservation); `None` if it cannot at once.
+fn listen_circuit(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    addr: &Multiaddr,
+) -> Option<libp2p::core::transport::ListenerId> {
+    match swarm.listen_on(addr.clone()) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot listen through the relay");
+            None
+        }
+    }
+}
+
 /// The longest a request to a peer may take.
 const PEER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Commands waiting for the swarm task, at most.
@@ -430,6 +448,12 @@ async fn run(
     let mut watched: HashMap<PeerId, watch::Sender<PeerState>> = HashMap::new();
     let mut topics: BTreeSet<ChannelId> = BTreeSet::new();
     let mut discovery = Discovery::default();
+    // The circuit this node listens on at its relay, its listener while it stands, and when to
+    // ask for it again once it fell (the relay restarted, the connection broke, a reservation
+    // was refused): a node stays reachable through its relay without a restart of its own.
+    let mut circuit: Option<(Multiaddr, Option<libp2p::core::transport::ListenerId>, Duration)> =
+        None;
+    let mut circuit_retry: Option<tokio::time::Instant> = None;
     let mut discover_tick = tokio::time::interval(DISCOVER_EVERY);
     // The remote address of each connection, by peer.
     let mut remotes: HashMap<PeerId, HashMap<libp2p::swarm::ConnectionId, (Multiaddr, bool)>> =
@@ -488,11 +512,18 @@ async fn run(
                         discovery.round(&mut swarm, &topics);
                         // A reservation at the relay: the circuit address becomes one of the
                         // node's (registered with the others at the rendezvous point).
-                        let circuit = addrs.iter().find(|a| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
-                        if let Some(addr) = circuit {
-                            let circuit = addr.clone().with_p2p(peer).unwrap_or_else(|a| a).with(Protocol::P2pCircuit);
-                            if let Err(e) = swarm.listen_on(circuit.clone()) {
-                                tracing::warn!(%circuit, error = %e, "cannot listen through the relay");
+                        let relay_addr = addrs.iter().find(|a| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
+                        if let Some(addr) = relay_addr {
+                            let addr = addr.clone().with_p2p(peer).unwrap_or_else(|a| a).with(Protocol::P2pCircuit);
+                            if circuit.as_ref().is_none_or(|(a, _, _)| *a != addr) {
+                                if let Some((_, Some(old), _)) = circuit.take() {
+                                    swarm.remove_listener(old);
+                                }
+                                let id = listen_circuit(&mut swarm, &addr);
+                                if id.is_none() {
+                                    circuit_retry = Some(tokio::time::Instant::now() + CIRCUIT_RETRY_FIRST);
+                                }
+                                circuit = Some((addr, id, CIRCUIT_RETRY_FIRST));
                             }
                         }
                     }
@@ -551,7 +582,19 @@ async fn run(
                     }
                 }
             }
-            _ = discover_tick.tick() => discovery.round(&mut swarm, &topics),
+            _ = discover_tick.tick() => {
+                discovery.round(&mut swarm, &topics);
+                if circuit_retry.is_some_and(|at| at <= tokio::time::Instant::now())
+                    && let Some((addr, id, backoff)) = circuit.as_mut()
+                {
+                    circuit_retry = None;
+                    *id = listen_circuit(&mut swarm, addr);
+                    *backoff = (*backoff * 2).min(CIRCUIT_RETRY_MAX);
+                    if id.is_none() {
+                        circuit_retry = Some(tokio::time::Instant::now() + *backoff);
+                    }
+                }
+            }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::Behaviour(BehaviourEvent::Relay(request_response::Event::Message {
                     message: request_response::Message::Response { request_id, response },
@@ -665,7 +708,13 @@ async fn run(
                         set(&watched, &peer_id, false);
                     }
                 }
-                SwarmEvent::NewListenAddr { address, .. } => {
+                SwarmEvent::NewListenAddr { address, listener_id } => {
+                    if let Some((_, id, backoff)) = circuit.as_mut()
+                        && *id == Some(listener_id)
+                    {
+                        // Reserved: the next fall starts from the first pause again.
+                        *backoff = CIRCUIT_RETRY_FIRST;
+                    }
                     tracing::info!(%address, "listening for peers");
                     // What the node listens on is what it registers at the rendezvous point.
                     swarm.add_external_address(address);
@@ -674,6 +723,16 @@ async fn run(
                 SwarmEvent::ExpiredListenAddr { address, .. } => {
                     swarm.remove_external_address(&address);
                 }
+                SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                    if let Some((addr, id, backoff)) = circuit.as_mut()
+                        && *id == Some(listener_id)
+                    {
+                        tracing::info!(%addr, ?reason, "the circuit at the relay fell; asking again");
+                        *id = None;
+                        circuit_retry = Some(tokio::time::Instant::now() + *backoff);
+                    }
+                }
+
                 SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(event)) => {
                     let has_direct = |p: &PeerId| remotes.get(p).is_some_and(|c| c.values().any(|(_, relayed)| !relayed));
                     discovery.on_event(&mut swarm, event, has_direct);

@@ -436,24 +436,28 @@ async fn spam(
 /// Two members that listen on no address of their own (behind a NAT, say) still connect to
 /// each other: each holds a reservation at the relay (circuit relay v2), registers the circuit
 /// address at the rendezvous point, and the other dials it; the connection runs through the
-/// relay, and gossip with it.
+/// relay, and gossip with it. When the relay restarts (kill -9), the circuits fall with it:
+/// each node asks for its reservation again, and they connect through the relay again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_that_listen_nowhere_connect_through_the_relay() {
-    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let mut relay = RelayProcess::start_fixed(|c| c.to_owned()).expect("relay");
     let (alice, bob, id) = pair_with(&relay, &[("CHITCHAT_NETWORK_LISTEN", "")]).await;
     let bob_id = network(&bob).await["peer_id"].clone();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = network(&alice).await;
-        let through_relay = v["peers"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["peer_id"] == bob_id && p["relayed"] == true));
-        if through_relay {
-            break;
+    let through_relay = || async {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = network(&alice).await;
+            let found = v["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["peer_id"] == bob_id && p["relayed"] == true));
+            if found {
+                return;
+            }
+            assert!(Instant::now() < deadline, "alice never reached bob through the relay: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(Instant::now() < deadline, "alice never reached bob through the relay: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    through_relay().await;
     let listening = network(&bob).await["listening"].clone();
     let all_circuits = listening.as_array().is_some_and(|a| {
         !a.is_empty() && a.iter().all(|a| a.as_str().is_some_and(|a| a.contains("/p2p-circuit/")))
@@ -461,6 +465,15 @@ async fn members_that_listen_nowhere_connect_through_the_relay() {
     assert!(all_circuits, "bob is reachable only through the relay: {listening}");
     send(&alice, &id, "hello through the relay").await;
     bob.wait_texts(&id, WAIT, |t| t == ["hello through the relay"]).await.expect("bob reads");
+
+    relay.kill9();
+    let deadline = Instant::now() + WAIT;
+    while !network(&alice).await["peers"].as_array().is_some_and(Vec::is_empty) {
+        assert!(Instant::now() < deadline, "the circuit outlived its relay");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.restart().expect("relay restarts");
+    through_relay().await;
 }
 
 /// A TCP or UDP socket of a process, from `/proc`: `(udp, local port, remote ip, remote port,
