@@ -237,8 +237,8 @@ relay_only = false
 # (env CHITCHAT_NETWORK_TLS_ROOTS, comma-separated).
 tls_roots = []
 # Find peers on the local network by mDNS (env CHITCHAT_NETWORK_MDNS, true or false). Unset, it
-# is on for a device registered at no relay (peers on a LAN meet that way) and off once it is
-# registered; a relay-only node never runs it.
+# is on for a device registered at no relay when the daemon starts (peers on a LAN meet that
+# way) and off for a registered one; a relay-only node never runs it.
 # mdns = true
 
 [profile]
