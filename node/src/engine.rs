@@ -33,6 +33,7 @@ mod evidence;
 mod lan;
 
 pub use evidence::{Conviction, Outgoing};
+pub use lan::Ordered;
 
 use crate::store::{
     Account, Batch, ChannelRecord, IntentOp, IntentRecord, MessageStatus, MlsMirror, OutboxItem,

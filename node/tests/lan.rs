@@ -2,7 +2,7 @@
 //! ordered by its creator's device, envelopes handed over by hand as the peer protocol hands
 //! them. Real MLS, real redb. Each rule is broken on purpose once.
 
-use chitchat_node::engine::{Engine, Incoming};
+use chitchat_node::engine::{Engine, Incoming, Ordered};
 use chitchat_node::store::{IntentOp, MessageStatus, Store};
 use chitchat_proto::codec::{Bytes, Canonical as _};
 use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
@@ -111,21 +111,34 @@ fn a_relay_less_channel_is_ordered_by_its_creator_alone() {
     hand(&mut alice, vec![Envelope::Commit(forged)]);
     assert_eq!(alice.epoch(&channel), Some(1), "a commit certified by a member is refused");
     assert_eq!(alice.members(&channel).expect("members").len(), 2);
-    // The control: the same commit under the creator's signature is applied.
-    let signed = OrderedCommit {
-        channel,
-        commit: staged.commit.clone(),
-        cert: EpochCert { signatures: vec![CertSignature::sign(alice.key(), &body)], body },
+    // Submitted to Alice, it is ordered: checked as every member checks it, committed by the
+    // submitter itself, the first of its epoch; the same commit again gets the same answer,
+    // another one for that epoch the winner.
+    let epoch = staged.epoch;
+    let wrong = alice.order_submitted(&channel, epoch, &staged.commit, &carol.device(), NOW);
+    assert!(wrong.is_err(), "the commit is Bob's, not Carol's");
+    assert!(alice.order_submitted(&channel, epoch, b"junk", &bob.device(), NOW).is_err());
+    let Ordered::Accepted(ordered) = alice
+        .order_submitted(&channel, epoch, &staged.commit, &bob.device(), NOW)
+        .expect("ordered")
+    else {
+        panic!("the first valid commit of the epoch wins");
     };
-    let cert = signed.cert.clone();
-    hand(&mut alice, vec![Envelope::Commit(signed)]);
+    let again = alice.order_submitted(&channel, epoch, &staged.commit, &bob.device(), NOW);
+    assert_eq!(again.expect("again"), Ordered::Accepted(ordered.clone()));
+    let late = alice.order_submitted(&channel, epoch, b"another", &bob.device(), NOW);
+    assert_eq!(late.expect("late"), Ordered::Conflict(ordered.clone()));
+    assert_eq!(ordered.cert.body.hash, body.hash);
+    let cert = ordered.cert.clone();
+    hand(&mut alice, vec![Envelope::Commit(ordered)]);
     assert_eq!(alice.epoch(&channel), Some(2), "the creator's certificate counts");
     assert_eq!(alice.members(&channel).expect("members").len(), 3);
     bob.accept(&channel, &cert).expect("bob merges his commit, certified");
 
     // What Alice ordered is served to members only, from the epoch asked.
-    assert_eq!(alice.ordered_for(&channel, 0, &bob.device()).expect("bob").len(), 1);
-    assert!(alice.ordered_for(&channel, 1, &bob.device()).expect("bob").is_empty());
+    assert_eq!(alice.ordered_for(&channel, 0, &bob.device()).expect("bob").len(), 2);
+    assert_eq!(alice.ordered_for(&channel, 1, &bob.device()).expect("bob").len(), 1);
+    assert!(alice.ordered_for(&channel, 2, &bob.device()).expect("bob").is_empty());
     let stranger = device(&tmp, "stranger");
     assert!(alice.ordered_for(&channel, 0, &stranger.device()).is_err(), "not a member");
 

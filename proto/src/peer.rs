@@ -14,8 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::codec::Bytes;
 use crate::identity::Dir;
 use crate::ordering::ChannelId;
+use crate::ordering::EpochCert;
 use crate::wire::{
-    ChannelPost, Envelope, ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, OrderedCommit, Validate,
+    ChannelPost, Envelope, ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, MAX_MLS_MESSAGE_LEN,
+    OrderedCommit, Validate,
 };
 
 /// Envelopes in one [`PeerRequest::Deliver`], at most.
@@ -49,6 +51,18 @@ pub enum PeerRequest {
         channel: ChannelId,
         /// The first epoch wanted (a commit built on `from` moves the channel to `from + 1`).
         from: u64,
+    },
+    /// A member's commit of a relay-less channel, for its creator to order: certified if it is
+    /// the first valid commit built on `epoch`, refused with the winner otherwise.
+    Submit {
+        /// The channel.
+        channel: ChannelId,
+        /// The epoch it is built on.
+        epoch: u64,
+        /// The commit (MLS PublicMessage), at most [`MAX_MLS_MESSAGE_LEN`] bytes.
+        commit: Bytes,
+        /// The identity records of the devices it adds, at most [`MAX_DIRS`].
+        dirs: Vec<Dir>,
     },
     /// The messages of a relay-less channel its creator kept, from position `from` on, asked
     /// by a member that may have missed some (they went by gossip alone).
@@ -88,6 +102,16 @@ pub enum PeerResponse {
         /// The position after the last one kept now.
         next: u64,
     },
+    /// The submitted commit won its epoch: the creator's certificate.
+    Accepted {
+        /// The certificate.
+        cert: EpochCert,
+    },
+    /// Another commit won the epoch submitted for.
+    Conflict {
+        /// The winner, with its certificate.
+        winner: OrderedCommit,
+    },
     /// The request was refused or failed.
     Error {
         /// Why, for the program.
@@ -109,6 +133,15 @@ impl Validate for PeerRequest {
                 }
                 envelopes.iter().try_for_each(Envelope::validate)
             }
+            Self::Submit { commit, dirs, .. } => {
+                if commit.len() > MAX_MLS_MESSAGE_LEN {
+                    return Err("commit too long");
+                }
+                if dirs.len() > MAX_DIRS {
+                    return Err("too many identity records");
+                }
+                Ok(())
+            }
             Self::Hello | Self::ClaimKeyPackage | Self::Commits { .. } | Self::History { .. } => {
                 Ok(())
             }
@@ -126,6 +159,7 @@ impl Validate for PeerResponse {
                 }
                 commits.iter().try_for_each(OrderedCommit::validate)
             }
+            Self::Conflict { winner } => winner.validate(),
             Self::History { entries, .. } => {
                 if entries.len() > MAX_HISTORY {
                     return Err("too many history entries");

@@ -560,6 +560,19 @@ fn peer_frames() {
         "peer_history",
         frame(wire::encode_frame(&PeerRequest::History { channel: ChannelId([5; 32]), from: 7 }))
     );
+    insta::assert_snapshot!(
+        "peer_submit",
+        frame(wire::encode_frame(&PeerRequest::Submit {
+            channel: ChannelId([5; 32]),
+            epoch: 4,
+            commit: Bytes(vec![9; 3]),
+            dirs: vec![dir()],
+        }))
+    );
+    insta::assert_snapshot!(
+        "peer_accepted",
+        frame(wire::encode_frame(&PeerResponse::Accepted { cert: cert() }))
+    );
     let post = wire::ChannelPost { channel: ChannelId([5; 32]), message: vec![8; 3] };
     insta::assert_snapshot!(
         "peer_history_answer",

@@ -78,7 +78,8 @@ async fn members(node: &NodeProcess, channel: &str) -> Vec<String> {
 /// gossip: there is no relay). Bob, a member but not the creator, cannot order a change. While
 /// Bob is stopped, Alice sends, adds Carol (a third node on the LAN) and sends again; Bob, back,
 /// gets the commit and the messages he missed from Alice (who keeps the channel's history), in
-/// order, and reads what Carol sends in the new epoch.
+/// order, and reads what Carol sends in the new epoch. In an `--open` LAN channel, Bob adds
+/// Carol himself: his commit is ordered by Alice's device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_orders() {
     let netns = Netns::create();
@@ -180,5 +181,17 @@ async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_
         ["hello over the lan", "hi alice", "while bob was away", "carol is in", "carol here"];
     bob.wait_texts(&id, WAIT, |t| t == want).await.expect("bob reads what he missed, in order");
     alice.wait_texts(&id, WAIT, |t| t.iter().any(|t| t == "carol here")).await.expect("alice");
+
+    // In an --open LAN channel any member may add: Bob's commit goes to Alice, who orders it.
+    let open = alice.cli(&["channel", "create", "open", "--lan", "--open"]).expect("create");
+    let open = open.trim().to_owned();
+    alice.cli(&["invite", "open", &bob_dev]).expect("invite bob");
+    bob.wait_joined(&open, WAIT).await.expect("bob joins");
+    bob.cli(&["invite", "open", &carol_dev]).expect("bob adds carol, ordered by alice");
+    carol.wait_joined(&open, WAIT).await.expect("carol joins");
+    send(&bob, &open, "welcome carol").await.expect("send");
+    carol.wait_texts(&open, WAIT, |t| t == ["welcome carol"]).await.expect("carol reads bob");
+    alice.wait_texts(&open, WAIT, |t| t == ["welcome carol"]).await.expect("alice reads bob");
+    assert_eq!(members(&alice, &open).await.len(), 3);
     drop(netns);
 }

@@ -26,12 +26,14 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 
 use super::{Node, NodeError, Submitted, now};
-use crate::engine::{EngineError, Incoming};
+use crate::engine::{EngineError, Incoming, Ordered};
 use crate::host::{LanPeer, PeerAsk};
 use crate::store::{IntentOp, StagedRecord};
 
 /// How often a member of a relay-less channel asks its creator for commits it missed.
 const CATCH_UP_EVERY: Duration = Duration::from_secs(5);
+/// How often an undecided change of a relay-less channel is submitted again.
+const RESUME_EVERY: Duration = Duration::from_secs(30);
 /// How often the outbox of relay-less channels is published again.
 const REPUBLISH_EVERY: Duration = Duration::from_secs(2);
 /// KeyPackages one peer may claim a minute (each one is kept until used).
@@ -177,6 +179,37 @@ impl Node {
                     Err(e) => peer_error(ErrorCode::Unavailable, e.to_string()),
                 }
             }
+            PeerRequest::Submit { channel, epoch, commit, dirs } => {
+                if let Err(e) = self.with(move |e| e.add_dirs(dirs)).await {
+                    return peer_error(ErrorCode::Unavailable, e.to_string());
+                }
+                let bytes = commit.0.clone();
+                let at = now();
+                let ordered = self
+                    .with(move |e| e.order_submitted(&channel, epoch, &bytes, &asker, at))
+                    .await;
+                match ordered {
+                    Ok(Ordered::Accepted(ordered)) => {
+                        let cert = ordered.cert.clone();
+                        // Merged here as any member's commit (the submitter hands it to the
+                        // others, and each Welcome to its device).
+                        let item = Incoming::Direct(Envelope::Commit(ordered));
+                        if let Err(e) = self.receive_direct(vec![item]).await {
+                            tracing::warn!(%channel, error = %e, "an ordered commit not merged here yet");
+                        }
+                        PeerResponse::Accepted { cert }
+                    }
+                    Ok(Ordered::Conflict(winner)) => PeerResponse::Conflict { winner },
+                    Ok(Ordered::Busy) => peer_error(
+                        ErrorCode::RateLimited { retry_after_ms: 1_000 },
+                        "the creator is changing the channel",
+                    ),
+                    Err(EngineError::UnknownChannel(_)) => {
+                        peer_error(ErrorCode::NotFound, "no such channel here")
+                    }
+                    Err(e) => peer_error(ErrorCode::BadRequest, e.to_string()),
+                }
+            }
             PeerRequest::History { channel, from } => {
                 match self.with(move |e| e.lan_history_for(&channel, from, &asker)).await {
                     Ok((entries, next)) => PeerResponse::History { entries, next },
@@ -261,10 +294,12 @@ impl Node {
         who: &str,
     ) -> Result<Vec<DeviceId>, NodeError> {
         let device = parse_device(who)?;
-        let (me, creator) = self.with(move |e| (e.device(), e.creator(&channel))).await;
-        if creator != Some(me) {
+        let (me, creator, open) =
+            self.with(move |e| (e.device(), e.creator(&channel), e.is_open(&channel))).await;
+        if creator != Some(me) && !open {
             return Err(NodeError::Invalid(
-                "only the creator's device orders a relay-less channel: ask its creator to add                  members"
+                "only the creator's device changes this relay-less channel (it is not --open): \
+                 ask its creator to add members"
                     .into(),
             ));
         }
@@ -282,20 +317,30 @@ impl Node {
         Ok(vec![device])
     }
 
-    /// Orders this device's staged commit of a relay-less channel (it must be the creator's),
-    /// merges it, and hands it to the members and its Welcomes to the devices it adds.
+    /// Has this device's staged commit of a relay-less channel ordered (by itself, if it is
+    /// the creator's; else by the creator, asked until it decides), merges it, and hands it to
+    /// the members and its Welcomes to the devices it adds.
     pub(super) async fn submit_lan(
         &self,
         channel: ChannelId,
         staged: &StagedRecord,
     ) -> Result<Submitted, NodeError> {
         let before: Vec<DeviceId> = self.with(move |e| e.members(&channel)).await?;
-        let record = staged.clone();
-        let ordered = match self.with(move |e| e.order_own(&channel, &record)).await {
-            Ok(o) => o,
-            Err(e) => {
-                self.with(move |e| e.discard(&channel, true)).await?;
-                return Err(e.into());
+        let (me, creator) = self.with(move |e| (e.device(), e.creator(&channel))).await;
+        let ordered = if creator == Some(me) {
+            let record = staged.clone();
+            match self.with(move |e| e.order_own(&channel, &record)).await {
+                Ok(o) => o,
+                Err(e) => {
+                    self.with(move |e| e.discard(&channel, true)).await?;
+                    return Err(e.into());
+                }
+            }
+        } else {
+            let creator = creator.ok_or_else(|| NodeError::Invalid("no such channel".into()))?;
+            match self.submit_to_creator(channel, creator, staged).await? {
+                Ok(ordered) => ordered,
+                Err(decided) => return Ok(decided),
             }
         };
         let cert = ordered.cert.clone();
@@ -318,6 +363,69 @@ impl Node {
             tokio::spawn(async move { hand_over(&node, device, envelope, dirs).await });
         }
         Ok(Submitted::Accepted)
+    }
+
+    /// Submits a staged commit to the channel's creator until it decides: `Ok(Ok)` the ordered
+    /// commit (to merge), `Ok(Err(Lost))` another won (the winner is merged, this one dropped),
+    /// `Ok(Err(Undecided))` the creator did not answer in time (the commit stays staged and is
+    /// submitted again later: it may have been ordered).
+    async fn submit_to_creator(
+        &self,
+        channel: ChannelId,
+        creator: DeviceId,
+        staged: &StagedRecord,
+    ) -> Result<Result<OrderedCommit, Submitted>, NodeError> {
+        let peer = peer_of(&creator)?;
+        let added: Vec<DeviceId> =
+            staged.welcome.iter().flat_map(|w| w.envelopes.iter().map(|e| e.recipient)).collect();
+        let dirs: Vec<Dir> =
+            self.with(move |e| added.iter().filter_map(|d| e.dir(d).cloned()).collect()).await;
+        let request = PeerRequest::Submit {
+            channel,
+            epoch: staged.epoch,
+            commit: Bytes(staged.commit.clone()),
+            dirs,
+        };
+        let deadline = Instant::now() + super::SUBMIT_PATIENCE;
+        let mut pause = Duration::from_millis(250);
+        while Instant::now() < deadline {
+            match self.ask_peer(peer, &request).await {
+                Ok(PeerResponse::Accepted { cert }) => {
+                    let hash = chitchat_proto::wire::commit_hash(&staged.commit);
+                    if cert.body.channel != channel
+                        || cert.body.epoch != staged.epoch
+                        || cert.body.hash != hash
+                    {
+                        return Err(NodeError::Invalid(
+                            "the creator certified another commit".into(),
+                        ));
+                    }
+                    let commit = staged.commit.clone();
+                    return Ok(Ok(OrderedCommit { channel, commit, cert }));
+                }
+                Ok(PeerResponse::Conflict { winner }) => {
+                    self.with(move |e| e.discard(&channel, false)).await?;
+                    let item = Incoming::Direct(Envelope::Commit(winner));
+                    self.receive_direct(vec![item]).await?;
+                    return Ok(Err(Submitted::Lost));
+                }
+                Ok(PeerResponse::Error {
+                    code: ErrorCode::RateLimited { retry_after_ms }, ..
+                }) => {
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms.min(3_000))).await;
+                }
+                Ok(other) => {
+                    self.with(move |e| e.discard(&channel, true)).await?;
+                    return Err(peer_refused(other));
+                }
+                Err(e) => {
+                    tracing::debug!(%channel, error = %e, "the creator was not reached; submitting again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(3));
+                }
+            }
+        }
+        Ok(Err(Submitted::Undecided))
     }
 
     /// Processes envelopes a peer handed over (or commits fetched from a channel's creator),
@@ -377,14 +485,21 @@ impl Node {
         // How far each channel's history at its creator was read in this run (from the oldest
         // kept at first: what was seen already is dropped by id, before decryption).
         let mut read: HashMap<ChannelId, u64> = HashMap::new();
+        let mut resume = tokio::time::interval(RESUME_EVERY);
+        resume.tick().await;
         loop {
             tokio::select! {
                 _ = republish.tick() => self.publish_lan_outbox().await,
                 _ = catch_up.tick() => self.catch_up_lan(&mut read).await,
+                _ = resume.tick() => self.resume_lan_intents().await,
             }
         }
     }
 
+    /// Finishes relay-less channels' membership changes that a crash or an absent creator
+    /// interrupted: a staged commit is submitted as it is until it is decided (merged if it
+    /// won), one that lost or was refused is dropped (the user asks again). A change under way
+    /// (the ordering lock held) is left alone.
     async fn resume_lan_intents(&self) {
         let intents = match self.with(|e| e.intents()).await {
             Ok(i) => i,
@@ -394,11 +509,17 @@ impl Node {
             if !self.with(move |e| e.is_relayless(&channel)).await {
                 continue;
             }
-            let _one_at_a_time = self.ordering.lock().await;
-            if let Some(staged) = &intent.staged
-                && let Err(e) = self.submit_lan(channel, staged).await
-            {
-                tracing::warn!(%channel, error = %e, "interrupted membership change failed");
+            let Ok(_one_at_a_time) = self.ordering.try_lock() else { continue };
+            let result = match &intent.staged {
+                Some(staged) => self.submit_lan(channel, staged).await,
+                None => Ok(Submitted::Lost),
+            };
+            match result {
+                Ok(Submitted::Undecided) => continue,
+                Err(e) => {
+                    tracing::warn!(%channel, error = %e, "interrupted membership change failed")
+                }
+                Ok(_) => {}
             }
             if self.with(move |e| e.discard(&channel, true)).await.is_err() {
                 tracing::warn!(%channel, "cannot drop an interrupted intent");

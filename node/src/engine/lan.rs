@@ -8,9 +8,21 @@ use std::collections::BTreeSet;
 use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
 use chitchat_proto::wire::{ChannelPost, OrderedCommit, commit_hash};
 use chitchat_proto::{DeviceId, Dir, Timestamp};
+use openmls_traits::OpenMlsProvider as _;
 
 use super::{Engine, EngineError, Event, Incoming, active_in, id_string};
 use crate::store::{Batch, MessageStatus, OutboxItem, StagedRecord};
+
+/// What the creator made of a member's submitted commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ordered {
+    /// It won its epoch: ordered, certified, kept.
+    Accepted(OrderedCommit),
+    /// Another commit won that epoch.
+    Conflict(OrderedCommit),
+    /// This device is changing the channel itself: ask again in a moment.
+    Busy,
+}
 
 /// Commits one answer to a member's catch-up carries, at most (and about a frame's bytes).
 const MAX_CATCH_UP: usize = chitchat_proto::peer::MAX_COMMITS;
@@ -37,6 +49,13 @@ impl Engine {
             .filter(|(_, h)| h.channel.as_ref().is_some_and(|c| c.config().relays.is_empty()))
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// Whether any member may change the channel's membership (`--open`).
+    pub fn is_open(&self, id: &ChannelId) -> bool {
+        self.channels.get(id).and_then(|h| h.channel.as_ref()).is_some_and(|c| {
+            matches!(c.config().admins, chitchat_proto::channel::AdminPolicy::AnyMember)
+        })
     }
 
     /// The device that created the channel (the orderer of a relay-less one).
@@ -113,6 +132,62 @@ impl Engine {
         b.ordered(ordered.clone());
         self.commit(b)?;
         Ok(ordered)
+    }
+
+    /// Orders a member's commit of a relay-less channel this device created: the first valid
+    /// commit built on `epoch` wins (checked as every member will check it, with the channel
+    /// rules, and committed by `submitter` itself); its certificate is kept (`ordered-0`)
+    /// before it is returned. The commit is not merged here: the caller hands it to the engine
+    /// as a member's.
+    pub fn order_submitted(
+        &mut self,
+        id: &ChannelId,
+        epoch: u64,
+        commit: &[u8],
+        submitter: &DeviceId,
+        now: Timestamp,
+    ) -> Result<Ordered, EngineError> {
+        let me = DeviceId(self.key.public());
+        let channel = active_in(&mut self.channels, id)?;
+        let config = channel.config().clone();
+        if !config.relays.is_empty() || config.creator != me {
+            return Err(EngineError::Invalid("this device orders no such channel".into()));
+        }
+        let hash = commit_hash(commit);
+        if let Some(done) = self.store.ordered_at(id, epoch)? {
+            return Ok(if done.cert.body.hash == hash {
+                Ordered::Accepted(done)
+            } else {
+                Ordered::Conflict(done)
+            });
+        }
+        if channel.pending().is_some() {
+            return Ok(Ordered::Busy);
+        }
+        if epoch != channel.epoch() {
+            return Err(EngineError::Invalid(format!(
+                "epoch {epoch} is not the channel's (it is at {})",
+                channel.epoch()
+            )));
+        }
+        let state = self.public_state(id)?;
+        let crypto = self.provider.crypto();
+        let public = chitchat_proto::channel::PublicChannel::from_state(crypto, &state)?;
+        let check =
+            super::Recording::new(&self.dirs, self.trust(), now, self.lan).for_config(&config);
+        let checked = public
+            .check(crypto, commit, &check)
+            .map_err(|e| EngineError::Invalid(format!("commit refused: {e}")))?;
+        if checked.committer != *submitter {
+            return Err(EngineError::Invalid("the commit is another member's".into()));
+        }
+        let body = EpochCertBody { channel: *id, epoch, hash };
+        let cert = EpochCert { signatures: vec![CertSignature::sign(&self.key, &body)], body };
+        let ordered = OrderedCommit { channel: *id, commit: commit.to_vec(), cert };
+        let mut b = Batch::default();
+        b.ordered(ordered.clone());
+        self.commit(b)?;
+        Ok(Ordered::Accepted(ordered))
     }
 
     /// The commits this device ordered for a relay-less channel, built on `from` and after,
