@@ -1248,6 +1248,13 @@ impl Node {
     /// no member commit its own removal), then stops the channel here. Fails, changing
     /// nothing, if the request cannot reach the relay.
     pub async fn leave(&self, channel: ChannelId) -> Result<(), NodeError> {
+        if self.with(move |e| e.is_relayless(&channel)).await {
+            return Err(NodeError::Invalid(
+                "leaving a relay-less channel is not built yet: its creator can remove this \
+                 device (`chitchat remove CHANNEL DEVICE`)"
+                    .into(),
+            ));
+        }
         let _one_at_a_time = self.ordering.lock().await;
         let now = now();
         let requests = self.with(move |e| e.leave_requests(&channel, now)).await?;

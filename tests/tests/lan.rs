@@ -193,5 +193,15 @@ async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_
     carol.wait_texts(&open, WAIT, |t| t == ["welcome carol"]).await.expect("carol reads bob");
     alice.wait_texts(&open, WAIT, |t| t == ["welcome carol"]).await.expect("alice reads bob");
     assert_eq!(members(&alice, &open).await.len(), 3);
+    // Leaving is not built for LAN channels (clear refusal); the creator removes instead, and
+    // the others get the commit directly.
+    let leave = carol.cli(&["leave", "open"]);
+    assert!(leave.is_err_and(|e| e.to_string().contains("relay-less")), "a clear refusal");
+    alice.cli(&["remove", "open", &carol_dev]).expect("alice removes carol");
+    let deadline = Instant::now() + WAIT;
+    while members(&bob, &open).await.len() != 2 {
+        assert!(Instant::now() < deadline, "bob never saw carol removed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(netns);
 }

@@ -190,14 +190,8 @@ impl Engine {
         Ok(Ordered::Accepted(ordered))
     }
 
-    /// The commits this device ordered for a relay-less channel, built on `from` and after,
-    /// for `asker`, which must be a member now.
-    pub fn ordered_for(
-        &self,
-        id: &ChannelId,
-        from: u64,
-        asker: &DeviceId,
-    ) -> Result<Vec<OrderedCommit>, EngineError> {
+    /// What this device keeps of a channel is served to its members alone.
+    fn served_to(&self, id: &ChannelId, asker: &DeviceId) -> Result<(), EngineError> {
         let channel = self
             .channels
             .get(id)
@@ -206,6 +200,18 @@ impl Engine {
         if !channel.members().contains(asker) {
             return Err(EngineError::Invalid("not a member of the channel".into()));
         }
+        Ok(())
+    }
+
+    /// The commits this device ordered for a relay-less channel, built on `from` and after,
+    /// for `asker`, which must be a member now.
+    pub fn ordered_for(
+        &self,
+        id: &ChannelId,
+        from: u64,
+        asker: &DeviceId,
+    ) -> Result<Vec<OrderedCommit>, EngineError> {
+        self.served_to(id, asker)?;
         let max_bytes = chitchat_proto::wire::MAX_FRAME_LEN / 2;
         Ok(self.store.ordered_from(id, from, MAX_CATCH_UP, max_bytes)?)
     }
@@ -239,14 +245,7 @@ impl Engine {
         from: u64,
         asker: &DeviceId,
     ) -> Result<(Vec<(u64, ChannelPost)>, u64), EngineError> {
-        let channel = self
-            .channels
-            .get(id)
-            .and_then(|h| h.channel.as_ref())
-            .ok_or_else(|| EngineError::UnknownChannel(id.to_string()))?;
-        if !channel.members().contains(asker) {
-            return Err(EngineError::Invalid("not a member of the channel".into()));
-        }
+        self.served_to(id, asker)?;
         let max_bytes = chitchat_proto::wire::MAX_FRAME_LEN / 2;
         let max = chitchat_proto::peer::MAX_HISTORY;
         Ok(self.store.lan_history(id, from, max, max_bytes)?)
