@@ -49,6 +49,7 @@ alice send general "hi bob, hi carol"
 wait_history bob general "hi bob, hi carol"
 FIRST=$(bob history general | grep -F "hi bob, hi carol" | awk '{print $2}')
 bob reply "$FIRST" "hello from relay B"
+wait_history carol general "hi bob, hi carol"
 carol react "$FIRST" "👋"
 wait_history alice general "hello from relay B"
 wait_history carol general "hello from relay B"

@@ -222,6 +222,7 @@ impl Engine {
     pub fn lan_keep(&mut self, items: &[Incoming]) -> Result<(), EngineError> {
         let me = DeviceId(self.key.public());
         let mut b = Batch::default();
+        let mut any = false;
         for item in items {
             let Incoming::Gossip(e) = item else { continue };
             let channel = e.body.channel;
@@ -232,7 +233,12 @@ impl Engine {
                 .is_some_and(|c| c.config().relays.is_empty() && c.config().creator == me);
             if kept {
                 b.lan_keep(ChannelPost { channel, message: e.body.message.clone() });
+                any = true;
             }
+        }
+        // Most batches keep nothing (no relay-less channel this device created): no write.
+        if !any {
+            return Ok(());
         }
         Ok(self.store.commit_lazy(b)?)
     }
