@@ -340,12 +340,6 @@ impl Node {
             if accepted.is_empty() {
                 continue;
             }
-            // What members gossip in a relay-less channel this device created is kept for
-            // those who miss it.
-            let kept = accepted.clone();
-            if let Err(e) = self.with(move |e| e.lan_keep(&kept)).await {
-                tracing::warn!(error = %e, "cannot keep gossiped messages");
-            }
             let result = match self.link() {
                 Ok(link) => self.receive(&link, accepted, &mut Vec::new()).await.map(|_| ()),
                 Err(_) => {

@@ -1188,6 +1188,9 @@ impl Engine {
     /// Opens, decrypts and stores incoming messages, in order, in one transaction. See
     /// [`Received`].
     pub fn receive(&mut self, items: &[Incoming], now: Timestamp) -> Result<Received, EngineError> {
+        // What members gossip in a relay-less channel this device created is kept for those
+        // who miss it (no write when there is none).
+        self.lan_keep(items)?;
         let mut out = Received::default();
         let mut b = Batch::default();
         let mut touched = BTreeSet::new();
