@@ -908,19 +908,7 @@ impl Node {
                     }
                     let link = link.clone();
                     acking = Some(tokio::spawn(async move { acknowledge(&link, ack).await }));
-                    for (channel, device) in removals {
-                        let node = self.clone();
-                        tokio::spawn(async move {
-                            match node.remove(channel, vec![device]).await {
-                                Ok(()) => {
-                                    tracing::info!(%channel, %device, "removed a member at its request")
-                                }
-                                Err(e) => {
-                                    tracing::debug!(%channel, %device, error = %e, "removal on request not done (another admin's may have won)")
-                                }
-                            }
-                        });
-                    }
+                    self.remove_on_request(removals);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "inbox processing failed");
@@ -1243,11 +1231,7 @@ impl Node {
     /// nothing, if the request cannot reach the relay.
     pub async fn leave(&self, channel: ChannelId) -> Result<(), NodeError> {
         if self.with(move |e| e.is_relayless(&channel)).await {
-            return Err(NodeError::Invalid(
-                "leaving a relay-less channel is not built yet: its creator can remove this \
-                 device (`chitchat remove CHANNEL DEVICE`)"
-                    .into(),
-            ));
+            return self.leave_lan(channel).await;
         }
         let _one_at_a_time = self.ordering.lock().await;
         let now = now();
@@ -1265,6 +1249,22 @@ impl Node {
         self.with(move |e| e.leave(&channel)).await?;
         self.topics.notify_one();
         Ok(())
+    }
+
+    /// Removes members that asked to leave (each signed its request), one task each: another
+    /// admin's removal may win, which is as good.
+    fn remove_on_request(self: &Arc<Self>, removals: Vec<(ChannelId, DeviceId)>) {
+        for (channel, device) in removals {
+            let node = self.clone();
+            tokio::spawn(async move {
+                match node.remove(channel, vec![device]).await {
+                    Ok(()) => tracing::info!(%channel, %device, "removed a member at its request"),
+                    Err(e) => {
+                        tracing::debug!(%channel, %device, error = %e, "removal on request not done (another admin's may have won)")
+                    }
+                }
+            });
+        }
     }
 
     /// Orders a membership change and drops its intent if it fails. A commit the relay may

@@ -434,7 +434,8 @@ pub struct Dropped {
     pub buffer_full: u64,
     /// Messages of an epoch too far ahead to be buffered.
     pub too_far_ahead: u64,
-    /// Messages of an epoch whose keys are gone (more than 4 epochs before the channel's).
+    /// Messages of an epoch whose keys are gone (more than 4 epochs before the channel's, or a
+    /// past epoch whose keys for it were used or never held: sent before this device joined).
     pub too_old: u64,
     /// Messages that failed to open, decrypt or validate.
     pub invalid: u64,
@@ -988,7 +989,8 @@ impl Engine {
             let channel = active_in(&mut self.channels, id)?;
             let alone = !channel.has_other_members();
             let lan = channel.config().relays.is_empty();
-            let keeper = lan && channel.config().creator == DeviceId(self.key.public());
+            // Every member of a relay-less channel keeps its messages for members that miss them.
+            let keeper = lan;
             (
                 channel.state().clone(),
                 alone,
@@ -1016,8 +1018,7 @@ impl Engine {
         }
         let gossip =
             (!alone).then(|| GossipEnvelope::seal(&self.key, *id, epoch, message.clone(), now));
-        if keeper {
-            // The creator of a relay-less channel keeps its messages for members that miss them.
+        if keeper && store {
             b.lan_keep(chitchat_proto::wire::ChannelPost {
                 channel: *id,
                 message: message.clone(),
@@ -1188,9 +1189,6 @@ impl Engine {
     /// Opens, decrypts and stores incoming messages, in order, in one transaction. See
     /// [`Received`].
     pub fn receive(&mut self, items: &[Incoming], now: Timestamp) -> Result<Received, EngineError> {
-        // What members gossip in a relay-less channel this device created is kept for those
-        // who miss it (no write when there is none).
-        self.lan_keep(items)?;
         let mut out = Received::default();
         let mut b = Batch::default();
         let mut touched = BTreeSet::new();
@@ -1522,6 +1520,8 @@ impl Engine {
             return Step::Done;
         };
         let check = check.for_config(channel.config());
+        // A relay-less channel's members keep what they take of it (see `lan_keep`).
+        let keep = channel.config().relays.is_empty().then(|| message.clone());
         let result = channel.process(&self.provider, now, message, &check);
         let mime = channel.config().mime.clone();
         let epoch_now = channel.epoch();
@@ -1542,6 +1542,12 @@ impl Engine {
                 self.dropped.too_old += 1;
                 return Step::Dropped;
             }
+            // History and late copies bring these (a message sent before this device joined).
+            Err(e @ ChannelError::PastEpoch { .. }) => {
+                tracing::debug!(channel = %id, error = %e, "dropping a message of a past epoch");
+                self.dropped.too_old += 1;
+                return Step::Dropped;
+            }
             Err(ChannelError::BufferFull) => {
                 tracing::warn!(channel = %id, "future-epoch buffer full; dropping a message");
                 self.dropped.buffer_full += 1;
@@ -1555,6 +1561,12 @@ impl Engine {
         };
         touched.insert(id);
         let mut step = Step::Done;
+        // Whether what came was taken: a message read or held, or this very commit applied.
+        let mut taken = false;
+        let applies = match &keep {
+            Some(ChannelMessage::Commit { cert, .. }) => Some(cert.body.epoch.saturating_add(1)),
+            _ => None,
+        };
         for event in result {
             match event {
                 ChannelEvent::Message { id: msg_id, hlc, epoch, payload } => {
@@ -1581,14 +1593,17 @@ impl Engine {
                         crate::view::MessageView::new(&stored, &mime, |d| self.name_of(d));
                     events.push(Event::Message { channel: id.to_string(), message });
                     b.message(id, stored);
+                    taken |= applies.is_none();
                 }
                 ChannelEvent::Duplicate(dup) => {
                     tracing::debug!(channel = %id, message = %id_string(&dup), "duplicate dropped");
                 }
                 ChannelEvent::Buffered { epoch } if epoch > epoch_now => {
                     step = Step::Held(id, epoch);
+                    taken |= applies.is_none();
                 }
                 ChannelEvent::CommitApplied { epoch, added, removed, self_removed, record } => {
+                    taken |= applies == Some(epoch);
                     events.push(members_event(&id, epoch, &added, &removed));
                     if self_removed {
                         events.push(Event::Removed { channel: id.to_string() });
@@ -1598,6 +1613,9 @@ impl Engine {
                 }
                 _ => {}
             }
+        }
+        if taken && let Some(message) = keep {
+            self.lan_keep(id, message, b);
         }
         step
     }
@@ -1796,12 +1814,25 @@ impl Engine {
             }
             return Ok(());
         }
+        let relayless = channel.config().relays.is_empty();
         let result = channel.accept_own(&self.provider, cert);
         let events = match result {
             Ok(e) => e,
             Err(e) => return self.fail(e),
         };
         let mut b = Batch::default();
+        // A relay-less channel's members keep its commits for those that miss them (see
+        // `lan_keep`): this device's own too.
+        let staged = match relayless {
+            true => self.store.intent(id)?.and_then(|i| i.staged),
+            false => None,
+        };
+        if let Some(staged) =
+            staged.filter(|s| chitchat_proto::wire::commit_hash(&s.commit) == cert.body.hash)
+        {
+            let commit = ChannelMessage::Commit { commit: staged.commit, cert: cert.clone() };
+            self.lan_keep(*id, commit, &mut b);
+        }
         b.intent(*id, None);
         self.save_channel(id, &mut b);
         let mut emitted = Vec::new();

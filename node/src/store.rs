@@ -69,10 +69,10 @@ const ROSTERS: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::ne
 const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("convicted-0");
 /// Forks found: `(channel, epoch, reporting device)` → [`ForkRecord`].
 const FORKS: TableDefinition<'_, ForkKey, &[u8]> = TableDefinition::new("forks-0");
-/// The commits this device ordered, for the relay-less channels it created (which it orders):
-/// `(channel, epoch built on)` → the [`OrderedCommit`] with its certificate. Written before the
-/// certificate leaves the device, so that it never certifies two commits for one epoch; read to
-/// answer members that missed commits.
+/// The certified commits of relay-less channels: `(channel, epoch built on)` → the
+/// [`OrderedCommit`] with its certificate. The creator's device writes each one it orders before
+/// the certificate leaves it, so that it never certifies two commits for one epoch; every member
+/// writes those it takes. Read to answer members that missed commits.
 const ORDERED: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("ordered-0");
 /// The messages of the relay-less channels this device created, as members gossiped them,
 /// for members that missed some: `(channel, position)` → the [`ChannelPost`]. The last
@@ -707,6 +707,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Which of a relay-less channel's messages are not kept here (by their content ids).
+    pub fn lan_unkept(
+        &self,
+        channel: &ChannelId,
+        posts: Vec<ChannelPost>,
+    ) -> Result<Vec<ChannelPost>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let ids = r.open_table(LAN_HISTORY_IDS).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for post in posts {
+            let id = chitchat_proto::gossip::message_id(&post.message);
+            if ids.get((channel.0, id)).map_err(redb_err)?.is_none() {
+                out.push(post);
+            }
+        }
+        Ok(out)
+    }
+
     /// Kept messages of a relay-less channel from position `from` on: at most `max`, and about
     /// `max_bytes` (at least one); with the position after the last one kept.
     pub fn lan_history(
@@ -736,7 +754,8 @@ impl Store {
         Ok((out, next))
     }
 
-    /// The commit this device ordered for the channel's `epoch`, if it ordered one.
+    /// The commit kept for the channel's `epoch` (ordered by this device, or taken as a member),
+    /// if any.
     pub fn ordered_at(
         &self,
         channel: &ChannelId,
@@ -750,8 +769,8 @@ impl Store {
             .transpose()
     }
 
-    /// The commits this device ordered for the channel from epoch `from` on, in order, at most
-    /// `max` of them and about `max_bytes` (at least one).
+    /// The commits kept for the channel from epoch `from` on, in order and without a gap, at
+    /// most `max` of them and about `max_bytes` (at least one).
     pub fn ordered_from(
         &self,
         channel: &ChannelId,
@@ -763,10 +782,14 @@ impl Store {
         let t = r.open_table(ORDERED).map_err(redb_err)?;
         let mut out = Vec::new();
         let mut bytes = 0;
-        for e in t.range((channel.0, from)..=(channel.0, u64::MAX)).map_err(redb_err)? {
-            let (_, v) = e.map_err(redb_err)?;
+        // A run without gaps: a member keeps only the commits it took (none before it joined).
+        for (expected, e) in
+            (from..).zip(t.range((channel.0, from)..=(channel.0, u64::MAX)).map_err(redb_err)?)
+        {
+            let (k, v) = e.map_err(redb_err)?;
             bytes += v.value().len();
-            if out.len() >= max || (!out.is_empty() && bytes > max_bytes) {
+            if k.value().1 != expected || out.len() >= max || (!out.is_empty() && bytes > max_bytes)
+            {
                 break;
             }
             out.push(record(v.value(), "ordered")?);

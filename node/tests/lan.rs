@@ -163,18 +163,36 @@ fn a_relay_less_channel_is_ordered_by_its_creator_alone() {
     let texts = bob.store().messages(&channel, usize::MAX).expect("messages").len();
     assert_eq!(texts, 1, "bob has alice's message");
 
-    // The creator keeps the channel's messages: its own, and what members gossip (once each);
-    // members read them, others do not.
+    // Every member keeps the channel's messages it took (its own, and what others gossip, once
+    // each) and serves them to members, not to others; what does not authenticate is not kept.
     let (kept, next) = alice.lan_history_for(&channel, 0, &bob.device()).expect("bob may read");
     assert_eq!((kept.len(), next), (1, 1), "alice's own message");
+    let (kept, _) = bob.lan_history_for(&channel, 0, &alice.device()).expect("alice may read");
+    assert_eq!(kept.len(), 1, "what bob read of alice's: kept by a member, not only the creator");
     let mut from_bob = None;
     bob.send(&channel, &text("from bob"), true, NOW, |r| from_bob = Some(r.gossip)).expect("send");
-    let from_bob = Incoming::Gossip(from_bob.expect("released"));
-    alice.lan_keep(&[from_bob.clone(), from_bob.clone()]).expect("keep");
-    bob.lan_keep(&[from_bob]).expect("keeps nothing: not the creator");
+    let from_bob = from_bob.expect("released");
+    let forged = chitchat_proto::gossip::GossipEnvelope::seal(
+        &chitchat_proto::SecretKey::from_seed([9; 32]),
+        channel,
+        from_bob.body.epoch,
+        vec![7; 200],
+        NOW,
+    );
+    let items =
+        [Incoming::Gossip(from_bob.clone()), Incoming::Gossip(from_bob), Incoming::Gossip(forged)];
+    alice.receive(&items, NOW).expect("receive");
     let (kept, _) = alice.lan_history_for(&channel, 0, &carol.device()).expect("carol may read");
-    assert_eq!(kept.len(), 2, "once each");
-    assert!(bob.lan_history_for(&channel, 0, &bob.device()).expect("read").0.is_empty());
+    assert_eq!(kept.len(), 2, "once each, and not the forgery");
+    let (kept, _) = bob.lan_history_for(&channel, 0, &carol.device()).expect("carol may read");
+    assert_eq!(kept.len(), 2, "bob keeps his own message too");
+    // A member keeps the commits it took, and serves them from where the asker is.
+    let at_bob = bob.ordered_for(&channel, 1, &carol.device()).expect("carol may ask bob");
+    assert_eq!(at_bob.len(), 1, "the commit bob merged as his own");
+    assert_eq!(at_bob[0].cert, cert, "with the creator's certificate");
+    let gap = bob.ordered_for(&channel, 0, &carol.device()).expect("carol may ask bob");
+    assert!(gap.is_empty(), "bob joined at epoch 1: no run starts at 0");
+    assert!(bob.ordered_for(&channel, 0, &stranger.device()).is_err(), "not a member");
     assert!(alice.lan_history_for(&channel, 0, &stranger.device()).is_err(), "not a member");
 }
 

@@ -60,6 +60,22 @@ async fn wait_found(node: &NodeProcess, device: &str, name: &str) -> Value {
     }
 }
 
+/// Connects `from` to `to` at its address on `ip` (mDNS would in time; a restarted node's port
+/// is new, and without a namespace there is no mDNS).
+async fn dial(from: &NodeProcess, to: &NodeProcess, ip: &str) {
+    let addr = addr_on(to, ip).await;
+    from.json("POST", "/v1/network/dial", Some(json!({"addr": addr}))).await.expect("dial");
+}
+
+/// Waits until `node` counts `n` members in the channel.
+async fn wait_members(node: &NodeProcess, channel: &str, n: usize, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while members(node, channel).await.len() != n {
+        assert!(Instant::now() < deadline, "{what}: {:?}", members(node, channel).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn members(node: &NodeProcess, channel: &str) -> Vec<String> {
     let v = node.json("GET", &format!("/v1/channels/{channel}/members"), None).await.expect("m");
     let mut m: Vec<String> = v["members"]
@@ -78,8 +94,12 @@ async fn members(node: &NodeProcess, channel: &str) -> Vec<String> {
 /// gossip: there is no relay). Bob, a member but not the creator, cannot order a change. While
 /// Bob is stopped, Alice sends, adds Carol (a third node on the LAN) and sends again; Bob, back,
 /// gets the commit and the messages he missed from Alice (who keeps the channel's history), in
-/// order, and reads what Carol sends in the new epoch. In an `--open` LAN channel, Bob adds
-/// Carol himself: his commit is ordered by Alice's device.
+/// order, and reads what Carol sends in the new epoch. While Alice is away, Carol's message
+/// reaches Bob alone; Alice, back, gets it from Bob (every member keeps the channel's history).
+/// In an `--open` LAN channel, Bob adds Carol himself: his commit is ordered by Alice's device.
+/// Carol leaves it (her request handed to the members, who remove her); the creator cannot
+/// leave. Bob's leave of the closed channel fails while Alice, its only admin, is away, and
+/// goes through once she is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_orders() {
     let netns = Netns::create();
@@ -107,7 +127,7 @@ async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_
         ("CHITCHAT_NETWORK_LISTEN", &alice_listen),
         ("CHITCHAT_NETWORK_PEERS", &peers),
     ];
-    let alice = NodeProcess::start(&alice_env).expect("alice");
+    let mut alice = NodeProcess::start(&alice_env).expect("alice");
     let (alice_dev, bob_dev) = (device(&alice).await, device(&bob).await);
     if netns.is_ok() {
         let found = wait_found(&alice, &bob_dev, "bob").await;
@@ -146,7 +166,7 @@ async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_
     assert_eq!(mine.map(|m| m["status"].clone()), Some(json!("gossiped")), "{status}");
 
     // Bob is a member, not the creator: his device orders nothing.
-    let carol = NodeProcess::start(&[
+    let mut carol = NodeProcess::start(&[
         ("CHITCHAT_PROFILE_NAME", "carol"),
         ("CHITCHAT_NETWORK_LISTEN", &alice_listen),
         ("CHITCHAT_NETWORK_PEERS", &peers),
@@ -182,6 +202,25 @@ async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_
     bob.wait_texts(&id, WAIT, |t| t == want).await.expect("bob reads what he missed, in order");
     alice.wait_texts(&id, WAIT, |t| t.iter().any(|t| t == "carol here")).await.expect("alice");
 
+    // The creator away: Carol's message reaches Bob alone, and Carol stops. Alice, back, gets
+    // it from Bob, a member like any other (every member keeps the channel's messages).
+    alice.stop().expect("alice stops");
+    dial(&carol, &bob, &bob_ip).await;
+    send(&carol, &id, "while alice was away").await.expect("send");
+    bob.wait_texts(&id, WAIT, |t| t.iter().any(|t| t == "while alice was away"))
+        .await
+        .expect("bob reads carol by gossip");
+    carol.stop().expect("carol stops");
+    alice.restart().expect("alice restarts");
+    dial(&alice, &bob, &bob_ip).await;
+    alice
+        .wait_texts(&id, WAIT, |t| t.iter().any(|t| t == "while alice was away"))
+        .await
+        .expect("alice reads what she missed from bob");
+    carol.restart().expect("carol restarts");
+    dial(&carol, &alice, &alice_ip).await;
+    dial(&carol, &bob, &bob_ip).await;
+
     // In an --open LAN channel any member may add: Bob's commit goes to Alice, who orders it.
     let open = alice.cli(&["channel", "create", "open", "--lan", "--open"]).expect("create");
     let open = open.trim().to_owned();
@@ -193,15 +232,27 @@ async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_
     carol.wait_texts(&open, WAIT, |t| t == ["welcome carol"]).await.expect("carol reads bob");
     alice.wait_texts(&open, WAIT, |t| t == ["welcome carol"]).await.expect("alice reads bob");
     assert_eq!(members(&alice, &open).await.len(), 3);
-    // Leaving is not built for LAN channels (clear refusal); the creator removes instead, and
-    // the others get the commit directly.
-    let leave = carol.cli(&["leave", "open"]);
-    assert!(leave.is_err_and(|e| e.to_string().contains("relay-less")), "a clear refusal");
-    alice.cli(&["remove", "open", &carol_dev]).expect("alice removes carol");
-    let deadline = Instant::now() + WAIT;
-    while members(&bob, &open).await.len() != 2 {
-        assert!(Instant::now() < deadline, "bob never saw carol removed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Carol leaves: her signed request goes to the members who may remove her (any member of
+    // an --open channel); a removal is ordered by Alice, and the others get it directly.
+    carol.cli(&["leave", "open"]).expect("carol leaves");
+    wait_members(&bob, &open, 2, "bob never saw carol leave").await;
+    wait_members(&alice, &open, 2, "alice never saw carol leave").await;
+    let sent = send(&carol, &open, "still here?").await;
+    assert!(sent.is_err(), "carol left: {sent:?}");
+    // The creator's device orders the channel: it cannot leave while others are in it.
+    let refused = alice.cli(&["leave", "open"]);
+    assert!(refused.is_err_and(|e| e.to_string().contains("orders")), "a clear refusal");
+
+    // In a closed channel only the creator may remove: with Alice away, Bob's leave fails and
+    // changes nothing; with her back, it goes through.
+    alice.stop().expect("alice stops");
+    let refused = bob.cli(&["leave", "general"]);
+    assert!(refused.is_err_and(|e| e.to_string().contains("reached")), "no one to remove bob");
+    assert_eq!(members(&bob, &id).await.len(), 3, "bob is still in");
+    alice.restart().expect("alice restarts");
+    dial(&bob, &alice, &alice_ip).await;
+    bob.cli(&["leave", "general"]).expect("bob leaves");
+    wait_members(&alice, &id, 2, "alice never removed bob").await;
+    wait_members(&carol, &id, 2, "carol never saw bob go").await;
     drop(netns);
 }

@@ -45,8 +45,14 @@ const KEY_PACKAGES_PER_MINUTE_IN_ALL: u32 = 32;
 const MAX_CLAIMERS: usize = 1024;
 /// Attempts to hand a commit or a Welcome to a member, a second apart.
 const HAND_OVER_ATTEMPTS: u32 = 5;
-/// History answers read from a channel's creator at a time (each at most `MAX_HISTORY`).
+/// History answers read from a member at a time (each at most `MAX_HISTORY`).
 const MAX_HISTORY_ROUNDS: usize = 40;
+/// Members of a relay-less channel asked at each catch-up, at most.
+const CATCH_UP_PEERS: usize = 3;
+/// History read positions remembered (channel and member), at most.
+const MAX_READ_POSITIONS: usize = 4096;
+/// How long a member who may remove this device has to take its leave request.
+const LEAVE_PATIENCE: Duration = Duration::from_secs(10);
 /// Look-ups of identity records one batch handed over may ask for.
 const MAX_LOOKUPS: u32 = 4;
 
@@ -139,7 +145,12 @@ impl Node {
         }
     }
 
-    async fn answer_peer(&self, peer: PeerId, frame: &[u8], claims: &mut Claims) -> PeerResponse {
+    async fn answer_peer(
+        self: &Arc<Self>,
+        peer: PeerId,
+        frame: &[u8],
+        claims: &mut Claims,
+    ) -> PeerResponse {
         let request = match decode_frame::<PeerRequest>(frame) {
             Ok(r) => r,
             Err(e) => return peer_error(ErrorCode::BadRequest, e.to_string()),
@@ -175,7 +186,11 @@ impl Node {
                 }
                 let items: Vec<Incoming> = envelopes.into_iter().map(Incoming::Direct).collect();
                 match self.receive_direct(items).await {
-                    Ok(()) => PeerResponse::Delivered,
+                    Ok(removals) => {
+                        // Members that asked to leave (a signed request handed over).
+                        self.remove_on_request(removals);
+                        PeerResponse::Delivered
+                    }
                     Err(e) => peer_error(ErrorCode::Unavailable, e.to_string()),
                 }
             }
@@ -428,18 +443,23 @@ impl Node {
         Ok(Err(Submitted::Undecided))
     }
 
-    /// Processes envelopes a peer handed over (or commits fetched from a channel's creator),
+    /// Processes envelopes a peer handed over (or commits and messages fetched from members),
     /// looking up the identity records they need from the devices themselves (and from the
-    /// relay, if registered).
-    async fn receive_direct(&self, items: Vec<Incoming>) -> Result<(), NodeError> {
+    /// relay, if registered). Returns the removals members asked for (leave requests).
+    async fn receive_direct(
+        &self,
+        items: Vec<Incoming>,
+    ) -> Result<Vec<(ChannelId, DeviceId)>, NodeError> {
         let items = Arc::new(items);
         let mut start = 0;
         let mut lookups = 0;
+        let mut removals = Vec::new();
         loop {
             let batch = items.clone();
             let from = start.min(items.len());
             let at = now();
             let received = self.with(move |e| e.receive(&batch[from..], at)).await?;
+            removals.extend(received.removals);
             match received.stopped {
                 Some((index, need)) if lookups < MAX_LOOKUPS => {
                     lookups += 1;
@@ -473,6 +493,54 @@ impl Node {
         }
         self.epochs.notify_waiters();
         self.topics.notify_one();
+        Ok(removals)
+    }
+
+    /// Leaves a relay-less channel: the signed request to be removed is handed to the members
+    /// who may remove this device (the creator's, or every member's of an `--open` channel),
+    /// then the channel stops here. At least one of them must take it, or nothing changes. The
+    /// creator's device, which orders the channel, cannot leave it while others are in it.
+    pub(super) async fn leave_lan(&self, channel: ChannelId) -> Result<(), NodeError> {
+        let _one_at_a_time = self.ordering.lock().await;
+        let (me, creator, members) =
+            self.with(move |e| (e.device(), e.creator(&channel), e.members(&channel))).await;
+        if creator == Some(me) && members?.len() > 1 {
+            return Err(NodeError::Invalid(
+                "this device orders the relay-less channel it created: it cannot leave while \
+                 others are in it (remove them first)"
+                    .into(),
+            ));
+        }
+        let at = now();
+        let requests = self.with(move |e| e.leave_requests(&channel, at)).await?;
+        let mut taken = 0;
+        for sealed in &requests {
+            let device = sealed.recipient;
+            let envelopes = vec![Envelope::Sealed(sealed.clone())];
+            let request = PeerRequest::Deliver { envelopes, dirs: Vec::new() };
+            let answer = match peer_of(&device) {
+                Ok(peer) => tokio::time::timeout(LEAVE_PATIENCE, self.ask_peer(peer, &request))
+                    .await
+                    .unwrap_or_else(|_| Err(NodeError::NotFound("no answer".into()))),
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(PeerResponse::Delivered) => taken += 1,
+                other => {
+                    tracing::debug!(%channel, %device, answer = ?other, "leave request not taken")
+                }
+            }
+        }
+        if !requests.is_empty() && taken == 0 {
+            return Err(NodeError::Link(crate::link::LinkError::Unreachable(
+                "none of the members who may remove this device from the relay-less channel was \
+                 reached (the creator's device, or any member of an --open channel): try again \
+                 when one is online"
+                    .into(),
+            )));
+        }
+        self.with(move |e| e.leave(&channel)).await?;
+        self.topics.notify_one();
         Ok(())
     }
 
@@ -482,9 +550,9 @@ impl Node {
         self.resume_lan_intents().await;
         let mut republish = tokio::time::interval(REPUBLISH_EVERY);
         let mut catch_up = tokio::time::interval(CATCH_UP_EVERY);
-        // How far each channel's history at its creator was read in this run (from the oldest
+        // How far each channel's history at each member was read in this run (from the oldest
         // kept at first: what was seen already is dropped by id, before decryption).
-        let mut read: HashMap<ChannelId, u64> = HashMap::new();
+        let mut read: HashMap<(ChannelId, PeerId), u64> = HashMap::new();
         let mut resume = tokio::time::interval(RESUME_EVERY);
         resume.tick().await;
         loop {
@@ -566,18 +634,20 @@ impl Node {
         }
     }
 
-    /// Asks the creator of each relay-less channel this device did not create, if connected,
-    /// for the commits this device missed, then for the messages it kept since `read` (which
-    /// went by gossip alone: a member that was away missed them).
-    async fn catch_up_lan(&self, read: &mut HashMap<ChannelId, u64>) {
-        let channels: Vec<(ChannelId, DeviceId, u64)> = self
+    /// Asks the members of each relay-less channel that are connected (the creator's device
+    /// first, at most [`CATCH_UP_PEERS`]) for the commits this device missed, then for the
+    /// messages each kept since `read` (which went by gossip alone: a member that was away
+    /// missed them). Every member keeps both, so any one of them will do.
+    async fn catch_up_lan(&self, read: &mut HashMap<(ChannelId, PeerId), u64>) {
+        type Lan = (ChannelId, DeviceId, u64, Vec<DeviceId>);
+        let (me, channels): (DeviceId, Vec<Lan>) = self
             .with(|e| {
-                let me = e.device();
-                e.relayless_channels()
+                let channels = e
+                    .relayless_channels()
                     .into_iter()
-                    .filter_map(|c| Some((c, e.creator(&c)?, e.epoch(&c)?)))
-                    .filter(|(_, creator, _)| *creator != me)
-                    .collect()
+                    .filter_map(|c| Some((c, e.creator(&c)?, e.epoch(&c)?, e.members(&c).ok()?)))
+                    .collect();
+                (e.device(), channels)
             })
             .await;
         if channels.is_empty() {
@@ -587,55 +657,75 @@ impl Node {
             Ok(p) => p.into_iter().map(|p| p.peer_id).collect(),
             Err(_) => return,
         };
-        let mut history = Vec::new();
-        for (channel, creator, epoch) in channels {
-            let Ok(peer) = peer_of(&creator) else { continue };
-            if !connected.contains(&peer.to_string()) {
-                continue;
-            }
-            history.push((channel, peer));
-            let request = PeerRequest::Commits { channel, from: epoch };
-            let commits: Vec<OrderedCommit> = match self.ask_peer(peer, &request).await {
-                Ok(PeerResponse::Commits { commits }) => commits,
-                Ok(other) => {
-                    tracing::debug!(%channel, answer = ?other, "the creator sent no commits");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(%channel, error = %e, "the creator was not reached");
-                    continue;
-                }
-            };
-            if commits.is_empty() {
-                continue;
-            }
-            tracing::info!(%channel, from = epoch, n = commits.len(), "commits missed, from the channel's creator");
-            let items =
-                commits.into_iter().map(|c| Incoming::Direct(Envelope::Commit(c))).collect();
-            if let Err(e) = self.receive_direct(items).await {
-                tracing::warn!(%channel, error = %e, "commits from the creator not processed");
-            }
+        if read.len() > MAX_READ_POSITIONS {
+            // Positions are an optimisation: read again from the start, duplicates are dropped.
+            read.clear();
         }
-        for (channel, peer) in history {
-            self.read_lan_history(channel, peer, read).await;
+        for (channel, creator, epoch, members) in channels {
+            let others =
+                std::iter::once(creator).chain(members.into_iter().filter(|d| *d != creator));
+            let peers: Vec<(DeviceId, PeerId)> = others
+                .filter(|d| *d != me)
+                .filter_map(|d| Some((d, peer_of(&d).ok()?)))
+                .filter(|(_, p)| connected.contains(&p.to_string()))
+                .take(CATCH_UP_PEERS)
+                .collect();
+            if creator != me {
+                for (device, peer) in &peers {
+                    // The creator has every commit: its answer settles it; a member may be
+                    // behind too, and the next one is asked.
+                    if self.lan_commits(channel, *peer, epoch).await || *device == creator {
+                        break;
+                    }
+                }
+            }
+            for (_, peer) in peers {
+                self.read_lan_history(channel, peer, read).await;
+            }
         }
     }
 
-    /// Reads a relay-less channel's history at its creator from where this run left it, a
-    /// bounded number of answers at a time.
+    /// Asks a member of a relay-less channel for the commits built on `epoch` and after, and
+    /// processes them; whether it gave any.
+    async fn lan_commits(&self, channel: ChannelId, peer: PeerId, epoch: u64) -> bool {
+        let request = PeerRequest::Commits { channel, from: epoch };
+        let commits: Vec<OrderedCommit> = match self.ask_peer(peer, &request).await {
+            Ok(PeerResponse::Commits { commits }) => commits,
+            Ok(other) => {
+                tracing::debug!(%channel, %peer, answer = ?other, "no commits from the member");
+                return false;
+            }
+            Err(e) => {
+                tracing::debug!(%channel, %peer, error = %e, "the member was not reached");
+                return false;
+            }
+        };
+        if commits.is_empty() {
+            return false;
+        }
+        tracing::info!(%channel, %peer, from = epoch, n = commits.len(), "commits missed, from a member");
+        let items = commits.into_iter().map(|c| Incoming::Direct(Envelope::Commit(c))).collect();
+        if let Err(e) = self.receive_direct(items).await {
+            tracing::warn!(%channel, error = %e, "commits from a member not processed");
+        }
+        true
+    }
+
+    /// Reads what a member kept of a relay-less channel from where this run left it, a bounded
+    /// number of answers at a time.
     async fn read_lan_history(
         &self,
         channel: ChannelId,
-        creator: PeerId,
-        read: &mut HashMap<ChannelId, u64>,
+        peer: PeerId,
+        read: &mut HashMap<(ChannelId, PeerId), u64>,
     ) {
         for _ in 0..MAX_HISTORY_ROUNDS {
-            let from = read.get(&channel).copied().unwrap_or(0);
+            let from = read.get(&(channel, peer)).copied().unwrap_or(0);
             let request = PeerRequest::History { channel, from };
-            let (entries, next) = match self.ask_peer(creator, &request).await {
+            let (entries, next) = match self.ask_peer(peer, &request).await {
                 Ok(PeerResponse::History { entries, next }) => (entries, next),
                 Ok(other) => {
-                    return tracing::debug!(%channel, answer = ?other, "no history from the creator");
+                    return tracing::debug!(%channel, %peer, answer = ?other, "no history from the member");
                 }
                 Err(e) => return tracing::debug!(%channel, error = %e, "history not reached"),
             };
@@ -643,18 +733,24 @@ impl Node {
             let last = entries.iter().map(|(seq, _)| *seq).max();
             // Each post is a member's MLS message: MLS authenticates it, and one seen already
             // is dropped by its id.
-            let items: Vec<Incoming> = entries
+            let posts: Vec<_> = entries
                 .into_iter()
                 .filter(|(seq, post)| *seq >= from && post.channel == channel)
-                .map(|(_, post)| Incoming::History(Envelope::Post(post)))
+                .map(|(_, post)| post)
                 .collect();
+            let posts = match self.with(move |e| e.lan_unkept(&channel, posts)).await {
+                Ok(p) => p,
+                Err(e) => return tracing::warn!(%channel, error = %e, "cannot read the history"),
+            };
+            let items: Vec<Incoming> =
+                posts.into_iter().map(|post| Incoming::History(Envelope::Post(post))).collect();
             if !items.is_empty()
                 && let Err(e) = self.receive_direct(items).await
             {
-                return tracing::warn!(%channel, error = %e, "history from the creator not processed");
+                return tracing::warn!(%channel, error = %e, "history from a member not processed");
             }
             let at = last.map_or(next, |l| l.saturating_add(1)).max(from);
-            read.insert(channel, at);
+            read.insert((channel, peer), at);
             if !full {
                 return;
             }

@@ -5,12 +5,13 @@
 
 use std::collections::BTreeSet;
 
+use chitchat_proto::channel::ChannelMessage;
 use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
 use chitchat_proto::wire::{ChannelPost, OrderedCommit, commit_hash};
 use chitchat_proto::{DeviceId, Dir, Timestamp};
 use openmls_traits::OpenMlsProvider as _;
 
-use super::{Engine, EngineError, Event, Incoming, active_in, id_string};
+use super::{Engine, EngineError, Event, active_in, id_string};
 use crate::store::{Batch, MessageStatus, OutboxItem, StagedRecord};
 
 /// What the creator made of a member's submitted commit.
@@ -203,8 +204,8 @@ impl Engine {
         Ok(())
     }
 
-    /// The commits this device ordered for a relay-less channel, built on `from` and after,
-    /// for `asker`, which must be a member now.
+    /// The commits this device keeps of a relay-less channel (ordered, or taken as a member),
+    /// built on `from` and after, for `asker`, which must be a member now.
     pub fn ordered_for(
         &self,
         id: &ChannelId,
@@ -216,31 +217,18 @@ impl Engine {
         Ok(self.store.ordered_from(id, from, MAX_CATCH_UP, max_bytes)?)
     }
 
-    /// Keeps what members gossiped in the relay-less channels this device created (judged, from
-    /// members), for members that miss it. Not fsync'd: a crash loses a few of them, which the
-    /// senders' own copies do not need.
-    pub fn lan_keep(&mut self, items: &[Incoming]) -> Result<(), EngineError> {
-        let me = DeviceId(self.key.public());
-        let mut b = Batch::default();
-        let mut any = false;
-        for item in items {
-            let Incoming::Gossip(e) = item else { continue };
-            let channel = e.body.channel;
-            let kept = self
-                .channels
-                .get(&channel)
-                .and_then(|h| h.channel.as_ref())
-                .is_some_and(|c| c.config().relays.is_empty() && c.config().creator == me);
-            if kept {
-                b.lan_keep(ChannelPost { channel, message: e.body.message.clone() });
-                any = true;
+    /// Keeps what this device took of a relay-less channel (MLS authenticated it), for members
+    /// that miss it: its messages (`lan-history-0`, the last `KEPT_LAN_HISTORY`, once each) and
+    /// its certified commits (`ordered-0`, beside what the creator ordered). Every member keeps
+    /// them, so a member that was away catches up from any other, the creator's device or not.
+    /// They are written with what was received, in one transaction.
+    pub(super) fn lan_keep(&self, channel: ChannelId, message: ChannelMessage, b: &mut Batch) {
+        match message {
+            ChannelMessage::Application { message } => b.lan_keep(ChannelPost { channel, message }),
+            ChannelMessage::Commit { commit, cert } => {
+                b.ordered(OrderedCommit { channel, commit, cert });
             }
         }
-        // Most batches keep nothing (no relay-less channel this device created): no write.
-        if !any {
-            return Ok(());
-        }
-        Ok(self.store.commit_lazy(b)?)
     }
 
     /// The messages kept of a relay-less channel from position `from` on, for `asker`, which
@@ -255,6 +243,17 @@ impl Engine {
         let max_bytes = chitchat_proto::wire::MAX_FRAME_LEN / 2;
         let max = chitchat_proto::peer::MAX_HISTORY;
         Ok(self.store.lan_history(id, from, max, max_bytes)?)
+    }
+
+    /// The messages of a relay-less channel that this device did not take yet (a member's
+    /// history repeats what was read: dropped here, before decryption, which would fail on a
+    /// past generation's deleted keys).
+    pub fn lan_unkept(
+        &self,
+        id: &ChannelId,
+        posts: Vec<ChannelPost>,
+    ) -> Result<Vec<ChannelPost>, EngineError> {
+        Ok(self.store.lan_unkept(id, posts)?)
     }
 
     /// Outbox items of relay-less channels, oldest first: they are published by gossip, not

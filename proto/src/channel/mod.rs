@@ -332,6 +332,18 @@ pub enum ChannelError {
         /// The channel's epoch.
         current: u64,
     },
+    /// A message of a past epoch that does not open here: its keys are gone (this device read
+    /// it, or its generation, already) or this device was not a member then. Expected of
+    /// history and of late copies; never readable.
+    #[error("message of past epoch {epoch} (channel at {current}) does not open: {reason}")]
+    PastEpoch {
+        /// The message's epoch.
+        epoch: u64,
+        /// The channel's epoch.
+        current: u64,
+        /// Why, as openmls says.
+        reason: String,
+    },
     /// The future-epoch buffer is full; the message was dropped.
     #[error("buffer full")]
     BufferFull,
@@ -1030,10 +1042,13 @@ impl Channel {
         let epoch = protocol.epoch().as_u64();
         let current = self.epoch();
         let processed = self.group.process_message(provider, protocol).map_err(|e| {
-            ChannelError::Mls(format!(
-                "{e} (message {:?} of epoch {epoch}, channel at {current})",
-                aad.id
-            ))
+            let reason = format!("{e} (message {:?})", aad.id);
+            match epoch < current {
+                true => ChannelError::PastEpoch { epoch, current, reason },
+                false => {
+                    ChannelError::Mls(format!("{reason} of epoch {epoch}, channel at {current}"))
+                }
+            }
         })?;
         if credential_device(processed.credential()) != Some(aad.id.sender) {
             return Err(ChannelError::ForgedId);
