@@ -14,6 +14,7 @@
 //!   was connected to take one.
 
 use std::collections::{BTreeSet, HashMap};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::peer::{PeerRequest, PeerResponse};
 use chitchat_proto::wire::{Envelope, ErrorCode, OrderedCommit, decode_frame, encode_frame};
 use chitchat_proto::{DeviceId, Dir, PublicKey};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
@@ -41,8 +43,13 @@ const KEY_PACKAGES_PER_MINUTE: u32 = 8;
 /// KeyPackages all peers together may claim a minute (a peer id costs nothing to make, and each
 /// KeyPackage's private part is kept until it is used).
 const KEY_PACKAGES_PER_MINUTE_IN_ALL: u32 = 32;
-/// Peers whose KeyPackage claims are counted, at most (the oldest window is dropped).
-const MAX_CLAIMERS: usize = 1024;
+/// Requests one peer may make a second, on average, and at once.
+const PEER_REQUESTS_PER_SECOND: u32 = 20;
+const PEER_REQUEST_BURST: u32 = 100;
+/// Peer requests answered at once, at most (a `Deliver` may wait on record look-ups).
+const PEER_CONCURRENCY: usize = 8;
+/// How often peers whose limits are full again are forgotten.
+const FORGET_IDLE_EVERY: Duration = Duration::from_secs(60);
 /// Attempts to hand a commit or a Welcome to a member, a second apart.
 const HAND_OVER_ATTEMPTS: u32 = 5;
 /// History answers read from a member at a time (each at most `MAX_HISTORY`).
@@ -56,48 +63,57 @@ const LEAVE_PATIENCE: Duration = Duration::from_secs(10);
 /// Look-ups of identity records one batch handed over may ask for.
 const MAX_LOOKUPS: u32 = 4;
 
-/// KeyPackage claims in the current minute: by each peer, and in all.
+/// Rate limits on what peers ask: requests of every kind per peer, and KeyPackage claims per
+/// peer and in all (a peer id costs nothing to make, and each KeyPackage's private part is kept
+/// until it is used).
 #[derive(Debug)]
-struct Claims {
-    by_peer: HashMap<PeerId, (Instant, u32)>,
-    all: (Instant, u32),
+struct Limits {
+    requests: DefaultKeyedRateLimiter<PeerId>,
+    claims: DefaultKeyedRateLimiter<PeerId>,
+    all_claims: DefaultDirectRateLimiter,
 }
 
-impl Default for Claims {
+impl Default for Limits {
     fn default() -> Self {
-        Self { by_peer: HashMap::new(), all: (Instant::now(), 0) }
+        let per_minute = |n: u32| Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        let requests =
+            Quota::per_second(NonZeroU32::new(PEER_REQUESTS_PER_SECOND).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(PEER_REQUEST_BURST).unwrap_or(NonZeroU32::MIN));
+        Self {
+            requests: RateLimiter::keyed(requests),
+            claims: RateLimiter::keyed(per_minute(KEY_PACKAGES_PER_MINUTE)),
+            all_claims: RateLimiter::direct(per_minute(KEY_PACKAGES_PER_MINUTE_IN_ALL)),
+        }
     }
 }
 
-impl Claims {
-    /// Counts a claim by `peer`, or says how long (ms) until one is allowed.
-    fn take(&mut self, peer: PeerId) -> Result<(), u64> {
-        const MINUTE: Duration = Duration::from_secs(60);
-        let wait = |since: Instant| {
-            u64::try_from(MINUTE.saturating_sub(since.elapsed()).as_millis()).unwrap_or(60_000)
-        };
-        if self.all.0.elapsed() > MINUTE {
-            self.all = (Instant::now(), 0);
-        }
-        if self.all.1 >= KEY_PACKAGES_PER_MINUTE_IN_ALL {
-            return Err(wait(self.all.0));
-        }
-        if self.by_peer.len() >= MAX_CLAIMERS && !self.by_peer.contains_key(&peer) {
-            let oldest = self.by_peer.iter().min_by_key(|(_, (at, _))| *at).map(|(p, _)| *p);
-            if let Some(oldest) = oldest {
-                self.by_peer.remove(&oldest);
-            }
-        }
-        let (since, count) = self.by_peer.entry(peer).or_insert((Instant::now(), 0));
-        if since.elapsed() > MINUTE {
-            (*since, *count) = (Instant::now(), 0);
-        }
-        if *count >= KEY_PACKAGES_PER_MINUTE {
-            return Err(wait(*since));
-        }
-        *count += 1;
-        self.all.1 += 1;
-        Ok(())
+/// Milliseconds until `not_until` (at least 1).
+fn wait_ms(not_until: &governor::NotUntil<governor::clock::QuantaInstant>) -> u64 {
+    use governor::clock::{Clock as _, DefaultClock};
+    let wait = not_until.wait_time_from(DefaultClock::default().now());
+    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl Limits {
+    /// Counts a request by `peer`, or says how long (ms) until one is allowed.
+    fn request(&self, peer: PeerId) -> Result<(), u64> {
+        self.requests.check_key(&peer).map_err(|n| wait_ms(&n))
+    }
+
+    /// Counts a KeyPackage claim by `peer` (its own share first, so that a refused peer uses
+    /// none of everyone's), or says how long (ms) until one is allowed.
+    fn claim(&self, peer: PeerId) -> Result<(), u64> {
+        self.claims.check_key(&peer).map_err(|n| wait_ms(&n))?;
+        self.all_claims.check().map_err(|n| wait_ms(&n))
+    }
+
+    /// Forgets peers whose limits are back to full (the keyed limiters keep every key
+    /// otherwise).
+    fn forget_idle(&self) {
+        self.requests.retain_recent();
+        self.requests.shrink_to_fit();
+        self.claims.retain_recent();
+        self.claims.shrink_to_fit();
     }
 }
 
@@ -129,19 +145,42 @@ pub fn parse_device(who: &str) -> Result<DeviceId, NodeError> {
 }
 
 impl Node {
-    /// Answers peers' requests, one at a time (each is short: a record, a KeyPackage, a few
-    /// envelopes, a range of commits).
+    /// Answers peers' requests, [`PEER_CONCURRENCY`] at a time, each peer within its rate
+    /// ([`PEER_REQUESTS_PER_SECOND`]): a request over it is answered `RateLimited` at once.
     pub(super) async fn peer_task(self: Arc<Self>, mut asks: mpsc::Receiver<PeerAsk>) {
-        let mut claims = Claims::default();
-        while let Some(ask) = asks.recv().await {
-            let answer = self.answer_peer(ask.peer, &ask.frame, &mut claims).await;
-            let frame = encode_frame(&answer).unwrap_or_else(|e| {
-                let answer = peer_error(ErrorCode::Unavailable, format!("answer too large: {e}"));
-                encode_frame(&answer).unwrap_or_default()
+        let limits = Arc::new(Limits::default());
+        let busy = Arc::new(tokio::sync::Semaphore::new(PEER_CONCURRENCY));
+        let mut forget = tokio::time::interval(FORGET_IDLE_EVERY);
+        loop {
+            let ask = tokio::select! {
+                ask = asks.recv() => match ask {
+                    Some(ask) => ask,
+                    None => return,
+                },
+                _ = forget.tick() => {
+                    limits.forget_idle();
+                    continue;
+                }
+            };
+            let Ok(permit) = busy.clone().acquire_owned().await else { return };
+            let (node, limits) = (self.clone(), limits.clone());
+            tokio::spawn(async move {
+                let answer = match limits.request(ask.peer) {
+                    Ok(()) => node.answer_peer(ask.peer, &ask.frame, &limits).await,
+                    Err(retry_after_ms) => peer_error(
+                        ErrorCode::RateLimited { retry_after_ms },
+                        "too many requests from this peer",
+                    ),
+                };
+                let frame = encode_frame(&answer).unwrap_or_else(|e| {
+                    let answer =
+                        peer_error(ErrorCode::Unavailable, format!("answer too large: {e}"));
+                    encode_frame(&answer).unwrap_or_default()
+                });
+                // The host is gone only when the daemon stops.
+                let _ = node.host.answer(ask.channel, frame).await;
+                drop(permit);
             });
-            if self.host.answer(ask.channel, frame).await.is_err() {
-                return;
-            }
         }
     }
 
@@ -149,7 +188,7 @@ impl Node {
         self: &Arc<Self>,
         peer: PeerId,
         frame: &[u8],
-        claims: &mut Claims,
+        limits: &Limits,
     ) -> PeerResponse {
         let request = match decode_frame::<PeerRequest>(frame) {
             Ok(r) => r,
@@ -165,7 +204,7 @@ impl Node {
                 PeerResponse::Hello { dir: Box::new(dir) }
             }
             PeerRequest::ClaimKeyPackage => {
-                if let Err(retry_after_ms) = claims.take(peer) {
+                if let Err(retry_after_ms) = limits.claim(peer) {
                     return peer_error(
                         ErrorCode::RateLimited { retry_after_ms },
                         "too many KeyPackages claimed",
@@ -795,19 +834,33 @@ mod tests {
     /// Claims are limited per peer and in all (new peer ids cost nothing).
     #[test]
     fn key_package_claims_are_bounded_per_peer_and_in_all() {
-        let mut claims = Claims::default();
+        let limits = Limits::default();
         let one = PeerId::random();
         for _ in 0..KEY_PACKAGES_PER_MINUTE {
-            assert!(claims.take(one).is_ok());
+            assert!(limits.claim(one).is_ok());
         }
-        assert!(claims.take(one).is_err_and(|ms| ms > 0 && ms <= 60_000), "per peer");
+        assert!(limits.claim(one).is_err_and(|ms| ms > 0 && ms <= 60_000), "per peer");
         let mut allowed = KEY_PACKAGES_PER_MINUTE;
         for _ in 0..100 {
-            if claims.take(PeerId::random()).is_ok() {
+            if limits.claim(PeerId::random()).is_ok() {
                 allowed += 1;
             }
         }
         assert_eq!(allowed, KEY_PACKAGES_PER_MINUTE_IN_ALL, "in all, whatever the peer ids");
+        limits.forget_idle();
+        assert!(limits.claim(one).is_err(), "a peer still limited is not forgotten");
+    }
+
+    /// A peer that floods is refused past its burst, with a wait; others are not slowed.
+    #[test]
+    fn each_peer_has_a_request_rate() {
+        let limits = Limits::default();
+        let (flooder, other) = (PeerId::random(), PeerId::random());
+        let allowed = (0..1_000).filter(|_| limits.request(flooder).is_ok()).count();
+        // The burst, and what trickled back in while the loop ran.
+        assert!((PEER_REQUEST_BURST as usize..PEER_REQUEST_BURST as usize + 5).contains(&allowed));
+        assert!(limits.request(flooder).is_err_and(|ms| (1..=1_000 / 20 + 1).contains(&ms)));
+        assert!(limits.request(other).is_ok(), "another peer is not slowed");
     }
 
     #[test]
