@@ -150,6 +150,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/channels/{channel}/invite", post(invite))
         .route("/v1/channels/{channel}/remove", post(remove))
         .route("/v1/channels/{channel}/leave", post(leave))
+        .route("/v1/channels/{channel}/move", post(move_onto_relays))
         .route("/v1/channels/{channel}/messages", get(messages).post(send))
         .route("/v1/channels/{channel}/history", get(history))
         .route("/v1/channels/{channel}/export", get(export))
@@ -592,6 +593,16 @@ async fn leave(
     let id = resolve_channel(&s, &channel).await?;
     s.node.leave(id).await?;
     Ok(Json(json!({ "left": id.to_string() })))
+}
+
+async fn move_onto_relays(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = resolve_channel(&s, &channel).await?;
+    let relays = s.node.move_onto_relays(id).await?;
+    let epoch = s.node.with(move |e| e.epoch(&id)).await;
+    Ok(Json(json!({ "relays": relays, "epoch": epoch })))
 }
 
 #[derive(Deserialize)]

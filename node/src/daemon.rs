@@ -549,15 +549,15 @@ impl Node {
 
     async fn open_at_relay_again(&self, id: &ChannelId, again: bool) -> Result<(), NodeError> {
         let channel = *id;
-        let (record, state) = self
+        let (record, request) = self
             .with(move |e| -> Result<_, EngineError> {
                 let opened = e.channel(&channel)?.0.opened && !again;
-                Ok((opened, if opened { None } else { Some(e.public_state(&channel)?) }))
+                Ok((opened, if opened { None } else { Some(e.open_request(&channel)?) }))
             })
             .await?;
-        let (false, Some(state)) = (record, state) else { return Ok(()) };
+        let (false, Some(request)) = (record, request) else { return Ok(()) };
         let link = self.link()?;
-        match link.call(&Request::OpenChannel { channel, state }).await? {
+        match link.call(&request).await? {
             Response::ChannelOpened { .. } => {
                 self.with(move |e| e.mark_opened(&channel)).await?;
                 Ok(())

@@ -1694,6 +1694,16 @@ impl Engine {
                 change.remove.clone_from(devices);
                 change.config = self.shrunk_config(id, devices)?;
             }
+            IntentOp::Relays(relays) => {
+                let mut config = active_in(&mut self.channels, id)?.config().clone();
+                if !config.relays.is_empty() {
+                    return Err(EngineError::Invalid(
+                        "the channel is ordered by relays already".into(),
+                    ));
+                }
+                config.relays.clone_from(relays);
+                change.config = Some(config);
+            }
         }
         let config = active_in(&mut self.channels, id)?.config().clone();
         let check = Recording::new(&self.dirs, trust, now, self.lan).for_config(&config);

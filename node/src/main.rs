@@ -194,6 +194,13 @@ enum ChannelCommand {
         /// The channel (name or id).
         channel: String,
     },
+    /// Move a relay-less channel you created onto relays (yours and each member's): from the
+    /// next epoch on they order it and keep it for members that are away. Every member must be
+    /// registered at a relay first.
+    Move {
+        /// The channel (name or id).
+        channel: String,
+    },
 }
 
 fn main() {
@@ -478,6 +485,13 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 )
                 .await?;
             println!("{}", v["id"].as_str().unwrap_or_default());
+        }
+        Command::Channel { command: ChannelCommand::Move { channel } } => {
+            let v =
+                client.json("POST", &format!("/v1/channels/{}/move", enc(&channel)), None).await?;
+            let relays: Vec<&str> =
+                v["relays"].as_array().into_iter().flatten().filter_map(|r| r.as_str()).collect();
+            println!("{channel} is ordered by {} from epoch {}", relays.join(", "), v["epoch"]);
         }
         Command::Channel { command: ChannelCommand::Info { channel } } => {
             let v = client.json("GET", &format!("/v1/channels/{}", enc(&channel)), None).await?;

@@ -74,6 +74,11 @@ const FORKS: TableDefinition<'_, ForkKey, &[u8]> = TableDefinition::new("forks-0
 /// the certificate leaves it, so that it never certifies two commits for one epoch; every member
 /// writes those it takes. Read to answer members that missed commits.
 const ORDERED: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("ordered-0");
+/// Relay-less channels this device moves onto relays: channel → `(epoch, PublicState)`, the
+/// channel's public state before the move, written before the move is staged. With the move's
+/// commit (`ordered-0` at that epoch) it is the evidence a relay opens the channel on
+/// ([`chitchat_proto::wire::Request::OpenMoved`]).
+const MOVED: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("moved-0");
 /// The messages of the relay-less channels this device created, as members gossiped them,
 /// for members that missed some: `(channel, position)` → the [`ChannelPost`]. The last
 /// [`KEPT_LAN_HISTORY`] of each channel are kept.
@@ -271,6 +276,8 @@ pub enum IntentOp {
     Add(Vec<(Dir, Bytes)>),
     /// Remove devices.
     Remove(Vec<DeviceId>),
+    /// Set the relay set of a relay-less channel: its move onto relays.
+    Relays(Vec<RelayId>),
 }
 
 /// A staged commit, as submitted.
@@ -306,6 +313,7 @@ enum Op {
     Convicted(PublicKey, Equivocation),
     Fork(ForkRecord),
     Ordered(OrderedCommit),
+    Moved(ChannelId, u64, chitchat_proto::channel::PublicState),
     LanKeep(ChannelPost),
 }
 
@@ -393,6 +401,16 @@ impl Batch {
     /// Keeps a commit this device ordered (`ordered-0`), unless one for its epoch is kept.
     pub fn ordered(&mut self, commit: OrderedCommit) {
         self.ops.push(Op::Ordered(commit));
+    }
+
+    /// Records a relay-less channel's public state at `epoch`, before its move onto relays.
+    pub fn moved(
+        &mut self,
+        channel: ChannelId,
+        epoch: u64,
+        before: chitchat_proto::channel::PublicState,
+    ) {
+        self.ops.push(Op::Moved(channel, epoch, before));
     }
 }
 
@@ -495,6 +513,7 @@ impl Store {
             w.open_table(CONVICTED).map_err(redb_err)?;
             w.open_table(FORKS).map_err(redb_err)?;
             w.open_table(ORDERED).map_err(redb_err)?;
+            w.open_table(MOVED).map_err(redb_err)?;
             w.open_table(LAN_HISTORY).map_err(redb_err)?;
             w.open_table(LAN_HISTORY_IDS).map_err(redb_err)?;
         }
@@ -769,6 +788,17 @@ impl Store {
             .transpose()
     }
 
+    /// The public state a relay-less channel had before this device moved it onto relays, with
+    /// its epoch.
+    pub fn moved(
+        &self,
+        channel: &ChannelId,
+    ) -> Result<Option<(u64, chitchat_proto::channel::PublicState)>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(MOVED).map_err(redb_err)?;
+        t.get(channel.0).map_err(redb_err)?.map(|v| record(v.value(), "moved")).transpose()
+    }
+
     /// The commits kept for the channel from epoch `from` on, in order and without a gap, at
     /// most `max` of them and about `max_bytes` (at least one).
     pub fn ordered_from(
@@ -1016,6 +1046,10 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 if t.get(signer.0).map_err(redb_err)?.is_none() {
                     t.insert(signer.0, encode(&proof).as_slice()).map_err(redb_err)?;
                 }
+            }
+            Op::Moved(channel, epoch, before) => {
+                let mut t = w.open_table(MOVED).map_err(redb_err)?;
+                t.insert(channel.0, encode(&(epoch, before)).as_slice()).map_err(redb_err)?;
             }
             Op::Ordered(c) => {
                 let mut t = w.open_table(ORDERED).map_err(redb_err)?;

@@ -240,6 +240,20 @@ pub enum Request {
         /// At most this many entries, capped at [`MAX_HISTORY_ENTRIES`].
         max: u32,
     },
+    /// Start ordering a relay-less channel that its creator's device moved onto relays: its
+    /// public state before the move (relay-less) and the move's commit, certified by the
+    /// creator's device, and the state after it. The relay checks the commit against the
+    /// state before as a member would, and opens the channel at the state after if the commit
+    /// leads to exactly it and its relay set includes this relay. Only the creator's device
+    /// asks (its key is the only orderer of the state before).
+    OpenMoved {
+        /// The channel's GroupInfo and ratchet tree before the move.
+        before: crate::channel::PublicState,
+        /// The commit that sets the relay set, with the creator's certificate.
+        moved: OrderedCommit,
+        /// The GroupInfo and ratchet tree after it.
+        state: crate::channel::PublicState,
+    },
 }
 
 /// The most entries of a channel's history in one [`Response::History`].
@@ -754,17 +768,25 @@ impl Validate for Request {
                 posts.iter().try_for_each(ChannelPost::validate)
             }
             Self::Report { report } if report.verify().is_err() => Err("invalid epoch report"),
-            Self::OpenChannel { state, .. } => {
-                if state.group_info.len() > MAX_MLS_MESSAGE_LEN
-                    || state.ratchet_tree.len() > MAX_MLS_MESSAGE_LEN
-                {
-                    return Err("public state too large");
-                }
-                Ok(())
+            Self::OpenChannel { state, .. } => state_fits(state),
+            Self::OpenMoved { before, moved, state } => {
+                state_fits(before)?;
+                state_fits(state)?;
+                moved.validate()
             }
             _ => Ok(()),
         }
     }
+}
+
+/// A channel's public state is within the frame's limits.
+fn state_fits(state: &crate::channel::PublicState) -> Result<(), &'static str> {
+    if state.group_info.len() > MAX_MLS_MESSAGE_LEN
+        || state.ratchet_tree.len() > MAX_MLS_MESSAGE_LEN
+    {
+        return Err("public state too large");
+    }
+    Ok(())
 }
 
 impl Validate for CommitSubmission {

@@ -284,6 +284,22 @@ fn relay_protocol_frames() {
         "request_open_channel",
         hex(&wire::encode_frame(&open).expect("frame"))
     );
+    let moved = Request::OpenMoved {
+        before: chitchat_proto::channel::PublicState {
+            group_info: Bytes(vec![1]),
+            ratchet_tree: Bytes(vec![2, 3]),
+        },
+        moved: wire::OrderedCommit {
+            channel: ChannelId([5; 32]),
+            commit: vec![9; 3],
+            cert: cert(),
+        },
+        state: chitchat_proto::channel::PublicState {
+            group_info: Bytes(vec![4]),
+            ratchet_tree: Bytes(vec![5, 6]),
+        },
+    };
+    insta::assert_snapshot!("request_open_moved", hex(&wire::encode_frame(&moved).expect("frame")));
     let opened = Response::ChannelOpened { next_epoch: 4 };
     insta::assert_snapshot!(
         "response_channel_opened",

@@ -315,6 +315,7 @@ fn kind(r: &Request) -> &'static str {
         Request::Report { .. } => "report",
         Request::Equivocation { .. } => "equivocation",
         Request::History { .. } => "history",
+        Request::OpenMoved { .. } => "open_moved",
     }
 }
 
@@ -567,6 +568,9 @@ impl Relay {
             },
             Request::SubmitCommit(submission) => self.submit_commit(me, submission, now).await,
             Request::OpenChannel { channel, state } => self.open_channel(me, channel, state).await,
+            Request::OpenMoved { before, moved, state } => {
+                self.open_moved(me, before, moved, state, now).await
+            }
             Request::Post { posts } => {
                 let results =
                     futures::future::join_all(posts.into_iter().map(|p| self.post(me, p, now)))
@@ -1641,13 +1645,24 @@ impl Relay {
                 );
             }
         }
+        self.reopen(channel, state, &set, epoch).await
+    }
+
+    /// Opens a channel (its state vouched for) in the group of `set`, at the state's `epoch`.
+    async fn reopen(
+        &self,
+        channel: ChannelId,
+        state: PublicState,
+        set: &[RelayId],
+        epoch: u64,
+    ) -> Response {
         let opened = if set.len() < 2 {
             self.ordering
                 .submit(RelayCommand::Reopen { channel, state })
                 .await
                 .map_err(|e| e.to_string())
         } else {
-            let group = match self.groups.get_or_create(&set, true).await {
+            let group = match self.groups.get_or_create(set, true).await {
                 Ok(g) => g,
                 Err(e) => return error(e.code(), e.to_string()),
             };
@@ -1677,6 +1692,99 @@ impl Relay {
             }
             Err(e) => unavailable(e),
         }
+    }
+
+    /// Opens a relay-less channel that its creator's device moved onto relays (see
+    /// [`Request::OpenMoved`]): the state before must be relay-less and the asker its creator
+    /// (whose device the channel id names, and whose key alone ordered it); the move's
+    /// certificate must be the creator's, for that state's epoch and that commit; the commit must
+    /// pass the channel rules against the state before (as every member checks it) and lead to
+    /// exactly the state offered, whose relay set names this relay. No relay held the channel
+    /// before, so no relay vouches: this evidence does.
+    async fn open_moved(
+        &self,
+        me: DeviceId,
+        before: PublicState,
+        moved: chitchat_proto::wire::OrderedCommit,
+        state: PublicState,
+        now: Timestamp,
+    ) -> Response {
+        let max = self.config.ordering.max_open_state_bytes;
+        let size = |s: &PublicState| s.group_info.len().saturating_add(s.ratchet_tree.len());
+        if size(&before) > max || size(&state) > max {
+            return error(ErrorCode::BadRequest, "the channel's public state is too large");
+        }
+        if let Err(retry_after_ms) = check_rate(&self.openers, me) {
+            return error(ErrorCode::RateLimited { retry_after_ms }, "too many channels opened");
+        }
+        let channel = moved.channel;
+        let refused = |e: chitchat_proto::channel::ChannelError| {
+            error(ErrorCode::BadRequest, format!("public state: {e}"))
+        };
+        let mut public = match PublicChannel::from_state(&self.crypto, &before) {
+            Ok(p) if p.id() != channel => {
+                return error(ErrorCode::BadRequest, "the state is of another channel");
+            }
+            Ok(p) => p,
+            Err(e) => return refused(e),
+        };
+        let config = match public.config() {
+            Ok(c) => c,
+            Err(e) => return refused(e),
+        };
+        if !config.relays.is_empty() {
+            return error(
+                ErrorCode::Forbidden,
+                "the state before the move is ordered by relays: it is opened by them",
+            );
+        }
+        if !channel.opens_first_state(&config.creator, &me) || !public.members().contains(&me) {
+            return error(
+                ErrorCode::Forbidden,
+                "a relay-less channel is moved by its creator, whose device its id names",
+            );
+        }
+        let body = EpochCertBody {
+            channel,
+            epoch: public.epoch(),
+            hash: chitchat_proto::wire::commit_hash(&moved.commit),
+        };
+        if let Err(e) = moved.cert.verify_for(&body, &[config.creator.0]) {
+            return error(
+                ErrorCode::Forbidden,
+                format!("the move is not certified by the channel's creator: {e}"),
+            );
+        }
+        let directory = match Directory::new(self, now) {
+            Ok(d) => d,
+            Err(e) => return unavailable(e),
+        };
+        let checked = match public.check(&self.crypto, &moved.commit, &directory) {
+            Ok(c) => c,
+            Err(e) => return error(ErrorCode::BadRequest, format!("invalid commit: {e}")),
+        };
+        if let Err(e) = public.apply(checked) {
+            return error(ErrorCode::BadRequest, format!("invalid commit: {e}"));
+        }
+        let after = match PublicChannel::from_state(&self.crypto, &state) {
+            Ok(a) => a,
+            Err(e) => return refused(e),
+        };
+        if !after.same_state(&public) {
+            return error(
+                ErrorCode::Forbidden,
+                "the state offered is not the one the move leads to",
+            );
+        }
+        let relays = match after.config() {
+            Ok(c) => c.relays,
+            Err(e) => return refused(e),
+        };
+        if !relays.contains(&self.id) {
+            return error(ErrorCode::Forbidden, "the channel's relay set does not name this relay");
+        }
+        tracing::info!(%channel, epoch = after.epoch(), "a relay-less channel moved here");
+        self.reopen(channel, state, &relay_set(&relays), after.epoch()).await
     }
 
     /// Judges a channel's public state offered to open the channel in the group of `set` (the

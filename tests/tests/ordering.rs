@@ -1012,3 +1012,108 @@ async fn a_relay_at_its_state_budget_restarts_from_its_snapshot() {
         "{again:?}"
     );
 }
+
+/// A relay-less channel moved onto a relay by its creator opens there on the evidence alone
+/// (the state before, relay-less; the move, certified by the creator's device; the state after)
+/// and on nothing less: not from another member, not with another device's certificate, not
+/// at a state the move does not lead to, not from a state some relay ordered, not onto a set
+/// without this relay; and a plain `OpenChannel` of the moved state finds no relay to vouch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_lan_channel_opens_at_its_relay_on_the_creators_evidence_only() {
+    use chitchat_proto::ordering::{CertSignature, EpochCert, EpochCertBody};
+    use chitchat_proto::wire::{OrderedCommit, commit_hash};
+
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let relay_id = relay.relay_id().expect("well-known");
+    let trust = TrustedRelays { relays: vec![relay_id.clone()], ..Default::default() };
+    let (mut alice, mut bob, _carol, dirs) = trio(&relay).await;
+    let check = KnownDirs { dirs: &dirs, trust: &trust, now: now() };
+
+    // Alice's relay-less channel, then the commit that moves it onto the relay, certified by
+    // her device (the only orderer of a relay-less channel).
+    let lan = ChannelConfig { relays: vec![], ..open_channel(relay_id.clone(), alice.device.id()) };
+    let id = alice.device.channel(12);
+    alice.channel =
+        Some(Channel::create(&alice.provider, &alice.mls, id, lan.clone()).expect("create"));
+    let before = alice.public_state();
+    let onto = |relays| Change {
+        config: Some(ChannelConfig { relays, ..lan.clone() }),
+        ..Default::default()
+    };
+    let staged = alice.stage(&onto(vec![relay_id.clone()]), &check);
+    let certify = |key: &chitchat_proto::SecretKey, commit: &[u8]| {
+        let body = EpochCertBody { channel: id, epoch: 0, hash: commit_hash(commit) };
+        EpochCert { signatures: vec![CertSignature::sign(key, &body)], body }
+    };
+    let moved = OrderedCommit {
+        channel: id,
+        commit: staged.commit.clone(),
+        cert: certify(&alice.device.key, &staged.commit),
+    };
+    alice.accept(&moved.cert);
+    let after = alice.public_state();
+    let open = |before, moved, state| Request::OpenMoved { before, moved, state };
+
+    // Without the evidence, no relay vouches for a state past epoch 0.
+    let plain = Request::OpenChannel { channel: id, state: after.clone() };
+    let plain = alice.client.call(&plain).await.expect("call");
+    assert!(refused(&plain, ErrorCode::Unavailable, "vouches"), "{plain:?}");
+    // Another member cannot move it, even with the creator's evidence.
+    let by_bob = open(before.clone(), moved.clone(), after.clone());
+    let by_bob = bob.client.call(&by_bob).await.expect("call");
+    assert!(refused(&by_bob, ErrorCode::Forbidden, "creator"), "{by_bob:?}");
+    // Another device's certificate is not the creator's.
+    let forged = OrderedCommit { cert: certify(&bob.device.key, &moved.commit), ..moved.clone() };
+    let r = alice.client.call(&open(before.clone(), forged, after.clone())).await.expect("call");
+    assert!(refused(&r, ErrorCode::Forbidden, "certified"), "{r:?}");
+    // The state offered must be the one the move leads to.
+    let same = open(before.clone(), moved.clone(), before.clone());
+    let r = alice.client.call(&same).await.expect("call");
+    assert!(refused(&r, ErrorCode::Forbidden, "leads to"), "{r:?}");
+    // A state some relay ordered is opened by those relays, not moved.
+    let relayed = open_channel(relay_id.clone(), alice.device.id());
+    let other = Channel::create(&alice.provider, &alice.mls, alice.device.channel(13), relayed)
+        .expect("create");
+    let relayed_state = other.public_state(&alice.provider, &alice.mls).expect("export");
+    let moved_13 = OrderedCommit { channel: alice.device.channel(13), ..moved.clone() };
+    let relayed = open(relayed_state, moved_13, after.clone());
+    let r = alice.client.call(&relayed).await.expect("call");
+    assert!(refused(&r, ErrorCode::Forbidden, "ordered by relays"), "{r:?}");
+    // A move onto a set without this relay is not this relay's to open (Bob's channel: a
+    // relay it knows, but not itself).
+    let mut elsewhere = relay_id.clone();
+    elsewhere.host = "elsewhere.example".into();
+    let bob_lan = ChannelConfig { relays: vec![], creator: bob.device.id(), ..lan.clone() };
+    let bob_id = bob.device.channel(14);
+    bob.channel =
+        Some(Channel::create(&bob.provider, &bob.mls, bob_id, bob_lan.clone()).expect("create"));
+    let bob_before = bob.public_state();
+    let trust_both =
+        TrustedRelays { relays: vec![relay_id.clone(), elsewhere.clone()], ..Default::default() };
+    let check_both = KnownDirs { dirs: &dirs, trust: &trust_both, now: now() };
+    let to_elsewhere = Change {
+        config: Some(ChannelConfig { relays: vec![elsewhere], ..bob_lan }),
+        ..Default::default()
+    };
+    let staged_b = bob.stage(&to_elsewhere, &check_both);
+    let body = EpochCertBody { channel: bob_id, epoch: 0, hash: commit_hash(&staged_b.commit) };
+    let cert = EpochCert { signatures: vec![CertSignature::sign(&bob.device.key, &body)], body };
+    bob.accept(&cert);
+    let moved_b = OrderedCommit { channel: bob_id, commit: staged_b.commit.clone(), cert };
+    let elsewhere = open(bob_before, moved_b, bob.public_state());
+    let r = bob.client.call(&elsewhere).await.expect("call");
+    assert!(
+        matches!(r, Response::Error { code: ErrorCode::BadRequest | ErrorCode::Forbidden, .. }),
+        "{r:?}"
+    );
+
+    // The evidence itself opens it at the move's epoch, and the relay orders what follows.
+    let evidence = open(before, moved, after);
+    let r = alice.client.call(&evidence).await.expect("open");
+    assert_eq!(r, Response::ChannelOpened { next_epoch: 1 });
+    let update = alice.stage(&Change { update: true, ..Default::default() }, &check);
+    let Response::CommitAccepted { cert } = alice.submit(&update, vec![], None).await else {
+        panic!("the relay orders the moved channel")
+    };
+    assert_eq!(cert.body.epoch, 1);
+}

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::peer::{PeerRequest, PeerResponse};
-use chitchat_proto::wire::{Envelope, ErrorCode, OrderedCommit, decode_frame, encode_frame};
+use chitchat_proto::wire::{
+    Envelope, ErrorCode, OrderedCommit, Request, Response, decode_frame, encode_frame,
+};
 use chitchat_proto::{DeviceId, Dir, PublicKey};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use libp2p::PeerId;
@@ -581,6 +583,65 @@ impl Node {
         self.with(move |e| e.leave(&channel)).await?;
         self.topics.notify_one();
         Ok(())
+    }
+
+    /// Moves a relay-less channel this device created onto relays: the members' records as
+    /// their relays vouch for them (each device names its relay in its own record, and the
+    /// relay gives the record it sponsors), the relay set (this device's relay and each
+    /// member's), the state before recorded, the move ordered as every change of the channel
+    /// (this device certifies it, the members get it directly), then the channel opened at the
+    /// relay with the evidence. From the next epoch on the relays order it and deliver to the
+    /// members' inboxes. Returns the relays' hosts.
+    pub async fn move_onto_relays(&self, channel: ChannelId) -> Result<Vec<String>, NodeError> {
+        let link = self.link()?;
+        let (me, members, home) = self
+            .with(move |e| {
+                let home = e.account().map(|a| a.relay.id.host.clone());
+                (e.device(), e.members(&channel), home)
+            })
+            .await;
+        for device in members?.into_iter().filter(|d| *d != me) {
+            let dir = match self.hello(device).await {
+                Ok(dir) => dir,
+                Err(e) => {
+                    // Away: the record this device holds may do.
+                    tracing::debug!(%device, error = %e, "a member's record not asked of it");
+                    continue;
+                }
+            };
+            let Some(relay) = dir.body.sponsorships.first().map(|s| s.body.relay.clone()) else {
+                continue;
+            };
+            let devices = vec![device];
+            let request = match home.as_deref() == Some(relay.host.as_str()) {
+                true => Request::LookupDevices { devices },
+                false => Request::LookupDevicesAt { host: relay.host.clone(), devices },
+            };
+            match link.call(&request).await {
+                Ok(Response::Dirs(dirs)) => self.with(move |e| e.add_dirs(dirs)).await?,
+                Ok(Response::RemoteDirs { relay: vouched, dirs }) if vouched == relay => {
+                    self.with(move |e| {
+                        e.learn_relay(vouched)?;
+                        e.add_dirs(dirs)
+                    })
+                    .await?;
+                }
+                other => {
+                    tracing::debug!(%device, host = %relay.host, answer = ?other, "a member's record not found at its relay");
+                }
+            }
+        }
+        let at = now();
+        let relays = self.with(move |e| e.move_plan(&channel, at)).await?;
+        self.with(move |e| e.record_move(&channel)).await?;
+        self.change(channel, IntentOp::Relays(relays.clone())).await?;
+        self.open_at_relay_again(&channel, true).await.map_err(|e| {
+            NodeError::Invalid(format!(
+                "the channel moved, but its relay did not open it yet ({e}); it is asked again \
+                 with the next message or change"
+            ))
+        })?;
+        Ok(relays.into_iter().map(|r| r.host).collect())
     }
 
     /// Relay-less channels' upkeep: interrupted membership changes finished at start, then

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 
 use chitchat_proto::channel::ChannelMessage;
 use chitchat_proto::ordering::{CertSignature, ChannelId, EpochCert, EpochCertBody};
-use chitchat_proto::wire::{ChannelPost, OrderedCommit, commit_hash};
-use chitchat_proto::{DeviceId, Dir, Timestamp};
+use chitchat_proto::wire::{ChannelPost, OrderedCommit, Request, commit_hash};
+use chitchat_proto::{DeviceId, Dir, RelayId, Timestamp};
 use openmls_traits::OpenMlsProvider as _;
 
 use super::{Engine, EngineError, Event, active_in, id_string};
@@ -189,6 +189,85 @@ impl Engine {
         b.ordered(ordered.clone());
         self.commit(b)?;
         Ok(Ordered::Accepted(ordered))
+    }
+
+    /// The relay set a relay-less channel this device created moves onto: this device's relay
+    /// first, then the relay of each other member (as its record, vouched for by that relay,
+    /// says; one relay serving several members is named once). Refused, naming them, if a
+    /// member's record is vouched for by no relay this device knows: after the move the
+    /// channel's relays deliver to members' inboxes, so each must be registered.
+    pub fn move_plan(&self, id: &ChannelId, now: Timestamp) -> Result<Vec<RelayId>, EngineError> {
+        let me = DeviceId(self.key.public());
+        let channel = self
+            .channels
+            .get(id)
+            .and_then(|h| h.channel.as_ref())
+            .ok_or_else(|| EngineError::UnknownChannel(id.to_string()))?;
+        let config = channel.config();
+        if !config.relays.is_empty() {
+            return Err(EngineError::Invalid("the channel is ordered by relays already".into()));
+        }
+        if config.creator != me {
+            return Err(EngineError::Invalid(
+                "only the creator's device, which orders the channel, moves it onto relays".into(),
+            ));
+        }
+        let account = self.account.as_ref().ok_or_else(|| {
+            EngineError::Invalid(
+                "this device is registered at no relay: register it (`chitchat register`) first"
+                    .into(),
+            )
+        })?;
+        let trust = self.trust();
+        let mut relays = vec![account.relay.id.clone()];
+        let mut unvouched = Vec::new();
+        for device in channel.members().into_iter().filter(|d| *d != me) {
+            let Some(Ok(addresses)) = self.dirs.get(&device).map(|d| d.verify(&trust, now)) else {
+                unvouched.push(device.0.to_hex());
+                continue;
+            };
+            if addresses.iter().any(|a| relays.iter().any(|r| r.host == a.host)) {
+                continue;
+            }
+            if let Some(relay) =
+                addresses.iter().find_map(|a| trust.relays.iter().find(|r| r.host == a.host))
+            {
+                relays.push(relay.clone());
+            }
+        }
+        if !unvouched.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "no relay vouches for these members: {}. Each registers at a relay (`chitchat \
+                 register`) before the channel moves, or is removed",
+                unvouched.join(", ")
+            )));
+        }
+        Ok(relays)
+    }
+
+    /// Records the channel's public state before its move onto relays (durably, before the move
+    /// is staged): with the move's certified commit, the evidence its relays open it on.
+    pub fn record_move(&mut self, id: &ChannelId) -> Result<(), EngineError> {
+        let epoch = active_in(&mut self.channels, id)?.epoch();
+        let before = self.public_state(id)?;
+        let mut b = Batch::default();
+        b.moved(*id, epoch, before);
+        self.commit(b)
+    }
+
+    /// What opens the channel at its relay: its state (`OpenChannel`), or, right after this
+    /// device moved it there from relay-less, the state before, the certified move and the
+    /// state after (`OpenMoved`: no relay ordered it before, so none vouches for the state).
+    pub fn open_request(&mut self, id: &ChannelId) -> Result<Request, EngineError> {
+        let state = self.public_state(id)?;
+        let epoch = self.epoch(id).ok_or_else(|| EngineError::UnknownChannel(id.to_string()))?;
+        if let Some((at, before)) = self.store.moved(id)?
+            && at.checked_add(1) == Some(epoch)
+            && let Some(moved) = self.store.ordered_at(id, at)?
+        {
+            return Ok(Request::OpenMoved { before, moved, state });
+        }
+        Ok(Request::OpenChannel { channel: *id, state })
     }
 
     /// What this device keeps of a channel is served to its members alone.
