@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use chitchat_tests::{Netns, NodeProcess};
+use chitchat_tests::{Netns, NodeProcess, RelayProcess};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(40);
@@ -255,4 +255,94 @@ async fn two_nodes_with_no_relay_meet_by_mdns_and_chat_in_a_channel_the_creator_
     wait_members(&alice, &id, 2, "alice never removed bob").await;
     wait_members(&carol, &id, 2, "carol never saw bob go").await;
     drop(netns);
+}
+
+/// The status of `id` in `node`'s history of the channel.
+async fn status(node: &NodeProcess, channel: &str, id: &str) -> Value {
+    let list = node.json("GET", &format!("/v1/channels/{channel}/messages"), None).await;
+    let list = list.expect("messages");
+    list["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["id"] == id)
+        .map(|m| m["status"].clone())
+        .unwrap_or_default()
+}
+
+/// A relay-less channel moves onto a relay by an ordered commit: refused while its creator or a
+/// member is registered nowhere, and to a member that is not the creator; then the creator's
+/// `chitchat channel move` makes the relay order it (the relay opens it on the creator's
+/// evidence), members get the move directly, a message to a member that is away waits in its
+/// inbox at the relay (status `sent`: the relay took it for every recipient, which gossip never
+/// says), and the next change is ordered by the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lan_channel_moves_onto_a_relay_by_an_ordered_commit() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let env = |name: &'static str| {
+        [("CHITCHAT_PROFILE_NAME", name), ("CHITCHAT_NETWORK_LISTEN", "/ip4/127.0.0.1/tcp/0")]
+    };
+    let alice = NodeProcess::start(&env("alice")).expect("alice");
+    let mut bob = NodeProcess::start(&env("bob")).expect("bob");
+    dial(&alice, &bob, "127.0.0.1").await;
+    let bob_dev = device(&bob).await;
+    let id =
+        alice.cli(&["channel", "create", "general", "--lan"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", &bob_dev]).expect("invite bob");
+    bob.wait_joined(&id, WAIT).await.expect("bob joins");
+    send(&alice, &id, "before the move").await.expect("send");
+    bob.wait_texts(&id, WAIT, |t| t == ["before the move"]).await.expect("bob reads");
+
+    // A move needs relays to deliver to everyone: the creator's, and each member's.
+    let refused = alice.cli(&["channel", "move", "general"]);
+    assert!(refused.is_err_and(|e| e.to_string().contains("register")), "alice registered nowhere");
+    alice.register(&relay, "alice").await.expect("alice registers");
+    let refused = alice.cli(&["channel", "move", "general"]);
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("no relay vouches")),
+        "bob registered nowhere"
+    );
+    bob.register(&relay, "bob").await.expect("bob registers");
+    let refused = bob.cli(&["channel", "move", "general"]);
+    assert!(refused.is_err_and(|e| e.to_string().contains("creator")), "bob is not the creator");
+    let moved = alice.cli(&["channel", "move", "general"]).expect("alice moves it");
+    assert!(moved.contains("localhost"), "{moved}");
+
+    // Both ends see the relay order it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let info = bob.json("GET", &format!("/v1/channels/{id}"), None).await.expect("info");
+        if info["relays"].as_array().is_some_and(|r| r.iter().any(|r| r == "localhost")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob never got the move: {info}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Bob away: the relay takes Alice's message for him, and he reads it when back.
+    bob.stop().expect("bob stops");
+    let sent = send(&alice, &id, "after the move").await.expect("send");
+    let deadline = Instant::now() + WAIT;
+    while status(&alice, &id, &sent).await != "sent" {
+        assert!(
+            Instant::now() < deadline,
+            "the relay never took it: {}",
+            status(&alice, &id, &sent).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bob.restart().expect("bob restarts");
+    bob.wait_texts(&id, WAIT, |t| t == ["before the move", "after the move"])
+        .await
+        .expect("bob reads it from his inbox");
+
+    // The next change is the relay's to order: Carol, a user of the relay, is invited by name.
+    let carol = NodeProcess::start(&[]).expect("carol");
+    carol.register(&relay, "carol").await.expect("carol registers");
+    alice.cli(&["invite", "general", "carol@localhost"]).expect("invite carol");
+    carol.wait_joined(&id, WAIT).await.expect("carol joins");
+    send(&carol, &id, "hello from the relay").await.expect("send");
+    bob.wait_texts(&id, WAIT, |t| t.iter().any(|t| t == "hello from the relay"))
+        .await
+        .expect("bob reads carol");
 }
