@@ -25,7 +25,9 @@ pub const MAX_TEXT_LEN: usize = 64 * 1024;
 /// Longest reaction, in bytes (an emoji sequence).
 pub const MAX_REACTION_LEN: usize = 64;
 /// Largest inline thumbnail, in bytes.
-pub const MAX_THUMBNAIL_LEN: usize = 16 * 1024;
+pub const MAX_THUMBNAIL_LEN: usize = 8 * 1024;
+/// Longest file name and MIME type of an attachment, in bytes.
+pub const MAX_FILE_NAME_LEN: usize = 255;
 /// Messages kept by a [`ChatLog`] before the oldest are dropped from memory.
 pub const MAX_LOG_MESSAGES: usize = 100_000;
 
@@ -125,6 +127,22 @@ impl ChatContent {
             Self::Attachment { file, caption } => {
                 if file.thumbnail.as_ref().is_some_and(|t| t.len() > MAX_THUMBNAIL_LEN) {
                     return Err("thumbnail too large");
+                }
+                if file.size > crate::file::MAX_FILE_LEN {
+                    return Err("file too large");
+                }
+                // A name is shown and may become a file name: no path in it.
+                let bad_name = |c: char| c == '/' || c == '\\' || c.is_control();
+                if file.name.is_empty()
+                    || file.name.len() > MAX_FILE_NAME_LEN
+                    || file.name.contains(bad_name)
+                    || file.name == "."
+                    || file.name == ".."
+                {
+                    return Err("bad file name");
+                }
+                if file.mime.len() > MAX_FILE_NAME_LEN || file.mime.contains(char::is_control) {
+                    return Err("bad MIME type");
                 }
                 if caption.as_deref().is_some_and(|c| !text_ok(c)) {
                     return Err("caption too long");
@@ -343,6 +361,30 @@ mod tests {
     }
     fn text(s: &str) -> ChatContent {
         ChatContent::Text { body: s.into() }
+    }
+
+    /// An attachment's limits: thumbnail, size, a name that is no path, a MIME type.
+    #[test]
+    fn an_attachment_is_checked() {
+        let file = FileRef {
+            hash: [1; 32],
+            key: [2; 32],
+            size: 10,
+            mime: "image/png".into(),
+            name: "cat.png".into(),
+            thumbnail: Some(crate::codec::Bytes(vec![0; MAX_THUMBNAIL_LEN])),
+        };
+        let with = |f: FileRef| ChatContent::Attachment { file: f, caption: None }.validate();
+        assert!(with(file.clone()).is_ok());
+        let big = Some(crate::codec::Bytes(vec![0; MAX_THUMBNAIL_LEN + 1]));
+        assert!(with(FileRef { thumbnail: big, ..file.clone() }).is_err(), "thumbnail");
+        let size = crate::file::MAX_FILE_LEN + 1;
+        assert!(with(FileRef { size, ..file.clone() }).is_err(), "size");
+        for name in ["", ".", "..", "../etc/passwd", "a/b", "a\\b", "a\nb", &"x".repeat(256)] {
+            let bad = FileRef { name: name.into(), ..file.clone() };
+            assert!(with(bad).is_err(), "name {name:?}");
+        }
+        assert!(with(FileRef { mime: "a\0b".into(), ..file }).is_err(), "mime");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod channel;
 pub mod chat;
 pub mod codec;
 pub mod federation;
+pub mod file;
 pub mod gossip;
 pub mod hlc;
 pub mod identity;

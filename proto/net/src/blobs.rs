@@ -1,0 +1,191 @@
+//! Blobs over iroh: how files travel (section 8 of the design). One iroh endpoint and one
+//! iroh-blobs store per node and per relay.
+//!
+//! - **Offline by construction.** The endpoint uses no iroh relay, no address look-up service
+//!   (pkarr, DNS), no port mapping and no reachability probes; it binds only the addresses given.
+//!   A provider is always named with its addresses ([`Provider`]); nothing is looked up.
+//! - **One key.** The endpoint's key is the device's (or relay's) own ed25519 key, so a
+//!   provider's endpoint id is its device id, and a connection proves it.
+//! - **Verified, resumable.** A blob is addressed by its BLAKE3 hash; iroh-blobs verifies every
+//!   16 KiB group against it as it streams in (a provider that sends other bytes is cut off at
+//!   the first bad group), and keeps what was verified: a fetch that stops half-way goes on from
+//!   there, from the same provider or another ([`Blobs::fetch_any`]).
+//! - **Kept by name.** Every blob this store keeps has a tag (`file/<hash>`): iroh-blobs' garbage
+//!   collection drops only untagged data, and [`Blobs::forget`] drops the tag.
+//!
+//! What a blob holds is the caller's: ChitChat stores files sealed (`chitchat_proto::file`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use chitchat_proto::SecretKey;
+use iroh::endpoint::{NetReportConfig, PortmapperConfig, RelayMode, presets};
+use iroh::protocol::Router;
+use iroh::{Endpoint, EndpointAddr, EndpointId, TransportAddr};
+use iroh_blobs::store::fs::FsStore;
+use iroh_blobs::{BlobsProtocol, Hash};
+
+pub use iroh_blobs::ALPN as BLOBS_ALPN;
+
+/// Why a blob operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The endpoint could not bind.
+    #[error("iroh endpoint: {0}")]
+    Bind(String),
+    /// The store could not be opened or answered an error.
+    #[error("blob store: {0}")]
+    Store(String),
+    /// A provider could not be reached.
+    #[error("provider {0} not reached: {1}")]
+    Connect(String, String),
+    /// A provider's transfer failed (it lacks the blob, sent bytes that are not it, or stopped).
+    #[error("fetch from {0} failed: {1}")]
+    Fetch(String, String),
+    /// No provider had it.
+    #[error("no provider gave the blob ({0} tried)")]
+    NoProvider(usize),
+}
+
+/// Someone to fetch a blob from: its endpoint id (a device or relay key) and the addresses it
+/// listens on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Provider {
+    /// The provider's endpoint id.
+    pub id: EndpointId,
+    /// Where it listens.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Provider {
+    fn endpoint_addr(&self) -> EndpointAddr {
+        EndpointAddr::from_parts(self.id, self.addrs.iter().copied().map(TransportAddr::Ip))
+    }
+}
+
+/// The iroh endpoint id of a ChitChat key (a device's or a relay's).
+pub fn endpoint_id(key: &chitchat_proto::PublicKey) -> Option<EndpointId> {
+    EndpointId::from_bytes(&key.0).ok()
+}
+
+/// One endpoint and its blob store, serving what the store holds to whoever asks by hash.
+#[derive(Debug)]
+pub struct Blobs {
+    endpoint: Endpoint,
+    store: FsStore,
+    router: Router,
+}
+
+impl Blobs {
+    /// Opens the store in `dir` (created if need be) and binds the endpoint, under `key`, to
+    /// `bind` (`127.0.0.1:0` for loopback only; `0.0.0.0:0` for every interface).
+    pub async fn open(dir: &Path, key: &SecretKey, bind: &[SocketAddr]) -> Result<Self, BlobError> {
+        let secret = iroh::SecretKey::from_bytes(&key.seed());
+        let mut builder = Endpoint::builder(presets::Minimal)
+            .secret_key(secret)
+            .relay_mode(RelayMode::Disabled)
+            .clear_address_lookup()
+            .portmapper_config(PortmapperConfig::Disabled)
+            .net_report_config(NetReportConfig::minimal())
+            .clear_ip_transports();
+        for addr in bind {
+            builder = builder.bind_addr(*addr).map_err(|e| BlobError::Bind(e.to_string()))?;
+        }
+        let endpoint = builder.bind().await.map_err(|e| BlobError::Bind(e.to_string()))?;
+        let store = FsStore::load(dir).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        let router = Router::builder(endpoint.clone())
+            .accept(BLOBS_ALPN, BlobsProtocol::new(&store, None))
+            .spawn();
+        Ok(Self { endpoint, store, router })
+    }
+
+    /// This endpoint as a provider: its id and the addresses it is bound to.
+    pub fn provider(&self) -> Provider {
+        let addrs = self.endpoint.bound_sockets();
+        Provider { id: self.endpoint.id(), addrs }
+    }
+
+    /// The store (for reading a blob: `store().reader(hash)` is `AsyncRead + AsyncSeek`).
+    pub fn store(&self) -> &FsStore {
+        &self.store
+    }
+
+    /// Adds a file's bytes to the store, tagged `file/<hash>`; its hash.
+    pub async fn add_path(&self, path: &Path) -> Result<Hash, BlobError> {
+        let tag = self
+            .store
+            .blobs()
+            .add_path(path)
+            .with_tag()
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        self.tag(tag.hash).await?;
+        Ok(tag.hash)
+    }
+
+    /// Names a blob so that garbage collection keeps it.
+    async fn tag(&self, hash: Hash) -> Result<(), BlobError> {
+        self.store
+            .tags()
+            .set(format!("file/{hash}"), hash)
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// Drops this store's name for a blob (its data goes at the next garbage collection).
+    pub async fn forget(&self, hash: Hash) -> Result<(), BlobError> {
+        self.store
+            .tags()
+            .delete(format!("file/{hash}"))
+            .await
+            .map(|_| ())
+            .map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// Whether the whole blob is here.
+    pub async fn has(&self, hash: Hash) -> Result<bool, BlobError> {
+        self.store.blobs().has(hash).await.map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// Fetches the blob from one provider, verified as it streams in, from where a previous
+    /// fetch stopped; keeps it tagged. Returns the bytes this fetch moved.
+    pub async fn fetch(&self, provider: &Provider, hash: Hash) -> Result<u64, BlobError> {
+        let who = provider.id.fmt_short().to_string();
+        let conn = self
+            .endpoint
+            .connect(provider.endpoint_addr(), BLOBS_ALPN)
+            .await
+            .map_err(|e| BlobError::Connect(who.clone(), e.to_string()))?;
+        let stats = self
+            .store
+            .remote()
+            .fetch(conn, hash)
+            .await
+            .map_err(|e| BlobError::Fetch(who, e.to_string()))?;
+        self.tag(hash).await?;
+        Ok(stats.payload_bytes_read)
+    }
+
+    /// Fetches the blob from the first provider that gives all of it, in order; each failure
+    /// (unreachable, no such blob, bytes that are not it) moves on to the next, keeping what was
+    /// verified. Returns which provider finished it.
+    pub async fn fetch_any(&self, providers: &[Provider], hash: Hash) -> Result<usize, BlobError> {
+        for (i, provider) in providers.iter().enumerate() {
+            match self.fetch(provider, hash).await {
+                Ok(_) if self.has(hash).await? => return Ok(i),
+                Ok(_) => {
+                    tracing::debug!(%hash, provider = %provider.id, "provider gave part of a blob")
+                }
+                Err(e) => tracing::info!(%hash, error = %e, "provider failed; trying the next"),
+            }
+        }
+        Err(BlobError::NoProvider(providers.len()))
+    }
+
+    /// Stops serving and closes the store.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.router.shutdown().await {
+            tracing::debug!(error = %e, "blob router shutdown");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Blobs over iroh on loopback (`chitchat_net::blobs`), with files sealed as ChitChat seals
+//! them (`chitchat_proto::file`): real endpoints on real UDP sockets, real stores on disk. A
+//! sealed file travels and opens; a provider that sends bytes that are not the blob is cut off
+//! and the next provider finishes; a fetch stopped half-way goes on where it stopped.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chitchat_net::blobs::{BLOBS_ALPN, BlobError, Blobs, Provider};
+use chitchat_proto::SecretKey;
+use chitchat_proto::file::{FileKey, open_to, seal_to, sealed_len};
+use tokio::io::AsyncReadExt as _;
+
+fn loopback() -> Vec<SocketAddr> {
+    vec!["127.0.0.1:0".parse().expect("addr")]
+}
+
+async fn endpoint(dir: &Path, n: u8) -> Blobs {
+    Blobs::open(&dir.join(format!("store-{n}")), &SecretKey::from_seed([n; 32]), &loopback())
+        .await
+        .expect("open")
+}
+
+/// `len` pseudo-random bytes.
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 56) as u8
+        })
+        .collect()
+}
+
+/// Seals `plain` into a file in `dir`; its path.
+fn sealed_file(dir: &Path, key: &FileKey, plain: &[u8]) -> std::path::PathBuf {
+    let path = dir.join("sealed");
+    let file = std::fs::File::create(&path).expect("create");
+    seal_to(key, plain, std::io::BufWriter::new(file)).expect("seal");
+    path
+}
+
+async fn read_blob(blobs: &Blobs, hash: iroh_blobs::Hash) -> Vec<u8> {
+    let mut out = Vec::new();
+    blobs.store().reader(hash).read_to_end(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_file_travels_between_two_endpoints_and_opens() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (alice, bob) = (endpoint(tmp.path(), 1).await, endpoint(tmp.path(), 2).await);
+    let key = FileKey::from_bytes([5; 32]);
+    let plain = data(3_000_000, 1);
+    let hash = alice.add_path(&sealed_file(tmp.path(), &key, &plain)).await.expect("add");
+    assert_eq!(
+        alice.provider().id,
+        chitchat_net::blobs::endpoint_id(&SecretKey::from_seed([1; 32]).public()).expect("id"),
+        "the endpoint is the device"
+    );
+
+    let moved = bob.fetch(&alice.provider(), hash).await.expect("fetch");
+    assert_eq!(moved, sealed_len(plain.len() as u64), "the whole blob, once");
+    assert!(bob.has(hash).await.expect("has"));
+    let blob = read_blob(&bob, hash).await;
+    let mut opened = Vec::new();
+    open_to(&key, plain.len() as u64, &blob[..], &mut opened).expect("opens");
+    assert_eq!(opened, plain);
+    // Fetching again moves nothing.
+    assert_eq!(bob.fetch(&alice.provider(), hash).await.expect("again"), 0);
+
+    // A blob the provider does not have is a clear error.
+    let missing = iroh_blobs::Hash::new(b"no such blob");
+    let e = bob.fetch(&alice.provider(), missing).await.expect_err("missing");
+    assert!(matches!(e, BlobError::Fetch(..)), "{e:?}");
+    assert!(!bob.has(missing).await.expect("has"));
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
+
+/// An endpoint that answers every blob request with garbage.
+async fn liar() -> (iroh::Endpoint, tokio::task::JoinHandle<()>) {
+    let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .secret_key(iroh::SecretKey::from_bytes(&[66; 32]))
+        .relay_mode(iroh::endpoint::RelayMode::Disabled)
+        .clear_ip_transports()
+        .bind_addr("127.0.0.1:0")
+        .expect("addr")
+        .alpns(vec![BLOBS_ALPN.to_vec()])
+        .bind()
+        .await
+        .expect("bind");
+    let server = endpoint.clone();
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let mut request = [0u8; 256];
+                    let _ = recv.read(&mut request).await;
+                    let _ = send.write_all(&data(1 << 20, 9)).await;
+                    let _ = send.finish();
+                }
+            });
+        }
+    });
+    (endpoint, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_lies_is_cut_off_and_the_next_one_finishes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (alice, bob) = (endpoint(tmp.path(), 1).await, endpoint(tmp.path(), 2).await);
+    let key = FileKey::from_bytes([6; 32]);
+    let plain = data(1_000_000, 2);
+    let hash = alice.add_path(&sealed_file(tmp.path(), &key, &plain)).await.expect("add");
+    let (mallory, task) = liar().await;
+    let mallory_provider = Provider { id: mallory.id(), addrs: mallory.bound_sockets() };
+
+    let e = bob.fetch(&mallory_provider, hash).await.expect_err("garbage is refused");
+    assert!(matches!(e, BlobError::Fetch(..)), "{e:?}");
+    assert!(!bob.has(hash).await.expect("has"), "nothing unverified is kept as the blob");
+    let which = bob.fetch_any(&[mallory_provider, alice.provider()], hash).await.expect("fetch");
+    assert_eq!(which, 1, "the honest provider finished it");
+    let mut opened = Vec::new();
+    open_to(&key, plain.len() as u64, &read_blob(&bob, hash).await[..], &mut opened)
+        .expect("opens");
+    assert_eq!(opened, plain);
+    task.abort();
+    mallory.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_fetch_goes_on_where_it_stopped() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let alice = endpoint(tmp.path(), 1).await;
+    let bob = std::sync::Arc::new(endpoint(tmp.path(), 2).await);
+    let key = FileKey::from_bytes([7; 32]);
+    let plain = data(48 << 20, 3);
+    let total = sealed_len(plain.len() as u64);
+    let hash = alice.add_path(&sealed_file(tmp.path(), &key, &plain)).await.expect("add");
+
+    // The fetch is stopped once some of the blob is in, before the end.
+    let fetching = {
+        let (bob, provider) = (bob.clone(), alice.provider());
+        tokio::spawn(async move { bob.fetch(&provider, hash).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut have = 0;
+    while have == 0 {
+        assert!(Instant::now() < deadline, "nothing came");
+        let local = bob.store().remote().local(hash).await.expect("local");
+        have = local.local_bytes();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    fetching.abort();
+    let _ = fetching.await;
+    let local = bob.store().remote().local(hash).await.expect("local");
+    let kept = local.local_bytes();
+    assert!(kept > 0 && kept < total, "stopped half-way: {kept} of {total}");
+
+    let moved = bob.fetch(&alice.provider(), hash).await.expect("resume");
+    assert!(moved < total, "only the rest moved: {moved} of {total} (had {kept})");
+    assert!(bob.has(hash).await.expect("has"));
+    let mut opened = Vec::new();
+    open_to(&key, plain.len() as u64, &read_blob(&bob, hash).await[..], &mut opened)
+        .expect("opens");
+    assert!(opened == plain, "the resumed blob opens to the file");
+}
