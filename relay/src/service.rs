@@ -1784,7 +1784,30 @@ impl Relay {
             return error(ErrorCode::Forbidden, "the channel's relay set does not name this relay");
         }
         tracing::info!(%channel, epoch = after.epoch(), "a relay-less channel moved here");
-        self.reopen(channel, state, &relay_set(&relays), after.epoch()).await
+        let members = after.members();
+        let opened = self.reopen(channel, state, &relay_set(&relays), after.epoch()).await;
+        if matches!(opened, Response::ChannelOpened { .. }) {
+            // The move itself goes to the members' inboxes here and into the channel's history,
+            // as every commit this relay orders does: a member that was away when its creator
+            // handed the move over finds it here. (An open asked again fans it out again;
+            // members drop the copy as a commit of a past epoch.)
+            let recipients: Arc<[DeviceId]> = members.into_iter().filter(|d| *d != me).collect();
+            let unbounded = crate::store::InboxQuota { max_items: u64::MAX, max_bytes: u64::MAX };
+            let write = Write::Fanout {
+                sender: me,
+                envelope: Envelope::Commit(moved),
+                recipients,
+                now,
+                quota: unbounded,
+                onward: None,
+                seen: None,
+                history: self.config.history.limits(),
+            };
+            if let PostResult::Refused(code) = self.fan_out(write).await {
+                tracing::warn!(%channel, ?code, "the move of a relay-less channel not fanned out");
+            }
+        }
+        opened
     }
 
     /// Judges a channel's public state offered to open the channel in the group of `set` (the

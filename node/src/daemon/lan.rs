@@ -594,13 +594,24 @@ impl Node {
     /// members' inboxes. Returns the relays' hosts.
     pub async fn move_onto_relays(&self, channel: ChannelId) -> Result<Vec<String>, NodeError> {
         let link = self.link()?;
-        let (me, members, home) = self
+        let at = now();
+        let (unvouched, home) = self
             .with(move |e| {
                 let home = e.account().map(|a| a.relay.id.host.clone());
-                (e.device(), e.members(&channel), home)
+                (e.unvouched_members(&channel, at), home)
             })
             .await;
-        for device in members?.into_iter().filter(|d| *d != me) {
+        // Members of this device's relay first (they may be away), then each other device asked
+        // where it is registered.
+        for chunk in unvouched.chunks(chitchat_proto::wire::MAX_LOOKUP_DEVICES) {
+            if let Ok(Response::Dirs(dirs)) =
+                link.call(&Request::LookupDevices { devices: chunk.to_vec() }).await
+            {
+                self.with(move |e| e.add_dirs(dirs)).await?;
+            }
+        }
+        let unvouched = self.with(move |e| e.unvouched_members(&channel, at)).await;
+        for device in unvouched {
             let dir = match self.hello(device).await {
                 Ok(dir) => dir,
                 Err(e) => {
@@ -631,7 +642,6 @@ impl Node {
                 }
             }
         }
-        let at = now();
         let relays = self.with(move |e| e.move_plan(&channel, at)).await?;
         self.with(move |e| e.record_move(&channel)).await?;
         self.change(channel, IntentOp::Relays(relays.clone())).await?;

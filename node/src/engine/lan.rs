@@ -191,6 +191,22 @@ impl Engine {
         Ok(Ordered::Accepted(ordered))
     }
 
+    /// The channel's other members whose records this device holds vouched for by no relay it
+    /// knows (registered nowhere, or not looked up yet).
+    pub fn unvouched_members(&self, id: &ChannelId, now: Timestamp) -> Vec<DeviceId> {
+        let me = DeviceId(self.key.public());
+        let Some(channel) = self.channels.get(id).and_then(|h| h.channel.as_ref()) else {
+            return Vec::new();
+        };
+        let trust = self.trust();
+        channel
+            .members()
+            .into_iter()
+            .filter(|d| *d != me)
+            .filter(|d| self.dirs.get(d).is_none_or(|dir| dir.verify(&trust, now).is_err()))
+            .collect()
+    }
+
     /// The relay set a relay-less channel this device created moves onto: this device's relay
     /// first, then the relay of each other member (as its record, vouched for by that relay,
     /// says; one relay serving several members is named once). Refused, naming them, if a
