@@ -45,7 +45,18 @@ fn net_is_only_the_host() {
     }
 }
 
-/// Every swarm comes from `chitchat-net`: no other source builds one.
+#[test]
+fn blobs_is_only_the_file_transport() {
+    let t = tree("chitchat-blobs");
+    let names = crates(&t);
+    assert!(names.contains(&"iroh-blobs"), "the tree was read: {names:?}");
+    for forbidden in ["chitchat-node", "chitchat-relay", "chitchat-net", "libp2p", "openraft"] {
+        assert!(!names.contains(&forbidden), "chitchat-blobs depends on {forbidden}");
+    }
+}
+
+/// Every swarm comes from `chitchat-net`, every iroh endpoint from `chitchat-blobs`: no other
+/// source builds one.
 #[test]
 fn no_swarm_is_built_outside_net() {
     fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
@@ -67,8 +78,11 @@ fn no_swarm_is_built_outside_net() {
     }
     assert!(files.len() > 20, "the sources were read: {files:?}");
     let needle = ["Swarm", "Builder"].concat();
+    // And every iroh endpoint from `chitchat-blobs`, which builds it offline.
+    let endpoint = ["Endpoint::", "builder"].concat();
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read");
         assert!(!text.contains(&needle), "{} builds a swarm of its own", file.display());
+        assert!(!text.contains(&endpoint), "{} builds an iroh endpoint", file.display());
     }
 }

@@ -6,7 +6,6 @@
 //! It holds no protocol logic: what a frame means is `chitchat-proto`'s, what a peer does with
 //! it is the node's or the relay's.
 
-pub mod blobs;
 pub mod gossip;
 mod tls;
 

@@ -1,5 +1,5 @@
 //! Blobs over iroh: how files travel (section 8 of the design). One iroh endpoint and one
-//! iroh-blobs store per node and per relay.
+//! iroh-blobs store per node and per relay; nothing else builds an iroh endpoint.
 //!
 //! - **Offline by construction.** The endpoint uses no iroh relay, no address look-up service
 //!   (pkarr, DNS), no port mapping and no reachability probes; it binds only the addresses given.

@@ -1,4 +1,4 @@
-//! Blobs over iroh on loopback (`chitchat_net::blobs`), with files sealed as ChitChat seals
+//! Blobs over iroh on loopback (`chitchat_blobs`), with files sealed as ChitChat seals
 //! them (`chitchat_proto::file`): real endpoints on real UDP sockets, real stores on disk. A
 //! sealed file travels and opens; a provider that sends bytes that are not the blob is cut off
 //! and the next provider finishes; a fetch stopped half-way goes on where it stopped.
@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use chitchat_net::blobs::{BLOBS_ALPN, BlobError, Blobs, Provider};
+use chitchat_blobs::{BLOBS_ALPN, BlobError, Blobs, Provider};
 use chitchat_proto::SecretKey;
 use chitchat_proto::file::{FileKey, open_to, seal_to, sealed_len};
 use tokio::io::AsyncReadExt as _;
@@ -58,7 +58,7 @@ async fn a_sealed_file_travels_between_two_endpoints_and_opens() {
     let hash = alice.add_path(&sealed_file(tmp.path(), &key, &plain)).await.expect("add");
     assert_eq!(
         alice.provider().id,
-        chitchat_net::blobs::endpoint_id(&SecretKey::from_seed([1; 32]).public()).expect("id"),
+        chitchat_blobs::endpoint_id(&SecretKey::from_seed([1; 32]).public()).expect("id"),
         "the endpoint is the device"
     );
 
