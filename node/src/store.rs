@@ -813,16 +813,19 @@ impl Store {
         let mut out = Vec::new();
         let mut bytes = 0;
         // A run without gaps: a member keeps only the commits it took (none before it joined).
-        for (expected, e) in
-            (from..).zip(t.range((channel.0, from)..=(channel.0, u64::MAX)).map_err(redb_err)?)
-        {
+        // (`from` is a peer's: no arithmetic on it may overflow.)
+        let mut expected = Some(from);
+        for e in t.range((channel.0, from)..=(channel.0, u64::MAX)).map_err(redb_err)? {
             let (k, v) = e.map_err(redb_err)?;
             bytes += v.value().len();
-            if k.value().1 != expected || out.len() >= max || (!out.is_empty() && bytes > max_bytes)
+            if Some(k.value().1) != expected
+                || out.len() >= max
+                || (!out.is_empty() && bytes > max_bytes)
             {
                 break;
             }
             out.push(record(v.value(), "ordered")?);
+            expected = k.value().1.checked_add(1);
         }
         Ok(out)
     }
@@ -1322,6 +1325,36 @@ mod lan_tests {
 
     /// A relay-less channel's kept messages: once each, in order, per channel, the oldest going
     /// past the bound (with their ids, so that one gone may be kept again).
+    #[test]
+    fn kept_commits_are_served_without_gaps_from_any_epoch() {
+        use chitchat_proto::ordering::{CommitHash, EpochCert, EpochCertBody};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("n.redb")).expect("open");
+        let c = ChannelId([1; 32]);
+        let commit = |epoch: u64| OrderedCommit {
+            channel: c,
+            commit: vec![epoch as u8],
+            cert: EpochCert {
+                signatures: vec![],
+                body: EpochCertBody { channel: c, epoch, hash: CommitHash([epoch as u8; 32]) },
+            },
+        };
+        let mut b = Batch::default();
+        for epoch in [3, 4, 6, u64::MAX] {
+            b.ordered(commit(epoch));
+        }
+        store.commit(b).expect("commit");
+        let epochs = |from| -> Vec<u64> {
+            let got = store.ordered_from(&c, from, 64, 1 << 20).expect("read");
+            got.iter().map(|o| o.cert.body.epoch).collect()
+        };
+        assert_eq!(epochs(3), [3, 4], "up to the gap");
+        assert!(epochs(5).is_empty(), "none kept for 5");
+        assert_eq!(epochs(6), [6]);
+        assert!(epochs(0).is_empty(), "a member that joined later has no run from 0");
+        assert_eq!(epochs(u64::MAX), [u64::MAX], "the last epoch: no overflow");
+    }
+
     #[test]
     fn lan_history_keeps_each_message_once_and_is_bounded() {
         let dir = tempfile::tempdir().expect("tempdir");
