@@ -74,6 +74,9 @@ const FORKS: TableDefinition<'_, ForkKey, &[u8]> = TableDefinition::new("forks-0
 /// the certificate leaves it, so that it never certifies two commits for one epoch; every member
 /// writes those it takes. Read to answer members that missed commits.
 const ORDERED: TableDefinition<'_, ([u8; 32], u64), &[u8]> = TableDefinition::new("ordered-0");
+/// Epochs of a relay-less channel whose commits `ordered-0` keeps, at most (a member further
+/// behind than that cannot catch up from peers: it is removed and added again).
+pub const KEPT_COMMITS: u64 = 10_000;
 /// Relay-less channels this device moves onto relays: channel → `(epoch, PublicState)`, the
 /// channel's public state before the move, written before the move is staged. With the move's
 /// commit (`ordered-0` at that epoch) it is the evidence a relay opens the channel on
@@ -1059,6 +1062,13 @@ fn apply(w: &WriteTransaction, batch: Batch) -> Result<(), StoreError> {
                 let key = (c.channel.0, c.cert.body.epoch);
                 if t.get(key).map_err(redb_err)?.is_none() {
                     t.insert(key, encode(&c).as_slice()).map_err(redb_err)?;
+                    // The channel's last `KEPT_COMMITS` epochs are kept (the creator orders
+                    // only the current one, so what goes is never asked of it again).
+                    let cut = c.cert.body.epoch.saturating_sub(KEPT_COMMITS - 1);
+                    if cut > 0 {
+                        let ch = c.channel.0;
+                        t.retain_in((ch, 0)..(ch, cut), |_, _| false).map_err(redb_err)?;
+                    }
                 }
             }
             Op::LanKeep(post) => {
@@ -1340,7 +1350,7 @@ mod lan_tests {
             },
         };
         let mut b = Batch::default();
-        for epoch in [3, 4, 6, u64::MAX] {
+        for epoch in [3, 4, 6] {
             b.ordered(commit(epoch));
         }
         store.commit(b).expect("commit");
@@ -1352,7 +1362,19 @@ mod lan_tests {
         assert!(epochs(5).is_empty(), "none kept for 5");
         assert_eq!(epochs(6), [6]);
         assert!(epochs(0).is_empty(), "a member that joined later has no run from 0");
-        assert_eq!(epochs(u64::MAX), [u64::MAX], "the last epoch: no overflow");
+        // Bounded: the newest epoch keeps the `KEPT_COMMITS` before it.
+        let mut b = Batch::default();
+        for epoch in [10, 11, 10 + KEPT_COMMITS] {
+            b.ordered(commit(epoch));
+        }
+        store.commit(b).expect("commit");
+        assert!(epochs(10).is_empty() && epochs(3).is_empty(), "more than KEPT_COMMITS before");
+        assert_eq!(epochs(11), [11], "within the bound: kept");
+        // A peer's `from` at the very end overflows nothing.
+        let mut b = Batch::default();
+        b.ordered(commit(u64::MAX));
+        store.commit(b).expect("commit");
+        assert_eq!(epochs(u64::MAX), [u64::MAX]);
     }
 
     #[test]
