@@ -1,14 +1,16 @@
 //! Peers met directly, and relay-less channels (a LAN).
 //!
-//! - The **peer task** answers what peers ask on `/chitchat/peer/1` (`chitchat_proto::peer`):
-//!   this device's identity record, a fresh KeyPackage (a few a minute per peer), envelopes
-//!   handed over (Welcomes, and commits certified by their channel's creator: checked by the
-//!   engine as inbox items are), and, for the relay-less channels this device created, the
-//!   commits a member missed.
+//! - The **peer task** answers what peers ask on `/chitchat/peer/1` (`chitchat_proto::peer`),
+//!   each peer within its rate, a few at once: this device's identity record, a fresh
+//!   KeyPackage (a few a minute per peer), envelopes handed over (Welcomes, leave requests, and
+//!   commits certified by their channel's creator: checked by the engine as inbox items are),
+//!   and, for the relay-less channels this device is in, the commits and messages it keeps.
 //! - **Relay-less channels** are ordered by their creator's device: it certifies its own
 //!   commits ([`Engine::order_own`](crate::engine::Engine::order_own)) and hands each to the
 //!   other members, and each Welcome to the device it adds, directly. Members that missed a
-//!   commit ask the creator for it (every [`CATCH_UP_EVERY`] while connected to it).
+//!   commit or a message ask the members they are connected to, the creator first (every
+//!   [`CATCH_UP_EVERY`]). Leaving hands the request to those who may remove the device; the
+//!   creator moves the channel onto relays by an ordered commit.
 //! - The **LAN task** publishes relay-less channels' messages by gossip (there is no relay to
 //!   post them to): at once when sent, and again from the outbox until a peer of the channel
 //!   was connected to take one.
