@@ -985,20 +985,11 @@ impl Engine {
             Err(e) => return self.fail(e),
         };
         tracing::debug!(channel = %id, message = %id_string(&msg_id), "sending");
-        let (state, alone, epoch, hlc, lan, keeper) = {
+        let (state, alone, epoch, hlc, lan) = {
             let channel = active_in(&mut self.channels, id)?;
             let alone = !channel.has_other_members();
             let lan = channel.config().relays.is_empty();
-            // Every member of a relay-less channel keeps its messages for members that miss them.
-            let keeper = lan;
-            (
-                channel.state().clone(),
-                alone,
-                channel.epoch(),
-                channel.state().clock.last(),
-                lan,
-                keeper,
-            )
+            (channel.state().clone(), alone, channel.epoch(), channel.state().clock.last(), lan)
         };
         let outbox_id = self.next_outbox;
         let mut record = self.held(id)?.record.clone();
@@ -1018,7 +1009,8 @@ impl Engine {
         }
         let gossip =
             (!alone).then(|| GossipEnvelope::seal(&self.key, *id, epoch, message.clone(), now));
-        if keeper && store {
+        // Every member of a relay-less channel keeps its messages for members that miss them.
+        if lan && store {
             b.lan_keep(chitchat_proto::wire::ChannelPost {
                 channel: *id,
                 message: message.clone(),

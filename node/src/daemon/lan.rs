@@ -23,16 +23,14 @@ use std::time::{Duration, Instant};
 use chitchat_proto::codec::Bytes;
 use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::peer::{PeerRequest, PeerResponse};
-use chitchat_proto::wire::{
-    Envelope, ErrorCode, OrderedCommit, Request, Response, decode_frame, encode_frame,
-};
+use chitchat_proto::wire::{Envelope, ErrorCode, OrderedCommit, decode_frame, encode_frame};
 use chitchat_proto::{DeviceId, Dir, PublicKey};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
 use super::{Node, NodeError, Submitted, now};
-use crate::engine::{EngineError, Incoming, Ordered};
+use crate::engine::{EngineError, Incoming, Need, Ordered};
 use crate::host::{LanPeer, PeerAsk};
 use crate::store::{IntentOp, StagedRecord};
 
@@ -603,46 +601,26 @@ impl Node {
                 (e.unvouched_members(&channel, at), home)
             })
             .await;
-        // Members of this device's relay first (they may be away), then each other device asked
-        // where it is registered.
-        for chunk in unvouched.chunks(chitchat_proto::wire::MAX_LOOKUP_DEVICES) {
-            if let Ok(Response::Dirs(dirs)) =
-                link.call(&Request::LookupDevices { devices: chunk.to_vec() }).await
-            {
-                self.with(move |e| e.add_dirs(dirs)).await?;
+        // Members of this device's relay first (they may be away), then at the relay each other
+        // device names in its own record, as any look-up of records goes (`lookup_devices`).
+        self.lookup_devices(&link, Need { devices: unvouched, relays: Vec::new() }).await?;
+        let unvouched = self.with(move |e| e.unvouched_members(&channel, at)).await;
+        let mut relays = Vec::new();
+        for device in &unvouched {
+            match self.hello(*device).await {
+                Ok(dir) => relays.extend(
+                    dir.body
+                        .sponsorships
+                        .first()
+                        .map(|s| s.body.relay.clone())
+                        .filter(|r| Some(&r.host) != home.as_ref() && !relays.contains(r)),
+                ),
+                // Away: the record this device holds may do.
+                Err(e) => tracing::debug!(%device, error = %e, "a member's record not asked of it"),
             }
         }
-        let unvouched = self.with(move |e| e.unvouched_members(&channel, at)).await;
-        for device in unvouched {
-            let dir = match self.hello(device).await {
-                Ok(dir) => dir,
-                Err(e) => {
-                    // Away: the record this device holds may do.
-                    tracing::debug!(%device, error = %e, "a member's record not asked of it");
-                    continue;
-                }
-            };
-            let Some(relay) = dir.body.sponsorships.first().map(|s| s.body.relay.clone()) else {
-                continue;
-            };
-            let devices = vec![device];
-            let request = match home.as_deref() == Some(relay.host.as_str()) {
-                true => Request::LookupDevices { devices },
-                false => Request::LookupDevicesAt { host: relay.host.clone(), devices },
-            };
-            match link.call(&request).await {
-                Ok(Response::Dirs(dirs)) => self.with(move |e| e.add_dirs(dirs)).await?,
-                Ok(Response::RemoteDirs { relay: vouched, dirs }) if vouched == relay => {
-                    self.with(move |e| {
-                        e.learn_relay(vouched)?;
-                        e.add_dirs(dirs)
-                    })
-                    .await?;
-                }
-                other => {
-                    tracing::debug!(%device, host = %relay.host, answer = ?other, "a member's record not found at its relay");
-                }
-            }
+        if !relays.is_empty() {
+            self.lookup_devices(&link, Need { devices: unvouched, relays }).await?;
         }
         let relays = self.with(move |e| e.move_plan(&channel, at)).await?;
         self.with(move |e| e.record_move(&channel)).await?;
