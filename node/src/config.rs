@@ -22,6 +22,40 @@ pub struct Config {
     /// What this device tells peers about its user.
     #[serde(default)]
     pub profile: ProfileConfig,
+    /// Files: where their blobs travel, and how large they may be.
+    #[serde(default)]
+    pub files: FilesConfig,
+}
+
+/// Files: the blob endpoint (iroh) and its limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesConfig {
+    /// UDP addresses the blob endpoint binds (QUIC), `IP:PORT`; port 0 picks a free port.
+    pub bind: Vec<String>,
+    /// The largest file this device sends, in bytes.
+    pub max_send_bytes: u64,
+    /// The largest file this device fetches, in bytes (a message may name any size).
+    pub max_fetch_bytes: u64,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self { bind: vec!["0.0.0.0:0".into()], max_send_bytes: 16 << 30, max_fetch_bytes: 16 << 30 }
+    }
+}
+
+impl FilesConfig {
+    /// The addresses to bind, parsed (at least one, at most 8).
+    pub fn bind_addrs(&self) -> Result<Vec<std::net::SocketAddr>, ConfigError> {
+        if self.bind.is_empty() || self.bind.len() > 8 {
+            return Err(ConfigError::Invalid("files.bind: 1 to 8 addresses".into()));
+        }
+        self.bind
+            .iter()
+            .map(|a| a.parse().map_err(|e| ConfigError::Invalid(format!("files.bind {a:?}: {e}"))))
+            .collect()
+    }
 }
 
 /// What this device tells peers about its user.
@@ -241,6 +275,15 @@ tls_roots = []
 # way) and off for a registered one; a relay-only node never runs it.
 # mdns = true
 
+[files]
+# Where the blob endpoint (iroh, QUIC over UDP) binds, as IP:PORT (env CHITCHAT_FILES_BIND,
+# comma-separated). Port 0 picks a free port. Members fetch the files this device sent from
+# here; no iroh relay and no discovery service is ever used.
+bind = ["0.0.0.0:0"]
+# The largest file this device sends, and the largest it fetches, in bytes (16 GiB).
+max_send_bytes = 17179869184
+max_fetch_bytes = 17179869184
+
 [profile]
 # The name peers on the local network see while this device is registered at no relay (env
 # CHITCHAT_PROFILE_NAME). No relay vouches for it: peers show it as unverified.
@@ -254,7 +297,7 @@ name = ""
         Ok(config)
     }
 
-    /// Applies `CHITCHAT_API_LISTEN`, `CHITCHAT_SEND_COMMIT_FIRST` and
+    /// Applies `CHITCHAT_API_LISTEN`, `CHITCHAT_SEND_COMMIT_FIRST`, `CHITCHAT_FILES_BIND` and
     /// `CHITCHAT_NETWORK_RELAY_ONLY` (`true` or `false`), `CHITCHAT_NETWORK_LISTEN` and
     /// `CHITCHAT_NETWORK_PEERS` (comma-separated addresses).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -277,6 +320,9 @@ name = ""
             self.network.mdns = Some(v.parse().map_err(|_| {
                 ConfigError::Invalid(format!("CHITCHAT_NETWORK_MDNS={v:?}: expected true or false"))
             })?);
+        }
+        if let Some(v) = var("CHITCHAT_FILES_BIND") {
+            self.files.bind = list(v);
         }
         if let Some(v) = var("CHITCHAT_PROFILE_NAME") {
             self.profile.name = v;
@@ -316,6 +362,13 @@ name = ""
         }
         self.network.listen_addrs()?;
         self.network.peer_addrs()?;
+        self.files.bind_addrs()?;
+        let max = chitchat_proto::file::MAX_FILE_LEN;
+        if self.files.max_send_bytes > max || self.files.max_fetch_bytes > max {
+            return Err(ConfigError::Invalid(format!(
+                "files.max_send_bytes and files.max_fetch_bytes are at most {max}"
+            )));
+        }
         if self.network.relay_only && self.network.mdns == Some(true) {
             return Err(ConfigError::Invalid(
                 "network.mdns: a relay-only node looks for no peer on the local network".into(),
@@ -379,8 +432,24 @@ mod tests {
                 send: SendConfig { commit_first: false, give_up_after_days: 30 },
                 network: NetworkConfig::default(),
                 profile: ProfileConfig::default(),
+                files: FilesConfig::default(),
             }
         );
+    }
+
+    #[test]
+    fn file_settings_are_checked() {
+        let c = Config::parse("").expect("defaults");
+        assert_eq!(c.files.bind_addrs().expect("bind"), ["0.0.0.0:0".parse().expect("addr")]);
+        let bad = Config::parse("[files]\nbind = [\"udp:7000\"]\n");
+        assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("files.bind")));
+        let none = Config::parse("[files]\nbind = []\n");
+        assert!(matches!(none, Err(ConfigError::Invalid(m)) if m.contains("files.bind")));
+        let huge = Config::parse("[files]\nmax_send_bytes = 999999999999999999\n");
+        assert!(matches!(huge, Err(ConfigError::Invalid(m)) if m.contains("max_send_bytes")));
+        let mut c = Config::parse("").expect("defaults");
+        c.apply_env(|k| (k == "CHITCHAT_FILES_BIND").then(|| "127.0.0.1:0".into())).expect("env");
+        assert_eq!(c.files.bind, ["127.0.0.1:0"]);
     }
 
     /// mDNS follows the registration unless set; never for a relay-only node; the profile

@@ -9,6 +9,8 @@
 //! handed over ([`PeerRequest::Deliver`]), and the commits a member missed, from the creator
 //! ([`PeerRequest::Commits`]). Frames are those of [`crate::wire`] (a version, then the body).
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Bytes;
@@ -26,6 +28,8 @@ pub const MAX_DELIVER: usize = 64;
 pub const MAX_COMMITS: usize = 64;
 /// Entries in one [`PeerResponse::History`], at most (the frame's size bounds it too).
 pub const MAX_HISTORY: usize = 256;
+/// Addresses in one [`PeerResponse::Blobs`], at most.
+pub const MAX_BLOB_ADDRS: usize = 16;
 
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +76,9 @@ pub enum PeerRequest {
         /// The first position wanted (0: the oldest kept).
         from: u64,
     },
+    /// Where the answering device's blob endpoint (iroh) listens, to fetch a file it sent. Its
+    /// endpoint id is its device key, so the connection proves who answers there.
+    Blobs,
 }
 
 /// The answer to a [`PeerRequest`].
@@ -119,6 +126,11 @@ pub enum PeerResponse {
         /// Why, for a person (at most 1,024 bytes).
         message: String,
     },
+    /// Where this device's blob endpoint listens, at most [`MAX_BLOB_ADDRS`] addresses.
+    Blobs {
+        /// The addresses.
+        addrs: Vec<SocketAddr>,
+    },
 }
 
 impl Validate for PeerRequest {
@@ -142,9 +154,11 @@ impl Validate for PeerRequest {
                 }
                 Ok(())
             }
-            Self::Hello | Self::ClaimKeyPackage | Self::Commits { .. } | Self::History { .. } => {
-                Ok(())
-            }
+            Self::Hello
+            | Self::ClaimKeyPackage
+            | Self::Commits { .. }
+            | Self::History { .. }
+            | Self::Blobs => Ok(()),
         }
     }
 }
@@ -167,6 +181,7 @@ impl Validate for PeerResponse {
                 entries.iter().try_for_each(|(_, post)| post.validate())
             }
             Self::Error { message, .. } if message.len() > 1024 => Err("error message too long"),
+            Self::Blobs { addrs } if addrs.len() > MAX_BLOB_ADDRS => Err("too many addresses"),
             Self::Hello { dir } => dir.verify_signature().map_err(|_| "bad identity record"),
             _ => Ok(()),
         }
@@ -206,6 +221,12 @@ mod tests {
         let frame = encode_frame(&big).expect("encodes");
         assert!(decode_frame::<PeerResponse>(&frame).is_err(), "an oversized KeyPackage refused");
         assert!(decode_frame::<PeerRequest>(b"\x01\xff\xff").is_err(), "garbage refused");
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let many = PeerResponse::Blobs { addrs: vec![addr; MAX_BLOB_ADDRS + 1] };
+        let frame = encode_frame(&many).expect("encodes");
+        assert!(decode_frame::<PeerResponse>(&frame).is_err(), "too many addresses refused");
+        let frame = encode_frame(&PeerRequest::Blobs).expect("encodes");
+        assert_eq!(decode_frame::<PeerRequest>(&frame).expect("decodes"), PeerRequest::Blobs);
     }
 
     #[test]

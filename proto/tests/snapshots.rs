@@ -594,4 +594,10 @@ fn peer_frames() {
         "peer_history_answer",
         frame(wire::encode_frame(&PeerResponse::History { entries: vec![(7, post)], next: 8 }))
     );
+    insta::assert_snapshot!("peer_blobs", frame(wire::encode_frame(&PeerRequest::Blobs)));
+    let addrs = vec!["127.0.0.1:4433".parse().expect("addr"), "[::1]:4434".parse().expect("addr")];
+    insta::assert_snapshot!(
+        "peer_blobs_answer",
+        frame(wire::encode_frame(&PeerResponse::Blobs { addrs }))
+    );
 }

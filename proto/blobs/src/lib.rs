@@ -99,9 +99,17 @@ impl Blobs {
         Ok(Self { endpoint, store, router })
     }
 
-    /// This endpoint as a provider: its id and the addresses it is bound to.
+    /// This endpoint as a provider: its id and the addresses others can reach it at (the
+    /// local interfaces' addresses when it is bound to every interface), at most 16.
     pub fn provider(&self) -> Provider {
-        let addrs = self.endpoint.bound_sockets();
+        let mut addrs: Vec<SocketAddr> = self.endpoint.addr().ip_addrs().copied().collect();
+        for bound in self.endpoint.bound_sockets() {
+            if !bound.ip().is_unspecified() && !addrs.contains(&bound) {
+                addrs.push(bound);
+            }
+        }
+        addrs.retain(|a| !a.ip().is_unspecified() && a.port() != 0);
+        addrs.truncate(16);
         Provider { id: self.endpoint.id(), addrs }
     }
 
@@ -116,11 +124,42 @@ impl Blobs {
             .store
             .blobs()
             .add_path(path)
-            .with_tag()
+            .temp_tag()
             .await
             .map_err(|e| BlobError::Store(e.to_string()))?;
-        self.tag(tag.hash).await?;
-        Ok(tag.hash)
+        // The named tag is set before the temporary one goes: the blob is never unnamed.
+        let hash = tag.hash();
+        self.tag(hash).await?;
+        drop(tag);
+        Ok(hash)
+    }
+
+    /// Adds the bytes a stream yields to the store, tagged `file/<hash>`; its hash. An error
+    /// from the stream aborts the import (nothing is kept).
+    pub async fn add_stream(
+        &self,
+        bytes: impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Sync + 'static,
+    ) -> Result<Hash, BlobError> {
+        let tag = self
+            .store
+            .blobs()
+            .add_stream(bytes)
+            .await
+            .temp_tag()
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        // The named tag is set before the temporary one goes: the blob is never unnamed.
+        let hash = tag.hash();
+        self.tag(hash).await?;
+        drop(tag);
+        Ok(hash)
+    }
+
+    /// How many of a blob's bytes are here (verified).
+    pub async fn local_bytes(&self, hash: Hash) -> Result<u64, BlobError> {
+        let local =
+            self.store.remote().local(hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        Ok(local.local_bytes())
     }
 
     /// Names a blob so that garbage collection keeps it.
@@ -150,29 +189,58 @@ impl Blobs {
     /// Fetches the blob from one provider, verified as it streams in, from where a previous
     /// fetch stopped; keeps it tagged. Returns the bytes this fetch moved.
     pub async fn fetch(&self, provider: &Provider, hash: Hash) -> Result<u64, BlobError> {
+        self.fetch_with(provider, hash, |_| ()).await
+    }
+
+    /// [`Blobs::fetch`], calling `progress` with the bytes this fetch moved so far as they
+    /// come in.
+    pub async fn fetch_with(
+        &self,
+        provider: &Provider,
+        hash: Hash,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, BlobError> {
+        use futures::StreamExt as _;
+        use iroh_blobs::api::remote::GetProgressItem;
         let who = provider.id.fmt_short().to_string();
         let conn = self
             .endpoint
             .connect(provider.endpoint_addr(), BLOBS_ALPN)
             .await
             .map_err(|e| BlobError::Connect(who.clone(), e.to_string()))?;
-        let stats = self
-            .store
-            .remote()
-            .fetch(conn, hash)
-            .await
-            .map_err(|e| BlobError::Fetch(who, e.to_string()))?;
+        let mut items = std::pin::pin!(self.store.remote().fetch(conn, hash).stream());
+        let moved = loop {
+            match items.next().await {
+                Some(GetProgressItem::Progress(n)) => progress(n),
+                Some(GetProgressItem::Done(stats)) => break stats.payload_bytes_read,
+                Some(GetProgressItem::Error(e)) => {
+                    return Err(BlobError::Fetch(who, e.to_string()));
+                }
+                None => return Err(BlobError::Fetch(who, "the transfer ended unfinished".into())),
+            }
+        };
         self.tag(hash).await?;
-        Ok(stats.payload_bytes_read)
+        Ok(moved)
     }
 
     /// Fetches the blob from the first provider that gives all of it, in order; each failure
     /// (unreachable, no such blob, bytes that are not it) moves on to the next, keeping what was
-    /// verified. Returns which provider finished it.
-    pub async fn fetch_any(&self, providers: &[Provider], hash: Hash) -> Result<usize, BlobError> {
+    /// verified. `progress` hears how many of the blob's bytes are here (verified) as they
+    /// come in. Returns which provider finished it.
+    pub async fn fetch_any(
+        &self,
+        providers: &[Provider],
+        hash: Hash,
+        mut progress: impl FnMut(u64),
+    ) -> Result<usize, BlobError> {
         for (i, provider) in providers.iter().enumerate() {
-            match self.fetch(provider, hash).await {
-                Ok(_) if self.has(hash).await? => return Ok(i),
+            let here = self.local_bytes(hash).await?;
+            progress(here);
+            match self.fetch_with(provider, hash, |n| progress(here.saturating_add(n))).await {
+                Ok(_) if self.has(hash).await? => {
+                    progress(self.local_bytes(hash).await?);
+                    return Ok(i);
+                }
                 Ok(_) => {
                     tracing::debug!(%hash, provider = %provider.id, "provider gave part of a blob")
                 }

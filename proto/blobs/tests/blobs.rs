@@ -123,8 +123,14 @@ async fn a_provider_that_lies_is_cut_off_and_the_next_one_finishes() {
     let e = bob.fetch(&mallory_provider, hash).await.expect_err("garbage is refused");
     assert!(matches!(e, BlobError::Fetch(..)), "{e:?}");
     assert!(!bob.has(hash).await.expect("has"), "nothing unverified is kept as the blob");
-    let which = bob.fetch_any(&[mallory_provider, alice.provider()], hash).await.expect("fetch");
+    let mut seen = Vec::new();
+    let which = bob
+        .fetch_any(&[mallory_provider, alice.provider()], hash, |n| seen.push(n))
+        .await
+        .expect("fetch");
     assert_eq!(which, 1, "the honest provider finished it");
+    let sealed = chitchat_proto::file::sealed_len(plain.len() as u64);
+    assert_eq!(seen.last().copied(), Some(sealed), "progress ends at the blob's length");
     let mut opened = Vec::new();
     open_to(&key, plain.len() as u64, &read_blob(&bob, hash).await[..], &mut opened)
         .expect("opens");
@@ -169,4 +175,39 @@ async fn an_interrupted_fetch_goes_on_where_it_stopped() {
     open_to(&key, plain.len() as u64, &read_blob(&bob, hash).await[..], &mut opened)
         .expect("opens");
     assert!(opened == plain, "the resumed blob opens to the file");
+}
+
+/// A stream added in pieces is the same blob as the file; a stream that fails part-way keeps
+/// nothing under any hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_added_whole_or_not_at_all() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let alice = endpoint(tmp.path(), 1).await;
+    let key = FileKey::from_bytes([8; 32]);
+    let plain = data(300_000, 4);
+    let mut sealed = Vec::new();
+    seal_to(&key, &plain[..], &mut sealed).expect("seal");
+    let pieces: Vec<std::io::Result<bytes::Bytes>> =
+        sealed.chunks(7_000).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+    let hash = alice.add_stream(futures::stream::iter(pieces)).await.expect("add");
+    assert_eq!(hash, iroh_blobs::Hash::new(&sealed), "the blob is the bytes streamed");
+    assert!(alice.has(hash).await.expect("has"));
+    assert_eq!(alice.local_bytes(hash).await.expect("local"), sealed.len() as u64);
+
+    let other = {
+        let mut s = sealed.clone();
+        s[0] ^= 1;
+        s
+    };
+    let broken = vec![
+        Ok(bytes::Bytes::copy_from_slice(&other[..100_000])),
+        Err(std::io::Error::other("the sender went away")),
+    ];
+    let e = alice.add_stream(futures::stream::iter(broken)).await.expect_err("a broken stream");
+    assert!(matches!(e, BlobError::Store(_)), "{e:?}");
+    let partial = iroh_blobs::Hash::new(&other[..100_000]);
+    assert!(!alice.has(partial).await.expect("has"), "no blob of the part that came");
+    let tags = alice.store().tags().list().await.expect("tags");
+    use futures::StreamExt as _;
+    assert_eq!(tags.count().await, 1, "one tag: the whole blob's");
 }
