@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes as Body;
+use futures::StreamExt as _;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -93,6 +94,16 @@ impl From<NodeError> for ApiError {
             }
             NodeError::NotFound(_) => Self::not_found(message),
             NodeError::Invalid(_) => Self::bad(message),
+            NodeError::File { code, .. } => {
+                let status = match code {
+                    "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+                    "busy" | "not_fetched" => StatusCode::CONFLICT,
+                    "upload" => StatusCode::BAD_REQUEST,
+                    "storage" => StatusCode::INTERNAL_SERVER_ERROR,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                Self::new(status, code, message)
+            }
         }
     }
 }
@@ -154,7 +165,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/channels/{channel}/messages", get(messages).post(send))
         .route("/v1/channels/{channel}/history", get(history))
         .route("/v1/channels/{channel}/export", get(export))
+        .route("/v1/channels/{channel}/files", post(send_file))
         .route("/v1/messages/{reference}", get(find_message))
+        .route("/v1/messages/{reference}/fetch", post(fetch_file))
+        .route("/v1/messages/{reference}/file", get(read_file))
         .route("/v1/events", get(events))
         .fallback(|| async { ApiError::not_found("no such route; see node/API.md") })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -791,8 +805,31 @@ async fn messages(
     let id = resolve_channel(&s, &channel).await?;
     let (mime, stored, failures) = load_messages(&s, id, limit(q.limit, 1000)?).await?;
     let names = names(&s, &stored).await;
-    let list = views(&stored, &mime, &failures, &names);
+    let mut list = views(&stored, &mime, &failures, &names);
+    let files: Vec<&mut view::FileView> = list
+        .iter_mut()
+        .filter_map(|m| match &mut m.content {
+            Some(Content::Attachment { file, .. }) => Some(file),
+            _ => None,
+        })
+        .collect();
+    mark_fetched(&s, files).await;
     Ok(Json(json!({ "channel": id.to_string(), "mime": mime, "messages": list })))
+}
+
+/// Marks each file that is here as fetched.
+async fn mark_fetched(s: &ApiState, files: Vec<&mut view::FileView>) {
+    if files.is_empty() {
+        return;
+    }
+    let hashes = files.iter().filter_map(|f| {
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(&f.hash, &mut h).ok().map(|()| h)
+    });
+    let here = s.node.fetched(hashes.collect::<Vec<_>>()).await;
+    for f in files {
+        f.mark(&here);
+    }
 }
 
 async fn names(
@@ -824,6 +861,9 @@ async fn history(
     let mut h = chat_history(&stored, &failures, &names);
     let skip = h.messages.len().saturating_sub(limit(q.limit, MAX_LIMIT)?);
     h.messages.drain(..skip);
+    let files: Vec<&mut view::FileView> =
+        h.messages.iter_mut().filter_map(|m| m.attachment.as_mut()).collect();
+    mark_fetched(&s, files).await;
     Ok(Json(json!({ "channel": id.to_string(), "history": h })))
 }
 
@@ -886,18 +926,123 @@ async fn export(
     }
 }
 
+/// Resolves `SENDER:EPOCH.N` (or a short form), or `CHANNEL/SENDER:EPOCH.N`.
+async fn locate(s: &ApiState, reference: &str) -> ApiResult<(ChannelId, MessageId)> {
+    match reference.split_once('/') {
+        Some((c, m)) => {
+            let c = resolve_channel(s, c).await?;
+            resolve_message(s, m, Some(c)).await
+        }
+        None => resolve_message(s, reference, None).await,
+    }
+}
+
 async fn find_message(
     State(s): State<Arc<ApiState>>,
     Path(reference): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let (channel, id) = match reference.split_once('/') {
-        Some((c, m)) => {
-            let c = resolve_channel(&s, c).await?;
-            resolve_message(&s, m, Some(c)).await?
-        }
-        None => resolve_message(&s, &reference, None).await?,
-    };
+    let (channel, id) = locate(&s, &reference).await?;
     Ok(Json(json!({ "channel": channel.to_string(), "id": id_string(&id) })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileQuery {
+    /// The file's name as members see it.
+    name: String,
+    #[serde(default)]
+    caption: Option<String>,
+    /// The API token, when given in the query (read by the middleware).
+    #[serde(default, rename = "token")]
+    _token: Option<String>,
+}
+
+/// `POST /v1/channels/{channel}/files?name=NAME[&caption=TEXT]`: the body is the file, of any
+/// size up to `[files] max_send_bytes`, streamed (never whole in memory); its `Content-Type`
+/// is the file's MIME type.
+async fn send_file(
+    State(s): State<Arc<ApiState>>,
+    Path(channel): Path<String>,
+    Query(q): Query<FileQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let (id, mime) = resolve_channel_mime(&s, &channel).await?;
+    if mime != chat::MIME {
+        return Err(ApiError::bad(format!("a {mime} channel carries no files")));
+    }
+    let file_mime = match headers.get(header::CONTENT_TYPE) {
+        Some(v) => v
+            .to_str()
+            .map_err(|_| ApiError::bad("Content-Type: not ASCII"))?
+            .to_owned(),
+        None => "application/octet-stream".to_owned(),
+    };
+    let (msg, file) =
+        s.node.send_file(id, q.name, file_mime, q.caption, body.into_data_stream()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": id_string(&msg),
+            "status": "sending",
+            "file": view::FileView::of(&file, true),
+        })),
+    ))
+}
+
+/// `POST /v1/messages/{reference}/fetch`: fetches the file a message carries, unless it is
+/// here; answers once it is here (progress goes out as `file` events).
+async fn fetch_file(
+    State(s): State<Arc<ApiState>>,
+    Path(reference): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (channel, id) = locate(&s, &reference).await?;
+    let attachment = s.node.attachment(channel, id).await?;
+    let moved = s.node.fetch_file(&attachment).await?;
+    Ok(Json(json!({
+        "channel": channel.to_string(),
+        "id": id_string(&id),
+        "fetched": true,
+        "moved": moved,
+        "file": view::FileView::of(&attachment.file, true),
+    })))
+}
+
+/// `GET /v1/messages/{reference}/file`: the file, opened, streamed a chunk at a time.
+async fn read_file(
+    State(s): State<Arc<ApiState>>,
+    Path(reference): Path<String>,
+) -> ApiResult<Response> {
+    let (channel, id) = locate(&s, &reference).await?;
+    let attachment = s.node.attachment(channel, id).await?;
+    if s.node.fetched([attachment.file.hash]).await.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_fetched",
+            format!("the file is not here; fetch it first (POST /v1/messages/{reference}/fetch)"),
+        ));
+    }
+    let chunks = s.node.open_chunks(&attachment, 0).map(|c| c.map_err(std::io::Error::other));
+    let file = &attachment.file;
+    let disposition = format!(
+        "attachment; filename*=UTF-8''{}",
+        percent_encoding::utf8_percent_encode(&file.name, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let mime = axum::http::HeaderValue::from_str(&file.mime)
+        .unwrap_or(axum::http::HeaderValue::from_static("application/octet-stream"));
+    Ok((
+        [
+            (header::CONTENT_TYPE, mime),
+            (header::CONTENT_LENGTH, file.size.into()),
+            (
+                header::CONTENT_DISPOSITION,
+                axum::http::HeaderValue::from_str(&disposition)
+                    .map_err(|e| ApiError::bad(e.to_string()))?,
+            ),
+        ],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -941,7 +1086,8 @@ fn event_channel(e: &Event) -> Option<&str> {
         | Event::Members { channel, .. }
         | Event::Joined { channel, .. }
         | Event::Removed { channel }
-        | Event::Fork { channel, .. } => Some(channel),
+        | Event::Fork { channel, .. }
+        | Event::File { channel, .. } => Some(channel),
         // Every stream hears of a convicted orderer: it matters to all its channels.
         Event::Relay { .. } | Event::Equivocation { .. } => None,
     }

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::view::ChatEntry;
+use crate::view::{ChatEntry, FileView};
 
 /// `HH:MM:SS` (UTC) of a time in milliseconds since the Unix epoch.
 pub fn format_time(ms: u64) -> String {
@@ -16,9 +16,17 @@ pub fn format_entry(m: &ChatEntry) -> String {
     if let Some(to) = &m.reply_to {
         line.push_str(&format!("(reply to {to}) "));
     }
-    match &m.body {
-        Some(b) if !m.deleted => line.push_str(b),
-        _ => line.push_str("[deleted]"),
+    match (&m.body, &m.attachment) {
+        _ if m.deleted => line.push_str("[deleted]"),
+        (body, Some(f)) => {
+            line.push_str(&format_file(f));
+            if let Some(b) = body {
+                line.push(' ');
+                line.push_str(b);
+            }
+        }
+        (Some(b), None) => line.push_str(b),
+        (None, None) => line.push_str("[deleted]"),
     }
     if m.edited && !m.deleted {
         line.push_str(" (edited)");
@@ -36,6 +44,24 @@ pub fn format_entry(m: &ChatEntry) -> String {
         line.push_str(&format!(" (read by {})", m.read_by.join(", ")));
     }
     line
+}
+
+/// A file as a line shows it: `[file NAME, SIZE, TYPE, fetched]`.
+pub fn format_file(f: &FileView) -> String {
+    let here = if f.fetched { "fetched" } else { "not fetched" };
+    format!("[file {}, {}, {}, {here}]", f.name, format_size(f.size), f.mime)
+}
+
+/// A size in bytes, for people (`1.5 MiB`).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 /// One line of folded chat history, from its JSON.
@@ -62,6 +88,8 @@ struct EntryJson {
     #[serde(default)]
     failure: Option<String>,
     read_by: Vec<String>,
+    #[serde(default)]
+    attachment: Option<FileView>,
 }
 
 impl From<EntryJson> for ChatEntry {
@@ -84,6 +112,7 @@ impl From<EntryJson> for ChatEntry {
             },
             failure: e.failure,
             read_by: e.read_by,
+            attachment: e.attachment,
         }
     }
 }
@@ -111,6 +140,17 @@ pub fn format_event(v: &Value) -> String {
                     short(&s_of(content, "target"))
                 ),
                 Some("read_receipt") => format!("(read up to {})", short(&s_of(content, "up_to"))),
+                Some("attachment") => {
+                    let file = content
+                        .and_then(|c| c.get("file"))
+                        .and_then(|f| serde_json::from_value::<FileView>(f.clone()).ok());
+                    let caption = s_of(content, "caption");
+                    match file {
+                        Some(f) if caption.is_empty() => format_file(&f),
+                        Some(f) => format!("{} {caption}", format_file(&f)),
+                        None => "(a file)".to_owned(),
+                    }
+                }
                 Some(other) => format!("({other})"),
                 None => format!("({} bytes, base64)", s("payload_base64").len()),
             };
@@ -137,6 +177,13 @@ pub fn format_event(v: &Value) -> String {
         ),
         Some("joined") => format!("   joined channel {}", s("name")),
         Some("removed") => "   this device was removed from the channel".to_owned(),
+        Some("file") => format!(
+            "   file {} {}: {} of {}",
+            short(&s("id")),
+            s("state"),
+            format_size(v.get("bytes").and_then(Value::as_u64).unwrap_or(0)),
+            format_size(v.get("total").and_then(Value::as_u64).unwrap_or(0))
+        ),
         _ => v.to_string(),
     }
 }

@@ -162,16 +162,7 @@ impl ApiClient {
     ) -> anyhow::Result<Value> {
         let body = body.map(|b| serde_json::to_vec(&b)).transpose()?;
         let (status, bytes) = self.raw(method, path, body).await?;
-        let value: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        if !(200..300).contains(&status) {
-            let message = value
-                .get("message")
-                .and_then(Value::as_str)
-                .map_or_else(|| value.to_string(), str::to_owned);
-            bail!("{message} (HTTP {status})");
-        }
-        Ok(value)
+        answer(status, &bytes)
     }
 
     /// Sends a request and returns the text answer.
@@ -182,6 +173,90 @@ impl ApiClient {
             bail!("{text} (HTTP {status})");
         }
         Ok(text)
+    }
+
+    /// Sends `file` (of `len` bytes) as the body of a POST to `path` with `content_type`,
+    /// streamed (never whole in memory); `progress` hears the bytes sent so far. Returns the
+    /// JSON answer, or an error with the API's message.
+    pub async fn upload(
+        &self,
+        path: &str,
+        content_type: &str,
+        file: tokio::fs::File,
+        len: u64,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> anyhow::Result<Value> {
+        use futures::StreamExt as _;
+        let mut sent = 0u64;
+        let frames = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).map(move |r| {
+            r.map(|bytes| {
+                sent += bytes.len() as u64;
+                progress(sent);
+                hyper::body::Frame::data(bytes)
+            })
+        });
+        let request = hyper::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .header(hyper::header::CONTENT_LENGTH, len)
+            .body(http_body_util::StreamBody::new(frames))?;
+        let io = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        answer(status, &bytes)
+    }
+
+    /// GETs `path` and streams the answer's body into `out`; `progress` hears the bytes
+    /// written so far. Returns the bytes written; an error status is an error with the API's
+    /// message.
+    pub async fn download(
+        &self,
+        path: &str,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
+        mut progress: impl FnMut(u64),
+    ) -> anyhow::Result<u64> {
+        use tokio::io::AsyncWriteExt as _;
+        let request = hyper::Request::builder()
+            .method("GET")
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::new()))?;
+        let mut sender = self.fresh_connection().await?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let expected = response
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut body = response.into_body();
+        if !(200..300).contains(&status) {
+            let bytes = body.collect().await?.to_bytes();
+            answer(status, &bytes)?;
+            bail!("HTTP {status}");
+        }
+        let mut written = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("the daemon stopped sending the file")?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data).await?;
+                written += data.len() as u64;
+                progress(written);
+            }
+        }
+        out.flush().await?;
+        if expected.is_some_and(|e| e != written) {
+            bail!("the file came cut short ({written} of {} bytes)", expected.unwrap_or(0));
+        }
+        Ok(written)
     }
 
     /// Opens the event stream (`/v1/events`), optionally for one channel, and calls `on_event`
@@ -216,6 +291,20 @@ impl ApiClient {
         }
         Ok(())
     }
+}
+
+/// A JSON answer, or an error with the API's message for an error status.
+fn answer(status: u16, bytes: &[u8]) -> anyhow::Result<Value> {
+    let value: Value = serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()));
+    if !(200..300).contains(&status) {
+        let message = value
+            .get("message")
+            .and_then(Value::as_str)
+            .map_or_else(|| value.to_string(), str::to_owned);
+        bail!("{message} (HTTP {status})");
+    }
+    Ok(value)
 }
 
 #[cfg(unix)]

@@ -53,7 +53,9 @@ const EVIDENCE_MAX_BACKOFF_MS: u64 = 10_000;
 
 pub use crate::engine::now;
 
+mod files;
 mod lan;
+pub use files::Attachment;
 pub use lan::parse_device;
 
 /// Why a node operation failed, as the local API reports it.
@@ -79,6 +81,15 @@ pub enum NodeError {
     /// A request that cannot be carried out as asked.
     #[error("{0}")]
     Invalid(String),
+    /// A file could not be taken, fetched or read.
+    #[error("{message}")]
+    File {
+        /// What kind of failure: `too_large`, `busy`, `unavailable`, `corrupt`, `upload`,
+        /// `storage`.
+        code: &'static str,
+        /// Why.
+        message: String,
+    },
 }
 
 fn refused(response: Response) -> NodeError {
@@ -142,6 +153,12 @@ pub struct Node {
     /// How far each channel's history at the relay was read this run (what the inbox missed
     /// is fetched once, whether a notice or an item asks for it first).
     history_read: Mutex<HashMap<ChannelId, u64>>,
+    /// Files' blobs: this device's iroh endpoint and store.
+    blobs: chitchat_blobs::Blobs,
+    /// Blobs being fetched now (one fetch of each at a time).
+    fetching: Mutex<std::collections::HashSet<iroh_blobs::Hash>>,
+    /// Where events go, besides the engine's own (a fetch's progress).
+    events: tokio::sync::broadcast::Sender<Event>,
 }
 
 /// A message to gossip: its channel, id, envelope, and for a relay-less channel its outbox
@@ -162,7 +179,11 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 impl Node {
     /// Opens the node's state and starts its background tasks.
-    pub async fn start(mut engine: Engine, config: Config) -> Result<Arc<Self>, NodeError> {
+    pub async fn start(
+        mut engine: Engine,
+        config: Config,
+        blobs: chitchat_blobs::Blobs,
+    ) -> Result<Arc<Self>, NodeError> {
         engine.set_commit_first(config.send.commit_first);
         engine.set_lan(!config.network.relay_only);
         if engine.account().is_none() {
@@ -192,6 +213,7 @@ impl Node {
         let rosters = engine.store().rosters();
         let (publish, to_publish) = mpsc::channel(PUBLISH_QUEUE);
         let first_outbox_id = engine.next_outbox_id();
+        let events = engine.event_sender();
         let node = Arc::new(Self {
             engine: Arc::new(Mutex::new(engine)),
             link: Mutex::new(link.clone()),
@@ -209,6 +231,9 @@ impl Node {
             topics: Notify::new(),
             publish,
             history_read: Mutex::new(HashMap::new()),
+            blobs,
+            fetching: Mutex::new(std::collections::HashSet::new()),
+            events,
         });
         tokio::spawn(node.clone().gossip_task(gossiped));
         tokio::spawn(node.clone().publish_task(to_publish));

@@ -177,6 +177,19 @@ pub enum Event {
         /// The epoch.
         epoch: u64,
     },
+    /// A file's fetch moved on, finished or failed.
+    File {
+        /// The channel (hex).
+        channel: String,
+        /// The message that carries the file.
+        id: String,
+        /// The blob's bytes here (verified).
+        bytes: u64,
+        /// The blob's length.
+        total: u64,
+        /// `fetching`, `fetched` or `failed`.
+        state: &'static str,
+    },
     /// Another member reported another commit or state for an epoch of a channel.
     Fork {
         /// The channel (hex).
@@ -612,6 +625,11 @@ impl Engine {
     /// Makes every send commit before its message leaves (see [`Engine::send`]).
     pub fn set_commit_first(&mut self, commit_first: bool) {
         self.commit_first = commit_first;
+    }
+
+    /// Where events go (for the daemon's own: a fetch's progress).
+    pub fn event_sender(&self) -> broadcast::Sender<Event> {
+        self.events.clone()
     }
 
     /// Subscribes to events.

@@ -107,6 +107,29 @@ enum Command {
         /// The text.
         text: String,
     },
+    /// Send a file, of any size: streamed to the daemon, sealed under a fresh key, and kept
+    /// here for the members to fetch.
+    SendFile {
+        /// The channel.
+        channel: String,
+        /// The file.
+        path: PathBuf,
+        /// A caption.
+        #[arg(long)]
+        caption: Option<String>,
+        /// Its MIME type (guessed from its name if not given).
+        #[arg(long)]
+        mime: Option<String>,
+    },
+    /// Fetch the file a message carries and write it out.
+    Fetch {
+        /// The message (an id as `history` shows it).
+        message: String,
+        /// Where to write it (by default its name, in this directory); an existing file is
+        /// never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Reply to a message.
     Reply {
         /// The message (an id as `history` shows it).
@@ -255,7 +278,11 @@ async fn daemon(dir: NodeDir, relay_only: bool) -> anyhow::Result<()> {
     };
     let engine = Engine::open(store)?;
     let device = engine.device();
-    let node = Node::start(engine, config.clone()).await?;
+    let blob_dir = dir.root().join("blobs");
+    let blobs = chitchat_blobs::Blobs::open(&blob_dir, engine.key(), &config.files.bind_addrs()?)
+        .await
+        .with_context(|| format!("open the blob store in {}", blob_dir.display()))?;
+    let node = Node::start(engine, config.clone(), blobs).await?;
     let state = Arc::new(api::ApiState { node: node.clone(), token });
     let app = api::router(state);
     let listen = ApiListen::parse(&config.api.listen).context("api.listen")?;
@@ -358,6 +385,109 @@ async fn wait_for_signal() {
 }
 
 /// Finds which channel a message is in: `(channel, full id)`.
+/// A progress bar for `total` bytes on standard error, drawn only on a terminal: bytes, rate,
+/// time left.
+fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg} {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta} left",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what.to_owned());
+    bar
+}
+
+async fn send_file(
+    client: &ApiClient,
+    channel: &str,
+    path: &std::path::Path,
+    caption: Option<String>,
+    mime: Option<String>,
+) -> anyhow::Result<()> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let len = file.metadata().await?.len();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: no file name in UTF-8", path.display()))?;
+    let mime = mime.unwrap_or_else(|| {
+        mime_guess::from_path(path).first_or_octet_stream().essence_str().to_owned()
+    });
+    let mut query = format!("name={}", enc(name));
+    if let Some(c) = caption {
+        query.push_str(&format!("&caption={}", enc(&c)));
+    }
+    let bar = progress_bar(len, "sending");
+    let shown = bar.clone();
+    let path = format!("/v1/channels/{}/files?{query}", enc(channel));
+    let answer = client.upload(&path, &mime, file, len, move |n| shown.set_position(n)).await;
+    bar.finish_and_clear();
+    print_sent(&answer?);
+    Ok(())
+}
+
+async fn fetch(client: &ApiClient, message: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let (channel, id) = locate(client, message).await?;
+    let reference = enc(&format!("{channel}/{id}"));
+    // Progress comes as events while the fetch request waits.
+    let bar = progress_bar(0, "fetching");
+    let watching = {
+        let (client, bar, id) = (client.clone(), bar.clone(), id.clone());
+        tokio::spawn(async move {
+            let _ = client
+                .events(Some(&channel), |e| {
+                    if e["type"] == "file" && e["id"] == id.as_str() {
+                        bar.set_length(e["total"].as_u64().unwrap_or(0));
+                        bar.set_position(e["bytes"].as_u64().unwrap_or(0));
+                    }
+                    true
+                })
+                .await;
+        })
+    };
+    let fetched = client.json("POST", &format!("/v1/messages/{reference}/fetch"), None).await;
+    watching.abort();
+    bar.finish_and_clear();
+    let fetched = fetched?;
+    let name = fetched["file"]["name"].as_str().unwrap_or("file").to_owned();
+    let size = fetched["file"]["size"].as_u64().unwrap_or(0);
+    let out = out.unwrap_or_else(|| PathBuf::from(&name));
+    // Written beside its place, then moved there: never a half file under its name.
+    let partial = out.with_file_name(format!(
+        ".{}.part",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    if out.exists() {
+        bail!("{} exists; give another place with --out", out.display());
+    }
+    let mut file = tokio::fs::File::create(&partial)
+        .await
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    let bar = progress_bar(size, "writing");
+    let shown = bar.clone();
+    let written = client
+        .download(&format!("/v1/messages/{reference}/file"), &mut file, |n| shown.set_position(n))
+        .await;
+    bar.finish_and_clear();
+    if let Err(e) = written {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(e);
+    }
+    file.sync_all().await?;
+    // A link fails where a file is: nothing is overwritten even if one came meanwhile.
+    let linked = tokio::fs::hard_link(&partial, &out).await;
+    let _ = tokio::fs::remove_file(&partial).await;
+    linked.with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{} ({} bytes)", out.display(), size);
+    Ok(())
+}
+
 async fn locate(client: &ApiClient, message: &str) -> anyhow::Result<(String, String)> {
     let v = client.json("GET", &format!("/v1/messages/{}", enc(message)), None).await?;
     let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
@@ -555,6 +685,10 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 &post_content(client, &channel, json!({"type": "text", "body": text})).await?,
             );
         }
+        Command::SendFile { channel, path, caption, mime } => {
+            send_file(client, &channel, &path, caption, mime).await?;
+        }
+        Command::Fetch { message, out } => fetch(client, &message, out).await?,
         Command::Reply { message, text } => {
             let (channel, id) = locate(client, &message).await?;
             print_sent(

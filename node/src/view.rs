@@ -61,7 +61,15 @@ pub enum Content {
         /// Whether typing goes on.
         active: bool,
     },
-    /// Content this version cannot show (an attachment, for now).
+    /// A file (sent with `POST /v1/channels/{channel}/files`, not as content).
+    Attachment {
+        /// The file.
+        file: FileView,
+        /// Its caption.
+        #[serde(default)]
+        caption: Option<String>,
+    },
+    /// Content this version cannot show.
     Other {
         /// What it is.
         kind: String,
@@ -88,6 +96,9 @@ impl Content {
             },
             Self::ReadReceipt { up_to } => ChatContent::ReadReceipt { up_to: resolve(up_to)? },
             Self::Typing { active } => ChatContent::Typing { active: *active },
+            Self::Attachment { .. } => {
+                return Err("a file is sent with POST /v1/channels/{channel}/files".into());
+            }
             Self::Other { kind } => return Err(format!("cannot send content of kind {kind:?}")),
         };
         c.validate().map_err(str::to_owned)?;
@@ -110,7 +121,54 @@ impl Content {
             }
             ChatContent::ReadReceipt { up_to } => Self::ReadReceipt { up_to: id_string(up_to) },
             ChatContent::Typing { active } => Self::Typing { active: *active },
-            ChatContent::Attachment { .. } => Self::Other { kind: "attachment".into() },
+            ChatContent::Attachment { file, caption } => {
+                Self::Attachment { file: FileView::of(file, false), caption: caption.clone() }
+            }
+        }
+    }
+}
+
+/// A file a message carries, as the API shows it (its key never leaves the node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileView {
+    /// Its name.
+    pub name: String,
+    /// Its MIME type.
+    pub mime: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its blob's BLAKE3 hash (hex).
+    pub hash: String,
+    /// A small thumbnail (base64), for an image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbnail_base64: Option<String>,
+    /// Whether it is here (fetched, or sent from this device).
+    #[serde(default)]
+    pub fetched: bool,
+}
+
+impl FileView {
+    /// The view of `f`.
+    pub fn of(f: &chat::FileRef, fetched: bool) -> Self {
+        Self {
+            name: f.name.clone(),
+            mime: f.mime.clone(),
+            size: f.size,
+            hash: hex::encode(f.hash),
+            thumbnail_base64: f
+                .thumbnail
+                .as_ref()
+                .map(|t| base64::engine::general_purpose::STANDARD.encode(&t.0)),
+            fetched,
+        }
+    }
+
+    /// Marks it fetched if its blob is among `here`.
+    pub fn mark(&mut self, here: &std::collections::BTreeSet<[u8; 32]>) {
+        let mut hash = [0u8; 32];
+        if hex::decode_to_slice(&self.hash, &mut hash).is_ok() {
+            self.fetched = here.contains(&hash);
         }
     }
 }
@@ -211,6 +269,9 @@ pub struct ChatEntry {
     pub failure: Option<String>,
     /// Who has read up to here or further (receipts that point exactly here).
     pub read_by: Vec<String>,
+    /// The file it carries (the body is its caption).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<FileView>,
 }
 
 /// A chat channel's history, folded: edits, deletions, reactions and receipts applied.
@@ -257,6 +318,7 @@ pub fn fold_chat(messages: &[StoredMessage], name: impl Fn(&DeviceId) -> String)
             status: status_str(status.get(&m.id).copied().unwrap_or(MessageStatus::Received)),
             failure: None,
             read_by: read_by.remove(&m.id).unwrap_or_default(),
+            attachment: m.attachment.as_ref().map(|f| FileView::of(f, false)),
         })
         .collect();
     ChatHistory {

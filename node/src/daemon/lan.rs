@@ -126,7 +126,7 @@ fn peer_error(code: ErrorCode, message: impl Into<String>) -> PeerResponse {
 }
 
 /// The peer id of a device (its key).
-fn peer_of(device: &DeviceId) -> Result<PeerId, NodeError> {
+pub(super) fn peer_of(device: &DeviceId) -> Result<PeerId, NodeError> {
     chitchat_net::peer_id(&device.0).map_err(|e| NodeError::Invalid(format!("device key: {e}")))
 }
 
@@ -275,6 +275,7 @@ impl Node {
                     Err(e) => peer_error(ErrorCode::Forbidden, e.to_string()),
                 }
             }
+            PeerRequest::Blobs => self.blob_addrs(),
             PeerRequest::Commits { channel, from } => {
                 match self.with(move |e| e.ordered_for(&channel, from, &asker)).await {
                     Ok(commits) => PeerResponse::Commits { commits },
@@ -288,7 +289,7 @@ impl Node {
     }
 
     /// Asks a peer, and decodes its answer.
-    async fn ask_peer(
+    pub(super) async fn ask_peer(
         &self,
         peer: PeerId,
         request: &PeerRequest,

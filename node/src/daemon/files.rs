@@ -1,0 +1,375 @@
+//! Files (section 8 of the design): a file sent is sealed under a fresh key as it streams in
+//! and added to this device's blob store before its message is sent; a file received is
+//! fetched from its providers when asked, verified twice (iroh-blobs checks every group against
+//! the hash the message names, then every chunk must open under the message's key), and read
+//! back opened, a chunk at a time.
+//!
+//! Nothing here holds a file in memory: the upload is sealed between two bounded channels, the
+//! download is opened one sealed chunk at a time.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chitchat_blobs::{Blobs, Provider};
+use chitchat_proto::DeviceId;
+use chitchat_proto::channel::MessageId;
+use chitchat_proto::chat::{ChatContent, FileRef};
+use chitchat_proto::codec::Canonical as _;
+use chitchat_proto::file::{self, FileKey, Opener, SEALED_CHUNK_LEN};
+use chitchat_proto::ordering::ChannelId;
+use chitchat_proto::peer::{PeerRequest, PeerResponse};
+use futures::{Stream, StreamExt as _};
+use iroh_blobs::Hash;
+use tokio::io::AsyncReadExt as _;
+
+use super::lan::peer_of;
+use super::{Node, NodeError};
+use crate::engine::{EngineError, Event, id_string};
+
+/// Sealed chunks in flight between the sealing thread and the blob store, at most.
+const SEALED_QUEUE: usize = 8;
+/// How often a fetch's progress is announced, at most.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long a sender's node has to say where its blob endpoint listens.
+const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn file_error(code: &'static str, message: impl Into<String>) -> NodeError {
+    NodeError::File { code, message: message.into() }
+}
+
+/// The file a message carries, with its channel and sender.
+#[derive(Clone, Debug)]
+pub struct Attachment {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The message.
+    pub id: MessageId,
+    /// The file.
+    pub file: FileRef,
+}
+
+impl Attachment {
+    /// The blob's hash.
+    pub fn hash(&self) -> Hash {
+        Hash::from_bytes(self.file.hash)
+    }
+}
+
+/// Writes each sealed chunk into the channel the blob store reads (blocking: from the sealing
+/// thread).
+struct ToStore(tokio::sync::mpsc::Sender<std::io::Result<Bytes>>);
+
+impl Write for ToStore {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::other("the blob store stopped taking the file"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads at most `max` bytes, and fails (rather than ends) past them: a file over the limit is
+/// never stored in part.
+struct AtMost<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for AtMost<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::FileTooLarge, "the file is over the limit")
+        })?;
+        Ok(n)
+    }
+}
+
+impl Node {
+    /// The blob store.
+    pub fn blobs(&self) -> &Blobs {
+        &self.blobs
+    }
+
+    /// Seals the bytes `body` yields as a new file named `name` of type `mime`, keeps its blob
+    /// here, and sends it in `channel` (a `text/chitchat` channel) with `caption`. Nothing is
+    /// sent, and nothing kept, if the body fails, is over `[files] max_send_bytes`, or the
+    /// file's description is refused.
+    pub async fn send_file<E>(
+        self: &Arc<Self>,
+        channel: ChannelId,
+        name: String,
+        mime: String,
+        caption: Option<String>,
+        body: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
+    ) -> Result<(MessageId, FileRef), NodeError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        // The description is checked before a byte is read.
+        let mut file = FileRef {
+            hash: [0; 32],
+            key: [0; 32],
+            size: 0,
+            mime,
+            name,
+            thumbnail: None,
+        };
+        let content = ChatContent::Attachment { file: file.clone(), caption: caption.clone() };
+        content.validate().map_err(|e| NodeError::Invalid(e.into()))?;
+        self.with(move |e| e.channel(&channel).map(|_| ())).await?;
+
+        let key = FileKey::generate(&mut rand::rng());
+        let max = self.config.files.max_send_bytes;
+        let body = body.map(|r| r.map_err(std::io::Error::other));
+        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
+            Box::pin(body),
+        ));
+        let (tx, rx) = tokio::sync::mpsc::channel(SEALED_QUEUE);
+        let seal_key = key.clone();
+        let sealing = tokio::task::spawn_blocking(move || {
+            let out = ToStore(tx.clone());
+            let sealed = file::seal_to(&seal_key, AtMost { inner: reader, left: max }, out);
+            if let Err(e) = &sealed {
+                // The store's import fails with it: no blob of a part.
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+            sealed
+        });
+        let added = self.blobs.add_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let size = match sealing.await {
+            Ok(Ok(size)) => size,
+            Ok(Err(file::FileError::Io(e))) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                return Err(file_error(
+                    "too_large",
+                    format!("the file is over this device's limit of {max} bytes"),
+                ));
+            }
+            Ok(Err(e)) => return Err(file_error("upload", format!("the file was not read: {e}"))),
+            Err(e) => return Err(file_error("storage", format!("sealing stopped: {e}"))),
+        };
+        let hash = added.map_err(|e| file_error("storage", e.to_string()))?;
+        file.hash = *hash.as_bytes();
+        file.key = key.to_bytes();
+        file.size = size;
+        let content = ChatContent::Attachment { file: file.clone(), caption };
+        let id = match self.send(channel, content.to_bytes(), true).await {
+            Ok(id) => id,
+            Err(e) => {
+                // Not sent: the blob is no one's.
+                let _ = self.blobs.forget(hash).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(%channel, id = %id_string(&id), size, "file sent");
+        Ok((id, file))
+    }
+
+    /// The file message `id` of `channel` carries.
+    pub async fn attachment(
+        &self,
+        channel: ChannelId,
+        id: MessageId,
+    ) -> Result<Attachment, NodeError> {
+        let stored = self
+            .with(move |e| e.store().message(&channel, &id).map_err(EngineError::from))
+            .await?;
+        let Some(stored) = stored else {
+            return Err(NodeError::NotFound(format!("no message {}", id_string(&id))));
+        };
+        match ChatContent::from_bytes(&stored.payload) {
+            Ok(ChatContent::Attachment { file, .. }) => Ok(Attachment { channel, id, file }),
+            _ => Err(NodeError::Invalid(format!("message {} carries no file", id_string(&id)))),
+        }
+    }
+
+    /// Which of these blobs are here whole.
+    pub async fn fetched(&self, hashes: impl IntoIterator<Item = [u8; 32]>) -> BTreeSet<[u8; 32]> {
+        let mut here = BTreeSet::new();
+        for h in hashes {
+            if matches!(self.blobs.has(Hash::from_bytes(h)).await, Ok(true)) {
+                here.insert(h);
+            }
+        }
+        here
+    }
+
+    /// Fetches the file `a` names from its providers (its sender's device, for now), unless
+    /// it is here already; announces progress (`file` events). Checks that every chunk opens.
+    /// Returns whether it moved anything.
+    pub async fn fetch_file(self: &Arc<Self>, a: &Attachment) -> Result<bool, NodeError> {
+        let hash = a.hash();
+        let max = self.config.files.max_fetch_bytes;
+        if a.file.size > max {
+            return Err(file_error(
+                "too_large",
+                format!("the file has {} bytes, over this device's limit of {max}", a.file.size),
+            ));
+        }
+        if self.blobs.has(hash).await.map_err(|e| file_error("storage", e.to_string()))? {
+            return Ok(false);
+        }
+        let _busy = FetchGuard::take(self, hash)?;
+        let providers = self.providers(&a.id.sender).await;
+        if providers.is_empty() {
+            return Err(file_error(
+                "unavailable",
+                "no provider of the file is reachable (its sender's device is not connected)",
+            ));
+        }
+        let total = file::sealed_len(a.file.size);
+        let (channel, id) = (a.channel.to_string(), id_string(&a.id));
+        let mut last = std::time::Instant::now();
+        let events = self.events.clone();
+        let progress = |bytes: u64| {
+            if bytes < total && last.elapsed() < PROGRESS_EVERY {
+                return;
+            }
+            last = std::time::Instant::now();
+            let _ = events.send(Event::File {
+                channel: channel.clone(),
+                id: id.clone(),
+                bytes: bytes.min(total),
+                total,
+                state: "fetching",
+            });
+        };
+        if let Err(e) = self.blobs.fetch_any(&providers, hash, progress).await {
+            self.announce_file(a, 0, "failed");
+            return Err(file_error("unavailable", e.to_string()));
+        }
+        if let Err(e) = self.check_opens(a).await {
+            // Its sender sealed something else than it said: it is no one's file.
+            let _ = self.blobs.forget(hash).await;
+            self.announce_file(a, 0, "failed");
+            return Err(e);
+        }
+        self.announce_file(a, total, "fetched");
+        Ok(true)
+    }
+
+    fn announce_file(&self, a: &Attachment, bytes: u64, state: &'static str) {
+        let _ = self.events.send(Event::File {
+            channel: a.channel.to_string(),
+            id: id_string(&a.id),
+            bytes,
+            total: file::sealed_len(a.file.size),
+            state,
+        });
+    }
+
+    /// Reads the whole blob and opens every chunk, keeping none.
+    async fn check_opens(&self, a: &Attachment) -> Result<(), NodeError> {
+        let mut chunks = std::pin::pin!(self.open_chunks(a, 0));
+        while let Some(chunk) = chunks.next().await {
+            chunk?;
+        }
+        Ok(())
+    }
+
+    /// The opened file, a chunk at a time, from chunk `first` on: for a file that is here.
+    pub fn open_chunks(
+        &self,
+        a: &Attachment,
+        first: u64,
+    ) -> impl Stream<Item = Result<Bytes, NodeError>> + Send + 'static {
+        let size = a.file.size;
+        let opener = Opener::new(&FileKey::from_bytes(a.file.key), size)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        let reader = self.blobs.store().reader(a.hash());
+        let start = first.saturating_mul(SEALED_CHUNK_LEN as u64);
+        futures::stream::try_unfold((reader, first, false), move |(mut reader, index, seeked)| {
+            let opener = opener.clone();
+            async move {
+                let opener = opener.map_err(|e| file_error("corrupt", e))?;
+                let Some(plain) = file::chunk_len(size, index) else {
+                    return Ok(None);
+                };
+                if !seeked && start > 0 {
+                    use tokio::io::AsyncSeekExt as _;
+                    reader
+                        .seek(std::io::SeekFrom::Start(start))
+                        .await
+                        .map_err(|e| file_error("storage", e.to_string()))?;
+                }
+                let mut sealed = vec![0u8; plain + file::TAG_LEN];
+                reader.read_exact(&mut sealed).await.map_err(|e| {
+                    file_error("corrupt", format!("the file's blob is cut short here: {e}"))
+                })?;
+                let opened = opener.open(index, &sealed).map_err(|e| {
+                    file_error("corrupt", format!("the file does not open: {e}"))
+                })?;
+                Ok(Some((Bytes::from(opened), (reader, index + 1, true))))
+            }
+        })
+    }
+
+    /// Who to fetch a blob sent by `sender` from: its device, if it says where its blob
+    /// endpoint listens.
+    async fn providers(&self, sender: &DeviceId) -> Vec<Provider> {
+        let mut providers = Vec::new();
+        if *sender == self.with(|e| e.device()).await {
+            return providers;
+        }
+        let Some(id) = chitchat_blobs::endpoint_id(&sender.0) else { return providers };
+        let asked = match peer_of(sender) {
+            Ok(peer) => {
+                tokio::time::timeout(ASK_TIMEOUT, self.ask_peer(peer, &PeerRequest::Blobs)).await
+            }
+            Err(_) => return providers,
+        };
+        match asked {
+            Ok(Ok(PeerResponse::Blobs { addrs })) if !addrs.is_empty() => {
+                providers.push(Provider { id, addrs });
+            }
+            Ok(Ok(other)) => {
+                tracing::debug!(device = %sender, answer = ?other, "the sender serves no blob")
+            }
+            Ok(Err(e)) => tracing::debug!(device = %sender, error = %e, "the sender not asked"),
+            Err(_) => tracing::debug!(device = %sender, "the sender did not answer in time"),
+        }
+        providers
+    }
+
+    /// What this device answers a peer's [`PeerRequest::Blobs`]: where its blob endpoint
+    /// listens, or nothing for a relay-only device (it tells no one its addresses).
+    pub(super) fn blob_addrs(&self) -> PeerResponse {
+        let addrs = if self.config.network.relay_only {
+            Vec::new()
+        } else {
+            self.blobs.provider().addrs
+        };
+        PeerResponse::Blobs { addrs }
+    }
+}
+
+/// One fetch of a blob at a time: a second one is refused while the first runs.
+struct FetchGuard<'a> {
+    node: &'a Node,
+    hash: Hash,
+}
+
+impl<'a> FetchGuard<'a> {
+    fn take(node: &'a Node, hash: Hash) -> Result<Self, NodeError> {
+        let mut fetching = node.fetching.lock().map_err(|_| file_error("storage", "poisoned"))?;
+        if !fetching.insert(hash) {
+            return Err(file_error("busy", "the file is being fetched already"));
+        }
+        Ok(Self { node, hash })
+    }
+}
+
+impl Drop for FetchGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut fetching) = self.node.fetching.lock() {
+            fetching.remove(&self.hash);
+        }
+    }
+}
