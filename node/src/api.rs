@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use axum::body::Bytes as Body;
-use futures::StreamExt as _;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -24,6 +23,7 @@ use chitchat_proto::channel::MessageId;
 use chitchat_proto::chat::{self, ChatContent};
 use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::ordering::ChannelId;
+use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -972,10 +972,7 @@ async fn send_file(
         return Err(ApiError::bad(format!("a {mime} channel carries no files")));
     }
     let file_mime = match headers.get(header::CONTENT_TYPE) {
-        Some(v) => v
-            .to_str()
-            .map_err(|_| ApiError::bad("Content-Type: not ASCII"))?
-            .to_owned(),
+        Some(v) => v.to_str().map_err(|_| ApiError::bad("Content-Type: not ASCII"))?.to_owned(),
         None => "application/octet-stream".to_owned(),
     };
     let (msg, file) =

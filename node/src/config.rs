@@ -280,7 +280,8 @@ tls_roots = []
 # comma-separated). Port 0 picks a free port. Members fetch the files this device sent from
 # here; no iroh relay and no discovery service is ever used.
 bind = ["0.0.0.0:0"]
-# The largest file this device sends, and the largest it fetches, in bytes (16 GiB).
+# The largest file this device sends, and the largest it fetches, in bytes (16 GiB; env
+# CHITCHAT_FILES_MAX_SEND_BYTES, CHITCHAT_FILES_MAX_FETCH_BYTES).
 max_send_bytes = 17179869184
 max_fetch_bytes = 17179869184
 
@@ -297,7 +298,7 @@ name = ""
         Ok(config)
     }
 
-    /// Applies `CHITCHAT_API_LISTEN`, `CHITCHAT_SEND_COMMIT_FIRST`, `CHITCHAT_FILES_BIND` and
+    /// Applies `CHITCHAT_API_LISTEN`, `CHITCHAT_SEND_COMMIT_FIRST`, `CHITCHAT_FILES_*` and
     /// `CHITCHAT_NETWORK_RELAY_ONLY` (`true` or `false`), `CHITCHAT_NETWORK_LISTEN` and
     /// `CHITCHAT_NETWORK_PEERS` (comma-separated addresses).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -323,6 +324,15 @@ name = ""
         }
         if let Some(v) = var("CHITCHAT_FILES_BIND") {
             self.files.bind = list(v);
+        }
+        let bytes = |k: &str, v: String| {
+            v.parse::<u64>().map_err(|_| ConfigError::Invalid(format!("{k}={v:?}: expected bytes")))
+        };
+        if let Some(v) = var("CHITCHAT_FILES_MAX_SEND_BYTES") {
+            self.files.max_send_bytes = bytes("CHITCHAT_FILES_MAX_SEND_BYTES", v)?;
+        }
+        if let Some(v) = var("CHITCHAT_FILES_MAX_FETCH_BYTES") {
+            self.files.max_fetch_bytes = bytes("CHITCHAT_FILES_MAX_FETCH_BYTES", v)?;
         }
         if let Some(v) = var("CHITCHAT_PROFILE_NAME") {
             self.profile.name = v;

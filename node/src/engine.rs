@@ -98,7 +98,7 @@ pub enum Event {
         channel: String,
         /// The message.
         #[serde(flatten)]
-        message: crate::view::MessageView,
+        message: Box<crate::view::MessageView>,
     },
     /// One of this device's messages is in its relay's hands: durable in the inbox of every
     /// member device the relay serves.
@@ -1088,7 +1088,7 @@ impl Engine {
     fn emit_message(&self, channel: &ChannelId, m: &StoredMessage) {
         let mime = self.channels.get(channel).map_or(chat::MIME, |h| h.record.mime.as_str());
         let message = crate::view::MessageView::new(m, mime, |d| self.name_of(d));
-        self.emit(Event::Message { channel: channel.to_string(), message });
+        self.emit(Event::Message { channel: channel.to_string(), message: Box::new(message) });
     }
 
     /// The address a device is known by (`alice@relay`), or its short id.
@@ -1601,7 +1601,7 @@ impl Engine {
                     };
                     let message =
                         crate::view::MessageView::new(&stored, &mime, |d| self.name_of(d));
-                    events.push(Event::Message { channel: id.to_string(), message });
+                    events.push(Event::Message { channel: id.to_string(), message: Box::new(message) });
                     b.message(id, stored);
                     taken |= applies.is_none();
                 }

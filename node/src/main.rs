@@ -319,6 +319,7 @@ async fn daemon(dir: NodeDir, relay_only: bool) -> anyhow::Result<()> {
     if let Err(e) = node.with(Engine::close).await {
         tracing::warn!(error = %e, "cannot record the clean stop; the next start skips a generation");
     }
+    node.blobs().shutdown().await;
     let _ = std::fs::remove_file(dir.run_info());
     Ok(())
 }

@@ -55,6 +55,9 @@ impl NodeProcess {
         if !env.iter().any(|(k, _)| k == "CHITCHAT_NETWORK_LISTEN") {
             env.push(("CHITCHAT_NETWORK_LISTEN".into(), "/ip4/127.0.0.1/tcp/0".into()));
         }
+        if !env.iter().any(|(k, _)| k == "CHITCHAT_FILES_BIND") {
+            env.push(("CHITCHAT_FILES_BIND".into(), "127.0.0.1:0".into()));
+        }
         let mut node = Self { dir, child: None, env, api: None, wrapper };
         node.restart()?;
         Ok(node)

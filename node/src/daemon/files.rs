@@ -113,14 +113,8 @@ impl Node {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         // The description is checked before a byte is read.
-        let mut file = FileRef {
-            hash: [0; 32],
-            key: [0; 32],
-            size: 0,
-            mime,
-            name,
-            thumbnail: None,
-        };
+        let mut file =
+            FileRef { hash: [0; 32], key: [0; 32], size: 0, mime, name, thumbnail: None };
         let content = ChatContent::Attachment { file: file.clone(), caption: caption.clone() };
         content.validate().map_err(|e| NodeError::Invalid(e.into()))?;
         self.with(move |e| e.channel(&channel).map(|_| ())).await?;
@@ -128,9 +122,8 @@ impl Node {
         let key = FileKey::generate(&mut rand::rng());
         let max = self.config.files.max_send_bytes;
         let body = body.map(|r| r.map_err(std::io::Error::other));
-        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
-            Box::pin(body),
-        ));
+        let reader =
+            tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(Box::pin(body)));
         let (tx, rx) = tokio::sync::mpsc::channel(SEALED_QUEUE);
         let seal_key = key.clone();
         let sealing = tokio::task::spawn_blocking(move || {
@@ -157,6 +150,10 @@ impl Node {
         let hash = added.map_err(|e| file_error("storage", e.to_string()))?;
         file.hash = *hash.as_bytes();
         file.key = key.to_bytes();
+        if super::fault("seal-file-under-another-key") {
+            // For tests: a sender that names another key than it sealed under.
+            file.key = FileKey::generate(&mut rand::rng()).to_bytes();
+        }
         file.size = size;
         let content = ChatContent::Attachment { file: file.clone(), caption };
         let id = match self.send(channel, content.to_bytes(), true).await {
@@ -177,9 +174,8 @@ impl Node {
         channel: ChannelId,
         id: MessageId,
     ) -> Result<Attachment, NodeError> {
-        let stored = self
-            .with(move |e| e.store().message(&channel, &id).map_err(EngineError::from))
-            .await?;
+        let stored =
+            self.with(move |e| e.store().message(&channel, &id).map_err(EngineError::from)).await?;
         let Some(stored) = stored else {
             return Err(NodeError::NotFound(format!("no message {}", id_string(&id))));
         };
@@ -303,9 +299,9 @@ impl Node {
                 reader.read_exact(&mut sealed).await.map_err(|e| {
                     file_error("corrupt", format!("the file's blob is cut short here: {e}"))
                 })?;
-                let opened = opener.open(index, &sealed).map_err(|e| {
-                    file_error("corrupt", format!("the file does not open: {e}"))
-                })?;
+                let opened = opener
+                    .open(index, &sealed)
+                    .map_err(|e| file_error("corrupt", format!("the file does not open: {e}")))?;
                 Ok(Some((Bytes::from(opened), (reader, index + 1, true))))
             }
         })
@@ -341,11 +337,8 @@ impl Node {
     /// What this device answers a peer's [`PeerRequest::Blobs`]: where its blob endpoint
     /// listens, or nothing for a relay-only device (it tells no one its addresses).
     pub(super) fn blob_addrs(&self) -> PeerResponse {
-        let addrs = if self.config.network.relay_only {
-            Vec::new()
-        } else {
-            self.blobs.provider().addrs
-        };
+        let addrs =
+            if self.config.network.relay_only { Vec::new() } else { self.blobs.provider().addrs };
         PeerResponse::Blobs { addrs }
     }
 }

@@ -10,8 +10,9 @@
 //!   16 KiB group against it as it streams in (a provider that sends other bytes is cut off at
 //!   the first bad group), and keeps what was verified: a fetch that stops half-way goes on from
 //!   there, from the same provider or another ([`Blobs::fetch_any`]).
-//! - **Kept by name.** Every blob this store keeps has a tag (`file/<hash>`): iroh-blobs' garbage
-//!   collection drops only untagged data, and [`Blobs::forget`] drops the tag.
+//! - **Kept by name.** Every blob this store keeps has a tag (`file/<hash>`), set before a fetch
+//!   starts (so that what came in stays for the next try): iroh-blobs' garbage collection,
+//!   every [`GC_INTERVAL`], deletes only what no tag names, and [`Blobs::forget`] drops the tag.
 //!
 //! What a blob holds is the caller's: ChitChat stores files sealed (`chitchat_proto::file`).
 
@@ -26,6 +27,9 @@ use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::{BlobsProtocol, Hash};
 
 pub use iroh_blobs::ALPN as BLOBS_ALPN;
+
+/// How often blobs no tag names are deleted.
+pub const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why a blob operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +96,12 @@ impl Blobs {
             builder = builder.bind_addr(*addr).map_err(|e| BlobError::Bind(e.to_string()))?;
         }
         let endpoint = builder.bind().await.map_err(|e| BlobError::Bind(e.to_string()))?;
-        let store = FsStore::load(dir).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        let mut options = iroh_blobs::store::fs::options::Options::new(dir);
+        options.gc =
+            Some(iroh_blobs::store::GcConfig { interval: GC_INTERVAL, add_protected: None });
+        let store = FsStore::load_with_opts(dir.join("blobs.db"), options)
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
         let router = Router::builder(endpoint.clone())
             .accept(BLOBS_ALPN, BlobsProtocol::new(&store, None))
             .spawn();
@@ -162,13 +171,20 @@ impl Blobs {
         Ok(local.local_bytes())
     }
 
-    /// Names a blob so that garbage collection keeps it.
+    /// Names a blob so that garbage collection keeps it, durably (the store's database is
+    /// committed before this returns).
     async fn tag(&self, hash: Hash) -> Result<(), BlobError> {
         self.store
             .tags()
             .set(format!("file/{hash}"), hash)
             .await
-            .map_err(|e| BlobError::Store(e.to_string()))
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        self.sync().await
+    }
+
+    /// Commits the store's database (iroh-blobs batches its writes for up to half a second).
+    pub async fn sync(&self) -> Result<(), BlobError> {
+        self.store.sync_db().await.map_err(|e| BlobError::Store(e.to_string()))
     }
 
     /// Drops this store's name for a blob (its data goes at the next garbage collection).
@@ -181,8 +197,18 @@ impl Blobs {
             .map_err(|e| BlobError::Store(e.to_string()))
     }
 
-    /// Whether the whole blob is here.
+    /// Whether the whole blob is here and kept (a forgotten one is not, even before garbage
+    /// collection deletes it).
     pub async fn has(&self, hash: Hash) -> Result<bool, BlobError> {
+        let named = self
+            .store
+            .tags()
+            .get(format!("file/{hash}"))
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        if named.is_none() {
+            return Ok(false);
+        }
         self.store.blobs().has(hash).await.map_err(|e| BlobError::Store(e.to_string()))
     }
 
@@ -203,6 +229,8 @@ impl Blobs {
         use futures::StreamExt as _;
         use iroh_blobs::api::remote::GetProgressItem;
         let who = provider.id.fmt_short().to_string();
+        // Named first: what comes in is kept for a later fetch to go on from.
+        self.tag(hash).await?;
         let conn = self
             .endpoint
             .connect(provider.endpoint_addr(), BLOBS_ALPN)
@@ -219,7 +247,6 @@ impl Blobs {
                 None => return Err(BlobError::Fetch(who, "the transfer ended unfinished".into())),
             }
         };
-        self.tag(hash).await?;
         Ok(moved)
     }
 
@@ -238,6 +265,7 @@ impl Blobs {
             progress(here);
             match self.fetch_with(provider, hash, |n| progress(here.saturating_add(n))).await {
                 Ok(_) if self.has(hash).await? => {
+                    self.sync().await?;
                     progress(self.local_bytes(hash).await?);
                     return Ok(i);
                 }
@@ -250,10 +278,13 @@ impl Blobs {
         Err(BlobError::NoProvider(providers.len()))
     }
 
-    /// Stops serving and closes the store.
-    pub async fn shutdown(self) {
+    /// Stops serving, closes the endpoint, and closes the store (its database committed).
+    pub async fn shutdown(&self) {
         if let Err(e) = self.router.shutdown().await {
             tracing::debug!(error = %e, "blob router shutdown");
+        }
+        if let Err(e) = self.store.shutdown().await {
+            tracing::debug!(error = %e, "blob store shutdown");
         }
     }
 }

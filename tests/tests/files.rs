@@ -1,0 +1,192 @@
+//! Files between real `chitchat` daemons on loopback: the CLI streams a file to its daemon,
+//! which seals it and keeps its blob; a member's daemon fetches the blob from the sender's
+//! device over iroh (told where by a peer request), checks it, and the CLI writes it out.
+//! Every promise is also tried against: a name that is a path, a file over the limit, content
+//! that pretends to be a file, a sender that is away, and a sender that names another key than
+//! it sealed under.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chitchat_tests::NodeProcess;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(40);
+
+/// `len` pseudo-random bytes.
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 56) as u8
+        })
+        .collect()
+}
+
+async fn device(node: &NodeProcess) -> String {
+    let v = node.json("GET", "/v1/status", None).await.expect("status");
+    v["device"].as_str().expect("device").to_owned()
+}
+
+async fn peer_addr(node: &NodeProcess) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = node.json("GET", "/v1/network", None).await.expect("network");
+        if let Some(a) = v["listening"].as_array().into_iter().flatten().find_map(Value::as_str) {
+            return a.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no address: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for the history entry that carries a file named `name`; returns it.
+async fn wait_file(node: &NodeProcess, channel: &str, name: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = node.json("GET", &format!("/v1/channels/{channel}/history"), None).await;
+        let found = v.as_ref().ok().and_then(|v| {
+            v["history"]["messages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["attachment"]["name"] == name)
+                .cloned()
+        });
+        if let Some(m) = found {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "no file {name} in {v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write");
+    path.to_str().expect("utf-8").to_owned()
+}
+
+/// Alice sends Bob files in a relay-less channel; Bob fetches them from her device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_goes_from_the_senders_device_to_a_member_and_opens() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let bob = NodeProcess::start(&[("CHITCHAT_PROFILE_NAME", "bob")]).expect("bob");
+    let bob_addr = peer_addr(&bob).await;
+    let mut alice = NodeProcess::start(&[
+        ("CHITCHAT_PROFILE_NAME", "alice"),
+        ("CHITCHAT_NETWORK_PEERS", &bob_addr),
+    ])
+    .expect("alice");
+    let bob_dev = device(&bob).await;
+    let id = alice.cli(&["channel", "create", "files", "--lan"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "files", &bob_dev]).expect("invite bob");
+    bob.wait_joined(&id, WAIT).await.expect("bob joins");
+
+    // A 5 MB file, with a caption, through the CLI.
+    let plain = data(5_000_000, 1);
+    let path = write(tmp.path(), "photo.png", &plain);
+    let sent =
+        alice.cli(&["send-file", "files", &path, "--caption", "the view"]).expect("send-file");
+    assert!(sent.contains("sending") || sent.contains("sent"), "{sent}");
+    let mine = wait_file(&alice, &id, "photo.png").await;
+    assert_eq!(mine["attachment"]["fetched"], true, "the sender has it: {mine}");
+    let entry = wait_file(&bob, &id, "photo.png").await;
+    assert_eq!(entry["body"], "the view", "{entry}");
+    assert_eq!(entry["attachment"]["size"], 5_000_000, "{entry}");
+    assert_eq!(entry["attachment"]["mime"], "image/png", "guessed from the name: {entry}");
+    assert_eq!(entry["attachment"]["fetched"], false, "nothing fetched unasked: {entry}");
+    let listed = bob.cli(&["history", "files"]).expect("history");
+    assert!(
+        listed.contains("[file photo.png, 4.8 MiB, image/png, not fetched] the view"),
+        "{listed}"
+    );
+
+    // Reading before fetching is refused; then the CLI fetches and writes it out.
+    let message = entry["id"].as_str().expect("id").to_owned();
+    let early = bob.api().raw("GET", &format!("/v1/messages/{message}/file"), None).await;
+    assert_eq!(early.expect("answer").0, 409, "not fetched yet");
+    let out = tmp.path().join("fetched.png");
+    let out_str = out.to_str().expect("utf-8");
+    let said = bob.cli(&["fetch", &message, "--out", out_str]).expect("fetch");
+    assert!(said.contains("5000000 bytes"), "{said}");
+    assert!(std::fs::read(&out).expect("written") == plain, "the same bytes came out");
+    let entry = wait_file(&bob, &id, "photo.png").await;
+    assert_eq!(entry["attachment"]["fetched"], true, "{entry}");
+    let again = bob.cli(&["fetch", &message, "--out", out_str]);
+    assert!(again.is_err_and(|e| e.to_string().contains("exists")), "never overwritten");
+    let twice = bob.json("POST", &format!("/v1/messages/{message}/fetch"), None).await;
+    assert_eq!(twice.expect("fetch")["moved"], false, "a second fetch moves nothing");
+
+    // An empty file travels too.
+    let empty = write(tmp.path(), "empty.txt", b"");
+    alice.cli(&["send-file", "files", &empty]).expect("send an empty file");
+    let entry = wait_file(&bob, &id, "empty.txt").await;
+    let empty_id = entry["id"].as_str().expect("id").to_owned();
+    let out = tmp.path().join("empty.out");
+    bob.cli(&["fetch", &empty_id, "--out", out.to_str().expect("utf-8")]).expect("fetch empty");
+    assert_eq!(std::fs::read(&out).expect("written"), b"");
+
+    // What is refused, and sends nothing.
+    let api = alice.api();
+    let refused = |v: anyhow::Result<(u16, Vec<u8>)>| v.expect("answer").0;
+    let path_name = api
+        .raw("POST", &format!("/v1/channels/{id}/files?name=..%2Fetc%2Fpasswd"), Some(vec![1; 9]))
+        .await;
+    assert_eq!(refused(path_name), 400, "a name that is a path");
+    let no_channel =
+        api.raw("POST", "/v1/channels/nowhere/files?name=a.txt", Some(vec![1; 9])).await;
+    assert_eq!(refused(no_channel), 404);
+    let pretend = json!({"content": {"type": "attachment", "file": {"name": "a", "mime": "b",
+        "size": 1, "hash": "00", "fetched": true}}});
+    let pretend = alice.json("POST", &format!("/v1/channels/{id}/messages"), Some(pretend)).await;
+    assert!(pretend.is_err_and(|e| e.to_string().contains("POST /v1/channels")), "not as content");
+    let count = |v: &Value| v["history"]["messages"].as_array().map_or(0, Vec::len);
+    let before =
+        count(&alice.json("GET", &format!("/v1/channels/{id}/history"), None).await.expect("h"));
+
+    // Over the sender's limit: refused whole, nothing sent.
+    alice.restart_with(&[("CHITCHAT_FILES_MAX_SEND_BYTES", "1000000")]).expect("restart");
+    let big = write(tmp.path(), "big.bin", &data(2_000_000, 2));
+    let over = alice.cli(&["send-file", "files", &big]);
+    assert!(over.is_err_and(|e| e.to_string().contains("limit")), "over the limit");
+    let after =
+        count(&alice.json("GET", &format!("/v1/channels/{id}/history"), None).await.expect("h"));
+    assert_eq!(before, after, "nothing sent");
+
+    // A sender that names another key than it sealed under: the fetch fails, keeps nothing.
+    alice.restart_with(&[("CHITCHAT_FAULT", "seal-file-under-another-key")]).expect("restart");
+    let liar = write(tmp.path(), "liar.bin", &data(300_000, 3));
+    alice.cli(&["send-file", "files", &liar]).expect("send");
+    let entry = wait_file(&bob, &id, "liar.bin").await;
+    let liar_id = entry["id"].as_str().expect("id").to_owned();
+    let e = bob.json("POST", &format!("/v1/messages/{liar_id}/fetch"), None).await;
+    assert!(e.is_err_and(|e| e.to_string().contains("does not open")), "caught");
+    let entry = wait_file(&bob, &id, "liar.bin").await;
+    assert_eq!(entry["attachment"]["fetched"], false, "nothing kept: {entry}");
+
+    // The sender away: the fetch fails clearly, and works once it is back.
+    alice.restart().expect("restart");
+    let later = write(tmp.path(), "later.bin", &data(200_000, 4));
+    alice.cli(&["send-file", "files", &later]).expect("send");
+    let entry = wait_file(&bob, &id, "later.bin").await;
+    let later_id = entry["id"].as_str().expect("id").to_owned();
+    alice.stop().expect("stop");
+    let away = bob.json("POST", &format!("/v1/messages/{later_id}/fetch"), None).await;
+    assert!(away.is_err_and(|e| e.to_string().contains("HTTP 502")), "unavailable");
+    alice.restart().expect("restart");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match bob.json("POST", &format!("/v1/messages/{later_id}/fetch"), None).await {
+            Ok(v) => {
+                assert_eq!(v["fetched"], true, "{v}");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never fetched: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
