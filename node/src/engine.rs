@@ -1601,7 +1601,10 @@ impl Engine {
                     };
                     let message =
                         crate::view::MessageView::new(&stored, &mime, |d| self.name_of(d));
-                    events.push(Event::Message { channel: id.to_string(), message: Box::new(message) });
+                    events.push(Event::Message {
+                        channel: id.to_string(),
+                        message: Box::new(message),
+                    });
                     b.message(id, stored);
                     taken |= applies.is_none();
                 }
