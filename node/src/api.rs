@@ -97,6 +97,7 @@ impl From<NodeError> for ApiError {
             NodeError::File { code, .. } => {
                 let status = match code {
                     "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+                    "quota_exceeded" => StatusCode::INSUFFICIENT_STORAGE,
                     "busy" | "not_fetched" => StatusCode::CONFLICT,
                     "upload" => StatusCode::BAD_REQUEST,
                     "storage" => StatusCode::INTERNAL_SERVER_ERROR,
@@ -975,7 +976,7 @@ async fn send_file(
         Some(v) => v.to_str().map_err(|_| ApiError::bad("Content-Type: not ASCII"))?.to_owned(),
         None => "application/octet-stream".to_owned(),
     };
-    let (msg, file) =
+    let (msg, file, pinned) =
         s.node.send_file(id, q.name, file_mime, q.caption, body.into_data_stream()).await?;
     Ok((
         StatusCode::CREATED,
@@ -983,6 +984,7 @@ async fn send_file(
             "id": id_string(&msg),
             "status": "sending",
             "file": view::FileView::of(&file, true),
+            "relay_expires_ms": pinned,
         })),
     ))
 }

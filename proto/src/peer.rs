@@ -18,8 +18,8 @@ use crate::identity::Dir;
 use crate::ordering::ChannelId;
 use crate::ordering::EpochCert;
 use crate::wire::{
-    ChannelPost, Envelope, ErrorCode, MAX_DIRS, MAX_KEY_PACKAGE_LEN, MAX_MLS_MESSAGE_LEN,
-    OrderedCommit, Validate,
+    ChannelPost, Envelope, ErrorCode, MAX_BLOB_ADDRS, MAX_DIRS, MAX_KEY_PACKAGE_LEN,
+    MAX_MLS_MESSAGE_LEN, OrderedCommit, Validate,
 };
 
 /// Envelopes in one [`PeerRequest::Deliver`], at most.
@@ -28,8 +28,6 @@ pub const MAX_DELIVER: usize = 64;
 pub const MAX_COMMITS: usize = 64;
 /// Entries in one [`PeerResponse::History`], at most (the frame's size bounds it too).
 pub const MAX_HISTORY: usize = 256;
-/// Addresses in one [`PeerResponse::Blobs`], at most.
-pub const MAX_BLOB_ADDRS: usize = 16;
 
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

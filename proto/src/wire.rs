@@ -254,6 +254,22 @@ pub enum Request {
         /// The GroupInfo and ratchet tree after it.
         state: crate::channel::PublicState,
     },
+    /// Pin a file's blob here, for the members of `channel` to fetch while the sender is away
+    /// (the sender's device, before it sends the file's message). Answered
+    /// [`Response::FilePinned`] once the whole blob is here and its pin is durable, or
+    /// [`Response::FileWanted`] with where to push it first (an iroh-blobs push, taken from
+    /// this device for this hash only). Refused past the relay's size limit or the user's
+    /// quota (`QuotaExceeded`).
+    PinFile {
+        /// The channel the file is sent in (this device must be one of its members here).
+        channel: ChannelId,
+        /// The blob's BLAKE3 hash.
+        hash: [u8; 32],
+        /// The blob's length (sealed).
+        len: u64,
+    },
+    /// Where this relay's blob endpoint listens (to fetch the files it pins).
+    BlobEndpoint,
 }
 
 /// The most entries of a channel's history in one [`Response::History`].
@@ -636,7 +652,26 @@ pub enum Response {
         /// The entries.
         pack: Option<crate::pack::Pack>,
     },
+    /// The blob is pinned here until `expires_ms` (Unix milliseconds).
+    FilePinned {
+        /// When the relay deletes it.
+        expires_ms: u64,
+    },
+    /// Push the blob to this relay's blob endpoint first (at most [`MAX_BLOB_ADDRS`]
+    /// addresses; its endpoint id is the relay's key), then ask again.
+    FileWanted {
+        /// Where the endpoint listens.
+        addrs: Vec<std::net::SocketAddr>,
+    },
+    /// Where this relay's blob endpoint listens (its endpoint id is the relay's key).
+    BlobEndpoint {
+        /// At most [`MAX_BLOB_ADDRS`] addresses.
+        addrs: Vec<std::net::SocketAddr>,
+    },
 }
+
+/// Addresses in a [`Response::FileWanted`] or [`Response::BlobEndpoint`], at most.
+pub const MAX_BLOB_ADDRS: usize = 16;
 
 /// One stored inbox item.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -823,6 +858,11 @@ impl Validate for Response {
             Self::Posted(r) if r.len() > MAX_POST_BATCH => Err("too many results"),
             Self::Dirs(d) | Self::RemoteDirs { dirs: d, .. } if d.len() > MAX_DIRS => {
                 Err("too many records")
+            }
+            Self::FileWanted { addrs } | Self::BlobEndpoint { addrs }
+                if addrs.len() > MAX_BLOB_ADDRS =>
+            {
+                Err("too many blob addresses")
             }
             Self::History { pack: Some(p), .. }
                 if p.envelopes.len() > MAX_HISTORY_ENTRIES as usize =>

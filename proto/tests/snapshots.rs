@@ -119,6 +119,31 @@ fn inbox_envelope() {
     insta::assert_snapshot!("sealed_envelope", hex(&envelope().to_bytes()));
 }
 
+/// Files pinned at a relay: the request, the two answers, and the endpoint's addresses.
+#[test]
+fn files_at_a_relay() {
+    let request = Request::PinFile { channel: ChannelId([5; 32]), hash: [6; 32], len: 1_000_016 };
+    insta::assert_snapshot!("request_pin_file", hex(&wire::encode_frame(&request).expect("frame")));
+    let request = Request::BlobEndpoint;
+    insta::assert_snapshot!(
+        "request_blob_endpoint",
+        hex(&wire::encode_frame(&request).expect("f"))
+    );
+    let addrs = vec!["127.0.0.1:4433".parse().expect("addr")];
+    for (name, response) in [
+        ("response_file_pinned", Response::FilePinned { expires_ms: 1_800_000_000_000 }),
+        ("response_file_wanted", Response::FileWanted { addrs: addrs.clone() }),
+        ("response_blob_endpoint", Response::BlobEndpoint { addrs }),
+    ] {
+        let frame = wire::encode_frame(&response).expect("frame");
+        insta::assert_snapshot!(name, hex(&frame));
+        assert_eq!(wire::decode_frame::<Response>(&frame).expect("decode"), response);
+    }
+    let many = Response::FileWanted { addrs: vec!["127.0.0.1:1".parse().expect("addr"); 17] };
+    let frame = wire::encode_frame(&many).expect("frame");
+    assert!(wire::decode_frame::<Response>(&frame).is_err(), "at most 16 addresses");
+}
+
 #[test]
 fn history() {
     let request = Request::History { channel: ChannelId([5; 32]), from: 7, max: 256 };

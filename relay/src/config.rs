@@ -55,6 +55,47 @@ pub struct Config {
     /// Writes batched into one transaction, at most.
     #[serde(default = "defaults::max_batch")]
     pub max_batch: usize,
+    /// Files' blobs pinned for members: where they travel, how large, for how long.
+    #[serde(default)]
+    pub files: FilesConfig,
+}
+
+/// Files' blobs pinned here for the members of the channels this relay serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesConfig {
+    /// UDP addresses the blob endpoint (iroh, QUIC) binds, `IP:PORT`.
+    pub bind: Vec<String>,
+    /// The largest blob pinned, in bytes.
+    pub max_file_bytes: u64,
+    /// Bytes of pinned blobs per user, at most.
+    pub quota_bytes_per_user: u64,
+    /// Days a blob stays pinned.
+    pub expiry_days: u64,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            bind: vec!["0.0.0.0:0".into()],
+            max_file_bytes: 2 << 30,
+            quota_bytes_per_user: 10 << 30,
+            expiry_days: 30,
+        }
+    }
+}
+
+impl FilesConfig {
+    /// The addresses to bind, parsed (1 to 8).
+    pub fn bind_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        if self.bind.is_empty() || self.bind.len() > 8 {
+            return Err(ConfigError::Invalid("files.bind: 1 to 8 addresses".into()));
+        }
+        self.bind
+            .iter()
+            .map(|a| a.parse().map_err(|e| ConfigError::Invalid(format!("files.bind {a:?}: {e}"))))
+            .collect()
+    }
 }
 
 /// Inbox limits.
@@ -344,6 +385,7 @@ impl Config {
             network: NetworkConfig::default(),
             federation: FederationConfig::default(),
             max_batch: defaults::max_batch(),
+            files: FilesConfig::default(),
         }
     }
 
@@ -387,6 +429,9 @@ impl Config {
             self.http =
                 v.parse().map_err(|e| ConfigError::Invalid(format!("CHITCHAT_RELAY_HTTP: {e}")))?;
         }
+        if let Some(v) = var("CHITCHAT_RELAY_FILES_BIND") {
+            self.files.bind = list(v);
+        }
         if let Some(v) = var("CHITCHAT_RELAY_OPEN_REGISTRATION") {
             self.open_registration = v.parse().map_err(|e| {
                 ConfigError::Invalid(format!("CHITCHAT_RELAY_OPEN_REGISTRATION: {e}"))
@@ -401,6 +446,10 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("host {:?}: {e}", self.host)))?;
         if self.listen.is_empty() {
             return Err(ConfigError::Invalid("no listen address".into()));
+        }
+        self.files.bind_addrs()?;
+        if !(1..=3650).contains(&self.files.expiry_days) {
+            return Err(ConfigError::Invalid("files.expiry_days must be 1..=3650".into()));
         }
         if self.tls.certificate.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
@@ -532,6 +581,17 @@ sender_per_minute = 6000
 retention_days = 30
 max_entries_per_channel = 100000
 max_bytes_per_channel = 268435456
+
+[files]
+# Files' blobs (sealed; the relay cannot read them) pinned for the members of the channels
+# served here, pushed by the sender's device before it sends the file. The blob endpoint (iroh,
+# QUIC over UDP) binds these addresses (env CHITCHAT_RELAY_FILES_BIND, comma-separated) and
+# uses no iroh relay and no discovery.
+bind = ["0.0.0.0:0"]
+# The largest blob, the bytes each user may have pinned, and how long a blob stays.
+max_file_bytes = 2147483648
+quota_bytes_per_user = 10737418240
+expiry_days = 30
 
 [key_packages]
 # Unclaimed KeyPackages one device may store.

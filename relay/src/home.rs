@@ -54,6 +54,10 @@ impl RelayDir {
     pub fn db(&self) -> PathBuf {
         self.root.join("relay.redb")
     }
+    /// `blobs/`: the files' blob store (iroh-blobs).
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
     /// `ordering.redb`: the ordering group's Raft log and snapshots.
     pub fn ordering_db(&self) -> PathBuf {
         self.root.join("ordering.redb")

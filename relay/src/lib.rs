@@ -8,6 +8,7 @@ pub mod admin;
 pub mod config;
 pub mod fanout;
 pub mod federation;
+pub mod files;
 pub mod groups;
 pub mod home;
 pub mod http;

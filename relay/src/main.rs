@@ -110,6 +110,7 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         .init();
     let mut config = Config::load(&dir.config())?;
     if dev {
+        config.files.bind = vec!["127.0.0.1:0".into()];
         config.listen = vec![
             "/ip4/127.0.0.1/tcp/0".into(),
             "/ip4/127.0.0.1/udp/0/quic-v1".into(),
@@ -191,7 +192,15 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         groups: groups.clone(),
         federation: federation.clone(),
     };
-    let relay = Arc::new(Relay::new(config, relay_key, store, metrics, waiters, peers));
+    let files = chitchat_relay::files::RelayFiles::open(
+        &dir.blobs(),
+        &relay_key,
+        &config.files.bind_addrs()?,
+    )
+    .await
+    .with_context(|| format!("open the blob store in {}", dir.blobs().display()))?;
+    let relay =
+        Arc::new(Relay::new(config, relay_key, store, metrics, waiters, peers).with_files(files));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     // `/metrics`: gossipsub's own metrics (prefix `gossipsub_`) beside the relay's.
@@ -244,6 +253,11 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
                     Ok(n) => tracing::info!(expired = n, "retention clean-up"),
                     Err(e) => tracing::warn!(error = %e, "retention clean-up failed"),
                 }
+                match relay.expire_files(now()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(unpinned = n, "expired files unpinned"),
+                    Err(e) => tracing::warn!(error = %e, "file clean-up failed"),
+                }
                 match relay.federation().expire(now()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(dropped = n, "payloads for other relays expired"),
@@ -273,6 +287,9 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
     .await;
     groups.shutdown().await;
     ordering.shutdown().await;
+    if let Some(files) = relay.files() {
+        files.blobs().shutdown().await;
+    }
     let _ = std::fs::remove_file(dir.run_info());
     Ok(())
 }

@@ -30,6 +30,7 @@ use chitchat_proto::wire::{CommitSubmission, Envelope, commit_hash};
 use chitchat_proto::wire::{MAX_HISTORY_BYTES, MAX_HISTORY_ENTRIES};
 use chitchat_proto::{DeviceId, PublicKey, RelayId, SecretKey, Signature, Sponsorship, Timestamp};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use iroh_blobs::Hash;
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -75,6 +76,8 @@ pub struct Relay {
     /// abort after a winner of a channel of several relays is ordered, before it asks for its
     /// certificate (the others' sweep must deliver it).
     exit_before_deliver: bool,
+    /// Files' blobs pinned here (none until [`Relay::with_files`]).
+    files: Option<Arc<crate::files::RelayFiles>>,
 }
 
 /// The environment variable of the relay's fault switch.
@@ -316,6 +319,8 @@ fn kind(r: &Request) -> &'static str {
         Request::Equivocation { .. } => "equivocation",
         Request::History { .. } => "history",
         Request::OpenMoved { .. } => "open_moved",
+        Request::PinFile { .. } => "pin_file",
+        Request::BlobEndpoint => "blob_endpoint",
     }
 }
 
@@ -406,7 +411,19 @@ impl Relay {
             remote_dirs: RemoteDirs::default(),
             equivocate,
             exit_before_deliver,
+            files: None,
         }
+    }
+
+    /// This relay pins files' blobs in `files`.
+    pub fn with_files(mut self, files: crate::files::RelayFiles) -> Self {
+        self.files = Some(Arc::new(files));
+        self
+    }
+
+    /// The files' blob store, if this relay keeps files.
+    pub fn files(&self) -> Option<&Arc<crate::files::RelayFiles>> {
+        self.files.as_ref()
     }
 
     /// The relay's federation side.
@@ -506,6 +523,13 @@ impl Relay {
             }
             Request::Equivocation { proof } => self.equivocation(me, &proof).await,
             Request::History { channel, from, max } => self.history(me, channel, from, max).await,
+            Request::PinFile { channel, hash, len } => {
+                self.pin_file(me, channel, Hash::from_bytes(hash), len, now).await
+            }
+            Request::BlobEndpoint => match &self.files {
+                Some(f) => Response::BlobEndpoint { addrs: f.blobs().provider().addrs },
+                None => error(ErrorCode::NotFound, "this relay keeps no files"),
+            },
             Request::Register { token, local_name, dir } => {
                 self.register(me, token, local_name, dir, now).await
             }
@@ -1073,6 +1097,125 @@ impl Relay {
         match chitchat_proto::pack::Pack::seal(&self.key, channel, start, envelopes) {
             Ok(pack) => Response::History { first: head.first, next: head.next, pack: Some(pack) },
             Err(e) => error(ErrorCode::BadRequest, e.to_string()),
+        }
+    }
+
+    /// Pins a file's blob for `channel`'s members, or says where to push it first (see
+    /// [`crate::files`]).
+    async fn pin_file(
+        &self,
+        me: DeviceId,
+        channel: ChannelId,
+        hash: Hash,
+        len: u64,
+        now: Timestamp,
+    ) -> Response {
+        let Some(files) = &self.files else {
+            return error(ErrorCode::NotFound, "this relay keeps no files");
+        };
+        if let Err(retry_after_ms) = check_rate(&self.senders, me) {
+            return error(ErrorCode::RateLimited { retry_after_ms }, "too many requests");
+        }
+        let limits = &self.config.files;
+        if len > limits.max_file_bytes {
+            return error(
+                ErrorCode::QuotaExceeded { retry_after_ms: 0 },
+                format!("the file is over this relay's limit of {} bytes", limits.max_file_bytes),
+            );
+        }
+        let Some(by) = self.ordered_by(&channel).await else {
+            return error(ErrorCode::NotFound, "channel not ordered here");
+        };
+        let Some((members, _)) = by.ordering().member_sets(&channel, u64::MAX).await else {
+            return error(ErrorCode::NotFound, "channel not ordered here");
+        };
+        if members.binary_search(&me).is_err() {
+            return error(ErrorCode::Forbidden, "only a member pins a channel's files");
+        }
+        let user = match self.store.device(&me) {
+            Ok(Some(d)) => d.local_name,
+            Ok(None) => return error(ErrorCode::Forbidden, "register this device here first"),
+            Err(e) => return unavailable(e),
+        };
+        let blobs = files.blobs();
+        let here = match blobs.complete(hash).await {
+            Ok(true) => blobs.local_bytes(hash).await.ok(),
+            Ok(false) => None,
+            Err(e) => return unavailable(e),
+        };
+        match here {
+            Some(have) if have == len => {}
+            Some(have) => {
+                files.done(me, hash);
+                return error(
+                    ErrorCode::BadRequest,
+                    format!("the blob has {have} bytes, not the {len} announced"),
+                );
+            }
+            None => {
+                // Named at once, so that what is pushed survives garbage collection.
+                if let Err(e) = blobs.keep(hash).await {
+                    return unavailable(e);
+                }
+                if !files.want(me, hash) {
+                    return error(
+                        ErrorCode::RateLimited { retry_after_ms: 60_000 },
+                        "too many files are being pushed here",
+                    );
+                }
+                return Response::FileWanted { addrs: blobs.provider().addrs };
+            }
+        }
+        let days = limits.expiry_days.saturating_mul(86_400_000);
+        let pin = crate::store::FilePin {
+            user,
+            device: me.0.0,
+            channel: channel.0,
+            len,
+            pinned: now,
+            expires: Timestamp(now.0.saturating_add(days)),
+        };
+        let quota = limits.quota_bytes_per_user;
+        let written = self.store.write(Write::PinFile { hash: *hash.as_bytes(), pin, quota }).await;
+        files.done(me, hash);
+        match written {
+            Ok(Written::Pinned(pin)) => {
+                if let Err(e) = blobs.keep(hash).await {
+                    return unavailable(e);
+                }
+                Response::FilePinned { expires_ms: pin.expires.0 }
+            }
+            Ok(other) => unavailable(format!("unexpected {other:?}")),
+            Err(WriteError::Rejected { code, message }) => {
+                // Refused for good: nothing of it is kept here.
+                if !files.is_wanted(hash) {
+                    let _ = blobs.forget(hash).await;
+                }
+                error(code, message)
+            }
+            Err(e) => unavailable(e),
+        }
+    }
+
+    /// Deletes the pins past their expiry, and their blobs' names (garbage collection deletes
+    /// the data). Returns how many went.
+    pub async fn expire_files(&self, now: Timestamp) -> Result<usize, WriteError> {
+        let Some(files) = &self.files else { return Ok(0) };
+        let mut total = 0;
+        loop {
+            let gone = match self.store.write(Write::ExpireFiles { now, max: 1024 }).await? {
+                Written::Unpinned(gone) => gone,
+                _ => Vec::new(),
+            };
+            for hash in &gone {
+                if let Err(e) = files.blobs().forget(Hash::from_bytes(*hash)).await {
+                    tracing::warn!(error = %e, "an expired blob's name not dropped");
+                }
+            }
+            total += gone.len();
+            if gone.len() < 1024 {
+                return Ok(total);
+            }
         }
     }
 

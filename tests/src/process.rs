@@ -102,6 +102,7 @@ impl RelayProcess {
                 "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1".into(),
             ),
             ("CHITCHAT_RELAY_HTTP".into(), "127.0.0.1:0".into()),
+            ("CHITCHAT_RELAY_FILES_BIND".into(), "127.0.0.1:0".into()),
         ];
         env.extend(env_extra.iter().map(|(k, v)| ((*k).into(), (*v).into())));
         let relay = Self {

@@ -3,12 +3,14 @@
 //! device over iroh (told where by a peer request), checks it, and the CLI writes it out.
 //! Every promise is also tried against: a name that is a path, a file over the limit, content
 //! that pretends to be a file, a sender that is away, and a sender that names another key than
-//! it sealed under.
+//! it sealed under. Through a relay, a 100 MB file is pinned there before its message goes, and
+//! a member fetches it while the sender is away; the relay's quota and size limit refuse files
+//! whole, with the reason on the sender's side.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use chitchat_tests::NodeProcess;
+use chitchat_tests::{NodeProcess, RelayProcess};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(40);
@@ -189,4 +191,56 @@ async fn a_file_goes_from_the_senders_device_to_a_member_and_opens() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Alice's 100 MB file is pinned at the relay before its message goes; Alice stops; Bob fetches
+/// it from the relay. Past the user's quota, or past the relay's size limit, a file is refused
+/// whole with the reason, and nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_reaches_a_member_through_the_relay_while_the_sender_is_away() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let relay = RelayProcess::start(
+        |c| {
+            c.replace("quota_bytes_per_user = 10737418240", "quota_bytes_per_user = 150000000")
+                .replace("max_file_bytes = 2147483648", "max_file_bytes = 120000000")
+        },
+        &[],
+    )
+    .expect("relay");
+    let mut alice = NodeProcess::start(&[]).expect("alice");
+    let bob = NodeProcess::start(&[]).expect("bob");
+    alice.register(&relay, "alice").await.expect("register alice");
+    bob.register(&relay, "bob").await.expect("register bob");
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", "bob@localhost"]).expect("invite");
+    bob.wait_joined(&id, WAIT).await.expect("bob joins");
+
+    let plain = data(100_000_000, 7);
+    let path = write(tmp.path(), "video.mp4", &plain);
+    let sent = alice.cli(&["send-file", "general", &path]).expect("send-file");
+    assert!(sent.contains("sending") || sent.contains("sent"), "{sent}");
+    let entry = wait_file(&bob, &id, "video.mp4").await;
+    let message = entry["id"].as_str().expect("id").to_owned();
+    alice.stop().expect("alice stops");
+
+    let out = tmp.path().join("video.out");
+    bob.cli(&["fetch", &message, "--out", out.to_str().expect("utf-8")]).expect("fetch");
+    let got = std::fs::read(&out).expect("written");
+    assert!(got.len() == plain.len() && got == plain, "the same 100 MB came out");
+    drop(got);
+
+    // The quota (150 MB a user) and the size limit (120 MB) refuse files whole.
+    alice.restart().expect("restart");
+    let count = |v: &Value| v["history"]["messages"].as_array().map_or(0, Vec::len);
+    let history = format!("/v1/channels/{id}/history");
+    let before = count(&alice.json("GET", &history, None).await.expect("history"));
+    let second = write(tmp.path(), "second.bin", &data(60_000_000, 8));
+    let over = alice.cli(&["send-file", "general", &second]);
+    let e = over.expect_err("over the quota");
+    assert!(e.to_string().contains("quota") && e.to_string().contains("507"), "{e}");
+    let big = write(tmp.path(), "big.bin", &data(130_000_000, 9));
+    let e = alice.cli(&["send-file", "general", &big]).expect_err("over the size limit");
+    assert!(e.to_string().contains("limit of 120000000"), "{e}");
+    let after = count(&alice.json("GET", &history, None).await.expect("history"));
+    assert_eq!(before, after, "nothing sent");
 }

@@ -20,6 +20,7 @@ use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::file::{self, FileKey, Opener, SEALED_CHUNK_LEN};
 use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::peer::{PeerRequest, PeerResponse};
+use chitchat_proto::wire::{ErrorCode, Request, Response};
 use futures::{Stream, StreamExt as _};
 use iroh_blobs::Hash;
 use tokio::io::AsyncReadExt as _;
@@ -108,7 +109,7 @@ impl Node {
         mime: String,
         caption: Option<String>,
         body: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
-    ) -> Result<(MessageId, FileRef), NodeError>
+    ) -> Result<(MessageId, FileRef, Option<u64>), NodeError>
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
@@ -155,6 +156,20 @@ impl Node {
             file.key = FileKey::generate(&mut rand::rng()).to_bytes();
         }
         file.size = size;
+        // A channel that relays serve: the blob is pinned at this device's relay first, so
+        // that members can fetch it while this device is away. Refused there, nothing is sent.
+        let relayless = self.with(move |e| e.is_relayless(&channel)).await;
+        let pinned = if relayless {
+            None
+        } else {
+            match self.pin_at_relay(channel, hash, file::sealed_len(size)).await {
+                Ok(expires) => Some(expires),
+                Err(e) => {
+                    let _ = self.blobs.forget(hash).await;
+                    return Err(e);
+                }
+            }
+        };
         let content = ChatContent::Attachment { file: file.clone(), caption };
         let id = match self.send(channel, content.to_bytes(), true).await {
             Ok(id) => id,
@@ -165,7 +180,47 @@ impl Node {
             }
         };
         tracing::info!(%channel, id = %id_string(&id), size, "file sent");
-        Ok((id, file))
+        Ok((id, file, pinned))
+    }
+
+    /// Pins a blob at this device's relay: asks, pushes what the relay wants, asks again.
+    /// Returns when the pin expires (Unix milliseconds).
+    async fn pin_at_relay(
+        &self,
+        channel: ChannelId,
+        hash: Hash,
+        len: u64,
+    ) -> Result<u64, NodeError> {
+        let link = self.link()?;
+        let relay = self.relay_provider_id().await?;
+        let request = Request::PinFile { channel, hash: *hash.as_bytes(), len };
+        // Asked, pushed, asked again; a third round only if the push was cut short.
+        for _ in 0..3 {
+            match link.call(&request).await? {
+                Response::FilePinned { expires_ms } => return Ok(expires_ms),
+                Response::FileWanted { addrs } => {
+                    let to = Provider { id: relay, addrs };
+                    if let Err(e) = self.blobs.push(&to, hash).await {
+                        tracing::info!(%hash, error = %e, "push to the relay failed");
+                    }
+                }
+                Response::Error { code: ErrorCode::QuotaExceeded { .. }, message } => {
+                    return Err(file_error(
+                        "quota_exceeded",
+                        format!("the relay refused the file: {message}"),
+                    ));
+                }
+                other => return Err(super::refused(other)),
+            }
+        }
+        Err(file_error("unavailable", "the relay did not take the file; nothing was sent"))
+    }
+
+    /// The endpoint id of this device's relay.
+    async fn relay_provider_id(&self) -> Result<iroh::EndpointId, NodeError> {
+        let key = self.with(|e| e.account().map(|a| a.relay.id.key)).await;
+        key.and_then(|k| chitchat_blobs::endpoint_id(&k))
+            .ok_or(NodeError::Engine(EngineError::NotRegistered))
     }
 
     /// The file message `id` of `channel` carries.
@@ -196,7 +251,8 @@ impl Node {
         here
     }
 
-    /// Fetches the file `a` names from its providers (its sender's device, for now), unless
+    /// Fetches the file `a` names from its providers (this device's relay, then its sender's
+    /// device), unless
     /// it is here already; announces progress (`file` events). Checks that every chunk opens.
     /// Returns whether it moved anything.
     pub async fn fetch_file(self: &Arc<Self>, a: &Attachment) -> Result<bool, NodeError> {
@@ -212,11 +268,11 @@ impl Node {
             return Ok(false);
         }
         let _busy = FetchGuard::take(self, hash)?;
-        let providers = self.providers(&a.id.sender).await;
+        let providers = self.providers(a.channel, &a.id.sender).await;
         if providers.is_empty() {
             return Err(file_error(
                 "unavailable",
-                "no provider of the file is reachable (its sender's device is not connected)",
+                "no provider of the file is reachable (neither a relay nor its sender's device)",
             ));
         }
         let total = file::sealed_len(a.file.size);
@@ -307,10 +363,20 @@ impl Node {
         })
     }
 
-    /// Who to fetch a blob sent by `sender` from: its device, if it says where its blob
-    /// endpoint listens.
-    async fn providers(&self, sender: &DeviceId) -> Vec<Provider> {
+    /// Who to fetch a blob sent by `sender` in `channel` from: this device's relay (for a
+    /// channel relays serve), then the sender's device, if it says where its blob endpoint
+    /// listens.
+    async fn providers(&self, channel: ChannelId, sender: &DeviceId) -> Vec<Provider> {
         let mut providers = Vec::new();
+        // This device's relay first: it is always on, and pins what its members send.
+        let relayless = self.with(move |e| e.is_relayless(&channel)).await;
+        if !relayless && let (Ok(link), Ok(id)) = (self.link(), self.relay_provider_id().await) {
+            match link.call(&Request::BlobEndpoint).await {
+                Ok(Response::BlobEndpoint { addrs }) => providers.push(Provider { id, addrs }),
+                Ok(other) => tracing::debug!(answer = ?other, "the relay serves no files"),
+                Err(e) => tracing::debug!(error = %e, "the relay not asked for its blob endpoint"),
+            }
+        }
         if *sender == self.with(|e| e.device()).await {
             return providers;
         }

@@ -28,6 +28,10 @@ use iroh_blobs::{BlobsProtocol, Hash};
 
 pub use iroh_blobs::ALPN as BLOBS_ALPN;
 
+/// How long a push waits for its receiver to take more of the blob before it gives up (a
+/// receiver that refuses a push never says so).
+pub const PUSH_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How often blobs no tag names are deleted.
 pub const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -84,6 +88,63 @@ impl Blobs {
     /// Opens the store in `dir` (created if need be) and binds the endpoint, under `key`, to
     /// `bind` (`127.0.0.1:0` for loopback only; `0.0.0.0:0` for every interface).
     pub async fn open(dir: &Path, key: &SecretKey, bind: &[SocketAddr]) -> Result<Self, BlobError> {
+        Self::open_with(dir, key, bind, None).await
+    }
+
+    /// Like [`Blobs::open`], and takes pushes (iroh-blobs disables them by default): a push of
+    /// a blob is taken only if `accept(pusher, hash)` says so, where `pusher` is the endpoint
+    /// id the connection proved (a device key). A relay opens its store this way.
+    pub async fn open_accepting(
+        dir: &Path,
+        key: &SecretKey,
+        bind: &[SocketAddr],
+        accept: impl Fn(EndpointId, Hash) -> bool + Send + Sync + 'static,
+    ) -> Result<Self, BlobError> {
+        use iroh_blobs::provider::events::{
+            AbortReason, ConnectMode, EventMask, EventSender, ProviderMessage, RequestMode,
+        };
+        let mask = EventMask {
+            connected: ConnectMode::Intercept,
+            push: RequestMode::Intercept,
+            ..EventMask::DEFAULT
+        };
+        let (events, mut rx) = EventSender::channel(64, mask);
+        tokio::spawn(async move {
+            // Which endpoint each live connection proved; an entry goes with its connection.
+            let mut who = std::collections::HashMap::new();
+            while let Some(message) = rx.recv().await {
+                match message {
+                    ProviderMessage::ClientConnected(msg) => {
+                        if let Some(id) = msg.endpoint_id {
+                            who.insert(msg.connection_id, id);
+                        }
+                        msg.tx.send(Ok(())).await.ok();
+                    }
+                    ProviderMessage::ConnectionClosed(msg) => {
+                        who.remove(&msg.connection_id);
+                    }
+                    ProviderMessage::PushRequestReceived(msg) => {
+                        let hash = msg.request.hash;
+                        let ok = who.get(&msg.connection_id).is_some_and(|id| accept(*id, hash));
+                        if !ok {
+                            tracing::info!(%hash, "a push no one asked for refused");
+                        }
+                        let answer = if ok { Ok(()) } else { Err(AbortReason::Permission) };
+                        msg.tx.send(answer).await.ok();
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Self::open_with(dir, key, bind, Some(events)).await
+    }
+
+    async fn open_with(
+        dir: &Path,
+        key: &SecretKey,
+        bind: &[SocketAddr],
+        events: Option<iroh_blobs::provider::events::EventSender>,
+    ) -> Result<Self, BlobError> {
         let secret = iroh::SecretKey::from_bytes(&key.seed());
         let mut builder = Endpoint::builder(presets::Minimal)
             .secret_key(secret)
@@ -103,7 +164,7 @@ impl Blobs {
             .await
             .map_err(|e| BlobError::Store(e.to_string()))?;
         let router = Router::builder(endpoint.clone())
-            .accept(BLOBS_ALPN, BlobsProtocol::new(&store, None))
+            .accept(BLOBS_ALPN, BlobsProtocol::new(&store, events))
             .spawn();
         Ok(Self { endpoint, store, router })
     }
@@ -169,6 +230,62 @@ impl Blobs {
         let local =
             self.store.remote().local(hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
         Ok(local.local_bytes())
+    }
+
+    /// Names a blob so that garbage collection keeps it (and what of it comes in), durably.
+    pub async fn keep(&self, hash: Hash) -> Result<(), BlobError> {
+        self.tag(hash).await
+    }
+
+    /// Whether the whole blob is here, named or not (a push just taken is not named yet).
+    pub async fn complete(&self, hash: Hash) -> Result<bool, BlobError> {
+        self.store.blobs().has(hash).await.map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// Pushes a blob this store holds to `to`, which must accept it (a relay that asked for
+    /// it). Returns once `to` has all of it.
+    pub async fn push(&self, to: &Provider, hash: Hash) -> Result<(), BlobError> {
+        let who = to.id.fmt_short().to_string();
+        let conn = self
+            .endpoint
+            .connect(to.endpoint_addr(), BLOBS_ALPN)
+            .await
+            .map_err(|e| BlobError::Connect(who.clone(), e.to_string()))?;
+        let request =
+            iroh_blobs::protocol::PushRequest::from(iroh_blobs::protocol::GetRequest::blob(hash));
+        self.store
+            .remote()
+            .execute_push(conn.clone(), request)
+            .complete()
+            .await
+            .map_err(|e| BlobError::Fetch(who.clone(), format!("push: {e}")))?;
+        // The push only sends: the connection stays up, watching the receiver's copy, until it
+        // has all of it (closing it at once would drop what is still in flight), or refused it.
+        use futures::StreamExt as _;
+        let observe = iroh_blobs::protocol::ObserveRequest::new(hash);
+        let mut seen = std::pin::pin!(self.store.remote().observe(conn, observe));
+        // A receiver that refused the push never says so: silence for `PUSH_IDLE` ends it.
+        // The first item is the receiver's bitfield, the next ones what it added since.
+        let mut there = iroh_blobs::api::proto::Bitfield::empty();
+        loop {
+            match tokio::time::timeout(PUSH_IDLE, seen.next()).await {
+                Ok(Some(Ok(b))) => {
+                    there.update(&b);
+                    if there.is_complete() {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(BlobError::Fetch(who, format!("push not taken: {e}")));
+                }
+                Ok(None) => {
+                    return Err(BlobError::Fetch(who, "push not taken (the receiver left)".into()));
+                }
+                Err(_) => {
+                    return Err(BlobError::Fetch(who, "push not taken (no progress)".into()));
+                }
+            }
+        }
     }
 
     /// Names a blob so that garbage collection keeps it, durably (the store's database is

@@ -211,3 +211,42 @@ async fn a_stream_is_added_whole_or_not_at_all() {
     use futures::StreamExt as _;
     assert_eq!(tags.count().await, 1, "one tag: the whole blob's");
 }
+
+/// A store that takes pushes takes only those its hook accepts, by the pusher's proven
+/// endpoint id and the hash; a store opened plainly takes none. (Mallory holds no copy of
+/// Alice's blob, so her push of its hash has nothing to send; what matters is that nothing of
+/// hers is kept.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_is_taken_only_when_accepted() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let alice = endpoint(tmp.path(), 1).await;
+    let mallory = endpoint(tmp.path(), 3).await;
+    let plain_store = endpoint(tmp.path(), 4).await;
+    let key = FileKey::from_bytes([9; 32]);
+    let hash = alice.add_path(&sealed_file(tmp.path(), &key, &data(200_000, 5))).await.expect("a");
+    let other = mallory.add_path(&sealed_file(tmp.path(), &key, &data(1000, 6))).await.expect("m");
+    let alice_id = alice.provider().id;
+    let relay = Blobs::open_accepting(
+        &tmp.path().join("relay"),
+        &SecretKey::from_seed([2; 32]),
+        &loopback(),
+        move |who, h| who == alice_id && h == hash,
+    )
+    .await
+    .expect("open");
+
+    // The receiver says nothing of a refusal: the push ends after PUSH_IDLE without progress.
+    let refused = mallory.push(&relay.provider(), other).await;
+    assert!(refused.is_err(), "the pusher learns that it was not taken");
+    assert!(!relay.complete(other).await.expect("complete"), "a push not accepted is refused");
+    let _ = mallory.push(&relay.provider(), hash).await;
+    assert!(!relay.complete(hash).await.expect("complete"), "not from another pusher either");
+    let e = alice.push(&relay.provider(), hash).await;
+    e.expect("alice's push of the hash accepted");
+    assert!(relay.complete(hash).await.expect("complete"), "all of it, once the push returns");
+    assert!(!relay.has(hash).await.expect("has"), "pushed, not yet kept by name");
+    relay.keep(hash).await.expect("keep");
+    assert!(relay.has(hash).await.expect("has"));
+    let _ = alice.push(&plain_store.provider(), hash).await;
+    assert!(!plain_store.complete(hash).await.expect("complete"), "a plain store takes no push");
+}

@@ -17,8 +17,8 @@ mod records;
 mod write;
 
 pub use records::{
-    Counters, DeviceRecord, HistoryHead, QueueCounters, QueuedForward, StoredHistory, StoredItem,
-    StoredKeyPackage, TokenRecord,
+    Counters, DeviceRecord, FilePin, HistoryHead, QueueCounters, QueuedForward, StoredHistory,
+    StoredItem, StoredKeyPackage, TokenRecord,
 };
 pub use write::{
     Fanned, HistoryLimits, InboxQuota, Onward, QueueLimits, Write, WriteError, Written,
@@ -82,6 +82,8 @@ pub(crate) const HISTORY_GAPS: TableDefinition<'_, ([u8; 32], [u8; 32]), u64> =
     TableDefinition::new("history-gaps-0");
 /// Orderers convicted of equivocation: key → the [`chitchat_proto::ordering::Equivocation`]
 /// proof (its canonical encoding).
+/// Files' blobs pinned here, by hash: [`FilePin`] (postcard).
+pub(crate) const FILES: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("files-0");
 pub(crate) const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> =
     TableDefinition::new("convicted-0");
 
@@ -434,6 +436,7 @@ fn init(db: &Database) -> Result<(), StoreError> {
         w.open_table(FED_QUEUES).map_err(redb_err)?;
         w.open_table(FED_SEEN).map_err(redb_err)?;
         w.open_table(CONVICTED).map_err(redb_err)?;
+        w.open_table(FILES).map_err(redb_err)?;
         w.open_table(HISTORY).map_err(redb_err)?;
         w.open_table(HISTORY_HEADS).map_err(redb_err)?;
         w.open_table(HISTORY_GAPS).map_err(redb_err)?;

@@ -34,6 +34,23 @@ pub struct DeviceRecord {
     pub registered: Timestamp,
 }
 
+/// A file's blob pinned here (`files-0`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePin {
+    /// The user whose device pinned it (its quota counts it).
+    pub user: String,
+    /// The device.
+    pub device: [u8; 32],
+    /// The channel it was sent in.
+    pub channel: [u8; 32],
+    /// The blob's length.
+    pub len: u64,
+    /// When it was pinned.
+    pub pinned: Timestamp,
+    /// When it goes.
+    pub expires: Timestamp,
+}
+
 /// Per-device counters, kept in step with the inbox and KeyPackage tables.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {

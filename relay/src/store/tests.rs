@@ -669,3 +669,33 @@ fn version_3_inbox_records_still_read() {
     let item = StoredItem::decode(&chitchat_proto::codec::encode(&v3)).expect("decodes");
     assert_eq!((item.envelope, item.history), (v3.envelope, None));
 }
+
+fn pin(user: &str, len: u64, expires: Timestamp) -> FilePin {
+    FilePin { user: user.into(), device: [1; 32], channel: [2; 32], len, pinned: NOW, expires }
+}
+
+/// A user's pins stay within the quota (another user's do not count); a blob pinned already
+/// keeps its first pin; pins go when their expiry passes (the time is the caller's: a test
+/// clock), the others stay.
+#[tokio::test]
+async fn file_pins_keep_to_the_quota_and_expire() {
+    let (_dir, store) = open();
+    let later = Timestamp(NOW.0 + 1_000);
+    let pin_file = |hash: u8, p: FilePin| Write::PinFile { hash: [hash; 32], pin: p, quota: 100 };
+    let w = store.write(pin_file(1, pin("alice", 60, later))).await.expect("pin");
+    assert_eq!(w, Written::Pinned(pin("alice", 60, later)));
+    let over = store.write(pin_file(2, pin("alice", 41, later))).await;
+    assert!(matches!(code(over), ErrorCode::QuotaExceeded { .. }), "60 + 41 > 100");
+    store.write(pin_file(3, pin("bob", 90, NOW))).await.expect("another user's quota");
+    store.write(pin_file(4, pin("alice", 40, later))).await.expect("60 + 40 fits");
+    let again = store.write(pin_file(1, pin("alice", 60, Timestamp(NOW.0 + 9_999)))).await;
+    assert_eq!(again.expect("repeat"), Written::Pinned(pin("alice", 60, later)), "first pin");
+
+    let gone = store.write(Write::ExpireFiles { now: NOW, max: 10 }).await.expect("expire");
+    assert_eq!(gone, Written::Unpinned(vec![[3; 32]]), "only bob's had expired");
+    let gone = store.write(Write::ExpireFiles { now: NOW, max: 10 }).await.expect("expire");
+    assert_eq!(gone, Written::Unpinned(vec![]));
+    let gone = store.write(Write::ExpireFiles { now: later, max: 1 }).await.expect("expire");
+    assert_eq!(gone, Written::Unpinned(vec![[1; 32]]), "at most max at a time");
+    store.write(pin_file(2, pin("alice", 41, later))).await.expect("room again");
+}

@@ -11,9 +11,9 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use super::records::{decode_record, encode_record};
 use super::{
     BLOCKED, CONVICTED, COUNTERS, Counters, DEVICES, DeviceRecord, FED_QUEUE, FED_QUEUES, FED_SEEN,
-    HISTORY, HISTORY_GAPS, HISTORY_HEADS, HistoryHead, INBOX, KEY_PACKAGES, LAST_RESORT, META,
-    NAMES, QueueCounters, QueuedForward, StoredHistory, StoredItem, StoredKeyPackage, TOKENS,
-    TokenRecord,
+    FILES, FilePin, HISTORY, HISTORY_GAPS, HISTORY_HEADS, HistoryHead, INBOX, KEY_PACKAGES,
+    LAST_RESORT, META, NAMES, QueueCounters, QueuedForward, StoredHistory, StoredItem,
+    StoredKeyPackage, TOKENS, TokenRecord,
 };
 
 /// Inbox bounds, checked on every enqueue.
@@ -240,6 +240,23 @@ pub enum Write {
         /// The proof's canonical encoding.
         proof: Vec<u8>,
     },
+    /// Pin a file's blob: refused (`QuotaExceeded`) if its user's pins would pass `quota`
+    /// bytes. A blob pinned already keeps its pin (and its expiry).
+    PinFile {
+        /// The blob's hash.
+        hash: [u8; 32],
+        /// The pin.
+        pin: FilePin,
+        /// The user's quota, in bytes.
+        quota: u64,
+    },
+    /// Delete the pins that expired by `now` (at most `max`); answered with their hashes.
+    ExpireFiles {
+        /// The time.
+        now: Timestamp,
+        /// Most pins deleted in one pass.
+        max: usize,
+    },
     /// Block or unblock a relay host.
     Block {
         /// The host.
@@ -277,6 +294,10 @@ pub enum Written {
         /// Whether it is the first proof against that orderer.
         new: bool,
     },
+    /// A file's pin (the one written, or the one there already).
+    Pinned(FilePin),
+    /// The hashes of the pins deleted.
+    Unpinned(Vec<[u8; 32]>),
     /// A post is in these inboxes; `skipped` recipients did not get it.
     Posted {
         /// The inboxes it is in.
@@ -332,6 +353,7 @@ pub(super) struct Tables<'txn> {
     fed_queues: Table<'txn, &'static str, &'static [u8]>,
     fed_seen: Table<'txn, ([u8; 32], u64), u64>,
     convicted: Table<'txn, [u8; 32], &'static [u8]>,
+    files: Table<'txn, [u8; 32], &'static [u8]>,
     history: Table<'txn, ([u8; 32], u64), &'static [u8]>,
     history_heads: Table<'txn, [u8; 32], &'static [u8]>,
     history_gaps: Table<'txn, ([u8; 32], [u8; 32]), u64>,
@@ -353,6 +375,7 @@ impl<'txn> Tables<'txn> {
             fed_queues: txn.open_table(FED_QUEUES).map_err(storage)?,
             fed_seen: txn.open_table(FED_SEEN).map_err(storage)?,
             convicted: txn.open_table(CONVICTED).map_err(storage)?,
+            files: txn.open_table(FILES).map_err(storage)?,
             history: txn.open_table(HISTORY).map_err(storage)?,
             history_heads: txn.open_table(HISTORY_HEADS).map_err(storage)?,
             history_gaps: txn.open_table(HISTORY_GAPS).map_err(storage)?,
@@ -553,6 +576,49 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
                 t.convicted.insert(*signer, proof.as_slice()).map_err(storage)?;
             }
             Ok(Written::Convicted { new })
+        }
+        Write::PinFile { hash, pin, quota } => {
+            if let Some(old) = t.files.get(*hash).map_err(storage)? {
+                let old: FilePin = decode_record(old.value(), "files").map_err(corrupt)?;
+                return Ok(Written::Pinned(old));
+            }
+            let mut used: u64 = 0;
+            for entry in t.files.iter().map_err(storage)? {
+                let (_, v) = entry.map_err(storage)?;
+                let other: FilePin = decode_record(v.value(), "files").map_err(corrupt)?;
+                if other.user == pin.user {
+                    used = used.saturating_add(other.len);
+                }
+            }
+            if used.saturating_add(pin.len) > *quota {
+                return Err(reject(
+                    ErrorCode::QuotaExceeded { retry_after_ms: 0 },
+                    format!(
+                        "the user's files would take {} bytes here, over the quota of {quota}",
+                        used.saturating_add(pin.len)
+                    ),
+                ));
+            }
+            let bytes = encode_record(pin);
+            t.files.insert(*hash, bytes.as_slice()).map_err(storage)?;
+            Ok(Written::Pinned(pin.clone()))
+        }
+        Write::ExpireFiles { now, max } => {
+            let mut gone = Vec::new();
+            for entry in t.files.iter().map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                let pin: FilePin = decode_record(v.value(), "files").map_err(corrupt)?;
+                if pin.expires <= *now {
+                    gone.push(k.value());
+                    if gone.len() >= *max {
+                        break;
+                    }
+                }
+            }
+            for hash in &gone {
+                t.files.remove(*hash).map_err(storage)?;
+            }
+            Ok(Written::Unpinned(gone))
         }
         Write::Block { host, blocked, now } => {
             if *blocked {
