@@ -1153,6 +1153,21 @@ impl Relay {
                 );
             }
             None => {
+                // The quota is checked before a byte is pushed (and again when pinning).
+                let quota = limits.quota_bytes_per_user;
+                match self.store.files_used(&user) {
+                    Ok(used) if used.saturating_add(len) > quota => {
+                        return error(
+                            ErrorCode::QuotaExceeded { retry_after_ms: 0 },
+                            format!(
+                                "the user's files would take {} bytes here, over the quota of {quota}",
+                                used.saturating_add(len)
+                            ),
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => return unavailable(e),
+                }
                 // Named at once, so that what is pushed survives garbage collection.
                 if let Err(e) = blobs.keep(hash).await {
                     return unavailable(e);

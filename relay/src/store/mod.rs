@@ -187,6 +187,21 @@ impl Store {
         Ok(t.get(host).map_err(redb_err)?.is_some())
     }
 
+    /// Bytes of the blobs `user` has pinned here.
+    pub fn files_used(&self, user: &str) -> Result<u64, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(FILES).map_err(redb_err)?;
+        let mut used: u64 = 0;
+        for entry in t.iter().map_err(redb_err)? {
+            let (_, v) = entry.map_err(redb_err)?;
+            let pin: FilePin = records::decode_record(v.value(), "files")?;
+            if pin.user == user {
+                used = used.saturating_add(pin.len);
+            }
+        }
+        Ok(used)
+    }
+
     /// The keys of the orderers convicted of equivocation.
     pub fn convicted(&self) -> Result<Vec<chitchat_proto::PublicKey>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
