@@ -88,13 +88,8 @@ impl Default for FilesConfig {
 impl FilesConfig {
     /// The addresses to bind, parsed (1 to 8).
     pub fn bind_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
-        if self.bind.is_empty() || self.bind.len() > 8 {
-            return Err(ConfigError::Invalid("files.bind: 1 to 8 addresses".into()));
-        }
-        self.bind
-            .iter()
-            .map(|a| a.parse().map_err(|e| ConfigError::Invalid(format!("files.bind {a:?}: {e}"))))
-            .collect()
+        chitchat_blobs::parse_bind(&self.bind)
+            .map_err(|e| ConfigError::Invalid(format!("files.bind: {e}")))
     }
 }
 

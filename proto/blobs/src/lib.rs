@@ -55,6 +55,14 @@ pub enum BlobError {
     NoProvider(usize),
 }
 
+/// Parses the addresses an endpoint binds (`IP:PORT`, 1 to 8 of them), as a config gives them.
+pub fn parse_bind(addrs: &[String]) -> Result<Vec<SocketAddr>, String> {
+    if addrs.is_empty() || addrs.len() > 8 {
+        return Err("1 to 8 addresses".into());
+    }
+    addrs.iter().map(|a| a.parse().map_err(|e| format!("{a:?}: {e}"))).collect()
+}
+
 /// Someone to fetch a blob from: its endpoint id (a device or relay key) and the addresses it
 /// listens on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,11 +205,7 @@ impl Blobs {
             .temp_tag()
             .await
             .map_err(|e| BlobError::Store(e.to_string()))?;
-        // The named tag is set before the temporary one goes: the blob is never unnamed.
-        let hash = tag.hash();
-        self.tag(hash).await?;
-        drop(tag);
-        Ok(hash)
+        self.name(tag).await
     }
 
     /// Adds the bytes a stream yields to the store, tagged `file/<hash>`; its hash. An error
@@ -218,7 +222,12 @@ impl Blobs {
             .temp_tag()
             .await
             .map_err(|e| BlobError::Store(e.to_string()))?;
-        // The named tag is set before the temporary one goes: the blob is never unnamed.
+        self.name(tag).await
+    }
+
+    /// Names a blob just added under its temporary tag; its hash. The name is set before the
+    /// temporary tag goes: the blob is never unnamed.
+    async fn name(&self, tag: iroh_blobs::api::TempTag) -> Result<Hash, BlobError> {
         let hash = tag.hash();
         self.tag(hash).await?;
         drop(tag);
