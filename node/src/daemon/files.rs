@@ -31,6 +31,8 @@ use crate::engine::{EngineError, Event, id_string};
 
 /// Sealed chunks in flight between the sealing thread and the blob store, at most.
 const SEALED_QUEUE: usize = 8;
+/// Sealed chunks read from the store at a time (about a MiB).
+const READ_CHUNKS: usize = 16;
 /// How often a fetch's progress is announced, at most.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// How long a sender's node has to say where its blob endpoint listens.
@@ -341,9 +343,18 @@ impl Node {
             let opener = opener.clone();
             async move {
                 let opener = opener.map_err(|e| file_error("corrupt", e))?;
-                let Some(plain) = file::chunk_len(size, index) else {
+                // Up to `READ_CHUNKS` chunks a read: each read of the store is a round trip to
+                // its actor.
+                let mut lens = Vec::new();
+                while lens.len() < READ_CHUNKS {
+                    match file::chunk_len(size, index + lens.len() as u64) {
+                        Some(plain) => lens.push(plain + file::TAG_LEN),
+                        None => break,
+                    }
+                }
+                if lens.is_empty() {
                     return Ok(None);
-                };
+                }
                 if !seeked && start > 0 {
                     use tokio::io::AsyncSeekExt as _;
                     reader
@@ -351,14 +362,27 @@ impl Node {
                         .await
                         .map_err(|e| file_error("storage", e.to_string()))?;
                 }
-                let mut sealed = vec![0u8; plain + file::TAG_LEN];
+                let mut sealed = vec![0u8; lens.iter().sum()];
                 reader.read_exact(&mut sealed).await.map_err(|e| {
                     file_error("corrupt", format!("the file's blob is cut short here: {e}"))
                 })?;
-                let opened = opener
-                    .open(index, &sealed)
-                    .map_err(|e| file_error("corrupt", format!("the file does not open: {e}")))?;
-                Ok(Some((Bytes::from(opened), (reader, index + 1, true))))
+                let n = lens.len() as u64;
+                // Opened off the async workers (a MiB at a time).
+                let opened = tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::with_capacity(sealed.len());
+                    let mut at = 0;
+                    for (i, len) in lens.into_iter().enumerate() {
+                        let chunk = &sealed[at..at + len];
+                        at += len;
+                        out.extend_from_slice(&opener.open(index + i as u64, chunk).map_err(
+                            |e| file_error("corrupt", format!("the file does not open: {e}")),
+                        )?);
+                    }
+                    Ok::<_, NodeError>(out)
+                })
+                .await
+                .map_err(|e| file_error("storage", e.to_string()))??;
+                Ok(Some((Bytes::from(opened), (reader, index + n, true))))
             }
         })
     }
