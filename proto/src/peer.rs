@@ -9,8 +9,6 @@
 //! handed over ([`PeerRequest::Deliver`]), and the commits a member missed, from the creator
 //! ([`PeerRequest::Commits`]). Frames are those of [`crate::wire`] (a version, then the body).
 
-use std::net::SocketAddr;
-
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Bytes;
@@ -18,7 +16,7 @@ use crate::identity::Dir;
 use crate::ordering::ChannelId;
 use crate::ordering::EpochCert;
 use crate::wire::{
-    ChannelPost, Envelope, ErrorCode, MAX_BLOB_ADDRS, MAX_DIRS, MAX_KEY_PACKAGE_LEN,
+    ChannelPost, Envelope, ErrorCode, IpPort, MAX_BLOB_ADDRS, MAX_DIRS, MAX_KEY_PACKAGE_LEN,
     MAX_MLS_MESSAGE_LEN, OrderedCommit, Validate,
 };
 
@@ -127,7 +125,7 @@ pub enum PeerResponse {
     /// Where this device's blob endpoint listens, at most [`MAX_BLOB_ADDRS`] addresses.
     Blobs {
         /// The addresses.
-        addrs: Vec<SocketAddr>,
+        addrs: Vec<IpPort>,
     },
 }
 
@@ -220,6 +218,7 @@ mod tests {
         assert!(decode_frame::<PeerResponse>(&frame).is_err(), "an oversized KeyPackage refused");
         assert!(decode_frame::<PeerRequest>(b"\x01\xff\xff").is_err(), "garbage refused");
         let addr: std::net::SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let addr = IpPort::from(addr);
         let many = PeerResponse::Blobs { addrs: vec![addr; MAX_BLOB_ADDRS + 1] };
         let frame = encode_frame(&many).expect("encodes");
         assert!(decode_frame::<PeerResponse>(&frame).is_err(), "too many addresses refused");

@@ -661,13 +661,37 @@ pub enum Response {
     /// addresses; its endpoint id is the relay's key), then ask again.
     FileWanted {
         /// Where the endpoint listens.
-        addrs: Vec<std::net::SocketAddr>,
+        addrs: Vec<IpPort>,
     },
     /// Where this relay's blob endpoint listens (its endpoint id is the relay's key).
     BlobEndpoint {
         /// At most [`MAX_BLOB_ADDRS`] addresses.
-        addrs: Vec<std::net::SocketAddr>,
+        addrs: Vec<IpPort>,
     },
+}
+
+/// An IP address and a port, as frames carry them: a [`std::net::SocketAddr`] without an IPv6
+/// flow label or scope, which its encoding would drop (so a decoded address is always the one
+/// encoded). Encoded as a `SocketAddr` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct IpPort {
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// The port.
+    pub port: u16,
+}
+
+impl From<std::net::SocketAddr> for IpPort {
+    fn from(a: std::net::SocketAddr) -> Self {
+        Self { ip: a.ip(), port: a.port() }
+    }
+}
+
+impl From<IpPort> for std::net::SocketAddr {
+    fn from(a: IpPort) -> Self {
+        Self::new(a.ip, a.port)
+    }
 }
 
 /// Addresses in a [`Response::FileWanted`] or [`Response::BlobEndpoint`], at most.

@@ -129,7 +129,7 @@ fn files_at_a_relay() {
         "request_blob_endpoint",
         hex(&wire::encode_frame(&request).expect("f"))
     );
-    let addrs = vec!["127.0.0.1:4433".parse().expect("addr")];
+    let addrs = vec!["127.0.0.1:4433".parse::<std::net::SocketAddr>().expect("addr").into()];
     for (name, response) in [
         ("response_file_pinned", Response::FilePinned { expires_ms: 1_800_000_000_000 }),
         ("response_file_wanted", Response::FileWanted { addrs: addrs.clone() }),
@@ -139,7 +139,12 @@ fn files_at_a_relay() {
         insta::assert_snapshot!(name, hex(&frame));
         assert_eq!(wire::decode_frame::<Response>(&frame).expect("decode"), response);
     }
-    let many = Response::FileWanted { addrs: vec!["127.0.0.1:1".parse().expect("addr"); 17] };
+    let many = Response::FileWanted {
+        addrs: vec![
+            wire::IpPort::from("127.0.0.1:1".parse::<std::net::SocketAddr>().expect("addr"));
+            17
+        ],
+    };
     let frame = wire::encode_frame(&many).expect("frame");
     assert!(wire::decode_frame::<Response>(&frame).is_err(), "at most 16 addresses");
 }
@@ -620,7 +625,10 @@ fn peer_frames() {
         frame(wire::encode_frame(&PeerResponse::History { entries: vec![(7, post)], next: 8 }))
     );
     insta::assert_snapshot!("peer_blobs", frame(wire::encode_frame(&PeerRequest::Blobs)));
-    let addrs = vec!["127.0.0.1:4433".parse().expect("addr"), "[::1]:4434".parse().expect("addr")];
+    let addrs = vec![
+        "127.0.0.1:4433".parse::<std::net::SocketAddr>().expect("addr").into(),
+        "[::1]:4434".parse::<std::net::SocketAddr>().expect("addr").into(),
+    ];
     insta::assert_snapshot!(
         "peer_blobs_answer",
         frame(wire::encode_frame(&PeerResponse::Blobs { addrs }))

@@ -257,6 +257,11 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
 }
 
+/// Where this relay's blob endpoint listens, as frames carry it.
+fn blob_addrs(blobs: &chitchat_blobs::Blobs) -> Vec<chitchat_proto::wire::IpPort> {
+    blobs.provider().addrs.into_iter().map(Into::into).collect()
+}
+
 fn unavailable(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "store failure");
     error(ErrorCode::Unavailable, "storage unavailable, retry later")
@@ -527,7 +532,7 @@ impl Relay {
                 self.pin_file(me, channel, Hash::from_bytes(hash), len, now).await
             }
             Request::BlobEndpoint => match &self.files {
-                Some(f) => Response::BlobEndpoint { addrs: f.blobs().provider().addrs },
+                Some(f) => Response::BlobEndpoint { addrs: blob_addrs(f.blobs()) },
                 None => error(ErrorCode::NotFound, "this relay keeps no files"),
             },
             Request::Register { token, local_name, dir } => {
@@ -1178,7 +1183,7 @@ impl Relay {
                         "too many files are being pushed here",
                     );
                 }
-                return Response::FileWanted { addrs: blobs.provider().addrs };
+                return Response::FileWanted { addrs: blob_addrs(blobs) };
             }
         }
         let days = limits.expiry_days.saturating_mul(86_400_000);

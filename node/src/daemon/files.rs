@@ -201,7 +201,7 @@ impl Node {
             match link.call(&request).await? {
                 Response::FilePinned { expires_ms } => return Ok(expires_ms),
                 Response::FileWanted { addrs } => {
-                    let to = Provider { id: relay, addrs };
+                    let to = Provider { id: relay, addrs: socket_addrs(addrs) };
                     if let Err(e) = self.blobs.push(&to, hash).await {
                         tracing::info!(%hash, error = %e, "push to the relay failed");
                     }
@@ -396,7 +396,9 @@ impl Node {
         let relayless = self.with(move |e| e.is_relayless(&channel)).await;
         if !relayless && let (Ok(link), Ok(id)) = (self.link(), self.relay_provider_id().await) {
             match link.call(&Request::BlobEndpoint).await {
-                Ok(Response::BlobEndpoint { addrs }) => providers.push(Provider { id, addrs }),
+                Ok(Response::BlobEndpoint { addrs }) => {
+                    providers.push(Provider { id, addrs: socket_addrs(addrs) });
+                }
                 Ok(other) => tracing::debug!(answer = ?other, "the relay serves no files"),
                 Err(e) => tracing::debug!(error = %e, "the relay not asked for its blob endpoint"),
             }
@@ -413,7 +415,7 @@ impl Node {
         };
         match asked {
             Ok(Ok(PeerResponse::Blobs { addrs })) if !addrs.is_empty() => {
-                providers.push(Provider { id, addrs });
+                providers.push(Provider { id, addrs: socket_addrs(addrs) });
             }
             Ok(Ok(other)) => {
                 tracing::debug!(device = %sender, answer = ?other, "the sender serves no blob")
@@ -429,8 +431,13 @@ impl Node {
     pub(super) fn blob_addrs(&self) -> PeerResponse {
         let addrs =
             if self.config.network.relay_only { Vec::new() } else { self.blobs.provider().addrs };
-        PeerResponse::Blobs { addrs }
+        PeerResponse::Blobs { addrs: addrs.into_iter().map(Into::into).collect() }
     }
+}
+
+/// Addresses as a frame carries them, as sockets.
+fn socket_addrs(addrs: Vec<chitchat_proto::wire::IpPort>) -> Vec<std::net::SocketAddr> {
+    addrs.into_iter().map(Into::into).collect()
 }
 
 /// One fetch of a blob at a time: a second one is refused while the first runs.
