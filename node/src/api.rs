@@ -1021,7 +1021,7 @@ async fn read_file(
             format!("the file is not here; fetch it first (POST /v1/messages/{reference}/fetch)"),
         ));
     }
-    let chunks = s.node.open_chunks(&attachment, 0).map(|c| c.map_err(std::io::Error::other));
+    let chunks = s.node.open_chunks(&attachment, 0)?.map(|c| c.map_err(std::io::Error::other));
     let file = &attachment.file;
     let disposition = format!(
         "attachment; filename*=UTF-8''{}",

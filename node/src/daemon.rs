@@ -153,8 +153,9 @@ pub struct Node {
     /// How far each channel's history at the relay was read this run (what the inbox missed
     /// is fetched once, whether a notice or an item asks for it first).
     history_read: Mutex<HashMap<ChannelId, u64>>,
-    /// Files' blobs: this device's iroh endpoint and store.
-    blobs: chitchat_blobs::Blobs,
+    /// Files' blobs: this device's iroh endpoint and store (none on a relay-only node: iroh
+    /// speaks UDP).
+    blobs: Option<chitchat_blobs::Blobs>,
     /// Blobs being fetched now (one fetch of each at a time).
     fetching: Mutex<std::collections::HashSet<iroh_blobs::Hash>>,
     /// Where events go, besides the engine's own (a fetch's progress).
@@ -182,7 +183,7 @@ impl Node {
     pub async fn start(
         mut engine: Engine,
         config: Config,
-        blobs: chitchat_blobs::Blobs,
+        blobs: Option<chitchat_blobs::Blobs>,
     ) -> Result<Arc<Self>, NodeError> {
         engine.set_commit_first(config.send.commit_first);
         engine.set_lan(!config.network.relay_only);

@@ -278,10 +278,19 @@ async fn daemon(dir: NodeDir, relay_only: bool) -> anyhow::Result<()> {
     };
     let engine = Engine::open(store)?;
     let device = engine.device();
-    let blob_dir = dir.root().join("blobs");
-    let blobs = chitchat_blobs::Blobs::open(&blob_dir, engine.key(), &config.files.bind_addrs()?)
-        .await
-        .with_context(|| format!("open the blob store in {}", blob_dir.display()))?;
+    // A relay-only node opens no blob endpoint: iroh speaks UDP, and such a node uses TCP to
+    // its relay alone.
+    let blobs = if config.network.relay_only {
+        None
+    } else {
+        let blob_dir = dir.root().join("blobs");
+        let bind = config.files.bind_addrs()?;
+        Some(
+            chitchat_blobs::Blobs::open(&blob_dir, engine.key(), &bind)
+                .await
+                .with_context(|| format!("open the blob store in {}", blob_dir.display()))?,
+        )
+    };
     let node = Node::start(engine, config.clone(), blobs).await?;
     let state = Arc::new(api::ApiState { node: node.clone(), token });
     let app = api::router(state);
@@ -319,7 +328,9 @@ async fn daemon(dir: NodeDir, relay_only: bool) -> anyhow::Result<()> {
     if let Err(e) = node.with(Engine::close).await {
         tracing::warn!(error = %e, "cannot record the clean stop; the next start skips a generation");
     }
-    node.blobs().shutdown().await;
+    if let Some(blobs) = node.blobs() {
+        blobs.shutdown().await;
+    }
     let _ = std::fs::remove_file(dir.run_info());
     Ok(())
 }

@@ -95,9 +95,27 @@ impl<R: Read> Read for AtMost<R> {
 }
 
 impl Node {
-    /// The blob store.
-    pub fn blobs(&self) -> &Blobs {
-        &self.blobs
+    /// The blob store (none on a relay-only node).
+    pub fn blobs(&self) -> Option<&Blobs> {
+        self.blobs.as_ref()
+    }
+
+    /// The blob store, or why there is none.
+    fn store(&self) -> Result<&Blobs, NodeError> {
+        self.blobs.as_ref().ok_or_else(|| {
+            file_error(
+                "unavailable",
+                "a relay-only node has no file transport (iroh needs UDP; this node uses TCP to \
+                 its relay alone)",
+            )
+        })
+    }
+
+    /// Drops this store's name for a blob, if there is a store.
+    async fn forget(&self, hash: Hash) {
+        if let Some(b) = &self.blobs {
+            let _ = b.forget(hash).await;
+        }
     }
 
     /// Seals the bytes `body` yields as a new file named `name` of type `mime`, keeps its blob
@@ -138,7 +156,7 @@ impl Node {
             }
             sealed
         });
-        let added = self.blobs.add_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let added = self.store()?.add_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
         let size = match sealing.await {
             Ok(Ok(size)) => size,
             Ok(Err(file::FileError::Io(e))) if e.kind() == std::io::ErrorKind::FileTooLarge => {
@@ -167,7 +185,7 @@ impl Node {
             match self.pin_at_relay(channel, hash, file::sealed_len(size)).await {
                 Ok(expires) => Some(expires),
                 Err(e) => {
-                    let _ = self.blobs.forget(hash).await;
+                    self.forget(hash).await;
                     return Err(e);
                 }
             }
@@ -177,7 +195,7 @@ impl Node {
             Ok(id) => id,
             Err(e) => {
                 // Not sent: the blob is no one's.
-                let _ = self.blobs.forget(hash).await;
+                self.forget(hash).await;
                 return Err(e);
             }
         };
@@ -202,7 +220,7 @@ impl Node {
                 Response::FilePinned { expires_ms } => return Ok(expires_ms),
                 Response::FileWanted { addrs } => {
                     let to = Provider { id: relay, addrs: socket_addrs(addrs) };
-                    if let Err(e) = self.blobs.push(&to, hash).await {
+                    if let Err(e) = self.store()?.push(&to, hash).await {
                         tracing::info!(%hash, error = %e, "push to the relay failed");
                     }
                 }
@@ -245,8 +263,9 @@ impl Node {
     /// Which of these blobs are here whole.
     pub async fn fetched(&self, hashes: impl IntoIterator<Item = [u8; 32]>) -> BTreeSet<[u8; 32]> {
         let mut here = BTreeSet::new();
+        let Some(blobs) = &self.blobs else { return here };
         for h in hashes {
-            if matches!(self.blobs.has(Hash::from_bytes(h)).await, Ok(true)) {
+            if matches!(blobs.has(Hash::from_bytes(h)).await, Ok(true)) {
                 here.insert(h);
             }
         }
@@ -266,7 +285,7 @@ impl Node {
                 format!("the file has {} bytes, over this device's limit of {max}", a.file.size),
             ));
         }
-        if self.blobs.has(hash).await.map_err(|e| file_error("storage", e.to_string()))? {
+        if self.store()?.has(hash).await.map_err(|e| file_error("storage", e.to_string()))? {
             return Ok(false);
         }
         let _busy = FetchGuard::take(self, hash)?;
@@ -294,13 +313,13 @@ impl Node {
                 state: "fetching",
             });
         };
-        if let Err(e) = self.blobs.fetch_any(&providers, hash, progress).await {
+        if let Err(e) = self.store()?.fetch_any(&providers, hash, progress).await {
             self.announce_file(a, 0, "failed");
             return Err(file_error("unavailable", e.to_string()));
         }
         if let Err(e) = self.check_opens(a).await {
             // Its sender sealed something else than it said: it is no one's file.
-            let _ = self.blobs.forget(hash).await;
+            self.forget(hash).await;
             self.announce_file(a, 0, "failed");
             return Err(e);
         }
@@ -320,7 +339,7 @@ impl Node {
 
     /// Reads the whole blob and opens every chunk, keeping none.
     async fn check_opens(&self, a: &Attachment) -> Result<(), NodeError> {
-        let mut chunks = std::pin::pin!(self.open_chunks(a, 0));
+        let mut chunks = std::pin::pin!(self.open_chunks(a, 0)?);
         while let Some(chunk) = chunks.next().await {
             chunk?;
         }
@@ -332,59 +351,62 @@ impl Node {
         &self,
         a: &Attachment,
         first: u64,
-    ) -> impl Stream<Item = Result<Bytes, NodeError>> + Send + 'static {
+    ) -> Result<impl Stream<Item = Result<Bytes, NodeError>> + Send + 'static, NodeError> {
         let size = a.file.size;
         let opener = Opener::new(&FileKey::from_bytes(a.file.key), size)
             .map(Arc::new)
             .map_err(|e| e.to_string());
-        let reader = self.blobs.store().reader(a.hash());
+        let reader = self.store()?.store().reader(a.hash());
         let start = first.saturating_mul(SEALED_CHUNK_LEN as u64);
-        futures::stream::try_unfold((reader, first, false), move |(mut reader, index, seeked)| {
-            let opener = opener.clone();
-            async move {
-                let opener = opener.map_err(|e| file_error("corrupt", e))?;
-                // Up to `READ_CHUNKS` chunks a read: each read of the store is a round trip to
-                // its actor.
-                let mut lens = Vec::new();
-                while lens.len() < READ_CHUNKS {
-                    match file::chunk_len(size, index + lens.len() as u64) {
-                        Some(plain) => lens.push(plain + file::TAG_LEN),
-                        None => break,
+        Ok(futures::stream::try_unfold(
+            (reader, first, false),
+            move |(mut reader, index, seeked)| {
+                let opener = opener.clone();
+                async move {
+                    let opener = opener.map_err(|e| file_error("corrupt", e))?;
+                    // Up to `READ_CHUNKS` chunks a read: each read of the store is a round trip to
+                    // its actor.
+                    let mut lens = Vec::new();
+                    while lens.len() < READ_CHUNKS {
+                        match file::chunk_len(size, index + lens.len() as u64) {
+                            Some(plain) => lens.push(plain + file::TAG_LEN),
+                            None => break,
+                        }
                     }
-                }
-                if lens.is_empty() {
-                    return Ok(None);
-                }
-                if !seeked && start > 0 {
-                    use tokio::io::AsyncSeekExt as _;
-                    reader
-                        .seek(std::io::SeekFrom::Start(start))
-                        .await
-                        .map_err(|e| file_error("storage", e.to_string()))?;
-                }
-                let mut sealed = vec![0u8; lens.iter().sum()];
-                reader.read_exact(&mut sealed).await.map_err(|e| {
-                    file_error("corrupt", format!("the file's blob is cut short here: {e}"))
-                })?;
-                let n = lens.len() as u64;
-                // Opened off the async workers (a MiB at a time).
-                let opened = tokio::task::spawn_blocking(move || {
-                    let mut out = Vec::with_capacity(sealed.len());
-                    let mut at = 0;
-                    for (i, len) in lens.into_iter().enumerate() {
-                        let chunk = &sealed[at..at + len];
-                        at += len;
-                        out.extend_from_slice(&opener.open(index + i as u64, chunk).map_err(
-                            |e| file_error("corrupt", format!("the file does not open: {e}")),
-                        )?);
+                    if lens.is_empty() {
+                        return Ok(None);
                     }
-                    Ok::<_, NodeError>(out)
-                })
-                .await
-                .map_err(|e| file_error("storage", e.to_string()))??;
-                Ok(Some((Bytes::from(opened), (reader, index + n, true))))
-            }
-        })
+                    if !seeked && start > 0 {
+                        use tokio::io::AsyncSeekExt as _;
+                        reader
+                            .seek(std::io::SeekFrom::Start(start))
+                            .await
+                            .map_err(|e| file_error("storage", e.to_string()))?;
+                    }
+                    let mut sealed = vec![0u8; lens.iter().sum()];
+                    reader.read_exact(&mut sealed).await.map_err(|e| {
+                        file_error("corrupt", format!("the file's blob is cut short here: {e}"))
+                    })?;
+                    let n = lens.len() as u64;
+                    // Opened off the async workers (a MiB at a time).
+                    let opened = tokio::task::spawn_blocking(move || {
+                        let mut out = Vec::with_capacity(sealed.len());
+                        let mut at = 0;
+                        for (i, len) in lens.into_iter().enumerate() {
+                            let chunk = &sealed[at..at + len];
+                            at += len;
+                            out.extend_from_slice(&opener.open(index + i as u64, chunk).map_err(
+                                |e| file_error("corrupt", format!("the file does not open: {e}")),
+                            )?);
+                        }
+                        Ok::<_, NodeError>(out)
+                    })
+                    .await
+                    .map_err(|e| file_error("storage", e.to_string()))??;
+                    Ok(Some((Bytes::from(opened), (reader, index + n, true))))
+                }
+            },
+        ))
     }
 
     /// Who to fetch a blob sent by `sender` in `channel` from: this device's relay (for a
@@ -429,8 +451,10 @@ impl Node {
     /// What this device answers a peer's [`PeerRequest::Blobs`]: where its blob endpoint
     /// listens, or nothing for a relay-only device (it tells no one its addresses).
     pub(super) fn blob_addrs(&self) -> PeerResponse {
-        let addrs =
-            if self.config.network.relay_only { Vec::new() } else { self.blobs.provider().addrs };
+        let addrs = match &self.blobs {
+            Some(b) if !self.config.network.relay_only => b.provider().addrs,
+            _ => Vec::new(),
+        };
         PeerResponse::Blobs { addrs: addrs.into_iter().map(Into::into).collect() }
     }
 }
