@@ -573,7 +573,11 @@ impl Node {
         self.open_at_relay_again(id, false).await
     }
 
-    async fn open_at_relay_again(&self, id: &ChannelId, again: bool) -> Result<(), NodeError> {
+    pub(crate) async fn open_at_relay_again(
+        &self,
+        id: &ChannelId,
+        again: bool,
+    ) -> Result<(), NodeError> {
         let channel = *id;
         let (record, request) = self
             .with(move |e| -> Result<_, EngineError> {

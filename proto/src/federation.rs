@@ -109,6 +109,23 @@ pub enum FedBody {
         /// The state the member opens the channel with.
         state: crate::channel::PublicState,
     },
+    /// A file's blob the asking relay pinned for a channel both relays order: the answering
+    /// relay fetches it from the asking relay's blob endpoint (whose endpoint id is the asking
+    /// relay's key) and pins it too, until `expires_ms` at the latest, for its own members.
+    /// Answered [`FedResponse::Replicating`] once the fetch is under way (or done).
+    ReplicateFile {
+        /// The channel the file was sent in.
+        channel: crate::ordering::ChannelId,
+        /// The blob's BLAKE3 hash.
+        hash: [u8; 32],
+        /// The blob's length (sealed).
+        len: u64,
+        /// When the asking relay unpins it (Unix milliseconds).
+        expires_ms: u64,
+        /// Where the asking relay's blob endpoint listens, at most
+        /// [`MAX_BLOB_ADDRS`](crate::wire::MAX_BLOB_ADDRS).
+        addrs: Vec<crate::wire::IpPort>,
+    },
 }
 
 /// A relay's judgement of a channel's public state offered to open the channel in the group of
@@ -286,6 +303,9 @@ pub enum FedResponse {
     },
     /// The answer to [`FedBody::CheckState`].
     StateChecked(StateCheck),
+    /// The answering relay has the blob of a [`FedBody::ReplicateFile`] pinned, or is fetching
+    /// it.
+    Replicating,
 }
 
 impl Validate for FedRequest {
@@ -315,6 +335,10 @@ impl Validate for FedRequest {
             }
             FedBody::Sign { relays, .. } => check_relay_set(relays),
             FedBody::Equivocation { .. } => Ok(()),
+            FedBody::ReplicateFile { addrs, .. } if addrs.len() > crate::wire::MAX_BLOB_ADDRS => {
+                Err("too many blob addresses")
+            }
+            FedBody::ReplicateFile { .. } => Ok(()),
             FedBody::CheckState { state, .. } => {
                 if state.group_info.len().saturating_add(state.ratchet_tree.len())
                     > MAX_RAFT_PAYLOAD

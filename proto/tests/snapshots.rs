@@ -149,6 +149,30 @@ fn files_at_a_relay() {
     assert!(wire::decode_frame::<Response>(&frame).is_err(), "at most 16 addresses");
 }
 
+/// A relay asks another relay of the channel to replicate a blob it pinned.
+#[test]
+fn files_between_relays() {
+    use chitchat_proto::federation::{FedBody, FedRequest, FedResponse};
+    let addr = |a: &str| wire::IpPort::from(a.parse::<std::net::SocketAddr>().expect("addr"));
+    let replicate = |n: usize| FedRequest {
+        from: "relay.example".into(),
+        body: FedBody::ReplicateFile {
+            channel: ChannelId([5; 32]),
+            hash: [6; 32],
+            len: 1_000_016,
+            expires_ms: 1_800_000_000_000,
+            addrs: vec![addr("127.0.0.1:4433"); n],
+        },
+    };
+    let frame = wire::encode_frame(&replicate(1)).expect("frame");
+    insta::assert_snapshot!("fed_replicate_file", hex(&frame));
+    assert_eq!(wire::decode_frame::<FedRequest>(&frame).expect("decode"), replicate(1));
+    let answer = wire::encode_frame(&FedResponse::Replicating).expect("frame");
+    insta::assert_snapshot!("fed_replicating", hex(&answer));
+    let frame = wire::encode_frame(&replicate(17)).expect("frame");
+    assert!(wire::decode_frame::<FedRequest>(&frame).is_err(), "at most 16 addresses");
+}
+
 #[test]
 fn history() {
     let request = Request::History { channel: ChannelId([5; 32]), from: 7, max: 256 };

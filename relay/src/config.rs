@@ -66,21 +66,28 @@ pub struct Config {
 pub struct FilesConfig {
     /// UDP addresses the blob endpoint (iroh, QUIC) binds, `IP:PORT`.
     pub bind: Vec<String>,
+    /// Where others reach the blob endpoint, `IP:PORT` (behind NAT or a port mapping); if
+    /// empty, the addresses it binds (an unspecified one: each interface's).
+    pub advertise: Vec<String>,
     /// The largest blob pinned, in bytes.
     pub max_file_bytes: u64,
     /// Bytes of pinned blobs per user, at most.
     pub quota_bytes_per_user: u64,
     /// Days a blob stays pinned.
     pub expiry_days: u64,
+    /// Bytes of blobs replicated here from one other relay of a channel, at most.
+    pub replica_quota_bytes_per_relay: u64,
 }
 
 impl Default for FilesConfig {
     fn default() -> Self {
         Self {
             bind: vec!["0.0.0.0:0".into()],
+            advertise: Vec::new(),
             max_file_bytes: 2 << 30,
             quota_bytes_per_user: 10 << 30,
             expiry_days: 30,
+            replica_quota_bytes_per_relay: 100 << 30,
         }
     }
 }
@@ -90,6 +97,15 @@ impl FilesConfig {
     pub fn bind_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
         chitchat_blobs::parse_bind(&self.bind)
             .map_err(|e| ConfigError::Invalid(format!("files.bind: {e}")))
+    }
+
+    /// The addresses to advertise, parsed (none, or 1 to 8).
+    pub fn advertise_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        if self.advertise.is_empty() {
+            return Ok(Vec::new());
+        }
+        chitchat_blobs::parse_bind(&self.advertise)
+            .map_err(|e| ConfigError::Invalid(format!("files.advertise: {e}")))
     }
 }
 
@@ -583,10 +599,16 @@ max_bytes_per_channel = 268435456
 # QUIC over UDP) binds these addresses (env CHITCHAT_RELAY_FILES_BIND, comma-separated) and
 # uses no iroh relay and no discovery.
 bind = ["0.0.0.0:0"]
+# Where devices and other relays reach it, if not at the addresses it binds (NAT, port
+# mapping); published in .well-known.
+advertise = []
 # The largest blob, the bytes each user may have pinned, and how long a blob stays.
 max_file_bytes = 2147483648
 quota_bytes_per_user = 10737418240
 expiry_days = 30
+# A blob pinned by another relay of a channel served here is replicated here (for this relay's
+# members, until it expires there), within this many bytes per other relay.
+replica_quota_bytes_per_relay = 107374182400
 
 [key_packages]
 # Unclaimed KeyPackages one device may store.

@@ -525,7 +525,7 @@ impl Federation {
     }
 }
 
-async fn backoff(failures: u32) {
+pub(crate) async fn backoff(failures: u32) {
     let base = (250u64 << failures.min(8)).min(MAX_BACKOFF_MS);
     let jitter = rand::rng().random_range(0..=base / 2);
     tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;

@@ -9,33 +9,75 @@
 //! endpoint id the connection proved against it. The pin itself is written (fsync'd) only once
 //! the whole blob is here with the length announced, and only then is the device told.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chitchat_blobs::{BlobError, Blobs};
+use chitchat_blobs::{BlobError, Blobs, Provider};
+use chitchat_proto::federation::{FedBody, FedResponse};
+use chitchat_proto::wire::ErrorCode;
 use chitchat_proto::{DeviceId, SecretKey};
 use iroh_blobs::Hash;
+use tokio::sync::Semaphore;
+
+use crate::federation::{FedError, Federation};
+use crate::metrics::Metrics;
+use crate::store::{FilePin, Store, Write, Written};
 
 /// Pushes asked for and not yet pinned, at most.
 pub const MAX_WANTED: usize = 4096;
 /// How long a device may push a blob it asked to pin.
 pub const WANTED_FOR: Duration = Duration::from_secs(3600);
+/// Blobs being replicated here from other relays at once, at most (more are refused, and
+/// asked for again by the other relay).
+pub const MAX_REPLICATING: usize = 1024;
+/// Replication fetches running at once (the others wait their turn).
+const REPLICATION_FETCHES: usize = 2;
+/// Notices to other relays (`ReplicateFile`) being sent or retried at once, at most; past it a
+/// notice is dropped (the members there still fetch from the sender's device).
+const MAX_NOTICES: usize = 1024;
+/// Attempts of one notice, backing off (jittered, at most 30 s) between them.
+const NOTICE_ATTEMPTS: u32 = 12;
 
-/// The relay's blob store and the pushes it waits for.
+/// The relay's blob store, the pushes it waits for, and its replications.
 #[derive(Debug)]
 pub struct RelayFiles {
     blobs: Blobs,
+    /// Where others reach the blob endpoint, if set by the operator.
+    advertise: Vec<SocketAddr>,
     wanted: Arc<Mutex<HashMap<(DeviceId, Hash), Instant>>>,
+    /// Blobs being fetched from another relay.
+    replicating: Mutex<HashSet<Hash>>,
+    /// Turns of the replication fetches.
+    fetches: Semaphore,
+    /// Room for notices to other relays.
+    notices: Arc<Semaphore>,
+}
+
+/// A blob another relay of its channel pinned, to fetch from it and pin here.
+#[derive(Clone, Debug)]
+pub struct Replica {
+    /// The other relay's blob endpoint.
+    pub provider: Provider,
+    /// The blob.
+    pub hash: Hash,
+    /// The pin to write once it is here whole (its `user` names the other relay).
+    pub pin: FilePin,
+    /// The bytes the other relay may have replicated here.
+    pub quota: u64,
 }
 
 impl RelayFiles {
-    /// Opens the store in `dir`, its endpoint under the relay's key, bound to `bind`.
+    /// Opens the store in `dir`, its endpoint under the relay's key, bound to `bind`, and
+    /// told to others as reachable at `advertise` (if empty: the addresses it is bound to, or
+    /// its interfaces' for an unspecified address).
     pub async fn open(
         dir: &Path,
         key: &SecretKey,
-        bind: &[std::net::SocketAddr],
+        bind: &[SocketAddr],
+        advertise: Vec<SocketAddr>,
     ) -> Result<Self, BlobError> {
         let wanted: Arc<Mutex<HashMap<(DeviceId, Hash), Instant>>> = Arc::default();
         let accept = {
@@ -48,12 +90,31 @@ impl RelayFiles {
             }
         };
         let blobs = Blobs::open_accepting(dir, key, bind, accept).await?;
-        Ok(Self { blobs, wanted })
+        Ok(Self {
+            blobs,
+            advertise,
+            wanted,
+            replicating: Mutex::default(),
+            fetches: Semaphore::new(REPLICATION_FETCHES),
+            notices: Arc::new(Semaphore::new(MAX_NOTICES)),
+        })
     }
 
     /// The blob store.
     pub fn blobs(&self) -> &Blobs {
         &self.blobs
+    }
+
+    /// Where others reach the blob endpoint (at most
+    /// [`MAX_BLOB_ADDRS`](chitchat_proto::wire::MAX_BLOB_ADDRS)).
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = if self.advertise.is_empty() {
+            self.blobs.provider().addrs
+        } else {
+            self.advertise.clone()
+        };
+        addrs.truncate(chitchat_proto::wire::MAX_BLOB_ADDRS);
+        addrs
     }
 
     /// Lets `device` push `hash` for the next hour; `false` if too many pushes are waiting.
@@ -80,4 +141,100 @@ impl RelayFiles {
         let now = Instant::now();
         self.wanted.lock().is_ok_and(|w| w.iter().any(|((_, h), until)| *h == hash && *until > now))
     }
+
+    /// Starts fetching a blob another relay pinned, to pin it here once it is whole; `false`
+    /// if too many are being fetched. A blob being fetched already is not fetched twice.
+    pub fn replicate(self: &Arc<Self>, store: Store, metrics: Arc<Metrics>, r: Replica) -> bool {
+        {
+            let Ok(mut replicating) = self.replicating.lock() else { return false };
+            if replicating.contains(&r.hash) {
+                return true;
+            }
+            if replicating.len() >= MAX_REPLICATING {
+                return false;
+            }
+            replicating.insert(r.hash);
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.fetch_replica(&store, &r).await;
+            if let Ok(mut replicating) = this.replicating.lock() {
+                replicating.remove(&r.hash);
+            }
+            match result {
+                Ok(()) => {
+                    metrics.files_replicated.inc();
+                }
+                Err(e) => {
+                    metrics.file_replication_failures.inc();
+                    tracing::warn!(hash = %r.hash, from = %r.pin.user, error = %e, "replication failed");
+                    // Nothing of it is kept unless it is pinned, or a device may push it.
+                    let pinned = matches!(store.file_pin(r.hash.as_bytes()), Ok(Some(_)));
+                    if !pinned && !this.is_wanted(r.hash) {
+                        let _ = this.blobs.forget(r.hash).await;
+                    }
+                }
+            }
+        });
+        true
+    }
+
+    async fn fetch_replica(&self, store: &Store, r: &Replica) -> Result<(), String> {
+        let _turn = self.fetches.acquire().await.map_err(|e| e.to_string())?;
+        let len = r.pin.len;
+        self.blobs
+            .fetch_any(std::slice::from_ref(&r.provider), r.hash, len, |_| ())
+            .await
+            .map_err(|e| e.to_string())?;
+        let have = self.blobs.local_bytes(r.hash).await.map_err(|e| e.to_string())?;
+        if have != len {
+            return Err(format!("the blob has {have} bytes, not the {len} announced"));
+        }
+        let write = Write::PinFile { hash: *r.hash.as_bytes(), pin: r.pin.clone(), quota: r.quota };
+        match store.write(write).await {
+            Ok(Written::Pinned(_)) => self.blobs.sync().await.map_err(|e| e.to_string()),
+            Ok(other) => Err(format!("unexpected {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Tells each of `hosts` (the channel's other relays) to replicate a blob pinned here,
+    /// in the background, retrying while a relay is away or not ready (at most
+    /// [`NOTICE_ATTEMPTS`] times). A notice past [`MAX_NOTICES`] is dropped, logged.
+    pub fn notify(&self, federation: &Arc<Federation>, hosts: Vec<String>, body: FedBody) {
+        for host in hosts {
+            let Ok(room) = self.notices.clone().try_acquire_owned() else {
+                tracing::warn!(%host, "too many replication notices; one dropped");
+                continue;
+            };
+            let (federation, body) = (federation.clone(), body.clone());
+            tokio::spawn(async move {
+                let _room = room;
+                for attempt in 0..NOTICE_ATTEMPTS {
+                    match federation.call(&host, body.clone()).await {
+                        Ok((_, FedResponse::Replicating)) => return,
+                        Ok((_, other)) => {
+                            tracing::warn!(%host, answer = ?other, "unexpected answer to a replication notice");
+                            return;
+                        }
+                        Err(FedError::Refused { code, message, .. }) if !retry_notice(code) => {
+                            tracing::info!(%host, %message, "replication refused");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(%host, error = %e, attempt, "replication notice failed");
+                            crate::federation::backoff(attempt + 2).await;
+                        }
+                    }
+                }
+                tracing::warn!(%host, "replication notice given up");
+            });
+        }
+    }
+}
+
+/// Whether a refused replication notice is worth sending again: the other relay is busy, or
+/// does not know the channel yet.
+fn retry_notice(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited { .. } | ErrorCode::NotFound)
 }

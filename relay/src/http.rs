@@ -26,6 +26,10 @@ pub struct WellKnown {
     pub peer_id: String,
     /// Addresses to dial (multiaddrs).
     pub addrs: Vec<String>,
+    /// Where its blob endpoint (iroh, QUIC) listens, `IP:PORT`; its endpoint id is `key`.
+    /// Absent for a relay that keeps no files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
 }
 
 /// Shared state of the HTTP handlers.
@@ -60,6 +64,13 @@ impl HttpState {
             key: relay.id().key.to_hex(),
             peer_id: listening.peer_id.to_string(),
             addrs,
+            files: relay
+                .files()
+                .map(|f| f.addrs())
+                .unwrap_or_default()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         };
         relay.metrics().register(&mut registry);
         Self { relay, well_known, registry, admin_token }

@@ -196,6 +196,7 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         &dir.blobs(),
         &relay_key,
         &config.files.bind_addrs()?,
+        config.files.advertise_addrs()?,
     )
     .await
     .with_context(|| format!("open the blob store in {}", dir.blobs().display()))?;

@@ -66,6 +66,13 @@ pub struct Metrics {
     pub gossip: Family<KindLabel, Counter>,
     /// Peers banned for gossiping forgeries.
     pub gossip_bans: Counter,
+    /// Files' blobs pinned for this relay's own users.
+    pub files_pinned: Counter,
+    /// Files' blobs replicated here from another relay of their channel.
+    pub files_replicated: Counter,
+    /// Replications that failed (the other relay unreachable, the blob not as announced, or
+    /// over a limit here).
+    pub file_replication_failures: Counter,
 }
 
 impl Metrics {
@@ -90,6 +97,17 @@ impl Metrics {
         r.register("enqueues", "Inbox items enqueued durably", self.enqueues.clone());
         r.register("gossip", "Gossiped envelopes judged, by verdict", self.gossip.clone());
         r.register("gossip_bans", "Peers banned for gossiping forgeries", self.gossip_bans.clone());
+        r.register("files_pinned", "Files' blobs pinned for own users", self.files_pinned.clone());
+        r.register(
+            "files_replicated",
+            "Files' blobs replicated from another relay of their channel",
+            self.files_replicated.clone(),
+        );
+        r.register(
+            "file_replication_failures",
+            "Replications of files' blobs that failed",
+            self.file_replication_failures.clone(),
+        );
         r.register("enqueue_bytes", "Sealed bytes enqueued", self.enqueue_bytes.clone());
         r.register("acks", "Inbox items acknowledged and deleted", self.acks.clone());
         r.register("posts", "Channel posts accepted and fanned out", self.posts.clone());

@@ -258,8 +258,8 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
 }
 
 /// Where this relay's blob endpoint listens, as frames carry it.
-fn blob_addrs(blobs: &chitchat_blobs::Blobs) -> Vec<chitchat_proto::wire::IpPort> {
-    blobs.provider().addrs.into_iter().map(Into::into).collect()
+fn blob_addrs(files: &crate::files::RelayFiles) -> Vec<chitchat_proto::wire::IpPort> {
+    files.addrs().into_iter().map(Into::into).collect()
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Response {
@@ -340,6 +340,7 @@ fn fed_kind(b: &FedBody) -> &'static str {
         FedBody::Sign { .. } => "sign",
         FedBody::Equivocation { .. } => "equivocation",
         FedBody::CheckState { .. } => "check_state",
+        FedBody::ReplicateFile { .. } => "replicate_file",
     }
 }
 
@@ -532,7 +533,7 @@ impl Relay {
                 self.pin_file(me, channel, Hash::from_bytes(hash), len, now).await
             }
             Request::BlobEndpoint => match &self.files {
-                Some(f) => Response::BlobEndpoint { addrs: blob_addrs(f.blobs()) },
+                Some(f) => Response::BlobEndpoint { addrs: blob_addrs(f) },
                 None => error(ErrorCode::NotFound, "this relay keeps no files"),
             },
             Request::Register { token, local_name, dir } => {
@@ -928,6 +929,24 @@ impl Relay {
                 }
                 FedResponse::StateChecked(self.judge_state(&channel, &set, &state, epoch).await)
             }
+            FedBody::ReplicateFile { channel, hash, len, expires_ms, addrs } => {
+                let expires = Timestamp(expires_ms);
+                match self
+                    .replicate_from(
+                        origin,
+                        channel,
+                        Hash::from_bytes(hash),
+                        len,
+                        expires,
+                        addrs,
+                        now,
+                    )
+                    .await
+                {
+                    Ok(()) => FedResponse::Replicating,
+                    Err((code, message)) => fed_error(code, message),
+                }
+            }
             FedBody::Lookup { local_name } => match self.store.lookup(&local_name) {
                 Ok(dirs) => FedResponse::Dirs(dirs),
                 Err(e) => fed_error(ErrorCode::Unavailable, e.to_string()),
@@ -1068,20 +1087,34 @@ impl Relay {
         matches!(envelope, Envelope::Post(_)).then(|| self.config.history.limits()).flatten()
     }
 
+    /// Who orders `channel` here, if `me` is one of its current members; the refusal
+    /// otherwise (`what` only a member does).
+    async fn check_member(
+        &self,
+        me: DeviceId,
+        channel: &ChannelId,
+        what: &str,
+    ) -> Result<OrderedBy<'_>, Response> {
+        let Some(by) = self.ordered_by(channel).await else {
+            return Err(error(ErrorCode::NotFound, "channel not ordered here"));
+        };
+        let Some((members, _)) = by.ordering().member_sets(channel, u64::MAX).await else {
+            return Err(error(ErrorCode::NotFound, "channel not ordered here"));
+        };
+        if members.binary_search(&me).is_err() {
+            return Err(error(ErrorCode::Forbidden, format!("only a member {what}")));
+        }
+        Ok(by)
+    }
+
     /// A run of a channel's history for one of its current members, as a pack signed by this
     /// relay. Counts as one request against the member's rate.
     async fn history(&self, me: DeviceId, channel: ChannelId, from: u64, max: u32) -> Response {
         if let Err(retry_after_ms) = check_rate(&self.senders, me) {
             return error(ErrorCode::RateLimited { retry_after_ms }, "too many requests");
         }
-        let Some(by) = self.ordered_by(&channel).await else {
-            return error(ErrorCode::NotFound, "channel not ordered here");
-        };
-        let Some((members, _)) = by.ordering().member_sets(&channel, u64::MAX).await else {
-            return error(ErrorCode::NotFound, "channel not ordered here");
-        };
-        if members.binary_search(&me).is_err() {
-            return error(ErrorCode::Forbidden, "only a member reads a channel's history");
+        if let Err(refused) = self.check_member(me, &channel, "reads a channel's history").await {
+            return refused;
         }
         let max = max.clamp(1, MAX_HISTORY_ENTRIES) as usize;
         let store = self.store.clone();
@@ -1128,15 +1161,10 @@ impl Relay {
                 format!("the file is over this relay's limit of {} bytes", limits.max_file_bytes),
             );
         }
-        let Some(by) = self.ordered_by(&channel).await else {
-            return error(ErrorCode::NotFound, "channel not ordered here");
+        let by = match self.check_member(me, &channel, "pins a channel's files").await {
+            Ok(by) => by,
+            Err(refused) => return refused,
         };
-        let Some((members, _)) = by.ordering().member_sets(&channel, u64::MAX).await else {
-            return error(ErrorCode::NotFound, "channel not ordered here");
-        };
-        if members.binary_search(&me).is_err() {
-            return error(ErrorCode::Forbidden, "only a member pins a channel's files");
-        }
         let user = match self.store.device(&me) {
             Ok(Some(d)) => d.local_name,
             Ok(None) => return error(ErrorCode::Forbidden, "register this device here first"),
@@ -1183,7 +1211,7 @@ impl Relay {
                         "too many files are being pushed here",
                     );
                 }
-                return Response::FileWanted { addrs: blob_addrs(blobs) };
+                return Response::FileWanted { addrs: blob_addrs(files) };
             }
         }
         let days = limits.expiry_days.saturating_mul(86_400_000);
@@ -1203,6 +1231,20 @@ impl Relay {
                 if let Err(e) = blobs.keep(hash).await {
                     return unavailable(e);
                 }
+                if pin.pinned == now {
+                    self.metrics.files_pinned.inc();
+                    // The channel's other relays keep it too, for their members.
+                    if let Some(onward) = self.onward(&by) {
+                        let body = FedBody::ReplicateFile {
+                            channel,
+                            hash: *hash.as_bytes(),
+                            len,
+                            expires_ms: pin.expires.0,
+                            addrs: blob_addrs(files),
+                        };
+                        files.notify(&self.federation, onward.hosts, body);
+                    }
+                }
                 Response::FilePinned { expires_ms: pin.expires.0 }
             }
             Ok(other) => unavailable(format!("unexpected {other:?}")),
@@ -1215,6 +1257,87 @@ impl Relay {
             }
             Err(e) => unavailable(e),
         }
+    }
+
+    /// Starts replicating a blob `origin` pinned for `channel`, which both relays order: it is
+    /// fetched from `origin`'s blob endpoint and pinned here until `origin` unpins it (or
+    /// sooner, by this relay's own expiry), within this relay's size limit and its quota for
+    /// `origin`.
+    #[allow(clippy::too_many_arguments)]
+    async fn replicate_from(
+        &self,
+        origin: &RelayId,
+        channel: ChannelId,
+        hash: Hash,
+        len: u64,
+        expires: Timestamp,
+        addrs: Vec<chitchat_proto::wire::IpPort>,
+        now: Timestamp,
+    ) -> Result<(), (ErrorCode, String)> {
+        let Some(files) = &self.files else {
+            return Err((ErrorCode::NotFound, "this relay keeps no files".into()));
+        };
+        let limits = &self.config.files;
+        let Some(OrderedBy::Group(g)) = self.ordered_by(&channel).await else {
+            return Err((ErrorCode::NotFound, "channel not ordered here with others".into()));
+        };
+        if !g.relays.contains(origin) {
+            return Err((
+                ErrorCode::Forbidden,
+                "the asking relay is not one of the channel's".into(),
+            ));
+        }
+        if len > limits.max_file_bytes {
+            return Err((
+                ErrorCode::QuotaExceeded { retry_after_ms: 0 },
+                format!("the file is over this relay's limit of {} bytes", limits.max_file_bytes),
+            ));
+        }
+        if expires <= now {
+            return Err((ErrorCode::BadRequest, "the pin has expired".into()));
+        }
+        let unavailable = |e: crate::store::StoreError| (ErrorCode::Unavailable, e.to_string());
+        if self.store.file_pin(hash.as_bytes()).map_err(unavailable)?.is_some() {
+            return Ok(());
+        }
+        // Counted apart from this relay's users: as the other relay's, by its host.
+        let user = format!("@{}", origin.host);
+        let quota = limits.replica_quota_bytes_per_relay;
+        let used = self.store.files_used(&user).map_err(unavailable)?;
+        if used.saturating_add(len) > quota {
+            return Err((
+                ErrorCode::QuotaExceeded { retry_after_ms: 0 },
+                format!(
+                    "{} would have {} bytes replicated here, over {quota}",
+                    origin.host,
+                    used.saturating_add(len)
+                ),
+            ));
+        }
+        let Some(id) = chitchat_blobs::endpoint_id(&origin.key) else {
+            return Err((ErrorCode::BadRequest, "the asking relay's key is no endpoint id".into()));
+        };
+        let days = limits.expiry_days.saturating_mul(86_400_000);
+        let pin = crate::store::FilePin {
+            user,
+            device: origin.key.0,
+            channel: channel.0,
+            len,
+            pinned: now,
+            expires: Timestamp(expires.0.min(now.0.saturating_add(days))),
+        };
+        let provider = chitchat_blobs::Provider {
+            id,
+            addrs: addrs.into_iter().map(std::net::SocketAddr::from).collect(),
+        };
+        let replica = crate::files::Replica { provider, hash, pin, quota };
+        if !files.replicate(self.store.clone(), self.metrics.clone(), replica) {
+            return Err((
+                ErrorCode::RateLimited { retry_after_ms: 60_000 },
+                "too many files are being replicated here".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Deletes the pins past their expiry, and their blobs' names (garbage collection deletes

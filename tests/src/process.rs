@@ -204,7 +204,10 @@ impl RelayProcess {
             .arg(self.dir.path())
             .arg("run")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("CHITCHAT_TEST_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -305,6 +308,15 @@ impl RelayProcess {
         let key =
             chitchat_proto::PublicKey::from_hex(&wk.key).context("well-known key is not hex")?;
         Ok(chitchat_proto::RelayId { host: wk.host, key })
+    }
+
+    /// A client speaking the federation protocol to `to` as this relay, with this relay's key:
+    /// what a relay that turned hostile could send.
+    pub async fn as_relay_to(&self, to: &RelayProcess) -> anyhow::Result<crate::Client> {
+        let key = chitchat_relay::home::RelayDir::new(self.dir()).load_key()?;
+        let identity = libp2p::identity::Keypair::ed25519_from_bytes(*key.seed())?;
+        let protocol = chitchat_proto::federation::FEDERATION_PROTOCOL;
+        crate::Client::connect_on(identity, to.tcp_addr(), to.peer_id(), protocol).await
     }
 
     /// GETs a path of the relay's HTTP endpoint.

@@ -5,7 +5,9 @@
 //! that pretends to be a file, a sender that is away, and a sender that names another key than
 //! it sealed under. Through a relay, a 100 MB file is pinned there before its message goes, and
 //! a member fetches it while the sender is away; the relay's quota and size limit refuse files
-//! whole, with the reason on the sender's side.
+//! whole, with the reason on the sender's side. Across two relays, the channel's other relay
+//! replicates the file for its members, and refuses to replicate for a relay that is not the
+//! channel's, or past its limits.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -246,4 +248,92 @@ async fn a_file_reaches_a_member_through_the_relay_while_the_sender_is_away() {
     assert!(e.to_string().contains("limit of 101000000"), "{e}");
     let after = count(&alice.json("GET", &history, None).await.expect("history"));
     assert_eq!(before, after, "nothing sent");
+}
+
+/// Alice (of relay A) sends a file in a channel Bob (of relay B) is in: A pins it, B replicates
+/// it from A, and Bob fetches it from B with Alice away. B takes replication notices only from
+/// the channel's relays, within its limits; a blob A does not have comes to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channels_other_relay_replicates_a_file_for_its_members() {
+    use chitchat_proto::federation::{FedBody, FedRequest, FedResponse};
+    use chitchat_proto::wire::ErrorCode;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let start = || RelayProcess::start_federated(|c| c.to_owned()).expect("relay");
+    let (a, b, c) = (start(), start(), start());
+    let mut alice = NodeProcess::start(&[]).expect("alice");
+    let bob = NodeProcess::start(&[]).expect("bob");
+    alice.register(&a, "alice").await.expect("register alice");
+    let bob_address = bob.register(&b, "bob").await.expect("register bob");
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", &bob_address]).expect("invite");
+    bob.wait_joined(&id, WAIT).await.expect("bob joins");
+
+    // Each relay publishes its blob endpoint.
+    let wk: Value = serde_json::from_str(&b.http_get("/.well-known/chitchat/relay").expect("wk"))
+        .expect("json");
+    assert!(wk["files"].as_array().is_some_and(|f| !f.is_empty()), "{wk}");
+
+    let plain = data(5_000_000, 11);
+    let path = write(tmp.path(), "report.pdf", &plain);
+    alice.cli(&["send-file", "general", &path]).expect("send-file");
+    let entry = wait_file(&bob, &id, "report.pdf").await;
+    let message = entry["id"].as_str().expect("id").to_owned();
+    let hash: [u8; 32] = hex::decode(entry["attachment"]["hash"].as_str().expect("hash"))
+        .expect("hex")
+        .try_into()
+        .expect("32 bytes");
+    let deadline = Instant::now() + WAIT;
+    while b.metric("chitchat_relay_files_replicated_total") < 1.0 {
+        assert!(Instant::now() < deadline, "B never replicated the file");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a.metric("chitchat_relay_files_pinned_total"), 1.0);
+    alice.stop().expect("alice stops");
+    let out = tmp.path().join("report.out");
+    bob.cli(&["fetch", &message, "--out", out.to_str().expect("utf-8")]).expect("fetch from B");
+    assert!(std::fs::read(&out).expect("written") == plain, "the same file came out");
+
+    // What a hostile relay could ask of B.
+    let channel = chitchat_proto::ordering::ChannelId(
+        hex::decode(&id).expect("hex").try_into().expect("32 bytes"),
+    );
+    let far = 4_000_000_000_000;
+    let ask = |from: &RelayProcess, hash: [u8; 32], len: u64, expires_ms: u64| FedRequest {
+        from: from.host().to_owned(),
+        body: FedBody::ReplicateFile {
+            channel,
+            hash,
+            len,
+            expires_ms,
+            addrs: vec!["127.0.0.1:9".parse::<std::net::SocketAddr>().expect("addr").into()],
+        },
+    };
+    let refused = |r: FedResponse| match r {
+        FedResponse::Error { code, message } => (code, message),
+        other => panic!("not refused: {other:?}"),
+    };
+    // A relay that is not the channel's.
+    let as_c = c.as_relay_to(&b).await.expect("connect as C");
+    let r = as_c.call_fed(&ask(&c, [7; 32], 1000, far)).await.expect("call");
+    assert_eq!(refused(r).0, ErrorCode::Forbidden, "C orders nothing with B");
+    // The channel's relay, past B's size limit, or with a pin that has expired.
+    let as_a = a.as_relay_to(&b).await.expect("connect as A");
+    let r = as_a.call_fed(&ask(&a, [7; 32], 3 << 30, far)).await.expect("call");
+    assert!(matches!(refused(r).0, ErrorCode::QuotaExceeded { .. }), "over the size limit");
+    let r = as_a.call_fed(&ask(&a, [7; 32], 1000, 1)).await.expect("call");
+    assert_eq!(refused(r).0, ErrorCode::BadRequest, "expired");
+    // A blob A does not have (at an address where no one answers): taken, then given up, and
+    // nothing is pinned for it.
+    let failures = b.metric("chitchat_relay_file_replication_failures_total");
+    let r = as_a.call_fed(&ask(&a, [7; 32], 1000, far)).await.expect("call");
+    assert_eq!(r, FedResponse::Replicating);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.metric("chitchat_relay_file_replication_failures_total") <= failures {
+        assert!(Instant::now() < deadline, "the bad replication never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(b.metric("chitchat_relay_files_replicated_total"), 1.0, "nothing more pinned");
+    // The file replicated already is answered at once.
+    let r = as_a.call_fed(&ask(&a, hash, 1000, far)).await.expect("call");
+    assert_eq!(r, FedResponse::Replicating);
 }

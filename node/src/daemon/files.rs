@@ -33,6 +33,9 @@ use crate::engine::{EngineError, Event, id_string};
 const SEALED_QUEUE: usize = 8;
 /// Sealed chunks read from the store at a time (about a MiB).
 const READ_CHUNKS: usize = 16;
+/// How long a pin the relay cannot take yet (busy, or not ordering the channel yet) is asked
+/// for again before the send fails.
+const PIN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 /// How often a fetch's progress is announced, at most.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// How long a sender's node has to say where its blob endpoint listens.
@@ -214,15 +217,26 @@ impl Node {
         let link = self.link()?;
         let relay = self.relay_provider_id().await?;
         let request = Request::PinFile { channel, hash: *hash.as_bytes(), len };
-        // Asked, pushed, asked again; a third round only if the push was cut short.
-        for _ in 0..3 {
+        let deadline = std::time::Instant::now() + PIN_PATIENCE;
+        let mut wait = std::time::Duration::from_millis(250);
+        // Asked, pushed, asked again; a third push only if the push was cut short.
+        let mut pushes = 0;
+        let mut reopened = false;
+        loop {
             match link.call(&request).await? {
                 Response::FilePinned { expires_ms } => return Ok(expires_ms),
-                Response::FileWanted { addrs } => {
+                Response::FileWanted { addrs } if pushes < 2 => {
+                    pushes += 1;
                     let to = Provider { id: relay, addrs: socket_addrs(addrs) };
                     if let Err(e) = self.store()?.push(&to, hash).await {
                         tracing::info!(%hash, error = %e, "push to the relay failed");
                     }
+                }
+                Response::FileWanted { .. } => {
+                    return Err(file_error(
+                        "unavailable",
+                        "the relay did not take the file; nothing was sent",
+                    ));
                 }
                 Response::Error { code: ErrorCode::QuotaExceeded { .. }, message } => {
                     return Err(file_error(
@@ -230,10 +244,27 @@ impl Node {
                         format!("the relay refused the file: {message}"),
                     ));
                 }
+                // The relay does not order the channel (its relay set changed since it was
+                // opened): open it there, once, as a post or commit would, and ask again.
+                Response::Error { code: ErrorCode::NotFound, .. } if !reopened => {
+                    reopened = true;
+                    if let Err(e) = self.open_at_relay_again(&channel, true).await {
+                        tracing::info!(%channel, error = %e, "channel not opened at the relay yet");
+                    }
+                }
+                // Busy, or not ordering the channel yet (the relays that ordered its move are
+                // slow): asked again for a while.
+                Response::Error {
+                    code:
+                        ErrorCode::NotFound | ErrorCode::Unavailable | ErrorCode::RateLimited { .. },
+                    ..
+                } if std::time::Instant::now() + wait < deadline => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                }
                 other => return Err(super::refused(other)),
             }
         }
-        Err(file_error("unavailable", "the relay did not take the file; nothing was sent"))
     }
 
     /// The endpoint id of this device's relay.
@@ -313,7 +344,7 @@ impl Node {
                 state: "fetching",
             });
         };
-        if let Err(e) = self.store()?.fetch_any(&providers, hash, progress).await {
+        if let Err(e) = self.store()?.fetch_any(&providers, hash, total, progress).await {
             self.announce_file(a, 0, "failed");
             return Err(file_error("unavailable", e.to_string()));
         }

@@ -53,6 +53,10 @@ pub enum BlobError {
     /// No provider had it.
     #[error("no provider gave the blob ({0} tried)")]
     NoProvider(usize),
+    /// The blob is longer than the fetch allowed (its hash fixes its length, so every
+    /// provider would give as much): the fetch stopped there.
+    #[error("the blob is over the {0} bytes it was said to have")]
+    TooLarge(u64),
 }
 
 /// Parses the addresses an endpoint binds (`IP:PORT`, 1 to 8 of them), as a config gives them.
@@ -341,15 +345,16 @@ impl Blobs {
     /// Fetches the blob from one provider, verified as it streams in, from where a previous
     /// fetch stopped; keeps it tagged. Returns the bytes this fetch moved.
     pub async fn fetch(&self, provider: &Provider, hash: Hash) -> Result<u64, BlobError> {
-        self.fetch_with(provider, hash, |_| ()).await
+        self.fetch_with(provider, hash, u64::MAX, |_| ()).await
     }
 
     /// [`Blobs::fetch`], calling `progress` with the bytes this fetch moved so far as they
-    /// come in.
+    /// come in, and stopping with [`BlobError::TooLarge`] once it moved more than `max_moved`.
     pub async fn fetch_with(
         &self,
         provider: &Provider,
         hash: Hash,
+        max_moved: u64,
         mut progress: impl FnMut(u64),
     ) -> Result<u64, BlobError> {
         use futures::StreamExt as _;
@@ -365,6 +370,9 @@ impl Blobs {
         let mut items = std::pin::pin!(self.store.remote().fetch(conn, hash).stream());
         let moved = loop {
             match items.next().await {
+                Some(GetProgressItem::Progress(n)) if n > max_moved => {
+                    return Err(BlobError::TooLarge(max_moved));
+                }
                 Some(GetProgressItem::Progress(n)) => progress(n),
                 Some(GetProgressItem::Done(stats)) => break stats.payload_bytes_read,
                 Some(GetProgressItem::Error(e)) => {
@@ -378,18 +386,22 @@ impl Blobs {
 
     /// Fetches the blob from the first provider that gives all of it, in order; each failure
     /// (unreachable, no such blob, bytes that are not it) moves on to the next, keeping what was
-    /// verified. `progress` hears how many of the blob's bytes are here (verified) as they
-    /// come in. Returns which provider finished it.
+    /// verified. A blob over `max_len` bytes is not fetched further (from anyone).
+    /// `progress` hears how many of the blob's bytes are here (verified) as they come in.
+    /// Returns which provider finished it.
     pub async fn fetch_any(
         &self,
         providers: &[Provider],
         hash: Hash,
+        max_len: u64,
         mut progress: impl FnMut(u64),
     ) -> Result<usize, BlobError> {
         for (i, provider) in providers.iter().enumerate() {
             let here = self.local_bytes(hash).await?;
             progress(here);
-            match self.fetch_with(provider, hash, |n| progress(here.saturating_add(n))).await {
+            let room = max_len.saturating_sub(here);
+            match self.fetch_with(provider, hash, room, |n| progress(here.saturating_add(n))).await
+            {
                 Ok(_) if self.has(hash).await? => {
                     self.sync().await?;
                     progress(self.local_bytes(hash).await?);
@@ -398,6 +410,7 @@ impl Blobs {
                 Ok(_) => {
                     tracing::debug!(%hash, provider = %provider.id, "provider gave part of a blob")
                 }
+                Err(e @ BlobError::TooLarge(_)) => return Err(e),
                 Err(e) => tracing::info!(%hash, error = %e, "provider failed; trying the next"),
             }
         }

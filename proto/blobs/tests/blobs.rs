@@ -72,6 +72,17 @@ async fn a_sealed_file_travels_between_two_endpoints_and_opens() {
     // Fetching again moves nothing.
     assert_eq!(bob.fetch(&alice.provider(), hash).await.expect("again"), 0);
 
+    // A blob longer than it was said to be stops the fetch near the limit, and no other
+    // provider is asked (its hash fixes its length).
+    let carol = endpoint(tmp.path(), 3).await;
+    let providers = [alice.provider(), bob.provider()];
+    let e = carol.fetch_any(&providers, hash, 1_000_000, |_| ()).await.expect_err("too large");
+    assert!(matches!(e, BlobError::TooLarge(1_000_000)), "{e:?}");
+    assert!(!carol.has(hash).await.expect("has"));
+    let got = carol.local_bytes(hash).await.expect("local");
+    assert!(got <= 1_200_000, "the fetch stopped near the limit: {got}");
+    carol.shutdown().await;
+
     // A blob the provider does not have is a clear error.
     let missing = iroh_blobs::Hash::new(b"no such blob");
     let e = bob.fetch(&alice.provider(), missing).await.expect_err("missing");
@@ -125,7 +136,7 @@ async fn a_provider_that_lies_is_cut_off_and_the_next_one_finishes() {
     assert!(!bob.has(hash).await.expect("has"), "nothing unverified is kept as the blob");
     let mut seen = Vec::new();
     let which = bob
-        .fetch_any(&[mallory_provider, alice.provider()], hash, |n| seen.push(n))
+        .fetch_any(&[mallory_provider, alice.provider()], hash, u64::MAX, |n| seen.push(n))
         .await
         .expect("fetch");
     assert_eq!(which, 1, "the honest provider finished it");

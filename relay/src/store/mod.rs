@@ -202,6 +202,16 @@ impl Store {
         Ok(used)
     }
 
+    /// The pin of a blob, if it is pinned here.
+    pub fn file_pin(&self, hash: &[u8; 32]) -> Result<Option<FilePin>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(FILES).map_err(redb_err)?;
+        match t.get(hash).map_err(redb_err)? {
+            Some(v) => Ok(Some(records::decode_record(v.value(), "files")?)),
+            None => Ok(None),
+        }
+    }
+
     /// The keys of the orderers convicted of equivocation.
     pub fn convicted(&self) -> Result<Vec<chitchat_proto::PublicKey>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
