@@ -1021,6 +1021,7 @@ async fn read_file(
             format!("the file is not here; fetch it first (POST /v1/messages/{reference}/fetch)"),
         ));
     }
+    s.node.used_file(&attachment).await;
     let chunks = s.node.open_chunks(&attachment, 0)?.map(|c| c.map_err(std::io::Error::other));
     let file = &attachment.file;
     let disposition = format!(

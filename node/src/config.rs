@@ -37,11 +37,19 @@ pub struct FilesConfig {
     pub max_send_bytes: u64,
     /// The largest file this device fetches, in bytes (a message may name any size).
     pub max_fetch_bytes: u64,
+    /// Bytes of fetched files kept, at most: past it, the least recently used fetched files
+    /// are dropped (they can be fetched again). Files this device sent are not counted.
+    pub cache_bytes: u64,
 }
 
 impl Default for FilesConfig {
     fn default() -> Self {
-        Self { bind: vec!["0.0.0.0:0".into()], max_send_bytes: 16 << 30, max_fetch_bytes: 16 << 30 }
+        Self {
+            bind: vec!["0.0.0.0:0".into()],
+            max_send_bytes: 16 << 30,
+            max_fetch_bytes: 16 << 30,
+            cache_bytes: 20 << 30,
+        }
     }
 }
 
@@ -279,6 +287,10 @@ bind = ["0.0.0.0:0"]
 # CHITCHAT_FILES_MAX_SEND_BYTES, CHITCHAT_FILES_MAX_FETCH_BYTES).
 max_send_bytes = 17179869184
 max_fetch_bytes = 17179869184
+# Bytes of fetched files kept (20 GiB; env CHITCHAT_FILES_CACHE_BYTES): past it, the least
+# recently used fetched files are dropped, to be fetched again when asked for. Files this device
+# sent are never dropped: it is their source.
+cache_bytes = 21474836480
 
 [profile]
 # The name peers on the local network see while this device is registered at no relay (env
@@ -328,6 +340,9 @@ name = ""
         }
         if let Some(v) = var("CHITCHAT_FILES_MAX_FETCH_BYTES") {
             self.files.max_fetch_bytes = bytes("CHITCHAT_FILES_MAX_FETCH_BYTES", v)?;
+        }
+        if let Some(v) = var("CHITCHAT_FILES_CACHE_BYTES") {
+            self.files.cache_bytes = bytes("CHITCHAT_FILES_CACHE_BYTES", v)?;
         }
         if let Some(v) = var("CHITCHAT_PROFILE_NAME") {
             self.profile.name = v;

@@ -78,7 +78,12 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_goes_from_the_senders_device_to_a_member_and_opens() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let bob = NodeProcess::start(&[("CHITCHAT_PROFILE_NAME", "bob")]).expect("bob");
+    // Bob keeps 5.1 MB of fetched files: the 5 MB one, and not much more.
+    let bob = NodeProcess::start(&[
+        ("CHITCHAT_PROFILE_NAME", "bob"),
+        ("CHITCHAT_FILES_CACHE_BYTES", "5100000"),
+    ])
+    .expect("bob");
     let bob_addr = peer_addr(&bob).await;
     let mut alice = NodeProcess::start(&[
         ("CHITCHAT_PROFILE_NAME", "alice"),
@@ -193,6 +198,21 @@ async fn a_file_goes_from_the_senders_device_to_a_member_and_opens() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // Bob's cache went over its 5.1 MB with later.bin: the file used least recently, photo.png,
+    // was dropped (later.bin, just fetched, stays), and is fetched again when asked for.
+    // Alice's files are hers: never dropped.
+    let entry = wait_file(&bob, &id, "photo.png").await;
+    assert_eq!(entry["attachment"]["fetched"], false, "dropped from the cache: {entry}");
+    assert_eq!(wait_file(&bob, &id, "later.bin").await["attachment"]["fetched"], true);
+    let read = bob.api().raw("GET", &format!("/v1/messages/{message}/file"), None).await;
+    assert_eq!(read.expect("answer").0, 409, "to be fetched again");
+    let again = bob.json("POST", &format!("/v1/messages/{message}/fetch"), None).await;
+    assert_eq!(again.expect("fetch again")["moved"], true);
+    let (status, body) =
+        bob.api().raw("GET", &format!("/v1/messages/{message}/file"), None).await.expect("read");
+    assert!(status == 200 && body == plain, "the same bytes again");
+    assert_eq!(wait_file(&alice, &id, "photo.png").await["attachment"]["fetched"], true);
 }
 
 /// Alice's 100 MB file is pinned at the relay before its message goes; Alice stops; Bob fetches

@@ -354,8 +354,36 @@ impl Node {
             self.announce_file(a, 0, "failed");
             return Err(e);
         }
+        self.cache_fetched(hash).await;
         self.announce_file(a, total, "fetched");
         Ok(true)
+    }
+
+    /// Puts a fetched blob in the cache, and drops the least recently used others past
+    /// `[files] cache_bytes` (they can be fetched again). A failure here only logs: the file
+    /// is here.
+    async fn cache_fetched(&self, hash: Hash) {
+        let Some(blobs) = &self.blobs else { return };
+        if let Err(e) = blobs.cache(hash, crate::engine::now().0, false).await {
+            tracing::warn!(%hash, error = %e, "fetched file not put in the cache");
+            return;
+        }
+        match blobs.evict(self.config.files.cache_bytes, Some(hash)).await {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::info!(files = gone.len(), "the cache dropped the least recently used");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "the cache could not drop files"),
+        }
+    }
+
+    /// Notes that a file was read: the cache keeps what is used last (a file this device sent
+    /// is not in it).
+    pub async fn used_file(&self, a: &Attachment) {
+        let Some(blobs) = &self.blobs else { return };
+        if let Err(e) = blobs.cache(a.hash(), crate::engine::now().0, true).await {
+            tracing::debug!(hash = %a.hash(), error = %e, "file use not noted");
+        }
     }
 
     fn announce_file(&self, a: &Attachment, bytes: u64, state: &'static str) {

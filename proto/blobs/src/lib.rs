@@ -23,6 +23,7 @@ use chitchat_proto::SecretKey;
 use iroh::endpoint::{NetReportConfig, PortmapperConfig, RelayMode, presets};
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, EndpointId, TransportAddr};
+use iroh_blobs::api::Tag;
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::{BlobsProtocol, Hash};
 
@@ -34,6 +35,9 @@ pub const PUSH_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often blobs no tag names are deleted.
 pub const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The cache's tags: `cache/{used_ms:020}/{hash}`, a blob's last use in its name.
+const CACHE_PREFIX: &str = "cache/";
 
 /// Why a blob operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -317,14 +321,93 @@ impl Blobs {
         self.store.sync_db().await.map_err(|e| BlobError::Store(e.to_string()))
     }
 
-    /// Drops this store's name for a blob (its data goes at the next garbage collection).
+    /// Drops this store's names for a blob (its data goes at the next garbage collection).
     pub async fn forget(&self, hash: Hash) -> Result<(), BlobError> {
-        self.store
-            .tags()
-            .delete(format!("file/{hash}"))
-            .await
-            .map(|_| ())
-            .map_err(|e| BlobError::Store(e.to_string()))
+        let tags = self.store.tags();
+        tags.delete(format!("file/{hash}")).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        for (name, _) in self.cache_entries().await?.into_iter().filter(|(_, h)| *h == hash) {
+            tags.delete(name).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The cache's names, least recently used first (`cache/{used_ms:020}/{hash}`: the tags
+    /// table is sorted by name).
+    async fn cache_entries(&self) -> Result<Vec<(Tag, Hash)>, BlobError> {
+        use futures::StreamExt as _;
+        let store = |e: &dyn std::fmt::Display| BlobError::Store(e.to_string());
+        let mut list = self.store.tags().list_prefix(CACHE_PREFIX).await.map_err(|e| store(&e))?;
+        let mut out = Vec::new();
+        while let Some(tag) = list.next().await {
+            let tag = tag.map_err(|e| store(&e))?;
+            out.push((tag.name, tag.hash));
+        }
+        Ok(out)
+    }
+
+    /// Notes that the blob is a cached copy (it can be fetched again), last used at `now_ms`:
+    /// [`Blobs::evict`] drops the least recently used first. `only_if_cached`: a blob not in the
+    /// cache (one this device sent, say) stays out of it.
+    pub async fn cache(
+        &self,
+        hash: Hash,
+        now_ms: u64,
+        only_if_cached: bool,
+    ) -> Result<(), BlobError> {
+        let old: Vec<Tag> = self
+            .cache_entries()
+            .await?
+            .into_iter()
+            .filter(|(_, h)| *h == hash)
+            .map(|(n, _)| n)
+            .collect();
+        if old.is_empty() && only_if_cached {
+            return Ok(());
+        }
+        let name = Tag::from(format!("{CACHE_PREFIX}{now_ms:020}/{hash}"));
+        let tags = self.store.tags();
+        tags.set(name.clone(), hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        for n in old.into_iter().filter(|n| *n != name) {
+            tags.delete(n).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        }
+        self.sync().await
+    }
+
+    /// The bytes the cached blobs take here.
+    pub async fn cached_bytes(&self) -> Result<u64, BlobError> {
+        let mut total: u64 = 0;
+        for (_, hash) in self.cache_entries().await? {
+            total = total.saturating_add(self.local_bytes(hash).await?);
+        }
+        Ok(total)
+    }
+
+    /// Forgets the least recently used cached blobs, but never `keep`, until the cache takes
+    /// at most `max_bytes`. Returns the blobs forgotten.
+    pub async fn evict(&self, max_bytes: u64, keep: Option<Hash>) -> Result<Vec<Hash>, BlobError> {
+        let mut entries = Vec::new();
+        let mut total: u64 = 0;
+        for (_, hash) in self.cache_entries().await? {
+            let len = self.local_bytes(hash).await?;
+            total = total.saturating_add(len);
+            entries.push((hash, len));
+        }
+        let mut gone = Vec::new();
+        for (hash, len) in entries {
+            if total <= max_bytes {
+                break;
+            }
+            if Some(hash) == keep {
+                continue;
+            }
+            self.forget(hash).await?;
+            total = total.saturating_sub(len);
+            gone.push(hash);
+        }
+        if !gone.is_empty() {
+            self.sync().await?;
+        }
+        Ok(gone)
     }
 
     /// Whether the whole blob is here and kept (a forgotten one is not, even before garbage

@@ -261,3 +261,39 @@ async fn a_push_is_taken_only_when_accepted() {
     let _ = alice.push(&plain_store.provider(), hash).await;
     assert!(!plain_store.complete(hash).await.expect("complete"), "a plain store takes no push");
 }
+
+/// The cache drops the least recently used cached blobs first, never the one kept, and never a
+/// blob outside it (one this device sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_drops_the_least_recently_used_first() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = endpoint(tmp.path(), 1).await;
+    let key = FileKey::from_bytes([5; 32]);
+    let mut hashes = Vec::new();
+    for seed in 0..4 {
+        let dir = tmp.path().join(format!("file{seed}"));
+        std::fs::create_dir(&dir).expect("dir");
+        let path = sealed_file(&dir, &key, &data(100_000, seed));
+        hashes.push(store.add_path(&path).await.expect("add"));
+    }
+    let [a, b, c, own] = hashes[..] else { unreachable!() };
+    let len = store.local_bytes(a).await.expect("len");
+    store.cache(a, 1, false).await.expect("cache a");
+    store.cache(b, 2, false).await.expect("cache b");
+    store.cache(c, 3, false).await.expect("cache c");
+    store.cache(a, 4, true).await.expect("a used again");
+    store.cache(own, 5, true).await.expect("not cached: stays out");
+    assert_eq!(store.cached_bytes().await.expect("bytes"), 3 * len);
+
+    assert_eq!(store.evict(2 * len, None).await.expect("evict"), vec![b], "b was used last");
+    assert!(!store.has(b).await.expect("has"), "forgotten");
+    assert_eq!(store.evict(0, Some(c)).await.expect("evict"), vec![a], "c is kept");
+    assert_eq!(store.cached_bytes().await.expect("bytes"), len);
+    assert!(store.has(c).await.expect("has") && store.has(own).await.expect("has"));
+    // Forgetting drops the cache's name too.
+    store.forget(c).await.expect("forget");
+    assert_eq!(store.cached_bytes().await.expect("bytes"), 0);
+    assert_eq!(store.evict(0, None).await.expect("evict"), vec![], "nothing cached");
+    assert!(store.has(own).await.expect("has"), "what this device sent stays");
+    store.shutdown().await;
+}
