@@ -3,10 +3,14 @@
 //! bytes, unencrypted, between two stores in this process) on the same link in the same run,
 //! since this machine is shared and noisy. The nodes' resident memory is sampled throughout.
 //!
-//! Run: `cargo bench -p chitchat-tests --bench files` (1 GiB; `-- --quick` for 256 MiB).
+//! Run: `cargo bench -p chitchat-tests --bench files` (1 GiB; `-- --quick` for 256 MiB,
+//! `-- --mib N` for N MiB). Two paths: node → node (the sender's device serves the blob), and
+//! node → relay → node (the sender pins it at its relay, then the member fetches it from there).
+//! `-- --check-rss` exits with an error if any process (node or relay) went over 100 MB: with
+//! `--mib 4096`, this is the 4 GiB streaming test (memory stays flat whatever the file's size).
 //!
 //! Goal (issue #14): at least 70% of raw iroh-blobs' throughput, and a node's RSS during the
-//! transfer under 100 MB. Node → relay → node waits for relays as providers.
+//! transfer under 100 MB.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use chitchat_blobs::Blobs;
 use chitchat_proto::SecretKey;
-use chitchat_tests::{NodeProcess, rss_kib};
+use chitchat_tests::{NodeProcess, RelayProcess, rss_kib};
 use serde_json::{Value, json};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -94,16 +98,69 @@ async fn raw(dir: &Path, plain: &Path, len: u64) -> Duration {
     took
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let len: u64 = if quick { 256 << 20 } else { 1 << 30 };
-    let tmp = tempfile::tempdir().expect("tmp");
-    let plain = tmp.path().join("plain.bin");
-    write_file(&plain, len);
+/// One path's numbers: each step's time and the peak RSS of every process sampled, in KiB.
+struct Run {
+    send: (Duration, Vec<u64>),
+    fetch: (Duration, Vec<u64>),
+    read: (Duration, Vec<u64>),
+}
 
-    let raw_took = raw(tmp.path(), &plain, len).await;
+/// Times `step` while sampling the RSS of `pids`.
+async fn timed<T>(
+    pids: &[u32],
+    step: impl std::future::Future<Output = T>,
+) -> (T, Duration, Vec<u64>) {
+    let sampler = Sampler::start(pids.to_vec());
+    let start = Instant::now();
+    let out = step.await;
+    let took = start.elapsed();
+    (out, took, sampler.finish())
+}
 
+/// Alice sends the file in `channel`; Bob fetches it and reads it back opened. `pids`: every
+/// process to sample.
+async fn transfer(
+    alice: &NodeProcess,
+    bob: &NodeProcess,
+    channel: &str,
+    plain: &Path,
+    len: u64,
+    pids: &[u32],
+) -> Run {
+    let file = tokio::fs::File::open(plain).await.expect("open");
+    let path = format!("/v1/channels/{channel}/files?name=plain.bin");
+    let api = alice.api();
+    let (sent, send_took, send_peaks) =
+        timed(pids, api.upload(&path, "application/octet-stream", file, len, |_| ())).await;
+    let sent: Value = sent.expect("send-file");
+    let id = sent["id"].as_str().expect("id").to_owned();
+
+    // The message reaches Bob; then the fetch, timed alone.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bob.json("GET", &format!("/v1/messages/{id}"), None).await.is_err() {
+        assert!(Instant::now() < deadline, "the file message never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fetch = format!("/v1/messages/{id}/fetch");
+    let (fetched, fetch_took, fetch_peaks) = timed(pids, bob.json("POST", &fetch, None)).await;
+    assert_eq!(fetched.expect("fetch")["fetched"], json!(true));
+
+    // Read back opened (to a sink).
+    let mut sink = tokio::io::sink();
+    let file = format!("/v1/messages/{id}/file");
+    let bob_api = bob.api();
+    let (read, read_took, read_peaks) =
+        timed(pids, bob_api.download(&file, &mut sink, |_| ())).await;
+    assert_eq!(read.expect("read"), len);
+    Run {
+        send: (send_took, send_peaks),
+        fetch: (fetch_took, fetch_peaks),
+        read: (read_took, read_peaks),
+    }
+}
+
+/// Node → node: a relay-less channel; Bob fetches from Alice's device.
+async fn node_to_node(plain: &Path, len: u64) -> Run {
     let bob = NodeProcess::start(&[("CHITCHAT_PROFILE_NAME", "bob")]).expect("bob");
     let network = bob.json("GET", "/v1/network", None).await.expect("network");
     let bob_addr = network["listening"][0].as_str().expect("bob listens").to_owned();
@@ -120,81 +177,98 @@ async fn main() {
     let channel = channel.trim().to_owned();
     alice.cli(&["invite", "files", &bob_dev]).expect("invite");
     bob.wait_joined(&channel, Duration::from_secs(60)).await.expect("joined");
-    let pids = vec![alice.pid().expect("alice"), bob.pid().expect("bob")];
+    let pids = [alice.pid().expect("alice"), bob.pid().expect("bob")];
+    transfer(&alice, &bob, &channel, plain, len, &pids).await
+}
 
-    // Send: the file streamed to Alice's daemon, sealed, kept.
-    let sampler = Sampler::start(pids.clone());
-    let start = Instant::now();
-    let file = tokio::fs::File::open(&plain).await.expect("open");
-    let path = format!("/v1/channels/{channel}/files?name=plain.bin");
-    let sent: Value = alice
-        .api()
-        .upload(&path, "application/octet-stream", file, len, |_| ())
-        .await
-        .expect("send-file");
-    let send_took = start.elapsed();
-    let send_peaks = sampler.finish();
-    let id = sent["id"].as_str().expect("id").to_owned();
+/// Node → relay → node: Alice pins the file at the relay (a push) before its message goes; Bob
+/// fetches it from the relay (his first provider).
+async fn through_relay(plain: &Path, len: u64) -> Run {
+    let limit = format!("max_file_bytes = {}", len + (64 << 20));
+    let quota = format!("quota_bytes_per_user = {}", len + (128 << 20));
+    let relay = RelayProcess::start(
+        |c| {
+            c.replace("max_file_bytes = 2147483648", &limit)
+                .replace("quota_bytes_per_user = 10737418240", &quota)
+        },
+        &[],
+    )
+    .expect("relay");
+    let alice = NodeProcess::start(&[]).expect("alice");
+    let bob = NodeProcess::start(&[]).expect("bob");
+    alice.register(&relay, "alice").await.expect("register alice");
+    bob.register(&relay, "bob").await.expect("register bob");
+    let channel = alice.cli(&["channel", "create", "files"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "files", "bob@localhost"]).expect("invite");
+    bob.wait_joined(&channel, Duration::from_secs(60)).await.expect("joined");
+    let pids = [alice.pid().expect("alice"), bob.pid().expect("bob"), relay.pid().expect("relay")];
+    transfer(&alice, &bob, &channel, plain, len, &pids).await
+}
 
-    // The message reaches Bob by gossip; then the fetch, timed alone.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while bob.json("GET", &format!("/v1/messages/{id}"), None).await.is_err() {
-        assert!(Instant::now() < deadline, "the file message never came");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let sampler = Sampler::start(pids.clone());
-    let start = Instant::now();
-    let fetched = bob.json("POST", &format!("/v1/messages/{id}/fetch"), None).await;
-    let fetch_took = start.elapsed();
-    let fetch_peaks = sampler.finish();
-    assert_eq!(fetched.expect("fetch")["fetched"], json!(true));
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let check_rss = args.iter().any(|a| a == "--check-rss");
+    let mib: Option<u64> =
+        args.iter().position(|a| a == "--mib").and_then(|i| args.get(i + 1)?.parse().ok());
+    let len: u64 = match mib {
+        Some(m) => m << 20,
+        None if quick => 256 << 20,
+        None => 1 << 30,
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let plain = tmp.path().join("plain.bin");
+    write_file(&plain, len);
 
-    // Read back opened (to a sink).
-    let sampler = Sampler::start(pids.clone());
-    let start = Instant::now();
-    let mut sink = tokio::io::sink();
-    let read = bob
-        .api()
-        .download(&format!("/v1/messages/{id}/file"), &mut sink, |_| ())
-        .await
-        .expect("read");
-    let read_took = start.elapsed();
-    let read_peaks = sampler.finish();
-    assert_eq!(read, len);
+    let raw_took = {
+        let dir = tempfile::tempdir_in(tmp.path()).expect("raw dir");
+        raw(dir.path(), &plain, len).await
+    };
+    let direct = node_to_node(&plain, len).await;
+    let relayed = through_relay(&plain, len).await;
 
     let mib = |kib: u64| kib as f64 / 1024.0;
+    let peaks =
+        |p: &[u64]| p.iter().map(|k| format!("{:.1}", mib(*k))).collect::<Vec<_>>().join(" / ");
     println!("files, {} MiB, on loopback (2 worker threads in this process)", len >> 20);
-    println!("| step | time | MiB/s | RSS peak alice / bob |");
+    println!("| step | time | MiB/s | RSS peak, MiB (sender / member [/ relay]) |");
     println!("|---|---|---|---|");
     println!(
         "| raw iroh-blobs fetch, unencrypted (baseline) | {:.2} s | {:.0} | - |",
         raw_took.as_secs_f64(),
         rate(len, raw_took)
     );
-    println!(
-        "| send-file: stream, seal, store (alice) | {:.2} s | {:.0} | {:.1} / {:.1} MiB |",
-        send_took.as_secs_f64(),
-        rate(len, send_took),
-        mib(send_peaks[0]),
-        mib(send_peaks[1])
-    );
-    println!(
-        "| fetch node → node, sealed blob, every chunk checked | {:.2} s | {:.0} | {:.1} / {:.1} MiB |",
-        fetch_took.as_secs_f64(),
-        rate(len, fetch_took),
-        mib(fetch_peaks[0]),
-        mib(fetch_peaks[1])
-    );
-    println!(
-        "| read back opened (bob's API) | {:.2} s | {:.0} | {:.1} / {:.1} MiB |",
-        read_took.as_secs_f64(),
-        rate(len, read_took),
-        mib(read_peaks[0]),
-        mib(read_peaks[1])
-    );
-    println!(
-        "fetch throughput: {:.0}% of raw iroh-blobs (goal ≥ 70%); peak RSS {:.1} MiB (goal < 100 MB)",
-        100.0 * raw_took.as_secs_f64() / fetch_took.as_secs_f64(),
-        mib(*send_peaks.iter().chain(&fetch_peaks).chain(&read_peaks).max().unwrap_or(&0))
-    );
+    for (path, run) in [("node → node", &direct), ("node → relay → node", &relayed)] {
+        for (step, (took, p)) in [
+            ("send-file: stream, seal, store (and pin at the relay)", &run.send),
+            ("fetch, sealed blob, every chunk checked", &run.fetch),
+            ("read back opened (member's API)", &run.read),
+        ] {
+            println!(
+                "| {path}: {step} | {:.2} s | {:.0} | {} |",
+                took.as_secs_f64(),
+                rate(len, *took),
+                peaks(p)
+            );
+        }
+    }
+    let all = [&direct, &relayed]
+        .iter()
+        .flat_map(|r| [&r.send.1, &r.fetch.1, &r.read.1])
+        .flatten()
+        .copied()
+        .max()
+        .unwrap_or(0);
+    for (path, run) in [("node → node", &direct), ("node → relay → node", &relayed)] {
+        println!(
+            "{path} fetch throughput: {:.0}% of raw iroh-blobs (goal ≥ 70%)",
+            100.0 * raw_took.as_secs_f64() / run.fetch.0.as_secs_f64()
+        );
+    }
+    println!("peak RSS of any process: {:.1} MiB (goal < 100 MB)", mib(all));
+    if check_rss && all * 1024 >= 100_000_000 {
+        eprintln!("FAILED: a process's RSS reached {:.1} MiB moving {} MiB", mib(all), len >> 20);
+        std::process::exit(1);
+    }
 }
