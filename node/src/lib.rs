@@ -24,6 +24,7 @@ pub mod home;
 pub mod host;
 pub mod link;
 pub mod store;
+pub mod thumbnail;
 pub mod view;
 
 /// The version of this node.

@@ -139,6 +139,26 @@ async fn a_file_goes_from_the_senders_device_to_a_member_and_opens() {
     bob.cli(&["fetch", &empty_id, "--out", out.to_str().expect("utf-8")]).expect("fetch empty");
     assert_eq!(std::fs::read(&out).expect("written"), b"");
 
+    // An image gets a thumbnail, made by the sender's node: a JPEG of at most 8 KiB in the
+    // message, so that Bob sees it before any fetch.
+    let mut png = Vec::new();
+    image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([x as u8, y as u8, 128]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("png");
+    let pic = write(tmp.path(), "pic.png", &png);
+    alice.cli(&["send-file", "files", &pic]).expect("send an image");
+    let entry = wait_file(&bob, &id, "pic.png").await;
+    assert_eq!(entry["attachment"]["fetched"], false, "{entry}");
+    let thumb = entry["attachment"]["thumbnail_base64"].as_str().expect("a thumbnail");
+    use base64::Engine as _;
+    let thumb = base64::engine::general_purpose::STANDARD.decode(thumb).expect("base64");
+    assert!(thumb.len() <= 8192, "{} bytes", thumb.len());
+    let shown = image::load_from_memory(&thumb).expect("a picture");
+    assert!(shown.width() <= 160 && shown.height() <= 120, "{}x{}", shown.width(), shown.height());
+    // Not an image: no thumbnail.
+    let entry = wait_file(&bob, &id, "empty.txt").await;
+    assert!(entry["attachment"].get("thumbnail_base64").is_none(), "{entry}");
+
     // What is refused, and sends nothing.
     let api = alice.api();
     let refused = |v: anyhow::Result<(u16, Vec<u8>)>| v.expect("answer").0;

@@ -97,6 +97,28 @@ impl<R: Read> Read for AtMost<R> {
     }
 }
 
+/// Keeps a copy of the bytes read, while they are at most `max` (none once past it): an image's
+/// source for its thumbnail.
+struct Tee<R> {
+    inner: R,
+    copy: Option<Vec<u8>>,
+    max: usize,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(copy) = &mut self.copy {
+            if copy.len().saturating_add(n) > self.max {
+                self.copy = None;
+            } else {
+                copy.extend_from_slice(&buf[..n]);
+            }
+        }
+        Ok(n)
+    }
+}
+
 impl Node {
     /// The blob store (none on a relay-only node).
     pub fn blobs(&self) -> Option<&Blobs> {
@@ -150,18 +172,24 @@ impl Node {
             tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(Box::pin(body)));
         let (tx, rx) = tokio::sync::mpsc::channel(SEALED_QUEUE);
         let seal_key = key.clone();
+        let image = crate::thumbnail::is_image(&file.mime);
         let sealing = tokio::task::spawn_blocking(move || {
             let out = ToStore(tx.clone());
-            let sealed = file::seal_to(&seal_key, AtMost { inner: reader, left: max }, out);
+            let mut body = Tee {
+                inner: AtMost { inner: reader, left: max },
+                copy: image.then(Vec::new),
+                max: crate::thumbnail::MAX_SOURCE_LEN,
+            };
+            let sealed = file::seal_to(&seal_key, &mut body, out);
             if let Err(e) = &sealed {
                 // The store's import fails with it: no blob of a part.
                 let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
             }
-            sealed
+            sealed.map(|size| (size, body.copy))
         });
         let added = self.store()?.add_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-        let size = match sealing.await {
-            Ok(Ok(size)) => size,
+        let (size, source) = match sealing.await {
+            Ok(Ok(sealed)) => sealed,
             Ok(Err(file::FileError::Io(e))) if e.kind() == std::io::ErrorKind::FileTooLarge => {
                 return Err(file_error(
                     "too_large",
@@ -179,6 +207,12 @@ impl Node {
             file.key = FileKey::generate(&mut rand::rng()).to_bytes();
         }
         file.size = size;
+        if let Some(source) = source {
+            // Bounded, and on a blocking thread: a crafted image costs little.
+            let max = chitchat_proto::chat::MAX_THUMBNAIL_LEN;
+            let made = tokio::task::spawn_blocking(move || crate::thumbnail::make(&source, max));
+            file.thumbnail = made.await.ok().flatten().map(Into::into);
+        }
         // A channel that relays serve: the blob is pinned at this device's relay first, so
         // that members can fetch it while this device is away. Refused there, nothing is sent.
         let relayless = self.with(move |e| e.is_relayless(&channel)).await;
