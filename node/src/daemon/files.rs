@@ -382,7 +382,7 @@ impl Node {
             self.announce_file(a, 0, "failed");
             return Err(file_error("unavailable", e.to_string()));
         }
-        if let Err(e) = self.check_opens(a).await {
+        if let Err(e) = self.check_ends(a).await {
             // Its sender sealed something else than it said: it is no one's file.
             self.forget(hash).await;
             self.announce_file(a, 0, "failed");
@@ -430,16 +430,25 @@ impl Node {
         });
     }
 
-    /// Reads the whole blob and opens every chunk, keeping none.
-    async fn check_opens(&self, a: &Attachment) -> Result<(), NodeError> {
-        let mut chunks = std::pin::pin!(self.open_chunks(a, 0)?);
-        while let Some(chunk) = chunks.next().await {
-            chunk?;
+    /// Opens the blob's first and last chunks, keeping none: a sender that named another key
+    /// or size than it sealed under is caught at once. (iroh-blobs verified every byte against
+    /// the hash the message names; a blob its sender sealed under two keys on purpose is caught
+    /// when the chunk that does not open is read, and dropped then: see
+    /// [`Node::open_chunks`].)
+    async fn check_ends(&self, a: &Attachment) -> Result<(), NodeError> {
+        let last = file::chunks(a.file.size).saturating_sub(1);
+        for first in [0, last] {
+            let mut chunks = std::pin::pin!(self.open_chunks(a, first)?);
+            if let Some(chunk) = chunks.next().await {
+                chunk?;
+            }
         }
         Ok(())
     }
 
-    /// The opened file, a chunk at a time, from chunk `first` on: for a file that is here.
+    /// The opened file, a chunk at a time, from chunk `first` on: for a file that is here. A
+    /// chunk that does not open ends the stream with a `corrupt` error, and the blob is
+    /// forgotten (no one can read it; a fetch may get it again).
     pub fn open_chunks(
         &self,
         a: &Attachment,
@@ -449,12 +458,15 @@ impl Node {
         let opener = Opener::new(&FileKey::from_bytes(a.file.key), size)
             .map(Arc::new)
             .map_err(|e| e.to_string());
-        let reader = self.store()?.store().reader(a.hash());
+        let blobs = self.store()?.clone();
+        let hash = a.hash();
+        let reader = blobs.store().reader(hash);
         let start = first.saturating_mul(SEALED_CHUNK_LEN as u64);
         Ok(futures::stream::try_unfold(
             (reader, first, false),
             move |(mut reader, index, seeked)| {
                 let opener = opener.clone();
+                let blobs = blobs.clone();
                 async move {
                     let opener = opener.map_err(|e| file_error("corrupt", e))?;
                     // Up to `READ_CHUNKS` chunks a read: each read of the store is a round trip to
@@ -495,7 +507,17 @@ impl Node {
                         Ok::<_, NodeError>(out)
                     })
                     .await
-                    .map_err(|e| file_error("storage", e.to_string()))??;
+                    .map_err(|e| file_error("storage", e.to_string()))?;
+                    let opened = match opened {
+                        Ok(opened) => opened,
+                        Err(e) => {
+                            tracing::warn!(%hash, error = %e, "a fetched file does not open; dropped");
+                            if let Err(e) = blobs.forget(hash).await {
+                                tracing::warn!(%hash, error = %e, "the file not dropped");
+                            }
+                            return Err(e);
+                        }
+                    };
                     Ok(Some((Bytes::from(opened), (reader, index + n, true))))
                 }
             },

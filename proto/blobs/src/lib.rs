@@ -93,7 +93,8 @@ pub fn endpoint_id(key: &chitchat_proto::PublicKey) -> Option<EndpointId> {
 }
 
 /// One endpoint and its blob store, serving what the store holds to whoever asks by hash.
-#[derive(Debug)]
+/// A clone is another handle on the same endpoint and store.
+#[derive(Clone, Debug)]
 pub struct Blobs {
     endpoint: Endpoint,
     store: FsStore,
