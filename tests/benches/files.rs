@@ -242,7 +242,7 @@ async fn main() {
     for (path, run) in [("node → node", &direct), ("node → relay → node", &relayed)] {
         for (step, (took, p)) in [
             ("send-file: stream, seal, store (and pin at the relay)", &run.send),
-            ("fetch, sealed blob, every chunk checked", &run.fetch),
+            ("fetch, sealed blob, first and last chunks opened", &run.fetch),
             ("read back opened (member's API)", &run.read),
         ] {
             println!(

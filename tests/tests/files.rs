@@ -233,6 +233,24 @@ async fn a_file_goes_from_the_senders_device_to_a_member_and_opens() {
         bob.api().raw("GET", &format!("/v1/messages/{message}/file"), None).await.expect("read");
     assert!(status == 200 && body == plain, "the same bytes again");
     assert_eq!(wait_file(&alice, &id, "photo.png").await["attachment"]["fetched"], true);
+
+    // A byte of Bob's copy rots on disk, mid-file: the read fails there (no whole file comes
+    // out), the blob is dropped, and a fetch gets it again.
+    let hash = entry["attachment"]["hash"].as_str().expect("hash").to_owned();
+    let data = bob.home().join("blobs").join("data").join(format!("{hash}.data"));
+    let mut bytes = std::fs::read(&data).expect("the blob's data file");
+    bytes[3_000_000] ^= 0x55;
+    std::fs::write(&data, &bytes).expect("rot");
+    drop(bytes);
+    let read = bob.api().raw("GET", &format!("/v1/messages/{message}/file"), None).await;
+    assert!(!read.is_ok_and(|(s, b)| s == 200 && b == plain), "a rotten file never comes out whole");
+    let entry = wait_file(&bob, &id, "photo.png").await;
+    assert_eq!(entry["attachment"]["fetched"], false, "dropped: {entry}");
+    let again = bob.json("POST", &format!("/v1/messages/{message}/fetch"), None).await;
+    assert_eq!(again.expect("fetch again")["moved"], true);
+    let (status, body) =
+        bob.api().raw("GET", &format!("/v1/messages/{message}/file"), None).await.expect("read");
+    assert!(status == 200 && body == plain, "whole again");
 }
 
 /// Alice's 100 MB file is pinned at the relay before its message goes; Alice stops; Bob fetches

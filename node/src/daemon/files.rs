@@ -1,8 +1,9 @@
 //! Files (section 8 of the design): a file sent is sealed under a fresh key as it streams in
 //! and added to this device's blob store before its message is sent; a file received is
 //! fetched from its providers when asked, verified twice (iroh-blobs checks every group against
-//! the hash the message names, then every chunk must open under the message's key), and read
-//! back opened, a chunk at a time.
+//! the hash the message names, then its first and last chunks must open under the message's key
+//! and size), and read back opened, a chunk at a time (a chunk that does not open ends the read
+//! and drops the blob).
 //!
 //! Nothing here holds a file in memory: the upload is sealed between two bounded channels, the
 //! download is opened one sealed chunk at a time.
@@ -339,7 +340,8 @@ impl Node {
 
     /// Fetches the file `a` names from its providers (this device's relay, then its sender's
     /// device), unless
-    /// it is here already; announces progress (`file` events). Checks that every chunk opens.
+    /// it is here already; announces progress (`file` events). Checks that its first and last
+    /// chunks open.
     /// Returns whether it moved anything.
     pub async fn fetch_file(self: &Arc<Self>, a: &Attachment) -> Result<bool, NodeError> {
         let hash = a.hash();
