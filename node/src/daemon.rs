@@ -158,6 +158,10 @@ pub struct Node {
     blobs: Option<chitchat_blobs::Blobs>,
     /// Blobs being fetched now (one fetch of each at a time).
     fetching: Mutex<std::collections::HashSet<iroh_blobs::Hash>>,
+    /// Blobs dropped because a chunk did not open when read, and when: their data stays on
+    /// disk until garbage collection, and a fetch would take it for the blob (see
+    /// `files::Damaged`).
+    damaged: files::Damaged,
     /// Where events go, besides the engine's own (a fetch's progress).
     events: tokio::sync::broadcast::Sender<Event>,
 }
@@ -234,6 +238,7 @@ impl Node {
             history_read: Mutex::new(HashMap::new()),
             blobs,
             fetching: Mutex::new(std::collections::HashSet::new()),
+            damaged: Arc::default(),
             events,
         });
         tokio::spawn(node.clone().gossip_task(gossiped));

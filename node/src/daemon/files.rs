@@ -356,6 +356,19 @@ impl Node {
             return Ok(false);
         }
         let _busy = FetchGuard::take(self, hash)?;
+        let damaged = self.damaged.lock().ok().and_then(|d| d.get(&hash).copied());
+        if let Some(at) = damaged {
+            let left = self.store()?.local_bytes(hash).await.unwrap_or(0);
+            if left > 0 && at.elapsed() < 2 * chitchat_blobs::GC_INTERVAL {
+                return Err(file_error(
+                    "busy",
+                    "a damaged copy of this file is being deleted; fetch it again in a minute",
+                ));
+            }
+            if let Ok(mut d) = self.damaged.lock() {
+                d.remove(&hash);
+            }
+        }
         let providers = self.providers(a.channel, &a.id.sender).await;
         if providers.is_empty() {
             return Err(file_error(
@@ -461,6 +474,7 @@ impl Node {
             .map(Arc::new)
             .map_err(|e| e.to_string());
         let blobs = self.store()?.clone();
+        let damaged = self.damaged.clone();
         let hash = a.hash();
         let reader = blobs.store().reader(hash);
         let start = first.saturating_mul(SEALED_CHUNK_LEN as u64);
@@ -469,6 +483,7 @@ impl Node {
             move |(mut reader, index, seeked)| {
                 let opener = opener.clone();
                 let blobs = blobs.clone();
+                let damaged = damaged.clone();
                 async move {
                     let opener = opener.map_err(|e| file_error("corrupt", e))?;
                     // Up to `READ_CHUNKS` chunks a read: each read of the store is a round trip to
@@ -514,6 +529,7 @@ impl Node {
                         Ok(opened) => opened,
                         Err(e) => {
                             tracing::warn!(%hash, error = %e, "a fetched file does not open; dropped");
+                            note_damaged(&damaged, hash);
                             if let Err(e) = blobs.forget(hash).await {
                                 tracing::warn!(%hash, error = %e, "the file not dropped");
                             }
@@ -579,6 +595,26 @@ impl Node {
 /// Addresses as a frame carries them, as sockets.
 fn socket_addrs(addrs: Vec<chitchat_proto::wire::IpPort>) -> Vec<std::net::SocketAddr> {
     addrs.into_iter().map(Into::into).collect()
+}
+
+/// Blobs dropped as damaged (a chunk did not open when read), and when. iroh-blobs keeps
+/// a dropped blob's data until its garbage collection and trusts it: fetched again before
+/// that, the same damaged bytes would be named again. So a fetch of one waits for the data to
+/// go. At most [`MAX_DAMAGED`] are remembered.
+pub(crate) type Damaged =
+    Arc<std::sync::Mutex<std::collections::HashMap<Hash, std::time::Instant>>>;
+
+/// Damaged blobs remembered at once, at most.
+const MAX_DAMAGED: usize = 1024;
+
+fn note_damaged(damaged: &Damaged, hash: Hash) {
+    if let Ok(mut d) = damaged.lock() {
+        let cutoff = 2 * chitchat_blobs::GC_INTERVAL;
+        d.retain(|_, at| at.elapsed() < cutoff);
+        if d.len() < MAX_DAMAGED {
+            d.insert(hash, std::time::Instant::now());
+        }
+    }
 }
 
 /// One fetch of a blob at a time: a second one is refused while the first runs.
