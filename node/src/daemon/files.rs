@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chitchat_blobs::{Blobs, Provider};
+use chitchat_blobs::{BlobError, Blobs, Provider};
 use chitchat_proto::DeviceId;
 use chitchat_proto::channel::MessageId;
 use chitchat_proto::chat::{ChatContent, FileRef};
@@ -369,18 +369,11 @@ impl Node {
                 d.remove(&hash);
             }
         }
-        let providers = self.providers(a.channel, &a.id.sender).await;
-        if providers.is_empty() {
-            return Err(file_error(
-                "unavailable",
-                "no provider of the file is reachable (neither a relay nor its sender's device)",
-            ));
-        }
         let total = file::sealed_len(a.file.size);
         let (channel, id) = (a.channel.to_string(), id_string(&a.id));
         let mut last = std::time::Instant::now();
         let events = self.events.clone();
-        let progress = |bytes: u64| {
+        let mut progress = |bytes: u64| {
             if bytes < total && last.elapsed() < PROGRESS_EVERY {
                 return;
             }
@@ -393,9 +386,32 @@ impl Node {
                 state: "fetching",
             });
         };
-        if let Err(e) = self.store()?.fetch_any(&providers, hash, total, progress).await {
+        // This device's relay first (always on, and it pins what its members send); the
+        // sender's device is asked where it listens only if the relay does not give it all.
+        let store = self.store()?;
+        let mut tried = 0;
+        let mut fetched = Err(BlobError::NoProvider(0));
+        if let Some(relay) = self.relay_provider(a.channel).await {
+            tried += 1;
+            fetched = store.fetch_any(&[relay], hash, total, &mut progress).await;
+        }
+        if matches!(fetched, Err(BlobError::NoProvider(_)))
+            && let Some(sender) = self.sender_provider(&a.id.sender).await
+        {
+            tried += 1;
+            fetched = store.fetch_any(&[sender], hash, total, &mut progress).await;
+        }
+        if let Err(e) = fetched {
             self.announce_file(a, 0, "failed");
-            return Err(file_error("unavailable", e.to_string()));
+            let e = match e {
+                BlobError::NoProvider(_) if tried == 0 => {
+                    "no provider of the file is reachable (neither a relay nor its sender's device)"
+                        .to_owned()
+                }
+                BlobError::NoProvider(_) => format!("no provider gave the blob ({tried} tried)"),
+                e => e.to_string(),
+            };
+            return Err(file_error("unavailable", e));
         }
         if let Err(e) = self.check_ends(a).await {
             // Its sender sealed something else than it said: it is no one's file.
@@ -542,35 +558,40 @@ impl Node {
         ))
     }
 
-    /// Who to fetch a blob sent by `sender` in `channel` from: this device's relay (for a
-    /// channel relays serve), then the sender's device, if it says where its blob endpoint
-    /// listens.
-    async fn providers(&self, channel: ChannelId, sender: &DeviceId) -> Vec<Provider> {
-        let mut providers = Vec::new();
-        // This device's relay first: it is always on, and pins what its members send.
-        let relayless = self.with(move |e| e.is_relayless(&channel)).await;
-        if !relayless && let (Ok(link), Ok(id)) = (self.link(), self.relay_provider_id().await) {
-            match link.call(&Request::BlobEndpoint).await {
-                Ok(Response::BlobEndpoint { addrs }) => {
-                    providers.push(Provider { id, addrs: socket_addrs(addrs) });
-                }
-                Ok(other) => tracing::debug!(answer = ?other, "the relay serves no files"),
-                Err(e) => tracing::debug!(error = %e, "the relay not asked for its blob endpoint"),
+    /// This device's relay as a provider of the files of `channel`, if relays serve it and the
+    /// relay says where its blob endpoint listens.
+    async fn relay_provider(&self, channel: ChannelId) -> Option<Provider> {
+        if self.with(move |e| e.is_relayless(&channel)).await {
+            return None;
+        }
+        let (link, id) = (self.link().ok()?, self.relay_provider_id().await.ok()?);
+        match link.call(&Request::BlobEndpoint).await {
+            Ok(Response::BlobEndpoint { addrs }) => {
+                Some(Provider { id, addrs: socket_addrs(addrs) })
+            }
+            Ok(other) => {
+                tracing::debug!(answer = ?other, "the relay serves no files");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the relay not asked for its blob endpoint");
+                None
             }
         }
+    }
+
+    /// The sender's device as a provider, if it says where its blob endpoint listens.
+    async fn sender_provider(&self, sender: &DeviceId) -> Option<Provider> {
         if *sender == self.with(|e| e.device()).await {
-            return providers;
+            return None;
         }
-        let Some(id) = chitchat_blobs::endpoint_id(&sender.0) else { return providers };
-        let asked = match peer_of(sender) {
-            Ok(peer) => {
-                tokio::time::timeout(ASK_TIMEOUT, self.ask_peer(peer, &PeerRequest::Blobs)).await
-            }
-            Err(_) => return providers,
-        };
+        let id = chitchat_blobs::endpoint_id(&sender.0)?;
+        let peer = peer_of(sender).ok()?;
+        let asked =
+            tokio::time::timeout(ASK_TIMEOUT, self.ask_peer(peer, &PeerRequest::Blobs)).await;
         match asked {
             Ok(Ok(PeerResponse::Blobs { addrs })) if !addrs.is_empty() => {
-                providers.push(Provider { id, addrs: socket_addrs(addrs) });
+                return Some(Provider { id, addrs: socket_addrs(addrs) });
             }
             Ok(Ok(other)) => {
                 tracing::debug!(device = %sender, answer = ?other, "the sender serves no blob")
@@ -578,7 +599,7 @@ impl Node {
             Ok(Err(e)) => tracing::debug!(device = %sender, error = %e, "the sender not asked"),
             Err(_) => tracing::debug!(device = %sender, "the sender did not answer in time"),
         }
-        providers
+        None
     }
 
     /// What this device answers a peer's [`PeerRequest::Blobs`]: where its blob endpoint

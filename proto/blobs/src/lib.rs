@@ -326,22 +326,30 @@ impl Blobs {
     pub async fn forget(&self, hash: Hash) -> Result<(), BlobError> {
         let tags = self.store.tags();
         tags.delete(format!("file/{hash}")).await.map_err(|e| BlobError::Store(e.to_string()))?;
-        for (name, _) in self.cache_entries().await?.into_iter().filter(|(_, h)| *h == hash) {
+        for (name, ..) in self.cache_entries().await?.into_iter().filter(|(_, h, _)| *h == hash) {
             tags.delete(name).await.map_err(|e| BlobError::Store(e.to_string()))?;
         }
         Ok(())
     }
 
-    /// The cache's names, least recently used first (`cache/{used_ms:020}/{hash}`: the tags
-    /// table is sorted by name).
-    async fn cache_entries(&self) -> Result<Vec<(Tag, Hash)>, BlobError> {
+    /// The cache's names with their blobs and lengths, least recently used first
+    /// (`cache/{used_ms:020}/{hash}/{len}`: the tags table is sorted by name, and the length in
+    /// the name spares a look-up per blob).
+    async fn cache_entries(&self) -> Result<Vec<(Tag, Hash, u64)>, BlobError> {
         use futures::StreamExt as _;
         let store = |e: &dyn std::fmt::Display| BlobError::Store(e.to_string());
         let mut list = self.store.tags().list_prefix(CACHE_PREFIX).await.map_err(|e| store(&e))?;
         let mut out = Vec::new();
         while let Some(tag) = list.next().await {
             let tag = tag.map_err(|e| store(&e))?;
-            out.push((tag.name, tag.hash));
+            let len = std::str::from_utf8(&tag.name.0)
+                .ok()
+                .and_then(|n| n.rsplit('/').next()?.parse::<u64>().ok());
+            let len = match len {
+                Some(len) => len,
+                None => self.local_bytes(tag.hash).await?,
+            };
+            out.push((tag.name, tag.hash, len));
         }
         Ok(out)
     }
@@ -359,13 +367,14 @@ impl Blobs {
             .cache_entries()
             .await?
             .into_iter()
-            .filter(|(_, h)| *h == hash)
-            .map(|(n, _)| n)
+            .filter(|(_, h, _)| *h == hash)
+            .map(|(n, ..)| n)
             .collect();
         if old.is_empty() && only_if_cached {
             return Ok(());
         }
-        let name = Tag::from(format!("{CACHE_PREFIX}{now_ms:020}/{hash}"));
+        let len = self.local_bytes(hash).await?;
+        let name = Tag::from(format!("{CACHE_PREFIX}{now_ms:020}/{hash}/{len}"));
         let tags = self.store.tags();
         tags.set(name.clone(), hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
         for n in old.into_iter().filter(|n| *n != name) {
@@ -376,25 +385,16 @@ impl Blobs {
 
     /// The bytes the cached blobs take here.
     pub async fn cached_bytes(&self) -> Result<u64, BlobError> {
-        let mut total: u64 = 0;
-        for (_, hash) in self.cache_entries().await? {
-            total = total.saturating_add(self.local_bytes(hash).await?);
-        }
-        Ok(total)
+        Ok(self.cache_entries().await?.iter().fold(0u64, |t, (.., len)| t.saturating_add(*len)))
     }
 
     /// Forgets the least recently used cached blobs, but never `keep`, until the cache takes
     /// at most `max_bytes`. Returns the blobs forgotten.
     pub async fn evict(&self, max_bytes: u64, keep: Option<Hash>) -> Result<Vec<Hash>, BlobError> {
-        let mut entries = Vec::new();
-        let mut total: u64 = 0;
-        for (_, hash) in self.cache_entries().await? {
-            let len = self.local_bytes(hash).await?;
-            total = total.saturating_add(len);
-            entries.push((hash, len));
-        }
+        let entries = self.cache_entries().await?;
+        let mut total = entries.iter().fold(0u64, |t, (.., len)| t.saturating_add(*len));
         let mut gone = Vec::new();
-        for (hash, len) in entries {
+        for (_, hash, len) in entries {
             if total <= max_bytes {
                 break;
             }
@@ -451,21 +451,31 @@ impl Blobs {
             .connect(provider.endpoint_addr(), BLOBS_ALPN)
             .await
             .map_err(|e| BlobError::Connect(who.clone(), e.to_string()))?;
-        let mut items = std::pin::pin!(self.store.remote().fetch(conn, hash).stream());
-        let moved = loop {
-            match items.next().await {
-                Some(GetProgressItem::Progress(n)) if n > max_moved => {
-                    return Err(BlobError::TooLarge(max_moved));
+        let moved = {
+            let mut items = std::pin::pin!(self.store.remote().fetch(conn, hash).stream());
+            loop {
+                match items.next().await {
+                    Some(GetProgressItem::Progress(n)) if n > max_moved => break None,
+                    Some(GetProgressItem::Progress(n)) => progress(n),
+                    Some(GetProgressItem::Done(stats)) => break Some(stats.payload_bytes_read),
+                    Some(GetProgressItem::Error(e)) => {
+                        return Err(BlobError::Fetch(who, e.to_string()));
+                    }
+                    None => {
+                        return Err(BlobError::Fetch(who, "the transfer ended unfinished".into()));
+                    }
                 }
-                Some(GetProgressItem::Progress(n)) => progress(n),
-                Some(GetProgressItem::Done(stats)) => break stats.payload_bytes_read,
-                Some(GetProgressItem::Error(e)) => {
-                    return Err(BlobError::Fetch(who, e.to_string()));
-                }
-                None => return Err(BlobError::Fetch(who, "the transfer ended unfinished".into())),
             }
+            // (The transfer stops here, with its stream.)
         };
-        Ok(moved)
+        match moved {
+            Some(moved) => Ok(moved),
+            None => {
+                // Not the blob that was wanted: none of it is kept.
+                self.forget(hash).await?;
+                Err(BlobError::TooLarge(max_moved))
+            }
+        }
     }
 
     /// Fetches the blob from the first provider that gives all of it, in order; each failure
