@@ -72,12 +72,13 @@ pub struct Replica {
 impl RelayFiles {
     /// Opens the store in `dir`, its endpoint under the relay's key, bound to `bind`, and
     /// told to others as reachable at `advertise` (if empty: the addresses it is bound to, or
-    /// its interfaces' for an unspecified address).
+    /// its interfaces' for an unspecified address). It serves the blobs pinned in `store`.
     pub async fn open(
         dir: &Path,
         key: &SecretKey,
         bind: &[SocketAddr],
         advertise: Vec<SocketAddr>,
+        store: Store,
     ) -> Result<Self, BlobError> {
         let wanted: Arc<Mutex<HashMap<(DeviceId, Hash), Instant>>> = Arc::default();
         let accept = {
@@ -89,7 +90,13 @@ impl RelayFiles {
                 })
             }
         };
-        let blobs = Blobs::open_accepting(dir, key, bind, accept).await?;
+        // Only what is pinned, until it expires: an unpinned blob's data stays until garbage
+        // collection, and must not be served meanwhile.
+        let serve = move |hash: Hash| {
+            let now = crate::service::now();
+            matches!(store.file_pin(hash.as_bytes()), Ok(Some(pin)) if pin.expires > now)
+        };
+        let blobs = Blobs::open_accepting(dir, key, bind, accept, serve).await?;
         Ok(Self {
             blobs,
             advertise,

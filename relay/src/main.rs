@@ -197,6 +197,7 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         &relay_key,
         &config.files.bind_addrs()?,
         config.files.advertise_addrs()?,
+        store.clone(),
     )
     .await
     .with_context(|| format!("open the blob store in {}", dir.blobs().display()))?;

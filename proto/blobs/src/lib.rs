@@ -110,12 +110,15 @@ impl Blobs {
 
     /// Like [`Blobs::open`], and takes pushes (iroh-blobs disables them by default): a push of
     /// a blob is taken only if `accept(pusher, hash)` says so, where `pusher` is the endpoint
-    /// id the connection proved (a device key). A relay opens its store this way.
+    /// id the connection proved (a device key). A blob is served only if `serve(hash)` says so
+    /// (rather than whatever the store holds until garbage collection). A relay opens its store
+    /// this way.
     pub async fn open_accepting(
         dir: &Path,
         key: &SecretKey,
         bind: &[SocketAddr],
         accept: impl Fn(EndpointId, Hash) -> bool + Send + Sync + 'static,
+        serve: impl Fn(Hash) -> bool + Send + Sync + 'static,
     ) -> Result<Self, BlobError> {
         use iroh_blobs::provider::events::{
             AbortReason, ConnectMode, EventMask, EventSender, ProviderMessage, RequestMode,
@@ -123,6 +126,8 @@ impl Blobs {
         let mask = EventMask {
             connected: ConnectMode::Intercept,
             push: RequestMode::Intercept,
+            get: RequestMode::Intercept,
+            get_many: RequestMode::Intercept,
             ..EventMask::DEFAULT
         };
         let (events, mut rx) = EventSender::channel(64, mask);
@@ -146,6 +151,16 @@ impl Blobs {
                         if !ok {
                             tracing::info!(%hash, "a push no one asked for refused");
                         }
+                        let answer = if ok { Ok(()) } else { Err(AbortReason::Permission) };
+                        msg.tx.send(answer).await.ok();
+                    }
+                    ProviderMessage::GetRequestReceived(msg) => {
+                        let ok = serve(msg.request.hash);
+                        let answer = if ok { Ok(()) } else { Err(AbortReason::Permission) };
+                        msg.tx.send(answer).await.ok();
+                    }
+                    ProviderMessage::GetManyRequestReceived(msg) => {
+                        let ok = msg.request.hashes.iter().all(|h| serve(*h));
                         let answer = if ok { Ok(()) } else { Err(AbortReason::Permission) };
                         msg.tx.send(answer).await.ok();
                     }

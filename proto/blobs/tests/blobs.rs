@@ -238,11 +238,14 @@ async fn a_push_is_taken_only_when_accepted() {
     let hash = alice.add_path(&sealed_file(tmp.path(), &key, &data(200_000, 5))).await.expect("a");
     let other = mallory.add_path(&sealed_file(tmp.path(), &key, &data(1000, 6))).await.expect("m");
     let alice_id = alice.provider().id;
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let serving = served.clone();
     let relay = Blobs::open_accepting(
         &tmp.path().join("relay"),
         &SecretKey::from_seed([2; 32]),
         &loopback(),
         move |who, h| who == alice_id && h == hash,
+        move |_| serving.load(std::sync::atomic::Ordering::Relaxed),
     )
     .await
     .expect("open");
@@ -259,6 +262,14 @@ async fn a_push_is_taken_only_when_accepted() {
     assert!(!relay.has(hash).await.expect("has"), "pushed, not yet kept by name");
     relay.keep(hash).await.expect("keep");
     assert!(relay.has(hash).await.expect("has"));
+    // Served only when the hook says so.
+    let bob = endpoint(tmp.path(), 5).await;
+    let e = bob.fetch(&relay.provider(), hash).await.expect_err("not served yet");
+    assert!(matches!(e, BlobError::Fetch(..)), "{e:?}");
+    assert_eq!(bob.local_bytes(hash).await.expect("local"), 0, "nothing came");
+    served.store(true, std::sync::atomic::Ordering::Relaxed);
+    bob.fetch(&relay.provider(), hash).await.expect("served");
+    assert!(bob.has(hash).await.expect("has"));
     let _ = alice.push(&plain_store.provider(), hash).await;
     assert!(!plain_store.complete(hash).await.expect("complete"), "a plain store takes no push");
 }
