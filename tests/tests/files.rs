@@ -68,6 +68,18 @@ async fn wait_file(node: &NodeProcess, channel: &str, name: &str) -> Value {
     }
 }
 
+/// Asks `node` to fetch the file of `message` until it works (within `within`); its answer.
+async fn fetch_within(node: &NodeProcess, message: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        match node.json("POST", &format!("/v1/messages/{message}/fetch"), None).await {
+            Ok(v) => return v,
+            Err(e) => assert!(Instant::now() < deadline, "never fetched: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let path = dir.join(name);
     std::fs::write(&path, bytes).expect("write");
@@ -207,17 +219,8 @@ async fn a_file_goes_from_the_senders_device_to_a_member_and_opens() {
     let away = bob.json("POST", &format!("/v1/messages/{later_id}/fetch"), None).await;
     assert!(away.is_err_and(|e| e.to_string().contains("HTTP 502")), "unavailable");
     alice.restart().expect("restart");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match bob.json("POST", &format!("/v1/messages/{later_id}/fetch"), None).await {
-            Ok(v) => {
-                assert_eq!(v["fetched"], true, "{v}");
-                break;
-            }
-            Err(e) => assert!(Instant::now() < deadline, "never fetched: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let v = fetch_within(&bob, &later_id, WAIT).await;
+    assert_eq!(v["fetched"], true, "{v}");
 
     // Bob's cache went over its 5.1 MB with later.bin: the file used least recently, photo.png,
     // was dropped (later.bin, just fetched, stays), and is fetched again when asked for.
@@ -253,17 +256,8 @@ async fn a_file_goes_from_the_senders_device_to_a_member_and_opens() {
     assert_eq!(entry["attachment"]["fetched"], false, "dropped: {entry}");
     let early = bob.json("POST", &format!("/v1/messages/{message}/fetch"), None).await;
     assert!(early.is_err_and(|e| e.to_string().contains("damaged")), "not the damaged data again");
-    let deadline = Instant::now() + Duration::from_secs(150);
-    loop {
-        match bob.json("POST", &format!("/v1/messages/{message}/fetch"), None).await {
-            Ok(v) => {
-                assert_eq!(v["moved"], true, "{v}");
-                break;
-            }
-            Err(e) => assert!(Instant::now() < deadline, "never fetched again: {e}"),
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    let v = fetch_within(&bob, &message, Duration::from_secs(150)).await;
+    assert_eq!(v["moved"], true, "{v}");
     let (status, body) =
         bob.api().raw("GET", &format!("/v1/messages/{message}/file"), None).await.expect("read");
     assert!(status == 200 && body == plain, "whole again");
