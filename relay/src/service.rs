@@ -1155,11 +1155,8 @@ impl Relay {
             return error(ErrorCode::RateLimited { retry_after_ms }, "too many requests");
         }
         let limits = &self.config.files;
-        if len > limits.max_file_bytes {
-            return error(
-                ErrorCode::QuotaExceeded { retry_after_ms: 0 },
-                format!("the file is over this relay's limit of {} bytes", limits.max_file_bytes),
-            );
+        if let Err((code, message)) = self.check_file_size(len) {
+            return error(code, message);
         }
         let by = match self.check_member(me, &channel, "pins a channel's files").await {
             Ok(by) => by,
@@ -1287,12 +1284,7 @@ impl Relay {
                 "the asking relay is not one of the channel's".into(),
             ));
         }
-        if len > limits.max_file_bytes {
-            return Err((
-                ErrorCode::QuotaExceeded { retry_after_ms: 0 },
-                format!("the file is over this relay's limit of {} bytes", limits.max_file_bytes),
-            ));
-        }
+        self.check_file_size(len)?;
         if expires <= now {
             return Err((ErrorCode::BadRequest, "the pin has expired".into()));
         }
@@ -1335,6 +1327,18 @@ impl Relay {
             return Err((
                 ErrorCode::RateLimited { retry_after_ms: 60_000 },
                 "too many files are being replicated here".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a blob over `[files] max_file_bytes`, pinned or replicated alike.
+    fn check_file_size(&self, len: u64) -> Result<(), (ErrorCode, String)> {
+        let max = self.config.files.max_file_bytes;
+        if len > max {
+            return Err((
+                ErrorCode::QuotaExceeded { retry_after_ms: 0 },
+                format!("the file is over this relay's limit of {max} bytes"),
             ));
         }
         Ok(())

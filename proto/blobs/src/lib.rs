@@ -409,14 +409,19 @@ impl Blobs {
         let entries = self.cache_entries().await?;
         let mut total = entries.iter().fold(0u64, |t, (.., len)| t.saturating_add(*len));
         let mut gone = Vec::new();
-        for (_, hash, len) in entries {
+        let tags = self.store.tags();
+        for (name, hash, len) in entries {
             if total <= max_bytes {
                 break;
             }
             if Some(hash) == keep {
                 continue;
             }
-            self.forget(hash).await?;
+            // Its two names, as `forget` drops them (without listing the cache again).
+            tags.delete(format!("file/{hash}"))
+                .await
+                .map_err(|e| BlobError::Store(e.to_string()))?;
+            tags.delete(name).await.map_err(|e| BlobError::Store(e.to_string()))?;
             total = total.saturating_sub(len);
             gone.push(hash);
         }
