@@ -98,7 +98,7 @@ impl From<NodeError> for ApiError {
                 let status = match code {
                     "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
                     "quota_exceeded" => StatusCode::INSUFFICIENT_STORAGE,
-                    "busy" | "not_fetched" => StatusCode::CONFLICT,
+                    "busy" | "not_fetched" | "fetched" => StatusCode::CONFLICT,
                     "upload" => StatusCode::BAD_REQUEST,
                     "storage" => StatusCode::INTERNAL_SERVER_ERROR,
                     _ => StatusCode::BAD_GATEWAY,
@@ -170,6 +170,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/messages/{reference}", get(find_message))
         .route("/v1/messages/{reference}/fetch", post(fetch_file))
         .route("/v1/messages/{reference}/file", get(read_file))
+        .route("/v1/messages/{reference}/request", post(request_file))
         .route("/v1/events", get(events))
         .fallback(|| async { ApiError::not_found("no such route; see node/API.md") })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -726,7 +727,8 @@ fn referenced(c: &Content) -> Vec<String> {
         Content::Reply { to, .. } => vec![to.clone()],
         Content::Edit { target, .. }
         | Content::Delete { target }
-        | Content::Reaction { target, .. } => vec![target.clone()],
+        | Content::Reaction { target, .. }
+        | Content::FileRequest { target } => vec![target.clone()],
         Content::ReadReceipt { up_to } => vec![up_to.clone()],
         _ => vec![],
     }
@@ -1004,6 +1006,24 @@ async fn fetch_file(
         "fetched": true,
         "moved": moved,
         "file": view::FileView::of(&attachment.file, true),
+    })))
+}
+
+/// `POST /v1/messages/{reference}/request`: asks the channel's members for the file a message
+/// carries again (no provider has it: its pins expired and its sender is away). A member whose
+/// device holds it pins it at its relay again; fetch it then. `409 fetched` if it is here.
+async fn request_file(
+    State(s): State<Arc<ApiState>>,
+    Path(reference): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (channel, id) = locate(&s, &reference).await?;
+    let attachment = s.node.attachment(channel, id).await?;
+    let request = s.node.request_file(&attachment).await?;
+    Ok(Json(json!({
+        "channel": channel.to_string(),
+        "id": id_string(&request),
+        "status": "sending",
+        "file": id_string(&id),
     })))
 }
 

@@ -162,6 +162,8 @@ pub struct Node {
     /// disk until garbage collection, and a fetch would take it for the blob (see
     /// `files::Damaged`).
     damaged: files::Damaged,
+    /// Files pinned again for members' requests, and when (once an hour each, at most).
+    reuploads: files::Reuploads,
     /// Where events go, besides the engine's own (a fetch's progress).
     events: tokio::sync::broadcast::Sender<Event>,
 }
@@ -239,6 +241,7 @@ impl Node {
             blobs,
             fetching: Mutex::new(std::collections::HashSet::new()),
             damaged: Arc::default(),
+            reuploads: files::Reuploads::default(),
             events,
         });
         tokio::spawn(node.clone().gossip_task(gossiped));
@@ -252,6 +255,7 @@ impl Node {
         tokio::spawn(node.clone().evidence_task());
         tokio::spawn(node.clone().peer_task(asks));
         tokio::spawn(node.clone().lan_task());
+        tokio::spawn(node.clone().file_request_task());
         Ok(node)
     }
 

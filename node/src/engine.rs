@@ -2027,6 +2027,13 @@ pub fn seq_string(seq: u64) -> String {
     format!("{}.{}", seq >> 32, seq & 0xffff_ffff)
 }
 
+/// Reads an id as [`id_string`] writes it.
+pub fn parse_id(s: &str) -> Option<MessageId> {
+    let (sender, seq) = s.split_once(':')?;
+    let sender = DeviceId(chitchat_proto::keys::PublicKey::from_hex(sender)?);
+    Some(MessageId { sender, seq: parse_seq(seq)? })
+}
+
 /// A short id for display: the first 8 hex digits of the sender.
 pub fn short_id(id: &MessageId) -> String {
     format!("{}:{}", &id.sender.0.to_hex()[..8], seq_string(id.seq))
@@ -2063,6 +2070,13 @@ mod tests {
         #[test]
         fn seq_parsing_never_panics(s in "\\PC{0,24}") {
             let _ = parse_seq(&s);
+        }
+
+        #[test]
+        fn ids_round_trip(key: [u8; 32], seq: u64) {
+            let id = MessageId { sender: DeviceId(chitchat_proto::keys::PublicKey(key)), seq };
+            prop_assert_eq!(parse_id(&id_string(&id)), Some(id));
+            prop_assert_eq!(parse_id(&short_id(&id)), None, "a short id is not a whole one");
         }
     }
 

@@ -130,6 +130,12 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Ask the channel's members for the file a message carries again, when no one provides it
+    /// (its pins at the relays expired and its sender is away); fetch it a little later.
+    RequestFile {
+        /// The message (an id as `history` shows it).
+        message: String,
+    },
     /// Reply to a message.
     Reply {
         /// The message (an id as `history` shows it).
@@ -466,7 +472,17 @@ async fn fetch(client: &ApiClient, message: &str, out: Option<PathBuf>) -> anyho
     let fetched = client.json("POST", &format!("/v1/messages/{reference}/fetch"), None).await;
     watching.abort();
     bar.finish_and_clear();
-    let fetched = fetched?;
+    let fetched = fetched.map_err(|e| {
+        // No provider gave it (the node's `unavailable`).
+        if e.to_string().ends_with("(HTTP 502)") {
+            anyhow::anyhow!(
+                "{e}\nno provider has the file now; `chitchat request-file {message}` asks the \
+                 channel's members to upload it again"
+            )
+        } else {
+            e
+        }
+    })?;
     let name = fetched["file"]["name"].as_str().unwrap_or("file").to_owned();
     let size = fetched["file"]["size"].as_u64().unwrap_or(0);
     let out = out.unwrap_or_else(|| PathBuf::from(&name));
@@ -701,6 +717,15 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
             send_file(client, &channel, &path, caption, mime).await?;
         }
         Command::Fetch { message, out } => fetch(client, &message, out).await?,
+        Command::RequestFile { message } => {
+            let (channel, id) = locate(client, &message).await?;
+            let reference = enc(&format!("{channel}/{id}"));
+            client.json("POST", &format!("/v1/messages/{reference}/request"), None).await?;
+            println!(
+                "asked the channel's members for the file; a member whose device has it will \
+                 upload it to their relay again: `chitchat fetch {message}` in a while"
+            );
+        }
         Command::Reply { message, text } => {
             let (channel, id) = locate(client, &message).await?;
             print_sent(

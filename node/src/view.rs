@@ -61,6 +61,12 @@ pub enum Content {
         /// Whether typing goes on.
         active: bool,
     },
+    /// Asks the members for a message's file again (its pins expired, its sender is away):
+    /// a member whose device holds it pins it at its relay again. Not shown in the history.
+    FileRequest {
+        /// The message that carries the file.
+        target: String,
+    },
     /// A file (sent with `POST /v1/channels/{channel}/files`, not as content).
     Attachment {
         /// The file.
@@ -96,6 +102,7 @@ impl Content {
             },
             Self::ReadReceipt { up_to } => ChatContent::ReadReceipt { up_to: resolve(up_to)? },
             Self::Typing { active } => ChatContent::Typing { active: *active },
+            Self::FileRequest { target } => ChatContent::FileRequest { target: resolve(target)? },
             Self::Attachment { .. } => {
                 return Err("a file is sent with POST /v1/channels/{channel}/files".into());
             }
@@ -121,6 +128,7 @@ impl Content {
             }
             ChatContent::ReadReceipt { up_to } => Self::ReadReceipt { up_to: id_string(up_to) },
             ChatContent::Typing { active } => Self::Typing { active: *active },
+            ChatContent::FileRequest { target } => Self::FileRequest { target: id_string(target) },
             ChatContent::Attachment { file, caption } => {
                 Self::Attachment { file: FileView::of(file, false), caption: caption.clone() }
             }

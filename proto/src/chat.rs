@@ -105,6 +105,13 @@ pub enum ChatContent {
         /// Whether typing is ongoing.
         active: bool,
     },
+    /// Asks the members for the file of one of the channel's messages again: its pins at the
+    /// relays expired and its sender's device is away. A member whose device holds the file
+    /// whole pins it at its relay again. Not shown in the timeline.
+    FileRequest {
+        /// The message that carries the file.
+        target: MessageId,
+    },
 }
 
 impl Canonical for ChatContent {
@@ -190,6 +197,8 @@ pub enum Applied {
     Receipt,
     /// Typing notice, not stored.
     Typing,
+    /// A request for a file again: acted on by the node, not shown.
+    Request,
     /// Ignored: an edit or delete by someone other than the sender, an older edit, or an
     /// already seen message.
     Ignored,
@@ -244,6 +253,7 @@ impl ChatLog {
                 Applied::Receipt
             }
             ChatContent::Typing { .. } => Applied::Typing,
+            ChatContent::FileRequest { .. } => Applied::Request,
         }
     }
 
@@ -445,6 +455,11 @@ mod tests {
             Applied::Typing
         );
         assert_eq!(log.apply(m, t(10), text("hi")), Applied::Ignored);
+        // A request for a file again is acted on, never shown.
+        assert_eq!(
+            log.apply(id(2, 4), t(15), ChatContent::FileRequest { target: m }),
+            Applied::Request
+        );
         assert_eq!(log.timeline().len(), 1);
     }
 }

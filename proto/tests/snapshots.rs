@@ -219,6 +219,7 @@ fn chat_content() {
         },
         ChatContent::ReadReceipt { up_to: id },
         ChatContent::Typing { active: true },
+        ChatContent::FileRequest { target: id },
     ];
     let lines: Vec<String> = all.iter().map(|c| hex::encode(c.to_bytes())).collect();
     insta::assert_snapshot!("chat_content", lines.join("\n"));

@@ -243,7 +243,13 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
     let retention = tokio::spawn({
         let (relay, mut shutdown) = (relay.clone(), shutdown.clone());
         async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            // Hourly; every second under the test switch that makes pins short.
+            let every = if chitchat_relay::service::short_file_expiry() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(3600)
+            };
+            let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}

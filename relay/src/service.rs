@@ -76,12 +76,23 @@ pub struct Relay {
     /// abort after a winner of a channel of several relays is ordered, before it asks for its
     /// certificate (the others' sweep must deliver it).
     exit_before_deliver: bool,
+    /// A fault switch for tests: `CHITCHAT_RELAY_FAULT=short-file-expiry` makes files pinned
+    /// here expire after [`SHORT_FILE_EXPIRY_MS`] rather than `[files] expiry_days`.
+    short_file_expiry: bool,
     /// Files' blobs pinned here (none until [`Relay::with_files`]).
     files: Option<Arc<crate::files::RelayFiles>>,
 }
 
 /// The environment variable of the relay's fault switch.
 pub const FAULT_ENV: &str = "CHITCHAT_RELAY_FAULT";
+
+/// How long a pin lasts under the fault switch `short-file-expiry` (tests of expiry).
+pub const SHORT_FILE_EXPIRY_MS: u64 = 8_000;
+
+/// Whether the fault switch `short-file-expiry` is on (see [`SHORT_FILE_EXPIRY_MS`]).
+pub fn short_file_expiry() -> bool {
+    std::env::var(FAULT_ENV).is_ok_and(|v| v == "short-file-expiry")
+}
 
 /// This relay's directory as a [`CredentialCheck`]: a device may join a channel ordered here if
 /// it is registered here and its current record verifies against this relay, or if this relay
@@ -417,6 +428,7 @@ impl Relay {
             remote_dirs: RemoteDirs::default(),
             equivocate,
             exit_before_deliver,
+            short_file_expiry: short_file_expiry(),
             files: None,
         }
     }
@@ -1211,14 +1223,14 @@ impl Relay {
                 return Response::FileWanted { addrs: blob_addrs(files) };
             }
         }
-        let days = limits.expiry_days.saturating_mul(86_400_000);
+        let lifetime = self.file_lifetime_ms();
         let pin = crate::store::FilePin {
             user,
             device: me.0.0,
             channel: channel.0,
             len,
             pinned: now,
-            expires: Timestamp(now.0.saturating_add(days)),
+            expires: Timestamp(now.0.saturating_add(lifetime)),
         };
         let quota = limits.quota_bytes_per_user;
         let written = self.store.write(Write::PinFile { hash: *hash.as_bytes(), pin, quota }).await;
@@ -1309,14 +1321,13 @@ impl Relay {
         let Some(id) = chitchat_blobs::endpoint_id(&origin.key) else {
             return Err((ErrorCode::BadRequest, "the asking relay's key is no endpoint id".into()));
         };
-        let days = limits.expiry_days.saturating_mul(86_400_000);
         let pin = crate::store::FilePin {
             user,
             device: origin.key.0,
             channel: channel.0,
             len,
             pinned: now,
-            expires: Timestamp(expires.0.min(now.0.saturating_add(days))),
+            expires: Timestamp(expires.0.min(now.0.saturating_add(self.file_lifetime_ms()))),
         };
         let provider = chitchat_blobs::Provider {
             id,
@@ -1342,6 +1353,14 @@ impl Relay {
             ));
         }
         Ok(())
+    }
+
+    /// How long a file pinned now stays (`[files] expiry_days`), in milliseconds.
+    fn file_lifetime_ms(&self) -> u64 {
+        if self.short_file_expiry {
+            return SHORT_FILE_EXPIRY_MS;
+        }
+        self.config.files.expiry_days.saturating_mul(86_400_000)
     }
 
     /// Deletes the pins past their expiry, and their blobs' names (garbage collection deletes

@@ -405,3 +405,88 @@ async fn the_channels_other_relay_replicates_a_file_for_its_members() {
     let r = as_a.call_fed(&ask(&a, hash, 1000, far)).await.expect("call");
     assert_eq!(r, FedResponse::Replicating);
 }
+
+/// Past its expiry the relay serves a file no more, and a member whose sender is away cannot
+/// fetch it; they ask the channel for it, and a member whose device has it pins it at the relay
+/// again, so that it can be fetched. A member answers such requests for a file once an hour at
+/// most; a request for a file that is here, or for a message without one, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_asks_for_an_expired_file_and_another_uploads_it_again() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Pins last 8 seconds here, and expired ones are swept every second.
+    let relay =
+        RelayProcess::start(|c| c.to_owned(), &[("CHITCHAT_RELAY_FAULT", "short-file-expiry")])
+            .expect("relay");
+    let mut alice = NodeProcess::start(&[]).expect("alice");
+    let bob = NodeProcess::start(&[]).expect("bob");
+    let carol = NodeProcess::start(&[]).expect("carol");
+    alice.register(&relay, "alice").await.expect("register alice");
+    bob.register(&relay, "bob").await.expect("register bob");
+    carol.register(&relay, "carol").await.expect("register carol");
+    let id = alice.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    alice.cli(&["invite", "general", "bob@localhost"]).expect("invite bob");
+    alice.cli(&["invite", "general", "carol@localhost"]).expect("invite carol");
+    bob.wait_joined(&id, WAIT).await.expect("bob joins");
+    carol.wait_joined(&id, WAIT).await.expect("carol joins");
+
+    let plain = data(2_000_000, 21);
+    let path = write(tmp.path(), "notes.bin", &plain);
+    alice.cli(&["send-file", "general", &path]).expect("send-file");
+    let pinned_at = Instant::now();
+    let message = wait_file(&carol, &id, "notes.bin").await["id"].as_str().expect("id").to_owned();
+    wait_file(&bob, &id, "notes.bin").await;
+    fetch_within(&carol, &message, WAIT).await;
+    alice.stop().expect("alice stops");
+    assert_eq!(relay.metric("chitchat_relay_files_pinned_total"), 1.0);
+
+    // Past the pin's 8 seconds, nothing provides it.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(pinned_at.elapsed())).await;
+    let out = tmp.path().join("notes.out");
+    let out = out.to_str().expect("utf-8");
+    let e = bob.cli(&["fetch", &message, "--out", out]).expect_err("expired, sender away");
+    assert!(e.to_string().contains("request-file"), "the CLI says what to do: {e}");
+
+    // Bob asks; Carol's device has it and pins it again; Bob fetches it.
+    let asked = bob.cli(&["request-file", &message]).expect("request-file");
+    assert!(asked.contains("asked"), "{asked}");
+    let deadline = Instant::now() + WAIT;
+    while relay.metric("chitchat_relay_files_pinned_total") < 2.0 {
+        assert!(Instant::now() < deadline, "no one pinned the file again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bob.cli(&["fetch", &message, "--out", out]).expect("fetched after the request");
+    assert!(std::fs::read(out).expect("written") == plain, "the same file came out");
+
+    // Asking for a file that is here, or for a message that carries none, is refused.
+    let reference = format!("{id}%2F{message}");
+    let e = bob.json("POST", &format!("/v1/messages/{reference}/request"), None).await;
+    let e = e.expect_err("here").to_string();
+    assert!(e.contains("409"), "the file is here: {e}");
+    bob.cli(&["send", "general", "hello"]).expect("send");
+    let history = bob.json("GET", &format!("/v1/channels/{id}/history"), None).await.expect("h");
+    let hello = history["history"]["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["body"] == "hello")
+        .and_then(|m| m["id"].as_str())
+        .expect("hello")
+        .to_owned();
+    let e = bob.json("POST", &format!("/v1/messages/{id}%2F{hello}/request"), None).await;
+    let e = e.expect_err("no file").to_string();
+    assert!(e.contains("400"), "a message without a file: {e}");
+
+    // Carol pinned it again within the hour: a second request (sent as content, past Bob's
+    // own check) is not answered again, once the new pin expired too.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let content = json!({ "content": { "type": "file_request", "target": message } });
+    bob.json("POST", &format!("/v1/channels/{id}/messages"), Some(content))
+        .await
+        .expect("request as content");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(relay.metric("chitchat_relay_files_pinned_total"), 2.0, "once an hour at most");
+    // The request is not a line of the history.
+    let history = carol.json("GET", &format!("/v1/channels/{id}/history"), None).await.expect("h");
+    let lines = history["history"]["messages"].as_array().map_or(0, Vec::len);
+    assert_eq!(lines, 2, "the file and hello: {history}");
+}

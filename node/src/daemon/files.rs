@@ -613,6 +613,125 @@ impl Node {
     }
 }
 
+/// Files pinned again for members' requests: when each was last, and how many pins run now.
+#[derive(Debug)]
+pub(crate) struct Reuploads {
+    last: std::sync::Mutex<std::collections::HashMap<Hash, std::time::Instant>>,
+    running: tokio::sync::Semaphore,
+}
+
+/// How often one file is pinned again for members' requests, at most: a request asks every
+/// member, and many members may ask.
+const REUPLOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Files remembered as pinned again within [`REUPLOAD_EVERY`], at most (past it, a request
+/// waits).
+const MAX_REUPLOADS: usize = 1024;
+/// Files pinned again at once, at most.
+const REUPLOADS_AT_ONCE: usize = 2;
+
+impl Default for Reuploads {
+    fn default() -> Self {
+        Self {
+            last: std::sync::Mutex::default(),
+            running: tokio::sync::Semaphore::new(REUPLOADS_AT_ONCE),
+        }
+    }
+}
+
+impl Reuploads {
+    /// Whether `hash` may be pinned again now; if so, notes it.
+    fn take(&self, hash: Hash) -> bool {
+        let Ok(mut last) = self.last.lock() else { return false };
+        last.retain(|_, at| at.elapsed() < REUPLOAD_EVERY);
+        if last.contains_key(&hash) || last.len() >= MAX_REUPLOADS {
+            return false;
+        }
+        last.insert(hash, std::time::Instant::now());
+        true
+    }
+}
+
+impl Node {
+    /// Asks the members of the channel of `a` for its file again (`request-file`): sent as a
+    /// [`ChatContent::FileRequest`]. Refused if the file is here.
+    pub async fn request_file(self: &Arc<Self>, a: &Attachment) -> Result<MessageId, NodeError> {
+        if self.store()?.has(a.hash()).await.map_err(|e| file_error("storage", e.to_string()))? {
+            return Err(file_error("fetched", "the file is here already"));
+        }
+        let content = ChatContent::FileRequest { target: a.id };
+        self.send(a.channel, content.to_bytes(), true).await
+    }
+
+    /// Answers members' requests for files again: for each request (from another device) for
+    /// a file this device holds whole, in a channel relays serve, the file is pinned at this
+    /// device's relay again (and so replicated to the channel's other relays). Each file at
+    /// most once an hour; two at a time. Requests missed while the event queue overflowed are
+    /// not answered (the member asks again).
+    pub(super) async fn file_request_task(self: Arc<Self>) {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut events = self.subscribe().await;
+        loop {
+            let (channel, message) = match events.recv().await {
+                Ok(Event::Message { channel, message }) => (channel, message),
+                Ok(_) => continue,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::info!(
+                        missed = n,
+                        "events missed; file requests among them unanswered"
+                    );
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            let Some(crate::view::Content::FileRequest { target }) = &message.content else {
+                continue;
+            };
+            if message.status != "received" {
+                continue;
+            }
+            let mut id = [0u8; 32];
+            let (Ok(()), Some(target)) =
+                (hex::decode_to_slice(&channel, &mut id), crate::engine::parse_id(target))
+            else {
+                continue;
+            };
+            let channel = ChannelId(id);
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.answer_file_request(channel, target).await {
+                    tracing::info!(%channel, error = %e, "a file request not answered");
+                }
+            });
+        }
+    }
+
+    /// Pins the file of message `target` at this device's relay again, if this device holds
+    /// it whole and did not within the hour.
+    async fn answer_file_request(
+        self: &Arc<Self>,
+        channel: ChannelId,
+        target: MessageId,
+    ) -> Result<(), NodeError> {
+        let a = self.attachment(channel, target).await?;
+        let hash = a.hash();
+        let Some(blobs) = &self.blobs else { return Ok(()) };
+        if !blobs.has(hash).await.unwrap_or(false)
+            || self.with(move |e| e.is_relayless(&channel)).await
+        {
+            return Ok(());
+        }
+        if !self.reuploads.take(hash) {
+            tracing::debug!(%hash, "pinned again within the hour; the request is not answered");
+            return Ok(());
+        }
+        let _slot =
+            self.reuploads.running.acquire().await.map_err(|_| file_error("storage", "closed"))?;
+        let expires = self.pin_at_relay(channel, hash, file::sealed_len(a.file.size)).await?;
+        tracing::info!(%channel, id = %id_string(&target), expires, "file pinned again for a member");
+        Ok(())
+    }
+}
+
 /// Addresses as a frame carries them, as sockets.
 fn socket_addrs(addrs: Vec<chitchat_proto::wire::IpPort>) -> Vec<std::net::SocketAddr> {
     addrs.into_iter().map(Into::into).collect()

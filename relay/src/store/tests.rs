@@ -675,7 +675,7 @@ fn pin(user: &str, len: u64, expires: Timestamp) -> FilePin {
 }
 
 /// A user's pins stay within the quota (another user's do not count); a blob pinned already
-/// keeps its first pin; pins go when their expiry passes (the time is the caller's: a test
+/// keeps its first pin until it expires; pins go when their expiry passes (the time is the caller's: a test
 /// clock), the others stay.
 #[tokio::test]
 async fn file_pins_keep_to_the_quota_and_expire() {
@@ -690,6 +690,11 @@ async fn file_pins_keep_to_the_quota_and_expire() {
     store.write(pin_file(4, pin("alice", 40, later))).await.expect("60 + 40 fits");
     let again = store.write(pin_file(1, pin("alice", 60, Timestamp(NOW.0 + 9_999)))).await;
     assert_eq!(again.expect("repeat"), Written::Pinned(pin("alice", 60, later)), "first pin");
+    // An expired pin not swept yet is replaced when the file is pinned again (asked for
+    // again); its own length is not counted twice against the quota.
+    store.write(pin_file(5, pin("carol", 90, NOW))).await.expect("carol's");
+    let renewed = store.write(pin_file(5, pin("carol", 90, later))).await.expect("pinned again");
+    assert_eq!(renewed, Written::Pinned(pin("carol", 90, later)), "the expired pin is replaced");
 
     let gone = store.write(Write::ExpireFiles { now: NOW, max: 10 }).await.expect("expire");
     assert_eq!(gone, Written::Unpinned(vec![[3; 32]]), "only bob's had expired");

@@ -578,13 +578,20 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             Ok(Written::Convicted { new })
         }
         Write::PinFile { hash, pin, quota } => {
+            // A pin that holds stays as it is; an expired one (not swept yet) is replaced: the
+            // file was asked for again.
             if let Some(old) = t.files.get(*hash).map_err(storage)? {
                 let old: FilePin = decode_record(old.value(), "files").map_err(corrupt)?;
-                return Ok(Written::Pinned(old));
+                if old.expires > pin.pinned {
+                    return Ok(Written::Pinned(old));
+                }
             }
             let mut used: u64 = 0;
             for entry in t.files.iter().map_err(storage)? {
-                let (_, v) = entry.map_err(storage)?;
+                let (k, v) = entry.map_err(storage)?;
+                if k.value() == *hash {
+                    continue;
+                }
                 let other: FilePin = decode_record(v.value(), "files").map_err(corrupt)?;
                 if other.user == pin.user {
                     used = used.saturating_add(other.len);
