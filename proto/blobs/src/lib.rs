@@ -24,6 +24,7 @@ use iroh::endpoint::{NetReportConfig, PortmapperConfig, RelayMode, presets};
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, EndpointId, TransportAddr};
 use iroh_blobs::api::Tag;
+use iroh_blobs::protocol::ChunkRanges;
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::{BlobsProtocol, Hash};
 
@@ -63,6 +64,30 @@ pub enum BlobError {
     TooLarge(u64),
 }
 
+/// Chunks (1 KiB) in a part of a blob that travels over a link that is not iroh, at most.
+pub const PART_CHUNKS: u64 = 512;
+/// Parts start at a multiple of this many chunks (iroh-blobs' 16 KiB groups).
+pub const GROUP_CHUNKS: u64 = 16;
+/// An encoded part's length, at most: its data, the tree's nodes that prove it (at most two
+/// per level for each group in it) and its length.
+pub const MAX_PART_LEN: usize = (PART_CHUNKS as usize) * 1024 + 64 * 1024;
+
+/// The chunk ranges of a part, checked.
+fn part_ranges(first: u64, chunks: u64) -> Result<ChunkRanges, BlobError> {
+    if first % GROUP_CHUNKS != 0 || chunks == 0 || chunks > PART_CHUNKS {
+        return Err(BlobError::Fetch(
+            "a part".into(),
+            format!(
+                "a part starts at a multiple of {GROUP_CHUNKS} chunks and has 1 to {PART_CHUNKS}"
+            ),
+        ));
+    }
+    let end = first
+        .checked_add(chunks)
+        .ok_or_else(|| BlobError::Fetch("a part".into(), "past any blob".into()))?;
+    Ok(ChunkRanges::from(bao_tree::ChunkNum(first)..bao_tree::ChunkNum(end)))
+}
+
 /// Parses the addresses an endpoint binds (`IP:PORT`, 1 to 8 of them), as a config gives them.
 pub fn parse_bind(addrs: &[String]) -> Result<Vec<SocketAddr>, String> {
     if addrs.is_empty() || addrs.len() > 8 {
@@ -92,13 +117,16 @@ pub fn endpoint_id(key: &chitchat_proto::PublicKey) -> Option<EndpointId> {
     EndpointId::from_bytes(&key.0).ok()
 }
 
-/// One endpoint and its blob store, serving what the store holds to whoever asks by hash.
-/// A clone is another handle on the same endpoint and store.
+/// One endpoint and its blob store, serving what the store holds to whoever asks by hash (or
+/// a store alone, with no endpoint: [`Blobs::open_store`]). A clone is another handle on the
+/// same endpoint and store.
 #[derive(Clone, Debug)]
 pub struct Blobs {
-    endpoint: Endpoint,
+    /// The endpoint and what serves on it; none for a store opened alone.
+    net: Option<(Endpoint, Router)>,
+    /// The endpoint id (the key's), endpoint or not.
+    id: EndpointId,
     store: FsStore,
-    router: Router,
 }
 
 impl Blobs {
@@ -171,6 +199,34 @@ impl Blobs {
         Self::open_with(dir, key, bind, Some(events)).await
     }
 
+    /// Opens the store in `dir` with no endpoint at all: for a device that must not speak UDP
+    /// (a relay-only node), whose blobs travel as parts over its link to its relay
+    /// ([`Blobs::export_part`], [`Blobs::import_part`]). Fetches and pushes over iroh fail with
+    /// [`BlobError::Bind`].
+    pub async fn open_store(dir: &Path, key: &SecretKey) -> Result<Self, BlobError> {
+        let store = Self::load_store(dir).await?;
+        let id = EndpointId::from_bytes(&key.public().0)
+            .map_err(|e| BlobError::Bind(format!("the key is no endpoint id: {e}")))?;
+        Ok(Self { net: None, id, store })
+    }
+
+    async fn load_store(dir: &Path) -> Result<FsStore, BlobError> {
+        let mut options = iroh_blobs::store::fs::options::Options::new(dir);
+        options.gc =
+            Some(iroh_blobs::store::GcConfig { interval: GC_INTERVAL, add_protected: None });
+        FsStore::load_with_opts(dir.join("blobs.db"), options)
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// The endpoint, or why there is none.
+    fn endpoint(&self) -> Result<&Endpoint, BlobError> {
+        match &self.net {
+            Some((endpoint, _)) => Ok(endpoint),
+            None => Err(BlobError::Bind("this store has no endpoint (relay-only)".into())),
+        }
+    }
+
     async fn open_with(
         dir: &Path,
         key: &SecretKey,
@@ -189,30 +245,34 @@ impl Blobs {
             builder = builder.bind_addr(*addr).map_err(|e| BlobError::Bind(e.to_string()))?;
         }
         let endpoint = builder.bind().await.map_err(|e| BlobError::Bind(e.to_string()))?;
-        let mut options = iroh_blobs::store::fs::options::Options::new(dir);
-        options.gc =
-            Some(iroh_blobs::store::GcConfig { interval: GC_INTERVAL, add_protected: None });
-        let store = FsStore::load_with_opts(dir.join("blobs.db"), options)
-            .await
-            .map_err(|e| BlobError::Store(e.to_string()))?;
+        let store = Self::load_store(dir).await?;
         let router = Router::builder(endpoint.clone())
             .accept(BLOBS_ALPN, BlobsProtocol::new(&store, events))
             .spawn();
-        Ok(Self { endpoint, store, router })
+        Ok(Self { id: endpoint.id(), net: Some((endpoint, router)), store })
     }
 
     /// This endpoint as a provider: its id and the addresses others can reach it at (the
     /// local interfaces' addresses when it is bound to every interface), at most 16.
+    /// No addresses for a store with no endpoint.
     pub fn provider(&self) -> Provider {
-        let mut addrs: Vec<SocketAddr> = self.endpoint.addr().ip_addrs().copied().collect();
-        for bound in self.endpoint.bound_sockets() {
+        let Some((endpoint, _)) = &self.net else {
+            return Provider { id: self.id, addrs: Vec::new() };
+        };
+        let mut addrs: Vec<SocketAddr> = endpoint.addr().ip_addrs().copied().collect();
+        for bound in endpoint.bound_sockets() {
             if !bound.ip().is_unspecified() && !addrs.contains(&bound) {
                 addrs.push(bound);
             }
         }
         addrs.retain(|a| !a.ip().is_unspecified() && a.port() != 0);
         addrs.truncate(16);
-        Provider { id: self.endpoint.id(), addrs }
+        Provider { id: self.id, addrs }
+    }
+
+    /// Whether this store has an endpoint (it fetches and pushes over iroh).
+    pub fn has_endpoint(&self) -> bool {
+        self.net.is_some()
     }
 
     /// The store (for reading a blob: `store().reader(hash)` is `AsyncRead + AsyncSeek`).
@@ -280,7 +340,7 @@ impl Blobs {
     pub async fn push(&self, to: &Provider, hash: Hash) -> Result<(), BlobError> {
         let who = to.id.fmt_short().to_string();
         let conn = self
-            .endpoint
+            .endpoint()?
             .connect(to.endpoint_addr(), BLOBS_ALPN)
             .await
             .map_err(|e| BlobError::Connect(who.clone(), e.to_string()))?;
@@ -467,7 +527,7 @@ impl Blobs {
         // Named first: what comes in is kept for a later fetch to go on from.
         self.tag(hash).await?;
         let conn = self
-            .endpoint
+            .endpoint()?
             .connect(provider.endpoint_addr(), BLOBS_ALPN)
             .await
             .map_err(|e| BlobError::Connect(who.clone(), e.to_string()))?;
@@ -531,9 +591,80 @@ impl Blobs {
         Err(BlobError::NoProvider(providers.len()))
     }
 
+    /// Part of a blob, bao-encoded (its length, then the tree's nodes that prove the part, then
+    /// its data: what iroh-blobs sends for a range), for a link that is not iroh: chunks
+    /// (1 KiB) `first .. first + chunks` of it, cut at its end. `first` must be a multiple of
+    /// [`GROUP_CHUNKS`] and `chunks` at most [`PART_CHUNKS`]. Fails unless this store has the
+    /// whole blob.
+    pub async fn export_part(
+        &self,
+        hash: Hash,
+        first: u64,
+        chunks: u64,
+    ) -> Result<Vec<u8>, BlobError> {
+        let ranges = part_ranges(first, chunks)?;
+        if !self.complete(hash).await? {
+            return Err(BlobError::Fetch("this store".into(), "the blob is not here whole".into()));
+        }
+        self.store
+            .export_bao(hash, ranges)
+            .bao_to_vec()
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// Verifies a part of the blob `hash` (as [`Blobs::export_part`] makes it: the same
+    /// `first` and `chunks`) against the hash, and keeps it, tagged (what came stays for the
+    /// rest). A part that is not of that blob, or of another length than `len`, keeps nothing.
+    pub async fn import_part(
+        &self,
+        hash: Hash,
+        len: u64,
+        first: u64,
+        chunks: u64,
+        part: Vec<u8>,
+    ) -> Result<(), BlobError> {
+        let ranges = part_ranges(first, chunks)?;
+        if part.len() > MAX_PART_LEN {
+            return Err(BlobError::Fetch("a part".into(), "over the part limit".into()));
+        }
+        // The length is the first thing in it (and the hash proves it).
+        let said = part.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        if said != Some(len) {
+            return Err(BlobError::Fetch("a part".into(), format!("not of a blob of {len} bytes")));
+        }
+        self.tag(hash).await?;
+        self.store
+            .import_bao_bytes(hash, ranges, part)
+            .await
+            .map_err(|e| BlobError::Fetch("a part".into(), format!("does not verify: {e}")))
+    }
+
+    /// The first chunk of the blob `hash` not here (a multiple of [`GROUP_CHUNKS`]), or `None`
+    /// if it is here whole; `len` is its length.
+    pub async fn next_missing(&self, hash: Hash, len: u64) -> Result<Option<u64>, BlobError> {
+        let here =
+            self.store.blobs().observe(hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        let end = bao_tree::ChunkNum::chunks(len).0;
+        let have = &here.ranges;
+        let mut at = 0;
+        while at < end {
+            let group = ChunkRanges::from(
+                bao_tree::ChunkNum(at)..bao_tree::ChunkNum((at + GROUP_CHUNKS).min(end)),
+            );
+            if !have.is_superset(&group) {
+                return Ok(Some(at));
+            }
+            at += GROUP_CHUNKS;
+        }
+        Ok(None)
+    }
+
     /// Stops serving, closes the endpoint, and closes the store (its database committed).
     pub async fn shutdown(&self) {
-        if let Err(e) = self.router.shutdown().await {
+        if let Some((_, router)) = &self.net
+            && let Err(e) = router.shutdown().await
+        {
             tracing::debug!(error = %e, "blob router shutdown");
         }
         if let Err(e) = self.store.shutdown().await {

@@ -309,3 +309,68 @@ async fn the_cache_drops_the_least_recently_used_first() {
     assert!(store.has(own).await.expect("has"), "what this device sent stays");
     store.shutdown().await;
 }
+
+/// A blob travels as parts over a link that is not iroh (a relay-only node's link to its
+/// relay): into a store with no endpoint, part by part, from where it stopped. A part of
+/// another blob, a part with a flipped byte, one that says another length, and one that does not
+/// start on a group are refused, and keep nothing; the blob that came out is the one sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_travels_in_parts_into_a_store_with_no_endpoint() {
+    use chitchat_blobs::{GROUP_CHUNKS, PART_CHUNKS};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let relay = endpoint(tmp.path(), 1).await;
+    let node = Blobs::open_store(&tmp.path().join("store-2"), &SecretKey::from_seed([2; 32]))
+        .await
+        .expect("store alone");
+    assert!(!node.has_endpoint() && node.provider().addrs.is_empty());
+    let key = FileKey::from_bytes([5; 32]);
+    let plain = data(1_500_000, 3);
+    let hash = relay.add_path(&sealed_file(tmp.path(), &key, &plain)).await.expect("add");
+    let len = sealed_len(plain.len() as u64);
+    let other =
+        relay.add_path(&sealed_file(tmp.path(), &key, &data(900_000, 4))).await.expect("add");
+    let other_len = sealed_len(900_000);
+    // The endpoint-less store cannot fetch over iroh.
+    let e = node.fetch(&relay.provider(), hash).await.expect_err("no endpoint");
+    assert!(matches!(e, BlobError::Bind(_)), "{e}");
+
+    assert_eq!(node.next_missing(hash, len).await.expect("missing"), Some(0));
+    // The first part comes.
+    let part = relay.export_part(hash, 0, PART_CHUNKS).await.expect("export");
+    assert!(part.len() <= chitchat_blobs::MAX_PART_LEN, "{}", part.len());
+    node.import_part(hash, len, 0, PART_CHUNKS, part.clone()).await.expect("import");
+    assert_eq!(node.next_missing(hash, len).await.expect("missing"), Some(PART_CHUNKS));
+
+    // What is refused keeps nothing.
+    let next = PART_CHUNKS;
+    let foreign = relay.export_part(other, 0, PART_CHUNKS).await.expect("export other");
+    let e = node.import_part(hash, other_len, next, PART_CHUNKS, foreign.clone()).await;
+    assert!(e.is_err(), "a part of another blob");
+    let e = node.import_part(hash, len, next, PART_CHUNKS, foreign).await;
+    assert!(e.is_err(), "another blob's part, said to be this one's length");
+    let mut flipped = relay.export_part(hash, next, PART_CHUNKS).await.expect("export");
+    let at = flipped.len() - 100;
+    flipped[at] ^= 1;
+    assert!(node.import_part(hash, len, next, PART_CHUNKS, flipped).await.is_err(), "flipped");
+    let part = relay.export_part(hash, next, PART_CHUNKS).await.expect("export");
+    assert!(node.import_part(hash, len, next + 1, PART_CHUNKS, part.clone()).await.is_err());
+    assert!(relay.export_part(hash, 3, 16).await.is_err(), "not on a group");
+    assert!(relay.export_part(hash, 0, PART_CHUNKS + 1).await.is_err(), "over the part limit");
+    let missing = node.next_missing(hash, len).await.expect("missing");
+    assert!(missing.is_some_and(|m| m >= PART_CHUNKS && m % GROUP_CHUNKS == 0), "{missing:?}");
+    // (The flipped part may have kept its groups before the flip: they were verified.)
+
+    // The rest, from where it stopped.
+    while let Some(first) = node.next_missing(hash, len).await.expect("missing") {
+        let part = relay.export_part(hash, first, PART_CHUNKS).await.expect("export");
+        node.import_part(hash, len, first, PART_CHUNKS, part).await.expect("import");
+    }
+    assert!(node.has(hash).await.expect("has"), "whole, and kept");
+    assert_eq!(read_blob(&node, hash).await, read_blob(&relay, hash).await);
+    let mut opened = Vec::new();
+    open_to(&key, plain.len() as u64, &read_blob(&node, hash).await[..], &mut opened)
+        .expect("opens");
+    assert!(opened == plain);
+    // A store that lacks the blob exports none of it.
+    assert!(node.export_part(other, 0, 16).await.is_err());
+}
