@@ -284,19 +284,17 @@ async fn daemon(dir: NodeDir, relay_only: bool) -> anyhow::Result<()> {
     };
     let engine = Engine::open(store)?;
     let device = engine.device();
-    // A relay-only node opens no blob endpoint: iroh speaks UDP, and such a node uses TCP to
-    // its relay alone.
+    // A relay-only node opens its blob store with no endpoint: iroh speaks UDP, and such a
+    // node uses TCP to its relay alone, over which its files travel in parts.
+    let blob_dir = dir.root().join("blobs");
     let blobs = if config.network.relay_only {
-        None
+        chitchat_blobs::Blobs::open_store(&blob_dir, engine.key()).await
     } else {
-        let blob_dir = dir.root().join("blobs");
         let bind = config.files.bind_addrs()?;
-        Some(
-            chitchat_blobs::Blobs::open(&blob_dir, engine.key(), &bind)
-                .await
-                .with_context(|| format!("open the blob store in {}", blob_dir.display()))?,
-        )
+        chitchat_blobs::Blobs::open(&blob_dir, engine.key(), &bind).await
     };
+    let blobs =
+        Some(blobs.with_context(|| format!("open the blob store in {}", blob_dir.display()))?);
     let node = Node::start(engine, config.clone(), blobs).await?;
     let state = Arc::new(api::ApiState { node: node.clone(), token });
     let app = api::router(state);

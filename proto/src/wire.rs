@@ -270,6 +270,48 @@ pub enum Request {
     },
     /// Where this relay's blob endpoint listens (to fetch the files it pins).
     BlobEndpoint,
+    /// Part of a blob pinned here, over this link rather than iroh (for a relay-only device:
+    /// iroh needs UDP). Answered [`Response::BlobPart`] with chunks (1 KiB) `first .. first +
+    /// chunks` of it, bao-encoded, which the device verifies against the hash.
+    BlobPart {
+        /// The blob's BLAKE3 hash.
+        hash: [u8; 32],
+        /// The first chunk: a multiple of [`PART_GROUP_CHUNKS`].
+        first: u64,
+        /// How many: 1 to [`MAX_PART_CHUNKS`].
+        chunks: u32,
+    },
+    /// Part of a blob this relay asked this device to push ([`Response::FileWanted`]), over
+    /// this link rather than iroh, bao-encoded as in [`Response::BlobPart`]; the relay verifies
+    /// it against the hash. Answered [`Response::PartTaken`].
+    PushPart {
+        /// The blob's BLAKE3 hash.
+        hash: [u8; 32],
+        /// The blob's length (what `PinFile` announced).
+        len: u64,
+        /// The first chunk: a multiple of [`PART_GROUP_CHUNKS`].
+        first: u64,
+        /// How many: 1 to [`MAX_PART_CHUNKS`].
+        chunks: u32,
+        /// The part, at most [`MAX_PART_LEN`] bytes.
+        part: Bytes,
+    },
+}
+
+/// Chunks (1 KiB) in one [`Request::BlobPart`] or [`Request::PushPart`], at most.
+pub const MAX_PART_CHUNKS: u32 = 512;
+/// Parts start at a multiple of this many chunks (iroh-blobs' 16 KiB groups).
+pub const PART_GROUP_CHUNKS: u64 = 16;
+/// An encoded part's length, at most: its data, the tree's nodes that prove it, and the blob's
+/// length.
+pub const MAX_PART_LEN: usize = MAX_PART_CHUNKS as usize * 1024 + 64 * 1024;
+
+/// A part's place is within the limits.
+fn part_fits(first: u64, chunks: u32) -> Result<(), &'static str> {
+    if !first.is_multiple_of(PART_GROUP_CHUNKS) || chunks == 0 || chunks > MAX_PART_CHUNKS {
+        return Err("a part starts on a group and has 1 to 512 chunks");
+    }
+    Ok(())
 }
 
 /// The most entries of a channel's history in one [`Response::History`].
@@ -668,6 +710,15 @@ pub enum Response {
         /// At most [`MAX_BLOB_ADDRS`] addresses.
         addrs: Vec<IpPort>,
     },
+    /// The part of a blob asked for: the blob's length (8 bytes, little-endian), then the
+    /// tree's nodes that prove the part, then its data (BLAKE3 verified streaming, as
+    /// iroh-blobs sends a range); at most [`MAX_PART_LEN`] bytes.
+    BlobPart {
+        /// The encoded part.
+        part: Bytes,
+    },
+    /// The pushed part verified and kept.
+    PartTaken,
 }
 
 /// An IP address and a port, as frames carry them: a [`std::net::SocketAddr`] without an IPv6
@@ -833,6 +884,14 @@ impl Validate for Request {
                 state_fits(state)?;
                 moved.validate()
             }
+            Self::BlobPart { first, chunks, .. } => part_fits(*first, *chunks),
+            Self::PushPart { first, chunks, part, .. } => {
+                part_fits(*first, *chunks)?;
+                if part.len() > MAX_PART_LEN {
+                    return Err("part too long");
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -893,6 +952,7 @@ impl Validate for Response {
             {
                 Err("too many history entries")
             }
+            Self::BlobPart { part } if part.len() > MAX_PART_LEN => Err("part too long"),
             _ => Ok(()),
         }
     }

@@ -149,6 +149,53 @@ fn files_at_a_relay() {
     assert!(wire::decode_frame::<Response>(&frame).is_err(), "at most 16 addresses");
 }
 
+/// Blobs in parts over the relay link (relay-only devices): the requests and answers, and the
+/// limits a decoder enforces.
+#[test]
+fn blob_parts_over_the_link() {
+    use chitchat_proto::codec::Bytes;
+    let ask = Request::BlobPart { hash: [6; 32], first: 512, chunks: 512 };
+    let push = Request::PushPart {
+        hash: [6; 32],
+        len: 1_000_016,
+        first: 0,
+        chunks: 16,
+        part: Bytes(vec![7; 40]),
+    };
+    for (name, request) in [("request_blob_part", ask), ("request_push_part", push)] {
+        let frame = wire::encode_frame(&request).expect("frame");
+        insta::assert_snapshot!(name, hex(&frame));
+        assert_eq!(wire::decode_frame::<Request>(&frame).expect("decode"), request);
+    }
+    for (name, response) in [
+        ("response_blob_part", Response::BlobPart { part: Bytes(vec![1, 2, 3]) }),
+        ("response_part_taken", Response::PartTaken),
+    ] {
+        let frame = wire::encode_frame(&response).expect("frame");
+        insta::assert_snapshot!(name, hex(&frame));
+        assert_eq!(wire::decode_frame::<Response>(&frame).expect("decode"), response);
+    }
+    let refused = [
+        Request::BlobPart { hash: [6; 32], first: 8, chunks: 16 },
+        Request::BlobPart { hash: [6; 32], first: 0, chunks: 0 },
+        Request::BlobPart { hash: [6; 32], first: 0, chunks: wire::MAX_PART_CHUNKS + 1 },
+        Request::PushPart {
+            hash: [6; 32],
+            len: 1,
+            first: 0,
+            chunks: 1,
+            part: Bytes(vec![0; wire::MAX_PART_LEN + 1]),
+        },
+    ];
+    for request in refused {
+        let frame = wire::encode_frame(&request).expect("frame");
+        assert!(wire::decode_frame::<Request>(&frame).is_err(), "{request:?}");
+    }
+    let long = Response::BlobPart { part: Bytes(vec![0; wire::MAX_PART_LEN + 1]) };
+    let frame = wire::encode_frame(&long).expect("frame");
+    assert!(wire::decode_frame::<Response>(&frame).is_err(), "a part over the limit");
+}
+
 /// A relay asks another relay of the channel to replicate a blob it pinned.
 #[test]
 fn files_between_relays() {

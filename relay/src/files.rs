@@ -40,6 +40,11 @@ const REPLICATION_FETCHES: usize = 2;
 const MAX_NOTICES: usize = 1024;
 /// Attempts of one notice, backing off (jittered, at most 30 s) between them.
 const NOTICE_ATTEMPTS: u32 = 12;
+/// Parts of blobs read or written for devices' links at once (about 600 KiB each), at most;
+/// past it a device is told to retry.
+pub const PARTS_AT_ONCE: usize = 16;
+/// Parts one device has read or written at once, at most.
+pub const PARTS_PER_DEVICE: usize = 4;
 
 /// The relay's blob store, the pushes it waits for, and its replications.
 #[derive(Debug)]
@@ -54,6 +59,30 @@ pub struct RelayFiles {
     fetches: Semaphore,
     /// Room for notices to other relays.
     notices: Arc<Semaphore>,
+    /// Room for parts over devices' links, and each device's parts in progress.
+    parts: Semaphore,
+    parts_by: Mutex<HashMap<DeviceId, usize>>,
+}
+
+/// A turn to read or write one part for a device's link: its room is given back on drop.
+#[derive(Debug)]
+pub struct PartTurn<'a> {
+    files: &'a RelayFiles,
+    device: DeviceId,
+    _room: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Drop for PartTurn<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut by) = self.files.parts_by.lock()
+            && let Some(n) = by.get_mut(&self.device)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by.remove(&self.device);
+            }
+        }
+    }
 }
 
 /// A blob another relay of its channel pinned, to fetch from it and pin here.
@@ -104,6 +133,8 @@ impl RelayFiles {
             replicating: Mutex::default(),
             fetches: Semaphore::new(REPLICATION_FETCHES),
             notices: Arc::new(Semaphore::new(MAX_NOTICES)),
+            parts: Semaphore::new(PARTS_AT_ONCE),
+            parts_by: Mutex::default(),
         })
     }
 
@@ -141,6 +172,25 @@ impl RelayFiles {
         if let Ok(mut wanted) = self.wanted.lock() {
             wanted.remove(&(device, hash));
         }
+    }
+
+    /// A turn to read or write a part for `device`, unless too many are in progress (here, or
+    /// for that device).
+    pub fn part_turn(&self, device: DeviceId) -> Option<PartTurn<'_>> {
+        let room = self.parts.try_acquire().ok()?;
+        let mut by = self.parts_by.lock().ok()?;
+        let mine = by.entry(device).or_default();
+        if *mine >= PARTS_PER_DEVICE {
+            return None;
+        }
+        *mine += 1;
+        Some(PartTurn { files: self, device, _room: room })
+    }
+
+    /// Whether `device` may push `hash` now (it asked to pin it, within the hour).
+    pub fn may_push(&self, device: DeviceId, hash: Hash) -> bool {
+        let now = Instant::now();
+        self.wanted.lock().is_ok_and(|w| w.get(&(device, hash)).is_some_and(|until| *until > now))
     }
 
     /// Whether any device may still push `hash`.

@@ -337,6 +337,8 @@ fn kind(r: &Request) -> &'static str {
         Request::OpenMoved { .. } => "open_moved",
         Request::PinFile { .. } => "pin_file",
         Request::BlobEndpoint => "blob_endpoint",
+        Request::BlobPart { .. } => "blob_part",
+        Request::PushPart { .. } => "push_part",
     }
 }
 
@@ -548,6 +550,12 @@ impl Relay {
                 Some(f) => Response::BlobEndpoint { addrs: blob_addrs(f) },
                 None => error(ErrorCode::NotFound, "this relay keeps no files"),
             },
+            Request::BlobPart { hash, first, chunks } => {
+                self.blob_part(me, Hash::from_bytes(hash), first, chunks, now).await
+            }
+            Request::PushPart { hash, len, first, chunks, part } => {
+                self.push_part(me, Hash::from_bytes(hash), len, first, chunks, part.0).await
+            }
             Request::Register { token, local_name, dir } => {
                 self.register(me, token, local_name, dir, now).await
             }
@@ -1265,6 +1273,62 @@ impl Relay {
                 error(code, message)
             }
             Err(e) => unavailable(e),
+        }
+    }
+
+    /// Part of a blob pinned here (and not expired), for a device that reaches this relay over
+    /// its link only: what the blob endpoint would serve it over iroh.
+    async fn blob_part(
+        &self,
+        me: DeviceId,
+        hash: Hash,
+        first: u64,
+        chunks: u32,
+        now: Timestamp,
+    ) -> Response {
+        let Some(files) = &self.files else {
+            return error(ErrorCode::NotFound, "this relay keeps no files");
+        };
+        match self.store.file_pin(hash.as_bytes()) {
+            Ok(Some(pin)) if pin.expires > now => {}
+            Ok(_) => return error(ErrorCode::NotFound, "no such file here (or it expired)"),
+            Err(e) => return unavailable(e),
+        }
+        let Some(_turn) = files.part_turn(me) else {
+            return error(ErrorCode::RateLimited { retry_after_ms: 100 }, "too many parts at once");
+        };
+        match files.blobs().export_part(hash, first, u64::from(chunks)).await {
+            Ok(part) => Response::BlobPart { part: chitchat_proto::codec::Bytes(part) },
+            Err(e) => unavailable(e),
+        }
+    }
+
+    /// Part of a blob this relay asked `me` to push (`FileWanted`), over its link rather than
+    /// iroh: verified against the hash and kept; `PinFile` pins it once it is whole.
+    async fn push_part(
+        &self,
+        me: DeviceId,
+        hash: Hash,
+        len: u64,
+        first: u64,
+        chunks: u32,
+        part: Vec<u8>,
+    ) -> Response {
+        let Some(files) = &self.files else {
+            return error(ErrorCode::NotFound, "this relay keeps no files");
+        };
+        if !files.may_push(me, hash) {
+            return error(ErrorCode::Forbidden, "push only a file this relay asked for (PinFile)");
+        }
+        if let Err((code, message)) = self.check_file_size(len) {
+            return error(code, message);
+        }
+        let Some(_turn) = files.part_turn(me) else {
+            return error(ErrorCode::RateLimited { retry_after_ms: 100 }, "too many parts at once");
+        };
+        match files.blobs().import_part(hash, len, first, u64::from(chunks), part).await {
+            Ok(()) => Response::PartTaken,
+            Err(e) => error(ErrorCode::BadRequest, format!("the part was refused: {e}")),
         }
     }
 

@@ -253,6 +253,34 @@ impl NodeProcess {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Waits for the history entry of `channel` that carries a file named `name`; returns it.
+    pub async fn wait_file(
+        &self,
+        channel: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.json("GET", &format!("/v1/channels/{channel}/history"), None).await;
+            let found = v.as_ref().ok().and_then(|v| {
+                v["history"]["messages"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|m| m["attachment"]["name"] == name)
+                    .cloned()
+            });
+            if let Some(m) = found {
+                return Ok(m);
+            }
+            if Instant::now() > deadline {
+                bail!("no file {name} in {v:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for NodeProcess {

@@ -49,23 +49,7 @@ async fn peer_addr(node: &NodeProcess) -> String {
 
 /// Waits for the history entry that carries a file named `name`; returns it.
 async fn wait_file(node: &NodeProcess, channel: &str, name: &str) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = node.json("GET", &format!("/v1/channels/{channel}/history"), None).await;
-        let found = v.as_ref().ok().and_then(|v| {
-            v["history"]["messages"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|m| m["attachment"]["name"] == name)
-                .cloned()
-        });
-        if let Some(m) = found {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "no file {name} in {v:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.wait_file(channel, name, WAIT).await.expect("the file's message")
 }
 
 /// Asks `node` to fetch the file of `message` until it works (within `within`); its answer.

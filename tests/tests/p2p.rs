@@ -510,8 +510,8 @@ fn sockets(pid: u32) -> Vec<Socket> {
 
 /// A relay-only node (`--relay-only`) talks to its relay and to no one else: it listens on no
 /// peer address, registers nowhere, refuses to dial, and its only sockets are the local API's
-/// and its connections to the relay's TCP port (no UDP at all) — while messages flow both ways
-/// with a member who is not relay-only.
+/// and its connections to the relay's TCP port (no UDP at all) — while messages and files flow
+/// both ways with a member who is not relay-only (its files in parts over its relay link).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_only_node_talks_to_its_relay_alone() {
     let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
@@ -526,6 +526,62 @@ async fn a_relay_only_node_talks_to_its_relay_alone() {
     bob.wait_texts(&id, WAIT, |t| t.len() == 1).await.expect("bob reads alice");
     send(&bob, &id, "heard you").await;
     alice.wait_texts(&id, WAIT, |t| t.len() == 2).await.expect("alice reads bob");
+
+    // Files both ways, through the relay, over Alice's TCP link alone (her sockets are checked
+    // below): hers pushed to the relay in parts, Bob's fetched from it in parts.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let bytes = |len: u32, k: u32| -> Vec<u8> {
+        (0..len).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(k) >> 24) as u8).collect()
+    };
+    let (hers, his) = (bytes(3_000_000, 1), bytes(2_100_000, 2));
+    let (her_path, his_path) = (tmp.path().join("wall.bin"), tmp.path().join("reply.bin"));
+    std::fs::write(&her_path, &hers).expect("write");
+    std::fs::write(&his_path, &his).expect("write");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
+    alice.cli(&["send-file", "general", &path(&her_path)]).expect("a relay-only node sends");
+    assert_eq!(relay.metric("chitchat_relay_files_pinned_total"), 1.0, "pinned before it went");
+    let entry = bob.wait_file(&id, "wall.bin", WAIT).await.expect("bob sees the file");
+    let out = path(&tmp.path().join("wall.out"));
+    bob.cli(&["fetch", entry["id"].as_str().expect("id"), "--out", &out]).expect("bob fetches");
+    assert!(std::fs::read(&out).expect("read") == hers, "bob got alice's file");
+    bob.cli(&["send-file", "general", &path(&his_path)]).expect("bob sends");
+    let entry = alice.wait_file(&id, "reply.bin", WAIT).await.expect("alice sees the file");
+    let out = path(&tmp.path().join("reply.out"));
+    alice.cli(&["fetch", entry["id"].as_str().expect("id"), "--out", &out]).expect("she fetches");
+    assert!(std::fs::read(&out).expect("read") == his, "alice got bob's file");
+
+    // What the link carries for another registered device: a part of a pinned blob (its hash
+    // is the capability, as over iroh), no part of a blob not pinned there, no push the relay
+    // did not ask that device for, and no part off a group or over the limit.
+    use chitchat_proto::wire::{ErrorCode, Request, Response};
+    let mallory =
+        chitchat_tests::register(&relay, &chitchat_tests::Device::new(66), "mallory").await;
+    let hash: [u8; 32] = hex::decode(entry["attachment"]["hash"].as_str().expect("hash"))
+        .expect("hex")
+        .try_into()
+        .expect("32 bytes");
+    let ask = |hash, first, chunks| Request::BlobPart { hash, first, chunks };
+    let part = mallory.call(&ask(hash, 0, 512)).await.expect("call");
+    assert!(matches!(&part, Response::BlobPart { part } if part.0.len() > 512 * 1024), "a part");
+    let code = |r: Response| match r {
+        Response::Error { code, .. } => code,
+        other => panic!("not refused: {other:?}"),
+    };
+    let r = mallory.call(&ask([9; 32], 0, 512)).await.expect("call");
+    assert_eq!(code(r), ErrorCode::NotFound, "not pinned here");
+    let push = Request::PushPart {
+        hash: [9; 32],
+        len: 5000,
+        first: 0,
+        chunks: 16,
+        part: chitchat_proto::codec::Bytes(vec![0; 5008]),
+    };
+    assert_eq!(code(mallory.call(&push).await.expect("call")), ErrorCode::Forbidden, "unasked");
+    for bad in [ask(hash, 8, 16), ask(hash, 0, 513)] {
+        let refused = mallory.call(&bad).await;
+        assert!(refused.is_err() || matches!(refused, Ok(Response::Error { .. })), "{refused:?}");
+    }
+
     // Time for discovery rounds (every 5 s) to have found anyone there was to find.
     tokio::time::sleep(Duration::from_secs(6)).await;
 

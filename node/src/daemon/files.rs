@@ -21,7 +21,7 @@ use chitchat_proto::codec::Canonical as _;
 use chitchat_proto::file::{self, FileKey, Opener, SEALED_CHUNK_LEN};
 use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::peer::{PeerRequest, PeerResponse};
-use chitchat_proto::wire::{ErrorCode, Request, Response};
+use chitchat_proto::wire::{ErrorCode, MAX_PART_CHUNKS, Request, Response};
 use futures::{Stream, StreamExt as _};
 use iroh_blobs::Hash;
 use tokio::io::AsyncReadExt as _;
@@ -29,6 +29,7 @@ use tokio::io::AsyncReadExt as _;
 use super::lan::peer_of;
 use super::{Node, NodeError};
 use crate::engine::{EngineError, Event, id_string};
+use crate::link::RelayLink;
 
 /// Sealed chunks in flight between the sealing thread and the blob store, at most.
 const SEALED_QUEUE: usize = 8;
@@ -262,9 +263,21 @@ impl Node {
                 Response::FilePinned { expires_ms } => return Ok(expires_ms),
                 Response::FileWanted { addrs } if pushes < 2 => {
                     pushes += 1;
-                    let to = Provider { id: relay, addrs: socket_addrs(addrs) };
-                    if let Err(e) = self.store()?.push(&to, hash).await {
-                        tracing::info!(%hash, error = %e, "push to the relay failed");
+                    let store = self.store()?;
+                    // Over iroh, else (a relay-only device, or iroh does not get through) in
+                    // parts over the link.
+                    let mut pushed = Err(file_error("unavailable", "no endpoint"));
+                    if store.has_endpoint() {
+                        let to = Provider { id: relay, addrs: socket_addrs(addrs) };
+                        pushed = store.push(&to, hash).await.map_err(|e| {
+                            tracing::info!(%hash, error = %e, "push to the relay failed; over the link then");
+                            file_error("unavailable", e.to_string())
+                        });
+                    }
+                    if pushed.is_err()
+                        && let Err(e) = self.push_over_link(hash, len).await
+                    {
+                        tracing::info!(%hash, error = %e, "push over the relay link failed");
                     }
                 }
                 Response::FileWanted { .. } => {
@@ -391,15 +404,28 @@ impl Node {
         let store = self.store()?;
         let mut tried = 0;
         let mut fetched = Err(BlobError::NoProvider(0));
-        if let Some(relay) = self.relay_provider(a.channel).await {
+        if store.has_endpoint()
+            && let Some(relay) = self.relay_provider(a.channel).await
+        {
             tried += 1;
-            fetched = store.fetch_any(&[relay], hash, total, &mut progress).await;
+            fetched = store.fetch_any(&[relay], hash, total, &mut progress).await.map(|_| ());
+        }
+        // The relay again, over the link in parts: a relay-only device's only way, and any
+        // device's where iroh does not get through to the relay.
+        let channel = a.channel;
+        if matches!(fetched, Err(BlobError::NoProvider(_)))
+            && !self.with(move |e| e.is_relayless(&channel)).await
+            && self.link().is_ok()
+        {
+            tried += 1;
+            fetched = self.fetch_over_link(hash, total, &mut progress).await;
         }
         if matches!(fetched, Err(BlobError::NoProvider(_)))
+            && store.has_endpoint()
             && let Some(sender) = self.sender_provider(&a.id.sender).await
         {
             tried += 1;
-            fetched = store.fetch_any(&[sender], hash, total, &mut progress).await;
+            fetched = store.fetch_any(&[sender], hash, total, &mut progress).await.map(|_| ());
         }
         if let Err(e) = fetched {
             self.announce_file(a, 0, "failed");
@@ -422,6 +448,77 @@ impl Node {
         self.cache_fetched(hash).await;
         self.announce_file(a, total, "fetched");
         Ok(true)
+    }
+
+    /// Fetches a blob from this device's relay over the link, in parts (a few asked at once),
+    /// from where it stopped; each part is verified against the hash before it is kept. A
+    /// relay that does not have it is [`BlobError::NoProvider`].
+    async fn fetch_over_link(
+        &self,
+        hash: Hash,
+        len: u64,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<(), BlobError> {
+        use futures::stream::FuturesOrdered;
+        let link =
+            self.link().map_err(|e| BlobError::Connect("relay link".into(), e.to_string()))?;
+        let store = self.store().map_err(|e| BlobError::Store(e.to_string()))?;
+        let end = len.div_ceil(1024);
+        let Some(mut next) = store.next_missing(hash, len).await? else {
+            return Ok(());
+        };
+        progress(next.saturating_mul(1024).min(len));
+        let mut asked = FuturesOrdered::new();
+        loop {
+            while asked.len() < PARTS_IN_FLIGHT && next < end {
+                let (link, first) = (link.clone(), next);
+                next = next.saturating_add(PART_CHUNKS);
+                asked.push_back(async move { (first, ask_part(&link, hash, first).await) });
+            }
+            let Some((first, part)) = asked.next().await else { break };
+            store.import_part(hash, len, first, PART_CHUNKS, part?).await?;
+            progress(first.saturating_add(PART_CHUNKS).saturating_mul(1024).min(len));
+        }
+        store.sync().await?;
+        if store.has(hash).await? {
+            Ok(())
+        } else {
+            Err(BlobError::Fetch("relay link".into(), "the blob did not come whole".into()))
+        }
+    }
+
+    /// Pushes a blob this store holds to this device's relay over the link, in parts (a few
+    /// at once): after the relay asked for it (`FileWanted`).
+    async fn push_over_link(&self, hash: Hash, len: u64) -> Result<(), NodeError> {
+        use futures::stream::FuturesUnordered;
+        let link = self.link()?;
+        let store = self.store()?;
+        let unavailable = |e: BlobError| file_error("unavailable", e.to_string());
+        let mut firsts = (0..len.div_ceil(1024)).step_by(PART_CHUNKS as usize);
+        let mut pushing = FuturesUnordered::new();
+        loop {
+            while pushing.len() < PARTS_IN_FLIGHT
+                && let Some(first) = firsts.next()
+            {
+                let part =
+                    store.export_part(hash, first, PART_CHUNKS).await.map_err(unavailable)?;
+                let request = Request::PushPart {
+                    hash: *hash.as_bytes(),
+                    len,
+                    first,
+                    chunks: MAX_PART_CHUNKS,
+                    part: chitchat_proto::codec::Bytes(part),
+                };
+                let link = link.clone();
+                pushing.push(async move { call_part(&link, &request).await });
+            }
+            match pushing.next().await {
+                None => return Ok(()),
+                Some(Ok(Response::PartTaken)) => {}
+                Some(Ok(other)) => return Err(super::refused(other)),
+                Some(Err(e)) => return Err(unavailable(e)),
+            }
+        }
     }
 
     /// Puts a fetched blob in the cache, and drops the least recently used others past
@@ -729,6 +826,42 @@ impl Node {
         let expires = self.pin_at_relay(channel, hash, file::sealed_len(a.file.size)).await?;
         tracing::info!(%channel, id = %id_string(&target), expires, "file pinned again for a member");
         Ok(())
+    }
+}
+
+/// Parts asked for, or pushed, over the relay link at once.
+const PARTS_IN_FLIGHT: usize = 4;
+/// Chunks (1 KiB) in each part over the relay link.
+const PART_CHUNKS: u64 = MAX_PART_CHUNKS as u64;
+/// How many times a part the relay was too busy for is asked again (then the transfer fails;
+/// what came is kept for the next).
+const PART_RETRIES: u32 = 100;
+
+/// Sends a part request, asking again while the relay is too busy for it.
+async fn call_part(link: &RelayLink, request: &Request) -> Result<Response, BlobError> {
+    for _ in 0..PART_RETRIES {
+        match link.call(request).await {
+            Ok(Response::Error { code: ErrorCode::RateLimited { retry_after_ms }, .. }) => {
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    retry_after_ms.clamp(10, 1000),
+                ))
+                .await;
+            }
+            Ok(answer) => return Ok(answer),
+            Err(e) => return Err(BlobError::Connect("relay link".into(), e.to_string())),
+        }
+    }
+    Err(BlobError::Fetch("relay link".into(), "the relay stayed too busy".into()))
+}
+
+/// Part `first` of a blob pinned at this device's relay, over the link.
+async fn ask_part(link: &RelayLink, hash: Hash, first: u64) -> Result<Vec<u8>, BlobError> {
+    let request = Request::BlobPart { hash: *hash.as_bytes(), first, chunks: MAX_PART_CHUNKS };
+    match call_part(link, &request).await? {
+        Response::BlobPart { part } => Ok(part.0),
+        Response::Error { code: ErrorCode::NotFound, .. } => Err(BlobError::NoProvider(1)),
+        Response::Error { message, .. } => Err(BlobError::Fetch("relay link".into(), message)),
+        _ => Err(BlobError::Fetch("relay link".into(), "an unexpected answer".into())),
     }
 }
 

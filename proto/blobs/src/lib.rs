@@ -65,16 +65,15 @@ pub enum BlobError {
 }
 
 /// Chunks (1 KiB) in a part of a blob that travels over a link that is not iroh, at most.
-pub const PART_CHUNKS: u64 = 512;
+pub const PART_CHUNKS: u64 = chitchat_proto::wire::MAX_PART_CHUNKS as u64;
 /// Parts start at a multiple of this many chunks (iroh-blobs' 16 KiB groups).
-pub const GROUP_CHUNKS: u64 = 16;
-/// An encoded part's length, at most: its data, the tree's nodes that prove it (at most two
-/// per level for each group in it) and its length.
-pub const MAX_PART_LEN: usize = (PART_CHUNKS as usize) * 1024 + 64 * 1024;
+pub const GROUP_CHUNKS: u64 = chitchat_proto::wire::PART_GROUP_CHUNKS;
+/// An encoded part's length, at most: its data, the tree's nodes that prove it and its length.
+pub const MAX_PART_LEN: usize = chitchat_proto::wire::MAX_PART_LEN;
 
 /// The chunk ranges of a part, checked.
 fn part_ranges(first: u64, chunks: u64) -> Result<ChunkRanges, BlobError> {
-    if first % GROUP_CHUNKS != 0 || chunks == 0 || chunks > PART_CHUNKS {
+    if !first.is_multiple_of(GROUP_CHUNKS) || chunks == 0 || chunks > PART_CHUNKS {
         return Err(BlobError::Fetch(
             "a part".into(),
             format!(
