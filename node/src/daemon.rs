@@ -153,8 +153,8 @@ pub struct Node {
     /// How far each channel's history at the relay was read this run (what the inbox missed
     /// is fetched once, whether a notice or an item asks for it first).
     history_read: Mutex<HashMap<ChannelId, u64>>,
-    /// Files' blobs: this device's iroh endpoint and store (none on a relay-only node: iroh
-    /// speaks UDP).
+    /// Files' blobs: this device's iroh endpoint and store (a store with no endpoint on a
+    /// relay-only node: iroh speaks UDP; its blobs go in parts over the relay link).
     blobs: Option<chitchat_blobs::Blobs>,
     /// Blobs being fetched now (one fetch of each at a time).
     fetching: Mutex<std::collections::HashSet<iroh_blobs::Hash>>,

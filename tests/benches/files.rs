@@ -4,8 +4,9 @@
 //! since this machine is shared and noisy. The nodes' resident memory is sampled throughout.
 //!
 //! Run: `cargo bench -p chitchat-tests --bench files` (1 GiB; `-- --quick` for 256 MiB,
-//! `-- --mib N` for N MiB). Two paths: node → node (the sender's device serves the blob), and
-//! node → relay → node (the sender pins it at its relay, then the member fetches it from there).
+//! `-- --mib N` for N MiB). Three paths: node → node (the sender's device serves the blob),
+//! node → relay → node (the sender pins it at its relay, then the member fetches it from there),
+//! and the same between two relay-only nodes (the blob in parts over their TCP relay links).
 //! `-- --check-rss` exits with an error if any process (node or relay) went over 100 MB: with
 //! `--mib 4096`, this is the 4 GiB streaming test (memory stays flat whatever the file's size).
 //!
@@ -182,8 +183,9 @@ async fn node_to_node(plain: &Path, len: u64) -> Run {
 }
 
 /// Node → relay → node: Alice pins the file at the relay (a push) before its message goes; Bob
-/// fetches it from the relay (his first provider).
-async fn through_relay(plain: &Path, len: u64) -> Run {
+/// fetches it from the relay (his first provider). With `relay_only`, both nodes are
+/// relay-only: the blob goes in parts over their TCP links to the relay, not over iroh.
+async fn through_relay(plain: &Path, len: u64, relay_only: bool) -> Run {
     let limit = format!("max_file_bytes = {}", len + (64 << 20));
     let quota = format!("quota_bytes_per_user = {}", len + (128 << 20));
     let relay = RelayProcess::start(
@@ -194,8 +196,10 @@ async fn through_relay(plain: &Path, len: u64) -> Run {
         &[],
     )
     .expect("relay");
-    let alice = NodeProcess::start(&[]).expect("alice");
-    let bob = NodeProcess::start(&[]).expect("bob");
+    let env: &[(&str, &str)] =
+        if relay_only { &[("CHITCHAT_NETWORK_RELAY_ONLY", "true")] } else { &[] };
+    let alice = NodeProcess::start(env).expect("alice");
+    let bob = NodeProcess::start(env).expect("bob");
     alice.register(&relay, "alice").await.expect("register alice");
     bob.register(&relay, "bob").await.expect("register bob");
     let channel = alice.cli(&["channel", "create", "files"]).expect("create").trim().to_owned();
@@ -226,7 +230,13 @@ async fn main() {
         raw(dir.path(), &plain, len).await
     };
     let direct = node_to_node(&plain, len).await;
-    let relayed = through_relay(&plain, len).await;
+    let relayed = through_relay(&plain, len, false).await;
+    let linked = through_relay(&plain, len, true).await;
+    let paths = [
+        ("node → node", &direct),
+        ("node → relay → node", &relayed),
+        ("relay-only → relay → relay-only (parts over TCP)", &linked),
+    ];
 
     let mib = |kib: u64| kib as f64 / 1024.0;
     let peaks =
@@ -239,7 +249,7 @@ async fn main() {
         raw_took.as_secs_f64(),
         rate(len, raw_took)
     );
-    for (path, run) in [("node → node", &direct), ("node → relay → node", &relayed)] {
+    for (path, run) in paths {
         for (step, (took, p)) in [
             ("send-file: stream, seal, store (and pin at the relay)", &run.send),
             ("fetch, sealed blob, first and last chunks opened", &run.fetch),
@@ -253,14 +263,15 @@ async fn main() {
             );
         }
     }
-    let all = [&direct, &relayed]
+    let all = paths
         .iter()
+        .map(|(_, r)| r)
         .flat_map(|r| [&r.send.1, &r.fetch.1, &r.read.1])
         .flatten()
         .copied()
         .max()
         .unwrap_or(0);
-    for (path, run) in [("node → node", &direct), ("node → relay → node", &relayed)] {
+    for (path, run) in paths {
         println!(
             "{path} fetch throughput: {:.0}% of raw iroh-blobs (goal ≥ 70%)",
             100.0 * raw_took.as_secs_f64() / run.fetch.0.as_secs_f64()

@@ -122,20 +122,14 @@ impl<R: Read> Read for Tee<R> {
 }
 
 impl Node {
-    /// The blob store (none on a relay-only node).
+    /// The blob store (with no endpoint on a relay-only node).
     pub fn blobs(&self) -> Option<&Blobs> {
         self.blobs.as_ref()
     }
 
     /// The blob store, or why there is none.
     fn store(&self) -> Result<&Blobs, NodeError> {
-        self.blobs.as_ref().ok_or_else(|| {
-            file_error(
-                "unavailable",
-                "a relay-only node has no file transport (iroh needs UDP; this node uses TCP to \
-                 its relay alone)",
-            )
-        })
+        self.blobs.as_ref().ok_or_else(|| file_error("unavailable", "this node has no blob store"))
     }
 
     /// Drops this store's name for a blob, if there is a store.
