@@ -719,6 +719,8 @@ const REUPLOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(3600)
 const MAX_REUPLOADS: usize = 1024;
 /// Files pinned again at once, at most.
 const REUPLOADS_AT_ONCE: usize = 2;
+/// A request older than this (by its sender's clock) is not answered: it came with history.
+const REQUEST_FRESH_MS: u64 = 24 * 3600 * 1000;
 
 impl Default for Reuploads {
     fn default() -> Self {
@@ -730,6 +732,13 @@ impl Default for Reuploads {
 }
 
 impl Reuploads {
+    /// Forgets that `hash` was pinned again (it was not, after all).
+    fn give_back(&self, hash: Hash) {
+        if let Ok(mut last) = self.last.lock() {
+            last.remove(&hash);
+        }
+    }
+
     /// Whether `hash` may be pinned again now; if so, notes it.
     fn take(&self, hash: Hash) -> bool {
         let Ok(mut last) = self.last.lock() else { return false };
@@ -777,7 +786,10 @@ impl Node {
             let Some(crate::view::Content::FileRequest { target }) = &message.content else {
                 continue;
             };
-            if message.status != "received" {
+            // Another device's, and recent: a request that comes with old history is not
+            // answered again.
+            let age = crate::engine::now().0.saturating_sub(message.time_ms);
+            if message.status != "received" || age > REQUEST_FRESH_MS {
                 continue;
             }
             let mut id = [0u8; 32];
@@ -817,7 +829,15 @@ impl Node {
         }
         let _slot =
             self.reuploads.running.acquire().await.map_err(|_| file_error("storage", "closed"))?;
-        let expires = self.pin_at_relay(channel, hash, file::sealed_len(a.file.size)).await?;
+        let pinned = self.pin_at_relay(channel, hash, file::sealed_len(a.file.size)).await;
+        let expires = match pinned {
+            Ok(expires) => expires,
+            Err(e) => {
+                // Not pinned: the next request may try again.
+                self.reuploads.give_back(hash);
+                return Err(e);
+            }
+        };
         tracing::info!(%channel, id = %id_string(&target), expires, "file pinned again for a member");
         Ok(())
     }
