@@ -36,8 +36,9 @@ use tokio::sync::{mpsc, oneshot};
 /// Version 3: inbox items may hold an `Envelope::Commit` (an unsealed ordered commit), which a
 /// version-2 relay could not read. Version 4: channel histories (`history-0`, `history-heads-0`,
 /// `history-gaps-0`), and inbox items with a history mark; version-3 items are read as they are
-/// (no mark).
-pub const STORAGE_VERSION: u32 = 4;
+/// (no mark). Version 5: the bytes each user has pinned (`files-used-0`) and pins by expiry
+/// (`files-expiry-0`), built from `files-0` when an older database is opened.
+pub const STORAGE_VERSION: u32 = 5;
 /// Writes waiting for the writer, at most.
 pub const WRITE_QUEUE: usize = 8192;
 
@@ -84,6 +85,11 @@ pub(crate) const HISTORY_GAPS: TableDefinition<'_, ([u8; 32], [u8; 32]), u64> =
 /// proof (its canonical encoding).
 /// Files' blobs pinned here, by hash: [`FilePin`] (postcard).
 pub(crate) const FILES: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("files-0");
+/// The bytes each user's pins in `files-0` hold: user → bytes (no entry: none).
+pub(crate) const FILES_USED: TableDefinition<'_, &str, u64> = TableDefinition::new("files-used-0");
+/// The pins of `files-0` by expiry: `(expires_ms, hash)` → nothing.
+pub(crate) const FILES_EXPIRY: TableDefinition<'_, (u64, [u8; 32]), ()> =
+    TableDefinition::new("files-expiry-0");
 pub(crate) const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> =
     TableDefinition::new("convicted-0");
 
@@ -190,16 +196,8 @@ impl Store {
     /// Bytes of the blobs `user` has pinned here.
     pub fn files_used(&self, user: &str) -> Result<u64, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
-        let t = r.open_table(FILES).map_err(redb_err)?;
-        let mut used: u64 = 0;
-        for entry in t.iter().map_err(redb_err)? {
-            let (_, v) = entry.map_err(redb_err)?;
-            let pin: FilePin = records::decode_record(v.value(), "files")?;
-            if pin.user == user {
-                used = used.saturating_add(pin.len);
-            }
-        }
-        Ok(used)
+        let t = r.open_table(FILES_USED).map_err(redb_err)?;
+        Ok(t.get(user).map_err(redb_err)?.map_or(0, |v| v.value()))
     }
 
     /// The pin of a blob, if it is pinned here.
@@ -436,10 +434,11 @@ fn init(db: &Database) -> Result<(), StoreError> {
         };
         match found {
             Some(STORAGE_VERSION) => {}
-            Some(old @ (1..=3)) => {
+            Some(old @ (1..=4)) => {
                 if old == 1 {
                     migrate_inbox_v1(&w)?;
                 }
+                index_files(&w)?;
                 meta.insert("storage_version", STORAGE_VERSION.to_le_bytes().as_slice())
                     .map_err(redb_err)?;
             }
@@ -462,11 +461,33 @@ fn init(db: &Database) -> Result<(), StoreError> {
         w.open_table(FED_SEEN).map_err(redb_err)?;
         w.open_table(CONVICTED).map_err(redb_err)?;
         w.open_table(FILES).map_err(redb_err)?;
+        w.open_table(FILES_USED).map_err(redb_err)?;
+        w.open_table(FILES_EXPIRY).map_err(redb_err)?;
         w.open_table(HISTORY).map_err(redb_err)?;
         w.open_table(HISTORY_HEADS).map_err(redb_err)?;
         w.open_table(HISTORY_GAPS).map_err(redb_err)?;
     }
     w.commit().map_err(redb_err)?;
+    Ok(())
+}
+
+/// Storage version 4 to 5: each user's pinned bytes and the pins by expiry, from `files-0`. In
+/// the opening transaction, as every migration.
+fn index_files(w: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let files = w.open_table(FILES).map_err(redb_err)?;
+    let mut used = w.open_table(FILES_USED).map_err(redb_err)?;
+    let mut expiry = w.open_table(FILES_EXPIRY).map_err(redb_err)?;
+    let mut by_user: std::collections::BTreeMap<String, u64> = Default::default();
+    for entry in files.iter().map_err(redb_err)? {
+        let (k, v) = entry.map_err(redb_err)?;
+        let pin: FilePin = records::decode_record(v.value(), "files")?;
+        let total = by_user.entry(pin.user).or_default();
+        *total = total.saturating_add(pin.len);
+        expiry.insert((pin.expires.0, k.value()), ()).map_err(redb_err)?;
+    }
+    for (user, bytes) in &by_user {
+        used.insert(user.as_str(), *bytes).map_err(redb_err)?;
+    }
     Ok(())
 }
 

@@ -703,4 +703,49 @@ async fn file_pins_keep_to_the_quota_and_expire() {
     let gone = store.write(Write::ExpireFiles { now: later, max: 1 }).await.expect("expire");
     assert_eq!(gone, Written::Unpinned(vec![[1; 32]]), "at most max at a time");
     store.write(pin_file(2, pin("alice", 41, later))).await.expect("room again");
+    // The users' totals follow every pin, replacement and expiry.
+    let used = |u: &str| store.files_used(u).expect("used");
+    assert_eq!((used("alice"), used("bob"), used("carol")), (81, 0, 90));
+    let gone = store.write(Write::ExpireFiles { now: later, max: 10 }).await.expect("expire");
+    assert_eq!(gone, Written::Unpinned(vec![[2; 32], [4; 32], [5; 32]]), "by expiry, then hash");
+    assert_eq!((used("alice"), used("carol")), (0, 0));
+    assert_eq!(store.file_pin(&[5; 32]).expect("read"), None);
+}
+
+/// A database of storage version 4 (pins, no indexes) is indexed on open: each user's total,
+/// and the pins by expiry, as if they had been written by this version.
+#[tokio::test]
+async fn version_4_file_pins_are_indexed_on_open() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let path = d.path().join("relay.redb");
+    let later = Timestamp(NOW.0 + 1_000);
+    {
+        let db = redb::Database::create(&path).expect("create");
+        let w = db.begin_write().expect("write");
+        w.open_table(META)
+            .expect("meta")
+            .insert("storage_version", 4u32.to_le_bytes().as_slice())
+            .expect("insert");
+        {
+            let mut files = w.open_table(FILES).expect("files-0");
+            for (hash, p) in [
+                (1u8, pin("alice", 30, NOW)),
+                (2, pin("alice", 50, later)),
+                (3, pin("bob", 7, later)),
+            ] {
+                files.insert([hash; 32], records::encode_record(&p).as_slice()).expect("insert");
+            }
+        }
+        w.commit().expect("commit");
+    }
+    let store = Store::open(&path, 8).expect("open");
+    let used = |u: &str| store.files_used(u).expect("used");
+    assert_eq!((used("alice"), used("bob")), (80, 7));
+    let over = store
+        .write(Write::PinFile { hash: [4; 32], pin: pin("alice", 21, later), quota: 100 })
+        .await;
+    assert!(matches!(code(over), ErrorCode::QuotaExceeded { .. }), "80 + 21 > 100");
+    let gone = store.write(Write::ExpireFiles { now: NOW, max: 10 }).await.expect("expire");
+    assert_eq!(gone, Written::Unpinned(vec![[1; 32]]));
+    assert_eq!(used("alice"), 50);
 }

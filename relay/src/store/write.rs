@@ -11,9 +11,9 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use super::records::{decode_record, encode_record};
 use super::{
     BLOCKED, CONVICTED, COUNTERS, Counters, DEVICES, DeviceRecord, FED_QUEUE, FED_QUEUES, FED_SEEN,
-    FILES, FilePin, HISTORY, HISTORY_GAPS, HISTORY_HEADS, HistoryHead, INBOX, KEY_PACKAGES,
-    LAST_RESORT, META, NAMES, QueueCounters, QueuedForward, StoredHistory, StoredItem,
-    StoredKeyPackage, TOKENS, TokenRecord,
+    FILES, FILES_EXPIRY, FILES_USED, FilePin, HISTORY, HISTORY_GAPS, HISTORY_HEADS, HistoryHead,
+    INBOX, KEY_PACKAGES, LAST_RESORT, META, NAMES, QueueCounters, QueuedForward, StoredHistory,
+    StoredItem, StoredKeyPackage, TOKENS, TokenRecord,
 };
 
 /// Inbox bounds, checked on every enqueue.
@@ -354,6 +354,8 @@ pub(super) struct Tables<'txn> {
     fed_seen: Table<'txn, ([u8; 32], u64), u64>,
     convicted: Table<'txn, [u8; 32], &'static [u8]>,
     files: Table<'txn, [u8; 32], &'static [u8]>,
+    files_used: Table<'txn, &'static str, u64>,
+    files_expiry: Table<'txn, (u64, [u8; 32]), ()>,
     history: Table<'txn, ([u8; 32], u64), &'static [u8]>,
     history_heads: Table<'txn, [u8; 32], &'static [u8]>,
     history_gaps: Table<'txn, ([u8; 32], [u8; 32]), u64>,
@@ -376,6 +378,8 @@ impl<'txn> Tables<'txn> {
             fed_seen: txn.open_table(FED_SEEN).map_err(storage)?,
             convicted: txn.open_table(CONVICTED).map_err(storage)?,
             files: txn.open_table(FILES).map_err(storage)?,
+            files_used: txn.open_table(FILES_USED).map_err(storage)?,
+            files_expiry: txn.open_table(FILES_EXPIRY).map_err(storage)?,
             history: txn.open_table(HISTORY).map_err(storage)?,
             history_heads: txn.open_table(HISTORY_HEADS).map_err(storage)?,
             history_gaps: txn.open_table(HISTORY_GAPS).map_err(storage)?,
@@ -580,22 +584,22 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
         Write::PinFile { hash, pin, quota } => {
             // A pin that holds stays as it is; an expired one (not swept yet) is replaced: the
             // file was asked for again.
-            if let Some(old) = t.files.get(*hash).map_err(storage)? {
-                let old: FilePin = decode_record(old.value(), "files").map_err(corrupt)?;
-                if old.expires > pin.pinned {
-                    return Ok(Written::Pinned(old));
-                }
+            let old = match t.files.get(*hash).map_err(storage)? {
+                Some(old) => Some(decode_record::<FilePin>(old.value(), "files").map_err(corrupt)?),
+                None => None,
+            };
+            if let Some(old) = &old
+                && old.expires > pin.pinned
+            {
+                return Ok(Written::Pinned(old.clone()));
             }
-            let mut used: u64 = 0;
-            for entry in t.files.iter().map_err(storage)? {
-                let (k, v) = entry.map_err(storage)?;
-                if k.value() == *hash {
-                    continue;
-                }
-                let other: FilePin = decode_record(v.value(), "files").map_err(corrupt)?;
-                if other.user == pin.user {
-                    used = used.saturating_add(other.len);
-                }
+            // Checked before anything changes: a refusal changes nothing.
+            let used_by = |t: &Tables<'_>, user: &str| -> Result<u64, WriteError> {
+                Ok(t.files_used.get(user).map_err(storage)?.map_or(0, |v| v.value()))
+            };
+            let mut used = used_by(t, &pin.user)?;
+            if let Some(old) = old.as_ref().filter(|o| o.user == pin.user) {
+                used = used.saturating_sub(old.len);
             }
             if used.saturating_add(pin.len) > *quota {
                 return Err(reject(
@@ -606,24 +610,34 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
                     ),
                 ));
             }
+            if let Some(old) = &old {
+                unpin(t, hash, old)?;
+            }
             let bytes = encode_record(pin);
             t.files.insert(*hash, bytes.as_slice()).map_err(storage)?;
+            let user_bytes = used_by(t, &pin.user)?.saturating_add(pin.len);
+            t.files_used.insert(pin.user.as_str(), user_bytes).map_err(storage)?;
+            t.files_expiry.insert((pin.expires.0, *hash), ()).map_err(storage)?;
             Ok(Written::Pinned(pin.clone()))
         }
         Write::ExpireFiles { now, max } => {
-            let mut gone = Vec::new();
-            for entry in t.files.iter().map_err(storage)? {
-                let (k, v) = entry.map_err(storage)?;
-                let pin: FilePin = decode_record(v.value(), "files").map_err(corrupt)?;
-                if pin.expires <= *now {
-                    gone.push(k.value());
-                    if gone.len() >= *max {
-                        break;
-                    }
+            // The earliest expiries first, from the index: no pin that holds is read.
+            let mut due = Vec::new();
+            for entry in t.files_expiry.range(..=(now.0, [0xff; 32])).map_err(storage)? {
+                let (k, _) = entry.map_err(storage)?;
+                due.push(k.value().1);
+                if due.len() >= *max {
+                    break;
                 }
             }
-            for hash in &gone {
-                t.files.remove(*hash).map_err(storage)?;
+            let mut gone = Vec::new();
+            for hash in due {
+                let pin = match t.files.get(hash).map_err(storage)? {
+                    Some(v) => decode_record::<FilePin>(v.value(), "files").map_err(corrupt)?,
+                    None => continue,
+                };
+                unpin(t, &hash, &pin)?;
+                gone.push(hash);
             }
             Ok(Written::Unpinned(gone))
         }
@@ -636,6 +650,20 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             Ok(Written::Done)
         }
     }
+}
+
+/// Deletes the pin of `hash` (which is `pin`), with its place in the indexes.
+fn unpin(t: &mut Tables<'_>, hash: &[u8; 32], pin: &FilePin) -> Result<(), WriteError> {
+    t.files.remove(*hash).map_err(storage)?;
+    t.files_expiry.remove((pin.expires.0, *hash)).map_err(storage)?;
+    let used = t.files_used.get(pin.user.as_str()).map_err(storage)?.map_or(0, |v| v.value());
+    let left = used.saturating_sub(pin.len);
+    if left == 0 {
+        t.files_used.remove(pin.user.as_str()).map_err(storage)?;
+    } else {
+        t.files_used.insert(pin.user.as_str(), left).map_err(storage)?;
+    }
+    Ok(())
 }
 
 /// One log entry's fan-out, once: each winner's commit to its recipients (those not
