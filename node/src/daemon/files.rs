@@ -709,6 +709,9 @@ impl Node {
 pub(crate) struct Reuploads {
     last: std::sync::Mutex<std::collections::HashMap<Hash, std::time::Instant>>,
     running: tokio::sync::Semaphore,
+    /// Room for requests being looked at (past it, a request is dropped: a flood of them
+    /// costs a bounded number of tasks).
+    looking: Arc<tokio::sync::Semaphore>,
 }
 
 /// How often one file is pinned again for members' requests, at most: a request asks every
@@ -719,6 +722,8 @@ const REUPLOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(3600)
 const MAX_REUPLOADS: usize = 1024;
 /// Files pinned again at once, at most.
 const REUPLOADS_AT_ONCE: usize = 2;
+/// Requests looked at (or waiting to pin) at once, at most.
+const REQUESTS_AT_ONCE: usize = 64;
 /// A request older than this (by its sender's clock) is not answered: it came with history.
 const REQUEST_FRESH_MS: u64 = 24 * 3600 * 1000;
 
@@ -727,6 +732,7 @@ impl Default for Reuploads {
         Self {
             last: std::sync::Mutex::default(),
             running: tokio::sync::Semaphore::new(REUPLOADS_AT_ONCE),
+            looking: Arc::new(tokio::sync::Semaphore::new(REQUESTS_AT_ONCE)),
         }
     }
 }
@@ -799,11 +805,16 @@ impl Node {
                 continue;
             };
             let channel = ChannelId(id);
+            let Ok(room) = self.reuploads.looking.clone().try_acquire_owned() else {
+                tracing::info!(%channel, "too many file requests at once; one dropped");
+                continue;
+            };
             let node = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = node.answer_file_request(channel, target).await {
                     tracing::info!(%channel, error = %e, "a file request not answered");
                 }
+                drop(room);
             });
         }
     }
