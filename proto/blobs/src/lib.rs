@@ -37,8 +37,34 @@ pub const PUSH_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often blobs no tag names are deleted.
 pub const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The cache's tags: `cache/{used_ms:020}/{hash}`, a blob's last use in its name.
+/// The cache's tags: `cache/{used_ms:020}/{hash}/{len}`, a blob's last use in its name (so the
+/// tags table lists the least recently used first).
 const CACHE_PREFIX: &str = "cache/";
+/// The cache's index by blob: `cached/{hash}/{used_ms:020}/{len}` beside each cache tag, so
+/// that a blob's cache tag is found without listing the cache.
+const CACHED_PREFIX: &str = "cached/";
+
+/// A cached blob's two tag names: in the cache's order, and in its index by blob.
+fn cache_names(hash: Hash, used_ms: u64, len: u64) -> (String, String) {
+    (
+        format!("{CACHE_PREFIX}{used_ms:020}/{hash}/{len}"),
+        format!("{CACHED_PREFIX}{hash}/{used_ms:020}/{len}"),
+    )
+}
+
+/// The last use in a cache name (`cache/{used_ms}/{hash}/{len}`).
+fn cache_used(name: &[u8]) -> Option<u64> {
+    std::str::from_utf8(name).ok()?.strip_prefix(CACHE_PREFIX)?.split('/').next()?.parse().ok()
+}
+
+/// The last use and length in an index name (`cached/{hash}/{used_ms}/{len}`).
+fn parse_cached(name: &[u8]) -> Option<(u64, u64)> {
+    let name = std::str::from_utf8(name).ok()?;
+    let mut parts = name.rsplit('/');
+    let len = parts.next()?.parse().ok()?;
+    let used = parts.next()?.parse().ok()?;
+    Some((used, len))
+}
 
 /// Why a blob operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +232,9 @@ impl Blobs {
         let store = Self::load_store(dir).await?;
         let id = EndpointId::from_bytes(&key.public().0)
             .map_err(|e| BlobError::Bind(format!("the key is no endpoint id: {e}")))?;
-        Ok(Self { net: None, id, store })
+        let blobs = Self { net: None, id, store };
+        blobs.index_cache().await?;
+        Ok(blobs)
     }
 
     async fn load_store(dir: &Path) -> Result<FsStore, BlobError> {
@@ -248,7 +276,9 @@ impl Blobs {
         let router = Router::builder(endpoint.clone())
             .accept(BLOBS_ALPN, BlobsProtocol::new(&store, events))
             .spawn();
-        Ok(Self { id: endpoint.id(), net: Some((endpoint, router)), store })
+        let blobs = Self { id: endpoint.id(), net: Some((endpoint, router)), store };
+        blobs.index_cache().await?;
+        Ok(blobs)
     }
 
     /// This endpoint as a provider: its id and the addresses others can reach it at (the
@@ -400,8 +430,54 @@ impl Blobs {
     pub async fn forget(&self, hash: Hash) -> Result<(), BlobError> {
         let tags = self.store.tags();
         tags.delete(format!("file/{hash}")).await.map_err(|e| BlobError::Store(e.to_string()))?;
-        for (name, ..) in self.cache_entries().await?.into_iter().filter(|(_, h, _)| *h == hash) {
-            tags.delete(name).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        for (used, len) in self.cached_as(hash).await? {
+            self.uncache(hash, used, len).await?;
+        }
+        Ok(())
+    }
+
+    /// When the blob was last used and its length, for each cache entry it has (one, unless a
+    /// crash came between two tag writes).
+    async fn cached_as(&self, hash: Hash) -> Result<Vec<(u64, u64)>, BlobError> {
+        use futures::StreamExt as _;
+        let store = |e: &dyn std::fmt::Display| BlobError::Store(e.to_string());
+        let prefix = format!("{CACHED_PREFIX}{hash}/");
+        let mut list = self.store.tags().list_prefix(prefix).await.map_err(|e| store(&e))?;
+        let mut out = Vec::new();
+        while let Some(tag) = list.next().await {
+            let tag = tag.map_err(|e| store(&e))?;
+            if let Some(entry) = parse_cached(&tag.name.0) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops one cache entry of a blob: both its names.
+    async fn uncache(&self, hash: Hash, used: u64, len: u64) -> Result<(), BlobError> {
+        let tags = self.store.tags();
+        let (name, index) = cache_names(hash, used, len);
+        tags.delete(name).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        tags.delete(index).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Gives every cache tag its index name (a cache written before the index had none).
+    async fn index_cache(&self) -> Result<(), BlobError> {
+        let tags = self.store.tags();
+        let mut added = false;
+        for (name, hash, len) in self.cache_entries().await? {
+            let used = cache_used(&name.0);
+            let Some(used) = used else { continue };
+            let (_, index) = cache_names(hash, used, len);
+            if tags.get(index.clone()).await.map_err(|e| BlobError::Store(e.to_string()))?.is_none()
+            {
+                tags.set(index, hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
+                added = true;
+            }
+        }
+        if added {
+            self.sync().await?;
         }
         Ok(())
     }
@@ -437,22 +513,18 @@ impl Blobs {
         now_ms: u64,
         only_if_cached: bool,
     ) -> Result<(), BlobError> {
-        let old: Vec<Tag> = self
-            .cache_entries()
-            .await?
-            .into_iter()
-            .filter(|(_, h, _)| *h == hash)
-            .map(|(n, ..)| n)
-            .collect();
+        // Found by its index: no listing of the cache on every read.
+        let old = self.cached_as(hash).await?;
         if old.is_empty() && only_if_cached {
             return Ok(());
         }
         let len = self.local_bytes(hash).await?;
-        let name = Tag::from(format!("{CACHE_PREFIX}{now_ms:020}/{hash}/{len}"));
+        let (name, index) = cache_names(hash, now_ms, len);
         let tags = self.store.tags();
-        tags.set(name.clone(), hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
-        for n in old.into_iter().filter(|n| *n != name) {
-            tags.delete(n).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        tags.set(name, hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        tags.set(index, hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
+        for (used, old_len) in old.into_iter().filter(|o| *o != (now_ms, len)) {
+            self.uncache(hash, used, old_len).await?;
         }
         self.sync().await
     }
@@ -476,11 +548,16 @@ impl Blobs {
             if Some(hash) == keep {
                 continue;
             }
-            // Its two names, as `forget` drops them (without listing the cache again).
+            // Its names, as `forget` drops them (without listing the cache again).
             tags.delete(format!("file/{hash}"))
                 .await
                 .map_err(|e| BlobError::Store(e.to_string()))?;
+            let used = cache_used(&name.0);
             tags.delete(name).await.map_err(|e| BlobError::Store(e.to_string()))?;
+            if let Some(used) = used {
+                let (_, index) = cache_names(hash, used, len);
+                tags.delete(index).await.map_err(|e| BlobError::Store(e.to_string()))?;
+            }
             total = total.saturating_sub(len);
             gone.push(hash);
         }

@@ -307,6 +307,34 @@ async fn the_cache_drops_the_least_recently_used_first() {
     assert_eq!(store.cached_bytes().await.expect("bytes"), 0);
     assert_eq!(store.evict(0, None).await.expect("evict"), vec![], "nothing cached");
     assert!(store.has(own).await.expect("has"), "what this device sent stays");
+    // No name is left for what went (garbage collection deletes only what no tag names).
+    let names = |store: Blobs| async move {
+        use futures::StreamExt as _;
+        let list = store.store().tags().list().await.expect("tags");
+        let tags: Vec<_> = list.map(|t| t.expect("tag")).collect().await;
+        tags.into_iter()
+            .map(|t| (String::from_utf8_lossy(&t.name.0).into_owned(), t.hash))
+            .collect::<Vec<_>>()
+    };
+    let left = names(store.clone()).await;
+    assert_eq!(left, vec![(format!("file/{own}"), own)], "{left:?}");
+
+    // A cache written before its index (a cache tag alone) is indexed when the store opens:
+    // a read refreshes it, and forgetting leaves no name.
+    let d = store.add_path(&sealed_file(&tmp.path().join("file0"), &key, &data(100_000, 0))).await;
+    let d = d.expect("add again");
+    let legacy = format!("cache/{:020}/{d}/{len}", 7);
+    store.store().tags().set(legacy.clone(), d).await.expect("legacy tag");
+    store.shutdown().await;
+    let store = endpoint(tmp.path(), 1).await;
+    store.cache(d, 8, true).await.expect("refreshed");
+    let left = names(store.clone()).await;
+    assert!(left.iter().any(|(n, _)| n.starts_with(&format!("cache/{:020}/", 8))), "{left:?}");
+    assert!(!left.iter().any(|(n, _)| *n == legacy), "the old entry went: {left:?}");
+    assert_eq!(store.cached_bytes().await.expect("bytes"), len);
+    store.forget(d).await.expect("forget");
+    let left = names(store.clone()).await;
+    assert_eq!(left, vec![(format!("file/{own}"), own)], "{left:?}");
     store.shutdown().await;
 }
 
