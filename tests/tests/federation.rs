@@ -613,10 +613,12 @@ async fn posts_and_commits_reach_members_on_every_relay_of_the_channel() {
             items
         }
     };
-    let items = bob_items(&bob_b).await;
-    let welcome = items
-        .iter()
-        .find_map(|i| match &i.envelope {
+    // (B fans the ordered commit out when it applies its log entry, which may be a moment
+    // after the certificate: the Welcome is waited for.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let welcome = loop {
+        let items = bob_items(&bob_b).await;
+        let welcome = items.iter().find_map(|i| match &i.envelope {
             Envelope::Sealed(e) => {
                 let bytes = bob_dev.inbox.open(bob_dev.id(), e).expect("opens");
                 match InboxPayload::from_bytes(&bytes).expect("payload") {
@@ -625,8 +627,13 @@ async fn posts_and_commits_reach_members_on_every_relay_of_the_channel() {
                 }
             }
             _ => None,
-        })
-        .expect("a Welcome at B");
+        });
+        if let Some(welcome) = welcome {
+            break welcome;
+        }
+        assert!(std::time::Instant::now() < deadline, "no Welcome at B");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     let mut bob = Channel::join(&bob_p, &welcome, &AcceptAll).expect("join");
     assert_eq!(bob.epoch_authenticator(), alice.epoch_authenticator());
 
