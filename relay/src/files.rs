@@ -122,8 +122,7 @@ impl RelayFiles {
         // Only what is pinned, until it expires: an unpinned blob's data stays until garbage
         // collection, and must not be served meanwhile.
         let serve = move |hash: Hash| {
-            let now = crate::service::now();
-            matches!(store.file_pin(hash.as_bytes()), Ok(Some(pin)) if pin.expires > now)
+            store.serves_file(hash.as_bytes(), crate::service::now()).unwrap_or(false)
         };
         let blobs = Blobs::open_accepting(dir, key, bind, accept, serve).await?;
         Ok(Self {

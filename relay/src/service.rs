@@ -1289,9 +1289,9 @@ impl Relay {
         let Some(files) = &self.files else {
             return error(ErrorCode::NotFound, "this relay keeps no files");
         };
-        match self.store.file_pin(hash.as_bytes()) {
-            Ok(Some(pin)) if pin.expires > now => {}
-            Ok(_) => return error(ErrorCode::NotFound, "no such file here (or it expired)"),
+        match self.store.serves_file(hash.as_bytes(), now) {
+            Ok(true) => {}
+            Ok(false) => return error(ErrorCode::NotFound, "no such file here (or it expired)"),
             Err(e) => return unavailable(e),
         }
         let Some(_turn) = files.part_turn(me) else {

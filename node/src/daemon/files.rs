@@ -260,17 +260,18 @@ impl Node {
                     let store = self.store()?;
                     // Over iroh, else (a relay-only device, or iroh does not get through) in
                     // parts over the link.
-                    let mut pushed = Err(file_error("unavailable", "no endpoint"));
-                    if store.has_endpoint() {
-                        let to = Provider { id: relay, addrs: socket_addrs(addrs) };
-                        pushed = store.push(&to, hash).await.map_err(|e| {
-                            tracing::info!(%hash, error = %e, "push to the relay failed; over the link then");
-                            file_error("unavailable", e.to_string())
-                        });
-                    }
-                    if pushed.is_err()
-                        && let Err(e) = self.push_over_link(hash, len).await
-                    {
+                    let over_iroh = store.has_endpoint()
+                        && {
+                            let to = Provider { id: relay, addrs: socket_addrs(addrs) };
+                            match store.push(&to, hash).await {
+                                Ok(()) => true,
+                                Err(e) => {
+                                    tracing::info!(%hash, error = %e, "push to the relay failed; over the link then");
+                                    false
+                                }
+                            }
+                        };
+                    if !over_iroh && let Err(e) = self.push_over_link(hash, len).await {
                         tracing::info!(%hash, error = %e, "push over the relay link failed");
                     }
                 }
@@ -396,21 +397,20 @@ impl Node {
         // This device's relay first (always on, and it pins what its members send); the
         // sender's device is asked where it listens only if the relay does not give it all.
         let store = self.store()?;
+        let channel = a.channel;
+        let relayless = self.with(move |e| e.is_relayless(&channel)).await;
         let mut tried = 0;
         let mut fetched = Err(BlobError::NoProvider(0));
         if store.has_endpoint()
-            && let Some(relay) = self.relay_provider(a.channel).await
+            && !relayless
+            && let Some(relay) = self.relay_provider().await
         {
             tried += 1;
             fetched = store.fetch_any(&[relay], hash, total, &mut progress).await.map(|_| ());
         }
         // The relay again, over the link in parts: a relay-only device's only way, and any
         // device's where iroh does not get through to the relay.
-        let channel = a.channel;
-        if matches!(fetched, Err(BlobError::NoProvider(_)))
-            && !self.with(move |e| e.is_relayless(&channel)).await
-            && self.link().is_ok()
-        {
+        if matches!(fetched, Err(BlobError::NoProvider(_))) && !relayless && self.link().is_ok() {
             tried += 1;
             fetched = self.fetch_over_link(hash, total, &mut progress).await;
         }
@@ -649,12 +649,9 @@ impl Node {
         ))
     }
 
-    /// This device's relay as a provider of the files of `channel`, if relays serve it and the
-    /// relay says where its blob endpoint listens.
-    async fn relay_provider(&self, channel: ChannelId) -> Option<Provider> {
-        if self.with(move |e| e.is_relayless(&channel)).await {
-            return None;
-        }
+    /// This device's relay as a provider of files, if the relay says where its blob endpoint
+    /// listens.
+    async fn relay_provider(&self) -> Option<Provider> {
         let (link, id) = (self.link().ok()?, self.relay_provider_id().await.ok()?);
         match link.call(&Request::BlobEndpoint).await {
             Ok(Response::BlobEndpoint { addrs }) => {

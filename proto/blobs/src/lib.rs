@@ -464,15 +464,20 @@ impl Blobs {
 
     /// Gives every cache tag its index name (a cache written before the index had none).
     async fn index_cache(&self) -> Result<(), BlobError> {
+        use futures::StreamExt as _;
         let tags = self.store.tags();
+        let store = |e: &dyn std::fmt::Display| BlobError::Store(e.to_string());
+        let mut indexed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+        let mut list = tags.list_prefix(CACHED_PREFIX).await.map_err(|e| store(&e))?;
+        while let Some(tag) = list.next().await {
+            indexed.insert(tag.map_err(|e| store(&e))?.name.0.to_vec());
+        }
         let mut added = false;
         for (name, hash, len) in self.cache_entries().await? {
-            let used = cache_used(&name.0);
-            let Some(used) = used else { continue };
+            let Some(used) = cache_used(&name.0) else { continue };
             let (_, index) = cache_names(hash, used, len);
-            if tags.get(index.clone()).await.map_err(|e| BlobError::Store(e.to_string()))?.is_none()
-            {
-                tags.set(index, hash).await.map_err(|e| BlobError::Store(e.to_string()))?;
+            if !indexed.contains(index.as_bytes()) {
+                tags.set(index, hash).await.map_err(|e| store(&e))?;
                 added = true;
             }
         }

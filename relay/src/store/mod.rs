@@ -200,6 +200,12 @@ impl Store {
         Ok(t.get(user).map_err(redb_err)?.map_or(0, |v| v.value()))
     }
 
+    /// Whether a blob is pinned here and its pin has not expired by `now`: what the relay
+    /// serves, over iroh and in parts alike.
+    pub fn serves_file(&self, hash: &[u8; 32], now: chitchat_proto::Timestamp) -> Result<bool, StoreError> {
+        Ok(self.file_pin(hash)?.is_some_and(|pin| pin.expires > now))
+    }
+
     /// The pin of a blob, if it is pinned here.
     pub fn file_pin(&self, hash: &[u8; 32]) -> Result<Option<FilePin>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;

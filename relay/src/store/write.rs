@@ -594,10 +594,8 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
                 return Ok(Written::Pinned(old.clone()));
             }
             // Checked before anything changes: a refusal changes nothing.
-            let used_by = |t: &Tables<'_>, user: &str| -> Result<u64, WriteError> {
-                Ok(t.files_used.get(user).map_err(storage)?.map_or(0, |v| v.value()))
-            };
-            let mut used = used_by(t, &pin.user)?;
+            let mut used =
+                t.files_used.get(pin.user.as_str()).map_err(storage)?.map_or(0, |v| v.value());
             if let Some(old) = old.as_ref().filter(|o| o.user == pin.user) {
                 used = used.saturating_sub(old.len);
             }
@@ -615,8 +613,10 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             }
             let bytes = encode_record(pin);
             t.files.insert(*hash, bytes.as_slice()).map_err(storage)?;
-            let user_bytes = used_by(t, &pin.user)?.saturating_add(pin.len);
-            t.files_used.insert(pin.user.as_str(), user_bytes).map_err(storage)?;
+            // (`used` already leaves out the expired pin just replaced, if it was this user's.)
+            t.files_used
+                .insert(pin.user.as_str(), used.saturating_add(pin.len))
+                .map_err(storage)?;
             t.files_expiry.insert((pin.expires.0, *hash), ()).map_err(storage)?;
             Ok(Written::Pinned(pin.clone()))
         }
