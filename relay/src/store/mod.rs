@@ -202,7 +202,11 @@ impl Store {
 
     /// Whether a blob is pinned here and its pin has not expired by `now`: what the relay
     /// serves, over iroh and in parts alike.
-    pub fn serves_file(&self, hash: &[u8; 32], now: chitchat_proto::Timestamp) -> Result<bool, StoreError> {
+    pub fn serves_file(
+        &self,
+        hash: &[u8; 32],
+        now: chitchat_proto::Timestamp,
+    ) -> Result<bool, StoreError> {
         Ok(self.file_pin(hash)?.is_some_and(|pin| pin.expires > now))
     }
 
