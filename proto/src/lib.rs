@@ -25,6 +25,7 @@ pub mod hlc;
 pub mod identity;
 pub mod inbox;
 pub mod keys;
+pub mod link;
 pub mod ordering;
 pub mod pack;
 pub mod peer;

@@ -12,6 +12,7 @@ use crate::codec::{Bytes, Canonical, DecodeError, decode, encode};
 use crate::identity::{DeviceId, Dir, RelayId, Sponsorship};
 use crate::inbox::SealedEnvelope;
 use crate::keys::Signature;
+use crate::link::{LinkAnswer, LinkHello, LinkSlot};
 use crate::ordering::{ChannelId, CommitHash, CommitRef, EpochCert, EpochReport, Equivocation};
 
 /// The protocol version this implementation speaks.
@@ -295,6 +296,48 @@ pub enum Request {
         chunks: u32,
         /// The part, at most [`MAX_PART_LEN`] bytes.
         part: Bytes,
+    },
+    /// Open a slot for a new device of this user to link through ([`crate::link`]), until
+    /// `expires` (at most [`crate::link::LINK_TTL_MS`] ahead; the relay cuts it short). A
+    /// device holds one slot: a new offer closes its previous one. Answered
+    /// [`Response::LinkOffered`].
+    OfferLink {
+        /// The slot (a hash of the code's secret).
+        slot: LinkSlot,
+        /// When the slot closes.
+        expires: crate::Timestamp,
+    },
+    /// Put a new device's hello in a slot. The one request besides `Register` that a device not
+    /// registered here may send. The first hello of a slot is kept, once: another device's is
+    /// refused with [`ErrorCode::TokenUsed`], an unknown or expired slot with
+    /// [`ErrorCode::TokenInvalid`]. Answered [`Response::LinkJoined`].
+    JoinLink {
+        /// The slot.
+        slot: LinkSlot,
+        /// The new device's record and proof.
+        hello: LinkHello,
+    },
+    /// What a slot holds, asked by its offerer or its joiner. Answered [`Response::LinkState`].
+    LinkPoll {
+        /// The slot.
+        slot: LinkSlot,
+    },
+    /// The offerer's answer to the hello in its slot. Answered [`Response::LinkAnswered`].
+    AnswerLink {
+        /// The slot.
+        slot: LinkSlot,
+        /// The offerer's record and proof.
+        answer: LinkAnswer,
+    },
+    /// The devices registered under this device's name, with their names and when each was
+    /// last seen. Answered [`Response::OwnDevices`].
+    OwnDevices,
+    /// Name this device in its user's device list (at most
+    /// [`crate::identity::MAX_DEVICE_NAME_LEN`] bytes, no control characters). Answered
+    /// [`Response::DeviceNamed`].
+    NameDevice {
+        /// The name, like "laptop".
+        name: String,
     },
 }
 
@@ -719,6 +762,38 @@ pub enum Response {
     },
     /// The pushed part verified and kept.
     PartTaken,
+    /// The link slot is open.
+    LinkOffered,
+    /// The hello is in the slot.
+    LinkJoined,
+    /// What a link slot holds.
+    LinkState {
+        /// The joiner's hello, once it came.
+        hello: Option<LinkHello>,
+        /// The offerer's answer, once it came.
+        answer: Option<LinkAnswer>,
+    },
+    /// The answer is in the slot.
+    LinkAnswered,
+    /// The devices of the asking device's user.
+    OwnDevices(Vec<DeviceEntry>),
+    /// The device's name is kept.
+    DeviceNamed,
+}
+
+/// One device of a user, as its relay lists it to the user's devices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct DeviceEntry {
+    /// Its current record.
+    pub dir: Dir,
+    /// The name it gave itself (`NameDevice`); empty if none.
+    pub name: String,
+    /// When it registered here.
+    pub registered: crate::Timestamp,
+    /// When it last spoke to the relay, to the minute; `None` if never since the relay began
+    /// keeping it.
+    pub last_seen: Option<crate::Timestamp>,
 }
 
 /// An IP address and a port, as frames carry them: a [`std::net::SocketAddr`] without an IPv6
@@ -885,6 +960,7 @@ impl Validate for Request {
                 moved.validate()
             }
             Self::BlobPart { first, chunks, .. } => part_fits(*first, *chunks),
+            Self::NameDevice { name } => check_device_name(name),
             Self::PushPart { first, chunks, part, .. } => {
                 part_fits(*first, *chunks)?;
                 if part.len() > MAX_PART_LEN {
@@ -895,6 +971,18 @@ impl Validate for Request {
             _ => Ok(()),
         }
     }
+}
+
+/// A device's name: at most [`crate::identity::MAX_DEVICE_NAME_LEN`] bytes, no control
+/// characters (it reaches terminals).
+pub fn check_device_name(name: &str) -> Result<(), &'static str> {
+    if name.len() > crate::identity::MAX_DEVICE_NAME_LEN {
+        return Err("device name too long");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("control characters in a device name");
+    }
+    Ok(())
 }
 
 /// A channel's public state is within the frame's limits.
@@ -953,6 +1041,12 @@ impl Validate for Response {
                 Err("too many history entries")
             }
             Self::BlobPart { part } if part.len() > MAX_PART_LEN => Err("part too long"),
+            Self::OwnDevices(devices) => {
+                if devices.len() > crate::identity::MAX_LINKED_DEVICES + 1 {
+                    return Err("too many devices");
+                }
+                devices.iter().try_for_each(|d| check_device_name(&d.name))
+            }
             _ => Ok(()),
         }
     }

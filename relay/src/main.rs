@@ -275,6 +275,26 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         }
     });
 
+    // When devices were last seen, written once a minute (and once more at shutdown).
+    let seen = tokio::spawn({
+        let (relay, mut shutdown) = (relay.clone(), shutdown.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => break,
+                }
+                if let Err(e) = relay.flush_seen().await {
+                    tracing::warn!(error = %e, "last-seen times not written");
+                }
+            }
+            if let Err(e) = relay.flush_seen().await {
+                tracing::warn!(error = %e, "last-seen times not written");
+            }
+        }
+    });
+
     let info = RunInfo {
         peer_id: listening.peer_id.to_string(),
         addrs: listening.addrs.iter().map(ToString::to_string).collect(),
@@ -291,6 +311,7 @@ async fn run(dir: &RelayDir, dev: bool) -> anyhow::Result<()> {
         let _ = net.await;
         let _ = http.await;
         let _ = retention.await;
+        let _ = seen.await;
     })
     .await;
     groups.shutdown().await;

@@ -42,6 +42,8 @@ use crate::store::{
     InboxQuota, Onward, QueueLimits, Store, StoreError, Write, WriteError, Written,
 };
 
+mod devices;
+
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
 /// The relay's services over its store.
@@ -81,6 +83,8 @@ pub struct Relay {
     short_file_expiry: bool,
     /// Files' blobs pinned here (none until [`Relay::with_files`]).
     files: Option<Arc<crate::files::RelayFiles>>,
+    /// When each device that spoke since the last [`Relay::flush_seen`] last did.
+    seen: std::sync::Mutex<HashMap<DeviceId, Timestamp>>,
 }
 
 /// The environment variable of the relay's fault switch.
@@ -339,6 +343,12 @@ fn kind(r: &Request) -> &'static str {
         Request::BlobEndpoint => "blob_endpoint",
         Request::BlobPart { .. } => "blob_part",
         Request::PushPart { .. } => "push_part",
+        Request::OfferLink { .. } => "offer_link",
+        Request::JoinLink { .. } => "join_link",
+        Request::LinkPoll { .. } => "link_poll",
+        Request::AnswerLink { .. } => "answer_link",
+        Request::OwnDevices => "own_devices",
+        Request::NameDevice { .. } => "name_device",
     }
 }
 
@@ -432,6 +442,7 @@ impl Relay {
             exit_before_deliver,
             short_file_expiry: short_file_expiry(),
             files: None,
+            seen: Default::default(),
         }
     }
 
@@ -515,10 +526,14 @@ impl Relay {
                 "authenticate first (Challenge, Authenticate)",
             );
         };
-        // A key costs nothing: everything but registration needs a device registered here.
-        if !matches!(request, Request::Register { .. }) {
+        // A key costs nothing: everything but registration (and a new device's side of a link)
+        // needs a device registered here.
+        if !matches!(
+            request,
+            Request::Register { .. } | Request::JoinLink { .. } | Request::LinkPoll { .. }
+        ) {
             match self.store.is_registered(&me) {
-                Ok(true) => {}
+                Ok(true) => self.note_seen(me, now),
                 Ok(false) => {
                     return error(ErrorCode::Forbidden, "register this device here first");
                 }
@@ -559,6 +574,12 @@ impl Relay {
             Request::Register { token, local_name, dir } => {
                 self.register(me, token, local_name, dir, now).await
             }
+            Request::OfferLink { slot, expires } => self.offer_link(me, slot, expires, now).await,
+            Request::JoinLink { slot, hello } => self.join_link(me, slot, hello, now).await,
+            Request::LinkPoll { slot } => self.link_poll(me, slot, now),
+            Request::AnswerLink { slot, answer } => self.answer_link(me, slot, answer, now).await,
+            Request::OwnDevices => self.own_devices(me),
+            Request::NameDevice { name } => self.name_device(me, name).await,
             Request::PublishDir { dir } => {
                 if dir.device() != me {
                     return error(ErrorCode::Forbidden, "a device publishes only its own record");
@@ -2346,8 +2367,8 @@ impl Relay {
         self.waiters.wake(device);
     }
 
-    /// Deletes inbox items and history entries past their retention periods; returns how
-    /// many.
+    /// Deletes inbox items and history entries past their retention periods, and closed link
+    /// slots; returns how many.
     pub async fn expire(&self, now: Timestamp) -> Result<u64, WriteError> {
         let before = Timestamp(now.0.saturating_sub(self.config.inbox.retention_days * DAY_MS));
         let inbox = match self.store.write(Write::Expire { before, max: 10_000 }).await? {
@@ -2360,7 +2381,11 @@ impl Relay {
             Written::Removed(n) => n,
             _ => 0,
         };
-        Ok(inbox + history)
+        let links = match self.store.write(Write::ExpireLinks { now }).await? {
+            Written::Removed(n) => n,
+            _ => 0,
+        };
+        Ok(inbox + history + links)
     }
 
     /// Forgets the rate-limit state of devices whose buckets are full again, so that the

@@ -28,6 +28,8 @@ pub const MAX_LINKED_DEVICES: usize = 32;
 pub const MAX_SPONSORSHIPS: usize = 8;
 /// Longest display name, in bytes.
 pub const MAX_DISPLAY_NAME_LEN: usize = 128;
+/// Longest device name ("laptop"), in bytes.
+pub const MAX_DEVICE_NAME_LEN: usize = 64;
 /// Longest local name (`alice` in `alice@relay.example`), in bytes.
 pub const MAX_LOCAL_NAME_LEN: usize = 64;
 /// Longest relay host name, in bytes.

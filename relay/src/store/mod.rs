@@ -17,8 +17,8 @@ mod records;
 mod write;
 
 pub use records::{
-    Counters, DeviceRecord, FilePin, HistoryHead, QueueCounters, QueuedForward, StoredHistory,
-    StoredItem, StoredKeyPackage, TokenRecord,
+    Counters, DeviceInfo, DeviceRecord, FilePin, HistoryHead, LinkSlotRecord, QueueCounters,
+    QueuedForward, StoredHistory, StoredItem, StoredKeyPackage, TokenRecord,
 };
 pub use write::{
     Fanned, HistoryLimits, InboxQuota, Onward, QueueLimits, Write, WriteError, Written,
@@ -92,6 +92,15 @@ pub(crate) const FILES_EXPIRY: TableDefinition<'_, (u64, [u8; 32]), ()> =
     TableDefinition::new("files-expiry-0");
 pub(crate) const CONVICTED: TableDefinition<'_, [u8; 32], &[u8]> =
     TableDefinition::new("convicted-0");
+/// Link slots: slot → [`LinkSlotRecord`].
+pub(crate) const LINK_SLOTS: TableDefinition<'_, [u8; 16], &[u8]> =
+    TableDefinition::new("link-slots-0");
+/// The slot each device has open: device → slot (one each).
+pub(crate) const LINK_OFFERS: TableDefinition<'_, [u8; 32], [u8; 16]> =
+    TableDefinition::new("link-offers-0");
+/// What devices say of themselves: device → [`DeviceInfo`].
+pub(crate) const DEVICE_INFO: TableDefinition<'_, [u8; 32], &[u8]> =
+    TableDefinition::new("device-info-0");
 
 /// Why the store could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +282,50 @@ impl Store {
     pub fn queued_total(&self) -> Result<u64, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
         r.open_table(FED_QUEUE).map_err(redb_err)?.len().map_err(redb_err)
+    }
+
+    /// A link slot, if open (expired or not).
+    pub fn link_slot(
+        &self,
+        slot: &chitchat_proto::link::LinkSlot,
+    ) -> Result<Option<LinkSlotRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(LINK_SLOTS).map_err(redb_err)?;
+        match t.get(&slot.0).map_err(redb_err)? {
+            Some(v) => Ok(Some(records::decode_record(v.value(), "link-slots")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The devices registered under `device`'s name, each with its record, registration and
+    /// what it says of itself (name, last seen).
+    pub fn own_devices(
+        &self,
+        device: &DeviceId,
+    ) -> Result<Vec<(DeviceRecord, DeviceInfo)>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let devices = r.open_table(DEVICES).map_err(redb_err)?;
+        let Some(v) = devices.get(device.as_bytes()).map_err(redb_err)? else {
+            return Ok(vec![]);
+        };
+        let me: DeviceRecord = records::decode_record(v.value(), "devices")?;
+        let names = r.open_table(NAMES).map_err(redb_err)?;
+        let Some(v) = names.get(me.local_name.as_str()).map_err(redb_err)? else {
+            return Ok(vec![]);
+        };
+        let all: Vec<DeviceId> = records::decode_record(v.value(), "names")?;
+        let info = r.open_table(DEVICE_INFO).map_err(redb_err)?;
+        let mut out = Vec::with_capacity(all.len());
+        for d in all {
+            let Some(v) = devices.get(d.as_bytes()).map_err(redb_err)? else { continue };
+            let record: DeviceRecord = records::decode_record(v.value(), "devices")?;
+            let i = match info.get(d.as_bytes()).map_err(redb_err)? {
+                Some(v) => records::decode_record(v.value(), "device-info")?,
+                None => DeviceInfo::default(),
+            };
+            out.push((record, i));
+        }
+        Ok(out)
     }
 
     /// The current records of the devices registered under `local_name`.
@@ -476,6 +529,9 @@ fn init(db: &Database) -> Result<(), StoreError> {
         w.open_table(HISTORY).map_err(redb_err)?;
         w.open_table(HISTORY_HEADS).map_err(redb_err)?;
         w.open_table(HISTORY_GAPS).map_err(redb_err)?;
+        w.open_table(LINK_SLOTS).map_err(redb_err)?;
+        w.open_table(LINK_OFFERS).map_err(redb_err)?;
+        w.open_table(DEVICE_INFO).map_err(redb_err)?;
     }
     w.commit().map_err(redb_err)?;
     Ok(())

@@ -34,6 +34,28 @@ pub struct DeviceRecord {
     pub registered: Timestamp,
 }
 
+/// A link slot (`link-slots-0`): where a user's device and its new device meet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkSlotRecord {
+    /// The device that opened it.
+    pub offerer: DeviceId,
+    /// When it closes.
+    pub expires: Timestamp,
+    /// The new device's hello, once it came (the first one only).
+    pub hello: Option<chitchat_proto::link::LinkHello>,
+    /// The offerer's answer, once it came.
+    pub answer: Option<chitchat_proto::link::LinkAnswer>,
+}
+
+/// What a device says of itself beside its record (`device-info-0`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// The name it gave itself.
+    pub name: String,
+    /// When it last spoke to the relay (to the minute).
+    pub last_seen: Option<Timestamp>,
+}
+
 /// A file's blob pinned here (`files-0`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilePin {

@@ -749,3 +749,112 @@ async fn version_4_file_pins_are_indexed_on_open() {
     assert_eq!(gone, Written::Unpinned(vec![[1; 32]]));
     assert_eq!(used("alice"), 50);
 }
+
+fn hello(n: u8, secret: &chitchat_proto::link::LinkSecret) -> chitchat_proto::link::LinkHello {
+    chitchat_proto::link::LinkHello::new(secret, dir(n, 1, &[]))
+}
+
+#[tokio::test]
+async fn link_slots_take_one_hello_answered_by_their_offerer_and_close() {
+    use chitchat_proto::link::{LinkAnswer, LinkSecret};
+    use rand::SeedableRng;
+    let (_d, s) = open();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let (secret, other) = (LinkSecret::generate(&mut rng), LinkSecret::generate(&mut rng));
+    let slot = secret.slot();
+    let expires = NOW.plus_ms(60_000);
+    let offer =
+        |offerer: u8, slot, expires| Write::OfferLink { offerer: dev(offerer), slot, expires };
+    // Only a registered device offers.
+    assert_eq!(code(s.write(offer(1, slot, expires)).await), ErrorCode::NotFound);
+    s.write(register(None, true, "alice", dir(1, 1, &[]))).await.expect("registered");
+    s.write(register(None, true, "mallory", dir(5, 1, &[]))).await.expect("registered");
+    s.write(offer(1, slot, expires)).await.expect("offered");
+    s.write(offer(1, slot, expires)).await.expect("a retry");
+    assert_eq!(code(s.write(offer(5, slot, expires)).await), ErrorCode::Forbidden, "taken");
+
+    let join = |joiner: u8, slot, h: &chitchat_proto::link::LinkHello, now| Write::JoinLink {
+        joiner: dev(joiner),
+        slot,
+        hello: h.clone(),
+        now,
+    };
+    let h2 = hello(2, &secret);
+    // Unknown and expired slots, a hello under another device's record, a registered joiner.
+    assert_eq!(code(s.write(join(2, other.slot(), &h2, NOW)).await), ErrorCode::TokenInvalid);
+    assert_eq!(code(s.write(join(2, slot, &h2, expires)).await), ErrorCode::TokenInvalid);
+    assert_eq!(code(s.write(join(3, slot, &h2, NOW)).await), ErrorCode::Forbidden);
+    assert_eq!(code(s.write(join(5, slot, &hello(5, &secret), NOW)).await), ErrorCode::Forbidden);
+    // An answer before any hello is refused.
+    let answer = LinkAnswer::new(&secret, dev(2), dir(1, 2, &[2]));
+    let answer_write = |offerer: u8, a: &LinkAnswer| Write::AnswerLink {
+        offerer: dev(offerer),
+        slot,
+        answer: a.clone(),
+        now: NOW,
+    };
+    assert_eq!(code(s.write(answer_write(1, &answer)).await), ErrorCode::BadRequest);
+
+    s.write(join(2, slot, &h2, NOW)).await.expect("joined");
+    s.write(join(2, slot, &h2, NOW)).await.expect("the same hello again: a retry");
+    // The code is spent: another device's hello, even with the right secret, is refused.
+    assert_eq!(code(s.write(join(3, slot, &hello(3, &secret), NOW)).await), ErrorCode::TokenUsed);
+    assert_eq!(s.link_slot(&slot).expect("read").and_then(|r| r.hello), Some(h2.clone()));
+
+    // Only the offerer answers, once.
+    assert_eq!(code(s.write(answer_write(5, &answer)).await), ErrorCode::Forbidden);
+    s.write(answer_write(1, &answer)).await.expect("answered");
+    s.write(answer_write(1, &answer)).await.expect("a retry");
+    let other_answer = LinkAnswer::new(&secret, dev(2), dir(1, 3, &[2]));
+    assert_eq!(code(s.write(answer_write(1, &other_answer)).await), ErrorCode::Forbidden);
+
+    // A new offer closes the device's previous slot.
+    s.write(offer(1, other.slot(), expires)).await.expect("a second offer");
+    assert_eq!(s.link_slot(&slot).expect("read"), None);
+    assert!(s.link_slot(&other.slot()).expect("read").is_some());
+    // Closed slots go with the clean-up, and only those.
+    s.write(offer(5, slot, NOW.plus_ms(10))).await.expect("mallory offers");
+    assert_eq!(s.write(Write::ExpireLinks { now: NOW.plus_ms(10) }).await, Ok(Written::Removed(1)));
+    assert_eq!(s.link_slot(&slot).expect("read"), None);
+    assert!(s.link_slot(&other.slot()).expect("read").is_some());
+    assert_eq!(s.write(Write::ExpireLinks { now: expires }).await, Ok(Written::Removed(1)));
+    assert_eq!(s.link_slot(&other.slot()).expect("read"), None);
+}
+
+#[tokio::test]
+async fn a_linked_device_registers_without_an_invite_and_the_list_shows_names_and_sightings() {
+    let (_d, s) = open();
+    token(&s, "t1", NOW.plus_ms(1000)).await;
+    s.write(register(Some("t1"), false, "alice", dir(1, 1, &[2]))).await.expect("alice");
+    // Closed registration: a device alice's record lists, and that lists alice's, needs no
+    // token; one that only claims the link does not get in, with or without one.
+    assert_eq!(
+        code(s.write(register(None, false, "alice", dir(3, 1, &[1]))).await),
+        ErrorCode::NameTaken
+    );
+    s.write(register(None, false, "alice", dir(2, 1, &[1]))).await.expect("linked device");
+    assert_eq!(
+        code(s.write(register(None, false, "bob", dir(4, 1, &[]))).await),
+        ErrorCode::RegistrationClosed,
+        "a new user still needs an invite"
+    );
+
+    s.write(Write::NameDevice { device: dev(2), name: "phone".into() }).await.expect("named");
+    assert_eq!(
+        code(s.write(Write::NameDevice { device: dev(4), name: "x".into() }).await),
+        ErrorCode::NotFound
+    );
+    let seen = vec![(dev(1), NOW.plus_ms(5)), (dev(4), NOW)];
+    s.write(Write::Seen(seen)).await.expect("seen");
+    // An older sighting does not move it back.
+    s.write(Write::Seen(vec![(dev(1), NOW)])).await.expect("seen");
+    let list = s.own_devices(&dev(2)).expect("list");
+    let summary: Vec<_> =
+        list.iter().map(|(r, i)| (r.dir.device(), i.name.as_str(), i.last_seen)).collect();
+    assert_eq!(
+        summary,
+        vec![(dev(1), "", Some(NOW.plus_ms(5))), (dev(2), "phone", None)],
+        "both of alice's devices, and nobody else's"
+    );
+    assert!(s.own_devices(&dev(4)).expect("list").is_empty());
+}

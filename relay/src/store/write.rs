@@ -10,11 +10,13 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::records::{decode_record, encode_record};
 use super::{
-    BLOCKED, CONVICTED, COUNTERS, Counters, DEVICES, DeviceRecord, FED_QUEUE, FED_QUEUES, FED_SEEN,
-    FILES, FILES_EXPIRY, FILES_USED, FilePin, HISTORY, HISTORY_GAPS, HISTORY_HEADS, HistoryHead,
-    INBOX, KEY_PACKAGES, LAST_RESORT, META, NAMES, QueueCounters, QueuedForward, StoredHistory,
+    BLOCKED, CONVICTED, COUNTERS, Counters, DEVICE_INFO, DEVICES, DeviceInfo, DeviceRecord,
+    FED_QUEUE, FED_QUEUES, FED_SEEN, FILES, FILES_EXPIRY, FILES_USED, FilePin, HISTORY,
+    HISTORY_GAPS, HISTORY_HEADS, HistoryHead, INBOX, KEY_PACKAGES, LAST_RESORT, LINK_OFFERS,
+    LINK_SLOTS, LinkSlotRecord, META, NAMES, QueueCounters, QueuedForward, StoredHistory,
     StoredItem, StoredKeyPackage, TOKENS, TokenRecord,
 };
+use chitchat_proto::link::{LinkAnswer, LinkHello, LinkSlot};
 
 /// Inbox bounds, checked on every enqueue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,6 +259,54 @@ pub enum Write {
         /// Most pins deleted in one pass.
         max: usize,
     },
+    /// Open a link slot for `offerer` (registered here) until `expires`, closing the one it
+    /// had open.
+    OfferLink {
+        /// The device that offers.
+        offerer: DeviceId,
+        /// The slot.
+        slot: LinkSlot,
+        /// When it closes.
+        expires: Timestamp,
+    },
+    /// Put `joiner`'s hello in an open slot: the first hello only (`TokenUsed` for another),
+    /// none after the slot closed (`TokenInvalid`).
+    JoinLink {
+        /// The device that joins (not registered here).
+        joiner: DeviceId,
+        /// The slot.
+        slot: LinkSlot,
+        /// Its hello (proof unchecked: the relay cannot check it).
+        hello: LinkHello,
+        /// The time of the request.
+        now: Timestamp,
+    },
+    /// Put the offerer's answer in its slot, after a hello.
+    AnswerLink {
+        /// The device that answers (the slot's offerer).
+        offerer: DeviceId,
+        /// The slot.
+        slot: LinkSlot,
+        /// The answer.
+        answer: LinkAnswer,
+        /// The time of the request.
+        now: Timestamp,
+    },
+    /// Delete the link slots closed by `now`.
+    ExpireLinks {
+        /// The time.
+        now: Timestamp,
+    },
+    /// A registered device names itself.
+    NameDevice {
+        /// The device.
+        device: DeviceId,
+        /// Its name (checked by the caller).
+        name: String,
+    },
+    /// When devices were last seen (kept only where later than what is stored, and only for
+    /// devices registered here).
+    Seen(Vec<(DeviceId, Timestamp)>),
     /// Block or unblock a relay host.
     Block {
         /// The host.
@@ -359,6 +409,9 @@ pub(super) struct Tables<'txn> {
     history: Table<'txn, ([u8; 32], u64), &'static [u8]>,
     history_heads: Table<'txn, [u8; 32], &'static [u8]>,
     history_gaps: Table<'txn, ([u8; 32], [u8; 32]), u64>,
+    link_slots: Table<'txn, [u8; 16], &'static [u8]>,
+    link_offers: Table<'txn, [u8; 32], [u8; 16]>,
+    device_info: Table<'txn, [u8; 32], &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -383,6 +436,9 @@ impl<'txn> Tables<'txn> {
             history: txn.open_table(HISTORY).map_err(storage)?,
             history_heads: txn.open_table(HISTORY_HEADS).map_err(storage)?,
             history_gaps: txn.open_table(HISTORY_GAPS).map_err(storage)?,
+            link_slots: txn.open_table(LINK_SLOTS).map_err(storage)?,
+            link_offers: txn.open_table(LINK_OFFERS).map_err(storage)?,
+            device_info: txn.open_table(DEVICE_INFO).map_err(storage)?,
         })
     }
 }
@@ -443,6 +499,38 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             register(t, token.as_deref(), *open, local_name, dir, *now)
         }
         Write::PublishDir { dir } => publish_dir(t, dir),
+        Write::OfferLink { offerer, slot, expires } => offer_link(t, *offerer, *slot, *expires),
+        Write::JoinLink { joiner, slot, hello, now } => join_link(t, *joiner, *slot, hello, *now),
+        Write::AnswerLink { offerer, slot, answer, now } => {
+            answer_link(t, *offerer, *slot, answer, *now)
+        }
+        Write::ExpireLinks { now } => expire_links(t, *now),
+        Write::NameDevice { device, name } => {
+            if device_record(t, *device)?.is_none() {
+                return Err(reject(ErrorCode::NotFound, "device is not registered here"));
+            }
+            let mut info = device_info(t, *device)?;
+            info.name = name.clone();
+            t.device_info
+                .insert(device.as_bytes(), encode_record(&info).as_slice())
+                .map_err(storage)?;
+            Ok(Written::Done)
+        }
+        Write::Seen(seen) => {
+            for (device, at) in seen {
+                if device_record(t, *device)?.is_none() {
+                    continue;
+                }
+                let mut info = device_info(t, *device)?;
+                if info.last_seen.is_some_and(|l| l >= *at) {
+                    continue;
+                }
+                info.last_seen = Some(*at);
+                let bytes = encode_record(&info);
+                t.device_info.insert(device.as_bytes(), bytes.as_slice()).map_err(storage)?;
+            }
+            Ok(Written::Done)
+        }
         Write::UploadKeyPackages { device, packages, last_resort, max_per_device } => {
             upload_key_packages(t, *device, packages, last_resort.as_ref(), *max_per_device)
         }
@@ -760,6 +848,116 @@ fn device_record(t: &Tables<'_>, device: DeviceId) -> Result<Option<DeviceRecord
     v.map(|v| decode_record(v.value(), "devices").map_err(corrupt)).transpose()
 }
 
+fn device_info(t: &Tables<'_>, device: DeviceId) -> Result<DeviceInfo, WriteError> {
+    match t.device_info.get(device.as_bytes()).map_err(storage)? {
+        Some(v) => decode_record(v.value(), "device-info").map_err(corrupt),
+        None => Ok(DeviceInfo::default()),
+    }
+}
+
+fn link_slot(t: &Tables<'_>, slot: LinkSlot) -> Result<Option<LinkSlotRecord>, WriteError> {
+    let v = t.link_slots.get(&slot.0).map_err(storage)?;
+    v.map(|v| decode_record(v.value(), "link-slots").map_err(corrupt)).transpose()
+}
+
+fn offer_link(
+    t: &mut Tables<'_>,
+    offerer: DeviceId,
+    slot: LinkSlot,
+    expires: Timestamp,
+) -> Result<Written, WriteError> {
+    if device_record(t, offerer)?.is_none() {
+        return Err(reject(ErrorCode::NotFound, "device is not registered here"));
+    }
+    if let Some(existing) = link_slot(t, slot)? {
+        // A retry of the same offer keeps the slot as it is (a hello may be in it already).
+        if existing.offerer == offerer {
+            return Ok(Written::Done);
+        }
+        return Err(reject(ErrorCode::Forbidden, "the slot is taken"));
+    }
+    if let Some(previous) = t.link_offers.get(offerer.as_bytes()).map_err(storage)? {
+        let previous = previous.value();
+        t.link_slots.remove(&previous).map_err(storage)?;
+    }
+    let record = LinkSlotRecord { offerer, expires, hello: None, answer: None };
+    t.link_slots.insert(&slot.0, encode_record(&record).as_slice()).map_err(storage)?;
+    t.link_offers.insert(offerer.as_bytes(), slot.0).map_err(storage)?;
+    Ok(Written::Done)
+}
+
+fn join_link(
+    t: &mut Tables<'_>,
+    joiner: DeviceId,
+    slot: LinkSlot,
+    hello: &LinkHello,
+    now: Timestamp,
+) -> Result<Written, WriteError> {
+    let Some(mut record) = link_slot(t, slot)?.filter(|r| r.expires > now) else {
+        return Err(reject(ErrorCode::TokenInvalid, "unknown or expired link code"));
+    };
+    match &record.hello {
+        Some(h) if h == hello => return Ok(Written::Done), // a retry
+        Some(_) => return Err(reject(ErrorCode::TokenUsed, "link code already used")),
+        None => {}
+    }
+    if hello.dir.device() != joiner {
+        return Err(reject(ErrorCode::Forbidden, "a device joins only with its own record"));
+    }
+    if device_record(t, joiner)?.is_some() {
+        return Err(reject(ErrorCode::Forbidden, "this device is registered here already"));
+    }
+    record.hello = Some(hello.clone());
+    t.link_slots.insert(&slot.0, encode_record(&record).as_slice()).map_err(storage)?;
+    Ok(Written::Done)
+}
+
+fn answer_link(
+    t: &mut Tables<'_>,
+    offerer: DeviceId,
+    slot: LinkSlot,
+    answer: &LinkAnswer,
+    now: Timestamp,
+) -> Result<Written, WriteError> {
+    let Some(mut record) = link_slot(t, slot)?.filter(|r| r.expires > now) else {
+        return Err(reject(ErrorCode::TokenInvalid, "unknown or expired link code"));
+    };
+    if record.offerer != offerer {
+        return Err(reject(ErrorCode::Forbidden, "not this device's slot"));
+    }
+    if record.hello.is_none() {
+        return Err(reject(ErrorCode::BadRequest, "no device joined the slot yet"));
+    }
+    match &record.answer {
+        Some(a) if a == answer => return Ok(Written::Done),
+        Some(_) => return Err(reject(ErrorCode::Forbidden, "the slot is answered")),
+        None => {}
+    }
+    record.answer = Some(answer.clone());
+    t.link_slots.insert(&slot.0, encode_record(&record).as_slice()).map_err(storage)?;
+    Ok(Written::Done)
+}
+
+/// Deletes the closed link slots (at most one per registered device exists).
+fn expire_links(t: &mut Tables<'_>, now: Timestamp) -> Result<Written, WriteError> {
+    let mut gone = Vec::new();
+    for entry in t.link_slots.iter().map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        let record: LinkSlotRecord = decode_record(v.value(), "link-slots").map_err(corrupt)?;
+        if record.expires <= now {
+            gone.push((k.value(), record.offerer));
+        }
+    }
+    for (slot, offerer) in &gone {
+        t.link_slots.remove(slot).map_err(storage)?;
+        let current = t.link_offers.get(offerer.as_bytes()).map_err(storage)?.map(|v| v.value());
+        if current == Some(*slot) {
+            t.link_offers.remove(offerer.as_bytes()).map_err(storage)?;
+        }
+    }
+    Ok(Written::Removed(gone.len() as u64))
+}
+
 fn register(
     t: &mut Tables<'_>,
     token: Option<&str>,
@@ -776,30 +974,8 @@ fn register(
         }
         return Err(reject(ErrorCode::Forbidden, "device is registered under another name"));
     }
-    let token_record = match token {
-        Some(token) => {
-            let Some(v) = t.tokens.get(token).map_err(storage)? else {
-                return Err(reject(ErrorCode::TokenInvalid, "unknown invite token"));
-            };
-            let record: TokenRecord = decode_record(v.value(), "tokens").map_err(corrupt)?;
-            if record.used_by.is_some() {
-                return Err(reject(ErrorCode::TokenUsed, "invite token already used"));
-            }
-            if now >= record.expires {
-                return Err(reject(ErrorCode::TokenInvalid, "invite token expired"));
-            }
-            Some((token, record))
-        }
-        None if open => None,
-        None => {
-            return Err(reject(
-                ErrorCode::RegistrationClosed,
-                "registration needs an invite token",
-            ));
-        }
-    };
     // A name holds one user: another device may join it only when linked both ways with one of
-    // the devices already there.
+    // the devices already there, and then needs no invite (the user's own device vouches).
     let mut devices: Vec<DeviceId> = match t.names.get(local_name).map_err(storage)? {
         Some(v) => decode_record(v.value(), "names").map_err(corrupt)?,
         None => Vec::new(),
@@ -815,6 +991,29 @@ fn register(
             return Err(reject(ErrorCode::NameTaken, format!("{local_name} is taken")));
         }
     }
+    let token = if devices.is_empty() { token } else { None };
+    let token_record = match token {
+        Some(token) => {
+            let Some(v) = t.tokens.get(token).map_err(storage)? else {
+                return Err(reject(ErrorCode::TokenInvalid, "unknown invite token"));
+            };
+            let record: TokenRecord = decode_record(v.value(), "tokens").map_err(corrupt)?;
+            if record.used_by.is_some() {
+                return Err(reject(ErrorCode::TokenUsed, "invite token already used"));
+            }
+            if now >= record.expires {
+                return Err(reject(ErrorCode::TokenInvalid, "invite token expired"));
+            }
+            Some((token, record))
+        }
+        None if open || !devices.is_empty() => None,
+        None => {
+            return Err(reject(
+                ErrorCode::RegistrationClosed,
+                "registration needs an invite token",
+            ));
+        }
+    };
     // A user is at most MAX_LINKED_DEVICES devices (a record lists at most that many others, so
     // more could never all be linked with each other).
     if devices.len() >= chitchat_proto::identity::MAX_LINKED_DEVICES {
