@@ -15,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use chitchat_proto::DeviceId;
@@ -152,6 +152,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/register", post(register))
         .route("/v1/devices", get(devices))
+        .route("/v1/devices/link", post(offer_link))
+        .route("/v1/devices/join", post(join_link))
+        .route("/v1/devices/name", put(name_device))
         .route("/v1/network", get(network))
         .route("/v1/network/dial", post(dial))
         .route("/v1/network/lan", get(lan))
@@ -351,26 +354,73 @@ async fn register(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Json
     })))
 }
 
+/// This user's devices as the relay lists them: each one's name, record, registration, when it
+/// was last seen, and whether it and this device list each other.
 async fn devices(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
-    let address = s
+    let account = s
         .node
-        .with(|e| e.account().map(|a| format!("{}@{}", a.local_name, a.relay.id.host)))
+        .with(|e| e.account().cloned())
         .await
         .ok_or(ApiError::from(EngineError::NotRegistered))?;
-    let me = s.node.with(|e| e.device()).await;
-    let dirs = s.node.lookup(&address).await?;
-    let list: Vec<Value> = dirs
+    let address = format!("{}@{}", account.local_name, account.relay.id.host);
+    let me = account.dir.device();
+    let entries = s.node.own_devices().await?;
+    let list: Vec<Value> = entries
         .iter()
         .map(|d| {
+            let device = d.dir.device();
             json!({
-                "device": d.device().0.to_hex(),
-                "this_device": d.device() == me,
-                "name": d.body.profile.display_name,
-                "record_seq": d.body.seq,
+                "device": device.0.to_hex(),
+                "this_device": device == me,
+                "name": d.name,
+                "linked": device == me
+                    || chitchat_proto::identity::linked(&account.dir, &d.dir).is_ok(),
+                "record_seq": d.dir.body.seq,
+                "registered_ms": d.registered.0,
+                "last_seen_ms": d.last_seen.map(|t| t.0),
             })
         })
         .collect();
     Ok(Json(json!({ "address": address, "devices": list })))
+}
+
+/// Opens a link for a new device of this user: the code to show it (and to put in a QR
+/// code), and until when it works. The node answers the new device by itself; the event
+/// stream says `device_linked` (or `link_failed`).
+async fn offer_link(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+    let offer = s.node.offer_link().await?;
+    Ok(Json(json!({ "code": offer.code.to_string(), "expires_ms": offer.expires.0 })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    code: String,
+    name: Option<String>,
+}
+
+/// Completes a link on this device (registered nowhere) with the code another device of the
+/// user showed; `name` names this device in the user's list.
+async fn join_link(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Json<Value>> {
+    let b: JoinBody = body(&bytes)?;
+    let account = s.node.join_link(&b.code, b.name).await?;
+    Ok(Json(json!({
+        "address": format!("{}@{}", account.local_name, account.relay.id.host),
+        "device": account.dir.device().0.to_hex(),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameBody {
+    name: String,
+}
+
+/// Names this device in the user's list.
+async fn name_device(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Json<Value>> {
+    let b: NameBody = body(&bytes)?;
+    s.node.name_device(b.name.clone()).await?;
+    Ok(Json(json!({ "name": b.name })))
 }
 
 /// A user of any relay (`bob@other.host`), with the devices whose records verify.
@@ -1109,7 +1159,10 @@ fn event_channel(e: &Event) -> Option<&str> {
         | Event::Fork { channel, .. }
         | Event::File { channel, .. } => Some(channel),
         // Every stream hears of a convicted orderer: it matters to all its channels.
-        Event::Relay { .. } | Event::Equivocation { .. } => None,
+        Event::Relay { .. }
+        | Event::Equivocation { .. }
+        | Event::DeviceLinked { .. }
+        | Event::LinkFailed { .. } => None,
     }
 }
 

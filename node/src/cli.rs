@@ -177,6 +177,8 @@ pub fn format_event(v: &Value) -> String {
         ),
         Some("joined") => format!("   joined channel {}", s("name")),
         Some("removed") => "   this device was removed from the channel".to_owned(),
+        Some("device_linked") => format!("   linked a new device {}", s("device")),
+        Some("link_failed") => format!("   a device link failed: {}", s("reason")),
         Some("file") => format!(
             "   file {} {}: {} of {}",
             short(&s("id")),
@@ -186,6 +188,49 @@ pub fn format_event(v: &Value) -> String {
         ),
         _ => v.to_string(),
     }
+}
+
+/// One device of `chitchat devices`: id, name, and whether it is this one, linked, and when
+/// it was last seen.
+pub fn device_line(d: &Value, now_ms: u64) -> String {
+    let device = d.get("device").and_then(Value::as_str).unwrap_or_default();
+    let name = d.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()).unwrap_or("-");
+    let state = if d.get("this_device").and_then(Value::as_bool) == Some(true) {
+        "this device".to_owned()
+    } else {
+        let seen = match d.get("last_seen_ms").and_then(Value::as_u64) {
+            Some(ms) => format!("last seen {}", ago(now_ms.saturating_sub(ms))),
+            None => "never seen".to_owned(),
+        };
+        if d.get("linked").and_then(Value::as_bool) == Some(true) {
+            seen
+        } else {
+            format!("{seen}, not linked with this device")
+        }
+    };
+    format!("{device}  {name:<16}  {state}")
+}
+
+/// A duration in words: "just now", "5 minutes ago", "3 hours ago", "2 days ago".
+pub fn ago(ms: u64) -> String {
+    let minutes = ms / 60_000;
+    match minutes {
+        0..=1 => "just now".to_owned(),
+        2..=119 => format!("{minutes} minutes ago"),
+        120..=2879 => format!("{} hours ago", minutes / 60),
+        _ => format!("{} days ago", minutes / 1440),
+    }
+}
+
+/// A QR code of `text` for the terminal (two rows of modules a line).
+pub fn qr(text: &str) -> anyhow::Result<String> {
+    let code = qrcode::QrCode::new(text.as_bytes())?;
+    Ok(code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
 }
 
 fn s_of(v: Option<&Value>, k: &str) -> String {

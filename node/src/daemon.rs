@@ -53,8 +53,10 @@ const EVIDENCE_MAX_BACKOFF_MS: u64 = 10_000;
 
 pub use crate::engine::now;
 
+mod devices;
 mod files;
 mod lan;
+pub use devices::LinkOffer;
 pub use files::Attachment;
 pub use lan::parse_device;
 
@@ -166,6 +168,8 @@ pub struct Node {
     reuploads: files::Reuploads,
     /// Where events go, besides the engine's own (a fetch's progress).
     events: tokio::sync::broadcast::Sender<Event>,
+    /// The link slot this device offers now, if any (one at a time).
+    offer: Mutex<Option<chitchat_proto::link::LinkSlot>>,
 }
 
 /// A message to gossip: its channel, id, envelope, and for a relay-less channel its outbox
@@ -243,6 +247,7 @@ impl Node {
             damaged: Arc::default(),
             reuploads: files::Reuploads::default(),
             events,
+            offer: Mutex::new(None),
         });
         tokio::spawn(node.clone().gossip_task(gossiped));
         tokio::spawn(node.clone().publish_task(to_publish));
@@ -473,24 +478,69 @@ impl Node {
         token: Option<String>,
         name: &str,
     ) -> Result<Account, NodeError> {
-        if let Some(a) = self.with(|e| e.account().cloned()).await {
-            let address = a.dir.body.sponsorships.first().map(|s| s.address().to_string());
-            return Err(EngineError::AlreadyRegistered(address.unwrap_or_default()).into());
-        }
+        self.check_unregistered().await?;
         chitchat_proto::identity::check_local_name(name)
             .map_err(|e| NodeError::Invalid(format!("name {name:?}: {e}")))?;
         let relay = fetch_well_known(url).await?;
         let key = self.with(|e| e.key().clone()).await;
         let link = Arc::new(link_for(&self.host, key, &relay, &self.config).await?);
         let now = now();
-        let dir = self.with(move |e| e.own_dir(1, vec![], now)).await;
+        let dir = self.with(move |e| e.first_dir("", now)).await;
         let local_name = name.to_owned();
-        let request = Request::Register { token, local_name: local_name.clone(), dir };
+        let request = Request::Register { token, local_name: local_name.clone(), dir: dir.clone() };
         let sponsorship = match link.call(&request).await? {
             Response::Registered { sponsorship } => sponsorship,
             other => return Err(refused(other)),
         };
-        let dir = self.with(move |e| e.own_dir(2, vec![sponsorship], now)).await;
+        self.registered_as(link, relay, local_name, dir, sponsorship).await
+    }
+
+    /// `AlreadyRegistered` if this device is.
+    async fn check_unregistered(&self) -> Result<(), NodeError> {
+        match self.with(|e| e.account().cloned()).await {
+            Some(a) => {
+                let address = a.dir.body.sponsorships.first().map(|s| s.address().to_string());
+                Err(EngineError::AlreadyRegistered(address.unwrap_or_default()).into())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The record the relay holds for this device, if any.
+    async fn relay_record(&self, link: &RelayLink, me: DeviceId) -> Result<Option<Dir>, NodeError> {
+        match link.call(&Request::LookupDevices { devices: vec![me] }).await? {
+            Response::Dirs(dirs) => Ok(dirs.into_iter().find(|d| d.device() == me)),
+            other => Err(refused(other)),
+        }
+    }
+
+    /// After the relay registered this device with the record `sent` and sponsored it: the
+    /// sponsored record (one above what the relay holds: `sent`, or a later one a lost answer
+    /// left there) published, the account kept, KeyPackages uploaded, the tasks started.
+    async fn registered_as(
+        &self,
+        link: Arc<RelayLink>,
+        relay: RelayInfo,
+        local_name: String,
+        sent: Dir,
+        sponsorship: chitchat_proto::Sponsorship,
+    ) -> Result<Account, NodeError> {
+        let held = self
+            .relay_record(&link, sent.device())
+            .await?
+            .filter(|d| d.body.seq > sent.body.seq)
+            .unwrap_or(sent);
+        let now = now();
+        let display_name = local_name.clone();
+        let dir = self
+            .with(move |e| {
+                let change = |b: &mut chitchat_proto::DirBody| {
+                    b.sponsorships = vec![sponsorship];
+                    b.profile.display_name = display_name;
+                };
+                e.next_dir(&held, change, now)
+            })
+            .await?;
         match link.call(&Request::PublishDir { dir: dir.clone() }).await? {
             Response::DirPublished => {}
             other => return Err(refused(other)),

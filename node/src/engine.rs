@@ -22,7 +22,7 @@ use chitchat_proto::identity::{DirBody, Profile, TrustedRelays};
 use chitchat_proto::inbox::{self, InboxSecret};
 use chitchat_proto::ordering::{ChannelId, EpochCert, EpochRecord};
 use chitchat_proto::wire::{Envelope, InboxItem, InboxPayload, LeaveRequest, SealedWelcomes};
-use chitchat_proto::{DeviceId, Dir, RelayId, SecretKey, Sponsorship, Timestamp, chat};
+use chitchat_proto::{DeviceId, Dir, RelayId, SecretKey, Timestamp, chat};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider as _;
 use rand::RngExt as _;
@@ -42,6 +42,9 @@ use crate::store::{
 
 /// Events kept for slow subscribers of the event stream, at most.
 pub const EVENT_BUFFER: usize = 4096;
+/// The sequence number of a device's first identity record; each later one is one above the
+/// record it replaces ([`Engine::next_dir`]).
+pub const FIRST_DIR_SEQ: u64 = 1;
 /// Messages one outbox pass reads, at most.
 pub const OUTBOX_BATCH: usize = 256;
 
@@ -189,6 +192,17 @@ pub enum Event {
         total: u64,
         /// `fetching`, `fetched` or `failed`.
         state: &'static str,
+    },
+    /// A new device of this user is linked (this device showed the code).
+    DeviceLinked {
+        /// The new device (hex).
+        device: String,
+    },
+    /// A link this device offered failed (the new device's hello did not hold, or the relay
+    /// refused the answer).
+    LinkFailed {
+        /// Why.
+        reason: String,
     },
     /// Another member reported another commit or state for an epoch of a channel.
     Fork {
@@ -661,23 +675,42 @@ impl Engine {
         self.inbox.public()
     }
 
-    /// This device's identity record, signed, with sequence number `seq`.
-    pub fn own_dir(&self, seq: u64, sponsorships: Vec<Sponsorship>, now: Timestamp) -> Dir {
-        let display_name =
-            sponsorships.first().map(|s| s.body.local_name.clone()).unwrap_or_default();
+    /// This device's first identity record: self-signed, sponsored by no relay, linked to no
+    /// device, sequence number [`FIRST_DIR_SEQ`]. What it registers (or joins a link) with, and
+    /// what it shows peers while it is registered nowhere.
+    pub fn first_dir(&self, display_name: &str, now: Timestamp) -> Dir {
         Dir::sign(
             &self.key,
             DirBody {
                 device: self.device(),
-                seq,
+                seq: FIRST_DIR_SEQ,
                 inbox_key: self.inbox.public(),
                 linked: BTreeSet::new(),
-                sponsorships,
-                profile: Profile { display_name, avatar: None },
+                sponsorships: Vec::new(),
+                profile: Profile { display_name: display_name.to_owned(), avatar: None },
                 revoked: false,
                 issued: now,
             },
         )
+    }
+
+    /// The record that follows `current` (this device's latest, as the account or the relay
+    /// holds it): its sequence number one above, issued `now`, with `change` made to it.
+    pub fn next_dir(
+        &self,
+        current: &Dir,
+        change: impl FnOnce(&mut DirBody),
+        now: Timestamp,
+    ) -> Result<Dir, EngineError> {
+        if current.device() != self.device() {
+            return Err(EngineError::Invalid("another device's record".into()));
+        }
+        let mut body = current.body.clone();
+        body.seq = body.seq.checked_add(1).ok_or(EngineError::Invalid("record sequence".into()))?;
+        body.issued = now;
+        body.inbox_key = self.inbox.public();
+        change(&mut body);
+        Ok(Dir::sign(&self.key, body))
     }
 
     /// The registration, if any.

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use axum::serve::ListenerExt as _;
@@ -34,8 +35,17 @@ fn default_home() -> PathBuf {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the device key, the node directory and its config.
-    Init,
+    /// Create the device key, the node directory and its config. With `--link`, also link
+    /// this device to a user whose other device showed the code (`chitchat devices link`),
+    /// and register it as that user at their relay.
+    Init {
+        /// The code the other device shows.
+        #[arg(long)]
+        link: Option<String>,
+        /// This device's name in the user's device list, like "phone".
+        #[arg(long, requires = "link")]
+        device_name: Option<String>,
+    },
     /// Run the node.
     Daemon {
         /// Talk to the relay alone: dial no peer, listen nowhere, announce no address
@@ -62,8 +72,11 @@ enum Command {
     /// Show the node's state: the relay link, dropped items, and any orderer caught
     /// equivocating or fork found in a channel.
     Status,
-    /// List this user's devices.
-    Devices,
+    /// List this user's devices (name, last seen), or link, join or name one.
+    Devices {
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
+    },
     /// Look up a user of any relay (bob@other.host) and list the devices whose records verify.
     Lookup {
         /// The user's address.
@@ -232,6 +245,26 @@ enum ChannelCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// Show a one-time code (and its QR code) for a new device of yours, and wait until it is
+    /// linked. On the new device: `chitchat init --link CODE`.
+    Link,
+    /// On a running node registered nowhere: link it with a code another of your devices shows.
+    Join {
+        /// The code.
+        code: String,
+        /// This device's name in your device list.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Name this device in your device list.
+    Name {
+        /// The name, like "laptop".
+        name: String,
+    },
+}
+
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
@@ -242,13 +275,15 @@ fn main() {
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = NodeDir::new(cli.home.clone());
-    if let Command::Init = cli.command {
+    if let Command::Init { link, device_name } = cli.command {
         dir.init()?;
         let store = Store::open(&dir.db())?;
         let engine = Engine::open(store)?;
         println!("device {}", engine.device().0.to_hex());
         println!("node directory {}", dir.root().display());
-        return Ok(());
+        let Some(code) = link else { return Ok(()) };
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        return runtime.block_on(init_link(&dir, engine, &code, device_name));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -260,6 +295,27 @@ fn real_main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// `init --link`: the node runs here only until the link is done (no API, no blob store), and
+/// the daemon started next finds the account.
+async fn init_link(
+    dir: &NodeDir,
+    engine: Engine,
+    code: &str,
+    device_name: Option<String>,
+) -> anyhow::Result<()> {
+    let config = dir.load_config()?;
+    let node = Node::start(engine, config, None).await?;
+    println!("linking: waiting for the other device's answer...");
+    let linked = node.join_link(code, device_name).await;
+    if let Err(e) = node.with(Engine::close).await {
+        tracing::warn!(error = %e, "cannot record the clean stop");
+    }
+    let account = linked.context("link failed")?;
+    println!("linked: this device is {}@{}", account.local_name, account.relay.id.host);
+    println!("start it with `chitchat daemon`; it joins your channels there");
+    Ok(())
 }
 
 async fn daemon(dir: NodeDir, relay_only: bool) -> anyhow::Result<()> {
@@ -448,6 +504,56 @@ async fn send_file(
     Ok(())
 }
 
+/// `devices link`: the code and its QR code, then the wait for the new device.
+async fn link_device(client: &ApiClient) -> anyhow::Result<()> {
+    // Listen first, so that a quick new device's link is not missed.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<String, String>>(1);
+    let watching = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let _ = client
+                .events(None, |e| {
+                    let done = match e["type"].as_str() {
+                        Some("device_linked") => {
+                            Some(Ok(e["device"].as_str().unwrap_or_default().to_owned()))
+                        }
+                        Some("link_failed") => {
+                            Some(Err(e["reason"].as_str().unwrap_or_default().to_owned()))
+                        }
+                        _ => None,
+                    };
+                    match done {
+                        Some(d) => {
+                            let _ = tx.try_send(d);
+                            false
+                        }
+                        None => true,
+                    }
+                })
+                .await;
+        })
+    };
+    let v = client.json("POST", "/v1/devices/link", None).await?;
+    let code = v["code"].as_str().unwrap_or_default();
+    let expires_ms = v["expires_ms"].as_u64().unwrap_or(0);
+    println!("{}", cli::qr(code)?);
+    println!("link code: {code}");
+    println!("on the new device: chitchat init --link {code}");
+    let left = Duration::from_millis(expires_ms.saturating_sub(chitchat_node::daemon::now().0));
+    println!("the code works once, for {} minutes; waiting...", left.as_secs().div_ceil(60));
+    let outcome = tokio::time::timeout(left, rx.recv()).await;
+    watching.abort();
+    match outcome {
+        Ok(Some(Ok(device))) => {
+            println!("linked device {device}");
+            Ok(())
+        }
+        Ok(Some(Err(reason))) => bail!("link failed: {reason}"),
+        Ok(None) => bail!("the event stream closed before the link was done"),
+        Err(_) => bail!("the code expired; no device used it"),
+    }
+}
+
 async fn fetch(client: &ApiClient, message: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
     let (channel, id) = locate(client, message).await?;
     let reference = enc(&format!("{channel}/{id}"));
@@ -538,7 +644,7 @@ fn print_sent(v: &Value) {
 
 async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Init | Command::Daemon { .. } => unreachable!("handled before"),
+        Command::Init { .. } | Command::Daemon { .. } => unreachable!("handled before"),
         Command::Register { relay, token, name } => {
             let v = client
                 .json(
@@ -612,13 +718,23 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Devices => {
+        Command::Devices { command: None } => {
             let v = client.json("GET", "/v1/devices", None).await?;
+            println!("{}", v["address"].as_str().unwrap_or_default());
+            let now_ms = chitchat_node::daemon::now().0;
             for d in v["devices"].as_array().into_iter().flatten() {
-                let this =
-                    if d["this_device"].as_bool() == Some(true) { " (this device)" } else { "" };
-                println!("{}{this}", d["device"].as_str().unwrap_or_default());
+                println!("{}", cli::device_line(d, now_ms));
             }
+        }
+        Command::Devices { command: Some(DevicesCommand::Link) } => link_device(client).await?,
+        Command::Devices { command: Some(DevicesCommand::Join { code, name }) } => {
+            let body = json!({"code": code, "name": name});
+            let v = client.json("POST", "/v1/devices/join", Some(body)).await?;
+            println!("linked: this device is {}", v["address"].as_str().unwrap_or_default());
+        }
+        Command::Devices { command: Some(DevicesCommand::Name { name }) } => {
+            client.json("PUT", "/v1/devices/name", Some(json!({"name": name}))).await?;
+            println!("this device is now named {name:?}");
         }
         Command::Lookup { address } => {
             let path = format!("/v1/users/{address}");

@@ -308,8 +308,9 @@ pub enum Request {
         expires: crate::Timestamp,
     },
     /// Put a new device's hello in a slot. The one request besides `Register` that a device not
-    /// registered here may send. The first hello of a slot is kept, once: another device's is
-    /// refused with [`ErrorCode::TokenUsed`], an unknown or expired slot with
+    /// registered here may send. A slot takes one device's hello (the same device may send a
+    /// newer one until the answer): another device's is refused with [`ErrorCode::TokenUsed`],
+    /// an unknown or expired slot with
     /// [`ErrorCode::TokenInvalid`]. Answered [`Response::LinkJoined`].
     JoinLink {
         /// The slot.

@@ -45,11 +45,19 @@ impl NodeProcess {
     }
 
     fn start_wrapped(env: &[(&str, &str)], wrapper: Vec<String>) -> anyhow::Result<Self> {
+        let (dir, env) = Self::init(env, &[])?;
+        let mut node = Self { dir, child: None, env, api: None, wrapper };
+        node.restart()?;
+        Ok(node)
+    }
+
+    /// Runs `chitchat init ARGS...` in a new directory, with `env` and the tests' defaults
+    /// (loopback TCP for peers, loopback for files); returns the directory and that environment.
+    fn init(
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> anyhow::Result<(tempfile::TempDir, Vec<(String, String)>)> {
         let dir = tempfile::tempdir()?;
-        let out = Command::new(node_binary()).arg("--home").arg(dir.path()).arg("init").output()?;
-        if !out.status.success() {
-            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
         let mut env: Vec<(String, String)> =
             env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
         if !env.iter().any(|(k, _)| k == "CHITCHAT_NETWORK_LISTEN") {
@@ -58,7 +66,25 @@ impl NodeProcess {
         if !env.iter().any(|(k, _)| k == "CHITCHAT_FILES_BIND") {
             env.push(("CHITCHAT_FILES_BIND".into(), "127.0.0.1:0".into()));
         }
-        let mut node = Self { dir, child: None, env, api: None, wrapper };
+        let out = Command::new(node_binary())
+            .arg("--home")
+            .arg(dir.path())
+            .arg("init")
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", std::env::var("CHITCHAT_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .output()?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok((dir, env))
+    }
+
+    /// Initialises a node as a new device of a user with `chitchat init --link CODE
+    /// --device-name NAME`, then starts its daemon. The error carries what `init` printed.
+    pub fn start_linked(code: &str, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let (dir, env) = Self::init(env, &["--link", code, "--device-name", name])?;
+        let mut node = Self { dir, child: None, env, api: None, wrapper: Vec::new() };
         node.restart()?;
         Ok(node)
     }
@@ -174,6 +200,13 @@ impl NodeProcess {
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
         self.api().json(method, path, body).await
+    }
+
+    /// `chitchat --home DIR ARGS...`, to run as the test needs (its output read as it comes).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(node_binary());
+        c.arg("--home").arg(self.dir.path()).args(args);
+        c
     }
 
     /// Starts `chitchat --home DIR ARGS...` without waiting for it (output discarded).

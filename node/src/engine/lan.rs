@@ -85,11 +85,7 @@ impl Engine {
     pub fn peer_record(&self, name: &str, now: Timestamp) -> Dir {
         match &self.account {
             Some(a) => a.dir.clone(),
-            None => {
-                let mut dir = self.own_dir(1, Vec::new(), now);
-                dir.body.profile.display_name = name.to_owned();
-                Dir::sign(&self.key, dir.body)
-            }
+            None => self.first_dir(name, now),
         }
     }
 

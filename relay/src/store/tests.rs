@@ -797,6 +797,11 @@ async fn link_slots_take_one_hello_answered_by_their_offerer_and_close() {
 
     s.write(join(2, slot, &h2, NOW)).await.expect("joined");
     s.write(join(2, slot, &h2, NOW)).await.expect("the same hello again: a retry");
+    // The same device with a newer hello (it restarted): kept in place of the first.
+    let h2b = chitchat_proto::link::LinkHello::new(&secret, dir(2, 2, &[]));
+    s.write(join(2, slot, &h2b, NOW)).await.expect("the joiner again");
+    assert_eq!(s.link_slot(&slot).expect("read").and_then(|r| r.hello), Some(h2b));
+    s.write(join(2, slot, &h2, NOW)).await.expect("and back");
     // The code is spent: another device's hello, even with the right secret, is refused.
     assert_eq!(code(s.write(join(3, slot, &hello(3, &secret), NOW)).await), ErrorCode::TokenUsed);
     assert_eq!(s.link_slot(&slot).expect("read").and_then(|r| r.hello), Some(h2.clone()));

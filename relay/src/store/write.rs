@@ -898,6 +898,9 @@ fn join_link(
     };
     match &record.hello {
         Some(h) if h == hello => return Ok(Written::Done), // a retry
+        // The same device again (it restarted before the answer): its newer hello counts.
+        Some(h) if h.dir.device() == joiner && record.answer.is_none() => {}
+        Some(h) if h.dir.device() == joiner => return Ok(Written::Done),
         Some(_) => return Err(reject(ErrorCode::TokenUsed, "link code already used")),
         None => {}
     }

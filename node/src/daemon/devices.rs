@@ -1,0 +1,256 @@
+//! The user's devices: linking a new one ([`chitchat_proto::link`]), naming this one, and the
+//! list the relay keeps.
+//!
+//! The offering device (registered) opens a slot at its relay and shows the code; a task asks
+//! the relay what the slot holds until a hello comes or the code expires. A hello whose proof
+//! holds makes this device publish a record that lists the new device (durable in the account
+//! first), then answer. The new device, registered nowhere, puts its hello in the slot, waits
+//! for the answer, checks it, and registers under the user's name with a record that lists the
+//! offerer: the relay sponsors it without an invite.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chitchat_proto::identity::{MAX_LINKED_DEVICES, TrustedRelays};
+use chitchat_proto::link::{LINK_TTL_MS, LinkAnswer, LinkCode, LinkHello, LinkSecret, LinkSlot};
+use chitchat_proto::wire::{DeviceEntry, ErrorCode, Request, Response, check_device_name};
+use chitchat_proto::{DeviceId, Timestamp};
+
+use super::{Node, NodeError, fetch_well_known, link_for, now, refused};
+use crate::engine::{EngineError, Event};
+use crate::store::Account;
+
+/// How often each side of a link asks the relay what the slot holds.
+const LINK_POLL: Duration = Duration::from_millis(300);
+/// How long a new device waits for the other device to answer its hello.
+const ANSWER_WAIT: Duration = Duration::from_secs(120);
+
+/// A link code this device shows, and until when it works.
+#[derive(Debug)]
+pub struct LinkOffer {
+    /// The code (its secret never leaves this device but in it).
+    pub code: LinkCode,
+    /// When the relay closes its slot.
+    pub expires: Timestamp,
+}
+
+/// What the relay answered a new device's hello, in words for its user.
+fn join_refused(response: Response) -> NodeError {
+    match response {
+        Response::Error { code: ErrorCode::TokenInvalid, .. } => NodeError::Relay {
+            code: "token_invalid",
+            message: "the link code is wrong or has expired".into(),
+        },
+        Response::Error { code: ErrorCode::TokenUsed, .. } => NodeError::Relay {
+            code: "token_used",
+            message: "the link code was used already: ask for a new one".into(),
+        },
+        other => refused(other),
+    }
+}
+
+impl Node {
+    /// Opens a link slot at the relay and returns the code to show; a task answers the new
+    /// device when it comes. A new offer ends the previous one.
+    pub async fn offer_link(self: &Arc<Self>) -> Result<LinkOffer, NodeError> {
+        let account =
+            self.with(|e| e.account().cloned()).await.ok_or(EngineError::NotRegistered)?;
+        if account.dir.body.linked.len() >= MAX_LINKED_DEVICES {
+            return Err(NodeError::Invalid(format!(
+                "this device is linked to {MAX_LINKED_DEVICES} devices already"
+            )));
+        }
+        let link = self.link()?;
+        let secret = LinkSecret::generate(&mut rand::rng());
+        let slot = secret.slot();
+        let expires = now().plus_ms(LINK_TTL_MS);
+        match link.call(&Request::OfferLink { slot, expires }).await? {
+            Response::LinkOffered => {}
+            other => return Err(refused(other)),
+        }
+        if let Ok(mut offer) = self.offer.lock() {
+            *offer = Some(slot);
+        }
+        tokio::spawn(self.clone().offer_task(secret.clone(), expires));
+        Ok(LinkOffer { code: LinkCode { relay_url: account.relay.url, secret }, expires })
+    }
+
+    fn offers(&self, slot: LinkSlot) -> bool {
+        self.offer.lock().is_ok_and(|o| *o == Some(slot))
+    }
+
+    async fn offer_task(self: Arc<Self>, secret: LinkSecret, expires: Timestamp) {
+        let slot = secret.slot();
+        match self.answer_hello(&secret, expires).await {
+            Ok(Some(device)) => {
+                tracing::info!(device = %device, "device linked");
+                let _ = self.events.send(Event::DeviceLinked { device: device.0.to_hex() });
+            }
+            Ok(None) => tracing::debug!("link code expired or replaced"),
+            Err(e) => {
+                tracing::warn!(error = %e, "link failed");
+                let _ = self.events.send(Event::LinkFailed { reason: e.to_string() });
+            }
+        }
+        if let Ok(mut offer) = self.offer.lock()
+            && *offer == Some(slot)
+        {
+            *offer = None;
+        }
+    }
+
+    /// Waits for the hello in this device's slot and answers it. `None`: the code expired or a
+    /// newer offer replaced it.
+    async fn answer_hello(
+        &self,
+        secret: &LinkSecret,
+        expires: Timestamp,
+    ) -> Result<Option<DeviceId>, NodeError> {
+        let slot = secret.slot();
+        while now() < expires && self.offers(slot) {
+            let link = self.link()?;
+            match link.call(&Request::LinkPoll { slot }).await {
+                Ok(Response::LinkState { hello: Some(hello), .. }) => {
+                    // A hello without the secret's proof came from someone who does not hold
+                    // the code (the relay, or a guess): the slot is spent, the link fails.
+                    let joiner = hello
+                        .verify(secret, now())
+                        .map_err(|e| NodeError::Invalid(format!("the new device's hello: {e}")))?;
+                    self.link_device(joiner, secret, slot).await?;
+                    return Ok(Some(joiner));
+                }
+                Ok(Response::LinkState { hello: None, .. }) => {}
+                Ok(Response::Error { code: ErrorCode::TokenInvalid, .. }) => return Ok(None),
+                Ok(other) => return Err(refused(other)),
+                Err(e) => tracing::debug!(error = %e, "link poll failed; trying again"),
+            }
+            tokio::time::sleep(LINK_POLL).await;
+        }
+        Ok(None)
+    }
+
+    /// Lists `joiner` in this device's record (kept in the account first, then published) and
+    /// answers its hello with that record.
+    async fn link_device(
+        &self,
+        joiner: DeviceId,
+        secret: &LinkSecret,
+        slot: LinkSlot,
+    ) -> Result<(), NodeError> {
+        let t = now();
+        let account = self
+            .with(move |e| -> Result<Account, EngineError> {
+                let mut account = e.account().cloned().ok_or(EngineError::NotRegistered)?;
+                if account.dir.body.linked.contains(&joiner) {
+                    return Ok(account); // answered before (a retried poll)
+                }
+                let list = |b: &mut chitchat_proto::DirBody| {
+                    b.linked.insert(joiner);
+                };
+                account.dir = e.next_dir(&account.dir, list, t)?;
+                e.set_account(account.clone())?;
+                Ok(account)
+            })
+            .await?;
+        let link = self.link()?;
+        match link.call(&Request::PublishDir { dir: account.dir.clone() }).await? {
+            Response::DirPublished => {}
+            other => return Err(refused(other)),
+        }
+        let answer = LinkAnswer::new(secret, joiner, account.dir);
+        match link.call(&Request::AnswerLink { slot, answer }).await? {
+            Response::LinkAnswered => Ok(()),
+            other => Err(refused(other)),
+        }
+    }
+
+    /// Completes a link on a device registered nowhere: hello, the other device's answer,
+    /// registration under the user's name. `name` names this device in the user's list.
+    pub async fn join_link(&self, code: &str, name: Option<String>) -> Result<Account, NodeError> {
+        self.check_unregistered().await?;
+        let code = LinkCode::parse(code).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        if let Some(name) = &name {
+            check_device_name(name).map_err(|e| NodeError::Invalid(e.to_owned()))?;
+        }
+        let relay = fetch_well_known(&code.relay_url).await?;
+        let key = self.with(|e| e.key().clone()).await;
+        let link = Arc::new(link_for(&self.host, key, &relay, &self.config).await?);
+        let slot = code.secret.slot();
+        let t = now();
+        let first = self.with(move |e| e.first_dir("", t)).await;
+        let me = first.device();
+        let hello = LinkHello::new(&code.secret, first.clone());
+        match link.call(&Request::JoinLink { slot, hello }).await? {
+            Response::LinkJoined => {}
+            other => return Err(join_refused(other)),
+        }
+        let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
+        let answer = loop {
+            match link.call(&Request::LinkPoll { slot }).await? {
+                Response::LinkState { answer: Some(answer), .. } => break answer,
+                Response::LinkState { .. } => {}
+                other => return Err(join_refused(other)),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NodeError::Invalid(format!(
+                    "the other device did not answer within {} s (is its daemon running?); \
+                     ask it for a new code",
+                    ANSWER_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(LINK_POLL).await;
+        };
+        let trust = TrustedRelays { relays: vec![relay.id.clone()], ..Default::default() };
+        let address = answer
+            .verify(&code.secret, me, &trust, &relay.id.host, now())
+            .map_err(|e| NodeError::Invalid(format!("the other device's answer: {e}")))?;
+        let offerer = answer.dir;
+        // This device lists the offerer and the devices the offerer lists (each link holds
+        // once the other lists this device too).
+        let linked: BTreeSet<DeviceId> = offerer
+            .body
+            .linked
+            .iter()
+            .copied()
+            .filter(|d| *d != me)
+            .chain([offerer.device()])
+            .take(MAX_LINKED_DEVICES)
+            .collect();
+        let t = now();
+        let dir = self.with(move |e| e.next_dir(&first, |b| b.linked = linked, t)).await?;
+        let request =
+            Request::Register { token: None, local_name: address.local.clone(), dir: dir.clone() };
+        let sponsorship = match link.call(&request).await? {
+            Response::Registered { sponsorship } => sponsorship,
+            other => return Err(refused(other)),
+        };
+        self.with(move |e| e.add_dirs(vec![offerer])).await?;
+        let account =
+            self.registered_as(link.clone(), relay, address.local, dir, sponsorship).await?;
+        if let Some(name) = name {
+            match link.call(&Request::NameDevice { name }).await? {
+                Response::DeviceNamed => {}
+                other => tracing::warn!(answer = ?other, "the device's name was not kept"),
+            }
+        }
+        Ok(account)
+    }
+
+    /// The devices registered under this user's name at the relay.
+    pub async fn own_devices(&self) -> Result<Vec<DeviceEntry>, NodeError> {
+        match self.link()?.call(&Request::OwnDevices).await? {
+            Response::OwnDevices(devices) => Ok(devices),
+            other => Err(refused(other)),
+        }
+    }
+
+    /// Names this device in the user's list.
+    pub async fn name_device(&self, name: String) -> Result<(), NodeError> {
+        check_device_name(&name).map_err(|e| NodeError::Invalid(e.to_owned()))?;
+        match self.link()?.call(&Request::NameDevice { name }).await? {
+            Response::DeviceNamed => Ok(()),
+            other => Err(refused(other)),
+        }
+    }
+}

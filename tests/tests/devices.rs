@@ -1,0 +1,168 @@
+//! Several devices of one user, end to end: real `chitchat` daemons and a real relay as
+//! separate processes on loopback. Linking with a one-time code (the CLI's `devices link` and
+//! `init --link`), the records that name each other, the device list, and the codes that must
+//! not work: a wrong one, a used one, and a hello made without the secret.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use chitchat_proto::link::{LinkCode, LinkHello, LinkSecret};
+use chitchat_proto::wire::{ErrorCode, Request, Response};
+use chitchat_proto::{DeviceId, Dir, DirBody, SecretKey, identity::Profile};
+use chitchat_tests::{Client, NodeProcess, RelayProcess};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `chitchat devices link` on `node`, running: the code it printed, and the process (which
+/// waits for the new device).
+fn show_code(node: &NodeProcess) -> (String, std::process::Child) {
+    let mut child = node
+        .command(&["devices", "link"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("devices link");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut qr_lines = 0;
+    let code = loop {
+        let line = lines.next().expect("a line").expect("utf-8");
+        if let Some(code) = line.strip_prefix("link code: ") {
+            break code.to_owned();
+        }
+        if line.contains('█') || line.contains('▀') || line.contains('▄') {
+            qr_lines += 1;
+        }
+    };
+    assert!(qr_lines > 10, "a QR code is drawn above the code ({qr_lines} lines)");
+    // The rest of the output is read by whoever waits for the process.
+    std::thread::spawn(move || lines.for_each(drop));
+    (code, child)
+}
+
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "`devices link` still waits");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn devices(node: &NodeProcess) -> Value {
+    node.json("GET", "/v1/devices", None).await.expect("devices")
+}
+
+fn entry<'a>(list: &'a Value, device: &str) -> &'a Value {
+    list["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["device"] == device))
+        .unwrap_or_else(|| panic!("{device} is not listed: {list}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_code_links_a_new_device_once_and_only_with_its_secret() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    let laptop = NodeProcess::start(&[]).expect("laptop");
+    laptop.register(&relay, "alice").await.expect("register");
+    laptop.cli(&["devices", "name", "laptop"]).expect("name the laptop");
+    let status = laptop.json("GET", "/v1/status", None).await.expect("status");
+    let laptop_id = status["device"].as_str().expect("device").to_owned();
+
+    // The CLI shows a code and a QR code; the new device links with it.
+    let (code, mut waiting) = show_code(&laptop);
+    assert!(LinkCode::parse(&code).is_ok(), "{code}");
+    let phone = NodeProcess::start_linked(&code, "phone", &[]).expect("the phone links");
+    assert!(wait_exit(&mut waiting).success(), "`devices link` ends once the phone is linked");
+    let me = phone.json("GET", "/v1/status", None).await.expect("status");
+    assert_eq!(me["account"]["address"], "alice@localhost", "{me}");
+    let phone_id = me["device"].as_str().expect("device").to_owned();
+
+    // Both devices list both, linked both ways, with their names; each record's sequence
+    // number follows the one before it (laptop: registered 1, sponsored 2, linked 3; phone:
+    // first 1, linked 2, sponsored 3).
+    for node in [&laptop, &phone] {
+        let list = devices(node).await;
+        assert_eq!(list["address"], "alice@localhost");
+        assert_eq!(list["devices"].as_array().map(Vec::len), Some(2), "{list}");
+        let (l, p) = (entry(&list, &laptop_id), entry(&list, &phone_id));
+        assert_eq!((l["name"].as_str(), p["name"].as_str()), (Some("laptop"), Some("phone")));
+        assert_eq!((l["linked"].as_bool(), p["linked"].as_bool()), (Some(true), Some(true)));
+        assert_eq!((l["record_seq"].as_u64(), p["record_seq"].as_u64()), (Some(3), Some(3)));
+        assert!(l["last_seen_ms"].as_u64().is_some() && p["last_seen_ms"].as_u64().is_some());
+    }
+    let shown = laptop.cli(&["devices"]).expect("devices");
+    assert!(shown.contains("phone") && shown.contains("just now"), "{shown}");
+    assert!(shown.contains("this device"), "{shown}");
+
+    // Anyone looking alice up finds both devices, and their records verify.
+    let bob = NodeProcess::start(&[]).expect("bob");
+    bob.register(&relay, "bob").await.expect("register");
+    let found = bob.json("GET", "/v1/users/alice@localhost", None).await.expect("lookup");
+    assert_eq!(found["devices"].as_array().map(Vec::len), Some(2), "{found}");
+
+    // The code is spent: a third device cannot use it.
+    let err = NodeProcess::start_linked(&code, "thief", &[]).expect_err("a used code");
+    assert!(err.to_string().contains("used already"), "{err}");
+    // A wrong code (one character of the secret changed) is refused as such.
+    let (code, mut waiting) = show_code(&laptop);
+    let wrong = format!("{}{}", if code.starts_with('A') { 'B' } else { 'A' }, &code[1..]);
+    let err = NodeProcess::start_linked(&wrong, "typo", &[]).expect_err("a wrong code");
+    assert!(err.to_string().contains("wrong or has expired"), "{err}");
+    let _ = waiting.kill();
+    let _ = waiting.wait();
+
+    // Someone who learned the slot but not the secret (the relay itself could) puts a hello
+    // with a proof made under another secret: the laptop refuses to link it, and its record
+    // lists only the phone.
+    let (code, mut waiting) = show_code(&laptop);
+    let code = LinkCode::parse(&code).expect("code");
+    let intruder = SecretKey::from_seed([77; 32]);
+    let client = Client::connect(relay.tcp_addr(), relay.peer_id()).await.expect("connect");
+    client.authenticate(&intruder, relay.host()).await.expect("authenticate");
+    let record = Dir::sign(
+        &intruder,
+        DirBody {
+            device: DeviceId(intruder.public()),
+            seq: 1,
+            inbox_key: [3; 32],
+            linked: Default::default(),
+            sponsorships: vec![],
+            profile: Profile::default(),
+            revoked: false,
+            issued: chitchat_node::daemon::now(),
+        },
+    );
+    let guessed = LinkSecret::generate(&mut rand::rng());
+    let hello = LinkHello::new(&guessed, record);
+    let slot = code.secret.slot();
+    let answer = client.call(&Request::JoinLink { slot, hello }).await.expect("join");
+    assert_eq!(answer, Response::LinkJoined, "the relay cannot tell: the proof needs the secret");
+    let status = wait_exit(&mut waiting);
+    assert!(!status.success(), "`devices link` reports the failed link");
+    // No answer for the intruder, ever; and the laptop's record does not list it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    match client.call(&Request::LinkPoll { slot }).await.expect("poll") {
+        Response::LinkState { answer: None, .. } => {}
+        other => panic!("the intruder got {other:?}"),
+    }
+    let list = devices(&laptop).await;
+    assert_eq!(list["devices"].as_array().map(Vec::len), Some(2), "{list}");
+    // The intruder cannot register under alice's name either (nothing links it).
+    let register = Request::Register {
+        token: None,
+        local_name: "alice".into(),
+        dir: match client.call(&Request::LinkPoll { slot }).await.expect("poll") {
+            Response::LinkState { hello: Some(h), .. } => h.dir,
+            other => panic!("{other:?}"),
+        },
+    };
+    match client.call(&register).await.expect("register") {
+        Response::Error { code: ErrorCode::NameTaken, .. } => {}
+        other => panic!("the intruder registered: {other:?}"),
+    }
+}
