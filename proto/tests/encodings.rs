@@ -109,6 +109,23 @@ canonical_props! {
     inbox_payload: chitchat_proto::wire::InboxPayload,
     envelope: chitchat_proto::wire::Envelope,
     gossip_envelope: chitchat_proto::gossip::GossipEnvelope,
+    link_hello: chitchat_proto::link::LinkHello,
+    link_answer: chitchat_proto::link::LinkAnswer,
+}
+
+proptest! {
+    /// A link code's text: any string is read or refused without a panic; what is read writes
+    /// back to a text that reads the same; a code written reads back whole.
+    #[test]
+    fn link_codes(text in ".{0,300}", secret in any::<[u8; 32]>(), url in "[a-z0-9:/.]{1,64}") {
+        use chitchat_proto::link::{LinkCode, LinkSecret};
+        if let Ok(code) = LinkCode::parse(&text) {
+            prop_assert_eq!(LinkCode::parse(&code.to_string()), Ok(code));
+        }
+        let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed(secret);
+        let code = LinkCode { relay_url: url, secret: LinkSecret::generate(&mut rng) };
+        prop_assert_eq!(LinkCode::parse(&code.to_string()), Ok(code));
+    }
 }
 
 proptest! {

@@ -706,3 +706,51 @@ fn peer_frames() {
         frame(wire::encode_frame(&PeerResponse::Blobs { addrs }))
     );
 }
+
+/// Linking a device and the device list: the requests, the answers, and the limits a decoder
+/// enforces.
+#[test]
+fn links_and_devices() {
+    use chitchat_proto::link::{LinkAnswer, LinkHello, LinkSecret};
+    use chitchat_proto::wire::DeviceEntry;
+    let secret = LinkSecret::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(4));
+    let slot = secret.slot();
+    let hello = LinkHello::new(&secret, dir());
+    let answer = LinkAnswer::new(&secret, dev(2), dir());
+    for (name, request) in [
+        ("request_offer_link", Request::OfferLink { slot, expires: T0 }),
+        ("request_join_link", Request::JoinLink { slot, hello: hello.clone() }),
+        ("request_link_poll", Request::LinkPoll { slot }),
+        ("request_answer_link", Request::AnswerLink { slot, answer: answer.clone() }),
+        ("request_own_devices", Request::OwnDevices),
+        ("request_name_device", Request::NameDevice { name: "phone".into() }),
+    ] {
+        let frame = wire::encode_frame(&request).expect("frame");
+        insta::assert_snapshot!(name, hex(&frame));
+        assert_eq!(wire::decode_frame::<Request>(&frame).expect("decode"), request);
+    }
+    let entry =
+        DeviceEntry { dir: dir(), name: "laptop".into(), registered: T0, last_seen: Some(T0) };
+    for (name, response) in [
+        ("response_link_offered", Response::LinkOffered),
+        ("response_link_joined", Response::LinkJoined),
+        ("response_link_state", Response::LinkState { hello: Some(hello), answer: Some(answer) }),
+        ("response_link_answered", Response::LinkAnswered),
+        ("response_own_devices", Response::OwnDevices(vec![entry.clone()])),
+        ("response_device_named", Response::DeviceNamed),
+    ] {
+        let frame = wire::encode_frame(&response).expect("frame");
+        insta::assert_snapshot!(name, hex(&frame));
+        assert_eq!(wire::decode_frame::<Response>(&frame).expect("decode"), response);
+    }
+    for bad in ["x".repeat(65), "tab\there".to_owned(), "\u{1b}[2J".to_owned()] {
+        let frame = wire::encode_frame(&Request::NameDevice { name: bad.clone() }).expect("frame");
+        assert!(wire::decode_frame::<Request>(&frame).is_err(), "{bad:?}");
+        let named = DeviceEntry { name: bad.clone(), ..entry.clone() };
+        let frame = wire::encode_frame(&Response::OwnDevices(vec![named])).expect("frame");
+        assert!(wire::decode_frame::<Response>(&frame).is_err(), "{bad:?}");
+    }
+    let many = Response::OwnDevices(vec![entry; 34]);
+    let frame = wire::encode_frame(&many).expect("frame");
+    assert!(wire::decode_frame::<Response>(&frame).is_err(), "at most 33 devices");
+}
