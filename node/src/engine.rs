@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chitchat_proto::channel::{
     AdminPolicy, Change, Channel, ChannelConfig, ChannelError, ChannelEvent, ChannelMessage,
-    CredentialCheck, Identity, KnownDirs, MessageId, PublicState,
+    CredentialCheck, Identity, KnownDirs, MessageId, PublicState, UserId,
 };
 use chitchat_proto::codec::{Bytes, Canonical};
 use chitchat_proto::gossip::GossipEnvelope;
@@ -289,15 +289,17 @@ pub struct Need {
 }
 
 impl CredentialCheck for Recording<'_> {
-    fn check(&self, device: DeviceId) -> Result<(), String> {
+    fn check(&self, device: DeviceId, user: &UserId) -> Result<(), String> {
         if !self.dirs.contains_key(&device) {
             self.missing.borrow_mut().insert(device);
         }
+        // In a relay-less channel no relay vouches for an address, and the rules give an
+        // address nothing there (`rules::same_user`): the record's own signature is all.
         if self.relayless.get() {
             let dir = self.dirs.get(&device).ok_or("no identity record for the device")?;
             return dir.verify_self(self.now).map_err(|e| e.to_string());
         }
-        KnownDirs { dirs: self.dirs, trust: &self.trust, now: self.now }.check(device)
+        KnownDirs { dirs: self.dirs, trust: &self.trust, now: self.now }.check(device, user)
     }
 
     fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {
@@ -510,7 +512,8 @@ impl Engine {
         };
         let key = SecretKey::from_seed(key);
         let inbox = InboxSecret::from_seed(&inbox);
-        let me = Identity::new(&key);
+        let account = store.account()?;
+        let me = Identity::new(&key).with_user(account.as_ref().map(Account::address));
         let provider = OpenMlsRustCrypto::default();
         let entries = store.mls_entries()?;
         provider
@@ -522,7 +525,6 @@ impl Engine {
         let mirror = MlsMirror::new(entries);
         let dirs = store.dirs()?.into_iter().map(|d| (d.device(), d)).collect();
         let relays = store.relays()?.into_iter().map(|r| (r.host.clone(), r)).collect();
-        let account = store.account()?;
         let next_outbox = store.next_outbox_id()?;
         let evidence = evidence::Evidence::load(store.convicted()?);
         let store_rosters = store.roster_epochs()?;
@@ -838,6 +840,8 @@ impl Engine {
         b.dir(account.dir.clone());
         self.commit(b)?;
         self.dirs.insert(account.dir.device(), account.dir.clone());
+        // KeyPackages made from now on name the user.
+        self.me = Identity::new(&self.key).with_user(Some(account.address()));
         self.account = Some(account);
         Ok(())
     }
@@ -922,10 +926,12 @@ impl Engine {
             return Err(EngineError::ChannelExists(name.to_owned()));
         }
         let id = ChannelId::of_creator(&self.device(), rand::rng().random());
-        let admins = if open {
-            AdminPolicy::AnyMember
-        } else {
-            AdminPolicy::Admins(BTreeSet::from([self.device()]))
+        // The user is the admin (every device of theirs), where a relay vouches for the user's
+        // address; a relay-less channel's creator is its device.
+        let admins = match self.account.as_ref().map(Account::address) {
+            _ if open => AdminPolicy::AnyMember,
+            Some(address) if !relays.is_empty() => AdminPolicy::Users(BTreeSet::from([address])),
+            _ => AdminPolicy::Admins(BTreeSet::from([self.device()])),
         };
         let config = ChannelConfig {
             mime: mime.into(),
@@ -1949,10 +1955,7 @@ impl Engine {
         }
         let channel = self.channels.get(&request.channel)?.channel.as_ref()?;
         let me = self.device();
-        let may = match &channel.config().admins {
-            AdminPolicy::AnyMember => true,
-            AdminPolicy::Admins(admins) => admins.contains(&me),
-        };
+        let may = channel.is_admin_device(me);
         let member = channel.members().contains(&request.device);
         (channel.is_active() && may && member && request.device != me)
             .then_some((request.channel, request.device))
@@ -1973,10 +1976,7 @@ impl Engine {
         let payload = InboxPayload::Leave(LeaveRequest::sign(&self.key, *id, now)).to_bytes();
         let mut out = Vec::new();
         for device in channel.members().into_iter().filter(|d| *d != me) {
-            let may = match &channel.config().admins {
-                AdminPolicy::AnyMember => true,
-                AdminPolicy::Admins(admins) => admins.contains(&device),
-            };
+            let may = channel.is_admin_device(device);
             let Some(dir) = self.dirs.get(&device).filter(|_| may) else { continue };
             match inbox::seal(&mut rand::rng(), device, &dir.body.inbox_key, &payload) {
                 Ok(e) => out.push(e),

@@ -183,6 +183,13 @@ pub struct Account {
     pub dir: Dir,
 }
 
+impl Account {
+    /// The user's address, `local_name@host`.
+    pub fn address(&self) -> chitchat_proto::Address {
+        chitchat_proto::Address { local: self.local_name.clone(), host: self.relay.id.host.clone() }
+    }
+}
+
 /// A channel as the node keeps it, beside openmls' group state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelRecord {

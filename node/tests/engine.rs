@@ -114,7 +114,9 @@ fn device(dir: &tempfile::TempDir, name: &str, relay: &Relay) -> Engine {
         expires: NOW.plus_ms(86_400_000),
     };
     let sponsorship = Sponsorship::issue(&relay.key, body);
-    let dir = e.own_dir(2, vec![sponsorship], NOW);
+    let first = e.first_dir(name, NOW);
+    let dir = e.next_dir(&first, |b| b.sponsorships = vec![sponsorship], NOW).expect("record");
+    assert_eq!(dir.body.seq, first.body.seq + 1, "a record follows the one it replaces");
     let info = RelayInfo {
         url: "http://relay.test".into(),
         id: relay.id(),

@@ -8,8 +8,8 @@ use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chitchat_proto::channel::{
-    ChannelConfig, CredentialCheck, PublicChannel, PublicState, inspect_application,
-    inspect_commit, validate_key_package,
+    ChannelConfig, CredentialCheck, PublicChannel, PublicState, UserId, claims,
+    inspect_application, inspect_commit, validate_key_package,
 };
 use chitchat_proto::codec::{Bytes, Canonical as _, encode};
 use chitchat_proto::federation::{
@@ -121,7 +121,7 @@ impl<'a> Directory<'a> {
 }
 
 impl CredentialCheck for Directory<'_> {
-    fn check(&self, device: DeviceId) -> Result<(), String> {
+    fn check(&self, device: DeviceId, user: &UserId) -> Result<(), String> {
         let record = match self.relay.store.device(&device) {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -134,11 +134,13 @@ impl CredentialCheck for Directory<'_> {
                     relays: vec![relay],
                     blocked: self.trust.blocked.clone(),
                 };
-                return dir.verify(&trust, self.now).map(|_| ()).map_err(|e| e.to_string());
+                let addresses = dir.verify(&trust, self.now).map_err(|e| e.to_string())?;
+                return claims(device, user, &addresses);
             }
             Err(e) => return Err(format!("directory unavailable: {e}")),
         };
-        record.dir.verify(&self.trust, self.now).map(|_| ()).map_err(|e| e.to_string())
+        let addresses = record.dir.verify(&self.trust, self.now).map_err(|e| e.to_string())?;
+        claims(device, user, &addresses)
     }
 
     fn check_orderers(&self, config: &ChannelConfig) -> Result<(), String> {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::ChannelConfig;
+use super::{ChannelConfig, UserId};
 use crate::Timestamp;
 use crate::identity::{DeviceId, Dir, RelayId, RelayTrust};
 
@@ -10,8 +10,9 @@ use crate::identity::{DeviceId, Dir, RelayId, RelayTrust};
 /// trusted. The caller implements it with what it knows: the device's latest identity record,
 /// its sponsorship, the relays it trusts and blocks.
 pub trait CredentialCheck {
-    /// `Ok` if `device` may be a member; `Err` says why not.
-    fn check(&self, device: DeviceId) -> Result<(), String>;
+    /// `Ok` if `device` may be a member as `user` (its credential's claim: an address must be
+    /// one its record's sponsorships give it); `Err` says why not.
+    fn check(&self, device: DeviceId, user: &UserId) -> Result<(), String>;
 
     /// `Ok` if a channel with this config may be joined: its orderers certify every commit the
     /// device will merge, so at least one of them must be a relay the device trusts (its own).
@@ -37,12 +38,13 @@ pub struct KnownDirs<'a, T: RelayTrust> {
 }
 
 impl<T: RelayTrust> CredentialCheck for KnownDirs<'_, T> {
-    fn check(&self, device: DeviceId) -> Result<(), String> {
+    fn check(&self, device: DeviceId, user: &UserId) -> Result<(), String> {
         let dir = self.dirs.get(&device).ok_or("no identity record for the device")?;
         if dir.device() != device {
             return Err("identity record is for another device".into());
         }
-        dir.verify(self.trust, self.now).map(|_| ()).map_err(|e| e.to_string())
+        let addresses = dir.verify(self.trust, self.now).map_err(|e| e.to_string())?;
+        claims(device, user, &addresses)
     }
 
     /// At least one relay of the channel's set is trusted under its host name with its very
@@ -80,8 +82,23 @@ impl<T: RelayTrust> CredentialCheck for KnownDirs<'_, T> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AcceptAll;
 
+/// Whether a credential's user claim holds for a device whose record verified for
+/// `addresses`: an address must be one of them; a device alone must be itself.
+pub fn claims(
+    device: DeviceId,
+    user: &UserId,
+    addresses: &[crate::identity::Address],
+) -> Result<(), String> {
+    match user {
+        UserId::Device(d) if *d == device => Ok(()),
+        UserId::Device(_) => Err("the credential names another device as its user".into()),
+        UserId::Address(a) if addresses.contains(a) => Ok(()),
+        UserId::Address(a) => Err(format!("the device's record is not sponsored as {a}")),
+    }
+}
+
 impl CredentialCheck for AcceptAll {
-    fn check(&self, _: DeviceId) -> Result<(), String> {
+    fn check(&self, _: DeviceId, _: &UserId) -> Result<(), String> {
         Ok(())
     }
 

@@ -24,9 +24,9 @@ mod public;
 mod rules;
 mod seen;
 
-pub use check::{AcceptAll, CredentialCheck, KnownDirs};
+pub use check::{AcceptAll, CredentialCheck, KnownDirs, claims};
 pub use public::{CheckedCommit, PublicChannel, PublicState};
-pub use rules::{authorize_commit, check_members, is_admin};
+pub use rules::{authorize_commit, check_members, is_admin, same_user};
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -94,8 +94,12 @@ pub struct MessageId {
 pub enum AdminPolicy {
     /// Every member.
     AnyMember,
-    /// Only these devices. Anyone may still update their own leaf.
+    /// Only these devices. Anyone may still update their own leaf. (Channels made before users
+    /// were named; new ones name users.)
     Admins(BTreeSet<DeviceId>),
+    /// Only the devices of these users (by the address their credentials carry). Anyone may
+    /// still update their own leaf, and add and remove their own user's devices.
+    Users(BTreeSet<crate::identity::Address>),
 }
 
 /// A channel's settings, agreed by all members through the MLS group context.
@@ -378,16 +382,82 @@ fn mls_err(e: impl std::fmt::Display) -> ChannelError {
     ChannelError::Mls(e.to_string())
 }
 
+/// The user a channel member belongs to, as its leaf's credential names it: the address its
+/// relay sponsors (`alice@relay.example`: every device of the user carries it), or, for a
+/// device registered nowhere (and for leaves from before users were named), the device alone.
+///
+/// The channel rules compare users by this value only, so relays and members reach the same
+/// verdict from the commit alone; that the address is the device's is checked with its
+/// credential ([`CredentialCheck::check`]: its record's sponsorships must give it).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum UserId {
+    /// A device on its own.
+    Device(DeviceId),
+    /// A user at a relay.
+    Address(crate::identity::Address),
+}
+
+impl UserId {
+    /// The address, if the user has one.
+    pub fn address(&self) -> Option<&crate::identity::Address> {
+        match self {
+            Self::Address(a) => Some(a),
+            Self::Device(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Device(d) => write!(f, "{d}"),
+            Self::Address(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// The longest encoding of an address in a credential.
+const MAX_CREDENTIAL_ADDRESS_LEN: usize = 512;
+
+/// A credential's identity bytes: the 32 bytes of the device, then, for a user at a relay, the
+/// canonical encoding of its address (checked: a well-formed name and host).
+fn credential_identity(device: DeviceId, user: Option<&crate::identity::Address>) -> Vec<u8> {
+    let mut bytes = device.as_bytes().to_vec();
+    if let Some(address) = user {
+        bytes.extend_from_slice(&encode(address));
+    }
+    bytes
+}
+
+/// The device and user a credential names; `None` if it is not a BasicCredential of that form.
+pub fn credential_member(credential: &Credential) -> Option<(DeviceId, UserId)> {
+    let basic = BasicCredential::try_from(credential.clone()).ok()?;
+    let bytes = basic.identity();
+    let device = DeviceId::from_slice(bytes.get(..32)?)?;
+    let rest = &bytes[32..];
+    if rest.is_empty() {
+        return Some((device, UserId::Device(device)));
+    }
+    let address: crate::identity::Address =
+        crate::codec::decode(rest, MAX_CREDENTIAL_ADDRESS_LEN).ok()?;
+    crate::identity::check_local_name(&address.local).ok()?;
+    crate::identity::check_host(&address.host).ok()?;
+    Some((device, UserId::Address(address)))
+}
+
 /// A device's MLS identity: its Ed25519 device key as an MLS signer, and its BasicCredential
-/// (whose identity is the 32-byte [`DeviceId`]).
+/// (whose identity is the 32-byte [`DeviceId`], followed by the user's address once the device
+/// is registered: see [`UserId`]).
 #[derive(Debug)]
 pub struct Identity {
     device: DeviceId,
+    user: Option<crate::identity::Address>,
     signer: SignatureKeyPair,
 }
 
 impl Identity {
-    /// The MLS identity of a device key.
+    /// The MLS identity of a device key, of a device registered nowhere.
     pub fn new(key: &SecretKey) -> Self {
         let public = key.public();
         let signer = SignatureKeyPair::from_raw(
@@ -395,12 +465,27 @@ impl Identity {
             key.seed().to_vec(),
             public.0.to_vec(),
         );
-        Self { device: DeviceId(public), signer }
+        Self { device: DeviceId(public), user: None, signer }
+    }
+
+    /// The same device as the user at `address`: the credentials of its KeyPackages name the
+    /// user from now on.
+    pub fn with_user(mut self, address: Option<crate::identity::Address>) -> Self {
+        self.user = address;
+        self
     }
 
     /// The device.
     pub fn device(&self) -> DeviceId {
         self.device
+    }
+
+    /// The user its credentials name.
+    pub fn user(&self) -> UserId {
+        match &self.user {
+            Some(a) => UserId::Address(a.clone()),
+            None => UserId::Device(self.device),
+        }
     }
 
     /// The openmls signer (for benchmarks and tests that drive openmls directly).
@@ -410,7 +495,8 @@ impl Identity {
 
     fn credential(&self) -> CredentialWithKey {
         CredentialWithKey {
-            credential: BasicCredential::new(self.device.as_bytes().to_vec()).into(),
+            credential: BasicCredential::new(credential_identity(self.device, self.user.as_ref()))
+                .into(),
             signature_key: self.signer.to_public_vec().into(),
         }
     }
@@ -526,8 +612,7 @@ fn read_framing(bytes: &[u8]) -> Result<(ProtocolMessage, Framing), ChannelError
 
 /// The device a credential names.
 pub fn credential_device(credential: &Credential) -> Option<DeviceId> {
-    let basic = BasicCredential::try_from(credential.clone()).ok()?;
-    DeviceId::from_slice(basic.identity())
+    credential_member(credential).map(|(device, _)| device)
 }
 
 fn capabilities() -> Capabilities {
@@ -693,6 +778,23 @@ impl Channel {
         self.group.members().filter_map(|m| credential_device(&m.credential)).collect()
     }
 
+    /// The member devices with the users their credentials name, in leaf order.
+    pub fn member_users(&self) -> Vec<(DeviceId, UserId)> {
+        self.group.members().filter_map(|m| credential_member(&m.credential)).collect()
+    }
+
+    /// Whether `device` may change the membership and the config, as its leaf names it (a
+    /// device that is no member counts as itself alone).
+    pub fn is_admin_device(&self, device: DeviceId) -> bool {
+        let user = self
+            .group
+            .members()
+            .filter_map(|m| credential_member(&m.credential))
+            .find(|(d, _)| *d == device)
+            .map_or(UserId::Device(device), |(_, user)| user);
+        rules::is_admin(&self.config, device, &user)
+    }
+
     /// Whether anyone but this device is in the channel (no credential is parsed).
     pub fn has_other_members(&self) -> bool {
         self.group.members().nth(1).is_some()
@@ -744,9 +846,17 @@ impl Channel {
         {
             return Err(ChannelError::EmptyChange);
         }
-        if (!change.add.is_empty() || !change.remove.is_empty() || new_config.is_some())
-            && !self.is_admin(me.device)
-        {
+        // The rules judge the committer by its leaf as the group holds it (a leaf from before
+        // this device was registered names the device alone).
+        let my_user = self
+            .group
+            .own_leaf_node()
+            .and_then(|l| credential_member(l.credential()))
+            .map(|(_, user)| user)
+            .ok_or(ChannelError::LeafMismatch(Some(me.device)))?;
+        let admin = self.is_admin(me.device, &my_user);
+        let own = |credential: &Credential| rules::same_user(&self.config, &my_user, credential);
+        if new_config.is_some() && !admin {
             return Err(ChannelError::NotAdmin);
         }
         if let Some(c) = new_config {
@@ -761,6 +871,9 @@ impl Channel {
                 .validate(provider.crypto(), ProtocolVersion::Mls10)
                 .map_err(mls_err)?;
             rules::check_leaf(kp.leaf_node())?;
+            if !admin && !own(kp.leaf_node().credential()) {
+                return Err(ChannelError::NotAdmin);
+            }
             let device = check_credential(check, kp.leaf_node().credential())?;
             if members.contains(&device) || added.contains(&device) {
                 return Err(ChannelError::AlreadyMember(device));
@@ -775,6 +888,9 @@ impl Channel {
                 .members()
                 .find(|m| credential_device(&m.credential) == Some(*device))
                 .ok_or(ChannelError::NotMember(*device))?;
+            if !admin && !own(&leaf.credential) {
+                return Err(ChannelError::NotAdmin);
+            }
             leaves.push(leaf.index);
         }
         let mut builder = self.group.commit_builder();
@@ -975,7 +1091,13 @@ impl Channel {
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);
         };
-        rules::authorize_commit(&self.config, &committer, &staged, check)?;
+        rules::authorize_commit(
+            &self.config,
+            &committer,
+            &staged,
+            self.group.public_group(),
+            check,
+        )?;
         let delta = self.membership_delta(&staged);
         self.group.merge_staged_commit(provider, *staged).map_err(mls_err)?;
         self.after_merge(delta, cert)
@@ -1081,8 +1203,8 @@ impl Channel {
         }
     }
 
-    fn is_admin(&self, device: DeviceId) -> bool {
-        rules::is_admin(&self.config, device)
+    fn is_admin(&self, device: DeviceId, user: &UserId) -> bool {
+        rules::is_admin(&self.config, device, user)
     }
 
     fn ensure_active(&self) -> Result<(), ChannelError> {
@@ -1138,12 +1260,12 @@ fn check_credential(
     check: &impl CredentialCheck,
     credential: &Credential,
 ) -> Result<DeviceId, ChannelError> {
-    let device = credential_device(credential).ok_or_else(|| ChannelError::Credential {
+    let (device, user) = credential_member(credential).ok_or_else(|| ChannelError::Credential {
         device: None,
-        reason: "not a BasicCredential holding a device id".into(),
+        reason: "not a BasicCredential holding a device id and its user".into(),
     })?;
     check
-        .check(device)
+        .check(device, &user)
         .map_err(|reason| ChannelError::Credential { device: Some(device), reason })?;
     Ok(device)
 }

@@ -161,7 +161,7 @@ impl PublicChannel {
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);
         };
-        let committer = rules::authorize_commit(&config, &committer, &staged, check)?;
+        let committer = rules::authorize_commit(&config, &committer, &staged, &self.group, check)?;
         let adds = staged.add_proposals().next().is_some();
         let next_epoch =
             self.epoch().checked_add(1).ok_or(ChannelError::Mls("epoch overflow".into()))?;

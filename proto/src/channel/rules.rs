@@ -8,9 +8,12 @@
 //! 1. **Proposal types.** Only Add, Remove and GroupContextExtensions, and only by value (ChitChat
 //!    never sends proposals on their own, so there is nothing to refer to). Update, PreSharedKey,
 //!    ReInit, ExternalInit, SelfRemove and custom proposals are refused.
-//! 2. **Who.** Adding, removing and changing the config need an admin (every member under
-//!    [`AdminPolicy::AnyMember`]); anyone else may commit only its own update (an update path and
-//!    no proposal).
+//! 2. **Who.** Changing the config needs an admin (every member under
+//!    [`AdminPolicy::AnyMember`]; under [`AdminPolicy::Users`] every device of an admin user).
+//!    Adding and removing need an admin too, except that any member at a relay may add and
+//!    remove devices of its own user (the user named by the credentials, [`UserId::Address`]):
+//!    a user's new device follows the user into the channel, and a revoked one leaves it.
+//!    Anyone may commit its own update (an update path and no proposal).
 //! 3. **Leaves name their keys.** Every leaf's BasicCredential is the [`DeviceId`] whose key signs
 //!    the leaf: an added KeyPackage's leaf, and the committer's new leaf, which must also keep the
 //!    committer's device (a device that wants another key is removed and added).
@@ -33,8 +36,8 @@
 use openmls::prelude::*;
 
 use super::{
-    AdminPolicy, CONFIG_EXTENSION_TYPE, ChannelConfig, ChannelError, CredentialCheck,
-    check_credential, credential_device, first_failure, read_config,
+    AdminPolicy, CONFIG_EXTENSION_TYPE, ChannelConfig, ChannelError, CredentialCheck, UserId,
+    check_credential, credential_device, credential_member, first_failure, read_config,
 };
 use crate::identity::DeviceId;
 
@@ -45,28 +48,38 @@ pub fn authorize_commit(
     config: &ChannelConfig,
     committer: &Credential,
     staged: &openmls::group::StagedCommit,
+    tree: &openmls::group::PublicGroup,
     check: &impl CredentialCheck,
 ) -> Result<DeviceId, ChannelError> {
-    let device = credential_device(committer).ok_or(ChannelError::LeafMismatch(None))?;
-    let mut changes_membership = false;
-    let mut changes_config = false;
+    let (device, user) = credential_member(committer).ok_or(ChannelError::LeafMismatch(None))?;
+    let admin = is_admin(config, device, &user);
+    let own = |credential: &Credential| same_user(config, &user, credential);
     for queued in staged.queued_proposals() {
         if queued.proposal_or_ref_type() != ProposalOrRefType::Proposal {
             return Err(ChannelError::ForbiddenProposal("proposal by reference"));
         }
         match queued.proposal() {
             Proposal::Add(add) => {
-                changes_membership = true;
-                check_leaf(add.key_package().leaf_node())?;
+                let leaf = add.key_package().leaf_node();
+                check_leaf(leaf)?;
+                if !admin && !own(leaf.credential()) {
+                    return Err(ChannelError::NotAdmin);
+                }
             }
-            Proposal::Remove(_) => changes_membership = true,
-            Proposal::GroupContextExtensions(_) => changes_config = true,
+            Proposal::Remove(remove) => {
+                let removed = tree.leaf(remove.removed()).map(LeafNode::credential);
+                if !admin && !removed.is_some_and(own) {
+                    return Err(ChannelError::NotAdmin);
+                }
+            }
+            Proposal::GroupContextExtensions(_) if !admin => return Err(ChannelError::NotAdmin),
+            Proposal::GroupContextExtensions(_) => {}
             other => return Err(ChannelError::ForbiddenProposal(proposal_name(other))),
         }
     }
-    if (changes_membership || changes_config) && !is_admin(config, device) {
-        return Err(ChannelError::NotAdmin);
-    }
+    let changes_config = staged
+        .queued_proposals()
+        .any(|q| matches!(q.proposal(), Proposal::GroupContextExtensions(_)));
     if let Some(leaf) = staged.update_path_leaf_node() {
         check_leaf(leaf)?;
         if credential_device(leaf.credential()) != Some(device) {
@@ -94,11 +107,22 @@ pub fn check_members(members: impl Iterator<Item = Member>) -> Result<(), Channe
     Ok(())
 }
 
-/// Whether `device` may change the membership and the config.
-pub fn is_admin(config: &ChannelConfig, device: DeviceId) -> bool {
+/// Whether a leaf's credential names `user`, a user at a relay, in a channel that relays
+/// order: what lets a member that is not an admin add and remove it. A device alone has no
+/// other devices; and in a relay-less channel no relay vouches for an address, so there an
+/// address gives nothing.
+pub fn same_user(config: &ChannelConfig, user: &UserId, credential: &Credential) -> bool {
+    !config.relays.is_empty()
+        && user.address().is_some()
+        && credential_member(credential).is_some_and(|(_, of)| of == *user)
+}
+
+/// Whether `device`, of `user`, may change the membership and the config.
+pub fn is_admin(config: &ChannelConfig, device: DeviceId, user: &UserId) -> bool {
     match &config.admins {
         AdminPolicy::AnyMember => true,
         AdminPolicy::Admins(admins) => admins.contains(&device),
+        AdminPolicy::Users(admins) => user.address().is_some_and(|a| admins.contains(a)),
     }
 }
 
@@ -167,7 +191,9 @@ fn config_change(
             })?;
         }
     }
-    if matches!(&new.admins, AdminPolicy::Admins(a) if a.is_empty()) {
+    if matches!(&new.admins, AdminPolicy::Admins(a) if a.is_empty())
+        || matches!(&new.admins, AdminPolicy::Users(a) if a.is_empty())
+    {
         return Err(ChannelError::ForbiddenConfig("an admin set may not be empty"));
     }
     Ok(())

@@ -538,3 +538,179 @@ fn a_flood_of_future_messages_from_one_sender_leaves_room_for_the_others() {
     assert!(shown("still heard"), "Alice's message was kept despite Bob's flood");
     assert!(shown("flood 0"));
 }
+
+impl World {
+    /// Every device's credentials name the user its record is sponsored as (Mallory, sponsored
+    /// by no one, claims to be Alice). A channel `creator` made, whose admin is the user
+    /// `admin`, with `others` added by the creator.
+    fn with_users(creator: usize, admin: &str, others: &[usize]) -> Self {
+        let mut w = Self::new();
+        for (i, name) in [
+            (ALICE, "alice"),
+            (BOB, "bob"),
+            (CAROL, "carol"),
+            (ALICE2, "alice"),
+            (MALLORY, "alice"),
+        ] {
+            let address = w.address(name);
+            let d = &mut w.devices[i];
+            d.me = Identity::new(&d.key).with_user(Some(address));
+        }
+        let config = ChannelConfig {
+            mime: crate::chat::MIME.into(),
+            name: "users".into(),
+            relays: vec![w.relay.id.clone()],
+            admins: AdminPolicy::Users([w.address(admin)].into()),
+            creator: w.devices[creator].id(),
+        };
+        let c = &mut w.devices[creator];
+        let channel =
+            Channel::create(&c.provider, &c.me, ChannelId([42; 32]), config).expect("create");
+        w.relay.open(&channel, &c.provider, &c.me);
+        c.channel = Some(channel);
+        if !others.is_empty() {
+            let add = others.iter().map(|i| w.devices[*i].key_package()).collect();
+            let staged = w.stage(creator, &Change { add, ..Default::default() }).expect("stage");
+            w.submit_by(creator, &staged);
+        }
+        w
+    }
+
+    fn address(&self, name: &str) -> crate::identity::Address {
+        crate::identity::Address { local: name.into(), host: self.relay.id.host.clone() }
+    }
+
+    /// Submits `who`'s staged commit and delivers everything.
+    fn submit_by(&mut self, who: usize, staged: &StagedCommit) {
+        let channel = self.channel_id_of(who);
+        let cert = self.relay.submit(channel, self.devices[who].id(), staged).expect("accepted");
+        let d = &mut self.devices[who];
+        d.channel.as_mut().expect("member").accept_own(&d.provider, &cert).expect("merge own");
+        let msg = ChannelMessage::Commit { commit: staged.commit.clone(), cert };
+        self.fanout(who, &msg, &staged.removed);
+        if let Some(welcome) = &staged.welcome {
+            self.join_all(welcome);
+        }
+        self.deliver_all();
+    }
+
+    fn in_channel(&self, who: usize, of: usize) -> bool {
+        let id = self.devices[of].id();
+        self.devices[who].channel.as_ref().is_some_and(|c| c.members().contains(&id))
+    }
+}
+
+#[test]
+fn a_member_brings_and_removes_its_own_users_devices_and_no_one_elses() {
+    // Bob created the channel and is its only admin (as a user); Alice is a member.
+    let mut w = World::with_users(BOB, "bob", &[ALICE]);
+    let (alice2, bob) = (w.devices[ALICE2].id(), w.devices[BOB].id());
+
+    // Alice adds her second device: no admin needed, the relay certifies, all merge.
+    let add = vec![w.devices[ALICE2].key_package()];
+    let staged = w.stage(ALICE, &Change { add, ..Default::default() }).expect("her own device");
+    w.submit_by(ALICE, &staged);
+    for who in [ALICE, BOB, ALICE2] {
+        assert!(w.in_channel(who, ALICE2), "{who} sees Alice's second device");
+    }
+    assert!(!w.devices[ALICE2].channel.as_ref().expect("joined").is_admin_device(alice2));
+
+    // Carol is not Alice's: refused when staged, and forged, by the relay and every member.
+    let add = vec![w.devices[CAROL].key_package()];
+    assert_eq!(
+        w.stage(ALICE, &Change { add: add.clone(), ..Default::default() }).err(),
+        Some(ChannelError::NotAdmin)
+    );
+    let forged = w
+        .forge(
+            ALICE,
+            &Forge { add: add.iter().map(|b| b.0.clone()).collect(), ..Default::default() },
+        )
+        .expect("forge");
+    all_refuse(w.judge(ALICE, &forged), |e| *e == ChannelError::NotAdmin);
+    assert!(!w.in_channel(BOB, CAROL));
+
+    // Carol's KeyPackage claiming to be Alice passes the rule (same user) but not the
+    // credential check: Carol's record is sponsored as carol.
+    let carol_as_alice = {
+        let d = &w.devices[CAROL];
+        let me = Identity::new(&d.key).with_user(Some(w.address("alice")));
+        me.key_package(&d.provider, false).expect("kp")
+    };
+    assert!(matches!(
+        w.stage(ALICE, &Change { add: vec![carol_as_alice.clone().into()], ..Default::default() }),
+        Err(ChannelError::Credential { .. })
+    ));
+    let forged =
+        w.forge(ALICE, &Forge { add: vec![carol_as_alice], ..Default::default() }).expect("forge");
+    all_refuse(w.judge(ALICE, &forged), |e| matches!(e, ChannelError::Credential { .. }));
+    // Mallory's claims to be Alice too; no relay sponsors Mallory at all.
+    let add = vec![w.devices[MALLORY].key_package().0];
+    let forged = w.forge(ALICE, &Forge { add, ..Default::default() }).expect("forge");
+    all_refuse(w.judge(ALICE, &forged), |e| matches!(e, ChannelError::Credential { .. }));
+    assert!(!w.in_channel(BOB, CAROL) && !w.in_channel(BOB, MALLORY));
+
+    // Alice may not remove Bob; she may remove her own second device.
+    let remove = Change { remove: vec![bob], ..Default::default() };
+    assert_eq!(w.stage(ALICE, &remove).err(), Some(ChannelError::NotAdmin));
+    let forged = w.forge(ALICE, &Forge { remove: vec![bob], ..Default::default() }).expect("forge");
+    all_refuse(w.judge(ALICE, &forged), |e| *e == ChannelError::NotAdmin);
+    let staged =
+        w.stage(ALICE, &Change { remove: vec![alice2], ..Default::default() }).expect("her own");
+    w.submit_by(ALICE, &staged);
+    assert!(!w.in_channel(BOB, ALICE2) && w.in_channel(BOB, ALICE));
+}
+
+#[test]
+fn admin_rights_belong_to_the_user_not_to_one_device() {
+    // Alice's user is the admin; her first device created the channel with Bob in it.
+    let mut w = World::with_users(ALICE, "alice", &[BOB]);
+    let add = vec![w.devices[ALICE2].key_package()];
+    let staged = w.stage(ALICE, &Change { add, ..Default::default() }).expect("add");
+    w.submit_by(ALICE, &staged);
+    // Her second device, never named an admin, adds Carol and renames the channel.
+    let alice2 = w.devices[ALICE2].id();
+    assert!(w.devices[BOB].channel.as_ref().expect("member").is_admin_device(alice2));
+    let mut config = config_of(&w, ALICE2);
+    config.name = "renamed".into();
+    let change = Change {
+        add: vec![w.devices[CAROL].key_package()],
+        config: Some(config),
+        ..Default::default()
+    };
+    let staged = w.stage(ALICE2, &change).expect("an admin user's device");
+    w.submit_by(ALICE2, &staged);
+    assert!(w.in_channel(BOB, CAROL));
+    assert_eq!(config_of(&w, BOB).name, "renamed");
+    // Bob is no admin: he may not rename it back, forged or not.
+    let mut config = config_of(&w, BOB);
+    config.name = "bob's".into();
+    let forged =
+        w.forge(BOB, &Forge { config: Some(config), ..Default::default() }).expect("forge");
+    all_refuse(w.judge(BOB, &forged), |e| *e == ChannelError::NotAdmin);
+    // An admin set of no user is refused like an empty one of devices.
+    let mut config = config_of(&w, ALICE);
+    config.admins = AdminPolicy::Users(Default::default());
+    let forged =
+        w.forge(ALICE, &Forge { config: Some(config), ..Default::default() }).expect("forge");
+    all_refuse(w.judge(ALICE, &forged), |e| matches!(e, ChannelError::ForbiddenConfig(_)));
+}
+
+#[test]
+fn an_address_gives_nothing_in_a_relayless_channel() {
+    let w = World::with_users(ALICE, "alice", &[]);
+    let alice = w.devices[ALICE].me.user();
+    let mut config = config_of(&w, ALICE);
+    let kp = w.devices[ALICE2].key_package();
+    let kp = KeyPackageIn::tls_deserialize_exact(&kp.0[..])
+        .expect("kp")
+        .validate(w.devices[ALICE2].provider.crypto(), ProtocolVersion::Mls10)
+        .expect("valid");
+    let credential = kp.leaf_node().credential();
+    assert!(same_user(&config, &alice, credential));
+    config.relays.clear();
+    assert!(!same_user(&config, &alice, credential), "no relay vouches for the address");
+    // A device alone is no user with other devices.
+    let lone = UserId::Device(w.devices[ALICE].id());
+    assert!(!same_user(&config_of(&w, ALICE), &lone, credential));
+}
