@@ -261,6 +261,7 @@ impl Node {
         tokio::spawn(node.clone().peer_task(asks));
         tokio::spawn(node.clone().lan_task());
         tokio::spawn(node.clone().file_request_task());
+        tokio::spawn(node.clone().follow_task());
         Ok(node)
     }
 

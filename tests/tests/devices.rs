@@ -57,6 +57,27 @@ async fn devices(node: &NodeProcess) -> Value {
     node.json("GET", "/v1/devices", None).await.expect("devices")
 }
 
+async fn send(node: &NodeProcess, channel: &str, text: &str) {
+    let body = serde_json::json!({"text": text});
+    node.json("POST", &format!("/v1/channels/{channel}/messages"), Some(body)).await.expect("send");
+}
+
+/// Who sent the message `text` in `channel`, as `node` shows it, once it is there.
+async fn wait_sender(node: &NodeProcess, channel: &str, text: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = node.json("GET", &format!("/v1/channels/{channel}/history"), None).await;
+        let found = v.ok().and_then(|v| {
+            v["history"]["messages"].as_array()?.iter().find(|m| m["body"] == text).cloned()
+        });
+        if let Some(m) = found {
+            return m["from"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(Instant::now() < deadline, "{text:?} never reached the node");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn entry<'a>(list: &'a Value, device: &str) -> &'a Value {
     list["devices"]
         .as_array()
@@ -72,6 +93,20 @@ async fn a_code_links_a_new_device_once_and_only_with_its_secret() {
     laptop.cli(&["devices", "name", "laptop"]).expect("name the laptop");
     let status = laptop.json("GET", "/v1/status", None).await.expect("status");
     let laptop_id = status["device"].as_str().expect("device").to_owned();
+    // Alice's user administers "general", with Bob in it; Bob's user administers "bobs", with
+    // Alice's laptop in it (there the laptop is no admin).
+    let bob = NodeProcess::start(&[]).expect("bob");
+    bob.register(&relay, "bob").await.expect("register");
+    let general = laptop.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    laptop.cli(&["invite", "general", "bob@localhost"]).expect("invite bob");
+    bob.wait_joined(&general, WAIT).await.expect("bob joins general");
+    let bobs = bob.cli(&["channel", "create", "bobs"]).expect("create").trim().to_owned();
+    bob.cli(&["invite", "bobs", "alice@localhost"]).expect("invite alice");
+    laptop.wait_joined(&bobs, WAIT).await.expect("the laptop joins bobs");
+    send(&laptop, &general, "before the phone").await;
+    bob.wait_texts(&general, WAIT, |t| t.iter().any(|t| t == "before the phone"))
+        .await
+        .expect("bob reads it");
 
     // The CLI shows a code and a QR code; the new device links with it.
     let (code, mut waiting) = show_code(&laptop);
@@ -99,9 +134,26 @@ async fn a_code_links_a_new_device_once_and_only_with_its_secret() {
     assert!(shown.contains("phone") && shown.contains("just now"), "{shown}");
     assert!(shown.contains("this device"), "{shown}");
 
+    // The phone follows the user into both channels: "general", where the user is admin, and
+    // "bobs", where the laptop brought it in without being an admin.
+    phone.wait_joined(&general, WAIT).await.expect("the phone joins general");
+    phone.wait_joined(&bobs, WAIT).await.expect("the phone joins bobs");
+    // A message from either device is Alice's, everywhere.
+    send(&phone, &general, "from the phone").await;
+    for node in [&bob, &laptop] {
+        let from = wait_sender(node, &general, "from the phone").await;
+        assert_eq!(from, "alice@localhost");
+    }
+    send(&laptop, &bobs, "from the laptop").await;
+    for node in [&bob, &phone] {
+        assert_eq!(wait_sender(node, &bobs, "from the laptop").await, "alice@localhost");
+    }
+    // Bob removes the user: both devices go in one commit.
+    bob.cli(&["remove", "bobs", "alice@localhost"]).expect("remove alice");
+    let members = bob.json("GET", &format!("/v1/channels/{bobs}/members"), None).await.expect("m");
+    assert_eq!(members["members"].as_array().map(Vec::len), Some(1), "{members}");
+
     // Anyone looking alice up finds both devices, and their records verify.
-    let bob = NodeProcess::start(&[]).expect("bob");
-    bob.register(&relay, "bob").await.expect("register");
     let found = bob.json("GET", "/v1/users/alice@localhost", None).await.expect("lookup");
     assert_eq!(found["devices"].as_array().map(Vec::len), Some(2), "{found}");
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use chitchat_proto::identity::{MAX_LINKED_DEVICES, TrustedRelays};
 use chitchat_proto::link::{LINK_TTL_MS, LinkAnswer, LinkCode, LinkHello, LinkSecret, LinkSlot};
+use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::wire::{DeviceEntry, ErrorCode, Request, Response, check_device_name};
 use chitchat_proto::{DeviceId, Timestamp};
 
@@ -25,6 +26,13 @@ use crate::store::Account;
 const LINK_POLL: Duration = Duration::from_millis(300);
 /// How long a new device waits for the other device to answer its hello.
 const ANSWER_WAIT: Duration = Duration::from_secs(120);
+
+/// How often a device checks that every device of its user is in each of its channels (it
+/// also does when it links one, and at start).
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Passes of [`Node::follow_task`]'s work, a second apart, right after a link.
+const FOLLOW_RIGHT_AFTER_LINK: usize = 30;
 
 /// A link code this device shows, and until when it works.
 #[derive(Debug)]
@@ -86,6 +94,16 @@ impl Node {
             Ok(Some(device)) => {
                 tracing::info!(device = %device, "device linked");
                 let _ = self.events.send(Event::DeviceLinked { device: device.0.to_hex() });
+                // The new device follows the user into every channel: as soon as it has
+                // registered and uploaded its KeyPackages, a moment after this answer.
+                for _ in 0..FOLLOW_RIGHT_AFTER_LINK {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match self.follow_user().await {
+                        Ok(false) => break,
+                        Ok(true) => {}
+                        Err(e) => tracing::debug!(error = %e, "following the user failed"),
+                    }
+                }
             }
             Ok(None) => tracing::debug!("link code expired or replaced"),
             Err(e) => {
@@ -235,6 +253,61 @@ impl Node {
             }
         }
         Ok(account)
+    }
+
+    /// Brings the user's other devices into every channel this device is in, now, every
+    /// [`FOLLOW_INTERVAL`], and when this device links one: the channel rules let any device of
+    /// the user add them. A device of the user that is in none yet (just linked, its KeyPackages
+    /// not uploaded yet) is tried again on the next pass. Several of the user's devices may try
+    /// at once: the ordering lets one win, and the others find the device a member.
+    pub(super) async fn follow_task(self: Arc<Self>) {
+        let _ = self.wait_for_link().await;
+        loop {
+            if let Err(e) = self.follow_user().await.map(drop) {
+                tracing::debug!(error = %e, "the user's devices not brought into every channel");
+            }
+            tokio::time::sleep(FOLLOW_INTERVAL).await;
+        }
+    }
+
+    /// One pass of [`Node::follow_task`]; `true` if a device of the user is still missing
+    /// from a channel.
+    async fn follow_user(&self) -> Result<bool, NodeError> {
+        let Some(address) = self.with(|e| e.account().map(|a| a.address().to_string())).await
+        else {
+            return Ok(false);
+        };
+        let me = self.with(|e| e.device()).await;
+        let own: Vec<DeviceId> = self
+            .lookup(&address)
+            .await?
+            .into_iter()
+            .map(|d| d.device())
+            .filter(|d| *d != me)
+            .collect();
+        if own.is_empty() {
+            return Ok(false);
+        }
+        let missing: Vec<ChannelId> = self
+            .with(move |e| {
+                e.active_channels()
+                    .into_iter()
+                    .filter(|id| !e.is_relayless(id))
+                    .filter(|id| e.members(id).is_ok_and(|m| own.iter().any(|d| !m.contains(d))))
+                    .collect()
+            })
+            .await;
+        let mut still_missing = false;
+        for channel in missing {
+            match self.invite(channel, &address).await {
+                Ok(added) => tracing::info!(%channel, ?added, "the user's devices brought in"),
+                Err(e) => {
+                    still_missing = true;
+                    tracing::debug!(%channel, error = %e, "the user's devices not added yet");
+                }
+            }
+        }
+        Ok(still_missing)
     }
 
     /// The devices registered under this user's name at the relay.
