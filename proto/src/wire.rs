@@ -770,9 +770,9 @@ pub enum Response {
     /// What a link slot holds.
     LinkState {
         /// The joiner's hello, once it came.
-        hello: Option<LinkHello>,
+        hello: Option<Box<LinkHello>>,
         /// The offerer's answer, once it came.
-        answer: Option<LinkAnswer>,
+        answer: Option<Box<LinkAnswer>>,
     },
     /// The answer is in the slot.
     LinkAnswered,

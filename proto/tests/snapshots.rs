@@ -734,7 +734,10 @@ fn links_and_devices() {
     for (name, response) in [
         ("response_link_offered", Response::LinkOffered),
         ("response_link_joined", Response::LinkJoined),
-        ("response_link_state", Response::LinkState { hello: Some(hello), answer: Some(answer) }),
+        (
+            "response_link_state",
+            Response::LinkState { hello: Some(Box::new(hello)), answer: Some(Box::new(answer)) },
+        ),
         ("response_link_answered", Response::LinkAnswered),
         ("response_own_devices", Response::OwnDevices(vec![entry.clone()])),
         ("response_device_named", Response::DeviceNamed),

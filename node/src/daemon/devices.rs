@@ -223,7 +223,7 @@ impl Node {
         let address = answer
             .verify(&code.secret, me, &trust, &relay.id.host, now())
             .map_err(|e| NodeError::Invalid(format!("the other device's answer: {e}")))?;
-        let offerer = answer.dir;
+        let offerer = answer.dir.clone();
         // This device lists the offerer and the devices the offerer lists (each link holds
         // once the other lists this device too).
         let linked: BTreeSet<DeviceId> = offerer

@@ -80,7 +80,10 @@ impl Relay {
         if record.offerer != me && joiner != Some(me) {
             return error(ErrorCode::Forbidden, "not a side of this link");
         }
-        Response::LinkState { hello: record.hello, answer: record.answer }
+        Response::LinkState {
+            hello: record.hello.map(Box::new),
+            answer: record.answer.map(Box::new),
+        }
     }
 
     pub(super) async fn answer_link(
