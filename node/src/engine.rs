@@ -30,6 +30,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 mod evidence;
+mod handover;
 mod lan;
 
 pub use evidence::{Conviction, Outgoing};
@@ -1319,6 +1320,9 @@ impl Engine {
                 }
                 InboxPayload::Report(report) => {
                     self.receive_report(report, now, &mut pending_events)
+                }
+                InboxPayload::History(pack) => {
+                    self.receive_history(pack, now, &mut b, &mut pending_events)
                 }
                 InboxPayload::Channel { channel, message } => {
                     if self.awaits_welcome(&channel) {

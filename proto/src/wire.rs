@@ -576,6 +576,30 @@ pub enum InboxPayload {
     Leave(LeaveRequest),
     /// A member's epoch report (see [`crate::ordering::EpochReport`]).
     Report(EpochReport),
+    /// Part of a channel's history, from another device of the same user to a device of theirs
+    /// that joined it later (MLS gives a new member no key of the epochs before it): a pack of
+    /// [`HistoryMessage`] encodings, signed by the sending device, sealed to the new device
+    /// alone like every inbox payload.
+    History(crate::pack::Pack),
+}
+
+/// One message of a channel's history, as a device of the user passes it to another
+/// ([`InboxPayload::History`]): what the sender's device stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct HistoryMessage {
+    /// Its id (sender device and sequence number).
+    pub id: crate::channel::MessageId,
+    /// Its sender's clock.
+    pub hlc: crate::hlc::Hlc,
+    /// The epoch it was sent in.
+    pub epoch: u64,
+    /// The plaintext, of the channel's MIME type.
+    pub payload: Bytes,
+}
+
+impl Canonical for HistoryMessage {
+    const MAX_LEN: usize = MAX_INBOX_PAYLOAD_LEN;
 }
 
 /// A member's signed request to be removed from a channel (MLS lets no member commit its own

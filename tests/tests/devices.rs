@@ -104,9 +104,10 @@ async fn a_code_links_a_new_device_once_and_only_with_its_secret() {
     bob.cli(&["invite", "bobs", "alice@localhost"]).expect("invite alice");
     laptop.wait_joined(&bobs, WAIT).await.expect("the laptop joins bobs");
     send(&laptop, &general, "before the phone").await;
-    bob.wait_texts(&general, WAIT, |t| t.iter().any(|t| t == "before the phone"))
-        .await
-        .expect("bob reads it");
+    send(&bob, &general, "bob, before the phone").await;
+    let before =
+        laptop.wait_texts(&general, WAIT, |t| t.len() == 2).await.expect("the laptop reads both");
+    bob.wait_texts(&general, WAIT, |t| t == before).await.expect("bob reads both");
 
     // The CLI shows a code and a QR code; the new device links with it.
     let (code, mut waiting) = show_code(&laptop);
@@ -138,6 +139,18 @@ async fn a_code_links_a_new_device_once_and_only_with_its_secret() {
     // "bobs", where the laptop brought it in without being an admin.
     phone.wait_joined(&general, WAIT).await.expect("the phone joins general");
     phone.wait_joined(&bobs, WAIT).await.expect("the phone joins bobs");
+    // It shows what was said before it came, as the laptop does: the laptop handed it the
+    // channel's history, re-encrypted for it.
+    phone.wait_texts(&general, WAIT, |t| t == before).await.expect("the phone shows the history");
+    let history = phone.json("GET", &format!("/v1/channels/{general}/history"), None).await;
+    let history = history.expect("history");
+    let senders: Vec<&str> = history["history"]["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["from"].as_str())
+        .collect();
+    assert_eq!(senders, ["alice@localhost", "bob@localhost"], "{history}");
     // A message from either device is Alice's, everywhere.
     send(&phone, &general, "from the phone").await;
     for node in [&bob, &laptop] {

@@ -300,7 +300,14 @@ impl Node {
         let mut still_missing = false;
         for channel in missing {
             match self.invite(channel, &address).await {
-                Ok(added) => tracing::info!(%channel, ?added, "the user's devices brought in"),
+                Ok(added) => {
+                    tracing::info!(%channel, ?added, "the user's devices brought in");
+                    for device in added {
+                        if let Err(e) = self.hand_over(channel, device).await {
+                            tracing::warn!(%channel, %device, error = %e, "history not handed over");
+                        }
+                    }
+                }
                 Err(e) => {
                     still_missing = true;
                     tracing::debug!(%channel, error = %e, "the user's devices not added yet");
@@ -308,6 +315,23 @@ impl Node {
             }
         }
         Ok(still_missing)
+    }
+
+    /// Hands `channel`'s history as this device stored it to `device`, another device of the
+    /// user that this device just added: packs sealed to it, one inbox item each (after the
+    /// Welcome, which the relay put in its inbox with the ordered commit).
+    async fn hand_over(&self, channel: ChannelId, device: DeviceId) -> Result<(), NodeError> {
+        let envelopes = self.with(move |e| e.history_for(&channel, device)).await?;
+        let link = self.link()?;
+        let n = envelopes.len();
+        for envelope in envelopes {
+            match link.call(&Request::Enqueue { envelope }).await? {
+                Response::Enqueued { .. } => {}
+                other => return Err(refused(other)),
+            }
+        }
+        tracing::info!(%channel, %device, packs = n, "history handed over");
+        Ok(())
     }
 
     /// The devices registered under this user's name at the relay.
