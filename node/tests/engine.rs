@@ -104,7 +104,13 @@ fn sealed(envelope: inbox::SealedEnvelope, id: u64) -> InboxItem {
 }
 
 fn device(dir: &tempfile::TempDir, name: &str, relay: &Relay) -> Engine {
-    let store = Store::open(&dir.path().join(format!("{name}.redb"))).expect("store");
+    device_of(dir, name, name, relay)
+}
+
+/// A device in `dir/FILE.redb`, registered as `name` (two files, one name: two devices of one
+/// user).
+fn device_of(dir: &tempfile::TempDir, file: &str, name: &str, relay: &Relay) -> Engine {
+    let store = Store::open(&dir.path().join(format!("{file}.redb"))).expect("store");
     let mut e = Engine::open(store).expect("engine");
     let body = SponsorshipBody {
         device: e.device(),
@@ -697,4 +703,59 @@ fn gossip_is_judged_by_the_rosters_on_disk() {
     let alice = reopen(&tmp, "alice", alice);
     let rosters = alice.store().rosters();
     assert_eq!(rosters.is_member(&channel, &b, epoch + 1).expect("read"), Some(false));
+}
+
+#[test]
+fn history_is_taken_only_from_a_device_of_the_same_user_and_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::new();
+    let (mut alice, mut bob, channel) = pair(&tmp, &relay);
+    for body in ["one", "two"] {
+        send(&mut alice, &channel, &text(body));
+    }
+    send(&mut bob, &channel, &text("bob's"));
+    // Alice's second device joins the channel; MLS gives it nothing from before.
+    let mut phone = device_of(&tmp, "phone", "alice", &relay);
+    phone.add_dirs(vec![alice.account().expect("a").dir.clone()]).expect("dirs");
+    phone.add_dirs(vec![bob.account().expect("b").dir.clone()]).expect("dirs");
+    alice.add_dirs(vec![phone.account().expect("p").dir.clone()]).expect("dirs");
+    bob.add_dirs(vec![phone.account().expect("p").dir.clone()]).expect("dirs");
+    add(&mut alice, &mut phone, &relay, channel, 0);
+    let count = |e: &Engine| e.store().count_messages(&channel).expect("count");
+    assert_eq!(count(&phone), 0);
+
+    // Bob is another user: his history of the channel is not the phone's to take.
+    let from_bob = bob.history_for(&channel, phone.device()).expect("bob's packs");
+    assert_eq!(from_bob.len(), 1, "bob's pack holds his message");
+    let items: Vec<InboxItem> =
+        from_bob.into_iter().zip(1..).map(|(e, id)| sealed(e, id)).collect();
+    phone.receive_inbox(&items, NOW).expect("receive");
+    assert_eq!(count(&phone), 0, "history from another user is dropped");
+
+    // A pack signed with Alice's key whose message was changed after signing does not hold.
+    let forged = {
+        let m = chitchat_proto::wire::HistoryMessage {
+            id: MessageId { sender: bob.device(), seq: 99 },
+            hlc: chitchat_proto::hlc::Hlc { wall_ms: NOW.0, counter: 0 },
+            epoch: 1,
+            payload: chitchat_proto::codec::Bytes(text("forged")),
+        };
+        let pack = chitchat_proto::pack::Pack::seal(alice.key(), channel, 0, vec![m.to_bytes()]);
+        let mut pack = pack.expect("pack");
+        pack.envelopes[0].0[0] ^= 1;
+        InboxPayload::History(pack)
+    };
+    phone.receive_inbox(&[sealed_to(&phone, &forged, 10)], NOW).expect("receive");
+    assert_eq!(count(&phone), 0, "a tampered pack is dropped");
+    let mut packs = alice.history_for(&channel, phone.device()).expect("packs");
+    assert_eq!(packs.len(), 1);
+
+    // Alice's own pack: both messages, once each however often it comes.
+    let envelope = packs.remove(0);
+    phone.receive_inbox(&[sealed(envelope.clone(), 11)], NOW).expect("receive");
+    phone.receive_inbox(&[sealed(envelope, 12)], NOW).expect("receive again");
+    assert_eq!(count(&phone), 2);
+    let shown = phone.store().messages(&channel, 10).expect("messages");
+    let bodies: Vec<Vec<u8>> = shown.iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(bodies, [text("one"), text("two")]);
 }

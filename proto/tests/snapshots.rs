@@ -296,6 +296,17 @@ fn channel() {
     ];
     let lines: Vec<String> = payloads.iter().map(|p| hex::encode(p.to_bytes())).collect();
     insta::assert_snapshot!("inbox_payload", lines.join("\n"));
+    // A channel's history handed to a new device of the user.
+    let message = wire::HistoryMessage {
+        id: MessageId { sender: dev(1), seq: 3 },
+        hlc: Hlc { wall_ms: T0.0, counter: 1 },
+        epoch: 2,
+        payload: Bytes(b"hi".to_vec()),
+    };
+    let pack = Pack::seal(&key(1), ChannelId([5; 32]), 0, vec![message.to_bytes()]).expect("pack");
+    let history = wire::InboxPayload::History(pack);
+    insta::assert_snapshot!("inbox_payload_history", hex(&history.to_bytes()));
+    assert_eq!(wire::InboxPayload::from_bytes(&history.to_bytes()).expect("decode"), history);
 }
 
 #[test]
