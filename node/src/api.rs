@@ -825,7 +825,7 @@ fn views(
     stored: &[crate::store::StoredMessage],
     mime: &str,
     failures: &Failures,
-    names: &std::collections::BTreeMap<DeviceId, String>,
+    names: &Names,
 ) -> Vec<MessageView> {
     stored
         .iter()
@@ -841,9 +841,9 @@ fn views(
 fn chat_history(
     stored: &[crate::store::StoredMessage],
     failures: &Failures,
-    names: &std::collections::BTreeMap<DeviceId, String>,
+    names: &Names,
 ) -> view::ChatHistory {
-    let mut h = view::fold_chat(stored, |d| lookup_name(names, d));
+    let mut h = view::fold_chat(stored, |d| lookup_name(names, d), |d| lookup_user(names, d));
     for m in &mut h.messages {
         m.failure = failures.get(&m.id).cloned();
     }
@@ -885,17 +885,23 @@ async fn mark_fetched(s: &ApiState, files: Vec<&mut view::FileView>) {
     }
 }
 
-async fn names(
-    s: &ApiState,
-    stored: &[crate::store::StoredMessage],
-) -> std::collections::BTreeMap<DeviceId, String> {
+/// Each sender's name and user.
+type Names = std::collections::BTreeMap<DeviceId, (String, chitchat_proto::channel::UserId)>;
+
+async fn names(s: &ApiState, stored: &[crate::store::StoredMessage]) -> Names {
     let devices: std::collections::BTreeSet<DeviceId> =
         stored.iter().map(|m| m.id.sender).collect();
-    s.node.with(move |e| devices.into_iter().map(|d| (d, e.name_of(&d))).collect()).await
+    s.node
+        .with(move |e| devices.into_iter().map(|d| (d, (e.name_of(&d), e.user_of(&d)))).collect())
+        .await
 }
 
-fn lookup_name(names: &std::collections::BTreeMap<DeviceId, String>, d: &DeviceId) -> String {
-    names.get(d).cloned().unwrap_or_else(|| short_device(d))
+fn lookup_name(names: &Names, d: &DeviceId) -> String {
+    names.get(d).map_or_else(|| short_device(d), |(n, _)| n.clone())
+}
+
+fn lookup_user(names: &Names, d: &DeviceId) -> chitchat_proto::channel::UserId {
+    names.get(d).map_or(chitchat_proto::channel::UserId::Device(*d), |(_, u)| u.clone())
 }
 
 async fn history(
@@ -956,7 +962,11 @@ async fn export(
         "text" => {
             let mut out = format!("# {name} ({id})\n");
             if mime == chat::MIME {
-                let h = view::fold_chat(&stored, |d| lookup_name(&names, d));
+                let h = view::fold_chat(
+                    &stored,
+                    |d| lookup_name(&names, d),
+                    |d| lookup_user(&names, d),
+                );
                 for m in h.messages {
                     out.push_str(&crate::cli::format_entry(&m));
                     out.push('\n');

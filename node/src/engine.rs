@@ -1131,6 +1131,24 @@ impl Engine {
         self.emit(Event::Message { channel: channel.to_string(), message: Box::new(message) });
     }
 
+    /// The user a device belongs to: the address a trusted relay sponsored it as (its
+    /// sponsorship's signature checked, not its expiry: what it sent while sponsored stays the
+    /// user's), or the device alone. Chat edits, deletes, reactions and receipts are judged by
+    /// it.
+    pub fn user_of(&self, device: &DeviceId) -> UserId {
+        let trust = self.trust();
+        self.dirs
+            .get(device)
+            .filter(|dir| dir.verify_signature().is_ok())
+            .and_then(|dir| {
+                dir.body
+                    .sponsorships
+                    .iter()
+                    .find(|s| s.body.device == *device && s.verify(&trust, s.body.issued).is_ok())
+            })
+            .map_or(UserId::Device(*device), |s| UserId::Address(s.address()))
+    }
+
     /// The address a device is known by (`alice@relay`), or its short id.
     pub fn name_of(&self, device: &DeviceId) -> String {
         let dir = self.dirs.get(device);

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use chitchat_proto::DeviceId;
 use chitchat_proto::channel::MessageId;
+use chitchat_proto::channel::UserId;
 use chitchat_proto::chat::{self, ChatContent, ChatLog};
 use chitchat_proto::codec::Canonical as _;
 use serde::{Deserialize, Serialize};
@@ -292,19 +293,29 @@ pub struct ChatHistory {
 }
 
 /// Folds a chat channel's stored messages.
-pub fn fold_chat(messages: &[StoredMessage], name: impl Fn(&DeviceId) -> String) -> ChatHistory {
+/// `user` gives each sender's user: edits and deletes count only from the author's user,
+/// reactions and receipts are one per user.
+pub fn fold_chat(
+    messages: &[StoredMessage],
+    name: impl Fn(&DeviceId) -> String,
+    user: impl Fn(&DeviceId) -> UserId,
+) -> ChatHistory {
     let mut log = ChatLog::default();
     let mut status = BTreeMap::new();
     for m in messages {
         if let Ok(c) = ChatContent::from_bytes(&m.payload) {
-            log.apply(m.id, m.hlc, c);
+            log.apply_by(m.id, user(&m.id.sender), m.hlc, c);
         }
         status.insert(m.id, m.status);
     }
+    let user_name = |u: &UserId| match u {
+        UserId::Address(a) => a.to_string(),
+        UserId::Device(d) => name(d),
+    };
     let receipts = log.receipts();
     let mut read_by: BTreeMap<MessageId, Vec<String>> = BTreeMap::new();
-    for (device, up_to) in &receipts {
-        read_by.entry(*up_to).or_default().push(name(device));
+    for (who, up_to) in &receipts {
+        read_by.entry(*up_to).or_default().push(user_name(who));
     }
     let entries = log
         .timeline()
@@ -321,7 +332,7 @@ pub fn fold_chat(messages: &[StoredMessage], name: impl Fn(&DeviceId) -> String)
             reactions: m
                 .reactions
                 .iter()
-                .map(|(emoji, who)| (emoji.clone(), who.iter().map(&name).collect()))
+                .map(|(emoji, who)| (emoji.clone(), who.iter().map(&user_name).collect()))
                 .collect(),
             status: status_str(status.get(&m.id).copied().unwrap_or(MessageStatus::Received)),
             failure: None,
@@ -331,6 +342,6 @@ pub fn fold_chat(messages: &[StoredMessage], name: impl Fn(&DeviceId) -> String)
         .collect();
     ChatHistory {
         messages: entries,
-        receipts: receipts.iter().map(|(d, id)| (name(d), short_id(id))).collect(),
+        receipts: receipts.iter().map(|(u, id)| (user_name(u), short_id(id))).collect(),
     }
 }

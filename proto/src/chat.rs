@@ -13,10 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::channel::MessageId;
+use crate::channel::{MessageId, UserId};
 use crate::codec::Canonical;
 use crate::hlc::Hlc;
-use crate::identity::DeviceId;
 
 /// The MIME type of chat channels.
 pub const MIME: &str = "text/chitchat";
@@ -178,8 +177,10 @@ pub struct ChatMessage {
     pub edited: Option<(Hlc, MessageId)>,
     /// Whether it was deleted.
     pub deleted: bool,
-    /// Reactions: emoji to the devices that reacted with it.
-    pub reactions: BTreeMap<String, BTreeSet<DeviceId>>,
+    /// Reactions: emoji to the users that reacted with it.
+    pub reactions: BTreeMap<String, BTreeSet<UserId>>,
+    /// Its author: the user of the device that sent it. Only the author edits or deletes it.
+    pub author: UserId,
 }
 
 /// What applying one message did, for events and tests.
@@ -211,23 +212,37 @@ pub enum Applied {
 pub struct ChatLog {
     messages: BTreeMap<MessageId, ChatMessage>,
     /// Edits, deletes and reactions whose target has not arrived yet, by target.
-    pending: BTreeMap<MessageId, Vec<(MessageId, Hlc, ChatContent)>>,
+    pending: BTreeMap<MessageId, Vec<(MessageId, UserId, Hlc, ChatContent)>>,
     pending_len: usize,
-    /// Per device: the receipt in force, as `(receipt's hlc, receipt's id, message read)`.
-    receipts: BTreeMap<DeviceId, (Hlc, MessageId, MessageId)>,
+    /// Per user: the receipt in force, as `(receipt's hlc, receipt's id, message read)`.
+    receipts: BTreeMap<UserId, (Hlc, MessageId, MessageId)>,
 }
 
 /// Most early edits, deletes and reactions held for targets not seen yet.
 pub const MAX_PENDING: usize = 10_000;
 
 impl ChatLog {
-    /// Applies message `id` with clock `hlc`.
+    /// Applies message `id` with clock `hlc`, its sending device taken as its own user.
     pub fn apply(&mut self, id: MessageId, hlc: Hlc, content: ChatContent) -> Applied {
+        self.apply_by(id, UserId::Device(id.sender), hlc, content)
+    }
+
+    /// Applies message `id` with clock `hlc`, sent by a device of `author`: edits, deletes,
+    /// reactions and receipts belong to the user, whichever of its devices sent them.
+    pub fn apply_by(
+        &mut self,
+        id: MessageId,
+        author: UserId,
+        hlc: Hlc,
+        content: ChatContent,
+    ) -> Applied {
         match content {
-            ChatContent::Text { body } => self.insert(id, hlc, None, Some(body), None),
-            ChatContent::Reply { to, body } => self.insert(id, hlc, Some(to), Some(body), None),
+            ChatContent::Text { body } => self.insert(id, author, hlc, None, Some(body), None),
+            ChatContent::Reply { to, body } => {
+                self.insert(id, author, hlc, Some(to), Some(body), None)
+            }
             ChatContent::Attachment { file, caption } => {
-                self.insert(id, hlc, None, caption, Some(file))
+                self.insert(id, author, hlc, None, caption, Some(file))
             }
             ChatContent::Edit { target, .. }
             | ChatContent::Delete { target }
@@ -236,20 +251,19 @@ impl ChatLog {
                     if self.pending_len >= MAX_PENDING {
                         return Applied::Ignored;
                     }
-                    self.pending.entry(target).or_default().push((id, hlc, content));
+                    self.pending.entry(target).or_default().push((id, author, hlc, content));
                     self.pending_len += 1;
                     return Applied::Pending;
                 };
-                modify(msg, id, hlc, content)
+                modify(msg, id, author, hlc, content)
             }
             ChatContent::ReadReceipt { up_to } => {
-                // The device's latest receipt (by its own clock) wins.
-                let newer =
-                    self.receipts.get(&id.sender).is_none_or(|(h, i, _)| (hlc, id) > (*h, *i));
+                // The user's latest receipt (by its devices' clocks) wins.
+                let newer = self.receipts.get(&author).is_none_or(|(h, i, _)| (hlc, id) > (*h, *i));
                 if !newer {
                     return Applied::Ignored;
                 }
-                self.receipts.insert(id.sender, (hlc, id, up_to));
+                self.receipts.insert(author, (hlc, id, up_to));
                 Applied::Receipt
             }
             ChatContent::Typing { .. } => Applied::Typing,
@@ -269,14 +283,15 @@ impl ChatLog {
         v
     }
 
-    /// The latest message each device said it has read.
-    pub fn receipts(&self) -> BTreeMap<DeviceId, MessageId> {
-        self.receipts.iter().map(|(d, (_, _, read))| (*d, *read)).collect()
+    /// The latest message each user said it has read.
+    pub fn receipts(&self) -> BTreeMap<UserId, MessageId> {
+        self.receipts.iter().map(|(u, (_, _, read))| (u.clone(), *read)).collect()
     }
 
     fn insert(
         &mut self,
         id: MessageId,
+        author: UserId,
         hlc: Hlc,
         reply_to: Option<MessageId>,
         body: Option<String>,
@@ -300,11 +315,12 @@ impl ChatLog {
             edited: None,
             deleted: false,
             reactions: BTreeMap::new(),
+            author,
         };
         if let Some(early) = self.pending.remove(&id) {
             self.pending_len -= early.len();
-            for (mid, mhlc, content) in early {
-                modify(&mut msg, mid, mhlc, content);
+            for (mid, mauthor, mhlc, content) in early {
+                modify(&mut msg, mid, mauthor, mhlc, content);
             }
         }
         self.messages.insert(id, msg);
@@ -312,10 +328,16 @@ impl ChatLog {
     }
 }
 
-fn modify(msg: &mut ChatMessage, id: MessageId, hlc: Hlc, content: ChatContent) -> Applied {
+fn modify(
+    msg: &mut ChatMessage,
+    id: MessageId,
+    author: UserId,
+    hlc: Hlc,
+    content: ChatContent,
+) -> Applied {
     match content {
         ChatContent::Edit { body, .. } => {
-            if id.sender != msg.id.sender || msg.deleted {
+            if author != msg.author || msg.deleted {
                 return Applied::Ignored;
             }
             if msg.edited.is_some_and(|current| current >= (hlc, id)) {
@@ -326,7 +348,7 @@ fn modify(msg: &mut ChatMessage, id: MessageId, hlc: Hlc, content: ChatContent) 
             Applied::Edited
         }
         ChatContent::Delete { .. } => {
-            if id.sender != msg.id.sender {
+            if author != msg.author {
                 return Applied::Ignored;
             }
             msg.deleted = true;
@@ -341,13 +363,13 @@ fn modify(msg: &mut ChatMessage, id: MessageId, hlc: Hlc, content: ChatContent) 
             }
             if remove {
                 if let Some(set) = msg.reactions.get_mut(&emoji) {
-                    set.remove(&id.sender);
+                    set.remove(&author);
                     if set.is_empty() {
                         msg.reactions.remove(&emoji);
                     }
                 }
             } else {
-                msg.reactions.entry(emoji).or_default().insert(id.sender);
+                msg.reactions.entry(emoji).or_default().insert(author);
             }
             Applied::Reacted
         }
@@ -358,6 +380,7 @@ fn modify(msg: &mut ChatMessage, id: MessageId, hlc: Hlc, content: ChatContent) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::DeviceId;
     use crate::keys::SecretKey;
 
     fn dev(n: u8) -> DeviceId {
@@ -437,6 +460,48 @@ mod tests {
         assert!(shown.deleted && shown.body.is_none() && shown.reactions.is_empty());
     }
 
+    /// A user's devices are one author: either edits, deletes, reacts and reads for the user;
+    /// another user's device does none of it, even with the same device id's sequence.
+    #[test]
+    fn edits_deletes_reactions_and_receipts_belong_to_the_user() {
+        let alice = UserId::Address(crate::identity::Address {
+            local: "alice".into(),
+            host: "relay.example".into(),
+        });
+        let bob = UserId::Address(crate::identity::Address {
+            local: "bob".into(),
+            host: "relay.example".into(),
+        });
+        let mut log = ChatLog::default();
+        let m = id(1, 1);
+        log.apply_by(m, alice.clone(), t(10), text("from the laptop"));
+        // The phone (device 2) edits the laptop's message: the same user.
+        let edit = ChatContent::Edit { target: m, body: "fixed on the phone".into() };
+        assert_eq!(log.apply_by(id(2, 1), alice.clone(), t(20), edit), Applied::Edited);
+        // Bob's device may not, nor delete it.
+        let edit = ChatContent::Edit { target: m, body: "bob's".into() };
+        assert_eq!(log.apply_by(id(3, 1), bob.clone(), t(30), edit), Applied::Ignored);
+        let delete = ChatContent::Delete { target: m };
+        assert_eq!(log.apply_by(id(3, 2), bob.clone(), t(31), delete), Applied::Ignored);
+        assert_eq!(log.message(&m).and_then(|m| m.body.as_deref()), Some("fixed on the phone"));
+        // One reaction per user, whichever device: the phone takes back the laptop's.
+        let react = |remove| ChatContent::Reaction { target: m, emoji: "👍".into(), remove };
+        log.apply_by(id(1, 2), alice.clone(), t(40), react(false));
+        log.apply_by(id(3, 3), bob.clone(), t(41), react(false));
+        log.apply_by(id(2, 2), alice.clone(), t(42), react(true));
+        let r = &log.message(&m).expect("shown").reactions;
+        assert_eq!(r.get("👍"), Some(&BTreeSet::from([bob.clone()])));
+        // A receipt is the user's latest, from either device.
+        let n = id(3, 4);
+        log.apply_by(n, bob, t(50), text("later"));
+        log.apply_by(id(1, 3), alice.clone(), t(60), ChatContent::ReadReceipt { up_to: n });
+        log.apply_by(id(2, 3), alice.clone(), t(55), ChatContent::ReadReceipt { up_to: m });
+        assert_eq!(log.receipts().get(&alice), Some(&n), "the later receipt, by clock");
+        // And the phone deletes the laptop's message.
+        let delete = ChatContent::Delete { target: m };
+        assert_eq!(log.apply_by(id(2, 4), alice, t(70), delete), Applied::Deleted);
+    }
+
     #[test]
     fn reactions_add_and_remove() {
         let mut log = ChatLog::default();
@@ -448,7 +513,7 @@ mod tests {
         log.apply(id(2, 2), t(13), react(true));
         let r = &log.message(&m).expect("shown").reactions;
         assert_eq!(r.get("🎉").map(|s| s.len()), Some(1));
-        assert!(r["🎉"].contains(&dev(3)));
+        assert!(r["🎉"].contains(&UserId::Device(dev(3))));
         // Typing is not stored; duplicates are ignored.
         assert_eq!(
             log.apply(id(2, 3), t(14), ChatContent::Typing { active: true }),

@@ -151,6 +151,18 @@ async fn a_code_links_a_new_device_once_and_only_with_its_secret() {
         .filter_map(|m| m["from"].as_str())
         .collect();
     assert_eq!(senders, ["alice@localhost", "bob@localhost"], "{history}");
+    // The phone edits what the laptop said: an edit belongs to the user, not to one device.
+    let target = history["history"]["messages"][0]["id"].as_str().expect("id").to_owned();
+    let edit = serde_json::json!({"content": {"type": "edit", "target": target, "body": "edited"}});
+    phone
+        .json("POST", &format!("/v1/channels/{general}/messages"), Some(edit))
+        .await
+        .expect("edit");
+    for node in [&bob, &laptop] {
+        node.wait_texts(&general, WAIT, |t| t.first().map(String::as_str) == Some("edited"))
+            .await
+            .expect("the edit shows everywhere");
+    }
     // A message from either device is Alice's, everywhere.
     send(&phone, &general, "from the phone").await;
     for node in [&bob, &laptop] {
