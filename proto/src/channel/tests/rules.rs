@@ -476,7 +476,23 @@ proptest! {
     /// Over generated commits, the relay accepts exactly what every member merges.
     #[test]
     fn relays_and_members_agree_on_every_commit(attempts in prop::collection::vec(attempt(), 1..8)) {
-        let mut w = World::admins_only();
+        agree(World::admins_only(), attempts)?;
+    }
+
+    /// The same where credentials name users and Bob's user is the admin: Alice brings and
+    /// removes her second device, Carol may not, and no one claims a user it is not.
+    #[test]
+    fn relays_and_members_agree_where_users_are_named(
+        attempts in prop::collection::vec(attempt(), 1..8),
+    ) {
+        agree(World::with_users(BOB, "bob", &[ALICE, CAROL]), attempts)?;
+    }
+}
+
+/// Judges each attempt on `w`: the relay and every member reach the same verdict, and all stay
+/// at the relay's epoch.
+fn agree(mut w: World, attempts: Vec<Attempt>) -> Result<(), TestCaseError> {
+    {
         for a in attempts {
             if !w.devices[a.who].channel.as_ref().is_some_and(Channel::is_active) {
                 continue;
@@ -494,7 +510,11 @@ proptest! {
                 prop_assert_eq!(
                     verdict.is_ok(),
                     member.is_ok(),
-                    "{:?}: relay {:?}, member {} {:?}", a, verdict, i, member
+                    "{:?}: relay {:?}, member {} {:?}",
+                    a,
+                    verdict,
+                    i,
+                    member
                 );
             }
             let active: Vec<usize> = (0..w.devices.len())
@@ -504,6 +524,7 @@ proptest! {
             prop_assert_eq!(w.epochs(&active[..1])[0], w.relay_epoch());
         }
     }
+    Ok(())
 }
 
 #[test]
