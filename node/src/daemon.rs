@@ -1274,6 +1274,17 @@ impl Node {
         if self.with(move |e| e.is_relayless(&channel)).await {
             return self.lan_invite(channel, address).await;
         }
+        self.add_devices_of(channel, address, |_| true).await
+    }
+
+    /// Adds the devices of the user at `address` that `wanted` picks and that are not members
+    /// yet, to a channel relays order.
+    async fn add_devices_of(
+        &self,
+        channel: ChannelId,
+        address: &str,
+        wanted: impl Fn(&DeviceId) -> bool,
+    ) -> Result<Vec<DeviceId>, NodeError> {
         let home = self.with(|e| e.account().map(|a| a.relay.id.host.clone())).await;
         let host = Address::parse(address)
             .map_err(|e| NodeError::Invalid(format!("address {address:?}: {e}")))?
@@ -1283,7 +1294,9 @@ impl Node {
             self.with(move |e| e.members(&channel)).await?.into_iter().collect();
         let link = self.link()?;
         let mut adds = Vec::new();
-        for dir in dirs.into_iter().filter(|d| !members.contains(&d.device())) {
+        for dir in
+            dirs.into_iter().filter(|d| !members.contains(&d.device()) && wanted(&d.device()))
+        {
             let device = dir.device();
             let request = if home.as_deref() == Some(host.as_str()) {
                 Request::ClaimKeyPackage { device }

@@ -173,6 +173,34 @@ async fn a_code_links_a_new_device_once_and_only_with_its_secret() {
     for node in [&bob, &phone] {
         assert_eq!(wait_sender(node, &bobs, "from the laptop").await, "alice@localhost");
     }
+    // The phone leaves general; the laptop (an admin device: the user is admin) removes it on
+    // its request, and does not bring it back, even after a restart (its follow-up runs at
+    // start): a device of the user that left a channel stays out.
+    phone.cli(&["leave", "general"]).expect("leave");
+    let members_of = |node: &NodeProcess, channel: &str| {
+        let path = format!("/v1/channels/{channel}/members");
+        let node = node.api().clone();
+        async move {
+            let v = node.json("GET", &path, None).await.expect("members");
+            v["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["device"].as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    while members_of(&laptop, &general).await.contains(&phone_id) {
+        assert!(Instant::now() < deadline, "the phone's leave was not carried out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut laptop = laptop;
+    laptop.restart().expect("restart the laptop");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!members_of(&laptop, &general).await.contains(&phone_id), "brought back");
+    assert!(members_of(&laptop, &bobs).await.contains(&phone_id), "still in bobs");
+
     // Bob removes the user: both devices go in one commit.
     bob.cli(&["remove", "bobs", "alice@localhost"]).expect("remove alice");
     let members = bob.json("GET", &format!("/v1/channels/{bobs}/members"), None).await.expect("m");

@@ -31,6 +31,10 @@ const ANSWER_WAIT: Duration = Duration::from_secs(120);
 /// also does when it links one, and at start).
 const FOLLOW_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How long after its registration a device of the user that is in none of this device's
+/// channels is still taken for one whose link was cut short (and brought in).
+const FOLLOW_NEW_FOR_MS: u64 = 3_600_000;
+
 /// Passes of [`Node::follow_task`]'s work, a second apart, right after a link.
 const FOLLOW_RIGHT_AFTER_LINK: usize = 30;
 
@@ -98,7 +102,7 @@ impl Node {
                 // registered and uploaded its KeyPackages, a moment after this answer.
                 for _ in 0..FOLLOW_RIGHT_AFTER_LINK {
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    match self.follow_user().await {
+                    match self.follow_user(Some(device)).await {
                         Ok(false) => break,
                         Ok(true) => {}
                         Err(e) => tracing::debug!(error = %e, "following the user failed"),
@@ -263,43 +267,66 @@ impl Node {
     pub(super) async fn follow_task(self: Arc<Self>) {
         let _ = self.wait_for_link().await;
         loop {
-            if let Err(e) = self.follow_user().await.map(drop) {
+            if let Err(e) = self.follow_user(None).await.map(drop) {
                 tracing::debug!(error = %e, "the user's devices not brought into every channel");
             }
             tokio::time::sleep(FOLLOW_INTERVAL).await;
         }
     }
 
-    /// One pass of [`Node::follow_task`]; `true` if a device of the user is still missing
-    /// from a channel.
-    async fn follow_user(&self) -> Result<bool, NodeError> {
+    /// One pass of [`Node::follow_task`]: brings `new` (a device just linked) into every
+    /// channel this device is in; or, with `None`, the user's devices registered within the
+    /// last hour that are in **none** of them (a link whose follow-up was cut short). Any other
+    /// device of the user missing from a channel left it, or was removed: it is not brought
+    /// back. `true` if a device is still missing from a channel.
+    async fn follow_user(&self, new: Option<DeviceId>) -> Result<bool, NodeError> {
         let Some(address) = self.with(|e| e.account().map(|a| a.address().to_string())).await
         else {
             return Ok(false);
         };
         let me = self.with(|e| e.device()).await;
-        let own: Vec<DeviceId> = self
-            .lookup(&address)
-            .await?
+        let since = Timestamp(now().0.saturating_sub(FOLLOW_NEW_FOR_MS));
+        let entries = self.own_devices().await?;
+        self.with({
+            let dirs: Vec<_> = entries.iter().map(|d| d.dir.clone()).collect();
+            move |e| e.add_dirs(dirs)
+        })
+        .await?;
+        let own: Vec<DeviceId> = entries
             .into_iter()
-            .map(|d| d.device())
+            .filter(|d| match new {
+                Some(n) => d.dir.device() == n,
+                None => d.registered >= since,
+            })
+            .map(|d| d.dir.device())
             .filter(|d| *d != me)
             .collect();
         if own.is_empty() {
             return Ok(false);
         }
-        let missing: Vec<ChannelId> = self
+        let (missing, wanted): (Vec<ChannelId>, Vec<DeviceId>) = self
             .with(move |e| {
-                e.active_channels()
+                let channels: Vec<(ChannelId, Vec<DeviceId>)> = e
+                    .active_channels()
                     .into_iter()
                     .filter(|id| !e.is_relayless(id))
-                    .filter(|id| e.members(id).is_ok_and(|m| own.iter().any(|d| !m.contains(d))))
-                    .collect()
+                    .filter_map(|id| e.members(&id).ok().map(|m| (id, m)))
+                    .collect();
+                let wanted: Vec<DeviceId> = own
+                    .into_iter()
+                    .filter(|d| new.is_some() || channels.iter().all(|(_, m)| !m.contains(d)))
+                    .collect();
+                let missing = channels
+                    .into_iter()
+                    .filter(|(_, m)| wanted.iter().any(|d| !m.contains(d)))
+                    .map(|(id, _)| id)
+                    .collect();
+                (missing, wanted)
             })
             .await;
         let mut still_missing = false;
         for channel in missing {
-            match self.invite(channel, &address).await {
+            match self.add_devices_of(channel, &address, |d| wanted.contains(d)).await {
                 Ok(added) => {
                     tracing::info!(%channel, ?added, "the user's devices brought in");
                     for device in added {
