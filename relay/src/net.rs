@@ -150,6 +150,8 @@ fn is_anonymous(request: &Request) -> bool {
         Request::Challenge { .. }
             | Request::Authenticate { .. }
             | Request::Register { .. }
+            | Request::JoinLink { .. }
+            | Request::LinkPoll { .. }
             | Request::Lookup { .. }
             | Request::LookupDevices { .. }
     )

@@ -23,7 +23,7 @@ use crate::engine::{EngineError, Event};
 use crate::store::Account;
 
 /// How often each side of a link asks the relay what the slot holds.
-const LINK_POLL: Duration = Duration::from_millis(300);
+const LINK_POLL: Duration = Duration::from_millis(500);
 /// How long a new device waits for the other device to answer its hello.
 const ANSWER_WAIT: Duration = Duration::from_secs(120);
 
@@ -143,6 +143,8 @@ impl Node {
                     return Ok(Some(joiner));
                 }
                 Ok(Response::LinkState { hello: None, .. }) => {}
+                // The relay counts these polls among requests that need no registration.
+                Ok(Response::Error { code: ErrorCode::RateLimited { .. }, .. }) => {}
                 Ok(Response::Error { code: ErrorCode::TokenInvalid, .. }) => return Ok(None),
                 Ok(other) => return Err(refused(other)),
                 Err(e) => tracing::debug!(error = %e, "link poll failed; trying again"),
@@ -212,6 +214,7 @@ impl Node {
             match link.call(&Request::LinkPoll { slot }).await? {
                 Response::LinkState { answer: Some(answer), .. } => break answer,
                 Response::LinkState { .. } => {}
+                Response::Error { code: ErrorCode::RateLimited { .. }, .. } => {}
                 other => return Err(join_refused(other)),
             }
             if tokio::time::Instant::now() >= deadline {

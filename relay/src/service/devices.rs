@@ -60,6 +60,13 @@ impl Relay {
         hello: LinkHello,
         now: Timestamp,
     ) -> Response {
+        // A device registered nowhere may send this: an unknown or closed slot is refused
+        // from a read, before anything reaches the writer (and its fsync).
+        match self.store.link_slot(&slot) {
+            Ok(Some(r)) if r.expires > now => {}
+            Ok(_) => return error(ErrorCode::TokenInvalid, "unknown or expired link code"),
+            Err(e) => return unavailable(e),
+        }
         // The proof needs the secret, which this relay never sees; the record it can check.
         if let Err(e) = hello.dir.verify_self(now) {
             return error(ErrorCode::BadRequest, format!("record: {e}"));
