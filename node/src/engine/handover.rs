@@ -116,23 +116,19 @@ impl Engine {
             return Step::Dropped;
         };
         let mime = held.record.mime.clone();
-        let own: Vec<DeviceId> = self
-            .dirs
-            .keys()
-            .copied()
-            .filter(|d| self.of_this_user(*d, now) == Some(true))
-            .chain([self.device()])
-            .collect();
+        // Whether each sender is this user's: asked once per sender of the pack, not of every
+        // record known here.
+        let mut own: std::collections::BTreeMap<DeviceId, bool> =
+            std::collections::BTreeMap::from([(self.device(), true)]);
         for envelope in &pack.envelopes {
             let Ok(m) = HistoryMessage::from_bytes(&envelope.0) else {
                 self.dropped.invalid += 1;
                 continue;
             };
-            let status = if own.contains(&m.id.sender) {
-                MessageStatus::Sent
-            } else {
-                MessageStatus::Received
-            };
+            let mine = *own
+                .entry(m.id.sender)
+                .or_insert_with(|| self.of_this_user(m.id.sender, now) == Some(true));
+            let status = if mine { MessageStatus::Sent } else { MessageStatus::Received };
             let stored = StoredMessage {
                 id: m.id,
                 hlc: m.hlc,

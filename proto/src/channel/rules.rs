@@ -54,6 +54,7 @@ pub fn authorize_commit(
     let (device, user) = credential_member(committer).ok_or(ChannelError::LeafMismatch(None))?;
     let admin = is_admin(config, device, &user);
     let own = |credential: &Credential| same_user(config, &user, credential);
+    let mut changes_config = false;
     for queued in staged.queued_proposals() {
         if queued.proposal_or_ref_type() != ProposalOrRefType::Proposal {
             return Err(ChannelError::ForbiddenProposal("proposal by reference"));
@@ -73,13 +74,10 @@ pub fn authorize_commit(
                 }
             }
             Proposal::GroupContextExtensions(_) if !admin => return Err(ChannelError::NotAdmin),
-            Proposal::GroupContextExtensions(_) => {}
+            Proposal::GroupContextExtensions(_) => changes_config = true,
             other => return Err(ChannelError::ForbiddenProposal(proposal_name(other))),
         }
     }
-    let changes_config = staged
-        .queued_proposals()
-        .any(|q| matches!(q.proposal(), Proposal::GroupContextExtensions(_)));
     if let Some(leaf) = staged.update_path_leaf_node() {
         check_leaf(leaf)?;
         if credential_device(leaf.credential()) != Some(device) {
