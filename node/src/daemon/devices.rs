@@ -289,12 +289,8 @@ impl Node {
         };
         let me = self.with(|e| e.device()).await;
         let since = Timestamp(now().0.saturating_sub(FOLLOW_NEW_FOR_MS));
+        // (The records are cached, verified, by the look-up `add_devices_of` makes.)
         let entries = self.own_devices().await?;
-        self.with({
-            let dirs: Vec<_> = entries.iter().map(|d| d.dir.clone()).collect();
-            move |e| e.add_dirs(dirs)
-        })
-        .await?;
         let own: Vec<DeviceId> = entries
             .into_iter()
             .filter(|d| match new {
