@@ -35,7 +35,7 @@ const PROOF_CONTEXT: &str = "chitchat/v1/link-proof";
 const SECRET_LEN: usize = 16;
 
 /// The alphabet of the code's secret: Crockford's base32 (no I, L, O or U), read in either case.
-fn alphabet() -> data_encoding::Encoding {
+pub(crate) fn alphabet() -> data_encoding::Encoding {
     let mut spec = data_encoding::Specification::new();
     spec.symbols.push_str("0123456789ABCDEFGHJKMNPQRSTVWXYZ");
     spec.translate.from.push_str("abcdefghjkmnpqrstvwxyzOoIiLl");

@@ -340,6 +340,21 @@ pub enum Request {
         /// The name, like "laptop".
         name: String,
     },
+    /// Keep the public half of the user's recovery key (see
+    /// [`crate::identity::revocation`]). Taken only while the user has no recovery key and this
+    /// is the user's only device (right after registering): a thief holding one of several
+    /// devices cannot set one. Answered [`Response::RecoverySet`].
+    SetRecovery {
+        /// The recovery key's public half.
+        key: crate::PublicKey,
+    },
+    /// Sign the revocation of one of this user's devices: the relay adds the signatures to those
+    /// it holds for that device (from the last day) and revokes it once
+    /// [`crate::identity::revocation::quorum`] holds. Answered [`Response::Revoking`].
+    Revoke {
+        /// The revocation with this device's signature (and perhaps the recovery key's).
+        revocation: Box<crate::identity::Revocation>,
+    },
 }
 
 /// Chunks (1 KiB) in one [`Request::BlobPart`] or [`Request::PushPart`], at most.
@@ -804,6 +819,17 @@ pub enum Response {
     OwnDevices(Vec<DeviceEntry>),
     /// The device's name is kept.
     DeviceNamed,
+    /// The recovery key is kept.
+    RecoverySet,
+    /// Where a revocation stands.
+    Revoking {
+        /// Whether the device is revoked now (or was before).
+        revoked: bool,
+        /// Signatures of the user's devices that count.
+        signed: u32,
+        /// How many are needed without the recovery code.
+        needed: u32,
+    },
 }
 
 /// One device of a user, as its relay lists it to the user's devices.
@@ -819,7 +845,13 @@ pub struct DeviceEntry {
     /// When it last spoke to the relay, to the minute; `None` if never since the relay began
     /// keeping it.
     pub last_seen: Option<crate::Timestamp>,
+    /// For a revoked device, the revocation that the relay took (it lists at most
+    /// [`MAX_LISTED_REVOKED`] of them, the latest); `None` for a device of the user.
+    pub revocation: Option<crate::identity::Revocation>,
 }
+
+/// Revoked devices a [`Response::OwnDevices`] lists, at most.
+pub const MAX_LISTED_REVOKED: usize = 16;
 
 /// An IP address and a port, as frames carry them: a [`std::net::SocketAddr`] without an IPv6
 /// flow label or scope, which its encoding would drop (so a decoded address is always the one
@@ -986,6 +1018,11 @@ impl Validate for Request {
             }
             Self::BlobPart { first, chunks, .. } => part_fits(*first, *chunks),
             Self::NameDevice { name } => check_device_name(name),
+            Self::Revoke { revocation }
+                if revocation.signers.len() > crate::identity::MAX_LINKED_DEVICES =>
+            {
+                Err("too many signers")
+            }
             Self::PushPart { first, chunks, part, .. } => {
                 part_fits(*first, *chunks)?;
                 if part.len() > MAX_PART_LEN {
@@ -1067,7 +1104,7 @@ impl Validate for Response {
             }
             Self::BlobPart { part } if part.len() > MAX_PART_LEN => Err("part too long"),
             Self::OwnDevices(devices) => {
-                if devices.len() > crate::identity::MAX_LINKED_DEVICES + 1 {
+                if devices.len() > crate::identity::MAX_LINKED_DEVICES + 1 + MAX_LISTED_REVOKED {
                     return Err("too many devices");
                 }
                 devices.iter().try_for_each(|d| check_device_name(&d.name))

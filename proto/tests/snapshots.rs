@@ -6,7 +6,7 @@ use chitchat_proto::channel::{AdminPolicy, ChannelConfig, ChannelMessage, Messag
 use chitchat_proto::chat::{ChatContent, FileRef};
 use chitchat_proto::codec::{Bytes, Canonical, encode};
 use chitchat_proto::hlc::Hlc;
-use chitchat_proto::identity::{DirBody, Profile, Revocation, SponsorshipBody};
+use chitchat_proto::identity::{Address, DirBody, Profile, Revocation, SponsorshipBody};
 use chitchat_proto::inbox::{self, InboxSecret};
 use chitchat_proto::ordering::{
     CertSignature, ChannelId, CommitHash, CommitRef, EpochCert, EpochCertBody, Equivocation,
@@ -76,11 +76,19 @@ fn envelope() -> inbox::SealedEnvelope {
     inbox::seal(&mut rng, dev(2), &bob.public(), b"hello bob").expect("seal")
 }
 
+fn revocation() -> Revocation {
+    let mut revocation =
+        Revocation::new(dev(2), Address::parse("alice@relay.example").expect("address"));
+    revocation.sign(&key(1));
+    revocation.sign(&key(3));
+    revocation
+}
+
 #[test]
 fn identity_records() {
     insta::assert_snapshot!("sponsorship", hex(&sponsorship().to_bytes()));
     insta::assert_snapshot!("dir", hex(&dir().to_bytes()));
-    insta::assert_snapshot!("revocation", hex(&Revocation::issue(&key(1), dev(2), T0).to_bytes()));
+    insta::assert_snapshot!("revocation", hex(&revocation().to_bytes()));
     let proof = AuthProof { relay_host: "relay.example".into(), device: dev(1), nonce: [4; 32] };
     insta::assert_snapshot!("auth_proof", hex(&encode(&proof)));
 }
@@ -735,13 +743,21 @@ fn links_and_devices() {
         ("request_answer_link", Request::AnswerLink { slot, answer: answer.clone() }),
         ("request_own_devices", Request::OwnDevices),
         ("request_name_device", Request::NameDevice { name: "phone".into() }),
+        ("request_set_recovery", Request::SetRecovery { key: key(7).public() }),
+        ("request_revoke", Request::Revoke { revocation: Box::new(revocation()) }),
     ] {
         let frame = wire::encode_frame(&request).expect("frame");
         insta::assert_snapshot!(name, hex(&frame));
         assert_eq!(wire::decode_frame::<Request>(&frame).expect("decode"), request);
     }
-    let entry =
-        DeviceEntry { dir: dir(), name: "laptop".into(), registered: T0, last_seen: Some(T0) };
+    let entry = DeviceEntry {
+        dir: dir(),
+        name: "laptop".into(),
+        registered: T0,
+        last_seen: Some(T0),
+        revocation: None,
+    };
+    let revoked = DeviceEntry { revocation: Some(revocation()), ..entry.clone() };
     for (name, response) in [
         ("response_link_offered", Response::LinkOffered),
         ("response_link_joined", Response::LinkJoined),
@@ -752,6 +768,9 @@ fn links_and_devices() {
         ("response_link_answered", Response::LinkAnswered),
         ("response_own_devices", Response::OwnDevices(vec![entry.clone()])),
         ("response_device_named", Response::DeviceNamed),
+        ("response_own_devices_revoked", Response::OwnDevices(vec![revoked])),
+        ("response_recovery_set", Response::RecoverySet),
+        ("response_revoking", Response::Revoking { revoked: false, signed: 1, needed: 2 }),
     ] {
         let frame = wire::encode_frame(&response).expect("frame");
         insta::assert_snapshot!(name, hex(&frame));
@@ -764,7 +783,7 @@ fn links_and_devices() {
         let frame = wire::encode_frame(&Response::OwnDevices(vec![named])).expect("frame");
         assert!(wire::decode_frame::<Response>(&frame).is_err(), "{bad:?}");
     }
-    let many = Response::OwnDevices(vec![entry; 34]);
+    let many = Response::OwnDevices(vec![entry; 50]);
     let frame = wire::encode_frame(&many).expect("frame");
-    assert!(wire::decode_frame::<Response>(&frame).is_err(), "at most 33 devices");
+    assert!(wire::decode_frame::<Response>(&frame).is_err(), "at most 33 devices and 16 revoked");
 }

@@ -296,6 +296,15 @@ pub enum ChannelError {
     /// The id in an application message names another sender than the one that signed it.
     #[error("message id names another sender")]
     ForgedId,
+    /// A message of a past epoch from a device that is no longer a member (removed, revoked, or
+    /// gone): nothing it sends is taken once the commit that removed it is merged.
+    #[error("message of epoch {epoch} from {sender:?}, no longer a member")]
+    FormerMember {
+        /// The sender.
+        sender: DeviceId,
+        /// The message's epoch.
+        epoch: u64,
+    },
     /// The authenticated data of an application message is malformed.
     #[error("bad authenticated data")]
     BadAad,
@@ -778,6 +787,11 @@ impl Channel {
         self.group.members().filter_map(|m| credential_device(&m.credential)).collect()
     }
 
+    /// Whether `device` is a member in the current epoch.
+    pub fn is_member(&self, device: DeviceId) -> bool {
+        self.group.members().any(|m| credential_device(&m.credential) == Some(device))
+    }
+
     /// The member devices with the users their credentials name, in leaf order.
     pub fn member_users(&self) -> Vec<(DeviceId, UserId)> {
         self.group.members().filter_map(|m| credential_member(&m.credential)).collect()
@@ -1174,6 +1188,11 @@ impl Channel {
         })?;
         if credential_device(processed.credential()) != Some(aad.id.sender) {
             return Err(ChannelError::ForgedId);
+        }
+        // openmls keeps past epochs' keys for late messages; a removed device still holds that
+        // epoch's keys, so its messages of a past epoch are read only while it is a member.
+        if epoch < current && !self.is_member(aad.id.sender) {
+            return Err(ChannelError::FormerMember { sender: aad.id.sender, epoch });
         }
         let ProcessedMessageContent::ApplicationMessage(app) = processed.into_content() else {
             return Err(ChannelError::WrongWireFormat);

@@ -7,8 +7,9 @@
 //!   until `expires`.
 //! - Devices are one user when their records list each other ([`linked`]); a one-sided listing
 //!   links nothing.
-//! - A linked device can revoke another ([`Revocation`]); a device can revoke itself by
-//!   publishing a record with `revoked` set.
+//! - The user's devices revoke one of them together ([`Revocation`], see [`revocation`]: more
+//!   than half of the user's devices, or one with the user's recovery code); a device can revoke
+//!   itself by publishing a record with `revoked` set.
 //!
 //! Every record here is self-validating: anyone can check it without trusting whoever served it,
 //! given the relay keys it trusts.
@@ -21,6 +22,9 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{Canonical, encode};
 use crate::keys::{Label, PublicKey, SecretKey, Signature, SignatureError};
 use crate::{MAX_CLOCK_SKEW_MS, Timestamp};
+
+pub mod revocation;
+pub use revocation::{RecoveryCode, RecoverySecret, Revocation, RevocationBody};
 
 /// Most devices one record may list as linked.
 pub const MAX_LINKED_DEVICES: usize = 32;
@@ -148,6 +152,14 @@ pub enum IdentityError {
     /// A limit of the record was exceeded.
     #[error("limit exceeded: {0}")]
     Limit(&'static str),
+    /// A revocation has too few signatures of the user's devices yet.
+    #[error("{signed} of the {needed} devices' signatures needed (or one and the recovery code)")]
+    Quorum {
+        /// Signatures of the user's other devices that count.
+        signed: usize,
+        /// How many are needed without the recovery code.
+        needed: usize,
+    },
 }
 
 /// The signed part of a relay's [`Sponsorship`].
@@ -370,51 +382,6 @@ pub fn linked(a: &Dir, b: &Dir) -> Result<(), IdentityError> {
         Ok(())
     } else {
         Err(IdentityError::NotLinked)
-    }
-}
-
-/// The signed part of a [`Revocation`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
-pub struct RevocationBody {
-    /// The device that revokes.
-    pub revoker: DeviceId,
-    /// The device revoked.
-    pub target: DeviceId,
-    /// When the revoker signed it.
-    pub issued: Timestamp,
-}
-
-/// One device of a user revoking another (a lost or stolen device).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
-pub struct Revocation {
-    /// Who revokes whom.
-    pub body: RevocationBody,
-    /// The revoker's signature, under [`Label::Revocation`].
-    pub signature: Signature,
-}
-
-impl Canonical for Revocation {
-    const MAX_LEN: usize = 256;
-}
-
-impl Revocation {
-    /// Signs a revocation of `target` with the revoker's key.
-    pub fn issue(revoker_key: &SecretKey, target: DeviceId, issued: Timestamp) -> Self {
-        let body = RevocationBody { revoker: DeviceId(revoker_key.public()), target, issued };
-        let signature = revoker_key.sign(Label::Revocation, &encode(&body));
-        Self { body, signature }
-    }
-
-    /// Checks the signature, and that revoker and target were linked both ways in the records
-    /// given (the revoker's and the target's latest verified records).
-    pub fn verify(&self, revoker: &Dir, target: &Dir) -> Result<(), IdentityError> {
-        if revoker.body.device != self.body.revoker || target.body.device != self.body.target {
-            return Err(IdentityError::WrongDevice);
-        }
-        self.body.revoker.0.verify(Label::Revocation, &encode(&self.body), &self.signature)?;
-        linked(revoker, target)
     }
 }
 

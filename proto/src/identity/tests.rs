@@ -257,36 +257,110 @@ fn links_need_both_sides() {
     assert_eq!(linked(&a, &b), Ok(()));
 }
 
+fn devices(keys: &[&SecretKey]) -> BTreeSet<DeviceId> {
+    keys.iter().map(|k| DeviceId(k.public())).collect()
+}
+
 #[test]
-fn revocation_checks() {
+fn revocation_signatures_are_each_checked() {
     let f = fixture();
-    let a = f.dir(&f.alice, &[&f.alice2]);
-    let b = f.dir(&f.alice2, &[&f.alice]);
-    let r = Revocation::issue(&f.alice, DeviceId(f.alice2.public()), NOW);
-    assert_eq!(r.verify(&a, &b), Ok(()));
-    // Bad signature.
+    let user = Address::parse("alice@relay.example").expect("address");
+    let target = DeviceId(f.alice2.public());
+    let recovery = RecoverySecret::parse("0123-4567-89AB-CDEF-GHJK-MNPQ-RR").expect("code");
+    let mut r = Revocation::new(target, user.clone());
+    r.sign(&f.alice);
+    r.sign_recovery(&recovery);
+    let key = recovery.key().public();
+    assert_eq!(r.verify(Some(&key)), Ok((devices(&[&f.alice]), true)));
+    assert_eq!(Revocation::from_bytes(&r.to_bytes()), Ok(r.clone()));
+    // A device's signature changed, or made under another label, or by Mallory in its name.
     let mut bad = r.clone();
-    bad.signature.0[0] ^= 1;
-    assert_eq!(bad.verify(&a, &b), Err(IdentityError::Signature(SignatureError::BadSignature)));
-    // Wrong label.
+    bad.signers[0].1.0[0] ^= 1;
+    assert_eq!(bad.verify(Some(&key)), Err(IdentityError::Signature(SignatureError::BadSignature)));
     let mut wrong_label = r.clone();
-    wrong_label.signature = f.alice.sign(Label::Dir, &encode(&r.body));
-    assert_eq!(
-        wrong_label.verify(&a, &b),
-        Err(IdentityError::Signature(SignatureError::BadSignature))
-    );
-    // Wrong key: Mallory signs a revocation in Alice's name.
+    wrong_label.signers[0].1 = f.alice.sign(Label::Dir, &encode(&r.body));
+    assert!(matches!(wrong_label.verify(Some(&key)), Err(IdentityError::Signature(_))));
     let mallory = SecretKey::from_seed([66; 32]);
     let mut forged = r.clone();
-    forged.signature = mallory.sign(Label::Revocation, &encode(&r.body));
-    assert_eq!(forged.verify(&a, &b), Err(IdentityError::Signature(SignatureError::BadSignature)));
-    // A device that is not linked both ways cannot revoke.
-    let stranger = f.dir(&mallory, &[&f.alice2]);
-    let r = Revocation::issue(&mallory, DeviceId(f.alice2.public()), NOW);
-    assert_eq!(r.verify(&stranger, &b), Err(IdentityError::NotLinked));
-    // Records of other devices than the revocation names.
-    let r = Revocation::issue(&f.alice, DeviceId(f.alice2.public()), NOW);
-    assert_eq!(r.verify(&b, &a), Err(IdentityError::WrongDevice));
+    forged.signers[0].1 = mallory.sign(Label::Revocation, &encode(&r.body));
+    assert!(matches!(forged.verify(Some(&key)), Err(IdentityError::Signature(_))));
+    // Signatures over another target do not carry over.
+    let mut moved = r.clone();
+    moved.body.target = DeviceId(mallory.public());
+    assert!(matches!(moved.verify(Some(&key)), Err(IdentityError::Signature(_))));
+    // A recovery signature by another code, or for a user with none.
+    let other = RecoverySecret::parse("ZZZZ-4567-89AB-CDEF-GHJK-MNPQ-RR").expect("code");
+    assert!(matches!(r.verify(Some(&other.key().public())), Err(IdentityError::Signature(_))));
+    assert!(matches!(r.verify(None), Err(IdentityError::Limit(_))));
+    // The target signing its own revocation; signers twice or out of order.
+    let mut own = Revocation::new(target, user.clone());
+    own.sign(&f.alice2);
+    assert!(matches!(own.verify(None), Err(IdentityError::Limit(_))));
+    let mut twice = Revocation::new(target, user.clone());
+    twice.sign(&f.alice);
+    twice.signers.push(twice.signers[0]);
+    assert!(matches!(twice.verify(None), Err(IdentityError::Limit(_))));
+    let mut two = Revocation::new(target, user.clone());
+    two.sign(&f.alice);
+    two.sign(&mallory);
+    assert_eq!(two.verify(None).map(|(d, _)| d.len()), Ok(2));
+    two.signers.reverse();
+    assert!(matches!(two.verify(None), Err(IdentityError::Limit(_))));
+    // Merging signatures of the same revocation; not of another.
+    let mut a = Revocation::new(target, user.clone());
+    a.sign(&f.alice);
+    let mut b = Revocation::new(target, user.clone());
+    b.sign(&mallory);
+    a.merge(&b).expect("same body");
+    assert_eq!(a.verify(None).map(|(d, _)| d.len()), Ok(2));
+    let elsewhere = Revocation::new(target, Address::parse("bob@relay.example").expect("address"));
+    assert!(a.merge(&elsewhere).is_err());
+}
+
+#[test]
+fn a_lost_device_cannot_revoke_the_others_on_its_own() {
+    let [a, b, c, d] = [1u8, 2, 3, 4].map(|i| SecretKey::from_seed([i; 32]));
+    let id = |k: &SecretKey| DeviceId(k.public());
+    let two = devices(&[&a, &b]);
+    let three = devices(&[&a, &b, &c]);
+    let four = devices(&[&a, &b, &c, &d]);
+    let quorum = revocation::quorum;
+    // Two devices: one alone cannot (it might be the thief); with the recovery code it can.
+    assert_eq!(
+        quorum(&two, id(&b), &devices(&[&a]), false),
+        Err(IdentityError::Quorum { signed: 1, needed: 2 })
+    );
+    assert_eq!(quorum(&two, id(&b), &devices(&[&a]), true), Ok(()));
+    assert_eq!(quorum(&two, id(&a), &devices(&[&b]), true), Ok(()));
+    // The recovery code alone (no device) is not enough.
+    assert!(quorum(&two, id(&b), &BTreeSet::new(), true).is_err());
+    // Three: two of them; four: three of them.
+    assert!(quorum(&three, id(&c), &devices(&[&a]), false).is_err());
+    assert_eq!(quorum(&three, id(&c), &devices(&[&a, &b]), false), Ok(()));
+    assert!(quorum(&four, id(&d), &devices(&[&a, &b]), false).is_err());
+    assert_eq!(quorum(&four, id(&d), &devices(&[&a, &b, &c]), false), Ok(()));
+    // Signatures of devices that are not the user's, or the target's own, count for nothing.
+    let mallory = SecretKey::from_seed([66; 32]);
+    assert!(quorum(&three, id(&c), &devices(&[&a, &mallory]), false).is_err());
+    assert!(quorum(&three, id(&c), &devices(&[&a, &c]), false).is_err());
+    // A device that is not the user's is not revoked from it.
+    assert_eq!(quorum(&two, id(&c), &devices(&[&a, &b]), true), Err(IdentityError::NotLinked));
+}
+
+#[test]
+fn recovery_codes_read_back_sloppily_and_refuse_garbage() {
+    let secret = RecoverySecret::parse("0123-4567-89AB-CDEF-GHJK-MNPQ-RR").expect("code");
+    let text = secret.code().to_string();
+    assert_eq!(text.len(), 32);
+    assert_eq!(RecoverySecret::parse(&text), Ok(secret.clone()));
+    let sloppy = text.to_lowercase().replace('-', " ").replace('0', "o");
+    assert_eq!(RecoverySecret::parse(&sloppy), Ok(secret.clone()));
+    assert!(format!("{secret:?}").contains(".."));
+    for bad in
+        ["", "0123", "0123-4567-89AB-CDEF-GHJK-MNPQ-RSTU", "UUUU-4567-89AB-CDEF-GHJK-MNPQ-RR"]
+    {
+        assert!(RecoverySecret::parse(bad).is_err(), "{bad}");
+    }
 }
 
 #[test]

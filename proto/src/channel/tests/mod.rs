@@ -868,6 +868,39 @@ fn late_messages_within_the_tolerance_are_read() {
     assert_eq!(read, 200);
 }
 
+#[test]
+fn a_removed_device_is_not_heard_from_its_old_epoch() {
+    let mut w = World::started(&[BOB, CAROL]);
+    // Bob's message, and Carol's, both of epoch 1, wait in Alice's inbox while Alice removes Bob.
+    w.send(BOB, "before removal");
+    w.send(CAROL, "late but a member");
+    let held: Vec<ChannelMessage> = w.devices[ALICE].inbox.drain(..).collect();
+    let remove = Change { remove: vec![w.devices[BOB].id()], ..Default::default() };
+    let staged = w.stage(ALICE, &remove).expect("stage");
+    w.submit(ALICE, &staged).expect("accepted");
+    // Bob (a lost device that never fetches its removal) still writes at epoch 1.
+    w.devices[BOB].inbox.clear();
+    w.send(BOB, "after removal");
+    let after: Vec<ChannelMessage> = w.devices[ALICE].inbox.drain(..).collect();
+    let mut refused = 0;
+    for m in held.into_iter().chain(after) {
+        match w.process(ALICE, m) {
+            Ok(_) => {}
+            Err(ChannelError::FormerMember { epoch: 1, .. }) => refused += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    // Every message of the removed device is refused once its removal is merged; the member's
+    // late message of the same epoch is read.
+    let shown: Vec<&[u8]> = w.devices[ALICE].shown.iter().map(|(_, p)| p.as_slice()).collect();
+    assert_eq!(refused, 2);
+    assert!(shown.contains(&b"late but a member".as_slice()));
+    assert!(
+        !shown.contains(&b"after removal".as_slice())
+            && !shown.contains(&b"before removal".as_slice())
+    );
+}
+
 mod rules;
 
 #[test]
