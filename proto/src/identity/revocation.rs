@@ -5,14 +5,17 @@
 //! relay (which holds the user's name, and so knows the user's devices) accepts it when
 //! [`quorum`] holds:
 //!
-//! - the devices that signed are **more than half of all the user's devices, the target
-//!   counted** (with three devices, two; with four, three); or
-//! - one device signed it **and** the recovery key did.
+//! - the devices that signed are **more than half of the user's settled devices, the target
+//!   counted** if it is one: a device is *settled* [`SETTLED_MS`] (a week) after it registered
+//!   (with three settled devices, two must sign; with four, three); or
+//! - one of the user's devices signed it **and** the recovery key did.
 //!
-//! So a lost device cannot revoke the others on its own: beside it there is always at least one
-//! device that did not sign (the target), and it does not hold the recovery code, which the user
-//! wrote down at registration and no device keeps. With two devices, the remaining one needs the
-//! recovery code (neither device alone can be told from a thief holding the other).
+//! So a lost device cannot revoke the others on its own: beside it there is always a settled
+//! device that did not sign (the target, or the devices that outvote it); the devices it links
+//! itself get no vote for a week, in which the user revokes it and them; and it does not hold the
+//! recovery code, which the user wrote down at registration and no device keeps. With two
+//! devices, the remaining one needs the recovery code (neither device alone can be told from a
+//! thief holding the other).
 //!
 //! The recovery key is an Ed25519 key derived from a 128-bit [`RecoverySecret`], shown once as a
 //! [`RecoveryCode`]. The relay learns only its public half.
@@ -133,11 +136,17 @@ impl Revocation {
     }
 }
 
+/// How long after registering a device gets a vote on revocations: a week.
+pub const SETTLED_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// Whether the devices that signed (`signed`, as [`Revocation::verify`] returned them, with
-/// `recovered` for the recovery key) may revoke `target` from a user whose devices are `devices`
-/// (the target among them). Signatures of devices that are not the user's count for nothing.
+/// `recovered` for the recovery key) may revoke `target`. `voters` are the user's settled
+/// devices (registered [`SETTLED_MS`] or longer ago; the target among them if it is settled),
+/// `devices` all the user's devices (the target among them). Signatures of devices that are
+/// not the user's count for nothing.
 pub fn quorum(
     devices: &BTreeSet<DeviceId>,
+    voters: &BTreeSet<DeviceId>,
     target: DeviceId,
     signed: &BTreeSet<DeviceId>,
     recovered: bool,
@@ -145,9 +154,10 @@ pub fn quorum(
     if !devices.contains(&target) {
         return Err(IdentityError::NotLinked);
     }
-    let counted = signed.iter().filter(|d| **d != target && devices.contains(d)).count();
-    let needed = devices.len() / 2 + 1;
-    if counted >= needed || (recovered && counted >= 1) {
+    let counted = signed.iter().filter(|d| **d != target && voters.contains(d)).count();
+    let needed = voters.len() / 2 + 1;
+    let any = signed.iter().any(|d| *d != target && devices.contains(d));
+    if counted >= needed || (recovered && any) {
         Ok(())
     } else {
         Err(IdentityError::Quorum { signed: counted, needed })

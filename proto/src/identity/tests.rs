@@ -319,32 +319,46 @@ fn revocation_signatures_are_each_checked() {
 
 #[test]
 fn a_lost_device_cannot_revoke_the_others_on_its_own() {
-    let [a, b, c, d] = [1u8, 2, 3, 4].map(|i| SecretKey::from_seed([i; 32]));
+    let [a, b, c, d, x] = [1u8, 2, 3, 4, 5].map(|i| SecretKey::from_seed([i; 32]));
     let id = |k: &SecretKey| DeviceId(k.public());
-    let two = devices(&[&a, &b]);
-    let three = devices(&[&a, &b, &c]);
-    let four = devices(&[&a, &b, &c, &d]);
     let quorum = revocation::quorum;
-    // Two devices: one alone cannot (it might be the thief); with the recovery code it can.
+    let (two, three, four) =
+        (devices(&[&a, &b]), devices(&[&a, &b, &c]), devices(&[&a, &b, &c, &d]));
+    // Two settled devices: one alone cannot (it might be the thief); with the recovery code it
+    // can, either way.
     assert_eq!(
-        quorum(&two, id(&b), &devices(&[&a]), false),
+        quorum(&two, &two, id(&b), &devices(&[&a]), false),
         Err(IdentityError::Quorum { signed: 1, needed: 2 })
     );
-    assert_eq!(quorum(&two, id(&b), &devices(&[&a]), true), Ok(()));
-    assert_eq!(quorum(&two, id(&a), &devices(&[&b]), true), Ok(()));
-    // The recovery code alone (no device) is not enough.
-    assert!(quorum(&two, id(&b), &BTreeSet::new(), true).is_err());
-    // Three: two of them; four: three of them.
-    assert!(quorum(&three, id(&c), &devices(&[&a]), false).is_err());
-    assert_eq!(quorum(&three, id(&c), &devices(&[&a, &b]), false), Ok(()));
-    assert!(quorum(&four, id(&d), &devices(&[&a, &b]), false).is_err());
-    assert_eq!(quorum(&four, id(&d), &devices(&[&a, &b, &c]), false), Ok(()));
-    // Signatures of devices that are not the user's, or the target's own, count for nothing.
+    assert_eq!(quorum(&two, &two, id(&b), &devices(&[&a]), true), Ok(()));
+    assert_eq!(quorum(&two, &two, id(&a), &devices(&[&b]), true), Ok(()));
+    // The recovery code with no device of the user is not enough.
+    assert!(quorum(&two, &two, id(&b), &BTreeSet::new(), true).is_err());
     let mallory = SecretKey::from_seed([66; 32]);
-    assert!(quorum(&three, id(&c), &devices(&[&a, &mallory]), false).is_err());
-    assert!(quorum(&three, id(&c), &devices(&[&a, &c]), false).is_err());
+    assert!(quorum(&two, &two, id(&b), &devices(&[&mallory]), true).is_err());
+    // Three settled: two of them; four: three of them.
+    assert!(quorum(&three, &three, id(&c), &devices(&[&a]), false).is_err());
+    assert_eq!(quorum(&three, &three, id(&c), &devices(&[&a, &b]), false), Ok(()));
+    assert!(quorum(&four, &four, id(&d), &devices(&[&a, &b]), false).is_err());
+    assert_eq!(quorum(&four, &four, id(&d), &devices(&[&a, &b, &c]), false), Ok(()));
+    // Signatures of devices that are not the user's, or the target's own, count for nothing.
+    assert!(quorum(&three, &three, id(&c), &devices(&[&a, &mallory]), false).is_err());
+    assert!(quorum(&three, &three, id(&c), &devices(&[&a, &c]), false).is_err());
+    // A thief holding `b` links `c` and `d` itself: new devices have no vote, so the three of
+    // them cannot revoke `a`. The user revokes `b` from
+    // `a` with the recovery code, then `a` (the one voter left) revokes `c` and `d` alone.
+    let settled = devices(&[&a, &b]);
+    assert!(quorum(&four, &settled, id(&a), &devices(&[&b, &c, &d]), false).is_err());
+    assert!(quorum(&four, &settled, id(&c), &devices(&[&b]), false).is_err());
+    assert_eq!(quorum(&four, &settled, id(&b), &devices(&[&a]), true), Ok(()));
+    let left = devices(&[&a, &c, &d]);
+    assert_eq!(quorum(&left, &devices(&[&a]), id(&c), &devices(&[&a]), false), Ok(()));
+    assert!(quorum(&left, &devices(&[&a]), id(&a), &devices(&[&c, &d]), false).is_err());
     // A device that is not the user's is not revoked from it.
-    assert_eq!(quorum(&two, id(&c), &devices(&[&a, &b]), true), Err(IdentityError::NotLinked));
+    assert_eq!(
+        quorum(&two, &two, id(&x), &devices(&[&a, &b]), true),
+        Err(IdentityError::NotLinked)
+    );
 }
 
 #[test]
