@@ -351,6 +351,8 @@ fn kind(r: &Request) -> &'static str {
         Request::AnswerLink { .. } => "answer_link",
         Request::OwnDevices => "own_devices",
         Request::NameDevice { .. } => "name_device",
+        Request::SetRecovery { .. } => "set_recovery",
+        Request::Revoke { .. } => "revoke",
     }
 }
 
@@ -537,7 +539,11 @@ impl Relay {
             match self.store.is_registered(&me) {
                 Ok(true) => self.note_seen(me, now),
                 Ok(false) => {
-                    return error(ErrorCode::Forbidden, "register this device here first");
+                    return match self.store.revoked(&me) {
+                        Ok(Some(_)) => error(ErrorCode::Forbidden, "this device was revoked"),
+                        Ok(None) => error(ErrorCode::Forbidden, "register this device here first"),
+                        Err(e) => unavailable(e),
+                    };
                 }
                 Err(e) => return unavailable(e),
             }
@@ -582,6 +588,8 @@ impl Relay {
             Request::AnswerLink { slot, answer } => self.answer_link(me, slot, answer, now).await,
             Request::OwnDevices => self.own_devices(me),
             Request::NameDevice { name } => self.name_device(me, name).await,
+            Request::SetRecovery { key } => self.set_recovery(me, key).await,
+            Request::Revoke { revocation } => self.revoke(me, *revocation, now).await,
             Request::PublishDir { dir } => {
                 if dir.device() != me {
                     return error(ErrorCode::Forbidden, "a device publishes only its own record");

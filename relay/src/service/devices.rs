@@ -1,12 +1,13 @@
 //! A user's devices at their relay: linking a new device ([`chitchat_proto::link`]), the
 //! device list with names and when each was last seen.
 
+use chitchat_proto::identity::Revocation;
 use chitchat_proto::link::{LINK_TTL_MS, LinkAnswer, LinkHello, LinkSlot};
-use chitchat_proto::wire::{DeviceEntry, ErrorCode, Response};
+use chitchat_proto::wire::{DeviceEntry, ErrorCode, MAX_LISTED_REVOKED, Response};
 use chitchat_proto::{DeviceId, Timestamp};
 
 use super::{Relay, error, from_write, unavailable};
-use crate::store::Write;
+use crate::store::{Write, Written};
 
 /// Most devices whose last sighting waits in memory for the next flush (past it, the oldest
 /// sightings are not remembered until the flush: a bound, never reached by the devices of one
@@ -117,6 +118,15 @@ impl Relay {
             Ok(d) => d,
             Err(e) => return unavailable(e),
         };
+        let revoked = match devices.first() {
+            Some((record, _)) => {
+                match self.store.revoked_of(&record.local_name, MAX_LISTED_REVOKED) {
+                    Ok(r) => r,
+                    Err(e) => return unavailable(e),
+                }
+            }
+            None => Vec::new(),
+        };
         let unflushed = |d: &DeviceId| self.seen.lock().ok().and_then(|s| s.get(d).copied());
         let entries = devices
             .into_iter()
@@ -127,8 +137,16 @@ impl Relay {
                     dir: record.dir,
                     name: info.name,
                     registered: record.registered,
+                    revocation: None,
                 }
             })
+            .chain(revoked.into_iter().map(|r| DeviceEntry {
+                dir: r.dir,
+                name: String::new(),
+                registered: r.registered,
+                last_seen: None,
+                revocation: Some(r.revocation),
+            }))
             .collect();
         Response::OwnDevices(entries)
     }
@@ -136,6 +154,47 @@ impl Relay {
     pub(super) async fn name_device(&self, me: DeviceId, name: String) -> Response {
         match self.store.write(Write::NameDevice { device: me, name }).await {
             Ok(_) => Response::DeviceNamed,
+            Err(e) => from_write(e),
+        }
+    }
+
+    pub(super) async fn set_recovery(
+        &self,
+        me: DeviceId,
+        key: chitchat_proto::PublicKey,
+    ) -> Response {
+        match self.store.write(Write::SetRecovery { device: me, key }).await {
+            Ok(_) => Response::RecoverySet,
+            Err(e) => from_write(e),
+        }
+    }
+
+    /// Checks every signature of a revocation (the recovery key's against the user's), then
+    /// hands it to the writer, which counts the signatures against the user's devices.
+    pub(super) async fn revoke(
+        &self,
+        me: DeviceId,
+        revocation: Revocation,
+        now: Timestamp,
+    ) -> Response {
+        if revocation.body.user.host != self.id.host {
+            return error(ErrorCode::BadRequest, "the user is not one of this relay's");
+        }
+        let recovery_key = match self.store.recovery_key(&revocation.body.user.local) {
+            Ok(k) => k,
+            Err(e) => return unavailable(e),
+        };
+        let recovered = match revocation.verify(recovery_key.as_ref()) {
+            Ok((_, recovered)) => recovered,
+            Err(e) => return error(ErrorCode::BadRequest, format!("revocation: {e}")),
+        };
+        match self.store.write(Write::Revoke { by: me, revocation, recovered, now }).await {
+            Ok(Written::Revoking { revoked, signed, needed }) => Response::Revoking {
+                revoked,
+                signed: u32::try_from(signed).unwrap_or(u32::MAX),
+                needed: u32::try_from(needed).unwrap_or(u32::MAX),
+            },
+            Ok(other) => unavailable(format!("unexpected {other:?}")),
             Err(e) => from_write(e),
         }
     }

@@ -17,8 +17,9 @@ mod records;
 mod write;
 
 pub use records::{
-    Counters, DeviceInfo, DeviceRecord, FilePin, HistoryHead, LinkSlotRecord, QueueCounters,
-    QueuedForward, StoredHistory, StoredItem, StoredKeyPackage, TokenRecord,
+    Counters, DeviceInfo, DeviceRecord, FilePin, HistoryHead, LinkSlotRecord, PendingRevocation,
+    QueueCounters, QueuedForward, RevokedRecord, StoredHistory, StoredItem, StoredKeyPackage,
+    TokenRecord,
 };
 pub use write::{
     Fanned, HistoryLimits, InboxQuota, Onward, QueueLimits, Write, WriteError, Written,
@@ -101,6 +102,18 @@ pub(crate) const LINK_OFFERS: TableDefinition<'_, [u8; 32], [u8; 16]> =
 /// What devices say of themselves: device → [`DeviceInfo`].
 pub(crate) const DEVICE_INFO: TableDefinition<'_, [u8; 32], &[u8]> =
     TableDefinition::new("device-info-0");
+
+/// The user's recovery key (public half): local name → key.
+pub(crate) const RECOVERY: TableDefinition<'_, &str, [u8; 32]> =
+    TableDefinition::new("recovery-keys-0");
+/// Revoked devices: device → [`RevokedRecord`]. A revoked device never registers again.
+pub(crate) const REVOKED: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("revoked-0");
+/// Revoked devices by the name they were revoked from: (local name, device) → when.
+pub(crate) const REVOKED_OF: TableDefinition<'_, (&str, [u8; 32]), u64> =
+    TableDefinition::new("revoked-of-0");
+/// Revocations gathering signatures: target device → [`PendingRevocation`].
+pub(crate) const REVOKING: TableDefinition<'_, [u8; 32], &[u8]> =
+    TableDefinition::new("revoking-0");
 
 /// Why the store could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +341,50 @@ impl Store {
         Ok(out)
     }
 
+    /// The public half of the recovery key of the user named `local_name`, if it set one.
+    pub fn recovery_key(
+        &self,
+        local_name: &str,
+    ) -> Result<Option<chitchat_proto::PublicKey>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(RECOVERY).map_err(redb_err)?;
+        Ok(t.get(local_name).map_err(redb_err)?.map(|v| chitchat_proto::PublicKey(v.value())))
+    }
+
+    /// The revocation of `device`, if it was revoked here.
+    pub fn revoked(&self, device: &DeviceId) -> Result<Option<RevokedRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let t = r.open_table(REVOKED).map_err(redb_err)?;
+        match t.get(device.as_bytes()).map_err(redb_err)? {
+            Some(v) => Ok(Some(records::decode_record(v.value(), "revoked")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The latest `max` devices revoked from `local_name`, latest first.
+    pub fn revoked_of(
+        &self,
+        local_name: &str,
+        max: usize,
+    ) -> Result<Vec<RevokedRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(redb_err)?;
+        let of = r.open_table(REVOKED_OF).map_err(redb_err)?;
+        let mut found = Vec::new();
+        for entry in of.range((local_name, [0; 32])..=(local_name, [0xff; 32])).map_err(redb_err)? {
+            let (k, v) = entry.map_err(redb_err)?;
+            found.push((v.value(), k.value().1));
+        }
+        found.sort_unstable_by(|a, b| b.cmp(a));
+        let t = r.open_table(REVOKED).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for (_, device) in found.into_iter().take(max) {
+            if let Some(v) = t.get(&device).map_err(redb_err)? {
+                out.push(records::decode_record(v.value(), "revoked")?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The current records of the devices registered under `local_name`.
     pub fn lookup(&self, local_name: &str) -> Result<Vec<Dir>, StoreError> {
         let r = self.db.begin_read().map_err(redb_err)?;
@@ -532,6 +589,10 @@ fn init(db: &Database) -> Result<(), StoreError> {
         w.open_table(LINK_SLOTS).map_err(redb_err)?;
         w.open_table(LINK_OFFERS).map_err(redb_err)?;
         w.open_table(DEVICE_INFO).map_err(redb_err)?;
+        w.open_table(RECOVERY).map_err(redb_err)?;
+        w.open_table(REVOKED).map_err(redb_err)?;
+        w.open_table(REVOKED_OF).map_err(redb_err)?;
+        w.open_table(REVOKING).map_err(redb_err)?;
     }
     w.commit().map_err(redb_err)?;
     Ok(())

@@ -47,6 +47,31 @@ pub struct LinkSlotRecord {
     pub answer: Option<chitchat_proto::link::LinkAnswer>,
 }
 
+/// A revoked device (`revoked-0`): what it was, and the revocation the relay took.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedRecord {
+    /// The name it was registered under.
+    pub local_name: String,
+    /// Its last record.
+    pub dir: Dir,
+    /// When it had registered.
+    pub registered: Timestamp,
+    /// The revocation, with the signatures that made the quorum.
+    pub revocation: chitchat_proto::identity::Revocation,
+    /// When the relay took it.
+    pub at: Timestamp,
+}
+
+/// Signatures gathered for a revocation that has no quorum yet (`revoking-0`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRevocation {
+    /// The revocation with the devices' signatures so far (no recovery signature: with one,
+    /// a single device's signature is enough, so it never waits).
+    pub revocation: chitchat_proto::identity::Revocation,
+    /// When each signature came; a signature older than a day no longer counts.
+    pub signed_at: Vec<(DeviceId, Timestamp)>,
+}
+
 /// What a device says of itself beside its record (`device-info-0`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {

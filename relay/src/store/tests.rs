@@ -863,3 +863,104 @@ async fn a_linked_device_registers_without_an_invite_and_the_list_shows_names_an
     );
     assert!(s.own_devices(&dev(4)).expect("list").is_empty());
 }
+
+#[tokio::test]
+async fn revocations_need_a_quorum_of_settled_devices_and_take_the_device_out_for_good() {
+    use chitchat_proto::identity::{Address, Revocation};
+    let (_d, s) = open();
+    let alice = Address::parse("alice@relay.example").expect("address");
+    let signed = |target: u8, by: &[u8]| {
+        let mut r = Revocation::new(dev(target), alice.clone());
+        for b in by {
+            r.sign(&key(*b));
+        }
+        r
+    };
+    let revoke = |by: u8, r: Revocation, recovered: bool, now: Timestamp| Write::Revoke {
+        by: dev(by),
+        revocation: r,
+        recovered,
+        now,
+    };
+    let standing = |revoked, signed, needed| Ok(Written::Revoking { revoked, signed, needed });
+    token(&s, "t1", NOW.plus_ms(1000)).await;
+    s.write(register(Some("t1"), false, "alice", dir(1, 1, &[2, 3]))).await.expect("alice");
+    // The first device sets the recovery key while it is alone; no one replaces it.
+    let recovery = key(50).public();
+    s.write(Write::SetRecovery { device: dev(1), key: recovery }).await.expect("set");
+    s.write(Write::SetRecovery { device: dev(1), key: recovery }).await.expect("a retry");
+    assert_eq!(
+        code(s.write(Write::SetRecovery { device: dev(1), key: key(51).public() }).await),
+        ErrorCode::Forbidden
+    );
+    s.write(register(None, false, "alice", dir(2, 1, &[1, 3]))).await.expect("phone");
+    s.write(register(None, false, "alice", dir(3, 1, &[1, 2]))).await.expect("tablet");
+    assert_eq!(s.recovery_key("alice").expect("read"), Some(recovery));
+    token(&s, "t2", NOW.plus_ms(1000)).await;
+    s.write(register(Some("t2"), false, "bob", dir(4, 1, &[]))).await.expect("bob");
+    // Bob, alone, sets his own.
+    s.write(Write::SetRecovery { device: dev(4), key: key(52).public() }).await.expect("bob's");
+
+    // Within the first week no device has a vote: one device alone revokes nothing.
+    assert_eq!(
+        s.write(revoke(2, signed(3, &[2]), false, NOW.plus_ms(1))).await,
+        standing(false, 0, 1)
+    );
+    // A week on, all three are settled. The phone (stolen) tries to revoke the laptop and the
+    // tablet on its own: its signature is one of the two needed.
+    let later = NOW.plus_ms(chitchat_proto::identity::revocation::SETTLED_MS + 1);
+    assert_eq!(s.write(revoke(2, signed(1, &[2]), false, later)).await, standing(false, 1, 2));
+    assert_eq!(s.write(revoke(2, signed(3, &[2]), false, later)).await, standing(false, 1, 2));
+    assert_eq!(s.lookup("alice").expect("lookup").len(), 3, "nobody revoked");
+    // Not for another user's device, nor without the asker's own signature.
+    assert_eq!(code(s.write(revoke(4, signed(1, &[4]), false, later)).await), ErrorCode::Forbidden);
+    assert_eq!(
+        code(s.write(revoke(1, signed(2, &[3]), false, later)).await),
+        ErrorCode::BadRequest
+    );
+    // The laptop and the tablet revoke the phone, one after the other.
+    assert_eq!(s.write(revoke(1, signed(2, &[1]), false, later)).await, standing(false, 1, 2));
+    assert_eq!(s.write(revoke(3, signed(2, &[3]), false, later)).await, standing(true, 2, 2));
+    assert_eq!(s.write(revoke(3, signed(2, &[3]), false, later)).await, standing(true, 0, 0));
+    // The phone is out: not in lookups, not registered, its record gone, and it cannot come
+    // back through the link its record still names.
+    let devices: Vec<DeviceId> =
+        s.lookup("alice").expect("lookup").iter().map(Dir::device).collect();
+    assert_eq!(devices, vec![dev(1), dev(3)]);
+    assert!(!s.is_registered(&dev(2)).expect("read"));
+    assert_eq!(
+        code(s.write(register(None, false, "alice", dir(2, 2, &[1, 3]))).await),
+        ErrorCode::Forbidden
+    );
+    let listed = s.revoked_of("alice", 16).expect("revoked");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].revocation.body.target, dev(2));
+    assert_eq!(listed[0].revocation.verify(None).map(|(d, _)| d.len()), Ok(2));
+    assert!(s.revoked(&dev(2)).expect("read").is_some());
+    // Nothing can be sent to it any more.
+    assert_eq!(
+        code(
+            s.write(Write::Enqueue {
+                sender: dev(1),
+                envelope: envelope(2, 0),
+                now: later,
+                quota: QUOTA
+            })
+            .await
+        ),
+        ErrorCode::NotFound
+    );
+    // The phone's signature against the laptop counted for nothing once it was revoked: the
+    // tablet adding its own makes one of two.
+    assert_eq!(s.write(revoke(3, signed(1, &[3]), false, later)).await, standing(false, 1, 2));
+    // Signatures of more than a day ago no longer count.
+    let next_day = later.plus_ms(25 * 3600 * 1000);
+    assert_eq!(s.write(revoke(1, signed(3, &[1]), false, next_day)).await, standing(false, 1, 2));
+    // One device with the recovery code is enough.
+    assert_eq!(s.write(revoke(1, signed(3, &[1]), true, next_day)).await, standing(true, 1, 2));
+    let devices: Vec<DeviceId> =
+        s.lookup("alice").expect("lookup").iter().map(Dir::device).collect();
+    assert_eq!(devices, vec![dev(1)]);
+    assert_eq!(s.revoked_of("alice", 16).expect("revoked").len(), 2);
+    assert_eq!(s.revoked_of("alice", 1).expect("revoked")[0].revocation.body.target, dev(3));
+}

@@ -13,8 +13,9 @@ use super::{
     BLOCKED, CONVICTED, COUNTERS, Counters, DEVICE_INFO, DEVICES, DeviceInfo, DeviceRecord,
     FED_QUEUE, FED_QUEUES, FED_SEEN, FILES, FILES_EXPIRY, FILES_USED, FilePin, HISTORY,
     HISTORY_GAPS, HISTORY_HEADS, HistoryHead, INBOX, KEY_PACKAGES, LAST_RESORT, LINK_OFFERS,
-    LINK_SLOTS, LinkSlotRecord, META, NAMES, QueueCounters, QueuedForward, StoredHistory,
-    StoredItem, StoredKeyPackage, TOKENS, TokenRecord,
+    LINK_SLOTS, LinkSlotRecord, META, NAMES, PendingRevocation, QueueCounters, QueuedForward,
+    RECOVERY, REVOKED, REVOKED_OF, REVOKING, RevokedRecord, StoredHistory, StoredItem,
+    StoredKeyPackage, TOKENS, TokenRecord,
 };
 use chitchat_proto::link::{LinkAnswer, LinkHello, LinkSlot};
 
@@ -307,6 +308,27 @@ pub enum Write {
     /// When devices were last seen (kept only where later than what is stored, and only for
     /// devices registered here).
     Seen(Vec<(DeviceId, Timestamp)>),
+    /// Keep the recovery key of `device`'s user: only if the user has none and `device` is
+    /// its only device.
+    SetRecovery {
+        /// The device that sets it.
+        device: DeviceId,
+        /// The key's public half.
+        key: chitchat_proto::PublicKey,
+    },
+    /// Add `by`'s signatures of a revocation to those gathered; revoke the target once
+    /// [`chitchat_proto::identity::revocation::quorum`] holds. The caller has checked every
+    /// signature ([`chitchat_proto::identity::Revocation::verify`]) and the user's host.
+    Revoke {
+        /// The device that asks (one of the signers).
+        by: DeviceId,
+        /// The revocation, its signatures checked.
+        revocation: chitchat_proto::identity::Revocation,
+        /// Whether the user's recovery key signed it (checked).
+        recovered: bool,
+        /// The time of the request.
+        now: Timestamp,
+    },
     /// Block or unblock a relay host.
     Block {
         /// The host.
@@ -323,6 +345,15 @@ pub enum Write {
 pub enum Written {
     /// Done.
     Done,
+    /// Where a revocation stands.
+    Revoking {
+        /// Whether the target is revoked now (or was).
+        revoked: bool,
+        /// Signatures that count.
+        signed: usize,
+        /// Signatures needed without the recovery key.
+        needed: usize,
+    },
     /// Stored KeyPackages; the device now has this many unclaimed.
     KeyPackages {
         /// Unclaimed packages.
@@ -412,6 +443,10 @@ pub(super) struct Tables<'txn> {
     link_slots: Table<'txn, [u8; 16], &'static [u8]>,
     link_offers: Table<'txn, [u8; 32], [u8; 16]>,
     device_info: Table<'txn, [u8; 32], &'static [u8]>,
+    recovery: Table<'txn, &'static str, [u8; 32]>,
+    revoked: Table<'txn, [u8; 32], &'static [u8]>,
+    revoked_of: Table<'txn, (&'static str, [u8; 32]), u64>,
+    revoking: Table<'txn, [u8; 32], &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -439,6 +474,10 @@ impl<'txn> Tables<'txn> {
             link_slots: txn.open_table(LINK_SLOTS).map_err(storage)?,
             link_offers: txn.open_table(LINK_OFFERS).map_err(storage)?,
             device_info: txn.open_table(DEVICE_INFO).map_err(storage)?,
+            recovery: txn.open_table(RECOVERY).map_err(storage)?,
+            revoked: txn.open_table(REVOKED).map_err(storage)?,
+            revoked_of: txn.open_table(REVOKED_OF).map_err(storage)?,
+            revoking: txn.open_table(REVOKING).map_err(storage)?,
         })
     }
 }
@@ -505,6 +544,10 @@ fn apply(t: &mut Tables<'_>, w: &Write) -> Result<Written, WriteError> {
             answer_link(t, *offerer, *slot, answer, *now)
         }
         Write::ExpireLinks { now } => expire_links(t, *now),
+        Write::SetRecovery { device, key } => set_recovery(t, *device, key),
+        Write::Revoke { by, revocation, recovered, now } => {
+            revoke(t, *by, revocation, *recovered, *now)
+        }
         Write::NameDevice { device, name } => {
             if device_record(t, *device)?.is_none() {
                 return Err(reject(ErrorCode::NotFound, "device is not registered here"));
@@ -860,6 +903,163 @@ fn link_slot(t: &Tables<'_>, slot: LinkSlot) -> Result<Option<LinkSlotRecord>, W
     v.map(|v| decode_record(v.value(), "link-slots").map_err(corrupt)).transpose()
 }
 
+fn set_recovery(
+    t: &mut Tables<'_>,
+    device: DeviceId,
+    key: &chitchat_proto::PublicKey,
+) -> Result<Written, WriteError> {
+    let Some(record) = device_record(t, device)? else {
+        return Err(reject(ErrorCode::NotFound, "device is not registered here"));
+    };
+    let name = record.local_name.as_str();
+    if let Some(existing) = t.recovery.get(name).map_err(storage)? {
+        // A retry after a lost answer: done.
+        if existing.value() == key.0 {
+            return Ok(Written::Done);
+        }
+        return Err(reject(ErrorCode::Forbidden, "the user has a recovery code already"));
+    }
+    if name_devices(t, name)?.len() != 1 {
+        return Err(reject(
+            ErrorCode::Forbidden,
+            "a recovery code is set by the user's first device, before it links another",
+        ));
+    }
+    t.recovery.insert(name, key.0).map_err(storage)?;
+    Ok(Written::Done)
+}
+
+/// How long a signature of a revocation without a quorum counts: a day.
+pub(crate) const REVOCATION_PENDING_MS: u64 = 24 * 3600 * 1000;
+
+fn revoke(
+    t: &mut Tables<'_>,
+    by: DeviceId,
+    revocation: &chitchat_proto::identity::Revocation,
+    recovered: bool,
+    now: Timestamp,
+) -> Result<Written, WriteError> {
+    use chitchat_proto::identity::revocation::{SETTLED_MS, quorum};
+    let target = revocation.body.target;
+    let name = revocation.body.user.local.as_str();
+    if t.revoked.get(target.as_bytes()).map_err(storage)?.is_some() {
+        return Ok(Written::Revoking { revoked: true, signed: 0, needed: 0 });
+    }
+    let Some(by_record) = device_record(t, by)? else {
+        return Err(reject(ErrorCode::NotFound, "device is not registered here"));
+    };
+    if by_record.local_name != name {
+        return Err(reject(ErrorCode::Forbidden, "a device revokes only devices of its own user"));
+    }
+    if !revocation.signers.iter().any(|(d, _)| *d == by) {
+        return Err(reject(
+            ErrorCode::BadRequest,
+            "the revocation lacks the asking device's signature",
+        ));
+    }
+    let Some(target_record) = device_record(t, target)?.filter(|r| r.local_name == name) else {
+        return Err(reject(ErrorCode::NotFound, format!("no such device of {name}")));
+    };
+    let mut devices = std::collections::BTreeSet::new();
+    let mut voters = std::collections::BTreeSet::new();
+    for d in name_devices(t, name)? {
+        if let Some(r) = device_record(t, d)? {
+            devices.insert(d);
+            if r.registered.plus_ms(SETTLED_MS) <= now {
+                voters.insert(d);
+            }
+        }
+    }
+    // The signatures of the last day, and this request's.
+    let fresh = |at: Timestamp| at.plus_ms(REVOCATION_PENDING_MS) > now;
+    let mut pending = match t.revoking.get(target.as_bytes()).map_err(storage)? {
+        Some(v) => decode_record::<PendingRevocation>(v.value(), "revoking").map_err(corrupt)?,
+        None => PendingRevocation {
+            revocation: chitchat_proto::identity::Revocation::new(
+                target,
+                revocation.body.user.clone(),
+            ),
+            signed_at: Vec::new(),
+        },
+    };
+    pending.signed_at.retain(|(d, at)| fresh(*at) && devices.contains(d));
+    let kept: Vec<DeviceId> = pending.signed_at.iter().map(|(d, _)| *d).collect();
+    pending.revocation.signers.retain(|(d, _)| kept.contains(d));
+    pending.revocation.recovery = None;
+    let mut incoming = revocation.clone();
+    incoming.signers.retain(|(d, _)| devices.contains(d));
+    pending
+        .revocation
+        .merge(&incoming)
+        .map_err(|e| reject(ErrorCode::BadRequest, format!("revocation: {e}")))?;
+    for (d, _) in &incoming.signers {
+        pending.signed_at.retain(|(x, _)| x != d);
+        pending.signed_at.push((*d, now));
+    }
+    let signed: std::collections::BTreeSet<DeviceId> =
+        pending.revocation.signers.iter().map(|(d, _)| *d).collect();
+    let counted = signed.iter().filter(|d| voters.contains(*d)).count();
+    let needed = voters.len() / 2 + 1;
+    match quorum(&devices, &voters, target, &signed, recovered) {
+        Ok(()) => {
+            let mut taken = pending.revocation;
+            taken.recovery = revocation.recovery.filter(|_| recovered);
+            revoke_device(t, target_record, taken, now)?;
+            Ok(Written::Revoking { revoked: true, signed: counted, needed })
+        }
+        Err(chitchat_proto::identity::IdentityError::Quorum { signed, needed }) => {
+            let bytes = encode_record(&pending);
+            t.revoking.insert(target.as_bytes(), bytes.as_slice()).map_err(storage)?;
+            Ok(Written::Revoking { revoked: false, signed, needed })
+        }
+        Err(e) => Err(reject(ErrorCode::BadRequest, format!("revocation: {e}"))),
+    }
+}
+
+/// Takes a device out of its user for good: its name, record, KeyPackages, inbox, counters,
+/// link offer and what it said of itself go; the revocation is kept.
+fn revoke_device(
+    t: &mut Tables<'_>,
+    record: DeviceRecord,
+    revocation: chitchat_proto::identity::Revocation,
+    now: Timestamp,
+) -> Result<(), WriteError> {
+    let device = revocation.body.target;
+    let key = *device.as_bytes();
+    let name = record.local_name.clone();
+    let mut devices = name_devices(t, &name)?;
+    devices.retain(|d| *d != device);
+    t.names.insert(name.as_str(), encode_record(&devices).as_slice()).map_err(storage)?;
+    t.devices.remove(&key).map_err(storage)?;
+    t.key_packages.retain_in((key, 0)..=(key, u64::MAX), |_, _| false).map_err(storage)?;
+    t.inbox.retain_in((key, 0)..=(key, u64::MAX), |_, _| false).map_err(storage)?;
+    t.last_resort.remove(&key).map_err(storage)?;
+    t.counters.remove(&key).map_err(storage)?;
+    t.device_info.remove(&key).map_err(storage)?;
+    if let Some(slot) = t.link_offers.remove(&key).map_err(storage)? {
+        let slot = slot.value();
+        t.link_slots.remove(&slot).map_err(storage)?;
+    }
+    t.revoking.remove(&key).map_err(storage)?;
+    let revoked = RevokedRecord {
+        local_name: name.clone(),
+        dir: record.dir,
+        registered: record.registered,
+        revocation,
+        at: now,
+    };
+    t.revoked.insert(&key, encode_record(&revoked).as_slice()).map_err(storage)?;
+    t.revoked_of.insert((name.as_str(), key), now.0).map_err(storage)?;
+    Ok(())
+}
+
+fn name_devices(t: &Tables<'_>, name: &str) -> Result<Vec<DeviceId>, WriteError> {
+    match t.names.get(name).map_err(storage)? {
+        Some(v) => decode_record(v.value(), "names").map_err(corrupt),
+        None => Ok(Vec::new()),
+    }
+}
+
 fn offer_link(
     t: &mut Tables<'_>,
     offerer: DeviceId,
@@ -970,6 +1170,11 @@ fn register(
     now: Timestamp,
 ) -> Result<Written, WriteError> {
     let device = dir.device();
+    // A revoked device stays out: its record may still name a device of the user's, which
+    // would otherwise let it back in without an invite.
+    if t.revoked.get(device.as_bytes()).map_err(storage)?.is_some() {
+        return Err(reject(ErrorCode::Forbidden, "this device was revoked"));
+    }
     // A retry after a lost answer finds the device registered under the same name: done.
     if let Some(existing) = device_record(t, device)? {
         if existing.local_name == local_name {
