@@ -155,6 +155,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/devices/link", post(offer_link))
         .route("/v1/devices/join", post(join_link))
         .route("/v1/devices/name", put(name_device))
+        .route("/v1/devices/revoke", post(revoke_device))
+        .route("/v1/devices/recovery", post(set_recovery))
         .route("/v1/network", get(network))
         .route("/v1/network/dial", post(dial))
         .route("/v1/network/lan", get(lan))
@@ -348,9 +350,19 @@ struct RegisterBody {
 async fn register(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Json<Value>> {
     let b: RegisterBody = body(&bytes)?;
     let account = s.node.register(&b.relay, b.token, &b.name).await?;
+    // The first device of a new user sets the recovery code (shown once); registering into a
+    // name that has one, or a failure here, leaves it unset: `POST /v1/devices/recovery`.
+    let recovery = match s.node.set_recovery().await {
+        Ok(code) => Some(code.to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "no recovery code set at registration");
+            None
+        }
+    };
     Ok(Json(json!({
         "address": format!("{}@{}", account.local_name, account.relay.id.host),
         "device": account.dir.device().0.to_hex(),
+        "recovery_code": recovery,
     })))
 }
 
@@ -378,6 +390,11 @@ async fn devices(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
                 "record_seq": d.dir.body.seq,
                 "registered_ms": d.registered.0,
                 "last_seen_ms": d.last_seen.map(|t| t.0),
+                "revoked": d.revocation.is_some(),
+                "revoked_by": d.revocation.as_ref().map(|r| {
+                    r.signers.iter().map(|(d, _)| d.0.to_hex()).collect::<Vec<_>>()
+                }),
+                "revoked_with_recovery_code": d.revocation.as_ref().map(|r| r.recovery.is_some()),
             })
         })
         .collect();
@@ -408,6 +425,32 @@ async fn join_link(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Jso
         "address": format!("{}@{}", account.local_name, account.relay.id.host),
         "device": account.dir.device().0.to_hex(),
     })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    device: String,
+    recovery_code: Option<String>,
+}
+
+/// Signs the revocation of another device of this user (id, id prefix, or name); the relay
+/// revokes it once enough of the user's devices signed (or this one with the recovery code).
+async fn revoke_device(State(s): State<Arc<ApiState>>, bytes: Body) -> ApiResult<Json<Value>> {
+    let b: RevokeBody = body(&bytes)?;
+    let r = s.node.revoke_device(&b.device, b.recovery_code.as_deref()).await?;
+    Ok(Json(json!({
+        "device": r.device.0.to_hex(),
+        "revoked": r.revoked,
+        "signed": r.signed,
+        "needed": r.needed,
+    })))
+}
+
+/// Sets the user's recovery code, if it has none and this is its only device.
+async fn set_recovery(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+    let code = s.node.set_recovery().await?;
+    Ok(Json(json!({ "recovery_code": code.to_string() })))
 }
 
 #[derive(Deserialize)]

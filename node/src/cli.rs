@@ -195,7 +195,9 @@ pub fn format_event(v: &Value) -> String {
 pub fn device_line(d: &Value, now_ms: u64) -> String {
     let device = d.get("device").and_then(Value::as_str).unwrap_or_default();
     let name = d.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()).unwrap_or("-");
-    let state = if d.get("this_device").and_then(Value::as_bool) == Some(true) {
+    let state = if d.get("revoked").and_then(Value::as_bool) == Some(true) {
+        "REVOKED".to_owned()
+    } else if d.get("this_device").and_then(Value::as_bool) == Some(true) {
         "this device".to_owned()
     } else {
         let seen = match d.get("last_seen_ms").and_then(Value::as_u64) {

@@ -56,7 +56,7 @@ pub use crate::engine::now;
 mod devices;
 mod files;
 mod lan;
-pub use devices::LinkOffer;
+pub use devices::{LinkOffer, RevokeOutcome};
 pub use files::Attachment;
 pub use lan::parse_device;
 

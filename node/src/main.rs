@@ -263,6 +263,18 @@ enum DevicesCommand {
         /// The name, like "laptop".
         name: String,
     },
+    /// Revoke another device of yours (lost or stolen): its name or id. It is revoked once
+    /// more than half of your devices (those a week old or more) ran this, or one did with
+    /// your recovery code. Every channel then removes it.
+    Revoke {
+        /// The device: its name in the list, its id, or the first 8 or more digits of the id.
+        device: String,
+        /// The recovery code shown when you registered.
+        #[arg(long)]
+        recovery: Option<String>,
+    },
+    /// Set a recovery code, if your user has none: only from your only device.
+    Recovery,
 }
 
 fn main() {
@@ -642,6 +654,14 @@ fn print_sent(v: &Value) {
     );
 }
 
+fn print_recovery_code(code: &str) {
+    println!("recovery code: {code}");
+    println!(
+        "write it down and keep it away from your devices: with it, one of your devices can \
+         revoke a lost one (`chitchat devices revoke DEVICE --recovery CODE`). It is not shown again."
+    );
+}
+
 async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Init { .. } | Command::Daemon { .. } => unreachable!("handled before"),
@@ -654,6 +674,10 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 )
                 .await?;
             println!("registered as {}", v["address"].as_str().unwrap_or_default());
+            match v["recovery_code"].as_str() {
+                Some(code) => print_recovery_code(code),
+                None => println!("no recovery code set (`chitchat devices recovery` sets one)"),
+            }
         }
         Command::Lan => {
             let v = client.json("GET", "/v1/network/lan", None).await?;
@@ -731,6 +755,24 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
             let body = json!({"code": code, "name": name});
             let v = client.json("POST", "/v1/devices/join", Some(body)).await?;
             println!("linked: this device is {}", v["address"].as_str().unwrap_or_default());
+        }
+        Command::Devices { command: Some(DevicesCommand::Revoke { device, recovery }) } => {
+            let body = json!({"device": device, "recovery_code": recovery});
+            let v = client.json("POST", "/v1/devices/revoke", Some(body)).await?;
+            let id = v["device"].as_str().map_or_else(String::new, cli::short);
+            if v["revoked"].as_bool() == Some(true) {
+                println!("revoked {id}: it is being removed from every channel");
+            } else {
+                println!(
+                    "signed the revocation of {id}: {} of the {} signatures needed; run this on \
+                     another of your devices within a day, or here with --recovery CODE",
+                    v["signed"], v["needed"]
+                );
+            }
+        }
+        Command::Devices { command: Some(DevicesCommand::Recovery) } => {
+            let v = client.json("POST", "/v1/devices/recovery", None).await?;
+            print_recovery_code(v["recovery_code"].as_str().unwrap_or_default());
         }
         Command::Devices { command: Some(DevicesCommand::Name { name }) } => {
             client.json("PUT", "/v1/devices/name", Some(json!({"name": name}))).await?;

@@ -271,3 +271,124 @@ async fn a_code_links_a_new_device_once_and_only_with_its_secret() {
         other => panic!("the intruder registered: {other:?}"),
     }
 }
+
+/// The texts `node` shows in `channel` now.
+async fn texts(node: &NodeProcess, channel: &str) -> Vec<String> {
+    let v = node.json("GET", &format!("/v1/channels/{channel}/history"), None).await;
+    v.ok()
+        .and_then(|v| {
+            let messages = v["history"]["messages"].as_array()?.clone();
+            Some(messages.iter().filter_map(|m| m["body"].as_str().map(str::to_owned)).collect())
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_device_can_neither_read_nor_send_and_a_lost_one_revokes_no_one() {
+    let relay = RelayProcess::start(|c| c.to_owned(), &[]).expect("relay");
+    // Alice registers her laptop with the CLI, which shows the recovery code once.
+    let laptop = NodeProcess::start(&[]).expect("laptop");
+    let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
+    let url = format!("http://{}", relay.info.http);
+    let out = laptop
+        .cli(&["register", "--relay", &url, "--token", &token, "--name", "alice"])
+        .expect("register");
+    let recovery = out
+        .lines()
+        .find_map(|l| l.strip_prefix("recovery code: "))
+        .unwrap_or_else(|| panic!("no recovery code shown: {out}"))
+        .to_owned();
+    laptop.cli(&["devices", "name", "laptop"]).expect("name the laptop");
+    let laptop_id = laptop.json("GET", "/v1/status", None).await.expect("status")["device"]
+        .as_str()
+        .expect("device")
+        .to_owned();
+    let bob = NodeProcess::start(&[]).expect("bob");
+    bob.register(&relay, "bob").await.expect("register");
+    let general = laptop.cli(&["channel", "create", "general"]).expect("create").trim().to_owned();
+    laptop.cli(&["invite", "general", "bob@localhost"]).expect("invite bob");
+    bob.wait_joined(&general, WAIT).await.expect("bob joins general");
+    let (code, mut waiting) = show_code(&laptop);
+    let phone = NodeProcess::start_linked(&code, "phone", &[]).expect("the phone links");
+    assert!(wait_exit(&mut waiting).success());
+    let phone_id = phone.json("GET", "/v1/status", None).await.expect("status")["device"]
+        .as_str()
+        .expect("device")
+        .to_owned();
+    phone.wait_joined(&general, WAIT).await.expect("the phone joins general");
+    send(&bob, &general, "bob, before").await;
+    phone
+        .wait_texts(&general, WAIT, |t| t.contains(&"bob, before".to_owned()))
+        .await
+        .expect("read");
+
+    // The phone is stolen. The thief tries to revoke the laptop: one device's signature is not
+    // enough (and these devices are too new to vote at all), a made-up recovery code is
+    // refused, and a recovery code of the thief's own cannot be set (the user has one).
+    let out = phone.cli(&["devices", "revoke", "laptop"]).expect("sign");
+    assert!(out.contains("signatures needed"), "{out}");
+    let forged = "ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZR";
+    let err =
+        phone.cli(&["devices", "revoke", "laptop", "--recovery", forged]).expect_err("forged");
+    assert!(err.to_string().contains("signature"), "{err}");
+    let err = phone.cli(&["devices", "recovery"]).expect_err("a second recovery code");
+    assert!(err.to_string().contains("recovery code already"), "{err}");
+    let list = devices(&laptop).await;
+    assert_eq!(entry(&list, &laptop_id)["revoked"], false, "{list}");
+    let found = bob.json("GET", "/v1/users/alice@localhost", None).await.expect("lookup");
+    assert_eq!(found["devices"].as_array().map(Vec::len), Some(2), "{found}");
+
+    // Alice revokes the phone from the laptop with her recovery code.
+    let out = laptop.cli(&["devices", "revoke", "phone", "--recovery", &recovery]).expect("revoke");
+    assert!(out.starts_with("revoked"), "{out}");
+    let shown = laptop.cli(&["devices"]).expect("devices");
+    assert!(shown.contains("REVOKED"), "{shown}");
+    let list = devices(&laptop).await;
+    assert_eq!(entry(&list, &phone_id)["revoked"], true, "{list}");
+    assert_eq!(entry(&list, &phone_id)["revoked_with_recovery_code"], true, "{list}");
+    // The relay published it: a look-up of alice finds the laptop alone.
+    let found = bob.json("GET", "/v1/users/alice@localhost", None).await.expect("lookup");
+    assert_eq!(found["devices"].as_array().map(Vec::len), Some(1), "{found}");
+    // General removes it by an ordered commit, which Bob applies too.
+    let members_of = |node: &NodeProcess| {
+        let path = format!("/v1/channels/{general}/members");
+        let node = node.api().clone();
+        async move {
+            let v = node.json("GET", &path, None).await.expect("members");
+            v["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["device"].as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    while members_of(&laptop).await.contains(&phone_id)
+        || members_of(&bob).await.contains(&phone_id)
+    {
+        assert!(Instant::now() < deadline, "the revoked phone is still a member");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The phone's relay refuses it everything.
+    let err = phone.cli(&["devices"]).expect_err("the relay serves a revoked device");
+    assert!(err.to_string().contains("revoked"), "{err}");
+    // What it sends from its old epoch is shown nowhere; what is said after, it never reads.
+    send(&phone, &general, "from the stolen phone").await;
+    send(&bob, &general, "bob, after").await;
+    laptop
+        .wait_texts(&general, WAIT, |t| t.contains(&"bob, after".to_owned()))
+        .await
+        .expect("read");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for node in [&laptop, &bob] {
+        let t = texts(node, &general).await;
+        assert!(!t.contains(&"from the stolen phone".to_owned()), "{t:?}");
+    }
+    let t = texts(&phone, &general).await;
+    assert!(!t.contains(&"bob, after".to_owned()), "the revoked phone read {t:?}");
+    // The laptop's record no longer lists the phone.
+    let list = devices(&laptop).await;
+    assert_eq!(entry(&list, &phone_id)["linked"], false, "{list}");
+}

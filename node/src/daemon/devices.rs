@@ -12,7 +12,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chitchat_proto::identity::{MAX_LINKED_DEVICES, TrustedRelays};
+use chitchat_proto::identity::{
+    MAX_LINKED_DEVICES, RecoveryCode, RecoverySecret, Revocation, TrustedRelays,
+};
 use chitchat_proto::link::{LINK_TTL_MS, LinkAnswer, LinkCode, LinkHello, LinkSecret, LinkSlot};
 use chitchat_proto::ordering::ChannelId;
 use chitchat_proto::wire::{DeviceEntry, ErrorCode, Request, Response, check_device_name};
@@ -291,8 +293,10 @@ impl Node {
         let since = Timestamp(now().0.saturating_sub(FOLLOW_NEW_FOR_MS));
         // (The records are cached, verified, by the look-up `add_devices_of` makes.)
         let entries = self.own_devices().await?;
+        self.apply_revocations(&entries).await;
         let own: Vec<DeviceId> = entries
             .into_iter()
+            .filter(|d| d.revocation.is_none())
             .filter(|d| match new {
                 Some(n) => d.dir.device() == n,
                 None => d.registered >= since,
@@ -375,5 +379,171 @@ impl Node {
             Response::DeviceNamed => Ok(()),
             other => Err(refused(other)),
         }
+    }
+
+    /// Sets the user's recovery code: drawn here, its key's public half given to the relay,
+    /// the code returned to be shown once and kept by no device. The relay takes it only from
+    /// the user's first device before it links another, and only once.
+    pub async fn set_recovery(&self) -> Result<RecoveryCode, NodeError> {
+        let secret = RecoverySecret::generate(&mut rand::rng());
+        let key = secret.key().public();
+        match self.link()?.call(&Request::SetRecovery { key }).await? {
+            Response::RecoverySet => Ok(secret.code()),
+            other => Err(refused(other)),
+        }
+    }
+
+    /// Signs the revocation of `target` (another device of this user: its id, a prefix of it
+    /// of at least 8 hex digits, or its name in the list) and hands it to the relay, with the
+    /// recovery code's signature if `recovery` is given. Once the relay revokes it, this
+    /// device takes it out of its record and out of every channel at once (the other devices
+    /// of the user do on their next pass).
+    pub async fn revoke_device(
+        &self,
+        target: &str,
+        recovery: Option<&str>,
+    ) -> Result<RevokeOutcome, NodeError> {
+        let account =
+            self.with(|e| e.account().cloned()).await.ok_or(EngineError::NotRegistered)?;
+        let me = account.dir.device();
+        let recovery = recovery
+            .map(RecoverySecret::parse)
+            .transpose()
+            .map_err(|e| NodeError::Invalid(format!("recovery code: {e}")))?;
+        let entries = self.own_devices().await?;
+        let active: Vec<&DeviceEntry> = entries.iter().filter(|d| d.revocation.is_none()).collect();
+        let target = pick_device(&active, target)?;
+        if target == me {
+            return Err(NodeError::Invalid(
+                "a device does not revoke itself: revoke it from another of your devices".into(),
+            ));
+        }
+        let mut revocation = Revocation::new(target, account.address());
+        let key = self.with(|e| e.key().clone()).await;
+        revocation.sign(&key);
+        if let Some(secret) = &recovery {
+            revocation.sign_recovery(secret);
+        }
+        let request = Request::Revoke { revocation: Box::new(revocation) };
+        let (revoked, signed, needed) = match self.link()?.call(&request).await? {
+            Response::Revoking { revoked, signed, needed } => (revoked, signed, needed),
+            other => return Err(refused(other)),
+        };
+        if revoked {
+            tracing::info!(%target, "device revoked");
+            let entries = self.own_devices().await?;
+            self.apply_revocations(&entries).await;
+        }
+        Ok(RevokeOutcome { device: target, revoked, signed, needed })
+    }
+
+    /// Acts on the revocations the relay lists for this user: each one's signatures checked
+    /// (the relay counted them against the user's devices, as it alone can; it is the user's
+    /// relay, which sponsors every device of the user anyway), the device is dropped from this
+    /// device's record and removed from every channel this device is in, by an ordered commit
+    /// the rules allow any device of the user.
+    async fn apply_revocations(&self, entries: &[DeviceEntry]) {
+        let Some(account) = self.with(|e| e.account().cloned()).await else { return };
+        let me = account.dir.device();
+        let user = account.address();
+        let revoked: BTreeSet<DeviceId> = entries
+            .iter()
+            .filter_map(|d| d.revocation.as_ref().map(|r| (d, r)))
+            .filter(|(d, r)| {
+                r.body.user == user
+                    && r.body.target == d.dir.device()
+                    && r.body.target != me
+                    && r.verify_signers().is_ok_and(|s| !s.is_empty())
+            })
+            .map(|(d, _)| d.dir.device())
+            .collect();
+        if revoked.is_empty() {
+            return;
+        }
+        if let Err(e) = self.unlist(&revoked).await {
+            tracing::warn!(error = %e, "revoked devices not dropped from this device's record");
+        }
+        let removals: Vec<(ChannelId, Vec<DeviceId>)> = self
+            .with(move |e| {
+                e.active_channels()
+                    .into_iter()
+                    .filter(|id| !e.is_relayless(id))
+                    .filter_map(|id| {
+                        let members = e.members(&id).ok()?;
+                        let gone: Vec<DeviceId> =
+                            members.into_iter().filter(|m| revoked.contains(m)).collect();
+                        (!gone.is_empty()).then_some((id, gone))
+                    })
+                    .collect()
+            })
+            .await;
+        for (channel, devices) in removals {
+            match self.remove(channel, devices.clone()).await {
+                Ok(()) => tracing::info!(%channel, ?devices, "revoked devices removed"),
+                // Another device of the user may have won the epoch with the same removal.
+                Err(e) => tracing::debug!(%channel, error = %e, "revoked devices not removed yet"),
+            }
+        }
+    }
+
+    /// Drops `devices` from this device's record (kept in the account, then published).
+    async fn unlist(&self, devices: &BTreeSet<DeviceId>) -> Result<(), NodeError> {
+        let devices = devices.clone();
+        let t = now();
+        let account = self
+            .with(move |e| -> Result<Option<Account>, EngineError> {
+                let mut account = e.account().cloned().ok_or(EngineError::NotRegistered)?;
+                if account.dir.body.linked.is_disjoint(&devices) {
+                    return Ok(None);
+                }
+                let drop =
+                    |b: &mut chitchat_proto::DirBody| b.linked.retain(|d| !devices.contains(d));
+                account.dir = e.next_dir(&account.dir, drop, t)?;
+                e.set_account(account.clone())?;
+                Ok(Some(account))
+            })
+            .await?;
+        let Some(account) = account else { return Ok(()) };
+        match self.link()?.call(&Request::PublishDir { dir: account.dir }).await? {
+            Response::DirPublished => Ok(()),
+            other => Err(refused(other)),
+        }
+    }
+}
+
+/// Where a revocation stands after this device signed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevokeOutcome {
+    /// The device.
+    pub device: DeviceId,
+    /// Whether the relay revoked it.
+    pub revoked: bool,
+    /// Signatures of the user's settled devices the relay counted (of the last day).
+    pub signed: u32,
+    /// How many it needs without the recovery code.
+    pub needed: u32,
+}
+
+/// The active device of the list that `which` names: its id in hex, a prefix of it of at
+/// least 8 hex digits, or its name.
+fn pick_device(devices: &[&DeviceEntry], which: &str) -> Result<DeviceId, NodeError> {
+    let which = which.trim();
+    let lower = which.to_ascii_lowercase();
+    let by_id: Vec<DeviceId> = devices
+        .iter()
+        .map(|d| d.dir.device())
+        .filter(|d| lower.len() >= 8 && d.0.to_hex().starts_with(&lower))
+        .collect();
+    let by_name: Vec<DeviceId> = devices
+        .iter()
+        .filter(|d| !d.name.is_empty() && d.name == which)
+        .map(|d| d.dir.device())
+        .collect();
+    match (by_id.as_slice(), by_name.as_slice()) {
+        ([one], _) | ([], [one]) => Ok(*one),
+        ([], []) => Err(NodeError::Invalid(format!("no device of yours is {which:?}"))),
+        _ => Err(NodeError::Invalid(format!(
+            "{which:?} names several of your devices: give the device id"
+        ))),
     }
 }

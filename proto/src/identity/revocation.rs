@@ -107,6 +107,24 @@ impl Revocation {
         &self,
         recovery_key: Option<&PublicKey>,
     ) -> Result<(BTreeSet<DeviceId>, bool), IdentityError> {
+        let devices = self.verify_signers()?;
+        let body = encode(&self.body);
+        let recovered = match (&self.recovery, recovery_key) {
+            (None, _) => false,
+            (Some(signature), Some(key)) => {
+                key.verify(Label::Revocation, &body, signature)?;
+                true
+            }
+            (Some(_), None) => {
+                return Err(IdentityError::Limit("the user has no recovery code"));
+            }
+        };
+        Ok((devices, recovered))
+    }
+
+    /// Checks the devices' signatures only (what a device of the user can check: the recovery
+    /// key is known to the relay alone). Returns the devices that signed.
+    pub fn verify_signers(&self) -> Result<BTreeSet<DeviceId>, IdentityError> {
         if self.signers.len() > MAX_LINKED_DEVICES {
             return Err(IdentityError::Limit("too many signers"));
         }
@@ -122,17 +140,7 @@ impl Revocation {
             device.0.verify(Label::Revocation, &body, signature)?;
             devices.insert(*device);
         }
-        let recovered = match (&self.recovery, recovery_key) {
-            (None, _) => false,
-            (Some(signature), Some(key)) => {
-                key.verify(Label::Revocation, &body, signature)?;
-                true
-            }
-            (Some(_), None) => {
-                return Err(IdentityError::Limit("the user has no recovery code"));
-            }
-        };
-        Ok((devices, recovered))
+        Ok(devices)
     }
 }
 
