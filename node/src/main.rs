@@ -764,8 +764,9 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
                 println!("revoked {id}: it is being removed from every channel");
             } else {
                 println!(
-                    "signed the revocation of {id}: {} of the {} signatures needed; run this on \
-                     another of your devices within a day, or here with --recovery CODE",
+                    "signed the revocation of {id}: {} of the {} signatures needed (of your devices \
+                     registered a week or more ago); run this on another of them within a day, or \
+                     here with --recovery CODE",
                     v["signed"], v["needed"]
                 );
             }
