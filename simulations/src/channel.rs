@@ -64,6 +64,9 @@ pub struct Report {
     /// Messages that reached a device after it processed its own removal, so it could not read
     /// them (sent in an epoch it was still a member of).
     pub lost_to_removal: u64,
+    /// Messages that reached a device after it processed their sender's removal: refused, a
+    /// removed device is not heard from its old epoch (sent while it was a member).
+    pub from_removed: u64,
     /// Messages that reached a device more than `MAX_PAST_EPOCHS` epochs after theirs (many
     /// concurrent commits while they were in flight), whose keys are gone: never readable.
     pub lost_too_old: u64,
@@ -491,6 +494,13 @@ impl World {
                 let id = id.context("unknown message")?;
                 if !d.shown.contains_key(&id) && d.lost.insert(id) {
                     self.report.lost_too_old += 1;
+                }
+                return Ok(());
+            }
+            Err(ChannelError::FormerMember { .. }) => {
+                let id = id.context("unknown message")?;
+                if !d.shown.contains_key(&id) && d.lost.insert(id) {
+                    self.report.from_removed += 1;
                 }
                 return Ok(());
             }

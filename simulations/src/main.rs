@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         cli.members, cli.spares, cli.rounds, cli.committers, cli.messages, cli.replay_pct
     );
     println!(
-        "{:>6} {:>6} {:>9} {:>8} {:>9} {:>10} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7} {:>8} {:>10} {:>8} {:>4} {:>4} {:>7}",
+        "{:>6} {:>6} {:>9} {:>8} {:>9} {:>10} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7} {:>9} {:>8} {:>10} {:>8} {:>4} {:>4} {:>7}",
         "seed",
         "epoch",
         "submitted",
@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         "shown",
         "expected",
         "lost-rm",
+        "from-rmd",
         "lost-old",
         "duplicates",
         "buffered",
@@ -73,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         };
         let r = channel::run(&p)?;
         println!(
-            "{:>6} {:>6} {:>9} {:>8} {:>9} {:>10} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7} {:>8} {:>10} {:>8} {:>4} {:>4} {:>7.2}",
+            "{:>6} {:>6} {:>9} {:>8} {:>9} {:>10} {:>6} {:>8} {:>5} {:>6} {:>9} {:>7} {:>9} {:>8} {:>10} {:>8} {:>4} {:>4} {:>7.2}",
             seed,
             r.final_epoch,
             r.submitted,
@@ -86,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             r.shown,
             r.expected_shown,
             r.lost_to_removal,
+            r.from_removed,
             r.lost_too_old,
             r.duplicates,
             r.buffered,
@@ -94,10 +96,12 @@ fn main() -> anyhow::Result<()> {
             r.seconds
         );
         ensure!(
-            r.shown + r.lost_to_removal + r.lost_too_old == r.expected_shown,
-            "seed {seed}: {} shown + {} lost to removal + {} too old, {} expected",
+            r.shown + r.lost_to_removal + r.from_removed + r.lost_too_old == r.expected_shown,
+            "seed {seed}: {} shown + {} lost to removal + {} from removed senders + {} too old, {} \
+             expected",
             r.shown,
             r.lost_to_removal,
+            r.from_removed,
             r.lost_too_old,
             r.expected_shown
         );

@@ -16,7 +16,8 @@ fn small_channel_converges() {
             replay_pct: 20,
         };
         let r = run(&p).unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
-        assert_eq!(r.shown + r.lost_to_removal, r.expected_shown, "seed {seed}: {r:?}");
+        let accounted = r.shown + r.lost_to_removal + r.from_removed;
+        assert_eq!(accounted, r.expected_shown, "seed {seed}: {r:?}");
         assert_eq!(r.failed, 0, "seed {seed}: {r:?}");
         assert!(r.conflicts > 0, "concurrent commits must have conflicted: {r:?}");
         assert!(r.duplicates > 0, "replays must have been detected: {r:?}");

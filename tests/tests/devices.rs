@@ -1,7 +1,8 @@
 //! Several devices of one user, end to end: real `chitchat` daemons and a real relay as
 //! separate processes on loopback. Linking with a one-time code (the CLI's `devices link` and
 //! `init --link`), the records that name each other, the device list, and the codes that must
-//! not work: a wrong one, a used one, and a hello made without the secret.
+//! not work: a wrong one, a used one, and a hello made without the secret. Revoking a stolen
+//! device: what the thief cannot do, and what the revoked device can no longer do.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::Stdio;
@@ -322,11 +323,22 @@ async fn a_revoked_device_can_neither_read_nor_send_and_a_lost_one_revokes_no_on
         .await
         .expect("read");
 
-    // The phone is stolen. The thief tries to revoke the laptop: one device's signature is not
-    // enough (and these devices are too new to vote at all), a made-up recovery code is
-    // refused, and a recovery code of the thief's own cannot be set (the user has one).
-    let out = phone.cli(&["devices", "revoke", "laptop"]).expect("sign");
-    assert!(out.contains("signatures needed"), "{out}");
+    // The phone is stolen. The thief links a tablet of their own from it, and both sign a
+    // revocation of the laptop: not enough (devices vote only a week after they registered),
+    // a made-up recovery code is refused, and a recovery code of the thief's own cannot be set
+    // (the user has one).
+    let (code, mut waiting) = show_code(&phone);
+    let tablet = NodeProcess::start_linked(&code, "tablet", &[]).expect("the tablet links");
+    assert!(wait_exit(&mut waiting).success());
+    let tablet_id = tablet.json("GET", "/v1/status", None).await.expect("status")["device"]
+        .as_str()
+        .expect("device")
+        .to_owned();
+    tablet.wait_joined(&general, WAIT).await.expect("the phone brings the tablet in");
+    for thief in [&phone, &tablet] {
+        let out = thief.cli(&["devices", "revoke", "laptop"]).expect("sign");
+        assert!(out.contains("signatures needed"), "{out}");
+    }
     let forged = "ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZR";
     let err =
         phone.cli(&["devices", "revoke", "laptop", "--recovery", forged]).expect_err("forged");
@@ -336,7 +348,16 @@ async fn a_revoked_device_can_neither_read_nor_send_and_a_lost_one_revokes_no_on
     let list = devices(&laptop).await;
     assert_eq!(entry(&list, &laptop_id)["revoked"], false, "{list}");
     let found = bob.json("GET", "/v1/users/alice@localhost", None).await.expect("lookup");
-    assert_eq!(found["devices"].as_array().map(Vec::len), Some(2), "{found}");
+    assert_eq!(found["devices"].as_array().map(Vec::len), Some(3), "{found}");
+    // The tablet's record lists the phone and the laptop; the laptop lists it back on its
+    // next pass (here: at start), so that the user's records name each other both ways.
+    let mut laptop = laptop;
+    laptop.restart().expect("restart the laptop");
+    let deadline = Instant::now() + WAIT;
+    while entry(&devices(&laptop).await, &tablet_id)["linked"] != true {
+        assert!(Instant::now() < deadline, "the laptop never listed the tablet");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Alice revokes the phone from the laptop with her recovery code.
     let out = laptop.cli(&["devices", "revoke", "phone", "--recovery", &recovery]).expect("revoke");
@@ -346,9 +367,9 @@ async fn a_revoked_device_can_neither_read_nor_send_and_a_lost_one_revokes_no_on
     let list = devices(&laptop).await;
     assert_eq!(entry(&list, &phone_id)["revoked"], true, "{list}");
     assert_eq!(entry(&list, &phone_id)["revoked_with_recovery_code"], true, "{list}");
-    // The relay published it: a look-up of alice finds the laptop alone.
+    // The relay published it: a look-up of alice finds the laptop and the tablet.
     let found = bob.json("GET", "/v1/users/alice@localhost", None).await.expect("lookup");
-    assert_eq!(found["devices"].as_array().map(Vec::len), Some(1), "{found}");
+    assert_eq!(found["devices"].as_array().map(Vec::len), Some(2), "{found}");
     // General removes it by an ordered commit, which Bob applies too.
     let members_of = |node: &NodeProcess| {
         let path = format!("/v1/channels/{general}/members");
@@ -391,4 +412,16 @@ async fn a_revoked_device_can_neither_read_nor_send_and_a_lost_one_revokes_no_on
     // The laptop's record no longer lists the phone.
     let list = devices(&laptop).await;
     assert_eq!(entry(&list, &phone_id)["linked"], false, "{list}");
+    // The thief's tablet goes the same way, by its id this time.
+    let out = laptop
+        .cli(&["devices", "revoke", &tablet_id[..12], "--recovery", &recovery])
+        .expect("revoke the tablet");
+    assert!(out.starts_with("revoked"), "{out}");
+    let found = bob.json("GET", "/v1/users/alice@localhost", None).await.expect("lookup");
+    assert_eq!(found["devices"].as_array().map(Vec::len), Some(1), "{found}");
+    let deadline = Instant::now() + WAIT;
+    while members_of(&bob).await.contains(&tablet_id) {
+        assert!(Instant::now() < deadline, "the revoked tablet is still a member");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

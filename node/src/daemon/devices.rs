@@ -294,6 +294,9 @@ impl Node {
         // (The records are cached, verified, by the look-up `add_devices_of` makes.)
         let entries = self.own_devices().await?;
         self.apply_revocations(&entries).await;
+        if let Err(e) = self.list_linked(&entries).await {
+            tracing::debug!(error = %e, "the user's devices not listed in this device's record");
+        }
         let own: Vec<DeviceId> = entries
             .into_iter()
             .filter(|d| d.revocation.is_none())
@@ -483,6 +486,40 @@ impl Node {
                 // Another device of the user may have won the epoch with the same removal.
                 Err(e) => tracing::debug!(%channel, error = %e, "revoked devices not removed yet"),
             }
+        }
+    }
+
+    /// Lists in this device's record every device of the user that lists this one (a device
+    /// linked through another of the user's devices lists that one's devices too, which did
+    /// not list it back), so that the user's records name each other both ways.
+    async fn list_linked(&self, entries: &[DeviceEntry]) -> Result<(), NodeError> {
+        let Some(account) = self.with(|e| e.account().cloned()).await else { return Ok(()) };
+        let me = account.dir.device();
+        let new: BTreeSet<DeviceId> = entries
+            .iter()
+            .filter(|d| d.revocation.is_none() && d.dir.device() != me)
+            .filter(|d| d.dir.body.linked.contains(&me))
+            .filter(|d| !account.dir.body.linked.contains(&d.dir.device()))
+            .filter(|d| d.dir.verify_signature().is_ok())
+            .map(|d| d.dir.device())
+            .collect();
+        if new.is_empty() || account.dir.body.linked.len() + new.len() > MAX_LINKED_DEVICES {
+            return Ok(());
+        }
+        let t = now();
+        let account = self
+            .with(move |e| -> Result<Account, EngineError> {
+                let mut account = e.account().cloned().ok_or(EngineError::NotRegistered)?;
+                let list = |b: &mut chitchat_proto::DirBody| b.linked.extend(new.iter().copied());
+                account.dir = e.next_dir(&account.dir, list, t)?;
+                e.set_account(account.clone())?;
+                Ok(account)
+            })
+            .await?;
+        tracing::info!("this device's record lists the user's other devices");
+        match self.link()?.call(&Request::PublishDir { dir: account.dir }).await? {
+            Response::DirPublished => Ok(()),
+            other => Err(refused(other)),
         }
     }
 
