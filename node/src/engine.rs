@@ -467,6 +467,9 @@ pub struct Dropped {
     /// Messages of an epoch whose keys are gone (more than 4 epochs before the channel's, or a
     /// past epoch whose keys for it were used or never held: sent before this device joined).
     pub too_old: u64,
+    /// Messages of a past epoch from a device that is no longer a member (removed or revoked
+    /// since it sent them).
+    pub from_removed: u64,
     /// Messages that failed to open, decrypt or validate.
     pub invalid: u64,
     /// Messages for a channel this device is not in, whose Welcome did not come in time
@@ -1617,6 +1620,11 @@ impl Engine {
             Err(e @ ChannelError::PastEpoch { .. }) => {
                 tracing::debug!(channel = %id, error = %e, "dropping a message of a past epoch");
                 self.dropped.too_old += 1;
+                return Step::Dropped;
+            }
+            Err(e @ ChannelError::FormerMember { .. }) => {
+                tracing::info!(channel = %id, error = %e, "dropping a message of a removed device");
+                self.dropped.from_removed += 1;
                 return Step::Dropped;
             }
             Err(ChannelError::BufferFull) => {

@@ -126,6 +126,21 @@ proptest! {
         let code = LinkCode { relay_url: url, secret: LinkSecret::generate(&mut rng) };
         prop_assert_eq!(LinkCode::parse(&code.to_string()), Ok(code));
     }
+
+    /// A recovery code's text reads back as the secret it came from, and any text is read or
+    /// refused without a panic, a secret read writing back to the same secret.
+    #[test]
+    fn recovery_codes(text in ".{0,100}", seed in any::<[u8; 32]>()) {
+        use chitchat_proto::identity::RecoverySecret;
+        if let Ok(secret) = RecoverySecret::parse(&text) {
+            prop_assert_eq!(RecoverySecret::parse(&secret.code().to_string()), Ok(secret));
+        }
+        let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed(seed);
+        let secret = RecoverySecret::generate(&mut rng);
+        let code = secret.code().to_string();
+        prop_assert_eq!(code.len(), 32);
+        prop_assert_eq!(RecoverySecret::parse(&code.to_lowercase()), Ok(secret));
+    }
 }
 
 proptest! {
