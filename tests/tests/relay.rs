@@ -631,3 +631,139 @@ async fn an_empty_admin_token_refuses_to_start() {
     let err = relay.restart().expect_err("the relay refuses to start");
     assert!(err.to_string().contains("exited during start"), "{err}");
 }
+
+/// Revocation frames an attacker builds by hand, from a stolen phone: none revokes the laptop,
+/// none plants a recovery key; the user's own revocation takes the phone out for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_frames_built_by_a_thief_are_refused() {
+    use chitchat_proto::identity::{Address, RecoverySecret, Revocation};
+    use chitchat_proto::{Dir, Label};
+    let relay = closed_relay(|c| c);
+    let (laptop, phone, bob) = (Device::new(1), Device::new(2), Device::new(3));
+    let linked = |d: &Device, to: &Device, seq| {
+        let mut body = d.dir(seq, vec![], now()).body;
+        body.linked.insert(to.id());
+        Dir::sign(&d.key, body)
+    };
+    // The laptop registers (with an invite) and sets the recovery key; the phone joins the
+    // name without one (both records list each other), and cannot set a key of its own.
+    let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
+    let c1 = client(&relay).await;
+    c1.authenticate(&laptop.key, "localhost").await.expect("auth");
+    let reg = Request::Register {
+        token: Some(token),
+        local_name: "alice".into(),
+        dir: linked(&laptop, &phone, 1),
+    };
+    assert!(matches!(c1.call(&reg).await.expect("register"), Response::Registered { .. }));
+    let recovery = RecoverySecret::generate(&mut rand::rng());
+    let set = Request::SetRecovery { key: recovery.key().public() };
+    assert_eq!(c1.call(&set).await.expect("set"), Response::RecoverySet);
+    let c2 = client(&relay).await;
+    c2.authenticate(&phone.key, "localhost").await.expect("auth");
+    let reg = Request::Register {
+        token: None,
+        local_name: "alice".into(),
+        dir: linked(&phone, &laptop, 1),
+    };
+    assert!(matches!(c2.call(&reg).await.expect("register"), Response::Registered { .. }));
+    let planted = Request::SetRecovery { key: phone.key.public() };
+    assert_eq!(code(&c2.call(&planted).await.expect("plant")), Some(ErrorCode::Forbidden));
+    register(&relay, &bob, "bob").await;
+
+    let alice = Address::parse("alice@localhost").expect("address");
+    let revoke = |r: Revocation| Request::Revoke { revocation: Box::new(r) };
+    let of_laptop = || Revocation::new(laptop.id(), alice.clone());
+    // The laptop's signature forged by the phone's key.
+    let mut forged = of_laptop();
+    forged.sign(&phone.key);
+    let body = chitchat_proto::codec::encode(&forged.body);
+    forged.signers.push((
+        chitchat_proto::DeviceId(bob.key.public()),
+        phone.key.sign(Label::Revocation, &body),
+    ));
+    forged.signers.sort_by_key(|(d, _)| *d);
+    assert_eq!(code(&c2.call(&revoke(forged)).await.expect("call")), Some(ErrorCode::BadRequest));
+    // A recovery signature under a key the thief made up.
+    let mut guessed = of_laptop();
+    guessed.sign(&phone.key);
+    guessed.sign_recovery(&RecoverySecret::generate(&mut rand::rng()));
+    assert_eq!(code(&c2.call(&revoke(guessed)).await.expect("call")), Some(ErrorCode::BadRequest));
+    // The user named at another relay; the target signing for itself; no signature of the
+    // asking device (a stranger's, valid, instead); a device of another user.
+    let mut elsewhere =
+        Revocation::new(laptop.id(), Address::parse("alice@evil.example").expect("a"));
+    elsewhere.sign(&phone.key);
+    assert_eq!(
+        code(&c2.call(&revoke(elsewhere)).await.expect("call")),
+        Some(ErrorCode::BadRequest)
+    );
+    let mut own = Revocation::new(phone.id(), alice.clone());
+    own.sign(&phone.key);
+    assert_eq!(code(&c2.call(&revoke(own)).await.expect("call")), Some(ErrorCode::BadRequest));
+    let mut strangers = of_laptop();
+    strangers.sign(&bob.key);
+    assert_eq!(
+        code(&c2.call(&revoke(strangers)).await.expect("call")),
+        Some(ErrorCode::BadRequest)
+    );
+    let mut bobs = Revocation::new(bob.id(), alice.clone());
+    bobs.sign(&phone.key);
+    assert_eq!(code(&c2.call(&revoke(bobs)).await.expect("call")), Some(ErrorCode::NotFound));
+    // Its own honest signature: taken, and not enough.
+    let mut alone = of_laptop();
+    alone.sign(&phone.key);
+    match c2.call(&revoke(alone)).await.expect("call") {
+        Response::Revoking { revoked: false, .. } => {}
+        other => panic!("the phone alone revoked the laptop: {other:?}"),
+    }
+    let Response::Dirs(dirs) =
+        c1.call(&Request::Lookup { local_name: "alice".into() }).await.expect("lookup")
+    else {
+        panic!("no lookup")
+    };
+    assert_eq!(dirs.len(), 2);
+
+    // The laptop revokes the phone with the recovery code.
+    let mut theirs = Revocation::new(phone.id(), alice.clone());
+    theirs.sign(&laptop.key);
+    theirs.sign_recovery(&recovery);
+    match c1.call(&revoke(theirs)).await.expect("call") {
+        Response::Revoking { revoked: true, .. } => {}
+        other => panic!("not revoked: {other:?}"),
+    }
+    // The phone is refused everything, on this connection and a new one, and cannot register
+    // again, under alice or under a new name with an invite.
+    let r = c2.call(&Request::OwnDevices).await.expect("call");
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::Forbidden, message } if message.contains("revoked")),
+        "{r:?}"
+    );
+    let c3 = client(&relay).await;
+    c3.authenticate(&phone.key, "localhost").await.expect("auth");
+    let r = c3.call(&Request::Fetch { after: None, max: 10 }).await.expect("call");
+    assert_eq!(code(&r), Some(ErrorCode::Forbidden));
+    let token = relay.cli(&["invite"]).expect("invite").trim().to_owned();
+    let again = Request::Register {
+        token: Some(token),
+        local_name: "mallory".into(),
+        dir: phone.dir(3, vec![], now()),
+    };
+    assert_eq!(code(&c3.call(&again).await.expect("call")), Some(ErrorCode::Forbidden));
+    let Response::Dirs(dirs) =
+        c1.call(&Request::Lookup { local_name: "alice".into() }).await.expect("lookup")
+    else {
+        panic!("no lookup")
+    };
+    assert_eq!(dirs.iter().map(Dir::device).collect::<Vec<_>>(), vec![laptop.id()]);
+    // The laptop's list shows the revocation, signed by the laptop and the recovery key.
+    let Response::OwnDevices(list) = c1.call(&Request::OwnDevices).await.expect("list") else {
+        panic!("no list")
+    };
+    let revoked: Vec<_> = list.iter().filter_map(|d| d.revocation.as_ref()).collect();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(
+        revoked[0].verify(Some(&recovery.key().public())).map(|(d, r)| (d.len(), r)),
+        Ok((1, true))
+    );
+}
