@@ -45,6 +45,14 @@ pub(crate) fn alphabet() -> data_encoding::Encoding {
     spec.encoding().unwrap_or_else(|_| data_encoding::BASE32_NOPAD.clone())
 }
 
+/// `bytes` in [`alphabet`], in groups of four letters joined by dashes.
+pub(crate) fn grouped(bytes: &[u8]) -> String {
+    let text = alphabet().encode(bytes);
+    let groups: Vec<&str> =
+        text.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap_or("")).collect();
+    groups.join("-")
+}
+
 /// The one-time secret of a link: 128 bits, drawn by the offerer, never sent to the relay.
 #[derive(Clone, PartialEq, Eq, zeroize::ZeroizeOnDrop)]
 pub struct LinkSecret([u8; SECRET_LEN]);
@@ -110,10 +118,7 @@ pub struct LinkCode {
 
 impl fmt::Display for LinkCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = alphabet().encode(&self.secret.0);
-        let groups: Vec<&str> =
-            text.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap_or("")).collect();
-        write!(f, "{}@{}", groups.join("-"), self.relay_url)
+        write!(f, "{}@{}", grouped(&self.secret.0), self.relay_url)
     }
 }
 

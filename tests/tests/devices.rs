@@ -79,6 +79,17 @@ async fn wait_sender(node: &NodeProcess, channel: &str, text: &str) -> String {
     }
 }
 
+/// The member devices of `channel` as `node` lists them.
+async fn members_of(node: &NodeProcess, channel: &str) -> Vec<String> {
+    let v = node.json("GET", &format!("/v1/channels/{channel}/members"), None).await;
+    v.expect("members")["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["device"].as_str().map(str::to_owned))
+        .collect()
+}
+
 fn entry<'a>(list: &'a Value, device: &str) -> &'a Value {
     list["devices"]
         .as_array()
@@ -178,19 +189,6 @@ async fn a_code_links_a_new_device_once_and_only_with_its_secret() {
     // its request, and does not bring it back, even after a restart (its follow-up runs at
     // start): a device of the user that left a channel stays out.
     phone.cli(&["leave", "general"]).expect("leave");
-    let members_of = |node: &NodeProcess, channel: &str| {
-        let path = format!("/v1/channels/{channel}/members");
-        let node = node.api().clone();
-        async move {
-            let v = node.json("GET", &path, None).await.expect("members");
-            v["members"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|m| m["device"].as_str().map(str::to_owned))
-                .collect::<Vec<_>>()
-        }
-    };
     let deadline = Instant::now() + WAIT;
     while members_of(&laptop, &general).await.contains(&phone_id) {
         assert!(Instant::now() < deadline, "the phone's leave was not carried out");
@@ -371,22 +369,9 @@ async fn a_revoked_device_can_neither_read_nor_send_and_a_lost_one_revokes_no_on
     let found = bob.json("GET", "/v1/users/alice@localhost", None).await.expect("lookup");
     assert_eq!(found["devices"].as_array().map(Vec::len), Some(2), "{found}");
     // General removes it by an ordered commit, which Bob applies too.
-    let members_of = |node: &NodeProcess| {
-        let path = format!("/v1/channels/{general}/members");
-        let node = node.api().clone();
-        async move {
-            let v = node.json("GET", &path, None).await.expect("members");
-            v["members"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|m| m["device"].as_str().map(str::to_owned))
-                .collect::<Vec<_>>()
-        }
-    };
     let deadline = Instant::now() + WAIT;
-    while members_of(&laptop).await.contains(&phone_id)
-        || members_of(&bob).await.contains(&phone_id)
+    while members_of(&laptop, &general).await.contains(&phone_id)
+        || members_of(&bob, &general).await.contains(&phone_id)
     {
         assert!(Instant::now() < deadline, "the revoked phone is still a member");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -420,7 +405,7 @@ async fn a_revoked_device_can_neither_read_nor_send_and_a_lost_one_revokes_no_on
     let found = bob.json("GET", "/v1/users/alice@localhost", None).await.expect("lookup");
     assert_eq!(found["devices"].as_array().map(Vec::len), Some(1), "{found}");
     let deadline = Instant::now() + WAIT;
-    while members_of(&bob).await.contains(&tablet_id) {
+    while members_of(&bob, &general).await.contains(&tablet_id) {
         assert!(Instant::now() < deadline, "the revoked tablet is still a member");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -198,10 +198,7 @@ impl RecoverySecret {
 
     /// The code to write down: `XXXX-XXXX-XXXX-XXXX-XXXX-XXXX-XX` (Crockford's base32).
     pub fn code(&self) -> RecoveryCode {
-        let text = crate::link::alphabet().encode(&self.0);
-        let groups: Vec<&str> =
-            text.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap_or("")).collect();
-        RecoveryCode(groups.join("-"))
+        RecoveryCode(crate::link::grouped(&self.0))
     }
 
     /// Reads a code as [`RecoverySecret::code`] writes it; dashes, spaces and case are ignored,
