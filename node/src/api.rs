@@ -88,6 +88,7 @@ impl From<NodeError> for ApiError {
                     | "registration_closed"
                     | "name_taken" => StatusCode::CONFLICT,
                     "rate_limited" | "quota_exceeded" => StatusCode::TOO_MANY_REQUESTS,
+                    "revoked" => StatusCode::FORBIDDEN,
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 Self::new(status, code, message)
@@ -256,6 +257,7 @@ async fn authorize(State(s): State<Arc<ApiState>>, request: Request, next: Next)
 async fn status(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
     let link =
         s.node.link_state().map(|l| json!({"connected": l.connected, "since_ms": l.since.0}));
+    let revoked = s.node.is_revoked();
     let v = s
         .node
         .with(move |e| {
@@ -292,6 +294,7 @@ async fn status(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
                 "convicted": e.convictions(),
                 "forks": forks,
                 "relay_link": link,
+                "revoked": revoked,
                 "version": crate::VERSION,
             })
         })

@@ -44,6 +44,9 @@ const KEY_PACKAGE_LOW: u32 = 10;
 const MAX_BACKOFF_MS: u64 = 30_000;
 /// Longest pause between two attempts to reach the inbox, in milliseconds.
 const INBOX_MAX_BACKOFF_MS: u64 = 3_000;
+/// How long the inbox and outbox tasks of a revoked device sleep between looks at the flag
+/// (it never clears: they idle).
+const REVOKED_IDLE: Duration = Duration::from_secs(60);
 /// Attempts of one acknowledgement before its items are left for the next start.
 const ACK_ATTEMPTS: u32 = 5;
 /// How often the evidence task looks for reports and proofs to send.
@@ -399,6 +402,11 @@ impl Node {
     }
 
     /// Whether the relay link is connected and since when; `None` before registration.
+    /// Whether the relay said this device was revoked (by its user's other devices).
+    pub fn is_revoked(&self) -> bool {
+        self.link().ok().is_some_and(|l| l.is_revoked())
+    }
+
     pub fn link_state(&self) -> Option<LinkState> {
         self.link().ok().map(|l| *l.state().borrow())
     }
@@ -828,6 +836,12 @@ impl Node {
         // Outbox ids below this were looked at by a pass over the store.
         let mut passed: u64 = 0;
         loop {
+            if link.is_revoked() {
+                // Nothing will ever be delivered: the messages stay in the outbox, shown as
+                // sending, and this task idles.
+                tokio::time::sleep(REVOKED_IDLE).await;
+                continue;
+            }
             let woken = self.outbox.notified();
             if let Err(e) = self.deliver_ready(&link, passed).await {
                 tracing::debug!(error = %e, "delivery of fresh messages failed; the store pass retries");
@@ -932,6 +946,10 @@ impl Node {
         // next message is pushed without waiting for this node's disk.
         let mut next: Option<tokio::task::JoinHandle<Result<Response, LinkError>>> = None;
         loop {
+            if link.is_revoked() {
+                tokio::time::sleep(REVOKED_IDLE).await;
+                continue;
+            }
             let answer = match next.take() {
                 Some(prefetched) => match prefetched.await {
                     Ok(answer) => answer,

@@ -42,6 +42,11 @@ pub enum LinkError {
 /// Whether the link has a connection to its relay, and since when.
 pub type LinkState = PeerState;
 
+/// The answer a revoked device gets.
+fn revoked() -> Response {
+    Response::Error { code: ErrorCode::Revoked, message: "this device was revoked".into() }
+}
+
 /// A connection to one relay, shared by all of the node's tasks.
 #[derive(Debug)]
 pub struct RelayLink {
@@ -54,6 +59,9 @@ pub struct RelayLink {
     timeout: Duration,
     /// Serialises re-authentication; counts successful authentications.
     auth: Mutex<u64>,
+    /// Set when the relay answered that this device was revoked: final, so later calls are
+    /// answered so here, without asking the relay.
+    revoked: std::sync::atomic::AtomicBool,
 }
 
 impl RelayLink {
@@ -69,7 +77,17 @@ impl RelayLink {
         timeout: Duration,
     ) -> Result<Self, LinkError> {
         let state = host.watch(peer).await.map_err(|_| LinkError::Closed)?;
-        Ok(Self { host, peer, addrs, state, key, hostname, timeout, auth: Mutex::new(0) })
+        Ok(Self {
+            host,
+            peer,
+            addrs,
+            state,
+            key,
+            hostname,
+            timeout,
+            auth: Mutex::new(0),
+            revoked: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// The relay's peer id.
@@ -108,13 +126,29 @@ impl RelayLink {
             }
             _ => self.timeout,
         };
-        let seen = *self.auth.lock().await;
-        let response = self.call_once(request, timeout).await?;
-        if !matches!(response, Response::Error { code: ErrorCode::Unauthenticated, .. }) {
-            return Ok(response);
+        if self.is_revoked() {
+            return Ok(revoked());
         }
-        self.authenticate(seen).await?;
-        self.call_once(request, timeout).await
+        let seen = *self.auth.lock().await;
+        let mut response = self.call_once(request, timeout).await?;
+        if matches!(response, Response::Error { code: ErrorCode::Unauthenticated, .. }) {
+            self.authenticate(seen).await?;
+            response = self.call_once(request, timeout).await?;
+        }
+        if matches!(response, Response::Error { code: ErrorCode::Revoked, .. })
+            && !self.revoked.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::error!(
+                "this device was revoked by its user's other devices: the relay refuses it \
+                 everything, and it will not ask again"
+            );
+        }
+        Ok(response)
+    }
+
+    /// Whether the relay said this device was revoked.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Authenticates unless another task did since `seen`.

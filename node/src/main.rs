@@ -709,6 +709,12 @@ async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
         Command::Status => {
             let v = client.json("GET", "/v1/status", None).await?;
             println!("{}", v["account"]["address"].as_str().unwrap_or("not registered"));
+            if v["revoked"].as_bool() == Some(true) {
+                println!(
+                    "THIS DEVICE WAS REVOKED by your other devices: its relay refuses it \
+                     everything. Start over with a new node directory (`chitchat --home DIR init`)."
+                );
+            }
             let link = &v["relay_link"];
             match link["connected"].as_bool() {
                 Some(true) => println!("relay: connected"),

@@ -940,6 +940,9 @@ pub enum ErrorCode {
     },
     /// The relay failed; retrying later may help.
     Unavailable,
+    /// This device was revoked by its user's other devices: no request of it will succeed
+    /// again, at this relay or any other of the user's.
+    Revoked,
 }
 
 impl ErrorCode {
@@ -958,6 +961,7 @@ impl ErrorCode {
             Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::Revoked => "revoked",
         }
     }
 

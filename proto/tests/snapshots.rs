@@ -771,6 +771,13 @@ fn links_and_devices() {
         ("response_own_devices_revoked", Response::OwnDevices(vec![revoked])),
         ("response_recovery_set", Response::RecoverySet),
         ("response_revoking", Response::Revoking { revoked: false, signed: 1, needed: 2 }),
+        (
+            "response_error_revoked",
+            Response::Error {
+                code: chitchat_proto::wire::ErrorCode::Revoked,
+                message: "this device was revoked".into(),
+            },
+        ),
     ] {
         let frame = wire::encode_frame(&response).expect("frame");
         insta::assert_snapshot!(name, hex(&frame));

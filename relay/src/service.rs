@@ -540,7 +540,7 @@ impl Relay {
                 Ok(true) => self.note_seen(me, now),
                 Ok(false) => {
                     return match self.store.revoked(&me) {
-                        Ok(Some(_)) => error(ErrorCode::Forbidden, "this device was revoked"),
+                        Ok(Some(_)) => error(ErrorCode::Revoked, "this device was revoked"),
                         Ok(None) => error(ErrorCode::Forbidden, "register this device here first"),
                         Err(e) => unavailable(e),
                     };

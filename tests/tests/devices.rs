@@ -380,6 +380,8 @@ async fn a_revoked_device_can_neither_read_nor_send_and_a_lost_one_revokes_no_on
     // The phone's relay refuses it everything.
     let err = phone.cli(&["devices"]).expect_err("the relay serves a revoked device");
     assert!(err.to_string().contains("revoked"), "{err}");
+    let status = phone.cli(&["status"]).expect("status");
+    assert!(status.contains("THIS DEVICE WAS REVOKED"), "{status}");
     // What it sends from its old epoch is shown nowhere; what is said after, it never reads.
     send(&phone, &general, "from the stolen phone").await;
     send(&bob, &general, "bob, after").await;

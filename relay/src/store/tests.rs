@@ -930,7 +930,7 @@ async fn revocations_need_a_quorum_of_settled_devices_and_take_the_device_out_fo
     assert!(!s.is_registered(&dev(2)).expect("read"));
     assert_eq!(
         code(s.write(register(None, false, "alice", dir(2, 2, &[1, 3]))).await),
-        ErrorCode::Forbidden
+        ErrorCode::Revoked
     );
     let listed = s.revoked_of("alice", 16).expect("revoked");
     assert_eq!(listed.len(), 1);

@@ -1173,7 +1173,7 @@ fn register(
     // A revoked device stays out: its record may still name a device of the user's, which
     // would otherwise let it back in without an invite.
     if t.revoked.get(device.as_bytes()).map_err(storage)?.is_some() {
-        return Err(reject(ErrorCode::Forbidden, "this device was revoked"));
+        return Err(reject(ErrorCode::Revoked, "this device was revoked"));
     }
     // A retry after a lost answer finds the device registered under the same name: done.
     if let Some(existing) = device_record(t, device)? {
