@@ -164,28 +164,14 @@ impl Node {
         secret: &LinkSecret,
         slot: LinkSlot,
     ) -> Result<(), NodeError> {
-        let t = now();
-        let account = self
-            .with(move |e| -> Result<Account, EngineError> {
-                let mut account = e.account().cloned().ok_or(EngineError::NotRegistered)?;
-                if account.dir.body.linked.contains(&joiner) {
-                    return Ok(account); // answered before (a retried poll)
-                }
-                let list = |b: &mut chitchat_proto::DirBody| {
-                    b.linked.insert(joiner);
-                };
-                account.dir = e.next_dir(&account.dir, list, t)?;
-                e.set_account(account.clone())?;
-                Ok(account)
+        // Listed before (a retried poll): the same record is published again.
+        let dir = self
+            .update_linked(move |linked| {
+                linked.insert(joiner);
             })
             .await?;
-        let link = self.link()?;
-        match link.call(&Request::PublishDir { dir: account.dir.clone() }).await? {
-            Response::DirPublished => {}
-            other => return Err(refused(other)),
-        }
-        let answer = LinkAnswer::new(secret, joiner, account.dir);
-        match link.call(&Request::AnswerLink { slot, answer }).await? {
+        let answer = LinkAnswer::new(secret, joiner, dir);
+        match self.link()?.call(&Request::AnswerLink { slot, answer }).await? {
             Response::LinkAnswered => Ok(()),
             other => Err(refused(other)),
         }
@@ -285,16 +271,15 @@ impl Node {
     /// device of the user missing from a channel left it, or was removed: it is not brought
     /// back. `true` if a device is still missing from a channel.
     async fn follow_user(&self, new: Option<DeviceId>) -> Result<bool, NodeError> {
-        let Some(address) = self.with(|e| e.account().map(|a| a.address().to_string())).await
-        else {
+        let Some(account) = self.with(|e| e.account().cloned()).await else {
             return Ok(false);
         };
-        let me = self.with(|e| e.device()).await;
+        let (address, me) = (account.address().to_string(), account.dir.device());
         let since = Timestamp(now().0.saturating_sub(FOLLOW_NEW_FOR_MS));
         // (The records are cached, verified, by the look-up `add_devices_of` makes.)
         let entries = self.own_devices().await?;
-        self.apply_revocations(&entries).await;
-        if let Err(e) = self.list_linked(&entries).await {
+        self.apply_revocations(&account, &entries).await;
+        if let Err(e) = self.list_linked(&account, &entries).await {
             tracing::debug!(error = %e, "the user's devices not listed in this device's record");
         }
         let own: Vec<DeviceId> = entries
@@ -434,8 +419,7 @@ impl Node {
         };
         if revoked {
             tracing::info!(%target, "device revoked");
-            let entries = self.own_devices().await?;
-            self.apply_revocations(&entries).await;
+            self.take_out(&account, BTreeSet::from([target])).await;
         }
         Ok(RevokeOutcome { device: target, revoked, signed, needed })
     }
@@ -445,8 +429,7 @@ impl Node {
     /// relay, which sponsors every device of the user anyway), the device is dropped from this
     /// device's record and removed from every channel this device is in, by an ordered commit
     /// the rules allow any device of the user.
-    async fn apply_revocations(&self, entries: &[DeviceEntry]) {
-        let Some(account) = self.with(|e| e.account().cloned()).await else { return };
+    async fn apply_revocations(&self, account: &Account, entries: &[DeviceEntry]) {
         let me = account.dir.device();
         let user = account.address();
         let revoked: BTreeSet<DeviceId> = entries
@@ -460,11 +443,19 @@ impl Node {
             })
             .map(|(d, _)| d.dir.device())
             .collect();
-        if revoked.is_empty() {
-            return;
+        if !revoked.is_empty() {
+            self.take_out(account, revoked).await;
         }
-        if let Err(e) = self.unlist(&revoked).await {
-            tracing::warn!(error = %e, "revoked devices not dropped from this device's record");
+    }
+
+    /// Drops revoked devices from this device's record, and removes them from every channel
+    /// this device is in.
+    async fn take_out(&self, account: &Account, revoked: BTreeSet<DeviceId>) {
+        if !account.dir.body.linked.is_disjoint(&revoked) {
+            let gone = revoked.clone();
+            if let Err(e) = self.update_linked(move |l| l.retain(|d| !gone.contains(d))).await {
+                tracing::warn!(error = %e, "revoked devices not dropped from this device's record");
+            }
         }
         let removals: Vec<(ChannelId, Vec<DeviceId>)> = self
             .with(move |e| {
@@ -492,8 +483,11 @@ impl Node {
     /// Lists in this device's record every device of the user that lists this one (a device
     /// linked through another of the user's devices lists that one's devices too, which did
     /// not list it back), so that the user's records name each other both ways.
-    async fn list_linked(&self, entries: &[DeviceEntry]) -> Result<(), NodeError> {
-        let Some(account) = self.with(|e| e.account().cloned()).await else { return Ok(()) };
+    async fn list_linked(
+        &self,
+        account: &Account,
+        entries: &[DeviceEntry],
+    ) -> Result<(), NodeError> {
         let me = account.dir.device();
         let new: BTreeSet<DeviceId> = entries
             .iter()
@@ -506,43 +500,32 @@ impl Node {
         if new.is_empty() || account.dir.body.linked.len() + new.len() > MAX_LINKED_DEVICES {
             return Ok(());
         }
-        let t = now();
-        let account = self
-            .with(move |e| -> Result<Account, EngineError> {
-                let mut account = e.account().cloned().ok_or(EngineError::NotRegistered)?;
-                let list = |b: &mut chitchat_proto::DirBody| b.linked.extend(new.iter().copied());
-                account.dir = e.next_dir(&account.dir, list, t)?;
-                e.set_account(account.clone())?;
-                Ok(account)
-            })
-            .await?;
         tracing::info!("this device's record lists the user's other devices");
-        match self.link()?.call(&Request::PublishDir { dir: account.dir }).await? {
-            Response::DirPublished => Ok(()),
-            other => Err(refused(other)),
-        }
+        self.update_linked(move |l| l.extend(new)).await.map(drop)
     }
 
-    /// Drops `devices` from this device's record (kept in the account, then published).
-    async fn unlist(&self, devices: &BTreeSet<DeviceId>) -> Result<(), NodeError> {
-        let devices = devices.clone();
+    /// Changes the devices this device's record lists: a new record (unless the list stays
+    /// the same) kept in the account first, then the record the account holds published (so a
+    /// publish that failed goes again, never a lower sequence number). Returns that record.
+    async fn update_linked(
+        &self,
+        change: impl FnOnce(&mut BTreeSet<DeviceId>) + Send + 'static,
+    ) -> Result<chitchat_proto::Dir, NodeError> {
         let t = now();
-        let account = self
-            .with(move |e| -> Result<Option<Account>, EngineError> {
+        let dir = self
+            .with(move |e| -> Result<chitchat_proto::Dir, EngineError> {
                 let mut account = e.account().cloned().ok_or(EngineError::NotRegistered)?;
-                if account.dir.body.linked.is_disjoint(&devices) {
-                    return Ok(None);
+                let mut linked = account.dir.body.linked.clone();
+                change(&mut linked);
+                if linked != account.dir.body.linked {
+                    account.dir = e.next_dir(&account.dir, |b| b.linked = linked, t)?;
+                    e.set_account(account.clone())?;
                 }
-                let drop =
-                    |b: &mut chitchat_proto::DirBody| b.linked.retain(|d| !devices.contains(d));
-                account.dir = e.next_dir(&account.dir, drop, t)?;
-                e.set_account(account.clone())?;
-                Ok(Some(account))
+                Ok(account.dir)
             })
             .await?;
-        let Some(account) = account else { return Ok(()) };
-        match self.link()?.call(&Request::PublishDir { dir: account.dir }).await? {
-            Response::DirPublished => Ok(()),
+        match self.link()?.call(&Request::PublishDir { dir: dir.clone() }).await? {
+            Response::DirPublished => Ok(dir),
             other => Err(refused(other)),
         }
     }

@@ -162,14 +162,24 @@ pub fn quorum(
     if !devices.contains(&target) {
         return Err(IdentityError::NotLinked);
     }
-    let counted = signed.iter().filter(|d| **d != target && voters.contains(d)).count();
-    let needed = voters.len() / 2 + 1;
+    let (counted, needed) = tally(voters, target, signed);
     let any = signed.iter().any(|d| *d != target && devices.contains(d));
     if counted >= needed || (recovered && any) {
         Ok(())
     } else {
         Err(IdentityError::Quorum { signed: counted, needed })
     }
+}
+
+/// The signatures of `signed` that count towards revoking `target` (settled devices other
+/// than it), and how many a quorum needs without the recovery key: see [`quorum`].
+pub fn tally(
+    voters: &BTreeSet<DeviceId>,
+    target: DeviceId,
+    signed: &BTreeSet<DeviceId>,
+) -> (usize, usize) {
+    let counted = signed.iter().filter(|d| **d != target && voters.contains(d)).count();
+    (counted, voters.len() / 2 + 1)
 }
 
 /// The secret behind a user's recovery key: 128 bits, shown once as a [`RecoveryCode`], kept by

@@ -939,7 +939,7 @@ fn revoke(
     recovered: bool,
     now: Timestamp,
 ) -> Result<Written, WriteError> {
-    use chitchat_proto::identity::revocation::{SETTLED_MS, quorum};
+    use chitchat_proto::identity::revocation::{SETTLED_MS, quorum, tally};
     let target = revocation.body.target;
     let name = revocation.body.user.local.as_str();
     if t.revoked.get(target.as_bytes()).map_err(storage)?.is_some() {
@@ -998,13 +998,11 @@ fn revoke(
     }
     let signed: std::collections::BTreeSet<DeviceId> =
         pending.revocation.signers.iter().map(|(d, _)| *d).collect();
-    let counted = signed.iter().filter(|d| voters.contains(*d)).count();
-    let needed = voters.len() / 2 + 1;
     match quorum(&devices, &voters, target, &signed, recovered) {
         Ok(()) => {
-            let mut taken = pending.revocation;
-            taken.recovery = revocation.recovery.filter(|_| recovered);
-            revoke_device(t, target_record, taken, now)?;
+            let (counted, needed) = tally(&voters, target, &signed);
+            // (The merge brought the recovery signature along, if it counted.)
+            revoke_device(t, target_record, pending.revocation, now)?;
             Ok(Written::Revoking { revoked: true, signed: counted, needed })
         }
         Err(chitchat_proto::identity::IdentityError::Quorum { signed, needed }) => {
